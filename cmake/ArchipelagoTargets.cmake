@@ -1,0 +1,52 @@
+# Helpers shared by every layer's CMakeLists.txt.
+
+# Warnings for our own targets only (never directory-wide).
+function(archipelago_warnings target)
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter)
+endfunction()
+
+# archipelago_layer(NAME DEPS...): a static library archipelago_<NAME> with
+# alias archipelago::<NAME>, built from every .cpp in src/<NAME>/ (globbed so a
+# new file needs no CMake edit). Public headers live in include/archipelago/.
+function(archipelago_layer name)
+  cmake_parse_arguments(L "" "" "DEPS;PRIVATE_DEPS" ${ARGN})
+  file(GLOB_RECURSE srcs CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/*.cpp)
+  if(NOT srcs)
+    # A layer with no sources yet is a header-only interface target.
+    add_library(archipelago_${name} INTERFACE)
+    add_library(archipelago::${name} ALIAS archipelago_${name})
+    target_include_directories(archipelago_${name} INTERFACE ${PROJECT_SOURCE_DIR}/include)
+    target_link_libraries(archipelago_${name} INTERFACE ${L_DEPS})
+    return()
+  endif()
+  add_library(archipelago_${name} STATIC ${srcs})
+  add_library(archipelago::${name} ALIAS archipelago_${name})
+  target_include_directories(archipelago_${name}
+    PUBLIC ${PROJECT_SOURCE_DIR}/include
+    PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  target_link_libraries(archipelago_${name} PUBLIC ${L_DEPS} PRIVATE ${L_PRIVATE_DEPS})
+  set_target_properties(archipelago_${name} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  archipelago_warnings(archipelago_${name})
+endfunction()
+
+# archipelago_test_suite(NAME SRC_DIR DEPS... [TIMEOUT s]): one GoogleTest
+# binary per layer from tests/<layer>/*.cpp, each test registered with CTest
+# and bounded in time.
+function(archipelago_test_suite name)
+  cmake_parse_arguments(T "" "TIMEOUT" "DEPS" ${ARGN})
+  file(GLOB srcs CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${name}/*.cpp)
+  if(NOT srcs)
+    return()
+  endif()
+  if(NOT T_TIMEOUT)
+    set(T_TIMEOUT 120)
+  endif()
+  add_executable(test_${name} ${srcs})
+  target_link_libraries(test_${name} PRIVATE ${T_DEPS} GTest::gtest GTest::gtest_main GTest::gmock)
+  target_include_directories(test_${name} PRIVATE ${PROJECT_SOURCE_DIR}/src ${CMAKE_CURRENT_SOURCE_DIR})
+  archipelago_warnings(test_${name})
+  gtest_discover_tests(test_${name}
+    DISCOVERY_TIMEOUT 60
+    PROPERTIES TIMEOUT ${T_TIMEOUT} LABELS ${name}
+    EXTRA_ARGS --gtest_color=no)
+endfunction()

@@ -1,0 +1,118 @@
+// The LLaMA-style decoder-only language model used by every worker.
+//
+//   ids -> model.embed_tokens
+//       -> n_layers x [ x += self_attn(input_layernorm(x));
+//                       x += ffn(post_attention_layernorm(x)) ]   ffn = mlp | block_sparse_moe
+//       -> model.norm -> lm_head (or embed_tokens^T when tied) -> logits
+//
+// Parameter names are the Hugging Face LLaMA / Mixtral names (see
+// docs/model.md); namedParameters() returns them in a fixed order (module
+// registration order: embedding, layers 0..L-1, final norm, lm_head), which
+// is the order the trainer flattens, buckets and checkpoints them in.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "archipelago/core/config.h"
+#include "archipelago/model/layers.h"
+#include "archipelago/model/moe.h"
+
+namespace archipelago::model {
+
+// One decoder layer. Exactly one of mlp / block_sparse_moe is set.
+class DecoderLayerImpl : public torch::nn::Module {
+ public:
+  DecoderLayerImpl(const core::ModelConfig& c, int64_t layer);
+  torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope,
+                        LayerKvCache* cache = nullptr);
+
+  RmsNorm input_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  RmsNorm post_attention_layernorm{nullptr};
+  SwiGlu mlp{nullptr};
+  MoeFfn block_sparse_moe{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+// HF's "model." prefix: embedding, layers, final norm.
+class DecoderStackImpl : public torch::nn::Module {
+ public:
+  explicit DecoderStackImpl(const core::ModelConfig& c);
+  Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RmsNorm norm{nullptr};
+};
+TORCH_MODULE(DecoderStack);
+
+// Keys/values of every layer for incremental decoding.
+struct KvCache {
+  std::vector<LayerKvCache> layers;
+  int64_t length() const { return layers.empty() || !layers[0].k.defined() ? 0 : layers[0].k.size(2); }
+};
+
+struct LossOutput {
+  torch::Tensor loss;      // ce_sum / tokens + aux_loss: what a single process backwards
+  torch::Tensor ce_sum;    // sum of per-token cross-entropy (fp32 scalar, differentiable)
+  torch::Tensor aux_loss;  // aux_loss_coef * mean over MoE layers of their aux loss
+                           // (0 unless moe.balance == "aux_loss"; differentiable)
+  int64_t tokens = 0;      // tokens counted (targets >= 0)
+  double ceMean() const { return tokens > 0 ? ce_sum.item<double>() / static_cast<double>(tokens) : 0.0; }
+};
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  // `config` must be resolved (resolveModelConfig). Weights are initialised
+  // deterministically from `seed` on the CPU in fp32; move/cast afterwards
+  // with ->to(device, dtype).
+  TransformerImpl(const core::ModelConfig& config, uint64_t seed);
+
+  // input_ids [B, T] int64 -> logits [B, T, vocab]. With a cache, positions
+  // continue after cache->length() and the cache is extended.
+  torch::Tensor forward(const torch::Tensor& input_ids, KvCache* cache = nullptr);
+  // Final-norm hidden states [B, T, dim] (before the LM head).
+  torch::Tensor hidden(const torch::Tensor& input_ids, KvCache* cache = nullptr);
+
+  // Cross-entropy of logits(input) against target [B, T] (targets < 0 are
+  // ignored), plus the MoE auxiliary loss. The trainer that splits a global
+  // batch unevenly backwards ce_sum / global_tokens (+ its share of aux).
+  LossOutput lossAndStats(const torch::Tensor& input_ids, const torch::Tensor& target);
+
+  // (HF name, parameter) in the stable order described above.
+  std::vector<std::pair<std::string, torch::Tensor>> namedParameters() const;
+  // Parameters plus persistent state that is not trained (router biases):
+  // what a checkpoint must hold to resume exactly. Same order, buffers last.
+  std::vector<std::pair<std::string, torch::Tensor>> namedTensors() const;
+  std::vector<torch::Tensor> parameterList() const;
+  int64_t numParameters() const;
+
+  // Statistics of every MoE layer from the last forward (empty for dense).
+  std::vector<MoeLayerStats> moeStats() const;
+  // Router-bias balancing across data-parallel ranks: routerLoad() is int64
+  // [n_moe_layers, E] accumulated since the last update; sum it over ranks and
+  // pass the sum to updateRouterBias. No-op unless moe.balance == "router_bias".
+  torch::Tensor routerLoad() const;
+  void updateRouterBias(const torch::Tensor& global_load);
+  void updateRouterBias() { updateRouterBias(routerLoad()); }
+  std::vector<MoeFfn> moeLayers() const;
+
+  KvCache makeCache() const;
+  const core::ModelConfig& config() const { return config_; }
+  torch::Device device() const;
+
+  DecoderStack model{nullptr};
+  LinearNoBias lm_head{nullptr};  // null when tie_embeddings
+
+ private:
+  core::ModelConfig config_;
+};
+TORCH_MODULE(Transformer);
+
+// Convenience: resolve + construct. Errors name the config field.
+core::Result<Transformer> buildModel(const core::ModelConfig& config, uint64_t seed);
+
+}  // namespace archipelago::model

@@ -1,0 +1,86 @@
+// Internal: one TCP connection (optionally TLS) with deadline- and
+// abort-aware full reads/writes, and frame I/O on top. Non-blocking fd; a
+// call first tries the syscall and only polls (in slices of <= 50 ms, so the
+// abort flag is honoured) when the kernel has nothing. Thread model: one
+// reader thread and one writer thread may use a Socket at the same time
+// (plain TCP); with TLS, reads and writes are serialised by a mutex because
+// an SSL object is not safe for concurrent use.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "archipelago/comm/wire.h"
+#include "archipelago/core/clock.h"
+#include "archipelago/core/status.h"
+
+typedef struct ssl_st SSL;
+typedef struct ssl_ctx_st SSL_CTX;
+
+namespace archipelago::comm {
+
+// A process-wide TLS context with a self-signed certificate generated at
+// first use (or loaded from files). Peers are authenticated by the HMAC
+// handshake bound to the TLS exporter, not by certificates.
+struct TlsConfig {
+  std::string cert_file;  // empty = generate a self-signed EC P-256 certificate
+  std::string key_file;
+};
+core::Result<SSL_CTX*> tlsContext(bool server, const TlsConfig& config = {});
+
+class Socket {
+ public:
+  explicit Socket(int fd);
+  ~Socket();
+  Socket(const Socket&) = delete;
+  Socket& operator=(const Socket&) = delete;
+
+  int fd() const { return fd_; }
+  // Unblocks any thread inside read/write (they return kUnavailable) and
+  // makes every later call fail. Safe from any thread, idempotent.
+  void shutdown();
+  bool isShutdown() const { return shut_.load(); }
+
+  core::Status readFull(void* buf, size_t n, const core::Deadline& deadline, const core::AbortFlag* abort);
+  core::Status writeFull(const void* buf, size_t n, const core::Deadline& deadline, const core::AbortFlag* abort);
+  // Writes two buffers (header + payload) as one logical write.
+  core::Status writeTwo(const void* a, size_t na, const void* b, size_t nb, const core::Deadline& deadline,
+                        const core::AbortFlag* abort);
+
+  // Frame helpers for control traffic (handshake, coordinator): payload is
+  // copied into a vector; max_payload bounds what a peer can make us allocate.
+  core::Status writeFrame(FrameHeader h, std::span<const uint8_t> payload, const core::Deadline& deadline,
+                          const core::AbortFlag* abort = nullptr);
+  core::Status readFrame(FrameHeader* h, std::vector<uint8_t>* payload, const core::Deadline& deadline,
+                         const core::AbortFlag* abort = nullptr, uint32_t max_payload = kMaxFramePayload);
+
+  // TLS: wraps the connection; call before any other I/O.
+  core::Status startTls(bool server, const TlsConfig& config, const core::Deadline& deadline);
+  bool tls() const { return ssl_ != nullptr; }
+  // 32 bytes of TLS exporter keying material (empty without TLS).
+  std::vector<uint8_t> channelBinding() const;
+
+ private:
+  core::Status waitFor(short events, const core::Deadline& deadline, const core::AbortFlag* abort);
+  int fd_;
+  std::atomic<bool> shut_{false};
+  SSL* ssl_ = nullptr;
+  std::mutex ssl_mu_;
+};
+
+// Binds and listens on host:port (port 0 = any); returns the fd and the real port.
+core::Result<std::pair<int, int>> listenTcp(const std::string& host, int port);
+// Accepts one connection, waiting at most until the deadline.
+core::Result<std::unique_ptr<Socket>> acceptTcp(int listen_fd, const core::Deadline& deadline,
+                                                const core::AbortFlag* abort);
+core::Result<std::unique_ptr<Socket>> connectTcp(const std::string& host, int port, const core::Deadline& deadline,
+                                                 const core::AbortFlag* abort);
+// "host:port" -> pair
+core::Result<std::pair<std::string, int>> splitHostPort(const std::string& address);
+
+}  // namespace archipelago::comm

@@ -1,0 +1,769 @@
+#include "archipelago/core/config.h"
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <yaml-cpp/yaml.h>
+
+#include "archipelago/core/units.h"
+#include "core/config_fields.h"
+
+namespace archipelago::core {
+
+using detail::FieldKind;
+using detail::FieldRef;
+
+// ---- ClusterSpec helpers --------------------------------------------------------
+
+int64_t ClusterSpec::worldSize() const {
+  int64_t n = 0;
+  for (const auto& i : islands) n += i.count;
+  return n;
+}
+
+int ClusterSpec::islandIndex(const std::string& n) const {
+  for (size_t i = 0; i < islands.size(); ++i) {
+    if (islands[i].name == n) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+const StraitSpec* ClusterSpec::strait(const std::string& x, const std::string& y) const {
+  for (const auto& s : straits) {
+    if ((s.a == x && s.b == y) || (s.a == y && s.b == x)) return &s;
+  }
+  return nullptr;
+}
+
+namespace {
+
+std::string trim(std::string s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  size_t i = 0;
+  while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+  return s.substr(i);
+}
+
+std::string kindExpectation(const FieldRef& f) {
+  switch (f.kind) {
+    case FieldKind::kInt: return "an integer";
+    case FieldKind::kUInt: return "a non-negative integer";
+    case FieldKind::kDouble: return "a number";
+    case FieldKind::kBool: return "true or false";
+    case FieldKind::kString: return "a string";
+    case FieldKind::kChoice: {
+      std::string s = "one of ";
+      for (size_t i = 0; i < f.choices.size(); ++i) s += (i ? "|" : "") + f.choices[i];
+      return s;
+    }
+    case FieldKind::kBandwidth: return "a bandwidth such as '100Mbit/s' or '1Gbit/s'";
+    case FieldKind::kDuration: return "a duration such as '20ms' or '1.5s'";
+    case FieldKind::kBytes: return "a size such as '4MiB' or a byte count";
+    case FieldKind::kIntList: return "a list of integers";
+    case FieldKind::kDoubleList: return "a list of numbers";
+    case FieldKind::kStringList: return "a list of strings";
+  }
+  return "a value";
+}
+
+Result<int64_t> parseInt(const std::string& t) {
+  int64_t v = 0;
+  auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), v);
+  if (t.empty() || ec != std::errc() || p != t.data() + t.size()) return invalidArgument("not an integer");
+  return v;
+}
+
+Result<double> parseDouble(const std::string& t) {
+  if (t.empty()) return invalidArgument("not a number");
+  char* end = nullptr;
+  double v = std::strtod(t.c_str(), &end);
+  if (end != t.c_str() + t.size() || !std::isfinite(v)) return invalidArgument("not a finite number");
+  return v;
+}
+
+// Splits "[1, 2, 3]" or "1,2,3" into items (for env/flag list values).
+std::vector<std::string> splitList(std::string t) {
+  t = trim(t);
+  if (t.size() >= 2 && t.front() == '[' && t.back() == ']') t = t.substr(1, t.size() - 2);
+  std::vector<std::string> out;
+  if (trim(t).empty()) return out;
+  std::stringstream ss(t);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(trim(item));
+  return out;
+}
+
+// Parses one scalar (or a list given as items) into the field.
+Status assignScalar(const FieldRef& f, const std::string& text) {
+  switch (f.kind) {
+    case FieldKind::kInt: {
+      ARCH_ASSIGN_OR_RETURN(*static_cast<int64_t*>(f.ptr), parseInt(text));
+      return okStatus();
+    }
+    case FieldKind::kUInt:
+    case FieldKind::kBytes: {
+      auto as_int = parseInt(text);
+      if (as_int.isOk()) {
+        if (*as_int < 0) return invalidArgument("negative");
+        *static_cast<uint64_t*>(f.ptr) = static_cast<uint64_t>(*as_int);
+        return okStatus();
+      }
+      if (f.kind == FieldKind::kUInt) return as_int.status();
+      ARCH_ASSIGN_OR_RETURN(*static_cast<uint64_t*>(f.ptr), parseByteSize(text));
+      return okStatus();
+    }
+    case FieldKind::kDouble: {
+      ARCH_ASSIGN_OR_RETURN(*static_cast<double*>(f.ptr), parseDouble(text));
+      return okStatus();
+    }
+    case FieldKind::kBool: {
+      std::string t = text;
+      std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
+      if (t == "true" || t == "yes" || t == "on" || t == "1") *static_cast<bool*>(f.ptr) = true;
+      else if (t == "false" || t == "no" || t == "off" || t == "0") *static_cast<bool*>(f.ptr) = false;
+      else return invalidArgument("not a boolean");
+      return okStatus();
+    }
+    case FieldKind::kString:
+      *static_cast<std::string*>(f.ptr) = text;
+      return okStatus();
+    case FieldKind::kChoice:
+      if (std::find(f.choices.begin(), f.choices.end(), text) == f.choices.end()) {
+        return invalidArgument("not a known choice");
+      }
+      *static_cast<std::string*>(f.ptr) = text;
+      return okStatus();
+    case FieldKind::kBandwidth: {
+      ARCH_ASSIGN_OR_RETURN(*static_cast<double*>(f.ptr), parseBandwidth(text));
+      return okStatus();
+    }
+    case FieldKind::kDuration: {
+      ARCH_ASSIGN_OR_RETURN(*static_cast<double*>(f.ptr), parseDuration(text));
+      return okStatus();
+    }
+    case FieldKind::kIntList: {
+      std::vector<int64_t> out;
+      for (const auto& item : splitList(text)) {
+        ARCH_ASSIGN_OR_RETURN(int64_t v, parseInt(item));
+        out.push_back(v);
+      }
+      *static_cast<std::vector<int64_t>*>(f.ptr) = std::move(out);
+      return okStatus();
+    }
+    case FieldKind::kDoubleList: {
+      std::vector<double> out;
+      for (const auto& item : splitList(text)) {
+        ARCH_ASSIGN_OR_RETURN(double v, parseDouble(item));
+        out.push_back(v);
+      }
+      *static_cast<std::vector<double>*>(f.ptr) = std::move(out);
+      return okStatus();
+    }
+    case FieldKind::kStringList:
+      *static_cast<std::vector<std::string>*>(f.ptr) = splitList(text);
+      return okStatus();
+  }
+  return internalError("unhandled field kind");
+}
+
+bool isListKind(FieldKind k) {
+  return k == FieldKind::kIntList || k == FieldKind::kDoubleList || k == FieldKind::kStringList;
+}
+
+std::string formatValue(const FieldRef& f) {
+  std::ostringstream o;
+  switch (f.kind) {
+    case FieldKind::kInt: o << *static_cast<int64_t*>(f.ptr); break;
+    case FieldKind::kUInt: o << *static_cast<uint64_t*>(f.ptr); break;
+    case FieldKind::kBytes: o << *static_cast<uint64_t*>(f.ptr); break;
+    case FieldKind::kDouble: o << *static_cast<double*>(f.ptr); break;
+    case FieldKind::kBool: o << (*static_cast<bool*>(f.ptr) ? "true" : "false"); break;
+    case FieldKind::kString:
+    case FieldKind::kChoice: o << *static_cast<std::string*>(f.ptr); break;
+    case FieldKind::kBandwidth: {
+      double v = *static_cast<double*>(f.ptr);
+      o << (v == 0 ? std::string("0bit/s") : formatBandwidth(v));
+      break;
+    }
+    case FieldKind::kDuration: o << formatDuration(*static_cast<double*>(f.ptr)); break;
+    case FieldKind::kIntList: {
+      const auto& v = *static_cast<std::vector<int64_t>*>(f.ptr);
+      o << "[";
+      for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
+      o << "]";
+      break;
+    }
+    case FieldKind::kDoubleList: {
+      const auto& v = *static_cast<std::vector<double>*>(f.ptr);
+      o << "[";
+      for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
+      o << "]";
+      break;
+    }
+    case FieldKind::kStringList: {
+      const auto& v = *static_cast<std::vector<std::string>*>(f.ptr);
+      o << "[";
+      for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
+      o << "]";
+      break;
+    }
+  }
+  return o.str();
+}
+
+std::string joinPath(const std::string& prefix, const std::string& name) {
+  return prefix.empty() ? name : prefix + "." + name;
+}
+
+// ---- YAML loading -------------------------------------------------------------
+
+struct LoadState {
+  std::vector<std::string> errors;
+  std::map<std::string, ValueSource> sources;
+};
+
+std::string where(const std::string& file, const YAML::Node& n) {
+  return file + ":" + std::to_string(n.Mark().line + 1);
+}
+
+std::string describeNode(const YAML::Node& n) {
+  if (n.IsScalar()) return "'" + n.Scalar() + "'";
+  if (n.IsSequence()) return "a list";
+  if (n.IsMap()) return "a mapping";
+  return "null";
+}
+
+Result<YAML::Node> loadYamlFile(const std::string& path) {
+  if (!std::filesystem::exists(path)) {
+    return notFound("job file '" + path + "' does not exist");
+  }
+  try {
+    return YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    return invalidArgument("'" + path + "' is not valid YAML: line " + std::to_string(e.mark.line + 1) +
+                           ": " + e.msg);
+  }
+}
+
+class YamlLoader {
+ public:
+  YamlLoader(YAML::Node node, std::string path, std::string file, LoadState* st)
+      : node_(std::move(node)), path_(std::move(path)), file_(std::move(file)), st_(st) {}
+
+  void field(const char* name, const FieldRef& f) {
+    used_.insert(name);
+    YAML::Node n = node_[name];
+    if (!n.IsDefined() || n.IsNull()) return;
+    std::string p = joinPath(path_, name);
+    Status s;
+    if (isListKind(f.kind)) {
+      if (!n.IsSequence()) {
+        error(p, n, describeNode(n), kindExpectation(f));
+        return;
+      }
+      std::string joined;
+      for (size_t i = 0; i < n.size(); ++i) {
+        if (!n[i].IsScalar()) {
+          error(p + "[" + std::to_string(i) + "]", n[i], describeNode(n[i]), "a scalar");
+          return;
+        }
+        joined += (i ? "," : "") + n[i].Scalar();
+      }
+      s = assignScalar(f, joined);
+    } else {
+      if (!n.IsScalar()) {
+        error(p, n, describeNode(n), kindExpectation(f));
+        return;
+      }
+      s = assignScalar(f, n.Scalar());
+    }
+    if (!s.isOk()) {
+      error(p, n, describeNode(n), kindExpectation(f));
+      return;
+    }
+    st_->sources[p] = {"file", where(file_, n)};
+  }
+
+  template <typename S>
+  void section(const char* name, S& s) {
+    used_.insert(name);
+    YAML::Node n = node_[name];
+    if (!n.IsDefined() || n.IsNull()) return;
+    std::string p = joinPath(path_, name);
+    if constexpr (std::is_same_v<S, ClusterSpec>) {
+      if (n.IsScalar()) {  // `cluster: clusters/x.yaml`, relative to this file
+        loadClusterFile(n, p, s);
+        return;
+      }
+    }
+    if (!n.IsMap()) {
+      error(p, n, describeNode(n), "a mapping");
+      return;
+    }
+    YamlLoader child(n, p, file_, st_);
+    detail::visitFields(child, s);
+    child.checkUnknown();
+  }
+
+  template <typename S>
+  void list(const char* name, std::vector<S>& v) {
+    used_.insert(name);
+    YAML::Node n = node_[name];
+    if (!n.IsDefined() || n.IsNull()) return;
+    std::string p = joinPath(path_, name);
+    if (!n.IsSequence()) {
+      error(p, n, describeNode(n), "a list of mappings");
+      return;
+    }
+    v.assign(n.size(), S{});
+    for (size_t i = 0; i < n.size(); ++i) {
+      std::string pi = p + "[" + std::to_string(i) + "]";
+      if (!n[i].IsMap()) {
+        error(pi, n[i], describeNode(n[i]), "a mapping");
+        continue;
+      }
+      YamlLoader child(n[i], pi, file_, st_);
+      detail::visitFields(child, v[i]);
+      child.checkUnknown();
+    }
+  }
+
+  void checkUnknown() {
+    for (auto it = node_.begin(); it != node_.end(); ++it) {
+      std::string key = it->first.as<std::string>();
+      if (used_.count(key)) continue;
+      std::string expected;
+      for (const auto& u : used_) expected += (expected.empty() ? "" : ", ") + u;
+      st_->errors.push_back(joinPath(path_, key) + ": unknown key (" + where(file_, it->first) +
+                            "); expected one of: " + expected);
+    }
+  }
+
+ private:
+  void loadClusterFile(const YAML::Node& n, const std::string& p, ClusterSpec& cluster) {
+    std::filesystem::path file = n.Scalar();
+    if (file.is_relative()) file = std::filesystem::path(file_).parent_path() / file;
+    auto cnode = loadYamlFile(file.string());
+    if (!cnode.isOk()) {
+      st_->errors.push_back(p + ": " + cnode.status().message() + " (" + where(file_, n) + ")");
+      return;
+    }
+    if (!cnode->IsMap()) {
+      error(p, n, "a file that does not hold a mapping", "a cluster spec file with islands and straits");
+      return;
+    }
+    YamlLoader child(*cnode, p, file.string(), st_);
+    detail::visitFields(child, cluster);
+    child.checkUnknown();
+  }
+
+  void error(const std::string& p, const YAML::Node& n, const std::string& got, const std::string& expected) {
+    st_->errors.push_back(p + ": got " + got + " (" + where(file_, n) + "); expected " + expected);
+  }
+
+  YAML::Node node_;
+  std::string path_;
+  std::string file_;
+  LoadState* st_;
+  std::set<std::string> used_;
+};
+
+// ---- overrides (env, --set) ---------------------------------------------------------
+
+class OverrideApplier {
+ public:
+  OverrideApplier(std::map<std::string, std::string> sets, const LoadOptions& opts, LoadState* st)
+      : sets_(std::move(sets)), opts_(opts), st_(st) {}
+
+  void field(const char* name, const FieldRef& f) {
+    std::string p = joinPath(path_, name);
+    if (!in_list_) {
+      std::string var = envVarForPath(p);
+      std::optional<std::string> val;
+      if (auto it = opts_.env.find(var); it != opts_.env.end()) val = it->second;
+      else if (opts_.use_process_env) {
+        if (const char* e = std::getenv(var.c_str())) val = std::string(e);
+      }
+      if (val) apply(p, f, *val, {"env", var});
+    }
+    if (auto it = sets_.find(p); it != sets_.end()) {
+      apply(p, f, it->second, {"flag", "--set " + p + "=" + it->second});
+      sets_.erase(it);
+    }
+  }
+
+  template <typename S>
+  void section(const char* name, S& s) {
+    std::string saved = path_;
+    path_ = joinPath(path_, name);
+    detail::visitFields(*this, s);
+    path_ = saved;
+  }
+
+  template <typename S>
+  void list(const char* name, std::vector<S>& v) {
+    std::string saved = path_;
+    bool saved_in = in_list_;
+    in_list_ = true;
+    for (size_t i = 0; i < v.size(); ++i) {
+      path_ = joinPath(saved, name) + "[" + std::to_string(i) + "]";
+      detail::visitFields(*this, v[i]);
+    }
+    path_ = saved;
+    in_list_ = saved_in;
+  }
+
+  const std::map<std::string, std::string>& unusedSets() const { return sets_; }
+
+ private:
+  void apply(const std::string& p, const FieldRef& f, const std::string& text, ValueSource src) {
+    Status s = assignScalar(f, text);
+    if (!s.isOk()) {
+      st_->errors.push_back(p + ": got '" + text + "' (" + src.kind + " " + src.detail + "); expected " +
+                            kindExpectation(f));
+      return;
+    }
+    st_->sources[p] = std::move(src);
+  }
+
+  std::map<std::string, std::string> sets_;
+  const LoadOptions& opts_;
+  LoadState* st_;
+  std::string path_;
+  bool in_list_ = false;
+};
+
+// ---- dumping -------------------------------------------------------------------------
+
+class ValueCollector {
+ public:
+  ValueCollector(const std::map<std::string, ValueSource>& sources, LoadedJob* out)
+      : sources_(sources), out_(out) {}
+
+  void field(const char* name, const FieldRef& f) {
+    std::string p = joinPath(path_, name);
+    ValueSource src{"default", ""};
+    if (auto it = sources_.find(p); it != sources_.end()) src = it->second;
+    out_->values.push_back({p, {formatValue(f), src}});
+  }
+  template <typename S>
+  void section(const char* name, S& s) {
+    std::string saved = path_;
+    path_ = joinPath(path_, name);
+    detail::visitFields(*this, s);
+    path_ = saved;
+  }
+  template <typename S>
+  void list(const char* name, std::vector<S>& v) {
+    std::string saved = path_;
+    for (size_t i = 0; i < v.size(); ++i) {
+      path_ = joinPath(saved, name) + "[" + std::to_string(i) + "]";
+      detail::visitFields(*this, v[i]);
+    }
+    path_ = saved;
+  }
+
+ private:
+  const std::map<std::string, ValueSource>& sources_;
+  LoadedJob* out_;
+  std::string path_;
+};
+
+class YamlWriter {
+ public:
+  explicit YamlWriter(YAML::Emitter& e) : e_(e) {}
+  void field(const char* name, const FieldRef& f) {
+    e_ << YAML::Key << name << YAML::Value;
+    if (isListKind(f.kind)) {
+      e_ << YAML::Flow << YAML::BeginSeq;
+      for (const auto& item : splitList(formatValue(f))) e_ << item;
+      e_ << YAML::EndSeq;
+    } else if (f.kind == FieldKind::kString || f.kind == FieldKind::kChoice) {
+      e_ << YAML::DoubleQuoted << formatValue(f);
+    } else {
+      e_ << formatValue(f);
+    }
+  }
+  template <typename S>
+  void section(const char* name, S& s) {
+    e_ << YAML::Key << name << YAML::Value << YAML::BeginMap;
+    detail::visitFields(*this, s);
+    e_ << YAML::EndMap;
+  }
+  template <typename S>
+  void list(const char* name, std::vector<S>& v) {
+    e_ << YAML::Key << name << YAML::Value << YAML::BeginSeq;
+    for (auto& item : v) {
+      e_ << YAML::BeginMap;
+      detail::visitFields(*this, item);
+      e_ << YAML::EndMap;
+    }
+    e_ << YAML::EndSeq;
+  }
+
+ private:
+  YAML::Emitter& e_;
+};
+
+Status errorsToStatus(const std::vector<std::string>& errors, const std::string& file) {
+  if (errors.empty()) return okStatus();
+  std::string msg = std::to_string(errors.size()) + " problem" + (errors.size() > 1 ? "s" : "") + " in '" +
+                    file + "':";
+  for (const auto& e : errors) msg += "\n  " + e;
+  return invalidArgument(msg);
+}
+
+}  // namespace
+
+std::string envVarForPath(const std::string& path) {
+  std::string v = "ARCHIPELAGO_";
+  for (char c : path) v.push_back(c == '.' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  return v;
+}
+
+Result<ClusterSpec> loadClusterSpec(const std::string& path) {
+  ARCH_ASSIGN_OR_RETURN(YAML::Node root, loadYamlFile(path));
+  LoadState st;
+  ClusterSpec c;
+  if (!root.IsMap()) return invalidArgument("cluster spec '" + path + "' must hold a mapping");
+  // A job file may stand in for a cluster spec: use its cluster section.
+  if (!root["islands"].IsDefined() && root["cluster"].IsDefined()) {
+    YamlLoader loader(root, "", path, &st);
+    loader.section("cluster", c);
+  } else {
+    YamlLoader loader(root, "cluster", path, &st);
+    detail::visitFields(loader, c);
+    loader.checkUnknown();
+  }
+  ARCH_RETURN_IF_ERROR(errorsToStatus(st.errors, path));
+  ARCH_RETURN_IF_ERROR(validateCluster(c));
+  return c;
+}
+
+Result<LoadedJob> loadJob(const std::string& path, const LoadOptions& options) {
+  ARCH_ASSIGN_OR_RETURN(YAML::Node root, loadYamlFile(path));
+  if (!root.IsMap()) return invalidArgument("job file '" + path + "' must hold a mapping of sections");
+  LoadedJob out;
+  out.path = path;
+  LoadState st;
+  YamlLoader loader(root, "", path, &st);
+  detail::visitFields(loader, out.job);
+  loader.checkUnknown();
+
+  std::map<std::string, std::string> sets;
+  for (const auto& s : options.sets) {
+    auto eq = s.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      st.errors.push_back("--set '" + s + "': expected PATH=VALUE, e.g. train.lr=0.001");
+      continue;
+    }
+    sets[trim(s.substr(0, eq))] = trim(s.substr(eq + 1));
+  }
+  OverrideApplier ov(sets, options, &st);
+  detail::visitFields(ov, out.job);
+  for (const auto& [p, v] : ov.unusedSets()) {
+    st.errors.push_back("--set " + p + "=" + v + ": no such field (see `archipelago config dump` for the paths)");
+  }
+  ARCH_RETURN_IF_ERROR(errorsToStatus(st.errors, path));
+  ARCH_RETURN_IF_ERROR(validateJob(out.job).withContext("invalid job '" + path + "'"));
+
+  ValueCollector vc(st.sources, &out);
+  detail::visitFields(vc, out.job);
+  return out;
+}
+
+std::string dumpJobYaml(const JobConfig& job) {
+  YAML::Emitter e;
+  e << YAML::BeginMap;
+  YamlWriter w(e);
+  detail::visitFields(w, const_cast<JobConfig&>(job));
+  e << YAML::EndMap;
+  return std::string(e.c_str()) + "\n";
+}
+
+// ---- validation ----------------------------------------------------------------------
+
+namespace {
+
+struct Problems {
+  std::vector<std::string> list;
+  template <typename T>
+  void add(const std::string& path, const T& got, const std::string& expected) {
+    std::ostringstream o;
+    o << path << ": got " << got << "; expected " << expected;
+    list.push_back(o.str());
+  }
+  Status status() const {
+    if (list.empty()) return okStatus();
+    std::string msg = std::to_string(list.size()) + " invalid value" + (list.size() > 1 ? "s" : "") + ":";
+    for (const auto& l : list) msg += "\n  " + l;
+    return invalidArgument(msg);
+  }
+};
+
+void checkCluster(const ClusterSpec& c, const std::string& pre, Problems& p) {
+  if (c.islands.empty()) p.add(pre + ".islands", "an empty list", "at least one island");
+  std::set<std::string> names;
+  for (size_t i = 0; i < c.islands.size(); ++i) {
+    const auto& is = c.islands[i];
+    std::string ip = pre + ".islands[" + std::to_string(i) + "]";
+    if (is.name.empty()) p.add(ip + ".name", "''", "a non-empty island name");
+    else if (!names.insert(is.name).second) p.add(ip + ".name", "'" + is.name + "'", "a name not used by another island");
+    if (is.count < 1) p.add(ip + ".count", is.count, "an integer >= 1");
+    if (!(is.slowdown > 0)) p.add(ip + ".slowdown", is.slowdown, "a factor > 0 (1 = full speed)");
+    if (!is.slowdowns.empty() && static_cast<int64_t>(is.slowdowns.size()) != is.count) {
+      p.add(ip + ".slowdowns", std::to_string(is.slowdowns.size()) + " values",
+            std::to_string(is.count) + " values (one per device) or none");
+    }
+    for (size_t k = 0; k < is.slowdowns.size(); ++k) {
+      if (!(is.slowdowns[k] > 0)) p.add(ip + ".slowdowns[" + std::to_string(k) + "]", is.slowdowns[k], "a factor > 0");
+    }
+    if (is.devices_per_node < 1) p.add(ip + ".devices_per_node", is.devices_per_node, "an integer >= 1");
+    if (is.node_bandwidth < 0) p.add(ip + ".node_bandwidth", formatBandwidth(is.node_bandwidth), "a bandwidth >= 0");
+    if (is.fabric_bandwidth < 0) p.add(ip + ".fabric_bandwidth", formatBandwidth(is.fabric_bandwidth), "a bandwidth >= 0");
+  }
+  std::set<std::pair<std::string, std::string>> pairs;
+  for (size_t i = 0; i < c.straits.size(); ++i) {
+    const auto& s = c.straits[i];
+    std::string sp = pre + ".straits[" + std::to_string(i) + "]";
+    for (const auto& [field, name] : {std::pair{".a", s.a}, std::pair{".b", s.b}}) {
+      if (c.islandIndex(name) < 0) {
+        std::string known;
+        for (const auto& is : c.islands) known += (known.empty() ? "" : ", ") + is.name;
+        p.add(sp + field, "'" + name + "'", "the name of an island in the cluster (" + known + ")");
+      }
+    }
+    if (s.a == s.b && !s.a.empty()) p.add(sp + ".b", "'" + s.b + "'", "an island other than a ('" + s.a + "')");
+    if (!pairs.insert(std::minmax(s.a, s.b)).second) p.add(sp, s.a + "<->" + s.b, "one strait per island pair");
+    if (!(s.bandwidth > 0)) p.add(sp + ".bandwidth", s.bandwidth < 0 ? "a negative bandwidth" : "0", "a bandwidth > 0 such as '1Gbit/s'");
+    if (s.latency < 0) p.add(sp + ".latency", formatDuration(s.latency), "a duration >= 0");
+    if (s.jitter < 0) p.add(sp + ".jitter", formatDuration(s.jitter), "a duration >= 0");
+    if (s.loss < 0 || s.loss >= 1) p.add(sp + ".loss", s.loss, "a probability in [0, 1)");
+  }
+  if (c.default_strait_bandwidth < 0) p.add(pre + ".default_strait_bandwidth", "a negative bandwidth", "a bandwidth >= 0");
+  if (c.default_strait_latency < 0) p.add(pre + ".default_strait_latency", formatDuration(c.default_strait_latency), "a duration >= 0");
+}
+
+}  // namespace
+
+Status validateCluster(const ClusterSpec& cluster, const std::string& prefix) {
+  Problems p;
+  checkCluster(cluster, prefix, p);
+  return p.status();
+}
+
+Status validateJob(const JobConfig& j) {
+  Problems p;
+  checkCluster(j.cluster, "cluster", p);
+  const int64_t world = j.cluster.worldSize();
+
+  const auto& m = j.model;
+  if (m.vocab_size < 0) p.add("model.vocab_size", m.vocab_size, "0 (from data) or a positive size");
+  if (m.dim < 1) p.add("model.dim", m.dim, "an integer >= 1");
+  if (m.n_layers < 1) p.add("model.n_layers", m.n_layers, "an integer >= 1");
+  if (m.n_heads < 1) p.add("model.n_heads", m.n_heads, "an integer >= 1");
+  else if (m.dim % m.n_heads != 0) p.add("model.n_heads", m.n_heads, "a divisor of model.dim (" + std::to_string(m.dim) + ")");
+  else if ((m.dim / m.n_heads) % 2 != 0) p.add("model.n_heads", m.n_heads, "a value giving an even head size (rotary embeddings)");
+  if (m.n_kv_heads < 0 || (m.n_kv_heads > 0 && m.n_heads > 0 && m.n_heads % m.n_kv_heads != 0)) {
+    p.add("model.n_kv_heads", m.n_kv_heads, "0 or a divisor of model.n_heads (" + std::to_string(m.n_heads) + ")");
+  }
+  if (m.ffn_hidden < 0) p.add("model.ffn_hidden", m.ffn_hidden, "0 (default) or a positive size");
+  if (m.max_seq_len < j.data.seq_len) {
+    p.add("model.max_seq_len", m.max_seq_len, "at least data.seq_len (" + std::to_string(j.data.seq_len) + ")");
+  }
+  if (!(m.rope_theta > 0)) p.add("model.rope_theta", m.rope_theta, "a number > 0");
+  if (!(m.norm_eps > 0)) p.add("model.norm_eps", m.norm_eps, "a number > 0");
+  if (!(m.init_std > 0)) p.add("model.init_std", m.init_std, "a number > 0");
+  const auto& moe = m.moe;
+  if (moe.num_experts < 0) p.add("model.moe.num_experts", moe.num_experts, "0 (dense) or a positive count");
+  if (moe.num_experts > 0) {
+    if (moe.top_k < 1 || moe.top_k > moe.num_experts) {
+      p.add("model.moe.top_k", moe.top_k, "between 1 and model.moe.num_experts (" + std::to_string(moe.num_experts) + ")");
+    }
+    if (moe.every < 1) p.add("model.moe.every", moe.every, "an integer >= 1");
+    if (moe.expert_hidden < 0) p.add("model.moe.expert_hidden", moe.expert_hidden, "0 or a positive size");
+    if (moe.capacity_factor < 0) p.add("model.moe.capacity_factor", moe.capacity_factor, "0 (unlimited) or > 0");
+    if (moe.aux_loss_coef < 0) p.add("model.moe.aux_loss_coef", moe.aux_loss_coef, "a number >= 0");
+  }
+
+  const auto& d = j.data;
+  if (d.dir.empty()) p.add("data.dir", "''", "a directory path");
+  if (d.seq_len < 1) p.add("data.seq_len", d.seq_len, "an integer >= 1");
+  if (d.val_fraction < 0 || d.val_fraction >= 1) p.add("data.val_fraction", d.val_fraction, "a fraction in [0, 1)");
+  if (d.tokenizer == "spm" && d.vocab < 2) p.add("data.vocab", d.vocab, "a SentencePiece vocabulary size such as 4000");
+
+  const auto& t = j.train;
+  if (t.steps < 1) p.add("train.steps", t.steps, "an integer >= 1");
+  if (t.global_batch < 1) p.add("train.global_batch", t.global_batch, "an integer >= 1");
+  else if (world > 0 && t.global_batch < world) {
+    p.add("train.global_batch", t.global_batch,
+          "at least " + std::to_string(world) + " so that every one of the " + std::to_string(world) +
+              " workers gets >= 1 sample per step");
+  }
+  if (t.micro_batch < 0) p.add("train.micro_batch", t.micro_batch, "0 (whole share) or a positive size");
+  if (!(t.lr > 0)) p.add("train.lr", t.lr, "a learning rate > 0");
+  if (t.min_lr < 0 || t.min_lr > t.lr) p.add("train.min_lr", t.min_lr, "a value in [0, train.lr]");
+  if (t.warmup_steps < 0) p.add("train.warmup_steps", t.warmup_steps, "an integer >= 0");
+  if (t.weight_decay < 0) p.add("train.weight_decay", t.weight_decay, "a number >= 0");
+  if (t.beta1 < 0 || t.beta1 >= 1) p.add("train.beta1", t.beta1, "a number in [0, 1)");
+  if (t.beta2 < 0 || t.beta2 >= 1) p.add("train.beta2", t.beta2, "a number in [0, 1)");
+  if (!(t.adam_eps > 0)) p.add("train.adam_eps", t.adam_eps, "a number > 0");
+  if (t.grad_clip < 0) p.add("train.grad_clip", t.grad_clip, "0 (off) or a norm > 0");
+  if (t.eval_every < 0) p.add("train.eval_every", t.eval_every, "0 (never) or a step count");
+  if (t.eval_batches < 1) p.add("train.eval_batches", t.eval_batches, "an integer >= 1");
+  if (t.log_every < 1) p.add("train.log_every", t.log_every, "an integer >= 1");
+  if (t.threads_per_worker < 1) p.add("train.threads_per_worker", t.threads_per_worker, "an integer >= 1");
+  if (!t.shares.empty()) {
+    if (static_cast<int64_t>(t.shares.size()) != world) {
+      p.add("train.shares", std::to_string(t.shares.size()) + " values", std::to_string(world) + " values (one per worker) or none");
+    }
+    for (size_t i = 0; i < t.shares.size(); ++i) {
+      if (!(t.shares[i] > 0)) p.add("train.shares[" + std::to_string(i) + "]", t.shares[i], "a weight > 0");
+    }
+  }
+
+  const auto& s = j.strategy;
+  if (s.inner_steps < 1) p.add("strategy.inner_steps", s.inner_steps, "an integer >= 1");
+  if (!(s.outer_lr > 0)) p.add("strategy.outer_lr", s.outer_lr, "a number > 0");
+  if (s.outer_momentum < 0 || s.outer_momentum >= 1) p.add("strategy.outer_momentum", s.outer_momentum, "a number in [0, 1)");
+  if (s.fragments < 1) p.add("strategy.fragments", s.fragments, "an integer >= 1");
+  if (s.overlap_steps < 0) p.add("strategy.overlap_steps", s.overlap_steps, "an integer >= 0");
+  if (s.streams < 1 || s.streams > 64) p.add("strategy.streams", s.streams, "an integer in [1, 64]");
+  if (s.bucket_bytes < 1024) p.add("strategy.bucket_bytes", s.bucket_bytes, "at least 1KiB");
+  if (s.pipeline_stages < 1 || (m.n_layers >= 1 && s.pipeline_stages > m.n_layers)) {
+    p.add("strategy.pipeline_stages", s.pipeline_stages, "between 1 and model.n_layers (" + std::to_string(m.n_layers) + ")");
+  }
+  if (s.expert_parallel < 1) p.add("strategy.expert_parallel", s.expert_parallel, "an integer >= 1");
+  if (!s.stage_layers.empty()) {
+    int64_t sum = 0;
+    bool positive = true;
+    for (auto l : s.stage_layers) {
+      sum += l;
+      positive = positive && l >= 1;
+    }
+    if (static_cast<int64_t>(s.stage_layers.size()) != s.pipeline_stages || sum != m.n_layers || !positive) {
+      p.add("strategy.stage_layers", std::to_string(s.stage_layers.size()) + " stages summing to " + std::to_string(sum),
+            std::to_string(s.pipeline_stages) + " positive values (one per stage) summing to model.n_layers (" +
+                std::to_string(m.n_layers) + ")");
+    }
+  }
+  if (!(s.failure_timeout > 0)) p.add("strategy.failure_timeout", formatDuration(s.failure_timeout), "a duration > 0");
+  if (s.min_workers < 1 || (world > 0 && s.min_workers > world)) {
+    p.add("strategy.min_workers", s.min_workers, "between 1 and the number of workers (" + std::to_string(world) + ")");
+  }
+
+  const auto& c = j.checkpoint;
+  if (c.every < 0) p.add("checkpoint.every", c.every, "0 (only at exit) or a step count");
+  if (c.keep_last < 1) p.add("checkpoint.keep_last", c.keep_last, "an integer >= 1");
+  if (j.run_dir.empty()) p.add("run_dir", "''", "a directory path");
+  return p.status();
+}
+
+}  // namespace archipelago::core

@@ -1,0 +1,171 @@
+// The single declaration of every job-file field (private to core).
+// visitFields(v, section) calls, for each field in declaration order:
+//   v.field(name, FieldRef)          a scalar or a list of scalars
+//   v.section(name, nested_struct)   a nested mapping
+//   v.list(name, vector<struct>)     a sequence of mappings
+// The YAML loader, the env/flag override pass, the dumper and the YAML
+// writer in config.cpp are all visitors of this one declaration.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "archipelago/core/config.h"
+
+namespace archipelago::core::detail {
+
+enum class FieldKind { kInt, kUInt, kDouble, kBool, kString, kChoice, kBandwidth, kDuration, kBytes,
+                       kIntList, kDoubleList, kStringList };
+
+struct FieldRef {
+  FieldKind kind;
+  void* ptr;
+  std::vector<std::string> choices;  // kChoice only
+  const char* help = "";
+};
+
+inline FieldRef ref(int64_t& v, const char* help) { return {FieldKind::kInt, &v, {}, help}; }
+inline FieldRef ref(uint64_t& v, const char* help) { return {FieldKind::kBytes, &v, {}, help}; }
+inline FieldRef ref(double& v, const char* help) { return {FieldKind::kDouble, &v, {}, help}; }
+inline FieldRef ref(bool& v, const char* help) { return {FieldKind::kBool, &v, {}, help}; }
+inline FieldRef ref(std::string& v, const char* help) { return {FieldKind::kString, &v, {}, help}; }
+inline FieldRef ref(std::vector<int64_t>& v, const char* help) { return {FieldKind::kIntList, &v, {}, help}; }
+inline FieldRef ref(std::vector<double>& v, const char* help) { return {FieldKind::kDoubleList, &v, {}, help}; }
+inline FieldRef ref(std::vector<std::string>& v, const char* help) { return {FieldKind::kStringList, &v, {}, help}; }
+inline FieldRef choice(std::string& v, std::vector<std::string> choices, const char* help) {
+  return {FieldKind::kChoice, &v, std::move(choices), help};
+}
+inline FieldRef bandwidth(double& v, const char* help) { return {FieldKind::kBandwidth, &v, {}, help}; }
+inline FieldRef duration(double& v, const char* help) { return {FieldKind::kDuration, &v, {}, help}; }
+
+template <typename V> void visitFields(V& v, IslandSpec& s) {
+  v.field("name", ref(s.name, "island name, unique in the cluster"));
+  v.field("device", ref(s.device, "device kind from the plan catalog (cpu, h100, mi300x, ...)"));
+  v.field("count", ref(s.count, "devices (= worker processes) in the island"));
+  v.field("slowdown", ref(s.slowdown, "EMULATION: compute-time stretch factor for every device"));
+  v.field("slowdowns", ref(s.slowdowns, "EMULATION: per-device stretch factors (length = count)"));
+  v.field("host", ref(s.host, "host the island's workers run on"));
+  v.field("devices_per_node", ref(s.devices_per_node, "devices sharing one node's fabric"));
+  v.field("node_bandwidth", bandwidth(s.node_bandwidth, "intra-node fabric bandwidth (0 = catalog)"));
+  v.field("fabric_bandwidth", bandwidth(s.fabric_bandwidth, "inter-node bandwidth inside the island (0 = catalog)"));
+}
+
+template <typename V> void visitFields(V& v, StraitSpec& s) {
+  v.field("a", ref(s.a, "island at one end"));
+  v.field("b", ref(s.b, "island at the other end"));
+  v.field("bandwidth", bandwidth(s.bandwidth, "bandwidth each direction, e.g. 1Gbit/s"));
+  v.field("latency", duration(s.latency, "one-way latency, e.g. 20ms"));
+  v.field("jitter", duration(s.jitter, "latency jitter (uniform +-)"));
+  v.field("loss", ref(s.loss, "probability that a send needs a retransmission (0..1)"));
+  v.field("tls", ref(s.tls, "encrypt traffic on this strait"));
+}
+
+template <typename V> void visitFields(V& v, ClusterSpec& s) {
+  v.field("name", ref(s.name, "cluster name"));
+  v.list("islands", s.islands);
+  v.list("straits", s.straits);
+  v.field("default_strait_bandwidth", bandwidth(s.default_strait_bandwidth, "for island pairs no strait names (0 = unshaped)"));
+  v.field("default_strait_latency", duration(s.default_strait_latency, "for island pairs no strait names"));
+}
+
+template <typename V> void visitFields(V& v, MoeConfig& s) {
+  v.field("num_experts", ref(s.num_experts, "experts per MoE layer (0 = dense FFN)"));
+  v.field("top_k", ref(s.top_k, "experts per token"));
+  v.field("expert_hidden", ref(s.expert_hidden, "expert FFN width (0 = model.ffn_hidden)"));
+  v.field("shared_expert", ref(s.shared_expert, "add an always-on shared expert"));
+  v.field("every", ref(s.every, "MoE FFN in every n-th layer"));
+  v.field("balance", choice(s.balance, {"aux_loss", "router_bias", "none"}, "load balancing method"));
+  v.field("aux_loss_coef", ref(s.aux_loss_coef, "auxiliary load-balancing loss weight"));
+  v.field("router_bias_rate", ref(s.router_bias_rate, "router-bias update rate (aux-loss-free balancing)"));
+  v.field("capacity_factor", ref(s.capacity_factor, "expert capacity factor (0 = unlimited)"));
+}
+
+template <typename V> void visitFields(V& v, ModelConfig& s) {
+  v.field("preset", ref(s.preset, "planner preset name; empty = the fields below"));
+  v.field("vocab_size", ref(s.vocab_size, "vocabulary size (0 = from the data manifest)"));
+  v.field("dim", ref(s.dim, "hidden size"));
+  v.field("n_layers", ref(s.n_layers, "decoder layers"));
+  v.field("n_heads", ref(s.n_heads, "attention heads"));
+  v.field("n_kv_heads", ref(s.n_kv_heads, "key/value heads (0 = n_heads; fewer = grouped-query attention)"));
+  v.field("ffn_hidden", ref(s.ffn_hidden, "SwiGLU hidden size (0 = 8/3 dim rounded to 32)"));
+  v.field("max_seq_len", ref(s.max_seq_len, "longest sequence the model supports"));
+  v.field("rope_theta", ref(s.rope_theta, "rotary embedding base"));
+  v.field("norm_eps", ref(s.norm_eps, "RMSNorm epsilon"));
+  v.field("tie_embeddings", ref(s.tie_embeddings, "share embedding and LM-head weights"));
+  v.field("dtype", choice(s.dtype, {"fp32", "bf16", "fp16"}, "parameter/compute dtype"));
+  v.field("init_std", ref(s.init_std, "initialisation standard deviation"));
+  v.section("moe", s.moe);
+}
+
+template <typename V> void visitFields(V& v, DataConfig& s) {
+  v.field("dir", ref(s.dir, "prepared data directory (output of `archipelago data prepare`)"));
+  v.field("inputs", ref(s.inputs, "raw text inputs used to prepare `dir` when it is missing"));
+  v.field("tokenizer", choice(s.tokenizer, {"byte", "spm"}, "tokenizer used when preparing"));
+  v.field("vocab", ref(s.vocab, "SentencePiece vocabulary size"));
+  v.field("val_fraction", ref(s.val_fraction, "fraction of documents held out for validation"));
+  v.field("seq_len", ref(s.seq_len, "tokens per training sample"));
+  v.field("seed", ref(s.seed, "sampler seed"));
+}
+
+template <typename V> void visitFields(V& v, TrainConfig& s) {
+  v.field("steps", ref(s.steps, "optimizer steps"));
+  v.field("global_batch", ref(s.global_batch, "samples per optimizer step over all workers"));
+  v.field("micro_batch", ref(s.micro_batch, "samples per forward/backward (0 = whole share)"));
+  v.field("lr", ref(s.lr, "peak learning rate"));
+  v.field("min_lr", ref(s.min_lr, "learning rate at the end of the cosine decay"));
+  v.field("warmup_steps", ref(s.warmup_steps, "linear warmup steps"));
+  v.field("weight_decay", ref(s.weight_decay, "AdamW weight decay"));
+  v.field("beta1", ref(s.beta1, "AdamW beta1"));
+  v.field("beta2", ref(s.beta2, "AdamW beta2"));
+  v.field("adam_eps", ref(s.adam_eps, "AdamW epsilon"));
+  v.field("grad_clip", ref(s.grad_clip, "global gradient-norm clip (0 = off)"));
+  v.field("eval_every", ref(s.eval_every, "steps between validation runs (0 = never)"));
+  v.field("eval_batches", ref(s.eval_batches, "validation batches per evaluation"));
+  v.field("log_every", ref(s.log_every, "steps between metric lines"));
+  v.field("seed", ref(s.seed, "model initialisation seed"));
+  v.field("shard_optimizer", ref(s.shard_optimizer, "shard optimizer state over the data-parallel group"));
+  v.field("rebalance", ref(s.rebalance, "adjust batch shares to measured speed"));
+  v.field("shares", ref(s.shares, "initial batch-share weights per rank (empty = 1/slowdown)"));
+  v.field("threads_per_worker", ref(s.threads_per_worker, "intra-op threads per worker"));
+}
+
+template <typename V> void visitFields(V& v, StrategyConfig& s) {
+  v.field("kind", choice(s.kind, {"sync", "diloco", "streaming"}, "cross-island strategy"));
+  v.field("inner_steps", ref(s.inner_steps, "DiLoCo inner steps per outer step (H)"));
+  v.field("outer_lr", ref(s.outer_lr, "outer optimizer learning rate"));
+  v.field("outer_momentum", ref(s.outer_momentum, "outer optimizer momentum"));
+  v.field("nesterov", ref(s.nesterov, "Nesterov momentum in the outer optimizer"));
+  v.field("codec", choice(s.codec, {"none", "bf16", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"},
+                          "compression on strait legs"));
+  v.field("error_feedback", ref(s.error_feedback, "carry quantisation error to the next sync"));
+  v.field("fragments", ref(s.fragments, "streaming: model fragments"));
+  v.field("overlap_steps", ref(s.overlap_steps, "streaming: inner steps before a fragment's sync is applied"));
+  v.field("streams", ref(s.streams, "TCP streams per peer pair"));
+  v.field("bucket_bytes", ref(s.bucket_bytes, "gradient bucket size, e.g. 4MiB"));
+  v.field("allreduce", choice(s.allreduce, {"auto", "ring", "tree", "hierarchical"}, "allreduce algorithm"));
+  v.field("pipeline_stages", ref(s.pipeline_stages, "pipeline-parallel stages"));
+  v.field("expert_parallel", ref(s.expert_parallel, "expert-parallel group size"));
+  v.field("stage_layers", ref(s.stage_layers, "layers per pipeline stage (empty = planner/even)"));
+  v.field("failure_timeout", duration(s.failure_timeout, "silence after which a worker is declared failed"));
+  v.field("min_workers", ref(s.min_workers, "below this many workers the job checkpoints and exits"));
+}
+
+template <typename V> void visitFields(V& v, CheckpointConfig& s) {
+  v.field("every", ref(s.every, "steps between checkpoints (0 = only at exit)"));
+  v.field("keep_last", ref(s.keep_last, "checkpoints kept"));
+  v.field("at_exit", ref(s.at_exit, "write a checkpoint when the run ends or is interrupted"));
+  v.field("async", ref(s.async, "write in the background after an in-memory snapshot"));
+}
+
+template <typename V> void visitFields(V& v, JobConfig& s) {
+  v.section("cluster", s.cluster);
+  v.section("model", s.model);
+  v.section("data", s.data);
+  v.section("train", s.train);
+  v.section("strategy", s.strategy);
+  v.section("checkpoint", s.checkpoint);
+  v.field("run_dir", ref(s.run_dir, "run directory (metrics, checkpoints, report)"));
+}
+
+}  // namespace archipelago::core::detail

@@ -1,0 +1,230 @@
+#include <filesystem>
+#include <fstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "archipelago/core/config.h"
+
+namespace archipelago::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+class ConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("arch_config_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::string write(const std::string& name, const std::string& text) {
+    auto p = dir_ / name;
+    std::ofstream(p) << text;
+    return p.string();
+  }
+  Result<LoadedJob> load(const std::string& text, LoadOptions opts = {}) {
+    opts.use_process_env = false;
+    return loadJob(write("job.yaml", text), opts);
+  }
+  static std::string sourceOf(const LoadedJob& j, const std::string& path) {
+    for (const auto& [p, vs] : j.values) {
+      if (p == path) return vs.second.kind + ":" + vs.first;
+    }
+    return "missing";
+  }
+
+  std::filesystem::path dir_;
+};
+
+const char* kGood = R"(
+cluster:
+  islands:
+    - {name: a, device: cpu, count: 2}
+    - {name: b, device: cpu, count: 1, slowdown: 2}
+  straits:
+    - {a: a, b: b, bandwidth: 1Gbit/s, latency: 20ms}
+train:
+  steps: 10
+  global_batch: 6
+)";
+
+TEST_F(ConfigTest, LoadsGoodJobWithUnits) {
+  auto j = load(kGood);
+  ASSERT_TRUE(j.isOk()) << j.status().toString();
+  const auto& c = j->job.cluster;
+  ASSERT_EQ(c.islands.size(), 2u);
+  EXPECT_EQ(c.worldSize(), 3);
+  EXPECT_DOUBLE_EQ(c.islands[1].slowdown, 2.0);
+  ASSERT_EQ(c.straits.size(), 1u);
+  EXPECT_DOUBLE_EQ(c.straits[0].bandwidth, 1e9 / 8);
+  EXPECT_DOUBLE_EQ(c.straits[0].latency, 0.020);
+  EXPECT_EQ(j->job.train.steps, 10);
+  EXPECT_EQ(sourceOf(*j, "train.steps").substr(0, 5), "file:");
+  EXPECT_EQ(sourceOf(*j, "train.lr").substr(0, 8), "default:");
+}
+
+TEST_F(ConfigTest, UnknownKeyNamesPathAndAlternatives) {
+  auto j = load(std::string(kGood) + "  stepz: 3\n");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_EQ(j.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(j.status().message(), HasSubstr("train.stepz: unknown key"));
+  EXPECT_THAT(j.status().message(), HasSubstr("steps"));
+  EXPECT_THAT(j.status().message(), HasSubstr("job.yaml:"));
+}
+
+TEST_F(ConfigTest, UnknownTopLevelSection) {
+  auto j = load(std::string(kGood) + "trian: {steps: 1}\n");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("trian: unknown key"));
+}
+
+TEST_F(ConfigTest, WrongTypeNamesFieldValueAndExpectation) {
+  auto j = load(R"(
+cluster:
+  islands: [{name: a, count: two}]
+)");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("cluster.islands[0].count: got 'two'"));
+  EXPECT_THAT(j.status().message(), HasSubstr("expected an integer"));
+}
+
+TEST_F(ConfigTest, NegativeBandwidthRejected) {
+  auto j = load(R"(
+cluster:
+  islands: [{name: a}, {name: b}]
+  straits: [{a: a, b: b, bandwidth: -5Mbit/s}]
+)");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("cluster.straits[0].bandwidth: got a negative bandwidth"));
+}
+
+TEST_F(ConfigTest, BandwidthWithoutUnitRejected) {
+  auto j = load(R"(
+cluster:
+  islands: [{name: a}, {name: b}]
+  straits: [{a: a, b: b, bandwidth: 100}]
+)");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("cluster.straits[0].bandwidth: got '100'"));
+  EXPECT_THAT(j.status().message(), HasSubstr("Gbit/s"));
+}
+
+TEST_F(ConfigTest, StraitNamingMissingIsland) {
+  auto j = load(R"(
+cluster:
+  islands: [{name: east}, {name: west}]
+  straits: [{a: east, b: north, bandwidth: 1Gbit/s}]
+)");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("cluster.straits[0].b: got 'north'"));
+  EXPECT_THAT(j.status().message(), HasSubstr("east, west"));
+}
+
+TEST_F(ConfigTest, BatchThatCannotBeSplit) {
+  auto j = load(R"(
+cluster:
+  islands: [{name: a, count: 3}, {name: b, count: 2}]
+train: {global_batch: 4}
+)");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("train.global_batch: got 4"));
+  EXPECT_THAT(j.status().message(), HasSubstr("at least 5"));
+}
+
+TEST_F(ConfigTest, BadChoiceListsChoices) {
+  auto j = load(std::string(kGood) + "strategy: {kind: dilocco}\n");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("strategy.kind: got 'dilocco'"));
+  EXPECT_THAT(j.status().message(), HasSubstr("sync|diloco|streaming"));
+}
+
+TEST_F(ConfigTest, ReportsAllProblemsAtOnce) {
+  auto j = load(R"(
+cluster:
+  islands: [{name: a, count: 0}]
+train: {steps: 0, lr: -1}
+)");
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("cluster.islands[0].count"));
+  EXPECT_THAT(j.status().message(), HasSubstr("train.steps"));
+  EXPECT_THAT(j.status().message(), HasSubstr("train.lr"));
+}
+
+TEST_F(ConfigTest, EnvThenFlagOverrideWithSources) {
+  LoadOptions opts;
+  opts.env["ARCHIPELAGO_TRAIN_LR"] = "0.5";
+  opts.env["ARCHIPELAGO_TRAIN_STEPS"] = "7";
+  opts.sets = {"train.steps=9", "cluster.islands[1].slowdown=3"};
+  auto j = load(kGood, opts);
+  ASSERT_TRUE(j.isOk()) << j.status().toString();
+  EXPECT_DOUBLE_EQ(j->job.train.lr, 0.5);
+  EXPECT_EQ(j->job.train.steps, 9);  // flag beats env beats file
+  EXPECT_DOUBLE_EQ(j->job.cluster.islands[1].slowdown, 3.0);
+  EXPECT_EQ(sourceOf(*j, "train.lr"), "env:0.5");
+  EXPECT_EQ(sourceOf(*j, "train.steps"), "flag:9");
+  EXPECT_EQ(sourceOf(*j, "cluster.islands[1].slowdown"), "flag:3");
+}
+
+TEST_F(ConfigTest, BadOverridesAreErrors) {
+  LoadOptions opts;
+  opts.sets = {"train.nosuch=1"};
+  auto j = load(kGood, opts);
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("--set train.nosuch=1: no such field"));
+  opts.sets = {};
+  opts.env["ARCHIPELAGO_TRAIN_STEPS"] = "many";
+  j = load(kGood, opts);
+  ASSERT_FALSE(j.isOk());
+  EXPECT_THAT(j.status().message(), HasSubstr("train.steps: got 'many' (env ARCHIPELAGO_TRAIN_STEPS)"));
+}
+
+TEST_F(ConfigTest, ClusterFromItsOwnFile) {
+  write("c.yaml", R"(
+name: two
+islands: [{name: x, count: 2}, {name: y, count: 2}]
+straits: [{a: x, b: y, bandwidth: 100Mbit/s, latency: 50ms}]
+)");
+  auto j = load("cluster: c.yaml\ntrain: {global_batch: 8}\n");
+  ASSERT_TRUE(j.isOk()) << j.status().toString();
+  EXPECT_EQ(j->job.cluster.name, "two");
+  EXPECT_EQ(j->job.cluster.worldSize(), 4);
+  EXPECT_DOUBLE_EQ(j->job.cluster.straits[0].bandwidth, 100e6 / 8);
+  auto c = loadClusterSpec((dir_ / "c.yaml").string());
+  ASSERT_TRUE(c.isOk()) << c.status().toString();
+  EXPECT_EQ(c->islands.size(), 2u);
+
+  auto missing = load("cluster: nope.yaml\n");
+  ASSERT_FALSE(missing.isOk());
+  EXPECT_THAT(missing.status().message(), HasSubstr("nope.yaml"));
+}
+
+TEST_F(ConfigTest, MissingFileAndBadYaml) {
+  auto j = loadJob((dir_ / "absent.yaml").string());
+  ASSERT_FALSE(j.isOk());
+  EXPECT_EQ(j.status().code(), StatusCode::kNotFound);
+  auto bad = load("train: [unclosed\n");
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_THAT(bad.status().message(), HasSubstr("not valid YAML"));
+}
+
+TEST_F(ConfigTest, DumpYamlRoundTrips) {
+  auto j = load(kGood);
+  ASSERT_TRUE(j.isOk());
+  std::string yaml = dumpJobYaml(j->job);
+  auto again = loadJob(write("again.yaml", yaml));
+  ASSERT_TRUE(again.isOk()) << again.status().toString() << "\n" << yaml;
+  EXPECT_EQ(dumpJobYaml(again->job), yaml);
+  EXPECT_DOUBLE_EQ(again->job.cluster.straits[0].bandwidth, 1e9 / 8);
+}
+
+TEST(EnvVarName, FromPath) {
+  EXPECT_EQ(envVarForPath("train.lr"), "ARCHIPELAGO_TRAIN_LR");
+  EXPECT_EQ(envVarForPath("model.moe.top_k"), "ARCHIPELAGO_MODEL_MOE_TOP_K");
+}
+
+}  // namespace
+}  // namespace archipelago::core
