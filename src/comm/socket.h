@@ -45,6 +45,8 @@ class Socket {
   // makes every later call fail. Safe from any thread, idempotent.
   void shutdown();
   bool isShutdown() const { return shut_.load(); }
+  // Half-close: the peer reads everything we sent, then EOF.
+  void shutdownWrite();
 
   core::Status readFull(void* buf, size_t n, const core::Deadline& deadline, const core::AbortFlag* abort);
   core::Status writeFull(const void* buf, size_t n, const core::Deadline& deadline, const core::AbortFlag* abort);
@@ -65,8 +67,10 @@ class Socket {
   // 32 bytes of TLS exporter keying material (empty without TLS).
   std::vector<uint8_t> channelBinding() const;
 
- private:
+  // Polls until the fd is ready for `events`, the deadline passes, or abort.
   core::Status waitFor(short events, const core::Deadline& deadline, const core::AbortFlag* abort);
+
+ private:
   int fd_;
   std::atomic<bool> shut_{false};
   SSL* ssl_ = nullptr;

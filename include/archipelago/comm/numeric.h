@@ -19,6 +19,12 @@
 //   * signed zero is kept.
 //
 // The narrow values are carried as raw bit patterns (uint16_t / uint8_t).
+//
+// Not to be confused with floatToBf16/floatToFp16 in dtype.h (transport):
+// those follow IEEE overflow (finite -> Inf) for reductions of 16-bit
+// tensors; the "Sat" encoders here are the codecs' saturating ones. The
+// decoders (*BitsToFloat) return the same values as dtype.h's, written
+// branch-free so that the codec loops vectorise.
 #pragma once
 
 #include <array>
@@ -41,7 +47,7 @@ inline constexpr float kFp8E5M2Max = 57344.0f;                  // 0x7B
 // round-to-nearest-even we want (valid under FTZ/DAZ too: the float operands
 // and results there are never subnormal where it matters).
 
-inline uint16_t floatToBf16(float x) {
+inline uint16_t floatToBf16Sat(float x) {
   const uint32_t f = std::bit_cast<uint32_t>(x);
   const uint32_t sign = (f >> 16) & 0x8000u;
   const uint32_t a = f & 0x7FFFFFFFu;
@@ -51,9 +57,9 @@ inline uint16_t floatToBf16(float x) {
   return static_cast<uint16_t>(sign | r);
 }
 
-inline float bf16ToFloat(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
+inline float bf16BitsToFloat(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
-inline uint16_t floatToFp16(float x) {
+inline uint16_t floatToFp16Sat(float x) {
   const uint32_t f = std::bit_cast<uint32_t>(x);
   const uint32_t sign = (f >> 16) & 0x8000u;
   const uint32_t a = f & 0x7FFFFFFFu;
@@ -71,7 +77,7 @@ inline uint16_t floatToFp16(float x) {
   return static_cast<uint16_t>(sign | h);
 }
 
-inline float fp16ToFloat(uint16_t h) {
+inline float fp16BitsToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1Fu;
   const uint32_t m = h & 0x3FFu;
@@ -142,21 +148,21 @@ inline constexpr std::array<float, 256> kFp8E5M2Table = makeFp8Table<2, 15, fals
 }  // namespace detail
 
 // E4M3 (OCP): bias 7, max 448 (0x7E), no Inf, NaN 0x7F/0xFF, min subnormal 2^-9.
-inline uint8_t floatToFp8E4M3(float x) {
+inline uint8_t floatToFp8E4M3Sat(float x) {
   return detail::floatToFp8<3, 7, 0x3C800000u, 0x46800000u, 0x7Eu, 0x7Fu, 0x7Fu>(x);
 }
 inline float fp8E4M3ToFloat(uint8_t c) { return detail::kFp8E4M3Table[c]; }
 
 // E5M2 (OCP): bias 15, max 57344 (0x7B), Inf 0x7C, NaN 0x7D..0x7F, min subnormal 2^-16.
-inline uint8_t floatToFp8E5M2(float x) {
+inline uint8_t floatToFp8E5M2Sat(float x) {
   return detail::floatToFp8<2, 15, 0x38800000u, 0x43000000u, 0x7Bu, 0x7Cu, 0x7Eu>(x);
 }
 inline float fp8E5M2ToFloat(uint8_t c) { return detail::kFp8E5M2Table[c]; }
 
 // Bulk versions; the spans must have equal sizes (checked, aborts otherwise).
-void floatToBf16(std::span<const float> in, std::span<uint16_t> out);
-void bf16ToFloat(std::span<const uint16_t> in, std::span<float> out);
-void floatToFp16(std::span<const float> in, std::span<uint16_t> out);
-void fp16ToFloat(std::span<const uint16_t> in, std::span<float> out);
+void floatToBf16Sat(std::span<const float> in, std::span<uint16_t> out);
+void bf16BitsToFloat(std::span<const uint16_t> in, std::span<float> out);
+void floatToFp16Sat(std::span<const float> in, std::span<uint16_t> out);
+void fp16BitsToFloat(std::span<const uint16_t> in, std::span<float> out);
 
 }  // namespace archipelago::comm

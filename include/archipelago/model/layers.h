@@ -71,7 +71,7 @@ class RmsNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RmsNorm);
 
-// cos/sin tables [T, head_dim] (fp32) for absolute positions
+// cos/sin tables [T, head_dim] (computed in fp64, stored as dtype) for absolute positions
 // start .. start+T-1, HF "rotate_half" layout: frequency i pairs element i
 // with element i + head_dim/2, inv_freq_i = theta^(-2i/head_dim).
 struct RotaryTables {
@@ -79,7 +79,7 @@ struct RotaryTables {
   torch::Tensor sin;
 };
 RotaryTables rotaryTables(int64_t start, int64_t length, int64_t head_dim, double theta,
-                          torch::Device device);
+                          torch::Device device, torch::ScalarType dtype = torch::kFloat);
 // x [B, H, T, head_dim] -> x*cos + rotate_half(x)*sin.
 torch::Tensor applyRotary(const torch::Tensor& x, const RotaryTables& rope);
 

@@ -75,7 +75,8 @@ class MoeFfnImpl : public torch::nn::Module {
   torch::Tensor computeExperts(const Dispatched& d);
   torch::Tensor combine(const torch::Tensor& expert_out, const Dispatched& d, int64_t n_tokens) const;
 
-  // Per-expert capacity for n tokens: ceil(capacity_factor * n * k / E), 0 = none.
+  // Per-expert capacity for n tokens: ceil(capacity_factor * n * k / E);
+  // 0 = none (capacity_factor 0, or eval mode).
   int64_t capacityFor(int64_t n_tokens) const;
 
   const MoeLayerStats& stats() const { return stats_; }

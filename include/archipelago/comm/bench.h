@@ -1,0 +1,38 @@
+// `archipelago bench comm`: nccl-tests style measurement of our collectives
+// on this machine, with Gloo's ring allreduce measured in the same run as
+// the yardstick. Forks `ranks` worker processes that rendezvous through an
+// in-process coordinator on 127.0.0.1 (port 0). Rank 0 prints a table plus
+// one JSON line per row to stdout.
+//
+// algbw = bytes / time; busbw = algbw x 2(n-1)/n (allreduce),
+// (n-1)/n (allgather, reduce-scatter), 1 (broadcast, alltoall: (n-1)/n).
+// With an emulated strait the ranks are split into two islands and rows
+// also report strait_frac = (algbw x 2(L-1)/L) / strait bandwidth: the share
+// of the strait's capacity that the collective kept busy (L = islands).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "archipelago/core/status.h"
+
+namespace archipelago::comm {
+
+struct CommBenchOptions {
+  int ranks = 4;
+  std::vector<uint64_t> sizes;          // bytes per rank buffer; empty = default list
+  std::vector<std::string> ops;         // allreduce, hier_allreduce, allgather, reduce_scatter,
+                                        // broadcast, alltoall, failure; empty = default
+  std::string strait;                   // "1Gbit/s,20ms[,jitter[,loss]]"; empty = no emulation
+  std::string codec = "none";           // codec on the cross-island leg (hier_allreduce rows)
+  bool gloo = true;                     // also run Gloo's ring allreduce (if built with Gloo)
+  int streams = 4;
+  uint64_t chunk_bytes = 1 << 20;
+  int iters = 0;                        // 0 = chosen per size
+  std::string dtype = "f32";
+};
+
+core::Status runCommBench(const CommBenchOptions& options);
+bool glooAvailable();
+
+}  // namespace archipelago::comm

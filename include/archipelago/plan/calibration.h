@@ -1,0 +1,55 @@
+// Calibration: measured achieved FLOP/s of the devices we actually have, per
+// device kind, dtype and GEMM size, stored as a JSON profile. When a profile
+// covers a kind, the cost model prices matmuls with it instead of the
+// catalog's default derating. The runtime feeds it measured matmul timings
+// (libtorch); this layer owns the data structure, its file format and the
+// lookup (log-log interpolation over GEMM size).
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "archipelago/core/status.h"
+#include "archipelago/plan/catalog.h"
+
+namespace archipelago::plan {
+
+struct CalibrationPoint {
+  double gemm_flops = 0;      // 2*m*n*k of one GEMM (the shape class)
+  double achieved_flops = 0;  // FLOP/s measured for that shape
+};
+
+// Everything measured about one device kind.
+struct DeviceCalibration {
+  std::map<std::string, std::vector<CalibrationPoint>> matmul;  // dtype name -> points sorted by gemm_flops
+  double memory_bandwidth = 0;  // achieved bytes/s of elementwise kernels; 0 = unknown
+  double step_overhead_s = 0;   // fixed per-step cost (optimizer launch, python-free loop overhead)
+  double loopback_bandwidth = 0; // bytes/s between local workers (for local runs); 0 = unknown
+};
+
+class CalibrationProfile {
+ public:
+  // Records one GEMM measurement (m x k times k x n in `seconds`); points of
+  // the same shape class are averaged.
+  void addMatmul(const std::string& kind, Dtype dtype, double m, double n, double k, double seconds);
+  DeviceCalibration& device(const std::string& kind) { return devices_[kind]; }
+  const DeviceCalibration* find(const std::string& kind) const;
+  bool empty() const { return devices_.empty(); }
+
+  // Achieved FLOP/s for a GEMM of `gemm_flops` on `kind`, or nullopt when the
+  // profile has no points for that kind/dtype (falls back to fp32 points for
+  // other dtypes on the same kind only if that is all there is).
+  std::optional<double> achievedFlops(const std::string& kind, Dtype dtype, double gemm_flops) const;
+
+  std::string toJson() const;
+  static core::Result<CalibrationProfile> fromJson(const std::string& text);
+  core::Status save(const std::string& path) const;
+  static core::Result<CalibrationProfile> load(const std::string& path);
+
+ private:
+  std::map<std::string, DeviceCalibration> devices_;
+};
+
+}  // namespace archipelago::plan

@@ -1,0 +1,77 @@
+// Every trainable parameter of a model as a view into one contiguous fp32
+// buffer, and every gradient as a view into a second one. The trainer then
+// reduces gradients as slices of one buffer (buckets), clips by one norm,
+// runs AdamW as a handful of vector ops, shards optimizer state by offset
+// range, and checkpoints by name, with no per-parameter bookkeeping.
+// Autograd accumulates into the existing .grad views in place (grads are
+// zeroed, never reset to undefined), as DDP's gradient-as-bucket-view does.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "archipelago/core/config.h"
+#include "archipelago/core/status.h"
+
+namespace archipelago::runtime {
+
+struct ParamSegment {
+  std::string name;          // HF tensor name
+  int64_t offset = 0;        // into the flat buffers
+  int64_t numel = 0;
+  std::vector<int64_t> shape;
+  bool decay = true;         // weight decay applies (matrices, not norms)
+  torch::Tensor param;       // the module's parameter (a view of flat)
+};
+
+class FlatParams {
+ public:
+  // Rebinds every parameter of `named` (in order) to a slice of one buffer.
+  static FlatParams bind(const std::vector<std::pair<std::string, torch::Tensor>>& named);
+
+  torch::Tensor& params() { return params_; }
+  torch::Tensor& grads() { return grads_; }
+  const std::vector<ParamSegment>& segments() const { return segments_; }
+  int64_t numel() const { return params_.numel(); }
+  // 1 where weight decay applies, 0 elsewhere.
+  const torch::Tensor& decayMask() const { return decay_mask_; }
+  void zeroGrad() { grads_.zero_(); }
+
+ private:
+  torch::Tensor params_;
+  torch::Tensor grads_;
+  torch::Tensor decay_mask_;
+  std::vector<ParamSegment> segments_;
+};
+
+// AdamW (decoupled weight decay, bias-corrected, as in Loshchilov & Hutter)
+// over a contiguous slice [begin, end) of the flat parameters: the whole
+// range without optimizer sharding, this rank's shard with it (ZeRO-1).
+class FlatAdamW {
+ public:
+  FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end);
+
+  // params/grads/mask are the slices [begin, end).
+  void step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr);
+
+  int64_t begin() const { return begin_; }
+  int64_t end() const { return end_; }
+  int64_t stepCount() const { return t_; }
+  void setStepCount(int64_t t) { t_ = t; }
+  torch::Tensor& expAvg() { return m_; }
+  torch::Tensor& expAvgSq() { return v_; }
+
+ private:
+  double beta1_, beta2_, eps_, wd_;
+  int64_t begin_, end_;
+  int64_t t_ = 0;
+  torch::Tensor m_, v_;
+};
+
+// Warmup (linear from lr/warmup to lr) then cosine decay to min_lr at `steps`.
+double learningRate(const core::TrainConfig& cfg, int64_t step);
+
+}  // namespace archipelago::runtime

@@ -1,0 +1,55 @@
+// Process roles of a training job (DESIGN.md "Process model"):
+//  - launchTraining: the embedded default launcher (`archipelago train`):
+//    validates the job, prepares data if needed, writes the run directory,
+//    runs the coordinator in-process, starts one worker process per device
+//    of the cluster spec, shows a live progress line, stops everything
+//    cleanly on Ctrl-C, and merges traces at the end.
+//  - runWorker: one worker (`archipelago worker`), started by the launcher
+//    or by Slurm / Kubernetes / mpirun (rank and world from their usual
+//    environment variables when not given).
+//  - runCoordinator: the coordinator alone (`archipelago coordinator`).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "archipelago/core/config.h"
+#include "archipelago/core/status.h"
+
+namespace archipelago::runtime {
+
+struct LaunchOptions {
+  std::string job_path;
+  core::LoadOptions load;
+  bool resume = false;         // continue the run in run_dir from its newest valid checkpoint
+  std::string self_exe;        // path of the archipelago binary (for the worker processes)
+  bool progress = true;        // live progress line on stderr
+  int64_t exit_after_step = -1;  // test hook, passed to every worker
+  int max_restarts = 0;        // restart from the newest checkpoint after a failure
+};
+core::Status launchTraining(const LaunchOptions& options);
+
+struct WorkerOptions {
+  std::string job_path;        // resolved job (RUN_DIR/job.yaml)
+  std::string run_dir;         // default: the job's run_dir
+  int rank = -1;               // -1: from RANK / SLURM_PROCID / OMPI_COMM_WORLD_RANK / PMI_RANK
+  int world = -1;              // -1: from WORLD_SIZE / SLURM_NTASKS / OMPI_COMM_WORLD_SIZE / PMI_SIZE
+  std::string coordinator;     // HOST:PORT; default MASTER_ADDR:MASTER_PORT
+  bool resume = false;
+  int64_t exit_after_step = -1;
+};
+core::Status runWorker(const WorkerOptions& options);
+
+struct CoordinatorOptions {
+  std::string host = "0.0.0.0";
+  int port = 0;
+  int world = 0;
+  double failure_timeout = 2.0;
+};
+core::Status runCoordinator(const CoordinatorOptions& options);
+
+// Resolves rank/world from the common launcher environment variables.
+int rankFromEnv();
+int worldFromEnv();
+
+}  // namespace archipelago::runtime

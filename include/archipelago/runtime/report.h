@@ -1,0 +1,206 @@
+// The run report: reads the run directory a training run leaves behind
+// (run.json, metrics.jsonl, trace.json; contract in docs/report.md) and turns
+// it into something a person can open: RUN/report/index.html (self-contained,
+// inline SVG charts), summary.txt and one .svg per chart. Several runs can be
+// compared in one report (sync vs DiLoCo vs streaming).
+//
+// Torch-free on purpose: it lives in the runtime layer next to the trainer
+// that writes the files, but compiles and tests without libtorch.
+//
+// Robustness rules (the metrics format grows, and runs crash mid-line):
+// unknown `kind`s and unknown fields are ignored; lines that are not a JSON
+// object, lack a string `kind`, or lack the key fields of a known kind are
+// skipped and counted, never fatal.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "archipelago/core/status.h"
+
+namespace archipelago::runtime {
+
+// A numeric field the line did not carry (or carried as null).
+inline constexpr double kMissing = std::numeric_limits<double>::quiet_NaN();
+
+// ---- what the run directory holds -------------------------------------------
+
+// One worker as listed in run.json.
+struct RunRank {
+  int rank = 0;
+  std::string island;
+  std::string device;
+  double slowdown = 1.0;  // EMULATED compute stretch factor
+};
+
+// kind "step": one per step per worker. Missing numeric fields are NaN.
+struct StepRecord {
+  int64_t step = 0;
+  int rank = 0;
+  std::string island;
+  int64_t epoch = 0;
+  double loss = kMissing, lr = kMissing, samples = kMissing, tokens = kMissing;
+  double compute_s = kMissing, comm_s = kMissing, wait_s = kMissing, step_s = kMissing;
+  double tokens_per_s = kMissing, grad_norm = kMissing, time = kMissing;
+};
+
+// kind "eval".
+struct EvalRecord {
+  int64_t step = 0;
+  double val_loss = kMissing;
+  double time = kMissing;
+};
+
+// kind "outer": one cross-island synchronisation round (DiLoCo, streaming).
+struct OuterRecord {
+  int64_t step = 0;
+  int64_t round = 0;
+  double bytes_strait = kMissing, sync_s = kMissing, wait_s = kMissing, time = kMissing;
+};
+
+// kind "event": checkpoint, failure, epoch, join, resync, restart, rebalance, ...
+struct EventRecord {
+  std::string event;
+  int64_t step = -1;  // -1: not tied to a step
+  double time = kMissing;
+  std::string detail;
+};
+
+// kind "moe": expert load of one MoE layer on one rank at one step.
+struct MoeRecord {
+  int64_t step = 0;
+  int rank = 0;
+  int layer = 0;
+  std::vector<double> tokens_per_expert;
+  double dropped = kMissing;
+  double aux_loss = kMissing;
+};
+
+// kind "summary": written once at the end. Absent fields stay nullopt.
+struct SummaryRecord {
+  std::optional<int64_t> steps;
+  std::optional<double> wall_s, tokens, final_loss, final_val_loss, predicted_step_s, measured_step_s;
+};
+
+// Everything read from one run directory.
+struct RunData {
+  std::filesystem::path dir;
+  std::string name;  // directory name, used in legends and comparisons
+
+  // run.json (absent file: has_run_json false, fields stay default)
+  bool has_run_json = false;
+  std::string job;
+  double started = 0;  // unix seconds; 0 = unknown
+  int world = 0;
+  std::vector<RunRank> ranks;
+  std::string strategy;
+  bool emulated = false;
+
+  std::vector<StepRecord> steps;
+  std::vector<EvalRecord> evals;
+  std::vector<OuterRecord> outers;
+  std::vector<EventRecord> events;
+  std::vector<MoeRecord> moe;
+  std::optional<SummaryRecord> summary;
+
+  int64_t lines = 0;          // non-empty lines read from metrics.jsonl
+  int64_t malformed = 0;      // skipped: not JSON, no kind, or missing key fields
+  int64_t unknown_kinds = 0;  // ignored: a kind this reader does not know
+  bool has_trace = false;     // trace.json exists
+};
+
+// Parses one metrics.jsonl line into `run` (updates the counters). Never fails:
+// a bad line only increments run.malformed.
+void parseMetricsLine(std::string_view line, RunData& run);
+
+// Reads run.json (optional) and metrics.jsonl (required) of `dir`.
+core::Result<RunData> loadRunDir(const std::filesystem::path& dir);
+
+// ---- what is derived from it -----------------------------------------------
+
+// One point of a per-step curve.
+struct StepPoint {
+  int64_t step = 0;
+  double value = 0;   // e.g. mean loss over the ranks that reported the step
+  double time_s = 0;  // wall-clock seconds since the run started (latest rank)
+};
+
+// Mean training loss per step over ranks (ranks with a non-finite loss are
+// left out; a (step, rank) reported twice, e.g. replayed after a restart,
+// counts with its last line). Sorted by step.
+std::vector<StepPoint> meanLossPerStep(const RunData& run);
+
+// Seconds since the run started for a unix timestamp (run.json "started", or
+// the earliest step start when run.json lacks it).
+double runStartTime(const RunData& run);
+
+struct WorkerStats {
+  int rank = 0;
+  std::string island;
+  std::string device;
+  double slowdown = 1.0;
+  int64_t steps = 0;
+  double samples = 0;
+  double tokens = 0;
+  double tokens_per_s = 0;  // tokens / sum(step_s)
+  double mean_compute_s = 0, mean_comm_s = 0, mean_wait_s = 0, mean_step_s = 0;
+  double utilisation = 0;  // sum(compute_s) / wall_s
+};
+
+struct IslandStats {
+  std::string island;
+  int workers = 0;
+  double tokens_per_s = 0;  // sum over its workers
+  double utilisation = 0;   // mean over its workers of compute / wall
+};
+
+struct RunStats {
+  int64_t steps = 0;  // distinct steps seen (or summary.steps)
+  int64_t first_step = 0, last_step = 0;
+  double wall_s = 0;
+  double tokens = 0;
+  double tokens_per_s = 0;  // aggregate: tokens / wall_s
+  std::vector<WorkerStats> workers;  // by rank
+  std::vector<IslandStats> islands;  // by name
+  std::optional<double> final_loss, final_val_loss;
+  std::optional<double> predicted_step_s;
+  std::optional<double> measured_step_s;  // summary, else mean over steps of the slowest rank's step_s
+  std::map<std::string, int64_t> event_counts;
+  int64_t outer_rounds = 0;
+  double bytes_strait = 0;
+  double mean_sync_s = 0;
+};
+
+RunStats computeRunStats(const RunData& run);
+
+// The plain-text summary (what `archipelago report` prints and summary.txt holds).
+std::string formatSummary(const RunData& run, const RunStats& stats);
+
+// ---- writing the report -----------------------------------------------------
+
+struct ReportOptions {
+  std::filesystem::path out_dir;  // empty: <first run dir>/report
+  size_t max_points = 4000;       // per series in a chart; longer series are bucket-averaged
+};
+
+struct ReportOutput {
+  std::filesystem::path dir;
+  std::filesystem::path index_html;
+  std::filesystem::path summary_txt;
+  std::vector<std::filesystem::path> charts;  // every .svg written
+  std::string summary;                        // same text as summary.txt
+};
+
+// Loads every run dir and writes the report. With more than one run, the
+// report also holds comparison charts (loss vs step, loss vs wall-clock) and
+// a comparison table, and per-run charts are prefixed "runN_".
+core::Result<ReportOutput> writeReport(const std::vector<std::filesystem::path>& run_dirs,
+                                       const ReportOptions& options = {});
+
+}  // namespace archipelago::runtime

@@ -1,0 +1,59 @@
+// The data-parallel training loop of one worker (strategy: sync).
+//
+// Every step: this rank takes its share of the global batch (shares are
+// integers summing to train.global_batch, proportional to measured speed),
+// runs forward/backward with the loss scaled by (its tokens / global tokens),
+// so that summing gradients over ranks gives exactly the gradient of the
+// single-process big-batch loss; gradient buckets are summed while backward
+// still runs; then every rank clips by the same global norm and applies the
+// same AdamW update, so replicas stay identical without broadcasting weights.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "archipelago/core/config.h"
+#include "archipelago/core/status.h"
+#include "archipelago/runtime/dp_comm.h"
+
+namespace archipelago::runtime {
+
+struct WorkerInfo {
+  int rank = 0;
+  std::string island;
+  int island_index = 0;
+  int local_index = 0;     // index inside the island
+  std::string device = "cpu";
+  double slowdown = 1.0;   // EMULATION factor
+};
+
+// Ranks in island order (island 0's devices, then island 1's, ...).
+std::vector<WorkerInfo> workersOf(const core::ClusterSpec& cluster);
+
+struct TrainerOptions {
+  core::JobConfig job;
+  std::string run_dir;
+  int rank = 0;
+  bool resume = false;                    // continue from the newest valid checkpoint
+  DpComm* dp = nullptr;                   // null: single process (LocalDp)
+  std::atomic<bool>* stop = nullptr;      // set by a signal handler: stop at the next step boundary
+  int64_t exit_after_step = -1;           // test hook: _exit(3) right after this step (a crash)
+  bool write_metrics = true;
+};
+
+struct TrainSummary {
+  int64_t first_step = 0;
+  int64_t steps_done = 0;   // last completed step count
+  double final_loss = 0;
+  double final_val_loss = -1;
+  double wall_s = 0;
+  double mean_step_s = 0;
+  std::vector<double> losses;  // per completed step, global mean loss
+  bool stopped_early = false;
+};
+
+core::Result<TrainSummary> runTrainer(const TrainerOptions& options);
+
+}  // namespace archipelago::runtime

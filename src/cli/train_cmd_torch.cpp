@@ -1,0 +1,151 @@
+// archipelago train | worker | coordinator | sample | ckpt  (need libtorch)
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "archipelago/core/log.h"
+#include "archipelago/data/dataset.h"
+#include "archipelago/model/safetensors.h"
+#include "archipelago/model/training.h"
+#include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/launcher.h"
+#include "cli/commands.h"
+
+namespace archipelago::cli {
+namespace {
+
+std::string selfExe() {
+  std::error_code ec;
+  auto p = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string("archipelago") : p.string();
+}
+
+// A checkpoint path may be a checkpoint directory or a run directory (newest valid one).
+core::Result<std::string> resolveCheckpoint(const std::string& path) {
+  if (std::filesystem::exists(std::filesystem::path(path) / "manifest.json")) return path;
+  if (std::filesystem::exists(std::filesystem::path(path) / "checkpoints")) return runtime::latestValidCheckpoint(path);
+  return core::notFound("'" + path + "' is neither a checkpoint directory (with manifest.json) nor a run directory");
+}
+
+}  // namespace
+
+void addTrainCommands(CLI::App& app) {
+  // ---- train ----
+  static runtime::LaunchOptions launch;
+  static std::string resume_dir;
+  auto* train = app.add_subcommand("train", "run a training job on this machine (coordinator + one worker per device)");
+  train->add_option("job", launch.job_path, "job file (YAML)")->required();
+  train->add_option("--set", launch.load.sets, "override a field: PATH=VALUE; repeatable");
+  train->add_flag("--resume", launch.resume, "continue the job's run_dir from its newest valid checkpoint");
+  train->add_option("--max-restarts", launch.max_restarts, "restart from the newest checkpoint after a failure");
+  train->add_option("--exit-after-step", launch.exit_after_step, "testing: every worker exits abruptly after this step");
+  setAction(train, [] {
+    launch.self_exe = selfExe();
+    return runtime::launchTraining(launch);
+  });
+
+  // ---- worker ----
+  static runtime::WorkerOptions worker;
+  auto* w = app.add_subcommand("worker", "one worker process (started by `train`, Slurm, Kubernetes or mpirun)");
+  w->add_option("--job", worker.job_path, "resolved job file")->required();
+  w->add_option("--run-dir", worker.run_dir, "run directory (default: the job's run_dir)");
+  w->add_option("--rank", worker.rank, "rank (default: RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK)");
+  w->add_option("--world", worker.world, "world size (default: WORLD_SIZE, SLURM_NTASKS, ...)");
+  w->add_option("--coordinator", worker.coordinator, "HOST:PORT (default: MASTER_ADDR:MASTER_PORT)");
+  w->add_flag("--resume", worker.resume, "start from the newest valid checkpoint");
+  w->add_option("--exit-after-step", worker.exit_after_step, "testing: exit abruptly after this step");
+  setAction(w, [] { return runtime::runWorker(worker); });
+
+  // ---- coordinator ----
+  static runtime::CoordinatorOptions coord;
+  auto* c = app.add_subcommand("coordinator", "the membership service alone (for multi-host launches)");
+  c->add_option("--host", coord.host, "interface to listen on");
+  c->add_option("--port", coord.port, "port (0 = any; printed at start)");
+  c->add_option("--failure-timeout", coord.failure_timeout, "seconds of heartbeat silence before a worker is declared failed");
+  setAction(c, [] { return runtime::runCoordinator(coord); });
+
+  // ---- sample ----
+  static std::string ckpt_path, prompt = "The state of the Union", data_dir;
+  static model::GenerateOptions gen;
+  auto* s = app.add_subcommand("sample", "generate text from a checkpoint");
+  s->add_option("checkpoint", ckpt_path, "checkpoint directory or run directory")->required();
+  s->add_option("--prompt", prompt, "text to continue");
+  s->add_option("--tokens", gen.max_new_tokens, "tokens to generate");
+  s->add_option("--temperature", gen.temperature, "0 = greedy");
+  s->add_option("--top-k", gen.top_k, "sample from the k most likely tokens (0 = all)");
+  s->add_option("--seed", gen.seed, "sampling seed");
+  s->add_option("--data", data_dir, "prepared data dir holding the tokenizer (default: the job's data.dir)");
+  setAction(s, []() -> core::Status {
+    ARCH_ASSIGN_OR_RETURN(std::string dir, resolveCheckpoint(ckpt_path));
+    ARCH_ASSIGN_OR_RETURN(auto ck, runtime::loadCheckpoint(dir));
+    std::string ddir = data_dir;
+    core::JobConfig job;
+    if (!ck.job_yaml.empty()) {
+      auto tmp = std::filesystem::temp_directory_path() / ("arch_sample_job_" + std::to_string(::getpid()) + ".yaml");
+      std::ofstream(tmp) << ck.job_yaml;
+      auto loaded = core::loadJob(tmp.string());
+      std::filesystem::remove(tmp);
+      if (!loaded.isOk()) return loaded.status().withContext("checkpoint's job");
+      job = loaded->job;
+    }
+    if (ddir.empty()) ddir = job.data.dir;
+    ARCH_ASSIGN_OR_RETURN(auto ds, data::PreparedDataset::open(ddir, /*verify_checksums=*/false));
+    ARCH_ASSIGN_OR_RETURN(auto net, model::buildModel(job.model, 0));
+    model::SafetensorsFile f;
+    f.tensors = ck.weights;
+    ARCH_RETURN_IF_ERROR(model::loadIntoModel(net, f));
+    net->eval();
+    torch::NoGradGuard ng;
+    auto ids = ds->tokenizer().encode(prompt);
+    auto out = model::generate(net, ids, gen);
+    std::printf("%s%s\n", prompt.c_str(), ds->tokenizer().decode(out).c_str());
+    return core::okStatus();
+  });
+
+  // ---- ckpt inspect | verify ----
+  static std::string ck_arg;
+  auto* ck = app.add_subcommand("ckpt", "inspect or verify checkpoints");
+  ck->require_subcommand(1);
+  auto* inspect = ck->add_subcommand("inspect", "print a checkpoint's manifest, state and tensors");
+  inspect->add_option("checkpoint", ck_arg, "checkpoint directory or run directory")->required();
+  setAction(inspect, []() -> core::Status {
+    ARCH_ASSIGN_OR_RETURN(std::string dir, resolveCheckpoint(ck_arg));
+    ARCH_ASSIGN_OR_RETURN(auto st, runtime::loadCheckpoint(dir));
+    std::printf("checkpoint %s\n  step %lld, data position %lld, optimizer step %lld\n  shares [", dir.c_str(),
+                static_cast<long long>(st.step), static_cast<long long>(st.data_position),
+                static_cast<long long>(st.optimizer_step));
+    for (size_t i = 0; i < st.shares.size(); ++i) std::printf("%s%lld", i ? "," : "", static_cast<long long>(st.shares[i]));
+    std::printf("]\n  membership %s\n  tensors (%zu):\n", st.membership.dump().c_str(), st.weights.size());
+    int64_t total = 0;
+    for (const auto& [name, t] : st.weights) {
+      total += t.numel();
+      std::string shape;
+      for (auto d : t.sizes()) shape += (shape.empty() ? "" : "x") + std::to_string(d);
+      std::printf("    %-55s %s\n", name.c_str(), shape.c_str());
+    }
+    std::printf("  %lld parameters\n", static_cast<long long>(total));
+    return core::okStatus();
+  });
+  auto* verify = ck->add_subcommand("verify", "check every checkpoint file against its sha256");
+  verify->add_option("checkpoint", ck_arg, "checkpoint directory, or a run directory (verifies all)")->required();
+  setAction(verify, []() -> core::Status {
+    std::vector<std::string> dirs;
+    if (std::filesystem::exists(std::filesystem::path(ck_arg) / "manifest.json")) dirs.push_back(ck_arg);
+    else dirs = runtime::listCheckpoints(ck_arg);
+    if (dirs.empty()) return core::notFound("no checkpoints under '" + ck_arg + "'");
+    int bad = 0;
+    for (const auto& d : dirs) {
+      auto st = runtime::verifyCheckpoint(d);
+      std::printf("%s  %s\n", st.isOk() ? "OK     " : "CORRUPT", st.isOk() ? d.c_str() : st.message().c_str());
+      bad += st.isOk() ? 0 : 1;
+    }
+    if (bad) return core::dataLoss(std::to_string(bad) + " of " + std::to_string(dirs.size()) + " checkpoints failed verification");
+    return core::okStatus();
+  });
+}
+
+}  // namespace archipelago::cli

@@ -1,0 +1,583 @@
+#include "archipelago/comm/communicator.h"
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <set>
+
+#include "archipelago/core/hash.h"
+#include "archipelago/core/log.h"
+#include "comm/collectives.h"
+#include "comm/endpoint.h"
+#include "comm/mesh.h"
+
+namespace archipelago::comm {
+
+// ---- Handle ------------------------------------------------------------------------
+
+struct Handle::State {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  core::Status status;
+  std::shared_ptr<Mesh> mesh;
+};
+
+bool Handle::done() const {
+  if (!state_) return true;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->done;
+}
+
+core::Status Handle::wait(const core::Deadline& deadline, const core::AbortFlag& abort) {
+  if (!state_) return core::failedPrecondition("wait on an empty handle");
+  std::unique_lock<std::mutex> lock(state_->mu);
+  while (!state_->done) {
+    bool timed_out = deadline.expired();
+    bool aborted = abort.aborted();
+    if (timed_out || aborted) {
+      core::Status why = timed_out ? core::deadlineExceeded("wait ran past its deadline")
+                                   : core::aborted("wait aborted by the caller");
+      lock.unlock();
+      // Stop the op so it no longer touches the caller's buffers.
+      state_->mesh->fail(why);
+      lock.lock();
+      state_->cv.wait(lock, [&] { return state_->done; });
+      return why.withContext(state_->status.isOk() ? "op" : state_->status.message());
+    }
+    state_->cv.wait_for(lock, std::min<core::Duration>(deadline.remaining(), std::chrono::milliseconds(20)));
+  }
+  return state_->status;
+}
+
+// ---- Group -------------------------------------------------------------------------
+
+struct Group::Pending {
+  std::string name;
+  OpFn fn;
+  OpOptions opts;
+  std::shared_ptr<Handle::State> state;
+};
+
+Group::Group(Communicator* comm, std::shared_ptr<Mesh> mesh, std::vector<int> ranks, std::vector<int> islands)
+    : comm_(comm), mesh_(std::move(mesh)), ranks_(std::move(ranks)), islands_(std::move(islands)) {
+  for (size_t i = 0; i < ranks_.size(); ++i) {
+    if (ranks_[i] == comm_->rank()) me_ = static_cast<int>(i);
+  }
+  std::string key = std::to_string(mesh_->epoch());
+  for (int r : ranks_) key += "," + std::to_string(r);
+  id_ = static_cast<uint16_t>(core::fnv1a64(key) & 0xffff);
+  engine_ = std::thread([this] { engineLoop(); });
+}
+
+Group::~Group() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (engine_.joinable()) engine_.join();
+}
+
+uint32_t Group::epoch() const { return mesh_->epoch(); }
+int Group::islandOf(int group_rank) const { return islands_[static_cast<size_t>(group_rank)]; }
+uint64_t Group::bytesSent() const { return mesh_->bytesSent(); }
+
+Handle Group::submit(const char* name, OpFn fn, const OpOptions& o) {
+  auto p = std::make_shared<Pending>();
+  p->name = name;
+  p->fn = std::move(fn);
+  p->opts = o;
+  p->state = std::make_shared<Handle::State>();
+  p->state->mesh = mesh_;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back(p);
+  }
+  cv_.notify_all();
+  return Handle(p->state);
+}
+
+void Group::engineLoop() {
+  while (true) {
+    std::shared_ptr<Pending> p;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop_ and drained
+      p = queue_.front();
+      queue_.erase(queue_.begin());
+    }
+    uint32_t seq = seq_++;
+    uint64_t tag_base = (static_cast<uint64_t>(id_) << 48) | (static_cast<uint64_t>(seq & 0xffffff) << 24);
+    OpOptions o = p->opts;
+    if (comm_->config().options.op_timeout_s > 0 && o.deadline.isNever()) {
+      o.deadline = core::Deadline::afterSeconds(comm_->config().options.op_timeout_s);
+    }
+    core::Status st = mesh_->failure();
+    if (st.isOk()) st = p->fn(tag_base, o);
+    if (!st.isOk()) {
+      st = st.withContext(p->name + " op " + std::to_string(seq) + " epoch " + std::to_string(mesh_->epoch()) +
+                          " rank " + std::to_string(comm_->rank()));
+      mesh_->fail(st);  // sticky: also stops the I/O threads touching this op's buffers
+    }
+    {
+      std::lock_guard<std::mutex> lock(p->state->mu);
+      p->state->done = true;
+      p->state->status = st;
+    }
+    p->state->cv.notify_all();
+  }
+}
+
+namespace {
+algo::Ctx makeCtx(Mesh* mesh, const std::vector<int>& ranks, int me, uint64_t tag_base, const OpOptions& o,
+                  const CommOptions* opt) {
+  algo::Ctx c;
+  c.mesh = mesh;
+  c.ranks = ranks;
+  c.me = me;
+  c.tag_base = tag_base;
+  c.deadline = o.deadline;
+  c.abort = &o.abort;
+  c.opt = opt;
+  return c;
+}
+
+// Weighted average: scale by my weight and learn sum(w) first (phase 14).
+core::Status prepareWeighted(const algo::Ctx& c, void* data, size_t count, DType dtype, ReduceOp op, double weight,
+                             double* divide_by) {
+  if (op == ReduceOp::kAvg) *divide_by = c.n();
+  if (op != ReduceOp::kWeightedAvg) return core::okStatus();
+  if (!isFloating(dtype)) return core::invalidArgument("weighted average needs a floating dtype");
+  double w = weight;
+  ARCH_RETURN_IF_ERROR(algo::recursiveDoubling(c, reinterpret_cast<uint8_t*>(&w), 1, DType::kF64, ReduceOp::kSum, 0, 14));
+  if (!(w > 0)) return core::invalidArgument("weighted average: the weights sum to " + std::to_string(w));
+  scaleInPlace(dtype, data, count, weight);
+  *divide_by = w;
+  return core::okStatus();
+}
+
+ReduceOp baseOp(ReduceOp op) { return (op == ReduceOp::kAvg || op == ReduceOp::kWeightedAvg) ? ReduceOp::kSum : op; }
+}  // namespace
+
+Handle Group::allreduceAsync(void* data, size_t count, DType dtype, ReduceOp op, const OpOptions& o) {
+  const CommOptions* opt = &comm_->config().options;
+  return submit("allreduce", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+    auto c = makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt);
+    double div = 0;
+    ARCH_RETURN_IF_ERROR(prepareWeighted(c, data, count, dtype, op, oo.weight, &div));
+    return algo::allreduce(c, static_cast<uint8_t*>(data), count, dtype, baseOp(op), div, oo.algo, 0);
+  }, o);
+}
+
+core::Status Group::allreduce(void* data, size_t count, DType dtype, ReduceOp op, const OpOptions& o) {
+  return allreduceAsync(data, count, dtype, op, o).wait(o.deadline, o.abort);
+}
+
+Handle Group::hierarchicalAllreduceAsync(void* data, size_t count, DType dtype, ReduceOp op, const OpOptions& o) {
+  const CommOptions* opt = &comm_->config().options;
+  return submit("hierarchical_allreduce", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+    auto c = makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt);
+    if (oo.codec != CodecKind::kNone && dtype != DType::kF32) {
+      return core::invalidArgument("a codec on the cross-island leg needs f32 data (got " +
+                                   std::string(dtypeName(dtype)) + ")");
+    }
+    double div = 0;
+    ARCH_RETURN_IF_ERROR(prepareWeighted(c, data, count, dtype, op, oo.weight, &div));
+    const ReduceOp bop = baseOp(op);
+    // Islands in order of first appearance; members in group order.
+    std::map<int, std::vector<int>> by_island;
+    std::vector<int> island_order;
+    for (int i = 0; i < size(); ++i) {
+      int isl = islands_[static_cast<size_t>(i)];
+      if (!by_island.count(isl)) island_order.push_back(isl);
+      by_island[isl].push_back(i);
+    }
+    auto* bytes = static_cast<uint8_t*>(data);
+    if (island_order.size() == 1) {
+      return algo::allreduce(c, bytes, count, dtype, bop, div, oo.algo, 0);
+    }
+    size_t K = SIZE_MAX;
+    for (auto& [isl, m] : by_island) K = std::min(K, m.size());
+    const auto& mine = by_island[islands_[static_cast<size_t>(me_)]];
+    const int li = static_cast<int>(std::find(mine.begin(), mine.end(), me_) - mine.begin());
+    std::vector<int> island_ranks;
+    for (int i : mine) island_ranks.push_back(ranks_[static_cast<size_t>(i)]);
+    // Shard k (k < K) of the buffer goes to local rank k of every island;
+    // local ranks >= K (bigger islands) hold empty shards.
+    auto shard = algo::evenCounts(count, static_cast<int>(K));
+    std::vector<size_t> counts(mine.size(), 0);
+    for (size_t k = 0; k < K; ++k) counts[k] = shard[k];
+    auto ic = c.withRanks(island_ranks, li);
+    ARCH_RETURN_IF_ERROR(algo::ring(ic, bytes, counts, dtype, bop, true, false, 0, 1));
+    if (static_cast<size_t>(li) < K) {
+      std::vector<int> cross;
+      int my_cross = 0;
+      for (int isl : island_order) {
+        int member = by_island[isl][static_cast<size_t>(li)];
+        if (member == me_) my_cross = static_cast<int>(cross.size());
+        cross.push_back(ranks_[static_cast<size_t>(member)]);
+      }
+      auto cc = c.withRanks(cross, my_cross);
+      size_t off = 0;
+      for (int k = 0; k < li; ++k) off += shard[static_cast<size_t>(k)];
+      uint8_t* mine_ptr = bytes + off * dtypeSize(dtype);
+      if (oo.codec != CodecKind::kNone) {
+        ARCH_RETURN_IF_ERROR(algo::ringCodec(cc, reinterpret_cast<float*>(mine_ptr), shard[static_cast<size_t>(li)],
+                                             oo.codec, div, 2, nullptr));
+      } else {
+        ARCH_RETURN_IF_ERROR(algo::allreduce(cc, mine_ptr, shard[static_cast<size_t>(li)], dtype, bop, div,
+                                             AllreduceAlgo::kAuto, 2));
+      }
+    }
+    return algo::ring(ic, bytes, counts, dtype, bop, false, true, 0, 3);
+  }, o);
+}
+
+core::Status Group::hierarchicalAllreduce(void* data, size_t count, DType dtype, ReduceOp op, const OpOptions& o) {
+  return hierarchicalAllreduceAsync(data, count, dtype, op, o).wait(o.deadline, o.abort);
+}
+
+core::Status Group::reduceScatter(void* data, void* out, std::span<const size_t> counts, DType dtype, ReduceOp op,
+                                  const OpOptions& o) {
+  if (counts.size() != ranks_.size()) return core::invalidArgument("reduceScatter: counts.size() != group size");
+  std::vector<size_t> cv(counts.begin(), counts.end());
+  const CommOptions* opt = &comm_->config().options;
+  return run("reduce_scatter", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+    auto c = makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt);
+    size_t total = std::accumulate(cv.begin(), cv.end(), size_t{0});
+    double div = 0;
+    ARCH_RETURN_IF_ERROR(prepareWeighted(c, data, total, dtype, op, oo.weight, &div));
+    ARCH_RETURN_IF_ERROR(algo::ring(c, static_cast<uint8_t*>(data), cv, dtype, baseOp(op), true, false, div, 0));
+    size_t off = 0;
+    for (int i = 0; i < me_; ++i) off += cv[static_cast<size_t>(i)];
+    const size_t es = dtypeSize(dtype);
+    uint8_t* src = static_cast<uint8_t*>(data) + off * es;
+    if (out != src) std::memmove(out, src, cv[static_cast<size_t>(me_)] * es);
+    return core::okStatus();
+  }, o);
+}
+
+core::Status Group::allgatherv(const void* in, void* out, std::span<const size_t> counts, DType dtype,
+                               const OpOptions& o) {
+  if (counts.size() != ranks_.size()) return core::invalidArgument("allgatherv: counts.size() != group size");
+  std::vector<size_t> cv(counts.begin(), counts.end());
+  const CommOptions* opt = &comm_->config().options;
+  return run("allgather", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+    auto c = makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt);
+    size_t off = 0;
+    for (int i = 0; i < me_; ++i) off += cv[static_cast<size_t>(i)];
+    const size_t es = dtypeSize(dtype);
+    uint8_t* dst = static_cast<uint8_t*>(out) + off * es;
+    if (dst != in) std::memmove(dst, in, cv[static_cast<size_t>(me_)] * es);
+    return algo::ring(c, static_cast<uint8_t*>(out), cv, dtype, ReduceOp::kSum, false, true, 0, 0);
+  }, o);
+}
+
+core::Status Group::allgather(const void* in, void* out, size_t count, DType dtype, const OpOptions& o) {
+  std::vector<size_t> counts(ranks_.size(), count);
+  return allgatherv(in, out, counts, dtype, o);
+}
+
+Handle Group::broadcastAsync(void* data, size_t count, DType dtype, int root, const OpOptions& o) {
+  const CommOptions* opt = &comm_->config().options;
+  return submit("broadcast", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+    if (root < 0 || root >= size()) return core::invalidArgument("broadcast root " + std::to_string(root) + " out of range");
+    auto c = makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt);
+    return algo::broadcast(c, static_cast<uint8_t*>(data), count * dtypeSize(dtype), root, 0);
+  }, o);
+}
+
+core::Status Group::broadcast(void* data, size_t count, DType dtype, int root, const OpOptions& o) {
+  return broadcastAsync(data, count, dtype, root, o).wait(o.deadline, o.abort);
+}
+
+core::Status Group::alltoallv(const void* in, std::span<const size_t> send_counts, void* out,
+                              std::span<const size_t> recv_counts, DType dtype, const OpOptions& o) {
+  if (send_counts.size() != ranks_.size() || recv_counts.size() != ranks_.size()) {
+    return core::invalidArgument("alltoallv: counts must have one entry per group rank");
+  }
+  const size_t es = dtypeSize(dtype);
+  std::vector<size_t> sb, rb;
+  for (size_t x : send_counts) sb.push_back(x * es);
+  for (size_t x : recv_counts) rb.push_back(x * es);
+  const CommOptions* opt = &comm_->config().options;
+  return run("alltoall", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+    auto c = makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt);
+    return algo::alltoallv(c, static_cast<const uint8_t*>(in), sb, static_cast<uint8_t*>(out), rb, 0);
+  }, o);
+}
+
+core::Status Group::alltoall(const void* in, void* out, size_t count_per_rank, DType dtype, const OpOptions& o) {
+  std::vector<size_t> counts(ranks_.size(), count_per_rank);
+  return alltoallv(in, counts, out, counts, dtype, o);
+}
+
+core::Status Group::barrier(const OpOptions& o) {
+  const CommOptions* opt = &comm_->config().options;
+  return run("barrier", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+    return algo::barrier(makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt), 0);
+  }, o);
+}
+
+// Point to point: tag = group id | 1<<47 | user tag (15 bits) << 32 | per-(peer, tag) message count.
+core::Status Group::send(const void* data, size_t count, DType dtype, int dst, uint32_t tag, const OpOptions& o) {
+  if (dst < 0 || dst >= size() || dst == me_) return core::invalidArgument("send: bad destination " + std::to_string(dst));
+  uint64_t key = (static_cast<uint64_t>(dst) << 20) | (1u << 16) | (tag & 0x7fff);
+  uint32_t n;
+  {
+    std::lock_guard<std::mutex> lock(p2p_mu_);
+    auto it = std::find_if(p2p_counters_.begin(), p2p_counters_.end(), [&](auto& p) { return p.first == key; });
+    if (it == p2p_counters_.end()) it = p2p_counters_.insert(p2p_counters_.end(), {key, 0});
+    n = it->second++;
+  }
+  uint64_t t = (static_cast<uint64_t>(id_) << 48) | (uint64_t{1} << 47) | (static_cast<uint64_t>(tag & 0x7fff) << 32) | n;
+  ARCH_RETURN_IF_ERROR(mesh_->failure());
+  auto h = mesh_->send(ranks_[static_cast<size_t>(dst)], t, data, count * dtypeSize(dtype));
+  core::Status st = mesh_->waitSend(h, o.deadline, &o.abort);
+  if (!st.isOk()) mesh_->fail(st);
+  return st;
+}
+
+core::Status Group::recv(void* data, size_t count, DType dtype, int src, uint32_t tag, const OpOptions& o) {
+  if (src < 0 || src >= size() || src == me_) return core::invalidArgument("recv: bad source " + std::to_string(src));
+  uint64_t key = (static_cast<uint64_t>(src) << 20) | (0u << 16) | (tag & 0x7fff);
+  uint32_t n;
+  {
+    std::lock_guard<std::mutex> lock(p2p_mu_);
+    auto it = std::find_if(p2p_counters_.begin(), p2p_counters_.end(), [&](auto& p) { return p.first == key; });
+    if (it == p2p_counters_.end()) it = p2p_counters_.insert(p2p_counters_.end(), {key, 0});
+    n = it->second++;
+  }
+  uint64_t t = (static_cast<uint64_t>(id_) << 48) | (uint64_t{1} << 47) | (static_cast<uint64_t>(tag & 0x7fff) << 32) | n;
+  ARCH_RETURN_IF_ERROR(mesh_->failure());
+  int peer = ranks_[static_cast<size_t>(src)];
+  mesh_->postRecv(peer, t, data, count * dtypeSize(dtype));
+  core::Status st = mesh_->waitRecv(peer, t, o.deadline, &o.abort);
+  if (!st.isOk()) mesh_->fail(st);
+  return st;
+}
+
+core::Result<std::shared_ptr<Group>> Group::subgroup(const std::vector<int>& global_ranks) {
+  for (int r : global_ranks) {
+    if (std::find(ranks_.begin(), ranks_.end(), r) == ranks_.end()) {
+      return core::invalidArgument("subgroup: rank " + std::to_string(r) + " is not in this group");
+    }
+  }
+  return comm_->makeGroup(mesh_, global_ranks);
+}
+
+core::Result<std::shared_ptr<Group>> Group::islandGroup() {
+  std::vector<int> r;
+  for (int i = 0; i < size(); ++i) {
+    if (islands_[static_cast<size_t>(i)] == islands_[static_cast<size_t>(me_)]) r.push_back(ranks_[static_cast<size_t>(i)]);
+  }
+  return subgroup(r);
+}
+
+core::Result<std::shared_ptr<Group>> Group::crossIslandGroup() {
+  std::map<int, std::vector<int>> by_island;
+  std::vector<int> order;
+  for (int i = 0; i < size(); ++i) {
+    int isl = islands_[static_cast<size_t>(i)];
+    if (!by_island.count(isl)) order.push_back(isl);
+    by_island[isl].push_back(ranks_[static_cast<size_t>(i)]);
+  }
+  const auto& mine = by_island[islands_[static_cast<size_t>(me_)]];
+  size_t k = static_cast<size_t>(std::find(mine.begin(), mine.end(), ranks_[static_cast<size_t>(me_)]) - mine.begin());
+  std::vector<int> r;
+  for (int isl : order) {
+    if (k < by_island[isl].size()) r.push_back(by_island[isl][k]);
+  }
+  return subgroup(r);
+}
+
+core::Result<std::shared_ptr<Group>> Group::rebuild(uint32_t new_epoch, const std::vector<int>& survivors,
+                                                    const core::Deadline& deadline) {
+  return comm_->rebuild(new_epoch, survivors, deadline);
+}
+
+// ---- Communicator --------------------------------------------------------------------
+
+Communicator::Communicator(CommConfig config) : config_(std::move(config)) {}
+
+Communicator::~Communicator() {
+  std::shared_ptr<Mesh> mesh;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    world_.reset();
+    mesh = mesh_;
+    mesh_.reset();
+  }
+  if (mesh) mesh->close();
+}
+
+core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig config) {
+  if (config.secret.empty()) return core::invalidArgument("comm: the job secret is empty; set a per-job secret");
+  if (config.world < 1 || config.rank < 0 || config.rank >= config.world) {
+    return core::invalidArgument("comm: rank " + std::to_string(config.rank) + " outside world of " +
+                                 std::to_string(config.world));
+  }
+  if (config.island_of_rank.empty()) config.island_of_rank.assign(static_cast<size_t>(config.world), 0);
+  if (static_cast<int>(config.island_of_rank.size()) != config.world) {
+    return core::invalidArgument("comm: island_of_rank has " + std::to_string(config.island_of_rank.size()) +
+                                 " entries for a world of " + std::to_string(config.world));
+  }
+  if (config.options.streams < 1 || config.options.streams > 64) {
+    return core::invalidArgument("comm: streams must be in 1..64 (got " + std::to_string(config.options.streams) + ")");
+  }
+  std::unique_ptr<Communicator> c(new Communicator(std::move(config)));
+  Communicator* raw = c.get();
+  auto tls_policy = [raw](int32_t peer) {
+    if (peer < 0 || peer >= raw->config_.world) return false;
+    return raw->config_.options.tls_on_straits && [&] {
+      const auto& cl = raw->config_.cluster;
+      int a = raw->config_.island_of_rank[static_cast<size_t>(raw->config_.rank)];
+      int b = raw->config_.island_of_rank[static_cast<size_t>(peer)];
+      if (a == b || a >= static_cast<int>(cl.islands.size()) || b >= static_cast<int>(cl.islands.size())) return false;
+      const auto* s = cl.strait(cl.islands[static_cast<size_t>(a)].name, cl.islands[static_cast<size_t>(b)].name);
+      return s && s->tls;
+    }();
+  };
+  ARCH_ASSIGN_OR_RETURN(c->endpoint_, Endpoint::listen(c->config_.options.listen_host, c->config_.rank,
+                                                       c->config_.secret, tls_policy));
+  c->endpoint_->setMinEpoch(c->config_.epoch);
+  return c;
+}
+
+uint32_t Communicator::epoch() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return mesh_ ? mesh_->epoch() : config_.epoch;
+}
+
+int Communicator::port() const { return endpoint_->port(); }
+
+std::string Communicator::address() const {
+  const auto& o = config_.options;
+  return (o.advertise_host.empty() ? o.listen_host : o.advertise_host) + ":" + std::to_string(port());
+}
+
+std::vector<std::string> Communicator::emulationSummary() const {
+  std::vector<std::string> out;
+  if (!config_.options.emulate_straits) return out;
+  const auto& cl = config_.cluster;
+  for (const auto& s : cl.straits) {
+    out.push_back("EMULATED strait " + s.a + "<->" + s.b + ": " + linkParamsFromStrait(s).describe() +
+                  " (userspace shaper, not a real link)");
+  }
+  return out;
+}
+
+core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, const std::vector<int>& members,
+                                                            const core::Deadline& deadline) {
+  const int me = config_.rank;
+  const int S = config_.options.streams;
+  auto mesh = std::make_shared<Mesh>(me, epoch, members, config_.options);
+  const auto& cl = config_.cluster;
+  const uint64_t job = core::fnv1a64(config_.secret);
+  std::vector<Mesh::PeerLinks> links;
+  core::AbortFlag never;
+  for (int peer : members) {
+    if (peer == me) continue;
+    Mesh::PeerLinks l;
+    l.peer = peer;
+    int a = config_.island_of_rank[static_cast<size_t>(me)];
+    int b = config_.island_of_rank[static_cast<size_t>(peer)];
+    bool tls = false;
+    if (a != b && a < static_cast<int>(cl.islands.size()) && b < static_cast<int>(cl.islands.size())) {
+      const auto& na = cl.islands[static_cast<size_t>(a)].name;
+      const auto& nb = cl.islands[static_cast<size_t>(b)].name;
+      const core::StraitSpec* s = cl.strait(na, nb);
+      tls = s && s->tls && config_.options.tls_on_straits;
+      if (s && config_.options.emulate_straits && (s->bandwidth > 0 || s->latency > 0)) {
+        // One shaper per direction of the strait, shared by every process of the job.
+        std::string shm = "/arch-" + std::to_string(job % 1000000007ULL) + "-e" + std::to_string(epoch) + "-" +
+                          std::to_string(a) + "to" + std::to_string(b);
+        l.shaper = std::make_shared<LinkShaper>(linkParamsFromStrait(*s), shm, core::mix64(job + static_cast<uint64_t>(me)));
+        static std::set<std::pair<int, int>> logged;
+        if (!logged.count({a, b})) {
+          logged.insert({a, b});
+          ARCH_LOG_INFO("EMULATED strait {}<->{}: {} (rank {} -> rank {}; userspace shaper)", na, nb,
+                        l.shaper->params().describe(), me, peer);
+        }
+      }
+    }
+    for (int s = 0; s < S; ++s) {
+      core::Result<std::unique_ptr<Socket>> sock =
+          me < peer ? dialPeer(addresses_[static_cast<size_t>(peer)], config_.secret, me, peer, epoch,
+                               static_cast<uint32_t>(s), tls, deadline, &never)
+                    : endpoint_->take(epoch, peer, static_cast<uint32_t>(s), deadline, &never);
+      if (!sock.isOk()) {
+        return sock.status().withContext("rank " + std::to_string(me) + " connecting epoch " + std::to_string(epoch));
+      }
+      l.streams.push_back(std::move(sock).value());
+    }
+    links.push_back(std::move(l));
+  }
+  mesh->start(std::move(links));
+  return mesh;
+}
+
+core::Result<std::shared_ptr<Group>> Communicator::makeGroup(std::shared_ptr<Mesh> mesh, std::vector<int> ranks) {
+  if (std::find(ranks.begin(), ranks.end(), config_.rank) == ranks.end()) {
+    return core::invalidArgument("rank " + std::to_string(config_.rank) + " is not a member of the requested group");
+  }
+  std::vector<int> islands;
+  for (int r : ranks) islands.push_back(config_.island_of_rank[static_cast<size_t>(r)]);
+  return std::shared_ptr<Group>(new Group(this, std::move(mesh), std::move(ranks), std::move(islands)));
+}
+
+core::Status Communicator::connect(const std::vector<std::string>& addresses, const core::Deadline& deadline) {
+  if (static_cast<int>(addresses.size()) != config_.world) {
+    return core::invalidArgument("comm: " + std::to_string(addresses.size()) + " addresses for a world of " +
+                                 std::to_string(config_.world));
+  }
+  addresses_ = addresses;
+  std::vector<int> all(static_cast<size_t>(config_.world));
+  std::iota(all.begin(), all.end(), 0);
+  ARCH_ASSIGN_OR_RETURN(auto mesh, buildMesh(config_.epoch, all, deadline));
+  ARCH_ASSIGN_OR_RETURN(auto g, makeGroup(mesh, all));
+  std::lock_guard<std::mutex> lock(mu_);
+  mesh_ = mesh;
+  world_ = g;
+  return core::okStatus();
+}
+
+std::shared_ptr<Group> Communicator::world() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return world_;
+}
+
+core::Result<std::shared_ptr<Group>> Communicator::rebuild(uint32_t new_epoch, const std::vector<int>& survivors,
+                                                           const core::Deadline& deadline) {
+  std::shared_ptr<Mesh> old;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (mesh_ && new_epoch <= mesh_->epoch()) {
+      return core::failedPrecondition("rebuild to epoch " + std::to_string(new_epoch) + " but already at epoch " +
+                                      std::to_string(mesh_->epoch()));
+    }
+    old = mesh_;
+  }
+  if (old) old->fail(core::aborted("epoch " + std::to_string(old->epoch()) + " replaced by epoch " +
+                                   std::to_string(new_epoch)));
+  endpoint_->setMinEpoch(new_epoch);
+  ARCH_ASSIGN_OR_RETURN(auto mesh, buildMesh(new_epoch, survivors, deadline));
+  ARCH_ASSIGN_OR_RETURN(auto g, makeGroup(mesh, survivors));
+  std::lock_guard<std::mutex> lock(mu_);
+  mesh_ = mesh;
+  world_ = g;
+  return g;
+}
+
+void Communicator::abort(const std::string& reason) {
+  std::shared_ptr<Mesh> m;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    m = mesh_;
+  }
+  if (m) m->fail(core::aborted(reason));
+}
+
+}  // namespace archipelago::comm

@@ -1,0 +1,64 @@
+// Internal: forks N rank processes on this machine that rendezvous through a
+// coordinator running in the parent (127.0.0.1, port 0). Used by the
+// multi-process tests (one shared fixture) and by `archipelago bench comm`.
+// Each child runs `fn` and reports a one-line result ("" = success) through
+// a pipe, then _exit()s without running the parent's destructors.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "archipelago/comm/communicator.h"
+#include "archipelago/comm/coordinator.h"
+#include "archipelago/core/status.h"
+
+namespace archipelago::comm {
+
+// Shared memory visible to the parent and every child (timestamps, flags).
+struct SharedBlock {
+  std::atomic<int64_t> slot[64];
+};
+
+struct LocalRank {
+  int rank = 0;
+  int world = 1;
+  std::string coordinator;  // "127.0.0.1:port"
+  std::string secret;
+  SharedBlock* shared = nullptr;
+};
+
+struct RankOutcome {
+  bool reported = false;
+  std::string message;  // "" = success
+  int exit_code = -1;
+  int signal = 0;
+};
+
+struct LocalLaunchOptions {
+  int world = 2;
+  std::string secret = "test-secret";
+  double timeout_s = 60;
+  // Ranks allowed to die or stall: once every other rank has finished they
+  // are SIGKILLed instead of waited for.
+  std::set<int> expendable;
+};
+
+using LocalRankFn = std::function<std::string(const LocalRank&)>;
+
+core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& options, const LocalRankFn& fn,
+                                                   SharedBlock** shared_out = nullptr);
+
+// Inside a child: creates a Communicator, registers with the coordinator,
+// waits for the table and connects (the usual worker start-up).
+struct ConnectedRank {
+  std::unique_ptr<CoordinatorClient> client;
+  std::unique_ptr<Communicator> comm;
+  std::shared_ptr<Group> world;
+};
+core::Result<ConnectedRank> connectRank(const LocalRank& r, CommConfig config, const core::Deadline& deadline);
+
+}  // namespace archipelago::comm

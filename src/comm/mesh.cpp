@@ -1,0 +1,472 @@
+#include "comm/mesh.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "archipelago/core/hash.h"
+#include "archipelago/core/log.h"
+
+namespace archipelago::comm {
+
+Mesh::Mesh(int rank, uint32_t epoch, std::vector<int> members, const CommOptions& options)
+    : rank_(rank), epoch_(epoch), members_(std::move(members)), options_(options) {}
+
+Mesh::~Mesh() {
+  close();
+  fail(core::aborted("transport of epoch " + std::to_string(epoch_) + " closed"));
+  {
+    std::lock_guard<std::mutex> lock(monitor_mu_);
+    stopping_ = true;
+  }
+  monitor_cv_.notify_all();
+  if (monitor_.joinable()) monitor_.join();
+  for (auto& per_peer : streams_) {
+    for (auto& s : per_peer) {
+      s->cv.notify_all();
+      if (s->sender.joinable()) s->sender.join();
+      if (s->receiver.joinable()) s->receiver.join();
+    }
+  }
+}
+
+void Mesh::start(std::vector<PeerLinks> links) {
+  links_ = std::move(links);
+  int64_t now = core::nowMicros();
+  for (auto& l : links_) {
+    std::vector<std::unique_ptr<Stream>> ss;
+    for (size_t i = 0; i < l.streams.size(); ++i) {
+      auto s = std::make_unique<Stream>();
+      s->peer = l.peer;
+      s->index = static_cast<int>(i);
+      s->sock = l.streams[i].get();
+      s->shaper = l.shaper;
+      ss.push_back(std::move(s));
+    }
+    peer_of_index_.push_back(l.peer);
+    last_seen_us_.push_back(now);
+    byes_.push_back(0);
+    streams_.push_back(std::move(ss));
+  }
+  for (auto& per_peer : streams_) {
+    for (auto& s : per_peer) {
+      Stream* sp = s.get();
+      s->sender = std::thread([this, sp] { senderLoop(sp); });
+      s->receiver = std::thread([this, sp] { receiverLoop(sp); });
+    }
+  }
+  monitor_ = std::thread([this] { monitorLoop(); });
+}
+
+size_t Mesh::peerIndex(int peer) const {
+  for (size_t i = 0; i < peer_of_index_.size(); ++i) {
+    if (peer_of_index_[i] == peer) return i;
+  }
+  return SIZE_MAX;
+}
+
+Mesh::Stream* Mesh::streamFor(int peer, size_t index) {
+  size_t pi = peerIndex(peer);
+  ARCH_CHECK_MSG(pi != SIZE_MAX, "rank " + std::to_string(peer) + " is not a member of this epoch's transport");
+  auto& ss = streams_[pi];
+  return ss[index % ss.size()].get();
+}
+
+SendHandle Mesh::send(int peer, uint64_t tag, const void* data, size_t bytes) {
+  auto req = std::make_shared<SendRequest>();
+  req->peer = peer;
+  req->tag = tag;
+  req->data = static_cast<const uint8_t*>(data);
+  req->total = bytes;
+  if (bytes == 0) return req;
+  size_t pi = peerIndex(peer);
+  ARCH_CHECK_MSG(pi != SIZE_MAX, "send to rank " + std::to_string(peer) + " outside this epoch's transport");
+  size_t nstreams = streams_[pi].size();
+  size_t parts = std::clamp<size_t>(bytes / std::max<size_t>(options_.stripe_min_bytes, 1), 1, nstreams);
+  // Spread single-part messages over the streams by tag so consecutive ring
+  // pieces use different streams.
+  size_t first = parts == 1 ? static_cast<size_t>(core::mix64(tag) % nstreams) : 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (failed_) return req;  // waitSend reports the failure
+  req->parts_left = static_cast<int>(parts);
+  size_t off = 0;
+  for (size_t p = 0; p < parts; ++p) {
+    size_t len = bytes / parts + (p < bytes % parts ? 1 : 0);
+    Stream* s = streams_[pi][(first + p) % nstreams].get();
+    s->queue.push_back(Part{req, off, len, false});
+    s->cv.notify_one();
+    off += len;
+  }
+  return req;
+}
+
+core::Status Mesh::waitUntil(std::unique_lock<std::mutex>& lock, const std::function<bool()>& done,
+                             const core::Deadline& deadline, const core::AbortFlag* abort, const char* what) {
+  while (true) {
+    if (failed_) return failure_;
+    if (done()) return core::okStatus();
+    if (abort && abort->aborted()) return core::aborted(std::string(what) + " aborted by the caller");
+    if (deadline.expired()) return core::deadlineExceeded(std::string(what) + " ran past its deadline");
+    auto slice = std::min<core::Duration>(deadline.remaining(), std::chrono::milliseconds(20));
+    cv_.wait_for(lock, slice);
+  }
+}
+
+core::Status Mesh::waitSend(const SendHandle& h, const core::Deadline& deadline, const core::AbortFlag* abort) {
+  if (h->total == 0) return failure();
+  std::unique_lock<std::mutex> lock(mu_);
+  core::Status st = waitUntil(lock, [&] { return h->parts_left == 0; }, deadline, abort, "send");
+  if (!st.isOk()) return st.withContext("send to rank " + std::to_string(h->peer));
+  return st;
+}
+
+void Mesh::postRecv(int peer, uint64_t tag, void* dst, size_t bytes) {
+  if (bytes == 0) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  Slot& slot = slots_[{peer, tag}];
+  slot.posted = true;
+  slot.dst = static_cast<uint8_t*>(dst);
+  // Early frames carry their message size; a mismatch is a protocol error.
+  for (auto& [off, buf] : slot.early) {
+    if (off + buf.size() <= bytes) {
+      std::memcpy(slot.dst + off, buf.data(), buf.size());
+      slot.received += buf.size();
+    }
+  }
+  if (!slot.early.empty() && slot.total != bytes) {
+    failed_ = true;
+    failure_ = core::dataLoss("rank " + std::to_string(peer) + " sent " + std::to_string(slot.total) +
+                              " bytes for a message of " + std::to_string(bytes));
+  }
+  slot.early.clear();
+  slot.early.shrink_to_fit();
+  slot.total = bytes;
+}
+
+core::Status Mesh::waitRecv(int peer, uint64_t tag, const core::Deadline& deadline, const core::AbortFlag* abort) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto it = slots_.find({peer, tag});
+  if (it == slots_.end()) {
+    if (failed_) return failure_;
+    return core::okStatus();  // zero-byte message
+  }
+  Slot* slot = &it->second;
+  const size_t pi = peerIndex(peer);
+  bool gone = false;
+  core::Status st = waitUntil(lock, [&] {
+    if (slot->received >= slot->total && slot->writers == 0) return true;
+    gone = byes_[pi] > 0 && static_cast<size_t>(byes_[pi]) >= streams_[pi].size();
+    return gone;
+  }, deadline, abort, "receive");
+  if (st.isOk() && gone && slot->received < slot->total) {
+    st = core::unavailable("rank " + std::to_string(peer) + " closed its transport before sending this message");
+  }
+  if (!st.isOk()) {
+    lock.unlock();
+    return st.withContext("receive from rank " + std::to_string(peer));
+  }
+  slots_.erase(it);
+  return st;
+}
+
+static const char kBye[] = "closing";
+
+void Mesh::close() {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (failed_ || closing_) return;
+  closing_ = true;
+  for (auto& per_peer : streams_) {
+    for (auto& s : per_peer) {
+      s->queue.push_back(Part{nullptr, 0, 0, false, true});
+      s->cv.notify_one();
+    }
+  }
+  auto all = [&](auto pred) {
+    for (auto& per_peer : streams_) {
+      for (auto& s : per_peer) {
+        if (!pred(*s)) return false;
+      }
+    }
+    return true;
+  };
+  auto limit = core::Clock::now() + std::chrono::seconds(2);
+  cv_.wait_until(lock, limit, [&] { return failed_ || (all([](Stream& s) { return s.queue.empty(); }) && active_io_ == 0); });
+  lock.unlock();
+  for (auto& l : links_) {
+    for (auto& s : l.streams) s->shutdownWrite();
+  }
+  lock.lock();
+  cv_.wait_until(lock, limit, [&] { return failed_ || all([](Stream& s) { return s.finished; }); });
+  lock.unlock();
+  fail(core::aborted("transport of epoch " + std::to_string(epoch_) + " closed"));
+}
+
+void Mesh::fail(core::Status why) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!failed_) {
+      failed_ = true;
+      failure_ = why;
+      if (why.code() != core::StatusCode::kAborted || why.message().find("closed") == std::string::npos) {
+        ARCH_LOG_WARN("comm epoch {} rank {}: transport failed: {}", epoch_, rank_, why.toString());
+      }
+    }
+    for (auto& per_peer : streams_) {
+      for (auto& s : per_peer) s->queue.clear();
+    }
+  }
+  io_abort_.abort();
+  for (auto& l : links_) {
+    for (auto& s : l.streams) s->shutdown();
+  }
+  cv_.notify_all();
+  for (auto& per_peer : streams_) {
+    for (auto& s : per_peer) s->cv.notify_all();
+  }
+  // Wait until no I/O thread touches a user buffer: after this returns the
+  // caller may free them.
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return active_io_ == 0; });
+}
+
+core::Status Mesh::failure() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failed_ ? failure_ : core::okStatus();
+}
+
+bool Mesh::failed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failed_;
+}
+
+void Mesh::senderLoop(Stream* s) {
+  const bool shaped = s->shaper != nullptr;
+  const uint32_t frame_max = shaped ? options_.emulated_frame_bytes : options_.max_frame_bytes;
+  const std::string who = "rank " + std::to_string(s->peer) + " stream " + std::to_string(s->index);
+  while (true) {
+    Part part;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      s->cv.wait(lock, [&] { return failed_ || !s->queue.empty(); });
+      if (failed_) return;
+      part = std::move(s->queue.front());
+      s->queue.pop_front();
+      ++active_io_;
+    }
+    core::Status st;
+    uint8_t hdr[kFrameHeaderSize];
+    if (part.bye) {
+      FrameHeader h;
+      h.type = FrameType::kAbort;
+      h.epoch = epoch_;
+      h.length = sizeof(kBye) - 1;
+      h.total = h.length;
+      h.crc = core::crc32c(kBye, h.length);
+      encodeHeader(h, hdr);
+      st = s->sock->writeTwo(hdr, sizeof(hdr), kBye, h.length, core::Deadline::never(), &io_abort_);
+    } else if (part.heartbeat) {
+      FrameHeader h;
+      h.type = FrameType::kHeartbeat;
+      h.epoch = epoch_;
+      h.crc = core::crc32c(nullptr, 0);
+      encodeHeader(h, hdr);
+      st = s->sock->writeFull(hdr, sizeof(hdr), core::Deadline::never(), &io_abort_);
+    } else {
+      size_t done = 0;
+      while (done < part.len && st.isOk()) {
+        size_t len = std::min<size_t>(part.len - done, frame_max);
+        const uint8_t* p = part.req->data + part.offset + done;
+        FrameHeader h;
+        h.type = FrameType::kData;
+        h.epoch = epoch_;
+        h.length = static_cast<uint32_t>(len);
+        h.tag = part.req->tag;
+        h.offset = part.offset + done;
+        h.total = part.req->total;
+        h.crc = core::crc32c(p, len);
+        if (shaped) {
+          s->last_deliver = s->shaper->send(len + kFrameHeaderSize, s->last_deliver, &io_abort_);
+          h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped
+        }
+        encodeHeader(h, hdr);
+        st = s->sock->writeTwo(hdr, sizeof(hdr), p, len, core::Deadline::never(), &io_abort_);
+        done += len;
+      }
+      if (st.isOk()) bytes_sent_ += part.len;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --active_io_;
+      if (st.isOk() && part.req) --part.req->parts_left;
+    }
+    cv_.notify_all();
+    if (!st.isOk()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (closing_ || byes_[peerIndex(s->peer)] > 0) return;  // the link is ending on purpose
+      }
+      fail(core::unavailable("lost rank " + std::to_string(s->peer) + " (" + st.message() + ")")
+               .withContext("send on " + who));
+      return;
+    }
+  }
+}
+
+static int64_t reconstructMicros(uint32_t lo) {
+  int64_t now = core::nowMicros();
+  int64_t base = now & ~int64_t{0xffffffff};
+  int64_t cand = base | lo;
+  // Pick the candidate nearest to now (wrap every ~71 minutes).
+  if (cand - now > (int64_t{1} << 31)) cand -= int64_t{1} << 32;
+  if (now - cand > (int64_t{1} << 31)) cand += int64_t{1} << 32;
+  return cand;
+}
+
+void Mesh::receiverLoop(Stream* s) {
+  const std::string who = "rank " + std::to_string(s->peer) + " stream " + std::to_string(s->index);
+  const size_t pi = peerIndex(s->peer);
+  std::vector<uint8_t> scratch;
+  auto finish = [&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    s->finished = true;
+    cv_.notify_all();
+  };
+  auto lost = [&](const core::Status& st) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (closing_ || byes_[pi] > 0) {
+        s->finished = true;
+        cv_.notify_all();
+        return;
+      }
+    }
+    core::Status out = st;
+    if (st.code() == core::StatusCode::kUnavailable || st.code() == core::StatusCode::kAborted) {
+      out = core::unavailable("lost rank " + std::to_string(s->peer) + " (" + st.message() + ")");
+    }
+    fail(out.withContext("receive on " + who));
+  };
+  while (true) {
+    uint8_t hdr[kFrameHeaderSize];
+    core::Status st = s->sock->readFull(hdr, sizeof(hdr), core::Deadline::never(), &io_abort_);
+    if (!st.isOk()) return lost(st);
+    auto hr = decodeHeader(hdr, std::min<uint32_t>(kMaxFramePayload, std::max<uint32_t>(options_.max_frame_bytes,
+                                                                                     options_.emulated_frame_bytes)));
+    if (!hr.isOk()) return lost(hr.status());
+    const FrameHeader h = *hr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      last_seen_us_[pi] = core::nowMicros();
+    }
+    if (h.type == FrameType::kHeartbeat) continue;
+    if (h.type == FrameType::kAbort) {
+      scratch.resize(h.length);
+      st = s->sock->readFull(scratch.data(), h.length, core::Deadline::never(), &io_abort_);
+      std::string reason(scratch.begin(), scratch.end());
+      if (st.isOk() && reason == kBye) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          ++byes_[pi];
+        }
+        return finish();
+      }
+      return fail(core::unavailable("rank " + std::to_string(s->peer) + " aborted: " + reason));
+    }
+    if (h.type != FrameType::kData) {
+      return lost(core::dataLoss("unexpected frame type " + std::to_string(static_cast<int>(h.type))));
+    }
+    if (h.epoch != epoch_) {
+      return lost(core::failedPrecondition("frame of epoch " + std::to_string(h.epoch) + " on a link of epoch " +
+                                           std::to_string(epoch_)));
+    }
+    uint8_t* dst = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (failed_) return;
+      auto it = slots_.find({s->peer, h.tag});
+      if (it != slots_.end() && it->second.posted) {
+        Slot& slot = it->second;
+        if (h.total == slot.total) {
+          dst = slot.dst + h.offset;  // offset+length <= total checked by decodeHeader
+          ++slot.writers;
+          ++active_io_;
+        }
+      }
+    }
+    if (dst == nullptr) {
+      // Not posted yet (or size mismatch, detected below): stage a copy.
+      std::vector<uint8_t> buf(h.length);
+      st = s->sock->readFull(buf.data(), h.length, core::Deadline::never(), &io_abort_);
+      if (!st.isOk()) return lost(st);
+      st = checkPayload(h, buf);
+      if (!st.isOk()) return lost(st);
+      if (h.deliver_at_lo) sleepUntilMicros(reconstructMicros(h.deliver_at_lo), &io_abort_);
+      std::lock_guard<std::mutex> lock(mu_);
+      Slot& slot = slots_[{s->peer, h.tag}];
+      if (slot.posted && h.total == slot.total) {
+        std::memcpy(slot.dst + h.offset, buf.data(), buf.size());
+        slot.received += buf.size();
+      } else if (slot.posted || (!slot.early.empty() && slot.total != h.total)) {
+        failed_ = true;
+        failure_ = core::dataLoss("rank " + std::to_string(s->peer) + " sent a message of " + std::to_string(h.total) +
+                                  " bytes where " + std::to_string(slot.total) + " were expected")
+                       .withContext("receive on " + who);
+      } else {
+        slot.total = h.total;
+        slot.early.emplace_back(h.offset, std::move(buf));
+      }
+      cv_.notify_all();
+      continue;
+    }
+    st = s->sock->readFull(dst, h.length, core::Deadline::never(), &io_abort_);
+    if (st.isOk()) st = checkPayload(h, std::span<const uint8_t>(dst, h.length));
+    if (st.isOk() && h.deliver_at_lo) sleepUntilMicros(reconstructMicros(h.deliver_at_lo), &io_abort_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = slots_.find({s->peer, h.tag});
+      if (it != slots_.end()) {
+        --it->second.writers;
+        if (st.isOk()) it->second.received += h.length;
+      }
+      --active_io_;
+    }
+    cv_.notify_all();
+    if (!st.isOk()) return lost(st);
+  }
+}
+
+void Mesh::monitorLoop() {
+  const auto interval = std::chrono::duration<double>(std::max(options_.heartbeat_interval_s, 0.01));
+  std::unique_lock<std::mutex> mlock(monitor_mu_);
+  while (!stopping_) {
+    monitor_cv_.wait_for(mlock, interval);
+    if (stopping_) return;
+    int dead_peer = -1;
+    double silent = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (failed_) return;
+      int64_t now = core::nowMicros();
+      for (size_t i = 0; i < streams_.size(); ++i) {
+        if (byes_[i] > 0 || closing_) continue;
+        auto* s0 = streams_[i][0].get();
+        if (s0->queue.empty()) {
+          s0->queue.push_back(Part{nullptr, 0, 0, true});
+          s0->cv.notify_one();
+        }
+        double quiet = static_cast<double>(now - last_seen_us_[i]) / 1e6;
+        if (options_.heartbeat_timeout_s > 0 && quiet > options_.heartbeat_timeout_s) {
+          dead_peer = peer_of_index_[i];
+          silent = quiet;
+        }
+      }
+    }
+    if (dead_peer >= 0) {
+      fail(core::unavailable("lost rank " + std::to_string(dead_peer) + " (no heartbeat for " +
+                             std::to_string(silent).substr(0, 4) + " s)"));
+      return;
+    }
+  }
+}
+
+}  // namespace archipelago::comm

@@ -1,0 +1,144 @@
+// Internal: the transport of one epoch. A Mesh holds authenticated TCP
+// streams (S per peer pair) to every other member of the epoch, with one
+// receiver thread and one sender thread per stream, a tag-matching mailbox
+// and a heartbeat monitor. Collective algorithms (collectives.cpp) talk to
+// it through send()/postRecv()/wait*().
+//
+// Threads and what they own:
+//  - receiver (per stream): reads frames; copies a data frame's payload
+//    straight into the posted receive buffer (or an "early" buffer if the
+//    receive is not posted yet); applies the emulated delivery time.
+//  - sender (per stream): drains its queue of stripe parts; CRC, shaping, write.
+//  - monitor: sends heartbeats, declares a silent peer failed.
+// Failure is sticky and whole-mesh: the first error (peer closed, corrupt
+// frame, heartbeat timeout, deadline or abort of a collective) shuts every
+// socket down, wakes every waiter, and waits until no I/O thread touches a
+// user buffer any more (fail()). The next epoch builds a new Mesh.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "archipelago/comm/communicator.h"
+#include "archipelago/comm/link_emulator.h"
+#include "comm/socket.h"
+
+namespace archipelago::comm {
+
+struct SendRequest {
+  int peer = -1;
+  uint64_t tag = 0;
+  const uint8_t* data = nullptr;
+  size_t total = 0;
+  int parts_left = 0;  // guarded by Mesh::mu_
+};
+using SendHandle = std::shared_ptr<SendRequest>;
+
+class Mesh {
+ public:
+  struct PeerLinks {
+    int peer = -1;
+    std::vector<std::unique_ptr<Socket>> streams;
+    std::shared_ptr<LinkShaper> shaper;  // null unless the pair crosses an emulated strait
+  };
+
+  Mesh(int rank, uint32_t epoch, std::vector<int> members, const CommOptions& options);
+  ~Mesh();
+  Mesh(const Mesh&) = delete;
+  Mesh& operator=(const Mesh&) = delete;
+
+  // Takes the connected streams and starts the I/O threads.
+  void start(std::vector<PeerLinks> links);
+
+  int rank() const { return rank_; }
+  uint32_t epoch() const { return epoch_; }
+  const std::vector<int>& members() const { return members_; }
+
+  // Asynchronous send of `bytes` at `data` (must stay valid until waitSend).
+  SendHandle send(int peer, uint64_t tag, const void* data, size_t bytes);
+  core::Status waitSend(const SendHandle& h, const core::Deadline& deadline, const core::AbortFlag* abort);
+  // Receive `bytes` from peer with tag into dst (valid until waitRecv).
+  void postRecv(int peer, uint64_t tag, void* dst, size_t bytes);
+  core::Status waitRecv(int peer, uint64_t tag, const core::Deadline& deadline, const core::AbortFlag* abort);
+
+  // Graceful end of the epoch: tells every peer "closing" after all queued
+  // data, waits (bounded) for their goodbyes, then stops the threads. A peer
+  // that said goodbye is not a failure unless we still wait for its data.
+  void close();
+  // Marks the mesh failed (first status wins), shuts every socket, and
+  // returns once no I/O thread reads or writes a user buffer any more.
+  void fail(core::Status why);
+  core::Status failure() const;
+  bool failed() const;
+  // Counters for the bench: payload bytes this process wrote / read.
+  uint64_t bytesSent() const { return bytes_sent_.load(); }
+
+ private:
+  struct Slot {
+    uint8_t* dst = nullptr;
+    size_t total = 0;
+    size_t received = 0;
+    bool posted = false;
+    int writers = 0;
+    std::vector<std::pair<uint64_t, std::vector<uint8_t>>> early;
+  };
+  struct Part {
+    SendHandle req;
+    size_t offset = 0;
+    size_t len = 0;
+    bool heartbeat = false;
+    bool bye = false;
+  };
+  struct Stream {
+    int peer = -1;
+    int index = 0;
+    bool finished = false;  // receiver saw the peer's goodbye or our close (guarded by mu_)
+    Socket* sock = nullptr;
+    std::shared_ptr<LinkShaper> shaper;
+    std::deque<Part> queue;  // guarded by mu_
+    std::condition_variable cv;
+    int64_t last_deliver = 0;  // sender thread only
+    std::thread sender, receiver;
+  };
+
+  void senderLoop(Stream* s);
+  void receiverLoop(Stream* s);
+  void monitorLoop();
+  core::Status waitUntil(std::unique_lock<std::mutex>& lock, const std::function<bool()>& done,
+                         const core::Deadline& deadline, const core::AbortFlag* abort, const char* what);
+  Stream* streamFor(int peer, size_t index);
+  size_t peerIndex(int peer) const;
+
+  const int rank_;
+  const uint32_t epoch_;
+  const std::vector<int> members_;
+  const CommOptions options_;
+  std::vector<PeerLinks> links_;
+  std::vector<std::vector<std::unique_ptr<Stream>>> streams_;  // [peer index][stream]
+  std::vector<int> peer_of_index_;
+  std::vector<int64_t> last_seen_us_;  // guarded by mu_
+  std::vector<int> byes_;              // goodbyes received per peer index (guarded by mu_)
+  bool closing_ = false;               // guarded by mu_
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::pair<int, uint64_t>, Slot> slots_;
+  core::Status failure_;
+  bool failed_ = false;
+  int active_io_ = 0;  // threads inside a read/write touching user memory
+  core::AbortFlag io_abort_;
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::thread monitor_;
+  std::mutex monitor_mu_;
+  std::condition_variable monitor_cv_;
+  bool stopping_ = false;
+};
+
+}  // namespace archipelago::comm

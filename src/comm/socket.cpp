@@ -1,0 +1,405 @@
+#include "comm/socket.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "archipelago/core/hash.h"
+#include "archipelago/core/log.h"
+
+namespace archipelago::comm {
+namespace {
+
+core::Status errnoStatus(const std::string& what, int err) {
+  if (err == EPIPE || err == ECONNRESET || err == ECONNREFUSED || err == ENOTCONN || err == ECONNABORTED) {
+    return core::unavailable(what + ": " + std::strerror(err));
+  }
+  return core::unavailable(what + ": " + std::strerror(err));
+}
+
+void setCommonOptions(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  int fl = fcntl(fd, F_GETFL, 0);
+  fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+std::string sslError() {
+  unsigned long e = ERR_get_error();
+  if (e == 0) return "unknown TLS error";
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof(buf));
+  return buf;
+}
+
+}  // namespace
+
+Socket::Socket(int fd) : fd_(fd) {}
+
+Socket::~Socket() {
+  if (ssl_) SSL_free(ssl_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void Socket::shutdown() {
+  if (!shut_.exchange(true)) ::shutdown(fd_, SHUT_RDWR);
+}
+
+void Socket::shutdownWrite() {
+  if (ssl_) {
+    std::lock_guard<std::mutex> lock(ssl_mu_);
+    SSL_shutdown(ssl_);
+  }
+  ::shutdown(fd_, SHUT_WR);
+}
+
+core::Status Socket::waitFor(short events, const core::Deadline& deadline, const core::AbortFlag* abort) {
+  while (true) {
+    if (shut_.load()) return core::unavailable("connection was shut down");
+    if (abort && abort->aborted()) return core::aborted("abort flag set");
+    if (deadline.expired()) return core::deadlineExceeded("socket wait ran past its deadline");
+    pollfd p{fd_, events, 0};
+    int ms = deadline.remainingMillisForPoll(50);
+    int r = ::poll(&p, 1, std::max(ms, 1));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errnoStatus("poll", errno);
+    }
+    if (r > 0) return core::okStatus();  // readable/writable or error: the syscall will tell
+  }
+}
+
+core::Status Socket::readFull(void* buf, size_t n, const core::Deadline& deadline, const core::AbortFlag* abort) {
+  auto* p = static_cast<uint8_t*>(buf);
+  while (n > 0) {
+    if (shut_.load()) return core::unavailable("connection was shut down");
+    ssize_t r;
+    if (ssl_) {
+      int want = 0;
+      {
+        std::lock_guard<std::mutex> lock(ssl_mu_);
+        int k = SSL_read(ssl_, p, static_cast<int>(std::min<size_t>(n, 1 << 30)));
+        if (k > 0) {
+          r = k;
+        } else {
+          int err = SSL_get_error(ssl_, k);
+          if (err == SSL_ERROR_WANT_READ) want = POLLIN;
+          else if (err == SSL_ERROR_WANT_WRITE) want = POLLOUT;
+          else if (err == SSL_ERROR_ZERO_RETURN) return core::unavailable("peer closed the TLS connection");
+          else return core::unavailable("TLS read: " + sslError());
+          r = -1;
+        }
+      }
+      if (r < 0) {
+        ARCH_RETURN_IF_ERROR(waitFor(static_cast<short>(want), deadline, abort));
+        continue;
+      }
+    } else {
+      r = ::recv(fd_, p, n, 0);
+      if (r == 0) return core::unavailable("peer closed the connection");
+      if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          ARCH_RETURN_IF_ERROR(waitFor(POLLIN, deadline, abort));
+          continue;
+        }
+        if (errno == EINTR) continue;
+        return errnoStatus("recv", errno);
+      }
+    }
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return core::okStatus();
+}
+
+core::Status Socket::writeTwo(const void* a, size_t na, const void* b, size_t nb, const core::Deadline& deadline,
+                              const core::AbortFlag* abort) {
+  if (ssl_) {
+    ARCH_RETURN_IF_ERROR(writeFull(a, na, deadline, abort));
+    return writeFull(b, nb, deadline, abort);
+  }
+  iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+  int idx = 0;
+  while (idx < 2) {
+    if (iov[idx].iov_len == 0) {
+      ++idx;
+      continue;
+    }
+    if (shut_.load()) return core::unavailable("connection was shut down");
+    msghdr msg{};
+    msg.msg_iov = iov + idx;
+    msg.msg_iovlen = static_cast<size_t>(2 - idx);
+    ssize_t r = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+    if (r < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        ARCH_RETURN_IF_ERROR(waitFor(POLLOUT, deadline, abort));
+        continue;
+      }
+      if (errno == EINTR) continue;
+      return errnoStatus("send", errno);
+    }
+    size_t left = static_cast<size_t>(r);
+    while (idx < 2 && left >= iov[idx].iov_len) {
+      left -= iov[idx].iov_len;
+      ++idx;
+    }
+    if (idx < 2) {
+      iov[idx].iov_base = static_cast<uint8_t*>(iov[idx].iov_base) + left;
+      iov[idx].iov_len -= left;
+    }
+  }
+  return core::okStatus();
+}
+
+core::Status Socket::writeFull(const void* buf, size_t n, const core::Deadline& deadline,
+                               const core::AbortFlag* abort) {
+  if (!ssl_) return writeTwo(buf, n, nullptr, 0, deadline, abort);
+  const auto* p = static_cast<const uint8_t*>(buf);
+  while (n > 0) {
+    if (shut_.load()) return core::unavailable("connection was shut down");
+    int want = 0;
+    int k;
+    {
+      std::lock_guard<std::mutex> lock(ssl_mu_);
+      k = SSL_write(ssl_, p, static_cast<int>(std::min<size_t>(n, 1 << 30)));
+      if (k <= 0) {
+        int err = SSL_get_error(ssl_, k);
+        if (err == SSL_ERROR_WANT_READ) want = POLLIN;
+        else if (err == SSL_ERROR_WANT_WRITE) want = POLLOUT;
+        else return core::unavailable("TLS write: " + sslError());
+      }
+    }
+    if (k <= 0) {
+      ARCH_RETURN_IF_ERROR(waitFor(static_cast<short>(want), deadline, abort));
+      continue;
+    }
+    p += k;
+    n -= static_cast<size_t>(k);
+  }
+  return core::okStatus();
+}
+
+core::Status Socket::writeFrame(FrameHeader h, std::span<const uint8_t> payload, const core::Deadline& deadline,
+                                const core::AbortFlag* abort) {
+  h.length = static_cast<uint32_t>(payload.size());
+  if (h.type != FrameType::kData) {
+    h.offset = 0;
+    h.total = payload.size();
+  }
+  h.crc = core::crc32c(payload.data(), payload.size());
+  uint8_t hdr[kFrameHeaderSize];
+  encodeHeader(h, hdr);
+  return writeTwo(hdr, sizeof(hdr), payload.data(), payload.size(), deadline, abort);
+}
+
+core::Status Socket::readFrame(FrameHeader* h, std::vector<uint8_t>* payload, const core::Deadline& deadline,
+                               const core::AbortFlag* abort, uint32_t max_payload) {
+  uint8_t hdr[kFrameHeaderSize];
+  ARCH_RETURN_IF_ERROR(readFull(hdr, sizeof(hdr), deadline, abort));
+  ARCH_ASSIGN_OR_RETURN(*h, decodeHeader(hdr, max_payload));
+  payload->resize(h->length);
+  ARCH_RETURN_IF_ERROR(readFull(payload->data(), h->length, deadline, abort));
+  return checkPayload(*h, *payload);
+}
+
+// ---- TLS -------------------------------------------------------------------------
+
+core::Result<SSL_CTX*> tlsContext(bool server, const TlsConfig& config) {
+  static std::mutex mu;
+  static SSL_CTX* ctx[2] = {nullptr, nullptr};
+  std::lock_guard<std::mutex> lock(mu);
+  SSL_CTX*& c = ctx[server ? 1 : 0];
+  if (c) return c;
+  SSL_CTX* nc = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+  if (!nc) return core::internalError("SSL_CTX_new: " + sslError());
+  SSL_CTX_set_min_proto_version(nc, TLS1_3_VERSION);
+  SSL_CTX_set_mode(nc, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  SSL_CTX_set_verify(nc, SSL_VERIFY_NONE, nullptr);  // identity comes from the HMAC handshake
+  if (server) {
+    if (!config.cert_file.empty()) {
+      if (SSL_CTX_use_certificate_file(nc, config.cert_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
+          SSL_CTX_use_PrivateKey_file(nc, config.key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
+        SSL_CTX_free(nc);
+        return core::invalidArgument("TLS certificate " + config.cert_file + " / key " + config.key_file + ": " +
+                                     sslError());
+      }
+    } else {
+      EVP_PKEY* key = EVP_EC_gen("P-256");
+      X509* cert = X509_new();
+      if (!key || !cert) {
+        SSL_CTX_free(nc);
+        return core::internalError("TLS key generation failed: " + sslError());
+      }
+      ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+      X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
+      X509_gmtime_adj(X509_getm_notAfter(cert), 30L * 24 * 3600);
+      X509_set_pubkey(cert, key);
+      X509_NAME* name = X509_get_subject_name(cert);
+      X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("archipelago"), -1,
+                                 -1, 0);
+      X509_set_issuer_name(cert, name);
+      X509_sign(cert, key, EVP_sha256());
+      SSL_CTX_use_certificate(nc, cert);
+      SSL_CTX_use_PrivateKey(nc, key);
+      X509_free(cert);
+      EVP_PKEY_free(key);
+    }
+  }
+  c = nc;
+  return c;
+}
+
+core::Status Socket::startTls(bool server, const TlsConfig& config, const core::Deadline& deadline) {
+  ARCH_ASSIGN_OR_RETURN(SSL_CTX * ctx, tlsContext(server, config));
+  ssl_ = SSL_new(ctx);
+  if (!ssl_) return core::internalError("SSL_new: " + sslError());
+  SSL_set_fd(ssl_, fd_);
+  while (true) {
+    int k = server ? SSL_accept(ssl_) : SSL_connect(ssl_);
+    if (k == 1) return core::okStatus();
+    int err = SSL_get_error(ssl_, k);
+    if (err == SSL_ERROR_WANT_READ) {
+      ARCH_RETURN_IF_ERROR(waitFor(POLLIN, deadline, nullptr));
+    } else if (err == SSL_ERROR_WANT_WRITE) {
+      ARCH_RETURN_IF_ERROR(waitFor(POLLOUT, deadline, nullptr));
+    } else {
+      return core::unavailable("TLS handshake failed: " + sslError());
+    }
+  }
+}
+
+std::vector<uint8_t> Socket::channelBinding() const {
+  if (!ssl_) return {};
+  std::vector<uint8_t> out(32);
+  static const char kLabel[] = "EXPORTER-archipelago-handshake";
+  if (SSL_export_keying_material(ssl_, out.data(), out.size(), kLabel, sizeof(kLabel) - 1, nullptr, 0, 0) != 1) {
+    return {};
+  }
+  return out;
+}
+
+// ---- connect / listen ---------------------------------------------------------
+
+core::Result<std::pair<std::string, int>> splitHostPort(const std::string& address) {
+  auto colon = address.rfind(':');
+  if (colon == std::string::npos) return core::invalidArgument("address '" + address + "' is not HOST:PORT");
+  std::string host = address.substr(0, colon);
+  int port = 0;
+  try {
+    port = std::stoi(address.substr(colon + 1));
+  } catch (...) {
+    return core::invalidArgument("address '" + address + "' has no numeric port");
+  }
+  if (port < 0 || port > 65535) return core::invalidArgument("address '" + address + "': port out of range");
+  return std::make_pair(host, port);
+}
+
+static core::Result<sockaddr_in> resolve(const std::string& host, int port) {
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(port));
+  if (host.empty() || host == "0.0.0.0" || host == "*") {
+    sa.sin_addr.s_addr = htonl(INADDR_ANY);
+    return sa;
+  }
+  if (inet_pton(AF_INET, host.c_str(), &sa.sin_addr) == 1) return sa;
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || !res) {
+    return core::invalidArgument("cannot resolve host '" + host + "'");
+  }
+  sa.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
+  freeaddrinfo(res);
+  return sa;
+}
+
+core::Result<std::pair<int, int>> listenTcp(const std::string& host, int port) {
+  ARCH_ASSIGN_OR_RETURN(sockaddr_in sa, resolve(host, port));
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return errnoStatus("socket", errno);
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) {
+    int e = errno;
+    ::close(fd);
+    return core::unavailable("bind " + host + ":" + std::to_string(port) + ": " + std::strerror(e));
+  }
+  if (::listen(fd, 512) != 0) {
+    int e = errno;
+    ::close(fd);
+    return errnoStatus("listen", e);
+  }
+  socklen_t len = sizeof(sa);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len);
+  int fl = fcntl(fd, F_GETFL, 0);
+  fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+  return std::make_pair(fd, static_cast<int>(ntohs(sa.sin_port)));
+}
+
+core::Result<std::unique_ptr<Socket>> acceptTcp(int listen_fd, const core::Deadline& deadline,
+                                                const core::AbortFlag* abort) {
+  while (true) {
+    int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) {
+      setCommonOptions(fd);
+      return std::make_unique<Socket>(fd);
+    }
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return errnoStatus("accept", errno);
+    if (abort && abort->aborted()) return core::aborted("accept aborted");
+    if (deadline.expired()) return core::deadlineExceeded("no connection before the deadline");
+    pollfd p{listen_fd, POLLIN, 0};
+    ::poll(&p, 1, std::max(deadline.remainingMillisForPoll(50), 1));
+  }
+}
+
+core::Result<std::unique_ptr<Socket>> connectTcp(const std::string& host, int port, const core::Deadline& deadline,
+                                                 const core::AbortFlag* abort) {
+  ARCH_ASSIGN_OR_RETURN(sockaddr_in sa, resolve(host, port));
+  std::string where = host + ":" + std::to_string(port);
+  // Retry refused connections until the deadline: the peer may not listen yet.
+  int backoff_ms = 5;
+  while (true) {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return errnoStatus("socket", errno);
+    setCommonOptions(fd);
+    int r = ::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
+    int err = r == 0 ? 0 : errno;
+    if (err == EINPROGRESS) {
+      auto sock = std::make_unique<Socket>(fd);
+      core::Status st = sock->waitFor(POLLOUT, deadline, abort);
+      if (!st.isOk()) return st.withContext("connect " + where);
+      socklen_t len = sizeof(err);
+      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err == 0) return sock;
+    } else if (err == 0) {
+      return std::make_unique<Socket>(fd);
+    } else {
+      ::close(fd);
+    }
+    if (err != ECONNREFUSED && err != ETIMEDOUT && err != ECONNRESET && err != EHOSTUNREACH) {
+      return core::unavailable("connect " + where + ": " + std::strerror(err));
+    }
+    if (abort && abort->aborted()) return core::aborted("connect " + where + " aborted");
+    if (deadline.expired()) return core::deadlineExceeded("connect " + where + ": " + std::strerror(err));
+    ::usleep(static_cast<useconds_t>(backoff_ms * 1000));
+    backoff_ms = std::min(backoff_ms * 2, 200);
+  }
+}
+
+}  // namespace archipelago::comm

@@ -1,0 +1,523 @@
+// Config resolution, layers, MoE and the decoder. One translation unit on
+// purpose: torch headers are expensive to compile.
+#include "archipelago/model/transformer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include "archipelago/core/hash.h"
+
+namespace archipelago::model {
+
+// ---- config -----------------------------------------------------------------
+
+core::Result<core::ModelConfig> resolveModelConfig(const core::ModelConfig& config) {
+  core::ModelConfig c = config;
+  std::vector<std::string> errors;
+  auto need = [&](bool ok, const std::string& what) {
+    if (!ok) errors.push_back(what);
+  };
+  need(c.vocab_size > 0, "model.vocab_size: " + std::to_string(c.vocab_size) +
+                             "; expected > 0 (set it, or let the data manifest provide it)");
+  need(c.dim > 0, "model.dim: " + std::to_string(c.dim) + "; expected > 0");
+  need(c.n_layers > 0, "model.n_layers: " + std::to_string(c.n_layers) + "; expected > 0");
+  need(c.n_heads > 0, "model.n_heads: " + std::to_string(c.n_heads) + "; expected > 0");
+  if (c.n_kv_heads == 0) c.n_kv_heads = c.n_heads;
+  if (c.dim > 0 && c.n_heads > 0) {
+    need(c.dim % c.n_heads == 0, "model.n_heads: " + std::to_string(c.n_heads) +
+                                     " does not divide model.dim " + std::to_string(c.dim));
+    need((c.dim / c.n_heads) % 2 == 0, "model.dim / model.n_heads = " +
+                                           std::to_string(c.dim / c.n_heads) +
+                                           " (head dimension); expected an even number (rotary pairs)");
+  }
+  need(c.n_kv_heads > 0 && c.n_heads > 0 && c.n_heads % c.n_kv_heads == 0,
+       "model.n_kv_heads: " + std::to_string(c.n_kv_heads) + "; expected a divisor of model.n_heads " +
+           std::to_string(c.n_heads));
+  if (c.ffn_hidden == 0 && c.dim > 0) c.ffn_hidden = ((8 * c.dim / 3 + 31) / 32) * 32;
+  need(c.ffn_hidden > 0, "model.ffn_hidden: " + std::to_string(c.ffn_hidden) + "; expected > 0");
+  need(c.max_seq_len > 0, "model.max_seq_len: " + std::to_string(c.max_seq_len) + "; expected > 0");
+  need(c.rope_theta > 0, "model.rope_theta: " + std::to_string(c.rope_theta) + "; expected > 0");
+  need(c.norm_eps > 0, "model.norm_eps: " + std::to_string(c.norm_eps) + "; expected > 0");
+  need(c.init_std > 0, "model.init_std: " + std::to_string(c.init_std) + "; expected > 0");
+  need(parseDtype(c.dtype).isOk(), "model.dtype: '" + c.dtype + "'; expected fp32, bf16 or fp16");
+  core::MoeConfig& m = c.moe;
+  need(m.num_experts >= 0, "model.moe.num_experts: " + std::to_string(m.num_experts) + "; expected >= 0");
+  if (m.num_experts > 0) {
+    need(m.top_k >= 1 && m.top_k <= m.num_experts,
+         "model.moe.top_k: " + std::to_string(m.top_k) + "; expected 1.." + std::to_string(m.num_experts));
+    if (m.expert_hidden == 0) m.expert_hidden = c.ffn_hidden;
+    need(m.expert_hidden > 0, "model.moe.expert_hidden: " + std::to_string(m.expert_hidden) + "; expected > 0");
+    need(m.every >= 1, "model.moe.every: " + std::to_string(m.every) + "; expected >= 1");
+    need(m.balance == "aux_loss" || m.balance == "router_bias" || m.balance == "none",
+         "model.moe.balance: '" + m.balance + "'; expected aux_loss, router_bias or none");
+    need(m.aux_loss_coef >= 0, "model.moe.aux_loss_coef: " + std::to_string(m.aux_loss_coef) + "; expected >= 0");
+    need(m.router_bias_rate >= 0,
+         "model.moe.router_bias_rate: " + std::to_string(m.router_bias_rate) + "; expected >= 0");
+    need(m.capacity_factor >= 0,
+         "model.moe.capacity_factor: " + std::to_string(m.capacity_factor) + "; expected >= 0 (0 = unlimited)");
+  }
+  if (!errors.empty()) {
+    std::string msg;
+    for (size_t i = 0; i < errors.size(); ++i) msg += (i ? "\n" : "") + errors[i];
+    return core::invalidArgument(msg);
+  }
+  return c;
+}
+
+bool isMoeLayer(const core::ModelConfig& c, int64_t layer) {
+  return c.moe.num_experts > 0 && c.moe.every >= 1 && (layer + 1) % c.moe.every == 0;
+}
+
+core::Result<torch::ScalarType> parseDtype(const std::string& name) {
+  if (name == "fp32" || name == "float32") return torch::kFloat32;
+  if (name == "bf16" || name == "bfloat16") return torch::kBFloat16;
+  if (name == "fp16" || name == "float16") return torch::kFloat16;
+  return core::invalidArgument("dtype '" + name + "': expected fp32, bf16 or fp16");
+}
+
+void setComputeThreads(int64_t threads) {
+  if (threads <= 0) return;
+  at::set_num_threads(static_cast<int>(threads));
+  try {
+    at::set_num_interop_threads(static_cast<int>(threads));
+  } catch (const c10::Error&) {
+    // Already fixed by earlier parallel work; intra-op threads are what count.
+  }
+}
+
+torch::Tensor deterministicNormal(torch::IntArrayRef shape, double std, uint64_t seed,
+                                  const std::string& name) {
+  uint64_t s = core::mix64(seed ^ core::mix64(core::fnv1a64(name)));
+  at::Generator gen = at::detail::createCPUGenerator(s);
+  torch::NoGradGuard no_grad;
+  return torch::empty(shape, torch::TensorOptions().dtype(torch::kFloat32)).normal_(0.0, std, gen);
+}
+
+// ---- layers -----------------------------------------------------------------
+
+LinearNoBiasImpl::LinearNoBiasImpl(int64_t in, int64_t out) {
+  weight = register_parameter("weight", torch::zeros({out, in}));
+}
+torch::Tensor LinearNoBiasImpl::forward(const torch::Tensor& x) { return torch::linear(x, weight); }
+
+EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim) {
+  weight = register_parameter("weight", torch::zeros({vocab, dim}));
+}
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
+  TORCH_CHECK(ids.scalar_type() == torch::kLong, "token ids must be int64");
+  return torch::embedding(weight, ids);
+}
+
+RmsNormImpl::RmsNormImpl(int64_t dim, double eps_) : eps(eps_) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+torch::Tensor RmsNormImpl::forward(const torch::Tensor& x) {
+  auto compute = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  auto xf = x.to(compute);
+  auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * y.to(x.scalar_type());
+}
+
+RotaryTables rotaryTables(int64_t start, int64_t length, int64_t head_dim, double theta,
+                          torch::Device device, torch::ScalarType dtype) {
+  // Built in double so fp64 reference checks see exact tables; cast once.
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto i = torch::arange(0, head_dim, 2, opts);
+  auto inv_freq = torch::pow(theta, -i / static_cast<double>(head_dim));
+  auto pos = torch::arange(start, start + length, opts);
+  auto freqs = torch::outer(pos, inv_freq);
+  auto emb = torch::cat({freqs, freqs}, -1);
+  return {emb.cos().to(device, dtype), emb.sin().to(device, dtype)};
+}
+
+torch::Tensor applyRotary(const torch::Tensor& x, const RotaryTables& rope) {
+  int64_t half = x.size(-1) / 2;
+  auto x1 = x.narrow(-1, 0, half);
+  auto x2 = x.narrow(-1, half, half);
+  auto rotated = torch::cat({-x2, x1}, -1);
+  auto c = rope.cos.to(x.scalar_type());
+  auto s = rope.sin.to(x.scalar_type());
+  return x * c + rotated * s;
+}
+
+torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, int64_t q_start) {
+  int64_t tq = q.size(2), tk = k.size(2);
+  double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;
+  auto compute = q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  scores = scores.to(compute);
+  auto iopts = torch::TensorOptions().dtype(torch::kLong).device(q.device());
+  auto qpos = torch::arange(q_start, q_start + tq, iopts).unsqueeze(1);
+  auto kpos = torch::arange(0, tk, iopts).unsqueeze(0);
+  scores = scores.masked_fill(kpos > qpos, -std::numeric_limits<double>::infinity());
+  auto p = torch::softmax(scores, -1).to(v.scalar_type());
+  return torch::matmul(p, v);
+}
+
+AttentionImpl::AttentionImpl(const core::ModelConfig& c)
+    : n_heads(c.n_heads), n_kv_heads(c.n_kv_heads), head_dim(c.dim / c.n_heads) {
+  q_proj = register_module("q_proj", LinearNoBias(c.dim, n_heads * head_dim));
+  k_proj = register_module("k_proj", LinearNoBias(c.dim, n_kv_heads * head_dim));
+  v_proj = register_module("v_proj", LinearNoBias(c.dim, n_kv_heads * head_dim));
+  o_proj = register_module("o_proj", LinearNoBias(n_heads * head_dim, c.dim));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RotaryTables& rope,
+                                     LayerKvCache* cache) {
+  int64_t b = x.size(0), t = x.size(1);
+  auto q = q_proj(x).view({b, t, n_heads, head_dim}).transpose(1, 2);
+  auto k = k_proj(x).view({b, t, n_kv_heads, head_dim}).transpose(1, 2);
+  auto v = v_proj(x).view({b, t, n_kv_heads, head_dim}).transpose(1, 2);
+  q = applyRotary(q, rope);
+  k = applyRotary(k, rope);
+  int64_t start = 0;
+  if (cache != nullptr) {
+    if (cache->k.defined()) {
+      start = cache->k.size(2);
+      k = torch::cat({cache->k, k}, 2);
+      v = torch::cat({cache->v, v}, 2);
+    }
+    cache->k = k.detach();
+    cache->v = v.detach();
+  }
+  if (n_kv_heads < n_heads) {
+    int64_t rep = n_heads / n_kv_heads;
+    k = k.repeat_interleave(rep, 1);
+    v = v.repeat_interleave(rep, 1);
+  }
+  auto out = causalAttention(q, k, v, start);
+  out = out.transpose(1, 2).reshape({b, t, n_heads * head_dim});
+  return o_proj(out);
+}
+
+SwiGluImpl::SwiGluImpl(int64_t dim, int64_t hidden, bool mixtral_names) {
+  if (mixtral_names) {
+    gate = register_module("w1", LinearNoBias(dim, hidden));
+    down = register_module("w2", LinearNoBias(hidden, dim));
+    up = register_module("w3", LinearNoBias(dim, hidden));
+  } else {
+    gate = register_module("gate_proj", LinearNoBias(dim, hidden));
+    up = register_module("up_proj", LinearNoBias(dim, hidden));
+    down = register_module("down_proj", LinearNoBias(hidden, dim));
+  }
+}
+torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
+  return down(torch::silu(gate(x)) * up(x));
+}
+
+// ---- MoE --------------------------------------------------------------------
+
+MoeFfnImpl::MoeFfnImpl(const core::ModelConfig& c, int64_t layer)
+    : layer_(layer),
+      num_experts_(c.moe.num_experts),
+      top_k_(c.moe.top_k),
+      use_bias_(c.moe.balance == "router_bias"),
+      bias_rate_(c.moe.router_bias_rate),
+      capacity_factor_(c.moe.capacity_factor) {
+  int64_t hidden = c.moe.expert_hidden > 0 ? c.moe.expert_hidden : c.ffn_hidden;
+  gate = register_module("gate", LinearNoBias(c.dim, num_experts_));
+  experts = register_module("experts", torch::nn::ModuleList());
+  for (int64_t e = 0; e < num_experts_; ++e) experts->push_back(SwiGlu(c.dim, hidden, /*mixtral_names=*/true));
+  if (c.moe.shared_expert) shared_expert = register_module("shared_expert", SwiGlu(c.dim, hidden));
+  if (use_bias_) {
+    // Persistent (checkpointed) but not trained: selection-only bias.
+    router_bias_ = gate->register_buffer("e_score_correction_bias", torch::zeros({num_experts_}));
+  }
+  load_counts_ = torch::zeros({num_experts_}, torch::kLong);
+  stats_.layer = layer;
+}
+
+int64_t MoeFfnImpl::capacityFor(int64_t n_tokens) const {
+  // Capacity limits apply to training only: dropping tokens at inference
+  // (generation feeds one token at a time) would only hurt quality.
+  if (capacity_factor_ <= 0 || !is_training()) return 0;
+  double cap = capacity_factor_ * static_cast<double>(n_tokens * top_k_) / static_cast<double>(num_experts_);
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cap - 1e-9)));
+}
+
+Routing MoeFfnImpl::route(const torch::Tensor& x2d) const {
+  Routing r;
+  int64_t n = x2d.size(0);
+  auto compute = x2d.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  auto logits = torch::linear(x2d, gate->weight).to(compute);
+  r.probs = torch::softmax(logits, -1);
+  auto select = r.probs.detach();
+  if (use_bias_) select = select + router_bias_.to(select.options());
+  auto top = select.topk(top_k_, -1, /*largest=*/true, /*sorted=*/true);
+  r.expert = std::get<1>(top);
+  r.weight = r.probs.gather(1, r.expert);
+  // Renormalise over the chosen k (Mixtral); with k = 1 that would make the
+  // weight a constant 1 and cut the router off from the LM loss, so top-1
+  // keeps the raw probability (Switch).
+  if (top_k_ > 1) r.weight = r.weight / r.weight.sum(-1, /*keepdim=*/true);
+  auto counts = torch::bincount(r.expert.reshape({-1}), {}, num_experts_).to(torch::kCPU);
+  r.tokens_per_expert.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + num_experts_);
+  // Switch/Mixtral balance loss, normalised so perfect balance gives 1:
+  // E * sum_e (assignments_e / (N k)) * mean_n probs[n, e].
+  auto f = counts.to(r.probs.device(), compute) / static_cast<double>(std::max<int64_t>(1, n * top_k_));
+  r.aux_loss = static_cast<double>(num_experts_) * (f * r.probs.mean(0)).sum();
+  return r;
+}
+
+Dispatched MoeFfnImpl::dispatch(const torch::Tensor& x2d, const Routing& r) const {
+  Dispatched d;
+  int64_t n = x2d.size(0);
+  auto iopts = torch::TensorOptions().dtype(torch::kLong).device(x2d.device());
+  // Choice-major order: every token's first choice outranks any second
+  // choice when an expert overflows (GShard priority); ties by token order.
+  auto flat_e = r.expert.t().reshape({-1});
+  auto flat_tok = torch::arange(n, iopts).repeat({top_k_});
+  auto flat_w = r.weight.t().reshape({-1});
+  auto sorted = flat_e.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto sorted_e = std::get<0>(sorted);
+  auto order = std::get<1>(sorted);
+  d.capacity = capacityFor(n);
+  d.rows_per_expert = r.tokens_per_expert;
+  d.dropped_per_expert.assign(static_cast<size_t>(num_experts_), 0);
+  if (d.capacity > 0) {
+    auto counts = torch::tensor(r.tokens_per_expert, iopts);
+    auto starts = counts.cumsum(0) - counts;
+    auto rank = torch::arange(flat_e.size(0), iopts) - starts.index_select(0, sorted_e);
+    order = order.masked_select(rank < d.capacity);
+    for (int64_t e = 0; e < num_experts_; ++e) {
+      auto& rows = d.rows_per_expert[static_cast<size_t>(e)];
+      d.dropped_per_expert[static_cast<size_t>(e)] = std::max<int64_t>(0, rows - d.capacity);
+      rows = std::min(rows, d.capacity);
+    }
+  }
+  d.token_index = flat_tok.index_select(0, order);
+  d.weight = flat_w.index_select(0, order).to(x2d.scalar_type());
+  d.tokens = x2d.index_select(0, d.token_index);
+  return d;
+}
+
+torch::Tensor MoeFfnImpl::computeExperts(const Dispatched& d) {
+  std::vector<torch::Tensor> outs;
+  int64_t off = 0;
+  for (int64_t e = 0; e < num_experts_; ++e) {
+    int64_t rows = d.rows_per_expert[static_cast<size_t>(e)];
+    if (rows == 0) continue;
+    outs.push_back(experts[static_cast<size_t>(e)]->as<SwiGluImpl>()->forward(d.tokens.narrow(0, off, rows)));
+    off += rows;
+  }
+  if (outs.empty()) return torch::zeros({0, d.tokens.size(1)}, d.tokens.options());
+  return torch::cat(outs, 0);
+}
+
+torch::Tensor MoeFfnImpl::combine(const torch::Tensor& expert_out, const Dispatched& d,
+                                  int64_t n_tokens) const {
+  auto out = torch::zeros({n_tokens, expert_out.size(1)}, expert_out.options());
+  if (expert_out.size(0) == 0) return out;
+  return out.index_add(0, d.token_index, expert_out * d.weight.unsqueeze(1));
+}
+
+torch::Tensor MoeFfnImpl::forward(const torch::Tensor& x) {
+  auto x2d = x.reshape({-1, x.size(-1)});
+  int64_t n = x2d.size(0);
+  Routing r = route(x2d);
+  Dispatched d = dispatch(x2d, r);
+  auto y = combine(computeExperts(d), d, n);
+  if (!shared_expert.is_empty()) y = y + shared_expert(x2d);
+  last_aux_ = r.aux_loss;
+  stats_.tokens = n;
+  stats_.tokens_per_expert = r.tokens_per_expert;
+  stats_.dropped_per_expert = d.dropped_per_expert;
+  stats_.dropped = 0;
+  for (int64_t v : d.dropped_per_expert) stats_.dropped += v;
+  stats_.capacity = d.capacity;
+  stats_.aux_loss = r.aux_loss.item<double>();
+  if (is_training() && use_bias_) load_counts_ += torch::tensor(r.tokens_per_expert, torch::kLong);
+  return y.view_as(x);
+}
+
+void MoeFfnImpl::updateRouterBias(const torch::Tensor& load) {
+  if (!use_bias_) return;
+  torch::NoGradGuard no_grad;
+  auto l = load.to(torch::kCPU, torch::kDouble).reshape({-1});
+  TORCH_CHECK(l.size(0) == num_experts_, "router load has ", l.size(0), " entries, expected ", num_experts_);
+  auto step = torch::sign(l.mean() - l) * bias_rate_;
+  auto updated = router_bias_.to(torch::kCPU, torch::kDouble) + step;
+  router_bias_.copy_(updated.to(router_bias_.options()));
+  load_counts_.zero_();
+}
+
+// ---- decoder ------------------------------------------------------------------
+
+DecoderLayerImpl::DecoderLayerImpl(const core::ModelConfig& c, int64_t layer) {
+  input_layernorm = register_module("input_layernorm", RmsNorm(c.dim, c.norm_eps));
+  self_attn = register_module("self_attn", Attention(c));
+  post_attention_layernorm = register_module("post_attention_layernorm", RmsNorm(c.dim, c.norm_eps));
+  if (isMoeLayer(c, layer)) {
+    block_sparse_moe = register_module("block_sparse_moe", MoeFfn(c, layer));
+  } else {
+    mlp = register_module("mlp", SwiGlu(c.dim, c.ffn_hidden));
+  }
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const RotaryTables& rope,
+                                        LayerKvCache* cache) {
+  auto h = x + self_attn(input_layernorm(x), rope, cache);
+  auto n = post_attention_layernorm(h);
+  return h + (mlp.is_empty() ? block_sparse_moe(n) : mlp(n));
+}
+
+DecoderStackImpl::DecoderStackImpl(const core::ModelConfig& c) {
+  embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.dim));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.n_layers; ++i) layers->push_back(DecoderLayer(c, i));
+  norm = register_module("norm", RmsNorm(c.dim, c.norm_eps));
+}
+
+namespace {
+bool endsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+}  // namespace
+
+TransformerImpl::TransformerImpl(const core::ModelConfig& config, uint64_t seed) : config_(config) {
+  model = register_module("model", DecoderStack(config));
+  if (!config.tie_embeddings) lm_head = register_module("lm_head", LinearNoBias(config.dim, config.vocab_size));
+  // Residual-branch outputs get std / sqrt(2 L) (GPT-2 / Megatron scaled init)
+  // so the residual stream's variance does not grow with depth.
+  torch::NoGradGuard no_grad;
+  double out_std = config.init_std / std::sqrt(2.0 * static_cast<double>(config.n_layers));
+  for (auto& item : named_parameters(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    torch::Tensor& p = item.value();
+    if (endsWith(name, "layernorm.weight") || name == "model.norm.weight") {
+      p.fill_(1.0);
+    } else {
+      bool out_proj = endsWith(name, "o_proj.weight") || endsWith(name, "down_proj.weight") ||
+                      endsWith(name, ".w2.weight");
+      p.copy_(deterministicNormal(p.sizes(), out_proj ? out_std : config.init_std, seed, name));
+    }
+  }
+}
+
+torch::Device TransformerImpl::device() const { return model->embed_tokens->weight.device(); }
+
+torch::Tensor TransformerImpl::hidden(const torch::Tensor& input_ids, KvCache* cache) {
+  TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [batch, time], got ", input_ids.sizes());
+  int64_t start = cache != nullptr ? cache->length() : 0;
+  int64_t t = input_ids.size(1);
+  TORCH_CHECK(start + t <= config_.max_seq_len, "sequence of ", start + t,
+              " positions exceeds model.max_seq_len ", config_.max_seq_len);
+  if (cache != nullptr && cache->layers.size() != static_cast<size_t>(config_.n_layers)) {
+    cache->layers.assign(static_cast<size_t>(config_.n_layers), LayerKvCache{});
+  }
+  auto x = model->embed_tokens(input_ids);
+  auto table_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  RotaryTables rope = rotaryTables(start, t, headDim(config_), config_.rope_theta, x.device(), table_dtype);
+  for (size_t i = 0; i < model->layers->size(); ++i) {
+    x = model->layers[i]->as<DecoderLayerImpl>()->forward(x, rope, cache ? &cache->layers[i] : nullptr);
+  }
+  return model->norm(x);
+}
+
+torch::Tensor TransformerImpl::forward(const torch::Tensor& input_ids, KvCache* cache) {
+  auto h = hidden(input_ids, cache);
+  return lm_head.is_empty() ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
+}
+
+LossOutput TransformerImpl::lossAndStats(const torch::Tensor& input_ids, const torch::Tensor& target) {
+  TORCH_CHECK(target.sizes() == input_ids.sizes(), "target ", target.sizes(), " must match input ",
+              input_ids.sizes());
+  auto logits = forward(input_ids);
+  auto compute = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  auto flat = logits.reshape({-1, logits.size(-1)}).to(compute);
+  auto tgt = target.reshape({-1}).to(torch::kLong);
+  auto valid = tgt >= 0;
+  tgt = tgt.masked_fill(valid.logical_not(), -100);
+  LossOutput out;
+  out.ce_sum = torch::nn::functional::cross_entropy(
+      flat, tgt, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  out.tokens = valid.sum().item<int64_t>();
+  auto moe = moeLayers();
+  if (!moe.empty() && config_.moe.balance == "aux_loss" && config_.moe.aux_loss_coef > 0) {
+    torch::Tensor sum = moe[0]->lastAuxLoss();
+    for (size_t i = 1; i < moe.size(); ++i) sum = sum + moe[i]->lastAuxLoss();
+    out.aux_loss = sum * (config_.moe.aux_loss_coef / static_cast<double>(moe.size()));
+  } else {
+    out.aux_loss = torch::zeros({}, out.ce_sum.options());
+  }
+  out.loss = out.ce_sum / static_cast<double>(std::max<int64_t>(1, out.tokens)) + out.aux_loss;
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> TransformerImpl::namedParameters() const {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& item : named_parameters(true)) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> TransformerImpl::namedTensors() const {
+  auto out = namedParameters();
+  for (const auto& item : named_buffers(true)) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+std::vector<torch::Tensor> TransformerImpl::parameterList() const {
+  std::vector<torch::Tensor> out;
+  for (const auto& item : named_parameters(true)) out.push_back(item.value());
+  return out;
+}
+
+int64_t TransformerImpl::numParameters() const {
+  int64_t n = 0;
+  for (const auto& p : parameterList()) n += p.numel();
+  return n;
+}
+
+std::vector<MoeFfn> TransformerImpl::moeLayers() const {
+  std::vector<MoeFfn> out;
+  for (const auto& child : model->layers->children()) {
+    auto layer = std::dynamic_pointer_cast<DecoderLayerImpl>(child);
+    if (layer && !layer->block_sparse_moe.is_empty()) out.push_back(layer->block_sparse_moe);
+  }
+  return out;
+}
+
+std::vector<MoeLayerStats> TransformerImpl::moeStats() const {
+  std::vector<MoeLayerStats> out;
+  for (const auto& m : moeLayers()) out.push_back(m->stats());
+  return out;
+}
+
+torch::Tensor TransformerImpl::routerLoad() const {
+  auto moe = moeLayers();
+  if (moe.empty()) return torch::zeros({0, 0}, torch::kLong);
+  std::vector<torch::Tensor> rows;
+  for (const auto& m : moe) rows.push_back(m->loadCounts());
+  return torch::stack(rows);
+}
+
+void TransformerImpl::updateRouterBias(const torch::Tensor& global_load) {
+  auto moe = moeLayers();
+  if (moe.empty() || config_.moe.balance != "router_bias") return;
+  TORCH_CHECK(global_load.dim() == 2 && global_load.size(0) == static_cast<int64_t>(moe.size()),
+              "router load must be [", moe.size(), ", E], got ", global_load.sizes());
+  for (size_t i = 0; i < moe.size(); ++i) moe[i]->updateRouterBias(global_load[static_cast<int64_t>(i)]);
+}
+
+KvCache TransformerImpl::makeCache() const {
+  KvCache c;
+  c.layers.assign(static_cast<size_t>(config_.n_layers), LayerKvCache{});
+  return c;
+}
+
+core::Result<Transformer> buildModel(const core::ModelConfig& config, uint64_t seed) {
+  auto resolved = resolveModelConfig(config);
+  if (!resolved.isOk()) return resolved.status();
+  try {
+    return Transformer(*resolved, seed);
+  } catch (const c10::Error& e) {
+    return core::internalError(std::string("building the model: ") + e.what_without_backtrace());
+  }
+}
+
+}  // namespace archipelago::model

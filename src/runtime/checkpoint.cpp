@@ -1,0 +1,208 @@
+#include "archipelago/runtime/checkpoint.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "archipelago/core/hash.h"
+#include "archipelago/core/log.h"
+#include "archipelago/model/safetensors.h"
+#include "archipelago/runtime/metrics.h"
+
+namespace archipelago::runtime {
+
+namespace fs = std::filesystem;
+namespace {
+
+constexpr int kFormatVersion = 1;
+
+core::Result<nlohmann::json> readJson(const fs::path& p) {
+  std::ifstream in(p);
+  if (!in) return core::notFound("missing '" + p.string() + "'");
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    return core::dataLoss("'" + p.string() + "' is not valid JSON: " + e.what());
+  }
+}
+
+}  // namespace
+
+std::string checkpointDirName(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& s, int64_t keep_last) {
+  fs::path root = fs::path(run_dir) / "checkpoints";
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (ec) return core::unavailable("cannot create '" + root.string() + "': " + ec.message());
+  fs::path final_dir = root / checkpointDirName(s.step);
+  fs::path tmp = root / (checkpointDirName(s.step) + ".tmp-" + std::to_string(::getpid()));
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) return core::unavailable("cannot create '" + tmp.string() + "': " + ec.message());
+
+  ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "model.safetensors").string(), s.weights,
+                                               {{"format", "archipelago"}, {"step", std::to_string(s.step)}}));
+  ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "optimizer.safetensors").string(), s.optimizer,
+                                               {{"optimizer", "adamw"}, {"step", std::to_string(s.optimizer_step)}}));
+  ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "config.json").string(), model::hfConfigJson(s.model)));
+  nlohmann::json state = {{"step", s.step},
+                          {"data_position", s.data_position},
+                          {"shares", s.shares},
+                          {"optimizer_step", s.optimizer_step},
+                          {"membership", s.membership},
+                          {"extra", s.extra},
+                          {"job_yaml", s.job_yaml}};
+  ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
+
+  nlohmann::json files = nlohmann::json::object();
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "config.json", "state.json"}) {
+    ARCH_ASSIGN_OR_RETURN(std::string sha, core::sha256File(tmp / f));
+    files[f] = {{"sha256", sha}, {"bytes", fs::file_size(tmp / f)}};
+  }
+  nlohmann::json manifest = {{"format_version", kFormatVersion}, {"step", s.step}, {"files", files}};
+  // The manifest is written last: a directory without it is never loaded.
+  ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "manifest.json").string(), manifest.dump(2)));
+
+  fs::remove_all(final_dir, ec);
+  fs::rename(tmp, final_dir, ec);
+  if (ec) return core::unavailable("cannot rename '" + tmp.string() + "' into place: " + ec.message());
+
+  auto all = listCheckpoints(run_dir);
+  for (size_t i = static_cast<size_t>(std::max<int64_t>(keep_last, 1)); i < all.size(); ++i) {
+    fs::remove_all(all[i], ec);
+  }
+  return core::okStatus();
+}
+
+core::Status verifyCheckpoint(const std::string& ckpt_dir) {
+  fs::path dir(ckpt_dir);
+  ARCH_ASSIGN_OR_RETURN(auto manifest, readJson(dir / "manifest.json"));
+  if (manifest.value("format_version", 0) != kFormatVersion) {
+    return core::dataLoss("checkpoint '" + ckpt_dir + "' has format_version " +
+                          std::to_string(manifest.value("format_version", 0)) + ", expected " +
+                          std::to_string(kFormatVersion));
+  }
+  if (!manifest.contains("files") || !manifest["files"].is_object()) {
+    return core::dataLoss("checkpoint manifest '" + (dir / "manifest.json").string() + "' lists no files");
+  }
+  for (const auto& [name, info] : manifest["files"].items()) {
+    fs::path f = dir / name;
+    if (!fs::exists(f)) return core::dataLoss("checkpoint file '" + f.string() + "' is missing");
+    if (fs::file_size(f) != info.value("bytes", uint64_t{0})) {
+      return core::dataLoss("checkpoint file '" + f.string() + "' has " + std::to_string(fs::file_size(f)) +
+                            " bytes, manifest says " + std::to_string(info.value("bytes", uint64_t{0})) +
+                            " (truncated or replaced)");
+    }
+    ARCH_ASSIGN_OR_RETURN(std::string sha, core::sha256File(f));
+    if (sha != info.value("sha256", std::string())) {
+      return core::dataLoss("checkpoint file '" + f.string() + "' fails its sha256 check (corrupted)");
+    }
+  }
+  return core::okStatus();
+}
+
+core::Result<CheckpointState> loadCheckpoint(const std::string& ckpt_dir) {
+  ARCH_RETURN_IF_ERROR(verifyCheckpoint(ckpt_dir));
+  fs::path dir(ckpt_dir);
+  CheckpointState s;
+  ARCH_ASSIGN_OR_RETURN(auto state, readJson(dir / "state.json"));
+  try {
+    s.step = state.at("step").get<int64_t>();
+    s.data_position = state.at("data_position").get<int64_t>();
+    s.shares = state.at("shares").get<std::vector<int64_t>>();
+    s.optimizer_step = state.at("optimizer_step").get<int64_t>();
+    s.membership = state.value("membership", nlohmann::json());
+    s.extra = state.value("extra", nlohmann::json());
+    s.job_yaml = state.value("job_yaml", std::string());
+  } catch (const std::exception& e) {
+    return core::dataLoss("'" + (dir / "state.json").string() + "' lacks a field: " + e.what());
+  }
+  ARCH_ASSIGN_OR_RETURN(auto weights, model::readSafetensors(dir / "model.safetensors"));
+  ARCH_ASSIGN_OR_RETURN(auto optimizer, model::readSafetensors(dir / "optimizer.safetensors"));
+  s.weights = std::move(weights.tensors);
+  s.optimizer = std::move(optimizer.tensors);
+  return s;
+}
+
+std::vector<std::string> listCheckpoints(const std::string& run_dir) {
+  std::vector<std::string> out;
+  fs::path root = fs::path(run_dir) / "checkpoints";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return out;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    auto name = e.path().filename().string();
+    if (e.is_directory() && name.rfind("step_", 0) == 0 && name.find(".tmp") == std::string::npos) {
+      out.push_back(e.path().string());
+    }
+  }
+  std::sort(out.begin(), out.end(), std::greater<>());
+  return out;
+}
+
+core::Result<std::string> latestValidCheckpoint(const std::string& run_dir,
+                                                std::vector<std::pair<std::string, std::string>>* refused) {
+  for (const auto& dir : listCheckpoints(run_dir)) {
+    core::Status st = verifyCheckpoint(dir);
+    if (st.isOk()) return dir;
+    ARCH_LOG_WARN("refusing checkpoint {}: {}", dir, st.message());
+    if (refused) refused->push_back({dir, st.message()});
+  }
+  return core::notFound("no valid checkpoint under '" + run_dir + "/checkpoints'");
+}
+
+CheckpointWriter::CheckpointWriter(std::string run_dir, int64_t keep_last)
+    : run_dir_(std::move(run_dir)), keep_last_(keep_last), thread_([this] { loop(); }) {}
+
+CheckpointWriter::~CheckpointWriter() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void CheckpointWriter::submit(CheckpointState state) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back(std::move(state));
+  }
+  cv_.notify_all();
+}
+
+core::Status CheckpointWriter::drain() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
+  return error_;
+}
+
+void CheckpointWriter::loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) {
+      if (stop_) return;
+      continue;
+    }
+    CheckpointState s = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    lock.unlock();
+    core::Status st = writeCheckpoint(run_dir_, s, keep_last_);
+    if (!st.isOk()) ARCH_LOG_ERROR("checkpoint at step {} failed: {}", s.step, st.toString());
+    lock.lock();
+    if (!st.isOk() && error_.isOk()) error_ = st;
+    busy_ = false;
+    cv_.notify_all();
+  }
+}
+
+}  // namespace archipelago::runtime

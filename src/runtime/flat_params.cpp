@@ -1,0 +1,68 @@
+#include "archipelago/runtime/flat_params.h"
+
+#include <cmath>
+
+namespace archipelago::runtime {
+
+FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tensor>>& named) {
+  FlatParams f;
+  int64_t total = 0;
+  for (const auto& [name, p] : named) total += p.numel();
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+  f.params_ = torch::empty({total}, opts);
+  f.grads_ = torch::zeros({total}, opts);
+  f.decay_mask_ = torch::zeros({total}, opts);
+  int64_t off = 0;
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, p] : named) {
+    ParamSegment s;
+    s.name = name;
+    s.offset = off;
+    s.numel = p.numel();
+    s.shape = p.sizes().vec();
+    // Norm gains (1-D) are not decayed; matrices (embeddings, projections) are.
+    s.decay = p.dim() >= 2;
+    auto pview = f.params_.narrow(0, off, s.numel).view(p.sizes());
+    pview.copy_(p.detach().to(torch::kFloat32));
+    auto param = p;
+    param.set_data(pview);
+    param.mutable_grad() = f.grads_.narrow(0, off, s.numel).view(p.sizes());
+    if (s.decay) f.decay_mask_.narrow(0, off, s.numel).fill_(1.0f);
+    s.param = param;
+    f.segments_.push_back(std::move(s));
+    off += p.numel();
+  }
+  return f;
+}
+
+FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end)
+    : beta1_(cfg.beta1), beta2_(cfg.beta2), eps_(cfg.adam_eps), wd_(cfg.weight_decay), begin_(begin), end_(end) {
+  m_ = torch::zeros({end - begin}, torch::kFloat32);
+  v_ = torch::zeros({end - begin}, torch::kFloat32);
+}
+
+void FlatAdamW::step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr) {
+  torch::NoGradGuard no_grad;
+  ++t_;
+  // p <- p - lr * wd * p (decoupled decay, only where the mask is 1)
+  if (wd_ > 0) params.sub_(params * decay_mask, lr * wd_);
+  m_.mul_(beta1_).add_(grads, 1.0 - beta1_);
+  v_.mul_(beta2_).addcmul_(grads, grads, 1.0 - beta2_);
+  const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(t_));
+  const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(t_));
+  auto denom = (v_.sqrt() / std::sqrt(bc2)).add_(eps_);
+  params.addcdiv_(m_, denom, -lr / bc1);
+}
+
+double learningRate(const core::TrainConfig& cfg, int64_t step) {
+  // step is 0-based: the update made after `step` completed micro-batches.
+  if (cfg.warmup_steps > 0 && step < cfg.warmup_steps) {
+    return cfg.lr * static_cast<double>(step + 1) / static_cast<double>(cfg.warmup_steps);
+  }
+  const int64_t decay_steps = std::max<int64_t>(1, cfg.steps - cfg.warmup_steps);
+  double progress = static_cast<double>(step - cfg.warmup_steps) / static_cast<double>(decay_steps);
+  progress = std::min(1.0, std::max(0.0, progress));
+  return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+}  // namespace archipelago::runtime

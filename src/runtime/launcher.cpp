@@ -1,0 +1,357 @@
+#include "archipelago/runtime/launcher.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "archipelago/comm/coordinator.h"
+#include "archipelago/core/clock.h"
+#include "archipelago/core/hash.h"
+#include "archipelago/core/log.h"
+#include "archipelago/core/units.h"
+#include "archipelago/data/prepare.h"
+#include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/metrics.h"
+#include "archipelago/runtime/trainer.h"
+
+namespace archipelago::runtime {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<int> g_interrupts{0};
+void onInterrupt(int) { g_interrupts.fetch_add(1); }
+
+int envInt(std::initializer_list<const char*> names) {
+  for (const char* n : names) {
+    if (const char* v = std::getenv(n)) {
+      char* end = nullptr;
+      long x = std::strtol(v, &end, 10);
+      if (end && *end == '\0') return static_cast<int>(x);
+    }
+  }
+  return -1;
+}
+
+std::string randomSecret() {
+  std::random_device rd;
+  std::string raw;
+  for (int i = 0; i < 8; ++i) {
+    uint32_t x = rd();
+    raw.append(reinterpret_cast<const char*>(&x), 4);
+  }
+  return core::sha256Hex(raw);
+}
+
+// Prepares data.dir from data.inputs when it holds no manifest yet.
+core::Status ensureData(const core::JobConfig& job) {
+  if (fs::exists(fs::path(job.data.dir) / "manifest.json")) return core::okStatus();
+  if (job.data.inputs.empty()) {
+    return core::failedPrecondition("data.dir '" + job.data.dir +
+                                    "' holds no prepared dataset (no manifest.json) and data.inputs is empty; run "
+                                    "`archipelago data prepare --input TEXT_DIR --out " + job.data.dir +
+                                    "` or list raw inputs in data.inputs");
+  }
+  for (const auto& in : job.data.inputs) {
+    if (!fs::exists(in)) {
+      return core::notFound("data.inputs entry '" + in + "' does not exist (run scripts/setup.sh to fetch the default corpus)");
+    }
+  }
+  data::PrepareOptions po;
+  po.inputs = job.data.inputs;
+  po.out = job.data.dir;
+  po.tokenizer = job.data.tokenizer;
+  po.vocab = job.data.vocab;
+  po.val_fraction = job.data.val_fraction;
+  po.progress = true;
+  ARCH_LOG_INFO("preparing data: {} -> {} ({} tokenizer)", fmt::join(po.inputs, ", "), po.out, po.tokenizer);
+  auto rep = data::prepareDataset(po);
+  if (!rep.isOk()) return rep.status().withContext("preparing data for the job");
+  return core::okStatus();
+}
+
+struct Child {
+  int rank = 0;
+  pid_t pid = -1;
+  int exit_code = -1;  // set when reaped
+  std::string log;
+};
+
+std::string tailOf(const std::string& path, size_t max_bytes = 1500) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "";
+  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (s.size() > max_bytes) s = "..." + s.substr(s.size() - max_bytes);
+  return s;
+}
+
+// Follows metrics.jsonl and renders one progress line.
+class ProgressView {
+ public:
+  ProgressView(std::string path, const core::JobConfig& job, std::vector<WorkerInfo> workers)
+      : path_(std::move(path)), job_(job), workers_(std::move(workers)) {}
+
+  void poll() {
+    std::ifstream in(path_);
+    if (!in) return;
+    in.seekg(offset_);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (in.eof()) break;  // partial line: read again next time
+      offset_ += static_cast<std::streamoff>(line.size() + 1);
+      try {
+        auto j = nlohmann::json::parse(line);
+        const std::string kind = j.value("kind", "");
+        if (kind == "step") {
+          int64_t step = j.value("step", int64_t{0});
+          int r = j.value("rank", 0);
+          last_step_ = std::max(last_step_, step);
+          loss_ = j.value("loss", loss_);
+          auto& w = per_rank_[r];
+          w.tokens += j.value("tokens", int64_t{0});
+          w.compute += j.value("compute_s", 0.0);
+          w.wall += j.value("step_s", 0.0);
+          if (first_time_ == 0) first_time_ = j.value("time", 0.0);
+          last_time_ = j.value("time", last_time_);
+        } else if (kind == "eval") {
+          val_loss_ = j.value("val_loss", -1.0);
+        }
+      } catch (...) {
+      }
+    }
+  }
+
+  std::string line() const {
+    const int64_t total = job_.train.steps;
+    double elapsed = last_time_ - first_time_;
+    int64_t tokens = 0;
+    for (const auto& [r, w] : per_rank_) tokens += w.tokens;
+    double tps = elapsed > 0 ? static_cast<double>(tokens) / elapsed : 0;
+    double eta = last_step_ > 0 && elapsed > 0 ? elapsed / static_cast<double>(last_step_) * static_cast<double>(total - last_step_) : 0;
+    // Per-island utilisation: compute / wall over the island's workers.
+    std::map<std::string, std::pair<double, double>> isl;
+    for (const auto& [r, w] : per_rank_) {
+      if (r < 0 || r >= static_cast<int>(workers_.size())) continue;
+      auto& p = isl[workers_[static_cast<size_t>(r)].island];
+      p.first += w.compute;
+      p.second += w.wall;
+    }
+    std::string util;
+    for (const auto& [name, p] : isl) {
+      util += fmt::format(" {}:{:.0f}%", name, p.second > 0 ? 100.0 * p.first / p.second : 0.0);
+    }
+    std::string val = val_loss_ >= 0 ? fmt::format(" val {:.3f}", val_loss_) : "";
+    return fmt::format("step {}/{}  loss {:.3f}{}  {:.0f} tok/s  ETA {:.0f}s  util{}", last_step_, total, loss_, val,
+                       tps, eta, util);
+  }
+  int64_t lastStep() const { return last_step_; }
+
+ private:
+  struct PerRank {
+    int64_t tokens = 0;
+    double compute = 0, wall = 0;
+  };
+  std::string path_;
+  const core::JobConfig& job_;
+  std::vector<WorkerInfo> workers_;
+  std::streamoff offset_ = 0;
+  int64_t last_step_ = 0;
+  double loss_ = 0, val_loss_ = -1;
+  double first_time_ = 0, last_time_ = 0;
+  std::map<int, PerRank> per_rank_;
+};
+
+}  // namespace
+
+int rankFromEnv() { return envInt({"RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"}); }
+int worldFromEnv() { return envInt({"WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}); }
+
+core::Status launchTraining(const LaunchOptions& opt) {
+  ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, opt.load));
+  core::JobConfig job = loaded.job;
+  const std::string run_dir = job.run_dir;
+  const auto workers = workersOf(job.cluster);
+  const int world = static_cast<int>(workers.size());
+
+  // ---- run directory: refuse to mix two runs, refuse to resume nothing ----
+  if (opt.resume) {
+    if (!fs::exists(fs::path(run_dir) / "checkpoints")) {
+      return core::failedPrecondition("--resume: run_dir '" + run_dir + "' has no checkpoints to resume from");
+    }
+    ARCH_ASSIGN_OR_RETURN(auto latest, latestValidCheckpoint(run_dir));
+    ARCH_LOG_INFO("resuming from {}", latest);
+  } else if (!listCheckpoints(run_dir).empty()) {
+    return core::failedPrecondition("run_dir '" + run_dir +
+                                    "' already holds a run with checkpoints; pass --resume to continue it, or set "
+                                    "run_dir (e.g. --set run_dir=runs/new) to start a new one");
+  }
+  ARCH_RETURN_IF_ERROR(ensureData(job));
+
+  std::error_code ec;
+  fs::create_directories(fs::path(run_dir) / "logs", ec);
+  if (ec) return core::unavailable("cannot create run_dir '" + run_dir + "': " + ec.message());
+  if (!opt.resume) {
+    fs::remove(fs::path(run_dir) / "metrics.jsonl", ec);
+    fs::remove_all(fs::path(run_dir) / "trace", ec);
+  }
+  const std::string job_file = (fs::path(run_dir) / "job.yaml").string();
+  ARCH_RETURN_IF_ERROR(writeFileAtomic(job_file, core::dumpJobYaml(job)));
+  {
+    nlohmann::json ranks = nlohmann::json::array();
+    for (const auto& w : workers) {
+      ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"device", w.device}, {"slowdown", w.slowdown}});
+    }
+    nlohmann::json straits = nlohmann::json::array();
+    for (const auto& s : job.cluster.straits) {
+      straits.push_back({{"a", s.a}, {"b", s.b}, {"bandwidth", core::formatBandwidth(s.bandwidth)},
+                         {"latency", core::formatDuration(s.latency)}});
+    }
+    nlohmann::json run = {{"job", opt.job_path}, {"started", static_cast<double>(core::wallMicros()) / 1e6},
+                          {"world", world}, {"ranks", ranks}, {"straits", straits},
+                          {"strategy", job.strategy.kind}, {"emulated", true}, {"resumed", opt.resume}};
+    ARCH_RETURN_IF_ERROR(writeFileAtomic((fs::path(run_dir) / "run.json").string(), run.dump(2)));
+  }
+
+  // ---- coordinator + workers ----
+  const std::string secret = randomSecret();
+  comm::CoordinatorOptions co;
+  co.heartbeat_timeout_s = job.strategy.failure_timeout;
+  auto coord = std::make_unique<comm::CoordinatorServer>(secret, co);
+  ARCH_RETURN_IF_ERROR(coord->start());
+  const std::string coord_addr = "127.0.0.1:" + std::to_string(coord->port());
+  ARCH_LOG_INFO("job '{}': {} workers in {} islands; coordinator at {}; run dir {}", job.cluster.name, world,
+                job.cluster.islands.size(), coord_addr, run_dir);
+  for (const auto& s : job.cluster.straits) {
+    ARCH_LOG_INFO("EMULATED strait {}<->{}: {}, {} one way", s.a, s.b, core::formatBandwidth(s.bandwidth),
+                  core::formatDuration(s.latency));
+  }
+  for (const auto& w : workers) {
+    if (w.slowdown != 1.0) ARCH_LOG_INFO("EMULATED slowdown x{} on rank {} ({})", w.slowdown, w.rank, w.island);
+  }
+
+  struct sigaction sa {};
+  sa.sa_handler = onInterrupt;
+  sigemptyset(&sa.sa_mask);
+  struct sigaction old_int {}, old_term {};
+  sigaction(SIGINT, &sa, &old_int);
+  sigaction(SIGTERM, &sa, &old_term);
+  g_interrupts = 0;
+
+  std::vector<Child> children;
+  for (const auto& w : workers) {
+    Child c;
+    c.rank = w.rank;
+    c.log = (fs::path(run_dir) / "logs" / ("rank" + std::to_string(w.rank) + ".log")).string();
+    pid_t pid = ::fork();
+    if (pid < 0) return core::unavailable("fork failed while starting worker " + std::to_string(w.rank));
+    if (pid == 0) {
+      // Workers ignore the terminal's SIGINT: the launcher decides how to stop them.
+      ::setpgid(0, 0);
+      int fd = ::open(c.log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+      if (fd >= 0) {
+        ::dup2(fd, 1);
+        ::dup2(fd, 2);
+        ::close(fd);
+      }
+      ::setenv("ARCHIPELAGO_SECRET", secret.c_str(), 1);
+      std::vector<std::string> args = {opt.self_exe, "worker", "--job", job_file, "--run-dir", run_dir,
+                                       "--rank", std::to_string(w.rank), "--world", std::to_string(world),
+                                       "--coordinator", coord_addr};
+      if (opt.resume) args.push_back("--resume");
+      if (opt.exit_after_step >= 0) {
+        args.push_back("--exit-after-step");
+        args.push_back(std::to_string(opt.exit_after_step));
+      }
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(opt.self_exe.c_str(), argv.data());
+      std::fprintf(stderr, "cannot exec '%s': %s\n", opt.self_exe.c_str(), std::strerror(errno));
+      std::_Exit(127);
+    }
+    c.pid = pid;
+    children.push_back(c);
+  }
+
+  ProgressView progress((fs::path(run_dir) / "metrics.jsonl").string(), job, workers);
+  const auto t0 = core::Clock::now();
+  int forwarded = 0;
+  core::Status failure;
+  bool tty = ::isatty(2);
+  auto last_print = core::Clock::now() - std::chrono::seconds(10);
+  while (true) {
+    int alive = 0;
+    for (auto& c : children) {
+      if (c.exit_code >= 0) continue;
+      int status = 0;
+      pid_t r = ::waitpid(c.pid, &status, WNOHANG);
+      if (r == c.pid) {
+        c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        if (c.exit_code != 0 && failure.isOk()) {
+          failure = core::unavailable("worker " + std::to_string(c.rank) + " exited with code " +
+                                      std::to_string(c.exit_code) + "; its log (" + c.log + ") ends with:\n" +
+                                      tailOf(c.log));
+        }
+      } else {
+        ++alive;
+      }
+    }
+    if (alive == 0) break;
+    if (!failure.isOk()) {
+      // One worker failed: the others cannot finish their collectives. Stop them.
+      for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGTERM);
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGKILL);
+    }
+    int ints = g_interrupts.load();
+    if (ints > forwarded) {
+      // First Ctrl-C: workers stop at the next step boundary and checkpoint.
+      // Second: stop now.
+      int sig = ints == 1 ? SIGINT : SIGKILL;
+      ARCH_LOG_WARN(ints == 1 ? "interrupt: workers stop after this step and write a checkpoint (Ctrl-C again to kill)"
+                              : "second interrupt: killing workers");
+      for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, sig);
+      forwarded = ints;
+    }
+    progress.poll();
+    if (opt.progress && core::Clock::now() - last_print > std::chrono::milliseconds(tty ? 500 : 10000)) {
+      std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", progress.line().c_str());
+      std::fflush(stderr);
+      last_print = core::Clock::now();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  progress.poll();
+  if (opt.progress) std::fprintf(stderr, tty ? "\r\033[K%s\n" : "%s\n", progress.line().c_str());
+  sigaction(SIGINT, &old_int, nullptr);
+  sigaction(SIGTERM, &old_term, nullptr);
+  coord->stop();
+
+  std::vector<std::string> traces;
+  for (int r = 0; r < world; ++r) traces.push_back((fs::path(run_dir) / "trace" / ("rank" + std::to_string(r) + ".json")).string());
+  (void)TraceRecorder::merge(traces, (fs::path(run_dir) / "trace.json").string());
+  if (!failure.isOk()) return failure;
+  if (forwarded > 0) {
+    return core::aborted("interrupted after step " + std::to_string(progress.lastStep()) +
+                         "; a checkpoint was written: continue with `archipelago train " + opt.job_path + " --resume`");
+  }
+  ARCH_LOG_INFO("run finished in {:.1f}s; run dir {}", core::secondsSince(t0), run_dir);
+  return core::okStatus();
+}
+
+}  // namespace archipelago::runtime

@@ -1,0 +1,133 @@
+#include "archipelago/runtime/metrics.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "archipelago/core/clock.h"
+#include "archipelago/core/log.h"
+
+namespace archipelago::runtime {
+
+MetricsSink::~MetricsSink() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+core::Status MetricsSink::open(const std::string& path) {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd_ < 0) return core::unavailable("cannot open metrics file '" + path + "': " + std::strerror(errno));
+  return core::okStatus();
+}
+
+void MetricsSink::write(nlohmann::json line) {
+  if (fd_ < 0) return;
+  if (!line.contains("time")) line["time"] = static_cast<double>(core::wallMicros()) / 1e6;
+  std::string s = line.dump() + "\n";
+  ssize_t n = ::write(fd_, s.data(), s.size());
+  if (n != static_cast<ssize_t>(s.size())) {
+    ARCH_LOG_WARN("metrics line not fully written ({} of {} bytes): {}", n, s.size(), std::strerror(errno));
+  }
+}
+
+void TraceRecorder::setProcess(int rank, std::string name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  pid_ = rank;
+  name_ = std::move(name);
+}
+
+void TraceRecorder::complete(Track track, std::string name, int64_t start_us, int64_t dur_us, nlohmann::json args) {
+  nlohmann::json e = {{"name", std::move(name)}, {"ph", "X"}, {"ts", start_us}, {"dur", dur_us}, {"tid", static_cast<int>(track)}};
+  if (!args.is_null()) e["args"] = std::move(args);
+  std::lock_guard<std::mutex> lock(mu_);
+  e["pid"] = pid_;
+  events_.push_back(std::move(e));
+}
+
+void TraceRecorder::instant(std::string name, int64_t at_us, nlohmann::json args) {
+  nlohmann::json e = {{"name", std::move(name)}, {"ph", "i"}, {"s", "p"}, {"ts", at_us}, {"tid", 0}};
+  if (!args.is_null()) e["args"] = std::move(args);
+  std::lock_guard<std::mutex> lock(mu_);
+  e["pid"] = pid_;
+  events_.push_back(std::move(e));
+}
+
+size_t TraceRecorder::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return events_.size();
+}
+
+core::Status TraceRecorder::writeFile(const std::string& path) const {
+  nlohmann::json doc;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto events = nlohmann::json::array();
+    events.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", pid_}, {"args", {{"name", name_}}}});
+    const char* tracks[] = {"compute", "comm", "data", "checkpoint", "wait"};
+    for (int t = 0; t < 5; ++t) {
+      events.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", pid_}, {"tid", t}, {"args", {{"name", tracks[t]}}}});
+    }
+    for (const auto& e : events_) events.push_back(e);
+    doc["traceEvents"] = std::move(events);
+    doc["displayTimeUnit"] = "ms";
+  }
+  return writeFileAtomic(path, doc.dump());
+}
+
+core::Status TraceRecorder::merge(const std::vector<std::string>& inputs, const std::string& output) {
+  auto all = nlohmann::json::array();
+  for (const auto& in : inputs) {
+    std::ifstream f(in);
+    if (!f) continue;  // a worker that died before writing its trace
+    try {
+      auto doc = nlohmann::json::parse(f);
+      for (auto& e : doc["traceEvents"]) all.push_back(std::move(e));
+    } catch (const std::exception& e) {
+      ARCH_LOG_WARN("skipping unreadable trace '{}': {}", in, e.what());
+    }
+  }
+  nlohmann::json doc = {{"traceEvents", std::move(all)}, {"displayTimeUnit", "ms"}};
+  return writeFileAtomic(output, doc.dump());
+}
+
+ScopedSpan::ScopedSpan(TraceRecorder* trace, TraceRecorder::Track track, std::string name, double* accumulate_s)
+    : trace_(trace), track_(track), name_(std::move(name)), acc_(accumulate_s), start_us_(core::wallMicros()) {}
+
+ScopedSpan::~ScopedSpan() {
+  int64_t dur = core::wallMicros() - start_us_;
+  if (acc_) *acc_ += static_cast<double>(dur) / 1e6;
+  if (trace_) trace_->complete(track_, std::move(name_), start_us_, dur);
+}
+
+core::Status writeFileAtomic(const std::string& path, const std::string& text) {
+  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return core::unavailable("cannot create '" + tmp + "': " + std::strerror(errno));
+  size_t off = 0;
+  while (off < text.size()) {
+    ssize_t n = ::write(fd, text.data() + off, text.size() - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int err = errno;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return core::unavailable("cannot write '" + tmp + "': " + std::strerror(err));
+    }
+    off += static_cast<size_t>(n);
+  }
+  ::fsync(fd);
+  ::close(fd);
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    ::unlink(tmp.c_str());
+    return core::unavailable("cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
+  }
+  return core::okStatus();
+}
+
+}  // namespace archipelago::runtime
