@@ -1,11 +1,77 @@
-// archipelago bench ...
+// archipelago bench ...: `bench comm` measures the comm layer's collectives
+// (and Gloo's ring allreduce in the same run) on forked local ranks.
+#include <sstream>
+
+#include "archipelago/comm/bench.h"
+#include "archipelago/core/units.h"
 #include "cli/commands.h"
 
 namespace archipelago::cli {
+namespace {
+
+std::vector<std::string> splitList(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+// "4KB..256MB" (powers of 4 between the ends) or "4KB,1MB,64MB".
+core::Result<std::vector<uint64_t>> parseSizes(const std::string& text) {
+  std::vector<uint64_t> out;
+  auto dots = text.find("..");
+  if (dots != std::string::npos) {
+    auto lo = core::parseByteSize(text.substr(0, dots));
+    auto hi = core::parseByteSize(text.substr(dots + 2));
+    if (!lo.isOk() || !hi.isOk() || *lo == 0 || *lo > *hi) {
+      return core::invalidArgument("--sizes '" + text + "': expected LOW..HIGH like 4KB..256MB");
+    }
+    for (uint64_t s = *lo; s <= *hi; s *= 4) out.push_back(s);
+    if (out.back() != *hi) out.push_back(*hi);
+    return out;
+  }
+  for (const auto& item : splitList(text)) {
+    auto v = core::parseByteSize(item);
+    if (!v.isOk()) return core::invalidArgument("--sizes: '" + item + "' is not a size like 64MB");
+    out.push_back(*v);
+  }
+  return out;
+}
+
+}  // namespace
 
 void addBenchCommands(CLI::App& app) {
-  // Registered by the bench layer's owner.
-  (void)app;
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks (nccl-tests style tables + JSON lines)");
+  CLI::App* c = bench->add_subcommand("comm", "Collectives on N local ranks vs Gloo's ring allreduce");
+  struct Opts {
+    comm::CommBenchOptions o;
+    std::string sizes, ops;
+    bool no_gloo = false;
+  };
+  auto opts = std::make_shared<Opts>();
+  c->add_option("--ranks", opts->o.ranks, "ranks (processes) to fork, 2..64")->capture_default_str();
+  c->add_option("--sizes", opts->sizes, "buffer sizes: 4KB..256MB or a list 1MB,64MB (default: 4KB..64MB)");
+  c->add_option("--ops", opts->ops,
+                "allreduce,hier_allreduce,allgather,reduce_scatter,broadcast,alltoall,failure");
+  c->add_option("--strait", opts->o.strait, "EMULATED strait between two islands: \"1Gbit/s,20ms[,jitter[,loss]]\"");
+  c->add_option("--codec", opts->o.codec, "codec on the cross-island leg of hier_allreduce (int8, bf16, fp8_e4m3, ...)")
+      ->capture_default_str();
+  c->add_flag("--gloo,!--no-gloo", opts->o.gloo, "also run Gloo's ring allreduce (default on)");
+  c->add_option("--streams", opts->o.streams, "TCP streams per peer pair")->capture_default_str();
+  c->add_option("--chunk", opts->o.chunk_bytes, "ring pipeline chunk in bytes")->capture_default_str();
+  c->add_option("--iters", opts->o.iters, "timed iterations per row (0 = by size)")->capture_default_str();
+  c->add_option("--rounds", opts->o.rounds, "alternating rounds per row (best reported)")->capture_default_str();
+  setAction(c, [opts]() -> core::Status {
+    comm::CommBenchOptions o = opts->o;
+    if (!opts->sizes.empty()) {
+      ARCH_ASSIGN_OR_RETURN(o.sizes, parseSizes(opts->sizes));
+    }
+    if (!opts->ops.empty()) o.ops = splitList(opts->ops);
+    return comm::runCommBench(o);
+  });
 }
 
 }  // namespace archipelago::cli

@@ -23,6 +23,7 @@ void addBenchCommands(CLI::App& app);    // bench_cmd.cpp
 void addPlanCommands(CLI::App& app);     // plan_cmd.cpp
 #if defined(ARCHIPELAGO_HAS_TORCH)
 void addTrainCommands(CLI::App& app);    // train_cmd_torch.cpp
+void addReportCommands(CLI::App& app);   // report_cmd_torch.cpp
 #endif
 
 }  // namespace archipelago::cli

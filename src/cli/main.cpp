@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   cli::addPlanCommands(app);
 #if defined(ARCHIPELAGO_HAS_TORCH)
   cli::addTrainCommands(app);
+  cli::addReportCommands(app);
 #endif
 
   try {

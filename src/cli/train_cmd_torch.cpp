@@ -100,9 +100,11 @@ void addTrainCommands(CLI::App& app) {
     ARCH_RETURN_IF_ERROR(model::loadIntoModel(net, f));
     net->eval();
     torch::NoGradGuard ng;
-    auto ids = ds->tokenizer().encode(prompt);
+    auto ids32 = ds->tokenizer().encode(prompt);
+    std::vector<int64_t> ids(ids32.begin(), ids32.end());
     auto out = model::generate(net, ids, gen);
-    std::printf("%s%s\n", prompt.c_str(), ds->tokenizer().decode(out).c_str());
+    std::vector<int32_t> out32(out.begin(), out.end());
+    std::printf("%s%s\n", prompt.c_str(), ds->tokenizer().decode(out32).c_str());
     return core::okStatus();
   });
 

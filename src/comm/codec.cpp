@@ -93,23 +93,51 @@ float loadF32(const uint8_t* p) {
 }
 void storeF32(uint8_t* p, float v) { std::memcpy(p, &v, 4); }
 
+// ---- SSE2 helpers (x86-64 baseline, so every x86-64 host runs them) --------
+// Each kernel below has a scalar twin that handles tails and non-x86 hosts;
+// the two compute the same function bit for bit (tests run lengths that use
+// both, and the build with __SSE2__ undefined gives the same digest).
+#if defined(__SSE2__)
+namespace sse {
+inline __m128i set1(uint32_t v) { return _mm_set1_epi32(static_cast<int>(v)); }
+// m ? a : b, lane-wise (m all-ones or all-zeros per lane)
+inline __m128i sel(__m128i m, __m128i a, __m128i b) {
+  return _mm_or_si128(_mm_and_si128(m, a), _mm_andnot_si128(m, b));
+}
+// min for lanes in [0, 2^31) (signed compare is exact there)
+inline __m128i min31(__m128i a, __m128i b) { return sel(_mm_cmpgt_epi32(a, b), b, a); }
+// Packs eight 16-bit codes held in the low halves of two int32 vectors.
+inline __m128i pack16(__m128i a, __m128i b) {
+  a = _mm_srai_epi32(_mm_slli_epi32(a, 16), 16);  // sign-extend so packs does not saturate
+  b = _mm_srai_epi32(_mm_slli_epi32(b, 16), 16);
+  return _mm_packs_epi32(a, b);
+}
+}  // namespace sse
+#endif
+
 // Largest |x| over the finite elements (0 if none). Integer max on the
 // magnitude bits: for non-negative floats integer order is float order, and
 // an integer reduction vectorises without fast-math and is order-independent.
-template <size_t kN>
-uint32_t finiteAbsMaxBitsFixed(const float* x) {
-  uint32_t m = 0;
-  for (size_t i = 0; i < kN; ++i) {
-    uint32_t a = std::bit_cast<uint32_t>(x[i]) & 0x7FFFFFFFu;
-    a = a < 0x7F800000u ? a : 0u;
-    m = m > a ? m : a;
-  }
-  return m;
-}
 float finiteAbsMax(const float* x, size_t n) {
-  if (n == kB) return std::bit_cast<float>(finiteAbsMaxBitsFixed<kB>(x));
   uint32_t m = 0;
-  for (size_t i = 0; i < n; ++i) {
+  size_t i = 0;
+#if defined(__SSE2__)
+  const __m128i mag = sse::set1(0x7FFFFFFFu), inf = sse::set1(0x7F800000u);
+  __m128i vm0 = _mm_setzero_si128(), vm1 = _mm_setzero_si128();
+  for (; i + 8 <= n; i += 8) {
+    __m128i a0 = _mm_and_si128(_mm_castps_si128(_mm_loadu_ps(x + i)), mag);
+    __m128i a1 = _mm_and_si128(_mm_castps_si128(_mm_loadu_ps(x + i + 4)), mag);
+    a0 = _mm_and_si128(a0, _mm_cmpgt_epi32(inf, a0));  // Inf/NaN -> 0
+    a1 = _mm_and_si128(a1, _mm_cmpgt_epi32(inf, a1));
+    vm0 = sse::sel(_mm_cmpgt_epi32(a0, vm0), a0, vm0);
+    vm1 = sse::sel(_mm_cmpgt_epi32(a1, vm1), a1, vm1);
+  }
+  vm0 = sse::sel(_mm_cmpgt_epi32(vm1, vm0), vm1, vm0);
+  alignas(16) uint32_t lanes[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), vm0);
+  for (uint32_t v : lanes) m = m > v ? m : v;
+#endif
+  for (; i < n; ++i) {
     uint32_t a = std::bit_cast<uint32_t>(x[i]) & 0x7FFFFFFFu;
     a = a < 0x7F800000u ? a : 0u;
     m = m > a ? m : a;
@@ -190,36 +218,78 @@ void encodeInt8(std::span<const float> in, uint8_t* scales, uint8_t* payload) {
   }
 }
 
-void encodeInt4(std::span<const float> in, uint8_t* scales, uint8_t* payload) {
-  const size_t n = in.size();
-  alignas(16) int8_t q[kB + 1];
-  for (size_t b = 0, off = 0; off < n; ++b, off += kB) {
-    const size_t len = std::min(kB, n - off);
-    const float s = symmetricScale(finiteAbsMax(in.data() + off, len), 7.0f);
-    storeF32(scales + 4 * b, s);
-    quantizeI8(in.data() + off, len, 1.0f / s, q);
-    q[len] = 0;  // zero padding nibble for an odd tail
-    uint8_t* dst = payload + blockPayloadOffset(CodecKind::kInt4, b);
-    const size_t bytes = (len + 1) / 2;
-    for (size_t j = 0; j < bytes; ++j) {
-      // -128 (non-finite) -> reserved nibble 8 (-8); finite codes are in [-7, 7].
-      const int lo = q[2 * j] == -128 ? 8 : (std::clamp<int>(q[2 * j], -7, 7) & 0xF);
-      const int hi = q[2 * j + 1] == -128 ? 8 : (std::clamp<int>(q[2 * j + 1], -7, 7) & 0xF);
-      dst[j] = static_cast<uint8_t>(lo | (hi << 4));
+// Packs len int8 codes (finite in [-7, 7], -128 = non-finite) two per byte:
+// element 2j in the low nibble, 2j+1 in the high one; -128 -> nibble 8.
+// q must have room for one more element (zeroed here for an odd tail).
+void packInt4(int8_t* q, size_t len, uint8_t* dst) {
+  q[len] = 0;
+  const size_t bytes = (len + 1) / 2;
+  size_t j = 0;
+#if defined(__SSE2__)
+  const __m128i marker = _mm_set1_epi8(-128), low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  const __m128i lo_mask = _mm_set1_epi16(0x000F), hi_mask = _mm_set1_epi16(0x00F0);
+  for (; 2 * j + 32 <= len; j += 16) {
+    __m128i v[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m128i qv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 2 * j + 16 * h));
+      const __m128i nib = sse::sel(_mm_cmpeq_epi8(qv, marker), eight, _mm_and_si128(qv, low4));
+      // 16-bit lane = nib[2i] | nib[2i+1] << 8  ->  nib[2i] | nib[2i+1] << 4
+      v[h] = _mm_or_si128(_mm_and_si128(nib, lo_mask), _mm_and_si128(_mm_srli_epi16(nib, 4), hi_mask));
     }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm_packus_epi16(v[0], v[1]));
+  }
+#endif
+  for (; j < bytes; ++j) {
+    const int lo = q[2 * j] == -128 ? 8 : (q[2 * j] & 0xF);
+    const int hi = q[2 * j + 1] == -128 ? 8 : (q[2 * j + 1] & 0xF);
+    dst[j] = static_cast<uint8_t>(lo | (hi << 4));
   }
 }
 
-void decodeInt4Block(const uint8_t* src, size_t len, float scale, float* out) {
-  alignas(16) int8_t q[kB + 1];
+// Inverse of packInt4 for len elements: nibbles sign-extended, 8 -> -128.
+void unpackInt4(const uint8_t* src, size_t len, int8_t* q) {
   const size_t bytes = (len + 1) / 2;
-  for (size_t j = 0; j < bytes; ++j) {
-    // Sign-extend each nibble; the reserved -8 maps to int8 -128 (NaN).
+  size_t j = 0;
+#if defined(__SSE2__)
+  const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  const __m128i minus8 = _mm_set1_epi8(-8), marker = _mm_set1_epi8(-128);
+  for (; 2 * j + 32 <= len; j += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+    const __m128i lo = _mm_and_si128(b, low4);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i n = h == 0 ? _mm_unpacklo_epi8(lo, hi) : _mm_unpackhi_epi8(lo, hi);
+      const __m128i sv = _mm_sub_epi8(_mm_xor_si128(n, eight), eight);  // 0..15 -> -8..7
+      const __m128i out = sse::sel(_mm_cmpeq_epi8(sv, minus8), marker, sv);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 2 * j + 16 * h), out);
+    }
+  }
+#endif
+  for (; j < bytes; ++j) {
     const int lo = static_cast<int8_t>(static_cast<uint8_t>(src[j] << 4)) >> 4;
     const int hi = static_cast<int8_t>(src[j]) >> 4;
     q[2 * j] = static_cast<int8_t>(lo == -8 ? -128 : lo);
     q[2 * j + 1] = static_cast<int8_t>(hi == -8 ? -128 : hi);
   }
+}
+
+void encodeInt4(std::span<const float> in, uint8_t* scales, uint8_t* payload) {
+  const size_t n = in.size();
+  alignas(16) int8_t q[kB + 16];
+  for (size_t b = 0, off = 0; off < n; ++b, off += kB) {
+    const size_t len = std::min(kB, n - off);
+    const float s = symmetricScale(finiteAbsMax(in.data() + off, len), 7.0f);
+    storeF32(scales + 4 * b, s);
+    // Finite codes land in [-7, 7]: |x| <= absmax and 1/s = 7/absmax up to
+    // a few ulps, so |x/s| < 7.5.
+    quantizeI8(in.data() + off, len, 1.0f / s, q);
+    packInt4(q, len, payload + blockPayloadOffset(CodecKind::kInt4, b));
+  }
+}
+
+void decodeInt4Block(const uint8_t* src, size_t len, float scale, float* out) {
+  alignas(16) int8_t q[kB + 16];
+  unpackInt4(src, len, q);
   dequantizeI8(q, len, scale, out);
 }
 
@@ -248,12 +318,70 @@ int fp8ScaleExp(float absmax, double max_value) {
 }
 
 template <CodecKind kKind>
+struct Fp8Traits;
+template <>
+struct Fp8Traits<CodecKind::kFP8E4M3> {
+  static constexpr int kMan = 3, kBias = 7;
+  static constexpr uint32_t kMinNormal = 0x3C800000u;  // 2^-6
+  static constexpr uint32_t kSubAdd = 0x46800000u;     // 2^14: ulp 2^-9
+  static constexpr uint32_t kMaxCode = 0x7E, kInfCode = 0x7F, kNanCode = 0x7F;
+};
+template <>
+struct Fp8Traits<CodecKind::kFP8E5M2> {
+  static constexpr int kMan = 2, kBias = 15;
+  static constexpr uint32_t kMinNormal = 0x38800000u;  // 2^-14
+  static constexpr uint32_t kSubAdd = 0x43000000u;     // 2^7: ulp 2^-16
+  static constexpr uint32_t kMaxCode = 0x7B, kInfCode = 0x7C, kNanCode = 0x7E;
+};
+
+template <CodecKind kKind>
 inline uint8_t toFp8(float y, uint32_t max_code) {
-  if constexpr (kKind == CodecKind::kFP8E4M3) {
-    return detail::floatToFp8<3, 7, 0x3C800000u, 0x46800000u, 0x7Eu, 0x7Fu, 0x7Fu>(y, max_code);
-  } else {
-    return detail::floatToFp8<2, 15, 0x38800000u, 0x43000000u, 0x7Bu, 0x7Cu, 0x7Eu>(y, max_code);
+  using T = Fp8Traits<kKind>;
+  return detail::floatToFp8<T::kMan, T::kBias, T::kMinNormal, T::kSubAdd, T::kMaxCode, T::kInfCode,
+                            T::kNanCode>(y, max_code);
+}
+
+#if defined(__SSE2__)
+// SSE2 twin of detail::floatToFp8 on four lanes; returns codes in int32 lanes.
+template <CodecKind kKind>
+inline __m128i toFp8x4(__m128 y, __m128i max_code) {
+  using T = Fp8Traits<kKind>;
+  constexpr int kShift = 23 - T::kMan;
+  const __m128i f = _mm_castps_si128(y);
+  const __m128i a = _mm_and_si128(f, sse::set1(0x7FFFFFFFu));
+  const __m128i sign = _mm_and_si128(_mm_srli_epi32(f, 24), sse::set1(0x80u));
+  const __m128i an = sse::min31(a, sse::set1(0x7F000000u));
+  __m128i cn = _mm_sub_epi32(an, sse::set1(static_cast<uint32_t>(127 - T::kBias) << 23));
+  cn = _mm_add_epi32(cn, sse::set1((1u << (kShift - 1)) - 1u));
+  cn = _mm_add_epi32(cn, _mm_and_si128(_mm_srli_epi32(an, kShift), sse::set1(1u)));
+  cn = _mm_srli_epi32(cn, kShift);
+  const __m128i is_sub = _mm_cmpgt_epi32(sse::set1(T::kMinNormal), a);
+  const __m128 s = _mm_add_ps(_mm_castsi128_ps(_mm_and_si128(a, is_sub)),
+                              _mm_castsi128_ps(sse::set1(T::kSubAdd)));
+  const __m128i cs = _mm_sub_epi32(_mm_castps_si128(s), sse::set1(T::kSubAdd));
+  __m128i c = sse::min31(sse::sel(is_sub, cs, cn), max_code);
+  const __m128i special = _mm_cmpgt_epi32(a, sse::set1(0x7F7FFFFFu));
+  const __m128i is_inf = _mm_cmpeq_epi32(a, sse::set1(0x7F800000u));
+  c = sse::sel(special, sse::sel(is_inf, sse::set1(T::kInfCode), sse::set1(T::kNanCode)), c);
+  return _mm_or_si128(c, sign);
+}
+#endif
+
+// dst[i] = fp8(x[i] * inv), saturating at max_code.
+template <CodecKind kKind>
+void fp8EncodeRun(const float* x, size_t len, float inv, uint32_t max_code, uint8_t* dst) {
+  size_t i = 0;
+#if defined(__SSE2__)
+  const __m128 vinv = _mm_set1_ps(inv);
+  const __m128i vmax = sse::set1(max_code);
+  for (; i + 16 <= len; i += 16) {
+    __m128i c[4];
+    for (int k = 0; k < 4; ++k) c[k] = toFp8x4<kKind>(_mm_mul_ps(_mm_loadu_ps(x + i + 4 * k), vinv), vmax);
+    const __m128i packed = _mm_packus_epi16(_mm_packs_epi32(c[0], c[1]), _mm_packs_epi32(c[2], c[3]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
   }
+#endif
+  for (; i < len; ++i) dst[i] = toFp8<kKind>(x[i] * inv, max_code);
 }
 
 template <CodecKind kKind>
@@ -270,12 +398,7 @@ void encodeFp8(std::span<const float> in, uint8_t* scales, uint8_t* payload) {
     uint32_t max_code = fmt.max_code;
     while (static_cast<double>((*fmt.table)[max_code]) * scale > static_cast<double>(FLT_MAX)) --max_code;
     storeF32(scales + 4 * b, scale);
-    uint8_t* dst = payload + off;
-    if (len == kB && max_code == fmt.max_code) {
-      for (size_t i = 0; i < kB; ++i) dst[i] = toFp8<kKind>(x[i] * inv, fmt.max_code);
-    } else {
-      for (size_t i = 0; i < len; ++i) dst[i] = toFp8<kKind>(x[i] * inv, max_code);
-    }
+    fp8EncodeRun<kKind>(x, len, inv, max_code, payload + off);
   }
 }
 
@@ -286,36 +409,94 @@ void decodeFp8Block(const std::array<float, 256>& table, const uint8_t* src, siz
 
 // ---- bf16 / fp16 / none -----------------------------------------------------
 
-template <uint16_t (*kConvert)(float)>
+#if defined(__SSE2__)
+// SSE2 twins of floatToBf16Sat / floatToFp16Sat / fp16BitsToFloat (numeric.h).
+inline __m128i bf16x4(__m128 x) {
+  const __m128i f = _mm_castps_si128(x);
+  const __m128i a = _mm_and_si128(f, sse::set1(0x7FFFFFFFu));
+  const __m128i sign = _mm_and_si128(_mm_srli_epi32(f, 16), sse::set1(0x8000u));
+  __m128i r = _mm_add_epi32(_mm_add_epi32(a, sse::set1(0x7FFFu)),
+                            _mm_and_si128(_mm_srli_epi32(a, 16), sse::set1(1u)));
+  r = sse::min31(_mm_srli_epi32(r, 16), sse::set1(0x7F7Fu));
+  const __m128i special = _mm_cmpgt_epi32(a, sse::set1(0x7F7FFFFFu));
+  const __m128i is_inf = _mm_cmpeq_epi32(a, sse::set1(0x7F800000u));
+  r = sse::sel(special, sse::sel(is_inf, sse::set1(0x7F80u), sse::set1(0x7FC0u)), r);
+  return _mm_or_si128(r, sign);
+}
+
+inline __m128i fp16x4(__m128 x) {
+  const __m128i f = _mm_castps_si128(x);
+  const __m128i a = _mm_and_si128(f, sse::set1(0x7FFFFFFFu));
+  const __m128i sign = _mm_and_si128(_mm_srli_epi32(f, 16), sse::set1(0x8000u));
+  const __m128i an = sse::min31(a, sse::set1(0x477FE000u));
+  __m128i hn = _mm_add_epi32(_mm_sub_epi32(an, sse::set1(0x38000000u)), sse::set1(0xFFFu));
+  hn = _mm_srli_epi32(_mm_add_epi32(hn, _mm_and_si128(_mm_srli_epi32(an, 13), sse::set1(1u))), 13);
+  const __m128i is_sub = _mm_cmpgt_epi32(sse::set1(0x38800000u), a);
+  const __m128 s = _mm_add_ps(_mm_castsi128_ps(_mm_and_si128(a, is_sub)), _mm_set1_ps(0.5f));
+  const __m128i hs = _mm_sub_epi32(_mm_castps_si128(s), sse::set1(0x3F000000u));
+  __m128i h = sse::sel(is_sub, hs, hn);
+  const __m128i special = _mm_cmpgt_epi32(a, sse::set1(0x7F7FFFFFu));
+  const __m128i is_inf = _mm_cmpeq_epi32(a, sse::set1(0x7F800000u));
+  h = sse::sel(special, sse::sel(is_inf, sse::set1(0x7C00u), sse::set1(0x7E00u)), h);
+  return _mm_or_si128(h, sign);
+}
+
+// h: fp16 codes zero-extended into int32 lanes.
+inline __m128 fp16ToFloatx4(__m128i h) {
+  const __m128i sign = _mm_slli_epi32(_mm_and_si128(h, sse::set1(0x8000u)), 16);
+  const __m128i e = _mm_and_si128(_mm_srli_epi32(h, 10), sse::set1(0x1Fu));
+  const __m128i m = _mm_and_si128(h, sse::set1(0x3FFu));
+  const __m128i normal = _mm_add_epi32(_mm_slli_epi32(_mm_and_si128(h, sse::set1(0x7FFFu)), 13),
+                                       sse::set1(112u << 23));
+  const __m128i special = _mm_or_si128(sse::set1(0x7F800000u), _mm_slli_epi32(m, 13));
+  const __m128i sub =
+      _mm_castps_si128(_mm_mul_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(5.9604644775390625e-08f)));
+  const __m128i mag = sse::sel(_mm_cmpeq_epi32(e, _mm_setzero_si128()), sub,
+                               sse::sel(_mm_cmpeq_epi32(e, sse::set1(31u)), special, normal));
+  return _mm_castsi128_ps(_mm_or_si128(sign, mag));
+}
+#endif
+
+template <uint16_t (*kConvert)(float), bool kIsFp16>
 void encodeHalfLike(std::span<const float> in, uint8_t* payload) {
   const size_t n = in.size();
-  alignas(16) uint16_t tmp[kB];
-  size_t off = 0;
-  for (; off + kB <= n; off += kB) {
-    const float* x = in.data() + off;
-    for (size_t i = 0; i < kB; ++i) tmp[i] = kConvert(x[i]);
-    std::memcpy(payload + 2 * off, tmp, sizeof(tmp));
+  const float* x = in.data();
+  size_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128 a = _mm_loadu_ps(x + i), b = _mm_loadu_ps(x + i + 4);
+    const __m128i packed = kIsFp16 ? sse::pack16(fp16x4(a), fp16x4(b)) : sse::pack16(bf16x4(a), bf16x4(b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(payload + 2 * i), packed);
   }
-  for (size_t i = off; i < n; ++i) {
-    const uint16_t h = kConvert(in[i]);
+#endif
+  for (; i < n; ++i) {
+    const uint16_t h = kConvert(x[i]);
     std::memcpy(payload + 2 * i, &h, 2);
   }
 }
 
-template <float (*kConvert)(uint16_t)>
+template <float (*kConvert)(uint16_t), bool kIsFp16>
 void decodeHalfLike(const uint8_t* payload, std::span<float> out) {
   const size_t n = out.size();
-  alignas(16) uint16_t tmp[kB];
-  size_t off = 0;
-  for (; off + kB <= n; off += kB) {
-    std::memcpy(tmp, payload + 2 * off, sizeof(tmp));
-    float* y = out.data() + off;
-    for (size_t i = 0; i < kB; ++i) y[i] = kConvert(tmp[i]);
+  float* y = out.data();
+  size_t i = 0;
+#if defined(__SSE2__)
+  const __m128i zero = _mm_setzero_si128();
+  for (; i + 8 <= n; i += 8) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(payload + 2 * i));
+    if constexpr (kIsFp16) {
+      _mm_storeu_ps(y + i, fp16ToFloatx4(_mm_unpacklo_epi16(v, zero)));
+      _mm_storeu_ps(y + i + 4, fp16ToFloatx4(_mm_unpackhi_epi16(v, zero)));
+    } else {  // bf16: the code is the top half of the float
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm_unpacklo_epi16(zero, v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i + 4), _mm_unpackhi_epi16(zero, v));
+    }
   }
-  for (size_t i = off; i < n; ++i) {
+#endif
+  for (; i < n; ++i) {
     uint16_t h;
     std::memcpy(&h, payload + 2 * i, 2);
-    out[i] = kConvert(h);
+    y[i] = kConvert(h);
   }
 }
 
@@ -335,8 +516,8 @@ void decodeRange(CodecKind kind, const uint8_t* in, size_t n, size_t begin, std:
     case CodecKind::kNone:
       if (m != 0) std::memcpy(out.data(), payload + 4 * begin, 4 * m);
       return;
-    case CodecKind::kBF16: decodeHalfLike<bf16From>(payload + 2 * begin, out); return;
-    case CodecKind::kFP16: decodeHalfLike<fp16From>(payload + 2 * begin, out); return;
+    case CodecKind::kBF16: decodeHalfLike<bf16From, false>(payload + 2 * begin, out); return;
+    case CodecKind::kFP16: decodeHalfLike<fp16From, true>(payload + 2 * begin, out); return;
     default: break;
   }
   for (size_t b = begin / kB, off = 0; off < m; ++b, off += kB) {
@@ -454,8 +635,8 @@ void encode(CodecKind kind, std::span<const float> in, std::span<uint8_t> out) {
     case CodecKind::kNone:
       if (!in.empty()) std::memcpy(payload, in.data(), 4 * in.size());
       return;
-    case CodecKind::kBF16: encodeHalfLike<bf16Of>(in, payload); return;
-    case CodecKind::kFP16: encodeHalfLike<fp16Of>(in, payload); return;
+    case CodecKind::kBF16: encodeHalfLike<bf16Of, false>(in, payload); return;
+    case CodecKind::kFP16: encodeHalfLike<fp16Of, true>(in, payload); return;
     case CodecKind::kInt8: encodeInt8(in, scales, payload); return;
     case CodecKind::kInt4: encodeInt4(in, scales, payload); return;
     case CodecKind::kFP8E4M3: encodeFp8<CodecKind::kFP8E4M3>(in, scales, payload); return;
@@ -521,6 +702,7 @@ void ErrorFeedback::update(std::span<const float> compensated, std::span<const f
 
 void ErrorFeedback::encode(std::span<const float> in, std::span<uint8_t> out) {
   if (kind_ == CodecKind::kNone) {  // lossless: the residual stays zero
+    ensureSize(in.size());
     comm::encode(kind_, in, out);
     return;
   }
@@ -534,8 +716,8 @@ void ErrorFeedback::encode(std::span<const float> in, std::span<uint8_t> out) {
 }
 
 void ErrorFeedback::roundTrip(std::span<float> inout) {
-  if (kind_ == CodecKind::kNone) return;
   ensureSize(inout.size());
+  if (kind_ == CodecKind::kNone) return;
   compensate(inout);
   compensated_.assign(inout.begin(), inout.end());
   wire_.resize(encodedSize(kind_, inout.size()));

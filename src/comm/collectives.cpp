@@ -72,8 +72,10 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
       int rb = mod(c.me - t - 2, n);
       for (size_t j = 0; j < P; ++j) {
         auto [lo, hi] = piece(rb, j);
-        c.mesh->postRecv(left, tagOf(static_cast<uint32_t>(t), j),
-                         scratch[t % 2].data() + (lo - off[static_cast<size_t>(rb)]) * es, (hi - lo) * es);
+        // The receiving I/O thread reduces each piece into place as it lands.
+        c.mesh->postRecvReduce(left, tagOf(static_cast<uint32_t>(t), j),
+                               scratch[t % 2].data() + (lo - off[static_cast<size_t>(rb)]) * es, (hi - lo) * es,
+                               data + lo * es, dtype, op);
       }
     };
     postStep(0);
@@ -88,8 +90,6 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
       for (size_t j = 0; j < P; ++j) {
         auto [lo, hi] = piece(rb, j);
         ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(left, tagOf(static_cast<uint32_t>(t), j), c.deadline, c.abort));
-        reduceInto(dtype, op, data + lo * es, scratch[t % 2].data() + (lo - off[static_cast<size_t>(rb)]) * es,
-                   hi - lo);
         if (t < n - 2) {
           sends.handles.push_back(
               c.mesh->send(right, tagOf(static_cast<uint32_t>(t + 1), j), data + lo * es, (hi - lo) * es));

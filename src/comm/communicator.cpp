@@ -82,6 +82,7 @@ Group::~Group() {
 uint32_t Group::epoch() const { return mesh_->epoch(); }
 int Group::islandOf(int group_rank) const { return islands_[static_cast<size_t>(group_rank)]; }
 uint64_t Group::bytesSent() const { return mesh_->bytesSent(); }
+uint64_t Group::straitBytesSent() const { return mesh_->straitBytesSent(); }
 
 Handle Group::submit(const char* name, OpFn fn, const OpOptions& o) {
   auto p = std::make_shared<Pending>();
@@ -204,34 +205,62 @@ Handle Group::hierarchicalAllreduceAsync(void* data, size_t count, DType dtype, 
     const int li = static_cast<int>(std::find(mine.begin(), mine.end(), me_) - mine.begin());
     std::vector<int> island_ranks;
     for (int i : mine) island_ranks.push_back(ranks_[static_cast<size_t>(i)]);
-    // Shard k (k < K) of the buffer goes to local rank k of every island;
-    // local ranks >= K (bigger islands) hold empty shards.
-    auto shard = algo::evenCounts(count, static_cast<int>(K));
-    std::vector<size_t> counts(mine.size(), 0);
-    for (size_t k = 0; k < K; ++k) counts[k] = shard[k];
-    auto ic = c.withRanks(island_ranks, li);
-    ARCH_RETURN_IF_ERROR(algo::ring(ic, bytes, counts, dtype, bop, true, false, 0, 1));
+    std::vector<int> cross;
+    int my_cross = 0;
     if (static_cast<size_t>(li) < K) {
-      std::vector<int> cross;
-      int my_cross = 0;
       for (int isl : island_order) {
         int member = by_island[isl][static_cast<size_t>(li)];
         if (member == me_) my_cross = static_cast<int>(cross.size());
         cross.push_back(ranks_[static_cast<size_t>(member)]);
       }
-      auto cc = c.withRanks(cross, my_cross);
-      size_t off = 0;
-      for (int k = 0; k < li; ++k) off += shard[static_cast<size_t>(k)];
-      uint8_t* mine_ptr = bytes + off * dtypeSize(dtype);
-      if (oo.codec != CodecKind::kNone) {
-        ARCH_RETURN_IF_ERROR(algo::ringCodec(cc, reinterpret_cast<float*>(mine_ptr), shard[static_cast<size_t>(li)],
-                                             oo.codec, div, 2, nullptr));
-      } else {
-        ARCH_RETURN_IF_ERROR(algo::allreduce(cc, mine_ptr, shard[static_cast<size_t>(li)], dtype, bop, div,
-                                             AllreduceAlgo::kAuto, 2));
-      }
     }
-    return algo::ring(ic, bytes, counts, dtype, bop, false, true, 0, 3);
+    const size_t es = dtypeSize(dtype);
+    // One chunk of the buffer through the three phases (tag phases p..p+2).
+    auto oneChunk = [&](uint8_t* ptr, size_t cnt, uint32_t p) -> core::Status {
+      // Shard k (k < K) goes to local rank k of every island; local ranks
+      // >= K (bigger islands) hold empty shards.
+      auto shard = algo::evenCounts(cnt, static_cast<int>(K));
+      std::vector<size_t> counts(mine.size(), 0);
+      for (size_t k = 0; k < K; ++k) counts[k] = shard[k];
+      auto ic = c.withRanks(island_ranks, li);
+      ARCH_RETURN_IF_ERROR(algo::ring(ic, ptr, counts, dtype, bop, true, false, 0, p));
+      if (static_cast<size_t>(li) < K) {
+        auto cc = c.withRanks(cross, my_cross);
+        size_t off = 0;
+        for (int k = 0; k < li; ++k) off += shard[static_cast<size_t>(k)];
+        uint8_t* mine_ptr = ptr + off * es;
+        if (oo.codec != CodecKind::kNone) {
+          ARCH_RETURN_IF_ERROR(algo::ringCodec(cc, reinterpret_cast<float*>(mine_ptr), shard[static_cast<size_t>(li)],
+                                               oo.codec, div, p + 1, nullptr));
+        } else {
+          ARCH_RETURN_IF_ERROR(algo::allreduce(cc, mine_ptr, shard[static_cast<size_t>(li)], dtype, bop, div,
+                                               AllreduceAlgo::kAuto, p + 1));
+        }
+      }
+      return algo::ring(ic, ptr, counts, dtype, bop, false, true, 0, p + 2);
+    };
+    // Large buffers go as up to 5 chunks in parallel (tag phases 1..15), so
+    // one chunk's intra-island phases overlap another's strait crossing.
+    const size_t chunks = std::clamp<size_t>(count * es / (2u << 20), 1, 5);
+    if (chunks == 1) return oneChunk(bytes, count, 1);
+    auto parts = algo::evenCounts(count, static_cast<int>(chunks));
+    std::vector<core::Status> sts(chunks);
+    std::vector<std::thread> threads;
+    size_t off = 0;
+    for (size_t ch = 0; ch < chunks; ++ch) {
+      uint8_t* ptr = bytes + off * es;
+      size_t cnt = parts[ch];
+      off += cnt;
+      threads.emplace_back([&, ptr, cnt, ch] {
+        sts[ch] = oneChunk(ptr, cnt, static_cast<uint32_t>(1 + 3 * ch));
+        if (!sts[ch].isOk()) mesh_->fail(sts[ch]);  // stop the sibling chunks too
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (auto& st : sts) {
+      if (!st.isOk()) return st;
+    }
+    return core::okStatus();
   }, o);
 }
 
@@ -490,6 +519,7 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
       const auto& nb = cl.islands[static_cast<size_t>(b)].name;
       const core::StraitSpec* s = cl.strait(na, nb);
       tls = s && s->tls && config_.options.tls_on_straits;
+      if (tls) ARCH_LOG_DEBUG("comm rank {}: TLS on the {}<->{} strait to rank {}", me, na, nb, peer);
       if (s && config_.options.emulate_straits && (s->bandwidth > 0 || s->latency > 0)) {
         // One shaper per direction of the strait, shared by every process of the job.
         std::string shm = "/arch-" + std::to_string(job % 1000000007ULL) + "-e" + std::to_string(epoch) + "-" +
@@ -502,6 +532,10 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
                         l.shaper->params().describe(), me, peer);
         }
       }
+    }
+    {
+      auto host = [](const std::string& a) { return a.substr(0, a.rfind(':')); };
+      l.same_host = !tls && host(addresses_[static_cast<size_t>(peer)]) == host(addresses_[static_cast<size_t>(me)]);
     }
     for (int s = 0; s < S; ++s) {
       core::Result<std::unique_ptr<Socket>> sock =

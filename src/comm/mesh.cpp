@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <sys/uio.h>
+#include <unistd.h>
+
 #include <cstring>
 
 #include "archipelago/core/hash.h"
@@ -41,6 +44,7 @@ void Mesh::start(std::vector<PeerLinks> links) {
       s->index = static_cast<int>(i);
       s->sock = l.streams[i].get();
       s->shaper = l.shaper;
+      s->remote = l.same_host && !l.shaper && options_.same_host_copy;
       ss.push_back(std::move(s));
     }
     peer_of_index_.push_back(l.peer);
@@ -91,7 +95,8 @@ SendHandle Mesh::send(int peer, uint64_t tag, const void* data, size_t bytes) {
   req->parts_left = static_cast<int>(parts);
   size_t off = 0;
   for (size_t p = 0; p < parts; ++p) {
-    size_t len = bytes / parts + (p < bytes % parts ? 1 : 0);
+    // 8-byte aligned parts keep every frame element-aligned (reduce-on-receive).
+    size_t len = p + 1 == parts ? bytes - off : (bytes / parts) & ~size_t{7};
     Stream* s = streams_[pi][(first + p) % nstreams].get();
     s->queue.push_back(Part{req, off, len, false});
     s->cv.notify_one();
@@ -121,15 +126,24 @@ core::Status Mesh::waitSend(const SendHandle& h, const core::Deadline& deadline,
 }
 
 void Mesh::postRecv(int peer, uint64_t tag, void* dst, size_t bytes) {
+  postRecvReduce(peer, tag, dst, bytes, nullptr, DType::kU8, ReduceOp::kSum);
+}
+
+void Mesh::postRecvReduce(int peer, uint64_t tag, void* dst, size_t bytes, void* reduce_into, DType dtype,
+                          ReduceOp op) {
   if (bytes == 0) return;
   std::lock_guard<std::mutex> lock(mu_);
   Slot& slot = slots_[{peer, tag}];
   slot.posted = true;
   slot.dst = static_cast<uint8_t*>(dst);
+  slot.reduce_into = static_cast<uint8_t*>(reduce_into);
+  slot.dtype = dtype;
+  slot.op = op;
   // Early frames carry their message size; a mismatch is a protocol error.
   for (auto& [off, buf] : slot.early) {
     if (off + buf.size() <= bytes) {
       std::memcpy(slot.dst + off, buf.data(), buf.size());
+      slot.reduceRange(off, buf.size());
       slot.received += buf.size();
     }
   }
@@ -141,6 +155,9 @@ void Mesh::postRecv(int peer, uint64_t tag, void* dst, size_t bytes) {
   slot.early.clear();
   slot.early.shrink_to_fit();
   slot.total = bytes;
+  for (const auto& r : slot.remote) copyRemoteLocked(peer, slot, r);
+  slot.remote.clear();
+  cv_.notify_all();
 }
 
 core::Status Mesh::waitRecv(int peer, uint64_t tag, const core::Deadline& deadline, const core::AbortFlag* abort) {
@@ -170,6 +187,59 @@ core::Status Mesh::waitRecv(int peer, uint64_t tag, const core::Deadline& deadli
 }
 
 static const char kBye[] = "closing";
+
+namespace {
+constexpr size_t kRemotePayload = 8 + 4 + 8 + 8 + 8;  // id, pid, address, length, host id
+constexpr size_t kAckPayload = 9;                 // id, ok
+
+// Identifies this kernel instance, so a peer that merely advertises the same
+// IP (NAT, containers) is never mistaken for a process on this host.
+uint64_t hostId() {
+  static const uint64_t id = [] {
+    std::string text;
+    if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+      char buf[128] = {0};
+      if (std::fgets(buf, sizeof(buf), f)) text = buf;
+      std::fclose(f);
+    }
+    char host[256] = {0};
+    ::gethostname(host, sizeof(host) - 1);
+    return core::fnv1a64(text + "/" + host);
+  }();
+  return id;
+}
+
+// Copies len bytes at addr in process pid into dst (the single copy).
+bool readRemote(int32_t pid, uint8_t* dst, uint64_t addr, uint64_t len) {
+  while (len > 0) {
+    iovec local{dst, len};
+    iovec remote{reinterpret_cast<void*>(addr), len};
+    ssize_t k = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
+    if (k <= 0) return false;
+    dst += k;
+    addr += static_cast<uint64_t>(k);
+    len -= static_cast<uint64_t>(k);
+  }
+  return true;
+}
+}  // namespace
+
+void Mesh::copyRemoteLocked(int peer, Slot& slot, const RemoteRange& r) {
+  bool ok = r.host == hostId() && r.offset <= slot.total && r.len <= slot.total - r.offset &&
+            readRemote(r.pid, slot.dst + r.offset, r.addr, r.len);
+  if (ok) {
+    slot.reduceRange(r.offset, r.len);
+    slot.received += r.len;
+  }
+  auto* st = static_cast<Stream*>(r.stream);
+  Part ack;
+  ack.ack = true;
+  ack.ack_ok = ok;
+  ack.ack_id = r.id;
+  st->queue.push_back(ack);
+  st->cv.notify_one();
+  (void)peer;
+}
 
 void Mesh::close() {
   std::unique_lock<std::mutex> lock(mu_);
@@ -202,31 +272,52 @@ void Mesh::close() {
 }
 
 void Mesh::fail(core::Status why) {
+  bool first = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!failed_) {
       failed_ = true;
+      first = true;
       failure_ = why;
-      if (why.code() != core::StatusCode::kAborted || why.message().find("closed") == std::string::npos) {
-        ARCH_LOG_WARN("comm epoch {} rank {}: transport failed: {}", epoch_, rank_, why.toString());
-      }
+      if (!closing_) ARCH_LOG_WARN("comm epoch {} rank {}: transport failed: {}", epoch_, rank_, why.toString());
     }
     for (auto& per_peer : streams_) {
       for (auto& s : per_peer) s->queue.clear();
     }
+    remote_pending_.clear();
   }
+  // Every I/O thread polls the abort flag at least every 50 ms.
   io_abort_.abort();
-  for (auto& l : links_) {
-    for (auto& s : l.streams) s->shutdown();
-  }
   cv_.notify_all();
   for (auto& per_peer : streams_) {
     for (auto& s : per_peer) s->cv.notify_all();
   }
-  // Wait until no I/O thread touches a user buffer: after this returns the
-  // caller may free them.
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return active_io_ == 0; });
+  {
+    // After this no I/O thread touches a user buffer: the caller may free them.
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return active_io_ == 0; });
+  }
+  if (first && !closing_) {
+    // Tell every peer why, on a stream that sits at a frame boundary, so the
+    // whole group fails with the original cause instead of "peer closed".
+    std::string text = std::string(core::statusCodeName(why.code())) + "|" + why.message();
+    if (text.size() > 4000) text.resize(4000);
+    for (auto& per_peer : streams_) {
+      for (auto& s : per_peer) {
+        if (s->mid_frame.load() || s->sock->isShutdown()) continue;
+        FrameHeader h;
+        h.type = FrameType::kAbort;
+        h.epoch = epoch_;
+        (void)s->sock->writeFrame(h, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()),
+                                  core::Deadline::afterSeconds(0.1));
+        break;
+      }
+    }
+  }
+  for (auto& l : links_) {
+    for (auto& s : l.streams) s->shutdown();
+  }
+  cv_.notify_all();
 }
 
 core::Status Mesh::failure() const {
@@ -255,7 +346,63 @@ void Mesh::senderLoop(Stream* s) {
     }
     core::Status st;
     uint8_t hdr[kFrameHeaderSize];
-    if (part.bye) {
+    if (part.ack) {
+      uint8_t pl[kAckPayload];
+      std::memcpy(pl, &part.ack_id, 8);
+      pl[8] = part.ack_ok ? 1 : 0;
+      FrameHeader h;
+      h.type = FrameType::kRemoteAck;
+      h.epoch = epoch_;
+      h.length = kAckPayload;
+      h.total = kAckPayload;
+      h.crc = core::crc32c(pl, kAckPayload);
+      encodeHeader(h, hdr);
+      s->mid_frame = true;
+      st = s->sock->writeTwo(hdr, sizeof(hdr), pl, kAckPayload, core::Deadline::never(), &io_abort_);
+      if (st.isOk()) s->mid_frame = false;
+    } else if (part.req && !part.no_remote && s->remote.load() && part.len >= options_.same_host_min_bytes) {
+      // Same host: announce the range; the peer copies it out of our memory
+      // and acks. The part completes on the ack (receiver thread).
+      uint64_t id;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        id = ++next_remote_id_;
+        remote_pending_[id] = RemotePending{part, s};
+      }
+      uint8_t pl[kRemotePayload];
+      int32_t pid = static_cast<int32_t>(::getpid());
+      uint64_t addr = reinterpret_cast<uint64_t>(part.req->data + part.offset);
+      uint64_t len = part.len;
+      std::memcpy(pl, &id, 8);
+      std::memcpy(pl + 8, &pid, 4);
+      std::memcpy(pl + 12, &addr, 8);
+      std::memcpy(pl + 20, &len, 8);
+      uint64_t host = hostId();
+      std::memcpy(pl + 28, &host, 8);
+      FrameHeader h;
+      h.type = FrameType::kRemote;
+      h.epoch = epoch_;
+      h.length = kRemotePayload;
+      h.tag = part.req->tag;
+      h.offset = part.offset;
+      h.total = part.req->total;
+      h.crc = core::crc32c(pl, kRemotePayload);
+      encodeHeader(h, hdr);
+      s->mid_frame = true;
+      st = s->sock->writeTwo(hdr, sizeof(hdr), pl, kRemotePayload, core::Deadline::never(), &io_abort_);
+      if (st.isOk()) s->mid_frame = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --active_io_;
+      }
+      cv_.notify_all();
+      if (!st.isOk()) {
+        fail(core::unavailable("lost rank " + std::to_string(s->peer) + " (" + st.message() + ")")
+                 .withContext("send on " + who));
+        return;
+      }
+      continue;
+    } else if (part.bye) {
       FrameHeader h;
       h.type = FrameType::kAbort;
       h.epoch = epoch_;
@@ -263,14 +410,18 @@ void Mesh::senderLoop(Stream* s) {
       h.total = h.length;
       h.crc = core::crc32c(kBye, h.length);
       encodeHeader(h, hdr);
+      s->mid_frame = true;
       st = s->sock->writeTwo(hdr, sizeof(hdr), kBye, h.length, core::Deadline::never(), &io_abort_);
+      if (st.isOk()) s->mid_frame = false;
     } else if (part.heartbeat) {
       FrameHeader h;
       h.type = FrameType::kHeartbeat;
       h.epoch = epoch_;
       h.crc = core::crc32c(nullptr, 0);
       encodeHeader(h, hdr);
+      s->mid_frame = true;
       st = s->sock->writeFull(hdr, sizeof(hdr), core::Deadline::never(), &io_abort_);
+      if (st.isOk()) s->mid_frame = false;
     } else {
       size_t done = 0;
       while (done < part.len && st.isOk()) {
@@ -289,10 +440,15 @@ void Mesh::senderLoop(Stream* s) {
           h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped
         }
         encodeHeader(h, hdr);
+        s->mid_frame = true;
         st = s->sock->writeTwo(hdr, sizeof(hdr), p, len, core::Deadline::never(), &io_abort_);
+        if (st.isOk()) s->mid_frame = false;
         done += len;
       }
-      if (st.isOk()) bytes_sent_ += part.len;
+      if (st.isOk()) {
+        bytes_sent_ += part.len;
+        if (shaped) bytes_strait_ += part.len;
+      }
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -370,7 +526,101 @@ void Mesh::receiverLoop(Stream* s) {
         }
         return finish();
       }
-      return fail(core::unavailable("rank " + std::to_string(s->peer) + " aborted: " + reason));
+      core::StatusCode code = core::StatusCode::kAborted;
+      auto bar = reason.find('|');
+      if (bar != std::string::npos) {
+        for (int k = 1; k <= static_cast<int>(core::StatusCode::kInternal); ++k) {
+          if (core::statusCodeName(static_cast<core::StatusCode>(k)) == reason.substr(0, bar)) {
+            code = static_cast<core::StatusCode>(k);
+          }
+        }
+        reason = reason.substr(bar + 1);
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (closing_) return finish();
+      }
+      return fail(core::Status(code, "rank " + std::to_string(s->peer) + " aborted the epoch: " + reason));
+    }
+    if (h.type == FrameType::kRemote || h.type == FrameType::kRemoteAck) {
+      const size_t want = h.type == FrameType::kRemote ? kRemotePayload : kAckPayload;
+      if (h.length != want) return lost(core::dataLoss("malformed same-host frame"));
+      uint8_t pl[kRemotePayload];
+      st = s->sock->readFull(pl, want, core::Deadline::never(), &io_abort_);
+      if (st.isOk()) st = checkPayload(h, std::span<const uint8_t>(pl, want));
+      if (!st.isOk()) return lost(st);
+      uint64_t id;
+      std::memcpy(&id, pl, 8);
+      if (h.type == FrameType::kRemoteAck) {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = remote_pending_.find(id);
+        if (it == remote_pending_.end()) continue;  // failed meanwhile
+        RemotePending rp = it->second;
+        remote_pending_.erase(it);
+        if (pl[8]) {
+          --rp.part.req->parts_left;
+          bytes_sent_ += rp.part.len;
+        } else {
+          // The kernel refused (e.g. ptrace policy): TCP frames from now on.
+          for (auto& st2 : streams_[pi]) st2->remote = false;
+          rp.part.no_remote = true;
+          rp.stream->queue.push_back(rp.part);
+          rp.stream->cv.notify_one();
+        }
+        cv_.notify_all();
+        continue;
+      }
+      RemoteRange r;
+      r.id = id;
+      std::memcpy(&r.pid, pl + 8, 4);
+      std::memcpy(&r.addr, pl + 12, 8);
+      std::memcpy(&r.len, pl + 20, 8);
+      std::memcpy(&r.host, pl + 28, 8);
+      r.offset = h.offset;
+      r.stream = s;
+      if (h.offset > h.total || r.len > h.total - h.offset) return lost(core::dataLoss("same-host range out of bounds"));
+      std::unique_lock<std::mutex> lock(mu_);
+      if (failed_) return;
+      Slot& slot = slots_[{s->peer, h.tag}];
+      if (slot.posted) {
+        if (slot.total != h.total) {
+          failed_ = true;
+          failure_ = core::dataLoss("rank " + std::to_string(s->peer) + " sent a message of " +
+                                    std::to_string(h.total) + " bytes where " + std::to_string(slot.total) +
+                                    " were expected");
+        } else {
+          // The copy runs unlocked; writers/active_io_ keep waiters and fail() honest.
+          uint8_t* dst = slot.dst + r.offset;
+          Slot snapshot;
+          snapshot.dst = slot.dst;
+          snapshot.reduce_into = slot.reduce_into;
+          snapshot.dtype = slot.dtype;
+          snapshot.op = slot.op;
+          ++slot.writers;
+          ++active_io_;
+          lock.unlock();
+          bool ok = r.host == hostId() && readRemote(r.pid, dst, r.addr, r.len);
+          if (ok) snapshot.reduceRange(r.offset, r.len);
+          lock.lock();
+          auto it = slots_.find({s->peer, h.tag});
+          if (it != slots_.end()) {
+            --it->second.writers;
+            if (ok) it->second.received += r.len;
+          }
+          --active_io_;
+          Part ack;
+          ack.ack = true;
+          ack.ack_ok = ok;
+          ack.ack_id = r.id;
+          s->queue.push_back(ack);
+          s->cv.notify_one();
+        }
+      } else {
+        slot.total = h.total;
+        slot.remote.push_back(r);
+      }
+      cv_.notify_all();
+      continue;
     }
     if (h.type != FrameType::kData) {
       return lost(core::dataLoss("unexpected frame type " + std::to_string(static_cast<int>(h.type))));
@@ -380,6 +630,7 @@ void Mesh::receiverLoop(Stream* s) {
                                            std::to_string(epoch_)));
     }
     uint8_t* dst = nullptr;
+    Slot target;  // where a reduce-on-receive goes (no ownership)
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_) return;
@@ -387,6 +638,10 @@ void Mesh::receiverLoop(Stream* s) {
       if (it != slots_.end() && it->second.posted) {
         Slot& slot = it->second;
         if (h.total == slot.total) {
+          target.dst = slot.dst;
+          target.reduce_into = slot.reduce_into;
+          target.dtype = slot.dtype;
+          target.op = slot.op;
           dst = slot.dst + h.offset;  // offset+length <= total checked by decodeHeader
           ++slot.writers;
           ++active_io_;
@@ -405,6 +660,7 @@ void Mesh::receiverLoop(Stream* s) {
       Slot& slot = slots_[{s->peer, h.tag}];
       if (slot.posted && h.total == slot.total) {
         std::memcpy(slot.dst + h.offset, buf.data(), buf.size());
+        slot.reduceRange(h.offset, buf.size());
         slot.received += buf.size();
       } else if (slot.posted || (!slot.early.empty() && slot.total != h.total)) {
         failed_ = true;
@@ -420,6 +676,7 @@ void Mesh::receiverLoop(Stream* s) {
     }
     st = s->sock->readFull(dst, h.length, core::Deadline::never(), &io_abort_);
     if (st.isOk()) st = checkPayload(h, std::span<const uint8_t>(dst, h.length));
+    if (st.isOk()) target.reduceRange(h.offset, h.length);
     if (st.isOk() && h.deliver_at_lo) sleepUntilMicros(reconstructMicros(h.deliver_at_lo), &io_abort_);
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -47,6 +48,7 @@ class Mesh {
     int peer = -1;
     std::vector<std::unique_ptr<Socket>> streams;
     std::shared_ptr<LinkShaper> shaper;  // null unless the pair crosses an emulated strait
+    bool same_host = false;              // may use the single-copy path
   };
 
   Mesh(int rank, uint32_t epoch, std::vector<int> members, const CommOptions& options);
@@ -66,6 +68,10 @@ class Mesh {
   core::Status waitSend(const SendHandle& h, const core::Deadline& deadline, const core::AbortFlag* abort);
   // Receive `bytes` from peer with tag into dst (valid until waitRecv).
   void postRecv(int peer, uint64_t tag, void* dst, size_t bytes);
+  // Like postRecv into `scratch`, and each arriving piece is then reduced
+  // into reduce_into (same offsets) by the I/O thread while it is cache-hot.
+  void postRecvReduce(int peer, uint64_t tag, void* scratch, size_t bytes, void* reduce_into, DType dtype,
+                      ReduceOp op);
   core::Status waitRecv(int peer, uint64_t tag, const core::Deadline& deadline, const core::AbortFlag* abort);
 
   // Graceful end of the epoch: tells every peer "closing" after all queued
@@ -79,8 +85,16 @@ class Mesh {
   bool failed() const;
   // Counters for the bench: payload bytes this process wrote / read.
   uint64_t bytesSent() const { return bytes_sent_.load(); }
+  // Payload bytes this process sent across emulated straits.
+  uint64_t straitBytesSent() const { return bytes_strait_.load(); }
 
  private:
+  // A same-host range the peer announced before we posted the receive.
+  struct RemoteRange {
+    uint64_t offset = 0, len = 0, addr = 0, id = 0, host = 0;
+    int32_t pid = 0;
+    void* stream = nullptr;
+  };
   struct Slot {
     uint8_t* dst = nullptr;
     size_t total = 0;
@@ -88,6 +102,16 @@ class Mesh {
     bool posted = false;
     int writers = 0;
     std::vector<std::pair<uint64_t, std::vector<uint8_t>>> early;
+    std::vector<RemoteRange> remote;
+    uint8_t* reduce_into = nullptr;  // reduce-on-receive target, or null
+    DType dtype = DType::kF32;
+    ReduceOp op = ReduceOp::kSum;
+    void reduceRange(uint64_t offset, uint64_t len) const {
+      if (reduce_into) {
+        size_t es = dtypeSize(dtype);
+        reduceInto(dtype, op, reduce_into + offset, dst + offset, len / es);
+      }
+    }
   };
   struct Part {
     SendHandle req;
@@ -95,11 +119,17 @@ class Mesh {
     size_t len = 0;
     bool heartbeat = false;
     bool bye = false;
+    bool no_remote = false;  // send as TCP frames even on a same-host link
+    bool ack = false;        // a kRemoteAck for ack_id
+    bool ack_ok = false;
+    uint64_t ack_id = 0;
   };
   struct Stream {
     int peer = -1;
     int index = 0;
-    bool finished = false;  // receiver saw the peer's goodbye or our close (guarded by mu_)
+    bool finished = false;
+    std::atomic<bool> mid_frame{false};
+    std::atomic<bool> remote{false};  // same-host single-copy path enabled  // sender wrote part of a frame (stream unusable for an abort notice)  // receiver saw the peer's goodbye or our close (guarded by mu_)
     Socket* sock = nullptr;
     std::shared_ptr<LinkShaper> shaper;
     std::deque<Part> queue;  // guarded by mu_
@@ -134,7 +164,17 @@ class Mesh {
   bool failed_ = false;
   int active_io_ = 0;  // threads inside a read/write touching user memory
   core::AbortFlag io_abort_;
+  // Same-host sends waiting for the peer's kRemoteAck (guarded by mu_).
+  struct RemotePending {
+    Part part;
+    Stream* stream = nullptr;
+  };
+  std::map<uint64_t, RemotePending> remote_pending_;
+  uint64_t next_remote_id_ = 0;
+  // Copies a peer's announced range into dst and queues the ack; mu_ held.
+  void copyRemoteLocked(int peer, Slot& slot, const RemoteRange& r);
   std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> bytes_strait_{0};
   std::thread monitor_;
   std::mutex monitor_mu_;
   std::condition_variable monitor_cv_;

@@ -112,6 +112,7 @@ template <typename V> void visitFields(V& v, TrainConfig& s) {
   v.field("steps", ref(s.steps, "optimizer steps"));
   v.field("global_batch", ref(s.global_batch, "samples per optimizer step over all workers"));
   v.field("micro_batch", ref(s.micro_batch, "samples per forward/backward (0 = whole share)"));
+  v.field("optimizer", choice(s.optimizer, {"adamw", "sgd"}, "inner optimizer"));
   v.field("lr", ref(s.lr, "peak learning rate"));
   v.field("min_lr", ref(s.min_lr, "learning rate at the end of the cosine decay"));
   v.field("warmup_steps", ref(s.warmup_steps, "linear warmup steps"));

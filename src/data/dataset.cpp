@@ -1,5 +1,7 @@
 #include "archipelago/data/dataset.h"
 
+#include "archipelago/data/prepare.h"
+
 namespace archipelago::data {
 
 core::Result<std::unique_ptr<PreparedDataset>> PreparedDataset::open(const std::filesystem::path& dir,
@@ -11,6 +13,26 @@ core::Result<std::unique_ptr<PreparedDataset>> PreparedDataset::open(const std::
   if (!ds->manifest_.val.shards.empty()) {
     ARCH_ASSIGN_OR_RETURN(ds->val_, TokenReader::open(ds->manifest_, ds->manifest_.val, verify_checksums));
   }
+  return ds;
+}
+
+core::Result<std::unique_ptr<PreparedDataset>> PreparedDataset::openOrPrepare(const core::DataConfig& cfg,
+                                                                              bool progress) {
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::path(cfg.dir) / kManifestFile, ec) && !cfg.inputs.empty()) {
+    PrepareOptions o;
+    o.inputs = cfg.inputs;
+    o.out = cfg.dir;
+    o.tokenizer = cfg.tokenizer;
+    o.vocab = cfg.vocab;
+    o.val_fraction = cfg.val_fraction;
+    o.seed = static_cast<uint64_t>(cfg.seed);
+    o.progress = progress;
+    auto r = prepareDataset(o);
+    if (!r.isOk()) return r.status().withContext("data.dir '" + cfg.dir + "' is missing; preparing it from data.inputs");
+  }
+  auto ds = open(cfg.dir);
+  if (!ds.isOk()) return ds.status().withContext("data.dir");
   return ds;
 }
 

@@ -348,12 +348,19 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
   m.options.out.clear();
   m.options.force = false;
   m.options.progress = false;
+  m.options.cache_bytes = 0;
 
   // Pass 1: read, hash, normalise, dedup, split; collect spm training text.
   Scan scan;
   std::unordered_set<std::string> seen;
   std::vector<std::string> spm_sentences;
   const bool spm = options.tokenizer == "spm";
+  // Kept documents stay in memory up to a budget, so pass 2 need not read,
+  // parse and normalise the inputs again; above it, pass 2 re-reads them.
+  const int64_t kCacheBudget = options.cache_bytes;
+  std::vector<std::pair<int64_t, std::string>> cache;  // (decision index, normalised text)
+  int64_t cache_bytes = 0;
+  bool cache_ok = true;
   {
     int64_t total = 0;
     for (const auto& f : files) total += static_cast<int64_t>(fs::file_size(f, ec));
@@ -376,6 +383,16 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
       bool val = isValidationDocument(text, options.seed, options.val_fraction);
       scan.decisions.push_back(val ? kVal : kTrain);
       if (spm && !val) addTrainingSentences(text, spm_sentences);
+      if (cache_ok) {
+        cache_bytes += static_cast<int64_t>(text.size());
+        if (cache_bytes > kCacheBudget) {
+          cache_ok = false;
+          cache.clear();
+          cache.shrink_to_fit();
+        } else {
+          cache.emplace_back(static_cast<int64_t>(scan.decisions.size()) - 1, std::move(text));
+        }
+      }
       return core::okStatus();
     };
     ARCH_RETURN_IF_ERROR(forEachDocument(files, nullptr, progress, visit, &scan.inputs));
@@ -447,7 +464,7 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
   {
     ShardWriter train(tmp, "train", m.vocab_size, options.shard_bytes);
     ShardWriter val(tmp, "val", m.vocab_size, options.shard_bytes);
-    Progress progress(options.progress, "prepare: tokenize", scan.total_bytes);
+    Progress progress(options.progress, "prepare: tokenize", cache_ok ? cache_bytes : scan.total_bytes);
     const int32_t eos = tok->eosId();
     auto visit = [&](size_t, const std::string&, std::string& text, int64_t idx) -> core::Status {
       if (idx >= static_cast<int64_t>(scan.decisions.size())) {
@@ -458,7 +475,18 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
       std::vector<int32_t> ids = tok->encode(text);
       return (d == kVal ? val : train).addDocument(ids, eos);
     };
-    ARCH_RETURN_IF_ERROR(forEachDocument(files, &scan.inputs, progress, visit, nullptr));
+    if (cache_ok) {
+      int64_t done = 0;
+      for (auto& [idx, text] : cache) {
+        ARCH_RETURN_IF_ERROR(visit(0, text, text, idx));
+        done += static_cast<int64_t>(text.size());
+        std::string().swap(text);  // release as we go
+        progress.update(done, idx + 1);
+      }
+      progress.update(done, static_cast<int64_t>(scan.decisions.size()), true);
+    } else {
+      ARCH_RETURN_IF_ERROR(forEachDocument(files, &scan.inputs, progress, visit, nullptr));
+    }
     ARCH_ASSIGN_OR_RETURN(m.train, train.finish());
     ARCH_ASSIGN_OR_RETURN(m.val, val.finish());
   }

@@ -117,8 +117,7 @@ int64_t Sampler::sampleStart(int64_t g) const {
 
 void Sampler::sample(int64_t g, int64_t* input, int64_t* target) const {
   int64_t start = sampleStart(g);
-  // seq_len inputs, and targets shifted by one: read once into `input` plus
-  // the last token, then derive targets.
+  // Targets are the inputs shifted by one token.
   reader_->read(start, std::span<int64_t>(input, static_cast<size_t>(seq_len_)));
   reader_->read(start + 1, std::span<int64_t>(target, static_cast<size_t>(seq_len_)));
 }

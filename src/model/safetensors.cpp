@@ -237,32 +237,39 @@ core::Result<SafetensorsFile> readSafetensors(const std::filesystem::path& path)
 
 core::Status loadIntoModel(Transformer& model, const SafetensorsFile& file, bool strict) {
   auto named = model->namedTensors();
-  std::vector<std::string> errors;
+  // Grouped so the message leads with the kind of mismatch, a few names each.
+  std::vector<std::string> missing, shape, dtype, unexpected;
   std::set<std::string> expected;
   for (const auto& [name, t] : named) {
     expected.insert(name);
     const torch::Tensor* src = file.find(name);
     if (src == nullptr) {
-      errors.push_back("missing tensor '" + name + "'");
+      missing.push_back("'" + name + "'");
     } else if (src->sizes() != t.sizes()) {
       std::ostringstream ss;
-      ss << "tensor '" << name << "' has shape " << src->sizes() << ", the model expects " << t.sizes();
-      errors.push_back(ss.str());
+      ss << "'" << name << "' has shape " << src->sizes() << ", the model expects " << t.sizes();
+      shape.push_back(ss.str());
     } else if (!src->is_floating_point()) {
-      errors.push_back("tensor '" + name + "' has non-floating dtype " + std::string(c10::toString(src->scalar_type())));
+      dtype.push_back("'" + name + "' is " + std::string(c10::toString(src->scalar_type())));
     }
   }
   if (strict) {
     for (const auto& [name, t] : file.tensors) {
-      if (!expected.count(name)) errors.push_back("unexpected tensor '" + name + "' (not in this architecture)");
+      if (!expected.count(name)) unexpected.push_back("'" + name + "'");
     }
   }
-  if (!errors.empty()) {
-    std::string msg = "weights do not match the model config: ";
-    for (size_t i = 0; i < errors.size() && i < 8; ++i) msg += (i ? "; " : "") + errors[i];
-    if (errors.size() > 8) msg += "; and " + std::to_string(errors.size() - 8) + " more";
-    return core::invalidArgument(msg);
-  }
+  std::string msg;
+  auto group = [&](const char* what, const std::vector<std::string>& items) {
+    if (items.empty()) return;
+    msg += (msg.empty() ? "" : "; ") + std::to_string(items.size()) + " " + what + ": ";
+    for (size_t i = 0; i < items.size() && i < 3; ++i) msg += (i ? ", " : "") + items[i];
+    if (items.size() > 3) msg += ", ...";
+  };
+  group("missing tensor(s)", missing);
+  group("tensor(s) with the wrong shape", shape);
+  group("non-floating tensor(s)", dtype);
+  group("unexpected tensor(s) not in this architecture", unexpected);
+  if (!msg.empty()) return core::invalidArgument("weights do not match the model config: " + msg);
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : named) t.copy_(*file.find(name));
   return core::okStatus();

@@ -38,7 +38,14 @@ bool FlatBuffer::bindGradViews() {
   }
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) {
-    torch::Tensor v = view(i);
+    // Aliases the buffer's storage without being an autograd view: the
+    // optimizer's zero_grad() calls detach_() on grads, which views refuse.
+    std::vector<int64_t> strides(static_cast<size_t>(params_[i].dim()), 1);
+    for (int64_t d = params_[i].dim() - 2; d >= 0; --d) {
+      strides[static_cast<size_t>(d)] = strides[static_cast<size_t>(d + 1)] * params_[i].size(d + 1);
+    }
+    torch::Tensor v = torch::empty({0}, flat_.options());
+    v.set_(flat_.storage(), offsets_[i], params_[i].sizes(), strides);
     const torch::Tensor& g = params_[i].grad();
     if (g.defined()) {
       v.copy_(g);

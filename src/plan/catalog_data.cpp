@@ -32,7 +32,7 @@ devices:
     nic_gbits: 400
     devices_per_node: 8
     matmul_efficiency: 0.62
-    fp8_efficiency: 0.42
+    fp8_efficiency: 0.45
   # NVIDIA H800 SXM5 (China-market H100): same compute and HBM as H100,
   # NVLink cut to 400 GB/s bidirectional. Source: NVIDIA H800 product brief;
   # DeepSeek-V3 technical report (sec. 3.1: 8 GPUs per node, NVLink/NVSwitch,
@@ -50,7 +50,7 @@ devices:
     nic_gbits: 400
     devices_per_node: 8
     matmul_efficiency: 0.62
-    fp8_efficiency: 0.42
+    fp8_efficiency: 0.45
   # NVIDIA H20 96GB (China-market Hopper). Source: NVIDIA H20 product brief
   # (fp32 44, bf16 148, fp8 296, int8 296 dense; HBM3 96 GB 4.0 TB/s;
   # NVLink 900 GB/s bidirectional).
@@ -83,8 +83,8 @@ devices:
     node_bw_gbs: 300
     nic_gbits: 200
     devices_per_node: 8
-    matmul_efficiency: 0.62
-    fp8_efficiency: 0.62
+    matmul_efficiency: 0.60
+    fp8_efficiency: 0.60
   # NVIDIA A800 SXM4 80GB (China-market A100): NVLink 400 GB/s bidirectional.
   # Source: NVIDIA A800 product brief.
   a800:
@@ -99,8 +99,8 @@ devices:
     node_bw_gbs: 200
     nic_gbits: 200
     devices_per_node: 8
-    matmul_efficiency: 0.62
-    fp8_efficiency: 0.62
+    matmul_efficiency: 0.60
+    fp8_efficiency: 0.60
   # NVIDIA L40S 48GB (PCIe, no NVLink). Source: NVIDIA L40S datasheet
   # (fp32 91.6, bf16 362.05, fp8 733, int8 733 dense; GDDR6 48 GB 864 GB/s;
   # PCIe Gen4 x16 64 GB/s bidirectional).

@@ -194,8 +194,13 @@ ItemCost CostModel::itemCost(int64_t item, const DeviceSpec& dev, const StageLin
       c.act_bytes = full_act;
       break;
     case Recompute::kSelective:
-      // Recompute the attention core (its s^2 part) only.
-      c.act_bytes = full_act - (setup_.flash_attention ? 0.0 : tokens * 5.0 * d(m.n_heads) * d(setup_.seq_len) / sp);
+      // Keep GEMM inputs only: recompute the attention core's s^2 part
+      // (without flash attention), the activation function and the norms
+      // (memory-bound, cheap) in backward.
+      c.act_bytes = full_act - tokens * (ab / 2) / sp *
+                                   ((setup_.flash_attention ? 0.0 : 5.0 * d(m.n_heads) * d(setup_.seq_len)) +
+                                    (m.gated_ffn ? 4 : 2) * f_active + 2 * h);
+      c.bwd_s += fwd_mem;
       if (!setup_.flash_attention) {
         c.bwd_s += core_s;
         c.hw_flops += core_flops;

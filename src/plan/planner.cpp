@@ -165,6 +165,10 @@ bool Planner::evaluateGroup(const FixedLayout& L, double batch_seqs, GroupPlan& 
                             L.micro_batch));
   }
   if (L.zero >= 3 && P > 1) return fail("zero-3 with pipeline", tag);
+  if (L.schedule == Schedule::kInterleaved && v > 1 && m % P != 0) {
+    return fail("interleaved needs micro-batches divisible by stages",
+                fmt::format("{}: {} micro-batches, {} stages", tag, m, P));
+  }
 
   // Per-stage device context.
   struct StageCtx {
@@ -232,7 +236,8 @@ bool Planner::evaluateGroup(const FixedLayout& L, double batch_seqs, GroupPlan& 
       i += c;
     }
     if (i < N && T == kInf) {
-      mem_fail = fmt::format("{}: {} of {} items do not fit in {} stages' memory", tag, N - i, N, P);
+      mem_fail = fmt::format("{}: {} of {} items do not fit in {} stages' memory ({:.1f} GB usable per {})", tag,
+                             N - i, N, P, st.back().cap / 1e9, devs_[st.back().island].kind);
     }
     return i == N;
   };

@@ -62,10 +62,11 @@ void setPartitions(int n, int i, std::vector<std::vector<int>>& cur, std::vector
     out.push_back(cur);
     return;
   }
-  for (auto& block : cur) {
-    block.push_back(i);
+  // By index: the recursion below may grow (reallocate) `cur`.
+  for (size_t b = 0; b < cur.size(); ++b) {
+    cur[b].push_back(i);
     setPartitions(n, i + 1, cur, out);
-    block.pop_back();
+    cur[b].pop_back();
   }
   cur.push_back({i});
   setPartitions(n, i + 1, cur, out);

@@ -1,7 +1,7 @@
 // Discrete-event simulator (see simulator.h). One event loop holds every
 // group's representative replica: devices execute forward/backward ops in a
-// greedy 1F1B order (backward first; forwards capped by the schedule's
-// in-flight limit, which for one chunk per device is exactly 1F1B), and
+// static Megatron order (1F1B, or interleaved for several chunks per
+// device), each op starting once its input has arrived, and
 // flows drain on links with equal per-weight shares, recomputed whenever a
 // flow starts or ends.
 #include "archipelago/plan/simulator.h"
@@ -36,11 +36,10 @@ struct Device {
   int stage = 0;            // device index in its group's pipeline
   double busy_until = 0;
   bool busy = false;
-  int64_t f_done = 0, b_done = 0;  // chunk-level op counts
-  int64_t cap = 1;
+  int64_t f_done = 0, b_done = 0;  // ops started, in the device's static order
   double busy_time = 0;
   double last_b_end = 0;
-  std::vector<char> f_ready, b_ready, f_started, b_started;  // [chunk * m + mb]
+  std::vector<char> f_ready, b_ready;  // inputs arrived, [chunk * m + mb]
   int64_t b_remaining = 0;
 };
 
@@ -70,12 +69,8 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
       Device dv;
       dv.group = static_cast<int>(gi);
       dv.stage = static_cast<int>(s);
-      dv.cap = v == 1 ? (P - s) : (P - s - 1) * 2 + (v - 1) * P + 1;
-      if (g.schedule == Schedule::kDualPipe) dv.cap = P - s + 1;
       dv.f_ready.assign(static_cast<size_t>(v * m), 0);
       dv.b_ready.assign(static_cast<size_t>(v * m), 0);
-      dv.f_started.assign(static_cast<size_t>(v * m), 0);
-      dv.b_started.assign(static_cast<size_t>(v * m), 0);
       dv.b_remaining = v * m;
       if (s == 0) {
         for (int64_t j = 0; j < m; ++j) dv.f_ready[static_cast<size_t>(j)] = 1;  // chunk 0 inputs are local
@@ -108,6 +103,13 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
     if (f.kind == 2) a.dev = f.vstage;  // dp flows carry the device index in vstage
     return a;
   };
+  // Straits are shared by every flow on them; an island network link stands
+  // for each device's own NIC, so its flows only share with their own
+  // identical copies (weight).
+  auto rateOf = [&](const Flow& f) {
+    const LinkInfo& li = plan.links[static_cast<size_t>(f.link_dir / 2)];
+    return li.strait ? li.bandwidth / link_weight[static_cast<size_t>(f.link_dir)] : li.bandwidth / f.weight;
+  };
   auto startFlow = [&](Flow f) {
     if (f.link_dir < 0 || f.remaining <= 0) {
       pq.push(arrivalOf(f, f.start));
@@ -118,54 +120,54 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
   };
 
   double now = 0;
+  // Each device runs a static op order: Megatron's 1F1B (one chunk) or
+  // interleaved order (v chunks; needs m % P == 0, which the planner enforces).
+  auto opAt = [&](const Device& dv, int64_t pos, int& op, int64_t& chunk, int64_t& mb) {
+    const auto& g = plan.groups[static_cast<size_t>(dv.group)];
+    const int64_t P = static_cast<int64_t>(g.stages.size()), v = std::max<int64_t>(g.virtual_stages, 1),
+                  m = g.micro_batches, n = m * v;
+    const int64_t s = dv.stage;
+    const int64_t warm = v == 1 ? std::min(P - s - 1, m) : std::min((P - s - 1) * 2 + (v - 1) * P, n);
+    int64_t k;
+    if (pos < warm) {
+      op = 0;
+      k = pos;
+    } else if (pos < warm + 2 * (n - warm)) {
+      const int64_t i = (pos - warm) / 2;
+      op = (pos - warm) % 2;
+      k = op == 0 ? warm + i : i;
+    } else {
+      op = 1;
+      k = pos - n;  // cooldown: the last `warm` backwards
+    }
+    if (v == 1) {
+      chunk = 0;
+      mb = k;
+    } else {
+      const int64_t grp = k / (P * v), within = k % (P * v);
+      chunk = within / P;
+      mb = grp * P + within % P;
+      if (op == 1) chunk = v - 1 - chunk;
+    }
+  };
   auto tryStart = [&](int di) {
     Device& dv = devs[static_cast<size_t>(di)];
     if (dv.busy) return;
     const auto& g = plan.groups[static_cast<size_t>(dv.group)];
-    const auto& sp = g.stages[static_cast<size_t>(dv.stage)];
     const int64_t v = std::max<int64_t>(g.virtual_stages, 1), m = g.micro_batches;
-    // Backward first (frees memory), later chunks first, lowest micro-batch.
-    for (int64_t c = v - 1; c >= 0; --c) {
-      for (int64_t j = 0; j < m; ++j) {
-        const size_t k = static_cast<size_t>(c * m + j);
-        if (dv.b_ready[k] && !dv.b_started[k]) {
-          dv.b_started[k] = 1;
-          dv.busy = true;
-          const double dur = sp.bwd_s / d(v);
-          pq.push({now + dur, 0, di, 1, static_cast<int>(c), static_cast<int>(j)});
-          traceEvent(fmt::format("B{}", j), dv.group, dv.stage, now, now + dur, "backward");
-          dv.busy_time += dur;
-          return;
-        }
-      }
-    }
-    if (dv.f_done - dv.b_done >= dv.cap) return;
-    // Forward in Megatron's interleaved order: groups of P micro-batches per chunk.
-    const int64_t P = static_cast<int64_t>(g.stages.size());
-    int64_t best_c = -1, best_j = -1;
-    std::tuple<int64_t, int64_t, int64_t> best_key{INT64_MAX, 0, 0};
-    for (int64_t c = 0; c < v; ++c) {
-      for (int64_t j = 0; j < m; ++j) {
-        const size_t k = static_cast<size_t>(c * m + j);
-        if (dv.f_ready[k] && !dv.f_started[k]) {
-          const auto key = std::make_tuple(j / P, c, j);
-          if (key < best_key) {
-            best_key = key;
-            best_c = c;
-            best_j = j;
-          }
-          break;  // later j of this chunk sort after
-        }
-      }
-    }
-    if (best_c < 0) return;
-    const size_t k = static_cast<size_t>(best_c * m + best_j);
-    dv.f_started[k] = 1;
+    if (dv.f_done + dv.b_done >= 2 * v * m) return;
+    int op;
+    int64_t c, j;
+    opAt(dv, dv.f_done + dv.b_done, op, c, j);
+    const size_t k = static_cast<size_t>(c * m + j);
+    if (!(op == 0 ? dv.f_ready[k] : dv.b_ready[k])) return;
+    const auto& sp = g.stages[static_cast<size_t>(dv.stage)];
+    const double dur = (op == 0 ? sp.fwd_s : sp.bwd_s) / static_cast<double>(v);
     dv.busy = true;
-    ++dv.f_done;
-    const double dur = sp.fwd_s / d(v);
-    pq.push({now + dur, 0, di, 0, static_cast<int>(best_c), static_cast<int>(best_j)});
-    traceEvent(fmt::format("F{}", best_j), dv.group, dv.stage, now, now + dur, "forward");
+    if (op == 0) ++dv.f_done; else ++dv.b_done;
+    pq.push({now + dur, 0, di, op, static_cast<int>(c), static_cast<int>(j)});
+    traceEvent(fmt::format("{}{}{}", op == 0 ? "F" : "B", j, v > 1 ? fmt::format(".{}", c) : ""), dv.group,
+               dv.stage, now, now + dur, op == 0 ? "forward" : "backward");
     dv.busy_time += dur;
   };
 
@@ -179,7 +181,7 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
     size_t next_idx = 0;
     for (size_t i = 0; i < flows.size(); ++i) {
       const auto& f = flows[i];
-      const double rate = plan.links[static_cast<size_t>(f.link_dir / 2)].bandwidth / link_weight[static_cast<size_t>(f.link_dir)];
+      const double rate = rateOf(f);
       const double t = now + f.remaining / rate;
       if (t < next_flow) {
         next_flow = t;
@@ -203,8 +205,7 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
     const double t = std::min(next_flow, next_timed);
     // Drain flows to t.
     for (auto& f : flows) {
-      const double rate = plan.links[static_cast<size_t>(f.link_dir / 2)].bandwidth / link_weight[static_cast<size_t>(f.link_dir)];
-      f.remaining -= rate * (t - now);
+      f.remaining -= rateOf(f) * (t - now);
     }
     now = t;
     ++events;
@@ -262,7 +263,6 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
                    dv.group, static_cast<int>(vs + 1), e.mb, now});
       }
     } else {
-      ++dv.b_done;
       dv.last_b_end = now;
       if (vs > 0) {
         const int64_t prev_dev = (vs - 1) % P;

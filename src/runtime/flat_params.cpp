@@ -36,7 +36,7 @@ FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tens
 }
 
 FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end)
-    : beta1_(cfg.beta1), beta2_(cfg.beta2), eps_(cfg.adam_eps), wd_(cfg.weight_decay), begin_(begin), end_(end) {
+    : sgd_(cfg.optimizer == "sgd"), beta1_(cfg.beta1), beta2_(cfg.beta2), eps_(cfg.adam_eps), wd_(cfg.weight_decay), begin_(begin), end_(end) {
   m_ = torch::zeros({end - begin}, torch::kFloat32);
   v_ = torch::zeros({end - begin}, torch::kFloat32);
 }
@@ -46,6 +46,10 @@ void FlatAdamW::step(torch::Tensor params, const torch::Tensor& grads, const tor
   ++t_;
   // p <- p - lr * wd * p (decoupled decay, only where the mask is 1)
   if (wd_ > 0) params.sub_(params * decay_mask, lr * wd_);
+  if (sgd_) {
+    params.sub_(grads, lr);
+    return;
+  }
   m_.mul_(beta1_).add_(grads, 1.0 - beta1_);
   v_.mul_(beta2_).addcmul_(grads, grads, 1.0 - beta2_);
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(t_));

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <regex>
 #include <set>
 
 #include "archipelago/core/log.h"
@@ -296,6 +297,20 @@ void appendFigures(std::string& html, const std::vector<Chart>& charts, const st
   }
 }
 
+// A report written earlier into the same directory (another number of runs,
+// a MoE layer that no longer exists) must not leave charts behind that the
+// new page does not show. Only files named like our charts are removed.
+void removeStaleCharts(const fs::path& dir) {
+  static const std::regex ours(
+      R"(^(run[0-9]+_)?(compare_loss_vs_(step|time)|loss_vs_(step|time)|tokens_per_s|time_breakdown|batch_share|)"
+      R"(moe_layer-?[0-9]+)\.svg$)");
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    if (!entry.is_regular_file(ec)) continue;
+    if (std::regex_match(entry.path().filename().string(), ours)) fs::remove(entry.path(), ec);
+  }
+}
+
 }  // namespace
 
 core::Result<ReportOutput> writeReport(const std::vector<fs::path>& run_dirs, const ReportOptions& options) {
@@ -320,6 +335,7 @@ core::Result<ReportOutput> writeReport(const std::vector<fs::path>& run_dirs, co
   fs::create_directories(out.dir, ec);
   if (ec) return core::unavailable(out.dir.string() + ": cannot create the report directory: " + ec.message());
   out.dir = fs::weakly_canonical(out.dir, ec);
+  removeStaleCharts(out.dir);
   const bool multi = runs.size() > 1;
 
   std::string title = "Archipelago report: ";

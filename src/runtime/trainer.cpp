@@ -20,6 +20,7 @@
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/flat_params.h"
 #include "archipelago/runtime/metrics.h"
+#include "archipelago/runtime/outer_sync.h"
 
 namespace archipelago::runtime {
 
@@ -180,6 +181,7 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
   const auto t_start = core::Clock::now();
   LocalDp local;
   DpComm* dp = opt.dp ? opt.dp : &local;
+  DpComm* grad_dp = opt.inner ? opt.inner : dp;
   const int rank = dp->rank();
   const int world = dp->size();
   core::JobConfig job = opt.job;
@@ -215,7 +217,9 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
   FlatParams flat = FlatParams::bind(net->namedParameters());
   int64_t shard_begin = 0, shard_end = flat.numel();
   std::vector<int64_t> shard_offsets;
-  if (tc.shard_optimizer && world > 1) {
+  if (tc.shard_optimizer && world > 1 && opt.inner) {
+    ARCH_LOG_WARN("train.shard_optimizer is ignored with strategy {} (optimizer state stays per island)", job.strategy.kind);
+  } else if (tc.shard_optimizer && world > 1) {
     for (int r = 0; r <= world; ++r) shard_offsets.push_back(flat.numel() * r / world);
     shard_begin = shard_offsets[static_cast<size_t>(rank)];
     shard_end = shard_offsets[static_cast<size_t>(rank) + 1];
@@ -273,6 +277,27 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
     if (rank == 0) ARCH_LOG_INFO("resumed from {} at step {}", *latest, start_step);
   }
 
+  // ---- cross-island strategy ----
+  std::unique_ptr<OuterSync> outer;
+  if (job.strategy.kind != "sync") {
+    OuterContext ctx;
+    ctx.job = &job;
+    ctx.rank = rank;
+    ctx.world = world;
+    for (const auto& w : workers) ctx.island_of_rank.push_back(w.island_index);
+    ctx.world_group = opt.world_group;
+    ARCH_ASSIGN_OR_RETURN(outer, makeOuterSync(ctx, flat.params()));
+  }
+  if (outer && opt.resume) {
+    ARCH_ASSIGN_OR_RETURN(auto latest, latestValidCheckpoint(opt.run_dir));
+    ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(latest));
+    NamedTensors outer_tensors;
+    for (const auto& [name, t] : ck.optimizer) {
+      if (name.rfind("outer.", 0) == 0) outer_tensors.push_back({name.substr(6), t});
+    }
+    ARCH_RETURN_IF_ERROR(outer->restore(outer_tensors, ck.extra.value("outer", nlohmann::json())));
+  }
+
   // ---- run directory outputs ----
   MetricsSink metrics;
   TraceRecorder trace;
@@ -286,7 +311,12 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
   if (rank == 0) ckpt = std::make_unique<CheckpointWriter>(opt.run_dir, job.checkpoint.keep_last);
   const std::string job_yaml = core::dumpJobYaml(job);
 
-  GradientBucketer bucketer(flat, dp, static_cast<int64_t>(job.strategy.bucket_bytes));
+  GradientBucketer bucketer(flat, grad_dp, static_cast<int64_t>(job.strategy.bucket_bytes));
+  // Ranks whose samples make up one gradient (all, or my island's).
+  std::vector<int> grad_ranks = opt.inner_ranks;
+  if (grad_ranks.empty()) {
+    for (int r = 0; r < world; ++r) grad_ranks.push_back(r);
+  }
   Rebalancer rebalancer(world, tc.rebalance && world > 1 ? 5 : 0);
 
   auto snapshot = [&](int64_t step) -> core::Result<CheckpointState> {
@@ -309,6 +339,10 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
       ARCH_RETURN_IF_ERROR(dp->allgatherSlices(std::span<float>(v.data_ptr<float>(), static_cast<size_t>(v.numel())), shard_offsets));
     }
     s.optimizer = {{"exp_avg", m}, {"exp_avg_sq", v}};
+    if (outer) {
+      for (const auto& [name, t] : outer->stateTensors()) s.optimizer.push_back({"outer." + name, t.detach().clone()});
+      s.extra["outer"] = outer->stateJson();
+    }
     for (auto& [name, t] : net->namedTensors()) s.weights.push_back({name, t.detach().clone()});
     return s;
   };
@@ -330,7 +364,6 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
 
   TrainSummary summary;
   summary.first_step = start_step;
-  const double global_tokens = static_cast<double>(tc.global_batch * T);
   int64_t last_ckpt_step = opt.resume ? start_step : -1;
   double step_time_sum = 0;
   int64_t steps_timed = 0;
@@ -346,6 +379,9 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
     const int64_t step_us0 = core::wallMicros();
     const data::ShareRange mine = data::shareRange(shares, rank);
     const int64_t mb = tc.micro_batch > 0 ? tc.micro_batch : mine.count;
+    int64_t group_samples = 0;
+    for (int r : grad_ranks) group_samples += shares[static_cast<size_t>(r)];
+    const double group_tokens = static_cast<double>(group_samples * T);
     double compute_s = 0, comm_s = 0, data_s = 0;
 
     flat.zeroGrad();
@@ -364,9 +400,9 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
         auto input = torch::from_blob(batch.input.data() + off * T, {n, T}, torch::kInt64);
         auto target = torch::from_blob(batch.target.data() + off * T, {n, T}, torch::kInt64);
         auto out = net->lossAndStats(input, target);
-        auto loss = out.ce_sum / global_tokens;
+        auto loss = out.ce_sum / group_tokens;
         if (out.aux_loss.defined()) {
-          loss = loss + out.aux_loss * (static_cast<double>(n) / static_cast<double>(tc.global_batch));
+          loss = loss + out.aux_loss * (static_cast<double>(n) / static_cast<double>(group_samples));
           aux_sum += out.aux_loss.item<double>() * static_cast<double>(n);
         }
         if (off + mb >= batch.n) bucketer.arm();
@@ -388,10 +424,10 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
       ARCH_RETURN_IF_ERROR(bucketer.finish().withContext("step " + std::to_string(step)));
     }
 
-    // Router-bias balancing uses the global expert load.
+    // Router-bias balancing uses the expert load of the gradient group.
     if (job.model.moe.num_experts > 0 && job.model.moe.balance == "router_bias") {
       torch::Tensor load = net->routerLoad().to(torch::kFloat64).contiguous();
-      ARCH_RETURN_IF_ERROR(dp->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
+      ARCH_RETURN_IF_ERROR(grad_dp->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
       net->updateRouterBias(load.to(torch::kInt64));
     }
 
@@ -410,6 +446,11 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
       ScopedSpan span(&trace, TraceRecorder::kComm, "parameter allgather", &comm_s);
       ARCH_RETURN_IF_ERROR(dp->allgatherSlices(
           std::span<float>(flat.params().data_ptr<float>(), static_cast<size_t>(flat.numel())), shard_offsets));
+    }
+
+    if (outer) {
+      ScopedSpan span(&trace, TraceRecorder::kComm, "outer sync", &comm_s);
+      ARCH_RETURN_IF_ERROR(outer->afterInnerStep(step + 1, flat.params(), tokens).withContext("outer sync"));
     }
 
     // Control values: loss, tokens, aux, stop request.
@@ -468,6 +509,7 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
     const bool stop_now = ctrl[3] > 0;
     const bool periodic = job.checkpoint.every > 0 && step % job.checkpoint.every == 0;
     const bool at_end = step == tc.steps || stop_now;
+    if (outer && at_end) ARCH_RETURN_IF_ERROR(outer->finish(step, flat.params()));
     if (periodic || (at_end && job.checkpoint.at_exit)) {
       const auto c0 = core::Clock::now();
       ARCH_ASSIGN_OR_RETURN(auto snap, snapshot(step));

@@ -79,7 +79,18 @@ core::Status runWorker(const WorkerOptions& opt) {
   const bool multi_island = job.cluster.islands.size() > 1;
   const bool hierarchical = job.strategy.allreduce == "hierarchical" || (job.strategy.allreduce == "auto" && multi_island);
   ARCH_ASSIGN_OR_RETURN(auto codec, comm::parseCodec(job.strategy.codec));
-  CommDp dp(communicator->world(), hierarchical, codec, 0);
+  // sync: gradients are summed over the world (hierarchically across
+  // straits, through the codec). diloco/streaming: over the island only; the
+  // outer sync crosses the straits every few steps.
+  const bool per_island = job.strategy.kind != "sync";
+  CommDp dp(communicator->world(), hierarchical && !per_island, per_island ? comm::CodecKind::kNone : codec, 0);
+  std::unique_ptr<CommDp> inner;
+  std::vector<int> inner_ranks;
+  if (per_island) {
+    ARCH_ASSIGN_OR_RETURN(auto island_group, communicator->world()->islandGroup());
+    inner_ranks = island_group->ranks();
+    inner = std::make_unique<CommDp>(island_group, false, comm::CodecKind::kNone, 0);
+  }
 
   TrainerOptions to;
   to.job = job;
@@ -87,6 +98,9 @@ core::Status runWorker(const WorkerOptions& opt) {
   to.rank = rank;
   to.resume = opt.resume;
   to.dp = &dp;
+  to.inner = inner.get();
+  to.inner_ranks = inner_ranks;
+  to.world_group = communicator->world();
   to.stop = &g_stop;
   to.exit_after_step = opt.exit_after_step;
   auto summary = runTrainer(to);

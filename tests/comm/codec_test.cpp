@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "archipelago/comm/codec.h"
+#include "archipelago/comm/numeric.h"
 
 namespace archipelago::comm {
 namespace {
@@ -196,6 +197,88 @@ TEST(Codec, Fp8AllCodesDecodeThroughTheWire) {
       } else {
         EXPECT_EQ(static_cast<double>(y[c]), sign * ref.value(mag)) << codecName(k) << " code " << c;
       }
+    }
+  }
+}
+
+// The codecs' vector loops must give exactly the scalar conversions of
+// numeric.h (themselves checked against fp64 references in
+// codec_numeric_test.cpp) on hard inputs: every midpoint between codes,
+// its float neighbours, specials and random bit patterns.
+std::vector<float> hardInputs(float (*decode_code)(uint16_t), uint32_t max_code) {
+  std::vector<float> v;
+  for (uint32_t c = 0; c < max_code; ++c) {
+    const double a = decode_code(static_cast<uint16_t>(c)), b = decode_code(static_cast<uint16_t>(c + 1));
+    const float mid = static_cast<float>((a + b) / 2);
+    for (float x : {static_cast<float>(a), mid, std::nextafter(mid, 0.0f), std::nextafter(mid, kInf)}) {
+      v.push_back(x);
+      v.push_back(-x);
+    }
+  }
+  std::mt19937 rng(77);
+  for (int i = 0; i < 20000; ++i) v.push_back(std::bit_cast<float>(static_cast<uint32_t>(rng())));
+  for (float x : {kInf, -kInf, kNaN, -kNaN, -0.0f, std::numeric_limits<float>::max()}) v.push_back(x);
+  return v;
+}
+
+TEST(Codec, VectorPathsMatchScalarConversions) {
+  {
+    const std::vector<float> x = hardInputs(fp16BitsToFloat, 0x7BFF);
+    const std::vector<uint8_t> w = enc(CodecKind::kFP16, x);
+    for (size_t i = 0; i < x.size(); ++i) {
+      uint16_t h;
+      std::memcpy(&h, w.data() + kCodecHeaderBytes + 2 * i, 2);
+      ASSERT_EQ(h, floatToFp16Sat(x[i])) << "fp16 x=" << x[i];
+    }
+    const std::vector<float> y = dec(CodecKind::kFP16, w, x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float want = fp16BitsToFloat(floatToFp16Sat(x[i]));
+      ASSERT_EQ(std::bit_cast<uint32_t>(y[i]), std::bit_cast<uint32_t>(want)) << i;
+    }
+  }
+  {
+    const std::vector<float> x = hardInputs(bf16BitsToFloat, 0x7F7F);
+    const std::vector<uint8_t> w = enc(CodecKind::kBF16, x);
+    for (size_t i = 0; i < x.size(); ++i) {
+      uint16_t h;
+      std::memcpy(&h, w.data() + kCodecHeaderBytes + 2 * i, 2);
+      ASSERT_EQ(h, floatToBf16Sat(x[i])) << "bf16 x=" << x[i];
+    }
+  }
+  // fp8: each block starts with the format max so its scale is exactly 1;
+  // the other 255 slots carry inputs of magnitude <= max (or non-finite).
+  for (CodecKind k : {CodecKind::kFP8E4M3, CodecKind::kFP8E5M2}) {
+    const bool e4 = k == CodecKind::kFP8E4M3;
+    const float mx = e4 ? 448.0f : 57344.0f;
+    std::vector<float> pool;
+    for (uint32_t c = 0; c < (e4 ? 0x7Eu : 0x7Bu); ++c) {
+      const double a = e4 ? fp8E4M3ToFloat(static_cast<uint8_t>(c)) : fp8E5M2ToFloat(static_cast<uint8_t>(c));
+      const double b = e4 ? fp8E4M3ToFloat(static_cast<uint8_t>(c + 1)) : fp8E5M2ToFloat(static_cast<uint8_t>(c + 1));
+      const float mid = static_cast<float>((a + b) / 2);
+      for (float v : {static_cast<float>(a), mid, std::nextafter(mid, 0.0f), std::nextafter(mid, kInf)}) {
+        pool.push_back(v);
+        pool.push_back(-v);
+      }
+    }
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> ud(-mx, mx);
+    for (int i = 0; i < 5000; ++i) pool.push_back(ud(rng));
+    for (float v : {kInf, -kInf, kNaN, mx, -mx}) pool.push_back(v);
+    std::vector<float> x;
+    for (size_t i = 0; i < pool.size(); ++i) {
+      if (x.size() % kCodecBlockSize == 0) x.push_back(mx);
+      x.push_back(pool[i]);
+    }
+    const std::vector<uint8_t> w = enc(k, x);
+    const size_t payload = kCodecHeaderBytes + 4 * ((x.size() + kCodecBlockSize - 1) / kCodecBlockSize);
+    for (size_t b = 0; b * kCodecBlockSize < x.size(); ++b) {
+      float scale;
+      std::memcpy(&scale, w.data() + kCodecHeaderBytes + 4 * b, 4);
+      ASSERT_EQ(scale, 1.0f);
+    }
+    for (size_t i = 0; i < x.size(); ++i) {
+      const uint8_t want = e4 ? floatToFp8E4M3Sat(x[i]) : floatToFp8E5M2Sat(x[i]);
+      ASSERT_EQ(w[payload + i], want) << codecName(k) << " x=" << x[i];
     }
   }
 }

@@ -120,6 +120,14 @@ TEST(Prepare, ByteIdenticalRerunAndManifestConsistency) {
   ASSERT_TRUE(r1.isOk()) << r1.status().toString();
   ASSERT_TRUE(r2.isOk()) << r2.status().toString();
 
+  auto o3 = o1;  // no in-memory cache: pass 2 re-reads the inputs
+  o3.out = (dir / "run3").string();
+  o3.cache_bytes = 0;
+  ASSERT_TRUE(prepareDataset(o3).isOk());
+  for (auto& e : std::filesystem::directory_iterator(dir / "run1")) {
+    EXPECT_EQ(readAll(e.path()), readAll(dir / "run3" / e.path().filename())) << e.path();
+  }
+
   std::vector<std::string> names1, names2;
   for (auto& e : std::filesystem::directory_iterator(dir / "run1")) names1.push_back(e.path().filename().string());
   for (auto& e : std::filesystem::directory_iterator(dir / "run2")) names2.push_back(e.path().filename().string());

@@ -211,5 +211,26 @@ TEST_F(SamplerTest, ValidationIsSequentialAndDeterministic) {
   EXPECT_EQ(too_long.status().code(), core::StatusCode::kFailedPrecondition);
 }
 
+TEST(PreparedDataset, OpenOrPrepareFromJobConfig) {
+  ScratchDir dir;
+  auto docs = testing::syntheticDocs(10, 40);
+  for (size_t i = 0; i < docs.size(); ++i) writeText(dir / ("in/d" + std::to_string(i) + ".txt"), docs[i]);
+  core::DataConfig cfg;
+  cfg.dir = (dir / "prepared").string();
+  cfg.inputs = {(dir / "in").string()};
+  cfg.val_fraction = 0.1;
+  auto ds = PreparedDataset::openOrPrepare(cfg, false);
+  ASSERT_TRUE(ds.isOk()) << ds.status().toString();
+  EXPECT_EQ((*ds)->manifest().dedup.documents_kept, 10);
+  EXPECT_NE((*ds)->val(), nullptr);
+  auto again = PreparedDataset::openOrPrepare(cfg, false);  // now just opens
+  ASSERT_TRUE(again.isOk());
+  cfg.dir = (dir / "absent").string();
+  cfg.inputs.clear();
+  auto missing = PreparedDataset::openOrPrepare(cfg, false);
+  ASSERT_FALSE(missing.isOk());
+  EXPECT_EQ(missing.status().code(), core::StatusCode::kNotFound);
+}
+
 }  // namespace
 }  // namespace archipelago::data

@@ -111,9 +111,8 @@ MoeFfn skewedMoe(const core::ModelConfig& c) {
   MoeFfn moe(c, 0);
   testing::randomize(*moe, 0.1, 8);
   torch::NoGradGuard g;
-  moe->gate->weight.zero_();
-  moe->gate->weight[0].fill_(0.5);
-  moe->gate->weight[1].fill_(0.25);
+  moe->gate->weight[0] += 0.5;
+  moe->gate->weight[1] += 0.25;
   return moe;
 }
 
@@ -121,9 +120,15 @@ TEST(Moe, RouterBiasMovesLoadTowardUniform) {
   auto c = testing::tinyMoeConfig("router_bias");
   c.moe.top_k = 1;
   c.moe.shared_expert = false;
-  c.moe.router_bias_rate = 0.01;
-  MoeFfn moe = skewedMoe(c);
-  auto x = torch::randn({256, c.dim}) + 0.5;  // positive mean: expert 0 wins
+  c.moe.router_bias_rate = 0.005;
+  // Router with varied per-token preferences and a strong pull to expert 0.
+  MoeFfn moe(c, 0);
+  testing::randomize(*moe, 0.3, 8);
+  {
+    torch::NoGradGuard g;
+    moe->gate->weight[0] += 0.3;
+  }
+  auto x = torch::randn({256, c.dim}) + 0.5;
   auto imbalance = [&] {
     torch::NoGradGuard g;
     moe->eval();
@@ -133,19 +138,19 @@ TEST(Moe, RouterBiasMovesLoadTowardUniform) {
     return static_cast<double>(*std::max_element(t.begin(), t.end())) / (256.0 / c.moe.num_experts);
   };
   const double before = imbalance();
-  EXPECT_GT(before, 2.5);
+  EXPECT_GT(before, 2.0);
   auto probs_before = moe->route(x).probs.clone();
-  for (int step = 0; step < 300; ++step) {
+  for (int step = 0; step < 400; ++step) {
     torch::NoGradGuard g;
     moe(x);
     EXPECT_EQ(moe->loadCounts().sum().item<int64_t>(), 256);
     moe->updateRouterBias(moe->loadCounts());
   }
   const double after = imbalance();
-  EXPECT_LT(after, 1.5) << "before " << before;
+  EXPECT_LT(after, 1.3) << "before " << before;
   // The bias changes selection only, never the router probabilities.
   EXPECT_TRUE(torch::allclose(moe->route(x).probs, probs_before));
-  EXPECT_GT(moe->routerBias()[1].item<double>(), moe->routerBias()[0].item<double>());
+  EXPECT_LT(moe->routerBias()[0].item<double>(), moe->routerBias().mean().item<double>());
   // The bias is state: the trainer sees it in namedTensors under the
   // DeepSeek-V3 name, not in the parameters.
   for (const auto& p : moe->named_parameters()) EXPECT_EQ(p.key().find("bias"), std::string::npos);

@@ -78,6 +78,10 @@ struct CommOptions {
   double heartbeat_interval_s = 0.2;
   double heartbeat_timeout_s = 5;           // silent (e.g. stopped) peer -> kUnavailable; 0 = off
   double op_timeout_s = 0;                  // default deadline of every op; 0 = none (wait's own)
+  bool same_host_copy = true;               // peers on this host: the receiver copies straight out of the
+                                            // sender's memory (process_vm_readv, one copy instead of TCP's
+                                            // two); falls back to TCP frames if the kernel refuses
+  size_t same_host_min_bytes = 64 << 10;    // smaller messages go as TCP frames
   bool emulate_straits = true;              // shape sends between islands from cluster.straits
   bool tls_on_straits = true;               // TLS on streams whose strait says tls: true
   std::string tls_cert_file;                // empty = self-signed certificate generated at start
@@ -95,6 +99,12 @@ struct OpOptions {
   double weight = 1.0;                      // kWeightedAvg: this rank's weight (e.g. its sample count)
   AllreduceAlgo algo = AllreduceAlgo::kAuto;
   CodecKind codec = CodecKind::kNone;       // hierarchical: codec of the cross-island leg (f32 only)
+
+  static OpOptions within(double seconds) {
+    OpOptions o;
+    o.deadline = core::Deadline::afterSeconds(seconds);
+    return o;
+  }
 };
 
 // Completion of an asynchronous op. Copyable; all copies see one op.
@@ -172,6 +182,8 @@ class Group : public std::enable_shared_from_this<Group> {
 
   // Bytes this process has written to the wire (all groups of the epoch).
   uint64_t bytesSent() const;
+  // Bytes this process has sent across emulated straits (0 without emulation).
+  uint64_t straitBytesSent() const;
 
  private:
   friend class Communicator;

@@ -39,6 +39,8 @@ enum class FrameType : uint16_t {
   kData = 1,       // a piece of a tagged message
   kHeartbeat = 2,  // liveness only, empty payload
   kAbort = 3,      // the sender aborts: payload is the reason (UTF-8)
+  kRemote = 4,     // same-host single copy: "read [offset,+len) of tag from my memory" (see mesh.h)
+  kRemoteAck = 5,  // the reader copied (or could not copy) a kRemote range
   kHello = 10,     // handshake 1: client -> server
   kChallenge = 11, // handshake 2: server -> client
   kAuth = 12,      // handshake 3: client -> server

@@ -117,6 +117,7 @@ struct TrainConfig {
   int64_t steps = 100;
   int64_t global_batch = 16;   // samples per optimizer step, over all workers
   int64_t micro_batch = 0;     // samples per forward/backward; 0 = whole share at once
+  std::string optimizer = "adamw";  // adamw | sgd (plain SGD: for tests and DiLoCo equivalence checks)
   double lr = 3e-3;
   double min_lr = 3e-4;
   int64_t warmup_steps = 10;

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <memory>
 
+#include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
 #include "archipelago/data/manifest.h"
 #include "archipelago/data/sampler.h"
@@ -26,6 +27,11 @@ class PreparedDataset {
  public:
   static core::Result<std::unique_ptr<PreparedDataset>> open(const std::filesystem::path& dir,
                                                              bool verify_checksums = true);
+  // The job file's `data:` section: opens cfg.dir, or, when it holds no
+  // manifest and cfg.inputs is set, prepares it first (tokenizer, vocab,
+  // val_fraction, seed from cfg).
+  static core::Result<std::unique_ptr<PreparedDataset>> openOrPrepare(const core::DataConfig& cfg,
+                                                                      bool progress = true);
 
   const Manifest& manifest() const { return manifest_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }

@@ -31,6 +31,9 @@ struct PrepareOptions {
   std::string spm_model_type = "unigram";  // unigram | bpe
   bool force = false;                    // replace an existing output directory (not recorded)
   bool progress = false;                 // progress lines on stderr (not recorded)
+  // Normalised documents kept in memory between the two passes up to this
+  // many bytes; above it the inputs are read again (not recorded).
+  int64_t cache_bytes = int64_t{1} << 30;
 };
 
 struct ShardInfo {

@@ -50,6 +50,8 @@ class FlatParams {
 // AdamW (decoupled weight decay, bias-corrected, as in Loshchilov & Hutter)
 // over a contiguous slice [begin, end) of the flat parameters: the whole
 // range without optimizer sharding, this rank's shard with it (ZeRO-1).
+// With train.optimizer = sgd it is plain SGD with decoupled weight decay
+// (no state), whose update is linear in the gradient.
 class FlatAdamW {
  public:
   FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end);
@@ -65,6 +67,7 @@ class FlatAdamW {
   torch::Tensor& expAvgSq() { return v_; }
 
  private:
+  bool sgd_;
   double beta1_, beta2_, eps_, wd_;
   int64_t begin_, end_;
   int64_t t_ = 0;

@@ -18,6 +18,10 @@
 #include "archipelago/core/status.h"
 #include "archipelago/runtime/dp_comm.h"
 
+namespace archipelago::comm {
+class Group;
+}
+
 namespace archipelago::runtime {
 
 struct WorkerInfo {
@@ -37,7 +41,12 @@ struct TrainerOptions {
   std::string run_dir;
   int rank = 0;
   bool resume = false;                    // continue from the newest valid checkpoint
-  DpComm* dp = nullptr;                   // null: single process (LocalDp)
+  DpComm* dp = nullptr;                   // world; null: single process (LocalDp)
+  // Gradient group of the inner steps when the strategy is not sync (the
+  // rank's island); null = the world. inner_ranks: its global ranks.
+  DpComm* inner = nullptr;
+  std::vector<int> inner_ranks;
+  std::shared_ptr<comm::Group> world_group;  // for strategies (DiLoCo, streaming)
   std::atomic<bool>* stop = nullptr;      // set by a signal handler: stop at the next step boundary
   int64_t exit_after_step = -1;           // test hook: _exit(3) right after this step (a crash)
   bool write_metrics = true;

@@ -1,0 +1,38 @@
+// archipelago report RUN_DIR [RUN_DIR...] [--out DIR]: turns run directories
+// into an HTML report with SVG charts (runtime/report.h). The report code is
+// torch-free; this file carries the `_torch` suffix only because the runtime
+// layer it links is built with libtorch.
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "archipelago/runtime/report.h"
+#include "cli/commands.h"
+
+namespace archipelago::cli {
+
+void addReportCommands(CLI::App& app) {
+  static std::vector<std::string> run_dirs;
+  static std::string out_dir;
+  static size_t max_points = 4000;
+  auto* rep = app.add_subcommand(
+      "report", "write RUN_DIR/report/index.html (+ summary.txt and SVG charts); several runs are compared");
+  rep->add_option("run_dirs", run_dirs, "run directories written by `archipelago train` (the first gets the report)")
+      ->required();
+  rep->add_option("--out", out_dir, "write the report here instead of FIRST_RUN_DIR/report");
+  rep->add_option("--max-points", max_points, "points per chart series before bucket-averaging (0 = all)");
+  setAction(rep, [] {
+    runtime::ReportOptions opt;
+    opt.out_dir = out_dir;
+    opt.max_points = max_points;
+    std::vector<std::filesystem::path> dirs(run_dirs.begin(), run_dirs.end());
+    auto out = runtime::writeReport(dirs, opt);
+    if (!out.isOk()) return out.status().withContext("report");
+    std::fputs(out->summary.c_str(), stdout);
+    std::printf("\nreport: %s\n", out->index_html.c_str());
+    return core::okStatus();
+  });
+}
+
+}  // namespace archipelago::cli

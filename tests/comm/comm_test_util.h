@@ -1,0 +1,66 @@
+// Shared helpers of the comm multi-process tests: deterministic inputs that
+// every rank can regenerate (so each rank checks its result against an fp64
+// reference of all ranks' data), and a wrapper around the fork fixture.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "archipelago/core/hash.h"
+#include "comm/launch_local.h"
+
+namespace archipelago::comm::testing {
+
+inline double inputValue(int rank, size_t i, uint64_t seed = 1) {
+  uint64_t h = core::mix64(seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(rank) * 1000003ULL + i);
+  return static_cast<double>(h >> 40) / static_cast<double>(1ULL << 24) * 2.0 - 1.0;
+}
+
+// Runs fn on `world` forked ranks and expects every rank to report "".
+inline void runAll(int world, const LocalRankFn& fn, double timeout_s = 60, std::set<int> expendable = {},
+                   std::vector<RankOutcome>* outcomes = nullptr, SharedBlock** shared = nullptr) {
+  LocalLaunchOptions o;
+  o.world = world;
+  o.timeout_s = timeout_s;
+  o.expendable = std::move(expendable);
+  auto r = launchLocal(o, fn, shared);
+  ASSERT_TRUE(r.isOk()) << r.status().toString();
+  for (int i = 0; i < world; ++i) {
+    const auto& oc = (*r)[static_cast<size_t>(i)];
+    if (o.expendable.count(i)) continue;
+    EXPECT_TRUE(oc.reported) << "rank " << i << " did not report (signal " << oc.signal << ")";
+    EXPECT_EQ(oc.message, "") << "rank " << i << " of " << world;
+  }
+  if (outcomes) *outcomes = *r;
+}
+
+inline CommConfig testConfig() {
+  CommConfig c;
+  c.options.streams = 2;
+  c.options.chunk_bytes = 64 << 10;         // several pipeline pieces even for small buffers
+  c.options.small_message_bytes = 4 << 10;  // exercise both algorithms
+  c.options.stripe_min_bytes = 32 << 10;
+  return c;
+}
+
+#define RANK_CHECK(cond, msg)                                  \
+  do {                                                          \
+    if (!(cond)) {                                              \
+      std::ostringstream os_;                                   \
+      os_ << __LINE__ << ": " << msg;                           \
+      return os_.str();                                         \
+    }                                                           \
+  } while (0)
+
+#define RANK_OK(expr)                                                     \
+  do {                                                                    \
+    ::archipelago::core::Status st_ = (expr);                             \
+    if (!st_.isOk()) return std::to_string(__LINE__) + ": " + st_.toString(); \
+  } while (0)
+
+}  // namespace archipelago::comm::testing

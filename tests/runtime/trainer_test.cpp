@@ -1,0 +1,271 @@
+// Trainer tests. The reference for every multi-worker run is the same job
+// trained by one process (runTrainer with no communicator): N workers with
+// uneven batch shares must produce the loss curve of that single big-batch
+// run. Multi-worker runs go through the real binary: launcher, coordinator,
+// worker processes and the comm layer over 127.0.0.1.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "archipelago/core/config.h"
+#include "archipelago/data/prepare.h"
+#include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/launcher.h"
+#include "archipelago/runtime/trainer.h"
+
+namespace archipelago::runtime {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+// A small corpus and a prepared byte-level dataset shared by every test.
+class TrainerEnv : public ::testing::Environment {
+ public:
+  static fs::path root() {
+    static fs::path r = fs::temp_directory_path() / ("arch_trainer_test_" + std::to_string(::getpid()));
+    return r;
+  }
+  void SetUp() override {
+    fs::create_directories(root() / "corpus");
+    for (int d = 0; d < 40; ++d) {
+      std::ofstream f(root() / "corpus" / ("doc" + std::to_string(d) + ".txt"));
+      for (int line = 0; line < 30; ++line) {
+        f << "Document " << d << " line " << line << ": the union is strong and the people are "
+          << (line % 3 == 0 ? "hopeful" : line % 3 == 1 ? "patient" : "free") << ".\n";
+      }
+    }
+    data::PrepareOptions po;
+    po.inputs = {(root() / "corpus").string()};
+    po.out = (root() / "data").string();
+    po.val_fraction = 0.1;
+    auto rep = data::prepareDataset(po);
+    ASSERT_TRUE(rep.isOk()) << rep.status().toString();
+  }
+  void TearDown() override { fs::remove_all(root()); }
+};
+const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new TrainerEnv);
+
+std::string jobYaml(const std::string& run_dir, const std::string& islands, int steps, int global_batch,
+                    const std::string& extra = "") {
+  std::ostringstream o;
+  o << "cluster:\n  islands:\n" << islands << "\n"
+    << "model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32}\n"
+    << "data: {dir: " << (TrainerEnv::root() / "data").string() << ", seq_len: 32}\n"
+    << "train: {steps: " << steps << ", global_batch: " << global_batch
+    << ", lr: 0.003, warmup_steps: 3, eval_every: 0, rebalance: false}\n"
+    << "checkpoint: {every: 0, keep_last: 3}\n"
+    << "run_dir: " << run_dir << "\n"
+    << extra;
+  return o.str();
+}
+
+core::JobConfig loadYaml(const std::string& yaml, const std::string& name) {
+  fs::path p = TrainerEnv::root() / (name + ".yaml");
+  std::ofstream(p) << yaml;
+  auto j = core::loadJob(p.string());
+  EXPECT_TRUE(j.isOk()) << j.status().toString();
+  return j.isOk() ? j->job : core::JobConfig{};
+}
+
+// Runs `archipelago train JOB [args]` and returns its exit code.
+int runBinary(const std::string& yaml, const std::string& name, const std::vector<std::string>& args = {}) {
+  fs::path p = TrainerEnv::root() / (name + ".yaml");
+  std::ofstream(p) << yaml;
+  std::string cmd = std::string(ARCHIPELAGO_BINARY) + " train " + p.string();
+  for (const auto& a : args) cmd += " " + a;
+  cmd += " > " + (TrainerEnv::root() / (name + ".out")).string() + " 2>&1";
+  int rc = std::system(cmd.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+std::string outputOf(const std::string& name) {
+  std::ifstream f(TrainerEnv::root() / (name + ".out"));
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// Global loss per step, as logged by rank 0.
+std::map<int64_t, double> stepLosses(const fs::path& run_dir) {
+  std::map<int64_t, double> out;
+  std::ifstream f(run_dir / "metrics.jsonl");
+  std::string line;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || j.value("kind", "") != "step" || j.value("rank", -1) != 0) continue;
+    out[j["step"].get<int64_t>()] = j["loss"].get<double>();
+  }
+  return out;
+}
+
+TEST(Trainer, SingleProcessLossFalls) {
+  auto job = loadYaml(jobYaml((TrainerEnv::root() / "single").string(), "    - {name: a, count: 1}", 30, 8), "single");
+  TrainerOptions o;
+  o.job = job;
+  o.run_dir = job.run_dir;
+  fs::create_directories(o.run_dir);
+  auto s = runTrainer(o);
+  ASSERT_TRUE(s.isOk()) << s.status().toString();
+  ASSERT_EQ(s->losses.size(), 30u);
+  EXPECT_LT(s->losses.back(), 0.75 * s->losses.front());
+}
+
+TEST(Trainer, UnevenSharesAcrossIslandsMatchSingleProcess) {
+  const int steps = 20, batch = 12;
+  // Reference: one process, the whole global batch.
+  auto ref_job = loadYaml(jobYaml((TrainerEnv::root() / "ref").string(), "    - {name: a, count: 1}", steps, batch), "ref");
+  TrainerOptions o;
+  o.job = ref_job;
+  o.run_dir = ref_job.run_dir;
+  o.write_metrics = false;
+  auto ref = runTrainer(o);
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+
+  // Three workers in two islands with shares 6/4/2, through the launcher.
+  fs::path run = TrainerEnv::root() / "multi";
+  std::string islands =
+      "    - {name: east, count: 2}\n    - {name: west, count: 1, slowdown: 1.5}\n"
+      "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
+  std::string yaml = jobYaml(run.string(), islands, steps, batch);
+  yaml.replace(yaml.find("rebalance: false"), 16, "rebalance: false, shares: [3, 2, 1]");
+  ASSERT_EQ(runBinary(yaml, "multi"), 0) << outputOf("multi");
+  auto losses = stepLosses(run);
+  ASSERT_EQ(losses.size(), static_cast<size_t>(steps)) << outputOf("multi");
+  for (int s = 1; s <= steps; ++s) {
+    EXPECT_NEAR(losses[s], ref->losses[static_cast<size_t>(s - 1)], 2e-4 * std::max(1.0, ref->losses[0]))
+        << "step " << s;
+  }
+  // Shares were uneven as asked.
+  std::ifstream f(run / "metrics.jsonl");
+  std::string line;
+  std::map<int, int64_t> samples;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.value("kind", "") == "step") samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
+  }
+  EXPECT_EQ(samples[0], 6);
+  EXPECT_EQ(samples[1], 4);
+  EXPECT_EQ(samples[2], 2);
+  EXPECT_TRUE(fs::exists(run / "trace.json"));
+}
+
+std::string fileBytes(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+TEST(Trainer, ResumeAfterKillIsBitExact) {
+  const int k = 6;
+  std::string islands = "    - {name: a, count: 2}";
+  // Uninterrupted 2k steps.
+  fs::path full = TrainerEnv::root() / "full";
+  std::string yaml_full = jobYaml(full.string(), islands, 2 * k, 6);
+  ASSERT_EQ(runBinary(yaml_full, "full"), 0) << outputOf("full");
+  // Killed right after step k (checkpoint every k), then resumed.
+  fs::path cut = TrainerEnv::root() / "cut";
+  std::string yaml_cut = jobYaml(cut.string(), islands, 2 * k, 6);
+  yaml_cut.replace(yaml_cut.find("every: 0"), 8, "every: " + std::to_string(k));
+  EXPECT_NE(runBinary(yaml_cut, "cut1", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(cut / "checkpoints" / checkpointDirName(k))) << outputOf("cut1");
+  ASSERT_FALSE(fs::exists(cut / "checkpoints" / checkpointDirName(2 * k)));
+  ASSERT_EQ(runBinary(yaml_cut, "cut2", {"--resume"}), 0) << outputOf("cut2");
+
+  auto a = fileBytes(full / "checkpoints" / checkpointDirName(2 * k) / "model.safetensors");
+  auto b = fileBytes(cut / "checkpoints" / checkpointDirName(2 * k) / "model.safetensors");
+  ASSERT_FALSE(a.empty());
+  EXPECT_TRUE(a == b) << "parameters after resume differ from the uninterrupted run";
+  auto oa = fileBytes(full / "checkpoints" / checkpointDirName(2 * k) / "optimizer.safetensors");
+  auto ob = fileBytes(cut / "checkpoints" / checkpointDirName(2 * k) / "optimizer.safetensors");
+  EXPECT_TRUE(oa == ob);
+}
+
+TEST(Trainer, CorruptCheckpointIsRefusedAndPreviousUsed) {
+  fs::path run = TrainerEnv::root() / "corrupt";
+  std::string yaml = jobYaml(run.string(), "    - {name: a, count: 1}", 6, 4);
+  yaml.replace(yaml.find("every: 0"), 8, "every: 2");
+  ASSERT_EQ(runBinary(yaml, "corrupt"), 0) << outputOf("corrupt");
+  auto newest = run / "checkpoints" / checkpointDirName(6);
+  ASSERT_TRUE(fs::exists(newest));
+  {
+    std::fstream f(newest / "model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(200);
+    f.put('\x55');
+  }
+  EXPECT_FALSE(verifyCheckpoint(newest.string()).isOk());
+  std::vector<std::pair<std::string, std::string>> refused;
+  auto latest = latestValidCheckpoint(run.string(), &refused);
+  ASSERT_TRUE(latest.isOk());
+  EXPECT_THAT(*latest, HasSubstr(checkpointDirName(4)));
+  ASSERT_EQ(refused.size(), 1u);
+  EXPECT_THAT(refused[0].second, HasSubstr("sha256"));
+}
+
+TEST(Trainer, MoeTrainsAndWritesRoutingStats) {
+  fs::path run = TrainerEnv::root() / "moe";
+  std::string yaml = jobYaml(run.string(), "    - {name: a, count: 2}", 25, 8);
+  yaml.replace(yaml.find("max_seq_len: 32}"), 16, "max_seq_len: 32, moe: {num_experts: 4, top_k: 2}}");
+  ASSERT_EQ(runBinary(yaml, "moe"), 0) << outputOf("moe");
+  auto losses = stepLosses(run);
+  ASSERT_EQ(losses.size(), 25u);
+  EXPECT_LT(losses[25], 0.8 * losses[1]);
+  std::ifstream f(run / "metrics.jsonl");
+  std::string line;
+  int moe_lines = 0;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || j.value("kind", "") != "moe") continue;
+    ++moe_lines;
+    int64_t sum = 0;
+    for (auto c : j["tokens_per_expert"]) sum += c.get<int64_t>();
+    EXPECT_GT(sum, 0);
+    EXPECT_EQ(j["tokens_per_expert"].size(), 4u);
+  }
+  EXPECT_GT(moe_lines, 0);
+}
+
+TEST(Launcher, BadJobFailsBeforeAnythingIsWritten) {
+  fs::path run = TrainerEnv::root() / "bad";
+  std::string yaml = jobYaml(run.string(), "    - {name: a, count: 2}", 5, 1);  // batch 1 < 2 workers
+  EXPECT_EQ(runBinary(yaml, "bad"), 2);
+  EXPECT_THAT(outputOf("bad"), HasSubstr("train.global_batch"));
+  EXPECT_FALSE(fs::exists(run));
+}
+
+TEST(Launcher, MissingDataIsAClearError) {
+  fs::path run = TrainerEnv::root() / "nodata";
+  std::string yaml = jobYaml(run.string(), "    - {name: a, count: 1}", 5, 2);
+  yaml.replace(yaml.find((TrainerEnv::root() / "data").string()), (TrainerEnv::root() / "data").string().size(),
+               (TrainerEnv::root() / "no-such-data").string());
+  EXPECT_NE(runBinary(yaml, "nodata"), 0);
+  EXPECT_THAT(outputOf("nodata"), HasSubstr("no-such-data"));
+  EXPECT_THAT(outputOf("nodata"), HasSubstr("data prepare"));
+  EXPECT_FALSE(fs::exists(run / "checkpoints"));
+}
+
+TEST(Launcher, WorkerThatCannotStartIsReported) {
+  fs::path run = TrainerEnv::root() / "nostart";
+  std::string yaml = jobYaml(run.string(), "    - {name: a, count: 2}", 5, 4);
+  fs::path p = TrainerEnv::root() / "nostart.yaml";
+  std::ofstream(p) << yaml;
+  LaunchOptions lo;
+  lo.job_path = p.string();
+  lo.self_exe = (TrainerEnv::root() / "no-such-binary").string();
+  lo.progress = false;
+  auto st = launchTraining(lo);
+  ASSERT_FALSE(st.isOk());
+  EXPECT_THAT(st.message(), HasSubstr("worker"));
+  EXPECT_THAT(st.message(), HasSubstr("cannot exec"));
+  EXPECT_FALSE(fs::exists(run / "checkpoints"));
+}
+
+}  // namespace
+}  // namespace archipelago::runtime
