@@ -63,6 +63,8 @@ void addBenchCommands(CLI::App& app) {
   c->add_option("--streams", opts->o.streams, "TCP streams per peer pair")->capture_default_str();
   c->add_option("--chunk", opts->o.chunk_bytes, "ring pipeline chunk in bytes")->capture_default_str();
   c->add_option("--iters", opts->o.iters, "timed iterations per row (0 = by size)")->capture_default_str();
+  c->add_flag("!--no-same-host-copy", opts->o.same_host_copy,
+              "send bulk bytes between local ranks over TCP too (no process_vm_readv single copy)");
   c->add_option("--rounds", opts->o.rounds, "alternating rounds per row (best reported)")->capture_default_str();
   setAction(c, [opts]() -> core::Status {
     comm::CommBenchOptions o = opts->o;

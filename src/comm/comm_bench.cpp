@@ -133,6 +133,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   cfg.options.streams = opt.streams;
   cfg.options.chunk_bytes = opt.chunk_bytes;
   cfg.options.heartbeat_timeout_s = 5;
+  cfg.options.same_host_copy = opt.same_host_copy;
   if (bc.emulated) {
     core::IslandSpec a, b;
     a.name = "islandA";
@@ -150,8 +151,9 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   Group& g = *cr->world;
   if (me == 0) {
     for (const auto& line : cr->comm->emulationSummary()) std::printf("# %s\n", line.c_str());
-    std::printf("# archipelago bench comm: %d ranks on this machine (127.0.0.1), %d streams/peer, chunk %s%s\n", n,
-                opt.streams, core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
+    std::printf("# archipelago bench comm: %d ranks on this machine (127.0.0.1), %d streams/peer, chunk %s, "
+                "same-host copy %s%s\n", n, opt.streams, core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
+                opt.same_host_copy ? "on" : "off (all bytes over TCP)",
                 bc.emulated ? ", 2 islands joined by an EMULATED strait" : "");
   }
   auto maxOver = [&](double v) -> core::Result<double> {
@@ -449,6 +451,15 @@ core::Status runCommBench(const CommBenchOptions& in) {
     opt.ops = bc.emulated ? std::vector<std::string>{"allreduce", "hier_allreduce"}
                           : std::vector<std::string>{"allreduce", "allgather", "reduce_scatter", "broadcast",
                                                      "alltoall"};
+  }
+  for (const auto& op : opt.ops) {
+    static const std::vector<std::string> known = {"allreduce", "hier_allreduce", "allgather", "reduce_scatter",
+                                                   "broadcast", "alltoall", "failure"};
+    if (std::find(known.begin(), known.end(), op) == known.end()) {
+      return core::invalidArgument("--ops: '" + op +
+                                   "' is not one of allreduce, hier_allreduce, allgather, reduce_scatter, broadcast, "
+                                   "alltoall, failure");
+    }
   }
   if (opt.gloo && !glooAvailable()) {
     std::printf("# Gloo comparison unavailable: this build has no Gloo (ARCHIPELAGO_WITH_GLOO)\n");

@@ -43,7 +43,8 @@ core::Status Handle::wait(const core::Deadline& deadline, const core::AbortFlag&
       state_->mesh->fail(why);
       lock.lock();
       state_->cv.wait(lock, [&] { return state_->done; });
-      return why.withContext(state_->status.isOk() ? "op" : state_->status.message());
+      // The op's own status carries op/epoch/rank context (and this cause).
+      return state_->status.isOk() ? why : state_->status;
     }
     state_->cv.wait_for(lock, std::min<core::Duration>(deadline.remaining(), std::chrono::milliseconds(20)));
   }
@@ -469,8 +470,12 @@ core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig conf
       return s && s->tls;
     }();
   };
+  TlsConfig tls{c->config_.options.tls_cert_file, c->config_.options.tls_key_file};
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return core::invalidArgument("comm: tls_cert_file and tls_key_file must be given together");
+  }
   ARCH_ASSIGN_OR_RETURN(c->endpoint_, Endpoint::listen(c->config_.options.listen_host, c->config_.rank,
-                                                       c->config_.secret, tls_policy));
+                                                       c->config_.secret, tls_policy, tls));
   c->endpoint_->setMinEpoch(c->config_.epoch);
   return c;
 }

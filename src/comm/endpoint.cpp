@@ -53,11 +53,11 @@ core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello&
 
 core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32_t my_rank, uint32_t min_epoch,
                                     const std::function<bool(int32_t)>& tls_required,
-                                    const core::Deadline& deadline) {
+                                    const core::Deadline& deadline, const TlsConfig& tls) {
   uint8_t marker = 0;
   ARCH_RETURN_IF_ERROR(sock.readFull(&marker, 1, deadline, nullptr));
   if (marker != kPlainMarker && marker != kTlsMarker) return core::dataLoss("not an archipelago handshake");
-  if (marker == kTlsMarker) ARCH_RETURN_IF_ERROR(sock.startTls(true, {}, deadline));
+  if (marker == kTlsMarker) ARCH_RETURN_IF_ERROR(sock.startTls(true, tls, deadline));
   std::vector<uint8_t> channel = sock.channelBinding();
   FrameHeader h;
   std::vector<uint8_t> payload;
@@ -96,7 +96,7 @@ core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32
 }
 
 core::Result<std::unique_ptr<Endpoint>> Endpoint::listen(const std::string& host, int rank, std::string secret,
-                                                         TlsPolicy tls_policy) {
+                                                         TlsPolicy tls_policy, TlsConfig tls) {
   ARCH_ASSIGN_OR_RETURN(auto lp, listenTcp(host, 0));
   std::unique_ptr<Endpoint> ep(new Endpoint());
   ep->listen_fd_ = lp.first;
@@ -104,6 +104,7 @@ core::Result<std::unique_ptr<Endpoint>> Endpoint::listen(const std::string& host
   ep->rank_ = rank;
   ep->secret_ = std::move(secret);
   ep->tls_policy_ = std::move(tls_policy);
+  ep->tls_ = std::move(tls);
   Endpoint* raw = ep.get();
   ep->thread_ = std::thread([raw] { raw->acceptLoop(); });
   return ep;
@@ -134,7 +135,7 @@ void Endpoint::acceptLoop() {
       min_epoch = min_epoch_;
     }
     // A stalled or hostile client costs at most this long.
-    auto hr = serverHandshake(*sock, secret_, rank_, min_epoch, tls_policy_, core::Deadline::afterSeconds(5));
+    auto hr = serverHandshake(*sock, secret_, rank_, min_epoch, tls_policy_, core::Deadline::afterSeconds(5), tls_);
     if (!hr.isOk()) {
       ARCH_LOG_WARN("comm rank {}: refused a connection: {}", rank_, hr.status().toString());
       continue;

@@ -25,13 +25,14 @@ core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello&
 // says whether this client must use TLS. On refusal sends REJECT and
 // returns the reason.
 core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32_t my_rank, uint32_t min_epoch,
-                                    const std::function<bool(int32_t)>& tls_required, const core::Deadline& deadline);
+                                    const std::function<bool(int32_t)>& tls_required, const core::Deadline& deadline,
+                                    const TlsConfig& tls = {});
 
 class Endpoint {
  public:
   using TlsPolicy = std::function<bool(int32_t peer)>;
   static core::Result<std::unique_ptr<Endpoint>> listen(const std::string& host, int rank, std::string secret,
-                                                        TlsPolicy tls_policy);
+                                                        TlsPolicy tls_policy, TlsConfig tls = {});
   ~Endpoint();
   int port() const { return port_; }
   void setMinEpoch(uint32_t epoch);
@@ -47,6 +48,7 @@ class Endpoint {
   int rank_ = 0;
   std::string secret_;
   TlsPolicy tls_policy_;
+  TlsConfig tls_;
   core::AbortFlag stop_;
   std::thread thread_;
   std::mutex mu_;

@@ -308,9 +308,10 @@ void Mesh::fail(core::Status why) {
         FrameHeader h;
         h.type = FrameType::kAbort;
         h.epoch = epoch_;
+        // Every clean stream carries it: the peer's receivers race, and the
+        // first one to read must see the cause, not our FIN.
         (void)s->sock->writeFrame(h, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()),
                                   core::Deadline::afterSeconds(0.1));
-        break;
       }
     }
   }
@@ -494,6 +495,15 @@ void Mesh::receiverLoop(Stream* s) {
         s->finished = true;
         cv_.notify_all();
         return;
+      }
+    }
+    if (st.code() == core::StatusCode::kUnavailable) {
+      // A closed connection may trail the peer's abort notice on a sibling
+      // stream: give that a moment so the group reports the original cause.
+      for (int i = 0; i < 6; ++i) {
+        ::usleep(5000);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (failed_) return;
       }
     }
     core::Status out = st;

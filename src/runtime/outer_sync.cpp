@@ -1,10 +1,618 @@
+// DiLoCo and streaming DiLoCo (docs/strategies.md).
+//
+// Both are one mechanism: the flat parameter vector is cut into fragments
+// (DiLoCo: one), each with an anchor (its value after its last outer step)
+// and an outer momentum. When a fragment is due, every rank computes its
+// pseudo-gradient delta = anchor - params; the islands exchange their deltas
+// compressed (each island's delta counted once, weighted by the tokens the
+// island processed since the fragment's last sync); every rank applies the
+// same outer Nesterov step to the anchor; and the fragment's parameters are
+// replaced by the new anchor plus whatever local progress was made while the
+// exchange was in flight (streaming's overlap; zero for DiLoCo).
+//
+// Threads: the trainer's thread owns the parameters and the schedule; one
+// "outer" thread owned by this object runs the exchanges in submission order
+// (so every rank issues the same collectives in the same order on this
+// object's groups) and, for the fragment it is working on, owns that
+// fragment's slice of anchor / momentum and its error-feedback residual
+// until the trainer's thread has waited for the job.
+//
+// Groups: the inner steps use the trainer's island groups and the world
+// group from other threads at the same time, and a Group's tag space is a
+// hash of its member list, so this object builds its own groups with the
+// members in DESCENDING rank order (never the ascending order the trainer's
+// groups use): island group (same island) and cross group (the members at
+// the same position of every island). Ranks at positions >= K (K = smallest
+// island) hold no shard and receive the result from their island.
 #include "archipelago/runtime/outer_sync.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "archipelago/comm/codec.h"
+#include "archipelago/comm/communicator.h"
+#include "archipelago/core/clock.h"
+#include "archipelago/core/hash.h"
+#include "archipelago/core/log.h"
+#include "archipelago/runtime/metrics.h"
 
 namespace archipelago::runtime {
 
+// ---- schedule -------------------------------------------------------------------
+
+core::Result<std::vector<Fragment>> fragmentSchedule(int64_t numel, int64_t fragments, int64_t inner_steps,
+                                                     std::span<const int64_t> boundaries) {
+  if (inner_steps < 1) {
+    return core::invalidArgument("strategy.inner_steps is " + std::to_string(inner_steps) + "; expected >= 1");
+  }
+  if (fragments < 1 || fragments > numel) {
+    return core::invalidArgument("strategy.fragments is " + std::to_string(fragments) + "; expected 1.." +
+                                 std::to_string(numel) + " (the number of parameters)");
+  }
+  std::vector<int64_t> b;
+  for (int64_t x : boundaries) {
+    if (x > 0 && x < numel) b.push_back(x);
+  }
+  std::sort(b.begin(), b.end());
+  b.erase(std::unique(b.begin(), b.end()), b.end());
+  std::vector<int64_t> cuts{0};
+  for (int64_t f = 1; f < fragments; ++f) {
+    const int64_t ideal = numel * f / fragments;
+    // Room the remaining fragments need: every piece keeps >= 1 parameter.
+    const int64_t lo = cuts.back() + 1, hi = numel - (fragments - f);
+    int64_t cut = std::clamp(ideal, lo, hi);
+    auto it = std::lower_bound(b.begin(), b.end(), ideal);
+    int64_t best = -1;
+    for (auto c : {it, it == b.begin() ? b.end() : it - 1}) {
+      if (c == b.end() || *c < lo || *c > hi) continue;
+      if (best < 0 || std::llabs(*c - ideal) < std::llabs(best - ideal)) best = *c;
+    }
+    // A tensor boundary is used if it is within half a fragment of the ideal cut.
+    if (best >= 0 && std::llabs(best - ideal) * 2 * fragments <= numel) cut = best;
+    cuts.push_back(cut);
+  }
+  cuts.push_back(numel);
+  std::vector<Fragment> out;
+  for (int64_t f = 0; f < fragments; ++f) {
+    out.push_back({cuts[static_cast<size_t>(f)], cuts[static_cast<size_t>(f) + 1], (f * inner_steps) / fragments});
+  }
+  return out;
+}
+
+std::vector<int> fragmentsDue(const std::vector<Fragment>& fragments, int64_t step, int64_t inner_steps) {
+  std::vector<int> due;
+  if (step < 1 || inner_steps < 1) return due;
+  for (size_t f = 0; f < fragments.size(); ++f) {
+    const int64_t d = step - fragments[f].offset;
+    if (d >= 0 && d % inner_steps == 0) due.push_back(static_cast<int>(f));
+  }
+  return due;
+}
+
+core::Status compareReplicaDigests(const std::vector<std::string>& digests, const std::string& what) {
+  std::map<std::string, std::vector<int>> by;
+  for (size_t r = 0; r < digests.size(); ++r) by[digests[r]].push_back(static_cast<int>(r));
+  if (by.size() <= 1) return core::okStatus();
+  std::string msg = "replicas are not bit-identical after " + what + ":";
+  for (const auto& [d, ranks] : by) msg += fmt::format(" ranks [{}] have sha256 {}...;", fmt::join(ranks, ","), d.substr(0, 16));
+  return core::dataLoss(msg + " (non-deterministic arithmetic, a corrupted transfer or a schedule mismatch)");
+}
+
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr double kOpTimeoutS = 600;  // one exchange; peer loss is detected by heartbeats much sooner
+
+// One fragment's sync, from submission to application.
+struct Job {
+  int frag = 0;
+  int64_t sent_step = 0;
+  int64_t apply_step = 0;
+  double tokens = 0;           // this rank's tokens in the fragment's round
+  std::vector<float> buf;      // in: local delta; out: the islands' weighted mean delta
+  std::vector<float> sent;     // params at submission (only with overlap)
+  core::TimePoint t_submit;
+  // Results, written by the outer thread before `done`.
+  bool done = false;
+  core::Status status;
+  double exchange_s = 0;
+  uint64_t strait_bytes = 0;   // payload bytes this rank put on the cross group (computed from codec sizes)
+  std::string digest;          // sha256 hex of (anchor, momentum) of the fragment after the outer step
+};
+
+class FragmentOuterSync final : public OuterSync {
+ public:
+  FragmentOuterSync(const OuterContext& ctx, const torch::Tensor& params) : ctx_(ctx) {
+    const auto& s = ctx.job->strategy;
+    streaming_ = s.kind == "streaming";
+    H_ = s.inner_steps;
+    lr_ = static_cast<float>(s.outer_lr);
+    beta_ = static_cast<float>(s.outer_momentum);
+    nesterov_ = s.nesterov;
+    overlap_ = streaming_ ? s.overlap_steps : 0;
+    numel_ = params.numel();
+    anchor_ = params.detach().to(torch::kFloat32).contiguous().clone();
+    momentum_ = torch::zeros_like(anchor_);
+  }
+
+  ~FragmentOuterSync() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    abort_.abort();  // an exchange still blocked (the trainer failed) returns now
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  core::Status init() {
+    const auto& s = ctx_.job->strategy;
+    ARCH_ASSIGN_OR_RETURN(codec_, comm::parseCodec(s.codec));
+    if (!(s.outer_momentum >= 0 && s.outer_momentum < 1)) {
+      return core::invalidArgument(fmt::format("strategy.outer_momentum is {}; expected 0 <= momentum < 1", s.outer_momentum));
+    }
+    if (!(s.outer_lr > 0)) return core::invalidArgument(fmt::format("strategy.outer_lr is {}; expected > 0", s.outer_lr));
+    if (overlap_ < 0 || overlap_ >= H_) {
+      return core::invalidArgument(fmt::format(
+          "strategy.overlap_steps is {}; expected 0 <= overlap_steps < strategy.inner_steps ({})", overlap_, H_));
+    }
+    ARCH_ASSIGN_OR_RETURN(frags_, fragmentSchedule(numel_, streaming_ ? s.fragments : 1, H_, ctx_.segment_offsets));
+    last_tokens_.assign(frags_.size(), 0);
+    rounds_.assign(frags_.size(), 0);
+    if (s.error_feedback && codec_ != comm::CodecKind::kNone) {
+      for (size_t f = 0; f < frags_.size(); ++f) efs_.push_back(std::make_unique<comm::ErrorFeedback>(codec_));
+    }
+    ARCH_RETURN_IF_ERROR(buildGroups());
+    if (ctx_.metrics == nullptr) {
+      const std::string dir = ctx_.run_dir.empty() ? ctx_.job->run_dir : ctx_.run_dir;
+      std::error_code ec;
+      fs::create_directories(dir, ec);
+      if (own_metrics_.open((fs::path(dir) / "metrics.jsonl").string()).isOk()) metrics_ = &own_metrics_;
+    } else {
+      metrics_ = ctx_.metrics;
+    }
+    if (ctx_.world_group) straitMark_ = ctx_.world_group->straitBytesSent();
+    thread_ = std::thread([this] { loop(); });
+    if (ctx_.rank == 0) {
+      ARCH_LOG_INFO("{}: H={} fragments={} overlap={} codec={} error_feedback={} outer lr={} momentum={}{}; {} shard(s) per island",
+                    ctx_.job->strategy.kind, H_, frags_.size(), overlap_, comm::codecName(codec_),
+                    !efs_.empty(), lr_, beta_, nesterov_ ? " (nesterov)" : "", K_);
+    }
+    return core::okStatus();
+  }
+
+  core::Status afterInnerStep(int64_t step, torch::Tensor params, int64_t tokens) override {
+    ARCH_CHECK(params.numel() == numel_ && params.is_contiguous() && params.scalar_type() == torch::kFloat32);
+    cum_tokens_ += tokens;
+    float* p = params.data_ptr<float>();
+    // Results due now (submitted overlap_ steps ago).
+    while (!inflight_.empty() && inflight_.front()->apply_step <= step) {
+      ARCH_RETURN_IF_ERROR(complete(inflight_.front(), p, step));
+      inflight_.pop_front();
+    }
+    for (int f : fragmentsDue(frags_, step, H_)) {
+      auto job = submit(f, step, p);
+      if (job->apply_step <= step) {
+        ARCH_RETURN_IF_ERROR(complete(job, p, step));
+      } else {
+        inflight_.push_back(job);
+      }
+    }
+    return core::okStatus();
+  }
+
+  core::Status finish(int64_t step, torch::Tensor params) override {
+    float* p = params.data_ptr<float>();
+    while (!inflight_.empty()) {
+      ARCH_RETURN_IF_ERROR(complete(inflight_.front(), p, step));
+      inflight_.pop_front();
+    }
+    if (step < ctx_.job->train.steps) return core::okStatus();  // a stop: the next run continues the rounds
+    // End of training: a last outer step over every fragment with progress
+    // since its last sync, so that every replica ends with the same weights.
+    bool any = false;
+    for (size_t f = 0; f < frags_.size(); ++f) {
+      if (lastSync(static_cast<int>(f), step) == step) continue;
+      auto job = submit(static_cast<int>(f), step, p);
+      job->apply_step = step;
+      job->sent.clear();
+      ARCH_RETURN_IF_ERROR(complete(job, p, step));
+      any = true;
+    }
+    if (any && ctx_.rank == 0) ARCH_LOG_INFO("{}: final outer sync at step {}", ctx_.job->strategy.kind, step);
+    return core::okStatus();
+  }
+
+  NamedTensors stateTensors() const override {
+    // A job still running writes its fragment's anchor: let it finish first.
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] {
+        return std::all_of(inflight_.begin(), inflight_.end(), [](const auto& j) { return j->done; });
+      });
+    }
+    NamedTensors out{{"anchor", anchor_}, {"momentum", momentum_}};
+    // Residuals are per rank; only rank 0 writes checkpoints, so only its own survive a restart.
+    for (size_t f = 0; f < efs_.size(); ++f) {
+      auto r = efs_[f]->residual();
+      if (r.empty()) continue;
+      out.push_back({fmt::format("ef.r{}.f{}", ctx_.rank, f),
+                     torch::from_blob(const_cast<float*>(r.data()), {static_cast<int64_t>(r.size())}, torch::kFloat32).clone()});
+    }
+    return out;
+  }
+
+  nlohmann::json stateJson() const override {
+    return {{"kind", ctx_.job->strategy.kind}, {"fragments", frags_.size()}, {"inner_steps", H_},
+            {"numel", numel_}, {"cum_tokens", cum_tokens_}, {"last_tokens", last_tokens_},
+            {"rounds", rounds_}, {"outer_steps", outer_steps_}};
+  }
+
+  core::Status restore(const NamedTensors& tensors, const nlohmann::json& state) override {
+    if (!state.is_object() || state.value("kind", "") != ctx_.job->strategy.kind ||
+        state.value("fragments", size_t{0}) != frags_.size() || state.value("numel", int64_t{0}) != numel_) {
+      return core::failedPrecondition("the checkpoint's outer-sync state (" + state.dump() +
+                                      ") does not match this job's strategy " + ctx_.job->strategy.kind + " with " +
+                                      std::to_string(frags_.size()) + " fragment(s); resume with the same strategy");
+    }
+    std::map<std::string, torch::Tensor> by(tensors.begin(), tensors.end());
+    for (const char* name : {"anchor", "momentum"}) {
+      auto it = by.find(name);
+      if (it == by.end() || it->second.numel() != numel_) {
+        return core::dataLoss(std::string("checkpoint lacks outer-sync tensor '") + name + "' of the model's size");
+      }
+    }
+    anchor_.copy_(by["anchor"].reshape({-1}));
+    momentum_.copy_(by["momentum"].reshape({-1}));
+    cum_tokens_ = state.value("cum_tokens", int64_t{0});
+    last_tokens_ = state.value("last_tokens", last_tokens_);
+    rounds_ = state.value("rounds", rounds_);
+    outer_steps_ = state.value("outer_steps", int64_t{0});
+    if (last_tokens_.size() != frags_.size() || rounds_.size() != frags_.size()) {
+      return core::dataLoss("checkpoint outer-sync state has per-fragment lists of the wrong length");
+    }
+    int restored = 0;
+    for (size_t f = 0; f < efs_.size(); ++f) {
+      auto it = by.find(fmt::format("ef.r{}.f{}", ctx_.rank, f));
+      efs_[f]->reset();
+      if (it == by.end() || my_pos_ >= K_) continue;
+      const auto& fr = frags_[f];
+      if (static_cast<size_t>(it->second.numel()) != shardCounts(static_cast<size_t>(fr.end - fr.begin))[my_pos_]) {
+        continue;  // another layout (world size or islands changed): start from zero
+      }
+      torch::Tensor r = it->second.contiguous().to(torch::kFloat32);
+      std::vector<float> zeros(static_cast<size_t>(r.numel()), 0.0f);
+      // update(compensated, decoded) sets r = compensated - decoded = r exactly.
+      efs_[f]->update(std::span<const float>(r.data_ptr<float>(), zeros.size()), zeros);
+      ++restored;
+    }
+    if (!efs_.empty() && restored == 0) {
+      ARCH_LOG_INFO("outer sync: no error-feedback residual of rank {} in the checkpoint; starting from zero", ctx_.rank);
+    }
+    return core::okStatus();
+  }
+
+ private:
+  // Step of fragment f's last sync at or before `step` (0 = none yet).
+  int64_t lastSync(int f, int64_t step) const {
+    const int64_t o = frags_[static_cast<size_t>(f)].offset;
+    if (step < o) return 0;
+    return o + ((step - o) / H_) * H_;  // 0 when offset 0 and step < H: not synced yet
+  }
+
+  core::Status buildGroups() {
+    const int world = ctx_.world;
+    int n_islands = 0;
+    for (int i : ctx_.island_of_rank) n_islands = std::max(n_islands, i + 1);
+    if (world <= 1 || !ctx_.world_group) {
+      K_ = 1;
+      my_pos_ = 0;
+      return core::okStatus();
+    }
+    if (static_cast<int>(ctx_.island_of_rank.size()) != world) {
+      return core::internalError("outer sync: island_of_rank has " + std::to_string(ctx_.island_of_rank.size()) +
+                            " entries for a world of " + std::to_string(world));
+    }
+    // Members of every island, descending.
+    members_.assign(static_cast<size_t>(n_islands), {});
+    for (int r = world - 1; r >= 0; --r) members_[static_cast<size_t>(ctx_.island_of_rank[static_cast<size_t>(r)])].push_back(r);
+    K_ = SIZE_MAX;
+    for (const auto& m : members_) {
+      if (!m.empty()) K_ = std::min(K_, m.size());
+    }
+    const auto& mine = members_[static_cast<size_t>(ctx_.island_of_rank[static_cast<size_t>(ctx_.rank)])];
+    my_pos_ = static_cast<size_t>(std::find(mine.begin(), mine.end(), ctx_.rank) - mine.begin());
+    if (mine.size() > 1) {
+      ARCH_ASSIGN_OR_RETURN(island_, ctx_.world_group->subgroup(mine));
+    }
+    if (my_pos_ < K_) {
+      std::vector<int> cross;
+      for (int i = n_islands - 1; i >= 0; --i) {
+        if (!members_[static_cast<size_t>(i)].empty()) cross.push_back(members_[static_cast<size_t>(i)][my_pos_]);
+      }
+      if (cross.size() > 1) {
+        ARCH_ASSIGN_OR_RETURN(cross_, ctx_.world_group->subgroup(cross));
+      }
+    }
+    return core::okStatus();
+  }
+
+  std::shared_ptr<Job> submit(int f, int64_t step, const float* p) {
+    const auto& fr = frags_[static_cast<size_t>(f)];
+    auto job = std::make_shared<Job>();
+    job->frag = f;
+    job->sent_step = step;
+    job->apply_step = step + overlap_;
+    job->tokens = static_cast<double>(cum_tokens_ - last_tokens_[static_cast<size_t>(f)]);
+    last_tokens_[static_cast<size_t>(f)] = cum_tokens_;
+    const int64_t n = fr.end - fr.begin;
+    const float* a = anchor_.data_ptr<float>() + fr.begin;
+    job->buf.resize(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) job->buf[static_cast<size_t>(j)] = a[j] - p[fr.begin + j];
+    if (overlap_ > 0) job->sent.assign(p + fr.begin, p + fr.end);
+    job->t_submit = core::Clock::now();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(job);
+    }
+    cv_.notify_all();
+    return job;
+  }
+
+  // Waits for the job's exchange and outer step, then writes the fragment's parameters.
+  core::Status complete(const std::shared_ptr<Job>& job, float* p, int64_t step) {
+    const auto t0 = core::Clock::now();
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return job->done; });
+    }
+    const double wait_s = core::secondsSince(t0);
+    ARCH_RETURN_IF_ERROR(job->status.withContext(fmt::format("outer step of fragment {} sent after step {}",
+                                                             job->frag, job->sent_step)));
+    const auto& fr = frags_[static_cast<size_t>(job->frag)];
+    const float* a = anchor_.data_ptr<float>() + fr.begin;
+    const int64_t n = fr.end - fr.begin;
+    if (job->sent.empty()) {
+      std::memcpy(p + fr.begin, a, static_cast<size_t>(n) * sizeof(float));
+    } else {
+      // Merge: the new global value plus the local progress made during the overlap.
+      for (int64_t j = 0; j < n; ++j) p[fr.begin + j] = a[j] + (p[fr.begin + j] - job->sent[static_cast<size_t>(j)]);
+    }
+    ++outer_steps_;
+    const int64_t round = ++rounds_[static_cast<size_t>(job->frag)];
+    if (metrics_) {
+      uint64_t measured = 0;
+      if (ctx_.world_group) {
+        const uint64_t now = ctx_.world_group->straitBytesSent();
+        measured = now - straitMark_;
+        straitMark_ = now;
+      }
+      metrics_->write({{"kind", "outer"}, {"strategy", ctx_.job->strategy.kind}, {"step", step},
+                       {"sent_step", job->sent_step}, {"round", round}, {"fragment", job->frag},
+                       {"rank", ctx_.rank}, {"island", ctx_.island_of_rank.empty() ? 0 : ctx_.island_of_rank[static_cast<size_t>(ctx_.rank)]},
+                       {"params", n}, {"codec", std::string(comm::codecName(codec_))},
+                       {"bytes_strait", job->strait_bytes}, {"bytes_strait_measured", measured},
+                       {"sync_s", job->exchange_s}, {"wait_s", wait_s}, {"digest", job->digest.substr(0, 16)}});
+    }
+    return core::okStatus();
+  }
+
+  void loop() {
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (stop_) return;
+        job = queue_.front();
+        queue_.pop_front();
+      }
+      const auto t0 = core::Clock::now();
+      core::Status st = exchangeAndStep(*job);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job->status = st;
+        job->exchange_s = core::secondsSince(t0);
+        job->done = true;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  comm::OpOptions opts() const {
+    comm::OpOptions o = comm::OpOptions::within(kOpTimeoutS);
+    o.abort = abort_;
+    return o;
+  }
+
+  // Outer thread: average the fragment's delta over islands, outer step, replica check.
+  core::Status exchangeAndStep(Job& job) {
+    const auto& fr = frags_[static_cast<size_t>(job.frag)];
+    const size_t n = job.buf.size();
+    // 1. Tokens of my island in this round.
+    double island_tokens = job.tokens;
+    if (island_) {
+      ARCH_RETURN_IF_ERROR(island_->allreduce(&island_tokens, 1, comm::DType::kF64, comm::ReduceOp::kSum, opts())
+                               .withContext("island token count"));
+    }
+    // 2. My shard (position my_pos_ < K) crosses the straits, compressed.
+    const auto shards = shardCounts(n);
+    size_t off = 0;
+    for (size_t k = 0; k < my_pos_ && k < K_; ++k) off += shards[k];
+    if (my_pos_ < K_) {
+      std::span<float> mine(job.buf.data() + off, shards[my_pos_]);
+      const size_t enc = comm::encodedSize(codec_, mine.size());
+      const size_t payload = sizeof(double) + enc;
+      std::vector<uint8_t> out(payload);
+      std::memcpy(out.data(), &island_tokens, sizeof(double));
+      std::span<uint8_t> body(out.data() + sizeof(double), enc);
+      if (!efs_.empty()) {
+        efs_[static_cast<size_t>(job.frag)]->encode(mine, body);
+      } else {
+        comm::encode(codec_, mine, body);
+      }
+      const size_t members = cross_ ? static_cast<size_t>(cross_->size()) : 1;
+      std::vector<uint8_t> all(payload * members);
+      if (cross_) {
+        ARCH_RETURN_IF_ERROR(cross_->allgather(out.data(), all.data(), payload, comm::DType::kU8, opts())
+                                 .withContext("cross-island pseudo-gradient exchange"));
+        job.strait_bytes = (members - 1) * payload;  // ring allgather: each member forwards n-1 blocks
+      } else {
+        all = out;
+      }
+      double total = 0;
+      std::vector<double> tok(members);
+      for (size_t i = 0; i < members; ++i) {
+        std::memcpy(&tok[i], all.data() + i * payload, sizeof(double));
+        total += tok[i];
+      }
+      // Same bytes, same order on every member: the mean is bit-identical everywhere.
+      std::fill(mine.begin(), mine.end(), 0.0f);
+      std::vector<float> dec(mine.size());
+      for (size_t i = 0; i < members; ++i) {
+        ARCH_RETURN_IF_ERROR(comm::decode(codec_, std::span<const uint8_t>(all.data() + i * payload + sizeof(double), enc), dec)
+                                 .withContext("decoding island " + std::to_string(i) + "'s pseudo-gradient"));
+        const float w = total > 0 ? static_cast<float>(tok[i] / total) : 1.0f / static_cast<float>(members);
+        for (size_t j = 0; j < dec.size(); ++j) mine[j] += w * dec[j];
+      }
+    }
+    // 3. Every island member gets every shard.
+    if (island_) {
+      std::vector<size_t> counts(static_cast<size_t>(island_->size()), 0);
+      for (size_t k = 0; k < K_ && k < counts.size(); ++k) counts[k] = shards[k];
+      ARCH_RETURN_IF_ERROR(island_->allgatherv(job.buf.data() + off, job.buf.data(), counts, comm::DType::kF32, opts())
+                               .withContext("island allgather of the mean pseudo-gradient"));
+    }
+    // 4. Outer Nesterov step on this fragment's anchor (owned by this thread while the job runs).
+    float* a = anchor_.data_ptr<float>() + fr.begin;
+    float* m = momentum_.data_ptr<float>() + fr.begin;
+    for (size_t j = 0; j < n; ++j) {
+      const float d = job.buf[j];
+      const float mj = beta_ * m[j] + d;
+      m[j] = mj;
+      const float s = nesterov_ ? d + beta_ * mj : mj;
+      a[j] = a[j] - lr_ * s;
+    }
+    // 5. Replica check: (anchor, momentum) of the fragment hashed on every rank.
+    core::Sha256 h;
+    h.update(a, n * sizeof(float));
+    h.update(m, n * sizeof(float));
+    const auto dg = h.finish();
+    job.digest = core::toHex(dg);
+    return checkDigests(dg, fmt::format("the outer step of fragment {} sent after step {}", job.frag, job.sent_step));
+  }
+
+  std::vector<size_t> shardCounts(size_t n) const {
+    std::vector<size_t> c(K_, n / K_);
+    for (size_t k = 0; k < n % K_; ++k) ++c[k];
+    return c;
+  }
+
+  // Island allgather of the digests, then the island tables across the
+  // straits (cross members); every rank compares what it has.
+  core::Status checkDigests(const core::Sha256Digest& dg, const std::string& what) {
+    if (members_.empty()) return core::okStatus();
+    const int my_island = ctx_.island_of_rank[static_cast<size_t>(ctx_.rank)];
+    const auto& mine = members_[static_cast<size_t>(my_island)];
+    std::vector<uint8_t> table(mine.size() * 32);
+    if (island_) {
+      ARCH_RETURN_IF_ERROR(island_->allgather(dg.data(), table.data(), 32, comm::DType::kU8, opts()).withContext("digest allgather"));
+    } else {
+      std::memcpy(table.data(), dg.data(), 32);
+    }
+    std::map<int, std::string> by_rank;
+    for (size_t i = 0; i < mine.size(); ++i) by_rank[mine[i]] = core::toHex(std::span<const uint8_t>(table.data() + 32 * i, 32));
+    if (cross_) {
+      std::vector<size_t> counts;
+      std::vector<int> islands;
+      for (int r : cross_->ranks()) {
+        islands.push_back(ctx_.island_of_rank[static_cast<size_t>(r)]);
+        counts.push_back(members_[static_cast<size_t>(islands.back())].size() * 32);
+      }
+      size_t total = 0;
+      for (size_t c : counts) total += c;
+      std::vector<uint8_t> all(total);
+      ARCH_RETURN_IF_ERROR(cross_->allgatherv(table.data(), all.data(), counts, comm::DType::kU8, opts())
+                               .withContext("cross-island digest allgather"));
+      size_t off = 0;
+      for (size_t i = 0; i < islands.size(); ++i) {
+        const auto& mem = members_[static_cast<size_t>(islands[i])];
+        for (size_t k = 0; k < mem.size(); ++k) {
+          by_rank[mem[k]] = core::toHex(std::span<const uint8_t>(all.data() + off + 32 * k, 32));
+        }
+        off += counts[i];
+      }
+    }
+    std::vector<std::string> digests;
+    std::vector<int> ranks;
+    for (const auto& [r, d] : by_rank) {
+      ranks.push_back(r);
+      digests.push_back(d);
+    }
+    core::Status st = compareReplicaDigests(digests, what);
+    if (!st.isOk() && ranks.size() != static_cast<size_t>(ctx_.world)) {
+      st = st.withContext(fmt::format("compared ranks [{}] (indices above are into this list)", fmt::join(ranks, ",")));
+    }
+    return st;
+  }
+
+  OuterContext ctx_;
+  bool streaming_ = false;
+  int64_t H_ = 1;
+  float lr_ = 1, beta_ = 0;  // outer learning rate and momentum
+  bool nesterov_ = true;
+  int64_t overlap_ = 0;
+  int64_t numel_ = 0;
+  comm::CodecKind codec_ = comm::CodecKind::kNone;
+  std::vector<Fragment> frags_;
+  torch::Tensor anchor_, momentum_;
+  std::vector<std::unique_ptr<comm::ErrorFeedback>> efs_;  // per fragment, my shard (outer thread)
+  std::vector<int64_t> last_tokens_;                       // cum_tokens_ at the fragment's last submission
+  std::vector<int64_t> rounds_;
+  int64_t cum_tokens_ = 0;
+  int64_t outer_steps_ = 0;
+
+  std::vector<std::vector<int>> members_;  // per island, global ranks descending
+  size_t K_ = 1;
+  size_t my_pos_ = 0;
+  std::shared_ptr<comm::Group> island_, cross_;
+
+  MetricsSink own_metrics_;
+  MetricsSink* metrics_ = nullptr;
+  uint64_t straitMark_ = 0;
+
+  std::deque<std::shared_ptr<Job>> inflight_;  // trainer thread
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool stop_ = false;
+  core::AbortFlag abort_;
+  std::thread thread_;
+};
+
+}  // namespace
+
 core::Result<std::unique_ptr<OuterSync>> makeOuterSync(const OuterContext& ctx, const torch::Tensor& params) {
-  (void)params;
-  return core::unimplemented("strategy.kind '" + ctx.job->strategy.kind + "' is not available in this build yet");
+  const std::string& kind = ctx.job->strategy.kind;
+  if (kind == "sync") return std::unique_ptr<OuterSync>();
+  if (kind != "diloco" && kind != "streaming") {
+    return core::invalidArgument("strategy.kind is '" + kind + "'; expected sync, diloco or streaming");
+  }
+  if (params.scalar_type() != torch::kFloat32 || !params.is_contiguous() || params.dim() != 1) {
+    return core::invalidArgument("outer sync needs the flat fp32 parameter vector");
+  }
+  auto s = std::make_unique<FragmentOuterSync>(ctx, params);
+  ARCH_RETURN_IF_ERROR(s->init());
+  return std::unique_ptr<OuterSync>(std::move(s));
 }
 
 }  // namespace archipelago::runtime

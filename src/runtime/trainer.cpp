@@ -17,6 +17,8 @@
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/training.h"
 #include "archipelago/model/transformer.h"
+#include "archipelago/plan/local_predict.h"
+#include "archipelago/runtime/calibrate.h"
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/flat_params.h"
 #include "archipelago/runtime/metrics.h"
@@ -362,6 +364,28 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
     return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
   };
 
+  // ---- the planner's prediction for this run (calibrated on this machine) ----
+  double predicted_step_s = 0;
+  if (rank == 0) {
+    const int64_t rows = std::max<int64_t>(1, *std::max_element(shares.begin(), shares.end())) * T;
+    const std::string kind = me.device.empty() ? "cpu" : me.device;
+    auto profile = calibrateLocalMatmuls(job.model, rows, kind);
+    (void)profile.save((fs::path(opt.run_dir) / "calibration.json").string());
+    auto catalog = plan::DeviceCatalog::builtin();
+    auto pred = catalog.isOk() ? plan::predictStepTime(job, job.model.vocab_size, *catalog, &profile)
+                               : core::Result<plan::StepPrediction>(catalog.status());
+    if (pred.isOk()) {
+      predicted_step_s = pred->total_s;
+      ARCH_LOG_INFO("planner prediction: {:.3f}s/step ({})", pred->total_s, pred->detail);
+      if (opt.write_metrics) {
+        metrics.write({{"kind", "prediction"}, {"predicted_step_s", pred->total_s}, {"compute_s", pred->compute_s},
+                       {"comm_s", pred->comm_s}, {"detail", pred->detail}});
+      }
+    } else {
+      ARCH_LOG_WARN("no planner prediction: {}", pred.status().message());
+    }
+  }
+
   TrainSummary summary;
   summary.first_step = start_step;
   int64_t last_ckpt_step = opt.resume ? start_step : -1;
@@ -542,6 +566,11 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
   summary.final_loss = summary.losses.empty() ? 0 : summary.losses.back();
   summary.wall_s = core::secondsSince(t_start);
   summary.mean_step_s = steps_timed > 0 ? step_time_sum / static_cast<double>(steps_timed) : 0;
+  summary.predicted_step_s = predicted_step_s;
+  if (rank == 0 && predicted_step_s > 0 && summary.mean_step_s > 0) {
+    ARCH_LOG_INFO("step time: predicted {:.3f}s, measured {:.3f}s ({:+.0f}%)", predicted_step_s, summary.mean_step_s,
+                  100.0 * (predicted_step_s - summary.mean_step_s) / summary.mean_step_s);
+  }
   if (opt.write_metrics) {
     (void)trace.writeFile((fs::path(opt.run_dir) / "trace" / ("rank" + std::to_string(rank) + ".json")).string());
   }

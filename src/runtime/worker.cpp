@@ -114,6 +114,7 @@ core::Status runWorker(const WorkerOptions& opt) {
       sink.write({{"kind", "summary"}, {"steps", summary->steps_done}, {"first_step", summary->first_step},
                   {"wall_s", summary->wall_s}, {"final_loss", summary->final_loss},
                   {"final_val_loss", summary->final_val_loss}, {"measured_step_s", summary->mean_step_s},
+                  {"predicted_step_s", summary->predicted_step_s},
                   {"stopped_early", summary->stopped_early}});
     }
     ARCH_LOG_INFO("done: {} steps, final loss {:.4f}, val {:.4f}, {:.3f}s/step", summary->steps_done,

@@ -248,3 +248,33 @@ TEST(Tls, StraitWithTlsCarriesCollectives) {
 
 }  // namespace
 }  // namespace archipelago::comm
+
+namespace archipelago::comm {
+namespace {
+
+// The caller's abort flag ends a wait that nothing else would end.
+TEST(Fault, AbortFlagEndsAWaitWithAborted) {
+  runAll(2, [](const LocalRank& lr) -> std::string {
+    auto cr = connectRank(lr, faultConfig(), core::Deadline::afterSeconds(20));
+    if (!cr.isOk()) return cr.status().toString();
+    if (lr.rank == 1) {
+      ::usleep(1500000);  // never sends; stays alive past rank 0's abort
+      return "";
+    }
+    OpOptions o;
+    std::thread aborter([flag = o.abort]() mutable {
+      ::usleep(200000);
+      flag.abort();
+    });
+    std::vector<float> buf(10);
+    auto t0 = core::Clock::now();
+    core::Status st = cr->world->recv(buf.data(), buf.size(), DType::kF32, 1, 9, o);
+    aborter.join();
+    RANK_CHECK(st.code() == core::StatusCode::kAborted, "expected ABORTED, got " << st.toString());
+    RANK_CHECK(core::secondsSince(t0) < 1.0, "abort honoured late");
+    return "";
+  }, 60);
+}
+
+}  // namespace
+}  // namespace archipelago::comm

@@ -29,7 +29,8 @@ struct CommBenchOptions {
   int streams = 4;
   uint64_t chunk_bytes = 1 << 20;
   int iters = 0;                        // 0 = chosen per size
-  int rounds = 3;                       // alternating rounds per row; the best round is reported
+  int rounds = 3;
+  bool same_host_copy = true;           // false: bulk bytes go through TCP even between local ranks                       // alternating rounds per row; the best round is reported
   std::string dtype = "f32";
 };
 

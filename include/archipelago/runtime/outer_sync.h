@@ -7,7 +7,9 @@
 // layer's codecs on the straits).
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -32,7 +34,12 @@ struct OuterContext {
   int world = 1;
   std::vector<int> island_of_rank;           // island index per global rank
   std::shared_ptr<comm::Group> world_group;  // null in single-process runs
-  MetricsSink* metrics = nullptr;            // may be null
+  MetricsSink* metrics = nullptr;            // may be null: then each rank appends "outer" lines to
+                                             // run_dir/metrics.jsonl through its own sink
+  std::string run_dir;                       // empty = job->run_dir
+  // Optional: offsets into the flat vector where a parameter tensor starts
+  // (FlatParams segments, HF order); streaming cuts fragments there.
+  std::vector<int64_t> segment_offsets;
 };
 
 class OuterSync {
@@ -50,6 +57,30 @@ class OuterSync {
   virtual nlohmann::json stateJson() const = 0;
   virtual core::Status restore(const NamedTensors& tensors, const nlohmann::json& state) = 0;
 };
+
+// One contiguous piece of the flat parameter vector and its place in the
+// sync schedule: it is synchronised after every inner step s >= 1 with
+// (s - offset) % H == 0, so any H consecutive steps sync it exactly once.
+struct Fragment {
+  int64_t begin = 0;   // [begin, end) of the flat vector
+  int64_t end = 0;
+  int64_t offset = 0;  // in [0, H)
+};
+
+// Splits `numel` parameters into `fragments` contiguous, non-empty pieces of
+// nearly equal size (each cut moved to the nearest entry of `boundaries`, the
+// tensor starts, when that keeps every piece non-empty) with sync offsets
+// staggered evenly over H: offset_f = (f * H) / fragments. DiLoCo is the
+// special case fragments = 1 (offset 0: sync after steps H, 2H, ...).
+core::Result<std::vector<Fragment>> fragmentSchedule(int64_t numel, int64_t fragments, int64_t inner_steps,
+                                                     std::span<const int64_t> boundaries = {});
+// Indices of the fragments whose sync starts after inner step `step` (>= 1).
+std::vector<int> fragmentsDue(const std::vector<Fragment>& fragments, int64_t step, int64_t inner_steps);
+
+// The replica check after an outer step: digests[r] is rank r's digest of
+// the state that must be identical everywhere. Ok if all are equal, else
+// kDataLoss naming which ranks hold which digest.
+core::Status compareReplicaDigests(const std::vector<std::string>& digests, const std::string& what);
 
 // The strategy named by job.strategy.kind ("diloco" | "streaming"); null for
 // "sync". `params` are the initial (identical on every rank) parameters.

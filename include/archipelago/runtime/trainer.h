@@ -58,7 +58,8 @@ struct TrainSummary {
   double final_loss = 0;
   double final_val_loss = -1;
   double wall_s = 0;
-  double mean_step_s = 0;
+  double mean_step_s = 0;       // measured, excluding the first step
+  double predicted_step_s = 0;  // the planner's prediction (rank 0; 0 if none)
   std::vector<double> losses;  // per completed step, global mean loss
   bool stopped_early = false;
 };
