@@ -119,19 +119,20 @@ std::string workerMain(const ar::core::JobConfig& job, const ar::comm::LocalRank
 }
 
 // Validation loss of the run's final checkpoint, one process, fixed batches.
-ar::core::Result<double> evaluateFinal(const std::string& run_dir, const Args& a) {
+ar::core::Result<double> evaluateFinal(const std::string& run_dir, const Args& a, ar::core::ModelConfig mc) {
   using namespace ar;
   ARCH_ASSIGN_OR_RETURN(auto dir, runtime::latestValidCheckpoint(run_dir));
   ARCH_ASSIGN_OR_RETURN(auto ck, runtime::loadCheckpoint(dir));
-  ARCH_ASSIGN_OR_RETURN(auto net, model::buildModel(ck.model, 0));
+  ARCH_ASSIGN_OR_RETURN(auto ds, data::PreparedDataset::open(a.data));
+  if (mc.vocab_size == 0) mc.vocab_size = ds->vocabSize();  // as the trainer resolves it
+  ARCH_ASSIGN_OR_RETURN(auto net, model::buildModel(mc, 0));
   std::map<std::string, torch::Tensor> by(ck.weights.begin(), ck.weights.end());
   torch::NoGradGuard ng;
   for (auto& [name, t] : net->namedTensors()) {
     auto it = by.find(name);
-    if (it == by.end()) return core::dataLoss("checkpoint lacks " + name);
+    if (it == by.end() || it->second.sizes() != t.sizes()) return core::dataLoss("checkpoint lacks " + name + " of the model's shape");
     t.copy_(it->second);
   }
-  ARCH_ASSIGN_OR_RETURN(auto ds, data::PreparedDataset::open(a.data));
   ARCH_ASSIGN_OR_RETURN(auto vs, ds->valSampler(a.seq));
   double ce = 0, tokens = 0;
   const std::vector<int64_t> shares{a.batch};
@@ -261,7 +262,7 @@ int main(int argc, char** argv) {
       }
     }
     for (auto& [r, p] : cs) row.util.push_back(p.second > 0 ? p.first / p.second : 0);
-    auto vl = evaluateFinal((fs::path(a.out) / strategy).string(), a);
+    auto vl = evaluateFinal((fs::path(a.out) / strategy).string(), a, job.model);
     if (!vl.isOk()) {
       std::fprintf(stderr, "error: evaluating %s: %s\n", strategy.c_str(), vl.status().toString().c_str());
       return 1;

@@ -288,6 +288,8 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
     ctx.world = world;
     for (const auto& w : workers) ctx.island_of_rank.push_back(w.island_index);
     ctx.world_group = opt.world_group;
+    ctx.run_dir = opt.run_dir;
+    for (const auto& seg : flat.segments()) ctx.segment_offsets.push_back(seg.offset);
     ARCH_ASSIGN_OR_RETURN(outer, makeOuterSync(ctx, flat.params()));
   }
   if (outer && opt.resume) {
@@ -523,17 +525,18 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
     }
     (void)step_us0;
 
-    if (tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps)) {
+    const bool stop_now = ctrl[3] > 0;
+    const bool periodic = job.checkpoint.every > 0 && step % job.checkpoint.every == 0;
+    const bool at_end = step == tc.steps || stop_now;
+    // Replicas must be identical (outer syncs complete) before the final evaluation.
+    if (outer && at_end) ARCH_RETURN_IF_ERROR(outer->finish(step, flat.params()));
+    if (tc.eval_every > 0 && (step % tc.eval_every == 0 || at_end)) {
       ScopedSpan span(&trace, TraceRecorder::kCompute, "evaluation");
       ARCH_ASSIGN_OR_RETURN(double vl, evaluate());
       summary.final_val_loss = vl;
       if (rank == 0 && opt.write_metrics && vl >= 0) metrics.write({{"kind", "eval"}, {"step", step}, {"val_loss", vl}});
     }
 
-    const bool stop_now = ctrl[3] > 0;
-    const bool periodic = job.checkpoint.every > 0 && step % job.checkpoint.every == 0;
-    const bool at_end = step == tc.steps || stop_now;
-    if (outer && at_end) ARCH_RETURN_IF_ERROR(outer->finish(step, flat.params()));
     if (periodic || (at_end && job.checkpoint.at_exit)) {
       const auto c0 = core::Clock::now();
       ARCH_ASSIGN_OR_RETURN(auto snap, snapshot(step));
