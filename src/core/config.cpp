@@ -177,6 +177,15 @@ bool isListKind(FieldKind k) {
   return k == FieldKind::kIntList || k == FieldKind::kDoubleList || k == FieldKind::kStringList;
 }
 
+template <typename T>
+std::string bracketList(const std::vector<T>& v) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
+  o << "]";
+  return o.str();
+}
+
 std::string formatValue(const FieldRef& f) {
   std::ostringstream o;
   switch (f.kind) {
@@ -193,27 +202,9 @@ std::string formatValue(const FieldRef& f) {
       break;
     }
     case FieldKind::kDuration: o << formatDuration(*static_cast<double*>(f.ptr)); break;
-    case FieldKind::kIntList: {
-      const auto& v = *static_cast<std::vector<int64_t>*>(f.ptr);
-      o << "[";
-      for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
-      o << "]";
-      break;
-    }
-    case FieldKind::kDoubleList: {
-      const auto& v = *static_cast<std::vector<double>*>(f.ptr);
-      o << "[";
-      for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
-      o << "]";
-      break;
-    }
-    case FieldKind::kStringList: {
-      const auto& v = *static_cast<std::vector<std::string>*>(f.ptr);
-      o << "[";
-      for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
-      o << "]";
-      break;
-    }
+    case FieldKind::kIntList: o << bracketList(*static_cast<std::vector<int64_t>*>(f.ptr)); break;
+    case FieldKind::kDoubleList: o << bracketList(*static_cast<std::vector<double>*>(f.ptr)); break;
+    case FieldKind::kStringList: o << bracketList(*static_cast<std::vector<std::string>*>(f.ptr)); break;
   }
   return o.str();
 }
@@ -375,9 +366,39 @@ class YamlLoader {
   std::set<std::string> used_;
 };
 
+// Walks the declaration keeping the dotted path of the current field
+// ("cluster.islands[1].count"); Derived supplies field(name, ref).
+template <typename Derived>
+class PathWalker {
+ public:
+  template <typename S>
+  void section(const char* name, S& s) {
+    std::string saved = path_;
+    path_ = joinPath(path_, name);
+    detail::visitFields(static_cast<Derived&>(*this), s);
+    path_ = saved;
+  }
+  template <typename S>
+  void list(const char* name, std::vector<S>& v) {
+    std::string saved = path_;
+    bool saved_in = in_list_;
+    in_list_ = true;
+    for (size_t i = 0; i < v.size(); ++i) {
+      path_ = joinPath(saved, name) + "[" + std::to_string(i) + "]";
+      detail::visitFields(static_cast<Derived&>(*this), v[i]);
+    }
+    path_ = saved;
+    in_list_ = saved_in;
+  }
+
+ protected:
+  std::string path_;
+  bool in_list_ = false;  // inside a list of mappings (no env override there)
+};
+
 // ---- overrides (env, --set) ---------------------------------------------------------
 
-class OverrideApplier {
+class OverrideApplier : public PathWalker<OverrideApplier> {
  public:
   OverrideApplier(std::map<std::string, std::string> sets, const LoadOptions& opts, LoadState* st)
       : sets_(std::move(sets)), opts_(opts), st_(st) {}
@@ -399,27 +420,6 @@ class OverrideApplier {
     }
   }
 
-  template <typename S>
-  void section(const char* name, S& s) {
-    std::string saved = path_;
-    path_ = joinPath(path_, name);
-    detail::visitFields(*this, s);
-    path_ = saved;
-  }
-
-  template <typename S>
-  void list(const char* name, std::vector<S>& v) {
-    std::string saved = path_;
-    bool saved_in = in_list_;
-    in_list_ = true;
-    for (size_t i = 0; i < v.size(); ++i) {
-      path_ = joinPath(saved, name) + "[" + std::to_string(i) + "]";
-      detail::visitFields(*this, v[i]);
-    }
-    path_ = saved;
-    in_list_ = saved_in;
-  }
-
   const std::map<std::string, std::string>& unusedSets() const { return sets_; }
 
  private:
@@ -436,13 +436,11 @@ class OverrideApplier {
   std::map<std::string, std::string> sets_;
   const LoadOptions& opts_;
   LoadState* st_;
-  std::string path_;
-  bool in_list_ = false;
 };
 
 // ---- dumping -------------------------------------------------------------------------
 
-class ValueCollector {
+class ValueCollector : public PathWalker<ValueCollector> {
  public:
   ValueCollector(const std::map<std::string, ValueSource>& sources, LoadedJob* out)
       : sources_(sources), out_(out) {}
@@ -453,27 +451,9 @@ class ValueCollector {
     if (auto it = sources_.find(p); it != sources_.end()) src = it->second;
     out_->values.push_back({p, {formatValue(f), src}});
   }
-  template <typename S>
-  void section(const char* name, S& s) {
-    std::string saved = path_;
-    path_ = joinPath(path_, name);
-    detail::visitFields(*this, s);
-    path_ = saved;
-  }
-  template <typename S>
-  void list(const char* name, std::vector<S>& v) {
-    std::string saved = path_;
-    for (size_t i = 0; i < v.size(); ++i) {
-      path_ = joinPath(saved, name) + "[" + std::to_string(i) + "]";
-      detail::visitFields(*this, v[i]);
-    }
-    path_ = saved;
-  }
-
  private:
   const std::map<std::string, ValueSource>& sources_;
   LoadedJob* out_;
-  std::string path_;
 };
 
 class YamlWriter {

@@ -23,6 +23,7 @@
 #include "archipelago/data/prepare.h"
 #include "archipelago/runtime/outer_sync.h"
 #include "archipelago/runtime/trainer.h"
+#include "runtime/runtime_test_util.h"
 
 namespace archipelago::runtime {
 namespace {
@@ -114,53 +115,24 @@ TEST(ReplicaCheck, MismatchIsDataLossNamingRanks) {
 
 // ---- training runs -----------------------------------------------------------------
 
-class OuterEnv : public ::testing::Environment {
- public:
-  static fs::path root() {
-    static fs::path r = fs::temp_directory_path() / ("arch_outer_test_" + std::to_string(::getpid()));
-    return r;
-  }
-  void SetUp() override {
-    fs::create_directories(root() / "corpus");
-    for (int d = 0; d < 40; ++d) {
-      std::ofstream f(root() / "corpus" / ("doc" + std::to_string(d) + ".txt"));
-      for (int line = 0; line < 30; ++line) {
-        f << "Record " << d << " entry " << line << ": the republic endures and its citizens are "
-          << (line % 3 == 0 ? "hopeful" : line % 3 == 1 ? "patient" : "free") << ".\n";
-      }
-    }
-    data::PrepareOptions po;
-    po.inputs = {(root() / "corpus").string()};
-    po.out = (root() / "data").string();
-    po.val_fraction = 0.1;
-    auto rep = data::prepareDataset(po);
-    ASSERT_TRUE(rep.isOk()) << rep.status().toString();
-  }
-  void TearDown() override { fs::remove_all(root()); }
-};
-const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new OuterEnv);
+using testutil::scratchRoot;
+using testutil::tinyDataDir;
 
 std::string jobYaml(const std::string& name, const std::string& islands, int steps, const std::string& train_extra,
                     const std::string& strategy) {
   std::ostringstream o;
   o << "cluster:\n  islands:\n" << islands << "\n"
     << "model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32}\n"
-    << "data: {dir: " << (OuterEnv::root() / "data").string() << ", seq_len: 32}\n"
+    << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
     << "train: {steps: " << steps << ", global_batch: 12, lr: 0.003, warmup_steps: 3, eval_every: 0, "
     << "rebalance: false" << train_extra << "}\n"
     << "strategy: " << strategy << "\n"
     << "checkpoint: {every: 0, keep_last: 2}\n"
-    << "run_dir: " << (OuterEnv::root() / name).string() << "\n";
+    << "run_dir: " << (scratchRoot() / name).string() << "\n";
   return o.str();
 }
 
-core::JobConfig loadYaml(const std::string& yaml, const std::string& name) {
-  fs::path p = OuterEnv::root() / (name + ".yaml");
-  std::ofstream(p) << yaml;
-  auto j = core::loadJob(p.string());
-  EXPECT_TRUE(j.isOk()) << j.status().toString();
-  return j.isOk() ? j->job : core::JobConfig{};
-}
+core::JobConfig loadYaml(const std::string& yaml, const std::string& name) { return testutil::loadJobText(yaml, name); }
 
 core::Result<TrainSummary> trainInProcess(const std::string& yaml, const std::string& name) {
   auto job = loadYaml(yaml, name);
@@ -172,38 +144,12 @@ core::Result<TrainSummary> trainInProcess(const std::string& yaml, const std::st
   return runTrainer(o);
 }
 
-int runBinary(const std::string& yaml, const std::string& name) {
-  fs::path p = OuterEnv::root() / (name + ".yaml");
-  std::ofstream(p) << yaml;
-  std::string cmd = std::string(ARCHIPELAGO_BINARY) + " train " + p.string() + " > " +
-                    (OuterEnv::root() / (name + ".out")).string() + " 2>&1";
-  int rc = std::system(cmd.c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
-std::string outputOf(const std::string& name) {
-  std::ifstream f(OuterEnv::root() / (name + ".out"));
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
+int runBinary(const std::string& yaml, const std::string& name) { return testutil::runTrain(yaml, name); }
+using testutil::outputOf;
 std::vector<nlohmann::json> metricLines(const std::string& name, const std::string& kind) {
-  std::vector<nlohmann::json> out;
-  std::ifstream f(OuterEnv::root() / name / "metrics.jsonl");
-  std::string line;
-  while (std::getline(f, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.value("kind", "") == kind) out.push_back(j);
-  }
-  return out;
+  return testutil::metricLines(scratchRoot() / name, kind);
 }
-
-std::map<int64_t, double> stepLosses(const std::string& name) {
-  std::map<int64_t, double> out;
-  for (const auto& j : metricLines(name, "step")) {
-    if (j.value("rank", -1) == 0) out[j["step"].get<int64_t>()] = j["loss"].get<double>();
-  }
-  return out;
-}
+std::map<int64_t, double> stepLosses(const std::string& name) { return testutil::rank0Losses(scratchRoot() / name); }
 
 // Two islands, uneven: east has two workers, west one (so islands carry
 // different token counts and the cross-island shard count K is 1).

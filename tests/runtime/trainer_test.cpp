@@ -22,6 +22,7 @@
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/launcher.h"
 #include "archipelago/runtime/trainer.h"
+#include "runtime/runtime_test_util.h"
 
 namespace archipelago::runtime {
 namespace {
@@ -29,39 +30,18 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-// A small corpus and a prepared byte-level dataset shared by every test.
-class TrainerEnv : public ::testing::Environment {
- public:
-  static fs::path root() {
-    static fs::path r = fs::temp_directory_path() / ("arch_trainer_test_" + std::to_string(::getpid()));
-    return r;
-  }
-  void SetUp() override {
-    fs::create_directories(root() / "corpus");
-    for (int d = 0; d < 40; ++d) {
-      std::ofstream f(root() / "corpus" / ("doc" + std::to_string(d) + ".txt"));
-      for (int line = 0; line < 30; ++line) {
-        f << "Document " << d << " line " << line << ": the union is strong and the people are "
-          << (line % 3 == 0 ? "hopeful" : line % 3 == 1 ? "patient" : "free") << ".\n";
-      }
-    }
-    data::PrepareOptions po;
-    po.inputs = {(root() / "corpus").string()};
-    po.out = (root() / "data").string();
-    po.val_fraction = 0.1;
-    auto rep = data::prepareDataset(po);
-    ASSERT_TRUE(rep.isOk()) << rep.status().toString();
-  }
-  void TearDown() override { fs::remove_all(root()); }
-};
-const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new TrainerEnv);
+using testutil::loadJobText;
+using testutil::metricLines;
+using testutil::outputOf;
+using testutil::scratchRoot;
+using testutil::tinyDataDir;
 
 std::string jobYaml(const std::string& run_dir, const std::string& islands, int steps, int global_batch,
                     const std::string& extra = "") {
   std::ostringstream o;
   o << "cluster:\n  islands:\n" << islands << "\n"
     << "model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32}\n"
-    << "data: {dir: " << (TrainerEnv::root() / "data").string() << ", seq_len: 32}\n"
+    << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
     << "train: {steps: " << steps << ", global_batch: " << global_batch
     << ", lr: 0.003, warmup_steps: 3, eval_every: 0, rebalance: false}\n"
     << "checkpoint: {every: 0, keep_last: 3}\n"
@@ -70,45 +50,13 @@ std::string jobYaml(const std::string& run_dir, const std::string& islands, int 
   return o.str();
 }
 
-core::JobConfig loadYaml(const std::string& yaml, const std::string& name) {
-  fs::path p = TrainerEnv::root() / (name + ".yaml");
-  std::ofstream(p) << yaml;
-  auto j = core::loadJob(p.string());
-  EXPECT_TRUE(j.isOk()) << j.status().toString();
-  return j.isOk() ? j->job : core::JobConfig{};
-}
-
-// Runs `archipelago train JOB [args]` and returns its exit code.
 int runBinary(const std::string& yaml, const std::string& name, const std::vector<std::string>& args = {}) {
-  fs::path p = TrainerEnv::root() / (name + ".yaml");
-  std::ofstream(p) << yaml;
-  std::string cmd = std::string(ARCHIPELAGO_BINARY) + " train " + p.string();
-  for (const auto& a : args) cmd += " " + a;
-  cmd += " > " + (TrainerEnv::root() / (name + ".out")).string() + " 2>&1";
-  int rc = std::system(cmd.c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+  return testutil::runTrain(yaml, name, args);
 }
-
-std::string outputOf(const std::string& name) {
-  std::ifstream f(TrainerEnv::root() / (name + ".out"));
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
-// Global loss per step, as logged by rank 0.
-std::map<int64_t, double> stepLosses(const fs::path& run_dir) {
-  std::map<int64_t, double> out;
-  std::ifstream f(run_dir / "metrics.jsonl");
-  std::string line;
-  while (std::getline(f, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || j.value("kind", "") != "step" || j.value("rank", -1) != 0) continue;
-    out[j["step"].get<int64_t>()] = j["loss"].get<double>();
-  }
-  return out;
-}
+std::map<int64_t, double> stepLosses(const fs::path& run_dir) { return testutil::rank0Losses(run_dir); }
 
 TEST(Trainer, SingleProcessLossFalls) {
-  auto job = loadYaml(jobYaml((TrainerEnv::root() / "single").string(), "    - {name: a, count: 1}", 30, 8), "single");
+  auto job = loadJobText(jobYaml((scratchRoot() / "single").string(), "    - {name: a, count: 1}", 30, 8), "single");
   TrainerOptions o;
   o.job = job;
   o.run_dir = job.run_dir;
@@ -122,7 +70,7 @@ TEST(Trainer, SingleProcessLossFalls) {
 TEST(Trainer, UnevenSharesAcrossIslandsMatchSingleProcess) {
   const int steps = 20, batch = 12;
   // Reference: one process, the whole global batch.
-  auto ref_job = loadYaml(jobYaml((TrainerEnv::root() / "ref").string(), "    - {name: a, count: 1}", steps, batch), "ref");
+  auto ref_job = loadJobText(jobYaml((scratchRoot() / "ref").string(), "    - {name: a, count: 1}", steps, batch), "ref");
   TrainerOptions o;
   o.job = ref_job;
   o.run_dir = ref_job.run_dir;
@@ -131,7 +79,7 @@ TEST(Trainer, UnevenSharesAcrossIslandsMatchSingleProcess) {
   ASSERT_TRUE(ref.isOk()) << ref.status().toString();
 
   // Three workers in two islands with shares 6/4/2, through the launcher.
-  fs::path run = TrainerEnv::root() / "multi";
+  fs::path run = scratchRoot() / "multi";
   std::string islands =
       "    - {name: east, count: 2}\n    - {name: west, count: 1, slowdown: 1.5}\n"
       "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
@@ -167,13 +115,13 @@ TEST(Trainer, ResumeAfterKillIsBitExact) {
   const int k = 6;
   std::string islands = "    - {name: a, count: 2}";
   // Uninterrupted 2k steps.
-  fs::path full = TrainerEnv::root() / "full";
+  fs::path full = scratchRoot() / "full";
   std::string yaml_full = jobYaml(full.string(), islands, 2 * k, 6);
   ASSERT_EQ(runBinary(yaml_full, "full"), 0) << outputOf("full");
   // Killed right after step k (checkpoint every k), then resumed.
-  fs::path cut = TrainerEnv::root() / "cut";
+  fs::path cut = scratchRoot() / "cut";
   std::string yaml_cut = jobYaml(cut.string(), islands, 2 * k, 6);
-  yaml_cut.replace(yaml_cut.find("every: 0"), 8, "every: " + std::to_string(k));
+  yaml_cut.replace(yaml_cut.find("{every: 0"), 9, "{every: " + std::to_string(k));
   EXPECT_NE(runBinary(yaml_cut, "cut1", {"--exit-after-step", std::to_string(k)}), 0);
   ASSERT_TRUE(fs::exists(cut / "checkpoints" / checkpointDirName(k))) << outputOf("cut1");
   ASSERT_FALSE(fs::exists(cut / "checkpoints" / checkpointDirName(2 * k)));
@@ -189,9 +137,9 @@ TEST(Trainer, ResumeAfterKillIsBitExact) {
 }
 
 TEST(Trainer, CorruptCheckpointIsRefusedAndPreviousUsed) {
-  fs::path run = TrainerEnv::root() / "corrupt";
+  fs::path run = scratchRoot() / "corrupt";
   std::string yaml = jobYaml(run.string(), "    - {name: a, count: 1}", 6, 4);
-  yaml.replace(yaml.find("every: 0"), 8, "every: 2");
+  yaml.replace(yaml.find("{every: 0"), 9, "{every: 2");
   ASSERT_EQ(runBinary(yaml, "corrupt"), 0) << outputOf("corrupt");
   auto newest = run / "checkpoints" / checkpointDirName(6);
   ASSERT_TRUE(fs::exists(newest));
@@ -210,7 +158,7 @@ TEST(Trainer, CorruptCheckpointIsRefusedAndPreviousUsed) {
 }
 
 TEST(Trainer, MoeTrainsAndWritesRoutingStats) {
-  fs::path run = TrainerEnv::root() / "moe";
+  fs::path run = scratchRoot() / "moe";
   std::string yaml = jobYaml(run.string(), "    - {name: a, count: 2}", 25, 8);
   yaml.replace(yaml.find("max_seq_len: 32}"), 16, "max_seq_len: 32, moe: {num_experts: 4, top_k: 2}}");
   ASSERT_EQ(runBinary(yaml, "moe"), 0) << outputOf("moe");
@@ -233,7 +181,7 @@ TEST(Trainer, MoeTrainsAndWritesRoutingStats) {
 }
 
 TEST(Launcher, BadJobFailsBeforeAnythingIsWritten) {
-  fs::path run = TrainerEnv::root() / "bad";
+  fs::path run = scratchRoot() / "bad";
   std::string yaml = jobYaml(run.string(), "    - {name: a, count: 2}", 5, 1);  // batch 1 < 2 workers
   EXPECT_EQ(runBinary(yaml, "bad"), 2);
   EXPECT_THAT(outputOf("bad"), HasSubstr("train.global_batch"));
@@ -241,10 +189,10 @@ TEST(Launcher, BadJobFailsBeforeAnythingIsWritten) {
 }
 
 TEST(Launcher, MissingDataIsAClearError) {
-  fs::path run = TrainerEnv::root() / "nodata";
+  fs::path run = scratchRoot() / "nodata";
   std::string yaml = jobYaml(run.string(), "    - {name: a, count: 1}", 5, 2);
-  yaml.replace(yaml.find((TrainerEnv::root() / "data").string()), (TrainerEnv::root() / "data").string().size(),
-               (TrainerEnv::root() / "no-such-data").string());
+  yaml.replace(yaml.find(tinyDataDir().string()), tinyDataDir().string().size(),
+               (scratchRoot() / "no-such-data").string());
   EXPECT_NE(runBinary(yaml, "nodata"), 0);
   EXPECT_THAT(outputOf("nodata"), HasSubstr("no-such-data"));
   EXPECT_THAT(outputOf("nodata"), HasSubstr("data prepare"));
@@ -252,13 +200,13 @@ TEST(Launcher, MissingDataIsAClearError) {
 }
 
 TEST(Launcher, WorkerThatCannotStartIsReported) {
-  fs::path run = TrainerEnv::root() / "nostart";
+  fs::path run = scratchRoot() / "nostart";
   std::string yaml = jobYaml(run.string(), "    - {name: a, count: 2}", 5, 4);
-  fs::path p = TrainerEnv::root() / "nostart.yaml";
+  fs::path p = scratchRoot() / "nostart.yaml";
   std::ofstream(p) << yaml;
   LaunchOptions lo;
   lo.job_path = p.string();
-  lo.self_exe = (TrainerEnv::root() / "no-such-binary").string();
+  lo.self_exe = (scratchRoot() / "no-such-binary").string();
   lo.progress = false;
   auto st = launchTraining(lo);
   ASSERT_FALSE(st.isOk());
