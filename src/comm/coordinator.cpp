@@ -178,10 +178,18 @@ std::string CoordinatorServer::handle(const std::string& text) {
       return state(lock).dump();
     }
     if (op == "heartbeat") {
-      last_heartbeat_us_[req.at("rank").get<int>()] = core::nowMicros();
+      // Only registered, not departed ranks are watched.
+      if (auto it = last_heartbeat_us_.find(req.at("rank").get<int>()); it != last_heartbeat_us_.end()) {
+        it->second = core::nowMicros();
+      }
       return json{{"ok", true}, {"epoch", epoch_}}.dump();
     }
     if (op == "state") return state(lock).dump();
+    if (op == "leave") {
+      // A rank that finished cleanly: no longer watched, not a failure.
+      last_heartbeat_us_.erase(req.at("rank").get<int>());
+      return json{{"ok", true}, {"epoch", epoch_}}.dump();
+    }
     if (op == "report_failure") {
       int failed = req.at("failed").get<int>();
       uint32_t e = req.at("epoch").get<uint32_t>();
@@ -285,6 +293,11 @@ core::Result<Membership> CoordinatorClient::membership(const core::Deadline& dea
 core::Result<uint32_t> CoordinatorClient::heartbeat(const core::Deadline& deadline) {
   ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "heartbeat"}, {"rank", rank_}}.dump(), deadline)));
   return j.value("epoch", 0u);
+}
+
+core::Status CoordinatorClient::leave(const core::Deadline& deadline) {
+  auto r = parseReply(call(json{{"op", "leave"}, {"rank", rank_}}.dump(), deadline));
+  return r.isOk() ? core::okStatus() : r.status();
 }
 
 core::Result<Membership> CoordinatorClient::reportFailure(int failed, uint32_t epoch, const core::Deadline& deadline) {

@@ -104,6 +104,7 @@ core::Status runWorker(const WorkerOptions& opt) {
   to.stop = &g_stop;
   to.exit_after_step = opt.exit_after_step;
   auto summary = runTrainer(to);
+  if (summary.isOk()) (void)client->leave(core::Deadline::afterSeconds(2));
   if (!summary.isOk()) {
     ARCH_LOG_ERROR("{}", summary.status().toString());
     return summary.status();

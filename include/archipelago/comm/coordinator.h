@@ -89,6 +89,8 @@ class CoordinatorClient {
   core::Result<Membership> waitForMembers(int world, const core::Deadline& deadline);
   core::Result<Membership> membership(const core::Deadline& deadline);
   core::Result<uint32_t> heartbeat(const core::Deadline& deadline);
+  // Says this rank finished cleanly: its heartbeats stop without a failure.
+  core::Status leave(const core::Deadline& deadline);
   // Reports that `failed` is gone in `epoch`; returns the membership after it.
   core::Result<Membership> reportFailure(int failed, uint32_t epoch, const core::Deadline& deadline);
   core::Status kvSet(const std::string& key, const std::string& value, const core::Deadline& deadline);
