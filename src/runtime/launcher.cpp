@@ -294,6 +294,7 @@ core::Status launchTraining(const LaunchOptions& opt) {
   core::Status failure;
   bool tty = ::isatty(2);
   auto last_print = core::Clock::now() - std::chrono::seconds(10);
+  std::string last_line;
   while (true) {
     int alive = 0;
     for (auto& c : children) {
@@ -330,14 +331,17 @@ core::Status launchTraining(const LaunchOptions& opt) {
     }
     progress.poll();
     if (opt.progress && core::Clock::now() - last_print > std::chrono::milliseconds(tty ? 500 : 10000)) {
-      std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", progress.line().c_str());
+      last_line = progress.line();
+      std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", last_line.c_str());
       std::fflush(stderr);
       last_print = core::Clock::now();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   progress.poll();
-  if (opt.progress) std::fprintf(stderr, tty ? "\r\033[K%s\n" : "%s\n", progress.line().c_str());
+  if (opt.progress && (tty || progress.line() != last_line)) {
+    std::fprintf(stderr, tty ? "\r\033[K%s\n" : "%s\n", progress.line().c_str());
+  }
   sigaction(SIGINT, &old_int, nullptr);
   sigaction(SIGTERM, &old_term, nullptr);
   coord->stop();
