@@ -321,7 +321,9 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
   if (grad_ranks.empty()) {
     for (int r = 0; r < world; ++r) grad_ranks.push_back(r);
   }
-  Rebalancer rebalancer(world, tc.rebalance && world > 1 ? 5 : 0);
+  // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step
+  // boundaries only (the speed allgather crosses the straits).
+  Rebalancer rebalancer(world, tc.rebalance && world > 1 ? (outer ? job.strategy.inner_steps : 5) : 0);
 
   auto snapshot = [&](int64_t step) -> core::Result<CheckpointState> {
     CheckpointState s;
@@ -479,12 +481,22 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
       ARCH_RETURN_IF_ERROR(outer->afterInnerStep(step + 1, flat.params(), tokens).withContext("outer sync"));
     }
 
-    // Control values: loss, tokens, aux, stop request.
+    // Control values: loss, tokens, aux, stop request. They cross the
+    // straits only where the world must agree: every step for sync; for
+    // DiLoCo/streaming at outer-step boundaries (every inner_steps) and at
+    // the end, so the strait is not crossed every inner step. In between
+    // the loss is the island's and a stop request waits for the boundary.
     const bool want_stop = opt.stop && opt.stop->load();
     double ctrl[4] = {ce_sum, static_cast<double>(tokens), aux_sum, want_stop ? 1.0 : 0.0};
     {
       ScopedSpan span(&trace, TraceRecorder::kComm, "control allreduce", &comm_s);
-      ARCH_RETURN_IF_ERROR(dp->allreduceSum(ctrl));
+      const bool world_boundary = !outer || (step + 1) % job.strategy.inner_steps == 0 || step + 1 == tc.steps;
+      if (world_boundary) {
+        ARCH_RETURN_IF_ERROR(dp->allreduceSum(ctrl));
+      } else {
+        ARCH_RETURN_IF_ERROR(grad_dp->allreduceSum(std::span<double>(ctrl, 3)));
+        ctrl[3] = 0;
+      }
     }
     const double loss = ctrl[1] > 0 ? ctrl[0] / ctrl[1] : 0.0;
     ++step;
