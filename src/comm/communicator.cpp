@@ -352,9 +352,8 @@ core::Status Group::barrier(const OpOptions& o) {
 }
 
 // Point to point: tag = group id | 1<<47 | user tag (15 bits) << 32 | per-(peer, tag) message count.
-core::Status Group::send(const void* data, size_t count, DType dtype, int dst, uint32_t tag, const OpOptions& o) {
-  if (dst < 0 || dst >= size() || dst == me_) return core::invalidArgument("send: bad destination " + std::to_string(dst));
-  uint64_t key = (static_cast<uint64_t>(dst) << 20) | (1u << 16) | (tag & 0x7fff);
+uint64_t Group::nextP2pTag(int peer, bool sending, uint32_t tag) {
+  const uint64_t key = (static_cast<uint64_t>(peer) << 20) | (sending ? (1u << 16) : 0u) | (tag & 0x7fff);
   uint32_t n;
   {
     std::lock_guard<std::mutex> lock(p2p_mu_);
@@ -362,7 +361,12 @@ core::Status Group::send(const void* data, size_t count, DType dtype, int dst, u
     if (it == p2p_counters_.end()) it = p2p_counters_.insert(p2p_counters_.end(), {key, 0});
     n = it->second++;
   }
-  uint64_t t = (static_cast<uint64_t>(id_) << 48) | (uint64_t{1} << 47) | (static_cast<uint64_t>(tag & 0x7fff) << 32) | n;
+  return (static_cast<uint64_t>(id_) << 48) | (uint64_t{1} << 47) | (static_cast<uint64_t>(tag & 0x7fff) << 32) | n;
+}
+
+core::Status Group::send(const void* data, size_t count, DType dtype, int dst, uint32_t tag, const OpOptions& o) {
+  if (dst < 0 || dst >= size() || dst == me_) return core::invalidArgument("send: bad destination " + std::to_string(dst));
+  const uint64_t t = nextP2pTag(dst, true, tag);
   ARCH_RETURN_IF_ERROR(mesh_->failure());
   auto h = mesh_->send(ranks_[static_cast<size_t>(dst)], t, data, count * dtypeSize(dtype));
   core::Status st = mesh_->waitSend(h, o.deadline, &o.abort);
@@ -372,15 +376,7 @@ core::Status Group::send(const void* data, size_t count, DType dtype, int dst, u
 
 core::Status Group::recv(void* data, size_t count, DType dtype, int src, uint32_t tag, const OpOptions& o) {
   if (src < 0 || src >= size() || src == me_) return core::invalidArgument("recv: bad source " + std::to_string(src));
-  uint64_t key = (static_cast<uint64_t>(src) << 20) | (0u << 16) | (tag & 0x7fff);
-  uint32_t n;
-  {
-    std::lock_guard<std::mutex> lock(p2p_mu_);
-    auto it = std::find_if(p2p_counters_.begin(), p2p_counters_.end(), [&](auto& p) { return p.first == key; });
-    if (it == p2p_counters_.end()) it = p2p_counters_.insert(p2p_counters_.end(), {key, 0});
-    n = it->second++;
-  }
-  uint64_t t = (static_cast<uint64_t>(id_) << 48) | (uint64_t{1} << 47) | (static_cast<uint64_t>(tag & 0x7fff) << 32) | n;
+  const uint64_t t = nextP2pTag(src, false, tag);
   ARCH_RETURN_IF_ERROR(mesh_->failure());
   int peer = ranks_[static_cast<size_t>(src)];
   mesh_->postRecv(peer, t, data, count * dtypeSize(dtype));

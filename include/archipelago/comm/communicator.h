@@ -205,6 +205,9 @@ class Group : public std::enable_shared_from_this<Group> {
   uint32_t seq_ = 0;  // engine thread only
   std::mutex p2p_mu_;
   std::vector<std::pair<uint64_t, uint32_t>> p2p_counters_;  // ((peer,dir,tag) key, count)
+  // Wire tag of the next point-to-point message to/from group rank `peer`
+  // with user tag `tag` in direction `sending` (advances its counter).
+  uint64_t nextP2pTag(int peer, bool sending, uint32_t tag);
 
   struct Pending;
   std::mutex mu_;
