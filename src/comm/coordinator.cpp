@@ -15,18 +15,170 @@ using nlohmann::json;
 namespace {
 constexpr uint32_t kMaxRequest = 1 << 20;
 
+json toJson(const Membership& m) {
+  return json{{"epoch", m.epoch}, {"addresses", m.addresses}, {"islands", m.islands}, {"pids", m.pids},
+              {"alive", m.alive}, {"failed", m.failed}};
+}
+
 Membership fromJson(const json& j) {
   Membership m;
   m.epoch = j.value("epoch", 0u);
   if (j.contains("addresses")) m.addresses = j["addresses"].get<std::vector<std::string>>();
   if (j.contains("islands")) m.islands = j["islands"].get<std::vector<int>>();
+  if (j.contains("pids")) m.pids = j["pids"].get<std::vector<int64_t>>();
   if (j.contains("alive")) m.alive = j["alive"].get<std::vector<int>>();
+  if (j.contains("failed")) m.failed = j["failed"].get<std::vector<int>>();
   return m;
 }
 }  // namespace
 
+bool Membership::isAlive(int rank) const { return std::binary_search(alive.begin(), alive.end(), rank); }
+
+// ---- state machine ------------------------------------------------------------------
+
+void MembershipTable::bump(const std::string& kind, int rank, const std::string& why) {
+  ++epoch_;
+  events_.push_back({epoch_, kind, rank, why, core::wallMicros()});
+  if (kind == "join") {
+    ARCH_LOG_INFO("coordinator: rank {} joined ({}); epoch -> {}", rank, why, epoch_);
+  } else if (rank >= 0) {
+    ARCH_LOG_WARN("coordinator: rank {} failed ({}); epoch -> {}", rank, why, epoch_);
+  } else {
+    ARCH_LOG_WARN("coordinator: transient fault ({}); epoch -> {} with the same members", why, epoch_);
+  }
+}
+
+uint32_t MembershipTable::registerRank(int rank, int island, const std::string& address, int64_t pid,
+                                       int64_t now_us) {
+  Slot& s = slots_[rank];
+  const bool rejoin = s.state == State::kFailed;
+  s.state = State::kAlive;
+  s.address = address;
+  s.island = island;
+  s.pid = pid;
+  s.last_heartbeat_us = now_us;
+  s.watched = true;
+  s.entered = 0;
+  if (rejoin) bump("join", rank, "re-registered");
+  return epoch_;
+}
+
+core::Result<int> MembershipTable::join(int rank, int island, const std::string& address, int64_t pid,
+                                        int64_t now_us) {
+  if (rank < 0) {
+    for (const auto& [r, s] : slots_) {
+      if (s.state == State::kFailed) {
+        rank = r;
+        break;
+      }
+    }
+    if (rank < 0) {
+      return core::failedPrecondition("no failed worker slot to join; every rank of the job is alive "
+                                      "(pass --rank to replace a specific one)");
+    }
+  }
+  auto it = slots_.find(rank);
+  if (it == slots_.end()) {
+    return core::invalidArgument("rank " + std::to_string(rank) + " is not a slot of this job (never registered)");
+  }
+  Slot& s = it->second;
+  const bool replacing = s.state == State::kAlive;
+  if (island < 0) island = s.island;
+  s.state = State::kAlive;
+  s.address = address;
+  s.island = island;
+  s.pid = pid;
+  s.last_heartbeat_us = now_us;
+  s.watched = true;
+  s.entered = 0;
+  bump("join", rank, replacing ? "replaces a process not yet detected as failed" : "took a failed slot");
+  return rank;
+}
+
+void MembershipTable::heartbeat(int rank, int64_t now_us) {
+  auto it = slots_.find(rank);
+  if (it != slots_.end() && it->second.state == State::kAlive) it->second.last_heartbeat_us = now_us;
+}
+
+void MembershipTable::leave(int rank) {
+  auto it = slots_.find(rank);
+  if (it != slots_.end()) it->second.watched = false;
+}
+
+bool MembershipTable::reportFailure(int failed, uint32_t epoch, int reporter, const std::string& why,
+                                    int64_t /*now_us*/) {
+  if (epoch != epoch_) return false;  // already handled (or from the future: ignore)
+  const std::string by = "reported by rank " + std::to_string(reporter) + (why.empty() ? "" : ": " + why);
+  if (failed < 0) {
+    bump("transient", -1, by);
+    return true;
+  }
+  auto it = slots_.find(failed);
+  if (it == slots_.end() || it->second.state != State::kAlive) return false;
+  it->second.state = State::kFailed;
+  it->second.watched = false;
+  bump("failure", failed, by);
+  return true;
+}
+
+std::vector<int> MembershipTable::expire(int64_t now_us) {
+  std::vector<int> out;
+  if (timeout_s_ <= 0) return out;
+  for (auto& [r, s] : slots_) {
+    if (s.state != State::kAlive || !s.watched) continue;
+    const double silent = static_cast<double>(now_us - s.last_heartbeat_us) / 1e6;
+    if (silent > timeout_s_) {
+      s.state = State::kFailed;
+      s.watched = false;
+      bump("failure", r, "no heartbeat for " + std::to_string(silent).substr(0, 4) + " s");
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+void MembershipTable::enter(int rank, uint32_t epoch) {
+  auto it = slots_.find(rank);
+  if (it != slots_.end() && it->second.state == State::kAlive) {
+    it->second.entered = std::max(it->second.entered, epoch + 1);
+  }
+}
+
+bool MembershipTable::allEntered() const {
+  for (const auto& [r, s] : slots_) {
+    if (s.state == State::kAlive && s.entered != epoch_ + 1) return false;
+  }
+  return true;
+}
+
+int MembershipTable::registered() const { return static_cast<int>(slots_.size()); }
+
+MembershipTable::State MembershipTable::state(int rank) const {
+  auto it = slots_.find(rank);
+  return it == slots_.end() ? State::kUnknown : it->second.state;
+}
+
+Membership MembershipTable::snapshot() const {
+  Membership m;
+  m.epoch = epoch_;
+  const int n = slots_.empty() ? 0 : slots_.rbegin()->first + 1;
+  m.addresses.assign(static_cast<size_t>(n), "");
+  m.islands.assign(static_cast<size_t>(n), -1);
+  m.pids.assign(static_cast<size_t>(n), 0);
+  for (const auto& [r, s] : slots_) {
+    m.addresses[static_cast<size_t>(r)] = s.address;
+    m.islands[static_cast<size_t>(r)] = s.island;
+    m.pids[static_cast<size_t>(r)] = s.pid;
+    if (s.state == State::kAlive) m.alive.push_back(r);
+    if (s.state == State::kFailed) m.failed.push_back(r);
+  }
+  return m;
+}
+
+// ---- server ---------------------------------------------------------------------------
+
 CoordinatorServer::CoordinatorServer(std::string secret, CoordinatorOptions options)
-    : secret_(std::move(secret)), options_(std::move(options)) {}
+    : secret_(std::move(secret)), options_(std::move(options)), table_(options_.heartbeat_timeout_s) {}
 
 CoordinatorServer::~CoordinatorServer() { stop(); }
 
@@ -38,15 +190,12 @@ core::Status CoordinatorServer::start() {
   accept_thread_ = std::thread([this] { acceptLoop(); });
   if (options_.heartbeat_timeout_s > 0) {
     monitor_ = std::thread([this] {
+      // Checks 20 times per timeout (at most every 100 ms): detection within ~1.05 x the bound.
+      const auto period = std::chrono::duration<double>(std::min(0.1, options_.heartbeat_timeout_s / 20));
       while (!stop_.aborted()) {
-        ::usleep(100000);
+        std::this_thread::sleep_for(period);
         std::lock_guard<std::mutex> lock(mu_);
-        int64_t now = core::nowMicros();
-        for (auto& [r, t] : last_heartbeat_us_) {
-          if (alive_[r] && static_cast<double>(now - t) / 1e6 > options_.heartbeat_timeout_s) {
-            bumpEpochLocked(r, "no heartbeat");
-          }
-        }
+        if (!table_.expire(core::nowMicros()).empty()) cv_.notify_all();
       }
     });
   }
@@ -75,24 +224,17 @@ std::string CoordinatorServer::address() const { return options_.host + ":" + st
 
 Membership CoordinatorServer::membership() const {
   std::lock_guard<std::mutex> lock(mu_);
-  Membership m;
-  m.epoch = epoch_;
-  int n = addresses_.empty() ? 0 : addresses_.rbegin()->first + 1;
-  m.addresses.assign(static_cast<size_t>(n), "");
-  m.islands.assign(static_cast<size_t>(n), -1);
-  for (auto& [r, a] : addresses_) m.addresses[static_cast<size_t>(r)] = a;
-  for (auto& [r, i] : islands_) m.islands[static_cast<size_t>(r)] = i;
-  for (auto& [r, al] : alive_) {
-    if (al) m.alive.push_back(r);
-  }
-  return m;
+  return table_.snapshot();
 }
 
-void CoordinatorServer::bumpEpochLocked(int dead, const std::string& why) {
-  alive_[dead] = false;
-  ++epoch_;
-  ARCH_LOG_WARN("coordinator: rank {} failed ({}); epoch -> {}", dead, why, epoch_);
-  cv_.notify_all();
+std::vector<MembershipEvent> CoordinatorServer::events() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return table_.events();
+}
+
+void CoordinatorServer::declareFailed(int rank, const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (table_.reportFailure(rank, table_.epoch(), -1, why, core::nowMicros())) cv_.notify_all();
 }
 
 void CoordinatorServer::acceptLoop() {
@@ -136,20 +278,9 @@ std::string CoordinatorServer::handle(const std::string& text) {
   }
   std::string op = req.value("op", "");
   auto deadlineOf = [&] { return core::Deadline::afterSeconds(std::min(req.value("timeout", 0.0), 3600.0)); };
-  auto state = [&](std::unique_lock<std::mutex>&) {
-    json j{{"ok", true}, {"epoch", epoch_}};
-    int n = addresses_.empty() ? 0 : addresses_.rbegin()->first + 1;
-    std::vector<std::string> addrs(static_cast<size_t>(n));
-    std::vector<int> isl(static_cast<size_t>(n), -1);
-    std::vector<int> alive;
-    for (auto& [r, a] : addresses_) addrs[static_cast<size_t>(r)] = a;
-    for (auto& [r, i] : islands_) isl[static_cast<size_t>(r)] = i;
-    for (auto& [r, al] : alive_) {
-      if (al) alive.push_back(r);
-    }
-    j["addresses"] = addrs;
-    j["islands"] = isl;
-    j["alive"] = alive;
+  auto state = [&] {
+    json j = toJson(table_.snapshot());
+    j["ok"] = true;
     return j;
   };
   std::unique_lock<std::mutex> lock(mu_);
@@ -157,46 +288,63 @@ std::string CoordinatorServer::handle(const std::string& text) {
     if (op == "register") {
       int rank = req.at("rank").get<int>();
       if (rank < 0 || rank > 1 << 20) return json{{"ok", false}, {"error", "bad rank"}}.dump();
-      addresses_[rank] = req.at("address").get<std::string>();
-      islands_[rank] = req.value("island", 0);
-      alive_[rank] = true;
-      last_heartbeat_us_[rank] = core::nowMicros();
+      table_.registerRank(rank, req.value("island", 0), req.at("address").get<std::string>(),
+                          req.value("pid", int64_t{0}), core::nowMicros());
       cv_.notify_all();
-      return json{{"ok", true}, {"epoch", epoch_}}.dump();
+      return json{{"ok", true}, {"epoch", table_.epoch()}}.dump();
+    }
+    if (op == "join") {
+      auto r = table_.join(req.value("rank", -1), req.value("island", -1), req.at("address").get<std::string>(),
+                           req.value("pid", int64_t{0}), core::nowMicros());
+      if (!r.isOk()) return json{{"ok", false}, {"error", r.status().message()}}.dump();
+      cv_.notify_all();
+      return json{{"ok", true}, {"epoch", table_.epoch()}, {"rank", *r}}.dump();
     }
     if (op == "members") {
       int world = req.at("world").get<int>();
       auto dl = deadlineOf();
-      while (static_cast<int>(addresses_.size()) < world && !dl.expired() && !stop_.aborted()) {
+      while (table_.registered() < world && !dl.expired() && !stop_.aborted()) {
         cv_.wait_for(lock, std::chrono::milliseconds(20));
       }
-      if (static_cast<int>(addresses_.size()) < world) {
+      if (table_.registered() < world) {
         return json{{"ok", false}, {"code", "deadline"},
-                    {"error", std::to_string(addresses_.size()) + " of " + std::to_string(world) + " ranks registered"}}
+                    {"error", std::to_string(table_.registered()) + " of " + std::to_string(world) + " ranks registered"}}
             .dump();
       }
-      return state(lock).dump();
+      return state().dump();
+    }
+    if (op == "enter") {
+      const int rank = req.at("rank").get<int>();
+      const uint32_t e = req.at("epoch").get<uint32_t>();
+      auto dl = deadlineOf();
+      if (e == table_.epoch()) {
+        table_.enter(rank, e);
+        cv_.notify_all();
+      }
+      while (e == table_.epoch() && !table_.allEntered() && !dl.expired() && !stop_.aborted()) {
+        cv_.wait_for(lock, std::chrono::milliseconds(20));
+      }
+      if (e == table_.epoch() && !table_.allEntered()) {
+        return json{{"ok", false}, {"code", "deadline"},
+                    {"error", "not every member entered epoch " + std::to_string(e) + " in time"}}.dump();
+      }
+      return state().dump();
     }
     if (op == "heartbeat") {
-      // Only registered, not departed ranks are watched.
-      if (auto it = last_heartbeat_us_.find(req.at("rank").get<int>()); it != last_heartbeat_us_.end()) {
-        it->second = core::nowMicros();
-      }
-      return json{{"ok", true}, {"epoch", epoch_}}.dump();
+      table_.heartbeat(req.at("rank").get<int>(), core::nowMicros());
+      return json{{"ok", true}, {"epoch", table_.epoch()}}.dump();
     }
-    if (op == "state") return state(lock).dump();
+    if (op == "state") return state().dump();
     if (op == "leave") {
-      // A rank that finished cleanly: no longer watched, not a failure.
-      last_heartbeat_us_.erase(req.at("rank").get<int>());
-      return json{{"ok", true}, {"epoch", epoch_}}.dump();
+      table_.leave(req.at("rank").get<int>());
+      return json{{"ok", true}, {"epoch", table_.epoch()}}.dump();
     }
     if (op == "report_failure") {
-      int failed = req.at("failed").get<int>();
-      uint32_t e = req.at("epoch").get<uint32_t>();
-      if (e == epoch_ && alive_.count(failed) && alive_[failed]) {
-        bumpEpochLocked(failed, "reported by rank " + std::to_string(req.value("rank", -1)));
+      if (table_.reportFailure(req.at("failed").get<int>(), req.at("epoch").get<uint32_t>(), req.value("rank", -1),
+                               req.value("why", ""), core::nowMicros())) {
+        cv_.notify_all();
       }
-      return state(lock).dump();
+      return state().dump();
     }
     if (op == "kv_set") {
       kv_[req.at("key").get<std::string>()] = req.at("value").get<std::string>();
@@ -232,6 +380,9 @@ core::Result<std::unique_ptr<CoordinatorClient>> CoordinatorClient::connect(cons
   std::unique_ptr<CoordinatorClient> c(new CoordinatorClient());
   c->sock_ = std::move(sock);
   c->rank_ = rank;
+  c->address_ = address;
+  c->secret_ = secret;
+  c->last_contact_us_.store(core::nowMicros());
   return c;
 }
 
@@ -252,14 +403,26 @@ core::Result<std::string> CoordinatorClient::call(const std::string& request, co
     sock_->shutdown();  // a half-read reply would desynchronise the stream
     return st.withContext("coordinator request");
   }
+  last_contact_us_.store(core::nowMicros());
   return std::string(payload.begin(), payload.end());
 }
 
+double CoordinatorClient::secondsSinceContact() const {
+  const int64_t t = last_contact_us_.load();
+  return t == 0 ? 0.0 : static_cast<double>(core::nowMicros() - t) / 1e6;
+}
+
 namespace {
-core::Result<json> parseReply(const core::Result<std::string>& r) {
+core::Result<json> parseReply(const core::Result<std::string>& r, std::atomic<uint32_t>* latest = nullptr) {
   if (!r.isOk()) return r.status();
   json j = json::parse(*r, nullptr, false);
   if (j.is_discarded()) return core::dataLoss("coordinator sent a malformed reply");
+  if (latest && j.contains("epoch") && j["epoch"].is_number_unsigned()) {
+    const uint32_t e = j["epoch"].get<uint32_t>();
+    uint32_t cur = latest->load();
+    while (e > cur && !latest->compare_exchange_weak(cur, e)) {
+    }
+  }
   if (!j.value("ok", false)) {
     std::string err = j.value("error", "unknown error");
     if (j.value("code", "") == "deadline") return core::deadlineExceeded("coordinator: " + err);
@@ -274,57 +437,93 @@ double secondsLeft(const core::Deadline& d) {
 
 core::Result<uint32_t> CoordinatorClient::registerRank(int rank, int island, const std::string& address,
                                                        const core::Deadline& deadline) {
-  json req{{"op", "register"}, {"rank", rank}, {"island", island}, {"address", address}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline)));
+  json req{{"op", "register"}, {"rank", rank}, {"island", island}, {"address", address},
+           {"pid", static_cast<int64_t>(::getpid())}};
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
   return j.value("epoch", 0u);
+}
+
+core::Result<CoordinatorClient::Joined> CoordinatorClient::join(int rank, int island, const std::string& address,
+                                                                const core::Deadline& deadline) {
+  json req{{"op", "join"}, {"rank", rank}, {"island", island}, {"address", address},
+           {"pid", static_cast<int64_t>(::getpid())}};
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
+  Joined out;
+  out.rank = j.value("rank", -1);
+  out.epoch = j.value("epoch", 0u);
+  rank_ = out.rank;
+  return out;
+}
+
+core::Result<Membership> CoordinatorClient::enterEpoch(uint32_t epoch, const core::Deadline& deadline) {
+  json req{{"op", "enter"}, {"rank", rank_.load()}, {"epoch", epoch}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
+  return fromJson(j);
 }
 
 core::Result<Membership> CoordinatorClient::waitForMembers(int world, const core::Deadline& deadline) {
   json req{{"op", "members"}, {"world", world}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline)));
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
   return fromJson(j);
 }
 
 core::Result<Membership> CoordinatorClient::membership(const core::Deadline& deadline) {
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "state"}}.dump(), deadline)));
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "state"}}.dump(), deadline), &latest_epoch_));
   return fromJson(j);
 }
 
 core::Result<uint32_t> CoordinatorClient::heartbeat(const core::Deadline& deadline) {
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "heartbeat"}, {"rank", rank_}}.dump(), deadline)));
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "heartbeat"}, {"rank", rank_.load()}}.dump(), deadline), &latest_epoch_));
   return j.value("epoch", 0u);
 }
 
 core::Status CoordinatorClient::leave(const core::Deadline& deadline) {
-  auto r = parseReply(call(json{{"op", "leave"}, {"rank", rank_}}.dump(), deadline));
+  auto r = parseReply(call(json{{"op", "leave"}, {"rank", rank_.load()}}.dump(), deadline), &latest_epoch_);
   return r.isOk() ? core::okStatus() : r.status();
 }
 
-core::Result<Membership> CoordinatorClient::reportFailure(int failed, uint32_t epoch, const core::Deadline& deadline) {
-  json req{{"op", "report_failure"}, {"rank", rank_}, {"failed", failed}, {"epoch", epoch}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline)));
+core::Result<Membership> CoordinatorClient::reportFailure(int failed, uint32_t epoch, const core::Deadline& deadline,
+                                                         const std::string& why) {
+  json req{{"op", "report_failure"}, {"rank", rank_.load()}, {"failed", failed}, {"epoch", epoch}, {"why", why}};
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
   return fromJson(j);
 }
 
 core::Status CoordinatorClient::kvSet(const std::string& key, const std::string& value,
                                       const core::Deadline& deadline) {
-  auto r = parseReply(call(json{{"op", "kv_set"}, {"key", key}, {"value", value}}.dump(), deadline));
+  auto r = parseReply(call(json{{"op", "kv_set"}, {"key", key}, {"value", value}}.dump(), deadline), &latest_epoch_);
   return r.status();
 }
 
 core::Result<std::string> CoordinatorClient::kvGet(const std::string& key, const core::Deadline& deadline) {
   json req{{"op", "kv_get"}, {"key", key}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline)));
+  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
   return j.value("value", "");
 }
 
 void CoordinatorClient::startHeartbeats(double interval_s) {
   if (hb_.joinable()) return;
+  // Own connection: a long barrier or members wait on the main one must not
+  // hold heartbeats back (the coordinator would declare this rank failed).
   hb_ = std::thread([this, interval_s] {
+    std::unique_ptr<CoordinatorClient> c;
     while (!stop_) {
-      for (double t = 0; t < interval_s && !stop_; t += 0.02) ::usleep(20000);
+      for (double t = 0; t < interval_s && !stop_; t += 0.01) ::usleep(10000);
       if (stop_) return;
-      (void)heartbeat(core::Deadline::afterSeconds(2));
+      if (!c) {
+        auto r = connect(address_, secret_, rank_.load(), core::Deadline::afterSeconds(std::max(1.0, 2 * interval_s)));
+        if (!r.isOk()) continue;
+        c = std::move(r).value();
+      }
+      auto e = c->heartbeat(core::Deadline::afterSeconds(std::max(1.0, 2 * interval_s)));
+      if (!e.isOk()) {
+        c.reset();  // reconnect next time
+        continue;
+      }
+      last_contact_us_.store(core::nowMicros());
+      uint32_t cur = latest_epoch_.load();
+      while (*e > cur && !latest_epoch_.compare_exchange_weak(cur, *e)) {
+      }
     }
   });
 }

@@ -5,11 +5,29 @@
 // with a CoordinatorClient. Same framing and HMAC handshake as peer links
 // (requests and replies are JSON payloads of kRequest/kReply frames).
 //
-// Epoch rules: the epoch starts at 0; reportFailure(failed, epoch) of the
-// current epoch marks `failed` dead and publishes epoch+1 (reports for an
-// older epoch are answered with the current state and change nothing, so N
-// survivors reporting the same death bump the epoch once). A rank silent
-// for heartbeat_timeout is treated the same way.
+// The state machine (MembershipTable, no sockets, unit-tested on its own):
+//
+//   rank slot:  unknown --register--> alive --report/silence--> failed --join--> alive ...
+//   (leave: a rank that finished cleanly stays alive but is no longer watched)
+//
+//  - The epoch starts at 0. Initial registrations do not change it.
+//  - reportFailure(failed, epoch) of the CURRENT epoch marks `failed` dead and
+//    publishes epoch+1. Reports naming an older epoch, or a rank already
+//    dead, change nothing (N survivors reporting one death bump the epoch
+//    once; a failure reported while the survivors are still rebuilding the
+//    previous epoch names that epoch and is not lost: it bumps again).
+//    failed = -1 is a transient fault (a corrupt frame, a rebuild that did
+//    not complete): epoch+1 with the same members.
+//  - A registered, alive rank silent for heartbeat_timeout is failed the
+//    same way (a dead or stopped process; one bump per silent rank, so two
+//    deaths at once give two bumps and the survivors go to the newest).
+//  - join(rank) takes a failed slot, or the lowest such slot for
+//    rank -1, marks it alive with its new address and publishes epoch+1. A
+//    join for a slot still alive (a restarted process whose predecessor was
+//    not detected yet) replaces it in that same bump.
+//  - enterEpoch(e) is a barrier: it returns once every alive rank of epoch e
+//    has entered e (all of them then build the epoch's transport at the same
+//    time), or at once with the newer membership if the epoch moved on.
 #pragma once
 
 #include <atomic>
@@ -32,7 +50,68 @@ struct Membership {
   uint32_t epoch = 0;
   std::vector<std::string> addresses;  // by rank ("" = never registered)
   std::vector<int> islands;            // by rank (-1 = unknown)
+  std::vector<int64_t> pids;           // by rank: process id of the latest registration (0 = unknown)
   std::vector<int> alive;              // ranks alive in this epoch, ascending
+  std::vector<int> failed;             // ranks declared failed (not rejoined), ascending
+  bool isAlive(int rank) const;
+};
+
+// One membership change, as the coordinator logs it.
+struct MembershipEvent {
+  uint32_t epoch = 0;     // the epoch it published
+  std::string kind;       // "failure" | "transient" | "join"
+  int rank = -1;
+  std::string why;
+  int64_t time_us = 0;    // wall clock (core::wallMicros)
+};
+
+// The coordinator's state machine (see the header comment). Not
+// thread-safe: the server guards it with its mutex. Times are passed in, so
+// tests drive it without clocks or sockets.
+class MembershipTable {
+ public:
+  enum class State { kUnknown, kAlive, kFailed };
+
+  explicit MembershipTable(double heartbeat_timeout_s = 0) : timeout_s_(heartbeat_timeout_s) {}
+
+  // Initial registration (no epoch change), or a re-registration of a
+  // failed slot, which is a join.
+  uint32_t registerRank(int rank, int island, const std::string& address, int64_t pid, int64_t now_us);
+  // A new or restarted worker entering a running job; returns its rank.
+  core::Result<int> join(int rank, int island, const std::string& address, int64_t pid, int64_t now_us);
+  void heartbeat(int rank, int64_t now_us);
+  void leave(int rank);
+  // True if it published a new epoch.
+  bool reportFailure(int failed, uint32_t epoch, int reporter, const std::string& why, int64_t now_us);
+  // Fails every alive rank silent for longer than the timeout; returns them.
+  std::vector<int> expire(int64_t now_us);
+  // Marks `rank` as having entered `epoch` (the barrier of enterEpoch).
+  void enter(int rank, uint32_t epoch);
+  // Every alive rank has entered the current epoch.
+  bool allEntered() const;
+
+  uint32_t epoch() const { return epoch_; }
+  int registered() const;  // slots ever registered
+  State state(int rank) const;
+  Membership snapshot() const;
+  const std::vector<MembershipEvent>& events() const { return events_; }
+
+ private:
+  struct Slot {
+    State state = State::kUnknown;
+    std::string address;
+    int island = -1;
+    int64_t pid = 0;
+    int64_t last_heartbeat_us = 0;
+    bool watched = false;     // heartbeats expected
+    uint32_t entered = 0;     // highest epoch entered + 1 (0 = none)
+  };
+  void bump(const std::string& kind, int rank, const std::string& why);
+
+  double timeout_s_;
+  uint32_t epoch_ = 0;
+  std::map<int, Slot> slots_;
+  std::vector<MembershipEvent> events_;
 };
 
 struct CoordinatorOptions {
@@ -50,12 +129,14 @@ class CoordinatorServer {
   int port() const { return port_; }
   std::string address() const;
   Membership membership() const;
+  std::vector<MembershipEvent> events() const;
+  // Test hook / operator action: declare `rank` failed now (as a report would).
+  void declareFailed(int rank, const std::string& why);
 
  private:
   void acceptLoop();
   void serve(std::shared_ptr<Socket> sock);
   std::string handle(const std::string& request);
-  void bumpEpochLocked(int dead, const std::string& why);
 
   std::string secret_;
   CoordinatorOptions options_;
@@ -68,11 +149,7 @@ class CoordinatorServer {
   std::vector<std::thread> clients_;
   std::vector<std::shared_ptr<Socket>> sockets_;
   // state (guarded by mu_)
-  uint32_t epoch_ = 0;
-  std::map<int, std::string> addresses_;
-  std::map<int, int> islands_;
-  std::map<int, bool> alive_;
-  std::map<int, int64_t> last_heartbeat_us_;
+  MembershipTable table_;
   std::map<std::string, std::string> kv_;
 };
 
@@ -85,27 +162,47 @@ class CoordinatorClient {
   ~CoordinatorClient();
   core::Result<uint32_t> registerRank(int rank, int island, const std::string& address,
                                       const core::Deadline& deadline);
+  // Enters a running job in slot `rank` (-1: any failed slot); returns the
+  // slot and the epoch it published. The client then speaks for that rank.
+  struct Joined {
+    int rank = -1;
+    uint32_t epoch = 0;
+  };
+  core::Result<Joined> join(int rank, int island, const std::string& address, const core::Deadline& deadline);
   // Waits until `world` ranks have registered; returns the table.
   core::Result<Membership> waitForMembers(int world, const core::Deadline& deadline);
   core::Result<Membership> membership(const core::Deadline& deadline);
+  // Barrier of epoch `epoch` (see the header comment). The returned
+  // membership's epoch is `epoch` when everyone entered, newer if it moved.
+  core::Result<Membership> enterEpoch(uint32_t epoch, const core::Deadline& deadline);
   core::Result<uint32_t> heartbeat(const core::Deadline& deadline);
   // Says this rank finished cleanly: its heartbeats stop without a failure.
   core::Status leave(const core::Deadline& deadline);
-  // Reports that `failed` is gone in `epoch`; returns the membership after it.
-  core::Result<Membership> reportFailure(int failed, uint32_t epoch, const core::Deadline& deadline);
+  // Reports that `failed` is gone in `epoch` (-1: a transient fault, new
+  // epoch with the same members); returns the membership after it.
+  core::Result<Membership> reportFailure(int failed, uint32_t epoch, const core::Deadline& deadline,
+                                         const std::string& why = "");
   core::Status kvSet(const std::string& key, const std::string& value, const core::Deadline& deadline);
   // Waits until the key exists (or the deadline).
   core::Result<std::string> kvGet(const std::string& key, const core::Deadline& deadline);
   // Background heartbeats every interval (stops with the client).
   void startHeartbeats(double interval_s);
+  // Newest epoch any reply carried (heartbeats keep it fresh).
+  uint32_t latestEpoch() const { return latest_epoch_.load(); }
+  // Seconds since the coordinator last answered (0 before the first call).
+  double secondsSinceContact() const;
+  int rank() const { return rank_.load(); }
 
  private:
   CoordinatorClient() = default;
   core::Result<std::string> call(const std::string& request, const core::Deadline& deadline);
   std::unique_ptr<Socket> sock_;
-  int rank_ = -1;
+  std::string address_, secret_;
+  std::atomic<int> rank_{-1};
   std::mutex mu_;
   std::atomic<bool> stop_{false};
+  std::atomic<uint32_t> latest_epoch_{0};
+  std::atomic<int64_t> last_contact_us_{0};
   std::thread hb_;
 };
 
