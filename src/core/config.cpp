@@ -682,10 +682,11 @@ Status validateJob(const JobConfig& j) {
   const auto& t = j.train;
   if (t.steps < 1) p.add("train.steps", t.steps, "an integer >= 1");
   if (t.global_batch < 1) p.add("train.global_batch", t.global_batch, "an integer >= 1");
-  else if (world > 0 && t.global_batch < world) {
+  else if (const int64_t replicas = j.strategy.pipeline_stages > 1 ? world / j.strategy.pipeline_stages : world;
+           world > 0 && t.global_batch < replicas) {
     p.add("train.global_batch", t.global_batch,
-          "at least " + std::to_string(world) + " so that every one of the " + std::to_string(world) +
-              " workers gets >= 1 sample per step");
+          "at least " + std::to_string(replicas) + " so that every one of the " + std::to_string(replicas) +
+              (replicas == world ? " workers" : " pipelines") + " gets >= 1 sample per step");
   }
   if (t.micro_batch < 0) p.add("train.micro_batch", t.micro_batch, "0 (whole share) or a positive size");
   if (!(t.lr > 0)) p.add("train.lr", t.lr, "a learning rate > 0");
@@ -733,6 +734,50 @@ Status validateJob(const JobConfig& j) {
             std::to_string(s.pipeline_stages) + " positive values (one per stage) summing to model.n_layers (" +
                 std::to_string(m.n_layers) + ")");
     }
+  }
+  // Pipeline / expert parallelism (runtime/parallel_trainer.cpp).
+  if (s.pipeline_stages > 1) {
+    if (world > 0 && world % s.pipeline_stages != 0) {
+      p.add("strategy.pipeline_stages", s.pipeline_stages,
+            "a divisor of the number of workers (" + std::to_string(world) + "): every pipeline has that many stages");
+    }
+    if (m.tie_embeddings) {
+      p.add("model.tie_embeddings", "true", "false with strategy.pipeline_stages > 1 (embedding and LM head sit on different stages)");
+    }
+  }
+  if (s.expert_parallel > 1) {
+    if (moe.num_experts < s.expert_parallel) {
+      p.add("strategy.expert_parallel", s.expert_parallel,
+            "at most model.moe.num_experts (" + std::to_string(moe.num_experts) + "): every member holds >= 1 expert");
+    }
+    if (world > 0 && world % s.expert_parallel != 0) {
+      p.add("strategy.expert_parallel", s.expert_parallel,
+            "a divisor of the number of workers (" + std::to_string(world) + ")");
+    }
+    if (s.pipeline_stages > 1) {
+      p.add("strategy.expert_parallel", s.expert_parallel,
+            "1 when strategy.pipeline_stages > 1 (pipeline and expert parallelism in one job are not supported yet)");
+    }
+  }
+  if (!s.expert_counts.empty()) {
+    int64_t sum = 0;
+    bool positive = true;
+    for (auto c : s.expert_counts) {
+      sum += c;
+      positive = positive && c >= 1;
+    }
+    if (static_cast<int64_t>(s.expert_counts.size()) != s.expert_parallel || sum != moe.num_experts || !positive) {
+      p.add("strategy.expert_counts", std::to_string(s.expert_counts.size()) + " members summing to " + std::to_string(sum),
+            std::to_string(s.expert_parallel) + " positive values (one per strategy.expert_parallel member) summing to "
+            "model.moe.num_experts (" + std::to_string(moe.num_experts) + ")");
+    }
+  }
+  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && s.kind != "sync") {
+    p.add("strategy.kind", s.kind,
+          "sync when strategy.pipeline_stages or strategy.expert_parallel > 1 (DiLoCo/streaming with PP/EP are not supported yet)");
+  }
+  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && t.shard_optimizer) {
+    p.add("train.shard_optimizer", "true", "false with strategy.pipeline_stages or strategy.expert_parallel > 1");
   }
   if (!(s.failure_timeout > 0)) p.add("strategy.failure_timeout", formatDuration(s.failure_timeout), "a duration > 0");
   if (s.min_workers < 1 || (world > 0 && s.min_workers > world)) {

@@ -129,6 +129,7 @@ template <typename V> void visitFields(V& v, TrainConfig& s) {
   v.field("rebalance", ref(s.rebalance, "adjust batch shares to measured speed"));
   v.field("shares", ref(s.shares, "initial batch-share weights per rank (empty = 1/slowdown)"));
   v.field("threads_per_worker", ref(s.threads_per_worker, "intra-op threads per worker"));
+  v.field("recompute", ref(s.recompute, "pipeline stages: recompute activations in backward (saves memory)"));
 }
 
 template <typename V> void visitFields(V& v, StrategyConfig& s) {
@@ -147,7 +148,10 @@ template <typename V> void visitFields(V& v, StrategyConfig& s) {
   v.field("allreduce", choice(s.allreduce, {"auto", "ring", "tree", "hierarchical"}, "allreduce algorithm"));
   v.field("pipeline_stages", ref(s.pipeline_stages, "pipeline-parallel stages"));
   v.field("expert_parallel", ref(s.expert_parallel, "expert-parallel group size"));
-  v.field("stage_layers", ref(s.stage_layers, "layers per pipeline stage (empty = planner/even)"));
+  v.field("stage_layers", ref(s.stage_layers, "layers per pipeline stage (empty = from device speed and memory)"));
+  v.field("expert_counts", ref(s.expert_counts, "experts per expert-parallel member (empty = from device speed)"));
+  v.field("dispatch_codec", choice(s.dispatch_codec, {"none", "bf16", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"},
+                                   "expert parallelism: codec of token rows in the all-to-all"));
   v.field("failure_timeout", duration(s.failure_timeout, "silence after which a worker is declared failed"));
   v.field("min_workers", ref(s.min_workers, "below this many workers the job checkpoints and exits"));
 }

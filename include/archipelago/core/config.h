@@ -134,6 +134,7 @@ struct TrainConfig {
   bool rebalance = true;        // adjust batch shares to measured speed
   std::vector<double> shares;   // fixed initial shares per rank (empty = from slowdowns)
   int64_t threads_per_worker = 1;
+  bool recompute = false;       // pipeline stages: keep only stage inputs, recompute activations in backward
 };
 
 // ---- strategy -----------------------------------------------------------------
@@ -153,7 +154,9 @@ struct StrategyConfig {
   std::string allreduce = "auto";   // auto | ring | tree | hierarchical
   int64_t pipeline_stages = 1;  // PP
   int64_t expert_parallel = 1;  // EP
-  std::vector<int64_t> stage_layers;  // uneven layer split (empty = planner/even)
+  std::vector<int64_t> stage_layers;  // uneven layer split (empty = from device speed and memory)
+  std::vector<int64_t> expert_counts; // experts per expert-parallel member (empty = from device speed)
+  std::string dispatch_codec = "none";  // EP: codec of the token rows in the all-to-all
   double failure_timeout = 2.0; // seconds until a silent peer is declared failed
   int64_t min_workers = 1;
 };
