@@ -48,7 +48,7 @@ void addBenchCommands(CLI::App& app) {
   CLI::App* c = bench->add_subcommand("comm", "Collectives on N local ranks vs Gloo's ring allreduce");
   struct Opts {
     comm::CommBenchOptions o;
-    std::string sizes, ops;
+    std::string sizes, ops, impls;
     bool no_gloo = false;
   };
   auto opts = std::make_shared<Opts>();
@@ -60,18 +60,22 @@ void addBenchCommands(CLI::App& app) {
   c->add_option("--codec", opts->o.codec, "codec on the cross-island leg of hier_allreduce (int8, bf16, fp8_e4m3, ...)")
       ->capture_default_str();
   c->add_flag("--gloo,!--no-gloo", opts->o.gloo, "also run Gloo's ring allreduce (default on)");
-  c->add_option("--streams", opts->o.streams, "TCP streams per peer pair")->capture_default_str();
+  c->add_option("--streams", opts->o.streams, "TCP streams per peer pair across a strait")->capture_default_str();
+  c->add_option("--local-streams", opts->o.local_streams, "TCP streams between ranks on this host")
+      ->capture_default_str();
   c->add_option("--chunk", opts->o.chunk_bytes, "ring pipeline chunk in bytes")->capture_default_str();
   c->add_option("--iters", opts->o.iters, "timed iterations per row (0 = by size)")->capture_default_str();
   c->add_flag("!--no-same-host-copy", opts->o.same_host_copy,
               "send bulk bytes between local ranks over TCP too (no process_vm_readv single copy)");
   c->add_option("--rounds", opts->o.rounds, "alternating rounds per row (best reported)")->capture_default_str();
+  c->add_option("--impls", opts->impls, "only these rows: archipelago,archipelago_tcp,gloo_ring (default: all)");
   setAction(c, [opts]() -> core::Status {
     comm::CommBenchOptions o = opts->o;
     if (!opts->sizes.empty()) {
       ARCH_ASSIGN_OR_RETURN(o.sizes, parseSizes(opts->sizes));
     }
     if (!opts->ops.empty()) o.ops = splitList(opts->ops);
+    if (!opts->impls.empty()) o.impls = splitList(opts->impls);
     return comm::runCommBench(o);
   });
 }

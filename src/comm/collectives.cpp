@@ -65,16 +65,16 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
     }
   }
   if (rs) {
-    std::vector<uint8_t> scratch[2];
-    scratch[0].resize(max_block * es);
-    scratch[1].resize(max_block * es);
+    // Two staging blocks (steps alternate), pooled by the mesh.
+    ScratchLease lease = c.mesh->borrowScratch(2 * max_block * es);
+    uint8_t* scratch[2] = {lease.data(), lease.data() + max_block * es};
     auto postStep = [&](int t) {
       int rb = mod(c.me - t - 2, n);
       for (size_t j = 0; j < P; ++j) {
         auto [lo, hi] = piece(rb, j);
         // The receiving I/O thread reduces each piece into place as it lands.
         c.mesh->postRecvReduce(left, tagOf(static_cast<uint32_t>(t), j),
-                               scratch[t % 2].data() + (lo - off[static_cast<size_t>(rb)]) * es, (hi - lo) * es,
+                               scratch[t % 2] + (lo - off[static_cast<size_t>(rb)]) * es, (hi - lo) * es,
                                data + lo * es, dtype, op);
       }
     };
@@ -83,7 +83,7 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
     int sb0 = mod(c.me - 1, n);
     for (size_t j = 0; j < P; ++j) {
       auto [lo, hi] = piece(sb0, j);
-      sends.handles.push_back(c.mesh->send(right, tagOf(0, j), data + lo * es, (hi - lo) * es));
+      sends.handles.push_back(c.send(right, tagOf(0, j), data + lo * es, (hi - lo) * es));
     }
     for (int t = 0; t < n - 1; ++t) {
       int rb = mod(c.me - t - 2, n);
@@ -92,10 +92,10 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
         ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(left, tagOf(static_cast<uint32_t>(t), j), c.deadline, c.abort));
         if (t < n - 2) {
           sends.handles.push_back(
-              c.mesh->send(right, tagOf(static_cast<uint32_t>(t + 1), j), data + lo * es, (hi - lo) * es));
+              c.send(right, tagOf(static_cast<uint32_t>(t + 1), j), data + lo * es, (hi - lo) * es));
         } else {
           if (divide_by != 0) divideInPlace(dtype, data + lo * es, hi - lo, divide_by);
-          if (ag) sends.handles.push_back(c.mesh->send(right, tagOf(ag_base, j), data + lo * es, (hi - lo) * es));
+          if (ag) sends.handles.push_back(c.send(right, tagOf(ag_base, j), data + lo * es, (hi - lo) * es));
         }
       }
       if (t + 2 <= n - 2) postStep(t + 2);
@@ -103,7 +103,7 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
   } else if (ag) {
     for (size_t j = 0; j < P; ++j) {
       auto [lo, hi] = piece(c.me, j);
-      sends.handles.push_back(c.mesh->send(right, tagOf(ag_base, j), data + lo * es, (hi - lo) * es));
+      sends.handles.push_back(c.send(right, tagOf(ag_base, j), data + lo * es, (hi - lo) * es));
     }
   }
   if (ag) {
@@ -114,7 +114,7 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
         ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(left, tagOf(ag_base + static_cast<uint32_t>(t), j), c.deadline, c.abort));
         if (t < n - 2) {
           sends.handles.push_back(
-              c.mesh->send(right, tagOf(ag_base + static_cast<uint32_t>(t + 1), j), data + lo * es, (hi - lo) * es));
+              c.send(right, tagOf(ag_base + static_cast<uint32_t>(t + 1), j), data + lo * es, (hi - lo) * es));
         }
       }
     }
@@ -130,11 +130,12 @@ core::Status recursiveDoubling(const Ctx& c, uint8_t* data, size_t count, DType 
     int p = 1;
     while (p * 2 <= n) p *= 2;
     const int rem = n - p;
-    std::vector<uint8_t> scratch(bytes);
+    ScratchLease lease = c.mesh->borrowScratch(bytes);
+    std::span<uint8_t> scratch(lease.data(), bytes);
     auto peer = [&](int i) { return c.ranks[static_cast<size_t>(i)]; };
     uint32_t step = 0;
     if (c.me >= p) {  // fold in: hand my data to me - p, get the result back
-      auto h = c.mesh->send(peer(c.me - p), c.tag(phase, 0), data, bytes);
+      auto h = c.send(peer(c.me - p), c.tag(phase, 0), data, bytes);
       ARCH_RETURN_IF_ERROR(c.mesh->waitSend(h, c.deadline, c.abort));
       c.mesh->postRecv(peer(c.me - p), c.tag(phase, 1000), data, bytes);
       ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(peer(c.me - p), c.tag(phase, 1000), c.deadline, c.abort));
@@ -149,7 +150,7 @@ core::Status recursiveDoubling(const Ctx& c, uint8_t* data, size_t count, DType 
       ++step;
       int partner = peer(c.me ^ mask);
       c.mesh->postRecv(partner, c.tag(phase, step), scratch.data(), bytes);
-      auto h = c.mesh->send(partner, c.tag(phase, step), data, bytes);
+      auto h = c.send(partner, c.tag(phase, step), data, bytes);
       ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(partner, c.tag(phase, step), c.deadline, c.abort));
       ARCH_RETURN_IF_ERROR(c.mesh->waitSend(h, c.deadline, c.abort));
       // IEEE add/max/min are commutative, so both partners get the same bits.
@@ -157,7 +158,7 @@ core::Status recursiveDoubling(const Ctx& c, uint8_t* data, size_t count, DType 
     }
     if (divide_by != 0) divideInPlace(dtype, data, count, divide_by);
     if (c.me < rem) {
-      auto h = c.mesh->send(peer(c.me + p), c.tag(phase, 1000), data, bytes);
+      auto h = c.send(peer(c.me + p), c.tag(phase, 1000), data, bytes);
       ARCH_RETURN_IF_ERROR(c.mesh->waitSend(h, c.deadline, c.abort));
     }
     return core::okStatus();
@@ -202,7 +203,7 @@ core::Status ringCodec(const Ctx& c, float* data, size_t count, CodecKind codec,
     bufs.emplace_back(esz(sb));
     encode(codec, blk(sb), bufs.back());
     wire += bufs.back().size();
-    sends.handles.push_back(c.mesh->send(right, c.tag(phase, static_cast<uint32_t>(t)), bufs.back().data(), bufs.back().size()));
+    sends.handles.push_back(c.send(right, c.tag(phase, static_cast<uint32_t>(t)), bufs.back().data(), bufs.back().size()));
     bufs.emplace_back(esz(rb));
     auto& in = bufs.back();
     c.mesh->postRecv(left, c.tag(phase, static_cast<uint32_t>(t)), in.data(), in.size());
@@ -221,7 +222,7 @@ core::Status ringCodec(const Ctx& c, float* data, size_t count, CodecKind codec,
   const uint32_t ag = static_cast<uint32_t>(n);
   for (int t = 0; t < n - 1; ++t) {
     wire += fwd->size();
-    sends.handles.push_back(c.mesh->send(right, c.tag(phase, ag + static_cast<uint32_t>(t)), fwd->data(), fwd->size()));
+    sends.handles.push_back(c.send(right, c.tag(phase, ag + static_cast<uint32_t>(t)), fwd->data(), fwd->size()));
     int rb = mod(c.me - t - 1, n);
     bufs.emplace_back(esz(rb));
     auto& in = bufs.back();
@@ -252,7 +253,7 @@ core::Status broadcast(const Ctx& c, uint8_t* data, size_t bytes, int root, uint
     }
     mask >>= 1;
     while (mask > 0) {
-      if (pos + mask < n) sends.handles.push_back(c.mesh->send(rankAt(pos + mask), c.tag(phase, 0), data, bytes));
+      if (pos + mask < n) sends.handles.push_back(c.send(rankAt(pos + mask), c.tag(phase, 0), data, bytes));
       mask >>= 1;
     }
     return sends.waitAll(c);
@@ -269,7 +270,7 @@ core::Status broadcast(const Ctx& c, uint8_t* data, size_t bytes, int root, uint
   for (size_t j = 0; j < P; ++j) {
     auto [lo, hi] = pieceOf(j);
     if (pos > 0) ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(rankAt(pos - 1), c.tag(phase, static_cast<uint32_t>(j)), c.deadline, c.abort));
-    if (pos < n - 1) sends.handles.push_back(c.mesh->send(rankAt(pos + 1), c.tag(phase, static_cast<uint32_t>(j)), data + lo, hi - lo));
+    if (pos < n - 1) sends.handles.push_back(c.send(rankAt(pos + 1), c.tag(phase, static_cast<uint32_t>(j)), data + lo, hi - lo));
   }
   return sends.waitAll(c);
 }
@@ -292,7 +293,7 @@ core::Status alltoallv(const Ctx& c, const uint8_t* in, std::span<const size_t> 
   }
   for (int k = 1; k < n; ++k) {
     int to = mod(c.me + k, n);
-    sends.handles.push_back(c.mesh->send(c.ranks[static_cast<size_t>(to)], c.tag(phase, 0),
+    sends.handles.push_back(c.send(c.ranks[static_cast<size_t>(to)], c.tag(phase, 0),
                                          in + soff[static_cast<size_t>(to)], send_bytes[static_cast<size_t>(to)]));
   }
   for (int k = 1; k < n; ++k) {
@@ -311,7 +312,7 @@ core::Status barrier(const Ctx& c, uint32_t phase) {
     int to = c.ranks[static_cast<size_t>(mod(c.me + d, n))];
     int from = c.ranks[static_cast<size_t>(mod(c.me - d, n))];
     c.mesh->postRecv(from, c.tag(phase, step), &got, 1);
-    auto h = c.mesh->send(to, c.tag(phase, step), &token, 1);
+    auto h = c.send(to, c.tag(phase, step), &token, 1);
     ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(from, c.tag(phase, step), c.deadline, c.abort));
     ARCH_RETURN_IF_ERROR(c.mesh->waitSend(h, c.deadline, c.abort));
   }

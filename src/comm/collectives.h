@@ -21,7 +21,11 @@ struct Ctx {
   core::Deadline deadline = core::Deadline::never();
   const core::AbortFlag* abort = nullptr;
   const CommOptions* opt = nullptr;
+  bool same_host_copy = true;  // OpOptions::same_host_copy
 
+  SendHandle send(int peer, uint64_t tag, const void* data, size_t bytes) const {
+    return mesh->send(peer, tag, data, bytes, same_host_copy);
+  }
   int n() const { return static_cast<int>(ranks.size()); }
   uint64_t tag(uint32_t phase, uint32_t sub) const {
     return tag_base | (static_cast<uint64_t>(phase & 0xf) << 20) | (sub & 0xfffff);

@@ -68,16 +68,16 @@ double busFactor(const std::string& op, int n) {
 }
 
 void printHeader(bool strait) {
-  std::printf("%-15s %-12s %10s %6s %11s %10s %10s", "op", "impl", "size", "iters", "time(us)", "algbw", "busbw");
+  std::printf("%-15s %-16s %10s %6s %11s %10s %10s", "op", "impl", "size", "iters", "time(us)", "algbw", "busbw");
   if (strait) std::printf(" %8s", "strait%");
   std::printf(" %s\n", "notes");
-  std::printf("%-15s %-12s %10s %6s %11s %10s %10s", "", "", "(bytes)", "", "", "(GB/s)", "(GB/s)");
+  std::printf("%-15s %-16s %10s %6s %11s %10s %10s", "", "", "(bytes)", "", "", "(GB/s)", "(GB/s)");
   if (strait) std::printf(" %8s", "");
   std::printf("\n");
 }
 
 void printRow(const Row& r, bool strait) {
-  std::printf("%-15s %-12s %10llu %6d %11.1f %10.4f %10.4f", r.op.c_str(), r.impl.c_str(),
+  std::printf("%-15s %-16s %10llu %6d %11.1f %10.4f %10.4f", r.op.c_str(), r.impl.c_str(),
               static_cast<unsigned long long>(r.bytes), r.iters, r.time_s * 1e6, r.algbw / 1e9, r.busbw / 1e9);
   if (strait) {
     if (r.strait_frac >= 0) std::printf(" %7.1f%%", r.strait_frac * 100);
@@ -131,6 +131,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   const int n = lr.world, me = lr.rank;
   CommConfig cfg;
   cfg.options.streams = opt.streams;
+  cfg.options.local_streams = opt.local_streams;
   cfg.options.chunk_bytes = opt.chunk_bytes;
   cfg.options.heartbeat_timeout_s = 5;
   cfg.options.same_host_copy = opt.same_host_copy;
@@ -151,9 +152,11 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   Group& g = *cr->world;
   if (me == 0) {
     for (const auto& line : cr->comm->emulationSummary()) std::printf("# %s\n", line.c_str());
-    std::printf("# archipelago bench comm: %d ranks on this machine (127.0.0.1), %d streams/peer, chunk %s, "
-                "same-host copy %s%s\n", n, opt.streams, core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
-                opt.same_host_copy ? "on" : "off (all bytes over TCP)",
+    std::printf("# archipelago bench comm: %d ranks on this machine (127.0.0.1), %d streams/peer on straits, "
+                "%d between local ranks, chunk %s, same-host copy %s%s\n", n, opt.streams, opt.local_streams,
+                core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
+                opt.same_host_copy ? "on (row archipelago; row archipelago_tcp sends every byte over TCP)"
+                                   : "off (all bytes over TCP)",
                 bc.emulated ? ", 2 islands joined by an EMULATED strait" : "");
   }
   auto maxOver = [&](double v) -> core::Result<double> {
@@ -214,6 +217,15 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
         variants.push_back({"archipelago", CodecKind::kNone, [&] {
                               return g.allreduce(buf.data(), count, dt, ReduceOp::kSum, OpOptions::within(600));
                             }});
+        if (opt.same_host_copy && !bc.emulated) {
+          // Same op with every byte through TCP (no process_vm_readv), the
+          // like-for-like comparison with Gloo's TCP transport.
+          variants.push_back({"archipelago_tcp", CodecKind::kNone, [&] {
+                                OpOptions o = OpOptions::within(600);
+                                o.same_host_copy = false;
+                                return g.allreduce(buf.data(), count, dt, ReduceOp::kSum, o);
+                              }});
+        }
 #if defined(ARCHIPELAGO_HAS_GLOO)
         if (gctx) {
           variants.push_back({"gloo_ring", CodecKind::kNone, [&]() -> core::Status {
@@ -273,8 +285,15 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
       } else {
         return "unknown op '" + op + "' (allreduce, hier_allreduce, allgather, reduce_scatter, broadcast, alltoall, failure)";
       }
+      if (!opt.impls.empty()) {  // e.g. profiling one implementation alone
+        std::vector<Variant> keep;
+        for (auto& v : variants) {
+          if (std::find(opt.impls.begin(), opt.impls.end(), v.impl) != opt.impls.end()) keep.push_back(v);
+        }
+        variants = std::move(keep);
+      }
       double none_wire = -1;
-      double ours_busbw = 0;
+      std::vector<std::pair<std::string, double>> ours_busbw;
       // Variants are measured in alternating rounds (best round counts), so
       // load from other processes on this machine hits all of them alike.
       const int rounds = opt.rounds;
@@ -347,10 +366,15 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
             printed_header = true;
           }
           printRow(r, bc.emulated);
-          if (v.impl == "archipelago" && op == "allreduce") ours_busbw = r.busbw;
-          if (v.impl == "gloo_ring" && ours_busbw > 0) {
-            std::printf("# allreduce %s: archipelago busbw / gloo ring busbw = %.2fx\n",
-                        core::formatBytes(static_cast<double>(bytes)).c_str(), ours_busbw / r.busbw);
+          if (v.impl != "gloo_ring" && op == "allreduce") ours_busbw.emplace_back(v.impl, r.busbw);
+          if (v.impl == "gloo_ring") {
+            for (const auto& [impl, bw] : ours_busbw) {
+              std::printf("# allreduce %s: %s busbw / gloo ring busbw = %.2fx  (%s)\n",
+                          core::formatBytes(static_cast<double>(bytes)).c_str(), impl.c_str(), bw / r.busbw,
+                          impl == "archipelago_tcp" || !opt.same_host_copy
+                              ? "every byte over TCP, like Gloo"
+                              : "same-host single copy (process_vm_readv) for messages >= 64 KiB");
+            }
           }
         }
       }
@@ -434,6 +458,7 @@ core::Status runCommBench(const CommBenchOptions& in) {
     return core::invalidArgument("--ranks " + std::to_string(opt.ranks) + ": expected 2..64");
   }
   if (opt.streams < 1 || opt.streams > 64) return core::invalidArgument("--streams: expected 1..64");
+  if (opt.local_streams < 1 || opt.local_streams > 64) return core::invalidArgument("--local-streams: expected 1..64");
   auto codec = parseCodec(opt.codec);
   if (!codec.isOk()) return codec.status().withContext("--codec");
   BenchCtx bc;

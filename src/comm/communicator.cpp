@@ -143,6 +143,7 @@ algo::Ctx makeCtx(Mesh* mesh, const std::vector<int>& ranks, int me, uint64_t ta
   c.deadline = o.deadline;
   c.abort = &o.abort;
   c.opt = opt;
+  c.same_host_copy = o.same_host_copy;
   return c;
 }
 
@@ -368,7 +369,7 @@ core::Status Group::send(const void* data, size_t count, DType dtype, int dst, u
   if (dst < 0 || dst >= size() || dst == me_) return core::invalidArgument("send: bad destination " + std::to_string(dst));
   const uint64_t t = nextP2pTag(dst, true, tag);
   ARCH_RETURN_IF_ERROR(mesh_->failure());
-  auto h = mesh_->send(ranks_[static_cast<size_t>(dst)], t, data, count * dtypeSize(dtype));
+  auto h = mesh_->send(ranks_[static_cast<size_t>(dst)], t, data, count * dtypeSize(dtype), o.same_host_copy);
   core::Status st = mesh_->waitSend(h, o.deadline, &o.abort);
   if (!st.isOk()) mesh_->fail(st);
   return st;
@@ -453,6 +454,10 @@ core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig conf
   if (config.options.streams < 1 || config.options.streams > 64) {
     return core::invalidArgument("comm: streams must be in 1..64 (got " + std::to_string(config.options.streams) + ")");
   }
+  if (config.options.local_streams < 1 || config.options.local_streams > 64) {
+    return core::invalidArgument("comm: local_streams must be in 1..64 (got " +
+                                 std::to_string(config.options.local_streams) + ")");
+  }
   std::unique_ptr<Communicator> c(new Communicator(std::move(config)));
   Communicator* raw = c.get();
   auto tls_policy = [raw](int32_t peer) {
@@ -502,7 +507,6 @@ std::vector<std::string> Communicator::emulationSummary() const {
 core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, const std::vector<int>& members,
                                                             const core::Deadline& deadline) {
   const int me = config_.rank;
-  const int S = config_.options.streams;
   auto mesh = std::make_shared<Mesh>(me, epoch, members, config_.options);
   const auto& cl = config_.cluster;
   const uint64_t job = core::fnv1a64(config_.secret);
@@ -538,6 +542,8 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
       auto host = [](const std::string& a) { return a.substr(0, a.rfind(':')); };
       l.same_host = !tls && host(addresses_[static_cast<size_t>(peer)]) == host(addresses_[static_cast<size_t>(me)]);
     }
+    // Both ends derive the same count: same cluster spec, same addresses.
+    const int S = l.same_host && !l.shaper ? config_.options.local_streams : config_.options.streams;
     for (int s = 0; s < S; ++s) {
       core::Result<std::unique_ptr<Socket>> sock =
           me < peer ? dialPeer(addresses_[static_cast<size_t>(peer)], config_.secret, me, peer, epoch,

@@ -42,6 +42,30 @@ struct SendRequest {
 };
 using SendHandle = std::shared_ptr<SendRequest>;
 
+class Mesh;
+
+// Scratch memory borrowed from a Mesh for the duration of one collective
+// (move-only; returned to the mesh's pool on destruction).
+class ScratchLease {
+ public:
+  ScratchLease() = default;
+  ScratchLease(Mesh* mesh, std::unique_ptr<uint8_t[]> buf, size_t size)
+      : mesh_(mesh), buf_(std::move(buf)), size_(size) {}
+  ScratchLease(ScratchLease&& o) noexcept : mesh_(o.mesh_), buf_(std::move(o.buf_)), size_(o.size_) {
+    o.mesh_ = nullptr;
+  }
+  ScratchLease& operator=(ScratchLease&&) = delete;
+  ScratchLease(const ScratchLease&) = delete;
+  ~ScratchLease();
+  uint8_t* data() const { return buf_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  Mesh* mesh_ = nullptr;
+  std::unique_ptr<uint8_t[]> buf_;
+  size_t size_ = 0;
+};
+
 class Mesh {
  public:
   struct PeerLinks {
@@ -64,7 +88,9 @@ class Mesh {
   const std::vector<int>& members() const { return members_; }
 
   // Asynchronous send of `bytes` at `data` (must stay valid until waitSend).
-  SendHandle send(int peer, uint64_t tag, const void* data, size_t bytes);
+  // same_host_copy = false forces TCP frames even where the single-copy
+  // path is enabled (the bench compares both in one run).
+  SendHandle send(int peer, uint64_t tag, const void* data, size_t bytes, bool same_host_copy = true);
   core::Status waitSend(const SendHandle& h, const core::Deadline& deadline, const core::AbortFlag* abort);
   // Receive `bytes` from peer with tag into dst (valid until waitRecv).
   void postRecv(int peer, uint64_t tag, void* dst, size_t bytes);
@@ -83,6 +109,12 @@ class Mesh {
   void fail(core::Status why);
   core::Status failure() const;
   bool failed() const;
+  // Scratch memory (not zeroed) of at least `bytes`, reused across ops: a
+  // fresh multi-MB allocation per op would page-fault (and zero) new pages
+  // every call. Pooled memory lives as long as the Mesh, so an I/O thread
+  // that still finishes a write into it after a failed op never touches
+  // freed memory.
+  ScratchLease borrowScratch(size_t bytes);
   // Counters for the bench: payload bytes this process wrote / read.
   uint64_t bytesSent() const { return bytes_sent_.load(); }
   // Payload bytes this process sent across emulated straits.
@@ -173,6 +205,10 @@ class Mesh {
   uint64_t next_remote_id_ = 0;
   // Copies a peer's announced range into dst and queues the ack; mu_ held.
   void copyRemoteLocked(int peer, Slot& slot, const RemoteRange& r);
+  friend class ScratchLease;
+  void returnScratch(std::unique_ptr<uint8_t[]> buf, size_t size);
+  std::mutex scratch_mu_;
+  std::vector<std::pair<size_t, std::unique_ptr<uint8_t[]>>> scratch_pool_;  // guarded by scratch_mu_
   std::atomic<uint64_t> bytes_sent_{0};
   std::atomic<uint64_t> bytes_strait_{0};
   std::thread monitor_;

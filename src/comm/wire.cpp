@@ -86,7 +86,10 @@ core::Result<FrameHeader> decodeHeader(std::span<const uint8_t> b, uint32_t max_
 
 core::Status checkPayload(const FrameHeader& h, std::span<const uint8_t> payload) {
   if (payload.size() != h.length) return core::dataLoss("payload length mismatch");
-  uint32_t crc = core::crc32c(payload.data(), payload.size());
+  return checkPayloadCrc(h, core::crc32c(payload.data(), payload.size()));
+}
+
+core::Status checkPayloadCrc(const FrameHeader& h, uint32_t crc) {
   if (crc != h.crc) {
     return core::dataLoss("frame CRC32C mismatch (tag " + std::to_string(h.tag) + ", offset " +
                           std::to_string(h.offset) + ", " + std::to_string(h.length) + " bytes)");

@@ -76,6 +76,40 @@ TEST(Wire, PayloadCrcMismatchIsDataLoss) {
   EXPECT_EQ(checkPayload(h, p).code(), core::StatusCode::kDataLoss);
 }
 
+// The frame checksum's fast paths (carry-less multiplication folding with
+// AVX-512, or three crc32 lanes combined with a shift table) must equal the textbook bit-at-a-time CRC32C (Castagnoli,
+// reflected 0x82F63B78) for every length around its block boundaries, any
+// alignment and any chaining seed.
+uint32_t crc32cBitwise(const uint8_t* p, size_t n, uint32_t seed) {
+  uint32_t c = ~seed;
+  for (size_t i = 0; i < n; ++i) {
+    c ^= p[i];
+    for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+  }
+  return ~c;
+}
+
+TEST(Wire, Crc32cMatchesBitwiseReferenceAcrossBlockBoundaries) {
+  std::vector<uint8_t> buf(3 * 3 * 4096 + 64);
+  uint64_t x = 0x9e3779b97f4a7c15ULL;
+  for (auto& b : buf) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    b = static_cast<uint8_t>(x);
+  }
+  const size_t block = 3 * 4096;
+  for (size_t n : {size_t{0}, size_t{1}, size_t{7}, size_t{100}, size_t{255}, size_t{256}, size_t{319}, size_t{320},
+                   size_t{511}, size_t{513}, block - 1, block, block + 1, block + 9,
+                   2 * block - 8, 2 * block, 2 * block + 13, 3 * block}) {
+    for (size_t off : {size_t{0}, size_t{3}}) {
+      for (uint32_t seed : {0u, 0x12345678u}) {
+        ASSERT_LE(off + n, buf.size());
+        EXPECT_EQ(core::crc32c(buf.data() + off, n, seed), crc32cBitwise(buf.data() + off, n, seed))
+            << "n=" << n << " off=" << off << " seed=" << seed;
+      }
+    }
+  }
+}
+
 TEST(Handshake, RightSecretPassesWrongSecretAndStaleEpochAreRefused) {
   Hello hello;
   hello.client_rank = 1;

@@ -26,11 +26,15 @@ struct CommBenchOptions {
   std::string strait;                   // "1Gbit/s,20ms[,jitter[,loss]]"; empty = no emulation
   std::string codec = "none";           // codec on the cross-island leg (hier_allreduce rows)
   bool gloo = true;                     // also run Gloo's ring allreduce (if built with Gloo)
-  int streams = 4;
+  int streams = 4;                      // TCP streams per peer pair across straits / hosts
+  int local_streams = 1;                // TCP streams between ranks on this host
   uint64_t chunk_bytes = 1 << 20;
   int iters = 0;                        // 0 = chosen per size
-  int rounds = 3;
-  bool same_host_copy = true;           // false: bulk bytes go through TCP even between local ranks                       // alternating rounds per row; the best round is reported
+  int rounds = 3;                       // alternating rounds per row; the best round is reported
+  bool same_host_copy = true;           // false: bulk bytes go through TCP even between local ranks
+                                        // (true: allreduce rows show both paths, archipelago and
+                                        // archipelago_tcp)
+  std::vector<std::string> impls;       // rows to run: archipelago, archipelago_tcp, gloo_ring; empty = all
   std::string dtype = "f32";
 };
 

@@ -69,10 +69,14 @@ class Communicator;
 // Tuning knobs; every field says when to change it.
 struct CommOptions {
   int streams = 4;                          // TCP streams per peer pair; raise for long fat pipes
+  int local_streams = 1;                    // streams between processes on the same host (loopback has
+                                            // no bandwidth-delay product; more streams = more threads
+                                            // and context switches for the same bytes)
   size_t chunk_bytes = 1 << 20;             // ring pipeline piece; smaller = more overlap, more frames
   size_t small_message_bytes = 64 << 10;    // at or below: recursive doubling instead of ring
   size_t stripe_min_bytes = 256 << 10;      // messages smaller than 2x this use one stream
-  uint32_t max_frame_bytes = 4 << 20;       // payload per frame on fast links (<= wire max 16 MiB)
+  uint32_t max_frame_bytes = 256 << 10;     // payload per frame on fast links (<= wire max 16 MiB); small
+                                            // enough that CRC and kernel copy find the frame in cache
   uint32_t emulated_frame_bytes = 256 << 10;// payload per frame on emulated straits (shaping grain)
   double connect_timeout_s = 30;            // building the mesh of an epoch
   double heartbeat_interval_s = 0.2;
@@ -99,6 +103,9 @@ struct OpOptions {
   double weight = 1.0;                      // kWeightedAvg: this rank's weight (e.g. its sample count)
   AllreduceAlgo algo = AllreduceAlgo::kAuto;
   CodecKind codec = CodecKind::kNone;       // hierarchical: codec of the cross-island leg (f32 only)
+  bool same_host_copy = true;               // false: this op sends every byte as TCP frames even to
+                                            // same-host peers (comparisons; CommOptions can turn the
+                                            // single-copy path off for the whole process)
 
   static OpOptions within(double seconds) {
     OpOptions o;

@@ -68,6 +68,9 @@ void encodeHeader(const FrameHeader& h, uint8_t out[kFrameHeaderSize]);
 core::Result<FrameHeader> decodeHeader(std::span<const uint8_t> bytes, uint32_t max_payload = kMaxFramePayload);
 // kDataLoss if the payload's CRC32C does not match the header.
 core::Status checkPayload(const FrameHeader& h, std::span<const uint8_t> payload);
+// Same verdict for a CRC32C the caller accumulated while the payload arrived
+// in pieces (core::crc32c chained over the pieces).
+core::Status checkPayloadCrc(const FrameHeader& h, uint32_t crc);
 
 // ---- handshake -----------------------------------------------------------------
 // client -> HELLO{role, client_rank, server_rank, epoch, stream, nonce_c}
