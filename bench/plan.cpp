@@ -1,6 +1,7 @@
 // bench_plan: planning time for the headline cases (a 1T-A32B MoE and a
 // dense 175B on 10,240 devices in 3 islands of 3 device kinds), plus the
-// simulator on the best plan. Prints a table and one JSON line per case.
+// simulator on the best plan (its step next to the planner's). Prints a table
+// and one JSON line per case.
 #include <chrono>
 #include <cstdio>
 
@@ -46,7 +47,8 @@ int main() {
     return 1;
   }
   const core::ClusterSpec cluster = triDc();
-  std::printf("%-12s %8s %10s %12s %8s %10s  %s\n", "model", "devices", "search s", "tokens/s", "MFU", "sim step", "best plan");
+  std::printf("%-12s %8s %10s %12s %8s %10s %10s %7s  %s\n", "model", "devices", "search s", "tokens/s", "MFU", "plan step",
+              "sim step", "diff", "best plan");
   for (const char* name : {"kimi-k2", "gpt3-175b", "deepseek-v3", "llama3-405b"}) {
     auto model = plan::preset(name);
     plan::PlanOptions o;
@@ -63,9 +65,10 @@ int main() {
     const auto t1 = std::chrono::steady_clock::now();
     auto sim = plan::simulateStep(best);
     const double sim_wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-    std::printf("%-12s %8lld %10.3f %12.4g %7.1f%% %9.3fs  %s: %s\n", name, static_cast<long long>(best.devices), wall,
-                best.tokens_per_s, 100 * best.mfu, sim.isOk() ? sim->step_s : -1.0, best.strategy.c_str(),
-                best.summary.c_str());
+    const double sim_step = sim.isOk() ? sim->step_s : -1.0;
+    std::printf("%-12s %8lld %10.3f %12.4g %7.1f%% %9.3fs %9.3fs %+6.1f%%  %s: %s\n", name,
+                static_cast<long long>(best.devices), wall, best.tokens_per_s, 100 * best.mfu, best.step_s, sim_step,
+                100 * (sim_step / best.step_s - 1), best.strategy.c_str(), best.summary.c_str());
     std::printf("{\"bench\": \"plan\", \"model\": \"%s\", \"cluster_devices\": 10240, \"islands\": 3, \"device_kinds\": 3, "
                 "\"search_s\": %.4f, \"evaluated\": %lld, \"plan_devices\": %lld, \"step_s\": %.4f, \"tokens_per_s\": %.6g, "
                 "\"mfu\": %.4f, \"sim_step_s\": %.4f, \"sim_s\": %.4f, \"strategy\": \"%s\", \"limit_s\": 10, \"pass\": %s}\n",

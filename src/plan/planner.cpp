@@ -16,11 +16,13 @@
 #include <fmt/format.h>
 
 #include "plan/planner_internal.h"
+#include "plan/schedule.h"
 
 namespace archipelago::plan {
 namespace {
 double d(int64_t v) { return static_cast<double>(v); }
 constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kBatchTolerance = 0.10;  // realised vs requested global batch
 }  // namespace
 
 void RejectStats::add(const std::string& reason, const std::string& example, int max_examples) {
@@ -290,7 +292,15 @@ bool Planner::evaluateGroup(const FixedLayout& L, double batch_seqs, GroupPlan& 
   g.batch_sequences = d(m * L.dp * L.micro_batch);
   const double tokens_mb = d(L.micro_batch) * d(su.seq_len);
   int64_t i = 0;
-  double sum_t = 0, max_t = 0, max_c = 0, sum_c = 0;
+  double sum_t = 0, max_t = 0;
+  detail::PipelineSpec pipe;
+  pipe.micro_batches = m;
+  pipe.virtual_stages = v;
+  pipe.hop_latency.assign(static_cast<size_t>(P), 0.0);
+  pipe.hop_transfer.assign(static_cast<size_t>(P), 0.0);
+  pipe.hop_serialised.assign(static_cast<size_t>(P), 0);
+  // The wrap from the last device to the first (interleaving) stays inside the first island.
+  pipe.hop_latency.back() = plan_links_[static_cast<size_t>(st.front().island)].latency;
   for (int64_t s = 0; s < P; ++s) {
     const StageCtx& sc = st[static_cast<size_t>(s)];
     StagePlan sp;
@@ -354,37 +364,51 @@ bool Planner::evaluateGroup(const FixedLayout& L, double batch_seqs, GroupPlan& 
         sp.p2p_bytes = tokens_mb * d(model_.dim) * su.act_bytes / d(sc.tp);
         sp.p2p_weight = 1;
       }
+      // Straits are shared by all replicas' flows (they queue); an island
+      // network link stands for each device's own NIC.
       const LinkInfo& li = plan_links_[static_cast<size_t>(sp.p2p_link)];
-      const double c = li.latency + sp.p2p_bytes * sp.p2p_weight / li.bandwidth;
-      const double cv = c * d(v);
-      max_c = std::max(max_c, cv);
-      sum_c += c;
+      pipe.hop_latency[static_cast<size_t>(s)] = li.latency;
+      pipe.hop_transfer[static_cast<size_t>(s)] = sp.p2p_bytes * sp.p2p_weight / li.bandwidth;
+      pipe.hop_serialised[static_cast<size_t>(s)] = li.strait ? 1 : 0;
     }
+    pipe.fwd_s.push_back(sp.fwd_s);
+    pipe.bwd_s.push_back(sp.bwd_s);
     const double t = sp.fwd_s + sp.bwd_s;
     sum_t += t;
     max_t = std::max(max_t, t);
     g.stages.push_back(sp);
     g.devices += L.dp * sc.tp;
   }
-  // Pipeline time.
-  const double period = std::max(max_t, max_c);
-  double fill = sum_t - max_t;
-  if (L.schedule == Schedule::kInterleaved) fill /= d(v);
-  if (L.schedule == Schedule::kDualPipe) fill /= 2.0;
-  g.pipeline_s = d(m) * period + fill + 2.0 * sum_c;
+  // Pipeline time: the static schedule (the simulator's very order) run
+  // for one replica, every op starting when its device is free and its
+  // input has arrived over its hop. This captures what closed forms miss on
+  // mixed pipelines: 1F1B keeps only P-s micro-batches in flight at stage
+  // s, so a slow or high-latency hop (a strait) stalls the stages in front
+  // of it; the steady-state period becomes (work + 2 x hop time of a loop)
+  // / micro-batches in flight when that exceeds the slowest stage.
+  const detail::PipelineTiming timing = detail::evaluatePipeline(pipe);
+  g.pipeline_s = timing.makespan;
+  // DualPipe: forward and backward streams from both ends halve the fill.
+  if (L.schedule == Schedule::kDualPipe) g.pipeline_s -= 0.5 * (sum_t - max_t);
   double work = 0;
   for (const auto& sp : g.stages) work += d(m) * (sp.fwd_s + sp.bwd_s);
   g.bubble_fraction = P > 1 ? std::max(0.0, 1.0 - work / (d(P) * g.pipeline_s)) : 0.0;
-  // DP reduction overlaps the backward drain of the stages behind it.
-  double window = 0, exposed = 0, opt = 0;
+  // DP reduction: a stage's gradient buckets are reduced over the island
+  // network while its last backward op runs (bucketed overlap); the
+  // optimizer step follows once both are over. The step ends with the
+  // slowest stage's optimizer step.
+  double step_end = 0, exposed = 0;
+  const double shift = g.pipeline_s - timing.makespan;
   for (int64_t s = 0; s < P; ++s) {
     const auto& sp = g.stages[static_cast<size_t>(s)];
-    exposed = std::max(exposed, std::max(0.0, sp.dp_s - window - 0.5 * sp.bwd_s));
-    window += sp.bwd_s;
-    opt = std::max(opt, sp.optimizer_s);
+    const double b0 = timing.last_bwd_start[static_cast<size_t>(s)] + shift;
+    const double b1 = timing.last_bwd_end[static_cast<size_t>(s)] + shift;
+    const double reduced = std::max(b1, b0 + sp.dp_s);
+    step_end = std::max(step_end, reduced + sp.optimizer_s);
+    exposed = std::max(exposed, std::max(0.0, b0 + sp.dp_s - g.pipeline_s));
   }
   g.dp_exposed_s = exposed;
-  g.step_s = g.pipeline_s + exposed + opt;
+  g.step_s = std::max(step_end, g.pipeline_s);
   return true;
 }
 
@@ -446,6 +470,15 @@ core::Result<Plan> Planner::combine(const std::vector<FixedLayout>& layouts, con
   for (const auto& g : gp) {
     max_step = std::max(max_step, g.step_s);
     seqs += g.batch_sequences;
+  }
+  // Whole micro-batches per replica: a layout whose replicas cannot share
+  // the requested global batch closely would train with another batch
+  // (and look faster for it).
+  if (std::fabs(seqs - B) > kBatchTolerance * B) {
+    return core::invalidArgument(fmt::format("batch: the layout runs {:.0f} sequences per step, not the requested "
+                                             "{:.0f} (whole micro-batches per replica); fewer replicas or a "
+                                             "smaller micro-batch fit it",
+                                             seqs, B));
   }
   // Cross-group sync on a ring of groups, each hop over the best strait.
   double sync_s = 0;

@@ -8,12 +8,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <limits>
+#include <map>
 #include <queue>
+#include <tuple>
 #include <random>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#include "plan/schedule.h"
 
 namespace archipelago::plan {
 namespace {
@@ -39,6 +44,7 @@ struct Device {
   int64_t f_done = 0, b_done = 0;  // ops started, in the device's static order
   double busy_time = 0;
   double last_b_end = 0;
+  bool grads_reduced = false, backward_done = false;  // both before the optimizer
   std::vector<char> f_ready, b_ready;  // inputs arrived, [chunk * m + mb]
   int64_t b_remaining = 0;
 };
@@ -110,10 +116,31 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
     const LinkInfo& li = plan.links[static_cast<size_t>(f.link_dir / 2)];
     return li.strait ? li.bandwidth / link_weight[static_cast<size_t>(f.link_dir)] : li.bandwidth / f.weight;
   };
+  // Activations and gradients between two stages travel in order on one
+  // channel (one per hop and direction): on a strait the next message
+  // waits for the previous one to leave, while different channels (other
+  // hops, other groups, the sync) share the strait's bandwidth.
+  struct Channel {
+    bool busy = false;
+    std::deque<Flow> queue;
+  };
+  std::map<std::tuple<int, int, int>, Channel> channels;
+  auto channelOf = [&](const Flow& f) -> Channel* {
+    if ((f.kind != 0 && f.kind != 1) || f.link_dir < 0) return nullptr;
+    if (!plan.links[static_cast<size_t>(f.link_dir / 2)].strait) return nullptr;
+    return &channels[{f.group, f.kind, f.vstage}];
+  };
   auto startFlow = [&](Flow f) {
     if (f.link_dir < 0 || f.remaining <= 0) {
       pq.push(arrivalOf(f, f.start));
       return;
+    }
+    if (Channel* ch = channelOf(f)) {
+      if (ch->busy) {
+        ch->queue.push_back(f);
+        return;
+      }
+      ch->busy = true;
     }
     link_weight[static_cast<size_t>(f.link_dir)] += f.weight;
     flows.push_back(f);
@@ -121,34 +148,12 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
 
   double now = 0;
   // Each device runs a static op order: Megatron's 1F1B (one chunk) or
-  // interleaved order (v chunks; needs m % P == 0, which the planner enforces).
+  // interleaved order (v chunks; needs m % P == 0, which the planner
+  // enforces); the planner evaluates the same order (plan/schedule.h).
   auto opAt = [&](const Device& dv, int64_t pos, int& op, int64_t& chunk, int64_t& mb) {
     const auto& g = plan.groups[static_cast<size_t>(dv.group)];
-    const int64_t P = static_cast<int64_t>(g.stages.size()), v = std::max<int64_t>(g.virtual_stages, 1),
-                  m = g.micro_batches, n = m * v;
-    const int64_t s = dv.stage;
-    const int64_t warm = v == 1 ? std::min(P - s - 1, m) : std::min((P - s - 1) * 2 + (v - 1) * P, n);
-    int64_t k;
-    if (pos < warm) {
-      op = 0;
-      k = pos;
-    } else if (pos < warm + 2 * (n - warm)) {
-      const int64_t i = (pos - warm) / 2;
-      op = (pos - warm) % 2;
-      k = op == 0 ? warm + i : i;
-    } else {
-      op = 1;
-      k = pos - n;  // cooldown: the last `warm` backwards
-    }
-    if (v == 1) {
-      chunk = 0;
-      mb = k;
-    } else {
-      const int64_t grp = k / (P * v), within = k % (P * v);
-      chunk = within / P;
-      mb = grp * P + within % P;
-      if (op == 1) chunk = v - 1 - chunk;
-    }
+    detail::scheduleOpAt(static_cast<int64_t>(g.stages.size()), std::max<int64_t>(g.virtual_stages, 1),
+                         g.micro_batches, dv.stage, pos, op, chunk, mb);
   };
   auto tryStart = [&](int di) {
     Device& dv = devs[static_cast<size_t>(di)];
@@ -165,10 +170,28 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
     const double dur = (op == 0 ? sp.fwd_s : sp.bwd_s) / static_cast<double>(v);
     dv.busy = true;
     if (op == 0) ++dv.f_done; else ++dv.b_done;
+    if (op == 1 && dv.b_done == v * m) {
+      // The stage's last backward: its gradient buckets become ready during
+      // it and are reduced over the island network while it runs (bucketed
+      // overlap; equivalent bytes so that alone it takes the modelled time).
+      const auto& sp0 = g.stages[static_cast<size_t>(dv.stage)];
+      const double bw = plan.links[static_cast<size_t>(sp0.dp_link)].bandwidth;
+      startFlow({sp0.dp_link * 2, sp0.dp_s * bw, 1.0, 0.0, 2, dv.group, di, 0, now});
+    }
     pq.push({now + dur, 0, di, op, static_cast<int>(c), static_cast<int>(j)});
     traceEvent(fmt::format("{}{}{}", op == 0 ? "F" : "B", j, v > 1 ? fmt::format(".{}", c) : ""), dv.group,
                dv.stage, now, now + dur, op == 0 ? "forward" : "backward");
     dv.busy_time += dur;
+  };
+
+  // The optimizer step runs once the stage's backward is over and its
+  // gradients are reduced.
+  auto startOptimizer = [&](int di) {
+    Device& dv = devs[static_cast<size_t>(di)];
+    if (!dv.grads_reduced || !dv.backward_done) return;
+    const auto& sp = plan.groups[static_cast<size_t>(dv.group)].stages[static_cast<size_t>(dv.stage)];
+    pq.push({now + sp.optimizer_s, 0, di, 2, 0, 0});
+    traceEvent("optimizer", dv.group, dv.stage, now, now + sp.optimizer_s, "optimizer");
   };
 
   for (size_t i = 0; i < devs.size(); ++i) tryStart(static_cast<int>(i));
@@ -220,6 +243,15 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
         traceEvent("cross-island sync", 0, 2000 + f.link_dir, f.start, now, "sync");
       }
       pq.push(arrivalOf(f, now));
+      if (Channel* ch = channelOf(f)) {
+        ch->busy = false;
+        if (!ch->queue.empty()) {
+          Flow next = ch->queue.front();
+          ch->queue.pop_front();
+          next.start = now;
+          startFlow(next);
+        }
+      }
       continue;
     }
     Timed e = pq.top();
@@ -230,10 +262,8 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
       const auto& g = plan.groups[static_cast<size_t>(dv.group)];
       const int64_t P = static_cast<int64_t>(g.stages.size()), m = g.micro_batches;
       if (e.op == 2) {
-        // DP reduction done: optimizer step.
-        const auto& sp = g.stages[static_cast<size_t>(dv.stage)];
-        pq.push({now + sp.optimizer_s, 0, e.dev, 2, 0, 0});
-        traceEvent("optimizer", dv.group, dv.stage, now, now + sp.optimizer_s, "optimizer");
+        dv.grads_reduced = true;
+        startOptimizer(e.dev);
         continue;
       }
       const int64_t chunk = e.chunk / P;  // virtual stage -> chunk on the target device
@@ -272,10 +302,8 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
                    dv.group, static_cast<int>(vs - 1), e.mb, now});
       }
       if (--dv.b_remaining == 0) {
-        // Gradients of this stage are complete: reduce over the island's
-        // network (equivalent bytes so that alone it takes the modelled time).
-        const double bw = plan.links[static_cast<size_t>(sp.dp_link)].bandwidth;
-        startFlow({sp.dp_link * 2, sp.dp_s * bw, 1.0, 0.0, 2, dv.group, e.dev, 0, now});
+        dv.backward_done = true;
+        startOptimizer(e.dev);
       }
     }
     tryStart(e.dev);

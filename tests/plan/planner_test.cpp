@@ -195,6 +195,11 @@ TEST(Planner, TrillionMoeOnTenThousandDevicesIsFast) {
   ASSERT_TRUE(back.isOk()) << back.status().toString();
   EXPECT_EQ(back->summary, r->plans.front().summary);
   EXPECT_EQ(back->groups.size(), r->plans.front().groups.size());
+  // The same for a dense 175B.
+  auto dense = searchPlans(c, *preset("gpt3-175b"), catalog(), o);
+  ASSERT_TRUE(dense.isOk()) << dense.status().toString();
+  EXPECT_LT(dense->search_s, 10.0);
+  EXPECT_GT(dense->plans.front().tokens_per_s, 0);
 }
 
 TEST(Catalog, ShippedFileMatchesCompiledCopyAndCoversVendors) {
