@@ -1,7 +1,8 @@
 // Internal: the collective algorithms, written against a Mesh and an
 // ordered rank list, so Group ops and the phases of the hierarchical
 // allreduce (which run on sub-lists of a group) share one implementation.
-// Tags: group id (16) | sequence (24) | phase (4) | step*64+piece (20).
+// Tags: group id (16) | 0 (1) | sequence (19) | phase (8) | step*64+piece (20).
+// (Point-to-point tags have bit 47 set; see Group::nextP2pTag.)
 #pragma once
 
 #include <cstdint>
@@ -28,7 +29,7 @@ struct Ctx {
   }
   int n() const { return static_cast<int>(ranks.size()); }
   uint64_t tag(uint32_t phase, uint32_t sub) const {
-    return tag_base | (static_cast<uint64_t>(phase & 0xf) << 20) | (sub & 0xfffff);
+    return tag_base | (static_cast<uint64_t>(phase & 0xff) << 20) | (sub & 0xfffff);
   }
   Ctx withRanks(std::vector<int> r, int my_index) const {
     Ctx c = *this;
@@ -57,5 +58,9 @@ core::Status alltoallv(const Ctx& c, const uint8_t* in, std::span<const size_t> 
                        std::span<const size_t> recv_bytes, uint32_t phase);
 core::Status barrier(const Ctx& c, uint32_t phase);
 std::vector<size_t> evenCounts(size_t count, int parts);
+
+// Tag phases reserved by the Group ops (the algorithms above take a phase).
+constexpr uint32_t kPhaseWeightSum = 255;  // sum of the weights of kWeightedAvg
+constexpr uint32_t kMaxHierChunks = 64;    // hierarchical chunk c uses phases 1+3c..3+3c
 
 }  // namespace archipelago::comm::algo

@@ -111,7 +111,8 @@ void Group::engineLoop() {
       queue_.erase(queue_.begin());
     }
     uint32_t seq = seq_++;
-    uint64_t tag_base = (static_cast<uint64_t>(id_) << 48) | (static_cast<uint64_t>(seq & 0xffffff) << 24);
+    // Bit 47 stays 0: point-to-point tags own that half (nextP2pTag).
+    uint64_t tag_base = (static_cast<uint64_t>(id_) << 48) | (static_cast<uint64_t>(seq & 0x7ffff) << 28);
     OpOptions o = p->opts;
     if (comm_->config().options.op_timeout_s > 0 && o.deadline.isNever()) {
       o.deadline = core::Deadline::afterSeconds(comm_->config().options.op_timeout_s);
@@ -147,14 +148,15 @@ algo::Ctx makeCtx(Mesh* mesh, const std::vector<int>& ranks, int me, uint64_t ta
   return c;
 }
 
-// Weighted average: scale by my weight and learn sum(w) first (phase 14).
+// Weighted average: scale by my weight and learn sum(w) first (phase kPhaseWeightSum).
 core::Status prepareWeighted(const algo::Ctx& c, void* data, size_t count, DType dtype, ReduceOp op, double weight,
                              double* divide_by) {
   if (op == ReduceOp::kAvg) *divide_by = c.n();
   if (op != ReduceOp::kWeightedAvg) return core::okStatus();
   if (!isFloating(dtype)) return core::invalidArgument("weighted average needs a floating dtype");
   double w = weight;
-  ARCH_RETURN_IF_ERROR(algo::recursiveDoubling(c, reinterpret_cast<uint8_t*>(&w), 1, DType::kF64, ReduceOp::kSum, 0, 14));
+  ARCH_RETURN_IF_ERROR(algo::recursiveDoubling(c, reinterpret_cast<uint8_t*>(&w), 1, DType::kF64, ReduceOp::kSum, 0,
+                                               algo::kPhaseWeightSum));
   if (!(w > 0)) return core::invalidArgument("weighted average: the weights sum to " + std::to_string(w));
   scaleInPlace(dtype, data, count, weight);
   *divide_by = w;
@@ -217,15 +219,20 @@ Handle Group::hierarchicalAllreduceAsync(void* data, size_t count, DType dtype, 
       }
     }
     const size_t es = dtypeSize(dtype);
-    // One chunk of the buffer through the three phases (tag phases p..p+2).
-    auto oneChunk = [&](uint8_t* ptr, size_t cnt, uint32_t p) -> core::Status {
+    // One chunk of the buffer through the three phases (tag phases p..p+2);
+    // rs_turn()/rs_done() bracket the intra-island reduce-scatter.
+    auto oneChunkOrdered = [&](uint8_t* ptr, size_t cnt, uint32_t p, const std::function<bool()>& rs_turn,
+                               const std::function<void()>& rs_done) -> core::Status {
       // Shard k (k < K) goes to local rank k of every island; local ranks
       // >= K (bigger islands) hold empty shards.
       auto shard = algo::evenCounts(cnt, static_cast<int>(K));
       std::vector<size_t> counts(mine.size(), 0);
       for (size_t k = 0; k < K; ++k) counts[k] = shard[k];
       auto ic = c.withRanks(island_ranks, li);
-      ARCH_RETURN_IF_ERROR(algo::ring(ic, ptr, counts, dtype, bop, true, false, 0, p));
+      if (rs_turn && !rs_turn()) return mesh_->failure();
+      core::Status rs = algo::ring(ic, ptr, counts, dtype, bop, true, false, 0, p);
+      if (rs_done) rs_done();
+      ARCH_RETURN_IF_ERROR(rs);
       if (static_cast<size_t>(li) < K) {
         auto cc = c.withRanks(cross, my_cross);
         size_t off = 0;
@@ -241,28 +248,69 @@ Handle Group::hierarchicalAllreduceAsync(void* data, size_t count, DType dtype, 
       }
       return algo::ring(ic, ptr, counts, dtype, bop, false, true, 0, p + 2);
     };
-    // Large buffers go as up to 5 chunks in parallel (tag phases 1..15), so
-    // one chunk's intra-island phases overlap another's strait crossing.
-    const size_t chunks = std::clamp<size_t>(count * es / (2u << 20), 1, 5);
+    auto oneChunk = [&](uint8_t* ptr, size_t cnt, uint32_t p) { return oneChunkOrdered(ptr, cnt, p, nullptr, nullptr); };
+    // Large buffers are a pipeline of chunks (hier_chunk_bytes each, at most
+    // kMaxHierChunks) taken in order by hier_window worker threads, so the
+    // strait never idles: while chunk c crosses, chunk c+1 reduce-scatters
+    // inside the island and chunk c-1 allgathers. The intra-island
+    // reduce-scatters run one at a time in chunk order, so the first chunk
+    // reaches the strait as early as possible instead of sharing the CPU
+    // with all the others; the window keeps several chunks' bytes in flight
+    // across the strait (its bandwidth-delay product).
+    const size_t total_bytes = count * es;
+    const size_t want = (total_bytes + opt->hier_chunk_bytes - 1) / std::max<size_t>(opt->hier_chunk_bytes, 1);
+    const size_t chunks = std::clamp<size_t>(std::min(want, count), 1, algo::kMaxHierChunks);
     if (chunks == 1) return oneChunk(bytes, count, 1);
     auto parts = algo::evenCounts(count, static_cast<int>(chunks));
+    std::vector<size_t> starts(chunks, 0);
+    for (size_t ch = 1; ch < chunks; ++ch) starts[ch] = starts[ch - 1] + parts[ch - 1];
     std::vector<core::Status> sts(chunks);
+    std::mutex order_mu;
+    std::condition_variable order_cv;
+    size_t next_chunk = 0, next_rs = 0;
+    bool stop = false;
+    auto rsTurn = [&](size_t ch) -> bool {  // waits for chunk ch's turn to reduce-scatter
+      std::unique_lock<std::mutex> lock(order_mu);
+      order_cv.wait(lock, [&] { return stop || next_rs == ch; });
+      return !stop;
+    };
+    auto rsDone = [&] {
+      {
+        std::lock_guard<std::mutex> lock(order_mu);
+        ++next_rs;
+      }
+      order_cv.notify_all();
+    };
+    auto worker = [&] {
+      while (true) {
+        size_t ch;
+        {
+          std::lock_guard<std::mutex> lock(order_mu);
+          if (stop || next_chunk == chunks) return;
+          ch = next_chunk++;
+        }
+        core::Status st = oneChunkOrdered(bytes + starts[ch] * es, parts[ch], static_cast<uint32_t>(1 + 3 * ch),
+                                          [&] { return rsTurn(ch); }, rsDone);
+        if (!st.isOk()) {
+          sts[ch] = st;
+          {
+            std::lock_guard<std::mutex> lock(order_mu);
+            stop = true;
+          }
+          order_cv.notify_all();
+          mesh_->fail(st);  // stop the sibling chunks too
+          return;
+        }
+      }
+    };
+    const size_t window = std::clamp<size_t>(static_cast<size_t>(std::max(opt->hier_window, 1)), 1, chunks);
     std::vector<std::thread> threads;
-    size_t off = 0;
-    for (size_t ch = 0; ch < chunks; ++ch) {
-      uint8_t* ptr = bytes + off * es;
-      size_t cnt = parts[ch];
-      off += cnt;
-      threads.emplace_back([&, ptr, cnt, ch] {
-        sts[ch] = oneChunk(ptr, cnt, static_cast<uint32_t>(1 + 3 * ch));
-        if (!sts[ch].isOk()) mesh_->fail(sts[ch]);  // stop the sibling chunks too
-      });
-    }
+    for (size_t w = 0; w < window; ++w) threads.emplace_back(worker);
     for (auto& t : threads) t.join();
     for (auto& st : sts) {
       if (!st.isOk()) return st;
     }
-    return core::okStatus();
+    return mesh_->failure();
   }, o);
 }
 

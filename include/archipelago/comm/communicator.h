@@ -74,6 +74,10 @@ struct CommOptions {
                                             // and context switches for the same bytes)
   size_t chunk_bytes = 1 << 20;             // ring pipeline piece; smaller = more overlap, more frames
   size_t small_message_bytes = 64 << 10;    // at or below: recursive doubling instead of ring
+  size_t hier_chunk_bytes = 4 << 20;        // hierarchical allreduce pipeline chunk (intra reduce-scatter,
+                                            // strait crossing and intra allgather of different chunks overlap)
+  int hier_window = 4;                      // hierarchical chunks in flight; their strait bytes must cover the
+                                            // strait's bandwidth-delay product (1 Gbit/s x 20 ms = 2.5 MB)
   size_t stripe_min_bytes = 256 << 10;      // messages smaller than 2x this use one stream
   uint32_t max_frame_bytes = 256 << 10;     // payload per frame on fast links (<= wire max 16 MiB); small
                                             // enough that CRC and kernel copy find the frame in cache
