@@ -26,6 +26,40 @@ void CalibrationProfile::addMatmul(const std::string& kind, Dtype dtype, double 
   std::sort(pts.begin(), pts.end(), [](const auto& a, const auto& b) { return a.gemm_flops < b.gemm_flops; });
 }
 
+void CalibrationProfile::addItemTiming(const std::string& kind, const std::string& key, double tokens, double fwd_s,
+                                       double bwd_s) {
+  if (tokens <= 0 || fwd_s <= 0 || bwd_s < 0) return;
+  auto& pts = devices_[kind].items[key];
+  pts.erase(std::remove_if(pts.begin(), pts.end(), [&](const ItemTiming& t) { return t.tokens == tokens; }),
+            pts.end());
+  pts.push_back({tokens, fwd_s, bwd_s});
+  std::sort(pts.begin(), pts.end(), [](const auto& a, const auto& b) { return a.tokens < b.tokens; });
+}
+
+std::optional<ItemTiming> CalibrationProfile::itemTiming(const std::string& kind, const std::string& key,
+                                                         double tokens) const {
+  const DeviceCalibration* dc = find(kind);
+  if (!dc) return std::nullopt;
+  auto it = dc->items.find(key);
+  if (it == dc->items.end() || it->second.empty()) return std::nullopt;
+  const auto& pts = it->second;
+  if (pts.size() == 1) {
+    const double f = tokens / pts[0].tokens;
+    return ItemTiming{tokens, pts[0].fwd_s * f, pts[0].bwd_s * f};
+  }
+  // The segment containing `tokens`, or the nearest one (extrapolation).
+  size_t hi = 1;
+  while (hi + 1 < pts.size() && pts[hi].tokens < tokens) ++hi;
+  const ItemTiming& a = pts[hi - 1];
+  const ItemTiming& b = pts[hi];
+  const double t = (tokens - a.tokens) / (b.tokens - a.tokens);
+  // Never below a proportional share of the smaller point (a negative
+  // fixed cost from noise must not make tiny batches free).
+  const double floor_f = a.fwd_s * std::min(1.0, tokens / a.tokens), floor_b = a.bwd_s * std::min(1.0, tokens / a.tokens);
+  return ItemTiming{tokens, std::max(floor_f, a.fwd_s + t * (b.fwd_s - a.fwd_s)),
+                    std::max(floor_b, a.bwd_s + t * (b.bwd_s - a.bwd_s))};
+}
+
 const DeviceCalibration* CalibrationProfile::find(const std::string& kind) const {
   auto it = devices_.find(kind);
   return it == devices_.end() ? nullptr : &it->second;
@@ -71,9 +105,19 @@ std::string CalibrationProfile::toJson() const {
       mm[dt] = arr;
     }
     jd["matmul"] = mm;
+    nlohmann::json items = nlohmann::json::object();
+    for (const auto& [key, pts] : dc.items) {
+      nlohmann::json arr = nlohmann::json::array();
+      for (const auto& p : pts) arr.push_back({{"tokens", p.tokens}, {"fwd_s", p.fwd_s}, {"bwd_s", p.bwd_s}});
+      items[key] = arr;
+    }
+    jd["items"] = items;
     jd["memory_bandwidth"] = dc.memory_bandwidth;
     jd["step_overhead_s"] = dc.step_overhead_s;
     jd["loopback_bandwidth"] = dc.loopback_bandwidth;
+    jd["optimizer_s_per_param"] = dc.optimizer_s_per_param;
+    jd["host_cores"] = dc.host_cores;
+    jd["threads"] = dc.threads;
     devs[kind] = jd;
   }
   j["devices"] = devs;
@@ -105,6 +149,23 @@ core::Result<CalibrationProfile> CalibrationProfile::fromJson(const std::string&
                     [](const auto& a, const auto& b) { return a.gemm_flops < b.gemm_flops; });
         }
       }
+      if (jd.contains("items")) {
+        for (const auto& [key, arr] : jd["items"].items()) {
+          auto& pts = dc.items[key];
+          for (const auto& e : arr) {
+            ItemTiming t{e.at("tokens").get<double>(), e.at("fwd_s").get<double>(), e.at("bwd_s").get<double>()};
+            if (t.tokens <= 0 || t.fwd_s <= 0 || t.bwd_s < 0) {
+              return core::invalidArgument("calibration profile: devices." + kind + ".items." + key +
+                                           ": tokens and fwd_s must be > 0, bwd_s >= 0");
+            }
+            pts.push_back(t);
+          }
+          std::sort(pts.begin(), pts.end(), [](const auto& a, const auto& b) { return a.tokens < b.tokens; });
+        }
+      }
+      dc.optimizer_s_per_param = jd.value("optimizer_s_per_param", 0.0);
+      dc.host_cores = jd.value("host_cores", 0.0);
+      dc.threads = jd.value("threads", int64_t{1});
       dc.memory_bandwidth = jd.value("memory_bandwidth", 0.0);
       dc.step_overhead_s = jd.value("step_overhead_s", 0.0);
       dc.loopback_bandwidth = jd.value("loopback_bandwidth", 0.0);

@@ -1,19 +1,120 @@
-// Predicted step time of a local run (see local_predict.h): each worker runs
-// forward+backward of its share of the global batch at the achieved FLOP/s
-// of its device kind (calibration profile, else catalog derating), stretched
-// by its emulated slowdown; gradients are reduced with a ring inside each
-// island and across the emulated straits (every H steps for DiLoCo).
+// Predicted step time of a local run (see local_predict.h). One step is
+// replayed the way the trainer runs it on this host:
+//   1. every worker computes forward+backward of its share (micro-batches),
+//      all of them at once on the host's cores (processor sharing);
+//   2. a worker with an EMULATED slowdown then sleeps (slowdown-1) x its
+//      measured compute wall time (its core is free meanwhile);
+//   3. gradients are reduced: inside each island over loopback TCP, across
+//      islands over the EMULATED strait (codec, latency); buckets start as
+//      soon as every rank has them, so the reduction overlaps the sleeps
+//      and the other workers' remaining compute;
+//   4. control values (loss, tokens) are allreduced, every worker runs the
+//      optimizer (sharing the cores again).
+// Shares start from the config (or 1/slowdown) and are moved by the same
+// rule as the trainer's rebalancer at the same steps; the prediction is the
+// mean over the steps the trainer times.
 #include "archipelago/plan/local_predict.h"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include <fmt/format.h>
 
 #include "archipelago/plan/cost_model.h"
-#include "archipelago/plan/model_spec.h"
 
 namespace archipelago::plan {
+namespace {
+
+constexpr double kLocalLatency = 50e-6;       // one loopback TCP message between local workers
+constexpr double kDefaultLoopback = 1.0e9;    // bytes/s when the profile has no loopback measurement
+
+double d(int64_t v) { return static_cast<double>(v); }
+
+// The trainer's share rule (data::sharesFromWeights): floor of the quota,
+// at least 1, then the largest remainders (ties to the lower rank).
+std::vector<int64_t> splitShares(const std::vector<double>& w, int64_t total) {
+  const size_t n = w.size();
+  double sum = 0;
+  for (double x : w) sum += x;
+  std::vector<double> quota(n);
+  std::vector<int64_t> s(n);
+  int64_t got = 0;
+  for (size_t i = 0; i < n; ++i) {
+    quota[i] = d(total) * w[i] / sum;
+    s[i] = std::max<int64_t>(1, static_cast<int64_t>(std::floor(quota[i])));
+    got += s[i];
+  }
+  while (got > total) {
+    size_t best = n;
+    for (size_t i = 0; i < n; ++i) {
+      if (s[i] > 1 && (best == n || s[i] - quota[i] > s[best] - quota[best])) best = i;
+    }
+    if (best == n) break;
+    --s[best];
+    --got;
+  }
+  while (got < total) {
+    size_t best = 0;
+    for (size_t i = 1; i < n; ++i) {
+      if (quota[i] - d(s[i]) > quota[best] - d(s[best])) best = i;
+    }
+    ++s[best];
+    ++got;
+  }
+  return s;
+}
+
+struct LocalWorker {
+  int island = 0;
+  double slowdown = 1;
+  DeviceSpec dev;
+};
+
+// Wall times of one step's compute phase: every worker needs work[r]
+// seconds of compute (alone on `threads` cores); running workers share
+// `cores` equally; a worker with slowdown s > 1 then sleeps (s-1) x its
+// compute wall time. Returns per worker {end of real compute, end incl. sleep}.
+std::vector<std::pair<double, double>> runComputePhase(const std::vector<double>& work,
+                                                       const std::vector<double>& slowdown, double cores,
+                                                       double threads) {
+  const size_t n = work.size();
+  std::vector<double> left = work;
+  std::vector<std::pair<double, double>> out(n, {0.0, 0.0});
+  std::vector<char> computing(n, 1);
+  double now = 0;
+  size_t running = n;
+  while (running > 0) {
+    const double demand = threads * d(static_cast<int64_t>(running));
+    const double rate = cores > 0 ? std::min(1.0, cores / demand) : 1.0;
+    double dt = std::numeric_limits<double>::infinity();
+    for (size_t i = 0; i < n; ++i) {
+      if (computing[i]) dt = std::min(dt, left[i] / rate);
+    }
+    now += dt;
+    for (size_t i = 0; i < n; ++i) {
+      if (!computing[i]) continue;
+      left[i] -= dt * rate;
+      if (left[i] <= 1e-12 * std::max(1.0, work[i])) {
+        computing[i] = 0;
+        --running;
+        out[i] = {now, now * std::max(1.0, slowdown[i])};
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string localPartKey(const std::string& part, const ModelSpec& m, int64_t seq_len, const std::string& dtype) {
+  if (part == "ends") {
+    return fmt::format("ends d{} v{} tie{} s{} {}", m.dim, m.vocab, m.tie_embeddings ? 1 : 0, seq_len, dtype);
+  }
+  return fmt::format("{} d{} L{} h{} kv{} f{} e{} k{} eh{} sh{} ev{} s{} {}", part, m.dim, m.n_layers, m.n_heads,
+                     m.n_kv_heads, m.ffn_hidden, m.num_experts, m.top_k, m.expert_hidden, m.shared_experts,
+                     m.moe_every, seq_len, dtype);
+}
 
 core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t vocab, const DeviceCatalog& catalog,
                                              const CalibrationProfile* profile) {
@@ -22,84 +123,208 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   ARCH_ASSIGN_OR_RETURN(ModelSpec model, fromModelConfig(mc));
   if (vocab > 0) model.vocab = vocab;
   const auto& cl = job.cluster;
+  const auto& tc = job.train;
   const int64_t world = cl.worldSize();
   if (world < 1) return core::invalidArgument("predictStepTime: cluster has no workers");
-  const int64_t seq = job.data.seq_len;
-  const double global = static_cast<double>(job.train.global_batch);
+  if (tc.global_batch < world) {
+    return core::invalidArgument("predictStepTime: train.global_batch is smaller than the number of workers");
+  }
+  const int64_t T = job.data.seq_len;
+  const std::string dtype = job.model.dtype.empty() ? "fp32" : job.model.dtype;
   TrainSetup su;
-  su.seq_len = seq;
-  su.global_batch_tokens = job.train.global_batch * seq;
-  su.compute_dtype = job.model.dtype == "fp32" ? Dtype::kFp32 : Dtype::kBf16;
-  su.act_bytes = job.model.dtype == "fp32" ? 4 : 2;
+  su.seq_len = T;
+  su.global_batch_tokens = tc.global_batch * T;
+  su.compute_dtype = dtype == "fp32" ? Dtype::kFp32 : Dtype::kBf16;
+  su.act_bytes = dtype == "fp32" ? 4 : 2;
   su.flash_attention = false;
   CostModel cm(model, su, profile);
 
-  // Shares: fixed ones if given, else proportional to speed (1 / slowdown).
-  std::vector<double> speed;
-  std::vector<int> island_of;
+  std::vector<LocalWorker> workers;
   for (size_t i = 0; i < cl.islands.size(); ++i) {
+    ARCH_ASSIGN_OR_RETURN(DeviceSpec dev, catalog.get(cl.islands[i].device));
     for (int64_t k = 0; k < cl.islands[i].count; ++k) {
-      speed.push_back(1.0 / std::max(1e-9, cl.islands[i].slowdownOf(k)));
-      island_of.push_back(static_cast<int>(i));
+      workers.push_back({static_cast<int>(i), std::max(1.0, cl.islands[i].slowdownOf(k)), dev});
     }
   }
-  double speed_sum = 0;
-  for (double s : speed) speed_sum += s;
+  const std::string kind0 = cl.islands[0].device;
+  const DeviceCalibration* dc = profile ? profile->find(kind0) : nullptr;
+  const std::string layer_key = localPartKey("layer", model, T, dtype);
+  const std::string ends_key = localPartKey("ends", model, T, dtype);
+  const bool measured = profile && profile->itemTiming(kind0, layer_key, d(T)) && profile->itemTiming(kind0, ends_key, d(T));
+
   StepPrediction p;
-  double worst = 0;
-  for (size_t r = 0; r < speed.size(); ++r) {
-    const auto& is = cl.islands[static_cast<size_t>(island_of[r])];
-    ARCH_ASSIGN_OR_RETURN(DeviceSpec dev, catalog.get(is.device));
-    double share = global * speed[r] / speed_sum;
-    if (!job.train.shares.empty() && job.train.shares.size() == speed.size()) {
-      double tot = 0;
-      for (double s : job.train.shares) tot += s;
-      share = global * job.train.shares[r] / tot;
+  p.measured_parts = measured;
+  const double threads = d(std::max<int64_t>(1, tc.threads_per_worker));
+  p.host_cores = dc && dc->host_cores > 0 ? dc->host_cores : 0;
+  p.oversubscribed = p.host_cores > 0 && threads * d(world) > p.host_cores;
+
+  // Seconds of forward+backward for one micro-batch of n samples on worker r
+  // (alone on its cores), and the model FLOPs of it.
+  auto microBatch = [&](const LocalWorker& w, int64_t n, double* bwd_out) {
+    const double tokens = d(n * T);
+    if (measured && w.dev.kind == kind0) {
+      const ItemTiming layer = *profile->itemTiming(kind0, layer_key, tokens);
+      const ItemTiming ends = *profile->itemTiming(kind0, ends_key, tokens);
+      if (bwd_out) *bwd_out = d(model.n_layers) * layer.bwd_s + ends.bwd_s;
+      return d(model.n_layers) * (layer.fwd_s + layer.bwd_s) + ends.fwd_s + ends.bwd_s;
     }
-    const int64_t mb = job.train.micro_batch > 0 ? job.train.micro_batch : std::max<int64_t>(1, std::llround(share));
-    const double n_mb = std::max(1.0, std::ceil(share / static_cast<double>(mb)));
     StageLinks links;
-    double t = 0;
+    double t = 0, b = 0;
     for (int64_t item = 0; item < cm.numItems(); ++item) {
-      const ItemCost c = cm.itemCost(item, dev, links, 1, 1, std::max<int64_t>(1, std::llround(share / n_mb)), Recompute::kNone);
+      const ItemCost c = cm.itemCost(item, w.dev, links, 1, 1, n, Recompute::kNone);
       t += c.fwd_s + c.bwd_s;
-      p.model_flops += c.model_flops * n_mb;
+      b += c.bwd_s;
     }
-    t *= n_mb * (1.0 / speed[r]);
-    worst = std::max(worst, t);
-  }
-  p.compute_s = worst;
-  // Gradient reduction: fp32 gradients (or the codec on straits).
+    if (bwd_out) *bwd_out = b;
+    return t;
+  };
+  struct Work {
+    double total = 0;      // seconds alone
+    double last_bwd = 0;   // the last micro-batch's backward (gradient buckets become ready in it)
+  };
+  auto workOf = [&](size_t r, int64_t share) {
+    Work wk;
+    const int64_t mb = tc.micro_batch > 0 ? std::min(tc.micro_batch, share) : share;
+    const int64_t full = share / mb, rest = share % mb;
+    double bwd = 0;
+    wk.total = d(full) * microBatch(workers[r], mb, &bwd);
+    wk.last_bwd = bwd;
+    if (rest > 0) {
+      wk.total += microBatch(workers[r], rest, &bwd);
+      wk.last_bwd = bwd;
+    }
+    return wk;
+  };
+
+  // ---- communication per step ----
   const double params = model.totalParams();
-  const DeviceCalibration* dc = profile ? profile->find(cl.islands[0].device) : nullptr;
-  const double loop_bw = dc && dc->loopback_bandwidth > 0 ? dc->loopback_bandwidth : 1.0e9;
   const double grad_bytes = params * 4;
-  double intra = 0;
-  for (const auto& is : cl.islands) intra = std::max(intra, CostModel::allreduceTime(grad_bytes, is.count, loop_bw, 50e-6));
-  double cross = 0;
+  const double loop_bw = dc && dc->loopback_bandwidth > 0 ? dc->loopback_bandwidth : kDefaultLoopback;
+  const bool diloco = job.strategy.kind != "sync";
+  const int64_t H = std::max<int64_t>(job.strategy.inner_steps, 1);
   const int64_t n_isl = static_cast<int64_t>(cl.islands.size());
-  if (n_isl > 1) {
-    const std::string& codec = job.strategy.codec;
-    const double eb = codec == "none" ? 4 : (codec == "bf16" || codec == "fp16") ? 2 : 1.0 + 4.0 / 256.0;
-    double bw = 0, lat = 0;
-    for (const auto& s : cl.straits) {
-      if (bw == 0 || s.bandwidth < bw) bw = s.bandwidth;
-      lat = std::max(lat, s.latency);
-    }
-    if (bw == 0) bw = cl.default_strait_bandwidth > 0 ? cl.default_strait_bandwidth : loop_bw;
-    const double ring = 2.0 * static_cast<double>(n_isl - 1) / static_cast<double>(n_isl) * params * eb;
-    cross = ring / bw + 2.0 * static_cast<double>(n_isl - 1) * lat;
-    if (job.strategy.kind != "sync") cross /= static_cast<double>(std::max<int64_t>(job.strategy.inner_steps, 1));
+  double strait_bw = 0, strait_lat = 0;
+  for (const auto& s : cl.straits) {
+    if (strait_bw == 0 || s.bandwidth < strait_bw) strait_bw = s.bandwidth;
+    strait_lat = std::max(strait_lat, s.latency);
   }
-  // Inside an island every strategy reduces gradients each step.
-  p.comm_s = intra + cross;
-  ARCH_ASSIGN_OR_RETURN(DeviceSpec dev0, catalog.get(cl.islands[0].device));
-  p.optimizer_s = cm.memoryTime(dev0, params * 4 * 4 * 2);  // fp32 weights, grads, m, v read+write
-  p.overhead_s = dc ? dc->step_overhead_s : 0.0;
-  p.total_s = p.compute_s + p.comm_s + p.optimizer_s + p.overhead_s;
-  p.detail = fmt::format("predicted {:.1f} ms = compute {:.1f} + comm {:.1f} + optimizer {:.1f} + overhead {:.1f} ({}{})",
-                         1e3 * p.total_s, 1e3 * p.compute_s, 1e3 * p.comm_s, 1e3 * p.optimizer_s, 1e3 * p.overhead_s,
-                         profile && dc ? "calibrated" : "catalog derating", world > 1 ? "" : ", 1 worker");
+  if (n_isl > 1 && strait_bw == 0) {
+    strait_bw = cl.default_strait_bandwidth > 0 ? cl.default_strait_bandwidth : loop_bw;
+    strait_lat = cl.default_strait_latency;
+  }
+  const std::string& codec = job.strategy.codec;
+  const double eb = codec == "none" ? 4 : (codec == "bf16" || codec == "fp16") ? 2 : 1.0 + 4.0 / 256.0;
+  double intra = 0;
+  for (const auto& is : cl.islands) intra = std::max(intra, CostModel::allreduceTime(grad_bytes, is.count, loop_bw, kLocalLatency));
+  // One full-vector ring over the islands on the strait (hierarchical: the
+  // shards travel in parallel but share the emulated strait).
+  const double cross_full = n_isl > 1 ? 2.0 * d(n_isl - 1) / d(n_isl) * params * eb / strait_bw +
+                                             2.0 * d(n_isl - 1) * strait_lat
+                                       : 0.0;
+  // Gradient reduction each step: the whole world for sync, the island for DiLoCo.
+  const double grad_comm = diloco ? intra : intra + cross_full;
+  const double n_buckets = std::max(1.0, std::ceil(grad_bytes / d(std::max<uint64_t>(job.strategy.bucket_bytes, 1))));
+  // Control values: a tiny allreduce, over the straits for sync (every
+  // step) and DiLoCo (at outer steps); reduce then broadcast.
+  const double ctrl_world = n_isl > 1 ? 2.0 * strait_lat + 4 * kLocalLatency : (world > 1 ? 4 * kLocalLatency : 0.0);
+  const double ctrl_local = world > 1 ? 4 * kLocalLatency : 0.0;
+  // DiLoCo's outer step: the pseudo-gradient over the straits every H steps.
+  const double outer = diloco && n_isl > 1 ? cross_full : 0.0;
+
+  // ---- optimizer ----
+  const double opt_alone = dc && dc->optimizer_s_per_param > 0
+                               ? dc->optimizer_s_per_param * params
+                               : cm.memoryTime(workers[0].dev, params * 4 * 4 * 2);  // fp32 w, g, m, v read+write
+  const double cores_factor = p.host_cores > 0 ? std::max(1.0, threads * d(world) / p.host_cores) : 1.0;
+  const double opt_s = opt_alone * cores_factor;
+  const double overhead = dc ? dc->step_overhead_s : 0.0;
+
+  // ---- replay the steps ----
+  std::vector<int64_t> shares;
+  {
+    std::vector<double> w;
+    for (size_t r = 0; r < workers.size(); ++r) {
+      w.push_back(!tc.shares.empty() && tc.shares.size() == workers.size() ? tc.shares[r]
+                                                                           : (world == 1 ? 1.0 : 1.0 / workers[r].slowdown));
+    }
+    shares = splitShares(w, tc.global_batch);
+  }
+  const int64_t interval = tc.rebalance && world > 1 ? (diloco ? H : 5) : 0;
+  std::vector<double> ema(workers.size(), 0.0);
+  double timed_sum = 0;
+  int64_t timed = 0;
+  StepPrediction last;
+  // Enough steps to settle the shares; the rest repeat the settled step.
+  const int64_t replay = std::min<int64_t>(tc.steps, std::max<int64_t>(4 * std::max<int64_t>(interval, 1) + 2, 12));
+  for (int64_t step = 0; step < replay; ++step) {
+    std::vector<double> work, slow;
+    std::vector<Work> wks;
+    for (size_t r = 0; r < workers.size(); ++r) {
+      wks.push_back(workOf(r, shares[r]));
+      work.push_back(wks.back().total);
+      slow.push_back(workers[r].slowdown);
+    }
+    const auto phase = runComputePhase(work, slow, p.host_cores, threads);
+    double compute_end = 0, real_end = 0, first_ready = 0;
+    for (size_t r = 0; r < workers.size(); ++r) {
+      compute_end = std::max(compute_end, phase[r].second);
+      real_end = std::max(real_end, phase[r].first);
+      // The first bucket is ready once the last micro-batch's backward is
+      // (n_buckets-1)/n_buckets done on every rank.
+      const double rate = phase[r].first > 0 ? work[r] / phase[r].first : 1.0;
+      first_ready = std::max(first_ready, phase[r].first - wks[r].last_bwd / std::max(rate, 1e-12) *
+                                                                (n_buckets - 1) / n_buckets);
+    }
+    const double reduced = std::max(real_end + grad_comm / n_buckets, first_ready + grad_comm);
+    const double comm_exposed = std::max(0.0, reduced - compute_end);
+    const bool boundary = !diloco || (step + 1) % H == 0;
+    const double ctrl = boundary ? ctrl_world : ctrl_local;
+    const double outer_s = diloco && (step + 1) % H == 0 ? outer : 0.0;
+    const double step_s = compute_end + comm_exposed + ctrl + outer_s + opt_s + overhead;
+    if (step >= 1) {  // the trainer does not time the first step (warm-up allocations)
+      timed_sum += step_s;
+      ++timed;
+    }
+    last.compute_s = compute_end;
+    last.comm_s = comm_exposed + ctrl + (diloco ? outer / d(H) : 0.0);
+    last.settled_s = compute_end + comm_exposed + (diloco ? (ctrl_world + (d(H) - 1) * ctrl_local + outer) / d(H) : ctrl) +
+                     opt_s + overhead;
+    last.shares = shares;
+    // The rebalancer: EMA of seconds per sample (incl. the emulated sleep),
+    // new shares by 1 / that at its steps.
+    for (size_t r = 0; r < workers.size(); ++r) {
+      const double x = phase[r].second / d(std::max<int64_t>(1, shares[r]));
+      ema[r] = ema[r] == 0 ? x : 0.7 * ema[r] + 0.3 * x;
+    }
+    if (interval > 0 && (step + 1) % interval == 0) {
+      std::vector<double> w;
+      for (double e : ema) w.push_back(e > 0 ? 1.0 / e : 1.0);
+      shares = splitShares(w, tc.global_batch);
+    }
+  }
+  // Steps after the replay repeat the settled one.
+  const int64_t rest = tc.steps - replay;
+  if (rest > 0) {
+    timed_sum += d(rest) * last.settled_s;
+    timed += rest;
+  }
+  p.compute_s = last.compute_s;
+  p.comm_s = last.comm_s;
+  p.optimizer_s = opt_s;
+  p.overhead_s = overhead;
+  p.settled_s = last.settled_s;
+  p.shares = last.shares;
+  p.total_s = timed > 0 ? timed_sum / d(timed) : last.settled_s;
+  for (size_t r = 0; r < workers.size(); ++r) p.model_flops += 6.0 * model.activeParams() * d(last.shares[r] * T);
+  std::string shares_s;
+  for (size_t r = 0; r < p.shares.size(); ++r) shares_s += fmt::format("{}{}", r ? "," : "", p.shares[r]);
+  p.detail = fmt::format(
+      "predicted {:.1f} ms = compute {:.1f} + comm {:.1f} + optimizer {:.1f} + overhead {:.1f} at shares [{}]; {}; {}",
+      1e3 * p.total_s, 1e3 * p.compute_s, 1e3 * p.comm_s, 1e3 * p.optimizer_s, 1e3 * p.overhead_s, shares_s,
+      measured ? "measured model parts" : (profile && dc ? "calibrated GEMMs" : "catalog derating"),
+      p.host_cores > 0 ? fmt::format("{} workers x {} threads on {} cores{}", world, tc.threads_per_worker,
+                                     p.host_cores, p.oversubscribed ? " (oversubscribed: workers share cores)" : "")
+                       : std::string("cores not modelled"));
   return p;
 }
 

@@ -21,12 +21,26 @@ struct CalibrationPoint {
   double achieved_flops = 0;  // FLOP/s measured for that shape
 };
 
+// A measured forward and backward of one model part (e.g. the average
+// decoder layer of a job's model, or its embedding + head + loss) for one
+// micro-batch of `tokens` tokens, with the framework's real kernels:
+// attention, softmax, norms, activations and autograd included.
+struct ItemTiming {
+  double tokens = 0;
+  double fwd_s = 0;
+  double bwd_s = 0;
+};
+
 // Everything measured about one device kind.
 struct DeviceCalibration {
   std::map<std::string, std::vector<CalibrationPoint>> matmul;  // dtype name -> points sorted by gemm_flops
+  std::map<std::string, std::vector<ItemTiming>> items;         // part key -> points sorted by tokens
   double memory_bandwidth = 0;  // achieved bytes/s of elementwise kernels; 0 = unknown
   double step_overhead_s = 0;   // fixed per-step cost (optimizer launch, python-free loop overhead)
   double loopback_bandwidth = 0; // bytes/s between local workers (for local runs); 0 = unknown
+  double optimizer_s_per_param = 0;  // measured optimizer step (grad norm + AdamW) per parameter; 0 = unknown
+  double host_cores = 0;        // CPU cores the local workers share; 0 = unknown
+  int64_t threads = 1;          // intra-op threads per worker the timings were taken with
 };
 
 class CalibrationProfile {
@@ -34,6 +48,14 @@ class CalibrationProfile {
   // Records one GEMM measurement (m x k times k x n in `seconds`); points of
   // the same shape class are averaged.
   void addMatmul(const std::string& kind, Dtype dtype, double m, double n, double k, double seconds);
+  // Records a measured part (see ItemTiming); a point at the same token
+  // count replaces the earlier one.
+  void addItemTiming(const std::string& kind, const std::string& key, double tokens, double fwd_s, double bwd_s);
+  // Forward/backward seconds of part `key` at `tokens`: linear in tokens
+  // through the two nearest measured points (a fixed per-call cost plus a
+  // per-token cost), proportional when only one point exists; nullopt when
+  // the part was not measured on `kind`.
+  std::optional<ItemTiming> itemTiming(const std::string& kind, const std::string& key, double tokens) const;
   DeviceCalibration& device(const std::string& kind) { return devices_[kind]; }
   const DeviceCalibration* find(const std::string& kind) const;
   bool empty() const { return devices_.empty(); }

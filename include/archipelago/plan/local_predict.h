@@ -1,26 +1,51 @@
 // Predicted step time of our own small runs (CPU workers on this machine,
-// emulated straits), for the trainer to print next to the measured time.
+// emulated straits), for the trainer to print next to the measured time and
+// for bench/predict_local.sh.
+//
+// What it models (docs/planner.md, "Local prediction"): each worker's
+// forward+backward of its share at the measured cost of the job's own model
+// parts (calibration: average decoder layer and embedding+head+loss, timed
+// with the real kernels), split into micro-batches; all workers of this
+// host sharing its cores (processor sharing when workers x threads >
+// cores); the EMULATED slowdown as the trainer applies it (a sleep of
+// (slowdown-1) x the worker's measured compute wall time, which frees its
+// core); the rebalancer moving batch shares toward equal compute time, as
+// the trainer does at its rebalance steps; gradient allreduce inside each
+// island and over the EMULATED straits (codec, latency), overlapped with the
+// others' remaining compute; the per-step control allreduce; the optimizer.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
 #include "archipelago/plan/calibration.h"
 #include "archipelago/plan/catalog.h"
+#include "archipelago/plan/model_spec.h"
 
 namespace archipelago::plan {
 
 struct StepPrediction {
-  double compute_s = 0;     // slowest worker's forward+backward of its share
-  double comm_s = 0;        // gradient reduction (amortised for DiLoCo)
+  double compute_s = 0;     // slowest worker's forward+backward (+ emulated slowdown) at the settled shares
+  double comm_s = 0;        // exposed gradient reduction + control values (amortised for DiLoCo)
   double optimizer_s = 0;
   double overhead_s = 0;
-  double total_s = 0;
+  double total_s = 0;       // mean over the steps the trainer times (incl. those before rebalancing)
+  double settled_s = 0;     // one step at the settled shares
   double model_flops = 0;   // per step, all workers
+  double host_cores = 0;    // cores assumed shared by the workers (0 = not modelled)
+  bool oversubscribed = false;  // workers x threads > cores
+  bool measured_parts = false;  // compute from measured model parts (else GEMM profile / catalog)
+  std::vector<int64_t> shares;  // settled batch shares per rank
   std::string detail;       // one readable line
 };
+
+// Key of the job model's measured parts in a CalibrationProfile: part is
+// "layer" (the average decoder layer) or "ends" (embedding + final norm +
+// LM head + loss); the key holds every shape field that changes the cost.
+std::string localPartKey(const std::string& part, const ModelSpec& model, int64_t seq_len, const std::string& dtype);
 
 // job: the resolved job (cluster, model, train, strategy, data.seq_len);
 // vocab: the tokenizer's vocabulary (job.model.vocab_size may be 0).
