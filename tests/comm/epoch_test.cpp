@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "archipelago/comm/communicator.h"
+#include "comm/endpoint.h"
 #include "comm_test_util.h"
 
 namespace archipelago::comm {
@@ -201,6 +202,33 @@ TEST(Hierarchical, PipelineOverEmulatedStraitMatchesFp64Reference) {
     RANK_CHECK(g.straitBytesSent() > 0, "rank " << lr.rank << ": nothing crossed the emulated strait");
     return "";
   }, 60);
+}
+
+// Over real sockets (127.0.0.1, port 0): a listener at epoch 3 refuses a
+// peer dialing for epoch 2 (kFailedPrecondition, "stale epoch") and a peer
+// with the wrong job secret (kPermissionDenied), and accepts the right one.
+TEST(Handshake, StaleEpochAndWrongSecretAreRefusedOverTcp) {
+  auto ep = Endpoint::listen("127.0.0.1", 1, "job-secret", [](int32_t) { return false; });
+  ASSERT_TRUE(ep.isOk()) << ep.status().toString();
+  (*ep)->setMinEpoch(3);
+  const std::string addr = "127.0.0.1:" + std::to_string((*ep)->port());
+  auto dl = [] { return core::Deadline::afterSeconds(5); };
+  auto stale = dialPeer(addr, "job-secret", 0, 1, 2, 0, false, dl(), nullptr);
+  ASSERT_FALSE(stale.isOk());
+  EXPECT_EQ(stale.status().code(), core::StatusCode::kFailedPrecondition) << stale.status().toString();
+  auto wrong = dialPeer(addr, "not-the-secret", 0, 1, 3, 0, false, dl(), nullptr);
+  ASSERT_FALSE(wrong.isOk());
+  EXPECT_EQ(wrong.status().code(), core::StatusCode::kPermissionDenied) << wrong.status().toString();
+  auto good = dialPeer(addr, "job-secret", 0, 1, 3, 0, false, dl(), nullptr);
+  ASSERT_TRUE(good.isOk()) << good.status().toString();
+  auto taken = (*ep)->take(3, 0, 0, dl(), nullptr);
+  ASSERT_TRUE(taken.isOk()) << taken.status().toString();
+  // The two streams are connected: bytes written on one arrive on the other.
+  const char msg[] = "epoch 3";
+  ASSERT_TRUE((*good)->writeFull(msg, sizeof(msg), dl(), nullptr).isOk());
+  char got[sizeof(msg)] = {};
+  ASSERT_TRUE((*taken)->readFull(got, sizeof(got), dl(), nullptr).isOk());
+  EXPECT_STREQ(got, msg);
 }
 
 }  // namespace
