@@ -367,9 +367,41 @@ bool Mesh::failed() const {
   return failed_;
 }
 
-void Mesh::senderLoop(Stream* s) {
+core::Status Mesh::writeData(Stream* s, const Part& part) {
   const bool shaped = s->shaper != nullptr;
   const uint32_t frame_max = shaped ? options_.emulated_frame_bytes : options_.max_frame_bytes;
+  core::Status st;
+  uint8_t hdr[kFrameHeaderSize];
+  size_t done = 0;
+  while (done < part.len && st.isOk()) {
+    size_t len = std::min<size_t>(part.len - done, frame_max);
+    const uint8_t* p = part.req->data + part.offset + done;
+    FrameHeader h;
+    h.type = FrameType::kData;
+    h.epoch = epoch_;
+    h.length = static_cast<uint32_t>(len);
+    h.tag = part.req->tag;
+    h.offset = part.offset + done;
+    h.total = part.req->total;
+    h.crc = core::crc32c(p, len);
+    if (shaped) {
+      s->last_deliver = s->shaper->send(len + kFrameHeaderSize, s->last_deliver, &io_abort_);
+      h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped
+    }
+    encodeHeader(h, hdr);
+    s->mid_frame = true;
+    st = s->sock->writeTwo(hdr, sizeof(hdr), p, len, core::Deadline::never(), &io_abort_);
+    if (st.isOk()) s->mid_frame = false;
+    done += len;
+  }
+  if (st.isOk()) {
+    bytes_sent_ += part.len;
+    if (shaped) bytes_strait_ += part.len;
+  }
+  return st;
+}
+
+void Mesh::senderLoop(Stream* s) {
   const std::string who = "rank " + std::to_string(s->peer) + " stream " + std::to_string(s->index);
   while (true) {
     Part part;
@@ -460,32 +492,7 @@ void Mesh::senderLoop(Stream* s) {
       st = s->sock->writeFull(hdr, sizeof(hdr), core::Deadline::never(), &io_abort_);
       if (st.isOk()) s->mid_frame = false;
     } else {
-      size_t done = 0;
-      while (done < part.len && st.isOk()) {
-        size_t len = std::min<size_t>(part.len - done, frame_max);
-        const uint8_t* p = part.req->data + part.offset + done;
-        FrameHeader h;
-        h.type = FrameType::kData;
-        h.epoch = epoch_;
-        h.length = static_cast<uint32_t>(len);
-        h.tag = part.req->tag;
-        h.offset = part.offset + done;
-        h.total = part.req->total;
-        h.crc = core::crc32c(p, len);
-        if (shaped) {
-          s->last_deliver = s->shaper->send(len + kFrameHeaderSize, s->last_deliver, &io_abort_);
-          h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped
-        }
-        encodeHeader(h, hdr);
-        s->mid_frame = true;
-        st = s->sock->writeTwo(hdr, sizeof(hdr), p, len, core::Deadline::never(), &io_abort_);
-        if (st.isOk()) s->mid_frame = false;
-        done += len;
-      }
-      if (st.isOk()) {
-        bytes_sent_ += part.len;
-        if (shaped) bytes_strait_ += part.len;
-      }
+      st = writeData(s, part);
     }
     bool wake;
     {

@@ -171,6 +171,8 @@ class Mesh {
   };
 
   void senderLoop(Stream* s);
+  // Writes a data part as CRC'd frames (shaped on an emulated strait).
+  core::Status writeData(Stream* s, const Part& part);
   void receiverLoop(Stream* s);
   void monitorLoop();
   core::Status waitUntil(std::unique_lock<std::mutex>& lock, const std::function<bool()>& done,
