@@ -309,18 +309,50 @@ void Mesh::close() {
 
 void Mesh::fail(core::Status why) {
   bool first = false;
+  core::Status cause;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!failed_) {
       failed_ = true;
-      first = true;
       failure_ = why;
       if (!closing_) ARCH_LOG_WARN("comm epoch {} rank {}: transport failed: {}", epoch_, rank_, why.toString());
     }
+    // (failed_ may also have been set directly by a receive-size mismatch:
+    // the first caller of fail() does the stopping either way.)
+    if (!fail_started_) {
+      fail_started_ = true;
+      first = true;
+    }
+    cause = failure_;
     for (auto& per_peer : streams_) {
       for (auto& s : per_peer) s->queue.clear();
     }
     remote_pending_.clear();
+  }
+  if (!first) {
+    // Another thread is failing the mesh (e.g. an op's own deadline and its
+    // Handle::wait fire together): wait until it has sent the abort notices
+    // and stopped the I/O, instead of shutting the sockets under it.
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return fail_done_; });
+    return;
+  }
+  if (!closing_) {
+    // Let frames being written finish (at most 100 ms: a write to a stalled
+    // peer may never finish), so that their streams sit at a frame boundary
+    // and can carry the abort notice below. With one stream per peer a cut
+    // frame would leave the peer with only "connection closed".
+    soft_stop_ = true;
+    auto until = core::Clock::now() + std::chrono::milliseconds(100);
+    auto anyWriting = [&] {
+      for (auto& per_peer : streams_) {
+        for (auto& s : per_peer) {
+          if (s->writing.load()) return true;
+        }
+      }
+      return false;
+    };
+    while (anyWriting() && core::Clock::now() < until) ::usleep(500);
   }
   // Every I/O thread polls the abort flag at least every 50 ms.
   io_abort_.abort();
@@ -336,7 +368,7 @@ void Mesh::fail(core::Status why) {
   if (first && !closing_) {
     // Tell every peer why, on a stream that sits at a frame boundary, so the
     // whole group fails with the original cause instead of "peer closed".
-    std::string text = std::string(core::statusCodeName(why.code())) + "|" + why.message();
+    std::string text = std::string(core::statusCodeName(cause.code())) + "|" + cause.message();
     if (text.size() > 4000) text.resize(4000);
     for (auto& per_peer : streams_) {
       for (auto& s : per_peer) {
@@ -353,6 +385,10 @@ void Mesh::fail(core::Status why) {
   }
   for (auto& l : links_) {
     for (auto& s : l.streams) s->shutdown();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fail_done_ = true;
   }
   cv_.notify_all();
 }
@@ -374,6 +410,9 @@ core::Status Mesh::writeData(Stream* s, const Part& part) {
   uint8_t hdr[kFrameHeaderSize];
   size_t done = 0;
   while (done < part.len && st.isOk()) {
+    // A failing mesh lets the frame in progress finish (so the stream can
+    // still carry the abort notice) but starts no new one.
+    if (soft_stop_.load()) return core::aborted("the transport of epoch " + std::to_string(epoch_) + " is failing");
     size_t len = std::min<size_t>(part.len - done, frame_max);
     const uint8_t* p = part.req->data + part.offset + done;
     FrameHeader h;
@@ -390,7 +429,9 @@ core::Status Mesh::writeData(Stream* s, const Part& part) {
     }
     encodeHeader(h, hdr);
     s->mid_frame = true;
+    s->writing = true;
     st = s->sock->writeTwo(hdr, sizeof(hdr), p, len, core::Deadline::never(), &io_abort_);
+    s->writing = false;
     if (st.isOk()) s->mid_frame = false;
     done += len;
   }
@@ -427,7 +468,9 @@ void Mesh::senderLoop(Stream* s) {
       h.crc = core::crc32c(pl, kAckPayload);
       encodeHeader(h, hdr);
       s->mid_frame = true;
+      s->writing = true;
       st = s->sock->writeTwo(hdr, sizeof(hdr), pl, kAckPayload, core::Deadline::never(), &io_abort_);
+      s->writing = false;
       if (st.isOk()) s->mid_frame = false;
     } else if (part.req && !part.no_remote && s->remote.load() && part.len >= options_.same_host_min_bytes) {
       // Same host: announce the range; the peer copies it out of our memory
@@ -458,7 +501,9 @@ void Mesh::senderLoop(Stream* s) {
       h.crc = core::crc32c(pl, kRemotePayload);
       encodeHeader(h, hdr);
       s->mid_frame = true;
+      s->writing = true;
       st = s->sock->writeTwo(hdr, sizeof(hdr), pl, kRemotePayload, core::Deadline::never(), &io_abort_);
+      s->writing = false;
       if (st.isOk()) s->mid_frame = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -466,6 +511,7 @@ void Mesh::senderLoop(Stream* s) {
       }
       cv_.notify_all();
       if (!st.isOk()) {
+        if (failed()) return;
         fail(core::unavailable("lost rank " + std::to_string(s->peer) + " (" + st.message() + ")")
                  .withContext("send on " + who));
         return;
@@ -480,7 +526,9 @@ void Mesh::senderLoop(Stream* s) {
       h.crc = core::crc32c(kBye, h.length);
       encodeHeader(h, hdr);
       s->mid_frame = true;
+      s->writing = true;
       st = s->sock->writeTwo(hdr, sizeof(hdr), kBye, h.length, core::Deadline::never(), &io_abort_);
+      s->writing = false;
       if (st.isOk()) s->mid_frame = false;
     } else if (part.heartbeat) {
       FrameHeader h;
@@ -489,7 +537,9 @@ void Mesh::senderLoop(Stream* s) {
       h.crc = core::crc32c(nullptr, 0);
       encodeHeader(h, hdr);
       s->mid_frame = true;
+      s->writing = true;
       st = s->sock->writeFull(hdr, sizeof(hdr), core::Deadline::never(), &io_abort_);
+      s->writing = false;
       if (st.isOk()) s->mid_frame = false;
     } else {
       st = writeData(s, part);
@@ -508,6 +558,7 @@ void Mesh::senderLoop(Stream* s) {
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (closing_ || byes_[peerIndex(s->peer)] > 0) return;  // the link is ending on purpose
+        if (failed_) return;  // already failing: fail() is in charge
       }
       fail(core::unavailable("lost rank " + std::to_string(s->peer) + " (" + st.message() + ")")
                .withContext("send on " + who));
@@ -544,9 +595,10 @@ void Mesh::receiverLoop(Stream* s) {
         return;
       }
     }
-    if (st.code() == core::StatusCode::kUnavailable) {
+    if (st.code() == core::StatusCode::kUnavailable && streams_[pi].size() > 1) {
       // A closed connection may trail the peer's abort notice on a sibling
       // stream: give that a moment so the group reports the original cause.
+      // (With one stream the notice, if any, came before the close.)
       for (int i = 0; i < 6; ++i) {
         ::usleep(5000);
         std::lock_guard<std::mutex> lock(mu_);

@@ -161,6 +161,7 @@ class Mesh {
     int index = 0;
     bool finished = false;
     std::atomic<bool> mid_frame{false};
+    std::atomic<bool> writing{false};  // a thread is inside a frame write on this stream
     std::atomic<bool> remote{false};  // same-host single-copy path enabled  // sender wrote part of a frame (stream unusable for an abort notice)  // receiver saw the peer's goodbye or our close (guarded by mu_)
     Socket* sock = nullptr;
     std::shared_ptr<LinkShaper> shaper;
@@ -196,8 +197,11 @@ class Mesh {
   std::map<std::pair<int, uint64_t>, Slot> slots_;
   core::Status failure_;
   bool failed_ = false;
+  bool fail_started_ = false;  // a thread runs (or ran) the body of fail()
+  bool fail_done_ = false;     // that fail() finished (notices sent, I/O stopped)
   int active_io_ = 0;  // threads inside a read/write touching user memory
   core::AbortFlag io_abort_;
+  std::atomic<bool> soft_stop_{false};  // failing: finish the frame being written, start no new one
   // Same-host sends waiting for the peer's kRemoteAck (guarded by mu_).
   struct RemotePending {
     Part part;
