@@ -212,7 +212,7 @@ torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
 
 // ---- MoE --------------------------------------------------------------------
 
-MoeFfnImpl::MoeFfnImpl(const core::ModelConfig& c, int64_t layer)
+MoeFfnImpl::MoeFfnImpl(const core::ModelConfig& c, int64_t layer, int64_t expert_begin, int64_t expert_end)
     : layer_(layer),
       num_experts_(c.moe.num_experts),
       top_k_(c.moe.top_k),
@@ -220,9 +220,25 @@ MoeFfnImpl::MoeFfnImpl(const core::ModelConfig& c, int64_t layer)
       bias_rate_(c.moe.router_bias_rate),
       capacity_factor_(c.moe.capacity_factor) {
   int64_t hidden = c.moe.expert_hidden > 0 ? c.moe.expert_hidden : c.ffn_hidden;
+  expert_begin_ = expert_begin;
+  expert_end_ = expert_end < 0 ? num_experts_ : expert_end;
+  TORCH_CHECK(expert_begin_ >= 0 && expert_begin_ < expert_end_ && expert_end_ <= num_experts_, "expert range [",
+              expert_begin_, ", ", expert_end_, ") is not inside [0, ", num_experts_, ")");
   gate = register_module("gate", LinearNoBias(c.dim, num_experts_));
-  experts = register_module("experts", torch::nn::ModuleList());
-  for (int64_t e = 0; e < num_experts_; ++e) experts->push_back(SwiGlu(c.dim, hidden, /*mixtral_names=*/true));
+  if (expert_begin_ == 0 && expert_end_ == num_experts_) {
+    experts = register_module("experts", torch::nn::ModuleList());
+    for (int64_t e = 0; e < num_experts_; ++e) experts->push_back(SwiGlu(c.dim, hidden, /*mixtral_names=*/true));
+  } else {
+    // A subset: registered under their global indices ("experts.5.w1.weight")
+    // through a plain holder; `experts` lists them for local indexing.
+    experts = torch::nn::ModuleList();
+    auto holder = register_module("experts", std::make_shared<torch::nn::Module>());
+    for (int64_t e = expert_begin_; e < expert_end_; ++e) {
+      SwiGlu ex(c.dim, hidden, /*mixtral_names=*/true);
+      holder->register_module(std::to_string(e), ex);
+      experts->push_back(ex);
+    }
+  }
   if (c.moe.shared_expert) shared_expert = register_module("shared_expert", SwiGlu(c.dim, hidden));
   if (use_bias_) {
     // Persistent (checkpointed) but not trained: selection-only bias.
@@ -297,6 +313,8 @@ Dispatched MoeFfnImpl::dispatch(const torch::Tensor& x2d, const Routing& r) cons
 }
 
 torch::Tensor MoeFfnImpl::computeExperts(const Dispatched& d) {
+  TORCH_CHECK(expert_begin_ == 0 && expert_end_ == num_experts_,
+              "computeExperts needs every expert; this module holds a subset (expert parallelism: set an exchange)");
   std::vector<torch::Tensor> outs;
   int64_t off = 0;
   for (int64_t e = 0; e < num_experts_; ++e) {
@@ -321,7 +339,7 @@ torch::Tensor MoeFfnImpl::forward(const torch::Tensor& x) {
   int64_t n = x2d.size(0);
   Routing r = route(x2d);
   Dispatched d = dispatch(x2d, r);
-  auto y = combine(computeExperts(d), d, n);
+  auto y = exchange_ ? expertParallelFfn(d, n) : combine(computeExperts(d), d, n);
   if (!shared_expert.is_empty()) y = y + shared_expert(x2d);
   last_aux_ = r.aux_loss;
   stats_.tokens = n;
@@ -348,12 +366,13 @@ void MoeFfnImpl::updateRouterBias(const torch::Tensor& load) {
 
 // ---- decoder ------------------------------------------------------------------
 
-DecoderLayerImpl::DecoderLayerImpl(const core::ModelConfig& c, int64_t layer) {
+DecoderLayerImpl::DecoderLayerImpl(const core::ModelConfig& c, int64_t layer, int64_t expert_begin,
+                                   int64_t expert_end) {
   input_layernorm = register_module("input_layernorm", RmsNorm(c.dim, c.norm_eps));
   self_attn = register_module("self_attn", Attention(c));
   post_attention_layernorm = register_module("post_attention_layernorm", RmsNorm(c.dim, c.norm_eps));
   if (isMoeLayer(c, layer)) {
-    block_sparse_moe = register_module("block_sparse_moe", MoeFfn(c, layer));
+    block_sparse_moe = register_module("block_sparse_moe", MoeFfn(c, layer, expert_begin, expert_end));
   } else {
     mlp = register_module("mlp", SwiGlu(c.dim, c.ffn_hidden));
   }
@@ -366,11 +385,26 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const RotaryTabl
   return h + (mlp.is_empty() ? block_sparse_moe(n) : mlp(n));
 }
 
-DecoderStackImpl::DecoderStackImpl(const core::ModelConfig& c) {
-  embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.dim));
-  layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < c.n_layers; ++i) layers->push_back(DecoderLayer(c, i));
-  norm = register_module("norm", RmsNorm(c.dim, c.norm_eps));
+DecoderStackImpl::DecoderStackImpl(const core::ModelConfig& c, const ModelShard& shard) {
+  const int64_t begin = shard.layer_begin;
+  const int64_t end = shard.layer_end < 0 ? c.n_layers : shard.layer_end;
+  TORCH_CHECK(begin >= 0 && begin < end && end <= c.n_layers, "layer range [", begin, ", ", end,
+              ") is not inside [0, ", c.n_layers, ")");
+  if (begin == 0) embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.dim));
+  if (begin == 0 && end == c.n_layers) {
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (int64_t i = 0; i < c.n_layers; ++i) layers->push_back(DecoderLayer(c, i, shard.expert_begin, shard.expert_end));
+  } else {
+    // A pipeline stage: layers keep their global index in their names.
+    layers = torch::nn::ModuleList();
+    auto holder = register_module("layers", std::make_shared<torch::nn::Module>());
+    for (int64_t i = begin; i < end; ++i) {
+      DecoderLayer l(c, i, shard.expert_begin, shard.expert_end);
+      holder->register_module(std::to_string(i), l);
+      layers->push_back(l);
+    }
+  }
+  if (end == c.n_layers) norm = register_module("norm", RmsNorm(c.dim, c.norm_eps));
 }
 
 namespace {
@@ -379,9 +413,24 @@ bool endsWith(const std::string& s, const std::string& suffix) {
 }
 }  // namespace
 
-TransformerImpl::TransformerImpl(const core::ModelConfig& config, uint64_t seed) : config_(config) {
-  model = register_module("model", DecoderStack(config));
-  if (!config.tie_embeddings) lm_head = register_module("lm_head", LinearNoBias(config.dim, config.vocab_size));
+TransformerImpl::TransformerImpl(const core::ModelConfig& config, uint64_t seed)
+    : TransformerImpl(config, seed, ModelShard{}) {}
+
+TransformerImpl::TransformerImpl(const core::ModelConfig& config, uint64_t seed, const ModelShard& shard)
+    : config_(config), shard_(shard) {
+  if (shard_.layer_end < 0) shard_.layer_end = config.n_layers;
+  if (shard_.expert_end < 0) shard_.expert_end = config.moe.num_experts;
+  TORCH_CHECK(!(config.tie_embeddings && (shard_.layer_begin > 0 || shard_.layer_end < config.n_layers)),
+              "model.tie_embeddings needs the embedding and the LM head on one worker (no pipeline split)");
+  model = register_module("model", DecoderStack(config, shard_));
+  if (!config.tie_embeddings && holdsHead()) {
+    lm_head = register_module("lm_head", LinearNoBias(config.dim, config.vocab_size));
+  }
+  initParameters(seed);
+}
+
+void TransformerImpl::initParameters(uint64_t seed) {
+  const core::ModelConfig& config = config_;
   // Residual-branch outputs get std / sqrt(2 L) (GPT-2 / Megatron scaled init)
   // so the residual stream's variance does not grow with depth.
   torch::NoGradGuard no_grad;
@@ -399,10 +448,15 @@ TransformerImpl::TransformerImpl(const core::ModelConfig& config, uint64_t seed)
   }
 }
 
-torch::Device TransformerImpl::device() const { return model->embed_tokens->weight.device(); }
+torch::Device TransformerImpl::device() const {
+  auto params = parameters(true);
+  return params.empty() ? torch::Device(torch::kCPU) : params.front().device();
+}
 
 torch::Tensor TransformerImpl::hidden(const torch::Tensor& input_ids, KvCache* cache) {
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [batch, time], got ", input_ids.sizes());
+  TORCH_CHECK(holdsEmbedding() && holdsHead(), "this model holds layers [", shard_.layer_begin, ", ",
+              shard_.layer_end, ") only (a pipeline stage): use stageForward");
   int64_t start = cache != nullptr ? cache->length() : 0;
   int64_t t = input_ids.size(1);
   TORCH_CHECK(start + t <= config_.max_seq_len, "sequence of ", start + t,
@@ -427,7 +481,50 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& input_ids, KvCache* 
 LossOutput TransformerImpl::lossAndStats(const torch::Tensor& input_ids, const torch::Tensor& target) {
   TORCH_CHECK(target.sizes() == input_ids.sizes(), "target ", target.sizes(), " must match input ",
               input_ids.sizes());
-  auto logits = forward(input_ids);
+  return headLoss(hidden(input_ids), target);
+}
+
+torch::Tensor TransformerImpl::stageForward(const torch::Tensor& input) {
+  torch::Tensor x;
+  if (holdsEmbedding()) {
+    TORCH_CHECK(input.dim() == 2, "the first stage takes input_ids [batch, time], got ", input.sizes());
+    x = model->embed_tokens(input);
+  } else {
+    TORCH_CHECK(input.dim() == 3 && input.size(2) == config_.dim, "stage input must be [batch, time, ", config_.dim,
+                "], got ", input.sizes());
+    x = input;
+  }
+  const int64_t t = x.size(1);
+  TORCH_CHECK(t <= config_.max_seq_len, "sequence of ", t, " positions exceeds model.max_seq_len ",
+              config_.max_seq_len);
+  auto table_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  RotaryTables rope = rotaryTables(0, t, headDim(config_), config_.rope_theta, x.device(), table_dtype);
+  for (size_t i = 0; i < model->layers->size(); ++i) {
+    x = model->layers[i]->as<DecoderLayerImpl>()->forward(x, rope, nullptr);
+  }
+  return holdsHead() ? model->norm(x) : x;
+}
+
+torch::Tensor TransformerImpl::localAuxLoss() const {
+  auto moe = moeLayers();
+  int64_t total = 0;
+  for (int64_t l = 0; l < config_.n_layers; ++l) total += isMoeLayer(config_, l) ? 1 : 0;
+  if (moe.empty() || config_.moe.balance != "aux_loss" || config_.moe.aux_loss_coef <= 0 ||
+      !moe[0]->lastAuxLoss().defined()) {
+    return torch::zeros({}, torch::kFloat);
+  }
+  torch::Tensor sum = moe[0]->lastAuxLoss();
+  for (size_t i = 1; i < moe.size(); ++i) sum = sum + moe[i]->lastAuxLoss();
+  return sum * (config_.moe.aux_loss_coef / static_cast<double>(total));
+}
+
+void TransformerImpl::setExpertExchange(std::shared_ptr<ExpertExchange> exchange) {
+  for (auto& m : moeLayers()) m->setExchange(exchange);
+}
+
+LossOutput TransformerImpl::headLoss(const torch::Tensor& h, const torch::Tensor& target) {
+  TORCH_CHECK(holdsHead(), "headLoss: this pipeline stage does not hold the LM head");
+  auto logits = lm_head.is_empty() ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
   auto compute = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   auto flat = logits.reshape({-1, logits.size(-1)}).to(compute);
   auto tgt = target.reshape({-1}).to(torch::kLong);
@@ -437,14 +534,7 @@ LossOutput TransformerImpl::lossAndStats(const torch::Tensor& input_ids, const t
   out.ce_sum = torch::nn::functional::cross_entropy(
       flat, tgt, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
   out.tokens = valid.sum().item<int64_t>();
-  auto moe = moeLayers();
-  if (!moe.empty() && config_.moe.balance == "aux_loss" && config_.moe.aux_loss_coef > 0) {
-    torch::Tensor sum = moe[0]->lastAuxLoss();
-    for (size_t i = 1; i < moe.size(); ++i) sum = sum + moe[i]->lastAuxLoss();
-    out.aux_loss = sum * (config_.moe.aux_loss_coef / static_cast<double>(moe.size()));
-  } else {
-    out.aux_loss = torch::zeros({}, out.ce_sum.options());
-  }
+  out.aux_loss = localAuxLoss().to(out.ce_sum.scalar_type());
   out.loss = out.ce_sum / static_cast<double>(std::max<int64_t>(1, out.tokens)) + out.aux_loss;
   return out;
 }
@@ -511,13 +601,30 @@ KvCache TransformerImpl::makeCache() const {
 }
 
 core::Result<Transformer> buildModel(const core::ModelConfig& config, uint64_t seed) {
+  return buildModel(config, seed, ModelShard{});
+}
+
+core::Result<Transformer> buildModel(const core::ModelConfig& config, uint64_t seed, const ModelShard& shard) {
   auto resolved = resolveModelConfig(config);
   if (!resolved.isOk()) return resolved.status();
   try {
-    return Transformer(*resolved, seed);
+    return Transformer(*resolved, seed, shard);
   } catch (const c10::Error& e) {
     return core::internalError(std::string("building the model: ") + e.what_without_backtrace());
   }
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> parameterLayout(const core::ModelConfig& config) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  out.push_back({"model.embed_tokens.weight", {config.vocab_size, config.dim}});
+  for (int64_t l = 0; l < config.n_layers; ++l) {
+    DecoderLayer layer(config, l);  // uninitialised: only names and shapes are read
+    const std::string prefix = "model.layers." + std::to_string(l) + ".";
+    for (const auto& item : layer->named_parameters(true)) out.push_back({prefix + item.key(), item.value().sizes().vec()});
+  }
+  out.push_back({"model.norm.weight", {config.dim}});
+  if (!config.tie_embeddings) out.push_back({"lm_head.weight", {config.vocab_size, config.dim}});
+  return out;
 }
 
 }  // namespace archipelago::model

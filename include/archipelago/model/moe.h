@@ -5,9 +5,9 @@
 // optional capacity limit that drops overflowing assignments.
 //
 // The forward pass is split into route -> dispatch -> computeExperts ->
-// combine so that expert parallelism can later insert an all-to-all after
-// dispatch (send each expert's rows to its owner) and before combine (bring
-// the results back) without touching the routing or the maths.
+// combine; expert parallelism (an ExpertExchange set) inserts an all-to-all
+// after dispatch (each expert's rows to its owner) and one before combine
+// (the results back) without touching the routing or the maths.
 //
 // Tensor names under model.layers.{i}.block_sparse_moe:
 //   gate.weight [E, dim]                      router (Mixtral)
@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include <torch/torch.h>
@@ -60,10 +61,38 @@ struct Dispatched {
   int64_t capacity = 0;
 };
 
+// Expert parallelism: the members of an expert-parallel group each hold a
+// contiguous range of every MoE layer's experts (member j: experts
+// [expertBegin()[j], expertBegin()[j+1]), uneven counts allowed) and swap
+// token rows with all-to-all(v). The runtime implements this over the comm
+// layer (optionally compressing rows with a codec); the model only calls it.
+// Calls are collective: every member makes them in the same order. Failures
+// throw (std::runtime_error) — the runtime's step loop turns them into a
+// Status.
+class ExpertExchange {
+ public:
+  virtual ~ExpertExchange() = default;
+  virtual int size() const = 0;
+  virtual int rank() const = 0;
+  // size()+1 entries, expertBegin()[0] = 0, last = num_experts.
+  virtual const std::vector<int64_t>& expertBegin() const = 0;
+  // Block j of `in` (send_counts[j] values) goes to member j; returns the
+  // concatenation of the blocks received (recv_counts[i] values from member i).
+  virtual std::vector<int64_t> alltoallvInt64(const std::vector<int64_t>& in, const std::vector<int64_t>& send_counts,
+                                              const std::vector<int64_t>& recv_counts) = 0;
+  // rows [sum(send_rows), dim] -> [sum(recv_rows), dim], same dtype: block j
+  // (send_rows[j] rows) goes to member j. Not differentiable by itself.
+  virtual torch::Tensor alltoallvRows(const torch::Tensor& rows, const std::vector<int64_t>& send_rows,
+                                      const std::vector<int64_t>& recv_rows) = 0;
+};
+
 class MoeFfnImpl : public torch::nn::Module {
  public:
   // c must be resolved (resolveModelConfig); layer is the decoder layer index.
-  MoeFfnImpl(const core::ModelConfig& c, int64_t layer);
+  // [expert_begin, expert_end) are the experts this module holds (expert
+  // parallelism; -1 = all). Their tensors keep their global names
+  // (experts.{j} with the global j), so checkpoints do not depend on the split.
+  MoeFfnImpl(const core::ModelConfig& c, int64_t layer, int64_t expert_begin = 0, int64_t expert_end = -1);
 
   // x [B, T, dim] -> [B, T, dim]. Records stats() and, in training mode
   // with router-bias balancing, adds this batch's load to loadCounts().
@@ -72,6 +101,7 @@ class MoeFfnImpl : public torch::nn::Module {
   // The four stages, usable one by one (x2d is [N, dim]).
   Routing route(const torch::Tensor& x2d) const;
   Dispatched dispatch(const torch::Tensor& x2d, const Routing& routing) const;
+  // Needs every expert (no expert-parallel split).
   torch::Tensor computeExperts(const Dispatched& d);
   torch::Tensor combine(const torch::Tensor& expert_out, const Dispatched& d, int64_t n_tokens) const;
 
@@ -91,13 +121,29 @@ class MoeFfnImpl : public torch::nn::Module {
   void updateRouterBias(const torch::Tensor& load);
   torch::Tensor routerBias() const { return router_bias_; }
 
+  // Expert parallelism: with an exchange set, forward() sends each kept
+  // assignment to the member holding its expert and brings the result back
+  // (differentiably: the backward pass runs the reverse all-to-all). The
+  // exchange's expertBegin() must match this module's expert range.
+  void setExchange(std::shared_ptr<ExpertExchange> exchange);
+  int64_t expertBegin() const { return expert_begin_; }
+  int64_t expertEnd() const { return expert_end_; }
+  int64_t numExperts() const { return num_experts_; }
+
   LinearNoBias gate{nullptr};
+  // The experts held, in order: experts[i] is global expert expertBegin() + i.
   torch::nn::ModuleList experts{nullptr};
   SwiGlu shared_expert{nullptr};
 
  private:
+  // The expert-parallel path of forward (src/model/expert_parallel.cpp).
+  torch::Tensor expertParallelFfn(const Dispatched& d, int64_t n_tokens);
+
   int64_t layer_;
   int64_t num_experts_;
+  int64_t expert_begin_ = 0;
+  int64_t expert_end_ = 0;
+  std::shared_ptr<ExpertExchange> exchange_;
   int64_t top_k_;
   bool use_bias_;
   double bias_rate_;

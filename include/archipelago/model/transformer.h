@@ -24,10 +24,24 @@
 
 namespace archipelago::model {
 
+// The part of the model one worker holds: pipeline parallelism gives each
+// stage a contiguous range of decoder layers (the first stage also holds the
+// embedding, the last the final norm and the LM head); expert parallelism
+// gives each member a contiguous range of every MoE layer's experts. Every
+// tensor keeps its full-model Hugging Face name and its full-model initial
+// value (initialisation is seeded by name), so parts of one model at any
+// split assemble, by name, into the same model.
+struct ModelShard {
+  int64_t layer_begin = 0;
+  int64_t layer_end = -1;   // -1 = n_layers
+  int64_t expert_begin = 0;
+  int64_t expert_end = -1;  // -1 = num_experts
+};
+
 // One decoder layer. Exactly one of mlp / block_sparse_moe is set.
 class DecoderLayerImpl : public torch::nn::Module {
  public:
-  DecoderLayerImpl(const core::ModelConfig& c, int64_t layer);
+  DecoderLayerImpl(const core::ModelConfig& c, int64_t layer, int64_t expert_begin = 0, int64_t expert_end = -1);
   torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope,
                         LayerKvCache* cache = nullptr);
 
@@ -39,10 +53,12 @@ class DecoderLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(DecoderLayer);
 
-// HF's "model." prefix: embedding, layers, final norm.
+// HF's "model." prefix: embedding, layers, final norm. With a shard that
+// holds only some layers, embed_tokens / norm may be null and layers[i] is
+// decoder layer shard.layer_begin + i (registered under its global index).
 class DecoderStackImpl : public torch::nn::Module {
  public:
-  explicit DecoderStackImpl(const core::ModelConfig& c);
+  explicit DecoderStackImpl(const core::ModelConfig& c, const ModelShard& shard = {});
   Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RmsNorm norm{nullptr};
@@ -70,6 +86,10 @@ class TransformerImpl : public torch::nn::Module {
   // deterministically from `seed` on the CPU in fp32; move/cast afterwards
   // with ->to(device, dtype).
   TransformerImpl(const core::ModelConfig& config, uint64_t seed);
+  // Only the part `shard` names (pipeline stage / expert-parallel member).
+  // forward/hidden/lossAndStats need every layer (and, without an expert
+  // exchange, every expert); a pipeline stage uses stageForward/headLoss.
+  TransformerImpl(const core::ModelConfig& config, uint64_t seed, const ModelShard& shard);
 
   // input_ids [B, T] int64 -> logits [B, T, vocab]. With a cache, positions
   // continue after cache->length() and the cache is extended.
@@ -81,6 +101,25 @@ class TransformerImpl : public torch::nn::Module {
   // ignored), plus the MoE auxiliary loss. The trainer that splits a global
   // batch unevenly backwards ce_sum / global_tokens (+ its share of aux).
   LossOutput lossAndStats(const torch::Tensor& input_ids, const torch::Tensor& target);
+
+  // ---- pipeline stages ----
+  // The first stage takes input_ids [B, T]; later stages take the previous
+  // stage's hidden states [B, T, dim]. Runs the held layers; the last stage
+  // also applies the final norm. (For the whole model: hidden().)
+  torch::Tensor stageForward(const torch::Tensor& input);
+  // Last stage: LM head + cross-entropy of final-norm hidden states against
+  // target, plus localAuxLoss() (lossAndStats = headLoss(hidden(ids), target)).
+  LossOutput headLoss(const torch::Tensor& hidden_states, const torch::Tensor& target);
+  // This part's share of the MoE auxiliary loss from the last forward:
+  // aux_loss_coef * sum over held MoE layers / (MoE layers of the whole
+  // model); summed over stages it is LossOutput::aux_loss. Scalar; zero
+  // (not requiring grad) when there is nothing to balance by aux loss.
+  torch::Tensor localAuxLoss() const;
+  const ModelShard& shard() const { return shard_; }
+  bool holdsEmbedding() const { return shard_.layer_begin == 0; }
+  bool holdsHead() const { return shard_.layer_end == config_.n_layers; }
+  // Expert parallelism: routes every MoE layer's rows through `exchange`.
+  void setExpertExchange(std::shared_ptr<ExpertExchange> exchange);
 
   // (HF name, parameter) in the stable order described above.
   std::vector<std::pair<std::string, torch::Tensor>> namedParameters() const;
@@ -108,11 +147,20 @@ class TransformerImpl : public torch::nn::Module {
   LinearNoBias lm_head{nullptr};  // null when tie_embeddings
 
  private:
+  void initParameters(uint64_t seed);
   core::ModelConfig config_;
+  ModelShard shard_;  // resolved: ends filled in
 };
 TORCH_MODULE(Transformer);
 
+// (HF name, shape) of every trainable parameter of the whole model, in
+// namedParameters() order, without allocating the model (one decoder layer
+// at a time). The trainer's flat checkpoint layout (optimizer state) follows
+// this order whatever the pipeline / expert split.
+std::vector<std::pair<std::string, std::vector<int64_t>>> parameterLayout(const core::ModelConfig& config);
+
 // Convenience: resolve + construct. Errors name the config field.
 core::Result<Transformer> buildModel(const core::ModelConfig& config, uint64_t seed);
+core::Result<Transformer> buildModel(const core::ModelConfig& config, uint64_t seed, const ModelShard& shard);
 
 }  // namespace archipelago::model
