@@ -1,5 +1,6 @@
 // archipelago report RUN_DIR [RUN_DIR...] [--out DIR]: turns run directories
-// into an HTML report with SVG charts (runtime/report.h). The report code is
+// (or a directory of runs, e.g. the strategies bench's output) into an HTML
+// report with SVG charts (runtime/report.h). The report code is
 // torch-free; this file carries the `_torch` suffix only because the runtime
 // layer it links is built with libtorch.
 #include <cstdio>
@@ -18,9 +19,11 @@ void addReportCommands(CLI::App& app) {
   static size_t max_points = 4000;
   auto* rep = app.add_subcommand(
       "report", "write RUN_DIR/report/index.html (+ summary.txt and SVG charts); several runs are compared");
-  rep->add_option("run_dirs", run_dirs, "run directories written by `archipelago train` (the first gets the report)")
+  rep->add_option("run_dirs", run_dirs,
+                  "run directories written by `archipelago train` (the first gets the report), or a directory whose "
+                  "sub-directories are runs (compared; the report goes to DIR/report)")
       ->required();
-  rep->add_option("--out", out_dir, "write the report here instead of FIRST_RUN_DIR/report");
+  rep->add_option("--out", out_dir, "write the report here instead of FIRST_RUN_DIR/report (DIR/report for a directory of runs)");
   rep->add_option("--max-points", max_points, "points per chart series before bucket-averaging (0 = all)");
   setAction(rep, [] {
     runtime::ReportOptions opt;

@@ -212,6 +212,7 @@ void parseMetricsLine(std::string_view raw, RunData& run) {
     s.final_val_loss = optNum(j, "final_val_loss");
     s.predicted_step_s = optNum(j, "predicted_step_s");
     s.measured_step_s = optNum(j, "measured_step_s");
+    s.bytes_strait = optNum(j, "bytes_strait");
     run.summary = s;
   } else {
     ++run.unknown_kinds;
@@ -297,6 +298,7 @@ std::vector<StepPoint> meanLossPerStep(const RunData& run) {
     double sum = 0;
     int n = 0;
     double tmax = -std::numeric_limits<double>::infinity();
+    double tokens = 0;
   };
   std::map<int64_t, Acc> by_step;
   for (size_t i : dedupedSteps(run)) {
@@ -307,12 +309,15 @@ std::vector<StepPoint> meanLossPerStep(const RunData& run) {
       ++a.n;
     }
     if (std::isfinite(s.time)) a.tmax = std::max(a.tmax, s.time);
+    if (std::isfinite(s.tokens)) a.tokens += s.tokens;
   }
   std::vector<StepPoint> out;
   out.reserve(by_step.size());
+  double tokens = 0;
   for (const auto& [step, a] : by_step) {
+    tokens += a.tokens;
     if (a.n == 0) continue;
-    out.push_back({step, a.sum / a.n, std::isfinite(a.tmax) ? a.tmax - t0 : kMissing});
+    out.push_back({step, a.sum / a.n, std::isfinite(a.tmax) ? a.tmax - t0 : kMissing, tokens});
   }
   return out;
 }
@@ -444,6 +449,8 @@ RunStats computeRunStats(const RunData& run) {
     if (std::isfinite(o.sync_s)) sync += o.sync_s, ++n_sync;
   }
   st.mean_sync_s = n_sync ? sync / n_sync : 0;
+  if (sum.bytes_strait) st.bytes_strait = *sum.bytes_strait;
+  for (const auto& w : st.workers) st.utilisation += w.utilisation / static_cast<double>(st.workers.size());
   return st;
 }
 
@@ -508,6 +515,8 @@ std::string formatSummary(const RunData& run, const RunStats& st) {
   if (st.outer_rounds > 0) {
     o += "  outer rounds       " + std::to_string(st.outer_rounds) + ", " + core::formatBytes(st.bytes_strait) +
          " over straits, mean sync " + core::formatDuration(st.mean_sync_s) + "\n";
+  } else if (st.bytes_strait > 0) {
+    o += "  over straits       " + core::formatBytes(st.bytes_strait) + "\n";
   }
   o += "  metrics lines      " + std::to_string(run.lines);
   if (run.malformed) o += ", " + std::to_string(run.malformed) + " malformed (skipped)";

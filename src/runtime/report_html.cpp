@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <regex>
 #include <set>
 
 #include "archipelago/core/log.h"
+#include "archipelago/core/units.h"
 #include "archipelago/runtime/report.h"
 #include "archipelago/runtime/report_chart.h"
 #include "runtime/report_internal.h"
@@ -221,8 +223,74 @@ std::vector<Chart> runCharts(const RunData& run, const RunStats& st, size_t max_
   return charts;
 }
 
+// Validation loss of a run against the tokens all ranks had trained when it
+// was measured (eval at step s: cumulative tokens through step s).
+chart::Series valLossVsTokens(const RunData& run, const std::vector<StepPoint>& loss) {
+  chart::Series s;
+  s.markers = true;
+  std::map<int64_t, double> tokens_at;
+  for (const auto& p : loss) tokens_at[p.step] = p.tokens;
+  std::vector<EvalRecord> evals = run.evals;
+  std::stable_sort(evals.begin(), evals.end(), [](const auto& a, const auto& b) { return a.step < b.step; });
+  for (const auto& e : evals) {
+    auto it = tokens_at.upper_bound(e.step);  // the last step <= e.step
+    if (it == tokens_at.begin()) continue;
+    s.x.push_back(std::prev(it)->second);
+    s.y.push_back(e.val_loss);
+  }
+  return s;
+}
+
 std::vector<Chart> comparisonCharts(const std::vector<RunData>& runs, size_t max_points) {
   std::vector<Chart> charts;
+  {
+    // The chart of issue 6: what each strategy's model is worth after a given wall-clock time.
+    chart::LineChart c;
+    c.title = "Comparison: validation loss vs wall-clock";
+    c.x_label = "seconds since start";
+    c.y_label = "validation loss";
+    for (size_t i = 0; i < runs.size(); ++i) {
+      if (runs[i].evals.empty()) continue;
+      chart::Series val = valLossSeries(runs[i], true);
+      val.name = runs[i].name + " val";
+      val.color = chart::paletteColor(i);
+      c.series.push_back(std::move(val));
+    }
+    if (!c.series.empty()) {
+      charts.push_back({"compare_val_vs_time.svg", c.title, chart::renderLineChart(c),
+                        "Validation loss of every run against seconds since the run started (one colour per run; "
+                        "hover a dot for its value)."});
+    }
+  }
+  {
+    chart::LineChart c;
+    c.title = "Comparison: loss vs tokens";
+    c.x_label = "tokens trained (all workers)";
+    c.y_label = "loss";
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const std::string color = chart::paletteColor(i);
+      const auto loss = meanLossPerStep(runs[i]);
+      chart::Series train;
+      train.name = runs[i].name + " train";
+      train.color = color;
+      for (const auto& p : loss) {
+        train.x.push_back(p.tokens);
+        train.y.push_back(p.value);
+      }
+      chart::downsample(train.x, train.y, max_points);
+      c.series.push_back(std::move(train));
+      if (!runs[i].evals.empty()) {
+        chart::Series val = valLossVsTokens(runs[i], loss);
+        val.name = runs[i].name + " val";
+        val.color = color;
+        val.dashed = true;
+        c.series.push_back(std::move(val));
+      }
+    }
+    charts.push_back({"compare_loss_vs_tokens.svg", c.title, chart::renderLineChart(c),
+                      "Training (solid) and validation (dashed, dots) loss of every run against the tokens trained "
+                      "so far: runs at equal tokens compare at the same x."});
+  }
   for (bool vs_time : {false, true}) {
     chart::LineChart c;
     c.title = vs_time ? "Comparison: loss vs wall-clock" : "Comparison: loss vs step";
@@ -302,7 +370,8 @@ void appendFigures(std::string& html, const std::vector<Chart>& charts, const st
 // new page does not show. Only files named like our charts are removed.
 void removeStaleCharts(const fs::path& dir) {
   static const std::regex ours(
-      R"(^(run[0-9]+_)?(compare_loss_vs_(step|time)|loss_vs_(step|time)|tokens_per_s|time_breakdown|batch_share|)"
+      R"(^(run[0-9]+_)?(compare_loss_vs_(step|time|tokens)|compare_val_vs_time|loss_vs_(step|time)|tokens_per_s|)"
+      R"(time_breakdown|batch_share|)"
       R"(moe_layer-?[0-9]+)\.svg$)");
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
@@ -313,8 +382,36 @@ void removeStaleCharts(const fs::path& dir) {
 
 }  // namespace
 
-core::Result<ReportOutput> writeReport(const std::vector<fs::path>& run_dirs, const ReportOptions& options) {
-  if (run_dirs.empty()) return core::invalidArgument("report: give at least one run directory");
+core::Result<std::vector<fs::path>> expandRunDirs(const std::vector<fs::path>& paths) {
+  std::vector<fs::path> out;
+  for (const auto& p : paths) {
+    std::error_code ec;
+    if (!fs::is_directory(p, ec) || fs::exists(p / "metrics.jsonl", ec)) {
+      out.push_back(p);  // a run (loadRunDir says what is wrong with it, if anything)
+      continue;
+    }
+    std::vector<fs::path> runs;
+    for (const auto& entry : fs::directory_iterator(p, ec)) {
+      if (entry.is_directory(ec) && fs::exists(entry.path() / "metrics.jsonl", ec)) runs.push_back(entry.path());
+    }
+    if (runs.empty()) {
+      return core::notFound("'" + p.string() + "' has no metrics.jsonl and no sub-directory with one; pass the " +
+                            "run_dir of a training run or a directory of runs (e.g. bench_strategies_torch --out)");
+    }
+    std::sort(runs.begin(), runs.end());
+    out.insert(out.end(), runs.begin(), runs.end());
+  }
+  return out;
+}
+
+core::Result<ReportOutput> writeReport(const std::vector<fs::path>& paths, const ReportOptions& options) {
+  if (paths.empty()) return core::invalidArgument("report: give at least one run directory");
+  ARCH_ASSIGN_OR_RETURN(const std::vector<fs::path> run_dirs, expandRunDirs(paths));
+  // A directory of runs gets the report next to them, not inside the first.
+  fs::path default_out;
+  if (std::error_code ec; fs::is_directory(paths.front(), ec) && !fs::exists(paths.front() / "metrics.jsonl", ec)) {
+    default_out = paths.front() / "report";
+  }
   std::vector<RunData> runs;
   for (const auto& d : run_dirs) {
     auto r = loadRunDir(d);
@@ -330,7 +427,7 @@ core::Result<ReportOutput> writeReport(const std::vector<fs::path>& run_dirs, co
   for (const auto& r : runs) stats.push_back(computeRunStats(r));
 
   ReportOutput out;
-  out.dir = options.out_dir.empty() ? runs.front().dir / "report" : options.out_dir;
+  out.dir = !options.out_dir.empty() ? options.out_dir : !default_out.empty() ? default_out : runs.front().dir / "report";
   std::error_code ec;
   fs::create_directories(out.dir, ec);
   if (ec) return core::unavailable(out.dir.string() + ": cannot create the report directory: " + ec.message());
@@ -356,16 +453,20 @@ core::Result<ReportOutput> writeReport(const std::vector<fs::path>& run_dirs, co
     for (size_t i = 0; i < runs.size(); ++i) {
       const auto& s = stats[i];
       rows.push_back({runs[i].name, runs[i].strategy.empty() ? "-" : runs[i].strategy, std::to_string(s.steps),
-                      fmtWall(s.wall_s), fmtCount(s.tokens_per_s), optLoss(s.final_loss), optLoss(s.final_val_loss),
-                      s.measured_step_s ? fmtFixed(*s.measured_step_s, 3) : "n/a"});
+                      fmtWall(s.wall_s), fmtCount(s.tokens), fmtCount(s.tokens_per_s), optLoss(s.final_loss),
+                      optLoss(s.final_val_loss), s.measured_step_s ? fmtFixed(*s.measured_step_s, 3) : "n/a",
+                      fmtFixed(100 * s.utilisation, 1) + " %",
+                      s.bytes_strait > 0 ? core::formatBytes(s.bytes_strait) : "n/a"});
     }
-    const std::vector<std::string> head = {"run",          "strategy",       "steps",         "wall",
-                                           "tokens/s",     "final train loss", "final val loss", "step s"};
+    const std::vector<std::string> head = {"run",      "strategy",         "steps",          "wall",
+                                           "tokens",   "tokens/s",         "final train loss", "final val loss",
+                                           "step s",   "utilisation (compute/wall)", "over straits"};
     html += "<h2>Comparison</h2>\n" + htmlTable(head, rows);
     out.summary += "Comparison of " + std::to_string(runs.size()) + " runs:\n";
     for (const auto& r : rows) {
       out.summary += "  " + r[0] + ": strategy " + r[1] + ", " + r[2] + " steps, wall " + r[3] + ", " + r[4] +
-                     " tokens/s, final train loss " + r[5] + ", final val loss " + r[6] + "\n";
+                     " tokens, " + r[5] + " tokens/s, final train loss " + r[6] + ", final val loss " + r[7] +
+                     ", utilisation " + r[9] + ", over straits " + r[10] + "\n";
     }
     out.summary += "\n";
     std::vector<std::string> files;

@@ -383,8 +383,8 @@ TEST(Report, MultiRunComparison) {
   ASSERT_TRUE(out.isOk()) << out.status().toString();
   EXPECT_EQ(out->dir, fs::weakly_canonical(tmp.path() / "cmp"));
   EXPECT_FALSE(fs::exists(tmp.path() / "sync" / "report"));  // --out honoured
-  for (const char* f : {"compare_loss_vs_step.svg", "compare_loss_vs_time.svg", "run0_loss_vs_step.svg",
-                        "run1_loss_vs_step.svg"}) {
+  for (const char* f : {"compare_loss_vs_step.svg", "compare_loss_vs_time.svg", "compare_val_vs_time.svg",
+                        "compare_loss_vs_tokens.svg", "run0_loss_vs_step.svg", "run1_loss_vs_step.svg"}) {
     EXPECT_TRUE(fs::exists(out->dir / f)) << f;
   }
   for (const char* f : {"compare_loss_vs_step.svg", "compare_loss_vs_time.svg"}) {
@@ -404,9 +404,93 @@ TEST(Report, MultiRunComparison) {
   auto again = writeReport({tmp.path() / "diloco"}, opt);
   ASSERT_TRUE(again.isOk());
   EXPECT_FALSE(fs::exists(tmp.path() / "cmp" / "compare_loss_vs_step.svg"));
+  EXPECT_FALSE(fs::exists(tmp.path() / "cmp" / "compare_val_vs_time.svg"));
+  EXPECT_FALSE(fs::exists(tmp.path() / "cmp" / "compare_loss_vs_tokens.svg"));
   EXPECT_FALSE(fs::exists(tmp.path() / "cmp" / "run1_loss_vs_step.svg"));
   EXPECT_TRUE(fs::exists(tmp.path() / "cmp" / "loss_vs_step.svg"));
   EXPECT_TRUE(fs::exists(tmp.path() / "cmp" / "notes.svg"));
+}
+
+// (x, y) of the marker dots of series `name`, read back from their hover
+// titles ("NAME: (x, y)"): the data a chart shows, not pixel positions.
+std::vector<std::pair<double, double>> markerPoints(const std::string& svg, const std::string& name) {
+  std::vector<std::pair<double, double>> out;
+  const size_t g = svg.find("<g class=\"markers\" data-series=\"" + name + "\"");
+  if (g == std::string::npos) return out;
+  const size_t end = svg.find("</g>", g);
+  const std::regex re("<title>[^<]*: \\(([-0-9.e+]+), ([-0-9.e+]+)\\)</title>");
+  const std::string body = svg.substr(g, end - g);
+  for (auto it = std::sregex_iterator(body.begin(), body.end(), re); it != std::sregex_iterator(); ++it) {
+    out.push_back({std::stod((*it)[1].str()), std::stod((*it)[2].str())});
+  }
+  return out;
+}
+
+TEST(Report, StrategiesOverlayFromADirectoryOfRuns) {
+  // The layout bench_strategies_torch leaves: one run per strategy under one
+  // directory, each ending with a summary line that carries the strait bytes.
+  TempDir tmp;
+  const fs::path bench = tmp.path() / "bench";
+  const std::vector<std::pair<std::string, double>> runs = {{"sync", 0.0}, {"diloco", 0.05}, {"streaming", 0.1}};
+  for (const auto& [name, offset] : runs) {
+    writeRun(bench / name, name, offset, false);
+    std::ofstream(bench / name / "metrics.jsonl", std::ios::app)
+        << R"({"kind":"summary","steps":10,"wall_s":10.0,"bytes_strait":)" << (name == "sync" ? 300e6 : 2e6) << "}\n";
+  }
+  fs::create_directories(bench / "not-a-run");  // ignored: no metrics.jsonl
+
+  auto dirs = expandRunDirs({bench});
+  ASSERT_TRUE(dirs.isOk()) << dirs.status().toString();
+  ASSERT_EQ(dirs->size(), 3u);
+  EXPECT_EQ((*dirs)[0].filename(), "diloco");  // name order
+  EXPECT_EQ((*dirs)[2].filename(), "sync");
+
+  auto out = writeReport({bench});  // no --out: next to the runs
+  ASSERT_TRUE(out.isOk()) << out.status().toString();
+  EXPECT_EQ(out->dir, fs::weakly_canonical(bench / "report"));
+
+  // Validation loss vs wall-clock: every run's two evaluations (steps 4 and
+  // 9, at 5.5 s and 10.5 s after `started`; val loss 3.5 - 0.1 step + offset).
+  const std::string vt = readAll(out->dir / "compare_val_vs_time.svg");
+  for (const auto& [name, offset] : runs) {
+    SCOPED_TRACE(name);
+    const auto pts = markerPoints(vt, name + " val");
+    ASSERT_EQ(pts.size(), 2u);
+    EXPECT_NEAR(pts[0].first, 5.5, 1e-6);
+    EXPECT_NEAR(pts[0].second, 3.1 + offset, 1e-3);
+    EXPECT_NEAR(pts[1].first, 10.5, 1e-6);
+    EXPECT_NEAR(pts[1].second, 2.6 + offset, 1e-3);
+    EXPECT_EQ(polylinePoints(vt, name + " val"), 2);
+  }
+  EXPECT_EQ(vt.find("train\""), std::string::npos);  // validation only
+
+  // Loss vs tokens: 3 ranks x 1000 tokens per step, so step 4 ends at 15000
+  // tokens and step 9 at 30000; the training line has a point per step.
+  const std::string tk = readAll(out->dir / "compare_loss_vs_tokens.svg");
+  for (const auto& [name, offset] : runs) {
+    SCOPED_TRACE(name);
+    const auto pts = markerPoints(tk, name + " val");
+    ASSERT_EQ(pts.size(), 2u);
+    EXPECT_NEAR(pts[0].first, 15000, 1e-6);
+    EXPECT_NEAR(pts[1].first, 30000, 1e-6);
+    EXPECT_NEAR(pts[1].second, 2.6 + offset, 1e-3);
+    EXPECT_EQ(polylinePoints(tk, name + " train"), kSteps);
+  }
+  const auto xt = tickValues(tk, "xtick");
+  ASSERT_FALSE(xt.empty());
+  EXPECT_LE(xt.front(), 3000);   // first point: step 0 = 3000 tokens
+  EXPECT_GE(xt.back(), 30000);
+
+  // The page inlines both charts; the table and summary carry tokens,
+  // utilisation (r0, r1: 0.4 s x 10 / 10 s; r2: 0.8 s x 10 / 10 s -> mean
+  // 53.3 %) and the strait bytes of the summary lines.
+  const std::string html = readAll(out->index_html);
+  EXPECT_NE(html.find("Comparison: validation loss vs wall-clock"), std::string::npos);
+  EXPECT_NE(html.find("Comparison: loss vs tokens"), std::string::npos);
+  EXPECT_NE(out->summary.find("sync: strategy sync, 10 steps, wall 10.0 s, 30,000 tokens"), std::string::npos)
+      << out->summary;
+  EXPECT_NE(out->summary.find("utilisation 53.3 %, over straits 286.1MiB"), std::string::npos) << out->summary;
+  EXPECT_NE(out->summary.find("utilisation 53.3 %, over straits 1.9MiB"), std::string::npos) << out->summary;
 }
 
 TEST(Report, WorkerGapBreaksItsLine) {

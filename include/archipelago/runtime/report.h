@@ -86,6 +86,7 @@ struct MoeRecord {
 struct SummaryRecord {
   std::optional<int64_t> steps;
   std::optional<double> wall_s, tokens, final_loss, final_val_loss, predicted_step_s, measured_step_s;
+  std::optional<double> bytes_strait;  // everything the run sent over straits (e.g. the strategies bench's counter)
 };
 
 // Everything read from one run directory.
@@ -129,11 +130,12 @@ struct StepPoint {
   int64_t step = 0;
   double value = 0;   // e.g. mean loss over the ranks that reported the step
   double time_s = 0;  // wall-clock seconds since the run started (latest rank)
+  double tokens = 0;  // tokens trained by all ranks up to and including this step (lines without tokens count 0)
 };
 
 // Mean training loss per step over ranks (ranks with a non-finite loss are
 // left out; a (step, rank) reported twice, e.g. replayed after a restart,
-// counts with its last line). Sorted by step.
+// counts with its last line). Sorted by step. `tokens` is cumulative.
 std::vector<StepPoint> meanLossPerStep(const RunData& run);
 
 // Seconds since the run started for a unix timestamp (run.json "started", or
@@ -173,8 +175,9 @@ struct RunStats {
   std::optional<double> measured_step_s;  // summary, else mean over steps of the slowest rank's step_s
   std::map<std::string, int64_t> event_counts;
   int64_t outer_rounds = 0;
-  double bytes_strait = 0;
+  double bytes_strait = 0;  // summary.bytes_strait, else the sum over outer lines
   double mean_sync_s = 0;
+  double utilisation = 0;   // mean over workers of compute / wall
 };
 
 RunStats computeRunStats(const RunData& run);
@@ -197,9 +200,18 @@ struct ReportOutput {
   std::string summary;                        // same text as summary.txt
 };
 
+// The run directories a list of paths names: a path with metrics.jsonl is a
+// run; a path without one whose sub-directories hold runs (the output
+// directory of bench_strategies_torch, one run per strategy) stands for
+// those runs, in name order. Anything else is an error naming the path.
+core::Result<std::vector<std::filesystem::path>> expandRunDirs(const std::vector<std::filesystem::path>& paths);
+
 // Loads every run dir and writes the report. With more than one run, the
-// report also holds comparison charts (loss vs step, loss vs wall-clock) and
-// a comparison table, and per-run charts are prefixed "runN_".
+// report also holds comparison charts (validation loss vs wall-clock time,
+// loss vs step, vs wall-clock and vs tokens) and a comparison table, and
+// per-run charts are prefixed "runN_". `run_dirs` go through expandRunDirs;
+// when the first names a directory of runs, the default out_dir is
+// <that directory>/report.
 core::Result<ReportOutput> writeReport(const std::vector<std::filesystem::path>& run_dirs,
                                        const ReportOptions& options = {});
 
