@@ -196,7 +196,7 @@ class Collectives : public ::testing::TestWithParam<int> {};
 
 TEST_P(Collectives, MatchFp64ReferenceAndAreBitIdentical) { runAll(GetParam(), everything, 120); }
 
-INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4, 5, 8));
+INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4, 5, 6, 7, 8));
 
 // Hierarchical allreduce over uneven islands {0,0,1,1,1} and 3 islands
 // {0,1,1,2,2,2}: intra reduce-scatter, cross allreduce, intra allgather.
