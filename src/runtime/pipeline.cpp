@@ -1,0 +1,197 @@
+// Pure pieces of pipeline / expert parallelism: the uneven layer split, the
+// expert placement, the 1F1B schedule, and the layout of a job's ranks.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "archipelago/core/log.h"
+#include "archipelago/data/sampler.h"
+#include "archipelago/model/layers.h"
+#include "archipelago/plan/catalog.h"
+#include "archipelago/runtime/parallel_trainer.h"
+
+namespace archipelago::runtime {
+
+core::Result<std::vector<int64_t>> splitLayers(int64_t n_layers, const std::vector<double>& speed,
+                                               const std::vector<int64_t>& max_layers, double first_extra,
+                                               double last_extra) {
+  const int p = static_cast<int>(speed.size());
+  if (p < 1) return core::invalidArgument("splitLayers: no stages");
+  if (n_layers < p) {
+    return core::invalidArgument("model.n_layers (" + std::to_string(n_layers) + ") is smaller than the " +
+                                 std::to_string(p) + " pipeline stages; every stage needs >= 1 layer");
+  }
+  for (double s : speed) {
+    if (!(s > 0) || !std::isfinite(s)) return core::invalidArgument("splitLayers: a stage speed is not > 0");
+  }
+  auto cap = [&](int s) -> int64_t {
+    if (static_cast<size_t>(s) >= max_layers.size() || max_layers[static_cast<size_t>(s)] <= 0) return n_layers;
+    return max_layers[static_cast<size_t>(s)];
+  };
+  auto cost = [&](int s, int64_t k) {
+    double extra = (s == 0 ? first_extra : 0.0) + (s == p - 1 ? last_extra : 0.0);
+    return (static_cast<double>(k) + extra) / speed[static_cast<size_t>(s)];
+  };
+  // best[s][l]: smallest possible slowest-stage time when stages 0..s hold
+  // the first l layers; choice[s][l]: layers of stage s in that optimum.
+  const double inf = std::numeric_limits<double>::infinity();
+  const size_t L = static_cast<size_t>(n_layers);
+  std::vector<std::vector<double>> best(static_cast<size_t>(p), std::vector<double>(L + 1, inf));
+  std::vector<std::vector<int64_t>> choice(static_cast<size_t>(p), std::vector<int64_t>(L + 1, 0));
+  for (int64_t l = 1; l <= std::min<int64_t>(n_layers, cap(0)); ++l) {
+    best[0][static_cast<size_t>(l)] = cost(0, l);
+    choice[0][static_cast<size_t>(l)] = l;
+  }
+  for (int s = 1; s < p; ++s) {
+    for (int64_t l = s + 1; l <= n_layers; ++l) {
+      for (int64_t k = 1; k <= std::min<int64_t>(l - s, cap(s)); ++k) {
+        double prev = best[static_cast<size_t>(s) - 1][static_cast<size_t>(l - k)];
+        double v = std::max(prev, cost(s, k));
+        // Ties: keep the earlier stages' choice with more layers (stable, deterministic).
+        if (v < best[static_cast<size_t>(s)][static_cast<size_t>(l)] - 1e-12) {
+          best[static_cast<size_t>(s)][static_cast<size_t>(l)] = v;
+          choice[static_cast<size_t>(s)][static_cast<size_t>(l)] = k;
+        }
+      }
+    }
+  }
+  if (!std::isfinite(best[static_cast<size_t>(p) - 1][L])) {
+    return core::invalidArgument("the " + std::to_string(n_layers) + " layers do not fit in the memory of the " +
+                                 std::to_string(p) + " pipeline stages; add stages or devices with more memory");
+  }
+  std::vector<int64_t> out(static_cast<size_t>(p));
+  int64_t l = n_layers;
+  for (int s = p - 1; s >= 0; --s) {
+    out[static_cast<size_t>(s)] = choice[static_cast<size_t>(s)][static_cast<size_t>(l)];
+    l -= out[static_cast<size_t>(s)];
+  }
+  return out;
+}
+
+core::Result<std::vector<int64_t>> placeExperts(int64_t num_experts, const std::vector<double>& speed) {
+  if (static_cast<int64_t>(speed.size()) > num_experts) {
+    return core::invalidArgument("strategy.expert_parallel (" + std::to_string(speed.size()) +
+                                 ") exceeds model.moe.num_experts (" + std::to_string(num_experts) + ")");
+  }
+  return data::sharesFromWeights(speed, num_experts);
+}
+
+std::vector<PipeOp> oneFOneBSchedule(int stage, int stages, int64_t m) {
+  std::vector<PipeOp> ops;
+  const int64_t warmup = std::min<int64_t>(stages - stage - 1, m);
+  for (int64_t i = 0; i < warmup; ++i) ops.push_back({true, i});
+  for (int64_t i = 0; i < m - warmup; ++i) {
+    ops.push_back({true, warmup + i});
+    ops.push_back({false, i});
+  }
+  for (int64_t i = m - warmup; i < m; ++i) ops.push_back({false, i});
+  return ops;
+}
+
+double oneFOneBBubble(int stages, int64_t m) {
+  return m + stages - 1 > 0 ? static_cast<double>(stages - 1) / static_cast<double>(m + stages - 1) : 0.0;
+}
+
+int64_t ParallelLayout::layerBegin(int stage) const {
+  int64_t b = 0;
+  for (int s = 0; s < stage; ++s) b += stage_layers[static_cast<size_t>(s)];
+  return b;
+}
+
+core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
+  ParallelLayout lay;
+  const auto workers = workersOf(job.cluster);
+  lay.world = static_cast<int>(workers.size());
+  lay.stages = static_cast<int>(job.strategy.pipeline_stages);
+  lay.ep = static_cast<int>(job.strategy.expert_parallel);
+  if (lay.world < 1) return core::invalidArgument("the cluster spec has no workers");
+  if (lay.world % lay.stages != 0) {
+    return core::invalidArgument("strategy.pipeline_stages (" + std::to_string(lay.stages) +
+                                 ") must divide the number of workers (" + std::to_string(lay.world) + ")");
+  }
+  if (lay.world % lay.ep != 0) {
+    return core::invalidArgument("strategy.expert_parallel (" + std::to_string(lay.ep) +
+                                 ") must divide the number of workers (" + std::to_string(lay.world) + ")");
+  }
+  lay.replicas = lay.world / lay.stages;
+  auto speedOf = [&](int r) { return 1.0 / std::max(1e-9, workers[static_cast<size_t>(r)].slowdown); };
+
+  ARCH_ASSIGN_OR_RETURN(auto mc, model::resolveModelConfig(job.model));
+  if (!job.strategy.stage_layers.empty()) {
+    lay.stage_layers = job.strategy.stage_layers;
+  } else if (lay.stages == 1) {
+    lay.stage_layers = {mc.n_layers};
+  } else {
+    // A stage is as fast as the slowest of the devices that run it; its
+    // memory is that of the smallest one.
+    auto catalog = plan::DeviceCatalog::builtin();
+    // Per-layer parameters (attention + FFN or all experts) and the head.
+    const double hd = static_cast<double>(mc.dim / mc.n_heads);
+    const double attn = static_cast<double>(mc.dim) * hd * static_cast<double>(2 * mc.n_heads + 2 * mc.n_kv_heads);
+    const double dense_ffn = 3.0 * static_cast<double>(mc.dim * mc.ffn_hidden);
+    const double moe_ffn = 3.0 * static_cast<double>(mc.dim * mc.moe.expert_hidden) * static_cast<double>(mc.moe.num_experts);
+    const double active_ffn = mc.moe.num_experts > 0
+                                  ? 3.0 * static_cast<double>(mc.dim * mc.moe.expert_hidden) * static_cast<double>(mc.moe.top_k)
+                                  : dense_ffn;
+    const double layer_params = attn + (mc.moe.num_experts > 0 ? moe_ffn : dense_ffn);
+    const double layer_flops = attn + active_ffn;
+    const double head = static_cast<double>(mc.dim * mc.vocab_size);
+    // fp32 weights + grads + two AdamW moments = 16 bytes per parameter;
+    // activations of the micro-batches in flight are left to the 20% margin.
+    const double layer_bytes = 16.0 * layer_params;
+    std::vector<double> speed(static_cast<size_t>(lay.stages), 1e300);
+    std::vector<int64_t> max_layers(static_cast<size_t>(lay.stages), 0);
+    for (int s = 0; s < lay.stages; ++s) {
+      double mem = 0;
+      for (int d = 0; d < lay.replicas; ++d) {
+        const int r = d * lay.stages + s;
+        speed[static_cast<size_t>(s)] = std::min(speed[static_cast<size_t>(s)], speedOf(r));
+        if (catalog.isOk()) {
+          auto spec = catalog->get(workers[static_cast<size_t>(r)].device);
+          if (spec.isOk() && spec->memory_bytes > 0) mem = mem == 0 ? spec->memory_bytes : std::min(mem, spec->memory_bytes);
+        }
+      }
+      if (mem > 0) {
+        const double fixed = 16.0 * head * ((s == 0 ? 1 : 0) + (s == lay.stages - 1 ? 1 : 0));
+        max_layers[static_cast<size_t>(s)] = std::max<int64_t>(0, static_cast<int64_t>((0.8 * mem - fixed) / layer_bytes));
+        if (max_layers[static_cast<size_t>(s)] == 0) max_layers[static_cast<size_t>(s)] = -1;  // reported below
+      }
+    }
+    for (int s = 0; s < lay.stages; ++s) {
+      if (max_layers[static_cast<size_t>(s)] < 0) {
+        return core::invalidArgument("pipeline stage " + std::to_string(s) + " cannot hold even one layer in its device memory");
+      }
+    }
+    ARCH_ASSIGN_OR_RETURN(lay.stage_layers,
+                          splitLayers(mc.n_layers, speed, max_layers, 0.0, layer_flops > 0 ? head / layer_flops : 0.0));
+  }
+  int64_t sum = 0;
+  for (auto l : lay.stage_layers) sum += l;
+  if (static_cast<int>(lay.stage_layers.size()) != lay.stages || sum != mc.n_layers) {
+    return core::invalidArgument("strategy.stage_layers must hold " + std::to_string(lay.stages) +
+                                 " values summing to model.n_layers (" + std::to_string(mc.n_layers) + ")");
+  }
+
+  lay.expert_begin = {0};
+  if (lay.ep > 1) {
+    std::vector<int64_t> counts = job.strategy.expert_counts;
+    if (counts.empty()) {
+      std::vector<double> speed(static_cast<size_t>(lay.ep), 1e300);
+      for (int r = 0; r < lay.world; ++r) {
+        speed[static_cast<size_t>(r % lay.ep)] = std::min(speed[static_cast<size_t>(r % lay.ep)], speedOf(r));
+      }
+      ARCH_ASSIGN_OR_RETURN(counts, placeExperts(mc.moe.num_experts, speed));
+    }
+    for (auto c : counts) lay.expert_begin.push_back(lay.expert_begin.back() + c);
+    if (lay.expert_begin.back() != mc.moe.num_experts) {
+      return core::invalidArgument("strategy.expert_counts must sum to model.moe.num_experts (" +
+                                   std::to_string(mc.moe.num_experts) + ")");
+    }
+  } else {
+    lay.expert_begin.push_back(mc.moe.num_experts);
+  }
+  return lay;
+}
+
+}  // namespace archipelago::runtime

@@ -1,0 +1,345 @@
+// Pipeline and expert parallelism. The reference for every split run is the
+// same job trained by one process (runTrainer with no communicator, the
+// same global batch and micro-batches): PP=2, PP=3 with uneven layers, two
+// pipelines with uneven shares, and EP=2 with uneven expert placement must
+// reproduce its loss curve within fp32 tolerance; a run saved at PP=2 must
+// continue at PP=1 and at PP=3 on the same curve. Split runs go through the
+// real binary (launcher, coordinator, worker processes, comm over 127.0.0.1).
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "archipelago/model/transformer.h"
+#include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/parallel_trainer.h"
+#include "archipelago/runtime/trainer.h"
+#include "runtime/runtime_test_util.h"
+
+namespace archipelago::runtime {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using testutil::loadJobText;
+using testutil::outputOf;
+using testutil::scratchRoot;
+using testutil::tinyDataDir;
+
+// ---- pure pieces ---------------------------------------------------------------
+
+TEST(Pipeline, OneFOneBScheduleRunsEveryMicroBatchOnceInOrder) {
+  for (int p = 1; p <= 4; ++p) {
+    for (int64_t m = 1; m <= 6; ++m) {
+      for (int s = 0; s < p; ++s) {
+        auto ops = oneFOneBSchedule(s, p, m);
+        ASSERT_EQ(ops.size(), static_cast<size_t>(2 * m));
+        int64_t next_f = 0, next_b = 0, in_flight = 0, max_in_flight = 0;
+        for (const auto& op : ops) {
+          if (op.forward) {
+            EXPECT_EQ(op.micro, next_f++);
+            max_in_flight = std::max(max_in_flight, ++in_flight);
+          } else {
+            EXPECT_EQ(op.micro, next_b++);
+            EXPECT_LT(op.micro, next_f) << "backward before its forward";
+            --in_flight;
+          }
+        }
+        // 1F1B keeps at most p - s micro-batches' activations alive.
+        EXPECT_LE(max_in_flight, std::min<int64_t>(p - s, m));
+      }
+    }
+  }
+  EXPECT_DOUBLE_EQ(oneFOneBBubble(4, 8), 3.0 / 11.0);
+  EXPECT_DOUBLE_EQ(oneFOneBBubble(1, 8), 0.0);
+}
+
+TEST(Pipeline, SplitLayersFollowsSpeedAndMemory) {
+  EXPECT_EQ(*splitLayers(8, {1, 1}), (std::vector<int64_t>{4, 4}));
+  EXPECT_EQ(*splitLayers(6, {2, 1}), (std::vector<int64_t>{4, 2}));
+  EXPECT_EQ(*splitLayers(9, {1, 2, 1}), (std::vector<int64_t>{2, 5, 2}));
+  // The fast stage would take 4 but its memory holds 3.
+  EXPECT_EQ(*splitLayers(6, {2, 1}, {3, 0}), (std::vector<int64_t>{3, 3}));
+  // The head costs the last stage one layer's time.
+  EXPECT_EQ(*splitLayers(5, {1, 1}, {}, 0.0, 1.0), (std::vector<int64_t>{3, 2}));
+  EXPECT_FALSE(splitLayers(2, {1, 1, 1}).isOk());
+  EXPECT_FALSE(splitLayers(6, {1, 1}, {2, 2}).isOk());
+  EXPECT_EQ(*placeExperts(8, {3, 1}), (std::vector<int64_t>{6, 2}));
+  EXPECT_EQ(*placeExperts(4, {1, 1}), (std::vector<int64_t>{2, 2}));
+}
+
+core::ModelConfig tinyModel(int64_t experts) {
+  core::ModelConfig c;
+  c.vocab_size = 50;
+  c.dim = 16;
+  c.n_layers = 3;
+  c.n_heads = 2;
+  c.max_seq_len = 8;
+  c.moe.num_experts = experts;
+  c.moe.every = 2;
+  c.moe.balance = "aux_loss";
+  return *model::resolveModelConfig(c);
+}
+
+TEST(Pipeline, StagesHoldTheFullModelsTensorsAndChainToItsLoss) {
+  for (int64_t experts : {0, 4}) {
+    auto c = tinyModel(experts);
+    model::Transformer full(c, 7);
+    // The layout helper lists exactly the full model's parameters.
+    auto layout = model::parameterLayout(c);
+    auto named = full->namedParameters();
+    ASSERT_EQ(layout.size(), named.size());
+    for (size_t i = 0; i < named.size(); ++i) {
+      EXPECT_EQ(layout[i].first, named[i].first);
+      EXPECT_EQ(layout[i].second, named[i].second.sizes().vec());
+    }
+    // Three stages [1, 1, 1] and an expert split [1, 3) hold the same tensors, same values.
+    std::map<std::string, torch::Tensor> ref(named.begin(), named.end());
+    std::vector<model::Transformer> stages;
+    std::set<std::string> seen;
+    for (int64_t s = 0; s < 3; ++s) {
+      model::ModelShard sh;
+      sh.layer_begin = s;
+      sh.layer_end = s + 1;
+      stages.emplace_back(c, 7, sh);
+      for (auto& [n, t] : stages.back()->namedParameters()) {
+        ASSERT_TRUE(ref.count(n)) << n;
+        EXPECT_TRUE(torch::equal(t, ref[n])) << n;
+        seen.insert(n);
+      }
+    }
+    EXPECT_EQ(seen.size(), ref.size());
+    if (experts > 0) {
+      model::ModelShard sh;
+      sh.expert_begin = 1;
+      sh.expert_end = 3;
+      model::Transformer part(c, 7, sh);
+      for (auto& [n, t] : part->namedParameters()) {
+        ASSERT_TRUE(ref.count(n)) << n;
+        EXPECT_TRUE(torch::equal(t, ref[n])) << n;
+        EXPECT_THAT(n, ::testing::Not(HasSubstr("experts.0.")));
+        EXPECT_THAT(n, ::testing::Not(HasSubstr("experts.3.")));
+      }
+    }
+    // Chained stage forwards give the full model's loss (aux included), and
+    // backward through the chain gives its gradients.
+    auto ids = torch::randint(0, c.vocab_size, {2, 8}, torch::kLong);
+    auto tgt = torch::randint(0, c.vocab_size, {2, 8}, torch::kLong);
+    auto lr = full->lossAndStats(ids, tgt);
+    torch::Tensor h = stages[0]->stageForward(ids);
+    torch::Tensor aux = stages[0]->localAuxLoss();
+    h = stages[1]->stageForward(h);
+    aux = aux + stages[1]->localAuxLoss();
+    h = stages[2]->stageForward(h);
+    auto ls = stages[2]->headLoss(h, tgt);
+    aux = aux + ls.aux_loss;
+    EXPECT_NEAR(ls.ce_sum.item<double>(), lr.ce_sum.item<double>(), 1e-5 * std::abs(lr.ce_sum.item<double>()));
+    EXPECT_NEAR(aux.item<double>(), lr.aux_loss.item<double>(), 1e-6);
+    (lr.ce_sum / 16.0 + lr.aux_loss).backward();
+    (ls.ce_sum / 16.0 + aux).backward();
+    for (auto& st : stages) {
+      for (auto& [n, t] : st->namedParameters()) {
+        ASSERT_TRUE(t.grad().defined()) << n;
+        EXPECT_TRUE(torch::allclose(t.grad(), ref[n].grad(), 1e-4, 1e-6)) << n;
+      }
+    }
+  }
+}
+
+TEST(Pipeline, LayoutComputesUnevenSplitFromSpeed) {
+  auto job = loadJobText(
+      "cluster:\n  islands:\n    - {name: a, count: 1}\n    - {name: b, count: 1, slowdown: 3}\n"
+      "model: {vocab_size: 64, dim: 32, n_layers: 8, n_heads: 2, max_seq_len: 32}\n"
+      "data: {dir: " + tinyDataDir().string() + ", seq_len: 32}\n"
+      "strategy: {pipeline_stages: 2}\nrun_dir: " + (scratchRoot() / "lay").string() + "\n",
+      "layout");
+  auto lay = parallelLayout(job);
+  ASSERT_TRUE(lay.isOk()) << lay.status().toString();
+  EXPECT_EQ(lay->stage_layers, (std::vector<int64_t>{6, 2}));  // 3x faster stage, a small head
+  EXPECT_EQ(lay->replicas, 1);
+}
+
+TEST(Pipeline, BadSplitsAreRejectedNamingTheField) {
+  auto bad = [](const std::string& strategy, const std::string& model_extra, const std::string& want) {
+    fs::path p = scratchRoot() / "bad_pp.yaml";
+    std::ofstream(p) << "cluster:\n  islands:\n    - {name: a, count: 3}\n"
+                     << "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32" << model_extra << "}\n"
+                     << "data: {dir: x, seq_len: 32}\nstrategy: " << strategy << "\nrun_dir: y\n";
+    auto j = core::loadJob(p.string());
+    ASSERT_FALSE(j.isOk()) << strategy;
+    EXPECT_THAT(j.status().message(), HasSubstr(want)) << strategy;
+  };
+  bad("{pipeline_stages: 2}", "", "strategy.pipeline_stages");                            // 2 does not divide 3
+  bad("{pipeline_stages: 3, stage_layers: [2, 1, 2]}", "", "strategy.stage_layers");     // sums to 5
+  bad("{pipeline_stages: 3}", ", tie_embeddings: true", "model.tie_embeddings");
+  bad("{pipeline_stages: 3, kind: diloco}", "", "strategy.kind");
+  bad("{expert_parallel: 3}", ", moe: {num_experts: 2}", "strategy.expert_parallel");
+  bad("{expert_parallel: 3, expert_counts: [1, 1]}", ", moe: {num_experts: 4}", "strategy.expert_counts");
+}
+
+// ---- multi-process runs against the single-process reference -------------------
+
+std::string jobYaml(const fs::path& run_dir, const std::string& islands, int steps, const std::string& model_extra,
+                    const std::string& strategy, const std::string& train_extra = "") {
+  std::ostringstream o;
+  o << "cluster:\n  islands:\n" << islands << "\n"
+    << "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32" << model_extra << "}\n"
+    << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
+    << "train: {steps: " << steps << ", global_batch: 8, micro_batch: 2, lr: 0.003, warmup_steps: 3, eval_every: 0, "
+    << "rebalance: false" << train_extra << "}\n"
+    << "strategy: " << strategy << "\n"
+    << "checkpoint: {every: 0, keep_last: 3}\n"
+    << "run_dir: " << run_dir.string() << "\n";
+  return o.str();
+}
+
+std::vector<double> reference(const std::string& name, int steps, const std::string& model_extra) {
+  auto job = loadJobText(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}", steps, model_extra, "{kind: sync}"),
+                         name);
+  TrainerOptions o;
+  o.job = job;
+  o.run_dir = job.run_dir;
+  o.write_metrics = false;
+  auto s = runTrainer(o);
+  EXPECT_TRUE(s.isOk()) << s.status().toString();
+  return s.isOk() ? s->losses : std::vector<double>{};
+}
+
+void expectCurve(const fs::path& run, const std::vector<double>& ref, int from_step, int to_step, double tol,
+                 const std::string& what) {
+  auto losses = testutil::rank0Losses(run);
+  for (int s = from_step; s <= to_step; ++s) {
+    ASSERT_TRUE(losses.count(s)) << what << ": no loss for step " << s;
+    EXPECT_NEAR(losses[s], ref[static_cast<size_t>(s - 1)], tol * ref[0]) << what << " step " << s;
+  }
+}
+
+constexpr int kSteps = 20;
+constexpr double kTol = 2e-5;  // relative to the first loss (~5.5): fp32 summation-order noise
+
+TEST(Pipeline, TwoAndThreeUnevenStagesMatchSingleProcess) {
+  auto ref = reference("pp_ref", kSteps, "");
+  ASSERT_EQ(ref.size(), static_cast<size_t>(kSteps));
+  // PP=2 (speed-derived split) with activation recomputation.
+  fs::path run2 = scratchRoot() / "pp2";
+  ASSERT_EQ(testutil::runTrain(jobYaml(run2, "    - {name: a, count: 2}", kSteps, "", "{pipeline_stages: 2}",
+                                       ", recompute: true"),
+                               "pp2"),
+            0)
+      << outputOf("pp2");
+  expectCurve(run2, ref, 1, kSteps, kTol, "PP=2");
+  // PP=3, uneven [2, 1, 1], the last stage on another island behind an emulated strait.
+  fs::path run3 = scratchRoot() / "pp3";
+  std::string islands3 = "    - {name: a, count: 2}\n    - {name: b, count: 1}\n"
+                         "  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]";
+  ASSERT_EQ(testutil::runTrain(jobYaml(run3, islands3, kSteps, "", "{pipeline_stages: 3, stage_layers: [2, 1, 1]}"),
+                               "pp3"),
+            0)
+      << outputOf("pp3");
+  expectCurve(run3, ref, 1, kSteps, kTol, "PP=3");
+  // The report lines: per-stage busy time and bubble, and the trace shows the schedule.
+  auto pl = testutil::metricLines(run3, "pipeline");
+  ASSERT_FALSE(pl.empty());
+  EXPECT_EQ(pl.back()["busy_s"].size(), 3u);
+  EXPECT_EQ(pl.back()["micro_batches"].get<int>(), 4);
+  EXPECT_NEAR(pl.back()["bubble_1f1b_theory"].get<double>(), 2.0 / 6.0, 1e-12);
+  for (double b : pl.back()["bubble"]) EXPECT_GE(b, 0.0);
+  std::ifstream tf(run3 / "trace.json");
+  std::string trace((std::istreambuf_iterator<char>(tf)), std::istreambuf_iterator<char>());
+  EXPECT_THAT(trace, HasSubstr("\"F3\""));
+  EXPECT_THAT(trace, HasSubstr("\"B3\""));
+}
+
+TEST(Pipeline, TwoPipelinesWithUnevenSharesMatchSingleProcess) {
+  auto ref = reference("pp_dp_ref", kSteps, "");
+  // 2 pipelines x 2 stages; shares 6:2 between the pipelines (global batch 8).
+  fs::path run = scratchRoot() / "pp_dp";
+  std::string yaml = jobYaml(run, "    - {name: a, count: 4}", kSteps, "", "{pipeline_stages: 2}");
+  yaml.replace(yaml.find("rebalance: false"), 16, "rebalance: false, shares: [3, 3, 1, 1]");
+  ASSERT_EQ(testutil::runTrain(yaml, "pp_dp"), 0) << outputOf("pp_dp");
+  expectCurve(run, ref, 1, kSteps, kTol, "2 pipelines");
+  std::map<int, int64_t> samples;
+  for (const auto& j : testutil::metricLines(run, "step")) samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
+  EXPECT_EQ(samples[0], 6);
+  EXPECT_EQ(samples[1], 6);
+  EXPECT_EQ(samples[2], 2);
+  EXPECT_EQ(samples[3], 2);
+}
+
+TEST(ExpertParallel, TwoMembersWithUnevenExpertsMatchSingleProcess) {
+  // Router-bias balancing sums the load over ranks, so the split run is the
+  // single-process run exactly (an aux loss per rank's micro-batch would not be).
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = reference("ep_ref", kSteps, moe);
+  fs::path run = scratchRoot() / "ep2";
+  ASSERT_EQ(testutil::runTrain(jobYaml(run, "    - {name: a, count: 2}", kSteps, moe,
+                                       "{expert_parallel: 2, expert_counts: [3, 1]}"),
+                               "ep2"),
+            0)
+      << outputOf("ep2");
+  expectCurve(run, ref, 1, kSteps, kTol, "EP=2");
+  auto ml = testutil::metricLines(run, "moe");
+  ASSERT_FALSE(ml.empty());
+  int64_t sum = 0;
+  for (auto c : ml.back()["tokens_per_expert"]) sum += c.get<int64_t>();
+  EXPECT_EQ(sum, 2 * 2 * 32 * 2);  // the last micro-batch (2 samples x 32 tokens) of both ranks, top-2
+  EXPECT_GT(ml.back()["dispatch_bytes"].get<int64_t>(), 0);
+}
+
+TEST(ExpertParallel, CapacityDropsAreCountedAndBf16DispatchTrains) {
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, capacity_factor: 0.5}";
+  auto ref = reference("ep_cap_ref", 10, moe);
+  fs::path run = scratchRoot() / "ep_cap";
+  ASSERT_EQ(testutil::runTrain(jobYaml(run, "    - {name: a, count: 2}", 10, moe,
+                                       "{expert_parallel: 2, dispatch_codec: bf16}"),
+                               "ep_cap"),
+            0)
+      << outputOf("ep_cap");
+  auto ml = testutil::metricLines(run, "moe");
+  ASSERT_FALSE(ml.empty());
+  EXPECT_GT(ml.back()["dropped"].get<int64_t>(), 0);
+  // Capacity per rank's micro-batch and bf16 rows change the numbers a little, not the curve.
+  auto losses = testutil::rank0Losses(run);
+  ASSERT_EQ(losses.size(), 10u);
+  EXPECT_NEAR(losses[10], ref[9], 0.03 * ref[9]);
+}
+
+TEST(Pipeline, SavedAtTwoStagesResumesAtOneAndThree) {
+  const int steps = 12, k = 6;  // cut half-way
+  auto ref = reference("rs_ref", steps, "");
+  fs::path cut = scratchRoot() / "rs_pp2";
+  std::string yaml = jobYaml(cut, "    - {name: a, count: 2}", steps, "", "{pipeline_stages: 2, stage_layers: [3, 1]}");
+  yaml.replace(yaml.find("{every: 0"), 9, "{every: " + std::to_string(k));
+  EXPECT_NE(testutil::runTrain(yaml, "rs_pp2", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(cut / "checkpoints" / checkpointDirName(k))) << outputOf("rs_pp2");
+  expectCurve(cut, ref, 1, k, kTol, "PP=2 before the cut");
+  // The checkpoint is in the single-process layout.
+  auto ck = loadCheckpoint((cut / "checkpoints" / checkpointDirName(k)).string());
+  ASSERT_TRUE(ck.isOk()) << ck.status().toString();
+  auto full = model::buildModel(ck->model, 0);
+  ASSERT_TRUE(full.isOk()) << full.status().toString();
+  std::set<std::string> want, got;
+  for (auto& [n, t] : (*full)->namedParameters()) want.insert(n);
+  for (auto& [n, t] : ck->weights) got.insert(n);
+  EXPECT_EQ(got, want);
+  std::map<std::string, torch::Tensor> opt(ck->optimizer.begin(), ck->optimizer.end());
+  EXPECT_EQ(opt["exp_avg"].numel(), (*full)->numParameters());
+  for (const auto& [islands, strategy, name] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"    - {name: a, count: 1}", "{kind: sync}", "rs_pp1"},
+           {"    - {name: a, count: 3}", "{pipeline_stages: 3, stage_layers: [1, 2, 1]}", "rs_pp3"}}) {
+    fs::path run = scratchRoot() / name;
+    fs::create_directories(run);
+    fs::copy(cut / "checkpoints", run / "checkpoints", fs::copy_options::recursive);
+    ASSERT_EQ(testutil::runTrain(jobYaml(run, islands, steps, "", strategy), name, {"--resume"}), 0) << outputOf(name);
+    expectCurve(run, ref, k + 1, steps, kTol, name);
+  }
+}
+
+}  // namespace
+}  // namespace archipelago::runtime
