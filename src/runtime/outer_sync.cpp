@@ -15,7 +15,10 @@
 // (so every rank issues the same collectives in the same order on this
 // object's groups) and, for the fragment it is working on, owns that
 // fragment's slice of anchor / momentum and its error-feedback residual
-// until the trainer's thread has waited for the job.
+// until the job is `ready` (the trainer's thread waits for that). The replica
+// check of an outer step (a digest exchange, one more round trip over the
+// straits) runs on the outer thread after `ready`, while training goes on;
+// a mismatch fails the next complete() or finish().
 //
 // Groups: the inner steps use the trainer's island groups and the world
 // group from other threads at the same time, and a Group's tag space is a
@@ -121,12 +124,17 @@ struct Job {
   std::vector<float> buf;      // in: local delta; out: the islands' weighted mean delta
   std::vector<float> sent;     // params at submission (only with overlap)
   core::TimePoint t_submit;
-  // Results, written by the outer thread before `done`.
-  bool done = false;
+  // Results, written by the outer thread before `ready`: the exchange and
+  // the outer step are done, the anchor holds the new value.
+  bool ready = false;
   core::Status status;
   double exchange_s = 0;
   uint64_t strait_bytes = 0;   // payload bytes this rank put on the cross group (computed from codec sizes)
-  std::string digest;          // sha256 hex of (anchor, momentum) of the fragment after the outer step
+  core::Sha256Digest dg{};     // sha256 of (anchor, momentum) of the fragment after the outer step
+  std::string digest;          // the same in hex
+  // Set by the outer thread once the replica check of this outer step has
+  // finished (after `ready`; its failure goes to check_failure_).
+  bool done = false;
 };
 
 class FragmentOuterSync final : public OuterSync {
@@ -216,7 +224,7 @@ class FragmentOuterSync final : public OuterSync {
       ARCH_RETURN_IF_ERROR(complete(inflight_.front(), p, step));
       inflight_.pop_front();
     }
-    if (step < ctx_.job->train.steps) return core::okStatus();  // a stop: the next run continues the rounds
+    if (step < ctx_.job->train.steps) return waitForChecks();  // a stop: the next run continues the rounds
     // End of training: a last outer step over every fragment with progress
     // since its last sync, so that every replica ends with the same weights.
     bool any = false;
@@ -229,15 +237,16 @@ class FragmentOuterSync final : public OuterSync {
       any = true;
     }
     if (any && ctx_.rank == 0) ARCH_LOG_INFO("{}: final outer sync at step {}", ctx_.job->strategy.kind, step);
-    return core::okStatus();
+    return waitForChecks();
   }
 
   NamedTensors stateTensors() const override {
-    // A job still running writes its fragment's anchor: let it finish first.
+    // A job still running writes its fragment's anchor: let it get that far
+    // (its replica check only reads the digest).
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] {
-        return std::all_of(inflight_.begin(), inflight_.end(), [](const auto& j) { return j->done; });
+        return std::all_of(inflight_.begin(), inflight_.end(), [](const auto& j) { return j->ready; });
       });
     }
     NamedTensors out{{"anchor", anchor_}, {"momentum", momentum_}};
@@ -324,7 +333,12 @@ class FragmentOuterSync final : public OuterSync {
     }
     // Members of every island, descending.
     members_.assign(static_cast<size_t>(n_islands), {});
-    for (int r = world - 1; r >= 0; --r) members_[static_cast<size_t>(ctx_.island_of_rank[static_cast<size_t>(r)])].push_back(r);
+    // Only the world group's members take part (after a failure some slots are empty).
+    const auto& in_world = ctx_.world_group->ranks();
+    for (int r = world - 1; r >= 0; --r) {
+      if (std::find(in_world.begin(), in_world.end(), r) == in_world.end()) continue;
+      members_[static_cast<size_t>(ctx_.island_of_rank[static_cast<size_t>(r)])].push_back(r);
+    }
     K_ = SIZE_MAX;
     for (const auto& m : members_) {
       if (!m.empty()) K_ = std::min(K_, m.size());
@@ -363,6 +377,7 @@ class FragmentOuterSync final : public OuterSync {
     {
       std::lock_guard<std::mutex> lock(mu_);
       queue_.push_back(job);
+      ++submitted_;
     }
     cv_.notify_all();
     return job;
@@ -371,11 +386,14 @@ class FragmentOuterSync final : public OuterSync {
   // Waits for the job's exchange and outer step, then writes the fragment's parameters.
   core::Status complete(const std::shared_ptr<Job>& job, float* p, int64_t step) {
     const auto t0 = core::Clock::now();
+    core::Status failed_check;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return job->done; });
+      cv_.wait(lock, [&] { return job->ready; });
+      failed_check = check_failure_;
     }
     const double wait_s = core::secondsSince(t0);
+    ARCH_RETURN_IF_ERROR(failed_check);
     ARCH_RETURN_IF_ERROR(job->status.withContext(fmt::format("outer step of fragment {} sent after step {}",
                                                              job->frag, job->sent_step)));
     const auto& fr = frags_[static_cast<size_t>(job->frag)];
@@ -422,10 +440,30 @@ class FragmentOuterSync final : public OuterSync {
         std::lock_guard<std::mutex> lock(mu_);
         job->status = st;
         job->exchange_s = core::secondsSince(t0);
+        job->ready = true;
+      }
+      cv_.notify_all();
+      // The replica check runs while the trainer already trains on the
+      // result: it costs a round trip over the straits that nobody needs to
+      // wait for. A mismatch fails the next complete() or finish().
+      core::Status cs = st.isOk() ? checkDigests(job->dg, fmt::format("the outer step of fragment {} sent after step {}",
+                                                                      job->frag, job->sent_step))
+                                  : core::okStatus();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!cs.isOk() && check_failure_.isOk()) check_failure_ = cs;
         job->done = true;
+        ++checked_;
       }
       cv_.notify_all();
     }
+  }
+
+  // Every submitted outer step has been checked; the first failed check, if any.
+  core::Status waitForChecks() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return checked_ == submitted_; });
+    return check_failure_;
   }
 
   comm::OpOptions opts() const {
@@ -502,13 +540,14 @@ class FragmentOuterSync final : public OuterSync {
       const float s = nesterov_ ? d + beta_ * mj : mj;
       a[j] = a[j] - lr_ * s;
     }
-    // 5. Replica check: (anchor, momentum) of the fragment hashed on every rank.
+    // 5. The digest of (anchor, momentum) of the fragment for the replica
+    // check, which loop() runs after handing the result to the trainer.
     core::Sha256 h;
     h.update(a, n * sizeof(float));
     h.update(m, n * sizeof(float));
-    const auto dg = h.finish();
-    job.digest = core::toHex(dg);
-    return checkDigests(dg, fmt::format("the outer step of fragment {} sent after step {}", job.frag, job.sent_step));
+    job.dg = h.finish();
+    job.digest = core::toHex(job.dg);
+    return core::okStatus();
   }
 
   std::vector<size_t> shardCounts(size_t n) const {
@@ -594,6 +633,8 @@ class FragmentOuterSync final : public OuterSync {
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
+  int64_t submitted_ = 0, checked_ = 0;  // jobs submitted / whose replica check finished
+  core::Status check_failure_;           // first failed replica check
   bool stop_ = false;
   core::AbortFlag abort_;
   std::thread thread_;

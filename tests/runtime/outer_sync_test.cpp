@@ -217,7 +217,8 @@ TEST_P(DiLoCoCodec, ReplicasBitIdenticalAfterEveryOuterStep) {
   // shard holder is rank 1 and rank 0 only receives (K = 1).
   auto outer = metricLines(name, "outer");
   ASSERT_FALSE(outer.empty());
-  const double expected = codec == "none" ? 4 : codec == "bf16" ? 2 : 1;
+  // Bytes per parameter of the codec's payload (fp32 4, 16-bit 2, 8-bit 1, int4 0.5; + block scales).
+  const double expected = codec == "none" ? 4 : codec == "bf16" || codec == "fp16" ? 2 : codec == "int4" ? 0.5 : 1;
   for (const auto& j : outer) {
     const int rank = j["rank"].get<int>();
     const double per_param = j["bytes_strait"].get<double>() / j["params"].get<double>();
@@ -229,7 +230,8 @@ TEST_P(DiLoCoCodec, ReplicasBitIdenticalAfterEveryOuterStep) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Codecs, DiLoCoCodec, ::testing::Values("none", "bf16", "int8", "fp8_e4m3"));
+INSTANTIATE_TEST_SUITE_P(Codecs, DiLoCoCodec,
+                         ::testing::Values("none", "bf16", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"));
 
 TEST(DiLoCo, LossFallsOnTinyCorpus) {
   const std::string strategy = "{kind: diloco, inner_steps: 5, outer_lr: 0.7, outer_momentum: 0.9, codec: int8}";
@@ -257,7 +259,9 @@ TEST(Streaming, FragmentsSyncOnScheduleReplicasAgreeAndLossFalls) {
   expectIdenticalReplicas("stream", 14);
   // Results are applied overlap_steps later (except the final sync).
   for (const auto& j : outer) {
-    if (j["sent_step"].get<int64_t>() < steps) EXPECT_EQ(j["step"].get<int64_t>(), j["sent_step"].get<int64_t>() + 2);
+    if (j["sent_step"].get<int64_t>() < steps) {
+      EXPECT_EQ(j["step"].get<int64_t>(), j["sent_step"].get<int64_t>() + 2);
+    }
   }
   auto losses = stepLosses("stream");
   ASSERT_EQ(losses.size(), static_cast<size_t>(steps));
