@@ -77,7 +77,7 @@ struct LocalWorker {
 // compute wall time. Returns per worker {end of real compute, end incl. sleep}.
 std::vector<std::pair<double, double>> runComputePhase(const std::vector<double>& work,
                                                        const std::vector<double>& slowdown, double cores,
-                                                       double threads) {
+                                                       double threads, double background) {
   const size_t n = work.size();
   std::vector<double> left = work;
   std::vector<std::pair<double, double>> out(n, {0.0, 0.0});
@@ -85,7 +85,7 @@ std::vector<std::pair<double, double>> runComputePhase(const std::vector<double>
   double now = 0;
   size_t running = n;
   while (running > 0) {
-    const double demand = threads * d(static_cast<int64_t>(running));
+    const double demand = threads * d(static_cast<int64_t>(running)) + background;
     const double rate = cores > 0 ? std::min(1.0, cores / demand) : 1.0;
     double dt = std::numeric_limits<double>::infinity();
     for (size_t i = 0; i < n; ++i) {
@@ -156,7 +156,12 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   p.measured_parts = measured;
   const double threads = d(std::max<int64_t>(1, tc.threads_per_worker));
   p.host_cores = dc && dc->host_cores > 0 ? dc->host_cores : 0;
-  p.oversubscribed = p.host_cores > 0 && threads * d(world) > p.host_cores;
+  // Other runnable threads on a shared host (measured while calibrating)
+  // are assumed to keep running during training and take their share of
+  // the cores. The measured parts are uncontended (fastest of several runs).
+  const double background = p.host_cores > 0 ? dc->background_procs : 0.0;
+  p.background_procs = background;
+  p.oversubscribed = p.host_cores > 0 && threads * d(world) + background > p.host_cores;
 
   // Seconds of forward+backward for one micro-batch of n samples on worker r
   // (alone on its cores), and the model FLOPs of it.
@@ -235,7 +240,8 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   const double opt_alone = dc && dc->optimizer_s_per_param > 0
                                ? dc->optimizer_s_per_param * params
                                : cm.memoryTime(workers[0].dev, params * 4 * 4 * 2);  // fp32 w, g, m, v read+write
-  const double cores_factor = p.host_cores > 0 ? std::max(1.0, threads * d(world) / p.host_cores) : 1.0;
+  const double cores_factor =
+      p.host_cores > 0 ? std::max(1.0, (threads * d(world) + background) / p.host_cores) : 1.0;
   const double opt_s = opt_alone * cores_factor;
   const double overhead = dc ? dc->step_overhead_s : 0.0;
 
@@ -264,7 +270,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       work.push_back(wks.back().total);
       slow.push_back(workers[r].slowdown);
     }
-    const auto phase = runComputePhase(work, slow, p.host_cores, threads);
+    const auto phase = runComputePhase(work, slow, p.host_cores, threads, background);
     double compute_end = 0, real_end = 0, first_ready = 0;
     for (size_t r = 0; r < workers.size(); ++r) {
       compute_end = std::max(compute_end, phase[r].second);
@@ -322,9 +328,12 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       "predicted {:.1f} ms = compute {:.1f} + comm {:.1f} + optimizer {:.1f} + overhead {:.1f} at shares [{}]; {}; {}",
       1e3 * p.total_s, 1e3 * p.compute_s, 1e3 * p.comm_s, 1e3 * p.optimizer_s, 1e3 * p.overhead_s, shares_s,
       measured ? "measured model parts" : (profile && dc ? "calibrated GEMMs" : "catalog derating"),
-      p.host_cores > 0 ? fmt::format("{} workers x {} threads on {} cores{}", world, tc.threads_per_worker,
-                                     p.host_cores, p.oversubscribed ? " (oversubscribed: workers share cores)" : "")
-                       : std::string("cores not modelled"));
+      p.host_cores > 0
+          ? fmt::format("{} workers x {} threads on {} cores{}{}", world, tc.threads_per_worker, p.host_cores,
+                        background > 0.05 ? fmt::format(" with {:.1f} other runnable threads (measured)", background)
+                                          : std::string(),
+                        p.oversubscribed ? " (oversubscribed: workers share cores)" : "")
+          : std::string("cores not modelled"));
   return p;
 }
 

@@ -374,6 +374,14 @@ core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
     const int64_t rows = std::max<int64_t>(1, *std::max_element(shares.begin(), shares.end())) * T;
     const std::string kind = me.device.empty() ? "cpu" : me.device;
     auto profile = calibrateLocalMatmuls(job.model, rows, kind);
+    {
+      // The job's own model parts at the smallest and largest micro-batch the workers run.
+      std::vector<int64_t> sizes;
+      for (int64_t s : shares) sizes.push_back(job.train.micro_batch > 0 ? std::min(job.train.micro_batch, s) : s);
+      const auto [lo, hi] = std::minmax_element(sizes.begin(), sizes.end());
+      const core::Status st = calibrateLocalModel(job, {*lo, *hi == *lo ? std::max<int64_t>(1, *hi / 2) : *hi}, kind, profile);
+      if (!st.isOk()) ARCH_LOG_WARN("model calibration: {}", st.message());
+    }
     (void)profile.save((fs::path(opt.run_dir) / "calibration.json").string());
     auto catalog = plan::DeviceCatalog::builtin();
     auto pred = catalog.isOk() ? plan::predictStepTime(job, job.model.vocab_size, *catalog, &profile)

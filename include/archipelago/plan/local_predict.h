@@ -7,7 +7,8 @@
 // parts (calibration: average decoder layer and embedding+head+loss, timed
 // with the real kernels), split into micro-batches; all workers of this
 // host sharing its cores (processor sharing when workers x threads >
-// cores); the EMULATED slowdown as the trainer applies it (a sleep of
+// cores, and with the other runnable threads measured on a shared host);
+// the EMULATED slowdown as the trainer applies it (a sleep of
 // (slowdown-1) x the worker's measured compute wall time, which frees its
 // core); the rebalancer moving batch shares toward equal compute time, as
 // the trainer does at its rebalance steps; gradient allreduce inside each
@@ -36,6 +37,7 @@ struct StepPrediction {
   double settled_s = 0;     // one step at the settled shares
   double model_flops = 0;   // per step, all workers
   double host_cores = 0;    // cores assumed shared by the workers (0 = not modelled)
+  double background_procs = 0;  // other runnable threads on the host (measured at calibration)
   bool oversubscribed = false;  // workers x threads > cores
   bool measured_parts = false;  // compute from measured model parts (else GEMM profile / catalog)
   std::vector<int64_t> shares;  // settled batch shares per rank
