@@ -660,6 +660,11 @@ core::Result<std::shared_ptr<Group>> Communicator::rebuild(uint32_t new_epoch, c
   return g;
 }
 
+void Communicator::setAddresses(std::vector<std::string> addresses) {
+  addresses.resize(static_cast<size_t>(config_.world));
+  addresses_ = std::move(addresses);
+}
+
 void Communicator::abort(const std::string& reason) {
   std::shared_ptr<Mesh> m;
   {

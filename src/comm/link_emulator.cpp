@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <thread>
 
@@ -62,7 +63,20 @@ void sleepUntilMicros(int64_t at, const core::AbortFlag* abort) {
   }
 }
 
+// Test hook of the chaos tests: while the file named by
+// ARCHIPELAGO_TEST_STRAIT_DOWN_FILE exists, every emulated strait is down:
+// data frames wait (as TCP would retransmit into a black hole) and flow again
+// when it is removed. Costs nothing when the variable is unset.
+static void waitWhileStraitDown(const core::AbortFlag* abort) {
+  static const char* path = std::getenv("ARCHIPELAGO_TEST_STRAIT_DOWN_FILE");
+  if (!path || !*path) return;
+  while (::access(path, F_OK) == 0 && !(abort && abort->aborted())) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
 int64_t LinkShaper::send(size_t bytes, int64_t stream_last, const core::AbortFlag* abort) {
+  waitWhileStraitDown(abort);
   int64_t done_ns = nowNanos();
   if (params_.bandwidth > 0) {
     const int64_t cost = static_cast<int64_t>(static_cast<double>(bytes) / params_.bandwidth * 1e9);

@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "archipelago/core/hash.h"
@@ -224,6 +225,15 @@ void Mesh::returnScratch(std::unique_ptr<uint8_t[]> buf, size_t size) {
 
 static const char kBye[] = "closing";
 
+// Test hook of the chaos tests: while the file named by
+// ARCHIPELAGO_TEST_CORRUPT_FRAME_FILE exists, the first sender to remove it
+// sends one data frame with a wrong checksum (the receiver must fail the
+// epoch with kDataLoss). Costs nothing when the variable is unset.
+static bool testCorruptNextFrame() {
+  static const char* path = std::getenv("ARCHIPELAGO_TEST_CORRUPT_FRAME_FILE");
+  return path && *path && ::unlink(path) == 0;
+}
+
 namespace {
 constexpr size_t kRemotePayload = 8 + 4 + 8 + 8 + 8;  // id, pid, address, length, host id
 constexpr size_t kAckPayload = 9;                 // id, ok
@@ -423,6 +433,7 @@ core::Status Mesh::writeData(Stream* s, const Part& part) {
     h.offset = part.offset + done;
     h.total = part.req->total;
     h.crc = core::crc32c(p, len);
+    if (testCorruptNextFrame()) h.crc ^= 1u;
     if (shaped) {
       s->last_deliver = s->shaper->send(len + kFrameHeaderSize, s->last_deliver, &io_abort_);
       h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped

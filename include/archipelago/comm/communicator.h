@@ -253,6 +253,10 @@ class Communicator {
   // (group rank i = survivors[i]). Old groups fail fast from now on.
   core::Result<std::shared_ptr<Group>> rebuild(uint32_t new_epoch, const std::vector<int>& survivors,
                                                const core::Deadline& deadline);
+  // Addresses by rank for the next rebuild (a rank that rejoined listens
+  // somewhere new; a joiner that never called connect() learns them here).
+  // Call from the thread that calls rebuild().
+  void setAddresses(std::vector<std::string> addresses);
   // Aborts the current epoch: every pending and later op fails with kAborted.
   void abort(const std::string& reason);
 
