@@ -41,7 +41,11 @@ void addTrainCommands(CLI::App& app) {
   train->add_option("job", launch.job_path, "job file (YAML)")->required();
   train->add_option("--set", launch.load.sets, "override a field: PATH=VALUE; repeatable");
   train->add_flag("--resume", launch.resume, "continue the job's run_dir from its newest valid checkpoint");
-  train->add_option("--max-restarts", launch.max_restarts, "restart from the newest checkpoint after a failure");
+  train->add_option("--max-restarts", launch.max_restarts,
+                    "restart the job from its newest valid checkpoint when it cannot go on (default 0)");
+  train->add_option("--max-replacements", launch.max_replacements,
+                    "start a replacement (worker --join) for a worker that dies, at most this many times (0 = never)")
+      ->capture_default_str();
   train->add_option("--exit-after-step", launch.exit_after_step, "testing: every worker exits abruptly after this step");
   setAction(train, [] {
     launch.self_exe = selfExe();
@@ -57,6 +61,8 @@ void addTrainCommands(CLI::App& app) {
   w->add_option("--world", worker.world, "world size (default: WORLD_SIZE, SLURM_NTASKS, ...)");
   w->add_option("--coordinator", worker.coordinator, "HOST:PORT (default: MASTER_ADDR:MASTER_PORT)");
   w->add_flag("--resume", worker.resume, "start from the newest valid checkpoint");
+  w->add_flag("--join", worker.join,
+              "enter a running job in a failed slot (--rank, or any) with the live state from a peer");
   w->add_option("--exit-after-step", worker.exit_after_step, "testing: exit abruptly after this step");
   setAction(w, [] { return runtime::runWorker(worker); });
 

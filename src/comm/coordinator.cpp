@@ -507,9 +507,15 @@ void CoordinatorClient::startHeartbeats(double interval_s) {
   // hold heartbeats back (the coordinator would declare this rank failed).
   hb_ = std::thread([this, interval_s] {
     std::unique_ptr<CoordinatorClient> c;
+    const auto interval = std::chrono::duration_cast<core::Duration>(std::chrono::duration<double>(interval_s));
+    auto next = core::Clock::now();
     while (!stop_) {
-      for (double t = 0; t < interval_s && !stop_; t += 0.01) ::usleep(10000);
+      // Against the clock, not a count of short sleeps: on a loaded machine
+      // every wake-up is late and the late parts would add up.
+      next += interval;
+      while (!stop_ && core::Clock::now() < next) ::usleep(10000);
       if (stop_) return;
+      if (core::Clock::now() > next + interval) next = core::Clock::now();  // fell behind: do not burst
       if (!c) {
         auto r = connect(address_, secret_, rank_.load(), core::Deadline::afterSeconds(std::max(1.0, 2 * interval_s)));
         if (!r.isOk()) continue;

@@ -25,6 +25,7 @@
 #include "archipelago/core/units.h"
 #include "archipelago/data/prepare.h"
 #include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/metrics.h"
 #include "archipelago/runtime/trainer.h"
 
@@ -90,6 +91,8 @@ struct Child {
   pid_t pid = -1;
   int exit_code = -1;  // set when reaped
   std::string log;
+  bool joiner = false;     // a replacement started with --join
+  bool cancelled = false;  // killed by the launcher after the job finished: its exit code means nothing
 };
 
 std::string tailOf(const std::string& path, size_t max_bytes = 1500) {
@@ -228,14 +231,13 @@ core::Status launchTraining(const LaunchOptions& opt) {
   }
 
   // ---- coordinator + workers ----
-  const std::string secret = randomSecret();
-  comm::CoordinatorOptions co;
-  co.heartbeat_timeout_s = job.strategy.failure_timeout;
-  auto coord = std::make_unique<comm::CoordinatorServer>(secret, co);
-  ARCH_RETURN_IF_ERROR(coord->start());
-  const std::string coord_addr = "127.0.0.1:" + std::to_string(coord->port());
-  ARCH_LOG_INFO("job '{}': {} workers in {} islands; coordinator at {}; run dir {}", job.cluster.name, world,
-                job.cluster.islands.size(), coord_addr, run_dir);
+  struct sigaction sa {};
+  sa.sa_handler = onInterrupt;
+  sigemptyset(&sa.sa_mask);
+  struct sigaction old_int {}, old_term {};
+  sigaction(SIGINT, &sa, &old_int);
+  sigaction(SIGTERM, &sa, &old_term);
+  g_interrupts = 0;
   for (const auto& s : job.cluster.straits) {
     ARCH_LOG_INFO("EMULATED strait {}<->{}: {}, {} one way", s.a, s.b, core::formatBandwidth(s.bandwidth),
                   core::formatDuration(s.latency));
@@ -244,50 +246,8 @@ core::Status launchTraining(const LaunchOptions& opt) {
     if (w.slowdown != 1.0) ARCH_LOG_INFO("EMULATED slowdown x{} on rank {} ({})", w.slowdown, w.rank, w.island);
   }
 
-  struct sigaction sa {};
-  sa.sa_handler = onInterrupt;
-  sigemptyset(&sa.sa_mask);
-  struct sigaction old_int {}, old_term {};
-  sigaction(SIGINT, &sa, &old_int);
-  sigaction(SIGTERM, &sa, &old_term);
-  g_interrupts = 0;
-
-  std::vector<Child> children;
-  for (const auto& w : workers) {
-    Child c;
-    c.rank = w.rank;
-    c.log = (fs::path(run_dir) / "logs" / ("rank" + std::to_string(w.rank) + ".log")).string();
-    pid_t pid = ::fork();
-    if (pid < 0) return core::unavailable("fork failed while starting worker " + std::to_string(w.rank));
-    if (pid == 0) {
-      // Workers ignore the terminal's SIGINT: the launcher decides how to stop them.
-      ::setpgid(0, 0);
-      int fd = ::open(c.log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-        ::close(fd);
-      }
-      ::setenv("ARCHIPELAGO_SECRET", secret.c_str(), 1);
-      std::vector<std::string> args = {opt.self_exe, "worker", "--job", job_file, "--run-dir", run_dir,
-                                       "--rank", std::to_string(w.rank), "--world", std::to_string(world),
-                                       "--coordinator", coord_addr};
-      if (opt.resume) args.push_back("--resume");
-      if (opt.exit_after_step >= 0) {
-        args.push_back("--exit-after-step");
-        args.push_back(std::to_string(opt.exit_after_step));
-      }
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(opt.self_exe.c_str(), argv.data());
-      std::fprintf(stderr, "cannot exec '%s': %s\n", opt.self_exe.c_str(), std::strerror(errno));
-      std::_Exit(127);
-    }
-    c.pid = pid;
-    children.push_back(c);
-  }
-
+  MetricsSink events;
+  (void)events.open((fs::path(run_dir) / "metrics.jsonl").string());
   ProgressView progress((fs::path(run_dir) / "metrics.jsonl").string(), job, workers);
   const auto t0 = core::Clock::now();
   int forwarded = 0;
@@ -295,48 +255,190 @@ core::Status launchTraining(const LaunchOptions& opt) {
   bool tty = ::isatty(2);
   auto last_print = core::Clock::now() - std::chrono::seconds(10);
   std::string last_line;
-  while (true) {
-    int alive = 0;
-    for (auto& c : children) {
-      if (c.exit_code >= 0) continue;
-      int status = 0;
-      pid_t r = ::waitpid(c.pid, &status, WNOHANG);
-      if (r == c.pid) {
+  int replacements = 0;
+
+  for (int attempt = 0;; ++attempt) {
+    const bool resume = opt.resume || (attempt > 0 && latestValidCheckpoint(run_dir).isOk());
+    const std::string secret = randomSecret();
+    comm::CoordinatorOptions co;
+    co.heartbeat_timeout_s = job.strategy.failure_timeout;
+    auto coord = std::make_unique<comm::CoordinatorServer>(secret, co);
+    ARCH_RETURN_IF_ERROR(coord->start());
+    const std::string coord_addr = "127.0.0.1:" + std::to_string(coord->port());
+    ARCH_LOG_INFO("job '{}': {} workers in {} islands; coordinator at {}; run dir {}{}", job.cluster.name, world,
+                  job.cluster.islands.size(), coord_addr, run_dir,
+                  attempt > 0 ? fmt::format(" (restart {} of {})", attempt, opt.max_restarts) : "");
+
+    std::vector<Child> children;
+    auto spawn = [&](int rank, bool join) -> core::Status {
+      Child c;
+      c.rank = rank;
+      c.log = (fs::path(run_dir) / "logs" / ("rank" + std::to_string(rank) + ".log")).string();
+      std::vector<std::string> args = {opt.self_exe, "worker", "--job", job_file, "--run-dir", run_dir,
+                                       "--rank", std::to_string(rank), "--world", std::to_string(world),
+                                       "--coordinator", coord_addr};
+      if (join) args.push_back("--join");
+      if (resume && !join) args.push_back("--resume");
+      if (opt.exit_after_step >= 0 && attempt == 0 && !join) {
+        args.push_back("--exit-after-step");
+        args.push_back(std::to_string(opt.exit_after_step));
+      }
+      pid_t pid = ::fork();
+      if (pid < 0) return core::unavailable("fork failed while starting worker " + std::to_string(rank));
+      if (pid == 0) {
+        // Workers ignore the terminal's SIGINT: the launcher decides how to stop them.
+        ::setpgid(0, 0);
+        int fd = ::open(c.log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+          ::dup2(fd, 1);
+          ::dup2(fd, 2);
+          ::close(fd);
+        }
+        ::setenv("ARCHIPELAGO_SECRET", secret.c_str(), 1);
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        ::execv(opt.self_exe.c_str(), argv.data());
+        std::fprintf(stderr, "cannot exec '%s': %s\n", opt.self_exe.c_str(), std::strerror(errno));
+        std::_Exit(127);
+      }
+      c.pid = pid;
+      c.joiner = join;
+      children.push_back(c);
+      // Who is who, for operators and the chaos tests (kill -9 / SIGSTOP a rank).
+      nlohmann::json pids = nlohmann::json::object();
+      for (const auto& ch : children) {
+        if (ch.exit_code < 0) pids[std::to_string(ch.rank)] = ch.pid;
+      }
+      (void)writeFileAtomic((fs::path(run_dir) / "workers.json").string(),
+                            nlohmann::json{{"coordinator", coord_addr}, {"attempt", attempt}, {"pids", pids}}.dump());
+      return core::okStatus();
+    };
+    for (const auto& w : workers) ARCH_RETURN_IF_ERROR(spawn(w.rank, false));
+
+    bool restart = false;
+    failure = core::okStatus();
+    double finished_at = 0;  // when the first worker finished the job (0: none yet)
+    while (true) {
+      // Reap. A worker that crashed, was killed, or was evicted (declared
+      // failed while the job went on) is replaced by a joiner in its slot;
+      // any other non-zero exit fails the job (or restarts it).
+      int alive = 0;
+      std::vector<int> to_replace;
+      for (auto& c : children) {
+        if (c.exit_code >= 0) continue;
+        int status = 0;
+        pid_t r = ::waitpid(c.pid, &status, WNOHANG);
+        if (r != c.pid) {
+          ++alive;
+          continue;
+        }
         c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        if (c.exit_code != 0 && failure.isOk()) {
+        if (c.exit_code == 0) {
+          if (finished_at == 0) finished_at = core::secondsSince(t0);
+          continue;
+        }
+        if (c.cancelled) continue;
+        const bool crashed = WIFSIGNALED(status) || c.exit_code == kExitEvicted;
+        if (c.exit_code == kExitRestartJob) {
+          restart = true;
+          ARCH_LOG_WARN("worker {} stopped: too few workers left or the coordinator was lost; the job restarts from "
+                        "its newest checkpoint", c.rank);
+        } else if (crashed && forwarded == 0) {
+          to_replace.push_back(c.rank);
+          ARCH_LOG_WARN("worker {} {} (exit {}); the others continue", c.rank,
+                        c.exit_code == kExitEvicted ? "was evicted" : "died", c.exit_code);
+        } else if (failure.isOk() && forwarded == 0) {
           failure = core::unavailable("worker " + std::to_string(c.rank) + " exited with code " +
                                       std::to_string(c.exit_code) + "; its log (" + c.log + ") ends with:\n" +
                                       tailOf(c.log));
         }
-      } else {
+      }
+      for (int r : to_replace) {
+        if (finished_at > 0) continue;  // the job is done: nothing to join
+        if (alive == 0) {
+          restart = true;  // nobody left to hand the state over
+          continue;
+        }
+        if (replacements >= opt.max_replacements) {
+          ARCH_LOG_WARN("not replacing worker {}: the {} replacement(s) allowed by --max-replacements are used; the "
+                        "others go on without it", r, opt.max_replacements);
+          continue;
+        }
+        ++replacements;
+        ARCH_LOG_INFO("starting a replacement for rank {} (--join)", r);
+        events.write({{"kind", "event"}, {"event", "replace"}, {"rank", r}, {"step", progress.lastStep()},
+                      {"detail", fmt::format("launcher started a replacement worker for rank {}", r)}});
+        ARCH_RETURN_IF_ERROR(spawn(r, true));
         ++alive;
       }
+      // Fencing: a process whose slot the coordinator declared failed (it
+      // stalled, e.g. SIGSTOP) must not come back into the job: kill it; it
+      // is then replaced like a crashed one.
+      {
+        const auto m = coord->membership();
+        for (auto& c : children) {
+          if (c.exit_code >= 0 || c.rank >= static_cast<int>(m.pids.size())) continue;
+          if (std::binary_search(m.failed.begin(), m.failed.end(), c.rank) && m.pids[static_cast<size_t>(c.rank)] == c.pid) {
+            ARCH_LOG_WARN("worker {} (pid {}) was declared failed but still runs: killing it", c.rank, c.pid);
+            ::kill(c.pid, SIGKILL);
+            ::kill(c.pid, SIGCONT);
+          }
+        }
+      }
+      // A replacement still waiting to join when the others have finished the
+      // job has nothing to join: stop it (after a grace period in which a
+      // joiner that is in step finishes by itself).
+      if (finished_at > 0 && core::secondsSince(t0) - finished_at > 10) {
+        for (auto& c : children) {
+          if (c.exit_code < 0 && c.joiner && !c.cancelled) {
+            ARCH_LOG_INFO("stopping replacement worker {}: the job finished before it could join", c.rank);
+            c.cancelled = true;
+            ::kill(c.pid, SIGKILL);
+          }
+        }
+      }
+      if (alive == 0) break;
+      if (!failure.isOk() || restart) {
+        // The others cannot finish without it: stop them.
+        for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGTERM);
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        for (auto& c : children) if (c.exit_code < 0) { ::kill(c.pid, SIGKILL); ::kill(c.pid, SIGCONT); }
+      }
+      int ints = g_interrupts.load();
+      if (ints > forwarded) {
+        // First Ctrl-C: workers stop at the next step boundary and checkpoint.
+        // Second: stop now.
+        int sig = ints == 1 ? SIGINT : SIGKILL;
+        ARCH_LOG_WARN(ints == 1 ? "interrupt: workers stop after this step and write a checkpoint (Ctrl-C again to kill)"
+                                : "second interrupt: killing workers");
+        for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, sig);
+        forwarded = ints;
+      }
+      progress.poll();
+      if (opt.progress && core::Clock::now() - last_print > std::chrono::milliseconds(tty ? 500 : 10000)) {
+        last_line = progress.line();
+        std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", last_line.c_str());
+        std::fflush(stderr);
+        last_print = core::Clock::now();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-    if (alive == 0) break;
-    if (!failure.isOk()) {
-      // One worker failed: the others cannot finish their collectives. Stop them.
-      for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGTERM);
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
-      for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGKILL);
+    coord->stop();
+    if (forwarded > 0 || (failure.isOk() && !restart)) break;
+    if (attempt >= opt.max_restarts) {
+      if (failure.isOk()) {
+        failure = core::unavailable("the job stopped (too few workers or no coordinator) and the " +
+                                    std::to_string(opt.max_restarts) + " restart(s) allowed by --max-restarts are used up");
+      }
+      break;
     }
-    int ints = g_interrupts.load();
-    if (ints > forwarded) {
-      // First Ctrl-C: workers stop at the next step boundary and checkpoint.
-      // Second: stop now.
-      int sig = ints == 1 ? SIGINT : SIGKILL;
-      ARCH_LOG_WARN(ints == 1 ? "interrupt: workers stop after this step and write a checkpoint (Ctrl-C again to kill)"
-                              : "second interrupt: killing workers");
-      for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, sig);
-      forwarded = ints;
-    }
-    progress.poll();
-    if (opt.progress && core::Clock::now() - last_print > std::chrono::milliseconds(tty ? 500 : 10000)) {
-      last_line = progress.line();
-      std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", last_line.c_str());
-      std::fflush(stderr);
-      last_print = core::Clock::now();
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const auto latest = latestValidCheckpoint(run_dir);
+    const std::string from = latest.isOk() ? *latest : std::string("the beginning (no valid checkpoint)");
+    ARCH_LOG_WARN("restarting the job from {} ({} of {} restarts)", from, attempt + 1, opt.max_restarts);
+    events.write({{"kind", "event"}, {"event", "restart"}, {"step", progress.lastStep()},
+                  {"detail", fmt::format("restart {} of {} from {}{}", attempt + 1, opt.max_restarts, from,
+                                         failure.isOk() ? "" : ": " + failure.message().substr(0, 200))}});
   }
   progress.poll();
   if (opt.progress && (tty || progress.line() != last_line)) {
@@ -344,7 +446,6 @@ core::Status launchTraining(const LaunchOptions& opt) {
   }
   sigaction(SIGINT, &old_int, nullptr);
   sigaction(SIGTERM, &old_term, nullptr);
-  coord->stop();
 
   std::vector<std::string> traces;
   for (int r = 0; r < world; ++r) traces.push_back((fs::path(run_dir) / "trace" / ("rank" + std::to_string(r) + ".json")).string());

@@ -5,7 +5,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <functional>
+#include <map>
+#include <optional>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -13,6 +18,7 @@
 #include <torch/torch.h>
 
 #include "archipelago/core/clock.h"
+#include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/training.h"
@@ -20,9 +26,11 @@
 #include "archipelago/plan/local_predict.h"
 #include "archipelago/runtime/calibrate.h"
 #include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/flat_params.h"
 #include "archipelago/runtime/metrics.h"
 #include "archipelago/runtime/outer_sync.h"
+#include "archipelago/runtime/parallel_trainer.h"
 
 namespace archipelago::runtime {
 
@@ -56,7 +64,9 @@ namespace {
 // same collectives in the same order even if their backward order differs.
 class GradientBucketer {
  public:
-  GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes) : flat_(flat), dp_(dp) {
+  // `overlap`: start bucket reductions from gradient-ready hooks (needs a
+  // group of more than one rank, now or after a membership change).
+  GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap) : flat_(flat), dp_(dp) {
     const auto& segs = flat.segments();
     const int64_t cap = std::max<int64_t>(1, bucket_bytes / 4);
     int64_t end = flat.numel();
@@ -75,13 +85,18 @@ class GradientBucketer {
     for (size_t b = 0; b < buckets_.size(); ++b) {
       for (int s : buckets_[b].segments) seg_bucket_[static_cast<size_t>(s)] = static_cast<int>(b);
     }
-    if (dp_->size() <= 1) return;  // nothing to overlap with
+    if (!overlap) return;  // nothing to overlap with
     std::vector<torch::Tensor> params;
     for (const auto& seg : segs) params.push_back(seg.param);
     hooks_ = std::make_unique<model::GradReadyHooks>(params, [this](size_t i) { onGradReady(i); });
   }
 
   size_t bucketCount() const { return buckets_.size(); }
+  // The gradient group of the next steps (a new epoch's group).
+  void setDp(DpComm* dp) {
+    std::lock_guard<std::mutex> lock(mu_);
+    dp_ = dp;
+  }
 
   // Called before the backward pass whose gradients are final (the last
   // micro-batch of a step).
@@ -162,13 +177,19 @@ class Rebalancer {
   }
   bool due(int64_t step) const { return interval_ > 0 && step > 0 && step % interval_ == 0; }
   double mine() const { return mine_; }
-  core::Result<std::vector<int64_t>> shares(DpComm* dp, int64_t global_batch) {
+  // Shares by slot: the members of `dp` (the ranks `members`, in group
+  // order) split the global batch; every other slot gets 0.
+  core::Result<std::vector<int64_t>> shares(DpComm* dp, int64_t global_batch, const std::vector<int>& members,
+                                            int slots) {
     std::vector<double> all(static_cast<size_t>(dp->size()));
     double m = mine_;
     ARCH_RETURN_IF_ERROR(dp->allgather(std::span<const double>(&m, 1), all));
     std::vector<double> weights;
     for (double s : all) weights.push_back(s > 0 ? 1.0 / s : 1.0);
-    return data::sharesFromWeights(weights, global_batch);
+    ARCH_ASSIGN_OR_RETURN(auto sh, data::sharesFromWeights(weights, global_batch));
+    std::vector<int64_t> out(static_cast<size_t>(slots), 0);
+    for (size_t i = 0; i < members.size() && i < sh.size(); ++i) out[static_cast<size_t>(members[i])] = sh[i];
+    return out;
   }
 
  private:
@@ -179,425 +200,1067 @@ class Rebalancer {
 
 }  // namespace
 
-core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
-  const auto t_start = core::Clock::now();
-  LocalDp local;
-  DpComm* dp = opt.dp ? opt.dp : &local;
-  DpComm* grad_dp = opt.inner ? opt.inner : dp;
-  const int rank = dp->rank();
-  const int world = dp->size();
-  core::JobConfig job = opt.job;
-  const auto& tc = job.train;
-  const auto workers = workersOf(job.cluster);
-  if (static_cast<int>(workers.size()) != world && world != 1) {
-    return core::invalidArgument("the cluster spec has " + std::to_string(workers.size()) +
-                                 " workers but the communicator has " + std::to_string(world));
-  }
-  const WorkerInfo me = world == 1 && workers.size() != 1 ? WorkerInfo{} : workers[static_cast<size_t>(rank)];
+namespace {
 
-  torch::set_num_threads(static_cast<int>(tc.threads_per_worker));
+// Test hook of the integrity tests: ARCHIPELAGO_TEST_CORRUPT_PARAMS=RANK:STEP
+// perturbs that rank's parameters right after that step (a silent
+// divergence the replica check must find and repair).
+std::pair<int, int64_t> corruptParamsHook() {
+  const char* v = std::getenv("ARCHIPELAGO_TEST_CORRUPT_PARAMS");
+  if (!v || !*v) return {-1, -1};
+  int r = -1;
+  long long s = -1;
+  if (std::sscanf(v, "%d:%lld", &r, &s) != 2) return {-1, -1};
+  return {r, static_cast<int64_t>(s)};
+}
+
+void hashTensor(core::Sha256& h, const torch::Tensor& t) {
+  torch::Tensor c = t.contiguous();
+  h.update(c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
+}
+
+// The trainer of one worker (one process). State that must be identical on
+// every replica: flat parameters (+ model buffers), optimizer state, step,
+// sampler position, outer-sync state. With an ElasticSession it also keeps
+// the last committed step's copy of that state in memory, so a step that a
+// failure interrupts is abandoned and retried in the next epoch.
+class Trainer {
+ public:
+  explicit Trainer(const TrainerOptions& opt) : opt_(opt), job_(opt.job), tc_(job_.train) {}
+  core::Result<TrainSummary> run();
+
+ private:
+  // ---- set-up ----
+  core::Status setup();
+  core::Status resumeFromCheckpoint();
+  void bindComm();
+  core::Status makeOuter(const NamedTensors* tensors, const nlohmann::json* state);
+  core::Result<std::vector<int64_t>> initialShares() const;
+  void predict();
+
+  // ---- one step ----
+  core::Status trainStep();
+  core::Result<CheckpointState> snapshot(int64_t step);
+  core::Result<double> evaluate();
+  core::Status writeCheckpoint(bool at_end);
+
+  // ---- elasticity ----
+  bool elastic() const { return opt_.elastic != nullptr; }
+  bool amWriter() const { return alive_.empty() || alive_.front() == rank_; }
+  // Copies the replica state as the new rollback point; refresh_outer also
+  // re-reads the outer sync's tensors (otherwise only when they may change).
+  void commit(bool refresh_outer = false);
+  void rollback();
+  core::Status recover(const core::Status& cause);
+  core::Status syncReplicas(const std::string& why);
+  core::Status checkIntegrity();
+  core::Status transferState(comm::Group& g, int donor, const std::vector<int>& receivers);
+  std::string serializeState();
+  core::Status applyState(const std::string& blob);
+  core::Sha256Digest stateDigest(bool params_only);
+  void event(const std::string& name, nlohmann::json fields);
+  core::Status saveAndStop(const core::Status& why);
+  core::Status enterNextEpoch(core::Status cause, const std::string& why, const std::function<void()>& on_epoch);
+
+  TrainerOptions opt_;
+  core::JobConfig job_;
+  const core::TrainConfig& tc_;
+  LocalDp local_;
+  DpComm* dp_ = nullptr;       // world (alive ranks)
+  DpComm* grad_dp_ = nullptr;  // gradient group (world or island)
+  std::shared_ptr<comm::Group> world_group_;
+  std::vector<int> alive_;       // slots alive in this epoch, ascending
+  std::vector<int> grad_ranks_;  // slots whose samples make up one gradient
+  int rank_ = 0;
+  int world_ = 1;                // slots of the cluster spec (1: single process)
+  std::vector<WorkerInfo> workers_;
+  WorkerInfo me_;
+  int64_t T_ = 0;
+
+  std::unique_ptr<data::PreparedDataset> ds_;
+  std::optional<data::Sampler> train_sampler_, val_sampler_;
+  model::Transformer net_{nullptr};
+  std::optional<FlatParams> flat_;
+  std::vector<std::pair<std::string, torch::Tensor>> buffers_;  // model tensors that are not parameters
+  std::unique_ptr<FlatAdamW> adam_;
+  int64_t shard_begin_ = 0, shard_end_ = 0;
+  std::vector<int64_t> shard_offsets_;
+  std::vector<int64_t> shares_;
+  std::unique_ptr<OuterSync> outer_;
+  bool exact_outer_ = true;  // outer state can be committed per step (nothing in flight between steps)
+  std::vector<Fragment> outer_frags_;
+  std::unique_ptr<GradientBucketer> bucketer_;
+  std::unique_ptr<Rebalancer> rebalancer_;
+
+  MetricsSink metrics_;
+  TraceRecorder trace_;
+  std::unique_ptr<CheckpointWriter> ckpt_;
+  std::string job_yaml_;
+  double predicted_step_s_ = 0;
+
+  int64_t start_step_ = 0;
+  int64_t step_ = 0;
+  bool has_state_ = true;  // false for a joiner until a peer sent the state
+  bool stop_now_ = false;
+  bool epoch_pending_ = false;
+  TrainSummary summary_;
+  double step_time_sum_ = 0;
+  int64_t steps_timed_ = 0;
+  int64_t integrity_every_ = 0;
+  std::pair<int, int64_t> corrupt_hook_{-1, -1};
+
+  // The last committed step (elastic runs).
+  struct Commit {
+    int64_t step = -1;
+    int64_t position = 0;
+    int64_t adam_t = 0;
+    std::vector<int64_t> shares;
+    size_t losses = 0;
+    torch::Tensor params, m, v;
+    std::vector<torch::Tensor> buffers;
+    NamedTensors outer_tensors;
+    nlohmann::json outer_json;
+    bool outer_valid = false;
+  } commit_;
+  // Recovery bookkeeping for events.
+  double commit_s_ = 0;         // time the last commit() took (the elastic bookkeeping per step)
+  double failure_at_ = 0;       // wall seconds the step failed
+  int64_t failed_step_ = -1;
+  bool first_step_after_change_ = false;
+};
+
+double wallSeconds() { return static_cast<double>(core::wallMicros()) / 1e6; }
+
+core::Result<std::vector<int64_t>> Trainer::initialShares() const {
+  if (world_ == 1) return std::vector<int64_t>{tc_.global_batch};
+  std::vector<double> w;
+  for (int r : alive_) {
+    if (!tc_.shares.empty()) w.push_back(tc_.shares[static_cast<size_t>(r)]);
+    else w.push_back(1.0 / workers_[static_cast<size_t>(r)].slowdown);
+  }
+  ARCH_ASSIGN_OR_RETURN(auto sh, data::sharesFromWeights(w, tc_.global_batch));
+  std::vector<int64_t> out(static_cast<size_t>(world_), 0);
+  for (size_t i = 0; i < alive_.size(); ++i) out[static_cast<size_t>(alive_[i])] = sh[i];
+  return out;
+}
+
+void Trainer::bindComm() {
+  if (elastic()) {
+    ElasticSession& e = *opt_.elastic;
+    dp_ = e.dp();
+    grad_dp_ = e.inner() ? static_cast<DpComm*>(e.inner()) : dp_;
+    world_group_ = e.worldGroup();
+    alive_ = e.alive();
+    grad_ranks_ = e.inner() ? e.innerRanks() : alive_;
+  } else {
+    dp_ = opt_.dp ? opt_.dp : &local_;
+    grad_dp_ = opt_.inner ? opt_.inner : dp_;
+    world_group_ = opt_.world_group;
+    alive_.clear();
+    for (int r = 0; r < dp_->size(); ++r) alive_.push_back(r);
+    grad_ranks_ = opt_.inner_ranks.empty() ? alive_ : opt_.inner_ranks;
+  }
+  if (bucketer_) bucketer_->setDp(grad_dp_);
+}
+
+core::Status Trainer::setup() {
+  if (elastic()) {
+    rank_ = opt_.elastic->rank();
+    world_ = opt_.elastic->slots();
+  } else {
+    DpComm* dp = opt_.dp ? opt_.dp : &local_;
+    rank_ = dp->rank();
+    world_ = dp->size();
+  }
+  workers_ = workersOf(job_.cluster);
+  if (static_cast<int>(workers_.size()) != world_ && world_ != 1) {
+    return core::invalidArgument("the cluster spec has " + std::to_string(workers_.size()) +
+                                 " workers but the communicator has " + std::to_string(world_));
+  }
+  me_ = world_ == 1 && workers_.size() != 1 ? WorkerInfo{} : workers_[static_cast<size_t>(rank_)];
+  bindComm();
+  torch::set_num_threads(static_cast<int>(tc_.threads_per_worker));
 
   // ---- data ----
-  ARCH_ASSIGN_OR_RETURN(auto ds, data::PreparedDataset::open(job.data.dir));
-  if (job.model.vocab_size == 0) job.model.vocab_size = ds->vocabSize();
-  if (job.model.vocab_size < ds->vocabSize()) {
-    return core::invalidArgument("model.vocab_size is " + std::to_string(job.model.vocab_size) +
-                                 " but the data in '" + job.data.dir + "' uses " + std::to_string(ds->vocabSize()) +
+  ARCH_ASSIGN_OR_RETURN(ds_, data::PreparedDataset::open(job_.data.dir));
+  if (job_.model.vocab_size == 0) job_.model.vocab_size = ds_->vocabSize();
+  if (job_.model.vocab_size < ds_->vocabSize()) {
+    return core::invalidArgument("model.vocab_size is " + std::to_string(job_.model.vocab_size) +
+                                 " but the data in '" + job_.data.dir + "' uses " + std::to_string(ds_->vocabSize()) +
                                  " token ids; set model.vocab_size: 0 to take it from the data");
   }
-  const int64_t T = job.data.seq_len;
-  ARCH_ASSIGN_OR_RETURN(auto train_sampler, ds->trainSampler(static_cast<uint64_t>(job.data.seed), T));
-  std::optional<data::Sampler> val_sampler;
-  if (tc.eval_every > 0) {
-    auto vs = ds->valSampler(T);
-    if (vs.isOk()) val_sampler.emplace(std::move(vs).value());
+  T_ = job_.data.seq_len;
+  ARCH_ASSIGN_OR_RETURN(auto ts, ds_->trainSampler(static_cast<uint64_t>(job_.data.seed), T_));
+  train_sampler_.emplace(std::move(ts));
+  if (tc_.eval_every > 0) {
+    auto vs = ds_->valSampler(T_);
+    if (vs.isOk()) val_sampler_.emplace(std::move(vs).value());
     else ARCH_LOG_WARN("no validation: {}", vs.status().message());
   }
 
   // ---- model and optimizer ----
-  ARCH_ASSIGN_OR_RETURN(auto net, model::buildModel(job.model, static_cast<uint64_t>(tc.seed)));
-  FlatParams flat = FlatParams::bind(net->namedParameters());
-  int64_t shard_begin = 0, shard_end = flat.numel();
-  std::vector<int64_t> shard_offsets;
-  if (tc.shard_optimizer && world > 1 && opt.inner) {
-    ARCH_LOG_WARN("train.shard_optimizer is ignored with strategy {} (optimizer state stays per island)", job.strategy.kind);
-  } else if (tc.shard_optimizer && world > 1) {
-    for (int r = 0; r <= world; ++r) shard_offsets.push_back(flat.numel() * r / world);
-    shard_begin = shard_offsets[static_cast<size_t>(rank)];
-    shard_end = shard_offsets[static_cast<size_t>(rank) + 1];
-  }
-  FlatAdamW adam(tc, shard_begin, shard_end);
-
-  // ---- shares ----
-  std::vector<int64_t> shares;
+  ARCH_ASSIGN_OR_RETURN(net_, model::buildModel(job_.model, static_cast<uint64_t>(tc_.seed)));
+  flat_.emplace(FlatParams::bind(net_->namedParameters()));
   {
-    std::vector<double> w;
-    for (int r = 0; r < world; ++r) {
-      if (!tc.shares.empty()) w.push_back(tc.shares[static_cast<size_t>(r)]);
-      else w.push_back(world == 1 ? 1.0 : 1.0 / workers[static_cast<size_t>(r)].slowdown);
+    std::set<std::string> params;
+    for (const auto& seg : flat_->segments()) params.insert(seg.name);
+    for (auto& [name, t] : net_->namedTensors()) {
+      if (!params.count(name)) buffers_.push_back({name, t});
     }
-    ARCH_ASSIGN_OR_RETURN(shares, data::sharesFromWeights(w, tc.global_batch));
   }
+  shard_begin_ = 0;
+  shard_end_ = flat_->numel();
+  if (tc_.shard_optimizer && world_ > 1 && opt_.inner) {
+    ARCH_LOG_WARN("train.shard_optimizer is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
+  } else if (tc_.shard_optimizer && world_ > 1 && elastic()) {
+    ARCH_LOG_WARN("train.shard_optimizer: optimizer shards cannot survive a lost worker; a failure restarts the job "
+                  "from its newest checkpoint instead of continuing elastically");
+    for (int r = 0; r <= world_; ++r) shard_offsets_.push_back(flat_->numel() * r / world_);
+  } else if (tc_.shard_optimizer && world_ > 1) {
+    for (int r = 0; r <= world_; ++r) shard_offsets_.push_back(flat_->numel() * r / world_);
+  }
+  if (!shard_offsets_.empty()) {
+    shard_begin_ = shard_offsets_[static_cast<size_t>(rank_)];
+    shard_end_ = shard_offsets_[static_cast<size_t>(rank_) + 1];
+  }
+  adam_ = std::make_unique<FlatAdamW>(tc_, shard_begin_, shard_end_);
+  ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
 
-  // ---- resume ----
-  int64_t start_step = 0;
-  if (opt.resume) {
-    std::vector<std::pair<std::string, std::string>> refused;
-    auto latest = latestValidCheckpoint(opt.run_dir, &refused);
-    if (!latest.isOk()) return latest.status().withContext("cannot resume");
-    ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(*latest));
-    std::map<std::string, torch::Tensor> by_name(ck.weights.begin(), ck.weights.end());
-    torch::NoGradGuard ng;
-    for (const auto& seg : flat.segments()) {
-      auto it = by_name.find(seg.name);
-      if (it == by_name.end()) return core::dataLoss("checkpoint " + *latest + " lacks tensor '" + seg.name + "'");
-      if (it->second.sizes().vec() != seg.shape) {
-        return core::dataLoss("checkpoint " + *latest + " tensor '" + seg.name + "' has another shape than the model");
+  if (opt_.resume && has_state_) ARCH_RETURN_IF_ERROR(resumeFromCheckpoint());
+
+  // ---- strategy ----
+  if (job_.strategy.kind != "sync") {
+    const auto& s = job_.strategy;
+    exact_outer_ = !(s.kind == "streaming" && s.overlap_steps > 0);
+    std::vector<int64_t> offsets;
+    for (const auto& seg : flat_->segments()) offsets.push_back(seg.offset);
+    auto fr = fragmentSchedule(flat_->numel(), s.kind == "streaming" ? s.fragments : 1, s.inner_steps, offsets);
+    if (fr.isOk()) outer_frags_ = *fr;
+    if (!has_state_) {
+      // A joiner's outer sync is built after the state arrived.
+    } else if (opt_.resume) {
+      ARCH_ASSIGN_OR_RETURN(auto latest, latestValidCheckpoint(opt_.run_dir));
+      ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(latest));
+      NamedTensors outer_tensors;
+      for (const auto& [name, t] : ck.optimizer) {
+        if (name.rfind("outer.", 0) == 0) outer_tensors.push_back({name.substr(6), t});
       }
-      flat.params().narrow(0, seg.offset, seg.numel).copy_(it->second.reshape({-1}));
+      nlohmann::json st = ck.extra.value("outer", nlohmann::json());
+      ARCH_RETURN_IF_ERROR(makeOuter(&outer_tensors, &st));
+    } else {
+      ARCH_RETURN_IF_ERROR(makeOuter(nullptr, nullptr));
     }
-    std::map<std::string, torch::Tensor> opt_by_name(ck.optimizer.begin(), ck.optimizer.end());
-    if (!opt_by_name.count("exp_avg") || !opt_by_name.count("exp_avg_sq") ||
-        opt_by_name["exp_avg"].numel() != flat.numel()) {
-      return core::dataLoss("checkpoint " + *latest + " optimizer state does not match the model");
-    }
-    adam.expAvg().copy_(opt_by_name["exp_avg"].narrow(0, shard_begin, shard_end - shard_begin));
-    adam.expAvgSq().copy_(opt_by_name["exp_avg_sq"].narrow(0, shard_begin, shard_end - shard_begin));
-    adam.setStepCount(ck.optimizer_step);
-    // Persistent non-trained state (router biases) is in the weights file too.
-    std::set<std::string> trained;
-    for (const auto& seg : flat.segments()) trained.insert(seg.name);
-    for (auto& [name, t] : net->namedTensors()) {
-      if (trained.count(name)) continue;
-      auto it = by_name.find(name);
-      if (it == by_name.end()) return core::dataLoss("checkpoint " + *latest + " lacks tensor '" + name + "'");
-      t.copy_(it->second);
-    }
-    start_step = ck.step;
-    train_sampler.setPosition(ck.data_position);
-    if (static_cast<int>(ck.shares.size()) == world) shares = ck.shares;
-    if (rank == 0) ARCH_LOG_INFO("resumed from {} at step {}", *latest, start_step);
-  }
-
-  // ---- cross-island strategy ----
-  std::unique_ptr<OuterSync> outer;
-  if (job.strategy.kind != "sync") {
-    OuterContext ctx;
-    ctx.job = &job;
-    ctx.rank = rank;
-    ctx.world = world;
-    for (const auto& w : workers) ctx.island_of_rank.push_back(w.island_index);
-    ctx.world_group = opt.world_group;
-    ctx.run_dir = opt.run_dir;
-    for (const auto& seg : flat.segments()) ctx.segment_offsets.push_back(seg.offset);
-    ARCH_ASSIGN_OR_RETURN(outer, makeOuterSync(ctx, flat.params()));
-  }
-  if (outer && opt.resume) {
-    ARCH_ASSIGN_OR_RETURN(auto latest, latestValidCheckpoint(opt.run_dir));
-    ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(latest));
-    NamedTensors outer_tensors;
-    for (const auto& [name, t] : ck.optimizer) {
-      if (name.rfind("outer.", 0) == 0) outer_tensors.push_back({name.substr(6), t});
-    }
-    ARCH_RETURN_IF_ERROR(outer->restore(outer_tensors, ck.extra.value("outer", nlohmann::json())));
   }
 
   // ---- run directory outputs ----
-  MetricsSink metrics;
-  TraceRecorder trace;
-  trace.setProcess(rank, "rank " + std::to_string(rank) + " (" + me.island + ", " + me.device + ")");
-  if (opt.write_metrics) {
+  trace_.setProcess(rank_, "rank " + std::to_string(rank_) + " (" + me_.island + ", " + me_.device + ")");
+  if (opt_.write_metrics) {
     std::error_code ec;
-    fs::create_directories(fs::path(opt.run_dir) / "trace", ec);
-    ARCH_RETURN_IF_ERROR(metrics.open((fs::path(opt.run_dir) / "metrics.jsonl").string()));
+    fs::create_directories(fs::path(opt_.run_dir) / "trace", ec);
+    ARCH_RETURN_IF_ERROR(metrics_.open((fs::path(opt_.run_dir) / "metrics.jsonl").string()));
   }
-  std::unique_ptr<CheckpointWriter> ckpt;
-  if (rank == 0) ckpt = std::make_unique<CheckpointWriter>(opt.run_dir, job.checkpoint.keep_last);
-  const std::string job_yaml = core::dumpJobYaml(job);
-
-  GradientBucketer bucketer(flat, grad_dp, static_cast<int64_t>(job.strategy.bucket_bytes));
-  // Ranks whose samples make up one gradient (all, or my island's).
-  std::vector<int> grad_ranks = opt.inner_ranks;
-  if (grad_ranks.empty()) {
-    for (int r = 0; r < world; ++r) grad_ranks.push_back(r);
-  }
+  job_yaml_ = core::dumpJobYaml(job_);
+  bucketer_ = std::make_unique<GradientBucketer>(*flat_, grad_dp_, static_cast<int64_t>(job_.strategy.bucket_bytes),
+                                                 elastic() ? world_ > 1 : grad_dp_->size() > 1);
   // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step
   // boundaries only (the speed allgather crosses the straits).
-  Rebalancer rebalancer(world, tc.rebalance && world > 1 ? (outer ? job.strategy.inner_steps : 5) : 0);
+  rebalancer_ = std::make_unique<Rebalancer>(world_, tc_.rebalance && world_ > 1 ? (outer_ ? job_.strategy.inner_steps : 5) : 0);
+  integrity_every_ = job_.checkpoint.every > 0 ? job_.checkpoint.every : 50;
+  corrupt_hook_ = corruptParamsHook();
+  if (elastic()) {
+    commit_.params = torch::empty_like(flat_->params());
+    commit_.m = torch::empty_like(adam_->expAvg());
+    commit_.v = torch::empty_like(adam_->expAvgSq());
+    for (auto& [name, t] : buffers_) commit_.buffers.push_back(torch::empty_like(t));
+  }
+  return core::okStatus();
+}
 
-  auto snapshot = [&](int64_t step) -> core::Result<CheckpointState> {
-    CheckpointState s;
-    s.step = step;
-    s.data_position = train_sampler.position();
-    s.shares = shares;
-    s.optimizer_step = adam.stepCount();
-    s.job_yaml = job_yaml;
-    s.model = job.model;
-    nlohmann::json ranks = nlohmann::json::array();
-    for (const auto& w : workers) ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"slowdown", w.slowdown}});
-    s.membership = {{"world", world}, {"epoch", 0}, {"ranks", ranks}};
-    torch::Tensor m = torch::zeros({flat.numel()});
-    torch::Tensor v = torch::zeros({flat.numel()});
-    m.narrow(0, shard_begin, shard_end - shard_begin).copy_(adam.expAvg());
-    v.narrow(0, shard_begin, shard_end - shard_begin).copy_(adam.expAvgSq());
-    if (!shard_offsets.empty()) {
-      ARCH_RETURN_IF_ERROR(dp->allgatherSlices(std::span<float>(m.data_ptr<float>(), static_cast<size_t>(m.numel())), shard_offsets));
-      ARCH_RETURN_IF_ERROR(dp->allgatherSlices(std::span<float>(v.data_ptr<float>(), static_cast<size_t>(v.numel())), shard_offsets));
+core::Status Trainer::resumeFromCheckpoint() {
+  std::vector<std::pair<std::string, std::string>> refused;
+  auto latest = latestValidCheckpoint(opt_.run_dir, &refused);
+  if (!latest.isOk()) return latest.status().withContext("cannot resume");
+  ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(*latest));
+  std::map<std::string, torch::Tensor> by_name(ck.weights.begin(), ck.weights.end());
+  torch::NoGradGuard ng;
+  for (const auto& seg : flat_->segments()) {
+    auto it = by_name.find(seg.name);
+    if (it == by_name.end()) return core::dataLoss("checkpoint " + *latest + " lacks tensor '" + seg.name + "'");
+    if (it->second.sizes().vec() != seg.shape) {
+      return core::dataLoss("checkpoint " + *latest + " tensor '" + seg.name + "' has another shape than the model");
     }
-    s.optimizer = {{"exp_avg", m}, {"exp_avg_sq", v}};
-    if (outer) {
-      for (const auto& [name, t] : outer->stateTensors()) s.optimizer.push_back({"outer." + name, t.detach().clone()});
-      s.extra["outer"] = outer->stateJson();
-    }
-    for (auto& [name, t] : net->namedTensors()) s.weights.push_back({name, t.detach().clone()});
-    return s;
-  };
+    flat_->params().narrow(0, seg.offset, seg.numel).copy_(it->second.reshape({-1}));
+  }
+  std::map<std::string, torch::Tensor> opt_by_name(ck.optimizer.begin(), ck.optimizer.end());
+  if (!opt_by_name.count("exp_avg") || !opt_by_name.count("exp_avg_sq") ||
+      opt_by_name["exp_avg"].numel() != flat_->numel()) {
+    return core::dataLoss("checkpoint " + *latest + " optimizer state does not match the model");
+  }
+  adam_->expAvg().copy_(opt_by_name["exp_avg"].narrow(0, shard_begin_, shard_end_ - shard_begin_));
+  adam_->expAvgSq().copy_(opt_by_name["exp_avg_sq"].narrow(0, shard_begin_, shard_end_ - shard_begin_));
+  adam_->setStepCount(ck.optimizer_step);
+  for (auto& [name, t] : buffers_) {
+    auto it = by_name.find(name);
+    if (it != by_name.end() && it->second.sizes() == t.sizes()) t.copy_(it->second);
+  }
+  train_sampler_->setPosition(ck.data_position);
+  // The checkpoint's shares only if it was taken with the same membership.
+  if (ck.shares.size() == shares_.size() && std::all_of(ck.shares.begin(), ck.shares.end(), [](int64_t x) { return x > 0; }) &&
+      static_cast<int>(alive_.size()) == world_) {
+    shares_ = ck.shares;
+  }
+  start_step_ = ck.step;
+  if (rank_ == 0) {
+    ARCH_LOG_INFO("resumed from {} (step {}, data position {}){}", *latest, ck.step, ck.data_position,
+                  refused.empty() ? "" : fmt::format("; refused {} newer checkpoint(s)", refused.size()));
+  }
+  return core::okStatus();
+}
 
-  auto evaluate = [&]() -> core::Result<double> {
-    if (!val_sampler) return -1.0;
+core::Status Trainer::makeOuter(const NamedTensors* tensors, const nlohmann::json* state) {
+  outer_.reset();
+  OuterContext ctx;
+  ctx.job = &job_;
+  ctx.rank = rank_;
+  ctx.world = world_;
+  for (const auto& w : workers_) ctx.island_of_rank.push_back(w.island_index);
+  ctx.world_group = world_group_;
+  ctx.run_dir = opt_.run_dir;
+  for (const auto& seg : flat_->segments()) ctx.segment_offsets.push_back(seg.offset);
+  ARCH_ASSIGN_OR_RETURN(outer_, makeOuterSync(ctx, flat_->params()));
+  if (tensors && state) ARCH_RETURN_IF_ERROR(outer_->restore(*tensors, *state));
+  return core::okStatus();
+}
+
+void Trainer::predict() {
+  // Rank 0 at the start of a job only (a joiner must not keep the others waiting).
+  if (rank_ != 0 || !has_state_ || (elastic() && opt_.elastic->joined())) return;
+  const int64_t rows = std::max<int64_t>(1, *std::max_element(shares_.begin(), shares_.end())) * T_;
+  const std::string kind = me_.device.empty() ? "cpu" : me_.device;
+  auto profile = calibrateLocalMatmuls(job_.model, rows, kind);
+  {
+    // The job's own model parts at the smallest and largest micro-batch the workers run.
+    std::vector<int64_t> sizes;
+    for (int64_t s : shares_) sizes.push_back(job_.train.micro_batch > 0 ? std::min(job_.train.micro_batch, s) : s);
+    const auto [lo, hi] = std::minmax_element(sizes.begin(), sizes.end());
+    const core::Status st = calibrateLocalModel(job_, {*lo, *hi == *lo ? std::max<int64_t>(1, *hi / 2) : *hi}, kind, profile);
+    if (!st.isOk()) ARCH_LOG_WARN("model calibration: {}", st.message());
+  }
+  (void)profile.save((fs::path(opt_.run_dir) / "calibration.json").string());
+  auto catalog = plan::DeviceCatalog::builtin();
+  auto pred = catalog.isOk() ? plan::predictStepTime(job_, job_.model.vocab_size, *catalog, &profile)
+                             : core::Result<plan::StepPrediction>(catalog.status());
+  if (pred.isOk()) {
+    predicted_step_s_ = pred->total_s;
+    ARCH_LOG_INFO("planner prediction: {:.3f}s/step ({})", pred->total_s, pred->detail);
+    if (opt_.write_metrics) {
+      metrics_.write({{"kind", "prediction"}, {"predicted_step_s", pred->total_s}, {"compute_s", pred->compute_s},
+                      {"comm_s", pred->comm_s}, {"detail", pred->detail}});
+    }
+  } else {
+    ARCH_LOG_WARN("no planner prediction: {}", pred.status().message());
+  }
+}
+
+core::Result<CheckpointState> Trainer::snapshot(int64_t step) {
+  CheckpointState s;
+  s.step = step;
+  s.data_position = train_sampler_->position();
+  s.shares = shares_;
+  s.optimizer_step = adam_->stepCount();
+  s.job_yaml = job_yaml_;
+  s.model = job_.model;
+  nlohmann::json ranks = nlohmann::json::array();
+  for (const auto& w : workers_) {
+    const bool alive = std::find(alive_.begin(), alive_.end(), w.rank) != alive_.end();
+    ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"slowdown", w.slowdown}, {"alive", alive}});
+  }
+  s.membership = {{"world", world_}, {"epoch", elastic() ? opt_.elastic->epoch() : 0}, {"ranks", ranks}};
+  torch::Tensor m = torch::zeros({flat_->numel()});
+  torch::Tensor v = torch::zeros({flat_->numel()});
+  m.narrow(0, shard_begin_, shard_end_ - shard_begin_).copy_(adam_->expAvg());
+  v.narrow(0, shard_begin_, shard_end_ - shard_begin_).copy_(adam_->expAvgSq());
+  if (!shard_offsets_.empty()) {
+    ARCH_RETURN_IF_ERROR(dp_->allgatherSlices(std::span<float>(m.data_ptr<float>(), static_cast<size_t>(m.numel())), shard_offsets_));
+    ARCH_RETURN_IF_ERROR(dp_->allgatherSlices(std::span<float>(v.data_ptr<float>(), static_cast<size_t>(v.numel())), shard_offsets_));
+  }
+  s.optimizer = {{"exp_avg", m}, {"exp_avg_sq", v}};
+  if (outer_) {
+    for (const auto& [name, t] : outer_->stateTensors()) s.optimizer.push_back({"outer." + name, t.detach().clone()});
+    s.extra["outer"] = outer_->stateJson();
+  }
+  for (auto& [name, t] : net_->namedTensors()) s.weights.push_back({name, t.detach().clone()});
+  return s;
+}
+
+core::Result<double> Trainer::evaluate() {
+  if (!val_sampler_) return -1.0;
+  torch::NoGradGuard ng;
+  double acc[2] = {0, 0};
+  for (int64_t i = 0; i < tc_.eval_batches; ++i) {
+    auto b = val_sampler_->batchAt(i * tc_.global_batch, shares_, rank_);
+    if (b.n == 0) continue;
+    auto out = net_->lossAndStats(toTensor(b.input, b.n, T_), toTensor(b.target, b.n, T_));
+    acc[0] += out.ce_sum.item<double>();
+    acc[1] += static_cast<double>(out.tokens);
+  }
+  ARCH_RETURN_IF_ERROR(dp_->allreduceSum(acc));
+  return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
+}
+
+core::Status Trainer::writeCheckpoint(bool at_end) {
+  const auto c0 = core::Clock::now();
+  ARCH_ASSIGN_OR_RETURN(auto snap, snapshot(step_));
+  if (amWriter()) {
+    const double stall = core::secondsSince(c0);
+    if (!ckpt_) ckpt_ = std::make_unique<CheckpointWriter>(opt_.run_dir, job_.checkpoint.keep_last);
+    ckpt_->submit(std::move(snap));
+    if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt_->drain());
+    if (opt_.write_metrics) {
+      metrics_.write({{"kind", "event"}, {"event", "checkpoint"}, {"step", step_}, {"stall_s", stall},
+                      {"detail", checkpointDirName(step_)}});
+    }
+  }
+  return core::okStatus();
+}
+
+void Trainer::event(const std::string& name, nlohmann::json fields) {
+  if (!opt_.write_metrics) return;
+  fields["kind"] = "event";
+  fields["event"] = name;
+  if (!fields.contains("step")) fields["step"] = step_;
+  if (!fields.contains("rank")) fields["rank"] = rank_;
+  if (elastic() && !fields.contains("epoch")) fields["epoch"] = opt_.elastic->epoch();
+  metrics_.write(std::move(fields));
+}
+
+// ---- one training step --------------------------------------------------------
+
+core::Status Trainer::trainStep() {
+  const auto step_t0 = core::Clock::now();
+  const data::ShareRange mine = data::shareRange(shares_, rank_);
+  const int64_t mb = tc_.micro_batch > 0 ? tc_.micro_batch : std::max<int64_t>(1, mine.count);
+  int64_t group_samples = 0;
+  for (int r : grad_ranks_) group_samples += shares_[static_cast<size_t>(r)];
+  const double group_tokens = static_cast<double>(std::max<int64_t>(1, group_samples) * T_);
+  double compute_s = 0, comm_s = 0, data_s = 0;
+  const int64_t step = step_;
+
+  flat_->zeroGrad();
+  double ce_sum = 0, aux_sum = 0;
+  int64_t tokens = 0;
+  data::Batch batch;
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kData, "batch", &data_s);
+    batch = train_sampler_->nextBatch(shares_, rank_);
+  }
+  const auto compute_t0 = core::Clock::now();
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kCompute, "forward+backward");
+    if (batch.n == 0) bucketer_->arm();
+    for (int64_t off = 0; off < batch.n; off += mb) {
+      const int64_t n = std::min(mb, batch.n - off);
+      auto input = torch::from_blob(batch.input.data() + off * T_, {n, T_}, torch::kInt64);
+      auto target = torch::from_blob(batch.target.data() + off * T_, {n, T_}, torch::kInt64);
+      auto out = net_->lossAndStats(input, target);
+      auto loss = out.ce_sum / group_tokens;
+      if (out.aux_loss.defined()) {
+        loss = loss + out.aux_loss * (static_cast<double>(n) / static_cast<double>(group_samples));
+        aux_sum += out.aux_loss.item<double>() * static_cast<double>(n);
+      }
+      if (off + mb >= batch.n) bucketer_->arm();
+      loss.backward();
+      ce_sum += out.ce_sum.item<double>();
+      tokens += out.tokens;
+    }
+  }
+  compute_s = core::secondsSince(compute_t0);
+  if (me_.slowdown > 1.0) {
+    // EMULATION: a device `slowdown` times slower takes that much longer.
+    const double extra = (me_.slowdown - 1.0) * compute_s;
+    ScopedSpan span(&trace_, TraceRecorder::kCompute, "emulated slowdown");
+    std::this_thread::sleep_for(std::chrono::duration<double>(extra));
+    compute_s += extra;
+  }
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
+    ARCH_RETURN_IF_ERROR(bucketer_->finish().withContext("step " + std::to_string(step)));
+  }
+
+  // Router-bias balancing uses the expert load of the gradient group.
+  if (job_.model.moe.num_experts > 0 && job_.model.moe.balance == "router_bias") {
+    torch::Tensor load = net_->routerLoad().to(torch::kFloat64).contiguous();
+    ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
+    net_->updateRouterBias(load.to(torch::kInt64));
+  }
+
+  double grad_norm = 0;
+  const double lr = learningRate(tc_, step);
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer");
     torch::NoGradGuard ng;
-    double acc[2] = {0, 0};
-    for (int64_t i = 0; i < tc.eval_batches; ++i) {
-      auto b = val_sampler->batchAt(i * tc.global_batch, shares, rank);
-      if (b.n == 0) continue;
-      auto out = net->lossAndStats(toTensor(b.input, b.n, T), toTensor(b.target, b.n, T));
-      acc[0] += out.ce_sum.item<double>();
-      acc[1] += static_cast<double>(out.tokens);
-    }
-    ARCH_RETURN_IF_ERROR(dp->allreduceSum(acc));
-    return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
-  };
+    grad_norm = flat_->grads().norm().item<double>();
+    if (tc_.grad_clip > 0 && grad_norm > tc_.grad_clip) flat_->grads().mul_(tc_.grad_clip / (grad_norm + 1e-6));
+    auto p = flat_->params().narrow(0, shard_begin_, shard_end_ - shard_begin_);
+    adam_->step(p, flat_->grads().narrow(0, shard_begin_, shard_end_ - shard_begin_),
+                flat_->decayMask().narrow(0, shard_begin_, shard_end_ - shard_begin_), lr);
+  }
+  if (!shard_offsets_.empty()) {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "parameter allgather", &comm_s);
+    ARCH_RETURN_IF_ERROR(dp_->allgatherSlices(
+        std::span<float>(flat_->params().data_ptr<float>(), static_cast<size_t>(flat_->numel())), shard_offsets_));
+  }
 
-  // ---- the planner's prediction for this run (calibrated on this machine) ----
-  double predicted_step_s = 0;
-  if (rank == 0) {
-    const int64_t rows = std::max<int64_t>(1, *std::max_element(shares.begin(), shares.end())) * T;
-    const std::string kind = me.device.empty() ? "cpu" : me.device;
-    auto profile = calibrateLocalMatmuls(job.model, rows, kind);
-    {
-      // The job's own model parts at the smallest and largest micro-batch the workers run.
-      std::vector<int64_t> sizes;
-      for (int64_t s : shares) sizes.push_back(job.train.micro_batch > 0 ? std::min(job.train.micro_batch, s) : s);
-      const auto [lo, hi] = std::minmax_element(sizes.begin(), sizes.end());
-      const core::Status st = calibrateLocalModel(job, {*lo, *hi == *lo ? std::max<int64_t>(1, *hi / 2) : *hi}, kind, profile);
-      if (!st.isOk()) ARCH_LOG_WARN("model calibration: {}", st.message());
-    }
-    (void)profile.save((fs::path(opt.run_dir) / "calibration.json").string());
-    auto catalog = plan::DeviceCatalog::builtin();
-    auto pred = catalog.isOk() ? plan::predictStepTime(job, job.model.vocab_size, *catalog, &profile)
-                               : core::Result<plan::StepPrediction>(catalog.status());
-    if (pred.isOk()) {
-      predicted_step_s = pred->total_s;
-      ARCH_LOG_INFO("planner prediction: {:.3f}s/step ({})", pred->total_s, pred->detail);
-      if (opt.write_metrics) {
-        metrics.write({{"kind", "prediction"}, {"predicted_step_s", pred->total_s}, {"compute_s", pred->compute_s},
-                       {"comm_s", pred->comm_s}, {"detail", pred->detail}});
-      }
+  if (outer_) {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "outer sync", &comm_s);
+    ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step + 1, flat_->params(), tokens).withContext("outer sync"));
+  }
+
+  // Control values: loss, tokens, aux, stop request, "a newer epoch is
+  // published". They cross the straits only where the world must agree:
+  // every step for sync; for DiLoCo/streaming at outer-step boundaries
+  // (every inner_steps) and at the end, so the strait is not crossed every
+  // inner step. In between the loss is the island's, a stop request waits
+  // for the boundary, and a new epoch is entered island by island.
+  const bool want_stop = opt_.stop && opt_.stop->load();
+  const bool pending = elastic() && opt_.elastic->newEpochPending();
+  double ctrl[5] = {ce_sum, static_cast<double>(tokens), aux_sum, pending ? 1.0 : 0.0, want_stop ? 1.0 : 0.0};
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "control allreduce", &comm_s);
+    const bool world_boundary = !outer_ || (step + 1) % job_.strategy.inner_steps == 0 || step + 1 == tc_.steps;
+    if (world_boundary) {
+      ARCH_RETURN_IF_ERROR(dp_->allreduceSum(std::span<double>(ctrl, 5)));
     } else {
-      ARCH_LOG_WARN("no planner prediction: {}", pred.status().message());
+      ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(ctrl, elastic() ? 4 : 3)));
+      ctrl[4] = 0;
+    }
+  }
+  const double loss = ctrl[1] > 0 ? ctrl[0] / ctrl[1] : 0.0;
+  ++step_;
+  summary_.losses.push_back(loss);
+
+  if (batch.n > 0) rebalancer_->observe(compute_s / static_cast<double>(batch.n));
+  std::vector<int64_t> old_shares = shares_;
+  if (rebalancer_->due(step_)) {
+    ARCH_ASSIGN_OR_RETURN(auto ns, rebalancer_->shares(dp_, tc_.global_batch, alive_, world_));
+    if (ns != shares_) {
+      shares_ = ns;
+      if (amWriter() && opt_.write_metrics) {
+        metrics_.write({{"kind", "event"}, {"event", "rebalance"}, {"step", step_},
+                        {"detail", fmt::format("shares [{}] -> [{}]", fmt::join(old_shares, ","), fmt::join(shares_, ","))}});
+      }
     }
   }
 
-  TrainSummary summary;
-  summary.first_step = start_step;
-  int64_t last_ckpt_step = opt.resume ? start_step : -1;
-  double step_time_sum = 0;
-  int64_t steps_timed = 0;
-  int64_t step = start_step;
-  if (rank == 0) {
+  const double step_s = core::secondsSince(step_t0);
+  if (step_ > start_step_ + 1 && !first_step_after_change_) {  // warm-up and recovery steps are not typical
+    step_time_sum_ += step_s;
+    ++steps_timed_;
+  }
+  if (opt_.write_metrics && (step_ % tc_.log_every == 0 || step_ == tc_.steps || first_step_after_change_)) {
+    metrics_.write({{"kind", "step"}, {"step", step_}, {"rank", rank_}, {"island", me_.island},
+                    {"epoch", elastic() ? opt_.elastic->epoch() : 0},
+                    {"loss", loss}, {"local_loss", tokens ? ce_sum / static_cast<double>(tokens) : 0.0},
+                    {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", compute_s},
+                    {"comm_s", comm_s}, {"data_s", data_s}, {"step_s", step_s},
+                    {"tokens_per_s", static_cast<double>(tokens) / step_s}, {"grad_norm", grad_norm},
+                    {"slowdown", me_.slowdown}, {"share", old_shares[static_cast<size_t>(rank_)]},
+                    {"commit_s", commit_s_}});
+    if (rank_ == 0 && job_.model.moe.num_experts > 0) {
+      for (const auto& st : net_->moeStats()) {
+        metrics_.write({{"kind", "moe"}, {"step", step_}, {"rank", rank_}, {"layer", st.layer},
+                        {"tokens_per_expert", st.tokens_per_expert}, {"dropped", st.dropped},
+                        {"capacity", st.capacity}, {"aux_loss", st.aux_loss}});
+      }
+    }
+  }
+  if (first_step_after_change_) {
+    first_step_after_change_ = false;
+    if (failure_at_ > 0 && amWriter()) {
+      event("recovered", {{"detail", fmt::format("first step completed {:.2f} s after the failure in step {}",
+                                                 wallSeconds() - failure_at_, failed_step_ + 1)},
+                          {"recovery_s", wallSeconds() - failure_at_}});
+    }
+    failure_at_ = 0;
+  }
+
+  // Test hook: a silent divergence of one replica.
+  if (corrupt_hook_.first == rank_ && corrupt_hook_.second == step_) {
+    torch::NoGradGuard ng;
+    flat_->params().narrow(0, 0, std::min<int64_t>(64, flat_->numel())).add_(1e-2);
+    ARCH_LOG_WARN("test hook: perturbed this replica's parameters after step {}", step_);
+  }
+
+  epoch_pending_ = ctrl[3] > 0;
+  stop_now_ = ctrl[4] > 0;
+  const bool periodic = job_.checkpoint.every > 0 && step_ % job_.checkpoint.every == 0;
+  const bool at_end = step_ == tc_.steps || stop_now_;
+  const bool world_boundary = !outer_ || step_ % job_.strategy.inner_steps == 0 || at_end;
+  if (elastic() && world_boundary && (step_ % integrity_every_ == 0 || at_end)) ARCH_RETURN_IF_ERROR(checkIntegrity());
+  // Replicas must be identical (outer syncs complete) before the final evaluation.
+  if (outer_ && at_end) ARCH_RETURN_IF_ERROR(outer_->finish(step_, flat_->params()));
+  if (tc_.eval_every > 0 && (step_ % tc_.eval_every == 0 || at_end)) {
+    ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
+    ARCH_ASSIGN_OR_RETURN(double vl, evaluate());
+    summary_.final_val_loss = vl;
+    if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write({{"kind", "eval"}, {"step", step_}, {"val_loss", vl}});
+  }
+  if (periodic || (at_end && job_.checkpoint.at_exit)) ARCH_RETURN_IF_ERROR(writeCheckpoint(at_end));
+  if (opt_.exit_after_step >= 0 && step_ == opt_.exit_after_step) {
+    if (ckpt_) (void)ckpt_->drain();
+    ARCH_LOG_WARN("test hook: exiting abruptly after step {}", step_);
+    std::_Exit(3);
+  }
+  return core::okStatus();
+}
+
+// ---- elasticity -------------------------------------------------------------------
+
+void Trainer::commit(bool refresh_outer) {
+  torch::NoGradGuard ng;
+  commit_.step = step_;
+  commit_.position = train_sampler_->position();
+  commit_.adam_t = adam_->stepCount();
+  commit_.shares = shares_;
+  commit_.losses = summary_.losses.size();
+  commit_.params.copy_(flat_->params());
+  commit_.m.copy_(adam_->expAvg());
+  commit_.v.copy_(adam_->expAvgSq());
+  for (size_t i = 0; i < buffers_.size(); ++i) commit_.buffers[i].copy_(buffers_[i].second);
+  if (outer_ && exact_outer_) {
+    // Anchor and momentum change only in steps where a fragment is due;
+    // nothing is in flight between steps (overlap 0), so this never waits.
+    commit_.outer_json = outer_->stateJson();
+    if (refresh_outer || !commit_.outer_valid ||
+        !fragmentsDue(outer_frags_, step_ + 1, job_.strategy.inner_steps).empty()) {
+      commit_.outer_tensors.clear();
+      for (const auto& [name, t] : outer_->stateTensors()) commit_.outer_tensors.push_back({name, t.detach().clone()});
+      commit_.outer_valid = true;
+    }
+  }
+}
+
+void Trainer::rollback() {
+  torch::NoGradGuard ng;
+  if (commit_.step < 0) return;
+  step_ = commit_.step;
+  train_sampler_->setPosition(commit_.position);
+  adam_->setStepCount(commit_.adam_t);
+  shares_ = commit_.shares;
+  summary_.losses.resize(commit_.losses);
+  flat_->params().copy_(commit_.params);
+  adam_->expAvg().copy_(commit_.m);
+  adam_->expAvgSq().copy_(commit_.v);
+  for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].second.copy_(commit_.buffers[i]);
+}
+
+core::Sha256Digest Trainer::stateDigest(bool params_only) {
+  core::Sha256 h;
+  hashTensor(h, flat_->params());
+  for (auto& [name, t] : buffers_) hashTensor(h, t);
+  if (!params_only) {
+    hashTensor(h, adam_->expAvg());
+    hashTensor(h, adam_->expAvgSq());
+    const int64_t meta[3] = {step_, train_sampler_->position(), adam_->stepCount()};
+    h.update(meta, sizeof(meta));
+    if (commit_.outer_valid) {
+      for (const auto& [name, t] : commit_.outer_tensors) {
+        if (name == "anchor" || name == "momentum") hashTensor(h, t);
+      }
+    }
+  }
+  return h.finish();
+}
+
+std::string Trainer::serializeState() {
+  NamedTensors ts{{"params", flat_->params()}, {"exp_avg", adam_->expAvg()}, {"exp_avg_sq", adam_->expAvgSq()}};
+  for (auto& [name, t] : buffers_) ts.push_back({"buffer." + name, t});
+  if (commit_.outer_valid) {
+    for (const auto& [name, t] : commit_.outer_tensors) {
+      if (name.rfind("ef.", 0) != 0) ts.push_back({"outer." + name, t});  // residuals are per rank
+    }
+  }
+  nlohmann::json head{{"step", step_}, {"position", train_sampler_->position()}, {"adam_t", adam_->stepCount()},
+                      {"outer", commit_.outer_valid ? commit_.outer_json : nlohmann::json()}};
+  nlohmann::json list = nlohmann::json::array();
+  size_t total = 0;
+  for (auto& [name, t] : ts) {
+    const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+    list.push_back({{"name", name}, {"bytes", bytes}, {"numel", t.numel()}});
+    total += bytes;
+  }
+  head["tensors"] = list;
+  const std::string h = head.dump();
+  std::string out;
+  out.reserve(8 + h.size() + total);
+  const uint64_t hl = h.size();
+  out.append(reinterpret_cast<const char*>(&hl), 8);
+  out += h;
+  for (auto& [name, t] : ts) {
+    torch::Tensor c = t.contiguous();
+    out.append(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel()) * c.element_size());
+  }
+  return out;
+}
+
+core::Status Trainer::applyState(const std::string& blob) {
+  if (blob.size() < 8) return core::dataLoss("state transfer: empty message");
+  uint64_t hl = 0;
+  std::memcpy(&hl, blob.data(), 8);
+  if (8 + hl > blob.size()) return core::dataLoss("state transfer: truncated header");
+  auto head = nlohmann::json::parse(blob.substr(8, hl), nullptr, false);
+  if (head.is_discarded()) return core::dataLoss("state transfer: malformed header");
+  size_t off = 8 + hl;
+  std::map<std::string, torch::Tensor> mine{{"params", flat_->params()}, {"exp_avg", adam_->expAvg()},
+                                            {"exp_avg_sq", adam_->expAvgSq()}};
+  for (auto& [name, t] : buffers_) mine["buffer." + name] = t;
+  NamedTensors outer_tensors;
+  torch::NoGradGuard ng;
+  for (const auto& e : head["tensors"]) {
+    const std::string name = e["name"].get<std::string>();
+    const size_t bytes = e["bytes"].get<size_t>();
+    if (off + bytes > blob.size()) return core::dataLoss("state transfer: tensor '" + name + "' is truncated");
+    if (name.rfind("outer.", 0) == 0) {
+      torch::Tensor t = torch::empty({e["numel"].get<int64_t>()}, torch::kFloat32);
+      if (static_cast<size_t>(t.numel()) * 4 != bytes) return core::dataLoss("state transfer: '" + name + "' is not fp32");
+      std::memcpy(t.data_ptr(), blob.data() + off, bytes);
+      outer_tensors.push_back({name.substr(6), t});
+    } else {
+      auto it = mine.find(name);
+      if (it == mine.end() || static_cast<size_t>(it->second.numel()) * it->second.element_size() != bytes ||
+          !it->second.is_contiguous()) {
+        return core::dataLoss("state transfer: tensor '" + name + "' does not match this model");
+      }
+      std::memcpy(it->second.data_ptr(), blob.data() + off, bytes);
+    }
+    off += bytes;
+  }
+  step_ = head["step"].get<int64_t>();
+  train_sampler_->setPosition(head["position"].get<int64_t>());
+  adam_->setStepCount(head["adam_t"].get<int64_t>());
+  if (head.contains("outer") && !head["outer"].is_null()) {
+    commit_.outer_tensors = std::move(outer_tensors);
+    commit_.outer_json = head["outer"];
+    commit_.outer_valid = true;
+  }
+  has_state_ = true;
+  return core::okStatus();
+}
+
+// Sends the donor's state to the receivers (ranks of g's epoch; the donor
+// first in the transfer group, so it is broadcast root 0).
+core::Status Trainer::transferState(comm::Group& g, int donor, const std::vector<int>& receivers) {
+  std::vector<int> members{donor};
+  members.insert(members.end(), receivers.begin(), receivers.end());
+  if (std::find(members.begin(), members.end(), rank_) == members.end()) return core::okStatus();
+  ARCH_ASSIGN_OR_RETURN(auto t, g.subgroup(members));
+  const auto o = comm::OpOptions::within(120);
+  std::string blob;
+  uint64_t size = 0;
+  if (rank_ == donor) {
+    blob = serializeState();
+    size = blob.size();
+  }
+  ARCH_RETURN_IF_ERROR(t->broadcast(&size, 8, comm::DType::kU8, 0, o).withContext("state transfer size"));
+  blob.resize(size);
+  ARCH_RETURN_IF_ERROR(t->broadcast(blob.data(), size, comm::DType::kU8, 0, o).withContext("state transfer"));
+  if (rank_ != donor) ARCH_RETURN_IF_ERROR(applyState(blob));
+  return core::okStatus();
+}
+
+// After a membership change: every member says which step it holds and the
+// digest of its whole replica state; the majority state of the newest step
+// wins, and whoever differs (a joiner, a replica one step behind, a
+// divergent one) receives it from the lowest rank that holds it.
+core::Status Trainer::syncReplicas(const std::string& why) {
+  comm::Group& g = *world_group_;
+  struct Record {
+    int64_t step;
+    uint8_t digest[32];
+  };
+  Record mine{};
+  mine.step = has_state_ ? step_ : -1;
+  if (has_state_) {
+    auto d = stateDigest(false);
+    std::memcpy(mine.digest, d.data(), 32);
+  }
+  std::vector<Record> all(static_cast<size_t>(g.size()));
+  ARCH_RETURN_IF_ERROR(g.allgather(&mine, all.data(), sizeof(Record), comm::DType::kU8, comm::OpOptions::within(60))
+                           .withContext("replica state records"));
+  const auto& ranks = g.ranks();
+  int64_t newest = -1;
+  for (const auto& r : all) newest = std::max(newest, r.step);
+  if (newest < 0) return core::failedPrecondition("no member of the new epoch holds the training state (every replica was lost)");
+  std::map<std::string, std::vector<int>> by_digest;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].step == newest) by_digest[std::string(reinterpret_cast<const char*>(all[i].digest), 32)].push_back(ranks[i]);
+  }
+  const std::vector<int>* best = nullptr;
+  for (const auto& [d, rs] : by_digest) {
+    if (!best || rs.size() > best->size() || (rs.size() == best->size() && rs.front() < best->front())) best = &rs;
+  }
+  const int donor = best->front();
+  std::vector<int> receivers, joiners, behind, divergent;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (std::find(best->begin(), best->end(), ranks[i]) != best->end()) continue;
+    receivers.push_back(ranks[i]);
+    if (all[i].step < 0) joiners.push_back(ranks[i]);
+    else if (all[i].step < newest) behind.push_back(ranks[i]);
+    else divergent.push_back(ranks[i]);
+  }
+  if (receivers.empty()) return core::okStatus();
+  const auto t0 = core::Clock::now();
+  ARCH_RETURN_IF_ERROR(transferState(g, donor, receivers));
+  const double secs = core::secondsSince(t0);
+  if (amWriter()) {
+    for (int r : joiners) {
+      event("join", {{"rank", r}, {"detail", fmt::format("rank {} received the live state of step {} from rank {} ({:.2f} s)",
+                                                         r, newest, donor, secs)}, {"transfer_s", secs}});
+    }
+    if (!behind.empty()) {
+      event("resync", {{"detail", fmt::format("ranks [{}] were behind ({}); state of step {} from rank {}",
+                                              fmt::join(behind, ","), why, newest, donor)}});
+    }
+    if (!divergent.empty()) {
+      event("resync", {{"detail", fmt::format("ranks [{}] held a state different from the majority of step {}; "
+                                              "re-synchronised from rank {}", fmt::join(divergent, ","), newest, donor)}});
+    }
+  }
+  if (!divergent.empty() && rank_ == donor) {
+    ARCH_LOG_WARN("replicas [{}] diverged at step {}: re-synchronised from rank {}", fmt::join(divergent, ","), newest, donor);
+  }
+  return core::okStatus();
+}
+
+// Periodic replica check inside the gradient group (whose members must hold
+// bit-identical parameters after every step): digests of the parameters are
+// compared and a divergent replica is re-synchronised from the majority.
+core::Status Trainer::checkIntegrity() {
+  std::shared_ptr<comm::Group> g = opt_.elastic->innerGroup();
+  if (!g || g->size() <= 1) return core::okStatus();
+  auto d = stateDigest(true);
+  std::vector<uint8_t> all(32 * static_cast<size_t>(g->size()));
+  ARCH_RETURN_IF_ERROR(g->allgather(d.data(), all.data(), 32, comm::DType::kU8, comm::OpOptions::within(60))
+                           .withContext("replica digest check"));
+  std::map<std::string, std::vector<int>> by;
+  for (int i = 0; i < g->size(); ++i) {
+    by[std::string(reinterpret_cast<const char*>(all.data() + 32 * i), 32)].push_back(g->ranks()[static_cast<size_t>(i)]);
+  }
+  if (by.size() <= 1) return core::okStatus();
+  const std::vector<int>* best = nullptr;
+  for (const auto& [k, rs] : by) {
+    if (!best || rs.size() > best->size() || (rs.size() == best->size() && rs.front() < best->front())) best = &rs;
+  }
+  std::vector<int> receivers;
+  for (int r : g->ranks()) {
+    if (std::find(best->begin(), best->end(), r) == best->end()) receivers.push_back(r);
+  }
+  ARCH_LOG_WARN("replica check after step {}: ranks [{}] differ from the majority; re-synchronising from rank {}", step_,
+                fmt::join(receivers, ","), best->front());
+  // The transfer carries the committed outer state: this step is complete,
+  // so it becomes the rollback point, outer state included.
+  if (exact_outer_) commit(true);
+  ARCH_RETURN_IF_ERROR(transferState(*g, best->front(), receivers));
+  if (std::find(best->begin(), best->end(), rank_) != best->end() && best->front() == rank_) {
+    event("resync", {{"detail", fmt::format("replica check after step {}: ranks [{}] diverged; re-synchronised from "
+                                            "rank {}", step_, fmt::join(receivers, ","), rank_)}});
+  }
+  return core::okStatus();
+}
+
+core::Status Trainer::recover(const core::Status& cause) {
+  ElasticSession& e = *opt_.elastic;
+  const bool failure = !cause.isOk();
+  if (failure) {
+    failure_at_ = wallSeconds();
+    failed_step_ = commit_.step;
+    if (!shard_offsets_.empty()) {
+      return core::failedPrecondition("a worker was lost while optimizer state is sharded (train.shard_optimizer): "
+                                      "the job restarts from its newest checkpoint")
+          .withContext(cause.message());
+    }
+    // The old transport is failed; stop the outer sync's exchanges.
+    e.communicator().abort("recovering from: " + cause.message().substr(0, 200));
+  }
+  if (outer_) {
+    if (!exact_outer_ || !failure) {
+      // A planned change happens between steps: the live outer state is the
+      // current one. Streaming with overlap: exchanges span steps, so the
+      // state after them is taken as it is (in-flight fragments restart from it).
+      commit_.outer_tensors.clear();
+      for (const auto& [name, t] : outer_->stateTensors()) commit_.outer_tensors.push_back({name, t.detach().clone()});
+      commit_.outer_json = outer_->stateJson();
+      commit_.outer_valid = true;
+    }
+    outer_.reset();
+  }
+  if (failure) rollback();
+  const uint32_t from = e.epoch();
+  const auto old_alive = alive_;
+  ARCH_RETURN_IF_ERROR(enterNextEpoch(cause, failure ? "failure" : "membership change", [&] {
+    if (failure && amWriter()) {
+      std::vector<int> gone;
+      for (int r : old_alive) {
+        if (!e.membership().isAlive(r)) gone.push_back(r);
+      }
+      event("failure", {{"step", failed_step_}, {"failed_rank", gone.empty() ? suspectOf(cause) : gone.front()},
+                        {"detail", cause.message().substr(0, 300)}, {"detected_at", failure_at_}});
+    }
+  }));
+  std::vector<int> gone, joined;
+  for (int r : old_alive) {
+    if (!e.membership().isAlive(r)) gone.push_back(r);
+  }
+  for (int r : alive_) {
+    if (std::find(old_alive.begin(), old_alive.end(), r) == old_alive.end()) joined.push_back(r);
+  }
+  if (amWriter()) {
+    event("epoch", {{"detail", fmt::format("epoch {} -> {}: workers [{}]{}{}; shares [{}]", from, e.epoch(),
+                                           fmt::join(alive_, ","),
+                                           gone.empty() ? "" : fmt::format(", lost [{}]", fmt::join(gone, ",")),
+                                           joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(joined, ",")),
+                                           fmt::join(shares_, ","))},
+                    {"workers", alive_}, {"rebuild_s", e.lastReconfigureSeconds()}});
+  }
+  if (job_.strategy.kind != "sync") {
+    ARCH_RETURN_IF_ERROR(makeOuter(commit_.outer_valid ? &commit_.outer_tensors : nullptr,
+                                   commit_.outer_valid ? &commit_.outer_json : nullptr));
+    if (!exact_outer_ && commit_.outer_valid) {
+      // Every replica restarts from the last model all islands agreed on.
+      for (const auto& [name, t] : commit_.outer_tensors) {
+        if (name == "anchor") flat_->params().copy_(t);
+      }
+    }
+  }
+  first_step_after_change_ = true;
+  return core::okStatus();
+}
+
+// Reconfigures into the next epoch and agrees on the replica state; a
+// failure during that (a member lost while the state is transferred) moves
+// on to the epoch after it. A receiver applies a transferred state only
+// once the whole of it arrived, so its own state stays the committed one.
+core::Status Trainer::enterNextEpoch(core::Status cause, const std::string& why, const std::function<void()>& on_epoch) {
+  for (int attempt = 0;; ++attempt) {
+    ARCH_RETURN_IF_ERROR(opt_.elastic->reconfigure(cause));
+    bindComm();
+    ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
+    if (attempt == 0 && on_epoch) on_epoch();
+    core::Status st = syncReplicas(why);
+    if (st.isOk()) return st;
+    const auto code = st.code();
+    const bool comm_error = code == core::StatusCode::kUnavailable || code == core::StatusCode::kAborted ||
+                            code == core::StatusCode::kDeadlineExceeded || code == core::StatusCode::kDataLoss;
+    if (!comm_error || attempt >= 20) return st;
+    cause = st;
+  }
+}
+
+core::Status Trainer::saveAndStop(const core::Status& why) {
+  // Survivors below the minimum (or without a coordinator) write what they
+  // hold; the lowest alive rank writes, the launcher restarts from it.
+  if (has_state_ && shard_offsets_.empty() && amWriter() && step_ > 0) {
+    auto snap = snapshot(step_);
+    if (snap.isOk()) {
+      auto st = runtime::writeCheckpoint(opt_.run_dir, *snap, job_.checkpoint.keep_last);
+      if (st.isOk()) ARCH_LOG_WARN("wrote {} before stopping", checkpointDirName(step_));
+      else ARCH_LOG_WARN("could not write a checkpoint before stopping: {}", st.toString());
+    }
+  }
+  event("stop", {{"detail", why.message().substr(0, 300)}});
+  return why;
+}
+
+core::Result<TrainSummary> Trainer::run() {
+  const auto t_start = core::Clock::now();
+  if (elastic() && opt_.elastic->joined()) has_state_ = false;
+  ARCH_RETURN_IF_ERROR(setup());
+  if (!has_state_) {
+    core::Status st = syncReplicas("join");
+    if (!st.isOk()) {
+      st = enterNextEpoch(st, "join", nullptr);
+      if (!st.isOk()) return opt_.elastic->evicted() ? st : saveAndStop(st);
+    }
+    if (job_.strategy.kind != "sync") {
+      ARCH_RETURN_IF_ERROR(makeOuter(commit_.outer_valid ? &commit_.outer_tensors : nullptr,
+                                     commit_.outer_valid ? &commit_.outer_json : nullptr));
+      if (!exact_outer_ && commit_.outer_valid) {
+        for (const auto& [name, t] : commit_.outer_tensors) {
+          if (name == "anchor") flat_->params().copy_(t);
+        }
+      }
+    }
+    start_step_ = step_;
+    first_step_after_change_ = true;
+    ARCH_LOG_INFO("joined at step {} with the live state from a peer", step_);
+  } else {
+    step_ = start_step_;
+  }
+  predict();
+  summary_.first_step = start_step_;
+  if (rank_ == 0 || (elastic() && amWriter())) {
     ARCH_LOG_INFO("training {} parameters, {} steps from step {}, global batch {} x {} tokens over {} ({}), shares [{}]",
-                  flat.numel(), tc.steps, start_step, tc.global_batch, T, world, dp->describe(),
-                  fmt::join(shares, ","));
+                  flat_->numel(), tc_.steps, start_step_, tc_.global_batch, T_, alive_.size(), dp_->describe(),
+                  fmt::join(shares_, ","));
   }
+  if (elastic()) event("started", {{"detail", fmt::format("rank {} in step at step {}", rank_, step_)}, {"pid", ::getpid()}});
 
-  while (step < tc.steps) {
-    const auto step_t0 = core::Clock::now();
-    const int64_t step_us0 = core::wallMicros();
-    const data::ShareRange mine = data::shareRange(shares, rank);
-    const int64_t mb = tc.micro_batch > 0 ? tc.micro_batch : mine.count;
-    int64_t group_samples = 0;
-    for (int r : grad_ranks) group_samples += shares[static_cast<size_t>(r)];
-    const double group_tokens = static_cast<double>(group_samples * T);
-    double compute_s = 0, comm_s = 0, data_s = 0;
-
-    flat.zeroGrad();
-    double ce_sum = 0, aux_sum = 0;
-    int64_t tokens = 0;
-    data::Batch batch;
-    {
-      ScopedSpan span(&trace, TraceRecorder::kData, "batch", &data_s);
-      batch = train_sampler.nextBatch(shares, rank);
-    }
-    const auto compute_t0 = core::Clock::now();
-    {
-      ScopedSpan span(&trace, TraceRecorder::kCompute, "forward+backward");
-      for (int64_t off = 0; off < batch.n; off += mb) {
-        const int64_t n = std::min(mb, batch.n - off);
-        auto input = torch::from_blob(batch.input.data() + off * T, {n, T}, torch::kInt64);
-        auto target = torch::from_blob(batch.target.data() + off * T, {n, T}, torch::kInt64);
-        auto out = net->lossAndStats(input, target);
-        auto loss = out.ce_sum / group_tokens;
-        if (out.aux_loss.defined()) {
-          loss = loss + out.aux_loss * (static_cast<double>(n) / static_cast<double>(group_samples));
-          aux_sum += out.aux_loss.item<double>() * static_cast<double>(n);
-        }
-        if (off + mb >= batch.n) bucketer.arm();
-        loss.backward();
-        ce_sum += out.ce_sum.item<double>();
-        tokens += out.tokens;
+  while (step_ < tc_.steps) {
+    if (elastic()) {
+      if (opt_.elastic->coordinatorLost()) {
+        return saveAndStop(core::unavailable("the coordinator is lost; stopping with a checkpoint"));
       }
-    }
-    compute_s = core::secondsSince(compute_t0);
-    if (me.slowdown > 1.0) {
-      // EMULATION: a device `slowdown` times slower takes that much longer.
-      const double extra = (me.slowdown - 1.0) * compute_s;
-      ScopedSpan span(&trace, TraceRecorder::kCompute, "emulated slowdown");
-      std::this_thread::sleep_for(std::chrono::duration<double>(extra));
-      compute_s += extra;
-    }
-    {
-      ScopedSpan span(&trace, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
-      ARCH_RETURN_IF_ERROR(bucketer.finish().withContext("step " + std::to_string(step)));
-    }
-
-    // Router-bias balancing uses the expert load of the gradient group.
-    if (job.model.moe.num_experts > 0 && job.model.moe.balance == "router_bias") {
-      torch::Tensor load = net->routerLoad().to(torch::kFloat64).contiguous();
-      ARCH_RETURN_IF_ERROR(grad_dp->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
-      net->updateRouterBias(load.to(torch::kInt64));
-    }
-
-    double grad_norm = 0;
-    const double lr = learningRate(tc, step);
-    {
-      ScopedSpan span(&trace, TraceRecorder::kCompute, "optimizer");
-      torch::NoGradGuard ng;
-      grad_norm = flat.grads().norm().item<double>();
-      if (tc.grad_clip > 0 && grad_norm > tc.grad_clip) flat.grads().mul_(tc.grad_clip / (grad_norm + 1e-6));
-      auto p = flat.params().narrow(0, shard_begin, shard_end - shard_begin);
-      adam.step(p, flat.grads().narrow(0, shard_begin, shard_end - shard_begin),
-                flat.decayMask().narrow(0, shard_begin, shard_end - shard_begin), lr);
-    }
-    if (!shard_offsets.empty()) {
-      ScopedSpan span(&trace, TraceRecorder::kComm, "parameter allgather", &comm_s);
-      ARCH_RETURN_IF_ERROR(dp->allgatherSlices(
-          std::span<float>(flat.params().data_ptr<float>(), static_cast<size_t>(flat.numel())), shard_offsets));
-    }
-
-    if (outer) {
-      ScopedSpan span(&trace, TraceRecorder::kComm, "outer sync", &comm_s);
-      ARCH_RETURN_IF_ERROR(outer->afterInnerStep(step + 1, flat.params(), tokens).withContext("outer sync"));
-    }
-
-    // Control values: loss, tokens, aux, stop request. They cross the
-    // straits only where the world must agree: every step for sync; for
-    // DiLoCo/streaming at outer-step boundaries (every inner_steps) and at
-    // the end, so the strait is not crossed every inner step. In between
-    // the loss is the island's and a stop request waits for the boundary.
-    const bool want_stop = opt.stop && opt.stop->load();
-    double ctrl[4] = {ce_sum, static_cast<double>(tokens), aux_sum, want_stop ? 1.0 : 0.0};
-    {
-      ScopedSpan span(&trace, TraceRecorder::kComm, "control allreduce", &comm_s);
-      const bool world_boundary = !outer || (step + 1) % job.strategy.inner_steps == 0 || step + 1 == tc.steps;
-      if (world_boundary) {
-        ARCH_RETURN_IF_ERROR(dp->allreduceSum(ctrl));
-      } else {
-        ARCH_RETURN_IF_ERROR(grad_dp->allreduceSum(std::span<double>(ctrl, 3)));
-        ctrl[3] = 0;
-      }
-    }
-    const double loss = ctrl[1] > 0 ? ctrl[0] / ctrl[1] : 0.0;
-    ++step;
-    summary.losses.push_back(loss);
-
-    rebalancer.observe(compute_s / static_cast<double>(std::max<int64_t>(1, batch.n)));
-    std::vector<int64_t> old_shares = shares;
-    if (rebalancer.due(step)) {
-      ARCH_ASSIGN_OR_RETURN(auto ns, rebalancer.shares(dp, tc.global_batch));
-      if (ns != shares) {
-        shares = ns;
-        if (rank == 0 && opt.write_metrics) {
-          metrics.write({{"kind", "event"}, {"event", "rebalance"}, {"step", step},
-                         {"detail", fmt::format("shares [{}] -> [{}]", fmt::join(old_shares, ","), fmt::join(shares, ","))}});
-        }
-      }
-    }
-
-    const double step_s = core::secondsSince(step_t0);
-    if (step > start_step + 1) {  // the first step includes warm-up allocations
-      step_time_sum += step_s;
-      ++steps_timed;
-    }
-    if (opt.write_metrics && (step % tc.log_every == 0 || step == tc.steps)) {
-      metrics.write({{"kind", "step"}, {"step", step}, {"rank", rank}, {"island", me.island}, {"epoch", 0},
-                     {"loss", loss}, {"local_loss", tokens ? ce_sum / static_cast<double>(tokens) : 0.0},
-                     {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", compute_s},
-                     {"comm_s", comm_s}, {"data_s", data_s}, {"step_s", step_s},
-                     {"tokens_per_s", static_cast<double>(tokens) / step_s}, {"grad_norm", grad_norm},
-                     {"slowdown", me.slowdown}, {"share", old_shares[static_cast<size_t>(rank)]}});
-      if (rank == 0 && job.model.moe.num_experts > 0) {
-        for (const auto& st : net->moeStats()) {
-          metrics.write({{"kind", "moe"}, {"step", step}, {"rank", rank}, {"layer", st.layer},
-                         {"tokens_per_expert", st.tokens_per_expert}, {"dropped", st.dropped},
-                         {"capacity", st.capacity}, {"aux_loss", st.aux_loss}});
-        }
-      }
-    }
-    (void)step_us0;
-
-    const bool stop_now = ctrl[3] > 0;
-    const bool periodic = job.checkpoint.every > 0 && step % job.checkpoint.every == 0;
-    const bool at_end = step == tc.steps || stop_now;
-    // Replicas must be identical (outer syncs complete) before the final evaluation.
-    if (outer && at_end) ARCH_RETURN_IF_ERROR(outer->finish(step, flat.params()));
-    if (tc.eval_every > 0 && (step % tc.eval_every == 0 || at_end)) {
-      ScopedSpan span(&trace, TraceRecorder::kCompute, "evaluation");
-      ARCH_ASSIGN_OR_RETURN(double vl, evaluate());
-      summary.final_val_loss = vl;
-      if (rank == 0 && opt.write_metrics && vl >= 0) metrics.write({{"kind", "eval"}, {"step", step}, {"val_loss", vl}});
-    }
-
-    if (periodic || (at_end && job.checkpoint.at_exit)) {
       const auto c0 = core::Clock::now();
-      ARCH_ASSIGN_OR_RETURN(auto snap, snapshot(step));
-      if (rank == 0) {
-        const double stall = core::secondsSince(c0);
-        ckpt->submit(std::move(snap));
-        if (!job.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt->drain());
-        if (opt.write_metrics) {
-          metrics.write({{"kind", "event"}, {"event", "checkpoint"}, {"step", step},
-                         {"stall_s", stall}, {"detail", checkpointDirName(step)}});
-        }
-      }
-      last_ckpt_step = step;
+      commit();
+      commit_s_ = core::secondsSince(c0);
     }
-    if (opt.exit_after_step >= 0 && step == opt.exit_after_step) {
-      if (ckpt) (void)ckpt->drain();
-      ARCH_LOG_WARN("test hook: exiting abruptly after step {}", step);
-      std::_Exit(3);
+    core::Status st = trainStep();
+    if (st.isOk() && !(elastic() && epoch_pending_)) {
+      if (stop_now_) break;
+      continue;
     }
-    if (stop_now) {
-      summary.stopped_early = step < tc.steps;
-      if (rank == 0) ARCH_LOG_WARN("stop requested: stopped after step {} (checkpoint written)", step);
-      break;
+    if (!elastic()) return st;
+    if (stop_now_ && st.isOk()) break;
+    core::Status rc = recover(st);
+    if (!rc.isOk()) {
+      if (opt_.elastic->evicted()) return rc;
+      return saveAndStop(rc);
     }
   }
-  (void)last_ckpt_step;
-  if (ckpt) ARCH_RETURN_IF_ERROR(ckpt->drain());
+  if (stop_now_) {
+    summary_.stopped_early = step_ < tc_.steps;
+    if (rank_ == 0) ARCH_LOG_WARN("stop requested: stopped after step {} (checkpoint written)", step_);
+  }
+  if (ckpt_) ARCH_RETURN_IF_ERROR(ckpt_->drain());
 
-  summary.steps_done = step;
-  summary.final_loss = summary.losses.empty() ? 0 : summary.losses.back();
-  summary.wall_s = core::secondsSince(t_start);
-  summary.mean_step_s = steps_timed > 0 ? step_time_sum / static_cast<double>(steps_timed) : 0;
-  summary.predicted_step_s = predicted_step_s;
-  if (rank == 0 && predicted_step_s > 0 && summary.mean_step_s > 0) {
-    ARCH_LOG_INFO("step time: predicted {:.3f}s, measured {:.3f}s ({:+.0f}%)", predicted_step_s, summary.mean_step_s,
-                  100.0 * (predicted_step_s - summary.mean_step_s) / summary.mean_step_s);
+  summary_.steps_done = step_;
+  summary_.final_loss = summary_.losses.empty() ? 0 : summary_.losses.back();
+  summary_.wall_s = core::secondsSince(t_start);
+  summary_.mean_step_s = steps_timed_ > 0 ? step_time_sum_ / static_cast<double>(steps_timed_) : 0;
+  summary_.predicted_step_s = predicted_step_s_;
+  if (rank_ == 0 && predicted_step_s_ > 0 && summary_.mean_step_s > 0) {
+    ARCH_LOG_INFO("step time: predicted {:.3f}s, measured {:.3f}s ({:+.0f}%)", predicted_step_s_, summary_.mean_step_s,
+                  100.0 * (predicted_step_s_ - summary_.mean_step_s) / summary_.mean_step_s);
   }
-  if (opt.write_metrics) {
-    (void)trace.writeFile((fs::path(opt.run_dir) / "trace" / ("rank" + std::to_string(rank) + ".json")).string());
+  if (elastic()) {
+    auto d = stateDigest(true);
+    summary_.replica_digest = core::toHex(d);
+    if (opt_.write_metrics) {
+      metrics_.write({{"kind", "replica"}, {"rank", rank_}, {"step", step_}, {"digest", summary_.replica_digest}});
+    }
   }
-  return summary;
+  if (opt_.write_metrics) {
+    (void)trace_.writeFile((fs::path(opt_.run_dir) / "trace" / ("rank" + std::to_string(rank_) + ".json")).string());
+  }
+  return summary_;
+}
+
+}  // namespace
+
+core::Result<TrainSummary> runTrainer(const TrainerOptions& opt) {
+  if (opt.job.strategy.pipeline_stages > 1 || opt.job.strategy.expert_parallel > 1) return runParallelTrainer(opt);
+  Trainer t(opt);
+  return t.run();
 }
 
 }  // namespace archipelago::runtime

@@ -1,12 +1,14 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/comm_dp.h"
+#include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/launcher.h"
 #include "archipelago/runtime/metrics.h"
 #include "archipelago/runtime/trainer.h"
@@ -24,18 +26,20 @@ core::Status runWorker(const WorkerOptions& opt) {
   core::JobConfig job = loaded.job;
   const std::string run_dir = opt.run_dir.empty() ? job.run_dir : opt.run_dir;
   const auto workers = workersOf(job.cluster);
-  const int world = opt.world >= 0 ? opt.world : worldFromEnv();
+  const int world = opt.world >= 0 ? opt.world : (worldFromEnv() >= 0 ? worldFromEnv() : static_cast<int>(workers.size()));
   const int rank = opt.rank >= 0 ? opt.rank : rankFromEnv();
   if (world != static_cast<int>(workers.size())) {
     return core::invalidArgument("world size " + std::to_string(world) + " (from --world or WORLD_SIZE/SLURM_NTASKS) "
                                  "does not match the cluster spec's " + std::to_string(workers.size()) + " devices");
   }
-  if (rank < 0 || rank >= world) {
+  if ((rank < 0 && !opt.join) || rank >= world) {
     return core::invalidArgument("rank " + std::to_string(rank) + " is outside [0, " + std::to_string(world) +
                                  "); pass --rank or set RANK / SLURM_PROCID");
   }
-  const auto& me = workers[static_cast<size_t>(rank)];
-  core::setLogIdentity(me.island + "/" + std::to_string(me.local_index) + " r" + std::to_string(rank));
+  if (rank >= 0) {
+    const auto& me = workers[static_cast<size_t>(rank)];
+    core::setLogIdentity(me.island + "/" + std::to_string(me.local_index) + " r" + std::to_string(rank));
+  }
 
   struct sigaction sa {};
   sa.sa_handler = onStop;
@@ -55,61 +59,47 @@ core::Status runWorker(const WorkerOptions& opt) {
   }
   if (coord.empty()) return core::invalidArgument("no coordinator: pass --coordinator HOST:PORT or set MASTER_ADDR/MASTER_PORT");
 
-  const auto connect_deadline = core::Deadline::afterSeconds(60);
-  ARCH_ASSIGN_OR_RETURN(auto client, comm::CoordinatorClient::connect(coord, secret_env, rank, connect_deadline));
-
-  comm::CommConfig cc;
-  cc.rank = rank;
-  cc.world = world;
-  for (const auto& w : workers) cc.island_of_rank.push_back(w.island_index);
-  cc.cluster = job.cluster;
-  cc.secret = secret_env;
-  cc.options.streams = static_cast<int>(job.strategy.streams);
-  cc.options.heartbeat_timeout_s = job.strategy.failure_timeout;
-  ARCH_ASSIGN_OR_RETURN(auto communicator, comm::Communicator::create(cc));
-  ARCH_ASSIGN_OR_RETURN(uint32_t epoch, client->registerRank(rank, me.island_index, communicator->address(), connect_deadline));
-  (void)epoch;
-  ARCH_ASSIGN_OR_RETURN(auto members, client->waitForMembers(world, connect_deadline));
-  ARCH_RETURN_IF_ERROR(communicator->connect(members.addresses, connect_deadline));
-  client->startHeartbeats(0.5);
-  if (rank == 0) {
-    for (const auto& line : communicator->emulationSummary()) ARCH_LOG_INFO("{}", line);
+  ElasticOptions eo;
+  eo.coordinator = coord;
+  eo.secret = secret_env;
+  eo.rank = rank;
+  eo.join = opt.join;
+  eo.job = &job;
+  ARCH_ASSIGN_OR_RETURN(auto session, ElasticSession::start(eo));
+  {
+    const auto& me = workers[static_cast<size_t>(session->rank())];
+    core::setLogIdentity(me.island + "/" + std::to_string(me.local_index) + " r" + std::to_string(session->rank()));
   }
-
-  const bool multi_island = job.cluster.islands.size() > 1;
-  const bool hierarchical = job.strategy.allreduce == "hierarchical" || (job.strategy.allreduce == "auto" && multi_island);
-  ARCH_ASSIGN_OR_RETURN(auto codec, comm::parseCodec(job.strategy.codec));
-  // sync: gradients are summed over the world (hierarchically across
-  // straits, through the codec). diloco/streaming: over the island only; the
-  // outer sync crosses the straits every few steps.
-  const bool per_island = job.strategy.kind != "sync";
-  CommDp dp(communicator->world(), hierarchical && !per_island, per_island ? comm::CodecKind::kNone : codec, 0);
-  std::unique_ptr<CommDp> inner;
-  std::vector<int> inner_ranks;
-  if (per_island) {
-    ARCH_ASSIGN_OR_RETURN(auto island_group, communicator->world()->islandGroup());
-    inner_ranks = island_group->ranks();
-    inner = std::make_unique<CommDp>(island_group, false, comm::CodecKind::kNone, 0);
+  if (session->rank() == 0) {
+    for (const auto& line : session->communicator().emulationSummary()) ARCH_LOG_INFO("{}", line);
   }
 
   TrainerOptions to;
   to.job = job;
   to.run_dir = run_dir;
-  to.rank = rank;
+  to.rank = session->rank();
   to.resume = opt.resume;
-  to.dp = &dp;
-  to.inner = inner.get();
-  to.inner_ranks = inner_ranks;
-  to.world_group = communicator->world();
+  to.elastic = session.get();
   to.stop = &g_stop;
   to.exit_after_step = opt.exit_after_step;
   auto summary = runTrainer(to);
-  if (summary.isOk()) (void)client->leave(core::Deadline::afterSeconds(2));
   if (!summary.isOk()) {
     ARCH_LOG_ERROR("{}", summary.status().toString());
+    // Exit codes the launcher acts on (elastic.h); threads of the session
+    // may still be blocked, so no destructors run.
+    if (session->evicted()) {
+      std::fflush(nullptr);
+      std::_Exit(kExitEvicted);
+    }
+    if (session->belowMinimum() || summary.status().code() == core::StatusCode::kUnavailable ||
+        summary.status().code() == core::StatusCode::kFailedPrecondition) {
+      std::fflush(nullptr);
+      std::_Exit(kExitRestartJob);
+    }
     return summary.status();
   }
-  if (rank == 0) {
+  session->leave();
+  if (session->alive().empty() || session->alive().front() == session->rank()) {
     MetricsSink sink;
     if (sink.open((std::filesystem::path(run_dir) / "metrics.jsonl").string()).isOk()) {
       sink.write({{"kind", "summary"}, {"steps", summary->steps_done}, {"first_step", summary->first_step},

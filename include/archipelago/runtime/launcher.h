@@ -25,7 +25,9 @@ struct LaunchOptions {
   std::string self_exe;        // path of the archipelago binary (for the worker processes)
   bool progress = true;        // live progress line on stderr
   int64_t exit_after_step = -1;  // test hook, passed to every worker
-  int max_restarts = 0;        // restart from the newest checkpoint after a failure
+  int max_restarts = 0;        // restart the whole job from the newest valid checkpoint when it cannot go on
+                               // (fewer than strategy.min_workers, coordinator lost, a worker error)
+  int max_replacements = 8;    // a worker that dies (or is evicted) is replaced by a `worker --join` in its slot
 };
 core::Status launchTraining(const LaunchOptions& options);
 
@@ -36,8 +38,12 @@ struct WorkerOptions {
   int world = -1;              // -1: from WORLD_SIZE / SLURM_NTASKS / OMPI_COMM_WORLD_SIZE / PMI_SIZE
   std::string coordinator;     // HOST:PORT; default MASTER_ADDR:MASTER_PORT
   bool resume = false;
+  bool join = false;           // enter a running job: take a failed slot (rank, or any with rank -1) and
+                               // receive the live state from a peer
   int64_t exit_after_step = -1;
 };
+// Exits the process with kExitEvicted / kExitRestartJob (elastic.h) when the
+// job went on without this rank or must restart from a checkpoint.
 core::Status runWorker(const WorkerOptions& options);
 
 struct CoordinatorOptions {

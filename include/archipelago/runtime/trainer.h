@@ -24,6 +24,8 @@ class Group;
 
 namespace archipelago::runtime {
 
+class ElasticSession;
+
 struct WorkerInfo {
   int rank = 0;
   std::string island;
@@ -47,6 +49,11 @@ struct TrainerOptions {
   DpComm* inner = nullptr;
   std::vector<int> inner_ranks;
   std::shared_ptr<comm::Group> world_group;  // for strategies (DiLoCo, streaming)
+  // Elastic membership (worker processes): when set, dp/inner/world_group
+  // are ignored and come from the session's current epoch; a failed step is
+  // abandoned and retried after the survivors moved to the next epoch, and
+  // joiners receive the live state (docs/runtime.md "Failures and elasticity").
+  ElasticSession* elastic = nullptr;
   std::atomic<bool>* stop = nullptr;      // set by a signal handler: stop at the next step boundary
   int64_t exit_after_step = -1;           // test hook: _exit(3) right after this step (a crash)
   bool write_metrics = true;
@@ -62,6 +69,7 @@ struct TrainSummary {
   double predicted_step_s = 0;  // the planner's prediction (rank 0; 0 if none)
   std::vector<double> losses;  // per completed step, global mean loss
   bool stopped_early = false;
+  std::string replica_digest;  // sha256 of the final parameters (elastic runs)
 };
 
 core::Result<TrainSummary> runTrainer(const TrainerOptions& options);

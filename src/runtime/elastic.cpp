@@ -1,0 +1,237 @@
+#include "archipelago/runtime/elastic.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <regex>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "archipelago/core/log.h"
+#include "archipelago/runtime/trainer.h"
+
+namespace archipelago::runtime {
+
+namespace {
+comm::CommConfig commConfigOf(const core::JobConfig& job, int rank, const std::string& secret) {
+  const auto workers = workersOf(job.cluster);
+  comm::CommConfig cc;
+  cc.rank = rank;
+  cc.world = static_cast<int>(workers.size());
+  for (const auto& w : workers) cc.island_of_rank.push_back(w.island_index);
+  cc.cluster = job.cluster;
+  cc.secret = secret;
+  cc.options.streams = static_cast<int>(job.strategy.streams);
+  cc.options.heartbeat_timeout_s = job.strategy.failure_timeout;
+  cc.options.heartbeat_interval_s = std::min(0.2, job.strategy.failure_timeout / 5);
+  return cc;
+}
+
+void sleepSeconds(double s) { std::this_thread::sleep_for(std::chrono::duration<double>(s)); }
+}  // namespace
+
+int suspectOf(const core::Status& st) {
+  static const std::regex re("lost rank ([0-9]+)");
+  std::smatch m;
+  const std::string msg = st.message();
+  if (std::regex_search(msg, m, re)) return std::stoi(m[1].str());
+  return -1;
+}
+
+core::Result<std::unique_ptr<ElasticSession>> ElasticSession::start(const ElasticOptions& o) {
+  if (!o.job) return core::invalidArgument("elastic session: no job");
+  std::unique_ptr<ElasticSession> s(new ElasticSession());
+  s->opt_ = o;
+  s->job_ = *o.job;
+  const auto workers = workersOf(s->job_.cluster);
+  s->slots_ = static_cast<int>(workers.size());
+  const auto dl = core::Deadline::afterSeconds(o.connect_timeout_s);
+  ARCH_ASSIGN_OR_RETURN(s->client_, comm::CoordinatorClient::connect(o.coordinator, o.secret, o.rank, dl));
+  const double hb = std::min(0.5, s->job_.strategy.failure_timeout / 4);
+
+  if (!o.join) {
+    if (o.rank < 0 || o.rank >= s->slots_) {
+      return core::invalidArgument("rank " + std::to_string(o.rank) + " is outside [0, " + std::to_string(s->slots_) + ")");
+    }
+    s->rank_ = o.rank;
+    ARCH_ASSIGN_OR_RETURN(s->comm_, comm::Communicator::create(commConfigOf(s->job_, s->rank_, o.secret)));
+    const auto& me = workers[static_cast<size_t>(s->rank_)];
+    ARCH_RETURN_IF_ERROR(s->client_->registerRank(s->rank_, me.island_index, s->comm_->address(), dl).status());
+    // Watched from registration on: heartbeats start before the (possibly
+    // long) wait for the slower workers of the job.
+    s->client_->startHeartbeats(hb);
+    ARCH_ASSIGN_OR_RETURN(auto members, s->client_->waitForMembers(s->slots_, dl));
+    ARCH_RETURN_IF_ERROR(s->comm_->connect(members.addresses, dl));
+    s->membership_ = members;
+    if (s->membership_.epoch != 0 || s->membership_.alive.size() != static_cast<size_t>(s->slots_)) {
+      // Somebody failed while the job was starting: go straight to the current epoch.
+      s->membership_.epoch = 0;  // the transport just built is epoch 0
+      ARCH_RETURN_IF_ERROR(s->installGroups(s->comm_->world()));
+      ARCH_RETURN_IF_ERROR(s->reconfigure(core::unavailable("a rank failed during start-up")));
+    } else {
+      ARCH_RETURN_IF_ERROR(s->installGroups(s->comm_->world()));
+    }
+    return s;
+  }
+
+  // Join: take a failed slot (the requested one, or the lowest), listen as
+  // that rank, register, and enter the join epoch with the others.
+  for (int attempt = 0;; ++attempt) {
+    int slot = o.rank;
+    if (slot < 0) {
+      ARCH_ASSIGN_OR_RETURN(auto m, s->client_->membership(dl));
+      if (m.failed.empty()) {
+        if (attempt > 50 || dl.expired()) {
+          return core::failedPrecondition("--join: no failed worker slot to take (every rank is alive)");
+        }
+        sleepSeconds(0.2);
+        continue;
+      }
+      slot = m.failed.front();
+    }
+    if (slot >= s->slots_) return core::invalidArgument("--join --rank " + std::to_string(slot) + " is not a slot of the job");
+    s->rank_ = slot;
+    ARCH_ASSIGN_OR_RETURN(s->comm_, comm::Communicator::create(commConfigOf(s->job_, slot, o.secret)));
+    const auto& me = workers[static_cast<size_t>(slot)];
+    auto joined = s->client_->join(slot, me.island_index, s->comm_->address(), dl);
+    if (!joined.isOk()) {
+      if (o.rank < 0 && attempt < 20) continue;  // somebody else took it
+      return joined.status().withContext("joining the job");
+    }
+    break;
+  }
+  s->joined_ = true;
+  s->client_->startHeartbeats(hb);
+  ARCH_LOG_INFO("joining the running job as rank {}", s->rank_);
+  // The epoch we are in is "none": reconfigure() goes to the newest.
+  s->membership_.epoch = 0;
+  ARCH_RETURN_IF_ERROR(s->reconfigure(core::okStatus()));
+  return s;
+}
+
+ElasticSession::~ElasticSession() {
+  inner_.reset();
+  dp_.reset();
+  island_.reset();
+  world_.reset();
+}
+
+double ElasticSession::coordinatorTimeout() const { return std::max(10.0, 5 * job_.strategy.failure_timeout); }
+
+std::vector<int> ElasticSession::innerRanks() const {
+  return island_ ? island_->ranks() : std::vector<int>{};
+}
+
+core::Status ElasticSession::installGroups(std::shared_ptr<comm::Group> world) {
+  inner_.reset();
+  dp_.reset();
+  island_.reset();
+  world_ = std::move(world);
+  const bool multi_island = job_.cluster.islands.size() > 1;
+  const auto& s = job_.strategy;
+  const bool hierarchical = s.allreduce == "hierarchical" || (s.allreduce == "auto" && multi_island);
+  ARCH_ASSIGN_OR_RETURN(auto codec, comm::parseCodec(s.codec));
+  // sync: gradients are summed over the world (hierarchically across the
+  // straits, through the codec). diloco/streaming: over the island only.
+  const bool per_island = s.kind != "sync";
+  dp_ = std::make_unique<CommDp>(world_, hierarchical && !per_island, per_island ? comm::CodecKind::kNone : codec, 0);
+  if (per_island) {
+    ARCH_ASSIGN_OR_RETURN(island_, world_->islandGroup());
+    inner_ = std::make_unique<CommDp>(island_, false, comm::CodecKind::kNone, 0);
+  }
+  return core::okStatus();
+}
+
+core::Status ElasticSession::reconfigure(const core::Status& cause) {
+  const auto t0 = core::Clock::now();
+  uint32_t from = membership_.epoch;
+  core::Status why = cause;
+  bool reported = false;
+  auto since_change = core::Clock::now();
+  const double settle_s = 2 * job_.strategy.failure_timeout + 1;
+  if (!why.isOk()) ARCH_LOG_WARN("epoch {}: {}; moving to the next epoch", from, why.toString());
+  while (true) {
+    if (client_->secondsSinceContact() > coordinatorTimeout()) {
+      return core::unavailable(fmt::format("the coordinator has not answered for {:.0f} s", client_->secondsSinceContact()));
+    }
+    auto mr = client_->membership(core::Deadline::afterSeconds(5));
+    if (!mr.isOk()) {
+      sleepSeconds(0.1);
+      continue;
+    }
+    comm::Membership m = std::move(mr).value();
+    if (!m.isAlive(rank_)) {
+      evicted_ = true;
+      return core::aborted(fmt::format("rank {} was declared failed in epoch {} (stalled or cut off); the job went on "
+                                       "without it", rank_, m.epoch));
+    }
+    if (m.epoch <= from) {
+      // Nobody has published the next epoch yet: say what we saw, once.
+      if (!reported && !why.isOk()) {
+        const int suspect = suspectOf(why);
+        if (suspect >= 0 && suspect != rank_) {
+          (void)client_->reportFailure(suspect, from, core::Deadline::afterSeconds(5), why.message().substr(0, 300));
+          reported = true;
+          continue;
+        }
+        if (why.code() == core::StatusCode::kDataLoss) {
+          (void)client_->reportFailure(-1, from, core::Deadline::afterSeconds(5), why.message().substr(0, 300));
+          reported = true;
+          continue;
+        }
+      }
+      // The cause names nobody (a peer aborted the epoch, a rebuild timed
+      // out): heartbeats find a dead rank within the timeout; after that it
+      // is a transient fault.
+      if (core::secondsSince(since_change) > settle_s) {
+        (void)client_->reportFailure(-1, from, core::Deadline::afterSeconds(5),
+                                     "no epoch change " + std::to_string(static_cast<int>(settle_s)) + " s after: " +
+                                         why.message().substr(0, 200));
+        since_change = core::Clock::now();
+      }
+      sleepSeconds(0.01);
+      continue;
+    }
+    if (static_cast<int64_t>(m.alive.size()) < job_.strategy.min_workers) {
+      below_min_ = true;
+      return core::failedPrecondition(fmt::format("{} worker(s) alive in epoch {}, below strategy.min_workers = {}",
+                                                  m.alive.size(), m.epoch, job_.strategy.min_workers));
+    }
+    // Everyone of the epoch builds its transport at the same time. A member
+    // still blocked in a collective of the old epoch (it has not seen the
+    // change) is shaken loose by aborting our side of the old transport, but
+    // only if it does not arrive by itself within a second: a peer that is
+    // just finishing the same step must not lose it.
+    auto er = client_->enterEpoch(m.epoch, core::Deadline::afterSeconds(1.0));
+    if (!er.isOk() && er.status().code() == core::StatusCode::kDeadlineExceeded) {
+      comm_->abort("rank " + std::to_string(rank_) + " is moving to epoch " + std::to_string(m.epoch));
+      er = client_->enterEpoch(m.epoch, core::Deadline::afterSeconds(joined_ && from == 0 ? 600 : 120));
+    }
+    if (!er.isOk() || er->epoch != m.epoch) {
+      if (!er.isOk()) ARCH_LOG_WARN("epoch {} barrier: {}", m.epoch, er.status().toString());
+      continue;  // the epoch moved on (a failure meanwhile): go to the newest
+    }
+    comm_->setAddresses(er->addresses);
+    auto g = comm_->rebuild(er->epoch, er->alive, core::Deadline::afterSeconds(std::max(10.0, 3 * job_.strategy.failure_timeout)));
+    if (!g.isOk()) {
+      ARCH_LOG_WARN("rebuilding epoch {} failed: {}", er->epoch, g.status().toString());
+      from = er->epoch;
+      membership_ = *er;
+      why = g.status();
+      reported = false;
+      since_change = core::Clock::now();
+      continue;
+    }
+    membership_ = std::move(er).value();
+    ARCH_RETURN_IF_ERROR(installGroups(std::move(g).value()));
+    last_reconfigure_s_ = core::secondsSince(t0);
+    ARCH_LOG_INFO("epoch {}: {} workers [{}] ({:.2f} s to rebuild)", membership_.epoch, membership_.alive.size(),
+                  fmt::join(membership_.alive, ","), last_reconfigure_s_);
+    return core::okStatus();
+  }
+}
+
+void ElasticSession::leave() { (void)client_->leave(core::Deadline::afterSeconds(2)); }
+
+}  // namespace archipelago::runtime
