@@ -118,6 +118,7 @@ std::string CalibrationProfile::toJson() const {
     jd["optimizer_s_per_param"] = dc.optimizer_s_per_param;
     jd["host_cores"] = dc.host_cores;
     jd["background_procs"] = dc.background_procs;
+    jd["background_groups"] = dc.background_groups;
     jd["threads"] = dc.threads;
     devs[kind] = jd;
   }
@@ -167,6 +168,7 @@ core::Result<CalibrationProfile> CalibrationProfile::fromJson(const std::string&
       dc.optimizer_s_per_param = jd.value("optimizer_s_per_param", 0.0);
       dc.host_cores = jd.value("host_cores", 0.0);
       dc.background_procs = jd.value("background_procs", 0.0);
+      dc.background_groups = jd.value("background_groups", std::vector<double>{});
       dc.threads = jd.value("threads", int64_t{1});
       dc.memory_bandwidth = jd.value("memory_bandwidth", 0.0);
       dc.step_overhead_s = jd.value("step_overhead_s", 0.0);

@@ -75,9 +75,28 @@ struct LocalWorker {
 // seconds of compute (alone on `threads` cores); running workers share
 // `cores` equally; a worker with slowdown s > 1 then sleeps (s-1) x its
 // compute wall time. Returns per worker {end of real compute, end incl. sleep}.
+// Cores our job gets when it wants `demand` and the other scheduling groups
+// want `others`: the kernel shares the cores fairly between groups (each
+// gets min(its demand, level), the level filling the cores). cores <= 0:
+// not modelled.
+double jobCapacity(double demand, const std::vector<double>& others, double cores) {
+  if (cores <= 0) return demand;
+  double total = demand;
+  for (double g : others) total += g;
+  if (total <= cores) return demand;
+  double lo = 0, hi = cores;
+  for (int it = 0; it < 60; ++it) {
+    const double level = 0.5 * (lo + hi);
+    double used = std::min(demand, level);
+    for (double g : others) used += std::min(g, level);
+    (used > cores ? hi : lo) = level;
+  }
+  return std::min(demand, lo);
+}
+
 std::vector<std::pair<double, double>> runComputePhase(const std::vector<double>& work,
                                                        const std::vector<double>& slowdown, double cores,
-                                                       double threads, double background) {
+                                                       double threads, const std::vector<double>& background) {
   const size_t n = work.size();
   std::vector<double> left = work;
   std::vector<std::pair<double, double>> out(n, {0.0, 0.0});
@@ -85,8 +104,8 @@ std::vector<std::pair<double, double>> runComputePhase(const std::vector<double>
   double now = 0;
   size_t running = n;
   while (running > 0) {
-    const double demand = threads * d(static_cast<int64_t>(running)) + background;
-    const double rate = cores > 0 ? std::min(1.0, cores / demand) : 1.0;
+    const double demand = threads * d(static_cast<int64_t>(running));
+    const double rate = std::min(1.0, jobCapacity(demand, background, cores) / demand);
     double dt = std::numeric_limits<double>::infinity();
     for (size_t i = 0; i < n; ++i) {
       if (computing[i]) dt = std::min(dt, left[i] / rate);
@@ -159,9 +178,9 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   // Other runnable threads on a shared host (measured while calibrating)
   // are assumed to keep running during training and take their share of
   // the cores. The measured parts are uncontended (fastest of several runs).
-  const double background = p.host_cores > 0 ? dc->background_procs : 0.0;
-  p.background_procs = background;
-  p.oversubscribed = p.host_cores > 0 && threads * d(world) + background > p.host_cores;
+  const std::vector<double> background = p.host_cores > 0 ? dc->background_groups : std::vector<double>{};
+  p.background_procs = p.host_cores > 0 ? dc->background_procs : 0.0;
+  p.oversubscribed = p.host_cores > 0 && jobCapacity(threads * d(world), background, p.host_cores) < threads * d(world);
 
   // Seconds of forward+backward for one micro-batch of n samples on worker r
   // (alone on its cores), and the model FLOPs of it.
@@ -240,8 +259,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   const double opt_alone = dc && dc->optimizer_s_per_param > 0
                                ? dc->optimizer_s_per_param * params
                                : cm.memoryTime(workers[0].dev, params * 4 * 4 * 2);  // fp32 w, g, m, v read+write
-  const double cores_factor =
-      p.host_cores > 0 ? std::max(1.0, (threads * d(world) + background) / p.host_cores) : 1.0;
+  const double cores_factor = threads * d(world) / jobCapacity(threads * d(world), background, p.host_cores);
   const double opt_s = opt_alone * cores_factor;
   const double overhead = dc ? dc->step_overhead_s : 0.0;
 
@@ -330,8 +348,10 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       measured ? "measured model parts" : (profile && dc ? "calibrated GEMMs" : "catalog derating"),
       p.host_cores > 0
           ? fmt::format("{} workers x {} threads on {} cores{}{}", world, tc.threads_per_worker, p.host_cores,
-                        background > 0.05 ? fmt::format(" with {:.1f} other runnable threads (measured)", background)
-                                          : std::string(),
+                        p.background_procs > 0.05
+                            ? fmt::format(" shared with {:.1f} other runnable processes in {} groups (measured)",
+                                          p.background_procs, background.size())
+                            : std::string(),
                         p.oversubscribed ? " (oversubscribed: workers share cores)" : "")
           : std::string("cores not modelled"));
   return p;

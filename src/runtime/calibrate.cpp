@@ -1,10 +1,15 @@
 #include "archipelago/runtime/calibrate.h"
 
+#include <dirent.h>
 #include <sched.h>
+#include <unistd.h>
+
+#include <cstdlib>
 
 #include <algorithm>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <string>
 #include <thread>
 
@@ -53,30 +58,60 @@ namespace {
 // the predictor models that sharing separately).
 double fastest(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end()); }
 
-// Runnable threads on the host right now (/proc/stat procs_running, which
-// counts this thread too); -1 where unavailable.
-double runnableNow() {
-  std::ifstream in("/proc/stat");
-  std::string key;
-  double v = 0;
-  while (in >> key) {
-    if (key == "procs_running" && (in >> v)) return v;
-    in.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+// Runnable processes on the host right now that are not this job's, per
+// scheduling group. With autogroup scheduling (sched_autogroup_enabled, the
+// default for sessions) the kernel shares the cores fairly between groups,
+// not processes, so a group's demand matters, not its process count.
+// Skipped: this process, its parent (the local launcher), its siblings (the
+// other local workers, whose first step may still run while rank 0
+// calibrates) and our own group.
+std::string autogroupOf(const std::string& pid) {
+  std::ifstream in("/proc/" + pid + "/autogroup");
+  std::string g;
+  in >> g;
+  return g;
+}
+
+std::map<std::string, double> otherRunnableNow(const std::string& own_group) {
+  std::map<std::string, double> groups;
+  const long self = static_cast<long>(::getpid()), parent = static_cast<long>(::getppid());
+  DIR* dir = ::opendir("/proc");
+  if (!dir) return groups;
+  while (dirent* e = ::readdir(dir)) {
+    char* end = nullptr;
+    const long pid = std::strtol(e->d_name, &end, 10);
+    if (!end || *end != '\0' || pid <= 0 || pid == self || pid == parent) continue;
+    std::ifstream in(std::string("/proc/") + e->d_name + "/stat");
+    std::string line;
+    if (!std::getline(in, line)) continue;
+    const size_t rp = line.rfind(')');  // the command name may hold spaces
+    if (rp == std::string::npos || rp + 4 >= line.size()) continue;
+    const char state = line[rp + 2];
+    const long ppid = std::strtol(line.c_str() + rp + 4, nullptr, 10);
+    if (state != 'R' || (parent > 1 && ppid == parent)) continue;
+    const std::string g = autogroupOf(e->d_name);
+    if (!own_group.empty() && g == own_group) continue;
+    groups[g.empty() ? "pid" + std::string(e->d_name) : g] += 1;
   }
-  return -1;
+  ::closedir(dir);
+  return groups;
 }
 
 struct LoadSampler {
-  double sum = 0;
+  std::string own = autogroupOf("self");
+  std::map<std::string, double> sum;
   int n = 0;
   void sample() {
-    const double r = runnableNow();
-    if (r >= 1) {
-      sum += r - 1;
-      ++n;
-    }
+    for (const auto& [g, c] : otherRunnableNow(own)) sum[g] += c;
+    ++n;
   }
-  double mean() const { return n > 0 ? sum / n : 0.0; }
+  // Mean runnable processes per other group over the samples.
+  std::vector<double> groups() const {
+    std::vector<double> out;
+    for (const auto& [g, c] : sum) out.push_back(n > 0 ? c / n : 0.0);
+    std::sort(out.begin(), out.end());
+    return out;
+  }
 };
 
 struct FwdBwd {
@@ -182,7 +217,10 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
     profile.device(kind).optimizer_s_per_param = fastest(t) / static_cast<double>(full_flat.numel());
   }
   profile.device(kind).host_cores = hostCores();
-  profile.device(kind).background_procs = load.mean();
+  auto& dev = profile.device(kind);
+  dev.background_groups = load.groups();
+  dev.background_procs = 0;
+  for (double g : dev.background_groups) dev.background_procs += g;
   profile.device(kind).threads = torch::get_num_threads();
   return core::okStatus();
 }

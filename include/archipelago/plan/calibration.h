@@ -40,7 +40,10 @@ struct DeviceCalibration {
   double loopback_bandwidth = 0; // bytes/s between local workers (for local runs); 0 = unknown
   double optimizer_s_per_param = 0;  // measured optimizer step (grad norm + AdamW) per parameter; 0 = unknown
   double host_cores = 0;        // CPU cores the local workers share; 0 = unknown
-  double background_procs = 0;  // other runnable threads on the host while calibrating (mean; shared machines)
+  double background_procs = 0;  // other runnable processes on the host while calibrating (mean; shared machines)
+  // Their mean runnable count per scheduling group (the kernel's autogroups
+  // share the cores fairly between groups, not processes).
+  std::vector<double> background_groups;
   int64_t threads = 1;          // intra-op threads per worker the timings were taken with
 };
 
