@@ -319,6 +319,7 @@ core::Status launchTraining(const LaunchOptions& opt) {
     bool restart = false;
     failure = core::okStatus();
     double finished_at = 0;  // when the first worker finished the job (0: none yet)
+    double stopping_since = -1;  // when the launcher began stopping the workers
     while (true) {
       // Reap. A worker that crashed, was killed, or was evicted (declared
       // failed while the job went on) is replaced by a joiner in its slot;
@@ -400,10 +401,14 @@ core::Status launchTraining(const LaunchOptions& opt) {
       }
       if (alive == 0) break;
       if (!failure.isOk() || restart) {
-        // The others cannot finish without it: stop them.
-        for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGTERM);
-        std::this_thread::sleep_for(std::chrono::milliseconds(500));
-        for (auto& c : children) if (c.exit_code < 0) { ::kill(c.pid, SIGKILL); ::kill(c.pid, SIGCONT); }
+        // The others cannot finish without it: stop them (SIGTERM: stop at
+        // the next step boundary and checkpoint; SIGKILL after 3 s).
+        if (stopping_since < 0) {
+          stopping_since = core::secondsSince(t0);
+          for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGTERM);
+        } else if (core::secondsSince(t0) - stopping_since > 3) {
+          for (auto& c : children) if (c.exit_code < 0) { ::kill(c.pid, SIGKILL); ::kill(c.pid, SIGCONT); }
+        }
       }
       int ints = g_interrupts.load();
       if (ints > forwarded) {

@@ -80,6 +80,12 @@ core::Status runWorker(const WorkerOptions& opt) {
   to.rank = session->rank();
   to.resume = opt.resume;
   to.elastic = session.get();
+  // The epoch-0 groups, for trainers without elasticity (pipeline / expert
+  // parallelism: a failure there stops the job; --max-restarts restarts it).
+  to.dp = session->dp();
+  to.inner = session->inner();
+  to.inner_ranks = session->innerRanks();
+  to.world_group = session->worldGroup();
   to.stop = &g_stop;
   to.exit_after_step = opt.exit_after_step;
   auto summary = runTrainer(to);
