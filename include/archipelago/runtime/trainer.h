@@ -7,6 +7,11 @@
 // single-process big-batch loss; gradient buckets are summed while backward
 // still runs; then every rank clips by the same global norm and applies the
 // same AdamW update, so replicas stay identical without broadcasting weights.
+//
+// With an ElasticSession (worker processes) a step interrupted by a failure
+// is rolled back to the in-memory copy taken before it and retried in the
+// next membership epoch; joiners receive the live state from a peer
+// (docs/runtime.md "Failures and elasticity").
 #pragma once
 
 #include <atomic>
