@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "archipelago/data/dataset.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/parallel_trainer.h"
@@ -321,7 +322,15 @@ TEST(Pipeline, SavedAtTwoStagesResumesAtOneAndThree) {
   // The checkpoint is in the single-process layout.
   auto ck = loadCheckpoint((cut / "checkpoints" / checkpointDirName(k)).string());
   ASSERT_TRUE(ck.isOk()) << ck.status().toString();
-  auto full = model::buildModel(ck->model, 0);
+  // The model the job describes (the checkpoint's state.json keeps the job
+  // file; vocab_size 0 there means "from the data", as the trainer resolves it).
+  core::ModelConfig mc = loadJobText(ck->job_yaml, "rs_model").model;
+  if (mc.vocab_size == 0) {
+    auto ds = data::PreparedDataset::open(tinyDataDir());
+    ASSERT_TRUE(ds.isOk()) << ds.status().toString();
+    mc.vocab_size = (*ds)->vocabSize();
+  }
+  auto full = model::buildModel(mc, 0);
   ASSERT_TRUE(full.isOk()) << full.status().toString();
   std::set<std::string> want, got;
   for (auto& [n, t] : (*full)->namedParameters()) want.insert(n);
