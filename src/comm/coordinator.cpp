@@ -48,10 +48,7 @@ void MembershipTable::bump(const std::string& kind, int rank, const std::string&
   }
 }
 
-uint32_t MembershipTable::registerRank(int rank, int island, const std::string& address, int64_t pid,
-                                       int64_t now_us) {
-  Slot& s = slots_[rank];
-  const bool rejoin = s.state == State::kFailed;
+void MembershipTable::occupy(Slot& s, int island, const std::string& address, int64_t pid, int64_t now_us) {
   s.state = State::kAlive;
   s.address = address;
   s.island = island;
@@ -59,6 +56,13 @@ uint32_t MembershipTable::registerRank(int rank, int island, const std::string& 
   s.last_heartbeat_us = now_us;
   s.watched = true;
   s.entered = 0;
+}
+
+uint32_t MembershipTable::registerRank(int rank, int island, const std::string& address, int64_t pid,
+                                       int64_t now_us) {
+  Slot& s = slots_[rank];
+  const bool rejoin = s.state == State::kFailed;
+  occupy(s, island, address, pid, now_us);
   if (rejoin) bump("join", rank, "re-registered");
   return epoch_;
 }
@@ -83,14 +87,7 @@ core::Result<int> MembershipTable::join(int rank, int island, const std::string&
   }
   Slot& s = it->second;
   const bool replacing = s.state == State::kAlive;
-  if (island < 0) island = s.island;
-  s.state = State::kAlive;
-  s.address = address;
-  s.island = island;
-  s.pid = pid;
-  s.last_heartbeat_us = now_us;
-  s.watched = true;
-  s.entered = 0;
+  occupy(s, island < 0 ? s.island : island, address, pid, now_us);
   bump("join", rank, replacing ? "replaces a process not yet detected as failed" : "took a failed slot");
   return rank;
 }

@@ -107,6 +107,8 @@ class MembershipTable {
     uint32_t entered = 0;     // highest epoch entered + 1 (0 = none)
   };
   void bump(const std::string& kind, int rank, const std::string& why);
+  // Marks a slot alive for a (re)started process: address, island, pid, fresh heartbeat.
+  static void occupy(Slot& s, int island, const std::string& address, int64_t pid, int64_t now_us);
 
   double timeout_s_;
   uint32_t epoch_ = 0;
