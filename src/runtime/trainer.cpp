@@ -235,6 +235,8 @@ class Trainer {
   core::Status resumeFromCheckpoint();
   void bindComm();
   core::Status makeOuter(const NamedTensors* tensors, const nlohmann::json* state);
+  // After a membership change: the strategy again, from the committed outer state.
+  core::Status rebuildOuterFromCommit();
   core::Result<std::vector<int64_t>> initialShares() const;
   void predict();
 
@@ -1122,17 +1124,21 @@ core::Status Trainer::recover(const core::Status& cause) {
                                            fmt::join(shares_, ","))},
                     {"workers", alive_}, {"rebuild_s", e.lastReconfigureSeconds()}});
   }
-  if (job_.strategy.kind != "sync") {
-    ARCH_RETURN_IF_ERROR(makeOuter(commit_.outer_valid ? &commit_.outer_tensors : nullptr,
-                                   commit_.outer_valid ? &commit_.outer_json : nullptr));
-    if (!exact_outer_ && commit_.outer_valid) {
-      // Every replica restarts from the last model all islands agreed on.
-      for (const auto& [name, t] : commit_.outer_tensors) {
-        if (name == "anchor") flat_->params().copy_(t);
-      }
+  ARCH_RETURN_IF_ERROR(rebuildOuterFromCommit());
+  first_step_after_change_ = true;
+  return core::okStatus();
+}
+
+core::Status Trainer::rebuildOuterFromCommit() {
+  if (job_.strategy.kind == "sync") return core::okStatus();
+  ARCH_RETURN_IF_ERROR(makeOuter(commit_.outer_valid ? &commit_.outer_tensors : nullptr,
+                                 commit_.outer_valid ? &commit_.outer_json : nullptr));
+  if (!exact_outer_ && commit_.outer_valid) {
+    // Every replica restarts from the last model all islands agreed on.
+    for (const auto& [name, t] : commit_.outer_tensors) {
+      if (name == "anchor") flat_->params().copy_(t);
     }
   }
-  first_step_after_change_ = true;
   return core::okStatus();
 }
 
@@ -1181,15 +1187,7 @@ core::Result<TrainSummary> Trainer::run() {
       st = enterNextEpoch(st, "join", nullptr);
       if (!st.isOk()) return opt_.elastic->evicted() ? st : saveAndStop(st);
     }
-    if (job_.strategy.kind != "sync") {
-      ARCH_RETURN_IF_ERROR(makeOuter(commit_.outer_valid ? &commit_.outer_tensors : nullptr,
-                                     commit_.outer_valid ? &commit_.outer_json : nullptr));
-      if (!exact_outer_ && commit_.outer_valid) {
-        for (const auto& [name, t] : commit_.outer_tensors) {
-          if (name == "anchor") flat_->params().copy_(t);
-        }
-      }
-    }
+    ARCH_RETURN_IF_ERROR(rebuildOuterFromCommit());
     start_step_ = step_;
     first_step_after_change_ = true;
     ARCH_LOG_INFO("joined at step {} with the live state from a peer", step_);
