@@ -2,6 +2,8 @@
 // purpose: torch headers are expensive to compile.
 #include "archipelago/model/transformer.h"
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -82,6 +84,18 @@ core::Result<torch::ScalarType> parseDtype(const std::string& name) {
 void setComputeThreads(int64_t threads) {
   if (threads <= 0) return;
   at::set_num_threads(static_cast<int>(threads));
+  // libtorch's setting does not reach OpenBLAS's own pthread pool (Debian's
+  // libopenblas0-pthread), which starts one thread per core and, between
+  // calls, spins on sched_yield: with several workers on one host that is
+  // workers x cores busy threads, each stealing the cores the others
+  // compute on (measured: 17,000 sched_yield/s per worker, a third of the
+  // machine's time in the kernel). Bound it to the same budget when the
+  // process has OpenBLAS loaded; looked up at run time so other BLAS
+  // builds (MKL, a CUDA libtorch) need nothing.
+  using SetThreads = void (*)(int);
+  if (auto* set = reinterpret_cast<SetThreads>(::dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) {
+    set(static_cast<int>(threads));
+  }
   try {
     at::set_num_interop_threads(static_cast<int>(threads));
   } catch (const c10::Error&) {

@@ -381,7 +381,7 @@ core::Status Trainer::setup() {
   }
   me_ = world_ == 1 && workers_.size() != 1 ? WorkerInfo{} : workers_[static_cast<size_t>(rank_)];
   bindComm();
-  torch::set_num_threads(static_cast<int>(tc_.threads_per_worker));
+  model::setComputeThreads(tc_.threads_per_worker);
 
   // ---- data ----
   ARCH_ASSIGN_OR_RETURN(ds_, data::PreparedDataset::open(job_.data.dir));
