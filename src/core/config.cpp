@@ -750,13 +750,11 @@ Status validateJob(const JobConfig& j) {
       p.add("strategy.expert_parallel", s.expert_parallel,
             "at most model.moe.num_experts (" + std::to_string(moe.num_experts) + "): every member holds >= 1 expert");
     }
-    if (world > 0 && world % s.expert_parallel != 0) {
+    if (world > 0 && s.pipeline_stages >= 1 && world % (s.expert_parallel * s.pipeline_stages) != 0) {
       p.add("strategy.expert_parallel", s.expert_parallel,
-            "a divisor of the number of workers (" + std::to_string(world) + ")");
-    }
-    if (s.pipeline_stages > 1) {
-      p.add("strategy.expert_parallel", s.expert_parallel,
-            "1 when strategy.pipeline_stages > 1 (pipeline and expert parallelism in one job are not supported yet)");
+            s.pipeline_stages > 1 ? "a divisor of the number of pipelines (workers / strategy.pipeline_stages = " +
+                                        std::to_string(world / s.pipeline_stages) + ")"
+                                  : "a divisor of the number of workers (" + std::to_string(world) + ")");
     }
   }
   if (!s.expert_counts.empty()) {
@@ -772,9 +770,10 @@ Status validateJob(const JobConfig& j) {
             "model.moe.num_experts (" + std::to_string(moe.num_experts) + ")");
     }
   }
-  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && s.kind != "sync") {
+  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && s.kind == "streaming") {
     p.add("strategy.kind", s.kind,
-          "sync when strategy.pipeline_stages or strategy.expert_parallel > 1 (DiLoCo/streaming with PP/EP are not supported yet)");
+          "sync or diloco when strategy.pipeline_stages or strategy.expert_parallel > 1 (streaming DiLoCo with PP/EP "
+          "is not supported: its fragments would cut across stages)");
   }
   if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && t.shard_optimizer) {
     p.add("train.shard_optimizer", "true", "false with strategy.pipeline_stages or strategy.expert_parallel > 1");

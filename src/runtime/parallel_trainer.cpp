@@ -28,6 +28,7 @@
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/flat_params.h"
 #include "archipelago/runtime/metrics.h"
+#include "archipelago/runtime/outer_sync.h"
 
 namespace archipelago::runtime {
 
@@ -265,14 +266,30 @@ class Impl {
   core::Status pipelineStep(const data::Batch& batch, double total_samples, double& ce, double& aux, int64_t& tokens);
   core::Status expertStep(const data::Batch& batch, double total_samples, double& ce, double& aux, int64_t& tokens);
   core::Result<double> evaluate();
+  core::Status makeOuter();
   void emulateSlowdown(double compute_s, const char* what);
 
   const TrainerOptions& opt_;
   core::JobConfig job_;
   core::ModelConfig mcfg_;  // resolved
   ParallelLayout lay_;
-  LocalDp local_;
+  LocalDp local_, local_island_;
   DpComm* dp_ = nullptr;
+  // The inner (synchronous) group of a step: the world, or with DiLoCo this
+  // rank's island (whole pipelines / expert groups, see parallelLayout).
+  bool diloco_ = false;
+  std::vector<int> scope_;         // its ranks, ascending
+  int scope_first_replica_ = 0;    // its first pipeline
+  int64_t scope_samples_ = 0;      // samples its pipelines take per step
+  DpComm* step_dp_ = nullptr;      // over scope_
+  std::unique_ptr<CommDp> island_dp_;
+  // DiLoCo: the ranks holding the same tensors (same stage, same expert
+  // member) in every island run the outer step on them.
+  std::unique_ptr<OuterSync> outer_;
+  std::vector<int> outer_ranks_;
+  bool outer_counts_tokens_ = false;  // the first of outer_ranks_ on this island reports the island's tokens
+  NamedTensors resume_outer_tensors_;
+  nlohmann::json resume_outer_json_;
   int rank_ = 0, world_ = 1;
   WorkerInfo me_;
   std::vector<WorkerInfo> workers_;
@@ -290,8 +307,8 @@ class Impl {
   int share_index_ = 0;
 
   Groups groups_;
-  std::unique_ptr<CommDp> stage_dp_;   // PP: same-stage ranks of all pipelines
-  std::unique_ptr<CommDp> expert_dp_;  // EP: ranks holding the same experts
+  std::unique_ptr<CommDp> stage_dp_;   // same-stage ranks of all pipelines in scope_ (replicated tensors)
+  std::unique_ptr<CommDp> expert_dp_;  // EP: same-stage ranks in scope_ holding the same experts
   std::shared_ptr<CommExpertExchange> exchange_;
   std::unique_ptr<AsyncSender> sender_;
   comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
@@ -383,29 +400,68 @@ core::Status Impl::setup() {
   ARCH_ASSIGN_OR_RETURN(shares_, data::sharesFromWeights(w, job_.train.global_batch));
   share_index_ = pp_ ? replica_ : rank_;
 
+  // The inner group: the world, or with DiLoCo the island (whole blocks of
+  // stages x expert_parallel ranks, checked by parallelLayout).
+  diloco_ = job_.strategy.kind != "sync";
+  for (int r = 0; r < world_; ++r) {
+    if (!diloco_ || workers_[static_cast<size_t>(r)].island_index == me_.island_index) scope_.push_back(r);
+  }
+  scope_first_replica_ = lay_.replicaOf(scope_.front());
+  for (int d = scope_first_replica_; d <= lay_.replicaOf(scope_.back()); ++d) scope_samples_ += shares_[static_cast<size_t>(d)];
+  for (int r = 0; r < world_; ++r) {
+    if (lay_.stageOf(r) == stage_ && lay_.epMemberOf(r) == member) outer_ranks_.push_back(r);
+  }
+  for (int r : outer_ranks_) {
+    if (workers_[static_cast<size_t>(r)].island_index == me_.island_index) {
+      outer_counts_tokens_ = r == rank_;
+      break;
+    }
+  }
+  step_dp_ = dp_;
+
   // Groups.
   if (world_ > 1) {
     groups_.world = world_group;
     ARCH_ASSIGN_OR_RETURN(auto codec, comm::parseCodec(job_.strategy.codec));
-    const bool hierarchical = job_.strategy.allreduce == "hierarchical" ||
-                              (job_.strategy.allreduce == "auto" && job_.cluster.islands.size() > 1);
+    const bool hierarchical = !diloco_ && (job_.strategy.allreduce == "hierarchical" ||
+                                           (job_.strategy.allreduce == "auto" && job_.cluster.islands.size() > 1));
     auto islandOf = [&](int r) { return workers_[static_cast<size_t>(r)].island_index; };
-    if (pp_) {
-      if (lay_.replicas > 1) {
-        std::vector<int> ranks;
-        for (int d = 0; d < lay_.replicas; ++d) ranks.push_back(d * lay_.stages + stage_);
+    if (diloco_) {
+      if (scope_.size() == 1) {
+        step_dp_ = &local_island_;
+      } else if (opt_.elastic && opt_.elastic->inner() && opt_.elastic->innerRanks() == scope_) {
+        // The session's island group (one group object per rank set).
+        groups_.cache[scope_] = opt_.elastic->innerGroup();
+        step_dp_ = opt_.elastic->inner();
+      } else {
+        ARCH_ASSIGN_OR_RETURN(auto ig, groups_.of(scope_));
+        island_dp_ = std::make_unique<CommDp>(ig, false, comm::CodecKind::kNone, 0);
+        step_dp_ = island_dp_.get();
+      }
+    }
+    {
+      std::vector<int> ranks;
+      for (int r : scope_) {
+        if (lay_.stageOf(r) == stage_) ranks.push_back(r);
+      }
+      if (ranks.size() > 1) {
         ARCH_ASSIGN_OR_RETURN(auto g, groups_.of(ranks));
         stage_dp_ = std::make_unique<CommDp>(g, hierarchical, codec, 0);
       }
+    }
+    if (pp_) {
       if (stage_ > 0 && islandOf(rank_ - 1) != islandOf(rank_)) prev_codec_ = codec;
       if (stage_ + 1 < lay_.stages && islandOf(rank_ + 1) != islandOf(rank_)) next_codec_ = codec;
       sender_ = std::make_unique<AsyncSender>(groups_.world.get());
     }
     if (ep_) {
+      // Member j of expert group g: stage_ of pipeline g * ep + j.
       std::vector<int> ep_ranks, expert_ranks;
-      const int g0 = rank_ / lay_.ep * lay_.ep;
-      for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back(g0 + j);
-      for (int r = member; r < world_; r += lay_.ep) expert_ranks.push_back(r);
+      const int g0 = lay_.epGroupOf(rank_) * lay_.ep;
+      for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back((g0 + j) * lay_.stages + stage_);
+      for (int r : scope_) {
+        if (lay_.stageOf(r) == stage_ && lay_.epMemberOf(r) == member) expert_ranks.push_back(r);
+      }
       ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks));
       ARCH_ASSIGN_OR_RETURN(auto dcodec, comm::parseCodec(job_.strategy.dispatch_codec));
       exchange_ = std::make_shared<CommExpertExchange>(epg, lay_.expert_begin, dcodec);
@@ -466,6 +522,36 @@ core::Status Impl::resume() {
   step_ = ck.step;
   train_sampler_->setPosition(ck.data_position);
   if (ck.shares.size() == shares_.size()) shares_ = ck.shares;
+  if (diloco_) {
+    // The outer state, by name like the weights. At an outer-step boundary
+    // the parameters are the anchor and no island has progress to count, so
+    // this rank's part is all that is needed (the token counters restart).
+    const nlohmann::json st = ck.extra.value("outer", nlohmann::json());
+    if (!opt_by_name.count("outer.anchor") || !opt_by_name.count("outer.momentum") || !st.is_object() ||
+        st.value("kind", "") != job_.strategy.kind || opt_by_name["outer.anchor"].numel() != total) {
+      return core::failedPrecondition("checkpoint " + *latest + " has no " + job_.strategy.kind +
+                                      " outer state of this model (written by another strategy.kind?); resume "
+                                      "with the strategy it was written with");
+    }
+    if (ck.step % job_.strategy.inner_steps != 0 && ck.step != job_.train.steps) {
+      return core::failedPrecondition(
+          "checkpoint " + *latest + " is at step " + std::to_string(ck.step) + ", inside an outer round of " +
+          std::to_string(job_.strategy.inner_steps) + " steps; with strategy.kind diloco and pipeline/expert "
+          "parallelism resume needs a checkpoint at an outer-step boundary (checkpoint.every a multiple of "
+          "strategy.inner_steps)");
+    }
+    torch::Tensor a = torch::empty({flat_->numel()}, torch::kFloat), mo = torch::empty({flat_->numel()}, torch::kFloat);
+    for (const auto& seg : flat_->segments()) {
+      const int64_t fo = full_offset.at(seg.name);
+      a.narrow(0, seg.offset, seg.numel).copy_(opt_by_name["outer.anchor"].narrow(0, fo, seg.numel));
+      mo.narrow(0, seg.offset, seg.numel).copy_(opt_by_name["outer.momentum"].narrow(0, fo, seg.numel));
+    }
+    resume_outer_tensors_ = {{"anchor", a}, {"momentum", mo}};
+    resume_outer_json_ = st;
+    resume_outer_json_["numel"] = flat_->numel();
+    resume_outer_json_["cum_tokens"] = 0;
+    resume_outer_json_["last_tokens"] = std::vector<int64_t>(st.value("last_tokens", std::vector<int64_t>{0}).size(), 0);
+  }
   if (rank_ == 0) ARCH_LOG_INFO("resumed from {} at step {} (resharded by tensor name)", *latest, step_);
   return core::okStatus();
 }
@@ -473,7 +559,13 @@ core::Status Impl::resume() {
 // Rank 0 assembles the single-process layout from the ranks that together
 // hold one copy of the model (the first pipeline, or the first expert group).
 core::Result<CheckpointState> Impl::snapshot(int64_t step) {
-  const int holders = pp_ ? lay_.stages : (ep_ ? lay_.ep : 1);
+  // Ranks [0, stages x ep): the first expert group's pipelines; the first
+  // pipeline sends everything, the others only their experts.
+  const int holders = lay_.stages * lay_.ep;
+  NamedTensors outer_state;
+  if (outer_) outer_state = outer_->stateTensors();
+  std::map<std::string, torch::Tensor> outer_by(outer_state.begin(), outer_state.end());
+  std::map<std::string, torch::Tensor> oa, om;  // outer anchor and momentum by tensor name
   std::map<std::string, torch::Tensor> w, m, v;
   auto collectLocal = [&](bool only_experts, std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                           nlohmann::json& header) {
@@ -481,10 +573,14 @@ core::Result<CheckpointState> Impl::snapshot(int64_t step) {
     for (const auto& seg : flat_->segments()) {
       trained.insert(seg.name);
       if (only_experts && !isExpertTensor(seg.name)) continue;
-      header.push_back(nlohmann::json{{"name", seg.name}, {"shape", seg.shape}, {"trained", true}});
+      header.push_back(nlohmann::json{{"name", seg.name}, {"shape", seg.shape}, {"trained", true}, {"outer", outer_ != nullptr}});
       tensors.push_back({seg.name, flat_->params().narrow(0, seg.offset, seg.numel)});
       tensors.push_back({"m", adam_->expAvg().narrow(0, seg.offset, seg.numel)});
       tensors.push_back({"v", adam_->expAvgSq().narrow(0, seg.offset, seg.numel)});
+      if (outer_) {
+        tensors.push_back({"a", outer_by.at("anchor").narrow(0, seg.offset, seg.numel)});
+        tensors.push_back({"o", outer_by.at("momentum").narrow(0, seg.offset, seg.numel)});
+      }
     }
     for (auto& [name, t] : net_->namedTensors()) {
       if (trained.count(name) || only_experts) continue;
@@ -507,12 +603,18 @@ core::Result<CheckpointState> Impl::snapshot(int64_t step) {
         v[name] = data.narrow(0, off, n).clone();
         off += n;
       }
+      if (h.value("outer", false)) {
+        oa[name] = data.narrow(0, off, n).clone();
+        off += n;
+        om[name] = data.narrow(0, off, n).clone();
+        off += n;
+      }
     }
   };
   if (rank_ < holders) {
     std::vector<std::pair<std::string, torch::Tensor>> tensors;
     nlohmann::json header = nlohmann::json::array();
-    collectLocal(ep_ && rank_ > 0, tensors, header);
+    collectLocal(replica_ > 0, tensors, header);
     std::vector<torch::Tensor> parts;
     for (auto& [n, t] : tensors) parts.push_back(t.detach().reshape({-1}).to(torch::kFloat));
     torch::Tensor data = parts.empty() ? torch::zeros({0}) : torch::cat(parts).contiguous();
@@ -552,13 +654,18 @@ core::Result<CheckpointState> Impl::snapshot(int64_t step) {
   s.membership = {{"world", world_}, {"epoch", 0}, {"ranks", ranks}};
   s.extra["parallel"] = {{"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
                          {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin}};
-  std::vector<torch::Tensor> mm, vv;
+  std::vector<torch::Tensor> mm, vv, aa, oo;
   for (const auto& [name, shape] : model::parameterLayout(mcfg_)) {
     if (!w.count(name) || !m.count(name)) return core::internalError("checkpoint assembly lacks tensor '" + name + "'");
     s.weights.push_back({name, w[name]});
     mm.push_back(m[name]);
     vv.push_back(v[name]);
     w.erase(name);
+    if (outer_) {
+      if (!oa.count(name)) return core::internalError("checkpoint assembly lacks the outer state of '" + name + "'");
+      aa.push_back(oa[name]);
+      oo.push_back(om[name]);
+    }
   }
   // Persistent buffers (router biases) after the parameters, in layer order.
   for (int64_t l = 0; l < mcfg_.n_layers; ++l) {
@@ -568,7 +675,35 @@ core::Result<CheckpointState> Impl::snapshot(int64_t step) {
     }
   }
   s.optimizer = {{"exp_avg", torch::cat(mm)}, {"exp_avg_sq", torch::cat(vv)}};
+  if (outer_) {
+    // The DiLoCo outer state in the single-process layout too (what the
+    // data-parallel trainer writes: anchor and momentum in full-model order).
+    s.optimizer.push_back({"outer.anchor", torch::cat(aa)});
+    s.optimizer.push_back({"outer.momentum", torch::cat(oo)});
+    nlohmann::json st = outer_->stateJson();
+    st["numel"] = s.optimizer[2].second.numel();
+    s.extra["outer"] = st;
+  }
   return s;
+}
+
+core::Status Impl::makeOuter() {
+  OuterContext ctx;
+  ctx.job = &job_;
+  ctx.rank = rank_;
+  ctx.world = world_;
+  for (const auto& wk : workers_) ctx.island_of_rank.push_back(wk.island_index);
+  // The ranks holding this rank's tensors, in every island: the outer sync
+  // builds its island and cross-island groups from them.
+  if (outer_ranks_.size() > 1) {
+    ARCH_ASSIGN_OR_RETURN(ctx.world_group, groups_.of(outer_ranks_));
+  }
+  ctx.metrics = opt_.write_metrics ? &metrics_ : nullptr;
+  ctx.run_dir = opt_.run_dir;
+  for (const auto& seg : flat_->segments()) ctx.segment_offsets.push_back(seg.offset);
+  ARCH_ASSIGN_OR_RETURN(outer_, makeOuterSync(ctx, flat_->params()));
+  if (!resume_outer_tensors_.empty()) ARCH_RETURN_IF_ERROR(outer_->restore(resume_outer_tensors_, resume_outer_json_));
+  return core::okStatus();
 }
 
 void Impl::emulateSlowdown(double compute_s, const char* what) {
@@ -584,7 +719,14 @@ core::Status Impl::pipelineStep(const data::Batch& batch, double total_samples, 
   const int P = lay_.stages;
   const bool first = stage_ == 0, last = stage_ == P - 1;
   const int64_t n = batch.n;
-  const int64_t m = microCount(n, job_.train.micro_batch, P);
+  int64_t m = microCount(n, job_.train.micro_batch, P);
+  if (ep_) {
+    // The same-stage ranks of an expert group run their all-to-alls
+    // together: every pipeline runs the same number of micro-batches.
+    const int64_t smax = *std::max_element(shares_.begin(), shares_.end());
+    const int64_t smin = *std::min_element(shares_.begin(), shares_.end());
+    m = std::max<int64_t>(1, std::min(microCount(smax, job_.train.micro_batch, P), smin));
+  }
   const double total_tokens = total_samples * static_cast<double>(T_);
   micro_ = m;
   struct Stash {
@@ -771,17 +913,18 @@ core::Result<TrainSummary> Impl::run() {
     fs::create_directories(fs::path(opt_.run_dir) / "trace", ec);
     ARCH_RETURN_IF_ERROR(metrics_.open((fs::path(opt_.run_dir) / "metrics.jsonl").string()));
   }
+  if (diloco_) ARCH_RETURN_IF_ERROR(makeOuter());
   std::unique_ptr<CheckpointWriter> ckpt;
   if (rank_ == 0) ckpt = std::make_unique<CheckpointWriter>(opt_.run_dir, job_.checkpoint.keep_last);
   if (rank_ == 0) {
     ARCH_LOG_INFO("parallel trainer: {} pipeline stage(s) with layers [{}] x {} replica(s), expert parallel {} "
-                  "(experts per member [{}]), shares [{}], {} steps from step {}",
+                  "(experts per member [{}]), shares [{}], strategy {}, {} steps from step {}",
                   lay_.stages, fmt::join(lay_.stage_layers, ","), lay_.replicas, lay_.ep,
-                  fmt::join(lay_.expert_begin, ","), fmt::join(shares_, ","), tc.steps, step_);
+                  fmt::join(lay_.expert_begin, ","), fmt::join(shares_, ","), job_.strategy.kind, tc.steps, step_);
     if (opt_.write_metrics) {
       metrics_.write({{"kind", "parallel"}, {"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
                       {"replicas", lay_.replicas}, {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin},
-                      {"shares", shares_}, {"recompute", tc.recompute}});
+                      {"shares", shares_}, {"recompute", tc.recompute}, {"strategy", job_.strategy.kind}});
     }
   }
 
@@ -789,7 +932,9 @@ core::Result<TrainSummary> Impl::run() {
   summary.first_step = start_step;
   double step_time_sum = 0;
   int64_t steps_timed = 0;
-  const double total_samples = static_cast<double>(tc.global_batch);
+  // Gradients are means over the inner group's samples (with DiLoCo the
+  // island's; the outer step weights the islands by their tokens).
+  const double total_samples = static_cast<double>(diloco_ ? scope_samples_ : tc.global_batch);
   while (step_ < tc.steps) {
     const auto step_t0 = core::Clock::now();
     double data_s = 0, comm_s = 0;
@@ -811,17 +956,15 @@ core::Result<TrainSummary> Impl::run() {
     }
     sched_end_us_ = core::wallMicros();
 
-    // Gradients: same-stage ranks (PP); the world for replicated and the
-    // expert holders for expert tensors (EP).
+    // Gradients: replicated tensors over the same-stage ranks, expert
+    // tensors over the same-stage ranks holding the same experts (within
+    // the island with DiLoCo).
     {
       ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce", &comm_s);
       float* g = flat_->grads().data_ptr<float>();
       std::unique_ptr<PendingReduce> a, b;
-      if (stage_dp_) a = stage_dp_->allreduceSumAsync(std::span<float>(g, static_cast<size_t>(flat_->numel())));
-      if (ep_) {
-        a = dp_->allreduceSumAsync(std::span<float>(g, static_cast<size_t>(n_dense_)));
-        if (expert_dp_) b = expert_dp_->allreduceSumAsync(std::span<float>(g + n_dense_, static_cast<size_t>(flat_->numel() - n_dense_)));
-      }
+      if (stage_dp_) a = stage_dp_->allreduceSumAsync(std::span<float>(g, static_cast<size_t>(n_dense_)));
+      if (expert_dp_) b = expert_dp_->allreduceSumAsync(std::span<float>(g + n_dense_, static_cast<size_t>(flat_->numel() - n_dense_)));
       if (a) ARCH_RETURN_IF_ERROR(a->wait().withContext("gradient allreduce"));
       if (b) ARCH_RETURN_IF_ERROR(b->wait().withContext("expert gradient allreduce"));
     }
@@ -829,8 +972,7 @@ core::Result<TrainSummary> Impl::run() {
     if (mcfg_.moe.num_experts > 0 && mcfg_.moe.balance == "router_bias") {
       torch::Tensor load = net_->routerLoad().to(torch::kFloat64).contiguous();
       if (load.numel() > 0) {
-        DpComm* g = pp_ ? static_cast<DpComm*>(stage_dp_.get()) : dp_;
-        if (g) ARCH_RETURN_IF_ERROR(g->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
+        if (DpComm* g = stage_dp_.get()) ARCH_RETURN_IF_ERROR(g->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
         net_->updateRouterBias(load.to(torch::kInt64));
       }
     }
@@ -839,10 +981,11 @@ core::Result<TrainSummary> Impl::run() {
     {
       const double dense = flat_->grads().narrow(0, 0, n_dense_).to(torch::kFloat64).pow(2).sum().item<double>();
       const double expert = flat_->grads().narrow(0, n_dense_, flat_->numel() - n_dense_).to(torch::kFloat64).pow(2).sum().item<double>();
-      if (pp_) sq[0] = replica_ == 0 ? dense + expert : 0.0;
-      else sq[0] = (rank_ == 0 ? dense : 0.0) + (rank_ < lay_.ep ? expert : 0.0);
+      // Replicated tensors from the scope's first pipeline, experts from its first expert group.
+      const int d = replica_ - scope_first_replica_;
+      sq[0] = (d == 0 ? dense : 0.0) + (d < lay_.ep ? expert : 0.0);
       ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient norm allreduce", &comm_s);
-      ARCH_RETURN_IF_ERROR(dp_->allreduceSum(sq));
+      ARCH_RETURN_IF_ERROR(step_dp_->allreduceSum(sq));
     }
     const double grad_norm = std::sqrt(sq[0]);
     const double lr = learningRate(tc, step_);
@@ -853,11 +996,26 @@ core::Result<TrainSummary> Impl::run() {
       adam_->step(flat_->params(), flat_->grads(), flat_->decayMask(), lr);
     }
 
+    if (outer_) {
+      // The island's tokens, reported once per island in every outer group.
+      ScopedSpan span(&trace_, TraceRecorder::kComm, "outer sync", &comm_s);
+      ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step_ + 1, flat_->params(), outer_counts_tokens_ ? scope_samples_ * T_ : 0)
+                               .withContext("outer sync"));
+    }
+
+    // Control values cross the straits with DiLoCo only at outer-step
+    // boundaries and at the end; in between the loss is the island's.
     const bool want_stop = opt_.stop && opt_.stop->load();
     double ctrl[4] = {ce, static_cast<double>(tokens), aux, want_stop ? 1.0 : 0.0};
     {
       ScopedSpan span(&trace_, TraceRecorder::kComm, "control allreduce", &comm_s);
-      ARCH_RETURN_IF_ERROR(dp_->allreduceSum(ctrl));
+      const bool world_boundary = !outer_ || (step_ + 1) % job_.strategy.inner_steps == 0 || step_ + 1 == tc.steps;
+      if (world_boundary) {
+        ARCH_RETURN_IF_ERROR(dp_->allreduceSum(ctrl));
+      } else {
+        ARCH_RETURN_IF_ERROR(step_dp_->allreduceSum(std::span<double>(ctrl, 3)));
+        ctrl[3] = 0;
+      }
     }
     const double loss = ctrl[1] > 0 ? ctrl[0] / ctrl[1] : 0.0;
     ++step_;
@@ -951,6 +1109,8 @@ core::Result<TrainSummary> Impl::run() {
     const bool stop_now = ctrl[3] > 0;
     const bool periodic = job_.checkpoint.every > 0 && step_ % job_.checkpoint.every == 0;
     const bool at_end = step_ == tc.steps || stop_now;
+    // Replicas must be identical (outer syncs complete) before the final evaluation.
+    if (outer_ && at_end) ARCH_RETURN_IF_ERROR(outer_->finish(step_, flat_->params()).withContext("outer sync"));
     if (tc.eval_every > 0 && (step_ % tc.eval_every == 0 || at_end)) {
       ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
       double vl = -1;

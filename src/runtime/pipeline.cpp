@@ -110,11 +110,27 @@ core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
     return core::invalidArgument("strategy.pipeline_stages (" + std::to_string(lay.stages) +
                                  ") must divide the number of workers (" + std::to_string(lay.world) + ")");
   }
-  if (lay.world % lay.ep != 0) {
-    return core::invalidArgument("strategy.expert_parallel (" + std::to_string(lay.ep) +
-                                 ") must divide the number of workers (" + std::to_string(lay.world) + ")");
+  if (lay.world % (lay.ep * lay.stages) != 0) {
+    return core::invalidArgument("strategy.expert_parallel (" + std::to_string(lay.ep) + ") must divide the number of " +
+                                 (lay.stages > 1 ? "pipelines (" + std::to_string(lay.world / lay.stages) + ")"
+                                                 : "workers (" + std::to_string(lay.world) + ")"));
   }
   lay.replicas = lay.world / lay.stages;
+  if (job.strategy.kind != "sync") {
+    // Each island trains its own pipelines / expert groups between outer steps.
+    const int block = lay.stages * lay.ep;
+    for (int r = 0; r < lay.world; ++r) {
+      const int first = r / block * block;
+      if (workers[static_cast<size_t>(r)].island_index != workers[static_cast<size_t>(first)].island_index) {
+        return core::invalidArgument("strategy.kind " + job.strategy.kind + " with strategy.pipeline_stages (" +
+                                     std::to_string(lay.stages) + ") x strategy.expert_parallel (" +
+                                     std::to_string(lay.ep) + "): ranks " + std::to_string(first) + ".." +
+                                     std::to_string(first + block - 1) +
+                                     " form one pipeline / expert group and must sit on one island; make every "
+                                     "island's worker count a multiple of " + std::to_string(block));
+      }
+    }
+  }
   auto speedOf = [&](int r) { return 1.0 / std::max(1e-9, workers[static_cast<size_t>(r)].slowdown); };
 
   ARCH_ASSIGN_OR_RETURN(auto mc, model::resolveModelConfig(job.model));
@@ -179,7 +195,8 @@ core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
     if (counts.empty()) {
       std::vector<double> speed(static_cast<size_t>(lay.ep), 1e300);
       for (int r = 0; r < lay.world; ++r) {
-        speed[static_cast<size_t>(r % lay.ep)] = std::min(speed[static_cast<size_t>(r % lay.ep)], speedOf(r));
+        const size_t j = static_cast<size_t>(lay.epMemberOf(r));
+        speed[j] = std::min(speed[j], speedOf(r));
       }
       ARCH_ASSIGN_OR_RETURN(counts, placeExperts(mc.moe.num_experts, speed));
     }

@@ -178,9 +178,35 @@ TEST(Pipeline, BadSplitsAreRejectedNamingTheField) {
   bad("{pipeline_stages: 2}", "", "strategy.pipeline_stages");                            // 2 does not divide 3
   bad("{pipeline_stages: 3, stage_layers: [2, 1, 2]}", "", "strategy.stage_layers");     // sums to 5
   bad("{pipeline_stages: 3}", ", tie_embeddings: true", "model.tie_embeddings");
-  bad("{pipeline_stages: 3, kind: diloco}", "", "strategy.kind");
+  bad("{pipeline_stages: 3, kind: streaming}", "", "strategy.kind");
+  bad("{pipeline_stages: 3, expert_parallel: 2}", ", moe: {num_experts: 2}", "strategy.expert_parallel");  // 1 pipeline
   bad("{expert_parallel: 3}", ", moe: {num_experts: 2}", "strategy.expert_parallel");
   bad("{expert_parallel: 3, expert_counts: [1, 1]}", ", moe: {num_experts: 4}", "strategy.expert_counts");
+}
+
+TEST(Pipeline, LayoutPlacesExpertGroupsOverPipelinesAndKeepsDilocoBlocksOnIslands) {
+  auto job = loadJobText(
+      "cluster:\n  islands:\n    - {name: a, count: 4}\n    - {name: b, count: 4}\n"
+      "model: {vocab_size: 64, dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32, moe: {num_experts: 4}}\n"
+      "data: {dir: " + tinyDataDir().string() + ", seq_len: 32}\n"
+      "strategy: {pipeline_stages: 2, expert_parallel: 2, kind: diloco}\nrun_dir: " + (scratchRoot() / "lay_ppep").string() + "\n",
+      "layout_ppep");
+  auto lay = parallelLayout(job);
+  ASSERT_TRUE(lay.isOk()) << lay.status().toString();
+  EXPECT_EQ(lay->replicas, 4);
+  // Rank 5 = stage 1 of pipeline 2 = member 0 of expert group 1.
+  EXPECT_EQ(lay->stageOf(5), 1);
+  EXPECT_EQ(lay->replicaOf(5), 2);
+  EXPECT_EQ(lay->epMemberOf(5), 0);
+  EXPECT_EQ(lay->epGroupOf(5), 1);
+  EXPECT_EQ(lay->epMemberOf(3), 1);
+  EXPECT_EQ(lay->expert_begin, (std::vector<int64_t>{0, 2, 4}));
+  // With DiLoCo an expert group of pipelines (4 ranks here) must not straddle two islands.
+  job.cluster.islands[0].count = 2;
+  job.cluster.islands[1].count = 6;
+  auto bad = parallelLayout(job);
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_THAT(bad.status().message(), HasSubstr("strategy.kind"));
 }
 
 // ---- multi-process runs against the single-process reference -------------------
@@ -290,6 +316,68 @@ TEST(ExpertParallel, TwoMembersWithUnevenExpertsMatchSingleProcess) {
   for (auto c : ml.back()["tokens_per_expert"]) sum += c.get<int64_t>();
   EXPECT_EQ(sum, 2 * 2 * 32 * 2);  // the last micro-batch (2 samples x 32 tokens) of both ranks, top-2
   EXPECT_GT(ml.back()["dispatch_bytes"].get<int64_t>(), 0);
+}
+
+TEST(PipelineExpertParallel, TwoStagesTimesTwoExpertMembersMatchSingleProcess) {
+  // 4 workers: pipelines {0,1} and {2,3}; in each stage the two pipelines'
+  // ranks ({0,2} and {1,3}) form the expert group, experts split [3, 1].
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = reference("ppep_ref", kSteps, moe);
+  fs::path run = scratchRoot() / "ppep";
+  ASSERT_EQ(testutil::runTrain(jobYaml(run, "    - {name: a, count: 4}", kSteps, moe,
+                                       "{pipeline_stages: 2, expert_parallel: 2, expert_counts: [3, 1]}"),
+                               "ppep"),
+            0)
+      << outputOf("ppep");
+  expectCurve(run, ref, 1, kSteps, kTol, "PP=2 x EP=2");
+  auto ml = testutil::metricLines(run, "moe");
+  ASSERT_FALSE(ml.empty());
+  EXPECT_GT(ml.back()["dispatch_bytes"].get<int64_t>(), 0);
+  int64_t sum = 0;
+  for (auto c : ml.back()["tokens_per_expert"]) sum += c.get<int64_t>();
+  EXPECT_EQ(sum, 2 * 2 * 32 * 2);  // both pipelines' last micro-batch (2 samples x 32 tokens), top-2
+}
+
+// Plain SGD, outer lr 1, no momentum, H = 1: DiLoCo is synchronous SGD
+// (the identity the data-parallel DiLoCo test uses), so PP=2 on each of two
+// islands must follow the single-process curve.
+std::string sgdDiloco(std::string yaml) {
+  yaml.replace(yaml.find("lr: 0.003, warmup_steps: 3"), 26, "optimizer: sgd, lr: 0.5, grad_clip: 0, warmup_steps: 0");
+  return yaml;
+}
+
+TEST(Pipeline, DilocoOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical) {
+  const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
+                        "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
+  auto job = loadJobText(sgdDiloco(jobYaml(scratchRoot() / "ppdl_ref", "    - {name: a, count: 1}", kSteps, "", "{kind: sync}")),
+                         "ppdl_ref");
+  TrainerOptions o;
+  o.job = job;
+  o.run_dir = job.run_dir;
+  o.write_metrics = false;
+  auto ref = runTrainer(o);
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  fs::path run = scratchRoot() / "ppdl";
+  ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, kSteps, "",
+                                                 "{pipeline_stages: 2, kind: diloco, inner_steps: 1, outer_lr: 1.0, "
+                                                 "outer_momentum: 0.0, nesterov: false}")),
+                               "ppdl"),
+            0)
+      << outputOf("ppdl");
+  expectCurve(run, ref->losses, 1, kSteps, 2e-4, "PP=2 x 2 islands, DiLoCo H=1");
+  // Every outer step: stage 0 of both islands (ranks 0, 2) and stage 1
+  // (ranks 1, 3) hold bit-identical anchors and momenta.
+  std::map<int64_t, std::map<int, std::string>> digests;
+  for (const auto& j : testutil::metricLines(run, "outer")) {
+    digests[j["sent_step"].get<int64_t>()][j["rank"].get<int>()] = j["digest"].get<std::string>();
+  }
+  ASSERT_EQ(digests.size(), static_cast<size_t>(kSteps)) << outputOf("ppdl");
+  for (const auto& [step, by_rank] : digests) {
+    ASSERT_EQ(by_rank.size(), 4u) << "sent_step " << step;
+    EXPECT_EQ(by_rank.at(0), by_rank.at(2)) << "stage 0, sent_step " << step;
+    EXPECT_EQ(by_rank.at(1), by_rank.at(3)) << "stage 1, sent_step " << step;
+    EXPECT_NE(by_rank.at(0), by_rank.at(1));
+  }
 }
 
 TEST(ExpertParallel, CapacityDropsAreCountedAndBf16DispatchTrains) {

@@ -13,13 +13,21 @@
 // sum their gradients; every stage clips by the global norm and steps
 // AdamW, so the update is the single-process big-batch update.
 //
-// Experts: the world is cut into expert-parallel groups of
-// expert_parallel consecutive ranks; member j of every group holds the same
-// contiguous range of every MoE layer's experts (uneven: strategy.expert_counts
-// or by device speed). Each rank trains its data-parallel share; token rows
-// go to the expert owners and back through all-to-all(v) (optionally
-// compressed by strategy.dispatch_codec). Non-expert gradients are summed
-// over the world, expert gradients over the ranks holding the same experts.
+// Experts: the pipelines (without PP: the ranks) are cut into
+// expert-parallel groups of expert_parallel consecutive pipelines; in every
+// stage, the stage's ranks of those pipelines form the group, and member j
+// (pipeline j of the group) holds the same contiguous range of every MoE
+// layer's experts (uneven: strategy.expert_counts or by device speed). Each
+// pipeline trains its data-parallel share; token rows go to the expert
+// owners and back through all-to-all(v) (optionally compressed by
+// strategy.dispatch_codec). Non-expert gradients are summed over the
+// same-stage ranks, expert gradients over those holding the same experts.
+//
+// Cross-island strategies (strategy.kind diloco): every island runs its own
+// pipelines / expert groups (each lies inside one island) as the inner
+// synchronous group; every H steps the ranks that hold the same tensors
+// (same stage, same expert member) in all islands run the outer step on
+// their part through the DiLoCo outer sync (outer_sync.h).
 //
 // Checkpoints use the single-process layout (HF names, flat optimizer state
 // in full-model order): rank 0 gathers the parts by name, and every rank
@@ -64,18 +72,23 @@ double oneFOneBBubble(int stages, int64_t micro_batches);
 struct ParallelLayout {
   int world = 1;
   int stages = 1;                       // pipeline_stages
-  int replicas = 1;                     // pipelines (PP) or data-parallel ranks (EP)
-  int ep = 1;                           // expert_parallel
+  int replicas = 1;                     // pipelines: world / stages (without PP: every rank is one)
+  int ep = 1;                           // expert_parallel: pipelines per expert group
   std::vector<int64_t> stage_layers;    // layers per stage
   std::vector<int64_t> expert_begin;    // ep+1 entries: member j holds [expert_begin[j], expert_begin[j+1])
   int stageOf(int rank) const { return rank % stages; }
   int replicaOf(int rank) const { return rank / stages; }
   int64_t layerBegin(int stage) const;
-  int epMemberOf(int rank) const { return rank % ep; }
+  // Rank d*stages + s is stage s of pipeline d; pipelines [g*ep, (g+1)*ep)
+  // form expert group g, pipeline d is its member d % ep.
+  int epMemberOf(int rank) const { return replicaOf(rank) % ep; }
+  int epGroupOf(int rank) const { return replicaOf(rank) / ep; }
 };
 // From the job: strategy.stage_layers / expert_counts when given, else from
 // the workers' speed (1/slowdown, the slowest of the ranks sharing a stage
-// or expert slot) and device memory (catalog).
+// or expert slot) and device memory (catalog). With strategy.kind diloco
+// every block of stages x expert_parallel consecutive ranks (one expert
+// group of pipelines) must lie inside one island.
 core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job);
 
 // ---- the loop -------------------------------------------------------------------
