@@ -4,15 +4,31 @@
 // equal tokens (same steps, same global batch, same model and data).
 //
 // Per strategy it prints: compute utilisation per worker in two forms —
-// "loop" (sum of compute_s / sum of step_s over the step lines of
-// metrics.jsonl, first step excluded: the training loop, the issue's target)
-// and "wall" (sum of compute_s / the worker's whole trainer wall time,
-// set-up, calibration and evaluation included) —, final validation loss (the
-// final checkpoint, evaluated by this process on the same validation batches
-// for every strategy), bytes over the strait (Group::straitBytesSent() of
-// both workers at the end: everything the workers sent between islands,
-// control values included), tokens trained, and wall time. The baseline is
-// `sync` in the same run; the targets of issue 6 are checked against it.
+// "loop" (sum of compute_s + optimizer_s / sum of step_s over the step lines
+// of metrics.jsonl, first step excluded: the training loop, the issue's
+// target; compute is forward + backward + the optimizer update, as the
+// trainer's trace counts it, and forward + backward alone is printed too)
+// and "wall" (the same compute / the worker's whole trainer wall time,
+// set-up, calibration and evaluation included) —, where the loop's time goes
+// per round of H steps and rank (compute, waiting for outer results, other
+// communication, rest; and the islands' approximate arrival skew at the outer
+// boundaries), final validation loss (the final checkpoint, evaluated by this
+// process on the same validation batches for every strategy), bytes over the
+// strait (Group::straitBytesSent() of both workers at the end: everything
+// the workers sent between islands, control values included), tokens
+// trained, and wall time. The baseline is `sync` in the same run; the
+// targets of issue 6 are checked against it.
+//
+// Learning rates: `--lr` is the peak inner lr of every strategy unless
+// `--lr-sync` (sync) or `--lr-inner` (diloco, streaming) override it. With
+// `--sweep-lr 1e-3,2e-3,...` the bench first trains every strategy at every
+// lr of that grid (the same grid for all) over a fast strait (losses do not
+// depend on the strait's speed: the arithmetic is fixed-order and
+// deterministic, so this only saves time; `--sweep-bandwidth`,
+// `--sweep-latency`), prints the table, and then runs the timed comparison
+// over the EMULATED strait with each strategy at its own best lr: the fair
+// comparison (every strategy tuned on the same grid) in one invocation.
+//
 // Also writes <out>/val_curve.csv (strategy, wall seconds, step, validation
 // loss), a run.json and a summary line per run directory, and the comparison
 // report (validation loss vs wall-clock time and vs tokens for the three
@@ -28,6 +44,7 @@
 #include <map>
 #include <sstream>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -57,29 +74,55 @@ struct Args {
   std::string latency = "50ms";
   std::string strategies = "sync,diloco,streaming";
   std::string codec = "int8";
-  // Outer lr 1, no momentum (plain averaging of the islands' models) and H
-  // 50: the best validation loss of the sweep in docs/strategies.md for
-  // runs of a few hundred to a thousand steps (the DiLoCo paper's 0.7 /
-  // Nesterov 0.9 needs many more outer steps). Overlap 5 steps covers the
-  // strait's one-way latency plus the transfer with room for the islands
-  // drifting apart between syncs.
-  int steps = 300, dim = 64, layers = 2, heads = 4, seq = 64, batch = 16, inner = 50, fragments = 4, overlap = 5;
+  // Model and batch (docs/strategies.md, "Benchmark"): a stand-in for
+  // cross-datacentre training, where one step takes long compared with the
+  // strait's latency. dim 128 x 4 layers (~0.8M parameters) and a global
+  // batch of 32 x 64 tokens (16 sequences per island) take ~0.1 s per step on
+  // one CPU core, 1-2x the 50 ms one-way latency; the default of earlier
+  // sessions (dim 64 x 2 layers, batch 16: ~15 ms per step) made every fixed
+  // per-outer-step cost 3-4 steps long, which no datacentre step is. The
+  // same settings for every strategy.
+  int steps = 300, dim = 128, layers = 4, heads = 4, seq = 64, batch = 32, inner = 50, fragments = 4, overlap = 5;
   int eval_every = 25, eval_batches = 16, warmup = 10;
-  double lr = 3e-3, outer_lr = 1.0, outer_momentum = 0.0;
+  // Outer lr 1, no momentum (plain averaging of the islands' models): the
+  // best validation loss of the sweep in docs/strategies.md for runs of a
+  // few hundred to a thousand steps (the DiLoCo paper's 0.7 / Nesterov 0.9
+  // needs many more outer steps). Overlap 5 steps covers the strait's
+  // one-way latency plus the transfer with room for the islands drifting
+  // apart between syncs.
+  double lr = 3e-3, lr_sync = -1, lr_inner = -1, outer_lr = 1.0, outer_momentum = 0.0;
   bool nesterov = false, report = true;
+  std::string sweep_lr;  // comma-separated grid; empty = no sweep
+  std::string sweep_bandwidth = "100Gbit/s", sweep_latency = "0ms";
   // Speed-aware batch shares (the trainer's rebalancer; with DiLoCo and
   // streaming re-derived at outer-step boundaries only). Off by default:
   // the bench's islands are equal, and on a shared machine their speed
   // differences are bursts of CPU contention that a per-round rebalance does
   // not follow (measured: no better; docs/strategies.md).
   bool rebalance = false;
+
+  std::map<std::string, double> lr_stream_best;  // set by the sweep: diloco / streaming each at its own best
+
+  double lrOf(const std::string& strategy) const {
+    const double o = strategy == "sync" ? lr_sync : lr_inner;
+    return o > 0 ? o : lr;
+  }
+};
+
+// Where a rank's training loop time went (step lines with step > 1).
+struct RankTimes {
+  double compute = 0, optimizer = 0, step = 0, comm = 0, data = 0, outer_wait = 0;
+  int64_t steps = 0;
 };
 
 struct Row {
   std::string strategy;
+  double lr = 0;
   double wall_s = 0;
-  std::vector<double> util;       // per rank: sum compute_s / sum step_s (training loop)
-  std::vector<double> wall_util;  // per rank: sum compute_s / trainer wall time
+  std::vector<double> util;       // per rank: sum (compute_s + optimizer_s) / sum step_s (training loop)
+  std::vector<double> wall_util;  // per rank: sum (compute_s + optimizer_s) / trainer wall time
+  std::vector<RankTimes> times;   // per rank
+  double skew_s = 0;              // mean |arrival difference| of the islands at outer boundaries (approx.)
   double tokens = 0;              // trained, all ranks
   double val_loss = -1;
   uint64_t strait_bytes = 0;
@@ -87,13 +130,14 @@ struct Row {
   int64_t outer_steps = 0;
 };
 
-std::string jobYaml(const Args& a, const std::string& strategy) {
+std::string jobYaml(const Args& a, const std::string& strategy, double lr, const std::string& bandwidth,
+                    const std::string& latency, const fs::path& run_dir) {
   std::ostringstream o;
   o << "cluster:\n  islands:\n    - {name: east, count: 1}\n    - {name: west, count: 1}\n"
-    << "  straits: [{a: east, b: west, bandwidth: " << a.bandwidth << ", latency: " << a.latency << "}]\n"
+    << "  straits: [{a: east, b: west, bandwidth: " << bandwidth << ", latency: " << latency << "}]\n"
     << "model: {dim: " << a.dim << ", n_layers: " << a.layers << ", n_heads: " << a.heads << ", max_seq_len: " << a.seq << "}\n"
     << "data: {dir: " << fs::absolute(a.data).string() << ", seq_len: " << a.seq << "}\n"
-    << "train: {steps: " << a.steps << ", global_batch: " << a.batch << ", lr: " << a.lr
+    << "train: {steps: " << a.steps << ", global_batch: " << a.batch << ", lr: " << lr
     << ", warmup_steps: " << a.warmup << ", eval_every: " << a.eval_every << ", eval_batches: 4, rebalance: " << (a.rebalance ? "true" : "false")
     << ", log_every: 1}\n"
     << "strategy: {kind: " << strategy << ", inner_steps: " << a.inner << ", fragments: " << a.fragments
@@ -101,7 +145,7 @@ std::string jobYaml(const Args& a, const std::string& strategy) {
     << ", outer_lr: " << a.outer_lr << ", outer_momentum: " << a.outer_momentum
     << ", nesterov: " << (a.nesterov ? "true" : "false") << "}\n"
     << "checkpoint: {every: 0, keep_last: 1}\n"
-    << "run_dir: " << fs::absolute(fs::path(a.out) / strategy).string() << "\n";
+    << "run_dir: " << fs::absolute(run_dir).string() << "\n";
   return o.str();
 }
 
@@ -183,6 +227,119 @@ std::vector<nlohmann::json> readMetrics(const fs::path& p) {
   return out;
 }
 
+// Trains one strategy (two forked workers) and measures it.
+ar::core::Result<Row> runOne(const Args& a, const std::string& strategy, double lr, const std::string& bandwidth,
+                             const std::string& latency, const fs::path& dir, std::ofstream* curve) {
+  using namespace ar;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path yaml = dir.parent_path() / (dir.filename().string() + ".yaml");
+  std::ofstream(yaml) << jobYaml(a, strategy, lr, bandwidth, latency, dir);
+  ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(yaml.string()));
+  const core::JobConfig job = loaded.job;
+  {
+    nlohmann::json ranks = nlohmann::json::array();
+    for (const auto& w : runtime::workersOf(job.cluster)) {
+      ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"device", w.device}, {"slowdown", w.slowdown}});
+    }
+    nlohmann::json run = {{"job", yaml.string()}, {"started", static_cast<double>(core::wallMicros()) / 1e6},
+                          {"world", 2}, {"ranks", ranks}, {"strategy", strategy}, {"emulated", true}};
+    std::ofstream(dir / "run.json") << run.dump() << "\n";
+  }
+  comm::LocalLaunchOptions lo;
+  lo.world = 2;
+  lo.timeout_s = 1800;
+  comm::SharedBlock* shared = nullptr;
+  ARCH_ASSIGN_OR_RETURN(auto outcomes, comm::launchLocal(lo, [&](const comm::LocalRank& r) { return workerMain(job, r); }, &shared));
+  for (size_t r = 0; r < outcomes.size(); ++r) {
+    if (!outcomes[r].message.empty() || outcomes[r].exit_code != 0) {
+      return core::internalError(fmt::format("{} rank {}: {} (exit {})", strategy, r, outcomes[r].message, outcomes[r].exit_code));
+    }
+  }
+  Row row;
+  row.strategy = strategy;
+  row.lr = lr;
+  double worker_wall[2] = {0, 0};
+  for (int r = 0; r < 2; ++r) {
+    row.strait_bytes += static_cast<uint64_t>(shared->slot[r].load());
+    worker_wall[r] = static_cast<double>(shared->slot[16 + r].load()) / 1e6;
+    row.wall_s = std::max(row.wall_s, worker_wall[r]);
+  }
+  std::map<int, RankTimes> rt;
+  std::map<int, double> all_compute;                // rank -> compute of every step
+  std::map<int64_t, std::map<int, double>> arrive;  // boundary step -> rank -> approx. arrival time
+  double t0 = 1e300;
+  auto lines = readMetrics(dir / "metrics.jsonl");
+  for (const auto& j : lines) {
+    if (j.value("kind", "") == "step") t0 = std::min(t0, j.value("time", 1e300) - j.value("step_s", 0.0));
+  }
+  for (const auto& j : lines) {
+    const std::string kind = j.value("kind", "");
+    const int rank = j.value("rank", 0);
+    const int64_t step = j.value("step", int64_t{0});
+    if (kind == "step") {
+      all_compute[rank] += j.value("compute_s", 0.0) + j.value("optimizer_s", 0.0);
+      row.tokens += j.value("tokens", 0.0);
+      if (step % a.inner == 0 && step < a.steps) {
+        // The outer exchange starts after the step's compute: the line's
+        // time minus its communication is when this rank got there.
+        arrive[step][rank] = j.value("time", 0.0) - j.value("comm_s", 0.0);
+      }
+    }
+    if (kind == "step" && step > 1) {
+      auto& t = rt[rank];
+      t.compute += j.value("compute_s", 0.0);
+      t.optimizer += j.value("optimizer_s", 0.0);
+      t.step += j.value("step_s", 0.0);
+      t.comm += j.value("comm_s", 0.0);
+      t.data += j.value("data_s", 0.0);
+      ++t.steps;
+    } else if (kind == "eval") {
+      if (curve) *curve << strategy << "," << j.value("time", 0.0) - t0 << "," << step << "," << j.value("val_loss", 0.0) << "\n";
+    } else if (kind == "outer") {
+      row.outer_wait_s += j.value("wait_s", 0.0) / 2;
+      if (rank == 0) ++row.outer_steps;
+      // Inside the loop: results taken by afterInnerStep (the end's finish() runs after the last step's line).
+      if (step > 1 && step < a.steps) rt[rank].outer_wait += j.value("wait_s", 0.0);
+    }
+  }
+  int skews = 0;
+  for (const auto& [s, by] : arrive) {
+    if (by.size() == 2) {
+      row.skew_s += std::abs(by.at(0) - by.at(1));
+      ++skews;
+    }
+  }
+  if (skews > 0) row.skew_s /= skews;
+  for (auto& [r, t] : rt) {
+    row.util.push_back(t.step > 0 ? (t.compute + t.optimizer) / t.step : 0);
+    row.times.push_back(t);
+  }
+  for (auto& [r, c] : all_compute) row.wall_util.push_back(r < 2 && worker_wall[r] > 0 ? c / worker_wall[r] : 0);
+  auto vl = evaluateFinal(dir.string(), a, job.model);
+  if (!vl.isOk()) return vl.status().withContext("evaluating " + strategy);
+  row.val_loss = *vl;
+  {
+    // For `archipelago report`: this run's totals (the strait counter is not in the step lines).
+    runtime::MetricsSink sink;
+    if (sink.open((dir / "metrics.jsonl").string()).isOk()) {
+      sink.write({{"kind", "summary"}, {"steps", a.steps}, {"wall_s", row.wall_s}, {"tokens", row.tokens},
+                  {"final_val_loss", row.val_loss}, {"bytes_strait", row.strait_bytes}, {"lr", lr}});
+    }
+  }
+  return row;
+}
+
+std::vector<std::string> splitList(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string x;
+  while (std::getline(ss, x, ',')) {
+    if (!x.empty()) out.push_back(x);
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -199,13 +356,19 @@ int main(int argc, char** argv) {
   app.add_option("--steps", a.steps);
   app.add_option("--dim", a.dim);
   app.add_option("--layers", a.layers);
+  app.add_option("--heads", a.heads);
   app.add_option("--seq", a.seq);
   app.add_option("--batch", a.batch, "global batch (sequences)");
   app.add_option("--inner-steps", a.inner, "H");
   app.add_option("--fragments", a.fragments);
   app.add_option("--overlap", a.overlap);
   app.add_option("--eval-every", a.eval_every);
-  app.add_option("--lr", a.lr, "peak inner learning rate (same schedule for every strategy)");
+  app.add_option("--lr", a.lr, "peak inner learning rate of every strategy (unless --lr-sync / --lr-inner)");
+  app.add_option("--lr-sync", a.lr_sync, "peak lr of sync (default --lr)");
+  app.add_option("--lr-inner", a.lr_inner, "peak inner lr of diloco and streaming (default --lr)");
+  app.add_option("--sweep-lr", a.sweep_lr, "comma-separated lr grid: train every strategy at every lr first, then compare each at its best");
+  app.add_option("--sweep-bandwidth", a.sweep_bandwidth, "strait of the sweep runs (losses do not depend on it)");
+  app.add_option("--sweep-latency", a.sweep_latency);
   app.add_option("--warmup", a.warmup, "inner warm-up steps");
   app.add_option("--outer-lr", a.outer_lr);
   app.add_option("--outer-momentum", a.outer_momentum);
@@ -227,125 +390,111 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  std::vector<std::string> strategies;
-  {
-    std::stringstream ss(a.strategies);
-    std::string s;
-    while (std::getline(ss, s, ',')) strategies.push_back(s);
-  }
+  const std::vector<std::string> strategies = splitList(a.strategies);
   fs::create_directories(a.out);
+  auto settings = [&] {
+    return fmt::format("two islands x 1 CPU worker; model dim {} x {} layers, {} heads; {} steps x global batch {} x {} tokens "
+                       "({} sequences per island); inner AdamW, warm-up {}, cosine; codec {}, H {}, fragments {}, overlap {}, "
+                       "outer lr {}, momentum {}{}",
+                       a.dim, a.layers, a.heads, a.steps, a.batch, a.seq, a.batch / 2, a.warmup, a.codec, a.inner,
+                       a.fragments, a.overlap, a.outer_lr, a.outer_momentum, a.nesterov ? " (Nesterov)" : "");
+  };
+
+  // ---- optional lr sweep: every strategy on the same grid ------------------------
+  if (!a.sweep_lr.empty()) {
+    const auto grid = splitList(a.sweep_lr);
+    std::printf("lr sweep (%s) over a fast strait %s / %s (losses are deterministic and do not depend on the strait):\n",
+                settings().c_str(), a.sweep_bandwidth.c_str(), a.sweep_latency.c_str());
+    std::map<std::string, std::pair<double, double>> best;  // strategy -> (loss, lr)
+    std::printf("%-10s", "lr");
+    for (const auto& st : strategies) std::printf(" %12s", st.c_str());
+    std::printf("\n");
+    for (const auto& g : grid) {
+      const double lr = std::stod(g);
+      std::printf("%-10s", g.c_str());
+      std::fflush(stdout);
+      for (const auto& st : strategies) {
+        auto row = runOne(a, st, lr, a.sweep_bandwidth, a.sweep_latency, fs::path(a.out) / "sweep" / fmt::format("{}_lr{}", st, g), nullptr);
+        if (!row.isOk()) {
+          std::fprintf(stderr, "\nerror: %s\n", row.status().toString().c_str());
+          return 1;
+        }
+        std::printf(" %12.4f", row->val_loss);
+        std::fflush(stdout);
+        nlohmann::json j{{"bench", "strategies_sweep"}, {"strategy", st}, {"lr", lr}, {"val_loss", row->val_loss}};
+        std::ofstream(fs::path(a.out) / "sweep.jsonl", std::ios::app) << j.dump() << "\n";
+        auto it = best.find(st);
+        if (it == best.end() || row->val_loss < it->second.first) best[st] = {row->val_loss, lr};
+      }
+      std::printf("\n");
+    }
+    for (const auto& [st, b] : best) {
+      std::printf("best lr %-10s %g (val loss %.4f)\n", st.c_str(), b.second, b.first);
+      if (st == "sync") a.lr_sync = b.second;
+    }
+    // diloco and streaming share one flag: the better of their two bests when both ran,
+    // each its own otherwise (reported per row below).
+    if (best.count("diloco")) a.lr_inner = best["diloco"].second;
+    else if (best.count("streaming")) a.lr_inner = best["streaming"].second;
+    if (best.count("diloco") && best.count("streaming") && best["diloco"].second != best["streaming"].second) {
+      std::printf("note: diloco and streaming have different best lrs; the timed runs use each one's own\n");
+    }
+    for (const auto& [st, b] : best) {
+      if (st != "sync") a.lr_stream_best[st] = b.second;
+    }
+    std::printf("\n");
+  }
+
   std::ofstream curve(fs::path(a.out) / "val_curve.csv");
   curve << "strategy,wall_s,step,val_loss\n";
   std::vector<Row> rows;
   for (const auto& strategy : strategies) {
-    fs::remove_all(fs::path(a.out) / strategy);
-    fs::create_directories(fs::path(a.out) / strategy);
-    const fs::path yaml = fs::path(a.out) / (strategy + ".yaml");
-    std::ofstream(yaml) << jobYaml(a, strategy);
-    auto loaded = core::loadJob(yaml.string());
-    if (!loaded.isOk()) {
-      std::fprintf(stderr, "error: %s\n", loaded.status().toString().c_str());
-      return 1;
-    }
-    const core::JobConfig job = loaded->job;
-    std::printf("running %s (%d steps, EMULATED strait %s %s) ...\n", strategy.c_str(), a.steps, a.bandwidth.c_str(),
-                a.latency.c_str());
+    double lr = a.lrOf(strategy);
+    if (auto it = a.lr_stream_best.find(strategy); it != a.lr_stream_best.end()) lr = it->second;
+    std::printf("running %s (%d steps, lr %g, EMULATED strait %s %s) ...\n", strategy.c_str(), a.steps, lr,
+                a.bandwidth.c_str(), a.latency.c_str());
     std::fflush(stdout);
-    {
-      nlohmann::json ranks = nlohmann::json::array();
-      for (const auto& w : runtime::workersOf(job.cluster)) {
-        ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"device", w.device}, {"slowdown", w.slowdown}});
-      }
-      nlohmann::json run = {{"job", yaml.string()}, {"started", static_cast<double>(core::wallMicros()) / 1e6},
-                            {"world", 2}, {"ranks", ranks}, {"strategy", strategy}, {"emulated", true}};
-      std::ofstream(fs::path(a.out) / strategy / "run.json") << run.dump() << "\n";
-    }
-    comm::LocalLaunchOptions lo;
-    lo.world = 2;
-    lo.timeout_s = 1800;
-    comm::SharedBlock* shared = nullptr;
-    auto outcomes = comm::launchLocal(lo, [&](const comm::LocalRank& r) { return workerMain(job, r); }, &shared);
-    if (!outcomes.isOk()) {
-      std::fprintf(stderr, "error: %s\n", outcomes.status().toString().c_str());
+    auto row = runOne(a, strategy, lr, a.bandwidth, a.latency, fs::path(a.out) / strategy, &curve);
+    if (!row.isOk()) {
+      std::fprintf(stderr, "error: %s\n", row.status().toString().c_str());
       return 1;
     }
-    for (size_t r = 0; r < outcomes->size(); ++r) {
-      if (!(*outcomes)[r].message.empty() || (*outcomes)[r].exit_code != 0) {
-        std::fprintf(stderr, "error: %s rank %zu: %s (exit %d)\n", strategy.c_str(), r, (*outcomes)[r].message.c_str(),
-                     (*outcomes)[r].exit_code);
-        return 1;
-      }
-    }
-    Row row;
-    row.strategy = strategy;
-    double worker_wall[2] = {0, 0};
-    for (int r = 0; r < 2; ++r) {
-      row.strait_bytes += static_cast<uint64_t>(shared->slot[r].load());
-      worker_wall[r] = static_cast<double>(shared->slot[16 + r].load()) / 1e6;
-      row.wall_s = std::max(row.wall_s, worker_wall[r]);
-    }
-    std::map<int, std::pair<double, double>> cs;  // rank -> (compute, step), steps > 1
-    std::map<int, double> all_compute;            // rank -> compute of every step
-    double t0 = 1e300;
-    auto lines = readMetrics(fs::path(a.out) / strategy / "metrics.jsonl");
-    for (const auto& j : lines) {
-      if (j.value("kind", "") == "step") t0 = std::min(t0, j.value("time", 1e300) - j.value("step_s", 0.0));
-    }
-    for (const auto& j : lines) {
-      const std::string kind = j.value("kind", "");
-      if (kind == "step") {
-        all_compute[j.value("rank", 0)] += j.value("compute_s", 0.0);
-        row.tokens += j.value("tokens", 0.0);
-      }
-      if (kind == "step" && j.value("step", 0) > 1) {
-        auto& p = cs[j.value("rank", 0)];
-        p.first += j.value("compute_s", 0.0);
-        p.second += j.value("step_s", 0.0);
-      } else if (kind == "eval") {
-        curve << strategy << "," << j.value("time", 0.0) - t0 << "," << j.value("step", 0) << "," << j.value("val_loss", 0.0) << "\n";
-      } else if (kind == "outer") {
-        row.outer_wait_s += j.value("wait_s", 0.0) / 2;
-        if (j.value("rank", 0) == 0) ++row.outer_steps;
-      }
-    }
-    for (auto& [r, p] : cs) row.util.push_back(p.second > 0 ? p.first / p.second : 0);
-    for (auto& [r, c] : all_compute) row.wall_util.push_back(r < 2 && worker_wall[r] > 0 ? c / worker_wall[r] : 0);
-    auto vl = evaluateFinal((fs::path(a.out) / strategy).string(), a, job.model);
-    if (!vl.isOk()) {
-      std::fprintf(stderr, "error: evaluating %s: %s\n", strategy.c_str(), vl.status().toString().c_str());
-      return 1;
-    }
-    row.val_loss = *vl;
-    {
-      // For `archipelago report`: this run's totals (the strait counter is not in the step lines).
-      runtime::MetricsSink sink;
-      if (sink.open((fs::path(a.out) / strategy / "metrics.jsonl").string()).isOk()) {
-        sink.write({{"kind", "summary"}, {"steps", a.steps}, {"wall_s", row.wall_s}, {"tokens", row.tokens},
-                    {"final_val_loss", row.val_loss}, {"bytes_strait", row.strait_bytes}});
-      }
-    }
-    rows.push_back(row);
+    rows.push_back(*row);
   }
 
   const Row* sync = nullptr;
   for (const auto& r : rows) {
     if (r.strategy == "sync") sync = &r;
   }
-  std::printf("\nTwo islands x 1 CPU worker, EMULATED strait %s / %s one way; %d steps x %d seq x %d tokens each; "
-              "model dim %d, %d layers; inner AdamW lr %g (warm-up %d, cosine); codec %s, H %d, fragments %d, overlap %d, "
-              "outer lr %g, momentum %g%s\n",
-              a.bandwidth.c_str(), a.latency.c_str(), a.steps, a.batch, a.seq, a.dim, a.layers, a.lr, a.warmup,
-              a.codec.c_str(), a.inner, a.fragments, a.overlap, a.outer_lr, a.outer_momentum, a.nesterov ? " (Nesterov)" : "");
-  std::printf("%-10s %8s %10s %17s %17s %10s %14s %9s %6s %10s\n", "strategy", "wall_s", "tokens", "loop_util(r0/r1)",
+  std::printf("\nEMULATED strait %s / %s one way; %s\n", a.bandwidth.c_str(), a.latency.c_str(), settings().c_str());
+  std::printf("%-10s %8s %8s %10s %17s %17s %10s %14s %9s %6s %10s\n", "strategy", "lr", "wall_s", "tokens", "loop_util(r0/r1)",
               "wall_util(r0/r1)", "val_loss", "strait_bytes", "vs_sync", "outer", "outer_wait");
   auto at = [](const std::vector<double>& v, size_t i) { return 100 * (v.size() > i ? v[i] : 0); };
   for (const auto& r : rows) {
     const double ratio = sync && r.strait_bytes > 0 ? static_cast<double>(sync->strait_bytes) / static_cast<double>(r.strait_bytes) : 0;
-    std::printf("%-10s %8.1f %10.0f %7.1f%% /%6.1f%% %7.1f%% /%6.1f%% %10.4f %14llu %8.1fx %6lld %9.2fs\n",
-                r.strategy.c_str(), r.wall_s, r.tokens, at(r.util, 0), at(r.util, 1), at(r.wall_util, 0),
+    std::printf("%-10s %8.2g %8.1f %10.0f %7.1f%% /%6.1f%% %7.1f%% /%6.1f%% %10.4f %14llu %8.1fx %6lld %9.2fs\n",
+                r.strategy.c_str(), r.lr, r.wall_s, r.tokens, at(r.util, 0), at(r.util, 1), at(r.wall_util, 0),
                 at(r.wall_util, 1), r.val_loss, static_cast<unsigned long long>(r.strait_bytes), ratio,
                 static_cast<long long>(r.outer_steps), r.outer_wait_s);
   }
+  std::printf("\nwhere the loop's time goes, per round of H = %d steps (mean over the run, step 1 excluded):\n", a.inner);
+  std::printf("%-10s %4s %9s %9s %9s %11s %11s %8s %8s %11s %10s\n", "strategy", "rank", "step_s", "fwd+bwd", "optimizer",
+              "outer_wait", "other_comm", "rest", "util", "fwd+bwd/s", "skew");
+  for (const auto& r : rows) {
+    for (size_t k = 0; k < r.times.size(); ++k) {
+      const auto& t = r.times[k];
+      if (t.steps == 0) continue;
+      const double per = static_cast<double>(a.inner) / static_cast<double>(t.steps);  // lines -> one round
+      std::printf("%-10s %4zu %8.3fs %8.3fs %8.3fs %10.3fs %10.3fs %7.3fs %7.1f%% %10.1f%% %9.3fs\n", r.strategy.c_str(), k,
+                  t.step * per, t.compute * per, t.optimizer * per, t.outer_wait * per, (t.comm - t.outer_wait) * per,
+                  (t.step - t.compute - t.optimizer - t.comm) * per, 100 * (t.compute + t.optimizer) / t.step,
+                  100 * t.compute / t.step, r.skew_s);
+    }
+  }
+  std::printf("(util = compute / step time with compute = forward + backward + optimizer update, as the trainer's trace "
+              "counts it; fwd+bwd/s: forward + backward alone; outer_wait: blocked on an outer result, includes waiting for "
+              "the later island; other_comm: gradient allreduce, control values, submitting a sync; rest: data, gradient "
+              "norm, logging; skew: mean |difference| of the islands' arrival at an outer boundary, approximate)\n");
   std::printf("\ntargets (issue 6):\n");
   for (const auto& r : rows) {
     if (r.strategy == "sync" || !sync) continue;
@@ -358,11 +507,15 @@ int main(int argc, char** argv) {
                 r.strategy.c_str(), 100 * umin, 100 * need_util, umin >= need_util ? "met" : "NOT met", 100 * rel,
                 rel <= 0.03 ? "met" : "NOT met", ratio, ratio >= 100 ? "met" : "NOT met");
   }
+  if (sync && a.sweep_lr.empty() && a.lr_sync <= 0 && a.lr_inner <= 0) {
+    std::printf("  (every strategy at lr %g; the fair comparison tunes each on the same grid: --sweep-lr)\n", a.lr);
+  }
   for (const auto& r : rows) {
-    nlohmann::json j{{"bench", "strategies"}, {"strategy", r.strategy}, {"wall_s", r.wall_s}, {"utilisation", r.util},
+    nlohmann::json j{{"bench", "strategies"}, {"strategy", r.strategy}, {"lr", r.lr}, {"wall_s", r.wall_s}, {"utilisation", r.util},
                      {"wall_utilisation", r.wall_util}, {"tokens", r.tokens}, {"val_loss", r.val_loss}, {"strait_bytes", r.strait_bytes}, {"outer_steps", r.outer_steps},
-                     {"outer_wait_s", r.outer_wait_s}, {"emulated", true}, {"bandwidth", a.bandwidth},
+                     {"outer_wait_s", r.outer_wait_s}, {"skew_s", r.skew_s}, {"emulated", true}, {"bandwidth", a.bandwidth},
                      {"latency", a.latency}, {"steps", a.steps}, {"codec", r.strategy == "sync" ? "none" : a.codec},
+                     {"dim", a.dim}, {"layers", a.layers}, {"batch", a.batch}, {"seq", a.seq},
                      {"inner_steps", a.inner}, {"fragments", a.fragments}, {"overlap", a.overlap},
                      {"outer_lr", a.outer_lr}, {"outer_momentum", a.outer_momentum}};
     std::printf("JSON %s\n", j.dump().c_str());

@@ -115,22 +115,27 @@ namespace fs = std::filesystem;
 
 constexpr double kOpTimeoutS = 600;  // one exchange; peer loss is detected by heartbeats much sooner
 
-// One fragment's sync, from submission to application.
+// One exchange, from submission to application: one fragment, or several
+// (the final sync at the end of training) sharing one round trip.
 struct Job {
-  int frag = 0;
+  std::vector<int> frags;      // fragment indices, ascending
+  std::vector<size_t> at;      // per fragment: its offset in buf / sent
+  std::vector<double> tokens;  // per fragment: this rank's tokens in the fragment's round
   int64_t sent_step = 0;
   int64_t apply_step = 0;
-  double tokens = 0;           // this rank's tokens in the fragment's round
-  std::vector<float> buf;      // in: local delta; out: the islands' weighted mean delta
+  std::vector<float> buf;      // in: local deltas; out: the islands' weighted mean deltas
   std::vector<float> sent;     // params at submission (only with overlap)
+  // The trainer's control values (island sums in, world sums out); empty = none.
+  std::vector<double> control;
   core::TimePoint t_submit;
   // Results, written by the outer thread before `ready`: the exchange and
   // the outer step are done, the anchor holds the new value.
   bool ready = false;
   core::Status status;
   double exchange_s = 0;
-  uint64_t strait_bytes = 0;   // payload bytes this rank put on the cross group (computed from codec sizes)
-  core::Sha256Digest dg{};     // sha256 of (anchor, momentum) of the fragment after the outer step
+  std::vector<uint64_t> strait_bytes;  // per fragment: payload bytes this rank put on the cross group
+                                       // (computed from codec sizes; the header counted with the first)
+  core::Sha256Digest dg{};     // sha256 of (anchor, momentum) of the job's fragments after the outer step
   std::string digest;          // the same in hex
   // Set by the outer thread once the replica check of this outer step has
   // finished (after `ready`; its failure goes to check_failure_).
@@ -175,6 +180,7 @@ class FragmentOuterSync final : public OuterSync {
     }
     ARCH_ASSIGN_OR_RETURN(frags_, fragmentSchedule(numel_, streaming_ ? s.fragments : 1, H_, ctx_.segment_offsets));
     last_tokens_.assign(frags_.size(), 0);
+    last_sent_.assign(frags_.size(), -1);
     rounds_.assign(frags_.size(), 0);
     if (s.error_feedback && codec_ != comm::CodecKind::kNone) {
       for (size_t f = 0; f < frags_.size(); ++f) efs_.push_back(std::make_unique<comm::ErrorFeedback>(codec_));
@@ -207,8 +213,10 @@ class FragmentOuterSync final : public OuterSync {
       ARCH_RETURN_IF_ERROR(complete(inflight_.front(), p, step));
       inflight_.pop_front();
     }
+    // The last step's syncs are left to finish(), which does all of them in one exchange.
+    if (step >= ctx_.job->train.steps) return core::okStatus();
     for (int f : fragmentsDue(frags_, step, H_)) {
-      auto job = submit(f, step, p);
+      auto job = submit({f}, step, p);
       if (job->apply_step <= step) {
         ARCH_RETURN_IF_ERROR(complete(job, p, step));
       } else {
@@ -216,6 +224,16 @@ class FragmentOuterSync final : public OuterSync {
       }
     }
     return core::okStatus();
+  }
+
+  void attachControl(std::span<const double> island_sums) override {
+    control_out_.assign(island_sums.begin(), island_sums.end());
+  }
+
+  std::optional<Control> takeControl() override {
+    std::optional<Control> c = std::move(control_in_);
+    control_in_.reset();
+    return c;
   }
 
   core::Status finish(int64_t step, torch::Tensor params) override {
@@ -226,17 +244,19 @@ class FragmentOuterSync final : public OuterSync {
     }
     if (step < ctx_.job->train.steps) return waitForChecks();  // a stop: the next run continues the rounds
     // End of training: a last outer step over every fragment with progress
-    // since its last sync, so that every replica ends with the same weights.
-    bool any = false;
+    // since its last sync, so that every replica ends with the same weights
+    // (one exchange for all of them: one strait round trip, not F).
+    std::vector<int> last;
     for (size_t f = 0; f < frags_.size(); ++f) {
-      if (lastSync(static_cast<int>(f), step) == step) continue;
-      auto job = submit(static_cast<int>(f), step, p);
+      if (last_sent_[f] != step) last.push_back(static_cast<int>(f));
+    }
+    if (!last.empty()) {
+      auto job = submit(last, step, p);
       job->apply_step = step;
       job->sent.clear();
       ARCH_RETURN_IF_ERROR(complete(job, p, step));
-      any = true;
+      if (ctx_.rank == 0) ARCH_LOG_INFO("{}: final outer sync of {} fragment(s) at step {}", ctx_.job->strategy.kind, last.size(), step);
     }
-    if (any && ctx_.rank == 0) ARCH_LOG_INFO("{}: final outer sync at step {}", ctx_.job->strategy.kind, step);
     return waitForChecks();
   }
 
@@ -311,13 +331,6 @@ class FragmentOuterSync final : public OuterSync {
   }
 
  private:
-  // Step of fragment f's last sync at or before `step` (0 = none yet).
-  int64_t lastSync(int f, int64_t step) const {
-    const int64_t o = frags_[static_cast<size_t>(f)].offset;
-    if (step < o) return 0;
-    return o + ((step - o) / H_) * H_;  // 0 when offset 0 and step < H: not synced yet
-  }
-
   core::Status buildGroups() {
     const int world = ctx_.world;
     int n_islands = 0;
@@ -360,19 +373,32 @@ class FragmentOuterSync final : public OuterSync {
     return core::okStatus();
   }
 
-  std::shared_ptr<Job> submit(int f, int64_t step, const float* p) {
-    const auto& fr = frags_[static_cast<size_t>(f)];
+  std::shared_ptr<Job> submit(const std::vector<int>& frags, int64_t step, const float* p) {
     auto job = std::make_shared<Job>();
-    job->frag = f;
+    job->frags = frags;
     job->sent_step = step;
     job->apply_step = step + overlap_;
-    job->tokens = static_cast<double>(cum_tokens_ - last_tokens_[static_cast<size_t>(f)]);
-    last_tokens_[static_cast<size_t>(f)] = cum_tokens_;
-    const int64_t n = fr.end - fr.begin;
-    const float* a = anchor_.data_ptr<float>() + fr.begin;
-    job->buf.resize(static_cast<size_t>(n));
-    for (int64_t j = 0; j < n; ++j) job->buf[static_cast<size_t>(j)] = a[j] - p[fr.begin + j];
-    if (overlap_ > 0) job->sent.assign(p + fr.begin, p + fr.end);
+    size_t total = 0;
+    for (int f : frags) {
+      const auto& fr = frags_[static_cast<size_t>(f)];
+      job->at.push_back(total);
+      total += static_cast<size_t>(fr.end - fr.begin);
+      job->tokens.push_back(static_cast<double>(cum_tokens_ - last_tokens_[static_cast<size_t>(f)]));
+      last_tokens_[static_cast<size_t>(f)] = cum_tokens_;
+      last_sent_[static_cast<size_t>(f)] = step;
+    }
+    job->buf.resize(total);
+    if (overlap_ > 0) job->sent.resize(total);
+    for (size_t i = 0; i < frags.size(); ++i) {
+      const auto& fr = frags_[static_cast<size_t>(frags[i])];
+      const float* a = anchor_.data_ptr<float>() + fr.begin;
+      float* d = job->buf.data() + job->at[i];
+      for (int64_t j = 0; j < fr.end - fr.begin; ++j) d[j] = a[j] - p[fr.begin + j];
+      if (overlap_ > 0) std::copy(p + fr.begin, p + fr.end, job->sent.begin() + static_cast<std::ptrdiff_t>(job->at[i]));
+    }
+    // The trainer's control values ride along with the first exchange started after they were attached.
+    job->control = std::move(control_out_);
+    control_out_.clear();
     job->t_submit = core::Clock::now();
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -394,32 +420,41 @@ class FragmentOuterSync final : public OuterSync {
     }
     const double wait_s = core::secondsSince(t0);
     ARCH_RETURN_IF_ERROR(failed_check);
-    ARCH_RETURN_IF_ERROR(job->status.withContext(fmt::format("outer step of fragment {} sent after step {}",
-                                                             job->frag, job->sent_step)));
-    const auto& fr = frags_[static_cast<size_t>(job->frag)];
-    const float* a = anchor_.data_ptr<float>() + fr.begin;
-    const int64_t n = fr.end - fr.begin;
-    if (job->sent.empty()) {
-      std::memcpy(p + fr.begin, a, static_cast<size_t>(n) * sizeof(float));
-    } else {
-      // Merge: the new global value plus the local progress made during the overlap.
-      for (int64_t j = 0; j < n; ++j) p[fr.begin + j] = a[j] + (p[fr.begin + j] - job->sent[static_cast<size_t>(j)]);
+    ARCH_RETURN_IF_ERROR(job->status.withContext(fmt::format("outer step of fragment(s) {} sent after step {}",
+                                                             fmt::join(job->frags, ","), job->sent_step)));
+    if (!job->control.empty()) control_in_ = Control{job->sent_step, job->control};
+    uint64_t measured = 0;
+    if (ctx_.world_group) {
+      const uint64_t now = ctx_.world_group->straitBytesSent();
+      measured = now - straitMark_;
+      straitMark_ = now;
     }
-    ++outer_steps_;
-    const int64_t round = ++rounds_[static_cast<size_t>(job->frag)];
-    if (metrics_) {
-      uint64_t measured = 0;
-      if (ctx_.world_group) {
-        const uint64_t now = ctx_.world_group->straitBytesSent();
-        measured = now - straitMark_;
-        straitMark_ = now;
+    for (size_t i = 0; i < job->frags.size(); ++i) {
+      const int f = job->frags[i];
+      const auto& fr = frags_[static_cast<size_t>(f)];
+      const float* a = anchor_.data_ptr<float>() + fr.begin;
+      const int64_t n = fr.end - fr.begin;
+      if (job->sent.empty()) {
+        std::memcpy(p + fr.begin, a, static_cast<size_t>(n) * sizeof(float));
+      } else {
+        // Merge: the new global value plus the local progress made during the overlap.
+        const float* sent = job->sent.data() + job->at[i];
+        for (int64_t j = 0; j < n; ++j) p[fr.begin + j] = a[j] + (p[fr.begin + j] - sent[j]);
       }
-      metrics_->write({{"kind", "outer"}, {"strategy", ctx_.job->strategy.kind}, {"step", step},
-                       {"sent_step", job->sent_step}, {"round", round}, {"fragment", job->frag},
-                       {"rank", ctx_.rank}, {"island", ctx_.island_of_rank.empty() ? 0 : ctx_.island_of_rank[static_cast<size_t>(ctx_.rank)]},
-                       {"params", n}, {"codec", std::string(comm::codecName(codec_))},
-                       {"bytes_strait", job->strait_bytes}, {"bytes_strait_measured", measured},
-                       {"sync_s", job->exchange_s}, {"wait_s", wait_s}, {"digest", job->digest.substr(0, 16)}});
+      ++outer_steps_;
+      const int64_t round = ++rounds_[static_cast<size_t>(f)];
+      if (metrics_) {
+        // One line per fragment; a shared exchange (the final sync) reports its
+        // time and measured bytes on every line of it, with "shared" set.
+        metrics_->write({{"kind", "outer"}, {"strategy", ctx_.job->strategy.kind}, {"step", step},
+                         {"sent_step", job->sent_step}, {"round", round}, {"fragment", f},
+                         {"rank", ctx_.rank}, {"island", ctx_.island_of_rank.empty() ? 0 : ctx_.island_of_rank[static_cast<size_t>(ctx_.rank)]},
+                         {"params", n}, {"codec", std::string(comm::codecName(codec_))},
+                         {"bytes_strait", i < job->strait_bytes.size() ? job->strait_bytes[i] : 0},
+                         {"bytes_strait_measured", i == 0 ? measured : 0}, {"shared", job->frags.size()},
+                         {"control", !job->control.empty()},
+                         {"sync_s", job->exchange_s}, {"wait_s", wait_s}, {"digest", job->digest.substr(0, 16)}});
+      }
     }
     return core::okStatus();
   }
@@ -446,8 +481,8 @@ class FragmentOuterSync final : public OuterSync {
       // The replica check runs while the trainer already trains on the
       // result: it costs a round trip over the straits that nobody needs to
       // wait for. A mismatch fails the next complete() or finish().
-      core::Status cs = st.isOk() ? checkDigests(job->dg, fmt::format("the outer step of fragment {} sent after step {}",
-                                                                      job->frag, job->sent_step))
+      core::Status cs = st.isOk() ? checkDigests(job->dg, fmt::format("the outer step of fragment(s) {} sent after step {}",
+                                                                      fmt::join(job->frags, ","), job->sent_step))
                                   : core::okStatus();
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -472,79 +507,120 @@ class FragmentOuterSync final : public OuterSync {
     return o;
   }
 
-  // Outer thread: average the fragment's delta over islands, outer step, replica check.
+  // Outer thread: average the job's fragments' deltas over islands (one
+  // cross-island allgather for all of them, the trainer's control values in
+  // its header), outer step, digest for the replica check.
   core::Status exchangeAndStep(Job& job) {
-    const auto& fr = frags_[static_cast<size_t>(job.frag)];
-    const size_t n = job.buf.size();
-    // 1. Tokens of my island in this round.
-    double island_tokens = job.tokens;
+    const size_t nf = job.frags.size();
+    auto fragSize = [&](size_t i) {
+      const auto& fr = frags_[static_cast<size_t>(job.frags[i])];
+      return static_cast<size_t>(fr.end - fr.begin);
+    };
+    // 1. Tokens of my island in each fragment's round.
+    std::vector<double> island_tokens = job.tokens;
     if (island_) {
-      ARCH_RETURN_IF_ERROR(island_->allreduce(&island_tokens, 1, comm::DType::kF64, comm::ReduceOp::kSum, opts())
+      ARCH_RETURN_IF_ERROR(island_->allreduce(island_tokens.data(), nf, comm::DType::kF64, comm::ReduceOp::kSum, opts())
                                .withContext("island token count"));
     }
-    // 2. My shard (position my_pos_ < K) crosses the straits, compressed.
-    const auto shards = shardCounts(n);
-    size_t off = 0;
-    for (size_t k = 0; k < my_pos_ && k < K_; ++k) off += shards[k];
+    const size_t nc = job.control.size();
+    job.strait_bytes.assign(nf, 0);
+    // 2. My shard of every fragment (position my_pos_ < K) crosses the
+    // straits, compressed: [tokens per fragment][control][shard 0]...[shard nf-1].
+    std::vector<size_t> off(nf, 0), len(nf, 0), enc(nf, 0), body_at(nf, 0);
+    size_t payload = sizeof(double) * (nf + nc);
+    for (size_t i = 0; i < nf; ++i) {
+      const auto shards = shardCounts(fragSize(i));
+      for (size_t k = 0; k < my_pos_ && k < K_; ++k) off[i] += shards[k];
+      len[i] = my_pos_ < K_ ? shards[my_pos_] : 0;
+      enc[i] = comm::encodedSize(codec_, len[i]);
+      body_at[i] = payload;
+      payload += enc[i];
+    }
     if (my_pos_ < K_) {
-      std::span<float> mine(job.buf.data() + off, shards[my_pos_]);
-      const size_t enc = comm::encodedSize(codec_, mine.size());
-      const size_t payload = sizeof(double) + enc;
       std::vector<uint8_t> out(payload);
-      std::memcpy(out.data(), &island_tokens, sizeof(double));
-      std::span<uint8_t> body(out.data() + sizeof(double), enc);
-      if (!efs_.empty()) {
-        efs_[static_cast<size_t>(job.frag)]->encode(mine, body);
-      } else {
-        comm::encode(codec_, mine, body);
+      std::memcpy(out.data(), island_tokens.data(), sizeof(double) * nf);
+      if (nc > 0) std::memcpy(out.data() + sizeof(double) * nf, job.control.data(), sizeof(double) * nc);
+      for (size_t i = 0; i < nf; ++i) {
+        std::span<float> mine(job.buf.data() + job.at[i] + off[i], len[i]);
+        std::span<uint8_t> body(out.data() + body_at[i], enc[i]);
+        if (!efs_.empty()) {
+          efs_[static_cast<size_t>(job.frags[i])]->encode(mine, body);
+        } else {
+          comm::encode(codec_, mine, body);
+        }
       }
       const size_t members = cross_ ? static_cast<size_t>(cross_->size()) : 1;
       std::vector<uint8_t> all(payload * members);
       if (cross_) {
         ARCH_RETURN_IF_ERROR(cross_->allgather(out.data(), all.data(), payload, comm::DType::kU8, opts())
                                  .withContext("cross-island pseudo-gradient exchange"));
-        job.strait_bytes = (members - 1) * payload;  // ring allgather: each member forwards n-1 blocks
+        // Ring allgather: each member forwards n-1 blocks; the header is counted with the first fragment.
+        for (size_t i = 0; i < nf; ++i) job.strait_bytes[i] = (members - 1) * (enc[i] + (i == 0 ? sizeof(double) * (nf + nc) : 0));
       } else {
         all = out;
       }
-      double total = 0;
-      std::vector<double> tok(members);
-      for (size_t i = 0; i < members; ++i) {
-        std::memcpy(&tok[i], all.data() + i * payload, sizeof(double));
-        total += tok[i];
+      // Same bytes, same order on every member: the means and sums are bit-identical everywhere.
+      if (nc > 0) {
+        std::vector<double> sum(nc, 0.0), c(nc);
+        for (size_t m = 0; m < members; ++m) {
+          std::memcpy(c.data(), all.data() + m * payload + sizeof(double) * nf, sizeof(double) * nc);
+          for (size_t j = 0; j < nc; ++j) sum[j] += c[j];
+        }
+        job.control = sum;
       }
-      // Same bytes, same order on every member: the mean is bit-identical everywhere.
-      std::fill(mine.begin(), mine.end(), 0.0f);
-      std::vector<float> dec(mine.size());
-      for (size_t i = 0; i < members; ++i) {
-        ARCH_RETURN_IF_ERROR(comm::decode(codec_, std::span<const uint8_t>(all.data() + i * payload + sizeof(double), enc), dec)
-                                 .withContext("decoding island " + std::to_string(i) + "'s pseudo-gradient"));
-        const float w = total > 0 ? static_cast<float>(tok[i] / total) : 1.0f / static_cast<float>(members);
-        for (size_t j = 0; j < dec.size(); ++j) mine[j] += w * dec[j];
+      for (size_t i = 0; i < nf; ++i) {
+        double total = 0;
+        std::vector<double> tok(members);
+        for (size_t m = 0; m < members; ++m) {
+          std::memcpy(&tok[m], all.data() + m * payload + sizeof(double) * i, sizeof(double));
+          total += tok[m];
+        }
+        std::span<float> mine(job.buf.data() + job.at[i] + off[i], len[i]);
+        std::fill(mine.begin(), mine.end(), 0.0f);
+        std::vector<float> dec(mine.size());
+        for (size_t m = 0; m < members; ++m) {
+          ARCH_RETURN_IF_ERROR(comm::decode(codec_, std::span<const uint8_t>(all.data() + m * payload + body_at[i], enc[i]), dec)
+                                   .withContext("decoding island " + std::to_string(m) + "'s pseudo-gradient"));
+          const float w = total > 0 ? static_cast<float>(tok[m] / total) : 1.0f / static_cast<float>(members);
+          for (size_t j = 0; j < dec.size(); ++j) mine[j] += w * dec[j];
+        }
       }
     }
-    // 3. Every island member gets every shard.
+    // 3. Every island member gets every shard (and the control sums, which
+    // only the shard holders received across the straits).
     if (island_) {
       std::vector<size_t> counts(static_cast<size_t>(island_->size()), 0);
-      for (size_t k = 0; k < K_ && k < counts.size(); ++k) counts[k] = shards[k];
-      ARCH_RETURN_IF_ERROR(island_->allgatherv(job.buf.data() + off, job.buf.data(), counts, comm::DType::kF32, opts())
-                               .withContext("island allgather of the mean pseudo-gradient"));
+      for (size_t i = 0; i < nf; ++i) {
+        const auto shards = shardCounts(fragSize(i));
+        for (size_t k = 0; k < K_ && k < counts.size(); ++k) counts[k] = shards[k];
+        ARCH_RETURN_IF_ERROR(island_->allgatherv(job.buf.data() + job.at[i] + off[i], job.buf.data() + job.at[i], counts,
+                                                 comm::DType::kF32, opts())
+                                 .withContext("island allgather of the mean pseudo-gradient"));
+      }
+      if (nc > 0 && static_cast<size_t>(island_->size()) > K_) {
+        ARCH_RETURN_IF_ERROR(island_->broadcast(job.control.data(), nc, comm::DType::kF64, 0, opts())
+                                 .withContext("island broadcast of the control values"));
+      }
     }
-    // 4. Outer Nesterov step on this fragment's anchor (owned by this thread while the job runs).
-    float* a = anchor_.data_ptr<float>() + fr.begin;
-    float* m = momentum_.data_ptr<float>() + fr.begin;
-    for (size_t j = 0; j < n; ++j) {
-      const float d = job.buf[j];
-      const float mj = beta_ * m[j] + d;
-      m[j] = mj;
-      const float s = nesterov_ ? d + beta_ * mj : mj;
-      a[j] = a[j] - lr_ * s;
-    }
-    // 5. The digest of (anchor, momentum) of the fragment for the replica
-    // check, which loop() runs after handing the result to the trainer.
+    // 4. Outer Nesterov step on each fragment's anchor (owned by this thread while the job runs).
     core::Sha256 h;
-    h.update(a, n * sizeof(float));
-    h.update(m, n * sizeof(float));
+    for (size_t i = 0; i < nf; ++i) {
+      const auto& fr = frags_[static_cast<size_t>(job.frags[i])];
+      const size_t n = fragSize(i);
+      const float* d = job.buf.data() + job.at[i];
+      float* a = anchor_.data_ptr<float>() + fr.begin;
+      float* m = momentum_.data_ptr<float>() + fr.begin;
+      for (size_t j = 0; j < n; ++j) {
+        const float mj = beta_ * m[j] + d[j];
+        m[j] = mj;
+        const float s = nesterov_ ? d[j] + beta_ * mj : mj;
+        a[j] = a[j] - lr_ * s;
+      }
+      // 5. The digest of (anchor, momentum) of the fragments for the replica
+      // check, which loop() runs after handing the result to the trainer.
+      h.update(a, n * sizeof(float));
+      h.update(m, n * sizeof(float));
+    }
     job.dg = h.finish();
     job.digest = core::toHex(job.dg);
     return core::okStatus();
@@ -616,6 +692,9 @@ class FragmentOuterSync final : public OuterSync {
   torch::Tensor anchor_, momentum_;
   std::vector<std::unique_ptr<comm::ErrorFeedback>> efs_;  // per fragment, my shard (outer thread)
   std::vector<int64_t> last_tokens_;                       // cum_tokens_ at the fragment's last submission
+  std::vector<int64_t> last_sent_;                         // step of the fragment's last submission (-1: none)
+  std::vector<double> control_out_;                        // attached, not yet sent (trainer thread)
+  std::optional<Control> control_in_;                      // world sums not yet taken (trainer thread)
   std::vector<int64_t> rounds_;
   int64_t cum_tokens_ = 0;
   int64_t outer_steps_ = 0;

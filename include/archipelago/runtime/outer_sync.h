@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -50,8 +51,24 @@ class OuterSync {
   // = tokens this rank processed in that step.
   virtual core::Status afterInnerStep(int64_t step, torch::Tensor params, int64_t tokens) = 0;
   // At the end of training (or a stop): complete any in-flight sync so all
-  // replicas end identical.
+  // replicas end identical. At step == train.steps afterInnerStep starts no
+  // sync; finish syncs every fragment with progress in ONE exchange.
   virtual core::Status finish(int64_t step, torch::Tensor params) = 0;
+  // The trainer's control values (loss sums, tokens, a stop request; already
+  // summed over this rank's island) ride along with the next cross-island
+  // exchange this rank starts, instead of a separate world allreduce that
+  // would cross the straits once more. Call before afterInnerStep of a step
+  // at which fragment 0 is due (every H steps); every rank must attach the
+  // same number of values at the same steps.
+  virtual void attachControl(std::span<const double> island_sums) = 0;
+  // The islands' sum of attached values, once the exchange that carried them
+  // was completed by afterInnerStep (DiLoCo: in the same step; streaming:
+  // overlap_steps later); each result is returned once.
+  struct Control {
+    int64_t sent_step = 0;      // the step whose values these are
+    std::vector<double> sums;   // summed over all islands (bit-identical on every rank)
+  };
+  virtual std::optional<Control> takeControl() = 0;
   // Checkpointed state (anchor weights, momentum, fragment schedule).
   virtual NamedTensors stateTensors() const = 0;
   virtual nlohmann::json stateJson() const = 0;
