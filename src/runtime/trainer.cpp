@@ -645,7 +645,7 @@ core::Status Trainer::trainStep() {
   int64_t group_samples = 0;
   for (int r : grad_ranks_) group_samples += shares_[static_cast<size_t>(r)];
   const double group_tokens = static_cast<double>(std::max<int64_t>(1, group_samples) * T_);
-  double compute_s = 0, comm_s = 0, data_s = 0;
+  double compute_s = 0, comm_s = 0, data_s = 0, optimizer_s = 0;
   const int64_t step = step_;
 
   flat_->zeroGrad();
@@ -699,7 +699,7 @@ core::Status Trainer::trainStep() {
   double grad_norm = 0;
   const double lr = learningRate(tc_, step);
   {
-    ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer");
+    ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer", &optimizer_s);
     torch::NoGradGuard ng;
     grad_norm = flat_->grads().norm().item<double>();
     if (tc_.grad_clip > 0 && grad_norm > tc_.grad_clip) flat_->grads().mul_(tc_.grad_clip / (grad_norm + 1e-6));
@@ -713,28 +713,44 @@ core::Status Trainer::trainStep() {
         std::span<float>(flat_->params().data_ptr<float>(), static_cast<size_t>(flat_->numel())), shard_offsets_));
   }
 
-  if (outer_) {
-    ScopedSpan span(&trace_, TraceRecorder::kComm, "outer sync", &comm_s);
-    ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step + 1, flat_->params(), tokens).withContext("outer sync"));
-  }
-
   // Control values: loss, tokens, aux, stop request, "a newer epoch is
   // published". They cross the straits only where the world must agree:
   // every step for sync; for DiLoCo/streaming at outer-step boundaries
   // (every inner_steps) and at the end, so the strait is not crossed every
   // inner step. In between the loss is the island's, a stop request waits
-  // for the boundary, and a new epoch is entered island by island.
+  // for the boundary, and a new epoch is entered island by island. Without
+  // elasticity the boundary's values ride along with the outer exchange
+  // (fragment 0 is due there) instead of an allreduce of their own: DiLoCo
+  // gets them in the same step, streaming overlap_steps later.
   const bool want_stop = opt_.stop && opt_.stop->load();
   const bool pending = elastic() && opt_.elastic->newEpochPending();
   double ctrl[5] = {ce_sum, static_cast<double>(tokens), aux_sum, pending ? 1.0 : 0.0, want_stop ? 1.0 : 0.0};
+  const bool outer_boundary = outer_ && (step + 1) % job_.strategy.inner_steps == 0;
+  const bool carried = outer_boundary && !elastic() && step + 1 < tc_.steps;
+  if (carried) {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "control allreduce", &comm_s);
+    ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(ctrl, 5)));
+    outer_->attachControl(std::span<const double>(ctrl, 5));
+    ctrl[4] = 0;  // the island's; the world's arrives with the outer result
+  }
+  if (outer_) {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "outer sync", &comm_s);
+    ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step + 1, flat_->params(), tokens).withContext("outer sync"));
+  }
   {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "control allreduce", &comm_s);
-    const bool world_boundary = !outer_ || (step + 1) % job_.strategy.inner_steps == 0 || step + 1 == tc_.steps;
-    if (world_boundary) {
+    const bool world_boundary = !outer_ || outer_boundary || step + 1 == tc_.steps;
+    if (carried) {
+      // island sums above
+    } else if (world_boundary) {
       ARCH_RETURN_IF_ERROR(dp_->allreduceSum(std::span<double>(ctrl, 5)));
     } else {
       ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(ctrl, elastic() ? 4 : 3)));
       ctrl[4] = 0;
+    }
+    if (auto c = outer_ ? outer_->takeControl() : std::nullopt; c && c->sums.size() == 5) {
+      ctrl[4] = c->sums[4];  // every rank takes it at the same step
+      if (c->sent_step == step + 1) std::copy(c->sums.begin(), c->sums.begin() + 3, ctrl);  // the world's loss of this step
     }
   }
   const double loss = ctrl[1] > 0 ? ctrl[0] / ctrl[1] : 0.0;
@@ -764,7 +780,7 @@ core::Status Trainer::trainStep() {
                     {"epoch", elastic() ? opt_.elastic->epoch() : 0},
                     {"loss", loss}, {"local_loss", tokens ? ce_sum / static_cast<double>(tokens) : 0.0},
                     {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", compute_s},
-                    {"comm_s", comm_s}, {"data_s", data_s}, {"step_s", step_s},
+                    {"comm_s", comm_s}, {"data_s", data_s}, {"optimizer_s", optimizer_s}, {"step_s", step_s},
                     {"tokens_per_s", static_cast<double>(tokens) / step_s}, {"grad_norm", grad_norm},
                     {"slowdown", me_.slowdown}, {"share", old_shares[static_cast<size_t>(rank_)]},
                     {"commit_s", commit_s_}});
