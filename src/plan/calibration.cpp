@@ -120,6 +120,11 @@ std::string CalibrationProfile::toJson() const {
     jd["background_procs"] = dc.background_procs;
     jd["background_groups"] = dc.background_groups;
     jd["threads"] = dc.threads;
+    nlohmann::json corun = nlohmann::json::array();
+    for (const auto& c : dc.corun) {
+      corun.push_back({{"threads", c.threads}, {"compute_factor", c.compute_factor}, {"optimizer_factor", c.optimizer_factor}});
+    }
+    jd["corun"] = corun;
     devs[kind] = jd;
   }
   j["devices"] = devs;
@@ -170,6 +175,20 @@ core::Result<CalibrationProfile> CalibrationProfile::fromJson(const std::string&
       dc.background_procs = jd.value("background_procs", 0.0);
       dc.background_groups = jd.value("background_groups", std::vector<double>{});
       dc.threads = jd.value("threads", int64_t{1});
+      if (jd.contains("corun")) {
+        for (const auto& jc : jd.at("corun")) {
+          DeviceCalibration::Corun c;
+          c.threads = jc.value("threads", int64_t{0});
+          c.compute_factor = jc.value("compute_factor", 1.0);
+          c.optimizer_factor = jc.value("optimizer_factor", 1.0);
+          if (c.threads < 1 || c.compute_factor <= 0 || c.optimizer_factor <= 0) {
+            return core::invalidArgument("calibration profile: devices." + kind +
+                                         ".corun: threads must be >= 1 and factors > 0");
+          }
+          dc.corun.push_back(c);
+        }
+        std::sort(dc.corun.begin(), dc.corun.end(), [](const auto& a, const auto& b) { return a.threads < b.threads; });
+      }
       dc.memory_bandwidth = jd.value("memory_bandwidth", 0.0);
       dc.step_overhead_s = jd.value("step_overhead_s", 0.0);
       dc.loopback_bandwidth = jd.value("loopback_bandwidth", 0.0);

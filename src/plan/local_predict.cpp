@@ -71,10 +71,6 @@ struct LocalWorker {
   DeviceSpec dev;
 };
 
-// Wall times of one step's compute phase: every worker needs work[r]
-// seconds of compute (alone on `threads` cores); running workers share
-// `cores` equally; a worker with slowdown s > 1 then sleeps (s-1) x its
-// compute wall time. Returns per worker {end of real compute, end incl. sleep}.
 // Cores our job gets when it wants `demand` and the other scheduling groups
 // want `others`: the kernel shares the cores fairly between groups (each
 // gets min(its demand, level), the level filling the cores). cores <= 0:
@@ -94,45 +90,72 @@ double jobCapacity(double demand, const std::vector<double>& others, double core
   return std::min(demand, lo);
 }
 
-std::vector<std::pair<double, double>> runComputePhase(const std::vector<double>& work,
-                                                       const std::vector<double>& slowdown, double cores,
-                                                       double threads, const std::vector<double>& background) {
+// How much more CPU time a unit of work takes when n workers of the job run
+// at once (1 alone): piecewise linear through the measured co-run points,
+// the last point's factor beyond it (1.0 without measurements).
+double corunFactor(const std::vector<DeviceCalibration::Corun>& pts, double n, bool optimizer) {
+  if (n <= 1) return 1.0;
+  double x0 = 1, y0 = 1;
+  for (const auto& p : pts) {
+    const double x = d(p.threads), y = optimizer ? p.optimizer_factor : p.compute_factor;
+    if (x <= x0) continue;
+    if (n <= x) return y0 + (y - y0) * (n - x0) / (x - x0);
+    x0 = x;
+    y0 = y;
+  }
+  return y0;
+}
+
+}  // namespace
+
+std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
+                                            const std::vector<double>& slowdown, double cores, double threads,
+                                            const std::vector<double>& background,
+                                            const std::vector<DeviceCalibration::Corun>& corun) {
   const size_t n = work.size();
-  std::vector<double> left = work;
-  std::vector<std::pair<double, double>> out(n, {0.0, 0.0});
-  std::vector<char> computing(n, 1);
+  std::vector<double> left = pre;
+  std::vector<WorkerTimes> out(n);
+  std::vector<int> phase(n, 0);  // 0 pre, 1 compute, 2 done (or sleeping)
   double now = 0;
   size_t running = n;
+  // Zero-length phases end at once.
+  auto advance = [&](size_t i) {
+    while (phase[i] < 2 && left[i] <= 1e-12 * std::max(1.0, phase[i] == 0 ? pre[i] : work[i])) {
+      if (phase[i] == 0) {
+        out[i].start = now;
+        left[i] = work[i];
+        phase[i] = 1;
+      } else {
+        out[i].end = now;
+        out[i].done = now + (std::max(1.0, slowdown[i]) - 1.0) * (now - out[i].start);
+        phase[i] = 2;
+        --running;
+      }
+    }
+  };
+  for (size_t i = 0; i < n; ++i) advance(i);
   while (running > 0) {
     const double demand = threads * d(static_cast<int64_t>(running));
-    const double rate = std::min(1.0, jobCapacity(demand, background, cores) / demand);
+    const double rate = std::min(1.0, jobCapacity(demand, background, cores) / demand) /
+                        corunFactor(corun, d(static_cast<int64_t>(running)), false);
     double dt = std::numeric_limits<double>::infinity();
     for (size_t i = 0; i < n; ++i) {
-      if (computing[i]) dt = std::min(dt, left[i] / rate);
+      if (phase[i] < 2) dt = std::min(dt, left[i] / rate);
     }
     now += dt;
     for (size_t i = 0; i < n; ++i) {
-      if (!computing[i]) continue;
+      if (phase[i] == 2) continue;
       left[i] -= dt * rate;
-      if (left[i] <= 1e-12 * std::max(1.0, work[i])) {
-        computing[i] = 0;
-        --running;
-        out[i] = {now, now * std::max(1.0, slowdown[i])};
-      }
+      advance(i);
     }
   }
   return out;
 }
 
-}  // namespace
-
 std::string localPartKey(const std::string& part, const ModelSpec& m, int64_t seq_len, const std::string& dtype) {
-  if (part == "ends") {
-    return fmt::format("ends d{} v{} tie{} s{} {}", m.dim, m.vocab, m.tie_embeddings ? 1 : 0, seq_len, dtype);
-  }
-  return fmt::format("{} d{} L{} h{} kv{} f{} e{} k{} eh{} sh{} ev{} s{} {}", part, m.dim, m.n_layers, m.n_heads,
-                     m.n_kv_heads, m.ffn_hidden, m.num_experts, m.top_k, m.expert_hidden, m.shared_experts,
-                     m.moe_every, seq_len, dtype);
+  return fmt::format("{} d{} L{} h{} kv{} f{} v{} tie{} e{} k{} eh{} sh{} ev{} s{} {}", part, m.dim, m.n_layers,
+                     m.n_heads, m.n_kv_heads, m.ffn_hidden, m.vocab, m.tie_embeddings ? 1 : 0, m.num_experts,
+                     m.top_k, m.expert_hidden, m.shared_experts, m.moe_every, seq_len, dtype);
 }
 
 core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t vocab, const DeviceCatalog& catalog,
@@ -167,9 +190,9 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   }
   const std::string kind0 = cl.islands[0].device;
   const DeviceCalibration* dc = profile ? profile->find(kind0) : nullptr;
-  const std::string layer_key = localPartKey("layer", model, T, dtype);
-  const std::string ends_key = localPartKey("ends", model, T, dtype);
-  const bool measured = profile && profile->itemTiming(kind0, layer_key, d(T)) && profile->itemTiming(kind0, ends_key, d(T));
+  const std::string model_key = localPartKey("model", model, T, dtype);
+  const bool measured = profile && profile->itemTiming(kind0, model_key, d(T));
+  const std::vector<DeviceCalibration::Corun> corun = dc ? dc->corun : std::vector<DeviceCalibration::Corun>{};
 
   StepPrediction p;
   p.measured_parts = measured;
@@ -187,10 +210,9 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   auto microBatch = [&](const LocalWorker& w, int64_t n, double* bwd_out) {
     const double tokens = d(n * T);
     if (measured && w.dev.kind == kind0) {
-      const ItemTiming layer = *profile->itemTiming(kind0, layer_key, tokens);
-      const ItemTiming ends = *profile->itemTiming(kind0, ends_key, tokens);
-      if (bwd_out) *bwd_out = d(model.n_layers) * layer.bwd_s + ends.bwd_s;
-      return d(model.n_layers) * (layer.fwd_s + layer.bwd_s) + ends.fwd_s + ends.bwd_s;
+      const ItemTiming whole = *profile->itemTiming(kind0, model_key, tokens);
+      if (bwd_out) *bwd_out = whole.bwd_s;
+      return whole.fwd_s + whole.bwd_s;
     }
     StageLinks links;
     double t = 0, b = 0;
@@ -259,8 +281,12 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   const double opt_alone = dc && dc->optimizer_s_per_param > 0
                                ? dc->optimizer_s_per_param * params
                                : cm.memoryTime(workers[0].dev, params * 4 * 4 * 2);  // fp32 w, g, m, v read+write
+  // All workers run it at once, sharing the cores (and caches and memory
+  // bandwidth: the optimizer is memory-bound).
   const double cores_factor = threads * d(world) / jobCapacity(threads * d(world), background, p.host_cores);
-  const double opt_s = opt_alone * cores_factor;
+  const double opt_s = opt_alone * cores_factor * corunFactor(corun, d(world), true);
+  // Per-step work of every worker before its compute (the elastic commit);
+  // rank 0 times its step from the end of its own.
   const double overhead = dc ? dc->step_overhead_s : 0.0;
 
   // ---- replay the steps ----
@@ -288,36 +314,40 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       work.push_back(wks.back().total);
       slow.push_back(workers[r].slowdown);
     }
-    const auto phase = runComputePhase(work, slow, p.host_cores, threads, background);
+    const auto phase = replayComputePhase(std::vector<double>(workers.size(), overhead), work, slow, p.host_cores,
+                                          threads, background, corun);
     double compute_end = 0, real_end = 0, first_ready = 0;
     for (size_t r = 0; r < workers.size(); ++r) {
-      compute_end = std::max(compute_end, phase[r].second);
-      real_end = std::max(real_end, phase[r].first);
+      compute_end = std::max(compute_end, phase[r].done);
+      real_end = std::max(real_end, phase[r].end);
       // The first bucket is ready once the last micro-batch's backward is
       // (n_buckets-1)/n_buckets done on every rank.
-      const double rate = phase[r].first > 0 ? work[r] / phase[r].first : 1.0;
-      first_ready = std::max(first_ready, phase[r].first - wks[r].last_bwd / std::max(rate, 1e-12) *
-                                                                (n_buckets - 1) / n_buckets);
+      const double wall = phase[r].end - phase[r].start;
+      const double rate = wall > 0 ? work[r] / wall : 1.0;
+      first_ready = std::max(first_ready, phase[r].end - wks[r].last_bwd / std::max(rate, 1e-12) *
+                                                              (n_buckets - 1) / n_buckets);
     }
     const double reduced = std::max(real_end + grad_comm / n_buckets, first_ready + grad_comm);
     const double comm_exposed = std::max(0.0, reduced - compute_end);
     const bool boundary = !diloco || (step + 1) % H == 0;
     const double ctrl = boundary ? ctrl_world : ctrl_local;
     const double outer_s = diloco && (step + 1) % H == 0 ? outer : 0.0;
-    const double step_s = compute_end + comm_exposed + ctrl + outer_s + opt_s + overhead;
+    // Rank 0's step: from the end of its commit to the end of the control allreduce.
+    const double compute_s = compute_end - phase[0].start;
+    const double step_s = compute_s + comm_exposed + ctrl + outer_s + opt_s;
     if (step >= 1) {  // the trainer does not time the first step (warm-up allocations)
       timed_sum += step_s;
       ++timed;
     }
-    last.compute_s = compute_end;
+    last.compute_s = compute_s;
     last.comm_s = comm_exposed + ctrl + (diloco ? outer / d(H) : 0.0);
-    last.settled_s = compute_end + comm_exposed + (diloco ? (ctrl_world + (d(H) - 1) * ctrl_local + outer) / d(H) : ctrl) +
-                     opt_s + overhead;
+    last.settled_s = compute_s + comm_exposed +
+                     (diloco ? (ctrl_world + (d(H) - 1) * ctrl_local + outer) / d(H) : ctrl) + opt_s;
     last.shares = shares;
-    // The rebalancer: EMA of seconds per sample (incl. the emulated sleep),
-    // new shares by 1 / that at its steps.
+    // The rebalancer: EMA of seconds per sample (the compute wall time incl.
+    // the emulated sleep), new shares by 1 / that at its steps.
     for (size_t r = 0; r < workers.size(); ++r) {
-      const double x = phase[r].second / d(std::max<int64_t>(1, shares[r]));
+      const double x = (phase[r].done - phase[r].start) / d(std::max<int64_t>(1, shares[r]));
       ema[r] = ema[r] == 0 ? x : 0.7 * ema[r] + 0.3 * x;
     }
     if (interval > 0 && (step + 1) % interval == 0) {
@@ -342,10 +372,14 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   for (size_t r = 0; r < workers.size(); ++r) p.model_flops += 6.0 * model.activeParams() * d(last.shares[r] * T);
   std::string shares_s;
   for (size_t r = 0; r < p.shares.size(); ++r) shares_s += fmt::format("{}{}", r ? "," : "", p.shares[r]);
+  p.corun_compute = corunFactor(corun, d(world), false);
+  p.corun_optimizer = corunFactor(corun, d(world), true);
   p.detail = fmt::format(
-      "predicted {:.1f} ms = compute {:.1f} + comm {:.1f} + optimizer {:.1f} + overhead {:.1f} at shares [{}]; {}; {}",
-      1e3 * p.total_s, 1e3 * p.compute_s, 1e3 * p.comm_s, 1e3 * p.optimizer_s, 1e3 * p.overhead_s, shares_s,
-      measured ? "measured model parts" : (profile && dc ? "calibrated GEMMs" : "catalog derating"),
+      "predicted {:.1f} ms = compute {:.1f} + comm {:.1f} + optimizer {:.1f} at shares [{}] (each worker commits "
+      "{:.1f} ms before its step); {}; co-run x{:.2f} compute, x{:.2f} optimizer with {} workers at once{}; {}",
+      1e3 * p.total_s, 1e3 * p.compute_s, 1e3 * p.comm_s, 1e3 * p.optimizer_s, shares_s, 1e3 * p.overhead_s,
+      measured ? "measured model" : (profile && dc ? "calibrated GEMMs" : "catalog derating"), p.corun_compute,
+      p.corun_optimizer, world, corun.empty() ? " (not measured)" : " (measured)",
       p.host_cores > 0
           ? fmt::format("{} workers x {} threads on {} cores{}{}", world, tc.threads_per_worker, p.host_cores,
                         p.background_procs > 0.05

@@ -1,15 +1,18 @@
 #include "archipelago/runtime/calibrate.h"
 
 #include <dirent.h>
+#include <time.h>
 #include <sched.h>
 #include <unistd.h>
 
 #include <cstdlib>
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -52,11 +55,6 @@ plan::CalibrationProfile calibrateLocalMatmuls(const core::ModelConfig& model, i
 }
 
 namespace {
-
-// The fastest of several runs: the cost on an uncontended core (on a shared
-// machine the others are inflated by time slices lost to other processes;
-// the predictor models that sharing separately).
-double fastest(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end()); }
 
 // Runnable processes on the host right now that are not this job's, per
 // scheduling group. With autogroup scheduling (sched_autogroup_enabled, the
@@ -114,37 +112,93 @@ struct LoadSampler {
   }
 };
 
+// Seconds of one timed piece of work. With one intra-op thread per worker
+// (the trainer's default) this is the CPU time of the calling thread: the
+// cost of the work itself, not inflated by time slices lost to other
+// processes on a shared host (the predictor models that sharing, once).
+// With several intra-op threads it is the wall time.
+double threadCpuSeconds() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+class PieceTimer {
+ public:
+  explicit PieceTimer(bool cpu) : cpu_(cpu) { reset(); }
+  void reset() {
+    wall0_ = core::Clock::now();
+    cpu0_ = cpu_ ? threadCpuSeconds() : 0.0;
+  }
+  double seconds() const { return cpu_ ? threadCpuSeconds() - cpu0_ : core::secondsSince(wall0_); }
+
+ private:
+  bool cpu_;
+  core::Clock::time_point wall0_;
+  double cpu0_ = 0;
+};
+
+// The typical cost: the median of the runs (the fastest one is a lucky run
+// and predicts a few percent low).
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
 struct FwdBwd {
   double fwd_s = 0;
   double bwd_s = 0;
 };
 
 // Forward (loss and the scalars the trainer reads) and backward of `net`
-// on n random sequences, as the trainer's inner loop runs them.
-FwdBwd timeModel(model::Transformer& net, FlatParams& flat, int64_t n, int64_t T, int64_t vocab, double min_s,
-                 LoadSampler* load = nullptr) {
+// on n sequences, as the trainer's inner loop runs them. Every run draws
+// new tokens, as training does: an MoE router then sends a different number
+// of rows to each expert every time (other GEMM shapes, other allocations).
+FwdBwd fwdBwdOnce(model::Transformer& net, FlatParams& flat, int64_t n, int64_t T, int64_t vocab, bool cpu) {
   auto input = torch::randint(0, vocab, {n, T}, torch::kInt64);
   auto target = torch::randint(0, vocab, {n, T}, torch::kInt64);
+  flat.zeroGrad();
+  PieceTimer timer(cpu);
+  auto out = net->lossAndStats(input, target);
+  auto loss = out.ce_sum / static_cast<double>(n * T);
+  if (out.aux_loss.defined()) loss = loss + out.aux_loss;
+  (void)out.ce_sum.item<double>();
+  if (out.aux_loss.defined()) (void)out.aux_loss.item<double>();
+  FwdBwd r;
+  r.fwd_s = timer.seconds();
+  timer.reset();
+  loss.backward();
+  r.bwd_s = timer.seconds();
+  return r;
+}
+
+// The optimizer step as the trainer runs it: gradient norm, then AdamW on
+// the flat buffers.
+double optimizerOnce(FlatParams& flat, FlatAdamW& adam, bool cpu) {
+  torch::NoGradGuard ng;
+  PieceTimer timer(cpu);
+  (void)flat.grads().norm().item<double>();
+  adam.step(flat.params(), flat.grads(), flat.decayMask(), 1e-6);
+  return timer.seconds();
+}
+
+// Median forward and backward over >= 5 runs after one warm-up run, for at
+// least min_s seconds.
+FwdBwd timeModel(model::Transformer& net, FlatParams& flat, int64_t n, int64_t T, int64_t vocab, double min_s, bool cpu,
+                 LoadSampler* load) {
   std::vector<double> f, b;
   const auto t_all = core::Clock::now();
   for (int it = 0; it < 1000; ++it) {
-    flat.zeroGrad();
     if (load && it > 0) load->sample();
-    const auto t0 = core::Clock::now();
-    auto out = net->lossAndStats(input, target);
-    auto loss = out.ce_sum / static_cast<double>(n * T);
-    if (out.aux_loss.defined()) loss = loss + out.aux_loss;
-    (void)out.ce_sum.item<double>();
-    const double tf = core::secondsSince(t0);
-    const auto t1 = core::Clock::now();
-    loss.backward();
-    const double tb = core::secondsSince(t1);
+    const FwdBwd r = fwdBwdOnce(net, flat, n, T, vocab, cpu);
     if (it == 0) continue;  // warm-up (allocations)
-    f.push_back(tf);
-    b.push_back(tb);
+    f.push_back(r.fwd_s);
+    b.push_back(r.bwd_s);
     if (it >= 5 && core::secondsSince(t_all) >= min_s) break;
   }
-  return {fastest(f), fastest(b)};
+  return {median(f), median(b)};
 }
 
 double hostCores() {
@@ -154,6 +208,62 @@ double hostCores() {
   return static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
+// `copies` workers' steps (forward+backward of n sequences, then the
+// optimizer) running at once on this host, each on its own model copy in
+// its own thread (the workers are processes; what they share is the
+// cores' caches, memory bandwidth and, with more copies than cores, the
+// cores themselves). Returns the median CPU seconds per forward+backward
+// and per optimizer step over runs during which every copy was running.
+struct CorunTimes {
+  double compute_s = 0;
+  double optimizer_s = 0;
+};
+
+core::Result<CorunTimes> timeCorun(const core::JobConfig& job, int copies, int64_t n, int runs) {
+  struct Copy {
+    model::Transformer net{nullptr};
+    std::unique_ptr<FlatParams> flat;
+    std::unique_ptr<FlatAdamW> adam;
+    std::vector<double> compute, optimizer;
+  };
+  std::vector<Copy> cs(static_cast<size_t>(copies));
+  for (int c = 0; c < copies; ++c) {
+    auto& x = cs[static_cast<size_t>(c)];
+    ARCH_ASSIGN_OR_RETURN(x.net, model::buildModel(job.model, 100 + static_cast<uint64_t>(c)));
+    x.flat = std::make_unique<FlatParams>(FlatParams::bind(x.net->namedParameters()));
+    x.adam = std::make_unique<FlatAdamW>(job.train, 0, x.flat->numel());
+  }
+  std::atomic<int> ready{0}, enough{0};
+  std::atomic<bool> stop{false};
+  const int64_t T = job.data.seq_len, vocab = job.model.vocab_size;
+  auto body = [&](Copy& x) {
+    ready.fetch_add(1);
+    while (ready.load() < copies) std::this_thread::yield();
+    bool counted = false;
+    for (int it = 0; it < 1000 && !stop.load(); ++it) {
+      const FwdBwd r = fwdBwdOnce(x.net, *x.flat, n, T, vocab, true);
+      const double o = optimizerOnce(*x.flat, *x.adam, true);
+      if (stop.load()) break;  // a copy may have left during this run
+      if (it == 0) continue;   // warm-up
+      x.compute.push_back(r.fwd_s + r.bwd_s);
+      x.optimizer.push_back(o);
+      if (!counted && static_cast<int>(x.compute.size()) >= runs) {
+        counted = true;
+        if (enough.fetch_add(1) + 1 == copies) stop.store(true);
+      }
+    }
+  };
+  std::vector<std::thread> th;
+  for (auto& x : cs) th.emplace_back(body, std::ref(x));
+  for (auto& t : th) t.join();
+  std::vector<double> comp, opt;
+  for (const auto& x : cs) {
+    comp.insert(comp.end(), x.compute.begin(), x.compute.end());
+    opt.insert(opt.end(), x.optimizer.begin(), x.optimizer.end());
+  }
+  return CorunTimes{median(comp), median(opt)};
+}
+
 }  // namespace
 
 core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<int64_t>& samples,
@@ -161,67 +271,68 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
                                  double min_seconds_per_point) {
   if (job.model.vocab_size <= 0) return core::invalidArgument("calibrateLocalModel: model.vocab_size is not resolved");
   const int64_t T = job.data.seq_len;
-  const int64_t L = job.model.n_layers;
   ARCH_ASSIGN_OR_RETURN(plan::ModelSpec spec, plan::fromModelConfig(job.model));
   const std::string dtype = job.model.dtype.empty() ? "fp32" : job.model.dtype;
-  // The full model and a copy with fewer layers: their difference is the
-  // average decoder layer, the rest is embedding + final norm + head + loss.
-  core::ModelConfig small = job.model;
-  small.n_layers = L > 1 ? 1 : 2;
-  ARCH_ASSIGN_OR_RETURN(auto full_net, model::buildModel(job.model, 1));
-  ARCH_ASSIGN_OR_RETURN(auto small_net, model::buildModel(small, 1));
-  FlatParams full_flat = FlatParams::bind(full_net->namedParameters());
-  FlatParams small_flat = FlatParams::bind(small_net->namedParameters());
+  const bool cpu = torch::get_num_threads() == 1;
+  // The whole model as the trainer runs it (the prediction needs nothing
+  // finer; differences of two noisy timings were a source of error).
+  ARCH_ASSIGN_OR_RETURN(auto net, model::buildModel(job.model, 1));
+  FlatParams flat = FlatParams::bind(net->namedParameters());
   std::vector<int64_t> sizes = samples;
   std::sort(sizes.begin(), sizes.end());
   sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
   sizes.erase(std::remove_if(sizes.begin(), sizes.end(), [](int64_t n) { return n < 1; }), sizes.end());
   if (sizes.empty()) return core::invalidArgument("calibrateLocalModel: no micro-batch size >= 1 to time");
-  const double layers_diff = static_cast<double>(std::abs(L - small.n_layers));
-  // Other runnable threads while we time (a shared machine): the timings
-  // include their share of the cores; the predictor accounts for it.
+  // Other runnable threads while we time (a shared machine).
   LoadSampler load;
   // Warm-up: allocator, thread pool, and (in the trainer) the other workers'
   // first step, which runs while rank 0 calibrates.
-  (void)timeModel(full_net, full_flat, sizes.back(), T, job.model.vocab_size, 3 * min_seconds_per_point);
+  (void)timeModel(net, flat, sizes.back(), T, job.model.vocab_size, 3 * min_seconds_per_point, cpu, nullptr);
+  const std::string key = plan::localPartKey("model", spec, T, dtype);
+  double alone_hi = 0;
   for (int64_t n : sizes) {
-    const FwdBwd a = timeModel(full_net, full_flat, n, T, job.model.vocab_size, min_seconds_per_point, &load);
-    const FwdBwd b = timeModel(small_net, small_flat, n, T, job.model.vocab_size, min_seconds_per_point, &load);
-    const FwdBwd& big = L > 1 ? a : b;
-    const FwdBwd& little = L > 1 ? b : a;
-    // Noise can make the difference tiny or negative: keep each part > 0.
-    const double lf = std::max(1e-7, (big.fwd_s - little.fwd_s) / layers_diff);
-    const double lb = std::max(1e-7, (big.bwd_s - little.bwd_s) / layers_diff);
-    const double sl = static_cast<double>(small.n_layers);
-    const double ef = std::max(1e-7, little.fwd_s - sl * lf), eb = std::max(1e-7, little.bwd_s - sl * lb);
-    const double tokens = static_cast<double>(n * T);
-    profile.addItemTiming(kind, plan::localPartKey("layer", spec, T, dtype), tokens, lf, lb);
-    profile.addItemTiming(kind, plan::localPartKey("ends", spec, T, dtype), tokens, ef, eb);
+    const FwdBwd a = timeModel(net, flat, n, T, job.model.vocab_size, min_seconds_per_point, cpu, &load);
+    profile.addItemTiming(kind, key, static_cast<double>(n * T), std::max(1e-7, a.fwd_s), std::max(1e-7, a.bwd_s));
+    alone_hi = a.fwd_s + a.bwd_s;
   }
-  // The optimizer step as the trainer runs it: gradient norm, then AdamW on
-  // the flat buffers.
+  FlatAdamW adam(job.train, 0, flat.numel());
   {
-    torch::NoGradGuard ng;
-    FlatAdamW adam(job.train, 0, full_flat.numel());
-    full_flat.grads().normal_();
+    flat.grads().normal_();
     std::vector<double> t;
     const auto t_all = core::Clock::now();
     for (int it = 0; it < 1000; ++it) {
       if (it > 0) load.sample();
-      const auto t0 = core::Clock::now();
-      (void)full_flat.grads().norm().item<double>();
-      adam.step(full_flat.params(), full_flat.grads(), full_flat.decayMask(), 1e-6);
-      if (it > 0) t.push_back(core::secondsSince(t0));
-      if (it >= 3 && core::secondsSince(t_all) >= 0.5 * min_seconds_per_point) break;
+      const double s = optimizerOnce(flat, adam, cpu);
+      if (it > 0) t.push_back(s);
+      if (it >= 5 && core::secondsSince(t_all) >= 0.5 * min_seconds_per_point) break;
     }
-    profile.device(kind).optimizer_s_per_param = fastest(t) / static_cast<double>(full_flat.numel());
+    profile.device(kind).optimizer_s_per_param = median(t) / static_cast<double>(flat.numel());
   }
-  profile.device(kind).host_cores = hostCores();
   auto& dev = profile.device(kind);
+  dev.host_cores = hostCores();
   dev.background_groups = load.groups();
   dev.background_procs = 0;
   for (double g : dev.background_groups) dev.background_procs += g;
-  profile.device(kind).threads = torch::get_num_threads();
+  dev.threads = torch::get_num_threads();
+  // The workers of this host running at once: as many as cores, and all of
+  // them when there are more workers than cores (single-threaded workers
+  // only; the factors are CPU-time ratios).
+  dev.corun.clear();
+  const int64_t workers = std::min<int64_t>(job.cluster.worldSize(), 8);
+  if (cpu && workers > 1 && alone_hi > 0) {
+    const double opt_alone = dev.optimizer_s_per_param * static_cast<double>(flat.numel());
+    std::vector<int64_t> counts = {std::min<int64_t>(workers, static_cast<int64_t>(dev.host_cores))};
+    if (workers > counts[0]) counts.push_back(workers);
+    for (int64_t k : counts) {
+      if (k < 2) continue;
+      ARCH_ASSIGN_OR_RETURN(CorunTimes c, timeCorun(job, static_cast<int>(k), sizes.back(), 4));
+      plan::DeviceCalibration::Corun r;
+      r.threads = k;
+      r.compute_factor = std::max(1.0, c.compute_s / alone_hi);
+      r.optimizer_factor = opt_alone > 0 ? std::max(1.0, c.optimizer_s / opt_alone) : 1.0;
+      dev.corun.push_back(r);
+    }
+  }
   return core::okStatus();
 }
 

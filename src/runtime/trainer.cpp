@@ -1,5 +1,6 @@
 #include "archipelago/runtime/trainer.h"
 
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -35,6 +36,17 @@
 namespace archipelago::runtime {
 
 namespace fs = std::filesystem;
+
+namespace {
+// CPU seconds of this thread or process (CLOCK_THREAD_CPUTIME_ID /
+// CLOCK_PROCESS_CPUTIME_ID): with the wall time, how much of a phase ran
+// and how much waited for a core (metrics; the local step prediction).
+double cpuSeconds(clockid_t clock) {
+  timespec ts{};
+  ::clock_gettime(clock, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+}  // namespace
 
 std::vector<WorkerInfo> workersOf(const core::ClusterSpec& cluster) {
   std::vector<WorkerInfo> out;
@@ -548,6 +560,19 @@ void Trainer::predict() {
     const core::Status st = calibrateLocalModel(job_, {*lo, *hi == *lo ? std::max<int64_t>(1, *hi / 2) : *hi}, kind, profile);
     if (!st.isOk()) ARCH_LOG_WARN("model calibration: {}", st.message());
   }
+  if (elastic()) {
+    // Every worker's per-step commit (the rollback copy, before its compute);
+    // the loop commits this same state again before the first step.
+    std::vector<double> t;
+    for (int i = 0; i < 5; ++i) {
+      const auto w0 = core::Clock::now();
+      const double c0 = cpuSeconds(CLOCK_THREAD_CPUTIME_ID);
+      commit();
+      t.push_back(tc_.threads_per_worker == 1 ? cpuSeconds(CLOCK_THREAD_CPUTIME_ID) - c0 : core::secondsSince(w0));
+    }
+    std::sort(t.begin(), t.end());
+    profile.device(kind).step_overhead_s = t[t.size() / 2];
+  }
   (void)profile.save((fs::path(opt_.run_dir) / "calibration.json").string());
   auto catalog = plan::DeviceCatalog::builtin();
   auto pred = catalog.isOk() ? plan::predictStepTime(job_, job_.model.vocab_size, *catalog, &profile)
@@ -640,6 +665,7 @@ void Trainer::event(const std::string& name, nlohmann::json fields) {
 
 core::Status Trainer::trainStep() {
   const auto step_t0 = core::Clock::now();
+  const double step_cpu0 = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID);
   const data::ShareRange mine = data::shareRange(shares_, rank_);
   const int64_t mb = tc_.micro_batch > 0 ? tc_.micro_batch : std::max<int64_t>(1, mine.count);
   int64_t group_samples = 0;
@@ -657,6 +683,7 @@ core::Status Trainer::trainStep() {
     batch = train_sampler_->nextBatch(shares_, rank_);
   }
   const auto compute_t0 = core::Clock::now();
+  const double compute_cpu0 = cpuSeconds(CLOCK_THREAD_CPUTIME_ID);
   {
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "forward+backward");
     if (batch.n == 0) bucketer_->arm();
@@ -677,6 +704,7 @@ core::Status Trainer::trainStep() {
     }
   }
   compute_s = core::secondsSince(compute_t0);
+  const double compute_cpu_s = cpuSeconds(CLOCK_THREAD_CPUTIME_ID) - compute_cpu0;
   if (me_.slowdown > 1.0) {
     // EMULATION: a device `slowdown` times slower takes that much longer.
     const double extra = (me_.slowdown - 1.0) * compute_s;
@@ -781,6 +809,7 @@ core::Status Trainer::trainStep() {
                     {"loss", loss}, {"local_loss", tokens ? ce_sum / static_cast<double>(tokens) : 0.0},
                     {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", compute_s},
                     {"comm_s", comm_s}, {"data_s", data_s}, {"optimizer_s", optimizer_s}, {"step_s", step_s},
+                    {"compute_cpu_s", compute_cpu_s}, {"cpu_s", cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - step_cpu0},
                     {"tokens_per_s", static_cast<double>(tokens) / step_s}, {"grad_norm", grad_norm},
                     {"slowdown", me_.slowdown}, {"share", old_shares[static_cast<size_t>(rank_)]},
                     {"commit_s", commit_s_}});

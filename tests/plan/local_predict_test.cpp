@@ -1,12 +1,14 @@
 // Local step-time prediction (plan::predictStepTime): the replay of one step
-// on a host whose cores the workers share, against timelines worked out by
-// hand; measured model parts interpolate linearly and survive the profile's
-// JSON round trip.
+// on a host whose cores the workers share (with per-step commits and
+// measured co-run factors), against timelines worked out by hand; measured
+// model parts interpolate linearly and survive the profile's JSON round
+// trip.
 #include <gtest/gtest.h>
 
 #include "archipelago/plan/calibration.h"
 #include "archipelago/plan/local_predict.h"
 #include "archipelago/plan/model_spec.h"
+#include "plan_test_util.h"
 
 namespace archipelago::plan {
 namespace {
@@ -43,16 +45,15 @@ core::JobConfig demoJob(bool rebalance) {
   return j;
 }
 
-// A profile where one sample costs exactly `a` seconds (layers + ends,
-// forward + backward), the host has `cores` cores, comm and optimizer ~0.
+// A profile where one sample costs exactly `a` seconds (the whole model,
+// forward 0.4a + backward 0.6a), the host has `cores` cores, comm and
+// optimizer ~0.
 CalibrationProfile profileFor(const core::JobConfig& j, double a, double cores) {
   CalibrationProfile p;
   auto spec = fromModelConfig(j.model);
   EXPECT_TRUE(spec.isOk());
   const double tokens = static_cast<double>(kSeq);
-  // 4 layers x (0.1a + 0.1a) + ends (0.1a + 0.1a) = a per sample.
-  p.addItemTiming("cpu", localPartKey("layer", *spec, kSeq, "fp32"), tokens, 0.1 * a, 0.1 * a);
-  p.addItemTiming("cpu", localPartKey("ends", *spec, kSeq, "fp32"), tokens, 0.1 * a, 0.1 * a);
+  p.addItemTiming("cpu", localPartKey("model", *spec, kSeq, "fp32"), tokens, 0.4 * a, 0.6 * a);
   auto& dc = p.device("cpu");
   dc.host_cores = cores;
   dc.loopback_bandwidth = 1e15;
@@ -60,11 +61,7 @@ CalibrationProfile profileFor(const core::JobConfig& j, double a, double cores) 
   return p;
 }
 
-DeviceCatalog catalog() {
-  auto c = DeviceCatalog::builtin();
-  EXPECT_TRUE(c.isOk());
-  return *c;
-}
+using testing::catalog;
 
 TEST(LocalPredict, ThreeWorkersOnTwoCoresByHand) {
   // Shares 10/9/5 (weights 1/1/0.5, largest remainder). On 2 cores the
@@ -109,6 +106,56 @@ TEST(LocalPredict, RebalancerMovesSharesTowardEqualTimes) {
   EXPECT_GT(p->compute_s, 9.5 * a);
 }
 
+TEST(LocalPredict, CommitAndCorunFactorsByHand) {
+  // The same 10/9/5 split on 2 cores, now with a per-step commit of 2a in
+  // every worker before its compute and measured co-run factors 1.1 (2
+  // workers at once) and 1.2 (3 at once). Timeline:
+  //  * 3 workers running: each gets 2/3 of a core at 1/1.2 efficiency,
+  //    rate 5/9. Commits end at 2a / (5/9) = 3.6a (compute starts). The
+  //    slow worker's 2a + 5a are done at 7a / (5/9) = 12.6a; its compute
+  //    wall is 9a, so it sleeps until 21.6a.
+  //  * 2 running: a core each at 1/1.1: rank 1's 4a left end at
+  //    12.6a + 4.4a = 17a, rank 0 has done 4a of its 5a.
+  //  * rank 0 alone at rate 1: ends at 18a.
+  // Rank 0 times its step from the end of its commit: 21.6a - 3.6a = 18a.
+  const double a = 0.01;
+  const std::vector<DeviceCalibration::Corun> corun = {{2, 1.1, 1.5}, {3, 1.2, 2.0}};
+  auto t = replayComputePhase({2 * a, 2 * a, 2 * a}, {10 * a, 9 * a, 5 * a}, {1, 1, 2}, 2, 1, {}, corun);
+  ASSERT_EQ(t.size(), 3u);
+  EXPECT_NEAR(t[0].start, 3.6 * a, 1e-9);
+  EXPECT_NEAR(t[2].end, 12.6 * a, 1e-9);
+  EXPECT_NEAR(t[2].done, 21.6 * a, 1e-9);
+  EXPECT_NEAR(t[1].end, 17 * a, 1e-9);
+  EXPECT_NEAR(t[0].end, 18 * a, 1e-9);
+  EXPECT_NEAR(t[0].done, 18 * a, 1e-9);
+
+  // Through predictStepTime: the optimizer (0.5a alone) runs in all three
+  // workers at once on 2 cores at co-run factor 2.0: 0.5a x 3/2 x 2 = 1.5a;
+  // the control allreduce is 4 loopback messages.
+  const auto job = demoJob(false);
+  auto prof = profileFor(job, a, 2);
+  auto& dc = prof.device("cpu");
+  dc.step_overhead_s = 2 * a;
+  dc.corun = corun;
+  auto spec = fromModelConfig(job.model);
+  ASSERT_TRUE(spec.isOk());
+  dc.optimizer_s_per_param = 0.5 * a / spec->totalParams();
+  auto p = predictStepTime(job, 256, catalog(), &prof);
+  ASSERT_TRUE(p.isOk()) << p.status().toString();
+  EXPECT_NEAR(p->compute_s, 18 * a, 1e-9);
+  EXPECT_NEAR(p->optimizer_s, 1.5 * a, 1e-9);
+  EXPECT_NEAR(p->total_s, 18 * a + 1.5 * a + 4 * 50e-6, 1e-6);
+  EXPECT_NEAR(p->corun_compute, 1.2, 1e-12);
+  EXPECT_NE(p->detail.find("co-run x1.20 compute"), std::string::npos) << p->detail;
+
+  // Between measured points the factor is linear: 1.1 at 2, 1.2 at 3; one
+  // worker alone runs at 1.0 (a 4-worker job uses the last point's 1.2).
+  auto one = replayComputePhase({0}, {10 * a}, {1}, 2, 1, {}, corun);
+  EXPECT_NEAR(one[0].end, 10 * a, 1e-9);
+  auto four = replayComputePhase({0, 0, 0, 0}, {a, a, a, a}, {1, 1, 1, 1}, 8, 1, {}, corun);
+  EXPECT_NEAR(four[0].end, 1.2 * a, 1e-9);
+}
+
 TEST(LocalPredict, MeasuredPartsInterpolateAndRoundTrip) {
   CalibrationProfile p;
   p.addItemTiming("cpu", "layer x", 1000, 0.011, 0.021);  // 1 ms fixed + 10 us/token fwd
@@ -123,11 +170,16 @@ TEST(LocalPredict, MeasuredPartsInterpolateAndRoundTrip) {
   EXPECT_FALSE(p.itemTiming("h100", "layer x", 1000).has_value());
   p.device("cpu").optimizer_s_per_param = 2e-9;
   p.device("cpu").host_cores = 2;
+  p.device("cpu").corun = {{3, 1.25, 1.75}, {2, 1.125, 1.5}};
   auto back = CalibrationProfile::fromJson(p.toJson());
   ASSERT_TRUE(back.isOk()) << back.status().toString();
   EXPECT_NEAR(back->itemTiming("cpu", "layer x", 2000)->fwd_s, 0.021, 1e-12);
   EXPECT_EQ(back->find("cpu")->optimizer_s_per_param, 2e-9);
   EXPECT_EQ(back->find("cpu")->host_cores, 2);
+  ASSERT_EQ(back->find("cpu")->corun.size(), 2u);
+  EXPECT_EQ(back->find("cpu")->corun[0].threads, 2);  // sorted by threads
+  EXPECT_EQ(back->find("cpu")->corun[1].compute_factor, 1.25);
+  EXPECT_EQ(back->find("cpu")->corun[1].optimizer_factor, 1.75);
 }
 
 }  // namespace

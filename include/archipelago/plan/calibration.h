@@ -36,7 +36,8 @@ struct DeviceCalibration {
   std::map<std::string, std::vector<CalibrationPoint>> matmul;  // dtype name -> points sorted by gemm_flops
   std::map<std::string, std::vector<ItemTiming>> items;         // part key -> points sorted by tokens
   double memory_bandwidth = 0;  // achieved bytes/s of elementwise kernels; 0 = unknown
-  double step_overhead_s = 0;   // fixed per-step cost (optimizer launch, python-free loop overhead)
+  double step_overhead_s = 0;   // fixed per-step work of every worker before its compute (the trainer's
+                                // elastic commit: copies of parameters and optimizer state)
   double loopback_bandwidth = 0; // bytes/s between local workers (for local runs); 0 = unknown
   double optimizer_s_per_param = 0;  // measured optimizer step (grad norm + AdamW) per parameter; 0 = unknown
   double host_cores = 0;        // CPU cores the local workers share; 0 = unknown
@@ -45,6 +46,18 @@ struct DeviceCalibration {
   // share the cores fairly between groups, not processes).
   std::vector<double> background_groups;
   int64_t threads = 1;          // intra-op threads per worker the timings were taken with
+  // Sharing the host with each other: CPU seconds per unit of work when
+  // `threads` copies of a worker's step run at once, relative to one copy
+  // alone (shared caches, memory bandwidth, sibling hardware threads,
+  // context switches when there are more copies than cores). Separate for
+  // forward+backward and for the optimizer (memory-bound). Empty = unknown
+  // (1.0 assumed).
+  struct Corun {
+    int64_t threads = 0;
+    double compute_factor = 1;
+    double optimizer_factor = 1;
+  };
+  std::vector<Corun> corun;  // sorted by threads
 };
 
 class CalibrationProfile {

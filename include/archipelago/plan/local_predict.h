@@ -32,7 +32,9 @@ struct StepPrediction {
   double compute_s = 0;     // slowest worker's forward+backward (+ emulated slowdown) at the settled shares
   double comm_s = 0;        // exposed gradient reduction + control values (amortised for DiLoCo)
   double optimizer_s = 0;
-  double overhead_s = 0;
+  double overhead_s = 0;    // every worker's per-step commit before its step (not in rank 0's timed step)
+  double corun_compute = 1;   // co-run factors applied with all workers running at once
+  double corun_optimizer = 1;
   double total_s = 0;       // mean over the steps the trainer times (incl. those before rebalancing)
   double settled_s = 0;     // one step at the settled shares
   double model_flops = 0;   // per step, all workers
@@ -44,10 +46,33 @@ struct StepPrediction {
   std::string detail;       // one readable line
 };
 
-// Key of the job model's measured parts in a CalibrationProfile: part is
-// "layer" (the average decoder layer) or "ends" (embedding + final norm +
-// LM head + loss); the key holds every shape field that changes the cost.
+// Key of the job model's measured parts in a CalibrationProfile: part
+// "model" is the whole model's forward (loss) and backward; the key holds
+// every shape field that changes the cost.
 std::string localPartKey(const std::string& part, const ModelSpec& model, int64_t seq_len, const std::string& dtype);
+
+// One worker's compute phase in a step (seconds from the end of the
+// previous step): its compute starts after its per-step work `pre`, ends at
+// `end`, and with an EMULATED slowdown s it sleeps until done = end +
+// (s-1) x (end - start).
+struct WorkerTimes {
+  double start = 0;
+  double end = 0;
+  double done = 0;
+};
+
+// Replays the compute phase of one step on a shared host: worker r needs
+// pre[r] then work[r] CPU seconds (measured alone, `threads` intra-op
+// threads); the workers in either part run at once, get the cores our job
+// gets next to the other scheduling groups' demand `background` (fair
+// share between groups, equal within ours; cores <= 0: not modelled), and
+// with n of them running each unit of work costs corunFactor(n) (measured
+// co-run factors, piecewise linear from 1.0 alone). A sleeping worker
+// frees its core.
+std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
+                                            const std::vector<double>& slowdown, double cores, double threads,
+                                            const std::vector<double>& background,
+                                            const std::vector<DeviceCalibration::Corun>& corun);
 
 // job: the resolved job (cluster, model, train, strategy, data.seq_len);
 // vocab: the tokenizer's vocabulary (job.model.vocab_size may be 0).

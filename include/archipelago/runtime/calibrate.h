@@ -3,12 +3,15 @@
 //  * calibrateLocalMatmuls: achieved FLOP/s of the GEMM shapes of a model
 //    (what the planner's per-op cost model uses for any layer shape);
 //  * calibrateLocalModel: the job's own model as the trainer runs it:
-//    forward (loss) and backward of the full model and of a one-layer copy at
-//    the workers' micro-batch sizes, giving the average decoder layer and the
-//    embedding+head+loss parts (attention, softmax, norms and autograd
-//    included), the optimizer step (grad norm + AdamW) per parameter, and the
-//    host's cores, so the trainer can print the planner's predicted step time
-//    next to the measured one (plan::predictStepTime).
+//    forward (loss) and backward of the whole model at the workers'
+//    micro-batch sizes (attention, softmax, norms, MoE routing and autograd
+//    included), the optimizer step (grad norm + AdamW) per parameter, the
+//    host's cores and other load, and how much slower a worker's step gets
+//    when the job's workers run at once on this host (the co-run factors),
+//    so the trainer can print the planner's predicted step time next to the
+//    measured one (plan::predictStepTime). Single-threaded workers are timed
+//    in thread CPU seconds (median of the runs), which a busy host does not
+//    inflate.
 #pragma once
 
 #include <string>
@@ -27,7 +30,8 @@ plan::CalibrationProfile calibrateLocalMatmuls(const core::ModelConfig& model, i
 // job.model.vocab_size must be resolved (> 0). samples: micro-batch sizes
 // (in sequences of job.data.seq_len tokens) to time; two or more distinct
 // sizes let the profile separate a fixed per-call cost from the per-token
-// cost. Runs with the current torch thread count.
+// cost. Runs with the current torch thread count. The co-run factors run
+// job.cluster.worldSize() copies (at most 8) in threads of this process.
 core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<int64_t>& samples,
                                  const std::string& kind, plan::CalibrationProfile& profile,
                                  double min_seconds_per_point = 0.1);
