@@ -15,24 +15,13 @@
 #include "archipelago/plan/catalog.h"
 #include "archipelago/plan/planner.h"
 #include "archipelago/plan/simulator.h"
+#include "plan_test_util.h"
 
 namespace archipelago::plan {
 namespace {
 
-DeviceCatalog catalog() {
-  auto c = DeviceCatalog::builtin();
-  EXPECT_TRUE(c.isOk()) << c.status().toString();
-  return *c;
-}
-
-core::IslandSpec island(const std::string& name, const std::string& dev, int64_t count) {
-  core::IslandSpec is;
-  is.name = name;
-  is.device = dev;
-  is.count = count;
-  is.devices_per_node = 8;
-  return is;
-}
+using testing::catalog;
+using testing::island;
 
 core::ClusterSpec triDc(double latency_s) {
   core::ClusterSpec c;
