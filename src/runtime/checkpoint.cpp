@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
@@ -37,56 +38,65 @@ std::string checkpointDirName(int64_t step) {
   return buf;
 }
 
-core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& s, int64_t keep_last) {
-  fs::path root = fs::path(run_dir) / "checkpoints";
+namespace {
+
+// Writes the files of one directory into a temporary sibling, then its
+// manifest (sha256 and size of each file, written last: a directory without
+// it is never loaded), then renames it to root/name.
+core::Status writeDirAtomic(const fs::path& root, const std::string& name, int64_t step,
+                            const std::function<core::Result<std::vector<std::string>>(const fs::path&)>& write) {
   std::error_code ec;
   fs::create_directories(root, ec);
   if (ec) return core::unavailable("cannot create '" + root.string() + "': " + ec.message());
-  fs::path final_dir = root / checkpointDirName(s.step);
-  fs::path tmp = root / (checkpointDirName(s.step) + ".tmp-" + std::to_string(::getpid()));
+  fs::path final_dir = root / name;
+  fs::path tmp = root / (name + ".tmp-" + std::to_string(::getpid()));
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) return core::unavailable("cannot create '" + tmp.string() + "': " + ec.message());
-
-  ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "model.safetensors").string(), s.weights,
-                                               {{"format", "archipelago"}, {"step", std::to_string(s.step)}}));
-  ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "optimizer.safetensors").string(), s.optimizer,
-                                               {{"optimizer", "adamw"}, {"step", std::to_string(s.optimizer_step)}}));
-  ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "config.json").string(), model::hfConfigJson(s.model)));
-  nlohmann::json state = {{"step", s.step},
-                          {"data_position", s.data_position},
-                          {"shares", s.shares},
-                          {"optimizer_step", s.optimizer_step},
-                          {"membership", s.membership},
-                          {"extra", s.extra},
-                          {"job_yaml", s.job_yaml}};
-  ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
-
+  ARCH_ASSIGN_OR_RETURN(auto names, write(tmp));
   nlohmann::json files = nlohmann::json::object();
-  for (const char* f : {"model.safetensors", "optimizer.safetensors", "config.json", "state.json"}) {
+  for (const auto& f : names) {
     ARCH_ASSIGN_OR_RETURN(std::string sha, core::sha256File(tmp / f));
     files[f] = {{"sha256", sha}, {"bytes", fs::file_size(tmp / f)}};
   }
-  nlohmann::json manifest = {{"format_version", kFormatVersion}, {"step", s.step}, {"files", files}};
-  // The manifest is written last: a directory without it is never loaded.
+  nlohmann::json manifest = {{"format_version", kFormatVersion}, {"step", step}, {"files", files}};
   ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "manifest.json").string(), manifest.dump(2)));
-
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);
   if (ec) return core::unavailable("cannot rename '" + tmp.string() + "' into place: " + ec.message());
-
-  auto all = listCheckpoints(run_dir);
-  for (size_t i = static_cast<size_t>(std::max<int64_t>(keep_last, 1)); i < all.size(); ++i) {
-    fs::remove_all(all[i], ec);
-  }
   return core::okStatus();
 }
 
-core::Status verifyCheckpoint(const std::string& ckpt_dir) {
-  fs::path dir(ckpt_dir);
+// Step of "step_00000050" or "step_00000050.rank_3"; -1 for other names.
+int64_t stepOfName(const std::string& name) {
+  if (name.rfind("step_", 0) != 0) return -1;
+  try {
+    return std::stoll(name.substr(5, name.find('.') == std::string::npos ? std::string::npos : name.find('.') - 5));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// Keeps the newest keep_last checkpoints and the rank parts of those (parts
+// of a step older than every kept checkpoint belong to nothing anymore).
+void prune(const std::string& run_dir, int64_t keep_last) {
+  auto all = listCheckpoints(run_dir);
+  const size_t keep = static_cast<size_t>(std::max<int64_t>(keep_last, 1));
+  std::error_code ec;
+  for (size_t i = keep; i < all.size(); ++i) fs::remove_all(all[i], ec);
+  if (all.empty()) return;
+  const int64_t oldest_kept = stepOfName(fs::path(all[std::min(keep, all.size()) - 1]).filename().string());
+  for (const auto& e : fs::directory_iterator(fs::path(run_dir) / "checkpoints", ec)) {
+    const auto name = e.path().filename().string();
+    if (name.find(".rank_") == std::string::npos || name.find(".tmp") != std::string::npos) continue;
+    if (const int64_t st = stepOfName(name); st >= 0 && st < oldest_kept) fs::remove_all(e.path(), ec);
+  }
+}
+
+core::Status verifyManifest(const fs::path& dir) {
   ARCH_ASSIGN_OR_RETURN(auto manifest, readJson(dir / "manifest.json"));
   if (manifest.value("format_version", 0) != kFormatVersion) {
-    return core::dataLoss("checkpoint '" + ckpt_dir + "' has format_version " +
+    return core::dataLoss("checkpoint '" + dir.string() + "' has format_version " +
                           std::to_string(manifest.value("format_version", 0)) + ", expected " +
                           std::to_string(kFormatVersion));
   }
@@ -105,6 +115,64 @@ core::Status verifyCheckpoint(const std::string& ckpt_dir) {
     if (sha != info.value("sha256", std::string())) {
       return core::dataLoss("checkpoint file '" + f.string() + "' fails its sha256 check (corrupted)");
     }
+  }
+  return core::okStatus();
+}
+
+}  // namespace
+
+std::string checkpointPartDirName(int64_t step, int rank) {
+  return checkpointDirName(step) + ".rank_" + std::to_string(rank);
+}
+
+core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& s, int64_t keep_last) {
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  if (s.part_rank >= 0) {
+    ARCH_RETURN_IF_ERROR(writeDirAtomic(root, checkpointPartDirName(s.step, s.part_rank), s.step,
+                                        [&](const fs::path& tmp) -> core::Result<std::vector<std::string>> {
+      ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "part.safetensors").string(), s.optimizer,
+                                                   {{"rank", std::to_string(s.part_rank)}, {"step", std::to_string(s.step)}}));
+      nlohmann::json state = {{"step", s.step}, {"rank", s.part_rank}, {"optimizer_step", s.optimizer_step},
+                              {"extra", s.extra}};
+      ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
+      return std::vector<std::string>{"part.safetensors", "state.json"};
+    }));
+    prune(run_dir, keep_last);
+    return core::okStatus();
+  }
+  ARCH_RETURN_IF_ERROR(writeDirAtomic(root, checkpointDirName(s.step), s.step,
+                                      [&](const fs::path& tmp) -> core::Result<std::vector<std::string>> {
+    ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "model.safetensors").string(), s.weights,
+                                                 {{"format", "archipelago"}, {"step", std::to_string(s.step)}}));
+    ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "optimizer.safetensors").string(), s.optimizer,
+                                                 {{"optimizer", "adamw"}, {"step", std::to_string(s.optimizer_step)}}));
+    ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "config.json").string(), model::hfConfigJson(s.model)));
+    nlohmann::json state = {{"step", s.step},
+                            {"data_position", s.data_position},
+                            {"shares", s.shares},
+                            {"optimizer_step", s.optimizer_step},
+                            {"membership", s.membership},
+                            {"extra", s.extra},
+                            {"job_yaml", s.job_yaml}};
+    ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
+    return std::vector<std::string>{"model.safetensors", "optimizer.safetensors", "config.json", "state.json"};
+  }));
+  prune(run_dir, keep_last);
+  return core::okStatus();
+}
+
+core::Status verifyCheckpoint(const std::string& ckpt_dir) {
+  ARCH_RETURN_IF_ERROR(verifyManifest(ckpt_dir));
+  ARCH_ASSIGN_OR_RETURN(auto state, readJson(fs::path(ckpt_dir) / "state.json"));
+  const auto extra = state.value("extra", nlohmann::json());
+  const auto parts = extra.is_object() ? extra.value("parts", nlohmann::json::array()) : nlohmann::json::array();
+  for (const auto& part : parts) {
+    const fs::path dir = ckpt_dir + ".rank_" + std::to_string(part.value("rank", -1));
+    if (!fs::exists(dir / "manifest.json")) {
+      return core::dataLoss("checkpoint '" + ckpt_dir + "' is incomplete: rank part '" + dir.string() +
+                            "' is missing (that rank did not finish writing it)");
+    }
+    ARCH_RETURN_IF_ERROR(verifyManifest(dir));
   }
   return core::okStatus();
 }
@@ -132,6 +200,25 @@ core::Result<CheckpointState> loadCheckpoint(const std::string& ckpt_dir) {
   return s;
 }
 
+core::Result<CheckpointState> loadCheckpointPart(const std::string& ckpt_dir, int rank) {
+  const fs::path dir = ckpt_dir + ".rank_" + std::to_string(rank);
+  if (!fs::exists(dir / "manifest.json")) return core::notFound("checkpoint '" + ckpt_dir + "' has no part of rank " + std::to_string(rank));
+  ARCH_RETURN_IF_ERROR(verifyManifest(dir));
+  CheckpointState s;
+  ARCH_ASSIGN_OR_RETURN(auto state, readJson(dir / "state.json"));
+  try {
+    s.step = state.at("step").get<int64_t>();
+    s.part_rank = state.at("rank").get<int>();
+    s.optimizer_step = state.at("optimizer_step").get<int64_t>();
+    s.extra = state.value("extra", nlohmann::json());
+  } catch (const std::exception& e) {
+    return core::dataLoss("'" + (dir / "state.json").string() + "' lacks a field: " + e.what());
+  }
+  ARCH_ASSIGN_OR_RETURN(auto tensors, model::readSafetensors(dir / "part.safetensors"));
+  s.optimizer = std::move(tensors.tensors);
+  return s;
+}
+
 std::vector<std::string> listCheckpoints(const std::string& run_dir) {
   std::vector<std::string> out;
   fs::path root = fs::path(run_dir) / "checkpoints";
@@ -139,7 +226,7 @@ std::vector<std::string> listCheckpoints(const std::string& run_dir) {
   if (!fs::is_directory(root, ec)) return out;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     auto name = e.path().filename().string();
-    if (e.is_directory() && name.rfind("step_", 0) == 0 && name.find(".tmp") == std::string::npos) {
+    if (e.is_directory() && name.rfind("step_", 0) == 0 && name.find('.') == std::string::npos) {
       out.push_back(e.path().string());
     }
   }

@@ -255,6 +255,13 @@ class Trainer {
   // ---- one step ----
   core::Status trainStep();
   core::Result<CheckpointState> snapshot(int64_t step);
+  // DiLoCo / streaming checkpoints: the rank parts the writer's checkpoint
+  // lists, and this rank's part cut from its snapshot (docs/runtime.md).
+  nlohmann::json rankParts() const;
+  CheckpointState rankPart(CheckpointState full) const;
+  // The state of this rank's island and its residuals from the checkpoint's
+  // rank parts, over what the writer's files hold (no-op for sync jobs).
+  core::Status applyRankParts(const std::string& ckpt_dir, CheckpointState& ck);
   core::Result<double> evaluate();
   core::Status writeCheckpoint(bool at_end);
 
@@ -455,6 +462,7 @@ core::Status Trainer::setup() {
     } else if (opt_.resume) {
       ARCH_ASSIGN_OR_RETURN(auto latest, latestValidCheckpoint(opt_.run_dir));
       ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(latest));
+      ARCH_RETURN_IF_ERROR(applyRankParts(latest, ck));
       NamedTensors outer_tensors;
       for (const auto& [name, t] : ck.optimizer) {
         if (name.rfind("outer.", 0) == 0) outer_tensors.push_back({name.substr(6), t});
@@ -495,6 +503,7 @@ core::Status Trainer::resumeFromCheckpoint() {
   auto latest = latestValidCheckpoint(opt_.run_dir, &refused);
   if (!latest.isOk()) return latest.status().withContext("cannot resume");
   ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(*latest));
+  ARCH_RETURN_IF_ERROR(applyRankParts(*latest, ck));
   std::map<std::string, torch::Tensor> by_name(ck.weights.begin(), ck.weights.end());
   torch::NoGradGuard ng;
   for (const auto& seg : flat_->segments()) {
@@ -527,6 +536,49 @@ core::Status Trainer::resumeFromCheckpoint() {
   if (rank_ == 0) {
     ARCH_LOG_INFO("resumed from {} (step {}, data position {}){}", *latest, ck.step, ck.data_position,
                   refused.empty() ? "" : fmt::format("; refused {} newer checkpoint(s)", refused.size()));
+  }
+  return core::okStatus();
+}
+
+core::Status Trainer::applyRankParts(const std::string& ckpt_dir, CheckpointState& ck) {
+  if (!ck.extra.is_object() || !ck.extra.contains("parts")) return core::okStatus();
+  const auto parts = ck.extra["parts"];
+  std::map<int, CheckpointState> loaded;
+  auto part = [&](int r) -> core::Result<CheckpointState*> {
+    if (!loaded.count(r)) {
+      ARCH_ASSIGN_OR_RETURN(auto p, loadCheckpointPart(ckpt_dir, r));
+      loaded[r] = std::move(p);
+    }
+    return &loaded[r];
+  };
+  for (const auto& p : parts) {
+    const int r = p.value("rank", -1);
+    if (p.value("island_state", false) && p.value("island", std::string()) == me_.island) {
+      // This island's weights and moments between outer steps.
+      ARCH_ASSIGN_OR_RETURN(CheckpointState* isl, part(r));
+      NamedTensors weights;
+      std::map<std::string, torch::Tensor> moments;
+      for (const auto& [name, t] : isl->optimizer) {
+        if (name.rfind("model.", 0) == 0) weights.push_back({name.substr(6), t});
+        else if (name == "exp_avg" || name == "exp_avg_sq") moments[name] = t;
+      }
+      if (weights.size() != ck.weights.size() || moments.size() != 2) {
+        return core::dataLoss("checkpoint " + ckpt_dir + ": the part of rank " + std::to_string(r) +
+                              " does not hold island '" + me_.island + "''s whole state");
+      }
+      ck.weights = std::move(weights);
+      for (auto& [name, t] : ck.optimizer) {
+        if (moments.count(name)) t = moments[name];
+      }
+      ck.optimizer_step = isl->optimizer_step;
+    }
+    if (r == rank_) {
+      ARCH_ASSIGN_OR_RETURN(CheckpointState* mine, part(r));
+      for (const auto& [name, t] : mine->optimizer) {
+        if (name.rfind("outer.ef.", 0) == 0) ck.optimizer.push_back({name, t});
+      }
+      if (mine->extra.is_object() && mine->extra.contains("outer")) ck.extra["outer"] = mine->extra["outer"];
+    }
   }
   return core::okStatus();
 }
@@ -615,9 +667,53 @@ core::Result<CheckpointState> Trainer::snapshot(int64_t step) {
   if (outer_) {
     for (const auto& [name, t] : outer_->stateTensors()) s.optimizer.push_back({"outer." + name, t.detach().clone()});
     s.extra["outer"] = outer_->stateJson();
+    s.extra["parts"] = rankParts();
   }
   for (auto& [name, t] : net_->namedTensors()) s.weights.push_back({name, t.detach().clone()});
   return s;
+}
+
+nlohmann::json Trainer::rankParts() const {
+  // Every rank but the writer holds residuals of its own; the first alive
+  // rank of every island other than the writer's also holds that island's
+  // weights and moments (the island's ranks agree on them).
+  std::vector<int> ranks = alive_;
+  if (ranks.empty()) for (int r = 0; r < world_; ++r) ranks.push_back(r);
+  const int writer = ranks.front();
+  const int writer_island = workers_[static_cast<size_t>(writer)].island_index;
+  std::set<int> led;
+  nlohmann::json parts = nlohmann::json::array();
+  for (int r : ranks) {
+    if (r == writer) continue;
+    const int island = workers_[static_cast<size_t>(r)].island_index;
+    const bool leads = island != writer_island && led.insert(island).second;
+    parts.push_back({{"rank", r}, {"island", workers_[static_cast<size_t>(r)].island}, {"island_state", leads}});
+  }
+  return parts;
+}
+
+CheckpointState Trainer::rankPart(CheckpointState full) const {
+  CheckpointState part;
+  part.step = full.step;
+  part.part_rank = rank_;
+  part.optimizer_step = full.optimizer_step;
+  bool leads = false;
+  for (const auto& p : full.extra.value("parts", nlohmann::json::array())) {
+    if (p.value("rank", -1) == rank_) leads = p.value("island_state", false);
+  }
+  // The outer sync's counters (tokens this island trained since each
+  // fragment's last sync) are the island's own too.
+  part.extra = {{"island", me_.island}, {"island_state", leads}, {"outer", full.extra.value("outer", nlohmann::json())}};
+  const std::string mine = "outer.ef.r" + std::to_string(rank_) + ".";
+  for (auto& [name, t] : full.optimizer) {
+    if (name.rfind(mine, 0) == 0 || (leads && (name == "exp_avg" || name == "exp_avg_sq"))) {
+      part.optimizer.push_back({name, std::move(t)});
+    }
+  }
+  if (leads) {
+    for (auto& [name, t] : full.weights) part.optimizer.push_back({"model." + name, std::move(t)});
+  }
+  return part;
 }
 
 core::Result<double> Trainer::evaluate() {
@@ -638,7 +734,12 @@ core::Result<double> Trainer::evaluate() {
 core::Status Trainer::writeCheckpoint(bool at_end) {
   const auto c0 = core::Clock::now();
   ARCH_ASSIGN_OR_RETURN(auto snap, snapshot(step_));
-  if (amWriter()) {
+  if (!amWriter() && outer_) {
+    // DiLoCo / streaming: this rank's part of the checkpoint (docs/runtime.md).
+    if (!ckpt_) ckpt_ = std::make_unique<CheckpointWriter>(opt_.run_dir, job_.checkpoint.keep_last);
+    ckpt_->submit(rankPart(std::move(snap)));
+    if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt_->drain());
+  } else if (amWriter()) {
     const double stall = core::secondsSince(c0);
     if (!ckpt_) ckpt_ = std::make_unique<CheckpointWriter>(opt_.run_dir, job_.checkpoint.keep_last);
     ckpt_->submit(std::move(snap));
@@ -1210,10 +1311,11 @@ core::Status Trainer::enterNextEpoch(core::Status cause, const std::string& why,
 core::Status Trainer::saveAndStop(const core::Status& why) {
   // Survivors below the minimum (or without a coordinator) write what they
   // hold; the lowest alive rank writes, the launcher restarts from it.
-  if (has_state_ && shard_offsets_.empty() && amWriter() && step_ > 0) {
+  if (has_state_ && shard_offsets_.empty() && (amWriter() || outer_) && step_ > 0) {
     auto snap = snapshot(step_);
     if (snap.isOk()) {
-      auto st = runtime::writeCheckpoint(opt_.run_dir, *snap, job_.checkpoint.keep_last);
+      auto st = runtime::writeCheckpoint(opt_.run_dir, amWriter() ? std::move(*snap) : rankPart(std::move(*snap)),
+                                         job_.checkpoint.keep_last);
       if (st.isOk()) ARCH_LOG_WARN("wrote {} before stopping", checkpointDirName(step_));
       else ARCH_LOG_WARN("could not write a checkpoint before stopping: {}", st.toString());
     }

@@ -136,6 +136,56 @@ TEST(Trainer, ResumeAfterKillIsBitExact) {
   EXPECT_TRUE(oa == ob);
 }
 
+// DiLoCo between outer steps: each island holds its own weights and AdamW
+// moments and each rank its int8 error-feedback residual. Killed mid-round
+// (step 6 of rounds of 4) and resumed, the run must reach step 12 with the
+// same state as an uninterrupted run, the other island's part included.
+TEST(Trainer, DilocoResumeMidRoundIsBitExact) {
+  const int k = 6;
+  const std::string islands = "    - {name: a, count: 1}\n    - {name: b, count: 1, slowdown: 1.5}";
+  const std::string strategy = "strategy: {kind: diloco, inner_steps: 4, codec: int8}\n";
+  fs::path full = scratchRoot() / "diloco_full";
+  std::string yaml_full = jobYaml(full.string(), islands, 2 * k, 6, strategy);
+  yaml_full.replace(yaml_full.find("{every: 0"), 9, "{every: " + std::to_string(k));
+  ASSERT_EQ(runBinary(yaml_full, "diloco_full"), 0) << outputOf("diloco_full");
+  fs::path cut = scratchRoot() / "diloco_cut";
+  std::string yaml_cut = jobYaml(cut.string(), islands, 2 * k, 6, strategy);
+  yaml_cut.replace(yaml_cut.find("{every: 0"), 9, "{every: " + std::to_string(k));
+  EXPECT_NE(runBinary(yaml_cut, "diloco_cut1", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(verifyCheckpoint((cut / "checkpoints" / checkpointDirName(k)).string()).isOk()) << outputOf("diloco_cut1");
+  // The mid-round checkpoint holds island b's own state, which differs from a's.
+  auto main_k = loadCheckpoint((cut / "checkpoints" / checkpointDirName(k)).string());
+  auto part_k = loadCheckpointPart((cut / "checkpoints" / checkpointDirName(k)).string(), 1);
+  ASSERT_TRUE(main_k.isOk() && part_k.isOk());
+  ASSERT_EQ(main_k->extra["parts"].size(), 1u);
+  EXPECT_TRUE(main_k->extra["parts"][0].value("island_state", false));
+  bool differs = false;
+  for (const auto& [name, t] : part_k->optimizer) {
+    if (name == "model." + main_k->weights[0].first) differs = !torch::equal(t, main_k->weights[0].second);
+  }
+  EXPECT_TRUE(differs) << "island b's weights mid-round should differ from island a's";
+  ASSERT_EQ(runBinary(yaml_cut, "diloco_cut2", {"--resume"}), 0) << outputOf("diloco_cut2");
+
+  for (const std::string f : {"model.safetensors", "optimizer.safetensors"}) {
+    auto a = fileBytes(full / "checkpoints" / checkpointDirName(2 * k) / f);
+    auto b = fileBytes(cut / "checkpoints" / checkpointDirName(2 * k) / f);
+    ASSERT_FALSE(a.empty());
+    EXPECT_TRUE(a == b) << f << " after resume differs from the uninterrupted run";
+  }
+  auto pa = fileBytes(full / "checkpoints" / checkpointPartDirName(2 * k, 1) / "part.safetensors");
+  auto pb = fileBytes(cut / "checkpoints" / checkpointPartDirName(2 * k, 1) / "part.safetensors");
+  ASSERT_FALSE(pa.empty());
+  EXPECT_TRUE(pa == pb) << "island b's part after resume differs from the uninterrupted run";
+  // A checkpoint whose rank part is lost is refused; resume takes the previous one.
+  fs::remove_all(cut / "checkpoints" / checkpointPartDirName(2 * k, 1));
+  auto st = verifyCheckpoint((cut / "checkpoints" / checkpointDirName(2 * k)).string());
+  EXPECT_FALSE(st.isOk());
+  EXPECT_THAT(st.message(), HasSubstr("rank part"));
+  auto latest = latestValidCheckpoint(cut.string());
+  ASSERT_TRUE(latest.isOk());
+  EXPECT_EQ(fs::path(*latest).filename().string(), checkpointDirName(k));
+}
+
 TEST(Trainer, CorruptCheckpointIsRefusedAndPreviousUsed) {
   fs::path run = scratchRoot() / "corrupt";
   std::string yaml = jobYaml(run.string(), "    - {name: a, count: 1}", 6, 4);

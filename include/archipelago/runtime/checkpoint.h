@@ -11,6 +11,19 @@
 //
 // A checkpoint is valid only if manifest.json exists and every file matches
 // its sha256; loading picks the newest valid one and says which were refused.
+//
+// Rank parts (DiLoCo / streaming): between outer steps every island holds
+// its own weights and AdamW moments, and every rank its own error-feedback
+// residuals, so the writer's files alone cannot resume the other islands
+// exactly. Each other rank writes what only it holds into a sibling
+//     RUN_DIR/checkpoints/step_00000050.rank_3/
+//       part.safetensors  (its island's weights and moments if it leads that
+//                          island, its own outer-sync residuals)
+//       state.json, manifest.json   (same atomic write and checksums)
+// next to its own storage (in a real deployment each data centre writes
+// locally; nothing crosses a strait). The writer's state.json lists the
+// parts in extra.parts; a checkpoint whose listed part is missing or
+// corrupt is not valid, and resume falls back to the previous one.
 #pragma once
 
 #include <atomic>
@@ -44,17 +57,26 @@ struct CheckpointState {
   core::ModelConfig model;    // for config.json
   NamedTensors weights;       // CPU fp32 copies (HF names)
   NamedTensors optimizer;     // CPU copies ("exp_avg", "exp_avg_sq", ...)
+  // >= 0: this is rank part_rank's part (only `optimizer` and
+  // optimizer_step are written, see above); -1: the writer's checkpoint.
+  int part_rank = -1;
 };
 
 std::string checkpointDirName(int64_t step);  // "step_00000050"
 
-// Writes `state` to RUN_DIR/checkpoints/step_N atomically and prunes to the
-// newest keep_last. Synchronous; CheckpointWriter runs it in the background.
+// Writes `state` to RUN_DIR/checkpoints/step_N (or its rank part, see
+// part_rank) atomically and prunes to the newest keep_last. Synchronous;
+// CheckpointWriter runs it in the background.
 core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& state, int64_t keep_last);
 
 // Verifies manifest and checksums of one checkpoint directory.
 core::Status verifyCheckpoint(const std::string& ckpt_dir);
 core::Result<CheckpointState> loadCheckpoint(const std::string& ckpt_dir);
+// "step_00000050.rank_3": rank 3's part of checkpoint step_00000050.
+std::string checkpointPartDirName(int64_t step, int rank);
+// Rank `rank`'s part of the checkpoint at ckpt_dir (verified); its tensors
+// are in `optimizer`. kNotFound if that checkpoint has no such part.
+core::Result<CheckpointState> loadCheckpointPart(const std::string& ckpt_dir, int rank);
 // Checkpoint directories of a run, newest first.
 std::vector<std::string> listCheckpoints(const std::string& run_dir);
 // The newest checkpoint that verifies; refused ones are logged with the reason
