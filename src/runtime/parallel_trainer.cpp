@@ -267,7 +267,7 @@ class Impl {
   core::Status expertStep(const data::Batch& batch, double total_samples, double& ce, double& aux, int64_t& tokens);
   core::Result<double> evaluate();
   core::Status makeOuter();
-  void emulateSlowdown(double compute_s, const char* what);
+  void emulateSlowdown(double compute_s, const char* what, int64_t rows = -1);
 
   const TrainerOptions& opt_;
   core::JobConfig job_;
@@ -318,6 +318,7 @@ class Impl {
   int64_t step_ = 0;
   int64_t micro_ = 0;       // micro-batches of the last step
   double busy_s_ = 0;       // compute (incl. emulated slowdown) of the last step
+  std::map<std::pair<std::string, int64_t>, double> fastest_op_s_;  // (op, rows) -> fastest host time seen
   int64_t sched_begin_us_ = 0, sched_end_us_ = 0;
 };
 
@@ -706,11 +707,23 @@ core::Status Impl::makeOuter() {
   return core::okStatus();
 }
 
-void Impl::emulateSlowdown(double compute_s, const char* what) {
+void Impl::emulateSlowdown(double compute_s, const char* what, int64_t rows) {
   if (me_.slowdown <= 1.0) return;
   // EMULATION: a device `slowdown` times slower takes that much longer.
+  // Pipeline operations (rows >= 0) take slowdown x the host's fastest time
+  // for the same operation on as many rows (identical work: the minimum is
+  // the uncontended cost), or their own time if longer: another process's
+  // burst on the shared host then hides inside the emulated time instead of
+  // being multiplied by the slowdown, which would turn host noise into
+  // pipeline bubbles that a real device of that speed does not have.
+  double extra = (me_.slowdown - 1.0) * compute_s;
+  if (rows >= 0) {
+    auto [it, fresh] = fastest_op_s_.try_emplace({what, rows}, compute_s);
+    if (!fresh) it->second = std::min(it->second, compute_s);
+    extra = std::max(0.0, me_.slowdown * it->second - compute_s);
+  }
   ScopedSpan span(&trace_, TraceRecorder::kCompute, std::string("emulated slowdown ") + what);
-  std::this_thread::sleep_for(std::chrono::duration<double>((me_.slowdown - 1.0) * compute_s));
+  std::this_thread::sleep_for(std::chrono::duration<double>(extra));
 }
 
 // One optimizer step's forward/backward of this stage, 1F1B.
@@ -789,12 +802,13 @@ core::Status Impl::pipelineStep(const data::Batch& batch, double total_samples, 
         std::tie(st.output, st.aux) = runForward(op.micro, input, true);
       }
       st.input = input;
-      if (!last) sender_->push(st.output.detach().to(torch::kFloat).contiguous(), next_codec_, rank_ + 1, kTagActivation);
       const double c = core::secondsSince(c0);
       trace_.complete(TraceRecorder::kCompute, "F" + std::to_string(op.micro), t0, core::wallMicros() - t0,
                       {{"stage", stage_}, {"micro", op.micro}});
-      busy_s_ += c * std::max(1.0, me_.slowdown);
-      emulateSlowdown(c, "F");
+      // The output leaves after the emulated slowdown: a slower device has it later.
+      emulateSlowdown(c, "F", e - b);
+      if (!last) sender_->push(st.output.detach().to(torch::kFloat).contiguous(), next_codec_, rank_ + 1, kTagActivation);
+      busy_s_ += core::secondsSince(c0);  // busy: compute, emulated slowdown, handing the output to the sender
       if (recompute) st.output = torch::Tensor();
     } else {
       torch::Tensor grad;
@@ -820,13 +834,13 @@ core::Status Impl::pipelineStep(const data::Batch& batch, double total_samples, 
         }
         torch::autograd::backward(outs, grads);
       }
-      if (!first) sender_->push(st.input.grad().to(torch::kFloat).contiguous(), prev_codec_, rank_ - 1, kTagGradient);
-      st = Stash{};
       const double c = core::secondsSince(c0);
       trace_.complete(TraceRecorder::kCompute, "B" + std::to_string(op.micro), t0, core::wallMicros() - t0,
                       {{"stage", stage_}, {"micro", op.micro}});
-      busy_s_ += c * std::max(1.0, me_.slowdown);
-      emulateSlowdown(c, "B");
+      emulateSlowdown(c, "B", e - b);
+      if (!first) sender_->push(st.input.grad().to(torch::kFloat).contiguous(), prev_codec_, rank_ - 1, kTagGradient);
+      st = Stash{};
+      busy_s_ += core::secondsSince(c0);
     }
   }
   {
