@@ -6,8 +6,10 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -52,6 +54,26 @@ std::optional<double> optNum(const json& j, const char* key) {
 bool present(const json& j, const char* key) {
   auto it = j.find(key);
   return it != j.end() && (it->is_number() || it->is_null());
+}
+
+// Numbers of an array field (non-numbers read as NaN); empty when absent or not an array.
+std::vector<double> numArray(const json& j, const char* key) {
+  std::vector<double> out;
+  auto it = j.find(key);
+  if (it == j.end() || !it->is_array()) return out;
+  for (const auto& v : *it) out.push_back(v.is_number() ? v.get<double>() : kMissing);
+  return out;
+}
+
+std::vector<int64_t> intArray(const json& j, const char* key) {
+  std::vector<int64_t> out;
+  for (double v : numArray(j, key)) out.push_back(std::isfinite(v) ? static_cast<int64_t>(std::llround(v)) : 0);
+  return out;
+}
+
+bool isArray(const json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_array();
 }
 
 std::string_view trim(std::string_view s) {
@@ -200,9 +222,39 @@ void parseMetricsLine(std::string_view raw, RunData& run) {
     r.rank = static_cast<int>(intField(j, "rank").value_or(0));
     r.layer = static_cast<int>(*layer);
     for (const auto& v : *tpe) r.tokens_per_expert.push_back(v.is_number() ? v.get<double>() : 0.0);
+    r.dropped_per_expert = numArray(j, "dropped_per_expert");
     r.dropped = numField(j, "dropped");
+    r.capacity = present(j, "capacity") ? numField(j, "capacity") : numField(j, "capacity_sum");
     r.aux_loss = numField(j, "aux_loss");
+    r.expert_parallel = numField(j, "expert_parallel");
+    r.dispatch_bytes = numField(j, "dispatch_bytes");
     run.moe.push_back(std::move(r));
+  } else if (kind == "pipeline") {
+    if (!step || !isArray(j, "busy_s") || !isArray(j, "bubble")) {
+      ++run.malformed;
+      return;
+    }
+    PipelineRecord r;
+    r.step = *step;
+    r.busy_s = numArray(j, "busy_s");
+    r.bubble = numArray(j, "bubble");
+    r.stages = static_cast<int>(intField(j, "stages").value_or(static_cast<int64_t>(r.busy_s.size())));
+    r.micro_batches = intField(j, "micro_batches").value_or(0);
+    r.stage_layers = intArray(j, "stage_layers");
+    r.bubble_mean = numField(j, "bubble_mean");
+    r.window_s = numField(j, "window_s");
+    r.bubble_theory = numField(j, "bubble_1f1b_theory");
+    run.pipeline.push_back(std::move(r));
+  } else if (kind == "parallel") {
+    ParallelRecord r;
+    r.pipeline_stages = intField(j, "pipeline_stages").value_or(1);
+    r.stage_layers = intArray(j, "stage_layers");
+    r.replicas = intField(j, "replicas").value_or(1);
+    r.expert_parallel = intField(j, "expert_parallel").value_or(1);
+    r.expert_begin = intArray(j, "expert_begin");
+    r.shares = intArray(j, "shares");
+    if (auto rc = j.find("recompute"); rc != j.end() && rc->is_boolean()) r.recompute = rc->get<bool>();
+    run.parallel = std::move(r);
   } else if (kind == "summary") {
     SummaryRecord s;
     s.steps = intField(j, "steps");
@@ -451,7 +503,105 @@ RunStats computeRunStats(const RunData& run) {
   st.mean_sync_s = n_sync ? sync / n_sync : 0;
   if (sum.bytes_strait) st.bytes_strait = *sum.bytes_strait;
   for (const auto& w : st.workers) st.utilisation += w.utilisation / static_cast<double>(st.workers.size());
+  st.pipeline = pipelineStats(run);
+  st.moe_layers = moeLayerStats(run);
   return st;
+}
+
+std::optional<PipelineStats> pipelineStats(const RunData& run) {
+  std::map<int64_t, const PipelineRecord*> by_step;  // a replayed step: the last line wins
+  for (const auto& p : run.pipeline) by_step[p.step] = &p;
+  if (by_step.empty()) return std::nullopt;
+  if (by_step.size() > 1) by_step.erase(by_step.begin());  // warm-up step
+  PipelineStats ps;
+  ps.first_step = by_step.begin()->first;
+  const PipelineRecord& last = *by_step.rbegin()->second;
+  ps.micro_batches = last.micro_batches;
+  size_t stages = 0;
+  for (const auto& [step, p] : by_step) stages = std::max({stages, p->busy_s.size(), p->bubble.size()});
+  ps.stages = static_cast<int>(stages);
+  ps.per_stage.resize(stages);
+  std::vector<int64_t> n_busy(stages, 0), n_bubble(stages, 0);
+  int64_t n_window = 0, n_mean = 0, n_theory = 0;
+  for (const auto& [step, p] : by_step) {
+    ++ps.steps;
+    for (size_t s = 0; s < stages; ++s) {
+      if (s < p->busy_s.size() && std::isfinite(p->busy_s[s])) ps.per_stage[s].busy_s += p->busy_s[s], ++n_busy[s];
+      if (s < p->bubble.size() && std::isfinite(p->bubble[s])) ps.per_stage[s].bubble += p->bubble[s], ++n_bubble[s];
+    }
+    if (std::isfinite(p->window_s)) ps.window_s += p->window_s, ++n_window;
+    double mean = p->bubble_mean;
+    if (!std::isfinite(mean) && !p->bubble.empty()) {
+      mean = 0;
+      for (double b : p->bubble) mean += b / static_cast<double>(p->bubble.size());
+    }
+    if (std::isfinite(mean)) ps.bubble_mean += mean, ++n_mean;
+    double theory = p->bubble_theory;
+    if (!std::isfinite(theory) && p->stages > 0 && p->micro_batches > 0) {
+      theory = static_cast<double>(p->stages - 1) / static_cast<double>(p->micro_batches + p->stages - 1);
+    }
+    if (std::isfinite(theory)) ps.bubble_theory += theory, ++n_theory;
+  }
+  std::vector<int64_t> layers = last.stage_layers;
+  if (layers.empty() && run.parallel) layers = run.parallel->stage_layers;
+  for (size_t s = 0; s < stages; ++s) {
+    auto& x = ps.per_stage[s];
+    x.stage = static_cast<int>(s);
+    x.layers = s < layers.size() ? layers[s] : 0;
+    x.busy_s = n_busy[s] ? x.busy_s / static_cast<double>(n_busy[s]) : kMissing;
+    x.bubble = n_bubble[s] ? x.bubble / static_cast<double>(n_bubble[s]) : kMissing;
+  }
+  ps.window_s = n_window ? ps.window_s / static_cast<double>(n_window) : kMissing;
+  ps.bubble_mean = n_mean ? ps.bubble_mean / static_cast<double>(n_mean) : kMissing;
+  ps.bubble_theory = n_theory ? ps.bubble_theory / static_cast<double>(n_theory) : kMissing;
+  return ps;
+}
+
+std::vector<MoeLayerStats> moeLayerStats(const RunData& run) {
+  // (layer, step, rank) -> the last line (a replayed step supersedes the first try)
+  std::map<std::tuple<int, int64_t, int>, const MoeRecord*> lines;
+  for (const auto& m : run.moe) lines[{m.layer, m.step, m.rank}] = &m;
+  std::map<int, MoeLayerStats> by_layer;
+  for (const auto& [key, m] : lines) {
+    MoeLayerStats& l = by_layer[m->layer];
+    l.layer = m->layer;
+    ++l.lines;
+    for (double v : m->tokens_per_expert) {
+      if (std::isfinite(v)) l.routed += v;
+    }
+    double dropped = m->dropped;
+    if (!std::isfinite(dropped) && !m->dropped_per_expert.empty()) {
+      dropped = 0;
+      for (double v : m->dropped_per_expert) dropped += std::isfinite(v) ? v : 0.0;
+    }
+    if (std::isfinite(dropped)) l.dropped += dropped;
+    if (std::isfinite(m->dispatch_bytes)) {
+      l.dispatch_bytes = std::isfinite(l.dispatch_bytes) ? std::max(l.dispatch_bytes, m->dispatch_bytes) : m->dispatch_bytes;
+    }
+    auto add = [](std::vector<double>& into, const std::vector<double>& v) {
+      if (into.size() < v.size()) into.resize(v.size(), 0.0);
+      for (size_t e = 0; e < v.size(); ++e) into[e] += std::isfinite(v[e]) ? v[e] : 0.0;
+    };
+    if (l.lines == 1 || m->step > l.last_step) {
+      l.last_step = m->step;
+      l.last_tokens_per_expert.clear();
+      l.last_dropped_per_expert.clear();
+    }
+    if (m->step == l.last_step) {
+      add(l.last_tokens_per_expert, m->tokens_per_expert);
+      add(l.last_dropped_per_expert, m->dropped_per_expert);
+    }
+  }
+  std::vector<MoeLayerStats> out;
+  for (auto& [layer, l] : by_layer) {
+    l.drop_fraction = l.routed > 0 ? l.dropped / l.routed : 0;
+    double sum = 0, mx = 0;
+    for (double v : l.last_tokens_per_expert) sum += v, mx = std::max(mx, v);
+    const double mean = l.last_tokens_per_expert.empty() ? 0 : sum / static_cast<double>(l.last_tokens_per_expert.size());
+    l.last_imbalance = mean > 0 ? mx / mean : 0;
+    out.push_back(std::move(l));
+  }
+  return out;
 }
 
 std::string formatSummary(const RunData& run, const RunStats& st) {
@@ -500,6 +650,39 @@ std::string formatSummary(const RunData& run, const RunStats& st) {
       o += "    " + pad(is.island.empty() ? "-" : is.island, 12) + pad(std::to_string(is.workers) + " worker(s)", 14) +
            pad(fmtCount(is.tokens_per_s) + " tokens/s", 20) + fmtFixed(100.0 * is.utilisation, 1) + " %\n";
     }
+  }
+  if (st.pipeline) {
+    const PipelineStats& p = *st.pipeline;
+    o += "  pipeline           " + std::to_string(p.stages) + " stages, " + std::to_string(p.micro_batches) +
+         " micro-batches per step (1F1B); mean of " + std::to_string(p.steps) + " logged step(s) from step " +
+         std::to_string(p.first_step) + "\n";
+    o += "    " + pad("stage", 7) + pad("layers", 8) + pad("busy/step", 12) + "bubble\n";
+    for (const auto& s : p.per_stage) {
+      o += "    " + pad(std::to_string(s.stage), 7) + pad(s.layers > 0 ? std::to_string(s.layers) : "-", 8) +
+           pad(std::isfinite(s.busy_s) ? core::formatDuration(s.busy_s) : "n/a", 12) + fmtFixed(100.0 * s.bubble, 1) +
+           " %\n";
+    }
+    o += "    bubble " + fmtFixed(100.0 * p.bubble_mean, 1) + " % measured (stage mean) vs " +
+         fmtFixed(100.0 * p.bubble_theory, 1) + " % 1F1B theory (p-1)/(m+p-1); schedule window " +
+         (std::isfinite(p.window_s) ? core::formatDuration(p.window_s) : std::string("n/a")) + " per step\n";
+  }
+  for (const auto& l : st.moe_layers) {
+    o += "  moe layer " + pad(std::to_string(l.layer), 9) + fmtCount(l.routed) + " routed, " + fmtCount(l.dropped) +
+         " dropped (" + fmtFixed(100.0 * l.drop_fraction, 2) + " %) over " + std::to_string(l.lines) +
+         " line(s); step " + std::to_string(l.last_step) + ": per expert [";
+    for (size_t e = 0; e < l.last_tokens_per_expert.size(); ++e) {
+      o += (e ? "," : "") + fmtCount(l.last_tokens_per_expert[e]);
+    }
+    o += "], max/mean " + fmtFixed(l.last_imbalance, 2);
+    if (!l.last_dropped_per_expert.empty()) {
+      o += ", dropped [";
+      for (size_t e = 0; e < l.last_dropped_per_expert.size(); ++e) {
+        o += (e ? "," : "") + fmtCount(l.last_dropped_per_expert[e]);
+      }
+      o += "]";
+    }
+    if (std::isfinite(l.dispatch_bytes)) o += ", dispatch " + core::formatBytes(l.dispatch_bytes);
+    o += "\n";
   }
   o += "  events             ";
   if (st.event_counts.empty()) {

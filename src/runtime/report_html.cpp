@@ -192,6 +192,50 @@ std::vector<Chart> runCharts(const RunData& run, const RunStats& st, size_t max_
     charts.push_back({"batch_share.svg", c.title, chart::renderLineChart(c),
                       "Samples each worker processed per step: the rebalancer moves work towards faster workers."});
   }
+  if (st.pipeline) {
+    const PipelineStats& p = *st.pipeline;
+    chart::StackedBarChart c;
+    c.title = "Pipeline: busy and idle time per stage (mean per step) — " + run.name;
+    c.x_label = "stage";
+    c.y_label = "seconds";
+    chart::BarSegment busy{"busy", {}, "#1f77b4"}, idle{"bubble (idle)", {}, "#bbbbbb"};
+    for (const auto& s : p.per_stage) {
+      c.categories.push_back("stage " + std::to_string(s.stage) +
+                             (s.layers > 0 ? " (" + std::to_string(s.layers) + " layers)" : ""));
+      const double b = std::isfinite(s.busy_s) ? s.busy_s : 0.0;
+      busy.values.push_back(b);
+      // idle = bubble x window (the window is shared by the pipeline's stages)
+      idle.values.push_back(std::isfinite(p.window_s) && std::isfinite(s.bubble) ? s.bubble * p.window_s : 0.0);
+    }
+    c.segments = {busy, idle};
+    charts.push_back({"pipeline_stages.svg", c.title, chart::renderStackedBarChart(c),
+                      "Per stage: forward/backward compute (emulated slowdown included) and idle time inside the "
+                      "pipeline's schedule window, mean per logged step after the first."});
+
+    chart::LineChart l;
+    l.title = "Pipeline bubble vs step — " + run.name;
+    l.x_label = "step";
+    l.y_label = "bubble (% of the schedule window)";
+    l.y_from_zero = true;
+    chart::Series measured, theory;
+    measured.name = "measured (stage mean)";
+    theory.name = "1F1B theory (p-1)/(m+p-1)";
+    theory.dashed = true;
+    std::map<int64_t, const PipelineRecord*> by_step;
+    for (const auto& r : run.pipeline) by_step[r.step] = &r;
+    for (const auto& [step, r] : by_step) {
+      measured.x.push_back(static_cast<double>(step));
+      measured.y.push_back(100.0 * r->bubble_mean);
+      theory.x.push_back(static_cast<double>(step));
+      theory.y.push_back(100.0 * r->bubble_theory);
+    }
+    chart::downsample(measured.x, measured.y, max_points);
+    chart::downsample(theory.x, theory.y, max_points);
+    l.series = {measured, theory};
+    charts.push_back({"pipeline_bubble.svg", l.title, chart::renderLineChart(l),
+                      "Idle fraction of the schedule window, mean over stages, per logged step, against the 1F1B "
+                      "bubble for the step's stages and micro-batches (dashed)."});
+  }
   // MoE: expert load at the last step that reported each layer, stacked by rank.
   std::map<int, int64_t> last_step_of_layer;
   for (const auto& m : run.moe) {
@@ -371,7 +415,7 @@ void appendFigures(std::string& html, const std::vector<Chart>& charts, const st
 void removeStaleCharts(const fs::path& dir) {
   static const std::regex ours(
       R"(^(run[0-9]+_)?(compare_loss_vs_(step|time|tokens)|compare_val_vs_time|loss_vs_(step|time)|tokens_per_s|)"
-      R"(time_breakdown|batch_share|)"
+      R"(time_breakdown|batch_share|pipeline_stages|pipeline_bubble|)"
       R"(moe_layer-?[0-9]+)\.svg$)");
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
@@ -503,6 +547,34 @@ core::Result<ReportOutput> writeReport(const std::vector<fs::path>& paths, const
     for (const auto& c : charts) ARCH_RETURN_IF_ERROR(emit(c, prefix, files));
     appendFigures(html, charts, files);
 
+    if (st.pipeline) {
+      const PipelineStats& p = *st.pipeline;
+      std::vector<std::vector<std::string>> rows;
+      for (const auto& s : p.per_stage) {
+        rows.push_back({std::to_string(s.stage), s.layers > 0 ? std::to_string(s.layers) : "-",
+                        fmtFixed(1e3 * s.busy_s, 1), fmtFixed(1e3 * s.bubble * p.window_s, 1),
+                        fmtFixed(100.0 * s.bubble, 1) + " %"});
+      }
+      rows.push_back({"mean", "", "", "", fmtFixed(100.0 * p.bubble_mean, 1) + " %"});
+      rows.push_back({"1F1B theory", "", "", "", fmtFixed(100.0 * p.bubble_theory, 1) + " %"});
+      html += "<h3>Pipeline</h3>\n<p>" + std::to_string(p.stages) + " stages, " + std::to_string(p.micro_batches) +
+              " micro-batches per step, 1F1B; schedule window " + fmtFixed(1e3 * p.window_s, 1) +
+              " ms per step; mean of " + std::to_string(p.steps) + " logged step(s) from step " +
+              std::to_string(p.first_step) + ". Theory: (p&minus;1)/(m+p&minus;1).</p>\n" +
+              htmlTable({"stage", "layers", "busy ms/step", "idle ms/step", "bubble"}, rows);
+    }
+    if (!st.moe_layers.empty()) {
+      std::vector<std::vector<std::string>> rows;
+      for (const auto& l : st.moe_layers) {
+        rows.push_back({std::to_string(l.layer), std::to_string(l.lines), fmtCount(l.routed), fmtCount(l.dropped),
+                        fmtFixed(100.0 * l.drop_fraction, 2) + " %", fmtFixed(l.last_imbalance, 2),
+                        std::isfinite(l.dispatch_bytes) ? core::formatBytes(l.dispatch_bytes) : "-"});
+      }
+      html += "<h3>Mixture of experts</h3>\n" +
+              htmlTable({"layer", "lines", "routed (assignments)", "dropped", "drop rate", "max/mean load (last step)",
+                         "dispatch bytes"},
+                        rows);
+    }
     if (!run.events.empty()) {
       std::vector<std::vector<std::string>> rows;
       const double t0 = runStartTime(run);

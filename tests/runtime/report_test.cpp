@@ -519,6 +519,124 @@ TEST(Report, WorkerGapBreaksItsLine) {
   EXPECT_NE(out->summary.find("no run.json"), std::string::npos);
 }
 
+// A pipeline-parallel run as the parallel trainer logs it (rank 0): a
+// "parallel" layout line, one "pipeline" line per step, rank-summed "moe"
+// lines with drops. Step 1 (warm-up) is left out of the means; step 4 is
+// logged twice (replayed after a restart) and its second line counts.
+// Bubbles are 1 - busy / window, as the trainer computes them.
+void writePipelineRun(const fs::path& dir) {
+  fs::create_directories(dir);
+  std::ostringstream m;
+  m << R"({"kind":"parallel","pipeline_stages":3,"stage_layers":[2,1,1],"replicas":1,"expert_parallel":1,)"
+    << R"("expert_begin":[],"shares":[8],"recompute":false})" << "\n";
+  struct P {
+    int step;
+    double busy[3];
+    double window;
+  };
+  const P steps[] = {{1, {1.0, 1.0, 1.0}, 10.0},
+                     {2, {0.30, 0.20, 0.24}, 0.40},
+                     {3, {0.34, 0.22, 0.26}, 0.50},
+                     {4, {9.0, 9.0, 9.0}, 90.0},  // first try of step 4: superseded
+                     {4, {0.32, 0.24, 0.25}, 0.45}};
+  for (const auto& p : steps) {
+    m << R"({"kind":"step","step":)" << p.step << R"(,"rank":0,"loss":3.0,"tokens":512,"compute_s":)" << p.busy[0]
+      << R"(,"step_s":)" << p.window + 0.05 << R"(,"time":)" << 1000 + p.step << "}\n";
+    double bubble[3], mean = 0;
+    for (int s = 0; s < 3; ++s) {
+      bubble[s] = 1.0 - p.busy[s] / p.window;
+      mean += bubble[s] / 3;
+    }
+    m << R"({"kind":"pipeline","step":)" << p.step << R"(,"stages":3,"micro_batches":4,"stage_layers":[2,1,1],)"
+      << R"("busy_s":[)" << p.busy[0] << "," << p.busy[1] << "," << p.busy[2] << R"(],"bubble":[)" << bubble[0] << ","
+      << bubble[1] << "," << bubble[2] << R"(],"bubble_mean":)" << mean << R"(,"window_s":)" << p.window
+      << R"(,"bubble_1f1b_theory":0.3333333333333333})" << "\n";
+  }
+  m << R"({"kind":"moe","step":3,"rank":0,"layer":1,"tokens_per_expert":[30,10,20,4],"dropped_per_expert":[6,0,2,0],)"
+    << R"("dropped":8,"capacity_sum":48,"expert_parallel":2,"dispatch_bytes":1000})" << "\n";
+  m << R"({"kind":"moe","step":4,"rank":0,"layer":1,"tokens_per_expert":[20,20,20,4],"dropped_per_expert":[0,0,0,0],)"
+    << R"("dropped":0,"capacity_sum":48,"expert_parallel":2,"dispatch_bytes":2048})" << "\n";
+  m << R"({"kind":"pipeline","step":5})" << "\n";  // no busy_s / bubble arrays: malformed
+  writeAll(dir / "metrics.jsonl", m.str());
+}
+
+TEST(Report, PipelineBubbleAndExpertDrops) {
+  TempDir tmp;
+  const fs::path dir = tmp.path() / "pp";
+  writePipelineRun(dir);
+  auto run = loadRunDir(dir);
+  ASSERT_TRUE(run.isOk());
+  EXPECT_EQ(run->malformed, 1);
+  EXPECT_EQ(run->unknown_kinds, 0);
+  ASSERT_TRUE(run->parallel.has_value());
+  EXPECT_EQ(run->parallel->stage_layers, (std::vector<int64_t>{2, 1, 1}));
+  const RunStats st = computeRunStats(*run);
+  ASSERT_TRUE(st.pipeline.has_value());
+  const PipelineStats& p = *st.pipeline;
+  EXPECT_EQ(p.stages, 3);
+  EXPECT_EQ(p.micro_batches, 4);
+  EXPECT_EQ(p.steps, 3);  // steps 2, 3, 4 (step 1 warms up)
+  EXPECT_EQ(p.first_step, 2);
+  ASSERT_EQ(p.per_stage.size(), 3u);
+  // By hand: busy means over steps 2..4, bubble = mean of 1 - busy / window.
+  EXPECT_NEAR(p.per_stage[0].busy_s, (0.30 + 0.34 + 0.32) / 3, 1e-9);
+  EXPECT_NEAR(p.per_stage[1].busy_s, (0.20 + 0.22 + 0.24) / 3, 1e-9);
+  EXPECT_NEAR(p.per_stage[2].busy_s, (0.24 + 0.26 + 0.25) / 3, 1e-9);
+  const double b0 = ((1 - 0.30 / 0.40) + (1 - 0.34 / 0.50) + (1 - 0.32 / 0.45)) / 3;  // 0.286296
+  const double b1 = ((1 - 0.20 / 0.40) + (1 - 0.22 / 0.50) + (1 - 0.24 / 0.45)) / 3;  // 0.508889
+  const double b2 = ((1 - 0.24 / 0.40) + (1 - 0.26 / 0.50) + (1 - 0.25 / 0.45)) / 3;  // 0.441481
+  EXPECT_NEAR(p.per_stage[0].bubble, b0, 1e-6);
+  EXPECT_NEAR(p.per_stage[1].bubble, b1, 1e-6);
+  EXPECT_NEAR(p.per_stage[2].bubble, b2, 1e-6);
+  EXPECT_NEAR(p.bubble_mean, (b0 + b1 + b2) / 3, 1e-6);  // 0.412222
+  EXPECT_NEAR(p.window_s, (0.40 + 0.50 + 0.45) / 3, 1e-9);
+  EXPECT_NEAR(p.bubble_theory, 2.0 / 6.0, 1e-9);  // (p-1)/(m+p-1), p 3, m 4
+  EXPECT_EQ(p.per_stage[0].layers, 2);
+  EXPECT_EQ(p.per_stage[2].layers, 1);
+  // MoE: 64 + 64 assignments routed, 8 dropped; step 4 max 20 / mean 16.
+  ASSERT_EQ(st.moe_layers.size(), 1u);
+  const MoeLayerStats& ml = st.moe_layers[0];
+  EXPECT_EQ(ml.lines, 2);
+  EXPECT_NEAR(ml.routed, 128, 1e-9);
+  EXPECT_NEAR(ml.dropped, 8, 1e-9);
+  EXPECT_NEAR(ml.drop_fraction, 0.0625, 1e-12);
+  EXPECT_EQ(ml.last_step, 4);
+  EXPECT_NEAR(ml.last_imbalance, 1.25, 1e-12);
+  EXPECT_NEAR(ml.dispatch_bytes, 2048, 1e-9);
+
+  auto out = writeReport({dir});
+  ASSERT_TRUE(out.isOk()) << out.status().toString();
+  const std::string& sum = out->summary;
+  EXPECT_NE(sum.find("pipeline           3 stages, 4 micro-batches per step (1F1B); mean of 3 logged step(s) from "
+                     "step 2"),
+            std::string::npos)
+      << sum;
+  EXPECT_NE(sum.find("    0      2       320ms       28.6 %\n"), std::string::npos) << sum;
+  EXPECT_NE(sum.find("    1      1       220ms       50.9 %\n"), std::string::npos) << sum;
+  EXPECT_NE(sum.find("    2      1       250ms       44.1 %\n"), std::string::npos) << sum;
+  EXPECT_NE(sum.find("bubble 41.2 % measured (stage mean) vs 33.3 % 1F1B theory (p-1)/(m+p-1); schedule window "
+                     "450ms per step"),
+            std::string::npos)
+      << sum;
+  EXPECT_NE(sum.find("moe layer 1        128 routed, 8 dropped (6.25 %) over 2 line(s); step 4: per expert "
+                     "[20,20,20,4], max/mean 1.25, dropped [0,0,0,0], dispatch 2.0KiB"),
+            std::string::npos)
+      << sum;
+
+  const std::string html = readAll(out->index_html);
+  EXPECT_NE(html.find("<h3>Pipeline</h3>"), std::string::npos);
+  EXPECT_NE(html.find("<tr><td>0</td><td>2</td><td>320.0</td><td>128.8</td><td>28.6 %</td></tr>"), std::string::npos)
+      << "idle = 0.286296 x 0.45 s";
+  EXPECT_NE(html.find("<tr><td>1F1B theory</td><td></td><td></td><td></td><td>33.3 %</td></tr>"), std::string::npos);
+  EXPECT_NE(html.find("<td>6.25 %</td>"), std::string::npos);
+  const std::string stages_svg = readAll(out->dir / "pipeline_stages.svg");
+  EXPECT_NE(stages_svg.find("data-segment=\"busy\""), std::string::npos);
+  EXPECT_NE(stages_svg.find("data-segment=\"bubble (idle)\""), std::string::npos);
+  const std::string bubble_svg = readAll(out->dir / "pipeline_bubble.svg");
+  EXPECT_EQ(polylinePoints(bubble_svg, "measured (stage mean)"), 4);  // steps 1..4, step 4 once
+  EXPECT_EQ(polylinePoints(bubble_svg, "1F1B theory (p-1)/(m+p-1)"), 4);
+}
+
 TEST(Report, MissingMetricsIsAClearError) {
   TempDir tmp;
   auto out = writeReport({tmp.path()});

@@ -77,9 +77,36 @@ struct MoeRecord {
   int64_t step = 0;
   int rank = 0;
   int layer = 0;
-  std::vector<double> tokens_per_expert;
+  std::vector<double> tokens_per_expert;    // assignments the router chose (before the capacity limit)
+  std::vector<double> dropped_per_expert;   // assignments over capacity (empty: not written)
   double dropped = kMissing;
+  double capacity = kMissing;  // "capacity" (one rank) or "capacity_sum" (rank-summed PP/EP line)
   double aux_loss = kMissing;
+  double expert_parallel = kMissing;  // EP group size (PP/EP trainer)
+  double dispatch_bytes = kMissing;   // rank 0's all-to-all bytes to other members so far
+};
+
+// kind "pipeline": one per logged step of a pipeline-parallel run (rank 0):
+// per stage busy time and bubble (1 - busy / the pipeline's schedule window).
+struct PipelineRecord {
+  int64_t step = 0;
+  int stages = 0;
+  int64_t micro_batches = 0;
+  std::vector<int64_t> stage_layers;
+  std::vector<double> busy_s;  // per stage, seconds (mean over pipelines)
+  std::vector<double> bubble;  // per stage, fraction of the window
+  double bubble_mean = kMissing, window_s = kMissing, bubble_theory = kMissing;  // theory: (p-1)/(m+p-1)
+};
+
+// kind "parallel": the pipeline / expert layout (written once by rank 0).
+struct ParallelRecord {
+  int64_t pipeline_stages = 1;
+  std::vector<int64_t> stage_layers;
+  int64_t replicas = 1;
+  int64_t expert_parallel = 1;
+  std::vector<int64_t> expert_begin;
+  std::vector<int64_t> shares;
+  bool recompute = false;
 };
 
 // kind "summary": written once at the end. Absent fields stay nullopt.
@@ -108,6 +135,8 @@ struct RunData {
   std::vector<OuterRecord> outers;
   std::vector<EventRecord> events;
   std::vector<MoeRecord> moe;
+  std::vector<PipelineRecord> pipeline;
+  std::optional<ParallelRecord> parallel;
   std::optional<SummaryRecord> summary;
 
   int64_t lines = 0;          // non-empty lines read from metrics.jsonl
@@ -162,6 +191,39 @@ struct IslandStats {
   double utilisation = 0;   // mean over its workers of compute / wall
 };
 
+// Pipeline bubble over the logged steps (the first logged step is left out
+// when there are others: it warms up allocations and connections).
+struct PipelineStageStats {
+  int stage = 0;
+  int64_t layers = 0;  // 0: unknown
+  double busy_s = 0;   // mean per step
+  double bubble = 0;   // mean fraction of the schedule window
+};
+struct PipelineStats {
+  int stages = 0;
+  int64_t micro_batches = 0;  // of the last line
+  int64_t steps = 0;          // pipeline lines averaged
+  int64_t first_step = 0;     // first step averaged
+  std::vector<PipelineStageStats> per_stage;
+  double window_s = 0;       // mean schedule window per step
+  double bubble_mean = 0;    // mean over steps of the stage-mean bubble
+  double bubble_theory = 0;  // 1F1B (p-1)/(m+p-1), mean over the same steps
+};
+
+// Routing of one MoE layer summed over every logged line.
+struct MoeLayerStats {
+  int layer = 0;
+  int64_t lines = 0;
+  double routed = 0;   // sum of tokens_per_expert (assignments before capacity)
+  double dropped = 0;  // sum of `dropped` (or of dropped_per_expert)
+  double drop_fraction = 0;
+  int64_t last_step = 0;
+  std::vector<double> last_tokens_per_expert;   // summed over the ranks of the last step
+  std::vector<double> last_dropped_per_expert;  // idem (empty: not written)
+  double last_imbalance = 0;  // max / mean of last_tokens_per_expert
+  double dispatch_bytes = kMissing;  // largest dispatch_bytes seen
+};
+
 struct RunStats {
   int64_t steps = 0;  // distinct steps seen (or summary.steps)
   int64_t first_step = 0, last_step = 0;
@@ -178,9 +240,19 @@ struct RunStats {
   double bytes_strait = 0;  // summary.bytes_strait, else the sum over outer lines
   double mean_sync_s = 0;
   double utilisation = 0;   // mean over workers of compute / wall
+  std::optional<PipelineStats> pipeline;  // pipeline-parallel runs
+  std::vector<MoeLayerStats> moe_layers;  // by layer
 };
 
 RunStats computeRunStats(const RunData& run);
+
+// The pipeline part of computeRunStats: nullopt without "pipeline" lines.
+// Means over the logged steps, the first left out when there are others; a
+// step logged twice (replayed after a restart) counts with its last line.
+std::optional<PipelineStats> pipelineStats(const RunData& run);
+
+// The MoE part of computeRunStats: per layer, every (step, rank) line once.
+std::vector<MoeLayerStats> moeLayerStats(const RunData& run);
 
 // The plain-text summary (what `archipelago report` prints and summary.txt holds).
 std::string formatSummary(const RunData& run, const RunStats& stats);
