@@ -120,6 +120,7 @@ std::string CalibrationProfile::toJson() const {
     jd["background_procs"] = dc.background_procs;
     jd["background_groups"] = dc.background_groups;
     jd["threads"] = dc.threads;
+    jd["alone_core_share"] = dc.alone_core_share;
     nlohmann::json corun = nlohmann::json::array();
     for (const auto& c : dc.corun) {
       corun.push_back({{"threads", c.threads}, {"compute_factor", c.compute_factor}, {"optimizer_factor", c.optimizer_factor}});
@@ -175,6 +176,7 @@ core::Result<CalibrationProfile> CalibrationProfile::fromJson(const std::string&
       dc.background_procs = jd.value("background_procs", 0.0);
       dc.background_groups = jd.value("background_groups", std::vector<double>{});
       dc.threads = jd.value("threads", int64_t{1});
+      dc.alone_core_share = jd.value("alone_core_share", 0.0);
       if (jd.contains("corun")) {
         for (const auto& jc : jd.at("corun")) {
           DeviceCalibration::Corun c;

@@ -71,23 +71,26 @@ struct LocalWorker {
   DeviceSpec dev;
 };
 
-// Cores our job gets when it wants `demand` and the other scheduling groups
-// want `others`: the kernel shares the cores fairly between groups (each
-// gets min(its demand, level), the level filling the cores). cores <= 0:
-// not modelled.
-double jobCapacity(double demand, const std::vector<double>& others, double cores) {
+// Cores our job gets when it wants `demand` (threads x running workers)
+// and the host's other load wants `load.groups`: the kernel shares the cores
+// fairly between scheduling groups (each gets min(its demand, level), the
+// level filling the cores). Our job is one group, or with load.per_thread
+// one entity per thread (what a measured core share implies, see
+// HostLoad). cores <= 0: not modelled.
+double jobCapacity(double demand, const HostLoad& load, double cores) {
   if (cores <= 0) return demand;
   double total = demand;
-  for (double g : others) total += g;
+  for (double g : load.groups) total += g;
   if (total <= cores) return demand;
+  auto ours = [&](double level) { return load.per_thread ? demand * std::min(1.0, level) : std::min(demand, level); };
   double lo = 0, hi = cores;
   for (int it = 0; it < 60; ++it) {
     const double level = 0.5 * (lo + hi);
-    double used = std::min(demand, level);
-    for (double g : others) used += std::min(g, level);
+    double used = ours(level);
+    for (double g : load.groups) used += std::min(g, level);
     (used > cores ? hi : lo) = level;
   }
-  return std::min(demand, lo);
+  return ours(lo);
 }
 
 // How much more CPU time a unit of work takes when n workers of the job run
@@ -110,7 +113,7 @@ double corunFactor(const std::vector<DeviceCalibration::Corun>& pts, double n, b
 
 std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
                                             const std::vector<double>& slowdown, double cores, double threads,
-                                            const std::vector<double>& background,
+                                            const HostLoad& background,
                                             const std::vector<DeviceCalibration::Corun>& corun) {
   const size_t n = work.size();
   std::vector<double> left = pre;
@@ -198,11 +201,28 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   p.measured_parts = measured;
   const double threads = d(std::max<int64_t>(1, tc.threads_per_worker));
   p.host_cores = dc && dc->host_cores > 0 ? dc->host_cores : 0;
-  // Other runnable threads on a shared host (measured while calibrating)
-  // are assumed to keep running during training and take their share of
-  // the cores. The measured parts are uncontended (fastest of several runs).
-  const std::vector<double> background = p.host_cores > 0 ? dc->background_groups : std::vector<double>{};
-  p.background_procs = p.host_cores > 0 ? dc->background_procs : 0.0;
+  // The other load on a shared host (measured while calibrating) is
+  // assumed to keep running during training and take its share of the
+  // cores; the measured parts are costs alone (CPU time). The share s of a
+  // core the calibration thread got says how much load there is: like
+  // B = cores/s - 1 other busy threads where s < 0.95, each worker thread
+  // competing with them one to one; with a full core, at most cores - 1 of
+  // the runnable processes counted (those counts alone overstated the load
+  // several times over on this host). Without a measured share: the counts
+  // per scheduling group, shared fairly between groups.
+  HostLoad background;
+  if (p.host_cores > 0) {
+    const double s = dc->alone_core_share;
+    if (s > 0) {
+      double b = s < 0.95 ? p.host_cores / s - 1.0 : std::min(dc->background_procs, p.host_cores - 1.0);
+      p.background_procs = b;
+      background.per_thread = true;
+      for (; b > 1e-9; b -= 1.0) background.groups.push_back(std::min(1.0, b));
+    } else {
+      background.groups = dc->background_groups;
+      p.background_procs = dc->background_procs;
+    }
+  }
   p.oversubscribed = p.host_cores > 0 && jobCapacity(threads * d(world), background, p.host_cores) < threads * d(world);
 
   // Seconds of forward+backward for one micro-batch of n samples on worker r
@@ -383,8 +403,12 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       p.host_cores > 0
           ? fmt::format("{} workers x {} threads on {} cores{}{}", world, tc.threads_per_worker, p.host_cores,
                         p.background_procs > 0.05
-                            ? fmt::format(" shared with {:.1f} other runnable processes in {} groups (measured)",
-                                          p.background_procs, background.size())
+                            ? (background.per_thread
+                                   ? fmt::format(" shared with other load worth {:.1f} busy threads (calibration got "
+                                                 "{:.2f} of a core)",
+                                                 p.background_procs, dc->alone_core_share)
+                                   : fmt::format(" shared with {:.1f} other runnable processes in {} groups (measured)",
+                                                 p.background_procs, background.groups.size()))
                             : std::string(),
                         p.oversubscribed ? " (oversubscribed: workers share cores)" : "")
           : std::string("cores not modelled"));

@@ -290,11 +290,15 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
   (void)timeModel(net, flat, sizes.back(), T, job.model.vocab_size, 3 * min_seconds_per_point, cpu, nullptr);
   const std::string key = plan::localPartKey("model", spec, T, dtype);
   double alone_hi = 0;
+  const auto wall0 = core::Clock::now();
+  const double cpu0 = threadCpuSeconds();
   for (int64_t n : sizes) {
     const FwdBwd a = timeModel(net, flat, n, T, job.model.vocab_size, min_seconds_per_point, cpu, &load);
     profile.addItemTiming(kind, key, static_cast<double>(n * T), std::max(1e-7, a.fwd_s), std::max(1e-7, a.bwd_s));
     alone_hi = a.fwd_s + a.bwd_s;
   }
+  // The share of a core this thread got meanwhile (other load on the host).
+  const double share = cpu ? (threadCpuSeconds() - cpu0) / std::max(1e-9, core::secondsSince(wall0)) : 0.0;
   FlatAdamW adam(job.train, 0, flat.numel());
   {
     flat.grads().normal_();
@@ -314,6 +318,7 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
   dev.background_procs = 0;
   for (double g : dev.background_groups) dev.background_procs += g;
   dev.threads = torch::get_num_threads();
+  dev.alone_core_share = std::min(1.0, share);
   // The workers of this host running at once: as many as cores, and all of
   // them when there are more workers than cores (single-threaded workers
   // only; the factors are CPU-time ratios).

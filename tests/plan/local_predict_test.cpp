@@ -156,6 +156,42 @@ TEST(LocalPredict, CommitAndCorunFactorsByHand) {
   EXPECT_NEAR(four[0].end, 1.2 * a, 1e-9);
 }
 
+TEST(LocalPredict, MeasuredCoreShareSetsTheBackground) {
+  // Calibration got half a core on 2 cores: like B = 2/0.5 - 1 = 3 other
+  // busy threads, each worker competing with them one to one. Shares
+  // 10/9/5: with 3 workers running every thread gets 2/6 of a core; the
+  // slow one's 5a end at 15a (sleep until 30a); with 2 running 2/5: rank
+  // 1's 4a left end at 25a; rank 0 alone 2/4: its last 1a ends at 27a. The
+  // step's compute ends at 30a.
+  const double a = 0.01;
+  const auto job = demoJob(false);
+  auto prof = profileFor(job, a, 2);
+  prof.device("cpu").alone_core_share = 0.5;
+  auto p = predictStepTime(job, 256, catalog(), &prof);
+  ASSERT_TRUE(p.isOk()) << p.status().toString();
+  EXPECT_NEAR(p->compute_s, 30 * a, 1e-9);
+  EXPECT_NEAR(p->background_procs, 3, 1e-12);
+  EXPECT_NE(p->detail.find("calibration got 0.50 of a core"), std::string::npos) << p->detail;
+  // A full core at calibration: the runnable-process count, at most
+  // cores - 1 of them (none counted here: the 15a of the quiet host).
+  prof.device("cpu").alone_core_share = 1.0;
+  auto q = predictStepTime(job, 256, catalog(), &prof);
+  ASSERT_TRUE(q.isOk());
+  EXPECT_NEAR(q->compute_s, 15 * a, 1e-9);
+  // 5 counted, capped at 1 busy thread: 3 workers + 1 on 2 cores, 1/2 a
+  // core each until the slow one's 5a end at 10a (sleep until 20a); then
+  // 2/3 each: rank 1's 4a left end at 16a; rank 0 then has a core for its
+  // last 1a: 17a. The step's compute ends at 20a.
+  prof.device("cpu").background_procs = 5;
+  auto r = predictStepTime(job, 256, catalog(), &prof);
+  ASSERT_TRUE(r.isOk());
+  EXPECT_NEAR(r->background_procs, 1, 1e-12);
+  EXPECT_NEAR(r->compute_s, 20 * a, 1e-9);
+  auto back = CalibrationProfile::fromJson(prof.toJson());
+  ASSERT_TRUE(back.isOk());
+  EXPECT_EQ(back->find("cpu")->alone_core_share, 1.0);
+}
+
 TEST(LocalPredict, MeasuredPartsInterpolateAndRoundTrip) {
   CalibrationProfile p;
   p.addItemTiming("cpu", "layer x", 1000, 0.011, 0.021);  // 1 ms fixed + 10 us/token fwd

@@ -45,6 +45,10 @@ struct DeviceCalibration {
   // Their mean runnable count per scheduling group (the kernel's autogroups
   // share the cores fairly between groups, not processes).
   std::vector<double> background_groups;
+  // Thread CPU time / wall time of the calibration's timed runs (one
+  // thread): the share of a core a worker got next to the other load;
+  // 0 = not measured.
+  double alone_core_share = 0;
   int64_t threads = 1;          // intra-op threads per worker the timings were taken with
   // Sharing the host with each other: CPU seconds per unit of work when
   // `threads` copies of a worker's step run at once, relative to one copy

@@ -61,17 +61,25 @@ struct WorkerTimes {
   double done = 0;
 };
 
+// The other load on the host: the demand (threads) of each other
+// scheduling group; per_thread: our workers' threads compete with them one
+// by one (otherwise our job is one group, shared fairly with the others).
+struct HostLoad {
+  std::vector<double> groups;
+  bool per_thread = false;
+};
+
 // Replays the compute phase of one step on a shared host: worker r needs
 // pre[r] then work[r] CPU seconds (measured alone, `threads` intra-op
 // threads); the workers in either part run at once, get the cores our job
-// gets next to the other scheduling groups' demand `background` (fair
-// share between groups, equal within ours; cores <= 0: not modelled), and
+// gets next to the other load `background` (fair share between groups,
+// equal within ours; cores <= 0: not modelled), and
 // with n of them running each unit of work costs corunFactor(n) (measured
 // co-run factors, piecewise linear from 1.0 alone). A sleeping worker
 // frees its core.
 std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
                                             const std::vector<double>& slowdown, double cores, double threads,
-                                            const std::vector<double>& background,
+                                            const HostLoad& background,
                                             const std::vector<DeviceCalibration::Corun>& corun);
 
 // job: the resolved job (cluster, model, train, strategy, data.seq_len);
