@@ -8,7 +8,6 @@
 // a two-stage pipeline across a strait, computed here by hand.
 #include <algorithm>
 #include <cmath>
-#include <tuple>
 
 #include <gtest/gtest.h>
 
@@ -22,21 +21,7 @@ namespace {
 
 using testing::catalog;
 using testing::island;
-
-core::ClusterSpec triDc(double latency_s) {
-  core::ClusterSpec c;
-  c.name = "tri";
-  c.islands = {island("east", "h100", 4096), island("west", "mi300x", 4096), island("north", "ascend910b", 2048)};
-  for (auto [a, b, bw] : {std::tuple{"east", "west", 3.2e12}, {"east", "north", 1.6e12}, {"west", "north", 0.8e12}}) {
-    core::StraitSpec s;
-    s.a = a;
-    s.b = b;
-    s.bandwidth = bw / 8;
-    s.latency = latency_s;
-    c.straits.push_back(s);
-  }
-  return c;
-}
+using testing::triDc;
 
 void expectAgree(const Plan& p, double tol) {
   auto sim = simulateStep(p);

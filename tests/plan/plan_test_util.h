@@ -1,9 +1,12 @@
-// Fixtures shared by the planner tests: the built-in device catalog and an
-// island of `count` devices of one kind (8 per node).
+// Fixtures shared by the planner tests: the built-in device catalog, an
+// island of `count` devices of one kind (8 per node), and the 3-island
+// cluster of 10,240 devices (H100, MI300X, Ascend 910B) joined by 3.2, 1.6
+// and 0.8 Tbit/s straits.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 #include <gtest/gtest.h>
 
@@ -25,6 +28,21 @@ inline core::IslandSpec island(const std::string& name, const std::string& dev, 
   is.count = count;
   is.devices_per_node = 8;
   return is;
+}
+
+inline core::ClusterSpec triDc(double latency_s) {
+  core::ClusterSpec c;
+  c.name = "tri";
+  c.islands = {island("east", "h100", 4096), island("west", "mi300x", 4096), island("north", "ascend910b", 2048)};
+  for (auto [a, b, bw] : {std::tuple{"east", "west", 3.2e12}, {"east", "north", 1.6e12}, {"west", "north", 0.8e12}}) {
+    core::StraitSpec s;
+    s.a = a;
+    s.b = b;
+    s.bandwidth = bw / 8;
+    s.latency = latency_s;
+    c.straits.push_back(s);
+  }
+  return c;
 }
 
 }  // namespace archipelago::plan::testing

@@ -160,17 +160,7 @@ TEST(Planner, ThinStraitPrefersDilocoOrIslandLocalPipelines) {
 }
 
 TEST(Planner, TrillionMoeOnTenThousandDevicesIsFast) {
-  core::ClusterSpec c;
-  c.name = "tri";
-  c.islands = {island("east", "h100", 4096), island("west", "mi300x", 4096), island("north", "ascend910b", 2048)};
-  for (auto [a, b, bw] : {std::tuple{"east", "west", 3.2e12}, {"east", "north", 1.6e12}, {"west", "north", 0.8e12}}) {
-    core::StraitSpec s;
-    s.a = a;
-    s.b = b;
-    s.bandwidth = bw / 8;
-    s.latency = 0.03;
-    c.straits.push_back(s);
-  }
+  const core::ClusterSpec c = testing::triDc(0.03);
   PlanOptions o;
   o.setup.seq_len = 4096;
   o.setup.global_batch_tokens = 16 << 20;
