@@ -282,7 +282,7 @@ int main(int argc, char** argv) {
   const std::vector<double> slowdowns{std::stod(sp[0]), std::stod(sp[1])};
   const std::string even2 = std::to_string(a.layers / 2) + "," + std::to_string(a.layers - a.layers / 2);
   std::printf("\npart 2: 2 stages on EMULATED devices with slowdowns [%s], %d layers, %d micro-batches, %d steps, "
-              "%d interleaved repeats\n",
+              "%d back-to-back (even, speed-aware) pairs\n",
               a.speeds.c_str(), a.layers, a.split_micro, a.steps, a.repeats);
   std::vector<double> even_s, aware_s, even_bubble, aware_bubble, ratios;
   std::vector<int64_t> even_layers, aware_layers;
