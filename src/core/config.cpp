@@ -770,11 +770,6 @@ Status validateJob(const JobConfig& j) {
             "model.moe.num_experts (" + std::to_string(moe.num_experts) + ")");
     }
   }
-  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && s.kind == "streaming") {
-    p.add("strategy.kind", s.kind,
-          "sync or diloco when strategy.pipeline_stages or strategy.expert_parallel > 1 (streaming DiLoCo with PP/EP "
-          "is not supported: its fragments would cut across stages)");
-  }
   if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && t.shard_optimizer) {
     p.add("train.shard_optimizer", "true", "false with strategy.pipeline_stages or strategy.expert_parallel > 1");
   }

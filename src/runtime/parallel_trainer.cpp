@@ -524,9 +524,10 @@ core::Status Impl::resume() {
   train_sampler_->setPosition(ck.data_position);
   if (ck.shares.size() == shares_.size()) shares_ = ck.shares;
   if (diloco_) {
-    // The outer state, by name like the weights. At an outer-step boundary
-    // the parameters are the anchor and no island has progress to count, so
-    // this rank's part is all that is needed (the token counters restart).
+    // The outer state, by name like the weights. Progress since a
+    // fragment's last sync is in the parameters (anchor - params is the next
+    // pseudo-gradient); the token counters restart on every rank alike, so
+    // all ranks keep weighting the islands the same way.
     const nlohmann::json st = ck.extra.value("outer", nlohmann::json());
     if (!opt_by_name.count("outer.anchor") || !opt_by_name.count("outer.momentum") || !st.is_object() ||
         st.value("kind", "") != job_.strategy.kind || opt_by_name["outer.anchor"].numel() != total) {
@@ -534,12 +535,9 @@ core::Status Impl::resume() {
                                       " outer state of this model (written by another strategy.kind?); resume "
                                       "with the strategy it was written with");
     }
-    if (ck.step % job_.strategy.inner_steps != 0 && ck.step != job_.train.steps) {
-      return core::failedPrecondition(
-          "checkpoint " + *latest + " is at step " + std::to_string(ck.step) + ", inside an outer round of " +
-          std::to_string(job_.strategy.inner_steps) + " steps; with strategy.kind diloco and pipeline/expert "
-          "parallelism resume needs a checkpoint at an outer-step boundary (checkpoint.every a multiple of "
-          "strategy.inner_steps)");
+    if (ck.step % job_.strategy.inner_steps != 0 && rank_ == 0) {
+      ARCH_LOG_INFO("resuming inside an outer round (step {}, inner_steps {}): the first round after the resume "
+                    "weights the islands by the tokens since the resume", ck.step, job_.strategy.inner_steps);
     }
     torch::Tensor a = torch::empty({flat_->numel()}, torch::kFloat), mo = torch::empty({flat_->numel()}, torch::kFloat);
     for (const auto& seg : flat_->segments()) {

@@ -1,9 +1,12 @@
 // Pipeline and expert parallelism. The reference for every split run is the
 // same job trained by one process (runTrainer with no communicator, the
 // same global batch and micro-batches): PP=2, PP=3 with uneven layers, two
-// pipelines with uneven shares, and EP=2 with uneven expert placement must
-// reproduce its loss curve within fp32 tolerance; a run saved at PP=2 must
-// continue at PP=1 and at PP=3 on the same curve. Split runs go through the
+// pipelines with uneven shares, EP=2 with uneven expert placement and
+// PP=2 x EP=2 must reproduce its loss curve within fp32 tolerance; a run
+// saved at PP=2 must continue at PP=1 and at PP=3 on the same curve. With
+// DiLoCo / streaming over two islands of pipelines (or expert groups), the
+// identity settings (inner SGD, H=1, outer lr 1, no momentum) must give the
+// single-process SGD curve, with bit-identical replicas of every stage. Split runs go through the
 // real binary (launcher, coordinator, worker processes, comm over 127.0.0.1).
 #include <cmath>
 #include <filesystem>
@@ -178,7 +181,6 @@ TEST(Pipeline, BadSplitsAreRejectedNamingTheField) {
   bad("{pipeline_stages: 2}", "", "strategy.pipeline_stages");                            // 2 does not divide 3
   bad("{pipeline_stages: 3, stage_layers: [2, 1, 2]}", "", "strategy.stage_layers");     // sums to 5
   bad("{pipeline_stages: 3}", ", tie_embeddings: true", "model.tie_embeddings");
-  bad("{pipeline_stages: 3, kind: streaming}", "", "strategy.kind");
   bad("{pipeline_stages: 3, expert_parallel: 2}", ", moe: {num_experts: 2}", "strategy.expert_parallel");  // 1 pipeline
   bad("{expert_parallel: 3}", ", moe: {num_experts: 2}", "strategy.expert_parallel");
   bad("{expert_parallel: 3, expert_counts: [1, 1]}", ", moe: {num_experts: 4}", "strategy.expert_counts");
@@ -244,6 +246,18 @@ void expectCurve(const fs::path& run, const std::vector<double>& ref, int from_s
     ASSERT_TRUE(losses.count(s)) << what << ": no loss for step " << s;
     EXPECT_NEAR(losses[s], ref[static_cast<size_t>(s - 1)], tol * ref[0]) << what << " step " << s;
   }
+}
+
+// The model a checkpoint's job file describes (vocab_size 0 there means
+// "from the data", as the trainer resolves it).
+core::ModelConfig checkpointModel(const CheckpointState& ck) {
+  core::ModelConfig mc = loadJobText(ck.job_yaml, "ck_model").model;
+  if (mc.vocab_size == 0) {
+    auto ds = data::PreparedDataset::open(tinyDataDir());
+    EXPECT_TRUE(ds.isOk()) << ds.status().toString();
+    if (ds.isOk()) mc.vocab_size = (*ds)->vocabSize();
+  }
+  return *model::resolveModelConfig(mc);
 }
 
 constexpr int kSteps = 20;
@@ -380,6 +394,127 @@ TEST(Pipeline, DilocoOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical)
   }
 }
 
+TEST(Pipeline, StreamingOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical) {
+  // Streaming DiLoCo cuts each stage's own tensors into fragments; with
+  // H = 1 every fragment is synced after every step (offsets 0), so the
+  // identity settings again give synchronous SGD.
+  const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
+                        "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
+  const int steps = 10;
+  auto job = loadJobText(sgdDiloco(jobYaml(scratchRoot() / "ppst_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
+                         "ppst_ref");
+  TrainerOptions o;
+  o.job = job;
+  o.run_dir = job.run_dir;
+  o.write_metrics = false;
+  auto ref = runTrainer(o);
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  fs::path run = scratchRoot() / "ppst";
+  ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, steps, "",
+                                                 "{pipeline_stages: 2, kind: streaming, fragments: 2, overlap_steps: 0, "
+                                                 "inner_steps: 1, outer_lr: 1.0, outer_momentum: 0.0, nesterov: false}")),
+                               "ppst"),
+            0)
+      << outputOf("ppst");
+  expectCurve(run, ref->losses, 1, steps, 2e-4, "PP=2 x 2 islands, streaming H=1");
+  std::map<std::pair<int64_t, int>, std::map<int, std::string>> digests;  // (sent_step, fragment) -> rank -> digest
+  for (const auto& j : testutil::metricLines(run, "outer")) {
+    digests[{j["sent_step"].get<int64_t>(), j["fragment"].get<int>()}][j["rank"].get<int>()] = j["digest"].get<std::string>();
+  }
+  ASSERT_GE(digests.size(), static_cast<size_t>(steps)) << outputOf("ppst");
+  for (const auto& [key, by_rank] : digests) {
+    ASSERT_EQ(by_rank.size(), 4u) << "sent_step " << key.first << " fragment " << key.second;
+    EXPECT_EQ(by_rank.at(0), by_rank.at(2)) << "stage 0, sent_step " << key.first;
+    EXPECT_EQ(by_rank.at(1), by_rank.at(3)) << "stage 1, sent_step " << key.first;
+  }
+}
+
+TEST(ExpertParallel, DilocoOverTwoIslandsOfExpertGroupsEqualsSync) {
+  // EP=2 inside each of two islands: the outer groups are {0, 2} (dense
+  // part + experts [0, 3)) and {1, 3} (dense part + expert 3); both must
+  // apply the same outer step to the replicated tensors. No balancing term
+  // (router biases stay per island under DiLoCo, as with data parallelism).
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: none}";
+  const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
+                        "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
+  auto job = loadJobText(sgdDiloco(jobYaml(scratchRoot() / "epdl_ref", "    - {name: a, count: 1}", kSteps, moe, "{kind: sync}")),
+                         "epdl_ref");
+  TrainerOptions o;
+  o.job = job;
+  o.run_dir = job.run_dir;
+  o.write_metrics = false;
+  auto ref = runTrainer(o);
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  fs::path run = scratchRoot() / "epdl";
+  ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, kSteps, moe,
+                                                 "{expert_parallel: 2, expert_counts: [3, 1], kind: diloco, inner_steps: 1, "
+                                                 "outer_lr: 1.0, outer_momentum: 0.0, nesterov: false}")),
+                               "epdl"),
+            0)
+      << outputOf("epdl");
+  expectCurve(run, ref->losses, 1, kSteps, 2e-4, "EP=2 x 2 islands, DiLoCo H=1");
+  std::map<int64_t, std::map<int, std::string>> digests;
+  for (const auto& j : testutil::metricLines(run, "outer")) {
+    digests[j["sent_step"].get<int64_t>()][j["rank"].get<int>()] = j["digest"].get<std::string>();
+  }
+  ASSERT_EQ(digests.size(), static_cast<size_t>(kSteps)) << outputOf("epdl");
+  for (const auto& [step, by_rank] : digests) {
+    ASSERT_EQ(by_rank.size(), 4u) << "sent_step " << step;
+    EXPECT_EQ(by_rank.at(0), by_rank.at(2)) << "member 0, sent_step " << step;
+    EXPECT_EQ(by_rank.at(1), by_rank.at(3)) << "member 1, sent_step " << step;
+  }
+}
+
+TEST(Pipeline, DilocoOuterStateResumesInTheSingleProcessLayout) {
+  // DiLoCo H=2 with outer momentum: PP=2 with layers [3, 1] on each of two
+  // islands, cut at step 6 (a round boundary), resumed with layers [1, 3]:
+  // the anchor and outer momentum are saved in full-model order and loaded
+  // by name, so the run continues the uninterrupted run's curve.
+  // Inner SGD: the inner AdamW moments differ per island under DiLoCo and
+  // the checkpoint keeps island 0's (as with data parallelism).
+  const int steps = 12, k = 6;
+  const char* islands4 = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
+                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
+  const std::string diloco = "kind: diloco, inner_steps: 2, outer_lr: 0.7, outer_momentum: 0.9";
+  fs::path whole = scratchRoot() / "pprs_whole";
+  ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(whole, islands4, steps, "", "{pipeline_stages: 2, stage_layers: [3, 1], " + diloco + "}")),
+                               "pprs_whole"),
+            0)
+      << outputOf("pprs_whole");
+  auto ref_map = testutil::rank0Losses(whole);
+  std::vector<double> ref;
+  for (int s = 1; s <= steps; ++s) ref.push_back(ref_map[s]);
+  fs::path cut = scratchRoot() / "pprs_cut";
+  std::string yaml = sgdDiloco(jobYaml(cut, islands4, steps, "", "{pipeline_stages: 2, stage_layers: [3, 1], " + diloco + "}"));
+  yaml.replace(yaml.find("{every: 0"), 9, "{every: " + std::to_string(k));
+  EXPECT_NE(testutil::runTrain(yaml, "pprs_cut", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(cut / "checkpoints" / checkpointDirName(k))) << outputOf("pprs_cut");
+  auto ck = loadCheckpoint((cut / "checkpoints" / checkpointDirName(k)).string());
+  ASSERT_TRUE(ck.isOk()) << ck.status().toString();
+  std::map<std::string, torch::Tensor> opt(ck->optimizer.begin(), ck->optimizer.end());
+  ASSERT_TRUE(opt.count("outer.anchor") && opt.count("outer.momentum"));
+  EXPECT_EQ(opt["outer.anchor"].numel(), opt["exp_avg"].numel());
+  // At a round boundary the parameters are the anchor (full-model order).
+  std::map<std::string, torch::Tensor> weights(ck->weights.begin(), ck->weights.end());
+  int64_t off = 0;
+  for (const auto& [name, shape] : model::parameterLayout(checkpointModel(*ck))) {
+    ASSERT_TRUE(weights.count(name)) << name;
+    const int64_t n = weights[name].numel();
+    EXPECT_TRUE(torch::equal(weights[name].reshape({-1}), opt["outer.anchor"].narrow(0, off, n))) << name;
+    off += n;
+  }
+  EXPECT_EQ(off, opt["outer.anchor"].numel());
+  EXPECT_GT(opt["outer.momentum"].abs().max().item<double>(), 0.0);
+  fs::path run = scratchRoot() / "pprs_13";
+  fs::create_directories(run);
+  fs::copy(cut / "checkpoints", run / "checkpoints", fs::copy_options::recursive);
+  ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands4, steps, "", "{pipeline_stages: 2, stage_layers: [1, 3], " + diloco + "}")),
+                               "pprs_13", {"--resume"}),
+            0)
+      << outputOf("pprs_13");
+  expectCurve(run, ref, k + 1, steps, kTol, "DiLoCo PP=2 resumed at layers [1, 3]");
+}
+
 TEST(ExpertParallel, CapacityDropsAreCountedAndBf16DispatchTrains) {
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, capacity_factor: 0.5}";
   auto ref = reference("ep_cap_ref", 10, moe);
@@ -410,14 +545,8 @@ TEST(Pipeline, SavedAtTwoStagesResumesAtOneAndThree) {
   // The checkpoint is in the single-process layout.
   auto ck = loadCheckpoint((cut / "checkpoints" / checkpointDirName(k)).string());
   ASSERT_TRUE(ck.isOk()) << ck.status().toString();
-  // The model the job describes (the checkpoint's state.json keeps the job
-  // file; vocab_size 0 there means "from the data", as the trainer resolves it).
-  core::ModelConfig mc = loadJobText(ck->job_yaml, "rs_model").model;
-  if (mc.vocab_size == 0) {
-    auto ds = data::PreparedDataset::open(tinyDataDir());
-    ASSERT_TRUE(ds.isOk()) << ds.status().toString();
-    mc.vocab_size = (*ds)->vocabSize();
-  }
+  // The model the job describes (the checkpoint's state.json keeps the job file).
+  const core::ModelConfig mc = checkpointModel(*ck);
   auto full = model::buildModel(mc, 0);
   ASSERT_TRUE(full.isOk()) << full.status().toString();
   std::set<std::string> want, got;
