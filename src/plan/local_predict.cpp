@@ -1,7 +1,8 @@
 // Predicted step time of a local run (see local_predict.h). One step is
 // replayed the way the trainer runs it on this host:
-//   1. every worker computes forward+backward of its share (micro-batches),
-//      all of them at once on the host's cores (processor sharing);
+//   1. every worker commits (the elastic rollback copy), then computes
+//      forward+backward of its share (micro-batches), all of them at once
+//      on the host's cores (processor sharing, measured co-run factors);
 //   2. a worker with an EMULATED slowdown then sleeps (slowdown-1) x its
 //      measured compute wall time (its core is free meanwhile);
 //   3. gradients are reduced: inside each island over loopback TCP, across

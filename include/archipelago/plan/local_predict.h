@@ -3,11 +3,12 @@
 // for bench/predict_local.sh.
 //
 // What it models (docs/planner.md, "Local prediction"): each worker's
-// forward+backward of its share at the measured cost of the job's own model
-// parts (calibration: average decoder layer and embedding+head+loss, timed
-// with the real kernels), split into micro-batches; all workers of this
-// host sharing its cores (processor sharing when workers x threads >
-// cores, and with the other runnable threads measured on a shared host);
+// per-step commit, then forward+backward of its share at the measured cost
+// of the job's own model (calibration: thread CPU time with the real
+// kernels), split into micro-batches; all workers of this host sharing its
+// cores (processor sharing when workers x threads > cores, and with the
+// other load measured on a shared host) at the measured co-run factor for
+// the number running at once;
 // the EMULATED slowdown as the trainer applies it (a sleep of
 // (slowdown-1) x the worker's measured compute wall time, which frees its
 // core); the rebalancer moving batch shares toward equal compute time, as
