@@ -330,7 +330,7 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
     if (workers > counts[0]) counts.push_back(workers);
     for (int64_t k : counts) {
       if (k < 2) continue;
-      ARCH_ASSIGN_OR_RETURN(CorunTimes c, timeCorun(job, static_cast<int>(k), sizes.back(), 4));
+      ARCH_ASSIGN_OR_RETURN(CorunTimes c, timeCorun(job, static_cast<int>(k), sizes.back(), 3));
       plan::DeviceCalibration::Corun r;
       r.threads = k;
       r.compute_factor = std::max(1.0, c.compute_s / alone_hi);
