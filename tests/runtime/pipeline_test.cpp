@@ -467,9 +467,10 @@ TEST(ExpertParallel, DilocoOverTwoIslandsOfExpertGroupsEqualsSync) {
 
 TEST(Pipeline, DilocoOuterStateResumesInTheSingleProcessLayout) {
   // DiLoCo H=2 with outer momentum: PP=2 with layers [3, 1] on each of two
-  // islands, cut at step 6 (a round boundary), resumed with layers [1, 3]:
-  // the anchor and outer momentum are saved in full-model order and loaded
-  // by name, so the run continues the uninterrupted run's curve.
+  // islands, cut at step 6 (a round boundary), resumed with layers [1, 3]
+  // and by the data-parallel trainer (one worker per island): the anchor and
+  // outer momentum are saved in full-model order and loaded by name, so both
+  // continue the uninterrupted run's curve.
   // Inner SGD: the inner AdamW moments differ per island under DiLoCo and
   // the checkpoint keeps island 0's (as with data parallelism).
   const int steps = 12, k = 6;
@@ -513,6 +514,14 @@ TEST(Pipeline, DilocoOuterStateResumesInTheSingleProcessLayout) {
             0)
       << outputOf("pprs_13");
   expectCurve(run, ref, k + 1, steps, kTol, "DiLoCo PP=2 resumed at layers [1, 3]");
+  const char* islands2 = "    - {name: east, count: 1}\n    - {name: west, count: 1}\n"
+                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
+  fs::path dp = scratchRoot() / "pprs_dp";
+  fs::create_directories(dp);
+  fs::copy(cut / "checkpoints", dp / "checkpoints", fs::copy_options::recursive);
+  ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(dp, islands2, steps, "", "{" + diloco + "}")), "pprs_dp", {"--resume"}), 0)
+      << outputOf("pprs_dp");
+  expectCurve(dp, ref, k + 1, steps, kTol, "DiLoCo PP=2 resumed by the data-parallel trainer");
 }
 
 TEST(ExpertParallel, CapacityDropsAreCountedAndBf16DispatchTrains) {

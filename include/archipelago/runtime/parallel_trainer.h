@@ -23,11 +23,11 @@
 // strategy.dispatch_codec). Non-expert gradients are summed over the
 // same-stage ranks, expert gradients over those holding the same experts.
 //
-// Cross-island strategies (strategy.kind diloco): every island runs its own
-// pipelines / expert groups (each lies inside one island) as the inner
-// synchronous group; every H steps the ranks that hold the same tensors
-// (same stage, same expert member) in all islands run the outer step on
-// their part through the DiLoCo outer sync (outer_sync.h).
+// Cross-island strategies (strategy.kind diloco | streaming): every island
+// runs its own pipelines / expert groups (each lies inside one island) as
+// the inner synchronous group; the ranks that hold the same tensors (same
+// stage, same expert member) in all islands run the outer steps on their
+// part through the outer sync of the data-parallel trainer (outer_sync.h).
 //
 // Checkpoints use the single-process layout (HF names, flat optimizer state
 // in full-model order): rank 0 gathers the parts by name, and every rank
