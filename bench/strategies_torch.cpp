@@ -90,7 +90,9 @@ struct Args {
   // needs many more outer steps). Overlap 5 steps covers the strait's
   // one-way latency plus the transfer with room for the islands drifting
   // apart between syncs.
-  double lr = 3e-3, lr_sync = -1, lr_inner = -1, outer_lr = 1.0, outer_momentum = 0.0;
+  // Inner lr 1.5e-3: the best of the grid {1e-3, 1.5e-3, 3e-3} for sync, diloco and streaming alike with
+  // this model and batch (docs/strategies.md; reproduce with --sweep-lr 1e-3,1.5e-3,3e-3).
+  double lr = 1.5e-3, lr_sync = -1, lr_inner = -1, outer_lr = 1.0, outer_momentum = 0.0;
   bool nesterov = false, report = true;
   std::string sweep_lr;  // comma-separated grid; empty = no sweep
   std::string sweep_bandwidth = "100Gbit/s", sweep_latency = "0ms";
