@@ -1039,11 +1039,14 @@ core::Result<TrainSummary> Impl::run() {
       ++steps_timed;
     }
     const bool log_now = opt_.write_metrics && (step_ % tc.log_every == 0 || step_ == tc.steps);
-    // Per-stage busy time and bubble: every rank's schedule window and busy time.
-    std::vector<double> timing(static_cast<size_t>(world_) * 3, 0.0);
+    // Per-stage busy time and bubble: every rank's schedule window and busy
+    // time, over the inner group (with DiLoCo the island's pipelines: the
+    // logged steps do not cross the straits).
+    std::vector<double> timing(scope_.size() * 3, 0.0);
+    const int pipes = static_cast<int>(scope_.size()) / lay_.stages;
     if (pp_ && log_now) {
       double mine[3] = {static_cast<double>(sched_begin_us_), static_cast<double>(sched_end_us_), busy_s_};
-      ARCH_RETURN_IF_ERROR(dp_->allgather(mine, timing));
+      ARCH_RETURN_IF_ERROR(step_dp_->allgather(mine, timing));
     }
     if (log_now) {
       metrics_.write({{"kind", "step"}, {"step", step_}, {"rank", rank_}, {"island", me_.island}, {"epoch", 0},
@@ -1058,7 +1061,7 @@ core::Result<TrainSummary> Impl::run() {
         // bubble_s = 1 - busy_s / window. Averaged over pipelines per stage.
         std::vector<double> busy(static_cast<size_t>(lay_.stages), 0.0), bubble(static_cast<size_t>(lay_.stages), 0.0);
         double window_mean = 0;
-        for (int d = 0; d < lay_.replicas; ++d) {
+        for (int d = 0; d < pipes; ++d) {
           double lo = 1e300, hi = 0;
           for (int s = 0; s < lay_.stages; ++s) {
             const size_t r = static_cast<size_t>(d * lay_.stages + s);
@@ -1066,11 +1069,11 @@ core::Result<TrainSummary> Impl::run() {
             hi = std::max(hi, timing[r * 3 + 1]);
           }
           const double window = std::max(1e-9, (hi - lo) * 1e-6);
-          window_mean += window / lay_.replicas;
+          window_mean += window / pipes;
           for (int s = 0; s < lay_.stages; ++s) {
             const double b = timing[static_cast<size_t>(d * lay_.stages + s) * 3 + 2];
-            busy[static_cast<size_t>(s)] += b / lay_.replicas;
-            bubble[static_cast<size_t>(s)] += std::max(0.0, 1.0 - b / window) / lay_.replicas;
+            busy[static_cast<size_t>(s)] += b / pipes;
+            bubble[static_cast<size_t>(s)] += std::max(0.0, 1.0 - b / window) / pipes;
           }
         }
         double mean = 0;
@@ -1098,7 +1101,7 @@ core::Result<TrainSummary> Impl::run() {
           }
           row[2 * E] = static_cast<double>(s.capacity);
         }
-        ARCH_RETURN_IF_ERROR(dp_->allreduceSum(st));
+        ARCH_RETURN_IF_ERROR(step_dp_->allreduceSum(st));
         if (rank_ == 0) {
           for (size_t k = 0; k < moe_layers.size(); ++k) {
             const double* row = st.data() + k * static_cast<size_t>(2 * E + 1);
