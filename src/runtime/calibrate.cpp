@@ -70,7 +70,9 @@ std::string autogroupOf(const std::string& pid) {
   return g;
 }
 
-std::map<std::string, double> otherRunnableNow(const std::string& own_group) {
+// siblings: set to the number of this job's other workers (same parent)
+// running right now.
+std::map<std::string, double> otherRunnableNow(const std::string& own_group, double* siblings) {
   std::map<std::string, double> groups;
   const long self = static_cast<long>(::getpid()), parent = static_cast<long>(::getppid());
   DIR* dir = ::opendir("/proc");
@@ -86,7 +88,11 @@ std::map<std::string, double> otherRunnableNow(const std::string& own_group) {
     if (rp == std::string::npos || rp + 4 >= line.size()) continue;
     const char state = line[rp + 2];
     const long ppid = std::strtol(line.c_str() + rp + 4, nullptr, 10);
-    if (state != 'R' || (parent > 1 && ppid == parent)) continue;
+    if (state != 'R') continue;
+    if (parent > 1 && ppid == parent) {
+      *siblings += 1;
+      continue;
+    }
     const std::string g = autogroupOf(e->d_name);
     if (!own_group.empty() && g == own_group) continue;
     groups[g.empty() ? "pid" + std::string(e->d_name) : g] += 1;
@@ -98,9 +104,13 @@ std::map<std::string, double> otherRunnableNow(const std::string& own_group) {
 struct LoadSampler {
   std::string own = autogroupOf("self");
   std::map<std::string, double> sum;
+  double siblings = 0;  // sum over samples of this job's other workers running
   int n = 0;
+  double meanSiblings() const { return n > 0 ? siblings / n : 0.0; }
   void sample() {
-    for (const auto& [g, c] : otherRunnableNow(own)) sum[g] += c;
+    double sib = 0;
+    for (const auto& [g, c] : otherRunnableNow(own, &sib)) sum[g] += c;
+    siblings += sib;
     ++n;
   }
   // Mean runnable processes per other group over the samples.
@@ -298,7 +308,7 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
     alone_hi = a.fwd_s + a.bwd_s;
   }
   // The share of a core this thread got meanwhile (other load on the host).
-  const double share = cpu ? (threadCpuSeconds() - cpu0) / std::max(1e-9, core::secondsSince(wall0)) : 0.0;
+  double share = cpu ? (threadCpuSeconds() - cpu0) / std::max(1e-9, core::secondsSince(wall0)) : 0.0;
   FlatAdamW adam(job.train, 0, flat.numel());
   {
     flat.grads().normal_();
@@ -318,6 +328,13 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
   dev.background_procs = 0;
   for (double g : dev.background_groups) dev.background_procs += g;
   dev.threads = torch::get_num_threads();
+  // Without this job's other workers that ran meanwhile (a DiLoCo island
+  // of its own does not wait for rank 0's calibration): as if the load
+  // were B = cores/share - 1 busy threads, of which those were ours.
+  if (share > 0 && share < 1) {
+    const double others = std::max(0.0, dev.host_cores / share - 1.0 - load.meanSiblings());
+    share = dev.host_cores / std::max(dev.host_cores, 1.0 + others);
+  }
   dev.alone_core_share = std::min(1.0, share);
   // The workers of this host running at once: as many as cores, and all of
   // them when there are more workers than cores (single-threaded workers
