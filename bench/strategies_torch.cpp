@@ -57,6 +57,7 @@
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/comm_dp.h"
 #include "archipelago/runtime/metrics.h"
+#include "bench_runs.h"
 #include "archipelago/runtime/report.h"
 #include "archipelago/runtime/trainer.h"
 #include "comm/launch_local.h"
@@ -65,6 +66,8 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace ar = archipelago;
+using archipelago::bench::readMetrics;
+using archipelago::bench::splitList;
 
 struct Args {
   std::string data = "data/prepared/sotu-byte";
@@ -218,17 +221,6 @@ ar::core::Result<double> evaluateFinal(const std::string& run_dir, const Args& a
   return tokens > 0 ? ce / tokens : -1.0;
 }
 
-std::vector<nlohmann::json> readMetrics(const fs::path& p) {
-  std::vector<nlohmann::json> out;
-  std::ifstream f(p);
-  std::string line;
-  while (std::getline(f, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded()) out.push_back(j);
-  }
-  return out;
-}
-
 // Trains one strategy (two forked workers) and measures it.
 ar::core::Result<Row> runOne(const Args& a, const std::string& strategy, double lr, const std::string& bandwidth,
                              const std::string& latency, const fs::path& dir, std::ofstream* curve) {
@@ -330,16 +322,6 @@ ar::core::Result<Row> runOne(const Args& a, const std::string& strategy, double 
     }
   }
   return row;
-}
-
-std::vector<std::string> splitList(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string x;
-  while (std::getline(ss, x, ',')) {
-    if (!x.empty()) out.push_back(x);
-  }
-  return out;
 }
 
 }  // namespace

@@ -244,10 +244,18 @@ TEST(Chaos, KillStallDropAndCorruptDuringSyncTraining) {
 }
 
 TEST(Chaos, DilocoIslandLeavesAndComesBack) {
-  const int steps = 120;
+  // The replacement must arrive while the job still runs: a failure is
+  // detected within 2 s and a joiner needs ~2-3 s more, so the steps after
+  // the kill (at step 23) must take well over that on a fast host too.
+  // Steps of this tiny model take ~10 ms on an idle core; the EMULATED
+  // slowdown 2 doubles them, 300 steps leave ~5 s after the kill.
+  const int steps = 300;
+  const char* islands =
+      "    - {name: east, count: 2, slowdown: 2}\n    - {name: west, count: 1, slowdown: 2}\n"
+      "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 3ms}]";
   const fs::path run = scratchRoot() / "chaos_diloco";
   const std::string strategy = "{kind: diloco, inner_steps: 5, failure_timeout: 2s}";
-  Job job("chaos_diloco", chaosJob(run, steps, kTwoIslands, strategy));
+  Job job("chaos_diloco", chaosJob(run, steps, islands, strategy));
   // Rank 2 is the whole "west" island.
   ASSERT_TRUE(waitFor(job, 60, [&] { return lastStep(run) >= 23; })) << job.output();
   auto pids = workerPids(run);
@@ -258,7 +266,7 @@ TEST(Chaos, DilocoIslandLeavesAndComesBack) {
   expectIdenticalReplicas(run, steps, 3);
   // Reference: the same job without faults.
   const fs::path ref_run = scratchRoot() / "chaos_diloco_ref";
-  ASSERT_EQ(testutil::runTrain(chaosJob(ref_run, steps, kTwoIslands, strategy), "chaos_diloco_ref"), 0)
+  ASSERT_EQ(testutil::runTrain(chaosJob(ref_run, steps, islands, strategy), "chaos_diloco_ref"), 0)
       << testutil::outputOf("chaos_diloco_ref");
   // DiLoCo after a lost island is another trajectory (the island's progress
   // since the last outer step is dropped, one island trains alone for a
