@@ -1,5 +1,6 @@
 #include "archipelago/data/sampler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 
@@ -17,6 +18,26 @@ ShareRange shareRange(const std::vector<int64_t>& shares, int rank) {
   r.count = shares[static_cast<size_t>(rank)];
   ARCH_CHECK_MSG(r.count >= 0, "negative share");
   return r;
+}
+
+double shareStepTime(const std::vector<int64_t>& shares, const std::vector<double>& seconds_per_sample) {
+  ARCH_CHECK_MSG(shares.size() == seconds_per_sample.size(), "one time per sample for every share");
+  double t = 0;
+  for (size_t i = 0; i < shares.size(); ++i) t = std::max(t, static_cast<double>(shares[i]) * seconds_per_sample[i]);
+  return t;
+}
+
+bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int64_t>& proposed,
+                      const std::vector<double>& seconds_per_sample, double min_gain) {
+  if (current == proposed) return false;
+  if (current.size() != proposed.size() || current.size() != seconds_per_sample.size()) return true;
+  const int64_t cur_sum = std::accumulate(current.begin(), current.end(), int64_t{0});
+  const int64_t new_sum = std::accumulate(proposed.begin(), proposed.end(), int64_t{0});
+  if (cur_sum != new_sum || *std::min_element(current.begin(), current.end()) < 1) return true;
+  for (double s : seconds_per_sample) {
+    if (!(s > 0) || !std::isfinite(s)) return true;  // no measurement yet: the caller's weights decide
+  }
+  return shareStepTime(proposed, seconds_per_sample) * (1.0 + min_gain) < shareStepTime(current, seconds_per_sample);
 }
 
 core::Result<std::vector<int64_t>> sharesFromWeights(const std::vector<double>& weights, int64_t global_batch) {

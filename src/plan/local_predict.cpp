@@ -12,8 +12,8 @@
 //   4. control values (loss, tokens) are allreduced, every worker runs the
 //      optimizer (sharing the cores again).
 // Shares start from the config (or 1/slowdown) and are moved by the same
-// rule as the trainer's rebalancer at the same steps; the prediction is the
-// mean over the steps the trainer times.
+// rule as the trainer's rebalancer (with its 5% hysteresis) at the same
+// steps; the prediction is the mean over the steps the trainer times.
 #include "archipelago/plan/local_predict.h"
 
 #include <algorithm>
@@ -64,6 +64,18 @@ std::vector<int64_t> splitShares(const std::vector<double>& w, int64_t total) {
     ++got;
   }
   return s;
+}
+
+// The trainer's hysteresis (data::worthRebalancing, margin 5%): the new
+// shares replace the current ones only if they are predicted 5% faster on
+// the same seconds per sample (every EMA here is > 0 by then).
+bool rebalanceWins(const std::vector<int64_t>& cur, const std::vector<int64_t>& next, const std::vector<double>& sps) {
+  double t_cur = 0, t_next = 0;
+  for (size_t i = 0; i < cur.size(); ++i) {
+    t_cur = std::max(t_cur, d(cur[i]) * sps[i]);
+    t_next = std::max(t_next, d(next[i]) * sps[i]);
+  }
+  return t_next * 1.05 < t_cur;
 }
 
 struct LocalWorker {
@@ -374,7 +386,8 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
     if (interval > 0 && (step + 1) % interval == 0) {
       std::vector<double> w;
       for (double e : ema) w.push_back(e > 0 ? 1.0 / e : 1.0);
-      shares = splitShares(w, tc.global_batch);
+      auto next = splitShares(w, tc.global_batch);
+      if (rebalanceWins(shares, next, ema)) shares = std::move(next);
     }
   }
   // Steps after the replay repeat the settled one.

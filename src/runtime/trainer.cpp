@@ -190,21 +190,32 @@ class Rebalancer {
   bool due(int64_t step) const { return interval_ > 0 && step > 0 && step % interval_ == 0; }
   double mine() const { return mine_; }
   // Shares by slot: the members of `dp` (the ranks `members`, in group
-  // order) split the global batch; every other slot gets 0.
+  // order) split the global batch; every other slot gets 0. `current` (by
+  // slot) is kept unless the new split is predicted kMinGain faster
+  // (data::worthRebalancing).
   core::Result<std::vector<int64_t>> shares(DpComm* dp, int64_t global_batch, const std::vector<int>& members,
-                                            int slots) {
+                                            int slots, const std::vector<int64_t>& current) {
     std::vector<double> all(static_cast<size_t>(dp->size()));
     double m = mine_;
     ARCH_RETURN_IF_ERROR(dp->allgather(std::span<const double>(&m, 1), all));
     std::vector<double> weights;
     for (double s : all) weights.push_back(s > 0 ? 1.0 / s : 1.0);
     ARCH_ASSIGN_OR_RETURN(auto sh, data::sharesFromWeights(weights, global_batch));
+    std::vector<int64_t> cur;
+    for (size_t i = 0; i < members.size(); ++i) {
+      const auto slot = static_cast<size_t>(members[i]);
+      cur.push_back(slot < current.size() ? current[slot] : 0);
+    }
+    if (!data::worthRebalancing(cur, sh, all, kMinGain)) return current;
     std::vector<int64_t> out(static_cast<size_t>(slots), 0);
     for (size_t i = 0; i < members.size() && i < sh.size(); ++i) out[static_cast<size_t>(members[i])] = sh[i];
     return out;
   }
 
  private:
+  // 5%: above the step-to-step noise of the measured speeds on a shared
+  // host (the flip-flopping it stops: docs/runtime.md, "Rebalancing").
+  static constexpr double kMinGain = 0.05;
   int64_t interval_;
   double mine_ = 0;
   std::vector<double> ema_;
@@ -889,7 +900,7 @@ core::Status Trainer::trainStep() {
   if (batch.n > 0) rebalancer_->observe(compute_s / static_cast<double>(batch.n));
   std::vector<int64_t> old_shares = shares_;
   if (rebalancer_->due(step_)) {
-    ARCH_ASSIGN_OR_RETURN(auto ns, rebalancer_->shares(dp_, tc_.global_batch, alive_, world_));
+    ARCH_ASSIGN_OR_RETURN(auto ns, rebalancer_->shares(dp_, tc_.global_batch, alive_, world_, shares_));
     if (ns != shares_) {
       shares_ = ns;
       if (amWriter() && opt_.write_metrics) {

@@ -42,6 +42,28 @@ TEST(Shares, RangeAndWeights) {
   EXPECT_FALSE(sharesFromWeights({}, 4).isOk());
 }
 
+TEST(Shares, RebalanceOnlyForAClearGain) {
+  // Rank 0 takes 20 ms per sample, rank 1 40 ms: 16/8 is 0.32 s per step.
+  const std::vector<double> sps{0.020, 0.040};
+  EXPECT_DOUBLE_EQ(shareStepTime({16, 8}, sps), 0.32);
+  EXPECT_DOUBLE_EQ(shareStepTime({12, 12}, sps), 0.48);
+  // From an even split the speed-aware one is 33% faster: move.
+  EXPECT_TRUE(worthRebalancing({12, 12}, {16, 8}, sps, 0.05));
+  // A noisy measurement proposing 15/9 (0.36 s) over 16/8 (0.32 s): stay;
+  // and 17/7 (0.34 s) is slower too.
+  EXPECT_FALSE(worthRebalancing({16, 8}, {15, 9}, sps, 0.05));
+  EXPECT_FALSE(worthRebalancing({16, 8}, {17, 7}, sps, 0.05));
+  // A gain below the margin: stay; above it: move.
+  const std::vector<double> near{0.020, 0.0385};  // 16/8: 0.32 s; 15/9: 0.3465 s (8% slower)
+  EXPECT_FALSE(worthRebalancing({15, 9}, {16, 8}, near, 0.15));
+  EXPECT_TRUE(worthRebalancing({15, 9}, {16, 8}, near, 0.05));
+  EXPECT_FALSE(worthRebalancing({16, 8}, {16, 8}, sps, 0.0));
+  // A membership change (other sum or size) or a rank without a measurement always moves.
+  EXPECT_TRUE(worthRebalancing({24, 0}, {16, 8}, sps, 0.05));
+  EXPECT_TRUE(worthRebalancing({24}, {16, 8}, sps, 0.05));
+  EXPECT_TRUE(worthRebalancing({15, 9}, {16, 8}, {0.020, 0.0}, 0.05));
+}
+
 // A prepared byte dataset whose token stream the test also builds itself
 // (the reference): bytes of each normalised document followed by EOS.
 class SamplerTest : public ::testing::Test {
