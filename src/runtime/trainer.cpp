@@ -213,8 +213,9 @@ class Rebalancer {
   }
 
  private:
-  // 5%: above the step-to-step noise of the measured speeds on a shared
-  // host (the flip-flopping it stops: docs/runtime.md, "Rebalancing").
+  // 5%: a move must win clearly; it damps the flip-flopping of shares
+  // measured in docs/runtime.md ("Rebalancing"), where the speeds on a
+  // 2-core host still swing by more than that.
   static constexpr double kMinGain = 0.05;
   int64_t interval_;
   double mine_ = 0;
