@@ -44,7 +44,12 @@ int main(int argc, char** argv) {
   job.train.weight_decay = 0;
   job.checkpoint.at_exit = false;
   job.checkpoint.every = 0;
-  torch::set_num_threads(1);
+  // The trainer's process settings for both loops: one compute thread
+  // (model::setComputeThreads also bounds OpenBLAS's own pool, which
+  // torch::set_num_threads does not reach) and freed memory kept in the
+  // process (model::holdFreedMemory).
+  model::setComputeThreads(1);
+  model::holdFreedMemory();
 
   // (a) bare libtorch loop on one fixed batch.
   auto net = model::buildModel(job.model, 42);

@@ -345,6 +345,7 @@ core::Status Impl::setup() {
   if (world_ > 1 && !world_group) return core::invalidArgument("the parallel trainer needs the world comm group");
   me_ = workers_[static_cast<size_t>(rank_)];
   model::setComputeThreads(job_.train.threads_per_worker);
+  model::holdFreedMemory();
 
   ARCH_ASSIGN_OR_RETURN(ds_, data::PreparedDataset::open(job_.data.dir));
   if (job_.model.vocab_size == 0) job_.model.vocab_size = ds_->vocabSize();

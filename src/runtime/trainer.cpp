@@ -413,6 +413,7 @@ core::Status Trainer::setup() {
   me_ = world_ == 1 && workers_.size() != 1 ? WorkerInfo{} : workers_[static_cast<size_t>(rank_)];
   bindComm();
   model::setComputeThreads(tc_.threads_per_worker);
+  model::holdFreedMemory();
 
   // ---- data ----
   ARCH_ASSIGN_OR_RETURN(ds_, data::PreparedDataset::open(job_.data.dir));
