@@ -42,7 +42,7 @@ void setComputeThreads(int64_t threads);
 // buffers every step; with glibc's defaults they go back to the kernel and
 // are faulted in again, which on a VM that hands free pages back to its
 // host cost more than the compute (measured: trainer 0.50-0.78 s/step vs
-// 0.185 s with this, the bare-loop baseline 0.31-0.38 vs 0.207 s;
+// 0.19-0.20 s with this, the bare-loop baseline 0.31-0.38 vs 0.21 s;
 // docs/runtime.md, "Host memory"). Idempotent; no-op without glibc.
 void holdFreedMemory();
 
