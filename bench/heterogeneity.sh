@@ -12,6 +12,7 @@ steps="${2:-60}"
 data="${ARCHIPELAGO_BENCH_DATA:-data/prepared/sotu-byte}"
 [ -f "$data/manifest.json" ] || "$bin" data prepare --input data/corpus/sotu --out "$data"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+batch=24 seq=128  # global batch (sequences) and tokens per sequence of every run
 
 job() {  # name islands shares rebalance
   cat > "$tmp/$1.yaml" <<YAML
@@ -19,8 +20,8 @@ cluster:
   islands:
 $2
 model: {dim: 128, n_layers: 4, n_heads: 4, max_seq_len: 128}
-data: {dir: $(realpath "$data"), seq_len: 128}
-train: {steps: $steps, global_batch: 24, eval_every: 0, rebalance: $4$3}
+data: {dir: $(realpath "$data"), seq_len: $seq}
+train: {steps: $steps, global_batch: $batch, eval_every: 0, rebalance: $4$3}
 checkpoint: {every: 0, at_exit: false}
 run_dir: $tmp/$1
 YAML
@@ -30,7 +31,7 @@ YAML
   # process start-up and rank 0's calibration (seconds, paid once per job)
   # do not weigh on a 60-step run; the same measure for every run.
   sed -n 's/.*"kind":"summary".*"measured_step_s":\([0-9.eE+-]*\).*/\1/p' "$tmp/$1/metrics.jsonl" |
-    awk '{ printf "%d\n", 24 * 128 / $1 }'
+    awk -v tokens=$((batch * seq)) '{ printf "%d\n", tokens / $1 }'
 }
 two="    - {name: fast, count: 2}
     - {name: slow, count: 1, slowdown: 2}
