@@ -44,8 +44,17 @@ FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end)
 void FlatAdamW::step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr) {
   torch::NoGradGuard no_grad;
   ++t_;
+  // The same arithmetic as `params * mask` and `v.sqrt() / c + eps`, written
+  // into one scratch buffer kept across steps: fresh temporaries of the
+  // parameters' size each step fragmented the heap (it grew by one of them
+  // every step or two, and every new page faulted; docs/runtime.md "Host
+  // memory").
+  if (scratch_.numel() != params.numel()) scratch_ = torch::empty_like(params);
   // p <- p - lr * wd * p (decoupled decay, only where the mask is 1)
-  if (wd_ > 0) params.sub_(params * decay_mask, lr * wd_);
+  if (wd_ > 0) {
+    at::mul_out(scratch_, params, decay_mask);
+    params.sub_(scratch_, lr * wd_);
+  }
   if (sgd_) {
     params.sub_(grads, lr);
     return;
@@ -54,8 +63,9 @@ void FlatAdamW::step(torch::Tensor params, const torch::Tensor& grads, const tor
   v_.mul_(beta2_).addcmul_(grads, grads, 1.0 - beta2_);
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(t_));
   const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(t_));
-  auto denom = (v_.sqrt() / std::sqrt(bc2)).add_(eps_);
-  params.addcdiv_(m_, denom, -lr / bc1);
+  at::sqrt_out(scratch_, v_);
+  scratch_.div_(std::sqrt(bc2)).add_(eps_);
+  params.addcdiv_(m_, scratch_, -lr / bc1);
 }
 
 double learningRate(const core::TrainConfig& cfg, int64_t step) {

@@ -72,6 +72,7 @@ class FlatAdamW {
   int64_t begin_, end_;
   int64_t t_ = 0;
   torch::Tensor m_, v_;
+  torch::Tensor scratch_;  // the update's temporaries, reused every step
 };
 
 // Warmup (linear from lr/warmup to lr) then cosine decay to min_lr at `steps`.
