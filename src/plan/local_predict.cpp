@@ -11,8 +11,8 @@
 //      and the other workers' remaining compute;
 //   4. control values (loss, tokens) are allreduced, every worker runs the
 //      optimizer (sharing the cores again).
-// Shares start from the config (or 1/slowdown) and are moved by the same
-// rule as the trainer's rebalancer (with its 5% hysteresis) at the same
+// Shares start from the config (or 1/slowdown) and are moved by the
+// trainer's rebalancer rule (core/shares.h, with its margin) at the same
 // steps; the prediction is the mean over the steps the trainer times.
 #include "archipelago/plan/local_predict.h"
 
@@ -22,6 +22,7 @@
 
 #include <fmt/format.h>
 
+#include "archipelago/core/shares.h"
 #include "archipelago/plan/cost_model.h"
 
 namespace archipelago::plan {
@@ -31,52 +32,6 @@ constexpr double kLocalLatency = 50e-6;       // one loopback TCP message betwee
 constexpr double kDefaultLoopback = 1.0e9;    // bytes/s when the profile has no loopback measurement
 
 double d(int64_t v) { return static_cast<double>(v); }
-
-// The trainer's share rule (data::sharesFromWeights): floor of the quota,
-// at least 1, then the largest remainders (ties to the lower rank).
-std::vector<int64_t> splitShares(const std::vector<double>& w, int64_t total) {
-  const size_t n = w.size();
-  double sum = 0;
-  for (double x : w) sum += x;
-  std::vector<double> quota(n);
-  std::vector<int64_t> s(n);
-  int64_t got = 0;
-  for (size_t i = 0; i < n; ++i) {
-    quota[i] = d(total) * w[i] / sum;
-    s[i] = std::max<int64_t>(1, static_cast<int64_t>(std::floor(quota[i])));
-    got += s[i];
-  }
-  while (got > total) {
-    size_t best = n;
-    for (size_t i = 0; i < n; ++i) {
-      if (s[i] > 1 && (best == n || s[i] - quota[i] > s[best] - quota[best])) best = i;
-    }
-    if (best == n) break;
-    --s[best];
-    --got;
-  }
-  while (got < total) {
-    size_t best = 0;
-    for (size_t i = 1; i < n; ++i) {
-      if (quota[i] - d(s[i]) > quota[best] - d(s[best])) best = i;
-    }
-    ++s[best];
-    ++got;
-  }
-  return s;
-}
-
-// The trainer's hysteresis (data::worthRebalancing, margin 5%): the new
-// shares replace the current ones only if they are predicted 5% faster on
-// the same seconds per sample (every EMA here is > 0 by then).
-bool rebalanceWins(const std::vector<int64_t>& cur, const std::vector<int64_t>& next, const std::vector<double>& sps) {
-  double t_cur = 0, t_next = 0;
-  for (size_t i = 0; i < cur.size(); ++i) {
-    t_cur = std::max(t_cur, d(cur[i]) * sps[i]);
-    t_next = std::max(t_next, d(next[i]) * sps[i]);
-  }
-  return t_next * 1.05 < t_cur;
-}
 
 struct LocalWorker {
   int island = 0;
@@ -330,7 +285,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       w.push_back(!tc.shares.empty() && tc.shares.size() == workers.size() ? tc.shares[r]
                                                                            : (world == 1 ? 1.0 : 1.0 / workers[r].slowdown));
     }
-    shares = splitShares(w, tc.global_batch);
+    ARCH_ASSIGN_OR_RETURN(shares, core::sharesFromWeights(w, tc.global_batch));
   }
   const int64_t interval = tc.rebalance && world > 1 ? (diloco ? H : 5) : 0;
   std::vector<double> ema(workers.size(), 0.0);
@@ -378,16 +333,17 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
                      (diloco ? (ctrl_world + (d(H) - 1) * ctrl_local + outer) / d(H) : ctrl) + opt_s;
     last.shares = shares;
     // The rebalancer: EMA of seconds per sample (the compute wall time incl.
-    // the emulated sleep), new shares by 1 / that at its steps.
-    for (size_t r = 0; r < workers.size(); ++r) {
+    // the emulated sleep) after the trainer's warm-up steps, new shares by
+    // 1 / that at its steps if they win by its margin (core/shares.h).
+    for (size_t r = 0; r < workers.size() && step >= core::kRebalanceWarmupSteps; ++r) {
       const double x = (phase[r].done - phase[r].start) / d(std::max<int64_t>(1, shares[r]));
       ema[r] = ema[r] == 0 ? x : 0.7 * ema[r] + 0.3 * x;
     }
     if (interval > 0 && (step + 1) % interval == 0) {
       std::vector<double> w;
       for (double e : ema) w.push_back(e > 0 ? 1.0 / e : 1.0);
-      auto next = splitShares(w, tc.global_batch);
-      if (rebalanceWins(shares, next, ema)) shares = std::move(next);
+      ARCH_ASSIGN_OR_RETURN(auto next, core::sharesFromWeights(w, tc.global_batch));
+      if (core::worthRebalancing(shares, next, ema)) shares = std::move(next);
     }
   }
   // Steps after the replay repeat the settled one.

@@ -21,6 +21,7 @@
 #include "archipelago/comm/communicator.h"
 #include "archipelago/core/clock.h"
 #include "archipelago/core/log.h"
+#include "archipelago/core/shares.h"
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/checkpoint.h"
@@ -399,7 +400,7 @@ core::Status Impl::setup() {
     }
     w.push_back(x);
   }
-  ARCH_ASSIGN_OR_RETURN(shares_, data::sharesFromWeights(w, job_.train.global_batch));
+  ARCH_ASSIGN_OR_RETURN(shares_, core::sharesFromWeights(w, job_.train.global_batch));
   share_index_ = pp_ ? replica_ : rank_;
 
   // The inner group: the world, or with DiLoCo the island (whole blocks of

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "archipelago/core/log.h"
-#include "archipelago/data/sampler.h"
+#include "archipelago/core/shares.h"
 #include "archipelago/model/layers.h"
 #include "archipelago/plan/catalog.h"
 #include "archipelago/runtime/parallel_trainer.h"
@@ -74,7 +74,7 @@ core::Result<std::vector<int64_t>> placeExperts(int64_t num_experts, const std::
     return core::invalidArgument("strategy.expert_parallel (" + std::to_string(speed.size()) +
                                  ") exceeds model.moe.num_experts (" + std::to_string(num_experts) + ")");
   }
-  return data::sharesFromWeights(speed, num_experts);
+  return core::sharesFromWeights(speed, num_experts);
 }
 
 std::vector<PipeOp> oneFOneBSchedule(int stage, int stages, int64_t m) {

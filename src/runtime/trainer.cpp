@@ -21,6 +21,7 @@
 #include "archipelago/core/clock.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
+#include "archipelago/core/shares.h"
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/training.h"
 #include "archipelago/model/transformer.h"
@@ -191,8 +192,8 @@ class Rebalancer {
   double mine() const { return mine_; }
   // Shares by slot: the members of `dp` (the ranks `members`, in group
   // order) split the global batch; every other slot gets 0. `current` (by
-  // slot) is kept unless the new split is predicted kMinGain faster
-  // (data::worthRebalancing).
+  // slot) is kept unless the new split is predicted clearly faster
+  // (core::worthRebalancing, the planner's replay uses the same rule).
   core::Result<std::vector<int64_t>> shares(DpComm* dp, int64_t global_batch, const std::vector<int>& members,
                                             int slots, const std::vector<int64_t>& current) {
     std::vector<double> all(static_cast<size_t>(dp->size()));
@@ -200,23 +201,19 @@ class Rebalancer {
     ARCH_RETURN_IF_ERROR(dp->allgather(std::span<const double>(&m, 1), all));
     std::vector<double> weights;
     for (double s : all) weights.push_back(s > 0 ? 1.0 / s : 1.0);
-    ARCH_ASSIGN_OR_RETURN(auto sh, data::sharesFromWeights(weights, global_batch));
+    ARCH_ASSIGN_OR_RETURN(auto sh, core::sharesFromWeights(weights, global_batch));
     std::vector<int64_t> cur;
     for (size_t i = 0; i < members.size(); ++i) {
       const auto slot = static_cast<size_t>(members[i]);
       cur.push_back(slot < current.size() ? current[slot] : 0);
     }
-    if (!data::worthRebalancing(cur, sh, all, kMinGain)) return current;
+    if (!core::worthRebalancing(cur, sh, all)) return current;
     std::vector<int64_t> out(static_cast<size_t>(slots), 0);
     for (size_t i = 0; i < members.size() && i < sh.size(); ++i) out[static_cast<size_t>(members[i])] = sh[i];
     return out;
   }
 
  private:
-  // 5%: a move must win clearly; it damps the flip-flopping of shares
-  // measured in docs/runtime.md ("Rebalancing"), where the speeds on a
-  // 2-core host still swing by more than that.
-  static constexpr double kMinGain = 0.05;
   int64_t interval_;
   double mine_ = 0;
   std::vector<double> ema_;
@@ -360,6 +357,7 @@ class Trainer {
   double failure_at_ = 0;       // wall seconds the step failed
   int64_t failed_step_ = -1;
   bool first_step_after_change_ = false;
+  int64_t warm_from_ = 0;  // step of the last start or membership change (the rebalancer's warm-up counts from it)
 };
 
 double wallSeconds() { return static_cast<double>(core::wallMicros()) / 1e6; }
@@ -371,7 +369,7 @@ core::Result<std::vector<int64_t>> Trainer::initialShares() const {
     if (!tc_.shares.empty()) w.push_back(tc_.shares[static_cast<size_t>(r)]);
     else w.push_back(1.0 / workers_[static_cast<size_t>(r)].slowdown);
   }
-  ARCH_ASSIGN_OR_RETURN(auto sh, data::sharesFromWeights(w, tc_.global_batch));
+  ARCH_ASSIGN_OR_RETURN(auto sh, core::sharesFromWeights(w, tc_.global_batch));
   std::vector<int64_t> out(static_cast<size_t>(world_), 0);
   for (size_t i = 0; i < alive_.size(); ++i) out[static_cast<size_t>(alive_[i])] = sh[i];
   return out;
@@ -899,7 +897,13 @@ core::Status Trainer::trainStep() {
   ++step_;
   summary_.losses.push_back(loss);
 
-  if (batch.n > 0) rebalancer_->observe(compute_s / static_cast<double>(batch.n));
+  // The first steps after a start or a membership change are not a speed:
+  // a fresh process's heap is still growing (measured: a worker's second
+  // step took 2x the CPU time of its fourth). Counted, they moved shares
+  // of two equal workers from 8/8 to 9/7 for up to 20 steps.
+  if (batch.n > 0 && step_ > warm_from_ + core::kRebalanceWarmupSteps) {
+    rebalancer_->observe(compute_s / static_cast<double>(batch.n));
+  }
   std::vector<int64_t> old_shares = shares_;
   if (rebalancer_->due(step_)) {
     ARCH_ASSIGN_OR_RETURN(auto ns, rebalancer_->shares(dp_, tc_.global_batch, alive_, world_, shares_));
@@ -1285,6 +1289,7 @@ core::Status Trainer::recover(const core::Status& cause) {
   }
   ARCH_RETURN_IF_ERROR(rebuildOuterFromCommit());
   first_step_after_change_ = true;
+  warm_from_ = step_;
   return core::okStatus();
 }
 
@@ -1355,18 +1360,23 @@ core::Result<TrainSummary> Trainer::run() {
     step_ = start_step_;
   }
   predict();
-  if (outer_ && world_group_ && !(elastic() && opt_.elastic->joined())) {
-    // DiLoCo / streaming: the islands' loops never meet before the first
-    // outer sync, so without a start barrier the island whose rank 0 ran
-    // predict() (seconds of calibration) arrives there late and the other
-    // waits, a one-off start-up cost counted against the training loop
-    // (measured: 1.7 s at streaming's first fragment). Synchronous runs meet
-    // at their first gradient allreduce anyway. A failure here is left to the
-    // first step, which meets it again and handles it (elastic recovery).
-    const core::Status st = world_group_->barrier();
+  if (world_ > 1 && !(elastic() && opt_.elastic->joined())) {
+    // A world start barrier after predict() (seconds of calibration on
+    // rank 0). DiLoCo / streaming: the islands' loops never meet before the
+    // first outer sync, so the island whose rank 0 calibrated arrives there
+    // late and the other waits, a one-off start-up cost counted against the
+    // training loop (measured: 1.7 s at streaming's first fragment).
+    // Synchronous runs would meet at their first gradient allreduce, but the
+    // other ranks' first forward+backward would run during the calibration,
+    // slowing both. A failure here is left to the first step, which meets it
+    // again and handles it (elastic recovery).
+    double token = 0;
+    const core::Status st = outer_ && world_group_ ? world_group_->barrier()
+                                                   : dp_->allreduceSum(std::span<double>(&token, 1));
     if (!st.isOk()) ARCH_LOG_WARN("start barrier: {}", st.message());
   }
   summary_.first_step = start_step_;
+  warm_from_ = start_step_;
   if (rank_ == 0 || (elastic() && amWriter())) {
     ARCH_LOG_INFO("training {} parameters, {} steps from step {}, global batch {} x {} tokens over {} ({}), shares [{}]",
                   flat_->numel(), tc_.steps, start_step_, tc_.global_batch, T_, alive_.size(), dp_->describe(),

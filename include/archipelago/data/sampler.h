@@ -32,25 +32,8 @@ struct ShareRange {
 };
 ShareRange shareRange(const std::vector<int64_t>& shares, int rank);
 
-// Integer shares summing to `global_batch`, each >= 1, proportional to
-// `weights` (e.g. measured samples/s) by the largest-remainder method.
-// kInvalidArgument if global_batch < weights.size() or a weight is <= 0/NaN.
-core::Result<std::vector<int64_t>> sharesFromWeights(const std::vector<double>& weights, int64_t global_batch);
-
-// Step time data-parallel ranks would take with `shares` when rank i needs
-// seconds_per_sample[i] per sample: the slowest rank's share x its time
-// (every rank waits for the others at the gradient allreduce).
-double shareStepTime(const std::vector<int64_t>& shares, const std::vector<double>& seconds_per_sample);
-
-// Whether the rebalancer should move from `current` to `proposed`: only if
-// the proposed shares are predicted `min_gain` (a fraction, e.g. 0.05)
-// faster per step on the same measured speeds. Measured speeds are noisy and
-// biased (a rank's fixed per-step cost spreads over fewer samples when its
-// share shrinks, so its time per sample rises): without this margin shares
-// flip back and forth every interval. Shares that do not cover the same
-// global batch (a membership change) always move.
-bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int64_t>& proposed,
-                      const std::vector<double>& seconds_per_sample, double min_gain);
+// The split itself (weights -> shares, the rebalancer's margin) is
+// core::sharesFromWeights / core::worthRebalancing (core/shares.h).
 
 // Token buffers for n samples, row-major [n, seq_len].
 struct Batch {

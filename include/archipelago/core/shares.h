@@ -1,0 +1,48 @@
+// How a global batch is split over data-parallel ranks of different speed,
+// and when a measured split is worth moving to. One rule for the runtime
+// (the trainer's initial shares and its rebalancer, the expert split of a
+// pipeline) and the planner (its replay of a local run predicts the same
+// shares at the same steps), so the two cannot drift apart.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "archipelago/core/status.h"
+
+namespace archipelago::core {
+
+// Integer shares summing to `total`, each >= 1, proportional to `weights`
+// (e.g. measured samples/s) by the largest-remainder method; ties go to the
+// lower rank, so every rank computes the same split.
+// kInvalidArgument if total < weights.size() or a weight is <= 0/NaN.
+Result<std::vector<int64_t>> sharesFromWeights(const std::vector<double>& weights, int64_t total);
+
+// Step time data-parallel ranks would take with `shares` when rank i needs
+// seconds_per_sample[i] per sample: the slowest rank's share x its time
+// (every rank waits for the others at the gradient allreduce).
+double shareStepTime(const std::vector<int64_t>& shares, const std::vector<double>& seconds_per_sample);
+
+// The rebalancer's margin: a new split must be predicted this much faster.
+// Measured speeds are noisy and biased (a rank's fixed per-step cost spreads
+// over fewer samples when its share shrinks, so its time per sample rises):
+// without a margin shares flip back and forth every interval
+// (docs/runtime.md "Rebalancing").
+inline constexpr double kRebalanceMinGain = 0.05;
+
+// Steps after a start or a membership change whose speed the rebalancer
+// does not count: a fresh process's heap and caches are still warming up
+// (measured on a 2-core VM: a worker's second step took 2x the CPU time of
+// its fourth).
+inline constexpr int64_t kRebalanceWarmupSteps = 2;
+
+// Whether the rebalancer should move from `current` to `proposed`: only if
+// the proposed shares are predicted `min_gain` (a fraction) faster per step
+// on the same measured speeds. Shares that do not cover the same total, or
+// a rank with a share < 1 (a membership change), always move; a rank
+// without a measurement yet (seconds_per_sample <= 0) keeps the current
+// split, since nothing can be predicted for it.
+bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int64_t>& proposed,
+                      const std::vector<double>& seconds_per_sample, double min_gain = kRebalanceMinGain);
+
+}  // namespace archipelago::core
