@@ -123,7 +123,8 @@ std::string CalibrationProfile::toJson() const {
     jd["alone_core_share"] = dc.alone_core_share;
     nlohmann::json corun = nlohmann::json::array();
     for (const auto& c : dc.corun) {
-      corun.push_back({{"threads", c.threads}, {"compute_factor", c.compute_factor}, {"optimizer_factor", c.optimizer_factor}});
+      corun.push_back({{"threads", c.threads}, {"compute_factor", c.compute_factor},
+                       {"optimizer_factor", c.optimizer_factor}, {"compute_cv", c.compute_cv}});
     }
     jd["corun"] = corun;
     devs[kind] = jd;
@@ -183,9 +184,10 @@ core::Result<CalibrationProfile> CalibrationProfile::fromJson(const std::string&
           c.threads = jc.value("threads", int64_t{0});
           c.compute_factor = jc.value("compute_factor", 1.0);
           c.optimizer_factor = jc.value("optimizer_factor", 1.0);
-          if (c.threads < 1 || c.compute_factor <= 0 || c.optimizer_factor <= 0) {
+          c.compute_cv = jc.value("compute_cv", 0.0);
+          if (c.threads < 1 || c.compute_factor <= 0 || c.optimizer_factor <= 0 || c.compute_cv < 0) {
             return core::invalidArgument("calibration profile: devices." + kind +
-                                         ".corun: threads must be >= 1 and factors > 0");
+                                         ".corun: threads must be >= 1, factors > 0 and compute_cv >= 0");
           }
           dc.corun.push_back(c);
         }

@@ -9,7 +9,9 @@
 //      islands over the EMULATED strait (codec, latency); buckets start as
 //      soon as every rank has them, so the reduction overlaps the sleeps
 //      and the other workers' remaining compute;
-//   4. control values (loss, tokens) are allreduced, every worker runs the
+//   4. the ranks that meet every step wait for the slowest of them (the
+//      expected maximum of their compute, by the calibrated spread);
+//   5. control values (loss, tokens) are allreduced, every worker runs the
 //      optimizer (sharing the cores again).
 // Shares start from the config (or 1/slowdown) and are moved by the
 // trainer's rebalancer rule (core/shares.h, with its margin) at the same
@@ -77,7 +79,27 @@ double corunFactor(const std::vector<DeviceCalibration::Corun>& pts, double n, b
   return y0;
 }
 
+// The run-to-run spread of a worker's compute with n workers running at
+// once: the measured point nearest above n (the last one beyond), 0 unknown.
+double corunCv(const std::vector<DeviceCalibration::Corun>& pts, double n) {
+  double cv = 0;
+  for (const auto& p : pts) {
+    cv = p.compute_cv;
+    if (d(p.threads) >= n) break;
+  }
+  return cv;
+}
+
 }  // namespace
+
+double expectedMaxOfNormals(int64_t n) {
+  // E[max of n independent standard normal variables] (tabulated to 8,
+  // then the sqrt(2 ln n) growth with the same offset as at 8).
+  static constexpr double kTable[] = {0.0, 0.0, 0.5642, 0.8463, 1.0294, 1.1630, 1.2672, 1.3522, 1.4236};
+  if (n <= 1) return 0.0;
+  if (n <= 8) return kTable[n];
+  return kTable[8] + std::sqrt(2.0 * std::log(d(n))) - std::sqrt(2.0 * std::log(8.0));
+}
 
 std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
                                             const std::vector<double>& slowdown, double cores, double threads,
@@ -288,6 +310,13 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
     ARCH_ASSIGN_OR_RETURN(shares, core::sharesFromWeights(w, tc.global_batch));
   }
   const int64_t interval = tc.rebalance && world > 1 ? (diloco ? H : 5) : 0;
+  // Ranks that meet every step: the world for sync, the largest island for DiLoCo.
+  int64_t sync_group = world;
+  if (diloco) {
+    sync_group = 0;
+    for (const auto& is : cl.islands) sync_group = std::max(sync_group, is.count);
+  }
+  const double compute_cv = corunCv(corun, d(world));
   std::vector<double> ema(workers.size(), 0.0);
   double timed_sum = 0;
   int64_t timed = 0;
@@ -316,7 +345,13 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
                                                               (n_buckets - 1) / n_buckets);
     }
     const double reduced = std::max(real_end + grad_comm / n_buckets, first_ready + grad_comm);
-    const double comm_exposed = std::max(0.0, reduced - compute_end);
+    // Each step the gradient group waits for its slowest member: the
+    // expected maximum of its members' compute, which vary run to run by
+    // the spread measured while co-running.
+    double group_compute = 0;
+    for (size_t r = 0; r < workers.size(); ++r) group_compute = std::max(group_compute, phase[r].done - phase[r].start);
+    const double straggle = expectedMaxOfNormals(sync_group) * compute_cv * group_compute;
+    const double comm_exposed = std::max(0.0, reduced - compute_end) + straggle;
     const bool boundary = !diloco || (step + 1) % H == 0;
     const double ctrl = boundary ? ctrl_world : ctrl_local;
     const double outer_s = diloco && (step + 1) % H == 0 ? outer : 0.0;
@@ -364,12 +399,14 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   for (size_t r = 0; r < p.shares.size(); ++r) shares_s += fmt::format("{}{}", r ? "," : "", p.shares[r]);
   p.corun_compute = corunFactor(corun, d(world), false);
   p.corun_optimizer = corunFactor(corun, d(world), true);
+  p.compute_cv = compute_cv;
   p.detail = fmt::format(
       "predicted {:.1f} ms = compute {:.1f} + comm {:.1f} + optimizer {:.1f} at shares [{}] (each worker commits "
-      "{:.1f} ms before its step); {}; co-run x{:.2f} compute, x{:.2f} optimizer with {} workers at once{}; {}",
+      "{:.1f} ms before its step); {}; co-run x{:.2f} compute, x{:.2f} optimizer with {} workers at once{}, "
+      "compute spread {:.1f}% (groups of {} wait for the slowest); {}",
       1e3 * p.total_s, 1e3 * p.compute_s, 1e3 * p.comm_s, 1e3 * p.optimizer_s, shares_s, 1e3 * p.overhead_s,
       measured ? "measured model" : (profile && dc ? "calibrated GEMMs" : "catalog derating"), p.corun_compute,
-      p.corun_optimizer, world, corun.empty() ? " (not measured)" : " (measured)",
+      p.corun_optimizer, world, corun.empty() ? " (not measured)" : " (measured)", 100.0 * compute_cv, sync_group,
       p.host_cores > 0
           ? fmt::format("{} workers x {} threads on {} cores{}{}", world, tc.threads_per_worker, p.host_cores,
                         p.background_procs > 0.05

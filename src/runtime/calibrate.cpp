@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -223,10 +224,12 @@ double hostCores() {
 // its own thread (the workers are processes; what they share is the
 // cores' caches, memory bandwidth and, with more copies than cores, the
 // cores themselves). Returns the median CPU seconds per forward+backward
-// and per optimizer step over runs during which every copy was running.
+// and per optimizer step over runs during which every copy was running,
+// and the spread of a copy's forward+backward from run to run.
 struct CorunTimes {
   double compute_s = 0;
   double optimizer_s = 0;
+  double compute_cv = 0;  // robust spread of a copy's runs around its own median, relative
 };
 
 core::Result<CorunTimes> timeCorun(const core::JobConfig& job, int copies, int64_t n, int runs) {
@@ -266,12 +269,16 @@ core::Result<CorunTimes> timeCorun(const core::JobConfig& job, int copies, int64
   std::vector<std::thread> th;
   for (auto& x : cs) th.emplace_back(body, std::ref(x));
   for (auto& t : th) t.join();
-  std::vector<double> comp, opt;
+  std::vector<double> comp, opt, dev;
   for (const auto& x : cs) {
     comp.insert(comp.end(), x.compute.begin(), x.compute.end());
     opt.insert(opt.end(), x.optimizer.begin(), x.optimizer.end());
+    const double m = median(x.compute);
+    for (double c : x.compute) dev.push_back(std::abs(c - m) / std::max(m, 1e-12));
   }
-  return CorunTimes{median(comp), median(opt)};
+  // 1.4826 x the median absolute deviation: the standard deviation of a
+  // normal spread, not pulled up by one preempted run.
+  return CorunTimes{median(comp), median(opt), 1.4826 * median(dev)};
 }
 
 }  // namespace
@@ -347,11 +354,12 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
     if (workers > counts[0]) counts.push_back(workers);
     for (int64_t k : counts) {
       if (k < 2) continue;
-      ARCH_ASSIGN_OR_RETURN(CorunTimes c, timeCorun(job, static_cast<int>(k), sizes.back(), 3));
+      ARCH_ASSIGN_OR_RETURN(CorunTimes c, timeCorun(job, static_cast<int>(k), sizes.back(), 6));
       plan::DeviceCalibration::Corun r;
       r.threads = k;
       r.compute_factor = std::max(1.0, c.compute_s / alone_hi);
       r.optimizer_factor = opt_alone > 0 ? std::max(1.0, c.optimizer_s / opt_alone) : 1.0;
+      r.compute_cv = c.compute_cv;
       dev.corun.push_back(r);
     }
   }

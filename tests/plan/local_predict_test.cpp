@@ -3,6 +3,8 @@
 // measured co-run factors), against timelines worked out by hand; measured
 // model parts interpolate linearly and survive the profile's JSON round
 // trip.
+#include <cmath>
+
 #include <gtest/gtest.h>
 
 #include "archipelago/plan/calibration.h"
@@ -154,6 +156,45 @@ TEST(LocalPredict, CommitAndCorunFactorsByHand) {
   EXPECT_NEAR(one[0].end, 10 * a, 1e-9);
   auto four = replayComputePhase({0, 0, 0, 0}, {a, a, a, a}, {1, 1, 1, 1}, 8, 1, {}, corun);
   EXPECT_NEAR(four[0].end, 1.2 * a, 1e-9);
+}
+
+TEST(LocalPredict, SynchronousGroupWaitsForItsSlowestMember) {
+  // E[max of n standard normals]: 1/sqrt(pi) for two, growing slowly with n.
+  EXPECT_EQ(expectedMaxOfNormals(1), 0.0);
+  EXPECT_NEAR(expectedMaxOfNormals(2), 1.0 / std::sqrt(M_PI), 1e-4);
+  EXPECT_NEAR(expectedMaxOfNormals(3), 1.5 / std::sqrt(M_PI), 1e-4);  // 3 / (2 sqrt(pi))
+  for (int64_t n = 2; n < 64; ++n) EXPECT_LT(expectedMaxOfNormals(n), expectedMaxOfNormals(n + 1));
+  EXPECT_LT(expectedMaxOfNormals(10000), 4.0);
+
+  // CommitAndCorunFactorsByHand's step, now with a measured compute spread
+  // of 10% while 3 workers co-run: the 3 ranks meet every step, so the step
+  // grows by E[max of 3] x 0.1 x the longest compute wall (the slow rank's
+  // 18a incl. its sleep), all of it in the exposed communication.
+  const double a = 0.01;
+  const auto job = demoJob(false);
+  auto prof = profileFor(job, a, 2);
+  auto& dc = prof.device("cpu");
+  dc.step_overhead_s = 2 * a;
+  dc.corun = {{2, 1.1, 1.5, 0.1}, {3, 1.2, 2.0, 0.1}};
+  auto spec = fromModelConfig(job.model);
+  ASSERT_TRUE(spec.isOk());
+  dc.optimizer_s_per_param = 0.5 * a / spec->totalParams();
+  auto p = predictStepTime(job, 256, catalog(), &prof);
+  ASSERT_TRUE(p.isOk()) << p.status().toString();
+  const double straggle = expectedMaxOfNormals(3) * 0.1 * 18 * a;
+  EXPECT_NEAR(p->compute_s, 18 * a, 1e-9);
+  EXPECT_NEAR(p->total_s, 18 * a + 1.5 * a + 4 * 50e-6 + straggle, 1e-6);
+  EXPECT_NEAR(p->compute_cv, 0.1, 1e-12);
+
+  // One worker waits for nobody.
+  auto solo = job;
+  solo.cluster.islands = {job.cluster.islands[0]};
+  solo.cluster.islands[0].count = 1;
+  solo.cluster.straits.clear();
+  solo.train.global_batch = 8;
+  auto one = predictStepTime(solo, 256, catalog(), &prof);
+  ASSERT_TRUE(one.isOk()) << one.status().toString();
+  EXPECT_NEAR(one->comm_s, 0.0, 1e-9);
 }
 
 TEST(LocalPredict, MeasuredCoreShareSetsTheBackground) {

@@ -56,10 +56,14 @@ struct DeviceCalibration {
   // context switches when there are more copies than cores). Separate for
   // forward+backward and for the optimizer (memory-bound). Empty = unknown
   // (1.0 assumed).
+  // compute_cv: the spread of one copy's forward+backward from run to run
+  // while co-running (robust standard deviation / median; 0 = unknown): a
+  // synchronous group waits for its slowest member every step.
   struct Corun {
     int64_t threads = 0;
     double compute_factor = 1;
     double optimizer_factor = 1;
+    double compute_cv = 0;
   };
   std::vector<Corun> corun;  // sorted by threads
 };

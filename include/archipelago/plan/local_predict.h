@@ -36,6 +36,7 @@ struct StepPrediction {
   double overhead_s = 0;    // every worker's per-step commit before its step (not in rank 0's timed step)
   double corun_compute = 1;   // co-run factors applied with all workers running at once
   double corun_optimizer = 1;
+  double compute_cv = 0;      // run-to-run spread of a worker's compute while co-running (calibrated)
   double total_s = 0;       // mean over the steps the trainer times (incl. those before rebalancing)
   double settled_s = 0;     // one step at the settled shares
   double model_flops = 0;   // per step, all workers
@@ -82,6 +83,11 @@ std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, cons
                                             const std::vector<double>& slowdown, double cores, double threads,
                                             const HostLoad& background,
                                             const std::vector<DeviceCalibration::Corun>& corun);
+
+// Expected maximum of n independent standard normal variables (0 for n <= 1):
+// how far past the mean a group of n ranks that meet every step waits, in
+// standard deviations of one rank's compute.
+double expectedMaxOfNormals(int64_t n);
 
 // job: the resolved job (cluster, model, train, strategy, data.seq_len);
 // vocab: the tokenizer's vocabulary (job.model.vocab_size may be 0).
