@@ -76,4 +76,14 @@ bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int
   return shareStepTime(proposed, seconds_per_sample) * (1.0 + min_gain) < shareStepTime(current, seconds_per_sample);
 }
 
+Result<std::vector<int64_t>> rebalancedShares(const std::vector<int64_t>& current,
+                                              const std::vector<double>& seconds_per_sample, int64_t total) {
+  std::vector<double> weights;
+  weights.reserve(seconds_per_sample.size());
+  for (double s : seconds_per_sample) weights.push_back(s > 0 ? 1.0 / s : 1.0);
+  ARCH_ASSIGN_OR_RETURN(auto proposed, sharesFromWeights(weights, total));
+  if (!worthRebalancing(current, proposed, seconds_per_sample)) return current;
+  return proposed;
+}
+
 }  // namespace archipelago::core

@@ -309,7 +309,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
     }
     ARCH_ASSIGN_OR_RETURN(shares, core::sharesFromWeights(w, tc.global_batch));
   }
-  const int64_t interval = tc.rebalance && world > 1 ? (diloco ? H : 5) : 0;
+  const int64_t interval = tc.rebalance && world > 1 ? (diloco ? H : core::kRebalanceInterval) : 0;
   // Ranks that meet every step: the world for sync, the largest island for DiLoCo.
   int64_t sync_group = world;
   if (diloco) {
@@ -371,14 +371,10 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
     // the emulated sleep) after the trainer's warm-up steps, new shares by
     // 1 / that at its steps if they win by its margin (core/shares.h).
     for (size_t r = 0; r < workers.size() && step >= core::kRebalanceWarmupSteps; ++r) {
-      const double x = (phase[r].done - phase[r].start) / d(std::max<int64_t>(1, shares[r]));
-      ema[r] = ema[r] == 0 ? x : 0.7 * ema[r] + 0.3 * x;
+      ema[r] = core::rebalanceEma(ema[r], (phase[r].done - phase[r].start) / d(std::max<int64_t>(1, shares[r])));
     }
     if (interval > 0 && (step + 1) % interval == 0) {
-      std::vector<double> w;
-      for (double e : ema) w.push_back(e > 0 ? 1.0 / e : 1.0);
-      ARCH_ASSIGN_OR_RETURN(auto next, core::sharesFromWeights(w, tc.global_batch));
-      if (core::worthRebalancing(shares, next, ema)) shares = std::move(next);
+      ARCH_ASSIGN_OR_RETURN(shares, core::rebalancedShares(shares, ema, tc.global_batch));
     }
   }
   // Steps after the replay repeat the settled one.

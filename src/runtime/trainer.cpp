@@ -185,29 +185,25 @@ torch::Tensor toTensor(const std::vector<int64_t>& v, int64_t n, int64_t t) {
 class Rebalancer {
  public:
   Rebalancer(int world, int64_t interval) : interval_(interval), ema_(static_cast<size_t>(world), 0.0) {}
-  void observe(double seconds_per_sample) {
-    mine_ = mine_ == 0 ? seconds_per_sample : 0.7 * mine_ + 0.3 * seconds_per_sample;
-  }
+  void observe(double seconds_per_sample) { mine_ = core::rebalanceEma(mine_, seconds_per_sample); }
   bool due(int64_t step) const { return interval_ > 0 && step > 0 && step % interval_ == 0; }
   double mine() const { return mine_; }
   // Shares by slot: the members of `dp` (the ranks `members`, in group
   // order) split the global batch; every other slot gets 0. `current` (by
   // slot) is kept unless the new split is predicted clearly faster
-  // (core::worthRebalancing, the planner's replay uses the same rule).
+  // (core::rebalancedShares, which the planner's replay uses too).
   core::Result<std::vector<int64_t>> shares(DpComm* dp, int64_t global_batch, const std::vector<int>& members,
                                             int slots, const std::vector<int64_t>& current) {
     std::vector<double> all(static_cast<size_t>(dp->size()));
     double m = mine_;
     ARCH_RETURN_IF_ERROR(dp->allgather(std::span<const double>(&m, 1), all));
-    std::vector<double> weights;
-    for (double s : all) weights.push_back(s > 0 ? 1.0 / s : 1.0);
-    ARCH_ASSIGN_OR_RETURN(auto sh, core::sharesFromWeights(weights, global_batch));
     std::vector<int64_t> cur;
     for (size_t i = 0; i < members.size(); ++i) {
       const auto slot = static_cast<size_t>(members[i]);
       cur.push_back(slot < current.size() ? current[slot] : 0);
     }
-    if (!core::worthRebalancing(cur, sh, all)) return current;
+    ARCH_ASSIGN_OR_RETURN(auto sh, core::rebalancedShares(cur, all, global_batch));
+    if (sh == cur) return current;
     std::vector<int64_t> out(static_cast<size_t>(slots), 0);
     for (size_t i = 0; i < members.size() && i < sh.size(); ++i) out[static_cast<size_t>(members[i])] = sh[i];
     return out;
@@ -497,7 +493,7 @@ core::Status Trainer::setup() {
                                                  elastic() ? world_ > 1 : grad_dp_->size() > 1);
   // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step
   // boundaries only (the speed allgather crosses the straits).
-  rebalancer_ = std::make_unique<Rebalancer>(world_, tc_.rebalance && world_ > 1 ? (outer_ ? job_.strategy.inner_steps : 5) : 0);
+  rebalancer_ = std::make_unique<Rebalancer>(world_, tc_.rebalance && world_ > 1 ? (outer_ ? job_.strategy.inner_steps : core::kRebalanceInterval) : 0);
   integrity_every_ = job_.checkpoint.every > 0 ? job_.checkpoint.every : 50;
   corrupt_hook_ = corruptParamsHook();
   if (elastic()) {
@@ -1371,8 +1367,8 @@ core::Result<TrainSummary> Trainer::run() {
     // slowing both. A failure here is left to the first step, which meets it
     // again and handles it (elastic recovery).
     double token = 0;
-    const core::Status st = outer_ && world_group_ ? world_group_->barrier()
-                                                   : dp_->allreduceSum(std::span<double>(&token, 1));
+    const core::Status st =
+        world_group_ ? world_group_->barrier() : dp_->allreduceSum(std::span<double>(&token, 1));
     if (!st.isOk()) ARCH_LOG_WARN("start barrier: {}", st.message());
   }
   summary_.first_step = start_step_;

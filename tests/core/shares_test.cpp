@@ -57,5 +57,22 @@ TEST(Shares, RebalanceOnlyForAClearGain) {
   EXPECT_FALSE(worthRebalancing({16, 8}, {15, 9}, sps));
 }
 
+TEST(Shares, RebalancerDecision) {
+  // Measured 20 ms / 40 ms per sample from an even split: move to 16/8.
+  EXPECT_EQ(*rebalancedShares({12, 12}, {0.020, 0.040}, 24), (std::vector<int64_t>{16, 8}));
+  // 15/9 -> 16/8 at 20 / 38.5 ms is 8% faster (margin 5%): move. At 20 / 36
+  // ms the proposal from 16/8 is 15/9, which is slower: stay.
+  EXPECT_EQ(*rebalancedShares({15, 9}, {0.020, 0.0385}, 24), (std::vector<int64_t>{16, 8}));
+  EXPECT_EQ(*rebalancedShares({16, 8}, {0.020, 0.036}, 24), (std::vector<int64_t>{16, 8}));
+  // A rank not measured yet: the split stays; after a membership change
+  // (a rank without a share) the unmeasured rank counts as weight 1.
+  EXPECT_EQ(*rebalancedShares({15, 9}, {0.020, 0.0}, 24), (std::vector<int64_t>{15, 9}));
+  EXPECT_EQ(*rebalancedShares({24, 0}, {0.5, 0.0}, 24), (std::vector<int64_t>{16, 8}));
+  EXPECT_FALSE(rebalancedShares({12, 12}, {0.02, 0.04}, 1).isOk());
+
+  EXPECT_EQ(rebalanceEma(0, 0.5), 0.5);
+  EXPECT_DOUBLE_EQ(rebalanceEma(1.0, 2.0), 1.3);
+}
+
 }  // namespace
 }  // namespace archipelago::core

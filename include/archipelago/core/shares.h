@@ -45,4 +45,21 @@ inline constexpr int64_t kRebalanceWarmupSteps = 2;
 bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int64_t>& proposed,
                       const std::vector<double>& seconds_per_sample, double min_gain = kRebalanceMinGain);
 
+// Steps between two rebalancing decisions of a synchronous run (DiLoCo and
+// streaming decide at every outer step instead).
+inline constexpr int64_t kRebalanceInterval = 5;
+
+// A rank's running seconds per sample: an exponential moving average with
+// weight 0.3 on the newest step (0 = no measurement yet).
+inline double rebalanceEma(double ema, double seconds_per_sample) {
+  return ema == 0 ? seconds_per_sample : 0.7 * ema + 0.3 * seconds_per_sample;
+}
+
+// The rebalancer's decision, the same in the trainer and in the planner's
+// replay: shares proportional to 1 / seconds_per_sample (weight 1 for a rank
+// not measured yet), adopted only where worthRebalancing says so;
+// otherwise `current` is returned unchanged.
+Result<std::vector<int64_t>> rebalancedShares(const std::vector<int64_t>& current,
+                                              const std::vector<double>& seconds_per_sample, int64_t total);
+
 }  // namespace archipelago::core
