@@ -101,48 +101,151 @@ double expectedMaxOfNormals(int64_t n) {
   return kTable[8] + std::sqrt(2.0 * std::log(d(n))) - std::sqrt(2.0 * std::log(8.0));
 }
 
+std::vector<std::vector<WorkerTimes>> replaySegment(const std::vector<double>& pre, const std::vector<double>& work,
+                                                    const std::vector<double>& slowdown, const std::vector<int>& island,
+                                                    int64_t steps, const HostModel& host, const GroupRelease& release) {
+  enum Phase { kPre, kCompute, kSleep, kWait, kPost, kFinished };
+  constexpr double kEps = 1e-12;  // seconds: a phase with less left is over
+  const size_t n = work.size();
+  std::vector<std::vector<WorkerTimes>> out(static_cast<size_t>(std::max<int64_t>(steps, 0)), std::vector<WorkerTimes>(n));
+  if (steps <= 0 || n == 0) return out;
+  std::vector<Phase> phase(n, kPre);
+  std::vector<double> left = pre;
+  std::vector<int64_t> step(n, 0);
+  size_t finished = 0;
+  double now = 0;
+  // host.per_core: the core each computing worker is on (-1 none), the
+  // workers per core, and when each arrived there.
+  const int n_cores = host.per_core ? std::max(1, static_cast<int>(std::lround(host.cores))) : 0;
+  std::vector<int> core_of(n, -1), load(static_cast<size_t>(n_cores), 0);
+  std::vector<int64_t> arrival(n, 0);
+  int64_t arrivals = 0;
+  auto takeCore = [&](size_t i) {
+    if (n_cores == 0) return;
+    const auto c = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    core_of[i] = static_cast<int>(c);
+    ++load[c];
+    arrival[i] = ++arrivals;
+  };
+  auto leaveCore = [&](size_t i) {
+    if (n_cores == 0 || core_of[i] < 0) return;
+    --load[static_cast<size_t>(core_of[i])];
+    core_of[i] = -1;
+    while (true) {
+      const auto lo = std::min_element(load.begin(), load.end()) - load.begin();
+      const auto hi = std::max_element(load.begin(), load.end()) - load.begin();
+      if (load[static_cast<size_t>(hi)] - load[static_cast<size_t>(lo)] < 2) break;
+      size_t mover = n;
+      for (size_t j = 0; j < n; ++j) {
+        if (core_of[j] == hi && (mover == n || arrival[j] > arrival[mover])) mover = j;
+      }
+      core_of[mover] = static_cast<int>(lo);
+      --load[static_cast<size_t>(hi)];
+      ++load[static_cast<size_t>(lo)];
+    }
+  };
+  for (size_t i = 0; i < n; ++i) takeCore(i);
+  // A worker done with its step waits for its group; the last to arrive
+  // releases all of them.
+  auto arrive = [&](size_t i) {
+    const int64_t k = step[i];
+    const bool all = k == steps - 1;
+    std::vector<size_t> members;
+    for (size_t j = 0; j < n; ++j) {
+      if (!all && island[j] != island[i]) continue;
+      if (phase[j] != kWait || step[j] != k) return;
+      members.push_back(j);
+    }
+    const double finish = std::max(now, release(k, members, out[static_cast<size_t>(k)]));
+    for (size_t j : members) {
+      out[static_cast<size_t>(k)][j].finish = finish;
+      phase[j] = kPost;
+      left[j] = finish - now;
+    }
+  };
+  // Moves worker i on while its phase is over; true if anything changed.
+  auto advance = [&](size_t i) {
+    bool changed = false;
+    while (phase[i] != kWait && phase[i] != kFinished && left[i] <= kEps) {
+      auto& t = out[static_cast<size_t>(step[i])][i];
+      changed = true;
+      switch (phase[i]) {
+        case kPre:
+          t.start = now;
+          phase[i] = kCompute;
+          left[i] = work[i];
+          break;
+        case kCompute:
+          t.end = now;
+          leaveCore(i);
+          phase[i] = kSleep;
+          left[i] = (std::max(1.0, slowdown[i]) - 1.0) * (now - t.start);
+          break;
+        case kSleep:
+          t.done = now;
+          phase[i] = kWait;
+          arrive(i);
+          break;
+        case kPost:
+          if (++step[i] == steps) {
+            phase[i] = kFinished;
+            ++finished;
+          } else {
+            phase[i] = kPre;
+            left[i] = pre[i];
+            takeCore(i);
+          }
+          break;
+        default:
+          break;
+      }
+    }
+    return changed;
+  };
+  while (true) {
+    for (bool changed = true; changed;) {
+      changed = false;
+      for (size_t i = 0; i < n; ++i) changed = advance(i) || changed;
+    }
+    if (finished == n) break;
+    int64_t running = 0;
+    for (size_t i = 0; i < n; ++i) running += phase[i] == kPre || phase[i] == kCompute ? 1 : 0;
+    const double demand = host.threads * d(running);
+    const double corun_f = running == 0 ? 1.0 : corunFactor(host.corun, d(running), false);
+    const double shared =
+        running == 0 ? 0.0 : std::min(1.0, jobCapacity(demand, host.background, host.cores) / demand) / corun_f;
+    std::vector<double> rate(n, 0.0);
+    for (size_t i = 0; i < n; ++i) {
+      if (phase[i] != kPre && phase[i] != kCompute) continue;
+      rate[i] = n_cores > 0 ? 1.0 / d(load[static_cast<size_t>(core_of[i])]) / corun_f : shared;
+    }
+    double dt = std::numeric_limits<double>::infinity();
+    for (size_t i = 0; i < n; ++i) {
+      if (phase[i] == kPre || phase[i] == kCompute) dt = std::min(dt, left[i] / rate[i]);
+      if (phase[i] == kSleep || phase[i] == kPost) dt = std::min(dt, left[i]);
+    }
+    if (!std::isfinite(dt)) break;  // everybody waiting: cannot happen (the last arrival releases its group)
+    now += dt;
+    for (size_t i = 0; i < n; ++i) {
+      if (phase[i] == kPre || phase[i] == kCompute) left[i] -= dt * rate[i];
+      if (phase[i] == kSleep || phase[i] == kPost) left[i] -= dt;
+    }
+  }
+  return out;
+}
+
 std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
                                             const std::vector<double>& slowdown, double cores, double threads,
                                             const HostLoad& background,
                                             const std::vector<DeviceCalibration::Corun>& corun) {
-  const size_t n = work.size();
-  std::vector<double> left = pre;
-  std::vector<WorkerTimes> out(n);
-  std::vector<int> phase(n, 0);  // 0 pre, 1 compute, 2 done (or sleeping)
-  double now = 0;
-  size_t running = n;
-  // Zero-length phases end at once.
-  auto advance = [&](size_t i) {
-    while (phase[i] < 2 && left[i] <= 1e-12 * std::max(1.0, phase[i] == 0 ? pre[i] : work[i])) {
-      if (phase[i] == 0) {
-        out[i].start = now;
-        left[i] = work[i];
-        phase[i] = 1;
-      } else {
-        out[i].end = now;
-        out[i].done = now + (std::max(1.0, slowdown[i]) - 1.0) * (now - out[i].start);
-        phase[i] = 2;
-        --running;
-      }
-    }
-  };
-  for (size_t i = 0; i < n; ++i) advance(i);
-  while (running > 0) {
-    const double demand = threads * d(static_cast<int64_t>(running));
-    const double rate = std::min(1.0, jobCapacity(demand, background, cores) / demand) /
-                        corunFactor(corun, d(static_cast<int64_t>(running)), false);
-    double dt = std::numeric_limits<double>::infinity();
-    for (size_t i = 0; i < n; ++i) {
-      if (phase[i] < 2) dt = std::min(dt, left[i] / rate);
-    }
-    now += dt;
-    for (size_t i = 0; i < n; ++i) {
-      if (phase[i] == 2) continue;
-      left[i] -= dt * rate;
-      advance(i);
-    }
-  }
-  return out;
+  HostModel host{cores, threads, background, corun, false};
+  auto times = replaySegment(pre, work, slowdown, std::vector<int>(work.size(), 0), 1, host,
+                             [](int64_t, const std::vector<size_t>& members, const std::vector<WorkerTimes>& t) {
+                               double last = 0;
+                               for (size_t j : members) last = std::max(last, t[j].done);
+                               return last;
+                             });
+  return times.empty() ? std::vector<WorkerTimes>{} : times[0];
 }
 
 std::string localPartKey(const std::string& part, const ModelSpec& m, int64_t seq_len, const std::string& dtype) {
@@ -271,14 +374,19 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   const std::string& codec = job.strategy.codec;
   const double eb = codec == "none" ? 4 : (codec == "bf16" || codec == "fp16") ? 2 : 1.0 + 4.0 / 256.0;
   double intra = 0;
-  for (const auto& is : cl.islands) intra = std::max(intra, CostModel::allreduceTime(grad_bytes, is.count, loop_bw, kLocalLatency));
+  std::vector<double> island_comm;  // gradient allreduce inside each island
+  for (const auto& is : cl.islands) {
+    island_comm.push_back(CostModel::allreduceTime(grad_bytes, is.count, loop_bw, kLocalLatency));
+    intra = std::max(intra, island_comm.back());
+  }
   // One full-vector ring over the islands on the strait (hierarchical: the
   // shards travel in parallel but share the emulated strait).
   const double cross_full = n_isl > 1 ? 2.0 * d(n_isl - 1) / d(n_isl) * params * eb / strait_bw +
                                              2.0 * d(n_isl - 1) * strait_lat
                                        : 0.0;
-  // Gradient reduction each step: the whole world for sync, the island for DiLoCo.
-  const double grad_comm = diloco ? intra : intra + cross_full;
+  // Sync's gradient reduction each step: inside the islands, then over the
+  // straits (DiLoCo's islands reduce alone: island_comm).
+  const double grad_comm = intra + cross_full;
   const double n_buckets = std::max(1.0, std::ceil(grad_bytes / d(std::max<uint64_t>(job.strategy.bucket_bytes, 1))));
   // Control values: a tiny allreduce, over the straits for sync (every
   // step) and DiLoCo (at outer steps); reduce then broadcast.
@@ -310,87 +418,131 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
     ARCH_ASSIGN_OR_RETURN(shares, core::sharesFromWeights(w, tc.global_batch));
   }
   const int64_t interval = tc.rebalance && world > 1 ? (diloco ? H : core::kRebalanceInterval) : 0;
-  // Ranks that meet every step: the world for sync, the largest island for DiLoCo.
+  // Ranks that meet every step: the world for sync, each island for DiLoCo
+  // (the largest named in the detail line).
   int64_t sync_group = world;
   if (diloco) {
     sync_group = 0;
     for (const auto& is : cl.islands) sync_group = std::max(sync_group, is.count);
   }
   const double compute_cv = corunCv(corun, d(world));
-  std::vector<double> ema(workers.size(), 0.0);
+  const size_t nw = workers.size();
+  // Single-threaded workers on a host with nothing else running are placed
+  // on cores the kernel's way (HostModel::per_core); otherwise processor sharing.
+  const HostModel host{p.host_cores, threads, background, corun,
+                       p.host_cores > 0 && threads == 1.0 && background.groups.empty() &&
+                           p.host_cores == std::round(p.host_cores)};
+  std::vector<int> island_of(nw, 0);
+  std::vector<double> slow(nw), pre(nw, overhead);
+  for (size_t r = 0; r < nw; ++r) {
+    island_of[r] = diloco ? workers[r].island : 0;
+    slow[r] = workers[r].slowdown;
+  }
+  // Segments run from one meeting of all workers to the next: one step
+  // for sync, an outer step's H inner steps for DiLoCo (its islands run on
+  // their own clocks in between and drift apart; the faster waits at the
+  // outer step). Enough of them to settle the shares; the steps after the
+  // replay repeat the last segment.
+  const int64_t seg_len = diloco ? H : 1;
+  const int64_t settle = std::max<int64_t>(4 * std::max<int64_t>(interval, 1) + 2, 12);
+  const int64_t replay = std::min<int64_t>(tc.steps, (settle + seg_len - 1) / seg_len * seg_len);
+  std::vector<double> ema(nw, 0.0);
   double timed_sum = 0;
   int64_t timed = 0;
-  StepPrediction last;
-  // Enough steps to settle the shares; the rest repeat the settled step.
-  const int64_t replay = std::min<int64_t>(tc.steps, std::max<int64_t>(4 * std::max<int64_t>(interval, 1) + 2, 12));
-  for (int64_t step = 0; step < replay; ++step) {
-    std::vector<double> work, slow;
-    std::vector<Work> wks;
-    for (size_t r = 0; r < workers.size(); ++r) {
-      wks.push_back(workOf(r, shares[r]));
-      work.push_back(wks.back().total);
-      slow.push_back(workers[r].slowdown);
+  double seg_step = 0, seg_compute = 0;  // rank 0's mean step and compute in the last segment
+  std::vector<int64_t> seg_shares = shares;
+  for (int64_t step0 = 0; step0 < replay; step0 += seg_len) {
+    const int64_t len = std::min(seg_len, replay - step0);
+    std::vector<Work> wks(nw);
+    std::vector<double> work(nw);
+    for (size_t r = 0; r < nw; ++r) {
+      wks[r] = workOf(r, shares[r]);
+      work[r] = wks[r].total;
     }
-    const auto phase = replayComputePhase(std::vector<double>(workers.size(), overhead), work, slow, p.host_cores,
-                                          threads, background, corun);
-    double compute_end = 0, real_end = 0, first_ready = 0;
-    for (size_t r = 0; r < workers.size(); ++r) {
-      compute_end = std::max(compute_end, phase[r].done);
-      real_end = std::max(real_end, phase[r].end);
-      // The first bucket is ready once the last micro-batch's backward is
-      // (n_buckets-1)/n_buckets done on every rank.
-      const double wall = phase[r].end - phase[r].start;
-      const double rate = wall > 0 ? work[r] / wall : 1.0;
-      first_ready = std::max(first_ready, phase[r].end - wks[r].last_bwd / std::max(rate, 1e-12) *
-                                                              (n_buckets - 1) / n_buckets);
+    // Gradients of `members` reduced (`comm` seconds unhidden): buckets
+    // start as soon as every member has them (the first once the last
+    // micro-batch's backward is (n_buckets-1)/n_buckets done), and the
+    // group waits for its slowest member (the expected maximum of their
+    // compute, by the calibrated spread). Returns when the reduction
+    // ends; *compute_end: when the last member is done computing.
+    auto reduced = [&](const std::vector<size_t>& members, const std::vector<WorkerTimes>& t, double comm,
+                       double* compute_end) {
+      double real_end = 0, first_ready = 0, longest = 0;
+      *compute_end = 0;
+      for (size_t j : members) {
+        *compute_end = std::max(*compute_end, t[j].done);
+        real_end = std::max(real_end, t[j].end);
+        const double wall = t[j].end - t[j].start;
+        const double rate = wall > 0 ? work[j] / wall : 1.0;
+        first_ready = std::max(first_ready, t[j].end - wks[j].last_bwd / std::max(rate, 1e-12) * (n_buckets - 1) / n_buckets);
+        longest = std::max(longest, t[j].done - t[j].start);
+      }
+      const double end = std::max(real_end + comm / n_buckets, first_ready + comm);
+      const double straggle = expectedMaxOfNormals(static_cast<int64_t>(members.size())) * compute_cv * longest;
+      return std::max(*compute_end, end) + straggle;
+    };
+    std::vector<double> group_end(static_cast<size_t>(len), 0.0);  // rank 0's group done computing, per step
+    auto release = [&](int64_t s, const std::vector<size_t>& members, const std::vector<WorkerTimes>& t) {
+      const bool meet_all = s == len - 1;
+      double ce = 0;
+      if (!diloco) {
+        const double e = reduced(members, t, grad_comm, &ce);
+        group_end[static_cast<size_t>(s)] = ce;
+        return e + ctrl_world + opt_s;
+      }
+      // DiLoCo: each island reduces its gradients alone and runs its inner
+      // optimizer; at the outer step all meet for the pseudo-gradient.
+      double latest = 0;
+      for (int isl = 0; isl < static_cast<int>(n_isl); ++isl) {
+        std::vector<size_t> sub;
+        for (size_t j : members) {
+          if (island_of[j] == isl) sub.push_back(j);
+        }
+        if (sub.empty()) continue;
+        const double e = reduced(sub, t, island_comm[static_cast<size_t>(isl)], &ce);
+        if (isl == island_of[0]) group_end[static_cast<size_t>(s)] = ce;
+        latest = std::max(latest, e + opt_s);
+      }
+      return latest + (meet_all ? ctrl_world + outer : ctrl_local);
+    };
+    const auto times =
+        replaySegment(pre, work, slow, island_of, len, host, release);
+    seg_step = seg_compute = 0;
+    for (int64_t s = 0; s < len; ++s) {
+      const auto& ts = times[static_cast<size_t>(s)];
+      const double step_s = ts[0].finish - ts[0].start;  // rank 0 times its step from the end of its commit
+      if (step0 + s >= 1) {  // the trainer does not time the first step (warm-up allocations)
+        timed_sum += step_s;
+        ++timed;
+      }
+      seg_step += step_s / d(len);
+      seg_compute += (group_end[static_cast<size_t>(s)] - ts[0].start) / d(len);
+      // The rebalancer: EMA of seconds per sample (the compute wall time
+      // incl. the emulated sleep) after the trainer's warm-up steps.
+      for (size_t r = 0; r < nw && step0 + s >= core::kRebalanceWarmupSteps; ++r) {
+        ema[r] = core::rebalanceEma(ema[r], (ts[r].done - ts[r].start) / d(std::max<int64_t>(1, shares[r])));
+      }
     }
-    const double reduced = std::max(real_end + grad_comm / n_buckets, first_ready + grad_comm);
-    // Each step the gradient group waits for its slowest member: the
-    // expected maximum of its members' compute, which vary run to run by
-    // the spread measured while co-running.
-    double group_compute = 0;
-    for (size_t r = 0; r < workers.size(); ++r) group_compute = std::max(group_compute, phase[r].done - phase[r].start);
-    const double straggle = expectedMaxOfNormals(sync_group) * compute_cv * group_compute;
-    const double comm_exposed = std::max(0.0, reduced - compute_end) + straggle;
-    const bool boundary = !diloco || (step + 1) % H == 0;
-    const double ctrl = boundary ? ctrl_world : ctrl_local;
-    const double outer_s = diloco && (step + 1) % H == 0 ? outer : 0.0;
-    // Rank 0's step: from the end of its commit to the end of the control allreduce.
-    const double compute_s = compute_end - phase[0].start;
-    const double step_s = compute_s + comm_exposed + ctrl + outer_s + opt_s;
-    if (step >= 1) {  // the trainer does not time the first step (warm-up allocations)
-      timed_sum += step_s;
-      ++timed;
-    }
-    last.compute_s = compute_s;
-    last.comm_s = comm_exposed + ctrl + (diloco ? outer / d(H) : 0.0);
-    last.settled_s = compute_s + comm_exposed +
-                     (diloco ? (ctrl_world + (d(H) - 1) * ctrl_local + outer) / d(H) : ctrl) + opt_s;
-    last.shares = shares;
-    // The rebalancer: EMA of seconds per sample (the compute wall time incl.
-    // the emulated sleep) after the trainer's warm-up steps, new shares by
-    // 1 / that at its steps if they win by its margin (core/shares.h).
-    for (size_t r = 0; r < workers.size() && step >= core::kRebalanceWarmupSteps; ++r) {
-      ema[r] = core::rebalanceEma(ema[r], (phase[r].done - phase[r].start) / d(std::max<int64_t>(1, shares[r])));
-    }
-    if (interval > 0 && (step + 1) % interval == 0) {
+    seg_shares = shares;
+    // New shares by 1 / that at its steps if they win by its margin (core/shares.h).
+    if (interval > 0 && (step0 + len) % interval == 0) {
       ARCH_ASSIGN_OR_RETURN(shares, core::rebalancedShares(shares, ema, tc.global_batch));
     }
   }
-  // Steps after the replay repeat the settled one.
+  // Steps after the replay repeat the last segment.
   const int64_t rest = tc.steps - replay;
   if (rest > 0) {
-    timed_sum += d(rest) * last.settled_s;
+    timed_sum += d(rest) * seg_step;
     timed += rest;
   }
-  p.compute_s = last.compute_s;
-  p.comm_s = last.comm_s;
+  p.compute_s = seg_compute;
+  p.comm_s = std::max(0.0, seg_step - seg_compute - opt_s);
   p.optimizer_s = opt_s;
   p.overhead_s = overhead;
-  p.settled_s = last.settled_s;
-  p.shares = last.shares;
-  p.total_s = timed > 0 ? timed_sum / d(timed) : last.settled_s;
-  for (size_t r = 0; r < workers.size(); ++r) p.model_flops += 6.0 * model.activeParams() * d(last.shares[r] * T);
+  p.settled_s = seg_step;
+  p.shares = seg_shares;
+  p.total_s = timed > 0 ? timed_sum / d(timed) : seg_step;
+  for (size_t r = 0; r < workers.size(); ++r) p.model_flops += 6.0 * model.activeParams() * d(p.shares[r] * T);
   std::string shares_s;
   for (size_t r = 0; r < p.shares.size(); ++r) shares_s += fmt::format("{}{}", r ? "," : "", p.shares[r]);
   p.corun_compute = corunFactor(corun, d(world), false);

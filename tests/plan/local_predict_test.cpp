@@ -67,10 +67,13 @@ using testing::catalog;
 
 TEST(LocalPredict, ThreeWorkersOnTwoCoresByHand) {
   // Shares 10/9/5 (weights 1/1/0.5, largest remainder). On 2 cores the
-  // three workers run at 2/3 speed until the slow one has done its 5a
-  // (wall 7.5a); the fast ones then have 5a and 4a left at full speed
-  // (ends 12.5a and 11.5a); the slow one sleeps its emulated slowdown,
-  // (2-1) x 7.5a, until 15a. The step's compute ends at 15a.
+  // kernel puts ranks 0 and 1 on a core each and rank 2 next to rank 0
+  // (HostModel::per_core): ranks 0 and 2 run at half speed, rank 1 at full
+  // speed until its 9a end at 9a; rank 2 (the latest arrival) then moves
+  // to the idle core: its last 0.5a end at 9.5a and it sleeps its emulated
+  // slowdown, (2-1) x 9.5a, until 19a; rank 0's last 5.5a end at 14.5a.
+  // The step's compute ends at 19a (processor sharing, all three at 2/3,
+  // would say 15a: ReplayComputePhase below).
   const double a = 0.01;
   const auto job = demoJob(false);
   const auto prof = profileFor(job, a, 2);
@@ -79,9 +82,19 @@ TEST(LocalPredict, ThreeWorkersOnTwoCoresByHand) {
   EXPECT_TRUE(p->measured_parts);
   EXPECT_TRUE(p->oversubscribed);
   EXPECT_EQ(p->shares, (std::vector<int64_t>{10, 9, 5}));
-  EXPECT_NEAR(p->compute_s, 15 * a, 1e-9);
-  EXPECT_NEAR(p->total_s, 15 * a + 4 * 50e-6, 1e-6);  // + the control allreduce: 4 loopback messages
+  EXPECT_NEAR(p->compute_s, 19 * a, 1e-9);
+  EXPECT_NEAR(p->total_s, 19 * a + 4 * 50e-6, 1e-6);  // + the control allreduce: 4 loopback messages
   EXPECT_NE(p->detail.find("oversubscribed"), std::string::npos);
+
+  // Processor sharing (replayComputePhase): all three at 2/3 of a core
+  // until the slow one has done its 5a (wall 7.5a); the fast ones then
+  // have 5a and 4a left at full speed (ends 12.5a and 11.5a); the slow
+  // one sleeps until 15a.
+  auto ps = replayComputePhase({0, 0, 0}, {10 * a, 9 * a, 5 * a}, {1, 1, 2}, 2, 1, {}, {});
+  EXPECT_NEAR(ps[0].end, 12.5 * a, 1e-9);
+  EXPECT_NEAR(ps[1].end, 11.5 * a, 1e-9);
+  EXPECT_NEAR(ps[2].end, 7.5 * a, 1e-9);
+  EXPECT_NEAR(ps[2].done, 15 * a, 1e-9);
 
   // With 4 cores nobody shares: fast ends at 10a, slow computes 5a then
   // sleeps 5a: 10a.
@@ -95,14 +108,14 @@ TEST(LocalPredict, ThreeWorkersOnTwoCoresByHand) {
 TEST(LocalPredict, RebalancerMovesSharesTowardEqualTimes) {
   // On 2 cores the slow worker's sleep is stretched by the sharing, so
   // the rebalancer gives it fewer samples than 1/slowdown; the settled
-  // step is shorter than with the fixed 10/9/5 split (15a).
+  // step is shorter than with the fixed 10/9/5 split (19a).
   const double a = 0.01;
   const auto job = demoJob(true);
   const auto prof = profileFor(job, a, 2);
   auto p = predictStepTime(job, 256, catalog(), &prof);
   ASSERT_TRUE(p.isOk());
   EXPECT_LT(p->shares[2], 5);
-  EXPECT_LT(p->compute_s, 15 * a);
+  EXPECT_LT(p->compute_s, 19 * a);
   // Lower bound: 2 cores must do 24a of real work with the slow worker's
   // share at most 5 samples: at least (24 - 5) a / 2 = 9.5a.
   EXPECT_GT(p->compute_s, 9.5 * a);
@@ -131,9 +144,20 @@ TEST(LocalPredict, CommitAndCorunFactorsByHand) {
   EXPECT_NEAR(t[0].end, 18 * a, 1e-9);
   EXPECT_NEAR(t[0].done, 18 * a, 1e-9);
 
-  // Through predictStepTime: the optimizer (0.5a alone) runs in all three
-  // workers at once on 2 cores at co-run factor 2.0: 0.5a x 3/2 x 2 = 1.5a;
-  // the control allreduce is 4 loopback messages.
+  // Through predictStepTime the workers are placed on cores
+  // (HostModel::per_core): ranks 0 and 2 share core 0, rank 1 has core 1.
+  //  * 3 running (factor 1.2): ranks 0 and 2 at 0.5/1.2 = 5/12, rank 1 at
+  //    5/6. Rank 1's commit ends at 2.4a, ranks 0 and 2's at 4.8a (rank 1
+  //    has done 2a of its 9a by then).
+  //  * rank 1's last 7a end at 4.8a + 8.4a = 13.2a; ranks 0 and 2 have
+  //    done 3.5a each. Rank 2 moves to core 1.
+  //  * 2 running (1.1): rank 2's last 1.5a end at 14.85a (compute wall
+  //    10.05a: it sleeps until 24.9a); rank 0 has 5a left, alone at rate 1:
+  //    ends at 19.85a.
+  // Rank 0 times its step from the end of its commit: 24.9a - 4.8a = 20.1a.
+  // The optimizer (0.5a alone) runs in all three workers at once on 2
+  // cores at co-run factor 2.0: 0.5a x 3/2 x 2 = 1.5a; the control
+  // allreduce is 4 loopback messages.
   const auto job = demoJob(false);
   auto prof = profileFor(job, a, 2);
   auto& dc = prof.device("cpu");
@@ -144,9 +168,9 @@ TEST(LocalPredict, CommitAndCorunFactorsByHand) {
   dc.optimizer_s_per_param = 0.5 * a / spec->totalParams();
   auto p = predictStepTime(job, 256, catalog(), &prof);
   ASSERT_TRUE(p.isOk()) << p.status().toString();
-  EXPECT_NEAR(p->compute_s, 18 * a, 1e-9);
+  EXPECT_NEAR(p->compute_s, 20.1 * a, 1e-9);
   EXPECT_NEAR(p->optimizer_s, 1.5 * a, 1e-9);
-  EXPECT_NEAR(p->total_s, 18 * a + 1.5 * a + 4 * 50e-6, 1e-6);
+  EXPECT_NEAR(p->total_s, 20.1 * a + 1.5 * a + 4 * 50e-6, 1e-6);
   EXPECT_NEAR(p->corun_compute, 1.2, 1e-12);
   EXPECT_NE(p->detail.find("co-run x1.20 compute"), std::string::npos) << p->detail;
 
@@ -169,7 +193,7 @@ TEST(LocalPredict, SynchronousGroupWaitsForItsSlowestMember) {
   // CommitAndCorunFactorsByHand's step, now with a measured compute spread
   // of 10% while 3 workers co-run: the 3 ranks meet every step, so the step
   // grows by E[max of 3] x 0.1 x the longest compute wall (the slow rank's
-  // 18a incl. its sleep), all of it in the exposed communication.
+  // 20.1a incl. its sleep), all of it in the exposed communication.
   const double a = 0.01;
   const auto job = demoJob(false);
   auto prof = profileFor(job, a, 2);
@@ -181,9 +205,9 @@ TEST(LocalPredict, SynchronousGroupWaitsForItsSlowestMember) {
   dc.optimizer_s_per_param = 0.5 * a / spec->totalParams();
   auto p = predictStepTime(job, 256, catalog(), &prof);
   ASSERT_TRUE(p.isOk()) << p.status().toString();
-  const double straggle = expectedMaxOfNormals(3) * 0.1 * 18 * a;
-  EXPECT_NEAR(p->compute_s, 18 * a, 1e-9);
-  EXPECT_NEAR(p->total_s, 18 * a + 1.5 * a + 4 * 50e-6 + straggle, 1e-6);
+  const double straggle = expectedMaxOfNormals(3) * 0.1 * 20.1 * a;
+  EXPECT_NEAR(p->compute_s, 20.1 * a, 1e-9);
+  EXPECT_NEAR(p->total_s, 20.1 * a + 1.5 * a + 4 * 50e-6 + straggle, 1e-6);
   EXPECT_NEAR(p->compute_cv, 0.1, 1e-12);
 
   // One worker waits for nobody.
@@ -195,6 +219,68 @@ TEST(LocalPredict, SynchronousGroupWaitsForItsSlowestMember) {
   auto one = predictStepTime(solo, 256, catalog(), &prof);
   ASSERT_TRUE(one.isOk()) << one.status().toString();
   EXPECT_NEAR(one->comm_s, 0.0, 1e-9);
+}
+
+TEST(LocalPredict, IslandsRunOnTheirOwnClocks) {
+  // Two workers on one core, each an island of its own (DiLoCo's inner
+  // steps), 2a of work per step, worker 1 with an EMULATED slowdown of 2;
+  // they meet after the second step. Both run at half speed and end their
+  // first compute at 4a; worker 0 meets only itself and starts its second
+  // step at once, alone on the core (worker 1 sleeps until 8a): 4a-6a, then
+  // waits. Worker 1's second step runs alone, 8a-10a, sleeps until 12a:
+  // both leave at 12a.
+  const double a = 0.01;
+  HostModel host;
+  host.cores = 1;
+  host.per_core = true;
+  auto lastDone = [](int64_t, const std::vector<size_t>& members, const std::vector<WorkerTimes>& t) {
+    double last = 0;
+    for (size_t j : members) last = std::max(last, t[j].done);
+    return last;
+  };
+  auto t = replaySegment({0, 0}, {2 * a, 2 * a}, {1, 2}, {0, 1}, 2, host, lastDone);
+  ASSERT_EQ(t.size(), 2u);
+  EXPECT_NEAR(t[0][0].end, 4 * a, 1e-9);
+  EXPECT_NEAR(t[0][0].finish, 4 * a, 1e-9);
+  EXPECT_NEAR(t[1][0].start, 4 * a, 1e-9);
+  EXPECT_NEAR(t[1][0].end, 6 * a, 1e-9);
+  EXPECT_NEAR(t[0][1].done, 8 * a, 1e-9);
+  EXPECT_NEAR(t[1][1].start, 8 * a, 1e-9);
+  EXPECT_NEAR(t[1][1].end, 10 * a, 1e-9);
+  EXPECT_NEAR(t[1][1].done, 12 * a, 1e-9);
+  EXPECT_NEAR(t[1][0].finish, 12 * a, 1e-9);
+  EXPECT_NEAR(t[1][1].finish, 12 * a, 1e-9);
+  // Meeting after every step (sync), worker 0 waits for worker 1's sleep
+  // each time: the first step leaves at 8a, the second computes 8a-12a at
+  // half speed, worker 1 sleeps until 16a.
+  auto lock = replaySegment({0, 0}, {2 * a, 2 * a}, {1, 2}, {0, 0}, 2, host, lastDone);
+  EXPECT_NEAR(lock[0][0].finish, 8 * a, 1e-9);
+  EXPECT_NEAR(lock[1][0].end, 12 * a, 1e-9);
+  EXPECT_NEAR(lock[1][1].finish, 16 * a, 1e-9);
+}
+
+TEST(LocalPredict, DilocoOuterWaitLandsOnATimedStep) {
+  // DiLoCo, H = 5, 10 steps, shares fixed at 4/4/16 on 4 cores (nobody
+  // shares a core, communication ~0): the fast island's steps take 4a, the
+  // slow worker's 16a x slowdown 2 = 32a. Each outer step the fast island
+  // waits for the slow one: a segment takes 160a on every rank. The
+  // trainer does not time the first step, which for rank 0 is a 4a step
+  // (not a 32a one: a lockstep replay would say 32a a step); the wait
+  // lands on the timed fifth step: (160a - 4a + 160a) / 9 steps.
+  const double a = 0.01;
+  auto job = demoJob(false);
+  job.strategy.kind = "diloco";
+  job.strategy.inner_steps = 5;
+  job.train.steps = 10;
+  job.train.shares = {4, 4, 16};
+  const auto prof = profileFor(job, a, 4);
+  auto p = predictStepTime(job, 256, catalog(), &prof);
+  ASSERT_TRUE(p.isOk()) << p.status().toString();
+  EXPECT_EQ(p->shares, (std::vector<int64_t>{4, 4, 16}));
+  EXPECT_NEAR(p->total_s, 316 * a / 9, 1e-3);
+  EXPECT_NEAR(p->settled_s, 32 * a, 1e-3);
+  EXPECT_NEAR(p->compute_s, 4 * a, 1e-9);  // rank 0's island computes 4a a step ...
+  EXPECT_NEAR(p->comm_s, 28 * a, 1e-3);    // ... and waits at the outer step, 140a / 5 a step
 }
 
 TEST(LocalPredict, MeasuredCoreShareSetsTheBackground) {
@@ -214,12 +300,14 @@ TEST(LocalPredict, MeasuredCoreShareSetsTheBackground) {
   EXPECT_NEAR(p->background_procs, 3, 1e-12);
   EXPECT_NE(p->detail.find("calibration got 0.50 of a core"), std::string::npos) << p->detail;
   // A full core at calibration: the runnable-process count, at most
-  // cores - 1 of them (none counted here: the 15a of the quiet host).
+  // cores - 1 of them (none counted here: the 19a of the quiet host,
+  // workers placed on cores as in ThreeWorkersOnTwoCoresByHand).
   prof.device("cpu").alone_core_share = 1.0;
   auto q = predictStepTime(job, 256, catalog(), &prof);
   ASSERT_TRUE(q.isOk());
-  EXPECT_NEAR(q->compute_s, 15 * a, 1e-9);
-  // 5 counted, capped at 1 busy thread: 3 workers + 1 on 2 cores, 1/2 a
+  EXPECT_NEAR(q->compute_s, 19 * a, 1e-9);
+  // 5 counted, capped at 1 busy thread (with other load: processor
+  // sharing): 3 workers + 1 on 2 cores, 1/2 a
   // core each until the slow one's 5a end at 10a (sleep until 20a); then
   // 2/3 each: rank 1's 4a left end at 16a; rank 0 then has a core for its
   // last 1a: 17a. The step's compute ends at 20a.

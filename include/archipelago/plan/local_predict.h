@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -53,14 +54,16 @@ struct StepPrediction {
 // every shape field that changes the cost.
 std::string localPartKey(const std::string& part, const ModelSpec& model, int64_t seq_len, const std::string& dtype);
 
-// One worker's compute phase in a step (seconds from the end of the
-// previous step): its compute starts after its per-step work `pre`, ends at
-// `end`, and with an EMULATED slowdown s it sleeps until done = end +
-// (s-1) x (end - start).
+// One worker's step in a replay (seconds from the replay's start): its
+// compute starts after its per-step work `pre`, ends at `end`, and with an
+// EMULATED slowdown s it sleeps until done = end + (s-1) x (end - start);
+// it leaves the step at `finish` (its group's reduction, the control
+// values and the optimizer behind it).
 struct WorkerTimes {
   double start = 0;
   double end = 0;
   double done = 0;
+  double finish = 0;
 };
 
 // The other load on the host: the demand (threads) of each other
@@ -78,11 +81,48 @@ struct HostLoad {
 // equal within ours; cores <= 0: not modelled), and
 // with n of them running each unit of work costs corunFactor(n) (measured
 // co-run factors, piecewise linear from 1.0 alone). A sleeping worker
-// frees its core.
+// frees its core. (One step of replaySegment with nothing after it.)
 std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
                                             const std::vector<double>& slowdown, double cores, double threads,
                                             const HostLoad& background,
                                             const std::vector<DeviceCalibration::Corun>& corun);
+
+// When a group that has met after a step leaves it: step (in the segment),
+// the members (worker indices, all done), every worker's times in that
+// step (the members' start/end/done set). Returns the members' finish
+// (not before the last of them is done).
+using GroupRelease = std::function<double(int64_t step, const std::vector<size_t>& members,
+                                          const std::vector<WorkerTimes>& times)>;
+
+// The host the workers of a replay share.
+struct HostModel {
+  double cores = 0;    // <= 0: not modelled (every worker runs at full speed)
+  double threads = 1;  // intra-op threads per worker
+  HostLoad background;
+  std::vector<DeviceCalibration::Corun> corun;
+  // Single-threaded workers on whole cores, the kernel's way: a worker that
+  // starts computing takes the least busy core (the lowest-numbered of
+  // equals) and shares it equally with the workers there; when a core's
+  // load falls two below another's, the latest arrival on the busier one
+  // moves over (the idle core pulls work). So with 3 workers on 2 cores two
+  // of them run at half speed, not all three at 2/3 (measured here: a
+  // worker that sleeps and wakes got 0.38-0.57 of a core in 50 of 58
+  // steps). false: processor sharing (every running thread the same share).
+  bool per_core = false;
+};
+
+// Replays `steps` steps from one meeting of all workers to the next: worker
+// r runs pre[r] then work[r] CPU seconds (measured alone) on the host's
+// cores, sleeps its EMULATED slowdown, then waits for its group (the
+// workers with the same island[] value; all workers after the last step);
+// the group leaves at release() and each member starts its next step. Each
+// worker runs on its own clock, so one island's compute speeds up while
+// another sleeps or waits (DiLoCo islands drift apart between outer steps).
+// With n workers computing each unit of work costs corunFactor(n).
+// Returns times[step][worker].
+std::vector<std::vector<WorkerTimes>> replaySegment(const std::vector<double>& pre, const std::vector<double>& work,
+                                                    const std::vector<double>& slowdown, const std::vector<int>& island,
+                                                    int64_t steps, const HostModel& host, const GroupRelease& release);
 
 // Expected maximum of n independent standard normal variables (0 for n <= 1):
 // how far past the mean a group of n ranks that meet every step waits, in
