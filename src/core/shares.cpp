@@ -76,6 +76,24 @@ bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int
   return shareStepTime(proposed, seconds_per_sample) * (1.0 + min_gain) < shareStepTime(current, seconds_per_sample);
 }
 
+void SpeedEstimate::observe(double seconds, int64_t samples) {
+  if (samples < 1 || !(seconds >= 0) || !std::isfinite(seconds)) return;
+  const double x = seconds / static_cast<double>(samples);
+  ema_ = ema_ == 0 ? x : 0.7 * ema_ + 0.3 * x;
+  period_s_ += seconds;
+  period_samples_ += samples;
+}
+
+double SpeedEstimate::value() const {
+  if (!period_mean_) return ema_;
+  return period_samples_ > 0 ? period_s_ / static_cast<double>(period_samples_) : 0.0;
+}
+
+void SpeedEstimate::endPeriod() {
+  period_s_ = 0;
+  period_samples_ = 0;
+}
+
 Result<std::vector<int64_t>> rebalancedShares(const std::vector<int64_t>& current,
                                               const std::vector<double>& seconds_per_sample, int64_t total) {
   std::vector<double> weights;

@@ -1,18 +1,23 @@
-// Predicted step time of a local run (see local_predict.h). One step is
-// replayed the way the trainer runs it on this host:
+// Predicted step time of a local run (see local_predict.h). The steps are
+// replayed the way the trainer runs them on this host, each worker on its
+// own clock from one meeting of all workers to the next (every step for
+// sync, every outer step for DiLoCo, whose islands meet only inside
+// themselves in between):
 //   1. every worker commits (the elastic rollback copy), then computes
-//      forward+backward of its share (micro-batches), all of them at once
-//      on the host's cores (processor sharing, measured co-run factors);
+//      forward+backward of its share (micro-batches) on the host's cores
+//      with the others computing at that moment (placed on cores the
+//      kernel's way or processor sharing, measured co-run factors);
 //   2. a worker with an EMULATED slowdown then sleeps (slowdown-1) x its
 //      measured compute wall time (its core is free meanwhile);
 //   3. gradients are reduced: inside each island over loopback TCP, across
 //      islands over the EMULATED strait (codec, latency); buckets start as
 //      soon as every rank has them, so the reduction overlaps the sleeps
 //      and the other workers' remaining compute;
-//   4. the ranks that meet every step wait for the slowest of them (the
-//      expected maximum of their compute, by the calibrated spread);
+//   4. the ranks that meet wait for the slowest of them (the expected
+//      maximum of their compute, by the calibrated spread);
 //   5. control values (loss, tokens) are allreduced, every worker runs the
-//      optimizer (sharing the cores again).
+//      optimizer (sharing the cores again); DiLoCo's outer step waits for
+//      every island and sends the pseudo-gradient over the strait.
 // Shares start from the config (or 1/slowdown) and are moved by the
 // trainer's rebalancer rule (core/shares.h, with its margin) at the same
 // steps; the prediction is the mean over the steps the trainer times.
@@ -446,7 +451,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   const int64_t seg_len = diloco ? H : 1;
   const int64_t settle = std::max<int64_t>(4 * std::max<int64_t>(interval, 1) + 2, 12);
   const int64_t replay = std::min<int64_t>(tc.steps, (settle + seg_len - 1) / seg_len * seg_len);
-  std::vector<double> ema(nw, 0.0);
+  std::vector<core::SpeedEstimate> speed(nw, core::SpeedEstimate(diloco));
   double timed_sum = 0;
   int64_t timed = 0;
   double seg_step = 0, seg_compute = 0;  // rank 0's mean step and compute in the last segment
@@ -517,16 +522,21 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       }
       seg_step += step_s / d(len);
       seg_compute += (group_end[static_cast<size_t>(s)] - ts[0].start) / d(len);
-      // The rebalancer: EMA of seconds per sample (the compute wall time
+      // The rebalancer's speeds: seconds per sample (the compute wall time
       // incl. the emulated sleep) after the trainer's warm-up steps.
       for (size_t r = 0; r < nw && step0 + s >= core::kRebalanceWarmupSteps; ++r) {
-        ema[r] = core::rebalanceEma(ema[r], (ts[r].done - ts[r].start) / d(std::max<int64_t>(1, shares[r])));
+        speed[r].observe(ts[r].done - ts[r].start, shares[r]);
       }
     }
     seg_shares = shares;
     // New shares by 1 / that at its steps if they win by its margin (core/shares.h).
     if (interval > 0 && (step0 + len) % interval == 0) {
-      ARCH_ASSIGN_OR_RETURN(shares, core::rebalancedShares(shares, ema, tc.global_batch));
+      std::vector<double> sps;
+      for (auto& e : speed) {
+        sps.push_back(e.value());
+        e.endPeriod();
+      }
+      ARCH_ASSIGN_OR_RETURN(shares, core::rebalancedShares(shares, sps, tc.global_batch));
     }
   }
   // Steps after the replay repeat the last segment.

@@ -184,10 +184,10 @@ torch::Tensor toTensor(const std::vector<int64_t>& v, int64_t n, int64_t t) {
 // agree on the shares without a leader.
 class Rebalancer {
  public:
-  Rebalancer(int world, int64_t interval) : interval_(interval), ema_(static_cast<size_t>(world), 0.0) {}
-  void observe(double seconds_per_sample) { mine_ = core::rebalanceEma(mine_, seconds_per_sample); }
+  // period_mean: outer-step strategies (core::SpeedEstimate).
+  Rebalancer(int64_t interval, bool period_mean) : interval_(interval), mine_(period_mean) {}
+  void observe(double compute_s, int64_t samples) { mine_.observe(compute_s, samples); }
   bool due(int64_t step) const { return interval_ > 0 && step > 0 && step % interval_ == 0; }
-  double mine() const { return mine_; }
   // Shares by slot: the members of `dp` (the ranks `members`, in group
   // order) split the global batch; every other slot gets 0. `current` (by
   // slot) is kept unless the new split is predicted clearly faster
@@ -195,7 +195,8 @@ class Rebalancer {
   core::Result<std::vector<int64_t>> shares(DpComm* dp, int64_t global_batch, const std::vector<int>& members,
                                             int slots, const std::vector<int64_t>& current) {
     std::vector<double> all(static_cast<size_t>(dp->size()));
-    double m = mine_;
+    const double m = mine_.value();
+    mine_.endPeriod();
     ARCH_RETURN_IF_ERROR(dp->allgather(std::span<const double>(&m, 1), all));
     std::vector<int64_t> cur;
     for (size_t i = 0; i < members.size(); ++i) {
@@ -211,8 +212,7 @@ class Rebalancer {
 
  private:
   int64_t interval_;
-  double mine_ = 0;
-  std::vector<double> ema_;
+  core::SpeedEstimate mine_;
 };
 
 }  // namespace
@@ -493,7 +493,9 @@ core::Status Trainer::setup() {
                                                  elastic() ? world_ > 1 : grad_dp_->size() > 1);
   // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step
   // boundaries only (the speed allgather crosses the straits).
-  rebalancer_ = std::make_unique<Rebalancer>(world_, tc_.rebalance && world_ > 1 ? (outer_ ? job_.strategy.inner_steps : core::kRebalanceInterval) : 0);
+  rebalancer_ = std::make_unique<Rebalancer>(
+      tc_.rebalance && world_ > 1 ? (outer_ ? job_.strategy.inner_steps : core::kRebalanceInterval) : 0,
+      outer_ != nullptr);
   integrity_every_ = job_.checkpoint.every > 0 ? job_.checkpoint.every : 50;
   corrupt_hook_ = corruptParamsHook();
   if (elastic()) {
@@ -898,7 +900,7 @@ core::Status Trainer::trainStep() {
   // step took 2x the CPU time of its fourth). Counted, they moved shares
   // of two equal workers from 8/8 to 9/7 for up to 20 steps.
   if (batch.n > 0 && step_ > warm_from_ + core::kRebalanceWarmupSteps) {
-    rebalancer_->observe(compute_s / static_cast<double>(batch.n));
+    rebalancer_->observe(compute_s, batch.n);
   }
   std::vector<int64_t> old_shares = shares_;
   if (rebalancer_->due(step_)) {

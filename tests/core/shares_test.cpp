@@ -70,8 +70,37 @@ TEST(Shares, RebalancerDecision) {
   EXPECT_EQ(*rebalancedShares({24, 0}, {0.5, 0.0}, 24), (std::vector<int64_t>{16, 8}));
   EXPECT_FALSE(rebalancedShares({12, 12}, {0.02, 0.04}, 1).isOk());
 
-  EXPECT_EQ(rebalanceEma(0, 0.5), 0.5);
-  EXPECT_DOUBLE_EQ(rebalanceEma(1.0, 2.0), 1.3);
+}
+
+TEST(Shares, SpeedEstimateEmaOrPeriodMean) {
+  // Synchronous: EMA of seconds per sample, 0.3 on the newest step.
+  SpeedEstimate ema;
+  EXPECT_EQ(ema.value(), 0.0);
+  ema.observe(5.0, 10);  // 0.5 s per sample
+  EXPECT_EQ(ema.value(), 0.5);
+  ema.observe(10.0, 5);  // 2.0
+  EXPECT_DOUBLE_EQ(ema.value(), 0.7 * 0.5 + 0.3 * 2.0);
+  ema.endPeriod();  // the EMA carries on
+  EXPECT_DOUBLE_EQ(ema.value(), 0.7 * 0.5 + 0.3 * 2.0);
+  ema.observe(1.0, 0);  // no samples: not a speed
+  EXPECT_DOUBLE_EQ(ema.value(), 0.7 * 0.5 + 0.3 * 2.0);
+
+  // Outer-step strategies: the whole period, seconds over samples. A slow
+  // island's steps of 0.2, 0.3, 0.25 s then two 0.1 s steps (run while the
+  // others wait at the outer step), 5 samples each: 0.95 s / 25 samples =
+  // 38 ms per sample; the EMA would say 33.3 ms (weighted to the fast end).
+  SpeedEstimate period(true);
+  SpeedEstimate recent;
+  for (double t : {0.2, 0.3, 0.25, 0.1, 0.1}) {
+    period.observe(t, 5);
+    recent.observe(t, 5);
+  }
+  EXPECT_DOUBLE_EQ(period.value(), 0.95 / 25);
+  EXPECT_NEAR(recent.value(), 0.033328, 1e-6);
+  period.endPeriod();  // a new period starts unmeasured (the split is kept)
+  EXPECT_EQ(period.value(), 0.0);
+  period.observe(0.4, 4);
+  EXPECT_DOUBLE_EQ(period.value(), 0.1);
 }
 
 }  // namespace

@@ -49,11 +49,34 @@ bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int
 // streaming decide at every outer step instead).
 inline constexpr int64_t kRebalanceInterval = 5;
 
-// A rank's running seconds per sample: an exponential moving average with
-// weight 0.3 on the newest step (0 = no measurement yet).
-inline double rebalanceEma(double ema, double seconds_per_sample) {
-  return ema == 0 ? seconds_per_sample : 0.7 * ema + 0.3 * seconds_per_sample;
-}
+// A rank's speed as the rebalancer sees it: seconds per sample of its
+// compute. Synchronous runs: an exponential moving average over the steps,
+// weight 0.3 on the newest (every step meets, so the recent steps are what
+// the next ones will be like). Outer-step strategies (`period_mean`:
+// DiLoCo, streaming): the mean over the whole period since the last
+// decision (its seconds / its samples). The outer step waits for the
+// island that took longest over all its inner steps, and an island's last
+// inner steps before it are unrepresentative: a slow island runs them with
+// the cores that the faster islands, already waiting, have freed (measured
+// on 2 cores: a slow worker's last two inner steps took 0.11-0.13 s against
+// 0.15-0.38 s before; the EMA, weighted to them, saw it ~25% too fast and
+// kept a split under which the fast island waited 0.5 s every outer step).
+class SpeedEstimate {
+ public:
+  explicit SpeedEstimate(bool period_mean = false) : period_mean_(period_mean) {}
+  // One step: `seconds` of compute for `samples` samples (ignored if < 1).
+  void observe(double seconds, int64_t samples);
+  // Seconds per sample; 0 = no measurement (yet, or in this period).
+  double value() const;
+  // After a decision: a period mean starts over (the EMA carries on).
+  void endPeriod();
+
+ private:
+  bool period_mean_;
+  double ema_ = 0;
+  double period_s_ = 0;
+  int64_t period_samples_ = 0;
+};
 
 // The rebalancer's decision, the same in the trainer and in the planner's
 // replay: shares proportional to 1 / seconds_per_sample (weight 1 for a rank

@@ -6,9 +6,11 @@
 // per-step commit, then forward+backward of its share at the measured cost
 // of the job's own model (calibration: thread CPU time with the real
 // kernels), split into micro-batches; all workers of this host sharing its
-// cores (processor sharing when workers x threads > cores, and with the
-// other load measured on a shared host) at the measured co-run factor for
-// the number running at once;
+// cores (single-threaded workers placed on cores the kernel's way,
+// otherwise processor sharing, with the other load measured on a shared
+// host) at the measured co-run factor for the number running at once; each
+// worker on its own clock between meetings (DiLoCo islands drift apart
+// between outer steps and the faster waits);
 // the EMULATED slowdown as the trainer applies it (a sleep of
 // (slowdown-1) x the worker's measured compute wall time, which frees its
 // core); the rebalancer moving batch shares toward equal compute time, as
