@@ -1,5 +1,6 @@
 #include "archipelago/runtime/trainer.h"
 
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,6 +47,13 @@ double cpuSeconds(clockid_t clock) {
   timespec ts{};
   ::clock_gettime(clock, &ts);
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+// Minor page faults of this process so far (a fresh page touched: a
+// growing heap, or memory the allocator returned and takes back).
+int64_t minorFaults() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_minflt;
 }
 }  // namespace
 
@@ -776,6 +784,7 @@ void Trainer::event(const std::string& name, nlohmann::json fields) {
 core::Status Trainer::trainStep() {
   const auto step_t0 = core::Clock::now();
   const double step_cpu0 = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID);
+  const int64_t step_faults0 = minorFaults();
   const data::ShareRange mine = data::shareRange(shares_, rank_);
   const int64_t mb = tc_.micro_batch > 0 ? tc_.micro_batch : std::max<int64_t>(1, mine.count);
   int64_t group_samples = 0;
@@ -926,6 +935,7 @@ core::Status Trainer::trainStep() {
                     {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", compute_s},
                     {"comm_s", comm_s}, {"data_s", data_s}, {"optimizer_s", optimizer_s}, {"step_s", step_s},
                     {"compute_cpu_s", compute_cpu_s}, {"cpu_s", cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - step_cpu0},
+                    {"minor_faults", minorFaults() - step_faults0},
                     {"tokens_per_s", static_cast<double>(tokens) / step_s}, {"grad_norm", grad_norm},
                     {"slowdown", me_.slowdown}, {"share", old_shares[static_cast<size_t>(rank_)]},
                     {"commit_s", commit_s_}});
