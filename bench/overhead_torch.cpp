@@ -13,6 +13,7 @@
 
 #include "archipelago/core/clock.h"
 #include "archipelago/core/config.h"
+#include "archipelago/core/host_memory.h"
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/trainer.h"
@@ -47,9 +48,9 @@ int main(int argc, char** argv) {
   // The trainer's process settings for both loops: one compute thread
   // (model::setComputeThreads also bounds OpenBLAS's own pool, which
   // torch::set_num_threads does not reach) and freed memory kept in the
-  // process (model::holdFreedMemory).
+  // process (core::holdFreedMemory).
   model::setComputeThreads(1);
-  model::holdFreedMemory();
+  core::holdFreedMemory();
 
   // (a) bare libtorch loop on one fixed batch.
   auto net = model::buildModel(job.model, 42);

@@ -3,9 +3,6 @@
 #include "archipelago/model/transformer.h"
 
 #include <dlfcn.h>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -82,19 +79,6 @@ core::Result<torch::ScalarType> parseDtype(const std::string& name) {
   if (name == "bf16" || name == "bfloat16") return torch::kBFloat16;
   if (name == "fp16" || name == "float16") return torch::kFloat16;
   return core::invalidArgument("dtype '" + name + "': expected fp32, bf16 or fp16");
-}
-
-void holdFreedMemory() {
-#if defined(__GLIBC__)
-  static const bool done = [] {
-    // Setting any of these also turns off glibc's dynamic thresholds.
-    mallopt(M_MMAP_THRESHOLD, 256 << 20);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
-    mallopt(M_TOP_PAD, 64 << 20);
-    return true;
-  }();
-  (void)done;
-#endif
 }
 
 void setComputeThreads(int64_t threads) {

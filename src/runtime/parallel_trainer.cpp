@@ -20,6 +20,7 @@
 
 #include "archipelago/comm/communicator.h"
 #include "archipelago/core/clock.h"
+#include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/shares.h"
 #include "archipelago/data/dataset.h"
@@ -346,7 +347,7 @@ core::Status Impl::setup() {
   if (world_ > 1 && !world_group) return core::invalidArgument("the parallel trainer needs the world comm group");
   me_ = workers_[static_cast<size_t>(rank_)];
   model::setComputeThreads(job_.train.threads_per_worker);
-  model::holdFreedMemory();
+  core::holdFreedMemory();
 
   ARCH_ASSIGN_OR_RETURN(ds_, data::PreparedDataset::open(job_.data.dir));
   if (job_.model.vocab_size == 0) job_.model.vocab_size = ds_->vocabSize();

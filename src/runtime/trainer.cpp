@@ -21,6 +21,7 @@
 
 #include "archipelago/core/clock.h"
 #include "archipelago/core/hash.h"
+#include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/shares.h"
 #include "archipelago/data/dataset.h"
@@ -415,7 +416,7 @@ core::Status Trainer::setup() {
   me_ = world_ == 1 && workers_.size() != 1 ? WorkerInfo{} : workers_[static_cast<size_t>(rank_)];
   bindComm();
   model::setComputeThreads(tc_.threads_per_worker);
-  model::holdFreedMemory();
+  core::holdFreedMemory();
 
   // ---- data ----
   ARCH_ASSIGN_OR_RETURN(ds_, data::PreparedDataset::open(job_.data.dir));

@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "archipelago/comm/coordinator.h"
+#include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/comm_dp.h"
 #include "archipelago/runtime/elastic.h"
@@ -21,6 +22,7 @@ void onStop(int) { g_stop.store(true); }
 }  // namespace
 
 core::Status runWorker(const WorkerOptions& opt) {
+  core::holdFreedMemory();  // before any thread allocates (core/host_memory.h)
   core::LoadOptions lo;
   ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, lo));
   core::JobConfig job = loaded.job;

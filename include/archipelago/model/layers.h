@@ -36,16 +36,6 @@ core::Result<torch::ScalarType> parseDtype(const std::string& name);
 // possible: libtorch allows it once, before the first parallel work).
 void setComputeThreads(int64_t threads);
 
-// Makes glibc keep freed memory in the process instead of returning it to
-// the kernel (fixed mmap threshold 256 MiB, trim threshold 1 GiB, top pad
-// 64 MiB). A training step frees and re-allocates the same activation
-// buffers every step; with glibc's defaults they go back to the kernel and
-// are faulted in again, which on a VM that hands free pages back to its
-// host cost more than the compute (measured: trainer 0.50-0.78 s/step vs
-// 0.19-0.20 s with this, the bare-loop baseline 0.31-0.38 vs 0.21 s;
-// docs/runtime.md, "Host memory"). Idempotent; no-op without glibc.
-void holdFreedMemory();
-
 // Deterministic normal(0, std) fp32 tensor on the CPU. The generator is seeded
 // from (seed, name) alone, so a tensor's initial value does not depend on the
 // order of construction nor on which other tensors exist (a pipeline stage
