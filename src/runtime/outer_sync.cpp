@@ -537,7 +537,11 @@ class FragmentOuterSync final : public OuterSync {
       payload += enc[i];
     }
     if (my_pos_ < K_) {
-      std::vector<uint8_t> out(payload);
+      // Exchange buffers kept across outer steps (this thread's arena frees
+      // emptied heaps back to the kernel: fresh ones faulted ~4,000 pages
+      // in at every outer step).
+      auto& out = x_out_;
+      out.assign(payload, 0);
       std::memcpy(out.data(), island_tokens.data(), sizeof(double) * nf);
       if (nc > 0) std::memcpy(out.data() + sizeof(double) * nf, job.control.data(), sizeof(double) * nc);
       for (size_t i = 0; i < nf; ++i) {
@@ -550,7 +554,8 @@ class FragmentOuterSync final : public OuterSync {
         }
       }
       const size_t members = cross_ ? static_cast<size_t>(cross_->size()) : 1;
-      std::vector<uint8_t> all(payload * members);
+      auto& all = x_all_;
+      all.resize(payload * members);
       if (cross_) {
         ARCH_RETURN_IF_ERROR(cross_->allgather(out.data(), all.data(), payload, comm::DType::kU8, opts())
                                  .withContext("cross-island pseudo-gradient exchange"));
@@ -577,7 +582,8 @@ class FragmentOuterSync final : public OuterSync {
         }
         std::span<float> mine(job.buf.data() + job.at[i] + off[i], len[i]);
         std::fill(mine.begin(), mine.end(), 0.0f);
-        std::vector<float> dec(mine.size());
+        auto& dec = x_dec_;
+        dec.resize(mine.size());
         for (size_t m = 0; m < members; ++m) {
           ARCH_RETURN_IF_ERROR(comm::decode(codec_, std::span<const uint8_t>(all.data() + m * payload + body_at[i], enc[i]), dec)
                                    .withContext("decoding island " + std::to_string(m) + "'s pseudo-gradient"));
@@ -691,6 +697,8 @@ class FragmentOuterSync final : public OuterSync {
   std::vector<Fragment> frags_;
   torch::Tensor anchor_, momentum_;
   std::vector<std::unique_ptr<comm::ErrorFeedback>> efs_;  // per fragment, my shard (outer thread)
+  std::vector<uint8_t> x_out_, x_all_;                     // exchange buffers (outer thread)
+  std::vector<float> x_dec_;
   std::vector<int64_t> last_tokens_;                       // cum_tokens_ at the fragment's last submission
   std::vector<int64_t> last_sent_;                         // step of the fragment's last submission (-1: none)
   std::vector<double> control_out_;                        // attached, not yet sent (trainer thread)
