@@ -115,6 +115,7 @@ std::string CalibrationProfile::toJson() const {
     jd["memory_bandwidth"] = dc.memory_bandwidth;
     jd["step_overhead_s"] = dc.step_overhead_s;
     jd["loopback_bandwidth"] = dc.loopback_bandwidth;
+    jd["loopback_cpu_per_byte"] = dc.loopback_cpu_per_byte;
     jd["optimizer_s_per_param"] = dc.optimizer_s_per_param;
     jd["host_cores"] = dc.host_cores;
     jd["background_procs"] = dc.background_procs;
@@ -196,6 +197,7 @@ core::Result<CalibrationProfile> CalibrationProfile::fromJson(const std::string&
       dc.memory_bandwidth = jd.value("memory_bandwidth", 0.0);
       dc.step_overhead_s = jd.value("step_overhead_s", 0.0);
       dc.loopback_bandwidth = jd.value("loopback_bandwidth", 0.0);
+      dc.loopback_cpu_per_byte = jd.value("loopback_cpu_per_byte", 0.0);
     }
   } catch (const nlohmann::json::exception& e) {
     return core::invalidArgument(std::string("calibration profile: ") + e.what());

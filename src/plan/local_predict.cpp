@@ -437,6 +437,16 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   const HostModel host{p.host_cores, threads, background, corun,
                        p.host_cores > 0 && threads == 1.0 && background.groups.empty() &&
                            p.host_cores == std::round(p.host_cores)};
+  // Each worker's communication threads send and receive 2(n-1)/n of the
+  // gradients every step in a ring of n (the world for sync, the island for
+  // DiLoCo) at the calibrated CPU per byte (sender + receiver side), taken
+  // from the cores the workers compute on: added to its compute.
+  const double cpu_per_byte = dc ? dc->loopback_cpu_per_byte : 0.0;
+  std::vector<double> comm_cpu(nw, 0.0);
+  for (size_t r = 0; r < nw; ++r) {
+    const int64_t n = diloco ? cl.islands[static_cast<size_t>(workers[r].island)].count : world;
+    if (n > 1) comm_cpu[r] = cpu_per_byte * 2.0 * d(n - 1) / d(n) * grad_bytes;
+  }
   std::vector<int> island_of(nw, 0);
   std::vector<double> slow(nw), pre(nw, overhead);
   for (size_t r = 0; r < nw; ++r) {
@@ -462,7 +472,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
     std::vector<double> work(nw);
     for (size_t r = 0; r < nw; ++r) {
       wks[r] = workOf(r, shares[r]);
-      work[r] = wks[r].total;
+      work[r] = wks[r].total + comm_cpu[r];
     }
     // Gradients of `members` reduced (`comm` seconds unhidden): buckets
     // start as soon as every member has them (the first once the last
@@ -560,9 +570,10 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   p.compute_cv = compute_cv;
   p.detail = fmt::format(
       "predicted {:.1f} ms = compute {:.1f} + comm {:.1f} + optimizer {:.1f} at shares [{}] (each worker commits "
-      "{:.1f} ms before its step); {}; co-run x{:.2f} compute, x{:.2f} optimizer with {} workers at once{}, "
-      "compute spread {:.1f}% (groups of {} wait for the slowest); {}",
+      "{:.1f} ms before its step, and {:.1f} ms of CPU moving its gradients); {}; co-run x{:.2f} compute, x{:.2f} "
+      "optimizer with {} workers at once{}, compute spread {:.1f}% (groups of {} wait for the slowest); {}",
       1e3 * p.total_s, 1e3 * p.compute_s, 1e3 * p.comm_s, 1e3 * p.optimizer_s, shares_s, 1e3 * p.overhead_s,
+      1e3 * comm_cpu[0],
       measured ? "measured model" : (profile && dc ? "calibrated GEMMs" : "catalog derating"), p.corun_compute,
       p.corun_optimizer, world, corun.empty() ? " (not measured)" : " (measured)", 100.0 * compute_cv, sync_group,
       p.host_cores > 0

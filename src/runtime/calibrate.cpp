@@ -1,6 +1,9 @@
 #include "archipelago/runtime/calibrate.h"
 
+#include <arpa/inet.h>
 #include <dirent.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <sched.h>
 #include <unistd.h>
@@ -16,6 +19,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -132,6 +136,64 @@ double threadCpuSeconds() {
   timespec ts{};
   ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// CPU seconds (sender + receiver thread) per byte sent over loopback TCP,
+// in 1 MiB writes, as the workers' gradient buckets travel between them:
+// their communication threads take this from the cores the computing
+// workers share. 0 if a socket call fails.
+double loopbackCpuPerByte() {
+  constexpr size_t kChunk = size_t{1} << 20;
+  constexpr size_t kTotal = size_t{64} << 20;
+  const int lst = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (lst < 0) return 0.0;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (::bind(lst, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || ::listen(lst, 1) != 0 ||
+      ::getsockname(lst, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ::close(lst);
+    return 0.0;
+  }
+  const int tx = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (tx < 0 || ::connect(tx, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    if (tx >= 0) ::close(tx);
+    ::close(lst);
+    return 0.0;
+  }
+  const int rx = ::accept(lst, nullptr, nullptr);
+  ::close(lst);
+  if (rx < 0) {
+    ::close(tx);
+    return 0.0;
+  }
+  double recv_cpu = 0;
+  std::thread receiver([&] {
+    std::vector<char> buf(kChunk);
+    const double c0 = threadCpuSeconds();
+    for (size_t got = 0; got < kTotal;) {
+      const ssize_t n = ::recv(rx, buf.data(), buf.size(), 0);
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    recv_cpu = threadCpuSeconds() - c0;
+  });
+  std::vector<char> buf(kChunk, 1);
+  const double c0 = threadCpuSeconds();
+  size_t sent = 0;
+  while (sent < kTotal) {
+    const ssize_t n = ::send(tx, buf.data(), std::min(kChunk, kTotal - sent), MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += static_cast<size_t>(n);
+  }
+  const double send_cpu = threadCpuSeconds() - c0;
+  ::shutdown(tx, SHUT_WR);
+  receiver.join();
+  ::close(tx);
+  ::close(rx);
+  return sent == kTotal ? (send_cpu + recv_cpu) / static_cast<double>(kTotal) : 0.0;
 }
 
 class PieceTimer {
@@ -347,6 +409,7 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
   // them when there are more workers than cores (single-threaded workers
   // only; the factors are CPU-time ratios).
   dev.corun.clear();
+  if (job.cluster.worldSize() > 1) dev.loopback_cpu_per_byte = loopbackCpuPerByte();
   const int64_t workers = std::min<int64_t>(job.cluster.worldSize(), 8);
   if (cpu && workers > 1 && alone_hi > 0) {
     const double opt_alone = dev.optimizer_s_per_param * static_cast<double>(flat.numel());

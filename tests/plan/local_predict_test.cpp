@@ -103,6 +103,20 @@ TEST(LocalPredict, ThreeWorkersOnTwoCoresByHand) {
   ASSERT_TRUE(q.isOk());
   EXPECT_FALSE(q->oversubscribed);
   EXPECT_NEAR(q->compute_s, 10 * a, 1e-9);
+
+  // The same with the gradients' traffic costing CPU: a ring of 3 moves
+  // 2 x 2/3 of the gradient bytes through each worker; at a calibrated
+  // CPU per byte that makes 1a per worker per step, added to its compute.
+  // Fast ends at 11a, rank 1 at 10a, the slow one computes 6a and sleeps
+  // 6a: 12a.
+  auto costly = roomy;
+  auto spec = fromModelConfig(job.model);
+  ASSERT_TRUE(spec.isOk());
+  costly.device("cpu").loopback_cpu_per_byte = a / (2.0 * 2.0 / 3.0 * spec->totalParams() * 4);
+  auto c = predictStepTime(job, 256, catalog(), &costly);
+  ASSERT_TRUE(c.isOk());
+  EXPECT_NEAR(c->compute_s, 12 * a, 1e-9);
+  EXPECT_NE(c->detail.find("10.0 ms of CPU moving its gradients"), std::string::npos) << c->detail;
 }
 
 TEST(LocalPredict, RebalancerMovesSharesTowardEqualTimes) {
@@ -316,9 +330,11 @@ TEST(LocalPredict, MeasuredCoreShareSetsTheBackground) {
   ASSERT_TRUE(r.isOk());
   EXPECT_NEAR(r->background_procs, 1, 1e-12);
   EXPECT_NEAR(r->compute_s, 20 * a, 1e-9);
+  prof.device("cpu").loopback_cpu_per_byte = 4.1e-10;
   auto back = CalibrationProfile::fromJson(prof.toJson());
   ASSERT_TRUE(back.isOk());
   EXPECT_EQ(back->find("cpu")->alone_core_share, 1.0);
+  EXPECT_EQ(back->find("cpu")->loopback_cpu_per_byte, 4.1e-10);
 }
 
 TEST(LocalPredict, MeasuredPartsInterpolateAndRoundTrip) {

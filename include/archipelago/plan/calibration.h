@@ -39,6 +39,7 @@ struct DeviceCalibration {
   double step_overhead_s = 0;   // fixed per-step work of every worker before its compute (the trainer's
                                 // elastic commit: copies of parameters and optimizer state)
   double loopback_bandwidth = 0; // bytes/s between local workers (for local runs); 0 = unknown
+  double loopback_cpu_per_byte = 0;  // CPU seconds (sender + receiver) per byte over loopback TCP; 0 = unknown
   double optimizer_s_per_param = 0;  // measured optimizer step (grad norm + AdamW) per parameter; 0 = unknown
   double host_cores = 0;        // CPU cores the local workers share; 0 = unknown
   double background_procs = 0;  // other runnable processes on the host while calibrating (mean; shared machines)
