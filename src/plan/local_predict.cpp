@@ -489,7 +489,8 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
         real_end = std::max(real_end, t[j].end);
         const double wall = t[j].end - t[j].start;
         const double rate = wall > 0 ? work[j] / wall : 1.0;
-        first_ready = std::max(first_ready, t[j].end - wks[j].last_bwd / std::max(rate, 1e-12) * (n_buckets - 1) / n_buckets);
+        first_ready =
+            std::max(first_ready, t[j].end - wks[j].last_bwd / std::max(rate, 1e-12) * (n_buckets - 1) / n_buckets);
         longest = std::max(longest, t[j].done - t[j].start);
       }
       const double end = std::max(real_end + comm / n_buckets, first_ready + comm);
@@ -520,8 +521,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
       }
       return latest + (meet_all ? ctrl_world + outer : ctrl_local);
     };
-    const auto times =
-        replaySegment(pre, work, slow, island_of, len, host, release);
+    const auto times = replaySegment(pre, work, slow, island_of, len, host, release);
     seg_step = seg_compute = 0;
     for (int64_t s = 0; s < len; ++s) {
       const auto& ts = times[static_cast<size_t>(s)];
