@@ -173,12 +173,14 @@ double loopbackCpuPerByte() {
   std::thread receiver([&] {
     std::vector<char> buf(kChunk);
     const double c0 = threadCpuSeconds();
-    for (size_t got = 0; got < kTotal;) {
+    size_t got = 0;
+    while (got < kTotal) {
       const ssize_t n = ::recv(rx, buf.data(), buf.size(), 0);
       if (n <= 0) break;
       got += static_cast<size_t>(n);
     }
     recv_cpu = threadCpuSeconds() - c0;
+    if (got < kTotal) ::shutdown(rx, SHUT_RDWR);  // a failed receive must not leave the sender blocked
   });
   std::vector<char> buf(kChunk, 1);
   const double c0 = threadCpuSeconds();
