@@ -422,7 +422,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
     }
     ARCH_ASSIGN_OR_RETURN(shares, core::sharesFromWeights(w, tc.global_batch));
   }
-  const int64_t interval = tc.rebalance && world > 1 ? (diloco ? H : core::kRebalanceInterval) : 0;
+  const int64_t interval = core::rebalanceInterval(tc.rebalance, world, diloco, H);
   // Ranks that meet every step: the world for sync, each island for DiLoCo
   // (the largest named in the detail line).
   int64_t sync_group = world;

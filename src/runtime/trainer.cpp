@@ -503,8 +503,7 @@ core::Status Trainer::setup() {
   // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step
   // boundaries only (the speed allgather crosses the straits).
   rebalancer_ = std::make_unique<Rebalancer>(
-      tc_.rebalance && world_ > 1 ? (outer_ ? job_.strategy.inner_steps : core::kRebalanceInterval) : 0,
-      outer_ != nullptr);
+      core::rebalanceInterval(tc_.rebalance, world_, outer_ != nullptr, job_.strategy.inner_steps), outer_ != nullptr);
   integrity_every_ = job_.checkpoint.every > 0 ? job_.checkpoint.every : 50;
   corrupt_hook_ = corruptParamsHook();
   if (elastic()) {

@@ -72,6 +72,13 @@ TEST(Shares, RebalancerDecision) {
 
 }
 
+TEST(Shares, RebalanceInterval) {
+  EXPECT_EQ(rebalanceInterval(true, 3, false, 10), kRebalanceInterval);  // sync: every 5th step
+  EXPECT_EQ(rebalanceInterval(true, 3, true, 10), 10);                   // DiLoCo: every outer step
+  EXPECT_EQ(rebalanceInterval(false, 3, false, 10), 0);                  // off
+  EXPECT_EQ(rebalanceInterval(true, 1, true, 10), 0);                    // one worker: nothing to split
+}
+
 TEST(Shares, SpeedEstimateEmaOrPeriodMean) {
   // Synchronous: EMA of seconds per sample, 0.3 on the newest step.
   SpeedEstimate ema;

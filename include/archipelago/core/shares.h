@@ -49,6 +49,16 @@ bool worthRebalancing(const std::vector<int64_t>& current, const std::vector<int
 // streaming decide at every outer step instead).
 inline constexpr int64_t kRebalanceInterval = 5;
 
+// Steps between two rebalancing decisions of a job (0 = never): none when
+// rebalancing is off or there is one worker; every kRebalanceInterval
+// steps for a synchronous run, every outer step (`inner_steps`) for
+// DiLoCo and streaming (`outer_steps`). The trainer and the planner's
+// replay both ask here.
+inline int64_t rebalanceInterval(bool enabled, int64_t world, bool outer_steps, int64_t inner_steps) {
+  if (!enabled || world <= 1) return 0;
+  return outer_steps ? inner_steps : kRebalanceInterval;
+}
+
 // A rank's speed as the rebalancer sees it: seconds per sample of its
 // compute. Synchronous runs: an exponential moving average over the steps,
 // weight 0.3 on the newest (every step meets, so the recent steps are what
