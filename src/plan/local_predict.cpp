@@ -239,20 +239,6 @@ std::vector<std::vector<WorkerTimes>> replaySegment(const std::vector<double>& p
   return out;
 }
 
-std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
-                                            const std::vector<double>& slowdown, double cores, double threads,
-                                            const HostLoad& background,
-                                            const std::vector<DeviceCalibration::Corun>& corun) {
-  HostModel host{cores, threads, background, corun, false};
-  auto times = replaySegment(pre, work, slowdown, std::vector<int>(work.size(), 0), 1, host,
-                             [](int64_t, const std::vector<size_t>& members, const std::vector<WorkerTimes>& t) {
-                               double last = 0;
-                               for (size_t j : members) last = std::max(last, t[j].done);
-                               return last;
-                             });
-  return times.empty() ? std::vector<WorkerTimes>{} : times[0];
-}
-
 std::string localPartKey(const std::string& part, const ModelSpec& m, int64_t seq_len, const std::string& dtype) {
   return fmt::format("{} d{} L{} h{} kv{} f{} v{} tie{} e{} k{} eh{} sh{} ev{} s{} {}", part, m.dim, m.n_layers,
                      m.n_heads, m.n_kv_heads, m.ffn_hidden, m.vocab, m.tie_embeddings ? 1 : 0, m.num_experts,

@@ -1,8 +1,10 @@
-// Local step-time prediction (plan::predictStepTime): the replay of one step
-// on a host whose cores the workers share (with per-step commits and
-// measured co-run factors), against timelines worked out by hand; measured
-// model parts interpolate linearly and survive the profile's JSON round
-// trip.
+// Local step-time prediction (plan::predictStepTime): the replay of steps
+// on a host whose cores the workers share (placed per core or processor
+// sharing, with per-step commits and measured co-run factors; DiLoCo's
+// islands on their own clocks), against timelines worked out by hand;
+// measured model parts interpolate linearly and survive the profile's JSON
+// round trip.
+#include <algorithm>
 #include <cmath>
 
 #include <gtest/gtest.h>
@@ -65,6 +67,24 @@ CalibrationProfile profileFor(const core::JobConfig& j, double a, double cores) 
 
 using testing::catalog;
 
+// One step's compute phase by processor sharing (every running worker the
+// same share of the cores, HostModel::per_core false): replaySegment with
+// one step and nothing after it.
+std::vector<WorkerTimes> sharedPhase(const std::vector<double>& pre, const std::vector<double>& work,
+                                     const std::vector<double>& slowdown, double cores,
+                                     const std::vector<DeviceCalibration::Corun>& corun) {
+  HostModel host;
+  host.cores = cores;
+  host.corun = corun;
+  auto t = replaySegment(pre, work, slowdown, std::vector<int>(work.size(), 0), 1, host,
+                         [](int64_t, const std::vector<size_t>& members, const std::vector<WorkerTimes>& w) {
+                           double last = 0;
+                           for (size_t j : members) last = std::max(last, w[j].done);
+                           return last;
+                         });
+  return t.at(0);
+}
+
 TEST(LocalPredict, ThreeWorkersOnTwoCoresByHand) {
   // Shares 10/9/5 (weights 1/1/0.5, largest remainder). On 2 cores the
   // kernel puts ranks 0 and 1 on a core each and rank 2 next to rank 0
@@ -86,11 +106,11 @@ TEST(LocalPredict, ThreeWorkersOnTwoCoresByHand) {
   EXPECT_NEAR(p->total_s, 19 * a + 4 * 50e-6, 1e-6);  // + the control allreduce: 4 loopback messages
   EXPECT_NE(p->detail.find("oversubscribed"), std::string::npos);
 
-  // Processor sharing (replayComputePhase): all three at 2/3 of a core
+  // Processor sharing (sharedPhase): all three at 2/3 of a core
   // until the slow one has done its 5a (wall 7.5a); the fast ones then
   // have 5a and 4a left at full speed (ends 12.5a and 11.5a); the slow
   // one sleeps until 15a.
-  auto ps = replayComputePhase({0, 0, 0}, {10 * a, 9 * a, 5 * a}, {1, 1, 2}, 2, 1, {}, {});
+  auto ps = sharedPhase({0, 0, 0}, {10 * a, 9 * a, 5 * a}, {1, 1, 2}, 2, {});
   EXPECT_NEAR(ps[0].end, 12.5 * a, 1e-9);
   EXPECT_NEAR(ps[1].end, 11.5 * a, 1e-9);
   EXPECT_NEAR(ps[2].end, 7.5 * a, 1e-9);
@@ -149,7 +169,7 @@ TEST(LocalPredict, CommitAndCorunFactorsByHand) {
   // Rank 0 times its step from the end of its commit: 21.6a - 3.6a = 18a.
   const double a = 0.01;
   const std::vector<DeviceCalibration::Corun> corun = {{2, 1.1, 1.5}, {3, 1.2, 2.0}};
-  auto t = replayComputePhase({2 * a, 2 * a, 2 * a}, {10 * a, 9 * a, 5 * a}, {1, 1, 2}, 2, 1, {}, corun);
+  auto t = sharedPhase({2 * a, 2 * a, 2 * a}, {10 * a, 9 * a, 5 * a}, {1, 1, 2}, 2, corun);
   ASSERT_EQ(t.size(), 3u);
   EXPECT_NEAR(t[0].start, 3.6 * a, 1e-9);
   EXPECT_NEAR(t[2].end, 12.6 * a, 1e-9);
@@ -190,9 +210,9 @@ TEST(LocalPredict, CommitAndCorunFactorsByHand) {
 
   // Between measured points the factor is linear: 1.1 at 2, 1.2 at 3; one
   // worker alone runs at 1.0 (a 4-worker job uses the last point's 1.2).
-  auto one = replayComputePhase({0}, {10 * a}, {1}, 2, 1, {}, corun);
+  auto one = sharedPhase({0}, {10 * a}, {1}, 2, corun);
   EXPECT_NEAR(one[0].end, 10 * a, 1e-9);
-  auto four = replayComputePhase({0, 0, 0, 0}, {a, a, a, a}, {1, 1, 1, 1}, 8, 1, {}, corun);
+  auto four = sharedPhase({0, 0, 0, 0}, {a, a, a, a}, {1, 1, 1, 1}, 8, corun);
   EXPECT_NEAR(four[0].end, 1.2 * a, 1e-9);
 }
 

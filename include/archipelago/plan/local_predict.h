@@ -76,19 +76,6 @@ struct HostLoad {
   bool per_thread = false;
 };
 
-// Replays the compute phase of one step on a shared host: worker r needs
-// pre[r] then work[r] CPU seconds (measured alone, `threads` intra-op
-// threads); the workers in either part run at once, get the cores our job
-// gets next to the other load `background` (fair share between groups,
-// equal within ours; cores <= 0: not modelled), and
-// with n of them running each unit of work costs corunFactor(n) (measured
-// co-run factors, piecewise linear from 1.0 alone). A sleeping worker
-// frees its core. (One step of replaySegment with nothing after it.)
-std::vector<WorkerTimes> replayComputePhase(const std::vector<double>& pre, const std::vector<double>& work,
-                                            const std::vector<double>& slowdown, double cores, double threads,
-                                            const HostLoad& background,
-                                            const std::vector<DeviceCalibration::Corun>& corun);
-
 // When a group that has met after a step leaves it: step (in the segment),
 // the members (worker indices, all done), every worker's times in that
 // step (the members' start/end/done set). Returns the members' finish
@@ -100,6 +87,8 @@ using GroupRelease = std::function<double(int64_t step, const std::vector<size_t
 struct HostModel {
   double cores = 0;    // <= 0: not modelled (every worker runs at full speed)
   double threads = 1;  // intra-op threads per worker
+  // The other load: our job gets the cores left next to it (fair share
+  // between groups, equal within ours).
   HostLoad background;
   std::vector<DeviceCalibration::Corun> corun;
   // Single-threaded workers on whole cores, the kernel's way: a worker that
@@ -109,14 +98,16 @@ struct HostModel {
   // moves over (the idle core pulls work). So with 3 workers on 2 cores two
   // of them run at half speed, not all three at 2/3 (measured here: a
   // worker that sleeps and wakes got 0.38-0.57 of a core in 50 of 58
-  // steps). false: processor sharing (every running thread the same share).
+  // steps). false: processor sharing (every running thread the same share
+  // of the cores our job gets).
   bool per_core = false;
 };
 
 // Replays `steps` steps from one meeting of all workers to the next: worker
 // r runs pre[r] then work[r] CPU seconds (measured alone) on the host's
-// cores, sleeps its EMULATED slowdown, then waits for its group (the
-// workers with the same island[] value; all workers after the last step);
+// cores (a sleeping or waiting worker frees its core), sleeps its EMULATED
+// slowdown, (slowdown-1) x its compute wall time, then waits for its group
+// (the workers with the same island[] value; all workers after the last step);
 // the group leaves at release() and each member starts its next step. Each
 // worker runs on its own clock, so one island's compute speeds up while
 // another sleeps or waits (DiLoCo islands drift apart between outer steps).
