@@ -46,7 +46,7 @@
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/config.h"
 #include "archipelago/core/log.h"
-#include "archipelago/runtime/comm_dp.h"
+#include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/parallel_trainer.h"
 #include "archipelago/runtime/report.h"
 #include "archipelago/runtime/trainer.h"
@@ -101,7 +101,7 @@ std::string workerMain(const ar::core::JobConfig& job, const ar::comm::LocalRank
   cc.cluster = job.cluster;
   auto cr = comm::connectRank(r, cc, core::Deadline::afterSeconds(60));
   if (!cr.isOk()) return cr.status().toString();
-  runtime::CommDp dp(cr->world, false, comm::CodecKind::kNone, 0);
+  runtime::GroupDp dp(cr->world, false, comm::CodecKind::kNone, 0);
   runtime::TrainerOptions to;
   to.job = job;
   to.run_dir = job.run_dir;
@@ -253,7 +253,7 @@ int main(int argc, char** argv) {
     const auto& p = *r->pipe;
     double busy = 0;
     for (const auto& s : p.per_stage) busy += s.busy_s / static_cast<double>(p.per_stage.size());
-    const double theory = runtime::oneFOneBBubble(a.stages, m);
+    const double theory = runtime::parallel::oneFOneBBubble(a.stages, m);
     std::printf("%6lld %9.3f %10.3f %11.3f %9.1f%% %9.1f%% %+7.1f%% %12.2f\n", static_cast<long long>(m), r->step_s,
                 p.window_s, busy, 100 * r->bubble, 100 * theory, 100 * (r->bubble - theory), 1e3 * r->hop_s);
     std::vector<double> per_stage;

@@ -55,7 +55,7 @@
 #include "archipelago/data/prepare.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/checkpoint.h"
-#include "archipelago/runtime/comm_dp.h"
+#include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/metrics.h"
 #include "bench_runs.h"
 #include "archipelago/runtime/report.h"
@@ -172,14 +172,14 @@ std::string workerMain(const ar::core::JobConfig& job, const ar::comm::LocalRank
   const bool per_island = job.strategy.kind != "sync";
   auto codec = comm::parseCodec(job.strategy.codec);
   if (!codec.isOk()) return codec.status().toString();
-  runtime::CommDp dp(cr->world, !per_island, per_island ? comm::CodecKind::kNone : *codec, 0);
-  std::unique_ptr<runtime::CommDp> inner;
+  runtime::GroupDp dp(cr->world, !per_island, per_island ? comm::CodecKind::kNone : *codec, 0);
+  std::unique_ptr<runtime::GroupDp> inner;
   std::vector<int> inner_ranks;
   if (per_island) {
     auto g = cr->world->islandGroup();
     if (!g.isOk()) return g.status().toString();
     inner_ranks = (*g)->ranks();
-    inner = std::make_unique<runtime::CommDp>(*g, false, comm::CodecKind::kNone, 0);
+    inner = std::make_unique<runtime::GroupDp>(*g, false, comm::CodecKind::kNone, 0);
   }
   runtime::TrainerOptions to;
   to.job = job;

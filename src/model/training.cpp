@@ -1,4 +1,4 @@
-// Flat gradient buffer, buckets, gradient-ready hooks, generation, counts.
+// Gradient-ready hooks, generation, counts.
 #include "archipelago/model/training.h"
 
 #include <algorithm>
@@ -11,113 +11,6 @@
 #include <torch/csrc/autograd/variable.h>
 
 namespace archipelago::model {
-
-// ---- FlatBuffer -----------------------------------------------------------------
-
-FlatBuffer::FlatBuffer(std::vector<torch::Tensor> params) : params_(std::move(params)) {
-  int64_t total = 0;
-  for (const auto& p : params_) {
-    offsets_.push_back(total);
-    total += p.numel();
-  }
-  torch::Device device = params_.empty() ? torch::Device(torch::kCPU) : params_[0].device();
-  flat_ = torch::zeros({total}, torch::TensorOptions().dtype(torch::kFloat32).device(device));
-}
-
-torch::Tensor FlatBuffer::view(size_t i) const {
-  // Made without grad mode so the views are plain (non-differentiable) views:
-  // the optimizer's in-place zero_grad/detach_ then works on them.
-  torch::NoGradGuard no_grad;
-  return flat_.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes());
-}
-
-bool FlatBuffer::bindGradViews() {
-  if (bound_) return true;
-  for (const auto& p : params_) {
-    if (p.scalar_type() != torch::kFloat32 || p.device() != flat_.device()) return false;
-  }
-  torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    // Aliases the buffer's storage without being an autograd view: the
-    // optimizer's zero_grad() calls detach_() on grads, which views refuse.
-    std::vector<int64_t> strides(static_cast<size_t>(params_[i].dim()), 1);
-    for (int64_t d = params_[i].dim() - 2; d >= 0; --d) {
-      strides[static_cast<size_t>(d)] = strides[static_cast<size_t>(d + 1)] * params_[i].size(d + 1);
-    }
-    torch::Tensor v = torch::empty({0}, flat_.options());
-    v.set_(flat_.storage(), offsets_[i], params_[i].sizes(), strides);
-    const torch::Tensor& g = params_[i].grad();
-    if (g.defined()) {
-      v.copy_(g);
-    } else {
-      v.zero_();
-    }
-    params_[i].mutable_grad() = v;
-  }
-  bound_ = true;
-  return true;
-}
-
-void FlatBuffer::gatherGrads() {
-  if (bound_) return;
-  torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const torch::Tensor& g = params_[i].grad();
-    if (g.defined()) {
-      view(i).copy_(g);
-    } else {
-      view(i).zero_();
-    }
-  }
-}
-
-void FlatBuffer::scatterGrads() {
-  if (bound_) return;
-  torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    torch::Tensor& g = params_[i].mutable_grad();
-    if (!g.defined()) g = torch::empty_like(params_[i]);
-    g.copy_(view(i));
-  }
-}
-
-void FlatBuffer::gatherParams() {
-  torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) view(i).copy_(params_[i].detach());
-}
-
-void FlatBuffer::scatterParams() {
-  torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].copy_(view(i));
-}
-
-void FlatBuffer::zero() {
-  torch::NoGradGuard no_grad;
-  flat_.zero_();
-  if (bound_) return;
-  for (auto& p : params_) {
-    if (p.grad().defined()) p.mutable_grad().zero_();
-  }
-}
-
-std::vector<GradBucket> makeGradBuckets(const FlatBuffer& buffer, uint64_t bucket_bytes) {
-  std::vector<GradBucket> buckets;
-  GradBucket cur;
-  uint64_t cur_bytes = 0;
-  for (size_t k = buffer.size(); k-- > 0;) {
-    cur.params.push_back(k);
-    cur.offset = buffer.offset(k);
-    cur.numel += buffer.numel(k);
-    cur_bytes += static_cast<uint64_t>(buffer.numel(k)) * sizeof(float);
-    if (cur_bytes >= bucket_bytes) {
-      buckets.push_back(std::move(cur));
-      cur = GradBucket{};
-      cur_bytes = 0;
-    }
-  }
-  if (!cur.params.empty()) buckets.push_back(std::move(cur));
-  return buckets;
-}
 
 // ---- GradReadyHooks --------------------------------------------------------------
 

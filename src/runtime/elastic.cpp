@@ -135,10 +135,10 @@ core::Status ElasticSession::installGroups(std::shared_ptr<comm::Group> world) {
   // sync: gradients are summed over the world (hierarchically across the
   // straits, through the codec). diloco/streaming: over the island only.
   const bool per_island = s.kind != "sync";
-  dp_ = std::make_unique<CommDp>(world_, hierarchical && !per_island, per_island ? comm::CodecKind::kNone : codec, 0);
+  dp_ = std::make_unique<GroupDp>(world_, hierarchical && !per_island, per_island ? comm::CodecKind::kNone : codec, 0);
   if (per_island) {
     ARCH_ASSIGN_OR_RETURN(island_, world_->islandGroup());
-    inner_ = std::make_unique<CommDp>(island_, false, comm::CodecKind::kNone, 0);
+    inner_ = std::make_unique<GroupDp>(island_, false, comm::CodecKind::kNone, 0);
   }
   return core::okStatus();
 }

@@ -256,6 +256,10 @@ core::Status launchTraining(const LaunchOptions& opt) {
   auto last_print = core::Clock::now() - std::chrono::seconds(10);
   std::string last_line;
   int replacements = 0;
+  // A pipeline or expert-parallel layout holds each tensor on a few ranks
+  // and cannot shrink: a lost worker restarts the job from its newest
+  // checkpoint instead of being replaced (docs/parallelism.md "Failures").
+  const bool replaceable = job.strategy.pipeline_stages <= 1 && job.strategy.expert_parallel <= 1;
 
   for (int attempt = 0;; ++attempt) {
     const bool resume = opt.resume || (attempt > 0 && latestValidCheckpoint(run_dir).isOk());
@@ -345,6 +349,10 @@ core::Status launchTraining(const LaunchOptions& opt) {
           restart = true;
           ARCH_LOG_WARN("worker {} stopped: too few workers left or the coordinator was lost; the job restarts from "
                         "its newest checkpoint", c.rank);
+        } else if (crashed && forwarded == 0 && !replaceable) {
+          restart = true;
+          ARCH_LOG_WARN("worker {} died (exit {}); the pipeline / expert-parallel layout cannot go on without it: "
+                        "the job restarts from its newest checkpoint", c.rank, c.exit_code);
         } else if (crashed && forwarded == 0) {
           to_replace.push_back(c.rank);
           ARCH_LOG_WARN("worker {} {} (exit {}); the others continue", c.rank,

@@ -26,11 +26,15 @@
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/checkpoint.h"
-#include "archipelago/runtime/comm_dp.h"
+#include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/flat_params.h"
 #include "archipelago/runtime/metrics.h"
 #include "archipelago/runtime/outer_sync.h"
+#include "archipelago/runtime/parallel/data_parallel.h"
+#include "archipelago/runtime/parallel/expert.h"
+#include "archipelago/runtime/parallel/micro_batches.h"
+#include "archipelago/runtime/parallel/pipeline.h"
 
 namespace archipelago::runtime {
 
@@ -38,208 +42,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr uint32_t kTagActivation = 11;
-constexpr uint32_t kTagGradient = 12;
 constexpr uint32_t kTagCheckpoint = 13;
-constexpr uint32_t kTagEval = 14;
 constexpr double kP2pTimeoutS = 600;
 
 comm::OpOptions p2pOptions() { return comm::OpOptions::within(kP2pTimeoutS); }
 
-[[noreturn]] void throwStatus(const core::Status& st) { throw std::runtime_error(st.toString()); }
-
-bool isExpertTensor(const std::string& name) { return name.find(".block_sparse_moe.experts.") != std::string::npos; }
-
-// Sends fp32 tensors (optionally codec-encoded) to neighbours on a thread of
-// its own, so a stage never blocks on a send while its neighbour blocks on a
-// send the other way (1F1B exchanges activations and gradients both ways).
-class AsyncSender {
- public:
-  explicit AsyncSender(comm::Group* group) : group_(group), thread_([this] { loop(); }) {}
-  ~AsyncSender() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  // `t` is fp32 and contiguous; kept alive until sent.
-  void push(torch::Tensor t, comm::CodecKind codec, int dst, uint32_t tag) {
-    Item it;
-    it.dst = dst;
-    it.tag = tag;
-    if (codec == comm::CodecKind::kNone) {
-      it.tensor = std::move(t);
-    } else {
-      it.bytes.resize(comm::encodedSize(codec, static_cast<size_t>(t.numel())));
-      comm::encode(codec, std::span<const float>(t.data_ptr<float>(), static_cast<size_t>(t.numel())), it.bytes);
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(std::move(it));
-    }
-    cv_.notify_all();
-  }
-  // Waits until everything pushed is sent; the first error, if any.
-  core::Status drain() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
-    return error_;
-  }
-
- private:
-  struct Item {
-    torch::Tensor tensor;
-    std::vector<uint8_t> bytes;
-    int dst = 0;
-    uint32_t tag = 0;
-  };
-  void loop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (true) {
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;
-      Item it = std::move(queue_.front());
-      queue_.pop_front();
-      busy_ = true;
-      const bool skip = !error_.isOk();
-      lock.unlock();
-      core::Status st;
-      if (!skip) {
-        st = it.tensor.defined()
-                 ? group_->send(it.tensor.data_ptr<float>(), static_cast<size_t>(it.tensor.numel()), comm::DType::kF32,
-                                it.dst, it.tag, p2pOptions())
-                 : group_->send(it.bytes.data(), it.bytes.size(), comm::DType::kU8, it.dst, it.tag, p2pOptions());
-      }
-      lock.lock();
-      if (!st.isOk() && error_.isOk()) error_ = st.withContext("pipeline send to rank " + std::to_string(it.dst));
-      busy_ = false;
-      cv_.notify_all();
-    }
-  }
-  comm::Group* group_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Item> queue_;
-  bool busy_ = false;
-  bool stop_ = false;
-  core::Status error_;
-  std::thread thread_;
-};
-
-// Blocking receive of `shape` fp32 values (decoded when a codec is set).
-torch::Tensor recvTensor(comm::Group& g, std::vector<int64_t> shape, comm::CodecKind codec, int src, uint32_t tag) {
-  torch::Tensor out = torch::empty(shape, torch::kFloat);
-  const size_t n = static_cast<size_t>(out.numel());
-  core::Status st;
-  if (codec == comm::CodecKind::kNone) {
-    st = g.recv(out.data_ptr<float>(), n, comm::DType::kF32, src, tag, p2pOptions());
-  } else {
-    std::vector<uint8_t> bytes(comm::encodedSize(codec, n));
-    st = g.recv(bytes.data(), bytes.size(), comm::DType::kU8, src, tag, p2pOptions());
-    if (st.isOk()) st = comm::decode(codec, bytes, std::span<float>(out.data_ptr<float>(), n));
-  }
-  if (!st.isOk()) throwStatus(st.withContext("pipeline receive from rank " + std::to_string(src)));
-  return out;
-}
-
-// ExpertExchange over a comm group (the expert-parallel group).
-class CommExpertExchange final : public model::ExpertExchange {
- public:
-  CommExpertExchange(std::shared_ptr<comm::Group> group, std::vector<int64_t> expert_begin, comm::CodecKind codec)
-      : group_(std::move(group)), eb_(std::move(expert_begin)), codec_(codec) {}
-  int size() const override { return group_->size(); }
-  int rank() const override { return group_->rank(); }
-  const std::vector<int64_t>& expertBegin() const override { return eb_; }
-  uint64_t bytesSent() const { return bytes_; }
-
-  std::vector<int64_t> alltoallvInt64(const std::vector<int64_t>& in, const std::vector<int64_t>& send_counts,
-                                      const std::vector<int64_t>& recv_counts) override {
-    std::vector<size_t> sc(send_counts.begin(), send_counts.end()), rc(recv_counts.begin(), recv_counts.end());
-    size_t total = 0;
-    for (size_t c : rc) total += c;
-    std::vector<int64_t> out(total);
-    auto st = group_->alltoallv(in.data(), sc, out.data(), rc, comm::DType::kI64, comm::OpOptions::within(kP2pTimeoutS));
-    if (!st.isOk()) throwStatus(st.withContext("expert all-to-all (counts)"));
-    return out;
-  }
-
-  torch::Tensor alltoallvRows(const torch::Tensor& rows, const std::vector<int64_t>& send_rows,
-                              const std::vector<int64_t>& recv_rows) override {
-    const int64_t dim = rows.size(1);
-    torch::Tensor f = rows.to(torch::kFloat).contiguous();
-    int64_t total = 0;
-    for (auto r : recv_rows) total += r;
-    torch::Tensor out = torch::empty({total, dim}, torch::kFloat);
-    const int g = size();
-    core::Status st;
-    if (codec_ == comm::CodecKind::kNone) {
-      std::vector<size_t> sc, rc;
-      for (int j = 0; j < g; ++j) {
-        sc.push_back(static_cast<size_t>(send_rows[static_cast<size_t>(j)] * dim));
-        rc.push_back(static_cast<size_t>(recv_rows[static_cast<size_t>(j)] * dim));
-        if (j != rank()) bytes_ += sc.back() * 4;
-      }
-      st = group_->alltoallv(f.data_ptr<float>(), sc, out.data_ptr<float>(), rc, comm::DType::kF32,
-                             comm::OpOptions::within(kP2pTimeoutS));
-    } else {
-      // Each destination's block is encoded on its own (own block too, so
-      // what a member computes on is what it would have received).
-      std::vector<size_t> sb, rb;
-      size_t sbytes = 0, rbytes = 0;
-      for (int j = 0; j < g; ++j) {
-        sb.push_back(comm::encodedSize(codec_, static_cast<size_t>(send_rows[static_cast<size_t>(j)] * dim)));
-        rb.push_back(comm::encodedSize(codec_, static_cast<size_t>(recv_rows[static_cast<size_t>(j)] * dim)));
-        sbytes += sb.back();
-        rbytes += rb.back();
-        if (j != rank()) bytes_ += sb.back();
-      }
-      std::vector<uint8_t> in(sbytes), got(rbytes);
-      const float* src = f.data_ptr<float>();
-      size_t off = 0;
-      for (int j = 0; j < g; ++j) {
-        const size_t n = static_cast<size_t>(send_rows[static_cast<size_t>(j)] * dim);
-        comm::encode(codec_, std::span<const float>(src, n), std::span<uint8_t>(in.data() + off, sb[static_cast<size_t>(j)]));
-        src += n;
-        off += sb[static_cast<size_t>(j)];
-      }
-      st = group_->alltoallv(in.data(), sb, got.data(), rb, comm::DType::kU8, comm::OpOptions::within(kP2pTimeoutS));
-      float* dst = out.data_ptr<float>();
-      off = 0;
-      for (int j = 0; j < g && st.isOk(); ++j) {
-        const size_t n = static_cast<size_t>(recv_rows[static_cast<size_t>(j)] * dim);
-        st = comm::decode(codec_, std::span<const uint8_t>(got.data() + off, rb[static_cast<size_t>(j)]),
-                          std::span<float>(dst, n));
-        dst += n;
-        off += rb[static_cast<size_t>(j)];
-      }
-    }
-    if (!st.isOk()) throwStatus(st.withContext("expert all-to-all (rows)"));
-    return out.to(rows.scalar_type());
-  }
-
- private:
-  std::shared_ptr<comm::Group> group_;
-  std::vector<int64_t> eb_;
-  comm::CodecKind codec_;
-  uint64_t bytes_ = 0;
-};
-
-torch::Tensor idsTensor(const std::vector<int64_t>& v, int64_t offset_rows, int64_t n, int64_t t) {
-  return torch::from_blob(const_cast<int64_t*>(v.data()) + offset_rows * t, {n, t}, torch::kInt64).clone();
-}
-
-// [begin, end) of micro-batch i when n samples are cut into m near-equal parts.
-std::pair<int64_t, int64_t> microRange(int64_t n, int64_t m, int64_t i) { return {n * i / m, n * (i + 1) / m}; }
-
-// Micro-batches per step: ceil(n / micro_batch); without train.micro_batch,
-// 2 per stage (a pipeline needs m >> p for a small bubble), at most n.
-int64_t microCount(int64_t n, int64_t micro_batch, int stages) {
-  if (n <= 0) return 0;
-  if (micro_batch > 0) return (n + micro_batch - 1) / micro_batch;
-  return std::min<int64_t>(n, stages > 1 ? 2 * stages : 1);
-}
+using parallel::isExpertTensor;
+using parallel::ParallelLayout;
 
 struct Groups {
   std::shared_ptr<comm::Group> world;
@@ -265,11 +74,10 @@ class Impl {
   core::Status setup();
   core::Status resume();
   core::Result<CheckpointState> snapshot(int64_t step);
-  core::Status pipelineStep(const data::Batch& batch, double total_samples, double& ce, double& aux, int64_t& tokens);
-  core::Status expertStep(const data::Batch& batch, double total_samples, double& ce, double& aux, int64_t& tokens);
+  core::Status makeParts();
+  core::Status runSchedule(const data::Batch& batch, double total_samples, parallel::StepStats& stats);
   core::Result<double> evaluate();
   core::Status makeOuter();
-  void emulateSlowdown(double compute_s, const char* what, int64_t rows = -1);
 
   const TrainerOptions& opt_;
   core::JobConfig job_;
@@ -284,7 +92,7 @@ class Impl {
   int scope_first_replica_ = 0;    // its first pipeline
   int64_t scope_samples_ = 0;      // samples its pipelines take per step
   DpComm* step_dp_ = nullptr;      // over scope_
-  std::unique_ptr<CommDp> island_dp_;
+  std::unique_ptr<GroupDp> island_dp_;
   // DiLoCo: the ranks holding the same tensors (same stage, same expert
   // member) in every island run the outer step on them.
   std::unique_ptr<OuterSync> outer_;
@@ -309,19 +117,19 @@ class Impl {
   int share_index_ = 0;
 
   Groups groups_;
-  std::unique_ptr<CommDp> stage_dp_;   // same-stage ranks of all pipelines in scope_ (replicated tensors)
-  std::unique_ptr<CommDp> expert_dp_;  // EP: same-stage ranks in scope_ holding the same experts
-  std::shared_ptr<CommExpertExchange> exchange_;
-  std::unique_ptr<AsyncSender> sender_;
+  std::unique_ptr<GroupDp> stage_dp_;   // same-stage ranks of all pipelines in scope_ (replicated tensors)
+  std::unique_ptr<GroupDp> expert_dp_;  // EP: same-stage ranks in scope_ holding the same experts
+  std::shared_ptr<parallel::CommExpertExchange> exchange_;
   comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
+  // The parts: the schedule (1F1B or micro-batches), the replicated
+  // tensors' reduction, the experts' reduction.
+  std::unique_ptr<parallel::Part> schedule_;
+  std::unique_ptr<parallel::DataParallel> dense_;
+  std::unique_ptr<parallel::ExpertParallel> experts_;
 
   MetricsSink metrics_;
   TraceRecorder trace_;
   int64_t step_ = 0;
-  int64_t micro_ = 0;       // micro-batches of the last step
-  double busy_s_ = 0;       // compute (incl. emulated slowdown) of the last step
-  std::map<std::pair<std::string, int64_t>, double> fastest_op_s_;  // (op, rows) -> fastest host time seen
-  int64_t sched_begin_us_ = 0, sched_end_us_ = 0;
 };
 
 core::Status Impl::setup() {
@@ -439,7 +247,7 @@ core::Status Impl::setup() {
         step_dp_ = opt_.elastic->inner();
       } else {
         ARCH_ASSIGN_OR_RETURN(auto ig, groups_.of(scope_));
-        island_dp_ = std::make_unique<CommDp>(ig, false, comm::CodecKind::kNone, 0);
+        island_dp_ = std::make_unique<GroupDp>(ig, false, comm::CodecKind::kNone, 0);
         step_dp_ = island_dp_.get();
       }
     }
@@ -450,13 +258,12 @@ core::Status Impl::setup() {
       }
       if (ranks.size() > 1) {
         ARCH_ASSIGN_OR_RETURN(auto g, groups_.of(ranks));
-        stage_dp_ = std::make_unique<CommDp>(g, hierarchical, codec, 0);
+        stage_dp_ = std::make_unique<GroupDp>(g, hierarchical, codec, 0);
       }
     }
     if (pp_) {
       if (stage_ > 0 && islandOf(rank_ - 1) != islandOf(rank_)) prev_codec_ = codec;
       if (stage_ + 1 < lay_.stages && islandOf(rank_ + 1) != islandOf(rank_)) next_codec_ = codec;
-      sender_ = std::make_unique<AsyncSender>(groups_.world.get());
     }
     if (ep_) {
       // Member j of expert group g: stage_ of pipeline g * ep + j.
@@ -468,16 +275,17 @@ core::Status Impl::setup() {
       }
       ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks));
       ARCH_ASSIGN_OR_RETURN(auto dcodec, comm::parseCodec(job_.strategy.dispatch_codec));
-      exchange_ = std::make_shared<CommExpertExchange>(epg, lay_.expert_begin, dcodec);
+      exchange_ = std::make_shared<parallel::CommExpertExchange>(epg, lay_.expert_begin, dcodec);
       net_->setExpertExchange(exchange_);
       if (expert_ranks.size() > 1) {
         ARCH_ASSIGN_OR_RETURN(auto eg, groups_.of(expert_ranks));
-        expert_dp_ = std::make_unique<CommDp>(eg, hierarchical, codec, 0);
+        expert_dp_ = std::make_unique<GroupDp>(eg, hierarchical, codec, 0);
       }
     }
   } else if (ep_ || pp_) {
     return core::invalidArgument("pipeline / expert parallelism needs more than one worker");
   }
+  ARCH_RETURN_IF_ERROR(makeParts());
   if (job_.train.rebalance && rank_ == 0) {
     ARCH_LOG_INFO("train.rebalance is not applied with pipeline/expert parallelism: shares stay as derived from speed");
   }
@@ -708,208 +516,67 @@ core::Status Impl::makeOuter() {
   return core::okStatus();
 }
 
-void Impl::emulateSlowdown(double compute_s, const char* what, int64_t rows) {
-  if (me_.slowdown <= 1.0) return;
-  // EMULATION: a device `slowdown` times slower takes that much longer.
-  // Pipeline operations (rows >= 0) take slowdown x the host's fastest time
-  // for the same operation on as many rows (identical work: the minimum is
-  // the uncontended cost), or their own time if longer: another process's
-  // burst on the shared host then hides inside the emulated time instead of
-  // being multiplied by the slowdown, which would turn host noise into
-  // pipeline bubbles that a real device of that speed does not have.
-  double extra = (me_.slowdown - 1.0) * compute_s;
-  if (rows >= 0) {
-    auto [it, fresh] = fastest_op_s_.try_emplace({what, rows}, compute_s);
-    if (!fresh) it->second = std::min(it->second, compute_s);
-    extra = std::max(0.0, me_.slowdown * it->second - compute_s);
-  }
-  ScopedSpan span(&trace_, TraceRecorder::kCompute, std::string("emulated slowdown ") + what);
-  std::this_thread::sleep_for(std::chrono::duration<double>(extra));
-}
-
-// One optimizer step's forward/backward of this stage, 1F1B.
-core::Status Impl::pipelineStep(const data::Batch& batch, double total_samples, double& ce, double& aux,
-                                int64_t& tokens) {
-  const int P = lay_.stages;
-  const bool first = stage_ == 0, last = stage_ == P - 1;
-  const int64_t n = batch.n;
-  int64_t m = microCount(n, job_.train.micro_batch, P);
-  if (ep_) {
-    // The same-stage ranks of an expert group run their all-to-alls
-    // together: every pipeline runs the same number of micro-batches.
-    const int64_t smax = *std::max_element(shares_.begin(), shares_.end());
-    const int64_t smin = *std::min_element(shares_.begin(), shares_.end());
-    m = std::max<int64_t>(1, std::min(microCount(smax, job_.train.micro_batch, P), smin));
-  }
-  const double total_tokens = total_samples * static_cast<double>(T_);
-  micro_ = m;
-  struct Stash {
-    torch::Tensor input;   // stage input (ids, or received activation requiring grad)
-    torch::Tensor output;  // activation sent on (or the loss on the last stage)
-    torch::Tensor aux;     // this stage's aux loss term (scaled), if it needs backward
-  };
-  std::vector<Stash> stash(static_cast<size_t>(m));
-  const bool recompute = job_.train.recompute;
-  auto& world = *groups_.world;
-
-  // Forward of micro i from `input`; returns (output or loss, aux term).
-  auto runForward = [&](int64_t i, const torch::Tensor& input, bool record) -> std::pair<torch::Tensor, torch::Tensor> {
-    auto [b, e] = microRange(n, m, i);
-    const double frac = static_cast<double>(e - b) / total_samples;
-    torch::Tensor out = net_->stageForward(input);
-    torch::Tensor aux_term = net_->localAuxLoss();
-    if (last) {
-      auto lo = net_->headLoss(out, idsTensor(batch.target, b, e - b, T_));
-      if (record) {
-        ce += lo.ce_sum.item<double>();
-        tokens += lo.tokens;
-        aux += lo.aux_loss.item<double>() * static_cast<double>(e - b);
-      }
-      return {lo.ce_sum / total_tokens + lo.aux_loss * frac, torch::Tensor()};
-    }
-    if (record) aux += aux_term.item<double>() * static_cast<double>(e - b);
-    return {out, aux_term.requires_grad() ? aux_term * frac : torch::Tensor()};
-  };
-  // Router loads must count each micro-batch once, recomputation or not.
-  auto moes = net_->moeLayers();
-  auto saveLoads = [&] {
-    std::vector<torch::Tensor> l;
-    for (auto& mo : moes) l.push_back(mo->loadCounts().clone());
-    return l;
-  };
-  auto restoreLoads = [&](const std::vector<torch::Tensor>& l) {
-    for (size_t k = 0; k < moes.size(); ++k) moes[k]->loadCounts().copy_(l[k]);
-  };
-
-  for (const PipeOp& op : oneFOneBSchedule(stage_, P, m)) {
-    auto [b, e] = microRange(n, m, op.micro);
-    auto& st = stash[static_cast<size_t>(op.micro)];
-    if (op.forward) {
-      torch::Tensor input;
-      if (first) {
-        input = idsTensor(batch.input, b, e - b, T_);
-      } else {
-        const int64_t t0 = core::wallMicros();
-        input = recvTensor(world, {e - b, T_, mcfg_.dim}, prev_codec_, rank_ - 1, kTagActivation);
-        trace_.complete(TraceRecorder::kWait, "recv activation " + std::to_string(op.micro), t0, core::wallMicros() - t0);
-        input = input.to(net_->device(), *model::parseDtype(mcfg_.dtype)).requires_grad_(true);
-      }
-      const auto c0 = core::Clock::now();
-      const int64_t t0 = core::wallMicros();
-      if (recompute) {
-        torch::NoGradGuard ng;
-        st.output = runForward(op.micro, input, true).first;
-      } else {
-        std::tie(st.output, st.aux) = runForward(op.micro, input, true);
-      }
-      st.input = input;
-      const double c = core::secondsSince(c0);
-      trace_.complete(TraceRecorder::kCompute, "F" + std::to_string(op.micro), t0, core::wallMicros() - t0,
-                      {{"stage", stage_}, {"micro", op.micro}});
-      // The output leaves after the emulated slowdown: a slower device has it later.
-      emulateSlowdown(c, "F", e - b);
-      if (!last) sender_->push(st.output.detach().to(torch::kFloat).contiguous(), next_codec_, rank_ + 1, kTagActivation);
-      busy_s_ += core::secondsSince(c0);  // busy: compute, emulated slowdown, handing the output to the sender
-      if (recompute) st.output = torch::Tensor();
-    } else {
-      torch::Tensor grad;
-      if (!last) {
-        const int64_t t0 = core::wallMicros();
-        grad = recvTensor(world, {e - b, T_, mcfg_.dim}, next_codec_, rank_ + 1, kTagGradient);
-        trace_.complete(TraceRecorder::kWait, "recv gradient " + std::to_string(op.micro), t0, core::wallMicros() - t0);
-      }
-      const auto c0 = core::Clock::now();
-      const int64_t t0 = core::wallMicros();
-      if (recompute) {
-        auto loads = saveLoads();
-        std::tie(st.output, st.aux) = runForward(op.micro, st.input, false);
-        restoreLoads(loads);
-      }
-      if (last) {
-        st.output.backward();
-      } else {
-        std::vector<torch::Tensor> outs{st.output}, grads{grad.to(st.output.scalar_type())};
-        if (st.aux.defined()) {
-          outs.push_back(st.aux);
-          grads.push_back(torch::ones_like(st.aux));
-        }
-        torch::autograd::backward(outs, grads);
-      }
-      const double c = core::secondsSince(c0);
-      trace_.complete(TraceRecorder::kCompute, "B" + std::to_string(op.micro), t0, core::wallMicros() - t0,
-                      {{"stage", stage_}, {"micro", op.micro}});
-      emulateSlowdown(c, "B", e - b);
-      if (!first) sender_->push(st.input.grad().to(torch::kFloat).contiguous(), prev_codec_, rank_ - 1, kTagGradient);
-      st = Stash{};
-      busy_s_ += core::secondsSince(c0);
+core::Status Impl::makeParts() {
+  // The replicated tensors count in the global norm from the inner group's
+  // first pipeline, the experts from its first expert group.
+  const int d = replica_ - scope_first_replica_;
+  int first_expert_seg = -1;
+  for (size_t i = 0; i < flat_->segments().size(); ++i) {
+    if (ep_ && isExpertTensor(flat_->segments()[i].name)) {
+      first_expert_seg = static_cast<int>(i);
+      break;
     }
   }
-  {
-    ScopedSpan span(&trace_, TraceRecorder::kComm, "pipeline sends drain");
-    ARCH_RETURN_IF_ERROR(sender_->drain());
+  parallel::DataParallelOptions dopt;
+  dopt.seg_end = first_expert_seg;
+  dopt.bucket_bytes = static_cast<int64_t>(job_.strategy.bucket_bytes);
+  dopt.overlap = false;  // stages and expert groups talk during backward
+  dopt.replicated_norm = false;
+  dopt.norm_owner = d == 0;
+  dense_ = std::make_unique<parallel::DataParallel>(*flat_, stage_dp_.get(), dopt);
+  if (ep_) experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(), d < lay_.ep, exchange_);
+  const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, job_.train.micro_batch, lay_.stages) : 0;
+  if (pp_) {
+    parallel::PipelineOptions po;
+    po.stage = stage_;
+    po.stages = lay_.stages;
+    po.rank = rank_;
+    po.micro_batch = job_.train.micro_batch;
+    po.recompute = job_.train.recompute;
+    po.dim = mcfg_.dim;
+    ARCH_ASSIGN_OR_RETURN(po.dtype, model::parseDtype(mcfg_.dtype));
+    po.prev_codec = prev_codec_;
+    po.next_codec = next_codec_;
+    po.slowdown = me_.slowdown;
+    auto pipe = std::make_unique<parallel::PipelineParallel>(net_, groups_.world, po);
+    pipe->setAgreedCount(agreed);
+    schedule_ = std::move(pipe);
+  } else {
+    auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, job_.train.micro_batch, me_.slowdown);
+    mb->setAgreedCount(agreed);
+    schedule_ = std::move(mb);
   }
   return core::okStatus();
 }
 
-// Data-parallel share through the expert-parallel model. Every member of an
-// expert group runs the same number of micro-batches (the all-to-alls are
-// collective): ceil(largest share / micro_batch), at most the smallest share.
-core::Status Impl::expertStep(const data::Batch& batch, double total_samples, double& ce, double& aux,
-                              int64_t& tokens) {
-  const double total_tokens = total_samples * static_cast<double>(T_);
-  const int64_t smax = *std::max_element(shares_.begin(), shares_.end());
-  const int64_t smin = *std::min_element(shares_.begin(), shares_.end());
-  const int64_t m = std::max<int64_t>(1, std::min(microCount(smax, job_.train.micro_batch, 1), smin));
-  micro_ = m;
-  const auto c0 = core::Clock::now();
-  {
-    ScopedSpan span(&trace_, TraceRecorder::kCompute, "forward+backward (expert parallel)");
-    for (int64_t i = 0; i < m; ++i) {
-      auto [b, e] = microRange(batch.n, m, i);
-      auto out = net_->lossAndStats(idsTensor(batch.input, b, e - b, T_), idsTensor(batch.target, b, e - b, T_));
-      auto loss = out.ce_sum / total_tokens + out.aux_loss * (static_cast<double>(e - b) / total_samples);
-      loss.backward();
-      ce += out.ce_sum.item<double>();
-      tokens += out.tokens;
-      aux += out.aux_loss.item<double>() * static_cast<double>(e - b);
-    }
-  }
-  const double c = core::secondsSince(c0);
-  busy_s_ = c * std::max(1.0, me_.slowdown);
-  emulateSlowdown(c, "compute");
-  return core::okStatus();
+core::Status Impl::runSchedule(const data::Batch& batch, double total_samples, parallel::StepStats& stats) {
+  parallel::StepInput in;
+  in.batch = &batch;
+  in.seq_len = T_;
+  in.group_samples = total_samples;
+  in.trace = &trace_;
+  return parallel::guardStep("step " + std::to_string(step_ + 1), [&] { return schedule_->forwardBackward(in, stats); },
+                             exchange_ ? &exchange_->failure() : nullptr);
 }
 
 core::Result<double> Impl::evaluate() {
   if (!val_sampler_) return -1.0;
-  torch::NoGradGuard ng;
-  net_->eval();
   double acc[2] = {0, 0};
-  auto& world = *groups_.world;
   for (int64_t i = 0; i < job_.train.eval_batches; ++i) {
     auto b = val_sampler_->batchAt(i * job_.train.global_batch, shares_, share_index_);
-    if (b.n == 0) continue;
-    if (!pp_) {
-      auto out = net_->lossAndStats(idsTensor(b.input, 0, b.n, T_), idsTensor(b.target, 0, b.n, T_));
-      acc[0] += out.ce_sum.item<double>();
-      acc[1] += static_cast<double>(out.tokens);
-      continue;
-    }
-    // Forward only, the whole share as one micro-batch, stage by stage.
-    torch::Tensor x = stage_ == 0 ? idsTensor(b.input, 0, b.n, T_)
-                                  : recvTensor(world, {b.n, T_, mcfg_.dim}, prev_codec_, rank_ - 1, kTagEval)
-                                        .to(*model::parseDtype(mcfg_.dtype));
-    torch::Tensor h = net_->stageForward(x);
-    if (stage_ + 1 < lay_.stages) {
-      sender_->push(h.to(torch::kFloat).contiguous(), next_codec_, rank_ + 1, kTagEval);
-    } else {
-      auto out = net_->headLoss(h, idsTensor(b.target, 0, b.n, T_));
-      acc[0] += out.ce_sum.item<double>();
-      acc[1] += static_cast<double>(out.tokens);
-    }
+    ARCH_RETURN_IF_ERROR(parallel::guardStep("evaluation", [&] { return schedule_->evaluate(b, T_, acc[0], acc[1]); },
+                                             exchange_ ? &exchange_->failure() : nullptr));
   }
-  net_->train();
-  if (sender_) ARCH_RETURN_IF_ERROR(sender_->drain());
   ARCH_RETURN_IF_ERROR(dp_->allreduceSum(acc));
   return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
 }
@@ -959,29 +626,18 @@ core::Result<TrainSummary> Impl::run() {
       ScopedSpan span(&trace_, TraceRecorder::kData, "batch", &data_s);
       batch = train_sampler_->nextBatch(shares_, share_index_);
     }
-    double ce = 0, aux = 0;
-    int64_t tokens = 0;
-    busy_s_ = 0;
-    sched_begin_us_ = core::wallMicros();
-    try {
-      if (pp_) ARCH_RETURN_IF_ERROR(pipelineStep(batch, total_samples, ce, aux, tokens));
-      else ARCH_RETURN_IF_ERROR(expertStep(batch, total_samples, ce, aux, tokens));
-    } catch (const std::exception& e) {
-      return core::internalError(std::string("step ") + std::to_string(step_ + 1) + ": " + e.what());
-    }
-    sched_end_us_ = core::wallMicros();
+    parallel::StepStats stats;
+    ARCH_RETURN_IF_ERROR(runSchedule(batch, total_samples, stats));
+    const double ce = stats.ce_sum, aux = stats.aux_sum;
+    const int64_t tokens = stats.tokens;
 
     // Gradients: replicated tensors over the same-stage ranks, expert
     // tensors over the same-stage ranks holding the same experts (within
     // the island with DiLoCo).
     {
       ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce", &comm_s);
-      float* g = flat_->grads().data_ptr<float>();
-      std::unique_ptr<PendingReduce> a, b;
-      if (stage_dp_) a = stage_dp_->allreduceSumAsync(std::span<float>(g, static_cast<size_t>(n_dense_)));
-      if (expert_dp_) b = expert_dp_->allreduceSumAsync(std::span<float>(g + n_dense_, static_cast<size_t>(flat_->numel() - n_dense_)));
-      if (a) ARCH_RETURN_IF_ERROR(a->wait().withContext("gradient allreduce"));
-      if (b) ARCH_RETURN_IF_ERROR(b->wait().withContext("expert gradient allreduce"));
+      ARCH_RETURN_IF_ERROR(dense_->reduceGradients(stats));
+      if (experts_) ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats));
     }
     // Router-bias balancing with the load of every rank that shares the router.
     if (mcfg_.moe.num_experts > 0 && mcfg_.moe.balance == "router_bias") {
@@ -992,13 +648,8 @@ core::Result<TrainSummary> Impl::run() {
       }
     }
     // Global gradient norm: each distinct gradient counted once.
-    double sq[1] = {0};
+    double sq[1] = {dense_->gradNormSquared().sum_sq + (experts_ ? experts_->gradNormSquared().sum_sq : 0.0)};
     {
-      const double dense = flat_->grads().narrow(0, 0, n_dense_).to(torch::kFloat64).pow(2).sum().item<double>();
-      const double expert = flat_->grads().narrow(0, n_dense_, flat_->numel() - n_dense_).to(torch::kFloat64).pow(2).sum().item<double>();
-      // Replicated tensors from the scope's first pipeline, experts from its first expert group.
-      const int d = replica_ - scope_first_replica_;
-      sq[0] = (d == 0 ? dense : 0.0) + (d < lay_.ep ? expert : 0.0);
       ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient norm allreduce", &comm_s);
       ARCH_RETURN_IF_ERROR(step_dp_->allreduceSum(sq));
     }
@@ -1048,17 +699,17 @@ core::Result<TrainSummary> Impl::run() {
     std::vector<double> timing(scope_.size() * 3, 0.0);
     const int pipes = static_cast<int>(scope_.size()) / lay_.stages;
     if (pp_ && log_now) {
-      double mine[3] = {static_cast<double>(sched_begin_us_), static_cast<double>(sched_end_us_), busy_s_};
+      double mine[3] = {static_cast<double>(stats.sched_begin_us), static_cast<double>(stats.sched_end_us), stats.compute_s};
       ARCH_RETURN_IF_ERROR(step_dp_->allgather(mine, timing));
     }
     if (log_now) {
       metrics_.write({{"kind", "step"}, {"step", step_}, {"rank", rank_}, {"island", me_.island}, {"epoch", 0},
                       {"loss", loss}, {"local_loss", tokens ? ce / static_cast<double>(tokens) : 0.0}, {"lr", lr},
-                      {"samples", batch.n}, {"tokens", tokens}, {"compute_s", busy_s_}, {"comm_s", comm_s},
+                      {"samples", batch.n}, {"tokens", tokens}, {"compute_s", stats.compute_s}, {"comm_s", comm_s},
                       {"data_s", data_s}, {"step_s", step_s},
                       {"tokens_per_s", static_cast<double>(batch.n * T_) / step_s}, {"grad_norm", grad_norm},
                       {"slowdown", me_.slowdown}, {"share", shares_[static_cast<size_t>(share_index_)]},
-                      {"stage", stage_}, {"micro_batches", micro_}});
+                      {"stage", stage_}, {"micro_batches", stats.micro_batches}});
       if (rank_ == 0 && pp_) {
         // Per pipeline: window = first start .. last end over its stages;
         // bubble_s = 1 - busy_s / window. Averaged over pipelines per stage.
@@ -1081,10 +732,10 @@ core::Result<TrainSummary> Impl::run() {
         }
         double mean = 0;
         for (double b : bubble) mean += b / lay_.stages;
-        metrics_.write({{"kind", "pipeline"}, {"step", step_}, {"stages", lay_.stages}, {"micro_batches", micro_},
+        metrics_.write({{"kind", "pipeline"}, {"step", step_}, {"stages", lay_.stages}, {"micro_batches", stats.micro_batches},
                         {"stage_layers", lay_.stage_layers}, {"busy_s", busy}, {"bubble", bubble},
                         {"bubble_mean", mean}, {"window_s", window_mean},
-                        {"bubble_1f1b_theory", oneFOneBBubble(lay_.stages, micro_)}});
+                        {"bubble_1f1b_theory", parallel::oneFOneBBubble(lay_.stages, stats.micro_batches)}});
       }
       if (mcfg_.moe.num_experts > 0) {
         // Routing statistics summed over every rank's tokens (each MoE layer
@@ -1131,12 +782,7 @@ core::Result<TrainSummary> Impl::run() {
     if (outer_ && at_end) ARCH_RETURN_IF_ERROR(outer_->finish(step_, flat_->params()).withContext("outer sync"));
     if (tc.eval_every > 0 && (step_ % tc.eval_every == 0 || at_end)) {
       ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
-      double vl = -1;
-      try {
-        ARCH_ASSIGN_OR_RETURN(vl, evaluate());
-      } catch (const std::exception& e) {
-        return core::internalError(std::string("evaluation: ") + e.what());
-      }
+      ARCH_ASSIGN_OR_RETURN(const double vl, evaluate());
       summary.final_val_loss = vl;
       if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write({{"kind", "eval"}, {"step", step_}, {"val_loss", vl}});
     }

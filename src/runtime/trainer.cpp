@@ -34,6 +34,8 @@
 #include "archipelago/runtime/flat_params.h"
 #include "archipelago/runtime/metrics.h"
 #include "archipelago/runtime/outer_sync.h"
+#include "archipelago/runtime/parallel/data_parallel.h"
+#include "archipelago/runtime/parallel/micro_batches.h"
 #include "archipelago/runtime/parallel_trainer.h"
 
 namespace archipelago::runtime {
@@ -78,115 +80,6 @@ std::vector<WorkerInfo> workersOf(const core::ClusterSpec& cluster) {
 }
 
 namespace {
-
-// Gradient buckets: contiguous ranges of the flat gradient buffer, formed
-// from the last parameter backwards (the order backward produces gradients).
-// A bucket's allreduce starts as soon as every parameter in it has its final
-// gradient and every earlier bucket has started, so all ranks issue the
-// same collectives in the same order even if their backward order differs.
-class GradientBucketer {
- public:
-  // `overlap`: start bucket reductions from gradient-ready hooks (needs a
-  // group of more than one rank, now or after a membership change).
-  GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap) : flat_(flat), dp_(dp) {
-    const auto& segs = flat.segments();
-    const int64_t cap = std::max<int64_t>(1, bucket_bytes / 4);
-    int64_t end = flat.numel();
-    Bucket cur;
-    cur.end = end;
-    for (int i = static_cast<int>(segs.size()) - 1; i >= 0; --i) {
-      cur.segments.push_back(i);
-      cur.begin = segs[static_cast<size_t>(i)].offset;
-      if (cur.end - cur.begin >= cap || i == 0) {
-        buckets_.push_back(std::move(cur));
-        cur = Bucket{};
-        cur.end = segs[static_cast<size_t>(i)].offset;
-      }
-    }
-    seg_bucket_.assign(segs.size(), 0);
-    for (size_t b = 0; b < buckets_.size(); ++b) {
-      for (int s : buckets_[b].segments) seg_bucket_[static_cast<size_t>(s)] = static_cast<int>(b);
-    }
-    if (!overlap) return;  // nothing to overlap with
-    std::vector<torch::Tensor> params;
-    for (const auto& seg : segs) params.push_back(seg.param);
-    hooks_ = std::make_unique<model::GradReadyHooks>(params, [this](size_t i) { onGradReady(i); });
-  }
-
-  size_t bucketCount() const { return buckets_.size(); }
-  // The gradient group of the next steps (a new epoch's group).
-  void setDp(DpComm* dp) {
-    std::lock_guard<std::mutex> lock(mu_);
-    dp_ = dp;
-  }
-
-  // Called before the backward pass whose gradients are final (the last
-  // micro-batch of a step).
-  void arm() {
-    std::lock_guard<std::mutex> lock(mu_);
-    armed_ = true;
-    next_launch_ = 0;
-    for (auto& b : buckets_) {
-      b.ready = 0;
-      b.op.reset();
-    }
-  }
-
-  // After backward: launches what has not started and waits for everything.
-  core::Status finish() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      armed_ = false;
-      while (next_launch_ < buckets_.size()) launch(next_launch_++);
-    }
-    core::Status first;
-    for (auto& b : buckets_) {
-      if (!b.op) continue;
-      core::Status st = b.op->wait();
-      if (!st.isOk() && first.isOk()) first = st;
-      b.op.reset();
-    }
-    return first;
-  }
-
- private:
-  struct Bucket {
-    int64_t begin = 0;
-    int64_t end = 0;
-    std::vector<int> segments;
-    size_t ready = 0;
-    std::unique_ptr<PendingReduce> op;
-  };
-
-  void onGradReady(size_t seg) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!armed_) return;
-    auto& b = buckets_[static_cast<size_t>(seg_bucket_[seg])];
-    ++b.ready;
-    while (next_launch_ < buckets_.size() && buckets_[next_launch_].ready >= buckets_[next_launch_].segments.size()) {
-      launch(next_launch_++);
-    }
-  }
-
-  void launch(size_t b) {
-    auto& bk = buckets_[b];
-    float* base = flat_.grads().data_ptr<float>();
-    bk.op = dp_->allreduceSumAsync(std::span<float>(base + bk.begin, static_cast<size_t>(bk.end - bk.begin)));
-  }
-
-  FlatParams& flat_;
-  DpComm* dp_;
-  std::mutex mu_;
-  bool armed_ = false;
-  size_t next_launch_ = 0;
-  std::vector<Bucket> buckets_;
-  std::vector<int> seg_bucket_;
-  std::unique_ptr<model::GradReadyHooks> hooks_;
-};
-
-torch::Tensor toTensor(const std::vector<int64_t>& v, int64_t n, int64_t t) {
-  return torch::from_blob(const_cast<int64_t*>(v.data()), {n, t}, torch::kInt64).clone();
-}
 
 // Measures speed per rank and turns it into integer batch shares. Every rank
 // runs the same computation on the same allgathered numbers, so all ranks
@@ -268,6 +161,7 @@ class Trainer {
 
   // ---- one step ----
   core::Status trainStep();
+  core::Status runSchedule(const data::Batch& batch, double group_samples, parallel::StepStats& stats);
   core::Result<CheckpointState> snapshot(int64_t step);
   // DiLoCo / streaming checkpoints: the rank parts the writer's checkpoint
   // lists, and this rank's part cut from its snapshot (docs/runtime.md).
@@ -324,7 +218,10 @@ class Trainer {
   std::unique_ptr<OuterSync> outer_;
   bool exact_outer_ = true;  // outer state can be committed per step (nothing in flight between steps)
   std::vector<Fragment> outer_frags_;
-  std::unique_ptr<GradientBucketer> bucketer_;
+  // The parts: micro-batches forward/backward, gradients summed over the
+  // gradient group in buckets overlapped with backward.
+  std::unique_ptr<parallel::MicroBatchSchedule> schedule_;
+  std::unique_ptr<parallel::DataParallel> data_;
   std::unique_ptr<Rebalancer> rebalancer_;
 
   MetricsSink metrics_;
@@ -396,7 +293,7 @@ void Trainer::bindComm() {
     for (int r = 0; r < dp_->size(); ++r) alive_.push_back(r);
     grad_ranks_ = opt_.inner_ranks.empty() ? alive_ : opt_.inner_ranks;
   }
-  if (bucketer_) bucketer_->setDp(grad_dp_);
+  if (data_) data_->bind(grad_dp_);
 }
 
 core::Status Trainer::setup() {
@@ -498,8 +395,14 @@ core::Status Trainer::setup() {
     ARCH_RETURN_IF_ERROR(metrics_.open((fs::path(opt_.run_dir) / "metrics.jsonl").string()));
   }
   job_yaml_ = core::dumpJobYaml(job_);
-  bucketer_ = std::make_unique<GradientBucketer>(*flat_, grad_dp_, static_cast<int64_t>(job_.strategy.bucket_bytes),
-                                                 elastic() ? world_ > 1 : grad_dp_->size() > 1);
+  {
+    parallel::DataParallelOptions o;
+    o.bucket_bytes = static_cast<int64_t>(job_.strategy.bucket_bytes);
+    o.overlap = elastic() ? world_ > 1 : grad_dp_->size() > 1;
+    data_ = std::make_unique<parallel::DataParallel>(*flat_, grad_dp_, o);
+    schedule_ = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
+    schedule_->onFinalBackward([this] { data_->beforeFinalBackward(); });
+  }
   // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step
   // boundaries only (the speed allgather crosses the straits).
   rebalancer_ = std::make_unique<Rebalancer>(
@@ -735,14 +638,10 @@ CheckpointState Trainer::rankPart(CheckpointState full) const {
 
 core::Result<double> Trainer::evaluate() {
   if (!val_sampler_) return -1.0;
-  torch::NoGradGuard ng;
   double acc[2] = {0, 0};
   for (int64_t i = 0; i < tc_.eval_batches; ++i) {
     auto b = val_sampler_->batchAt(i * tc_.global_batch, shares_, rank_);
-    if (b.n == 0) continue;
-    auto out = net_->lossAndStats(toTensor(b.input, b.n, T_), toTensor(b.target, b.n, T_));
-    acc[0] += out.ce_sum.item<double>();
-    acc[1] += static_cast<double>(out.tokens);
+    ARCH_RETURN_IF_ERROR(parallel::guardStep("evaluation", [&] { return schedule_->evaluate(b, T_, acc[0], acc[1]); }));
   }
   ARCH_RETURN_IF_ERROR(dp_->allreduceSum(acc));
   return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
@@ -781,59 +680,38 @@ void Trainer::event(const std::string& name, nlohmann::json fields) {
 
 // ---- one training step --------------------------------------------------------
 
+core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples, parallel::StepStats& stats) {
+  parallel::StepInput in;
+  in.batch = &batch;
+  in.seq_len = T_;
+  in.group_samples = group_samples;
+  in.trace = &trace_;
+  return parallel::guardStep("step " + std::to_string(step_ + 1), [&] { return schedule_->forwardBackward(in, stats); });
+}
+
 core::Status Trainer::trainStep() {
   const auto step_t0 = core::Clock::now();
   const double step_cpu0 = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID);
   const int64_t step_faults0 = minorFaults();
-  const data::ShareRange mine = data::shareRange(shares_, rank_);
-  const int64_t mb = tc_.micro_batch > 0 ? tc_.micro_batch : std::max<int64_t>(1, mine.count);
   int64_t group_samples = 0;
   for (int r : grad_ranks_) group_samples += shares_[static_cast<size_t>(r)];
-  const double group_tokens = static_cast<double>(std::max<int64_t>(1, group_samples) * T_);
-  double compute_s = 0, comm_s = 0, data_s = 0, optimizer_s = 0;
+  double comm_s = 0, data_s = 0, optimizer_s = 0;
   const int64_t step = step_;
 
   flat_->zeroGrad();
-  double ce_sum = 0, aux_sum = 0;
-  int64_t tokens = 0;
   data::Batch batch;
   {
     ScopedSpan span(&trace_, TraceRecorder::kData, "batch", &data_s);
     batch = train_sampler_->nextBatch(shares_, rank_);
   }
-  const auto compute_t0 = core::Clock::now();
-  const double compute_cpu0 = cpuSeconds(CLOCK_THREAD_CPUTIME_ID);
-  {
-    ScopedSpan span(&trace_, TraceRecorder::kCompute, "forward+backward");
-    if (batch.n == 0) bucketer_->arm();
-    for (int64_t off = 0; off < batch.n; off += mb) {
-      const int64_t n = std::min(mb, batch.n - off);
-      auto input = torch::from_blob(batch.input.data() + off * T_, {n, T_}, torch::kInt64);
-      auto target = torch::from_blob(batch.target.data() + off * T_, {n, T_}, torch::kInt64);
-      auto out = net_->lossAndStats(input, target);
-      auto loss = out.ce_sum / group_tokens;
-      if (out.aux_loss.defined()) {
-        loss = loss + out.aux_loss * (static_cast<double>(n) / static_cast<double>(group_samples));
-        aux_sum += out.aux_loss.item<double>() * static_cast<double>(n);
-      }
-      if (off + mb >= batch.n) bucketer_->arm();
-      loss.backward();
-      ce_sum += out.ce_sum.item<double>();
-      tokens += out.tokens;
-    }
-  }
-  compute_s = core::secondsSince(compute_t0);
-  const double compute_cpu_s = cpuSeconds(CLOCK_THREAD_CPUTIME_ID) - compute_cpu0;
-  if (me_.slowdown > 1.0) {
-    // EMULATION: a device `slowdown` times slower takes that much longer.
-    const double extra = (me_.slowdown - 1.0) * compute_s;
-    ScopedSpan span(&trace_, TraceRecorder::kCompute, "emulated slowdown");
-    std::this_thread::sleep_for(std::chrono::duration<double>(extra));
-    compute_s += extra;
-  }
+  parallel::StepStats stats;
+  ARCH_RETURN_IF_ERROR(runSchedule(batch, static_cast<double>(group_samples), stats));
+  const double ce_sum = stats.ce_sum, aux_sum = stats.aux_sum;
+  const int64_t tokens = stats.tokens;
+  const double compute_s = stats.compute_s, compute_cpu_s = stats.compute_cpu_s;
   {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
-    ARCH_RETURN_IF_ERROR(bucketer_->finish().withContext("step " + std::to_string(step)));
+    ARCH_RETURN_IF_ERROR(data_->reduceGradients(stats).withContext("step " + std::to_string(step)));
   }
 
   // Router-bias balancing uses the expert load of the gradient group.
@@ -848,7 +726,7 @@ core::Status Trainer::trainStep() {
   {
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer", &optimizer_s);
     torch::NoGradGuard ng;
-    grad_norm = flat_->grads().norm().item<double>();
+    grad_norm = std::sqrt(data_->gradNormSquared().sum_sq);
     if (tc_.grad_clip > 0 && grad_norm > tc_.grad_clip) flat_->grads().mul_(tc_.grad_clip / (grad_norm + 1e-6));
     auto p = flat_->params().narrow(0, shard_begin_, shard_end_ - shard_begin_);
     adam_->step(p, flat_->grads().narrow(0, shard_begin_, shard_end_ - shard_begin_),

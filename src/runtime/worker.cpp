@@ -8,7 +8,7 @@
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
-#include "archipelago/runtime/comm_dp.h"
+#include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/launcher.h"
 #include "archipelago/runtime/metrics.h"

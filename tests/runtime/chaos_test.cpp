@@ -38,10 +38,10 @@ using testutil::scratchRoot;
 using testutil::tinyDataDir;
 
 std::string chaosJob(const fs::path& run_dir, int steps, const std::string& islands, const std::string& strategy,
-                     const std::string& extra_train = "", int ckpt_every = 20) {
+                     const std::string& extra_train = "", int ckpt_every = 20, const std::string& extra_model = "") {
   std::ostringstream o;
   o << "cluster:\n  islands:\n" << islands << "\n"
-    << "model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32}\n"
+    << "model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32" << extra_model << "}\n"
     << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
     << "train: {steps: " << steps << ", global_batch: 12, lr: 0.003, warmup_steps: 5, eval_every: 0, "
     << "rebalance: false" << extra_train << "}\n"
@@ -310,6 +310,34 @@ TEST(Elastic, BelowMinWorkersRestartsFromTheNewestCheckpoint) {
   const double ref = referenceLoss(chaosJob(scratchRoot() / "below_min_ref", steps, "    - {name: a, count: 1}",
                                             "{kind: sync}"), "below_min_ref");
   EXPECT_NEAR(finalLoss(run, steps), ref, 0.02 * ref);
+}
+
+// A pipeline (PP=2) and an expert-parallel (EP=2) job lose a worker to
+// kill -9: the layout cannot shrink, so the job restarts itself from its
+// newest checkpoint (docs/parallelism.md "Failures") and ends on the
+// single-process curve.
+TEST(Elastic, KilledPipelineAndExpertWorkersRestartFromTheNewestCheckpoint) {
+  const int steps = 30;
+  struct Layout {
+    std::string name, strategy, model;
+  };
+  for (const Layout& l : {Layout{"kill_pp", "{kind: sync, pipeline_stages: 2}", ""},
+                          Layout{"kill_ep", "{kind: sync, expert_parallel: 2}", ", moe: {num_experts: 4, top_k: 2}"}}) {
+    const fs::path run = scratchRoot() / l.name;
+    Job job(l.name, chaosJob(run, steps, "    - {name: a, count: 2}", l.strategy, "", 10, l.model),
+            {"--max-restarts", "1"});
+    ASSERT_TRUE(waitFor(job, 90, [&] { return lastStep(run) >= 13; })) << job.output();
+    ::kill(workerPids(run)[1], SIGKILL);
+    ASSERT_EQ(job.wait(120), 0) << l.name << "\n" << job.output();
+    ASSERT_EQ(events(run, "restart").size(), 1u) << job.output();
+    EXPECT_TRUE(events(run, "replace").empty()) << "a layout that cannot shrink was given a replacement";
+    EXPECT_EQ(lastStep(run), steps);
+    expectCheckpointsVerify(run);
+    const double ref = referenceLoss(chaosJob(scratchRoot() / (l.name + "_ref"), steps, "    - {name: a, count: 1}",
+                                              "{kind: sync}", "", 10, l.model),
+                                     l.name + "_ref");
+    EXPECT_NEAR(finalLoss(run, steps), ref, 0.02 * ref) << l.name;
+  }
 }
 
 }  // namespace

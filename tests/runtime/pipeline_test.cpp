@@ -29,6 +29,7 @@ namespace archipelago::runtime {
 namespace {
 
 namespace fs = std::filesystem;
+using namespace parallel;  // NOLINT: the parts under test
 using ::testing::HasSubstr;
 using testutil::loadJobText;
 using testutil::outputOf;

@@ -1,7 +1,7 @@
-// What the trainer needs around the model: a flat fp32 gradient buffer with
-// per-parameter views (for allreduce), gradient buckets in reverse order of
-// use with "gradient ready" hooks (to overlap allreduce with backward), text
-// generation, and parameter / FLOP counts (for MFU and the planner).
+// What the trainer needs around the model: "gradient ready" hooks (the
+// runtime's gradient bucketer overlaps allreduce with backward through
+// them), text generation, and parameter / FLOP counts (for MFU and the
+// planner).
 #pragma once
 
 #include <cstdint>
@@ -17,56 +17,7 @@
 
 namespace archipelago::model {
 
-// ---- flat gradient buffer -----------------------------------------------------
-
-// One contiguous fp32 buffer holding every parameter's gradient (or value),
-// laid out in the order of the parameter list given. When every parameter is
-// fp32 on the buffer's device, bindGradViews() makes each .grad() a view into
-// the buffer so backward accumulates straight into it (no copies); otherwise
-// gatherGrads()/scatterGrads() copy (casting) between the grads and the buffer.
-class FlatBuffer {
- public:
-  explicit FlatBuffer(std::vector<torch::Tensor> params);
-
-  torch::Tensor& flat() { return flat_; }
-  const torch::Tensor& flat() const { return flat_; }
-  int64_t numel() const { return flat_.numel(); }
-  size_t size() const { return params_.size(); }
-  int64_t offset(size_t i) const { return offsets_[i]; }
-  int64_t numel(size_t i) const { return params_[i].numel(); }
-  const std::vector<torch::Tensor>& params() const { return params_; }
-  // Buffer slice of parameter i, shaped like it.
-  torch::Tensor view(size_t i) const;
-
-  // Returns false (changing nothing) if some parameter is not fp32 on the
-  // buffer's device. After binding, zero() clears the grads.
-  bool bindGradViews();
-  bool bound() const { return bound_; }
-
-  void gatherGrads();   // buffer <- grads (missing grad -> 0); no-op when bound
-  void scatterGrads();  // grads <- buffer (creates missing grads); no-op when bound
-  void gatherParams();  // buffer <- parameter values
-  void scatterParams(); // parameter values <- buffer (no autograd)
-  void zero();
-
- private:
-  std::vector<torch::Tensor> params_;
-  std::vector<int64_t> offsets_;
-  torch::Tensor flat_;
-  bool bound_ = false;
-};
-
-// A run of consecutive parameters, contiguous in the flat buffer.
-struct GradBucket {
-  std::vector<size_t> params;  // indices into the parameter list, descending
-  int64_t offset = 0;          // in the flat buffer
-  int64_t numel = 0;
-};
-
-// Buckets of about bucket_bytes (fp32) each, walking the parameters from
-// the last to the first: the order in which backward finishes them, so the
-// first bucket is ready first. A parameter is never split.
-std::vector<GradBucket> makeGradBuckets(const FlatBuffer& buffer, uint64_t bucket_bytes);
+// ---- gradient-ready hooks ------------------------------------------------------
 
 // Calls on_ready(i) each time backward has finished accumulating parameter
 // i's gradient into .grad() (a post hook on its AccumulateGrad node). Runs on

@@ -23,7 +23,7 @@
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
-#include "archipelago/runtime/comm_dp.h"
+#include "archipelago/runtime/dp_comm_group.h"
 
 namespace archipelago::runtime {
 
@@ -61,8 +61,8 @@ class ElasticSession {
   // Groups of the current epoch (replaced by reconfigure()).
   std::shared_ptr<comm::Group> worldGroup() const { return world_; }
   std::shared_ptr<comm::Group> innerGroup() const { return island_ ? island_ : world_; }
-  CommDp* dp() { return dp_.get(); }
-  CommDp* inner() { return inner_.get(); }  // null with strategy sync
+  GroupDp* dp() { return dp_.get(); }
+  GroupDp* inner() { return inner_.get(); }  // null with strategy sync
   std::vector<int> innerRanks() const;
 
   // The coordinator published an epoch newer than ours (seen in heartbeat replies).
@@ -104,7 +104,7 @@ class ElasticSession {
   std::unique_ptr<comm::Communicator> comm_;
   comm::Membership membership_;
   std::shared_ptr<comm::Group> world_, island_;
-  std::unique_ptr<CommDp> dp_, inner_;
+  std::unique_ptr<GroupDp> dp_, inner_;
 };
 
 // The peer a failed collective names ("lost rank N ..."), or -1.

@@ -34,62 +34,12 @@
 // loads its part by name, so a run saved at one split resumes at another.
 #pragma once
 
-#include <cstdint>
-#include <vector>
-
-#include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
+#include "archipelago/runtime/parallel/layout.h"
+#include "archipelago/runtime/parallel/pipeline.h"
 #include "archipelago/runtime/trainer.h"
 
 namespace archipelago::runtime {
-
-// ---- pure helpers (unit-tested) ---------------------------------------------------
-
-// Contiguous layer counts per stage minimising the slowest stage's time,
-// where stage s takes (layers_s + extra_s) / speed_s (extra: the embedding on
-// the first stage and the LM head on the last, in layer equivalents) and may
-// hold at most max_layers[s] layers (memory; empty or <= 0 = no limit). Every
-// stage gets >= 1 layer. kInvalidArgument if the layers cannot fit.
-core::Result<std::vector<int64_t>> splitLayers(int64_t n_layers, const std::vector<double>& speed,
-                                               const std::vector<int64_t>& max_layers = {},
-                                               double first_extra = 0, double last_extra = 0);
-
-// Experts per member, proportional to speed (largest remainder), each >= 1.
-core::Result<std::vector<int64_t>> placeExperts(int64_t num_experts, const std::vector<double>& speed);
-
-// One operation of a stage's schedule.
-struct PipeOp {
-  bool forward = true;
-  int64_t micro = 0;
-};
-// 1F1B (PipeDream-flush): stage s runs min(p-s-1, m) warm-up forwards, then
-// alternates one forward and one backward, then drains the backwards.
-std::vector<PipeOp> oneFOneBSchedule(int stage, int stages, int64_t micro_batches);
-// Idle fraction of a 1F1B pipeline with equal stages: (p-1)/(m+p-1).
-double oneFOneBBubble(int stages, int64_t micro_batches);
-
-// Where every rank sits in a PP/EP job.
-struct ParallelLayout {
-  int world = 1;
-  int stages = 1;                       // pipeline_stages
-  int replicas = 1;                     // pipelines: world / stages (without PP: every rank is one)
-  int ep = 1;                           // expert_parallel: pipelines per expert group
-  std::vector<int64_t> stage_layers;    // layers per stage
-  std::vector<int64_t> expert_begin;    // ep+1 entries: member j holds [expert_begin[j], expert_begin[j+1])
-  int stageOf(int rank) const { return rank % stages; }
-  int replicaOf(int rank) const { return rank / stages; }
-  int64_t layerBegin(int stage) const;
-  // Rank d*stages + s is stage s of pipeline d; pipelines [g*ep, (g+1)*ep)
-  // form expert group g, pipeline d is its member d % ep.
-  int epMemberOf(int rank) const { return replicaOf(rank) % ep; }
-  int epGroupOf(int rank) const { return replicaOf(rank) / ep; }
-};
-// From the job: strategy.stage_layers / expert_counts when given, else from
-// the workers' speed (1/slowdown, the slowest of the ranks sharing a stage
-// or expert slot) and device memory (catalog). With strategy.kind diloco
-// every block of stages x expert_parallel consecutive ranks (one expert
-// group of pipelines) must lie inside one island.
-core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job);
 
 // ---- the loop -------------------------------------------------------------------
 

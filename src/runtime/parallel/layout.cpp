@@ -1,5 +1,5 @@
-// Pure pieces of pipeline / expert parallelism: the uneven layer split, the
-// expert placement, the 1F1B schedule, and the layout of a job's ranks.
+// Where every rank of a pipeline / expert-parallel job sits: the uneven
+// layer split, the expert placement and the layout of the job's ranks.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -9,9 +9,10 @@
 #include "archipelago/core/shares.h"
 #include "archipelago/model/layers.h"
 #include "archipelago/plan/catalog.h"
-#include "archipelago/runtime/parallel_trainer.h"
+#include "archipelago/runtime/parallel/layout.h"
+#include "archipelago/runtime/trainer.h"
 
-namespace archipelago::runtime {
+namespace archipelago::runtime::parallel {
 
 core::Result<std::vector<int64_t>> splitLayers(int64_t n_layers, const std::vector<double>& speed,
                                                const std::vector<int64_t>& max_layers, double first_extra,
@@ -75,22 +76,6 @@ core::Result<std::vector<int64_t>> placeExperts(int64_t num_experts, const std::
                                  ") exceeds model.moe.num_experts (" + std::to_string(num_experts) + ")");
   }
   return core::sharesFromWeights(speed, num_experts);
-}
-
-std::vector<PipeOp> oneFOneBSchedule(int stage, int stages, int64_t m) {
-  std::vector<PipeOp> ops;
-  const int64_t warmup = std::min<int64_t>(stages - stage - 1, m);
-  for (int64_t i = 0; i < warmup; ++i) ops.push_back({true, i});
-  for (int64_t i = 0; i < m - warmup; ++i) {
-    ops.push_back({true, warmup + i});
-    ops.push_back({false, i});
-  }
-  for (int64_t i = m - warmup; i < m; ++i) ops.push_back({false, i});
-  return ops;
-}
-
-double oneFOneBBubble(int stages, int64_t m) {
-  return m + stages - 1 > 0 ? static_cast<double>(stages - 1) / static_cast<double>(m + stages - 1) : 0.0;
 }
 
 int64_t ParallelLayout::layerBegin(int stage) const {
@@ -211,4 +196,4 @@ core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
   return lay;
 }
 
-}  // namespace archipelago::runtime
+}  // namespace archipelago::runtime::parallel

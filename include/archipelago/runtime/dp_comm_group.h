@@ -11,11 +11,11 @@
 
 namespace archipelago::runtime {
 
-class CommDp final : public DpComm {
+class GroupDp final : public DpComm {
  public:
   // `hierarchical`: use the hierarchical allreduce for buckets; `codec` is
   // applied on its cross-island leg.
-  CommDp(std::shared_ptr<comm::Group> world, bool hierarchical, comm::CodecKind codec, double op_timeout_s);
+  GroupDp(std::shared_ptr<comm::Group> world, bool hierarchical, comm::CodecKind codec, double op_timeout_s);
 
   int rank() const override { return group_->rank(); }
   int size() const override { return group_->size(); }

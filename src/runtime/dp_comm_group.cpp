@@ -1,4 +1,4 @@
-#include "archipelago/runtime/comm_dp.h"
+#include "archipelago/runtime/dp_comm_group.h"
 
 #include <fmt/format.h>
 
@@ -16,16 +16,16 @@ class HandleReduce final : public PendingReduce {
 };
 }  // namespace
 
-CommDp::CommDp(std::shared_ptr<comm::Group> world, bool hierarchical, comm::CodecKind codec, double op_timeout_s)
+GroupDp::GroupDp(std::shared_ptr<comm::Group> world, bool hierarchical, comm::CodecKind codec, double op_timeout_s)
     : group_(std::move(world)), hierarchical_(hierarchical), codec_(codec), op_timeout_s_(op_timeout_s) {}
 
-comm::OpOptions CommDp::options() const {
+comm::OpOptions GroupDp::options() const {
   comm::OpOptions o;
   if (op_timeout_s_ > 0) o.deadline = core::Deadline::afterSeconds(op_timeout_s_);
   return o;
 }
 
-std::unique_ptr<PendingReduce> CommDp::allreduceSumAsync(std::span<float> data) {
+std::unique_ptr<PendingReduce> GroupDp::allreduceSumAsync(std::span<float> data) {
   comm::OpOptions o = options();
   comm::Handle h;
   if (hierarchical_) {
@@ -37,18 +37,18 @@ std::unique_ptr<PendingReduce> CommDp::allreduceSumAsync(std::span<float> data) 
   return std::make_unique<HandleReduce>(std::move(h), o.deadline);
 }
 
-core::Status CommDp::allreduceSum(std::span<double> data) {
+core::Status GroupDp::allreduceSum(std::span<double> data) {
   return group_->allreduce(data.data(), data.size(), comm::DType::kF64, comm::ReduceOp::kSum, options());
 }
 
-core::Status CommDp::allgather(std::span<const double> mine, std::span<double> all) {
+core::Status GroupDp::allgather(std::span<const double> mine, std::span<double> all) {
   if (all.size() != mine.size() * static_cast<size_t>(size())) {
     return core::invalidArgument("allgather: output must hold size() * input elements");
   }
   return group_->allgather(mine.data(), all.data(), mine.size(), comm::DType::kF64, options());
 }
 
-core::Status CommDp::allgatherSlices(std::span<float> data, std::span<const int64_t> offsets) {
+core::Status GroupDp::allgatherSlices(std::span<float> data, std::span<const int64_t> offsets) {
   if (offsets.size() != static_cast<size_t>(size()) + 1) {
     return core::invalidArgument("allgatherSlices: need size()+1 offsets");
   }
@@ -58,11 +58,11 @@ core::Status CommDp::allgatherSlices(std::span<float> data, std::span<const int6
   return group_->allgatherv(mine.data(), data.data(), counts, comm::DType::kF32, options());
 }
 
-core::Status CommDp::broadcast(std::span<float> data, int root) {
+core::Status GroupDp::broadcast(std::span<float> data, int root) {
   return group_->broadcast(data.data(), data.size(), comm::DType::kF32, root, options());
 }
 
-std::string CommDp::describe() const {
+std::string GroupDp::describe() const {
   if (hierarchical_) {
     return fmt::format("hierarchical allreduce, codec {} on straits", comm::codecName(codec_));
   }

@@ -1,0 +1,78 @@
+// Gradient buckets of a data-parallel reduction: contiguous ranges of the
+// flat gradient buffer, formed from the last parameter backwards (the order
+// in which backward produces gradients), each summed over a DpComm group.
+//
+// With overlap, a bucket's allreduce starts from the autograd thread as soon
+// as every parameter in it has its final gradient and every earlier bucket
+// has started, so all ranks issue the same collectives in the same order
+// even if their backward order differs. Without overlap (a pipeline stage,
+// whose backward runs interleaved with its neighbours'), finish() starts
+// every bucket after backward.
+//
+// Threads: arm() and finish() run on the trainer's thread, the ready hooks
+// on the autograd thread; mu_ guards the launch state shared by both.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "archipelago/core/status.h"
+#include "archipelago/runtime/dp_comm.h"
+#include "archipelago/runtime/flat_params.h"
+
+namespace archipelago::model {
+class GradReadyHooks;
+}
+
+namespace archipelago::runtime::parallel {
+
+class GradientBucketer {
+ public:
+  // Buckets cover the segments [seg_begin, seg_end) of `flat` (all of them
+  // when seg_end < 0), about bucket_bytes of fp32 each; a parameter is never
+  // split. `overlap`: start reductions from gradient-ready hooks.
+  GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap, int seg_begin = 0,
+                   int seg_end = -1);
+  ~GradientBucketer();
+
+  struct Range {
+    int64_t begin = 0;
+    int64_t end = 0;
+  };
+  // Flat-buffer ranges of the buckets, in launch order (descending offsets).
+  std::vector<Range> buckets() const;
+  size_t bucketCount() const { return buckets_.size(); }
+  // The gradient group of the next steps (a new epoch's group).
+  void setDp(DpComm* dp);
+
+  // Called before the backward pass whose gradients are final (the last
+  // micro-batch of a step); a no-op without overlap.
+  void arm();
+  // After backward: launches what has not started and waits for everything.
+  core::Status finish();
+
+ private:
+  struct Bucket {
+    int64_t begin = 0;
+    int64_t end = 0;
+    std::vector<int> segments;
+    size_t ready = 0;
+    std::unique_ptr<PendingReduce> op;
+  };
+  void onGradReady(size_t seg);
+  void launch(size_t b);
+
+  FlatParams& flat_;
+  DpComm* dp_;
+  std::mutex mu_;
+  bool armed_ = false;
+  size_t next_launch_ = 0;
+  std::vector<Bucket> buckets_;
+  std::vector<int> seg_bucket_;  // by segment index - seg_begin
+  int seg_begin_ = 0;
+  std::unique_ptr<model::GradReadyHooks> hooks_;
+};
+
+}  // namespace archipelago::runtime::parallel

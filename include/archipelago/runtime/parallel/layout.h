@@ -1,0 +1,58 @@
+// Where every rank of a job with pipeline stages or expert groups sits
+// (docs/parallelism.md "Layout"):
+//
+// Pipeline: the world is cut into world / pipeline_stages pipelines of
+// consecutive ranks; stage s of every pipeline holds the same contiguous
+// range of decoder layers (uneven: strategy.stage_layers, or computed from
+// the devices' speed and memory so a faster / bigger device gets more).
+//
+// Experts: the pipelines (without PP: the ranks) are cut into
+// expert-parallel groups of expert_parallel consecutive pipelines; in every
+// stage, the stage's ranks of those pipelines form the group, and member j
+// (pipeline j of the group) holds the same contiguous range of every MoE
+// layer's experts (uneven: strategy.expert_counts or by device speed).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "archipelago/core/config.h"
+#include "archipelago/core/status.h"
+
+namespace archipelago::runtime::parallel {
+
+// Contiguous layer counts per stage minimising the slowest stage's time,
+// where stage s takes (layers_s + extra_s) / speed_s (extra: the embedding on
+// the first stage and the LM head on the last, in layer equivalents) and may
+// hold at most max_layers[s] layers (memory; empty or <= 0 = no limit). Every
+// stage gets >= 1 layer. kInvalidArgument if the layers cannot fit.
+core::Result<std::vector<int64_t>> splitLayers(int64_t n_layers, const std::vector<double>& speed,
+                                               const std::vector<int64_t>& max_layers = {},
+                                               double first_extra = 0, double last_extra = 0);
+
+// Experts per member, proportional to speed (largest remainder), each >= 1.
+core::Result<std::vector<int64_t>> placeExperts(int64_t num_experts, const std::vector<double>& speed);
+
+struct ParallelLayout {
+  int world = 1;
+  int stages = 1;                       // pipeline_stages
+  int replicas = 1;                     // pipelines: world / stages (without PP: every rank is one)
+  int ep = 1;                           // expert_parallel: pipelines per expert group
+  std::vector<int64_t> stage_layers;    // layers per stage
+  std::vector<int64_t> expert_begin;    // ep+1 entries: member j holds [expert_begin[j], expert_begin[j+1])
+  int stageOf(int rank) const { return rank % stages; }
+  int replicaOf(int rank) const { return rank / stages; }
+  int64_t layerBegin(int stage) const;
+  // Rank d*stages + s is stage s of pipeline d; pipelines [g*ep, (g+1)*ep)
+  // form expert group g, pipeline d is its member d % ep.
+  int epMemberOf(int rank) const { return replicaOf(rank) % ep; }
+  int epGroupOf(int rank) const { return replicaOf(rank) / ep; }
+};
+// From the job: strategy.stage_layers / expert_counts when given, else from
+// the workers' speed (1/slowdown, the slowest of the ranks sharing a stage
+// or expert slot) and device memory (catalog). With strategy.kind diloco
+// every block of stages x expert_parallel consecutive ranks (one expert
+// group of pipelines) must lie inside one island.
+core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job);
+
+}  // namespace archipelago::runtime::parallel

@@ -1,0 +1,52 @@
+#include "archipelago/runtime/parallel/data_parallel.h"
+
+#include "archipelago/core/clock.h"
+
+namespace archipelago::runtime::parallel {
+
+namespace {
+int segEnd(const FlatParams& flat, int seg_end) {
+  return seg_end < 0 ? static_cast<int>(flat.segments().size()) : seg_end;
+}
+int64_t offsetOf(const FlatParams& flat, int seg) {
+  const auto& segs = flat.segments();
+  return static_cast<size_t>(seg) < segs.size() ? segs[static_cast<size_t>(seg)].offset : flat.numel();
+}
+}  // namespace
+
+DataParallel::DataParallel(FlatParams& flat, DpComm* dp, const DataParallelOptions& options)
+    : flat_(flat),
+      opt_(options),
+      begin_(offsetOf(flat, options.seg_begin)),
+      end_(offsetOf(flat, segEnd(flat, options.seg_end))),
+      bucketer_(flat, dp, options.bucket_bytes, options.overlap, options.seg_begin,
+                segEnd(flat, options.seg_end)) {}
+
+core::Status DataParallel::reduceGradients(StepStats& stats) {
+  const auto t0 = core::Clock::now();
+  core::Status st = bucketer_.finish();
+  stats.wait_s += core::secondsSince(t0);
+  return st.isOk() ? st : st.withContext("gradient allreduce");
+}
+
+NormShare DataParallel::gradNormSquared() const {
+  if (end_ <= begin_ || !opt_.norm_owner) return {0.0, opt_.replicated_norm};
+  auto g = flat_.grads().narrow(0, begin_, end_ - begin_);
+  if (opt_.replicated_norm) {
+    const double n = g.norm().item<double>();
+    return {n * n, true};
+  }
+  return {g.to(torch::kFloat64).pow(2).sum().item<double>(), false};
+}
+
+std::vector<StateRange> DataParallel::stateRanges() const {
+  std::vector<StateRange> out;
+  const auto& segs = flat_.segments();
+  for (int i = opt_.seg_begin; i < segEnd(flat_, opt_.seg_end); ++i) {
+    const auto& s = segs[static_cast<size_t>(i)];
+    out.push_back({s.name, s.offset, s.offset + s.numel});
+  }
+  return out;
+}
+
+}  // namespace archipelago::runtime::parallel

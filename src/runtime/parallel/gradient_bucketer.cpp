@@ -1,0 +1,96 @@
+#include "archipelago/runtime/parallel/gradient_bucketer.h"
+
+#include <algorithm>
+
+#include "archipelago/model/training.h"
+
+namespace archipelago::runtime::parallel {
+
+GradientBucketer::GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap, int seg_begin,
+                                   int seg_end)
+    : flat_(flat), dp_(dp), seg_begin_(seg_begin) {
+  const auto& segs = flat.segments();
+  if (seg_end < 0) seg_end = static_cast<int>(segs.size());
+  if (seg_end <= seg_begin) return;
+  const int64_t cap = std::max<int64_t>(1, bucket_bytes / 4);
+  const auto& last = segs[static_cast<size_t>(seg_end) - 1];
+  Bucket cur;
+  cur.end = last.offset + last.numel;
+  for (int i = seg_end - 1; i >= seg_begin; --i) {
+    cur.segments.push_back(i);
+    cur.begin = segs[static_cast<size_t>(i)].offset;
+    if (cur.end - cur.begin >= cap || i == seg_begin) {
+      buckets_.push_back(std::move(cur));
+      cur = Bucket{};
+      cur.end = segs[static_cast<size_t>(i)].offset;
+    }
+  }
+  seg_bucket_.assign(static_cast<size_t>(seg_end - seg_begin), 0);
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    for (int s : buckets_[b].segments) seg_bucket_[static_cast<size_t>(s - seg_begin)] = static_cast<int>(b);
+  }
+  if (!overlap) return;  // nothing to overlap with
+  std::vector<torch::Tensor> params;
+  for (int i = seg_begin; i < seg_end; ++i) params.push_back(segs[static_cast<size_t>(i)].param);
+  hooks_ = std::make_unique<model::GradReadyHooks>(params, [this](size_t i) { onGradReady(i); });
+}
+
+GradientBucketer::~GradientBucketer() = default;
+
+std::vector<GradientBucketer::Range> GradientBucketer::buckets() const {
+  std::vector<Range> out;
+  for (const auto& b : buckets_) out.push_back({b.begin, b.end});
+  return out;
+}
+
+void GradientBucketer::setDp(DpComm* dp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  dp_ = dp;
+}
+
+void GradientBucketer::arm() {
+  if (!hooks_) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  armed_ = true;
+  next_launch_ = 0;
+  for (auto& b : buckets_) {
+    b.ready = 0;
+    b.op.reset();
+  }
+}
+
+core::Status GradientBucketer::finish() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!armed_) next_launch_ = 0;  // nothing launched from hooks this step
+    armed_ = false;
+    while (next_launch_ < buckets_.size()) launch(next_launch_++);
+  }
+  core::Status first;
+  for (auto& b : buckets_) {
+    if (!b.op) continue;
+    core::Status st = b.op->wait();
+    if (!st.isOk() && first.isOk()) first = st;
+    b.op.reset();
+  }
+  return first;
+}
+
+void GradientBucketer::onGradReady(size_t seg) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!armed_) return;
+  auto& b = buckets_[static_cast<size_t>(seg_bucket_[seg])];
+  ++b.ready;
+  while (next_launch_ < buckets_.size() && buckets_[next_launch_].ready >= buckets_[next_launch_].segments.size()) {
+    launch(next_launch_++);
+  }
+}
+
+void GradientBucketer::launch(size_t b) {
+  if (!dp_) return;  // nobody else holds these tensors
+  auto& bk = buckets_[b];
+  float* base = flat_.grads().data_ptr<float>();
+  bk.op = dp_->allreduceSumAsync(std::span<float>(base + bk.begin, static_cast<size_t>(bk.end - bk.begin)));
+}
+
+}  // namespace archipelago::runtime::parallel

@@ -1,0 +1,276 @@
+// The parallelism parts alone, without sockets (runtime/parallel/): the
+// flat buffer's gradient views, the gradient bucketer's layout and its
+// overlap with backward, the micro-batch schedule and the data-parallel
+// reduction against a reference computed by plain libtorch on one batch.
+// Multi-process equivalence of whole layouts is in pipeline_test.cpp and
+// trainer_test.cpp.
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "archipelago/data/sampler.h"
+#include "archipelago/model/transformer.h"
+#include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/parallel/data_parallel.h"
+#include "archipelago/runtime/parallel/expert.h"
+#include "archipelago/runtime/parallel/gradient_bucketer.h"
+#include "archipelago/runtime/parallel/micro_batches.h"
+#include "archipelago/runtime/parallel/pipeline.h"
+#include "model/test_util.h"
+
+namespace archipelago::runtime::parallel {
+namespace {
+
+// A group of `copies` identical ranks: a sum over it multiplies by copies.
+// Records every launched range and whether backward was still running.
+class CopiesDp final : public DpComm {
+ public:
+  explicit CopiesDp(int copies) : copies_(copies) {}
+  int rank() const override { return 0; }
+  int size() const override { return copies_; }
+  std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float> data) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (float& x : data) x *= static_cast<float>(copies_);
+    launched.push_back({data.data(), data.size()});
+    during_backward.push_back(in_backward.load());
+    return LocalDp().allreduceSumAsync(data);
+  }
+  core::Status allreduceSum(std::span<double> data) override {
+    for (double& x : data) x *= copies_;
+    return core::okStatus();
+  }
+  core::Status allgather(std::span<const double> mine, std::span<double> all) override {
+    for (size_t r = 0; r < static_cast<size_t>(copies_); ++r) std::copy(mine.begin(), mine.end(), all.begin() + r * mine.size());
+    return core::okStatus();
+  }
+  core::Status allgatherSlices(std::span<float>, std::span<const int64_t>) override { return core::okStatus(); }
+  core::Status broadcast(std::span<float>, int) override { return core::okStatus(); }
+  std::string describe() const override { return "copies"; }
+
+  std::vector<std::pair<float*, size_t>> launched;
+  std::vector<bool> during_backward;
+  std::atomic<bool> in_backward{false};
+
+ private:
+  int copies_;
+  std::mutex mu_;
+};
+
+data::Batch randomBatch(int64_t n, int64_t t, int64_t vocab, uint64_t seed) {
+  torch::manual_seed(seed);
+  data::Batch b;
+  b.n = n;
+  b.seq_len = t;
+  auto ids = torch::randint(0, vocab, {n, t + 1}, torch::kLong).contiguous();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < t; ++j) {
+      b.input.push_back(ids[i][j].item<int64_t>());
+      b.target.push_back(ids[i][j + 1].item<int64_t>());
+    }
+  }
+  return b;
+}
+
+// Reference: the mean token loss of the whole batch in one forward, plain libtorch.
+std::vector<torch::Tensor> referenceGrads(const core::ModelConfig& c, const data::Batch& b) {
+  model::Transformer ref(c, 4);
+  auto in = torch::tensor(b.input, torch::kLong).view({b.n, b.seq_len});
+  auto tg = torch::tensor(b.target, torch::kLong).view({b.n, b.seq_len});
+  auto out = ref->lossAndStats(in, tg);
+  (out.ce_sum / static_cast<double>(out.tokens)).backward();
+  std::vector<torch::Tensor> g;
+  for (auto& [name, p] : ref->namedParameters()) g.push_back(p.grad().clone());
+  return g;
+}
+
+TEST(FlatParams, GradViewsAccumulateInPlaceAndSurviveZeroGrad) {
+  auto c = model::testing::tinyConfig();
+  model::Transformer m(c, 4);
+  FlatParams flat = FlatParams::bind(m->namedParameters());
+  EXPECT_EQ(flat.numel(), m->numParameters());
+  const auto b = randomBatch(2, 8, c.vocab_size, 1);
+  const auto ref = referenceGrads(c, b);
+  auto in = torch::tensor(b.input, torch::kLong).view({2, 8});
+  auto tg = torch::tensor(b.target, torch::kLong).view({2, 8});
+  for (int rep = 0; rep < 2; ++rep) {
+    flat.zeroGrad();
+    EXPECT_EQ(flat.grads().abs().sum().item<double>(), 0.0);
+    auto out = m->lossAndStats(in, tg);
+    (out.ce_sum / static_cast<double>(out.tokens)).backward();
+    const auto& segs = flat.segments();
+    ASSERT_EQ(segs.size(), ref.size());
+    for (size_t i = 0; i < segs.size(); ++i) {
+      EXPECT_TRUE(torch::equal(flat.grads().narrow(0, segs[i].offset, segs[i].numel).view(segs[i].shape), ref[i])) << i;
+      EXPECT_EQ(segs[i].param.grad().data_ptr(), flat.grads().narrow(0, segs[i].offset, 1).data_ptr()) << i;
+    }
+  }
+}
+
+TEST(GradientBucketer, BucketsWalkBackwardsWholeTensorsNoGaps) {
+  auto c = model::testing::tinyMoeConfig();
+  model::Transformer m(c, 4);
+  FlatParams flat = FlatParams::bind(m->namedParameters());
+  LocalDp local;
+  GradientBucketer bk(flat, &local, 8 * 1024, false);
+  const auto buckets = bk.buckets();
+  ASSERT_GT(buckets.size(), 2u);
+  int64_t end = flat.numel();
+  std::vector<int64_t> starts;
+  for (const auto& s : flat.segments()) starts.push_back(s.offset);
+  for (const auto& b : buckets) {
+    EXPECT_EQ(b.end, end);  // walking backwards, no gaps
+    EXPECT_TRUE(std::binary_search(starts.begin(), starts.end(), b.begin)) << "a tensor was split at " << b.begin;
+    end = b.begin;
+  }
+  EXPECT_EQ(end, 0);
+  // A range of segments: only those, in the same way.
+  GradientBucketer part(flat, &local, 1 << 30, false, 2, 5);
+  ASSERT_EQ(part.buckets().size(), 1u);
+  EXPECT_EQ(part.buckets()[0].begin, flat.segments()[2].offset);
+  EXPECT_EQ(part.buckets()[0].end, flat.segments()[5].offset);
+}
+
+// Micro-batches of 2 + 1 + 1 (micro_batch 2 over 4 samples, then an agreed
+// count of 3) reduced over 3 identical ranks: 3x the one-batch gradient.
+TEST(DataParallelParts, MicroBatchesAndOverlappedReductionMatchOneBatch) {
+  auto c = model::testing::tinyConfig();
+  const auto b = randomBatch(4, 8, c.vocab_size, 2);
+  const auto ref = referenceGrads(c, b);
+  for (int64_t agreed : {0, 3}) {
+    model::Transformer m(c, 4);
+    FlatParams flat = FlatParams::bind(m->namedParameters());
+    CopiesDp dp(3);
+    DataParallelOptions o;
+    o.bucket_bytes = 4 * 1024;
+    DataParallel data(flat, &dp, o);
+    MicroBatchSchedule sched(m, 2, 1.0);
+    sched.setAgreedCount(agreed);
+    sched.onFinalBackward([&] {
+      dp.in_backward = true;
+      data.beforeFinalBackward();
+    });
+    StepInput in;
+    in.batch = &b;
+    in.seq_len = 8;
+    in.group_samples = 4;
+    StepStats stats;
+    flat.zeroGrad();
+    ASSERT_TRUE(sched.forwardBackward(in, stats).isOk());
+    dp.in_backward = false;
+    EXPECT_EQ(stats.micro_batches, agreed > 0 ? 3 : 2);
+    EXPECT_EQ(stats.tokens, 32);
+    ASSERT_TRUE(data.reduceGradients(stats).isOk());
+    // Every bucket reduced once, the first ones while backward still ran.
+    EXPECT_GE(dp.launched.size(), 3u);
+    EXPECT_TRUE(dp.during_backward.front()) << "no bucket overlapped with backward";
+    const auto& segs = flat.segments();
+    for (size_t i = 0; i < segs.size(); ++i) {
+      auto got = flat.grads().narrow(0, segs[i].offset, segs[i].numel).view(segs[i].shape);
+      EXPECT_TRUE(torch::allclose(got, ref[i] * 3.0, 1e-5, 1e-7)) << segs[i].name << " agreed " << agreed;
+    }
+    const double norm = flat.grads().norm().item<double>();
+    const auto share = data.gradNormSquared();
+    EXPECT_TRUE(share.replicated);
+    EXPECT_NEAR(std::sqrt(share.sum_sq), norm, 1e-6 * norm);
+  }
+}
+
+TEST(DataParallelParts, OwnerOnlyNormCountsOnceAndRangesAreNamed) {
+  auto c = model::testing::tinyMoeConfig();
+  model::Transformer m(c, 4);
+  auto named = m->namedParameters();
+  std::stable_partition(named.begin(), named.end(), [](const auto& p) { return !isExpertTensor(p.first); });
+  FlatParams flat = FlatParams::bind(named);
+  flat.grads().fill_(0.5f);
+  int first_expert = -1;
+  for (size_t i = 0; i < flat.segments().size(); ++i) {
+    if (isExpertTensor(flat.segments()[i].name)) {
+      first_expert = static_cast<int>(i);
+      break;
+    }
+  }
+  ASSERT_GT(first_expert, 0);
+  const int64_t split = flat.segments()[static_cast<size_t>(first_expert)].offset;
+  DataParallelOptions o;
+  o.seg_end = first_expert;
+  o.overlap = false;
+  o.replicated_norm = false;
+  DataParallel dense(flat, nullptr, o);
+  o.norm_owner = false;
+  DataParallel not_owner(flat, nullptr, o);
+  ExpertParallel experts(flat, split, nullptr, true, nullptr);
+  EXPECT_DOUBLE_EQ(dense.gradNormSquared().sum_sq, 0.25 * static_cast<double>(split));
+  EXPECT_FALSE(dense.gradNormSquared().replicated);
+  EXPECT_EQ(not_owner.gradNormSquared().sum_sq, 0.0);
+  EXPECT_DOUBLE_EQ(experts.gradNormSquared().sum_sq, 0.25 * static_cast<double>(flat.numel() - split));
+  // Together the ranges name every tensor once.
+  size_t named_count = dense.stateRanges().size() + experts.stateRanges().size();
+  EXPECT_EQ(named_count, flat.segments().size());
+  for (const auto& r : experts.stateRanges()) EXPECT_TRUE(isExpertTensor(r.name)) << r.name;
+  StepStats stats;
+  EXPECT_TRUE(dense.reduceGradients(stats).isOk());  // nobody else holds them: a no-op
+}
+
+// One stage holding the whole model: the 1F1B machinery alone (stage
+// input/output, loss scaling per micro-batch, recomputation) against the
+// one-batch reference. Several stages exchange tensors between processes:
+// pipeline_test.cpp runs those through the binary against one process.
+TEST(PipelinePart, OneStageMatchesOneBatchWithAndWithoutRecompute) {
+  // Dense: an MoE aux loss is not additive over micro-batches.
+  auto c = model::testing::tinyConfig();
+  const auto b = randomBatch(6, 8, c.vocab_size, 3);
+  model::Transformer ref(c, 4);
+  auto in_ids = torch::tensor(b.input, torch::kLong).view({6, 8});
+  auto tg_ids = torch::tensor(b.target, torch::kLong).view({6, 8});
+  auto ro = ref->lossAndStats(in_ids, tg_ids);
+  (ro.ce_sum / 48.0).backward();
+  for (bool recompute : {false, true}) {
+    model::Transformer m(c, 4);
+    FlatParams flat = FlatParams::bind(m->namedParameters());
+    PipelineOptions po;
+    po.stages = 1;
+    po.micro_batch = 2;
+    po.recompute = recompute;
+    po.dim = c.dim;
+    PipelineParallel pipe(m, nullptr, po);
+    StepInput in;
+    in.batch = &b;
+    in.seq_len = 8;
+    in.group_samples = 6;
+    StepStats stats;
+    flat.zeroGrad();
+    ASSERT_TRUE(pipe.forwardBackward(in, stats).isOk());
+    EXPECT_EQ(stats.micro_batches, 3);
+    EXPECT_EQ(stats.tokens, 48);
+    EXPECT_NEAR(stats.ce_sum, ro.ce_sum.item<double>(), 1e-4 * std::abs(ro.ce_sum.item<double>()));
+    const auto& segs = flat.segments();
+    auto rp = ref->namedParameters();
+    for (size_t i = 0; i < segs.size(); ++i) {
+      auto got = flat.grads().narrow(0, segs[i].offset, segs[i].numel).view(segs[i].shape);
+      EXPECT_TRUE(torch::allclose(got, rp[i].second.grad(), 1e-4, 1e-6)) << segs[i].name << " recompute " << recompute;
+    }
+    double ce = 0, tokens = 0;
+    ASSERT_TRUE(pipe.evaluate(b, 8, ce, tokens).isOk());
+    EXPECT_EQ(tokens, 48);
+  }
+}
+
+TEST(MicroBatches, RangesAndAgreedCounts) {
+  using R = std::vector<std::pair<int64_t, int64_t>>;
+  EXPECT_EQ(microRanges(5, 2), (R{{0, 2}, {2, 4}, {4, 5}}));
+  EXPECT_EQ(microRanges(5, 0), (R{{0, 5}}));
+  EXPECT_EQ(microRanges(5, 2, 2), (R{{0, 2}, {2, 5}}));
+  EXPECT_TRUE(microRanges(0, 2).empty());
+  // Expert groups run the same count: ceil(largest / micro_batch), at most the smallest share.
+  EXPECT_EQ(expertMicroCount({6, 3}, 2, 1), 3);
+  EXPECT_EQ(expertMicroCount({8, 2}, 2, 1), 2);
+  EXPECT_EQ(expertMicroCount({4, 4}, 0, 1), 1);
+  EXPECT_EQ(expertMicroCount({8, 8}, 0, 2), 4);  // pipelines: 2 per stage without micro_batch
+  EXPECT_EQ(pipelineMicroCount(3, 0, 2), 3);
+}
+
+}  // namespace
+}  // namespace archipelago::runtime::parallel
