@@ -21,7 +21,8 @@
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/checkpoint.h"
-#include "archipelago/runtime/parallel_trainer.h"
+#include "archipelago/runtime/parallel/layout.h"
+#include "archipelago/runtime/parallel/pipeline.h"
 #include "archipelago/runtime/trainer.h"
 #include "runtime/runtime_test_util.h"
 

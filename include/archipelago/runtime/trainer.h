@@ -1,17 +1,22 @@
-// The data-parallel training loop of one worker (strategy: sync).
+// The training loop of one worker, for every layout (docs/runtime.md "The
+// loop"; parallelism as parts: docs/parallelism.md "Parts").
 //
-// Every step: this rank takes its share of the global batch (shares are
-// integers summing to train.global_batch, proportional to measured speed),
-// runs forward/backward with the loss scaled by (its tokens / global tokens),
-// so that summing gradients over ranks gives exactly the gradient of the
-// single-process big-batch loss; gradient buckets are summed while backward
-// still runs; then every rank clips by the same global norm and applies the
-// same AdamW update, so replicas stay identical without broadcasting weights.
+// Every step: this rank (or its pipeline) takes its share of the global
+// batch (shares are integers summing to train.global_batch, proportional to
+// measured speed), runs forward/backward with the loss scaled by (its
+// tokens / the inner group's tokens), so that summing gradients over the
+// ranks holding a tensor gives exactly the gradient of the single-process
+// big-batch loss; gradient buckets are summed while backward still runs
+// where nothing else talks during backward; then every rank clips by the
+// same global norm and applies the same AdamW update, so replicas stay
+// identical without broadcasting weights.
 //
 // With an ElasticSession (worker processes) a step interrupted by a failure
 // is rolled back to the in-memory copy taken before it and retried in the
 // next membership epoch; joiners receive the live state from a peer
-// (docs/runtime.md "Failures and elasticity").
+// (docs/runtime.md "Failures and elasticity"). Layouts that split the model
+// (pipeline stages, expert groups) restart from the newest checkpoint
+// instead (docs/parallelism.md "Failures").
 #pragma once
 
 #include <atomic>

@@ -1,0 +1,119 @@
+// The parts of this rank and the groups they talk over (docs/parallelism.md).
+#include "archipelago/core/log.h"
+#include "archipelago/runtime/elastic.h"
+#include "archipelago/runtime/parallel/micro_batches.h"
+#include "archipelago/runtime/parallel/pipeline.h"
+#include "runtime/loop/trainer.h"
+
+namespace archipelago::runtime::loop {
+
+// Pipeline / expert layouts: the same-stage ranks of the inner group share
+// the replicated tensors, those of them in one member slot the experts;
+// stage neighbours exchange activations, an expert group token rows.
+core::Status Trainer::setupSplitGroups() {
+  groups_.world = world_group_;
+  // The session's island group is the inner group's object (one group object per rank set).
+  if (elastic() && opt_.elastic->inner() && grad_ranks_ == opt_.elastic->innerRanks()) {
+    groups_.cache[grad_ranks_] = opt_.elastic->innerGroup();
+  }
+  const bool diloco = job_.strategy.kind != "sync";
+  ARCH_ASSIGN_OR_RETURN(auto codec, comm::parseCodec(job_.strategy.codec));
+  const bool hierarchical = !diloco && (job_.strategy.allreduce == "hierarchical" ||
+                                        (job_.strategy.allreduce == "auto" && job_.cluster.islands.size() > 1));
+  auto islandOf = [&](int r) { return workers_[static_cast<size_t>(r)].island_index; };
+  const int member = lay_.epMemberOf(rank_);
+  std::vector<int> stage_ranks, expert_ranks;
+  for (int r : grad_ranks_) {
+    if (lay_.stageOf(r) != stage_) continue;
+    stage_ranks.push_back(r);
+    if (lay_.epMemberOf(r) == member) expert_ranks.push_back(r);
+  }
+  if (stage_ranks.size() > 1) {
+    ARCH_ASSIGN_OR_RETURN(auto g, groups_.of(stage_ranks));
+    stage_dp_ = std::make_unique<GroupDp>(g, hierarchical, codec, 0);
+  }
+  if (pp_) {
+    if (stage_ > 0 && islandOf(rank_ - 1) != islandOf(rank_)) prev_codec_ = codec;
+    if (stage_ + 1 < lay_.stages && islandOf(rank_ + 1) != islandOf(rank_)) next_codec_ = codec;
+  }
+  if (ep_) {
+    // Member j of expert group g: stage_ of pipeline g * ep + j.
+    std::vector<int> ep_ranks;
+    const int g0 = lay_.epGroupOf(rank_) * lay_.ep;
+    for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back((g0 + j) * lay_.stages + stage_);
+    ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks));
+    ARCH_ASSIGN_OR_RETURN(auto dcodec, comm::parseCodec(job_.strategy.dispatch_codec));
+    exchange_ = std::make_shared<parallel::CommExpertExchange>(epg, lay_.expert_begin, dcodec);
+    net_->setExpertExchange(exchange_);
+    if (expert_ranks.size() > 1) {
+      ARCH_ASSIGN_OR_RETURN(auto eg, groups_.of(expert_ranks));
+      expert_dp_ = std::make_unique<GroupDp>(eg, hierarchical, codec, 0);
+    }
+  }
+  for (int r = 0; r < world_; ++r) {
+    if (lay_.stageOf(r) == stage_ && lay_.epMemberOf(r) == member) outer_ranks_.push_back(r);
+  }
+  for (int r : outer_ranks_) {
+    if (islandOf(r) == me_.island_index) {
+      outer_counts_tokens_ = r == rank_;
+      break;
+    }
+  }
+  return core::okStatus();
+}
+
+core::Status Trainer::makeParts() {
+  parallel::DataParallelOptions dopt;
+  dopt.bucket_bytes = static_cast<int64_t>(job_.strategy.bucket_bytes);
+  if (!split()) {
+    // Every rank holds everything: buckets overlap with backward (a group of
+    // more than one rank now or after a membership change to overlap with).
+    dopt.overlap = elastic() ? world_ > 1 : grad_dp_->size() > 1;
+    data_ = std::make_unique<parallel::DataParallel>(*flat_, grad_dp_, dopt);
+    auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
+    mb->onFinalBackward([this] { data_->beforeFinalBackward(); });
+    schedule_ = std::move(mb);
+    return core::okStatus();
+  }
+  // Stages and expert groups talk during backward: reductions after it. The
+  // replicated tensors count in the global norm from the inner group's first
+  // pipeline, the experts from its first expert group.
+  const int d = replica_ - lay_.replicaOf(grad_ranks_.front());
+  int first_expert_seg = -1;
+  for (size_t i = 0; ep_ && i < flat_->segments().size(); ++i) {
+    if (parallel::isExpertTensor(flat_->segments()[i].name)) {
+      first_expert_seg = static_cast<int>(i);
+      break;
+    }
+  }
+  dopt.seg_end = first_expert_seg;
+  dopt.overlap = false;
+  dopt.replicated_norm = false;
+  dopt.norm_owner = d == 0;
+  data_ = std::make_unique<parallel::DataParallel>(*flat_, stage_dp_.get(), dopt);
+  if (ep_) experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(), d < lay_.ep, exchange_);
+  const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;
+  if (!pp_) {
+    auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
+    mb->setAgreedCount(agreed);
+    schedule_ = std::move(mb);
+    return core::okStatus();
+  }
+  parallel::PipelineOptions po;
+  po.stage = stage_;
+  po.stages = lay_.stages;
+  po.rank = rank_;
+  po.micro_batch = tc_.micro_batch;
+  po.recompute = tc_.recompute;
+  po.dim = mcfg_.dim;
+  ARCH_ASSIGN_OR_RETURN(po.dtype, model::parseDtype(mcfg_.dtype));
+  po.prev_codec = prev_codec_;
+  po.next_codec = next_codec_;
+  po.slowdown = me_.slowdown;
+  auto pipe = std::make_unique<parallel::PipelineParallel>(net_, groups_.world, po);
+  pipe->setAgreedCount(agreed);
+  schedule_ = std::move(pipe);
+  return core::okStatus();
+}
+
+}  // namespace archipelago::runtime::loop

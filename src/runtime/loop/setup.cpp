@@ -1,0 +1,314 @@
+// The loop's set-up: data, model shard, optimizer, layout groups, parts,
+// strategy and outputs (docs/runtime.md "The loop").
+#include <algorithm>
+#include <filesystem>
+#include <set>
+
+#include "archipelago/core/host_memory.h"
+#include "archipelago/core/log.h"
+#include "archipelago/core/shares.h"
+#include "archipelago/model/training.h"
+#include "archipelago/plan/local_predict.h"
+#include "archipelago/runtime/calibrate.h"
+#include "archipelago/runtime/elastic.h"
+#include "runtime/loop/trainer.h"
+
+namespace archipelago::runtime::loop {
+
+namespace fs = std::filesystem;
+
+core::Result<std::shared_ptr<comm::Group>> GroupCache::of(const std::vector<int>& ranks) {
+  if (ranks == world->ranks()) return world;
+  auto it = cache.find(ranks);
+  if (it != cache.end()) return it->second;
+  ARCH_ASSIGN_OR_RETURN(auto g, world->subgroup(ranks));
+  cache[ranks] = g;
+  return g;
+}
+
+core::Status Trainer::setup() {
+  if (elastic()) {
+    rank_ = opt_.elastic->rank();
+    world_ = opt_.elastic->slots();
+  } else {
+    DpComm* dp = opt_.dp ? opt_.dp : &local_;
+    rank_ = dp->rank();
+    world_ = dp->size();
+  }
+  workers_ = workersOf(job_.cluster);
+  const bool split_job = job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1;
+  if (static_cast<int>(workers_.size()) != world_ && (world_ != 1 || split_job)) {
+    return core::invalidArgument("the cluster spec has " + std::to_string(workers_.size()) +
+                                 " workers but the communicator has " + std::to_string(world_) +
+                                 (split_job ? " (strategy.pipeline_stages / strategy.expert_parallel need one process "
+                                              "per worker of the cluster spec)"
+                                            : ""));
+  }
+  if (split_job && world_ == 1) return core::invalidArgument("pipeline / expert parallelism needs more than one worker");
+  me_ = world_ == 1 && workers_.size() != 1 ? WorkerInfo{} : workers_[static_cast<size_t>(rank_)];
+  bindComm();
+  if (split_job && world_ > 1 && !world_group_) return core::invalidArgument("the loop needs the world comm group");
+  model::setComputeThreads(tc_.threads_per_worker);
+  core::holdFreedMemory();
+  ARCH_RETURN_IF_ERROR(setupData());
+  ARCH_RETURN_IF_ERROR(setupModel());
+  ARCH_RETURN_IF_ERROR(setupOptimizer());
+  if (split()) ARCH_RETURN_IF_ERROR(setupSplitGroups());
+  ARCH_RETURN_IF_ERROR(makeParts());
+  if (opt_.resume && has_state_) ARCH_RETURN_IF_ERROR(resumeFromCheckpoint());
+  setupOutputs();
+  return setupStrategy();
+}
+
+core::Status Trainer::setupData() {
+  ARCH_ASSIGN_OR_RETURN(ds_, data::PreparedDataset::open(job_.data.dir));
+  if (job_.model.vocab_size == 0) job_.model.vocab_size = ds_->vocabSize();
+  if (job_.model.vocab_size < ds_->vocabSize()) {
+    return core::invalidArgument("model.vocab_size is " + std::to_string(job_.model.vocab_size) +
+                                 " but the data in '" + job_.data.dir + "' uses " + std::to_string(ds_->vocabSize()) +
+                                 " token ids; set model.vocab_size: 0 to take it from the data");
+  }
+  T_ = job_.data.seq_len;
+  ARCH_ASSIGN_OR_RETURN(auto ts, ds_->trainSampler(static_cast<uint64_t>(job_.data.seed), T_));
+  train_sampler_.emplace(std::move(ts));
+  if (tc_.eval_every > 0) {
+    auto vs = ds_->valSampler(T_);
+    if (vs.isOk()) val_sampler_.emplace(std::move(vs).value());
+    else if (rank_ == 0) ARCH_LOG_WARN("no validation: {}", vs.status().message());
+  }
+  return core::okStatus();
+}
+
+// The layout, this rank's shard of the model, and its flat buffers (expert
+// tensors last, so the replicated ones are one contiguous range).
+core::Status Trainer::setupModel() {
+  ARCH_ASSIGN_OR_RETURN(mcfg_, model::resolveModelConfig(job_.model));
+  lay_.world = world_;
+  lay_.replicas = world_;
+  if (job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1) {
+    ARCH_ASSIGN_OR_RETURN(lay_, parallel::parallelLayout(job_));
+  }
+  pp_ = lay_.stages > 1;
+  ep_ = lay_.ep > 1;
+  stage_ = lay_.stageOf(rank_);
+  replica_ = lay_.replicaOf(rank_);
+  share_index_ = replica_;
+  model::ModelShard shard;
+  if (pp_) {
+    shard.layer_begin = lay_.layerBegin(stage_);
+    shard.layer_end = shard.layer_begin + lay_.stage_layers[static_cast<size_t>(stage_)];
+  }
+  if (ep_) {
+    const auto member = static_cast<size_t>(lay_.epMemberOf(rank_));
+    shard.expert_begin = lay_.expert_begin[member];
+    shard.expert_end = lay_.expert_begin[member + 1];
+  }
+  ARCH_ASSIGN_OR_RETURN(net_, model::buildModel(mcfg_, static_cast<uint64_t>(tc_.seed), shard));
+  auto named = net_->namedParameters();
+  if (ep_) std::stable_partition(named.begin(), named.end(), [](const auto& p) { return !parallel::isExpertTensor(p.first); });
+  flat_.emplace(FlatParams::bind(named));
+  n_dense_ = flat_->numel();
+  for (const auto& seg : flat_->segments()) {
+    if (ep_ && parallel::isExpertTensor(seg.name)) {
+      n_dense_ = seg.offset;
+      break;
+    }
+  }
+  std::set<std::string> params;
+  for (const auto& seg : flat_->segments()) params.insert(seg.name);
+  for (auto& [name, t] : net_->namedTensors()) {
+    if (!params.count(name)) buffers_.push_back({name, t});
+  }
+  return core::okStatus();
+}
+
+// AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1,
+// plain data parallelism only), and the initial batch shares.
+core::Status Trainer::setupOptimizer() {
+  shard_begin_ = 0;
+  shard_end_ = flat_->numel();
+  if (tc_.shard_optimizer && world_ > 1 && split()) {
+    if (rank_ == 0) ARCH_LOG_WARN("train.shard_optimizer is ignored with pipeline / expert parallelism");
+  } else if (tc_.shard_optimizer && world_ > 1 && opt_.inner) {
+    ARCH_LOG_WARN("train.shard_optimizer is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
+  } else if (tc_.shard_optimizer && world_ > 1) {
+    if (elastic()) {
+      ARCH_LOG_WARN("train.shard_optimizer: optimizer shards cannot survive a lost worker; a failure restarts the job "
+                    "from its newest checkpoint instead of continuing elastically");
+    }
+    for (int r = 0; r <= world_; ++r) shard_offsets_.push_back(flat_->numel() * r / world_);
+    shard_begin_ = shard_offsets_[static_cast<size_t>(rank_)];
+    shard_end_ = shard_offsets_[static_cast<size_t>(rank_) + 1];
+  }
+  adam_ = std::make_unique<FlatAdamW>(tc_, shard_begin_, shard_end_);
+  ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
+  return core::okStatus();
+}
+
+// Shares per slot (a rank, or a pipeline: its ranks' weights summed) in
+// proportion to train.shares or the devices' speed; dead slots get 0.
+core::Result<std::vector<int64_t>> Trainer::initialShares() const {
+  if (world_ == 1) return std::vector<int64_t>{tc_.global_batch};
+  std::vector<double> w;
+  std::vector<int> members;
+  for (int d = 0; d < lay_.replicas; ++d) {
+    double x = 0;
+    bool any = false;
+    for (int r = d * lay_.stages; r < (d + 1) * lay_.stages; ++r) {
+      if (!std::binary_search(alive_.begin(), alive_.end(), r)) continue;
+      any = true;
+      x += tc_.shares.empty() ? 1.0 / workers_[static_cast<size_t>(r)].slowdown : tc_.shares[static_cast<size_t>(r)];
+    }
+    if (!any) continue;
+    w.push_back(x);
+    members.push_back(d);
+  }
+  ARCH_ASSIGN_OR_RETURN(auto sh, core::sharesFromWeights(w, tc_.global_batch));
+  std::vector<int64_t> out(static_cast<size_t>(lay_.replicas), 0);
+  for (size_t i = 0; i < members.size(); ++i) out[static_cast<size_t>(members[i])] = sh[i];
+  return out;
+}
+
+void Trainer::bindComm() {
+  if (elastic()) {
+    ElasticSession& e = *opt_.elastic;
+    dp_ = e.dp();
+    grad_dp_ = e.inner() ? static_cast<DpComm*>(e.inner()) : dp_;
+    world_group_ = e.worldGroup();
+    alive_ = e.alive();
+    grad_ranks_ = e.inner() ? e.innerRanks() : alive_;
+  } else {
+    dp_ = opt_.dp ? opt_.dp : &local_;
+    grad_dp_ = opt_.inner ? opt_.inner : dp_;
+    world_group_ = opt_.world_group;
+    alive_.clear();
+    for (int r = 0; r < dp_->size(); ++r) alive_.push_back(r);
+    grad_ranks_ = opt_.inner_ranks.empty() ? alive_ : opt_.inner_ranks;
+  }
+  if (data_ && !split()) data_->bind(grad_dp_);  // split layouts reduce over their stage group
+}
+
+core::Status Trainer::setupStrategy() {
+  if (job_.strategy.kind != "sync") {
+    const auto& s = job_.strategy;
+    exact_outer_ = !(s.kind == "streaming" && s.overlap_steps > 0);
+    std::vector<int64_t> offsets;
+    for (const auto& seg : flat_->segments()) offsets.push_back(seg.offset);
+    auto fr = fragmentSchedule(flat_->numel(), s.kind == "streaming" ? s.fragments : 1, s.inner_steps, offsets);
+    if (fr.isOk()) outer_frags_ = *fr;
+    if (!has_state_) {
+      // A joiner's outer sync is built after the state arrived.
+    } else if (split()) {
+      ARCH_RETURN_IF_ERROR(makeOuter(resume_outer_tensors_.empty() ? nullptr : &resume_outer_tensors_,
+                                     resume_outer_tensors_.empty() ? nullptr : &resume_outer_json_));
+    } else if (opt_.resume) {
+      ARCH_ASSIGN_OR_RETURN(auto latest, latestValidCheckpoint(opt_.run_dir));
+      ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(latest));
+      ARCH_RETURN_IF_ERROR(applyRankParts(latest, ck));
+      NamedTensors outer_tensors;
+      for (const auto& [name, t] : ck.optimizer) {
+        if (name.rfind("outer.", 0) == 0) outer_tensors.push_back({name.substr(6), t});
+      }
+      nlohmann::json st = ck.extra.value("outer", nlohmann::json());
+      ARCH_RETURN_IF_ERROR(makeOuter(&outer_tensors, &st));
+    } else {
+      ARCH_RETURN_IF_ERROR(makeOuter(nullptr, nullptr));
+    }
+  }
+  // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step
+  // boundaries only (the speed allgather crosses the straits). Split
+  // layouts keep the shares derived from speed.
+  const int64_t interval = split() ? 0 : core::rebalanceInterval(tc_.rebalance, world_, outer_ != nullptr, job_.strategy.inner_steps);
+  if (split() && tc_.rebalance && rank_ == 0) {
+    ARCH_LOG_INFO("train.rebalance is not applied with pipeline/expert parallelism: shares stay as derived from speed");
+  }
+  rebalancer_ = std::make_unique<Rebalancer>(interval, outer_ != nullptr);
+  return core::okStatus();
+}
+
+void Trainer::setupOutputs() {
+  trace_.setProcess(rank_, "rank " + std::to_string(rank_) + " (" + me_.island + ", " + me_.device +
+                               (pp_ ? ", stage " + std::to_string(stage_) : "") + ")");
+  if (opt_.write_metrics) {
+    std::error_code ec;
+    fs::create_directories(fs::path(opt_.run_dir) / "trace", ec);
+    const core::Status st = metrics_.open((fs::path(opt_.run_dir) / "metrics.jsonl").string());
+    if (!st.isOk()) ARCH_LOG_WARN("metrics: {}", st.message());
+  }
+  job_yaml_ = core::dumpJobYaml(job_);
+  integrity_every_ = job_.checkpoint.every > 0 ? job_.checkpoint.every : 50;
+  corrupt_hook_ = corruptParamsHook();
+  if (elastic() && !split()) {
+    commit_.params = torch::empty_like(flat_->params());
+    commit_.m = torch::empty_like(adam_->expAvg());
+    commit_.v = torch::empty_like(adam_->expAvgSq());
+    for (auto& [name, t] : buffers_) commit_.buffers.push_back(torch::empty_like(t));
+  }
+}
+
+core::Status Trainer::makeOuter(const NamedTensors* tensors, const nlohmann::json* state) {
+  outer_.reset();
+  OuterContext ctx;
+  ctx.job = &job_;
+  ctx.rank = rank_;
+  ctx.world = world_;
+  for (const auto& w : workers_) ctx.island_of_rank.push_back(w.island_index);
+  // Split layouts: the ranks holding this rank's tensors, in every island
+  // (the outer sync builds its island and cross-island groups from them).
+  if (!split()) ctx.world_group = world_group_;
+  else if (outer_ranks_.size() > 1) {
+    ARCH_ASSIGN_OR_RETURN(ctx.world_group, groups_.of(outer_ranks_));
+  }
+  ctx.metrics = opt_.write_metrics && metrics_.isOpen() ? &metrics_ : nullptr;
+  ctx.run_dir = opt_.run_dir;
+  for (const auto& seg : flat_->segments()) ctx.segment_offsets.push_back(seg.offset);
+  ARCH_ASSIGN_OR_RETURN(outer_, makeOuterSync(ctx, flat_->params()));
+  if (tensors && state) ARCH_RETURN_IF_ERROR(outer_->restore(*tensors, *state));
+  return core::okStatus();
+}
+
+void Trainer::predict() {
+  // Rank 0 at the start of a job only (a joiner must not keep the others
+  // waiting); the local replay models data-parallel layouts only.
+  if (rank_ != 0 || !has_state_ || split() || (elastic() && opt_.elastic->joined())) return;
+  const int64_t rows = std::max<int64_t>(1, *std::max_element(shares_.begin(), shares_.end())) * T_;
+  const std::string kind = me_.device.empty() ? "cpu" : me_.device;
+  auto profile = calibrateLocalMatmuls(job_.model, rows, kind);
+  {
+    // The job's own model parts at the smallest and largest micro-batch the workers run.
+    std::vector<int64_t> sizes;
+    for (int64_t s : shares_) sizes.push_back(job_.train.micro_batch > 0 ? std::min(job_.train.micro_batch, s) : s);
+    const auto [lo, hi] = std::minmax_element(sizes.begin(), sizes.end());
+    const core::Status st = calibrateLocalModel(job_, {*lo, *hi == *lo ? std::max<int64_t>(1, *hi / 2) : *hi}, kind, profile);
+    if (!st.isOk()) ARCH_LOG_WARN("model calibration: {}", st.message());
+  }
+  if (elastic()) {
+    // Every worker's per-step commit (the rollback copy, before its compute);
+    // the loop commits this same state again before the first step.
+    std::vector<double> t;
+    for (int i = 0; i < 5; ++i) {
+      const auto w0 = core::Clock::now();
+      const double c0 = cpuSeconds(CLOCK_THREAD_CPUTIME_ID);
+      commit();
+      t.push_back(tc_.threads_per_worker == 1 ? cpuSeconds(CLOCK_THREAD_CPUTIME_ID) - c0 : core::secondsSince(w0));
+    }
+    std::sort(t.begin(), t.end());
+    profile.device(kind).step_overhead_s = t[t.size() / 2];
+  }
+  (void)profile.save((fs::path(opt_.run_dir) / "calibration.json").string());
+  auto catalog = plan::DeviceCatalog::builtin();
+  auto pred = catalog.isOk() ? plan::predictStepTime(job_, job_.model.vocab_size, *catalog, &profile)
+                             : core::Result<plan::StepPrediction>(catalog.status());
+  if (pred.isOk()) {
+    predicted_step_s_ = pred->total_s;
+    ARCH_LOG_INFO("planner prediction: {:.3f}s/step ({})", pred->total_s, pred->detail);
+    if (opt_.write_metrics) {
+      metrics_.write({{"kind", "prediction"}, {"predicted_step_s", pred->total_s}, {"compute_s", pred->compute_s},
+                      {"comm_s", pred->comm_s}, {"detail", pred->detail}});
+    }
+  } else {
+    ARCH_LOG_WARN("no planner prediction: {}", pred.status().message());
+  }
+}
+
+}  // namespace archipelago::runtime::loop

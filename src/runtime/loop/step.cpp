@@ -1,0 +1,188 @@
+// One training step of the loop: the schedule part's forward/backward, the
+// reductions, the global norm and the optimizer, the outer sync, the
+// control values every rank must agree on, metrics, and what is due at the
+// step's boundary (replica check, evaluation, checkpoint).
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "archipelago/core/clock.h"
+#include "archipelago/core/log.h"
+#include "archipelago/core/shares.h"
+#include "archipelago/runtime/elastic.h"
+#include "archipelago/runtime/parallel/pipeline.h"
+#include "runtime/loop/trainer.h"
+
+namespace archipelago::runtime::loop {
+
+double Trainer::groupSamples() const {
+  // The inner group's pipelines' shares (a rank is a pipeline of one stage).
+  std::set<int> seen;
+  int64_t n = 0;
+  for (int r : grad_ranks_) {
+    const int d = lay_.replicaOf(r);
+    if (seen.insert(d).second && static_cast<size_t>(d) < shares_.size()) n += shares_[static_cast<size_t>(d)];
+  }
+  return static_cast<double>(n);
+}
+
+core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples, parallel::StepStats& stats) {
+  parallel::StepInput in;
+  in.batch = &batch;
+  in.seq_len = T_;
+  in.group_samples = group_samples;
+  in.trace = &trace_;
+  return parallel::guardStep("step " + std::to_string(step_ + 1), [&] { return schedule_->forwardBackward(in, stats); },
+                             exchange_ ? &exchange_->failure() : nullptr);
+}
+
+core::Status Trainer::trainStep() {
+  const auto step_t0 = core::Clock::now();
+  const double cpu0 = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID);
+  const int64_t faults0 = minorFaults();
+  const int64_t step = step_;
+  double comm_s = 0, data_s = 0, optimizer_s = 0;
+
+  flat_->zeroGrad();
+  data::Batch batch;
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kData, "batch", &data_s);
+    batch = train_sampler_->nextBatch(shares_, share_index_);
+  }
+  parallel::StepStats stats;
+  ARCH_RETURN_IF_ERROR(runSchedule(batch, groupSamples(), stats));
+  double grad_norm = 0;
+  ARCH_RETURN_IF_ERROR(reduceAndStep(step, stats, comm_s, optimizer_s, grad_norm));
+  double ctrl[5] = {0, 0, 0, 0, 0};
+  ARCH_RETURN_IF_ERROR(controlValues(step, stats, ctrl, comm_s));
+  const double loss = ctrl[1] > 0 ? ctrl[0] / ctrl[1] : 0.0;
+  ++step_;
+  summary_.losses.push_back(loss);
+
+  // The first steps after a start or a membership change are not a speed:
+  // a fresh process's heap is still growing (measured: a worker's second
+  // step took 2x the CPU time of its fourth). Counted, they moved shares
+  // of two equal workers from 8/8 to 9/7 for up to 20 steps.
+  if (batch.n > 0 && step_ > warm_from_ + core::kRebalanceWarmupSteps) rebalancer_->observe(stats.compute_s, batch.n);
+  const std::vector<int64_t> old_shares = shares_;
+  ARCH_RETURN_IF_ERROR(rebalance());
+  const double step_s = core::secondsSince(step_t0);
+  ARCH_RETURN_IF_ERROR(afterStep(stats, batch, loss, learningRate(tc_, step), grad_norm, old_shares, step_s, cpu0,
+                                 faults0, comm_s, data_s, optimizer_s));
+  epoch_pending_ = ctrl[3] > 0;
+  stop_now_ = ctrl[4] > 0;
+  return boundaries(step_ == tc_.steps || stop_now_);
+}
+
+// Gradients summed by the parts, the global norm, clipping, AdamW on this
+// rank's range, and (ZeRO-1) the updated parameters gathered.
+core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, double& comm_s, double& optimizer_s,
+                                    double& grad_norm) {
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
+    ARCH_RETURN_IF_ERROR(data_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+    if (experts_) ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+  }
+  ARCH_RETURN_IF_ERROR(routerBias());
+  // Each distinct gradient counted once: a replicated part's norm is local,
+  // split parts' shares are summed over the inner group.
+  const parallel::NormShare dense = data_->gradNormSquared();
+  double sq = dense.sum_sq + (experts_ ? experts_->gradNormSquared().sum_sq : 0.0);
+  if (!dense.replicated || experts_) {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient norm allreduce", &comm_s);
+    ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(&sq, 1)));
+  }
+  grad_norm = std::sqrt(sq);
+  const double lr = learningRate(tc_, step);
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer", &optimizer_s);
+    torch::NoGradGuard ng;
+    if (tc_.grad_clip > 0 && grad_norm > tc_.grad_clip) flat_->grads().mul_(tc_.grad_clip / (grad_norm + 1e-6));
+    auto p = flat_->params().narrow(0, shard_begin_, shard_end_ - shard_begin_);
+    adam_->step(p, flat_->grads().narrow(0, shard_begin_, shard_end_ - shard_begin_),
+                flat_->decayMask().narrow(0, shard_begin_, shard_end_ - shard_begin_), lr);
+  }
+  if (!shard_offsets_.empty()) {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "parameter allgather", &comm_s);
+    ARCH_RETURN_IF_ERROR(dp_->allgatherSlices(
+        std::span<float>(flat_->params().data_ptr<float>(), static_cast<size_t>(flat_->numel())), shard_offsets_));
+  }
+  return core::okStatus();
+}
+
+// Router-bias balancing with the load of every rank that shares the router
+// (the replicated tensors' group).
+core::Status Trainer::routerBias() {
+  if (mcfg_.moe.num_experts <= 0 || mcfg_.moe.balance != "router_bias") return core::okStatus();
+  torch::Tensor load = net_->routerLoad().to(torch::kFloat64).contiguous();
+  if (load.numel() == 0) return core::okStatus();
+  DpComm* g = split() ? stage_dp_.get() : grad_dp_;
+  if (g) ARCH_RETURN_IF_ERROR(g->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
+  net_->updateRouterBias(load.to(torch::kInt64));
+  return core::okStatus();
+}
+
+// Control values: loss, tokens, aux, "a newer epoch is published", stop
+// request. They cross the straits only where the world must agree: every
+// step for sync; for DiLoCo/streaming at outer-step boundaries (every
+// inner_steps) and at the end, so the strait is not crossed every inner
+// step. In between the loss is the island's, a stop request waits for the
+// boundary, and a new epoch is entered island by island. Without
+// elasticity the boundary's values of a data-parallel layout ride along
+// with the outer exchange (fragment 0 is due there) instead of an allreduce
+// of their own: DiLoCo gets them in the same step, streaming overlap_steps
+// later. (A split layout's outer groups hold one stage each: not the world.)
+core::Status Trainer::controlValues(int64_t step, const parallel::StepStats& stats, double (&ctrl)[5], double& comm_s) {
+  const bool want_stop = opt_.stop && opt_.stop->load();
+  const bool pending = elastic() && opt_.elastic->newEpochPending();
+  ctrl[0] = stats.ce_sum;
+  ctrl[1] = static_cast<double>(stats.tokens);
+  ctrl[2] = stats.aux_sum;
+  ctrl[3] = pending ? 1.0 : 0.0;
+  ctrl[4] = want_stop ? 1.0 : 0.0;
+  const bool outer_boundary = outer_ && (step + 1) % job_.strategy.inner_steps == 0;
+  const bool carried = outer_boundary && !elastic() && !split() && step + 1 < tc_.steps;
+  if (carried) {
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "control allreduce", &comm_s);
+    ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(ctrl, 5)));
+    outer_->attachControl(std::span<const double>(ctrl, 5));
+    ctrl[4] = 0;  // the island's; the world's arrives with the outer result
+  }
+  if (outer_) {
+    // Split layouts: the island's tokens, reported once per island in every outer group.
+    const int64_t tokens = !split() ? stats.tokens
+                                    : (outer_counts_tokens_ ? static_cast<int64_t>(groupSamples()) * T_ : 0);
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "outer sync", &comm_s);
+    ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step + 1, flat_->params(), tokens).withContext("outer sync"));
+  }
+  ScopedSpan span(&trace_, TraceRecorder::kComm, "control allreduce", &comm_s);
+  const bool world_boundary = !outer_ || outer_boundary || step + 1 == tc_.steps;
+  if (carried) {
+    // island sums above
+  } else if (world_boundary) {
+    ARCH_RETURN_IF_ERROR(dp_->allreduceSum(std::span<double>(ctrl, 5)));
+  } else {
+    ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(ctrl, elastic() ? 4 : 3)));
+    ctrl[4] = 0;
+  }
+  if (auto c = outer_ ? outer_->takeControl() : std::nullopt; c && c->sums.size() == 5) {
+    ctrl[4] = c->sums[4];  // every rank takes it at the same step
+    if (c->sent_step == step + 1) std::copy(c->sums.begin(), c->sums.begin() + 3, ctrl);  // the world's loss of this step
+  }
+  return core::okStatus();
+}
+
+core::Status Trainer::rebalance() {
+  if (!rebalancer_->due(step_)) return core::okStatus();
+  const std::vector<int64_t> old_shares = shares_;
+  ARCH_ASSIGN_OR_RETURN(auto ns, rebalancer_->shares(dp_, tc_.global_batch, alive_, world_, shares_));
+  if (ns == shares_) return core::okStatus();
+  shares_ = ns;
+  if (amWriter() && opt_.write_metrics) {
+    metrics_.write({{"kind", "event"}, {"event", "rebalance"}, {"step", step_},
+                    {"detail", fmt::format("shares [{}] -> [{}]", fmt::join(old_shares, ","), fmt::join(shares_, ","))}});
+  }
+  return core::okStatus();
+}
+
+}  // namespace archipelago::runtime::loop

@@ -1,0 +1,198 @@
+// The end of a step: step records (and pipeline / MoE records), the
+// recovery event, test hooks, and what is due at the step's boundary:
+// replica check, the last outer sync, evaluation, checkpoint.
+#include <algorithm>
+#include <cmath>
+
+#include "archipelago/core/log.h"
+#include "archipelago/model/layers.h"
+#include "archipelago/runtime/elastic.h"
+#include "archipelago/runtime/parallel/pipeline.h"
+#include "runtime/loop/trainer.h"
+
+namespace archipelago::runtime::loop {
+
+core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Batch& batch, double loss, double lr,
+                                double grad_norm, const std::vector<int64_t>& old_shares, double step_s, double cpu0,
+                                int64_t faults0, double comm_s, double data_s, double optimizer_s) {
+  if (step_ > start_step_ + 1 && !first_step_after_change_) {  // warm-up and recovery steps are not typical
+    step_time_sum_ += step_s;
+    ++steps_timed_;
+  }
+  if (opt_.write_metrics && (step_ % tc_.log_every == 0 || step_ == tc_.steps || first_step_after_change_)) {
+    const int64_t tokens = stats.tokens;
+    nlohmann::json rec{{"kind", "step"}, {"step", step_}, {"rank", rank_}, {"island", me_.island},
+                       {"epoch", elastic() ? opt_.elastic->epoch() : 0},
+                       {"loss", loss}, {"local_loss", tokens ? stats.ce_sum / static_cast<double>(tokens) : 0.0},
+                       {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", stats.compute_s},
+                       {"comm_s", comm_s}, {"wait_s", stats.wait_s}, {"data_s", data_s}, {"optimizer_s", optimizer_s},
+                       {"step_s", step_s}, {"compute_cpu_s", stats.compute_cpu_s},
+                       {"cpu_s", cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - cpu0}, {"minor_faults", minorFaults() - faults0},
+                       {"tokens_per_s", static_cast<double>(batch.n * T_) / step_s}, {"grad_norm", grad_norm},
+                       {"slowdown", me_.slowdown}, {"share", old_shares[static_cast<size_t>(share_index_)]},
+                       {"commit_s", commit_s_}, {"micro_batches", stats.micro_batches}};
+    if (pp_) rec["stage"] = stage_;
+    metrics_.write(std::move(rec));
+    if (split()) ARCH_RETURN_IF_ERROR(writeSplitMetrics(stats));
+    else writeMoeMetrics();
+  }
+  if (first_step_after_change_) {
+    first_step_after_change_ = false;
+    if (failure_at_ > 0 && amWriter()) {
+      event("recovered", {{"detail", fmt::format("first step completed {:.2f} s after the failure in step {}",
+                                                 wallSeconds() - failure_at_, failed_step_ + 1)},
+                          {"recovery_s", wallSeconds() - failure_at_}});
+    }
+    failure_at_ = 0;
+  }
+  // Test hook: a silent divergence of one replica.
+  if (corrupt_hook_.first == rank_ && corrupt_hook_.second == step_) {
+    torch::NoGradGuard ng;
+    flat_->params().narrow(0, 0, std::min<int64_t>(64, flat_->numel())).add_(1e-2);
+    ARCH_LOG_WARN("test hook: perturbed this replica's parameters after step {}", step_);
+  }
+  return core::okStatus();
+}
+
+// Every rank holds every MoE layer: rank 0's own routing statistics.
+void Trainer::writeMoeMetrics() {
+  if (rank_ != 0 || mcfg_.moe.num_experts <= 0) return;
+  for (const auto& st : net_->moeStats()) {
+    metrics_.write({{"kind", "moe"}, {"step", step_}, {"rank", rank_}, {"layer", st.layer},
+                    {"tokens_per_expert", st.tokens_per_expert}, {"dropped", st.dropped},
+                    {"capacity", st.capacity}, {"aux_loss", st.aux_loss}});
+  }
+}
+
+// Split layouts (collective over the inner group, every rank calls it):
+// per-stage busy time and bubble from every rank's schedule window, and the
+// routing statistics summed over every rank's tokens (each MoE layer is
+// seen by the ranks of one stage only; the others add zeros).
+core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
+  if (pp_) {
+    std::vector<double> timing(grad_ranks_.size() * 3, 0.0);
+    double mine[3] = {static_cast<double>(stats.sched_begin_us), static_cast<double>(stats.sched_end_us), stats.compute_s};
+    ARCH_RETURN_IF_ERROR(grad_dp_->allgather(mine, timing));
+    const int pipes = static_cast<int>(grad_ranks_.size()) / lay_.stages;
+    if (rank_ == 0) {
+      // Per pipeline: window = first start .. last end over its stages;
+      // bubble = 1 - busy_s / window. Averaged over pipelines per stage.
+      std::vector<double> busy(static_cast<size_t>(lay_.stages), 0.0), bubble(static_cast<size_t>(lay_.stages), 0.0);
+      double window_mean = 0;
+      for (int d = 0; d < pipes; ++d) {
+        double lo = 1e300, hi = 0;
+        for (int s = 0; s < lay_.stages; ++s) {
+          const size_t r = static_cast<size_t>(d * lay_.stages + s);
+          lo = std::min(lo, timing[r * 3]);
+          hi = std::max(hi, timing[r * 3 + 1]);
+        }
+        const double window = std::max(1e-9, (hi - lo) * 1e-6);
+        window_mean += window / pipes;
+        for (int s = 0; s < lay_.stages; ++s) {
+          const double b = timing[static_cast<size_t>(d * lay_.stages + s) * 3 + 2];
+          busy[static_cast<size_t>(s)] += b / pipes;
+          bubble[static_cast<size_t>(s)] += std::max(0.0, 1.0 - b / window) / pipes;
+        }
+      }
+      double mean = 0;
+      for (double b : bubble) mean += b / lay_.stages;
+      metrics_.write({{"kind", "pipeline"}, {"step", step_}, {"stages", lay_.stages}, {"micro_batches", stats.micro_batches},
+                      {"stage_layers", lay_.stage_layers}, {"busy_s", busy}, {"bubble", bubble},
+                      {"bubble_mean", mean}, {"window_s", window_mean},
+                      {"bubble_1f1b_theory", parallel::oneFOneBBubble(lay_.stages, stats.micro_batches)}});
+    }
+  }
+  if (mcfg_.moe.num_experts <= 0) return core::okStatus();
+  const int64_t E = mcfg_.moe.num_experts;
+  std::vector<int64_t> moe_layers;
+  for (int64_t l = 0; l < mcfg_.n_layers; ++l) {
+    if (model::isMoeLayer(mcfg_, l)) moe_layers.push_back(l);
+  }
+  const size_t width = static_cast<size_t>(2 * E + 1);
+  std::vector<double> st(moe_layers.size() * width, 0.0);
+  for (const auto& s : net_->moeStats()) {
+    const size_t k = static_cast<size_t>(std::find(moe_layers.begin(), moe_layers.end(), s.layer) - moe_layers.begin());
+    double* row = st.data() + k * width;
+    for (int64_t e = 0; e < E && e < static_cast<int64_t>(s.tokens_per_expert.size()); ++e) {
+      row[e] = static_cast<double>(s.tokens_per_expert[static_cast<size_t>(e)]);
+      row[E + e] = static_cast<double>(s.dropped_per_expert.empty() ? 0 : s.dropped_per_expert[static_cast<size_t>(e)]);
+    }
+    row[2 * E] = static_cast<double>(s.capacity);
+  }
+  ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(st));
+  if (rank_ != 0) return core::okStatus();
+  for (size_t k = 0; k < moe_layers.size(); ++k) {
+    const double* row = st.data() + k * width;
+    std::vector<int64_t> tpe, dpe;
+    int64_t dropped = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      tpe.push_back(static_cast<int64_t>(row[e]));
+      dpe.push_back(static_cast<int64_t>(row[E + e]));
+      dropped += dpe.back();
+    }
+    metrics_.write({{"kind", "moe"}, {"step", step_}, {"rank", rank_}, {"layer", moe_layers[k]},
+                    {"tokens_per_expert", tpe}, {"dropped_per_expert", dpe}, {"dropped", dropped},
+                    {"capacity_sum", static_cast<int64_t>(row[2 * E])}, {"expert_parallel", lay_.ep},
+                    {"dispatch_bytes", exchange_ ? exchange_->bytesSent() : 0}});
+  }
+  return core::okStatus();
+}
+
+core::Status Trainer::boundaries(bool at_end) {
+  const bool periodic = job_.checkpoint.every > 0 && step_ % job_.checkpoint.every == 0;
+  const bool world_boundary = !outer_ || step_ % job_.strategy.inner_steps == 0 || at_end;
+  if (elastic() && !split() && world_boundary && (step_ % integrity_every_ == 0 || at_end)) {
+    ARCH_RETURN_IF_ERROR(checkIntegrity());
+  }
+  // Replicas must be identical (outer syncs complete) before the final evaluation.
+  if (outer_ && at_end) ARCH_RETURN_IF_ERROR(outer_->finish(step_, flat_->params()).withContext("outer sync"));
+  if (tc_.eval_every > 0 && (step_ % tc_.eval_every == 0 || at_end)) {
+    ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
+    ARCH_ASSIGN_OR_RETURN(double vl, evaluate());
+    summary_.final_val_loss = vl;
+    if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write({{"kind", "eval"}, {"step", step_}, {"val_loss", vl}});
+  }
+  if (periodic || (at_end && job_.checkpoint.at_exit)) ARCH_RETURN_IF_ERROR(writeCheckpoint(at_end));
+  if (opt_.exit_after_step >= 0 && step_ == opt_.exit_after_step) {
+    // Test hook (a crash). A drain failure is what the test looks for: the
+    // checkpoint before it must be the one resumed.
+    if (ckpt_) {
+      const core::Status st = ckpt_->drain();
+      if (!st.isOk()) ARCH_LOG_WARN("checkpoint before the test exit: {}", st.message());
+    }
+    if (split()) {
+      // Everybody leaves together once the writer's checkpoint is on disk
+      // (the launcher stops the rest soon after the first worker exits).
+      double sync[1] = {0};
+      const core::Status st = dp_->allreduceSum(sync);
+      if (!st.isOk()) ARCH_LOG_WARN("test exit barrier: {}", st.message());
+    }
+    ARCH_LOG_WARN("test hook: exiting abruptly after step {}", step_);
+    std::_Exit(3);
+  }
+  return core::okStatus();
+}
+
+core::Result<double> Trainer::evaluate() {
+  if (!val_sampler_) return -1.0;
+  double acc[2] = {0, 0};
+  for (int64_t i = 0; i < tc_.eval_batches; ++i) {
+    auto b = val_sampler_->batchAt(i * tc_.global_batch, shares_, share_index_);
+    ARCH_RETURN_IF_ERROR(parallel::guardStep("evaluation", [&] { return schedule_->evaluate(b, T_, acc[0], acc[1]); },
+                                             exchange_ ? &exchange_->failure() : nullptr));
+  }
+  ARCH_RETURN_IF_ERROR(dp_->allreduceSum(acc));
+  return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
+}
+
+void Trainer::event(const std::string& name, nlohmann::json fields) {
+  if (!opt_.write_metrics) return;
+  fields["kind"] = "event";
+  fields["event"] = name;
+  if (!fields.contains("step")) fields["step"] = step_;
+  if (!fields.contains("rank")) fields["rank"] = rank_;
+  if (elastic() && !fields.contains("epoch")) fields["epoch"] = opt_.elastic->epoch();
+  metrics_.write(std::move(fields));
+}
+
+}  // namespace archipelago::runtime::loop

@@ -1,0 +1,261 @@
+// The one training loop (docs/runtime.md "The loop"): internal to the
+// runtime; the public entry point is runTrainer (runtime/trainer.h).
+//
+// One Trainer per worker process owns the data, the model shard, the flat
+// parameters and the optimizer, metrics, evaluation, checkpoints, the outer
+// sync (DiLoCo / streaming) and elasticity. Parallelism comes as parts
+// (runtime/parallel/part.h): a schedule (micro-batches, or 1F1B pipeline
+// stages) runs forward/backward, data-parallel and expert parts reduce the
+// gradients of the tensors they cover and contribute to the global norm.
+//
+// State that must be identical on every replica: flat parameters (+ model
+// buffers), optimizer state, step, sampler position, outer-sync state. With
+// an ElasticSession the loop also keeps the last committed step's copy of
+// that state in memory, so a step that a failure interrupts is abandoned
+// and retried in the next epoch. Layouts that split the model (pipeline
+// stages, expert groups) cannot shrink: a failure there stops the worker
+// for a restart from the newest checkpoint (docs/parallelism.md "Failures").
+#pragma once
+
+#include <time.h>
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "archipelago/core/clock.h"
+#include "archipelago/core/hash.h"
+#include "archipelago/data/dataset.h"
+#include "archipelago/model/transformer.h"
+#include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/dp_comm_group.h"
+#include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/metrics.h"
+#include "archipelago/runtime/outer_sync.h"
+#include "archipelago/runtime/parallel/data_parallel.h"
+#include "archipelago/runtime/parallel/expert.h"
+#include "archipelago/runtime/parallel/layout.h"
+#include "archipelago/runtime/parallel/part.h"
+#include "archipelago/runtime/trainer.h"
+#include "runtime/loop/rebalancer.h"
+
+namespace archipelago::runtime::loop {
+
+// CPU seconds of this thread or process (CLOCK_THREAD_CPUTIME_ID /
+// CLOCK_PROCESS_CPUTIME_ID): with the wall time, how much of a phase ran
+// and how much waited for a core (metrics; the local step prediction).
+double cpuSeconds(clockid_t clock);
+// Minor page faults of this process so far (a fresh page touched: a
+// growing heap, or memory the allocator returned and takes back).
+int64_t minorFaults();
+double wallSeconds();
+void hashTensor(core::Sha256& h, const torch::Tensor& t);
+// Test hook of the integrity tests: ARCHIPELAGO_TEST_CORRUPT_PARAMS=RANK:STEP
+// perturbs that rank's parameters right after that step (a silent
+// divergence the replica check must find and repair).
+std::pair<int, int64_t> corruptParamsHook();
+
+// A failure the membership can answer (a peer lost, cut off, too slow, or
+// a corrupted frame): the codes the comm layer gives them. Anything else (a
+// bad input, a bug, a device error) is not retried in another epoch.
+bool isPeerFailure(const core::Status& st);
+
+// Groups over rank sets of the world, one object per set (two group objects
+// over one rank set would share wire tags).
+struct GroupCache {
+  std::shared_ptr<comm::Group> world;
+  std::map<std::vector<int>, std::shared_ptr<comm::Group>> cache;
+  core::Result<std::shared_ptr<comm::Group>> of(const std::vector<int>& ranks);
+};
+
+// Tensors gathered by name for a split layout's checkpoint.
+struct GatheredState {
+  std::map<std::string, torch::Tensor> w, m, v, anchor, momentum;
+  // Takes the pieces of one rank's packed vector as its header names them.
+  void absorb(const nlohmann::json& header, const torch::Tensor& data);
+};
+
+class Trainer {
+ public:
+  explicit Trainer(const TrainerOptions& opt) : opt_(opt), job_(opt.job), tc_(job_.train) {}
+  core::Result<TrainSummary> run();
+
+ private:
+  core::Status loop();
+  core::Result<TrainSummary> finish(core::Clock::time_point t_start);
+  // ---- set-up (setup.cpp) ----
+  core::Status setup();
+  core::Status setupData();
+  core::Status setupModel();
+  core::Status setupOptimizer();
+  core::Status setupStrategy();
+  void setupOutputs();
+  // Pipeline / expert layouts: the groups of stage, expert group and
+  // inner scope; then the parts of this rank (parts.cpp).
+  core::Status setupSplitGroups();
+  core::Status makeParts();
+  void bindComm();
+  core::Status makeOuter(const NamedTensors* tensors, const nlohmann::json* state);
+  // After a membership change: the strategy again, from the committed outer state.
+  core::Status rebuildOuterFromCommit();
+  core::Result<std::vector<int64_t>> initialShares() const;
+  void predict();
+  void logStart() const;
+
+  // ---- one step (step.cpp) ----
+  core::Status trainStep();
+  core::Status runSchedule(const data::Batch& batch, double group_samples, parallel::StepStats& stats);
+  core::Status reduceAndStep(int64_t step, parallel::StepStats& stats, double& comm_s, double& optimizer_s,
+                             double& grad_norm);
+  core::Status routerBias();
+  // Loss, tokens, aux, "a newer epoch is published", stop request: summed
+  // over the group that must agree at this step.
+  core::Status controlValues(int64_t step, const parallel::StepStats& stats, double (&ctrl)[5], double& comm_s);
+  core::Status rebalance();
+  core::Status afterStep(const parallel::StepStats& stats, const data::Batch& batch, double loss, double lr,
+                         double grad_norm, const std::vector<int64_t>& old_shares, double step_s, double cpu0,
+                         int64_t faults0, double comm_s, double data_s, double optimizer_s);
+  core::Status boundaries(bool at_end);
+  core::Status writeSplitMetrics(const parallel::StepStats& stats);
+  void writeMoeMetrics();
+  core::Result<double> evaluate();
+  void event(const std::string& name, nlohmann::json fields);
+  double groupSamples() const;
+
+  // ---- checkpoints (checkpointing.cpp) ----
+  core::Status resumeFromCheckpoint();
+  core::Result<CheckpointState> snapshot(int64_t step);
+  // Pipeline / expert layouts: the writer gathers the parts by tensor name
+  // from the ranks that together hold one copy (snapshot_gather.cpp).
+  core::Result<CheckpointState> gatherSnapshot(int64_t step);
+  torch::Tensor packHeld(bool only_experts, nlohmann::json& header);
+  core::Result<CheckpointState> assembleSnapshot(int64_t step, GatheredState& got);
+  core::Status resumeSplit(const std::string& dir, CheckpointState& ck);
+  // DiLoCo / streaming checkpoints: the rank parts the writer's checkpoint
+  // lists, and this rank's part cut from its snapshot (docs/runtime.md).
+  nlohmann::json rankParts() const;
+  CheckpointState rankPart(CheckpointState full) const;
+  // The state of this rank's island and its residuals from the checkpoint's
+  // rank parts, over what the writer's files hold (no-op for sync jobs).
+  core::Status applyRankParts(const std::string& ckpt_dir, CheckpointState& ck);
+  core::Status writeCheckpoint(bool at_end);
+
+  // ---- elasticity (replica_state.cpp, recovery.cpp) ----
+  bool elastic() const { return opt_.elastic != nullptr; }
+  // The layout splits the model over ranks (pipeline stages, expert groups).
+  bool split() const { return pp_ || ep_; }
+  bool amWriter() const { return alive_.empty() || alive_.front() == rank_; }
+  // Copies the replica state as the new rollback point; refresh_outer also
+  // re-reads the outer sync's tensors (otherwise only when they may change).
+  void commit(bool refresh_outer = false);
+  void rollback();
+  core::Status recover(const core::Status& cause);
+  core::Status syncReplicas(const std::string& why);
+  core::Status checkIntegrity();
+  core::Status transferState(comm::Group& g, int donor, const std::vector<int>& receivers);
+  std::string serializeState();
+  core::Status applyState(const std::string& blob);
+  core::Sha256Digest stateDigest(bool params_only);
+  core::Status saveAndStop(const core::Status& why);
+  core::Status enterNextEpoch(core::Status cause, const std::string& why, const std::function<void()>& on_epoch);
+
+  TrainerOptions opt_;
+  core::JobConfig job_;
+  const core::TrainConfig& tc_;
+  core::ModelConfig mcfg_;       // resolved
+  LocalDp local_;
+  DpComm* dp_ = nullptr;         // world (alive ranks)
+  DpComm* grad_dp_ = nullptr;    // the inner synchronous group: world, or with DiLoCo the island
+  std::shared_ptr<comm::Group> world_group_;
+  std::vector<int> alive_;       // slots alive in this epoch, ascending
+  std::vector<int> grad_ranks_;  // slots of the inner group (whose samples make up one gradient)
+  int rank_ = 0;
+  int world_ = 1;                // slots of the cluster spec (1: single process)
+  std::vector<WorkerInfo> workers_;
+  WorkerInfo me_;
+  int64_t T_ = 0;
+
+  // ---- layout ----
+  parallel::ParallelLayout lay_;  // plain data parallelism: one stage, one expert member
+  bool pp_ = false, ep_ = false;
+  int stage_ = 0, replica_ = 0;
+  int share_index_ = 0;           // this rank's slot in shares_ (its pipeline with PP)
+  int64_t n_dense_ = 0;           // EP: flat [0, n_dense_) replicated, [n_dense_, end) this member's experts
+  GroupCache groups_;
+  std::unique_ptr<GroupDp> stage_dp_;   // same-stage ranks of the inner group (replicated tensors)
+  std::unique_ptr<GroupDp> expert_dp_;  // same-stage ranks of the inner group holding the same experts
+  std::unique_ptr<GroupDp> island_dp_;  // the inner group when the session has none of that rank set
+  LocalDp local_island_;
+  std::shared_ptr<parallel::CommExpertExchange> exchange_;
+  comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
+  // DiLoCo on a split layout: the ranks holding the same tensors in every
+  // island run the outer step on them; one of them per island counts tokens.
+  std::vector<int> outer_ranks_;
+  bool outer_counts_tokens_ = false;
+
+  // ---- parts ----
+  std::unique_ptr<parallel::Part> schedule_;         // micro-batches or 1F1B
+  std::unique_ptr<parallel::DataParallel> data_;     // the replicated tensors
+  std::unique_ptr<parallel::ExpertParallel> experts_;  // EP: this member's experts
+
+  std::unique_ptr<data::PreparedDataset> ds_;
+  std::optional<data::Sampler> train_sampler_, val_sampler_;
+  model::Transformer net_{nullptr};
+  std::optional<FlatParams> flat_;
+  std::vector<std::pair<std::string, torch::Tensor>> buffers_;  // model tensors that are not parameters
+  std::unique_ptr<FlatAdamW> adam_;
+  int64_t shard_begin_ = 0, shard_end_ = 0;
+  std::vector<int64_t> shard_offsets_;
+  std::vector<int64_t> shares_;   // per slot: rank, or pipeline with PP
+  std::unique_ptr<OuterSync> outer_;
+  bool exact_outer_ = true;  // outer state can be committed per step (nothing in flight between steps)
+  std::vector<Fragment> outer_frags_;
+  NamedTensors resume_outer_tensors_;  // split layouts: the outer state a resume found
+  nlohmann::json resume_outer_json_;
+  std::unique_ptr<Rebalancer> rebalancer_;
+
+  MetricsSink metrics_;
+  TraceRecorder trace_;
+  std::unique_ptr<CheckpointWriter> ckpt_;
+  std::string job_yaml_;
+  double predicted_step_s_ = 0;
+
+  int64_t start_step_ = 0;
+  int64_t step_ = 0;
+  bool has_state_ = true;  // false for a joiner until a peer sent the state
+  bool stop_now_ = false;
+  bool epoch_pending_ = false;
+  TrainSummary summary_;
+  double step_time_sum_ = 0;
+  int64_t steps_timed_ = 0;
+  int64_t integrity_every_ = 0;
+  std::pair<int, int64_t> corrupt_hook_{-1, -1};
+
+  // The last committed step (elastic runs).
+  struct Commit {
+    int64_t step = -1;
+    int64_t position = 0;
+    int64_t adam_t = 0;
+    std::vector<int64_t> shares;
+    size_t losses = 0;
+    torch::Tensor params, m, v;
+    std::vector<torch::Tensor> buffers;
+    NamedTensors outer_tensors;
+    nlohmann::json outer_json;
+    bool outer_valid = false;
+  } commit_;
+  // Recovery bookkeeping for events.
+  double commit_s_ = 0;         // time the last commit() took (the elastic bookkeeping per step)
+  double failure_at_ = 0;       // wall seconds the step failed
+  int64_t failed_step_ = -1;
+  bool first_step_after_change_ = false;
+  int64_t warm_from_ = 0;  // step of the last start or membership change (the rebalancer's warm-up counts from it)
+};
+
+}  // namespace archipelago::runtime::loop
