@@ -589,9 +589,8 @@ std::string formatSummary(const RunData& run, const RunStats& st) {
   o += "  metrics lines      " + std::to_string(run.lines);
   if (run.malformed) o += ", " + std::to_string(run.malformed) + " malformed (skipped)";
   if (run.unknown_kinds) {
-    o += ", " + std::to_string(run.unknown_kinds) + " of unknown kind (ignored:";
+    o += ", " + std::to_string(run.unknown_kinds) + " of unknown kind (ignored):";
     for (const auto& [kind, n] : run.unknown_kind_names) o += " " + kind;
-    o += ")";
   }
   o += "\n";
   if (run.has_trace) {
