@@ -29,7 +29,8 @@
 #include "archipelago/runtime/comm_dp.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/flat_params.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/report/metrics.h"
+#include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/outer_sync.h"
 
 namespace archipelago::runtime {
@@ -315,7 +316,7 @@ class Impl {
   std::unique_ptr<AsyncSender> sender_;
   comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
 
-  MetricsSink metrics_;
+  report::MetricsSink metrics_;
   TraceRecorder trace_;
   int64_t step_ = 0;
   int64_t micro_ = 0;       // micro-batches of the last step
@@ -937,9 +938,11 @@ core::Result<TrainSummary> Impl::run() {
                   lay_.stages, fmt::join(lay_.stage_layers, ","), lay_.replicas, lay_.ep,
                   fmt::join(lay_.expert_begin, ","), fmt::join(shares_, ","), job_.strategy.kind, tc.steps, step_);
     if (opt_.write_metrics) {
-      metrics_.write({{"kind", "parallel"}, {"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
-                      {"replicas", lay_.replicas}, {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin},
-                      {"shares", shares_}, {"recompute", tc.recompute}, {"strategy", job_.strategy.kind}});
+      metrics_.write(report::ParallelRecord{
+          .pipeline_stages = lay_.stages, .stage_layers = lay_.stage_layers,
+          .replicas = lay_.replicas, .expert_parallel = lay_.ep,
+          .expert_begin = lay_.expert_begin,
+          .shares = shares_, .recompute = tc.recompute, .strategy = job_.strategy.kind});
     }
   }
 
@@ -1052,13 +1055,18 @@ core::Result<TrainSummary> Impl::run() {
       ARCH_RETURN_IF_ERROR(step_dp_->allgather(mine, timing));
     }
     if (log_now) {
-      metrics_.write({{"kind", "step"}, {"step", step_}, {"rank", rank_}, {"island", me_.island}, {"epoch", 0},
-                      {"loss", loss}, {"local_loss", tokens ? ce / static_cast<double>(tokens) : 0.0}, {"lr", lr},
-                      {"samples", batch.n}, {"tokens", tokens}, {"compute_s", busy_s_}, {"comm_s", comm_s},
-                      {"data_s", data_s}, {"step_s", step_s},
-                      {"tokens_per_s", static_cast<double>(batch.n * T_) / step_s}, {"grad_norm", grad_norm},
-                      {"slowdown", me_.slowdown}, {"share", shares_[static_cast<size_t>(share_index_)]},
-                      {"stage", stage_}, {"micro_batches", micro_}});
+      // Waiting inside the schedule window (receive waits, the send drain):
+      // counted as communication, as the data-parallel trainer counts its
+      // gradient-reduction wait.
+      const double wait_s = std::max(0.0, static_cast<double>(sched_end_us_ - sched_begin_us_) * 1e-6 - busy_s_);
+      metrics_.write(report::StepRecord{
+          .step = step_, .rank = rank_, .island = me_.island, .epoch = 0, .loss = loss,
+          .local_loss = tokens ? ce / static_cast<double>(tokens) : 0.0, .lr = lr,
+          .samples = static_cast<double>(batch.n), .tokens = static_cast<double>(tokens), .compute_s = busy_s_,
+          .comm_s = comm_s + wait_s, .wait_s = wait_s, .data_s = data_s, .step_s = step_s,
+          .tokens_per_s = static_cast<double>(batch.n * T_) / step_s, .grad_norm = grad_norm,
+          .slowdown = me_.slowdown, .share = static_cast<double>(shares_[static_cast<size_t>(share_index_)]),
+          .stage = stage_, .micro_batches = static_cast<double>(micro_)});
       if (rank_ == 0 && pp_) {
         // Per pipeline: window = first start .. last end over its stages;
         // bubble_s = 1 - busy_s / window. Averaged over pipelines per stage.
@@ -1081,10 +1089,10 @@ core::Result<TrainSummary> Impl::run() {
         }
         double mean = 0;
         for (double b : bubble) mean += b / lay_.stages;
-        metrics_.write({{"kind", "pipeline"}, {"step", step_}, {"stages", lay_.stages}, {"micro_batches", micro_},
-                        {"stage_layers", lay_.stage_layers}, {"busy_s", busy}, {"bubble", bubble},
-                        {"bubble_mean", mean}, {"window_s", window_mean},
-                        {"bubble_1f1b_theory", oneFOneBBubble(lay_.stages, micro_)}});
+        metrics_.write(report::PipelineRecord{
+            .step = step_, .stages = lay_.stages, .micro_batches = micro_,
+            .stage_layers = lay_.stage_layers, .busy_s = busy, .bubble = bubble,
+            .bubble_mean = mean, .window_s = window_mean, .bubble_theory = oneFOneBBubble(lay_.stages, micro_)});
       }
       if (mcfg_.moe.num_experts > 0) {
         // Routing statistics summed over every rank's tokens (each MoE layer
@@ -1108,17 +1116,18 @@ core::Result<TrainSummary> Impl::run() {
         if (rank_ == 0) {
           for (size_t k = 0; k < moe_layers.size(); ++k) {
             const double* row = st.data() + k * static_cast<size_t>(2 * E + 1);
-            std::vector<int64_t> tpe, dpe;
-            int64_t dropped = 0;
+            std::vector<double> tpe, dpe;
+            double dropped = 0;
             for (int64_t e = 0; e < E; ++e) {
-              tpe.push_back(static_cast<int64_t>(row[e]));
-              dpe.push_back(static_cast<int64_t>(row[E + e]));
+              tpe.push_back(row[e]);
+              dpe.push_back(row[E + e]);
               dropped += dpe.back();
             }
-            metrics_.write({{"kind", "moe"}, {"step", step_}, {"rank", rank_}, {"layer", moe_layers[k]},
-                            {"tokens_per_expert", tpe}, {"dropped_per_expert", dpe}, {"dropped", dropped},
-                            {"capacity_sum", static_cast<int64_t>(row[2 * E])}, {"expert_parallel", lay_.ep},
-                            {"dispatch_bytes", exchange_ ? exchange_->bytesSent() : 0}});
+            metrics_.write(report::MoeRecord{
+                .step = step_, .rank = rank_, .layer = static_cast<int>(moe_layers[k]), .tokens_per_expert = tpe,
+                .dropped_per_expert = dpe, .dropped = dropped, .capacity = row[2 * E],
+                .expert_parallel = static_cast<double>(lay_.ep),
+                .dispatch_bytes = static_cast<double>(exchange_ ? exchange_->bytesSent() : 0)});
           }
         }
       }
@@ -1138,7 +1147,7 @@ core::Result<TrainSummary> Impl::run() {
         return core::internalError(std::string("evaluation: ") + e.what());
       }
       summary.final_val_loss = vl;
-      if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write({{"kind", "eval"}, {"step", step_}, {"val_loss", vl}});
+      if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write(report::EvalRecord{.step = step_, .val_loss = vl});
     }
     if (periodic || (at_end && job_.checkpoint.at_exit)) {
       const auto c0 = core::Clock::now();
@@ -1149,8 +1158,8 @@ core::Result<TrainSummary> Impl::run() {
         ckpt->submit(std::move(snap));
         if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt->drain());
         if (opt_.write_metrics) {
-          metrics_.write({{"kind", "event"}, {"event", "checkpoint"}, {"step", step_}, {"stall_s", stall},
-                          {"detail", checkpointDirName(step_)}});
+          metrics_.write(report::EventRecord{.event = "checkpoint", .step = step_,
+                                             .detail = checkpointDirName(step_), .stall_s = stall});
         }
       }
     }

@@ -32,7 +32,8 @@
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/flat_params.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/report/metrics.h"
+#include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/outer_sync.h"
 #include "archipelago/runtime/parallel_trainer.h"
 
@@ -293,7 +294,7 @@ class Trainer {
   std::string serializeState();
   core::Status applyState(const std::string& blob);
   core::Sha256Digest stateDigest(bool params_only);
-  void event(const std::string& name, nlohmann::json fields);
+  void event(const std::string& name, report::EventRecord e);
   core::Status saveAndStop(const core::Status& why);
   core::Status enterNextEpoch(core::Status cause, const std::string& why, const std::function<void()>& on_epoch);
 
@@ -327,7 +328,7 @@ class Trainer {
   std::unique_ptr<GradientBucketer> bucketer_;
   std::unique_ptr<Rebalancer> rebalancer_;
 
-  MetricsSink metrics_;
+  report::MetricsSink metrics_;
   TraceRecorder trace_;
   std::unique_ptr<CheckpointWriter> ckpt_;
   std::string job_yaml_;
@@ -650,8 +651,8 @@ void Trainer::predict() {
     predicted_step_s_ = pred->total_s;
     ARCH_LOG_INFO("planner prediction: {:.3f}s/step ({})", pred->total_s, pred->detail);
     if (opt_.write_metrics) {
-      metrics_.write({{"kind", "prediction"}, {"predicted_step_s", pred->total_s}, {"compute_s", pred->compute_s},
-                      {"comm_s", pred->comm_s}, {"detail", pred->detail}});
+      metrics_.write(report::PredictionRecord{.predicted_step_s = pred->total_s, .compute_s = pred->compute_s,
+                                              .comm_s = pred->comm_s, .detail = pred->detail});
     }
   } else {
     ARCH_LOG_WARN("no planner prediction: {}", pred.status().message());
@@ -762,21 +763,20 @@ core::Status Trainer::writeCheckpoint(bool at_end) {
     ckpt_->submit(std::move(snap));
     if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt_->drain());
     if (opt_.write_metrics) {
-      metrics_.write({{"kind", "event"}, {"event", "checkpoint"}, {"step", step_}, {"stall_s", stall},
-                      {"detail", checkpointDirName(step_)}});
+      metrics_.write(report::EventRecord{.event = "checkpoint", .step = step_, .detail = checkpointDirName(step_),
+                                         .stall_s = stall});
     }
   }
   return core::okStatus();
 }
 
-void Trainer::event(const std::string& name, nlohmann::json fields) {
+void Trainer::event(const std::string& name, report::EventRecord e) {
   if (!opt_.write_metrics) return;
-  fields["kind"] = "event";
-  fields["event"] = name;
-  if (!fields.contains("step")) fields["step"] = step_;
-  if (!fields.contains("rank")) fields["rank"] = rank_;
-  if (elastic() && !fields.contains("epoch")) fields["epoch"] = opt_.elastic->epoch();
-  metrics_.write(std::move(fields));
+  e.event = name;
+  if (e.step < 0) e.step = step_;
+  if (!e.rank) e.rank = rank_;
+  if (elastic() && !e.epoch) e.epoch = opt_.elastic->epoch();
+  metrics_.write(std::move(e));
 }
 
 // ---- one training step --------------------------------------------------------
@@ -791,6 +791,7 @@ core::Status Trainer::trainStep() {
   for (int r : grad_ranks_) group_samples += shares_[static_cast<size_t>(r)];
   const double group_tokens = static_cast<double>(std::max<int64_t>(1, group_samples) * T_);
   double compute_s = 0, comm_s = 0, data_s = 0, optimizer_s = 0;
+  double wait_s = 0;  // blocked on the gradient reduction after our own compute (part of comm_s)
   const int64_t step = step_;
 
   flat_->zeroGrad();
@@ -832,9 +833,10 @@ core::Status Trainer::trainStep() {
     compute_s += extra;
   }
   {
-    ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
+    ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &wait_s);
     ARCH_RETURN_IF_ERROR(bucketer_->finish().withContext("step " + std::to_string(step)));
   }
+  comm_s += wait_s;
 
   // Router-bias balancing uses the expert load of the gradient group.
   if (job_.model.moe.num_experts > 0 && job_.model.moe.balance == "router_bias") {
@@ -917,8 +919,9 @@ core::Status Trainer::trainStep() {
     if (ns != shares_) {
       shares_ = ns;
       if (amWriter() && opt_.write_metrics) {
-        metrics_.write({{"kind", "event"}, {"event", "rebalance"}, {"step", step_},
-                        {"detail", fmt::format("shares [{}] -> [{}]", fmt::join(old_shares, ","), fmt::join(shares_, ","))}});
+        metrics_.write(report::EventRecord{
+            .event = "rebalance", .step = step_,
+            .detail = fmt::format("shares [{}] -> [{}]", fmt::join(old_shares, ","), fmt::join(shares_, ","))});
       }
     }
   }
@@ -929,30 +932,31 @@ core::Status Trainer::trainStep() {
     ++steps_timed_;
   }
   if (opt_.write_metrics && (step_ % tc_.log_every == 0 || step_ == tc_.steps || first_step_after_change_)) {
-    metrics_.write({{"kind", "step"}, {"step", step_}, {"rank", rank_}, {"island", me_.island},
-                    {"epoch", elastic() ? opt_.elastic->epoch() : 0},
-                    {"loss", loss}, {"local_loss", tokens ? ce_sum / static_cast<double>(tokens) : 0.0},
-                    {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", compute_s},
-                    {"comm_s", comm_s}, {"data_s", data_s}, {"optimizer_s", optimizer_s}, {"step_s", step_s},
-                    {"compute_cpu_s", compute_cpu_s}, {"cpu_s", cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - step_cpu0},
-                    {"minor_faults", minorFaults() - step_faults0},
-                    {"tokens_per_s", static_cast<double>(tokens) / step_s}, {"grad_norm", grad_norm},
-                    {"slowdown", me_.slowdown}, {"share", old_shares[static_cast<size_t>(rank_)]},
-                    {"commit_s", commit_s_}});
+    metrics_.write(report::StepRecord{
+        .step = step_, .rank = rank_, .island = me_.island, .epoch = elastic() ? opt_.elastic->epoch() : 0,
+        .loss = loss, .local_loss = tokens ? ce_sum / static_cast<double>(tokens) : 0.0, .lr = lr,
+        .samples = static_cast<double>(batch.n), .tokens = static_cast<double>(tokens), .compute_s = compute_s,
+        .comm_s = comm_s, .wait_s = wait_s, .data_s = data_s, .optimizer_s = optimizer_s, .step_s = step_s,
+        .compute_cpu_s = compute_cpu_s, .cpu_s = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - step_cpu0,
+        .minor_faults = static_cast<double>(minorFaults() - step_faults0),
+        .tokens_per_s = static_cast<double>(tokens) / step_s, .grad_norm = grad_norm, .slowdown = me_.slowdown,
+        .share = static_cast<double>(old_shares[static_cast<size_t>(rank_)]), .commit_s = commit_s_});
     if (rank_ == 0 && job_.model.moe.num_experts > 0) {
       for (const auto& st : net_->moeStats()) {
-        metrics_.write({{"kind", "moe"}, {"step", step_}, {"rank", rank_}, {"layer", st.layer},
-                        {"tokens_per_expert", st.tokens_per_expert}, {"dropped", st.dropped},
-                        {"capacity", st.capacity}, {"aux_loss", st.aux_loss}});
+        metrics_.write(report::MoeRecord{
+            .step = step_, .rank = rank_, .layer = static_cast<int>(st.layer),
+            .tokens_per_expert = {st.tokens_per_expert.begin(), st.tokens_per_expert.end()},
+            .dropped = static_cast<double>(st.dropped), .capacity = static_cast<double>(st.capacity),
+            .aux_loss = st.aux_loss});
       }
     }
   }
   if (first_step_after_change_) {
     first_step_after_change_ = false;
     if (failure_at_ > 0 && amWriter()) {
-      event("recovered", {{"detail", fmt::format("first step completed {:.2f} s after the failure in step {}",
-                                                 wallSeconds() - failure_at_, failed_step_ + 1)},
-                          {"recovery_s", wallSeconds() - failure_at_}});
+      event("recovered", {.detail = fmt::format("first step completed {:.2f} s after the failure in step {}",
+                                                wallSeconds() - failure_at_, failed_step_ + 1),
+                          .recovery_s = wallSeconds() - failure_at_});
     }
     failure_at_ = 0;
   }
@@ -976,7 +980,7 @@ core::Status Trainer::trainStep() {
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
     ARCH_ASSIGN_OR_RETURN(double vl, evaluate());
     summary_.final_val_loss = vl;
-    if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write({{"kind", "eval"}, {"step", step_}, {"val_loss", vl}});
+    if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write(report::EvalRecord{.step = step_, .val_loss = vl});
   }
   if (periodic || (at_end && job_.checkpoint.at_exit)) ARCH_RETURN_IF_ERROR(writeCheckpoint(at_end));
   if (opt_.exit_after_step >= 0 && step_ == opt_.exit_after_step) {
@@ -1187,16 +1191,16 @@ core::Status Trainer::syncReplicas(const std::string& why) {
   const double secs = core::secondsSince(t0);
   if (amWriter()) {
     for (int r : joiners) {
-      event("join", {{"rank", r}, {"detail", fmt::format("rank {} received the live state of step {} from rank {} ({:.2f} s)",
-                                                         r, newest, donor, secs)}, {"transfer_s", secs}});
+      event("join", {.rank = r, .detail = fmt::format("rank {} received the live state of step {} from rank {} ({:.2f} s)",
+                                                      r, newest, donor, secs), .transfer_s = secs});
     }
     if (!behind.empty()) {
-      event("resync", {{"detail", fmt::format("ranks [{}] were behind ({}); state of step {} from rank {}",
-                                              fmt::join(behind, ","), why, newest, donor)}});
+      event("resync", {.detail = fmt::format("ranks [{}] were behind ({}); state of step {} from rank {}",
+                                             fmt::join(behind, ","), why, newest, donor)});
     }
     if (!divergent.empty()) {
-      event("resync", {{"detail", fmt::format("ranks [{}] held a state different from the majority of step {}; "
-                                              "re-synchronised from rank {}", fmt::join(divergent, ","), newest, donor)}});
+      event("resync", {.detail = fmt::format("ranks [{}] held a state different from the majority of step {}; "
+                                             "re-synchronised from rank {}", fmt::join(divergent, ","), newest, donor)});
     }
   }
   if (!divergent.empty() && rank_ == donor) {
@@ -1235,8 +1239,8 @@ core::Status Trainer::checkIntegrity() {
   if (exact_outer_) commit(true);
   ARCH_RETURN_IF_ERROR(transferState(*g, best->front(), receivers));
   if (std::find(best->begin(), best->end(), rank_) != best->end() && best->front() == rank_) {
-    event("resync", {{"detail", fmt::format("replica check after step {}: ranks [{}] diverged; re-synchronised from "
-                                            "rank {}", step_, fmt::join(receivers, ","), rank_)}});
+    event("resync", {.detail = fmt::format("replica check after step {}: ranks [{}] diverged; re-synchronised from "
+                                           "rank {}", step_, fmt::join(receivers, ","), rank_)});
   }
   return core::okStatus();
 }
@@ -1276,8 +1280,8 @@ core::Status Trainer::recover(const core::Status& cause) {
       for (int r : old_alive) {
         if (!e.membership().isAlive(r)) gone.push_back(r);
       }
-      event("failure", {{"step", failed_step_}, {"failed_rank", gone.empty() ? suspectOf(cause) : gone.front()},
-                        {"detail", cause.message().substr(0, 300)}, {"detected_at", failure_at_}});
+      event("failure", {.step = failed_step_, .detail = cause.message().substr(0, 300),
+                        .failed_rank = gone.empty() ? suspectOf(cause) : gone.front(), .detected_at = failure_at_});
     }
   }));
   std::vector<int> gone, joined;
@@ -1288,12 +1292,12 @@ core::Status Trainer::recover(const core::Status& cause) {
     if (std::find(old_alive.begin(), old_alive.end(), r) == old_alive.end()) joined.push_back(r);
   }
   if (amWriter()) {
-    event("epoch", {{"detail", fmt::format("epoch {} -> {}: workers [{}]{}{}; shares [{}]", from, e.epoch(),
-                                           fmt::join(alive_, ","),
-                                           gone.empty() ? "" : fmt::format(", lost [{}]", fmt::join(gone, ",")),
-                                           joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(joined, ",")),
-                                           fmt::join(shares_, ","))},
-                    {"workers", alive_}, {"rebuild_s", e.lastReconfigureSeconds()}});
+    event("epoch", {.detail = fmt::format("epoch {} -> {}: workers [{}]{}{}; shares [{}]", from, e.epoch(),
+                                          fmt::join(alive_, ","),
+                                          gone.empty() ? "" : fmt::format(", lost [{}]", fmt::join(gone, ",")),
+                                          joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(joined, ",")),
+                                          fmt::join(shares_, ",")),
+                    .workers = {alive_.begin(), alive_.end()}, .rebuild_s = e.lastReconfigureSeconds()});
   }
   ARCH_RETURN_IF_ERROR(rebuildOuterFromCommit());
   first_step_after_change_ = true;
@@ -1346,7 +1350,7 @@ core::Status Trainer::saveAndStop(const core::Status& why) {
       else ARCH_LOG_WARN("could not write a checkpoint before stopping: {}", st.toString());
     }
   }
-  event("stop", {{"detail", why.message().substr(0, 300)}});
+  event("stop", {.detail = why.message().substr(0, 300)});
   return why;
 }
 
@@ -1390,7 +1394,7 @@ core::Result<TrainSummary> Trainer::run() {
                   flat_->numel(), tc_.steps, start_step_, tc_.global_batch, T_, alive_.size(), dp_->describe(),
                   fmt::join(shares_, ","));
   }
-  if (elastic()) event("started", {{"detail", fmt::format("rank {} in step at step {}", rank_, step_)}, {"pid", ::getpid()}});
+  if (elastic()) event("started", {.detail = fmt::format("rank {} in step at step {}", rank_, step_), .pid = ::getpid()});
 
   while (step_ < tc_.steps) {
     if (elastic()) {
@@ -1433,7 +1437,7 @@ core::Result<TrainSummary> Trainer::run() {
     auto d = stateDigest(true);
     summary_.replica_digest = core::toHex(d);
     if (opt_.write_metrics) {
-      metrics_.write({{"kind", "replica"}, {"rank", rank_}, {"step", step_}, {"digest", summary_.replica_digest}});
+      metrics_.write(report::ReplicaRecord{.rank = rank_, .step = step_, .digest = summary_.replica_digest});
     }
   }
   if (opt_.write_metrics) {
