@@ -6,7 +6,7 @@
 //
 // Part 1 — bubble: p equal stages, 1F1B with m micro-batches per step. The
 // measured bubble is the trainer's own "pipeline" metric, read back with the
-// report's reader (runtime::pipelineStats): per stage 1 - busy / the
+// report's reader (report::pipelineStats): per stage 1 - busy / the
 // pipeline's schedule window (first operation start to last send done),
 // mean over stages; the median over the steps after the first (load bursts
 // of other processes on the shared host stretch single steps). It is printed
@@ -46,10 +46,10 @@
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/config.h"
 #include "archipelago/core/log.h"
+#include "archipelago/report/report.h"
 #include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/parallel/layout.h"
 #include "archipelago/runtime/parallel/pipeline.h"
-#include "archipelago/runtime/report.h"
 #include "archipelago/runtime/trainer.h"
 #include "bench_runs.h"
 #include "comm/launch_local.h"
@@ -73,7 +73,7 @@ struct Args {
 struct Result {
   double step_s = 0;  // median over steps after the first of the slowest rank's step_s
   double bubble = 0;  // median over steps after the first of the stage-mean bubble
-  std::optional<ar::runtime::PipelineStats> pipe;
+  std::optional<ar::report::PipelineStats> pipe;
   std::vector<int64_t> stage_layers;
   double hop_s = 0;  // per micro-batch receive wait of the least-waiting non-first stage (trace)
 };
@@ -154,9 +154,9 @@ ar::core::Result<Result> runOne(const Args& a, const std::string& name, const st
   lo.timeout_s = 1200;
   ARCH_RETURN_IF_ERROR(
       bench::launchRun(name, lo, [&](const comm::LocalRank& r) { return workerMain(job, r); }).status());
-  ARCH_ASSIGN_OR_RETURN(auto run, runtime::loadRunDir(dir));
+  ARCH_ASSIGN_OR_RETURN(auto run, report::loadRunDir(dir));
   Result res;
-  res.pipe = runtime::pipelineStats(run);
+  res.pipe = report::pipelineStats(run);
   if (run.parallel) res.stage_layers = run.parallel->stage_layers;
   std::map<int64_t, double> slowest;  // step -> max step_s over ranks, steps after the first
   for (const auto& s : run.steps) {

@@ -55,10 +55,10 @@
 #include "archipelago/data/prepare.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/checkpoint.h"
+#include "archipelago/report/metrics.h"
 #include "archipelago/runtime/dp_comm_group.h"
-#include "archipelago/runtime/metrics.h"
 #include "bench_runs.h"
-#include "archipelago/runtime/report.h"
+#include "archipelago/report/report.h"
 #include "archipelago/runtime/trainer.h"
 #include "comm/launch_local.h"
 
@@ -320,10 +320,11 @@ ar::core::Result<Row> runOne(const Args& a, const std::string& strategy, double 
   row.val_loss = *vl;
   {
     // For `archipelago report`: this run's totals (the strait counter is not in the step lines).
-    runtime::MetricsSink sink;
+    report::MetricsSink sink;
     if (sink.open((dir / "metrics.jsonl").string()).isOk()) {
-      sink.write({{"kind", "summary"}, {"steps", a.steps}, {"wall_s", row.wall_s}, {"tokens", row.tokens},
-                  {"final_val_loss", row.val_loss}, {"bytes_strait", row.strait_bytes}, {"lr", lr}});
+      sink.write(report::SummaryRecord{.steps = a.steps, .wall_s = row.wall_s, .tokens = row.tokens,
+                                       .final_val_loss = row.val_loss,
+                                       .bytes_strait = static_cast<double>(row.strait_bytes), .lr = lr});
     }
   }
   return row;
@@ -513,9 +514,9 @@ int main(int argc, char** argv) {
   if (a.report) {
     std::vector<fs::path> dirs;
     for (const auto& r : rows) dirs.push_back(fs::path(a.out) / r.strategy);
-    runtime::ReportOptions ro;
+    report::ReportOptions ro;
     ro.out_dir = fs::path(a.out) / "report";
-    auto rep = runtime::writeReport(dirs, ro);
+    auto rep = report::writeReport(dirs, ro);
     if (!rep.isOk()) {
       std::fprintf(stderr, "error: report: %s\n", rep.status().toString().c_str());
       return 1;

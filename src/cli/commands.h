@@ -21,9 +21,9 @@ void addConfigCommands(CLI::App& app);   // config_cmd.cpp
 void addDataCommands(CLI::App& app);     // data_cmd.cpp
 void addBenchCommands(CLI::App& app);    // bench_cmd.cpp
 void addPlanCommands(CLI::App& app);     // plan_cmd.cpp
+void addReportCommands(CLI::App& app);   // report_cmd.cpp
 #if defined(ARCHIPELAGO_HAS_TORCH)
 void addTrainCommands(CLI::App& app);    // train_cmd_torch.cpp
-void addReportCommands(CLI::App& app);   // report_cmd_torch.cpp
 #endif
 
 }  // namespace archipelago::cli

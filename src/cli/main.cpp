@@ -36,9 +36,9 @@ int main(int argc, char** argv) {
   cli::addDataCommands(app);
   cli::addBenchCommands(app);
   cli::addPlanCommands(app);
+  cli::addReportCommands(app);
 #if defined(ARCHIPELAGO_HAS_TORCH)
   cli::addTrainCommands(app);
-  cli::addReportCommands(app);
 #endif
 
   try {

@@ -11,7 +11,7 @@
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/model/safetensors.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/runtime/trace.h"
 
 namespace archipelago::runtime {
 

@@ -26,7 +26,8 @@
 #include "archipelago/data/prepare.h"
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/elastic.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/report/metrics.h"
+#include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/trainer.h"
 
 namespace archipelago::runtime {
@@ -103,7 +104,8 @@ std::string tailOf(const std::string& path, size_t max_bytes = 1500) {
   return s;
 }
 
-// Follows metrics.jsonl and renders one progress line.
+// Follows metrics.jsonl (through the report's reader, so it reads what the
+// trainers write) and renders one progress line.
 class ProgressView {
  public:
   ProgressView(std::string path, const core::JobConfig& job, std::vector<WorkerInfo> workers)
@@ -117,24 +119,21 @@ class ProgressView {
     while (std::getline(in, line)) {
       if (in.eof()) break;  // partial line: read again next time
       offset_ += static_cast<std::streamoff>(line.size() + 1);
-      try {
-        auto j = nlohmann::json::parse(line);
-        const std::string kind = j.value("kind", "");
-        if (kind == "step") {
-          int64_t step = j.value("step", int64_t{0});
-          int r = j.value("rank", 0);
-          last_step_ = std::max(last_step_, step);
-          loss_ = j.value("loss", loss_);
-          auto& w = per_rank_[r];
-          w.tokens += j.value("tokens", int64_t{0});
-          w.compute += j.value("compute_s", 0.0);
-          w.wall += j.value("step_s", 0.0);
-          if (first_time_ == 0) first_time_ = j.value("time", 0.0);
-          last_time_ = j.value("time", last_time_);
-        } else if (kind == "eval") {
-          val_loss_ = j.value("val_loss", -1.0);
+      auto parsed = report::parseMetricsRecord(line);
+      if (!parsed.record) continue;
+      if (const auto* s = std::get_if<report::StepRecord>(&*parsed.record)) {
+        last_step_ = std::max(last_step_, s->step);
+        if (std::isfinite(s->loss)) loss_ = s->loss;
+        auto& w = per_rank_[s->rank];
+        if (std::isfinite(s->tokens)) w.tokens += static_cast<int64_t>(s->tokens);
+        if (std::isfinite(s->compute_s)) w.compute += s->compute_s;
+        if (std::isfinite(s->step_s)) w.wall += s->step_s;
+        if (std::isfinite(s->time)) {
+          if (first_time_ == 0) first_time_ = s->time;
+          last_time_ = s->time;
         }
-      } catch (...) {
+      } else if (const auto* e = std::get_if<report::EvalRecord>(&*parsed.record)) {
+        val_loss_ = std::isfinite(e->val_loss) ? e->val_loss : -1.0;
       }
     }
   }
@@ -246,7 +245,7 @@ core::Status launchTraining(const LaunchOptions& opt) {
     if (w.slowdown != 1.0) ARCH_LOG_INFO("EMULATED slowdown x{} on rank {} ({})", w.slowdown, w.rank, w.island);
   }
 
-  MetricsSink events;
+  report::MetricsSink events;
   (void)events.open((fs::path(run_dir) / "metrics.jsonl").string());
   ProgressView progress((fs::path(run_dir) / "metrics.jsonl").string(), job, workers);
   const auto t0 = core::Clock::now();
@@ -376,8 +375,9 @@ core::Status launchTraining(const LaunchOptions& opt) {
         }
         ++replacements;
         ARCH_LOG_INFO("starting a replacement for rank {} (--join)", r);
-        events.write({{"kind", "event"}, {"event", "replace"}, {"rank", r}, {"step", progress.lastStep()},
-                      {"detail", fmt::format("launcher started a replacement worker for rank {}", r)}});
+        events.write(report::EventRecord{
+            .event = "replace", .step = progress.lastStep(), .rank = r,
+            .detail = fmt::format("launcher started a replacement worker for rank {}", r)});
         ARCH_RETURN_IF_ERROR(spawn(r, true));
         ++alive;
       }
@@ -449,9 +449,10 @@ core::Status launchTraining(const LaunchOptions& opt) {
     const auto latest = latestValidCheckpoint(run_dir);
     const std::string from = latest.isOk() ? *latest : std::string("the beginning (no valid checkpoint)");
     ARCH_LOG_WARN("restarting the job from {} ({} of {} restarts)", from, attempt + 1, opt.max_restarts);
-    events.write({{"kind", "event"}, {"event", "restart"}, {"step", progress.lastStep()},
-                  {"detail", fmt::format("restart {} of {} from {}{}", attempt + 1, opt.max_restarts, from,
-                                         failure.isOk() ? "" : ": " + failure.message().substr(0, 200))}});
+    events.write(report::EventRecord{
+        .event = "restart", .step = progress.lastStep(),
+        .detail = fmt::format("restart {} of {} from {}{}", attempt + 1, opt.max_restarts, from,
+                              failure.isOk() ? "" : ": " + failure.message().substr(0, 200))});
   }
   progress.poll();
   if (opt.progress && (tty || progress.line() != last_line)) {

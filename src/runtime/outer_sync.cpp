@@ -45,7 +45,7 @@
 #include "archipelago/core/clock.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/report/metrics.h"
 
 namespace archipelago::runtime {
 
@@ -446,14 +446,15 @@ class FragmentOuterSync final : public OuterSync {
       if (metrics_) {
         // One line per fragment; a shared exchange (the final sync) reports its
         // time and measured bytes on every line of it, with "shared" set.
-        metrics_->write({{"kind", "outer"}, {"strategy", ctx_.job->strategy.kind}, {"step", step},
-                         {"sent_step", job->sent_step}, {"round", round}, {"fragment", f},
-                         {"rank", ctx_.rank}, {"island", ctx_.island_of_rank.empty() ? 0 : ctx_.island_of_rank[static_cast<size_t>(ctx_.rank)]},
-                         {"params", n}, {"codec", std::string(comm::codecName(codec_))},
-                         {"bytes_strait", i < job->strait_bytes.size() ? job->strait_bytes[i] : 0},
-                         {"bytes_strait_measured", i == 0 ? measured : 0}, {"shared", job->frags.size()},
-                         {"control", !job->control.empty()},
-                         {"sync_s", job->exchange_s}, {"wait_s", wait_s}, {"digest", job->digest.substr(0, 16)}});
+        metrics_->write(report::OuterRecord{
+            .strategy = ctx_.job->strategy.kind, .step = step, .sent_step = job->sent_step, .round = round,
+            .fragment = f, .rank = ctx_.rank,
+            .island = ctx_.island_of_rank.empty() ? 0 : ctx_.island_of_rank[static_cast<size_t>(ctx_.rank)],
+            .params = static_cast<double>(n), .codec = std::string(comm::codecName(codec_)),
+            .bytes_strait = static_cast<double>(i < job->strait_bytes.size() ? job->strait_bytes[i] : 0),
+            .bytes_strait_measured = static_cast<double>(i == 0 ? measured : 0),
+            .shared = static_cast<double>(job->frags.size()), .control = !job->control.empty(),
+            .sync_s = job->exchange_s, .wait_s = wait_s, .digest = job->digest.substr(0, 16)});
       }
     }
     return core::okStatus();
@@ -712,8 +713,8 @@ class FragmentOuterSync final : public OuterSync {
   size_t my_pos_ = 0;
   std::shared_ptr<comm::Group> island_, cross_;
 
-  MetricsSink own_metrics_;
-  MetricsSink* metrics_ = nullptr;
+  report::MetricsSink own_metrics_;
+  report::MetricsSink* metrics_ = nullptr;
   uint64_t straitMark_ = 0;
 
   std::deque<std::shared_ptr<Job>> inflight_;  // trainer thread

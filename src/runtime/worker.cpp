@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/host_memory.h"
@@ -11,7 +12,7 @@
 #include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/launcher.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trainer.h"
 
 namespace archipelago::runtime {
@@ -108,13 +109,18 @@ core::Status runWorker(const WorkerOptions& opt) {
   }
   session->leave();
   if (session->alive().empty() || session->alive().front() == session->rank()) {
-    MetricsSink sink;
+    report::MetricsSink sink;
     if (sink.open((std::filesystem::path(run_dir) / "metrics.jsonl").string()).isOk()) {
-      sink.write({{"kind", "summary"}, {"steps", summary->steps_done}, {"first_step", summary->first_step},
-                  {"wall_s", summary->wall_s}, {"final_loss", summary->final_loss},
-                  {"final_val_loss", summary->final_val_loss}, {"measured_step_s", summary->mean_step_s},
-                  {"predicted_step_s", summary->predicted_step_s},
-                  {"stopped_early", summary->stopped_early}});
+      // TrainSummary's "none" values (no prediction: 0, no evaluation: -1)
+      // are left out rather than reported as numbers.
+      const auto predicted = summary->predicted_step_s > 0 ? std::optional<double>(summary->predicted_step_s)
+                                                           : std::nullopt;
+      const auto val = summary->final_val_loss >= 0 ? std::optional<double>(summary->final_val_loss) : std::nullopt;
+      sink.write(report::SummaryRecord{.steps = summary->steps_done, .first_step = summary->first_step,
+                                       .wall_s = summary->wall_s, .final_loss = summary->final_loss,
+                                       .final_val_loss = val, .predicted_step_s = predicted,
+                                       .measured_step_s = summary->mean_step_s,
+                                       .stopped_early = summary->stopped_early});
     }
     ARCH_LOG_INFO("done: {} steps, final loss {:.4f}, val {:.4f}, {:.3f}s/step", summary->steps_done,
                   summary->final_loss, summary->final_val_loss, summary->mean_step_s);

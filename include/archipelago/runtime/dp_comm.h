@@ -1,7 +1,7 @@
 // The communication the data-parallel trainer needs, as a narrow seam:
 // summing gradient buckets (asynchronously, so buckets reduce while backward
 // still runs), summing/gathering a few control values, and broadcasting.
-// GroupDp (comm_dp.cpp) implements it over the comm layer's groups with the
+// GroupDp (dp_comm_group.cpp) implements it over the comm layer's groups with the
 // hierarchical allreduce; LocalDp is the single-process identity, which is
 // also the reference every multi-worker result is checked against.
 #pragma once

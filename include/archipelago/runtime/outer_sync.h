@@ -25,9 +25,11 @@ namespace archipelago::comm {
 class Group;
 }
 
-namespace archipelago::runtime {
-
+namespace archipelago::report {
 class MetricsSink;
+}
+
+namespace archipelago::runtime {
 
 struct OuterContext {
   const core::JobConfig* job = nullptr;
@@ -35,7 +37,7 @@ struct OuterContext {
   int world = 1;
   std::vector<int> island_of_rank;           // island index per global rank
   std::shared_ptr<comm::Group> world_group;  // null in single-process runs
-  MetricsSink* metrics = nullptr;            // may be null: then each rank appends "outer" lines to
+  report::MetricsSink* metrics = nullptr;    // may be null: then each rank appends "outer" lines to
                                              // run_dir/metrics.jsonl through its own sink
   std::string run_dir;                       // empty = job->run_dir
   // Optional: offsets into the flat vector where a parameter tensor starts

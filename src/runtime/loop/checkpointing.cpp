@@ -194,8 +194,8 @@ core::Status Trainer::writeCheckpoint(bool at_end) {
     ckpt_->submit(std::move(snap));
     if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt_->drain());
     if (opt_.write_metrics) {
-      metrics_.write({{"kind", "event"}, {"event", "checkpoint"}, {"step", step_}, {"stall_s", stall},
-                      {"detail", checkpointDirName(step_)}});
+      metrics_.write(report::EventRecord{.event = "checkpoint", .step = step_, .detail = checkpointDirName(step_),
+                                         .stall_s = stall});
     }
   }
   return core::okStatus();

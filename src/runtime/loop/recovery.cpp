@@ -64,16 +64,16 @@ core::Status Trainer::syncReplicas(const std::string& why) {
   const double secs = core::secondsSince(t0);
   if (amWriter()) {
     for (int r : joiners) {
-      event("join", {{"rank", r}, {"detail", fmt::format("rank {} received the live state of step {} from rank {} ({:.2f} s)",
-                                                         r, newest, donor, secs)}, {"transfer_s", secs}});
+      event("join", {.rank = r, .detail = fmt::format("rank {} received the live state of step {} from rank {} ({:.2f} s)",
+                                                      r, newest, donor, secs), .transfer_s = secs});
     }
     if (!behind.empty()) {
-      event("resync", {{"detail", fmt::format("ranks [{}] were behind ({}); state of step {} from rank {}",
-                                              fmt::join(behind, ","), why, newest, donor)}});
+      event("resync", {.detail = fmt::format("ranks [{}] were behind ({}); state of step {} from rank {}",
+                                             fmt::join(behind, ","), why, newest, donor)});
     }
     if (!divergent.empty()) {
-      event("resync", {{"detail", fmt::format("ranks [{}] held a state different from the majority of step {}; "
-                                              "re-synchronised from rank {}", fmt::join(divergent, ","), newest, donor)}});
+      event("resync", {.detail = fmt::format("ranks [{}] held a state different from the majority of step {}; "
+                                             "re-synchronised from rank {}", fmt::join(divergent, ","), newest, donor)});
     }
   }
   if (!divergent.empty() && rank_ == donor) {
@@ -112,8 +112,8 @@ core::Status Trainer::checkIntegrity() {
   if (exact_outer_) commit(true);
   ARCH_RETURN_IF_ERROR(transferState(*g, best->front(), receivers));
   if (std::find(best->begin(), best->end(), rank_) != best->end() && best->front() == rank_) {
-    event("resync", {{"detail", fmt::format("replica check after step {}: ranks [{}] diverged; re-synchronised from "
-                                            "rank {}", step_, fmt::join(receivers, ","), rank_)}});
+    event("resync", {.detail = fmt::format("replica check after step {}: ranks [{}] diverged; re-synchronised from "
+                                           "rank {}", step_, fmt::join(receivers, ","), rank_)});
   }
   return core::okStatus();
 }
@@ -158,8 +158,8 @@ core::Status Trainer::recover(const core::Status& cause) {
       for (int r : old_alive) {
         if (!e.membership().isAlive(r)) gone.push_back(r);
       }
-      event("failure", {{"step", failed_step_}, {"failed_rank", gone.empty() ? suspectOf(cause) : gone.front()},
-                        {"detail", cause.message().substr(0, 300)}, {"detected_at", failure_at_}});
+      event("failure", {.step = failed_step_, .detail = cause.message().substr(0, 300),
+                        .failed_rank = gone.empty() ? suspectOf(cause) : gone.front(), .detected_at = failure_at_});
     }
   }));
   std::vector<int> gone, joined;
@@ -170,12 +170,12 @@ core::Status Trainer::recover(const core::Status& cause) {
     if (std::find(old_alive.begin(), old_alive.end(), r) == old_alive.end()) joined.push_back(r);
   }
   if (amWriter()) {
-    event("epoch", {{"detail", fmt::format("epoch {} -> {}: workers [{}]{}{}; shares [{}]", from, e.epoch(),
-                                           fmt::join(alive_, ","),
-                                           gone.empty() ? "" : fmt::format(", lost [{}]", fmt::join(gone, ",")),
-                                           joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(joined, ",")),
-                                           fmt::join(shares_, ","))},
-                    {"workers", alive_}, {"rebuild_s", e.lastReconfigureSeconds()}});
+    event("epoch", {.detail = fmt::format("epoch {} -> {}: workers [{}]{}{}; shares [{}]", from, e.epoch(),
+                                          fmt::join(alive_, ","),
+                                          gone.empty() ? "" : fmt::format(", lost [{}]", fmt::join(gone, ",")),
+                                          joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(joined, ",")),
+                                          fmt::join(shares_, ",")),
+                    .workers = {alive_.begin(), alive_.end()}, .rebuild_s = e.lastReconfigureSeconds()});
   }
   ARCH_RETURN_IF_ERROR(rebuildOuterFromCommit());
   first_step_after_change_ = true;
@@ -227,7 +227,7 @@ core::Status Trainer::saveAndStop(const core::Status& why) {
       else ARCH_LOG_WARN("could not write a checkpoint before stopping: {}", st.toString());
     }
   }
-  event("stop", {{"detail", why.message().substr(0, 300)}});
+  event("stop", {.detail = why.message().substr(0, 300)});
   return why;
 }
 

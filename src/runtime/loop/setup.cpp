@@ -303,8 +303,8 @@ void Trainer::predict() {
     predicted_step_s_ = pred->total_s;
     ARCH_LOG_INFO("planner prediction: {:.3f}s/step ({})", pred->total_s, pred->detail);
     if (opt_.write_metrics) {
-      metrics_.write({{"kind", "prediction"}, {"predicted_step_s", pred->total_s}, {"compute_s", pred->compute_s},
-                      {"comm_s", pred->comm_s}, {"detail", pred->detail}});
+      metrics_.write(report::PredictionRecord{.predicted_step_s = pred->total_s, .compute_s = pred->compute_s,
+                                              .comm_s = pred->comm_s, .detail = pred->detail});
     }
   } else {
     ARCH_LOG_WARN("no planner prediction: {}", pred.status().message());

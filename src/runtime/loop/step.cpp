@@ -51,6 +51,7 @@ core::Status Trainer::trainStep() {
   }
   parallel::StepStats stats;
   ARCH_RETURN_IF_ERROR(runSchedule(batch, groupSamples(), stats));
+  comm_s += stats.wait_s;  // blocked inside the schedule (pipeline receives and send drains) is communication
   double grad_norm = 0;
   ARCH_RETURN_IF_ERROR(reduceAndStep(step, stats, comm_s, optimizer_s, grad_norm));
   double ctrl[5] = {0, 0, 0, 0, 0};
@@ -179,8 +180,9 @@ core::Status Trainer::rebalance() {
   if (ns == shares_) return core::okStatus();
   shares_ = ns;
   if (amWriter() && opt_.write_metrics) {
-    metrics_.write({{"kind", "event"}, {"event", "rebalance"}, {"step", step_},
-                    {"detail", fmt::format("shares [{}] -> [{}]", fmt::join(old_shares, ","), fmt::join(shares_, ","))}});
+    metrics_.write(report::EventRecord{
+        .event = "rebalance", .step = step_,
+        .detail = fmt::format("shares [{}] -> [{}]", fmt::join(old_shares, ","), fmt::join(shares_, ","))});
   }
   return core::okStatus();
 }

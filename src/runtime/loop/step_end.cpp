@@ -21,27 +21,26 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
   }
   if (opt_.write_metrics && (step_ % tc_.log_every == 0 || step_ == tc_.steps || first_step_after_change_)) {
     const int64_t tokens = stats.tokens;
-    nlohmann::json rec{{"kind", "step"}, {"step", step_}, {"rank", rank_}, {"island", me_.island},
-                       {"epoch", elastic() ? opt_.elastic->epoch() : 0},
-                       {"loss", loss}, {"local_loss", tokens ? stats.ce_sum / static_cast<double>(tokens) : 0.0},
-                       {"lr", lr}, {"samples", batch.n}, {"tokens", tokens}, {"compute_s", stats.compute_s},
-                       {"comm_s", comm_s}, {"wait_s", stats.wait_s}, {"data_s", data_s}, {"optimizer_s", optimizer_s},
-                       {"step_s", step_s}, {"compute_cpu_s", stats.compute_cpu_s},
-                       {"cpu_s", cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - cpu0}, {"minor_faults", minorFaults() - faults0},
-                       {"tokens_per_s", static_cast<double>(batch.n * T_) / step_s}, {"grad_norm", grad_norm},
-                       {"slowdown", me_.slowdown}, {"share", old_shares[static_cast<size_t>(share_index_)]},
-                       {"commit_s", commit_s_}, {"micro_batches", stats.micro_batches}};
-    if (pp_) rec["stage"] = stage_;
-    metrics_.write(std::move(rec));
+    metrics_.write(report::StepRecord{
+        .step = step_, .rank = rank_, .island = me_.island,
+        .epoch = elastic() ? static_cast<int64_t>(opt_.elastic->epoch()) : 0, .loss = loss,
+        .local_loss = tokens ? stats.ce_sum / static_cast<double>(tokens) : 0.0, .lr = lr,
+        .samples = static_cast<double>(batch.n), .tokens = static_cast<double>(tokens), .compute_s = stats.compute_s,
+        .comm_s = comm_s, .wait_s = stats.wait_s, .data_s = data_s, .optimizer_s = optimizer_s, .step_s = step_s,
+        .compute_cpu_s = stats.compute_cpu_s, .cpu_s = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - cpu0,
+        .minor_faults = static_cast<double>(minorFaults() - faults0),
+        .tokens_per_s = static_cast<double>(batch.n * T_) / step_s, .grad_norm = grad_norm, .slowdown = me_.slowdown,
+        .share = static_cast<double>(old_shares[static_cast<size_t>(share_index_)]), .commit_s = commit_s_,
+        .stage = pp_ ? stage_ : -1, .micro_batches = static_cast<double>(stats.micro_batches)});
     if (split()) ARCH_RETURN_IF_ERROR(writeSplitMetrics(stats));
     else writeMoeMetrics();
   }
   if (first_step_after_change_) {
     first_step_after_change_ = false;
     if (failure_at_ > 0 && amWriter()) {
-      event("recovered", {{"detail", fmt::format("first step completed {:.2f} s after the failure in step {}",
-                                                 wallSeconds() - failure_at_, failed_step_ + 1)},
-                          {"recovery_s", wallSeconds() - failure_at_}});
+      event("recovered", {.detail = fmt::format("first step completed {:.2f} s after the failure in step {}",
+                                                wallSeconds() - failure_at_, failed_step_ + 1),
+                          .recovery_s = wallSeconds() - failure_at_});
     }
     failure_at_ = 0;
   }
@@ -58,9 +57,10 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
 void Trainer::writeMoeMetrics() {
   if (rank_ != 0 || mcfg_.moe.num_experts <= 0) return;
   for (const auto& st : net_->moeStats()) {
-    metrics_.write({{"kind", "moe"}, {"step", step_}, {"rank", rank_}, {"layer", st.layer},
-                    {"tokens_per_expert", st.tokens_per_expert}, {"dropped", st.dropped},
-                    {"capacity", st.capacity}, {"aux_loss", st.aux_loss}});
+    metrics_.write(report::MoeRecord{.step = step_, .rank = rank_, .layer = static_cast<int>(st.layer),
+                                     .tokens_per_expert = {st.tokens_per_expert.begin(), st.tokens_per_expert.end()},
+                                     .dropped = static_cast<double>(st.dropped),
+                                     .capacity = static_cast<double>(st.capacity), .aux_loss = st.aux_loss});
   }
 }
 
@@ -96,10 +96,10 @@ core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
       }
       double mean = 0;
       for (double b : bubble) mean += b / lay_.stages;
-      metrics_.write({{"kind", "pipeline"}, {"step", step_}, {"stages", lay_.stages}, {"micro_batches", stats.micro_batches},
-                      {"stage_layers", lay_.stage_layers}, {"busy_s", busy}, {"bubble", bubble},
-                      {"bubble_mean", mean}, {"window_s", window_mean},
-                      {"bubble_1f1b_theory", parallel::oneFOneBBubble(lay_.stages, stats.micro_batches)}});
+      metrics_.write(report::PipelineRecord{.step = step_, .stages = lay_.stages, .micro_batches = stats.micro_batches,
+                                            .stage_layers = lay_.stage_layers, .busy_s = busy, .bubble = bubble,
+                                            .bubble_mean = mean, .window_s = window_mean,
+                                            .bubble_theory = parallel::oneFOneBBubble(lay_.stages, stats.micro_batches)});
     }
   }
   if (mcfg_.moe.num_experts <= 0) return core::okStatus();
@@ -123,17 +123,13 @@ core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
   if (rank_ != 0) return core::okStatus();
   for (size_t k = 0; k < moe_layers.size(); ++k) {
     const double* row = st.data() + k * width;
-    std::vector<int64_t> tpe, dpe;
-    int64_t dropped = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      tpe.push_back(static_cast<int64_t>(row[e]));
-      dpe.push_back(static_cast<int64_t>(row[E + e]));
-      dropped += dpe.back();
-    }
-    metrics_.write({{"kind", "moe"}, {"step", step_}, {"rank", rank_}, {"layer", moe_layers[k]},
-                    {"tokens_per_expert", tpe}, {"dropped_per_expert", dpe}, {"dropped", dropped},
-                    {"capacity_sum", static_cast<int64_t>(row[2 * E])}, {"expert_parallel", lay_.ep},
-                    {"dispatch_bytes", exchange_ ? exchange_->bytesSent() : 0}});
+    std::vector<double> tpe(row, row + E), dpe(row + E, row + 2 * E);
+    double dropped = 0;
+    for (double x : dpe) dropped += x;
+    metrics_.write(report::MoeRecord{.step = step_, .rank = rank_, .layer = static_cast<int>(moe_layers[k]),
+                                     .tokens_per_expert = tpe, .dropped_per_expert = dpe, .dropped = dropped,
+                                     .capacity = row[2 * E], .expert_parallel = static_cast<double>(lay_.ep),
+                                     .dispatch_bytes = static_cast<double>(exchange_ ? exchange_->bytesSent() : 0)});
   }
   return core::okStatus();
 }
@@ -150,7 +146,7 @@ core::Status Trainer::boundaries(bool at_end) {
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
     ARCH_ASSIGN_OR_RETURN(double vl, evaluate());
     summary_.final_val_loss = vl;
-    if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write({{"kind", "eval"}, {"step", step_}, {"val_loss", vl}});
+    if (rank_ == 0 && opt_.write_metrics && vl >= 0) metrics_.write(report::EvalRecord{.step = step_, .val_loss = vl});
   }
   if (periodic || (at_end && job_.checkpoint.at_exit)) ARCH_RETURN_IF_ERROR(writeCheckpoint(at_end));
   if (opt_.exit_after_step >= 0 && step_ == opt_.exit_after_step) {
@@ -185,14 +181,13 @@ core::Result<double> Trainer::evaluate() {
   return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
 }
 
-void Trainer::event(const std::string& name, nlohmann::json fields) {
+void Trainer::event(const std::string& name, report::EventRecord e) {
   if (!opt_.write_metrics) return;
-  fields["kind"] = "event";
-  fields["event"] = name;
-  if (!fields.contains("step")) fields["step"] = step_;
-  if (!fields.contains("rank")) fields["rank"] = rank_;
-  if (elastic() && !fields.contains("epoch")) fields["epoch"] = opt_.elastic->epoch();
-  metrics_.write(std::move(fields));
+  e.event = name;
+  if (e.step < 0) e.step = step_;
+  if (!e.rank) e.rank = rank_;
+  if (elastic() && !e.epoch) e.epoch = opt_.elastic->epoch();
+  metrics_.write(std::move(e));
 }
 
 }  // namespace archipelago::runtime::loop

@@ -94,11 +94,12 @@ core::Result<TrainSummary> Trainer::run() {
   warm_from_ = start_step_;
   logStart();
   if (split() && rank_ == 0 && opt_.write_metrics) {
-    metrics_.write({{"kind", "parallel"}, {"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
-                    {"replicas", lay_.replicas}, {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin},
-                    {"shares", shares_}, {"recompute", tc_.recompute}, {"strategy", job_.strategy.kind}});
+    metrics_.write(report::ParallelRecord{.pipeline_stages = lay_.stages, .stage_layers = lay_.stage_layers,
+                                          .replicas = lay_.replicas, .expert_parallel = lay_.ep,
+                                          .expert_begin = lay_.expert_begin, .shares = shares_,
+                                          .recompute = tc_.recompute, .strategy = job_.strategy.kind});
   }
-  if (elastic()) event("started", {{"detail", fmt::format("rank {} in step at step {}", rank_, step_)}, {"pid", ::getpid()}});
+  if (elastic()) event("started", {.detail = fmt::format("rank {} in step at step {}", rank_, step_), .pid = ::getpid()});
   ARCH_RETURN_IF_ERROR(loop());
   return finish(t_start);
 }
@@ -151,7 +152,7 @@ core::Result<TrainSummary> Trainer::finish(core::Clock::time_point t_start) {
     auto d = stateDigest(true);
     summary_.replica_digest = core::toHex(d);
     if (opt_.write_metrics) {
-      metrics_.write({{"kind", "replica"}, {"rank", rank_}, {"step", step_}, {"digest", summary_.replica_digest}});
+      metrics_.write(report::ReplicaRecord{.rank = rank_, .step = step_, .digest = summary_.replica_digest});
     }
   }
   if (opt_.write_metrics) {

@@ -36,7 +36,8 @@
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/flat_params.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/report/metrics.h"
+#include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/outer_sync.h"
 #include "archipelago/runtime/parallel/data_parallel.h"
 #include "archipelago/runtime/parallel/expert.h"
@@ -125,7 +126,7 @@ class Trainer {
   core::Status writeSplitMetrics(const parallel::StepStats& stats);
   void writeMoeMetrics();
   core::Result<double> evaluate();
-  void event(const std::string& name, nlohmann::json fields);
+  void event(const std::string& name, report::EventRecord e);
   double groupSamples() const;
 
   // ---- checkpoints (checkpointing.cpp) ----
@@ -220,7 +221,7 @@ class Trainer {
   nlohmann::json resume_outer_json_;
   std::unique_ptr<Rebalancer> rebalancer_;
 
-  MetricsSink metrics_;
+  report::MetricsSink metrics_;
   TraceRecorder trace_;
   std::unique_ptr<CheckpointWriter> ckpt_;
   std::string job_yaml_;

@@ -22,7 +22,7 @@
 
 #include "archipelago/core/status.h"
 #include "archipelago/data/sampler.h"
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/runtime/trace.h"
 
 namespace archipelago::runtime::parallel {
 

@@ -1,6 +1,7 @@
-// Run directory reader and statistics for `archipelago report` (report.h).
+// Run directory reader and statistics for `archipelago report` (report.h);
+// metrics.jsonl lines are parsed by the shared schema (metrics.cpp).
 // The HTML/SVG writing lives in report_html.cpp.
-#include "archipelago/runtime/report.h"
+#include "archipelago/report/report.h"
 
 #include <algorithm>
 #include <cmath>
@@ -15,9 +16,9 @@
 
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
-#include "runtime/report_internal.h"
+#include "report/report_internal.h"
 
-namespace archipelago::runtime {
+namespace archipelago::report {
 namespace {
 
 using nlohmann::json;
@@ -46,43 +47,7 @@ std::string strField(const json& j, const char* key) {
   return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
 }
 
-std::optional<double> optNum(const json& j, const char* key) {
-  const double v = numField(j, key);
-  return std::isfinite(v) ? std::optional<double>(v) : std::nullopt;
-}
-
-bool present(const json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && (it->is_number() || it->is_null());
-}
-
-// Numbers of an array field (non-numbers read as NaN); empty when absent or not an array.
-std::vector<double> numArray(const json& j, const char* key) {
-  std::vector<double> out;
-  auto it = j.find(key);
-  if (it == j.end() || !it->is_array()) return out;
-  for (const auto& v : *it) out.push_back(v.is_number() ? v.get<double>() : kMissing);
-  return out;
-}
-
-std::vector<int64_t> intArray(const json& j, const char* key) {
-  std::vector<int64_t> out;
-  for (double v : numArray(j, key)) out.push_back(std::isfinite(v) ? static_cast<int64_t>(std::llround(v)) : 0);
-  return out;
-}
-
-bool isArray(const json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_array();
-}
-
-std::string_view trim(std::string_view s) {
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
-  return s;
-}
-
-std::string fmtLoss(double v) { return report_detail::fmtFixed(v, 4); }
+std::string fmtLoss(double v) { return detail::fmtFixed(v, 4); }
 
 std::string pad(std::string s, size_t width) {
   if (s.size() < width) s.append(width - s.size(), ' ');
@@ -91,7 +56,7 @@ std::string pad(std::string s, size_t width) {
 
 }  // namespace
 
-namespace report_detail {
+namespace detail {
 
 std::vector<size_t> dedupedSteps(const RunData& run) {
   std::map<std::pair<int64_t, int>, size_t> last;
@@ -137,137 +102,53 @@ std::string fmtWall(double s) {
   return buf;
 }
 
-}  // namespace report_detail
+}  // namespace detail
 
-using report_detail::dedupedSteps;
-using report_detail::fmtCount;
-using report_detail::fmtFixed;
-using report_detail::fmtWall;
+using detail::dedupedSteps;
+using detail::fmtCount;
+using detail::fmtFixed;
+using detail::fmtWall;
+
+namespace {
+
+// Files a parsed record into the run's lists.
+struct FileRecord {
+  RunData& run;
+  void operator()(StepRecord&& r) { run.steps.push_back(std::move(r)); }
+  void operator()(EvalRecord&& r) { run.evals.push_back(std::move(r)); }
+  void operator()(OuterRecord&& r) {
+    if (r.round < 0) r.round = static_cast<int64_t>(run.outers.size());  // lines without a round number
+    run.outers.push_back(std::move(r));
+  }
+  void operator()(EventRecord&& r) { run.events.push_back(std::move(r)); }
+  void operator()(MoeRecord&& r) { run.moe.push_back(std::move(r)); }
+  void operator()(PipelineRecord&& r) { run.pipeline.push_back(std::move(r)); }
+  void operator()(ParallelRecord&& r) { run.parallel = std::move(r); }
+  void operator()(PredictionRecord&& r) { run.prediction = std::move(r); }
+  void operator()(ReplicaRecord&& r) { run.replicas.push_back(std::move(r)); }
+  void operator()(SummaryRecord&& r) { run.summary = std::move(r); }
+};
+
+}  // namespace
 
 void parseMetricsLine(std::string_view raw, RunData& run) {
-  const std::string_view line = trim(raw);
-  if (line.empty()) return;
-  ++run.lines;
-  const json j = json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    ++run.malformed;
-    return;
-  }
-  const auto kind_it = j.find("kind");
-  if (kind_it == j.end() || !kind_it->is_string()) {
-    ++run.malformed;
-    return;
-  }
-  const std::string kind = kind_it->get<std::string>();
-  const auto step = intField(j, "step");
-
-  if (kind == "step") {
-    const auto rank = intField(j, "rank");
-    if (!step || !rank) {
+  ParsedMetricsLine p = parseMetricsRecord(raw);
+  switch (p.status) {
+    case ParsedMetricsLine::Status::kBlank:
+      return;
+    case ParsedMetricsLine::Status::kMalformed:
+      ++run.lines;
       ++run.malformed;
       return;
-    }
-    StepRecord r;
-    r.step = *step;
-    r.rank = static_cast<int>(*rank);
-    r.island = strField(j, "island");
-    r.epoch = intField(j, "epoch").value_or(0);
-    r.loss = numField(j, "loss");
-    r.lr = numField(j, "lr");
-    r.samples = numField(j, "samples");
-    r.tokens = numField(j, "tokens");
-    r.compute_s = numField(j, "compute_s");
-    r.comm_s = numField(j, "comm_s");
-    r.wait_s = numField(j, "wait_s");
-    r.step_s = numField(j, "step_s");
-    r.tokens_per_s = numField(j, "tokens_per_s");
-    r.grad_norm = numField(j, "grad_norm");
-    r.time = numField(j, "time");
-    run.steps.push_back(std::move(r));
-  } else if (kind == "eval") {
-    if (!step || !present(j, "val_loss")) {
-      ++run.malformed;
+    case ParsedMetricsLine::Status::kUnknownKind:
+      ++run.lines;
+      ++run.unknown_kinds;
+      ++run.unknown_kind_names[p.kind];
       return;
-    }
-    run.evals.push_back({*step, numField(j, "val_loss"), numField(j, "time")});
-  } else if (kind == "outer") {
-    if (!step) {
-      ++run.malformed;
+    case ParsedMetricsLine::Status::kRecord:
+      ++run.lines;
+      std::visit(FileRecord{run}, std::move(*p.record));
       return;
-    }
-    OuterRecord r;
-    r.step = *step;
-    r.round = intField(j, "round").value_or(static_cast<int64_t>(run.outers.size()));
-    r.bytes_strait = numField(j, "bytes_strait");
-    r.sync_s = numField(j, "sync_s");
-    r.wait_s = numField(j, "wait_s");
-    r.time = numField(j, "time");
-    run.outers.push_back(r);
-  } else if (kind == "event") {
-    const std::string ev = strField(j, "event");
-    if (ev.empty()) {
-      ++run.malformed;
-      return;
-    }
-    run.events.push_back({ev, step.value_or(-1), numField(j, "time"), strField(j, "detail")});
-  } else if (kind == "moe") {
-    const auto layer = intField(j, "layer");
-    auto tpe = j.find("tokens_per_expert");
-    if (!step || !layer || tpe == j.end() || !tpe->is_array()) {
-      ++run.malformed;
-      return;
-    }
-    MoeRecord r;
-    r.step = *step;
-    r.rank = static_cast<int>(intField(j, "rank").value_or(0));
-    r.layer = static_cast<int>(*layer);
-    for (const auto& v : *tpe) r.tokens_per_expert.push_back(v.is_number() ? v.get<double>() : 0.0);
-    r.dropped_per_expert = numArray(j, "dropped_per_expert");
-    r.dropped = numField(j, "dropped");
-    r.capacity = present(j, "capacity") ? numField(j, "capacity") : numField(j, "capacity_sum");
-    r.aux_loss = numField(j, "aux_loss");
-    r.expert_parallel = numField(j, "expert_parallel");
-    r.dispatch_bytes = numField(j, "dispatch_bytes");
-    run.moe.push_back(std::move(r));
-  } else if (kind == "pipeline") {
-    if (!step || !isArray(j, "busy_s") || !isArray(j, "bubble")) {
-      ++run.malformed;
-      return;
-    }
-    PipelineRecord r;
-    r.step = *step;
-    r.busy_s = numArray(j, "busy_s");
-    r.bubble = numArray(j, "bubble");
-    r.stages = static_cast<int>(intField(j, "stages").value_or(static_cast<int64_t>(r.busy_s.size())));
-    r.micro_batches = intField(j, "micro_batches").value_or(0);
-    r.stage_layers = intArray(j, "stage_layers");
-    r.bubble_mean = numField(j, "bubble_mean");
-    r.window_s = numField(j, "window_s");
-    r.bubble_theory = numField(j, "bubble_1f1b_theory");
-    run.pipeline.push_back(std::move(r));
-  } else if (kind == "parallel") {
-    ParallelRecord r;
-    r.pipeline_stages = intField(j, "pipeline_stages").value_or(1);
-    r.stage_layers = intArray(j, "stage_layers");
-    r.replicas = intField(j, "replicas").value_or(1);
-    r.expert_parallel = intField(j, "expert_parallel").value_or(1);
-    r.expert_begin = intArray(j, "expert_begin");
-    r.shares = intArray(j, "shares");
-    if (auto rc = j.find("recompute"); rc != j.end() && rc->is_boolean()) r.recompute = rc->get<bool>();
-    run.parallel = std::move(r);
-  } else if (kind == "summary") {
-    SummaryRecord s;
-    s.steps = intField(j, "steps");
-    s.wall_s = optNum(j, "wall_s");
-    s.tokens = optNum(j, "tokens");
-    s.final_loss = optNum(j, "final_loss");
-    s.final_val_loss = optNum(j, "final_val_loss");
-    s.predicted_step_s = optNum(j, "predicted_step_s");
-    s.measured_step_s = optNum(j, "measured_step_s");
-    s.bytes_strait = optNum(j, "bytes_strait");
-    run.summary = s;
-  } else {
-    ++run.unknown_kinds;
   }
 }
 
@@ -487,6 +368,10 @@ RunStats computeRunStats(const RunData& run) {
     if (last) st.final_val_loss = last->val_loss;
   }
   st.predicted_step_s = sum.predicted_step_s;
+  if (!st.predicted_step_s && run.prediction && std::isfinite(run.prediction->predicted_step_s) &&
+      run.prediction->predicted_step_s > 0) {
+    st.predicted_step_s = run.prediction->predicted_step_s;  // the planner's line at the start
+  }
   if (sum.measured_step_s) {
     st.measured_step_s = sum.measured_step_s;
   } else if (!slowest_step_s.empty()) {
@@ -703,7 +588,10 @@ std::string formatSummary(const RunData& run, const RunStats& st) {
   }
   o += "  metrics lines      " + std::to_string(run.lines);
   if (run.malformed) o += ", " + std::to_string(run.malformed) + " malformed (skipped)";
-  if (run.unknown_kinds) o += ", " + std::to_string(run.unknown_kinds) + " of unknown kind (ignored)";
+  if (run.unknown_kinds) {
+    o += ", " + std::to_string(run.unknown_kinds) + " of unknown kind (ignored):";
+    for (const auto& [kind, n] : run.unknown_kind_names) o += " " + kind;
+  }
   o += "\n";
   if (run.has_trace) {
     o += "  trace              " + (run.dir / "trace.json").string() +
@@ -712,4 +600,4 @@ std::string formatSummary(const RunData& run, const RunStats& st) {
   return o;
 }
 
-}  // namespace archipelago::runtime
+}  // namespace archipelago::report

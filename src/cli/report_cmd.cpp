@@ -1,14 +1,13 @@
 // archipelago report RUN_DIR [RUN_DIR...] [--out DIR]: turns run directories
 // (or a directory of runs, e.g. the strategies bench's output) into an HTML
-// report with SVG charts (runtime/report.h). The report code is
-// torch-free; this file carries the `_torch` suffix only because the runtime
-// layer it links is built with libtorch.
+// report with SVG charts (report/report.h). Torch-free: the verb is in the
+// torch-free build too.
 #include <cstdio>
 #include <filesystem>
 #include <string>
 #include <vector>
 
-#include "archipelago/runtime/report.h"
+#include "archipelago/report/report.h"
 #include "cli/commands.h"
 
 namespace archipelago::cli {
@@ -26,11 +25,11 @@ void addReportCommands(CLI::App& app) {
   rep->add_option("--out", out_dir, "write the report here instead of FIRST_RUN_DIR/report (DIR/report for a directory of runs)");
   rep->add_option("--max-points", max_points, "points per chart series before bucket-averaging (0 = all)");
   setAction(rep, [] {
-    runtime::ReportOptions opt;
+    report::ReportOptions opt;
     opt.out_dir = out_dir;
     opt.max_points = max_points;
     std::vector<std::filesystem::path> dirs(run_dirs.begin(), run_dirs.end());
-    auto out = runtime::writeReport(dirs, opt);
+    auto out = report::writeReport(dirs, opt);
     if (!out.isOk()) return out.status().withContext("report");
     std::fputs(out->summary.c_str(), stdout);
     std::printf("\nreport: %s\n", out->index_html.c_str());

@@ -5,9 +5,9 @@
 #include <string>
 #include <vector>
 
-#include "archipelago/runtime/report.h"
+#include "archipelago/report/report.h"
 
-namespace archipelago::runtime::report_detail {
+namespace archipelago::report::detail {
 
 // Indices into run.steps with one entry per (step, rank), ordered by (step,
 // rank): the last line wins (a step replayed after a restart from a
@@ -18,4 +18,4 @@ std::string fmtFixed(double v, int decimals);  // "n/a" for non-finite
 std::string fmtCount(double v);                // 1234567 -> "1,234,567"
 std::string fmtWall(double seconds);           // "42.1 s", "1h 02m 03s (3723 s)"
 
-}  // namespace archipelago::runtime::report_detail
+}  // namespace archipelago::report::detail

@@ -1,4 +1,4 @@
-#include "archipelago/runtime/metrics.h"
+#include "archipelago/runtime/trace.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -12,27 +12,6 @@
 #include "archipelago/core/log.h"
 
 namespace archipelago::runtime {
-
-MetricsSink::~MetricsSink() {
-  if (fd_ >= 0) ::close(fd_);
-}
-
-core::Status MetricsSink::open(const std::string& path) {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd_ < 0) return core::unavailable("cannot open metrics file '" + path + "': " + std::strerror(errno));
-  return core::okStatus();
-}
-
-void MetricsSink::write(nlohmann::json line) {
-  if (fd_ < 0) return;
-  if (!line.contains("time")) line["time"] = static_cast<double>(core::wallMicros()) / 1e6;
-  std::string s = line.dump() + "\n";
-  ssize_t n = ::write(fd_, s.data(), s.size());
-  if (n != static_cast<ssize_t>(s.size())) {
-    ARCH_LOG_WARN("metrics line not fully written ({} of {} bytes): {}", n, s.size(), std::strerror(errno));
-  }
-}
 
 void TraceRecorder::setProcess(int rank, std::string name) {
   std::lock_guard<std::mutex> lock(mu_);

@@ -1,6 +1,6 @@
 // SVG chart writer for run reports (see report_chart.h). Plain string
 // building: the output must be self-contained and stable enough to test.
-#include "archipelago/runtime/report_chart.h"
+#include "archipelago/report/report_chart.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,7 +9,7 @@
 #include <map>
 #include <string>
 
-namespace archipelago::runtime::chart {
+namespace archipelago::report::chart {
 namespace {
 
 // Tableau-10-like palette: distinguishable, prints well.
@@ -429,4 +429,4 @@ void downsample(std::vector<double>& x, std::vector<double>& y, size_t max_point
   y = std::move(oy);
 }
 
-}  // namespace archipelago::runtime::chart
+}  // namespace archipelago::report::chart

@@ -1,6 +1,8 @@
-// What a run leaves behind while it runs: metrics.jsonl lines (the contract
-// is in docs/report.md) and a Chrome/Perfetto trace of compute and
-// communication per worker. Torch-free.
+// The Chrome/Perfetto trace a run leaves behind (trace.json): compute and
+// communication spans per worker. Torch-free. The metrics.jsonl lines are
+// written through report::MetricsSink (archipelago/report/metrics.h), next to
+// the reader, so writer and reader share one schema; the trace stays here
+// because only the runtime writes it and the report only links it.
 #pragma once
 
 #include <cstdint>
@@ -13,25 +15,6 @@
 #include "archipelago/core/status.h"
 
 namespace archipelago::runtime {
-
-// Appends JSON lines to a file shared by all workers of a run. Each line is
-// written with one write(2) on an O_APPEND descriptor, so lines from
-// different processes never interleave.
-class MetricsSink {
- public:
-  MetricsSink() = default;
-  ~MetricsSink();
-  MetricsSink(const MetricsSink&) = delete;
-  MetricsSink& operator=(const MetricsSink&) = delete;
-
-  core::Status open(const std::string& path);
-  bool isOpen() const { return fd_ >= 0; }
-  // Adds "time" (unix seconds) if absent and appends the line.
-  void write(nlohmann::json line);
-
- private:
-  int fd_ = -1;
-};
 
 // Chrome trace events ("X" complete events) for one worker; pid = rank so
 // Perfetto shows one track group per worker, tid separates compute from

@@ -9,7 +9,7 @@
 #include <string_view>
 #include <vector>
 
-namespace archipelago::runtime::chart {
+namespace archipelago::report::chart {
 
 // Escapes &, <, >, " and ' for use in XML text and attribute values; drops
 // control characters that XML 1.0 forbids.
@@ -94,4 +94,4 @@ std::string renderStackedBarChart(const StackedBarChart& chart);
 // enough or max_points == 0.
 void downsample(std::vector<double>& x, std::vector<double>& y, size_t max_points);
 
-}  // namespace archipelago::runtime::chart
+}  // namespace archipelago::report::chart

@@ -11,18 +11,18 @@
 
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
-#include "archipelago/runtime/report.h"
-#include "archipelago/runtime/report_chart.h"
-#include "runtime/report_internal.h"
+#include "archipelago/report/report.h"
+#include "archipelago/report/report_chart.h"
+#include "report/report_internal.h"
 
-namespace archipelago::runtime {
+namespace archipelago::report {
 namespace {
 
 namespace fs = std::filesystem;
-using report_detail::dedupedSteps;
-using report_detail::fmtCount;
-using report_detail::fmtFixed;
-using report_detail::fmtWall;
+using detail::dedupedSteps;
+using detail::fmtCount;
+using detail::fmtFixed;
+using detail::fmtWall;
 using chart::escapeXml;
 
 // One chart of the report: written as <file> and inlined into the page.
@@ -175,12 +175,15 @@ std::vector<Chart> runCharts(const RunData& run, const RunStats& st, size_t max_
     for (const auto& w : st.workers) {
       c.categories.push_back(rankLabel(w.rank, w.island) + (w.device.empty() ? "" : " (" + w.device + ")"));
       compute.values.push_back(w.mean_compute_s);
-      comm.values.push_back(w.mean_comm_s);
+      // wait_s is the part of comm_s spent blocked on peers (docs/report.md):
+      // stacked apart so that the bar still sums to compute + comm.
+      comm.values.push_back(std::max(0.0, w.mean_comm_s - w.mean_wait_s));
       wait.values.push_back(w.mean_wait_s);
     }
     c.segments = {compute, comm, wait};
     charts.push_back({"time_breakdown.svg", c.title, chart::renderStackedBarChart(c),
-                      "Mean compute, communication and wait time per step of each worker."});
+                      "Mean compute time, communication time and, of the communication, the time spent waiting "
+                      "for peers, per step of each worker."});
   }
   if (!run.steps.empty()) {
     chart::LineChart c;
@@ -599,4 +602,4 @@ core::Result<ReportOutput> writeReport(const std::vector<fs::path>& paths, const
   return out;
 }
 
-}  // namespace archipelago::runtime
+}  // namespace archipelago::report

@@ -4,8 +4,10 @@
 // inline SVG charts), summary.txt and one .svg per chart. Several runs can be
 // compared in one report (sync vs DiLoCo vs streaming).
 //
-// Torch-free on purpose: it lives in the runtime layer next to the trainer
-// that writes the files, but compiles and tests without libtorch.
+// Torch-free on purpose (the report layer sits below runtime): it builds and
+// tests without libtorch, and any tool can read run directories with it.
+// metrics.jsonl is read through the same schema the trainers write with
+// (metrics.h).
 //
 // Robustness rules (the metrics format grows, and runs crash mid-line):
 // unknown `kind`s and unknown fields are ignored; lines that are not a JSON
@@ -23,13 +25,12 @@
 #include <vector>
 
 #include "archipelago/core/status.h"
+#include "archipelago/report/metrics.h"
 
-namespace archipelago::runtime {
-
-// A numeric field the line did not carry (or carried as null).
-inline constexpr double kMissing = std::numeric_limits<double>::quiet_NaN();
+namespace archipelago::report {
 
 // ---- what the run directory holds -------------------------------------------
+// (metrics.jsonl's records are declared in metrics.h)
 
 // One worker as listed in run.json.
 struct RunRank {
@@ -37,83 +38,6 @@ struct RunRank {
   std::string island;
   std::string device;
   double slowdown = 1.0;  // EMULATED compute stretch factor
-};
-
-// kind "step": one per step per worker. Missing numeric fields are NaN.
-struct StepRecord {
-  int64_t step = 0;
-  int rank = 0;
-  std::string island;
-  int64_t epoch = 0;
-  double loss = kMissing, lr = kMissing, samples = kMissing, tokens = kMissing;
-  double compute_s = kMissing, comm_s = kMissing, wait_s = kMissing, step_s = kMissing;
-  double tokens_per_s = kMissing, grad_norm = kMissing, time = kMissing;
-};
-
-// kind "eval".
-struct EvalRecord {
-  int64_t step = 0;
-  double val_loss = kMissing;
-  double time = kMissing;
-};
-
-// kind "outer": one cross-island synchronisation round (DiLoCo, streaming).
-struct OuterRecord {
-  int64_t step = 0;
-  int64_t round = 0;
-  double bytes_strait = kMissing, sync_s = kMissing, wait_s = kMissing, time = kMissing;
-};
-
-// kind "event": checkpoint, failure, epoch, join, resync, restart, rebalance, ...
-struct EventRecord {
-  std::string event;
-  int64_t step = -1;  // -1: not tied to a step
-  double time = kMissing;
-  std::string detail;
-};
-
-// kind "moe": expert load of one MoE layer on one rank at one step.
-struct MoeRecord {
-  int64_t step = 0;
-  int rank = 0;
-  int layer = 0;
-  std::vector<double> tokens_per_expert;    // assignments the router chose (before the capacity limit)
-  std::vector<double> dropped_per_expert;   // assignments over capacity (empty: not written)
-  double dropped = kMissing;
-  double capacity = kMissing;  // "capacity" (one rank) or "capacity_sum" (rank-summed PP/EP line)
-  double aux_loss = kMissing;
-  double expert_parallel = kMissing;  // EP group size (PP/EP trainer)
-  double dispatch_bytes = kMissing;   // rank 0's all-to-all bytes to other members so far
-};
-
-// kind "pipeline": one per logged step of a pipeline-parallel run (rank 0):
-// per stage busy time and bubble (1 - busy / the pipeline's schedule window).
-struct PipelineRecord {
-  int64_t step = 0;
-  int stages = 0;
-  int64_t micro_batches = 0;
-  std::vector<int64_t> stage_layers;
-  std::vector<double> busy_s;  // per stage, seconds (mean over pipelines)
-  std::vector<double> bubble;  // per stage, fraction of the window
-  double bubble_mean = kMissing, window_s = kMissing, bubble_theory = kMissing;  // theory: (p-1)/(m+p-1)
-};
-
-// kind "parallel": the pipeline / expert layout (written once by rank 0).
-struct ParallelRecord {
-  int64_t pipeline_stages = 1;
-  std::vector<int64_t> stage_layers;
-  int64_t replicas = 1;
-  int64_t expert_parallel = 1;
-  std::vector<int64_t> expert_begin;
-  std::vector<int64_t> shares;
-  bool recompute = false;
-};
-
-// kind "summary": written once at the end. Absent fields stay nullopt.
-struct SummaryRecord {
-  std::optional<int64_t> steps;
-  std::optional<double> wall_s, tokens, final_loss, final_val_loss, predicted_step_s, measured_step_s;
-  std::optional<double> bytes_strait;  // everything the run sent over straits (e.g. the strategies bench's counter)
 };
 
 // Everything read from one run directory.
@@ -137,11 +61,14 @@ struct RunData {
   std::vector<MoeRecord> moe;
   std::vector<PipelineRecord> pipeline;
   std::optional<ParallelRecord> parallel;
+  std::optional<PredictionRecord> prediction;
+  std::vector<ReplicaRecord> replicas;
   std::optional<SummaryRecord> summary;
 
   int64_t lines = 0;          // non-empty lines read from metrics.jsonl
   int64_t malformed = 0;      // skipped: not JSON, no kind, or missing key fields
   int64_t unknown_kinds = 0;  // ignored: a kind this reader does not know
+  std::map<std::string, int64_t> unknown_kind_names;  // how many lines of each unknown kind
   bool has_trace = false;     // trace.json exists
 };
 
@@ -287,4 +214,4 @@ core::Result<std::vector<std::filesystem::path>> expandRunDirs(const std::vector
 core::Result<ReportOutput> writeReport(const std::vector<std::filesystem::path>& run_dirs,
                                        const ReportOptions& options = {});
 
-}  // namespace archipelago::runtime
+}  // namespace archipelago::report

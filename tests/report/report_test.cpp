@@ -12,10 +12,10 @@
 #include <string>
 #include <vector>
 
-#include "archipelago/runtime/report.h"
-#include "archipelago/runtime/report_chart.h"
+#include "archipelago/report/report.h"
+#include "archipelago/report/report_chart.h"
 
-namespace archipelago::runtime {
+namespace archipelago::report {
 namespace {
 
 namespace fs = std::filesystem;
@@ -649,4 +649,4 @@ TEST(Report, MissingMetricsIsAClearError) {
 }
 
 }  // namespace
-}  // namespace archipelago::runtime
+}  // namespace archipelago::report
