@@ -395,10 +395,7 @@ core::Status Impl::setup() {
   for (int i = 0; i < slots; ++i) {
     double x = 0;
     const int r0 = pp_ ? i * lay_.stages : i, r1 = pp_ ? r0 + lay_.stages : i + 1;
-    for (int r = r0; r < r1; ++r) {
-      x += job_.train.shares.empty() ? 1.0 / workers_[static_cast<size_t>(r)].slowdown
-                                     : job_.train.shares[static_cast<size_t>(r)];
-    }
+    for (int r = r0; r < r1; ++r) x += core::initialShareWeight(job_.train, workers_[static_cast<size_t>(r)]);
     w.push_back(x);
   }
   ARCH_ASSIGN_OR_RETURN(shares_, core::sharesFromWeights(w, job_.train.global_batch));

@@ -58,25 +58,6 @@ int64_t minorFaults() {
 }
 }  // namespace
 
-std::vector<WorkerInfo> workersOf(const core::ClusterSpec& cluster) {
-  std::vector<WorkerInfo> out;
-  int rank = 0;
-  for (size_t i = 0; i < cluster.islands.size(); ++i) {
-    const auto& is = cluster.islands[i];
-    for (int64_t k = 0; k < is.count; ++k) {
-      WorkerInfo w;
-      w.rank = rank++;
-      w.island = is.name;
-      w.island_index = static_cast<int>(i);
-      w.local_index = static_cast<int>(k);
-      w.device = is.device;
-      w.slowdown = is.slowdownOf(k);
-      out.push_back(w);
-    }
-  }
-  return out;
-}
-
 namespace {
 
 // Gradient buckets: contiguous ranges of the flat gradient buffer, formed
@@ -370,10 +351,7 @@ double wallSeconds() { return static_cast<double>(core::wallMicros()) / 1e6; }
 core::Result<std::vector<int64_t>> Trainer::initialShares() const {
   if (world_ == 1) return std::vector<int64_t>{tc_.global_batch};
   std::vector<double> w;
-  for (int r : alive_) {
-    if (!tc_.shares.empty()) w.push_back(tc_.shares[static_cast<size_t>(r)]);
-    else w.push_back(1.0 / workers_[static_cast<size_t>(r)].slowdown);
-  }
+  for (int r : alive_) w.push_back(core::initialShareWeight(tc_, workers_[static_cast<size_t>(r)]));
   ARCH_ASSIGN_OR_RETURN(auto sh, core::sharesFromWeights(w, tc_.global_batch));
   std::vector<int64_t> out(static_cast<size_t>(world_), 0);
   for (size_t i = 0; i < alive_.size(); ++i) out[static_cast<size_t>(alive_[i])] = sh[i];
