@@ -8,6 +8,7 @@
 #include <fstream>
 #include <functional>
 
+#include "archipelago/core/files.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/model/safetensors.h"
@@ -42,7 +43,8 @@ namespace {
 
 // Writes the files of one directory into a temporary sibling, then its
 // manifest (sha256 and size of each file, written last: a directory without
-// it is never loaded), then renames it to root/name.
+// it is never loaded), then publishes it as root/name (replacing an older
+// one of the same name).
 core::Status writeDirAtomic(const fs::path& root, const std::string& name, int64_t step,
                             const std::function<core::Result<std::vector<std::string>>(const fs::path&)>& write) {
   std::error_code ec;
@@ -60,11 +62,8 @@ core::Status writeDirAtomic(const fs::path& root, const std::string& name, int64
     files[f] = {{"sha256", sha}, {"bytes", fs::file_size(tmp / f)}};
   }
   nlohmann::json manifest = {{"format_version", kFormatVersion}, {"step", step}, {"files", files}};
-  ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "manifest.json").string(), manifest.dump(2)));
-  fs::remove_all(final_dir, ec);
-  fs::rename(tmp, final_dir, ec);
-  if (ec) return core::unavailable("cannot rename '" + tmp.string() + "' into place: " + ec.message());
-  return core::okStatus();
+  ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "manifest.json", manifest.dump(2)));
+  return core::replaceDirectoryAtomic(tmp, final_dir);
 }
 
 // Step of "step_00000050" or "step_00000050.rank_3"; -1 for other names.
@@ -134,7 +133,7 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
                                                    {{"rank", std::to_string(s.part_rank)}, {"step", std::to_string(s.step)}}));
       nlohmann::json state = {{"step", s.step}, {"rank", s.part_rank}, {"optimizer_step", s.optimizer_step},
                               {"extra", s.extra}};
-      ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
+      ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "state.json", state.dump(2)));
       return std::vector<std::string>{"part.safetensors", "state.json"};
     }));
     prune(run_dir, keep_last);
@@ -146,7 +145,7 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
                                                  {{"format", "archipelago"}, {"step", std::to_string(s.step)}}));
     ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "optimizer.safetensors").string(), s.optimizer,
                                                  {{"optimizer", "adamw"}, {"step", std::to_string(s.optimizer_step)}}));
-    ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "config.json").string(), model::hfConfigJson(s.model)));
+    ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "config.json", model::hfConfigJson(s.model)));
     nlohmann::json state = {{"step", s.step},
                             {"data_position", s.data_position},
                             {"shares", s.shares},
@@ -154,7 +153,7 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
                             {"membership", s.membership},
                             {"extra", s.extra},
                             {"job_yaml", s.job_yaml}};
-    ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
+    ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "state.json", state.dump(2)));
     return std::vector<std::string>{"model.safetensors", "optimizer.safetensors", "config.json", "state.json"};
   }));
   prune(run_dir, keep_last);
