@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
 
 #include "archipelago/core/files.h"
 #include "archipelago/core/hash.h"
@@ -245,50 +246,18 @@ core::Result<std::string> latestValidCheckpoint(const std::string& run_dir,
 }
 
 CheckpointWriter::CheckpointWriter(std::string run_dir, int64_t keep_last)
-    : run_dir_(std::move(run_dir)), keep_last_(keep_last), thread_([this] { loop(); }) {}
-
-CheckpointWriter::~CheckpointWriter() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  thread_.join();
-}
+    : run_dir_(std::move(run_dir)), keep_last_(keep_last) {}
 
 void CheckpointWriter::submit(CheckpointState state) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    queue_.push_back(std::move(state));
-  }
-  cv_.notify_all();
+  // shared_ptr: the queue's tasks are copyable std::functions; the snapshot is not copied.
+  auto s = std::make_shared<CheckpointState>(std::move(state));
+  queue_.submit([this, s]() -> core::Status {
+    core::Status st = writeCheckpoint(run_dir_, *s, keep_last_);
+    if (!st.isOk()) ARCH_LOG_ERROR("checkpoint at step {} failed: {}", s->step, st.toString());
+    return st;
+  });
 }
 
-core::Status CheckpointWriter::drain() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
-  return error_;
-}
-
-void CheckpointWriter::loop() {
-  std::unique_lock<std::mutex> lock(mu_);
-  while (true) {
-    cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-    if (queue_.empty()) {
-      if (stop_) return;
-      continue;
-    }
-    CheckpointState s = std::move(queue_.front());
-    queue_.pop_front();
-    busy_ = true;
-    lock.unlock();
-    core::Status st = writeCheckpoint(run_dir_, s, keep_last_);
-    if (!st.isOk()) ARCH_LOG_ERROR("checkpoint at step {} failed: {}", s.step, st.toString());
-    lock.lock();
-    if (!st.isOk() && error_.isOk()) error_ = st;
-    busy_ = false;
-    cv_.notify_all();
-  }
-}
+core::Status CheckpointWriter::drain() { return queue_.drain(); }
 
 }  // namespace archipelago::runtime
