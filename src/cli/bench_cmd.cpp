@@ -1,23 +1,12 @@
 // archipelago bench ...: `bench comm` measures the comm layer's collectives
 // (and Gloo's ring allreduce in the same run) on forked local ranks.
-#include <sstream>
-
 #include "archipelago/comm/bench.h"
+#include "archipelago/core/strings.h"
 #include "archipelago/core/units.h"
 #include "cli/commands.h"
 
 namespace archipelago::cli {
 namespace {
-
-std::vector<std::string> splitList(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
 
 // "4KB..256MB" (powers of 4 between the ends) or "4KB,1MB,64MB".
 core::Result<std::vector<uint64_t>> parseSizes(const std::string& text) {
@@ -33,7 +22,7 @@ core::Result<std::vector<uint64_t>> parseSizes(const std::string& text) {
     if (out.back() != *hi) out.push_back(*hi);
     return out;
   }
-  for (const auto& item : splitList(text)) {
+  for (const auto& item : core::splitList(text)) {
     auto v = core::parseByteSize(item);
     if (!v.isOk()) return core::invalidArgument("--sizes: '" + item + "' is not a size like 64MB");
     out.push_back(*v);
@@ -74,8 +63,8 @@ void addBenchCommands(CLI::App& app) {
     if (!opts->sizes.empty()) {
       ARCH_ASSIGN_OR_RETURN(o.sizes, parseSizes(opts->sizes));
     }
-    if (!opts->ops.empty()) o.ops = splitList(opts->ops);
-    if (!opts->impls.empty()) o.impls = splitList(opts->impls);
+    if (!opts->ops.empty()) o.ops = core::splitList(opts->ops);
+    if (!opts->impls.empty()) o.impls = core::splitList(opts->impls);
     return comm::runCommBench(o);
   });
 }

@@ -1,12 +1,11 @@
 // archipelago plan CLUSTER MODEL ...  and  archipelago simulate PLAN.json ...
 #include <cstdio>
-#include <fstream>
 #include <memory>
-#include <sstream>
 
 #include <fmt/format.h>
 
 #include "archipelago/core/config.h"
+#include "archipelago/core/files.h"
 #include "archipelago/plan/calibration.h"
 #include "archipelago/plan/catalog.h"
 #include "archipelago/plan/model_spec.h"
@@ -43,14 +42,6 @@ struct SimArgs {
   bool json = false;
 };
 
-core::Status writeFile(const std::string& path, const std::string& text) {
-  std::ofstream out(path);
-  if (!out) return core::notFound("cannot write '" + path + "'");
-  out << text;
-  if (!out) return core::internalError("short write to '" + path + "'");
-  return core::okStatus();
-}
-
 core::Status runPlan(const PlanArgs& a) {
   ARCH_ASSIGN_OR_RETURN(core::ClusterSpec cluster, core::loadClusterSpec(a.cluster));
   ARCH_ASSIGN_OR_RETURN(plan::DeviceCatalog catalog, plan::DeviceCatalog::builtin());
@@ -69,7 +60,7 @@ core::Status runPlan(const PlanArgs& a) {
   o.strategy = a.strategy;
   o.diloco_h = a.diloco_h;
   ARCH_ASSIGN_OR_RETURN(plan::PlanResult r, plan::searchPlans(cluster, model, catalog, o, profile.get()));
-  if (!a.out.empty()) ARCH_RETURN_IF_ERROR(writeFile(a.out, r.plans.front().toJson() + "\n"));
+  if (!a.out.empty()) ARCH_RETURN_IF_ERROR(core::writeFile(a.out, r.plans.front().toJson() + "\n"));
   if (a.json) {
     std::string s = "{\"search_s\": " + fmt::format("{:.4f}", r.search_s) + ", \"evaluated\": " +
                     std::to_string(r.evaluated) + ", \"rejected\": {";
@@ -90,17 +81,15 @@ core::Status runPlan(const PlanArgs& a) {
 }
 
 core::Status runSimulate(const SimArgs& a) {
-  std::ifstream in(a.plan);
-  if (!in) return core::notFound("plan file '" + a.plan + "' cannot be opened; write one with `archipelago plan ... --out FILE`");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  auto pr = plan::Plan::fromJson(ss.str());
+  auto text = core::readFile(a.plan);
+  if (!text.isOk()) return text.status().withContext("plan file (write one with `archipelago plan ... --out FILE`)");
+  auto pr = plan::Plan::fromJson(*text);
   if (!pr.isOk()) return pr.status().withContext(a.plan);
   const plan::Plan& p = *pr;
   plan::SimOptions so;
   so.trace = !a.trace.empty();
   ARCH_ASSIGN_OR_RETURN(plan::SimResult sr, plan::simulateStep(p, so));
-  if (!a.trace.empty()) ARCH_RETURN_IF_ERROR(writeFile(a.trace, sr.trace_json));
+  if (!a.trace.empty()) ARCH_RETURN_IF_ERROR(core::writeFile(a.trace, sr.trace_json));
   plan::GoodputResult gr;
   const bool failures = a.mtbf_hours > 0;
   if (failures) {

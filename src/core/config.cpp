@@ -12,6 +12,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include "archipelago/core/strings.h"
 #include "archipelago/core/units.h"
 #include "core/config_fields.h"
 
@@ -43,13 +44,6 @@ const StraitSpec* ClusterSpec::strait(const std::string& x, const std::string& y
 }
 
 namespace {
-
-std::string trim(std::string s) {
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
-  size_t i = 0;
-  while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
-  return s.substr(i);
-}
 
 std::string kindExpectation(const FieldRef& f) {
   switch (f.kind) {
@@ -86,18 +80,6 @@ Result<double> parseDouble(const std::string& t) {
   double v = std::strtod(t.c_str(), &end);
   if (end != t.c_str() + t.size() || !std::isfinite(v)) return invalidArgument("not a finite number");
   return v;
-}
-
-// Splits "[1, 2, 3]" or "1,2,3" into items (for env/flag list values).
-std::vector<std::string> splitList(std::string t) {
-  t = trim(t);
-  if (t.size() >= 2 && t.front() == '[' && t.back() == ']') t = t.substr(1, t.size() - 2);
-  std::vector<std::string> out;
-  if (trim(t).empty()) return out;
-  std::stringstream ss(t);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(trim(item));
-  return out;
 }
 
 // Parses one scalar (or a list given as items) into the field.

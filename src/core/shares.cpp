@@ -7,6 +7,11 @@
 
 namespace archipelago::core {
 
+double initialShareWeight(const TrainConfig& train, const WorkerInfo& w) {
+  const auto r = static_cast<size_t>(w.rank);
+  return r < train.shares.size() ? train.shares[r] : 1.0 / w.slowdown;
+}
+
 Result<std::vector<int64_t>> sharesFromWeights(const std::vector<double>& weights, int64_t total) {
   const int64_t n = static_cast<int64_t>(weights.size());
   if (n == 0) return invalidArgument("shares: no ranks given");

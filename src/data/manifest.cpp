@@ -1,9 +1,9 @@
 #include "archipelago/data/manifest.h"
 
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
+
+#include "archipelago/core/files.h"
 
 namespace archipelago::data {
 namespace {
@@ -207,14 +207,11 @@ core::Result<Manifest> manifestFromJson(const std::string& text, const std::stri
 
 core::Result<Manifest> loadManifest(const std::filesystem::path& dir) {
   auto path = dir / kManifestFile;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return core::notFound("'" + path.string() + "' not found; is '" + dir.string() +
-                          "' the output of `archipelago data prepare`?");
+  auto text = core::readFile(path);
+  if (!text.isOk()) {
+    return text.status().withContext("dataset '" + dir.string() + "' (the output of `archipelago data prepare`)");
   }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  ARCH_ASSIGN_OR_RETURN(Manifest m, manifestFromJson(ss.str(), path.string()));
+  ARCH_ASSIGN_OR_RETURN(Manifest m, manifestFromJson(*text, path.string()));
   m.dir = dir;
   return m;
 }

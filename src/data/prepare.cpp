@@ -8,14 +8,13 @@
 #include <cstring>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <functional>
-#include <sstream>
 #include <unordered_set>
 
 #include <nlohmann/json.hpp>
 
 #include "archipelago/core/clock.h"
+#include "archipelago/core/files.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/units.h"
 #include "archipelago/data/shard.h"
@@ -106,20 +105,6 @@ core::Result<std::vector<std::string>> collectFiles(const std::vector<std::strin
     }
   }
   return files;
-}
-
-core::Result<std::string> readFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return core::notFound("cannot open input '" + path + "'");
-  std::string s;
-  in.seekg(0, std::ios::end);
-  auto n = in.tellg();
-  in.seekg(0, std::ios::beg);
-  if (n < 0) return core::dataLoss("cannot size input '" + path + "'");
-  s.resize(static_cast<size_t>(n));
-  in.read(s.data(), n);
-  if (in.gcount() != n) return core::dataLoss("short read on input '" + path + "'");
-  return s;
 }
 
 core::Status textOf(const nlohmann::json& obj, const std::string& where, std::vector<std::string>& docs) {
@@ -226,7 +211,7 @@ core::Status forEachDocument(const std::vector<std::string>& files, const std::v
                              std::vector<InputInfo>* inputs_out) {
   int64_t bytes = 0, doc_index = 0;
   for (size_t f = 0; f < files.size(); ++f) {
-    ARCH_ASSIGN_OR_RETURN(std::string content, readFile(files[f]));
+    ARCH_ASSIGN_OR_RETURN(std::string content, core::readFile(files[f]));
     std::string sha = core::sha256Hex(content);
     if (check_inputs != nullptr && (*check_inputs)[f].sha256 != sha) {
       return core::aborted("input '" + files[f] + "' changed while it was being prepared; run again");
@@ -308,25 +293,6 @@ class TempDirGuard {
  private:
   fs::path path_;
 };
-
-core::Result<fs::path> makeTempDir(const fs::path& out, const char* tag) {
-  std::string templ = out.string() + tag;
-  std::vector<char> buf(templ.begin(), templ.end());
-  buf.push_back('\0');
-  if (::mkdtemp(buf.data()) == nullptr) {
-    return core::unavailable("cannot create a temporary directory next to '" + out.string() + "': " +
-                             std::strerror(errno));
-  }
-  return fs::path(buf.data());
-}
-
-core::Status writeFile(const fs::path& path, const std::string& data) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(data.data(), static_cast<std::streamsize>(data.size()));
-  f.flush();
-  if (!f) return core::unavailable("cannot write '" + path.string() + "'");
-  return core::okStatus();
-}
 
 }  // namespace
 
@@ -423,7 +389,7 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
     fs::create_directories(out.parent_path(), ec);
     if (ec) return core::unavailable("cannot create '" + out.parent_path().string() + "': " + ec.message());
   }
-  ARCH_ASSIGN_OR_RETURN(fs::path tmp, makeTempDir(out, ".tmp-XXXXXX"));
+  ARCH_ASSIGN_OR_RETURN(fs::path tmp, core::makeSiblingTempDir(out, ".tmp-"));
   TempDirGuard guard(tmp);
 
   // Tokenizer.
@@ -441,7 +407,7 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
     spm_sentences.clear();
     spm_sentences.shrink_to_fit();
     report.spm_train_seconds = core::secondsSince(ts);
-    ARCH_RETURN_IF_ERROR(writeFile(tmp / "tokenizer.model", model));
+    ARCH_RETURN_IF_ERROR(core::writeFile(tmp / "tokenizer.model", model));
     ARCH_ASSIGN_OR_RETURN(auto sp, SpmTokenizer::fromSerialized(model));
     m.tokenizer.kind = "spm";
     m.tokenizer.file = "tokenizer.model";
@@ -492,29 +458,15 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
   }
   if (m.train.tokens == 0) return core::invalidArgument("--val-fraction: every document went to validation");
 
-  ARCH_RETURN_IF_ERROR(writeFile(tmp / kManifestFile, manifestToJson(m)));
+  ARCH_RETURN_IF_ERROR(core::writeFile(tmp / kManifestFile, manifestToJson(m)));
   fs::permissions(tmp, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
                            fs::perms::others_read | fs::perms::others_exec, ec);
 
   // Publish: rename into place (replacing an old directory only with --force).
-  if (fs::exists(out, ec)) {
-    if (!options.force) {
-      return core::Status(core::StatusCode::kAlreadyExists, "--out '" + out.string() + "' appeared while preparing");
-    }
-    ARCH_ASSIGN_OR_RETURN(fs::path old, makeTempDir(out, ".old-XXXXXX"));
-    fs::rename(out, old, ec);
-    if (ec) return core::unavailable("cannot move the old '" + out.string() + "' aside: " + ec.message());
-    fs::rename(tmp, out, ec);
-    if (ec) {
-      std::error_code ec2;
-      fs::rename(old, out, ec2);
-      return core::unavailable("cannot rename '" + tmp.string() + "' to '" + out.string() + "': " + ec.message());
-    }
-    fs::remove_all(old, ec);
-  } else {
-    fs::rename(tmp, out, ec);
-    if (ec) return core::unavailable("cannot rename '" + tmp.string() + "' to '" + out.string() + "': " + ec.message());
+  if (fs::exists(out, ec) && !options.force) {
+    return core::Status(core::StatusCode::kAlreadyExists, "--out '" + out.string() + "' appeared while preparing");
   }
+  ARCH_RETURN_IF_ERROR(core::replaceDirectoryAtomic(tmp, out));
   guard.release();
   m.dir = out;
   report.input_bytes = scan.total_bytes;

@@ -4,13 +4,12 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
-#include <fstream>
 #include <set>
 #include <sstream>
 
-#include <unistd.h>
-
 #include <nlohmann/json.hpp>
+
+#include "archipelago/core/files.h"
 
 namespace archipelago::model {
 
@@ -33,41 +32,6 @@ constexpr DtypeInfo kDtypes[] = {
 };
 
 core::Status corrupt(const std::string& what) { return core::dataLoss("safetensors: " + what); }
-
-core::Result<std::string> readWholeFile(const std::filesystem::path& path) {
-  std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) return core::notFound(path.string() + ": no such file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return core::notFound(path.string() + ": cannot open for reading");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return core::dataLoss(path.string() + ": read error");
-  return ss.str();
-}
-
-// Temporary file + rename: readers see the old file or the whole new one.
-core::Status writeWholeFile(const std::filesystem::path& path, std::string_view bytes) {
-  std::filesystem::path tmp = path;
-  tmp += ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return core::unavailable(tmp.string() + ": cannot open for writing (does the directory exist?)");
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      return core::resourceExhausted(tmp.string() + ": write failed (disk full?)");
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    return core::unavailable(path.string() + ": rename failed: " + ec.message());
-  }
-  return core::okStatus();
-}
 
 }  // namespace
 
@@ -224,11 +188,11 @@ core::Status writeSafetensors(const std::filesystem::path& path, const NamedTens
                               std::optional<torch::ScalarType> cast_floating) {
   auto bytes = serializeSafetensors(tensors, metadata, cast_floating);
   if (!bytes.isOk()) return bytes.status().withContext(path.string());
-  return writeWholeFile(path, *bytes);
+  return core::writeFileAtomic(path, *bytes);
 }
 
 core::Result<SafetensorsFile> readSafetensors(const std::filesystem::path& path) {
-  auto bytes = readWholeFile(path);
+  auto bytes = core::readFile(path);
   if (!bytes.isOk()) return bytes.status();
   auto file = parseSafetensors(*bytes);
   if (!file.isOk()) return file.status().withContext(path.string());
@@ -418,13 +382,13 @@ core::Status saveModelDir(const std::filesystem::path& dir, Transformer& model,
   if (cast_floating) {
     c.dtype = *cast_floating == torch::kBFloat16 ? "bf16" : *cast_floating == torch::kFloat16 ? "fp16" : "fp32";
   }
-  ARCH_RETURN_IF_ERROR(writeWholeFile(dir / "config.json", hfConfigJson(c)));
+  ARCH_RETURN_IF_ERROR(core::writeFileAtomic(dir / "config.json", hfConfigJson(c)));
   // transformers refuses safetensors files whose metadata lacks format=pt.
   return writeSafetensors(dir / "model.safetensors", model->namedTensors(), {{"format", "pt"}}, cast_floating);
 }
 
 core::Result<Transformer> loadModelDir(const std::filesystem::path& dir) {
-  auto text = readWholeFile(dir / "config.json");
+  auto text = core::readFile(dir / "config.json");
   if (!text.isOk()) return text.status();
   auto config = parseHfConfig(*text);
   if (!config.isOk()) return config.status().withContext((dir / "config.json").string());

@@ -3,10 +3,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
+
+#include "archipelago/core/files.h"
 
 namespace archipelago::plan {
 
@@ -206,25 +206,13 @@ core::Result<CalibrationProfile> CalibrationProfile::fromJson(const std::string&
 }
 
 core::Status CalibrationProfile::save(const std::string& path) const {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    if (!out) return core::notFound("cannot write calibration profile '" + tmp + "'");
-    out << toJson() << "\n";
-    if (!out) return core::internalError("short write to '" + tmp + "'");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    return core::internalError("cannot rename '" + tmp + "' to '" + path + "'");
-  }
-  return core::okStatus();
+  return core::writeFileAtomic(path, toJson() + "\n").withContext("calibration profile");
 }
 
 core::Result<CalibrationProfile> CalibrationProfile::load(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return core::notFound("calibration profile '" + path + "' cannot be opened");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  auto r = fromJson(ss.str());
+  auto text = core::readFile(path);
+  if (!text.isOk()) return text.status().withContext("calibration profile");
+  auto r = fromJson(*text);
   if (!r.isOk()) return r.status().withContext(path);
   return r;
 }

@@ -3,10 +3,10 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include <yaml-cpp/yaml.h>
+
+#include "archipelago/core/files.h"
 
 namespace archipelago::plan {
 
@@ -117,11 +117,9 @@ core::Status DeviceCatalog::mergeYaml(const std::string& yaml_text, const std::s
 }
 
 core::Status DeviceCatalog::mergeFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return core::notFound("catalog file '" + path + "' cannot be opened; pass an existing YAML file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return mergeYaml(ss.str(), path);
+  auto text = core::readFile(path);
+  if (!text.isOk()) return text.status().withContext("catalog file (an existing YAML file)");
+  return mergeYaml(*text, path);
 }
 
 core::Result<DeviceCatalog> DeviceCatalog::builtin() {

@@ -30,6 +30,7 @@
 #include <fmt/format.h>
 
 #include "archipelago/core/shares.h"
+#include "archipelago/core/workers.h"
 #include "archipelago/plan/cost_model.h"
 
 namespace archipelago::plan {
@@ -268,12 +269,12 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   su.flash_attention = false;
   CostModel cm(model, su, profile);
 
+  // The runtime's rank list (core/workers.h), so rank r is the same device here.
+  const std::vector<core::WorkerInfo> ranks = core::workersOf(cl);
   std::vector<LocalWorker> workers;
-  for (size_t i = 0; i < cl.islands.size(); ++i) {
-    ARCH_ASSIGN_OR_RETURN(DeviceSpec dev, catalog.get(cl.islands[i].device));
-    for (int64_t k = 0; k < cl.islands[i].count; ++k) {
-      workers.push_back({static_cast<int>(i), std::max(1.0, cl.islands[i].slowdownOf(k)), dev});
-    }
+  for (const auto& w : ranks) {
+    ARCH_ASSIGN_OR_RETURN(DeviceSpec dev, catalog.get(w.device));
+    workers.push_back({w.island_index, std::max(1.0, w.slowdown), dev});
   }
   const std::string kind0 = cl.islands[0].device;
   const DeviceCalibration* dc = profile ? profile->find(kind0) : nullptr;
@@ -399,13 +400,11 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   const double overhead = dc ? dc->step_overhead_s : 0.0;
 
   // ---- replay the steps ----
+  // The trainer's initial split (core::initialShareWeight).
   std::vector<int64_t> shares;
   {
     std::vector<double> w;
-    for (size_t r = 0; r < workers.size(); ++r) {
-      w.push_back(!tc.shares.empty() && tc.shares.size() == workers.size() ? tc.shares[r]
-                                                                           : (world == 1 ? 1.0 : 1.0 / workers[r].slowdown));
-    }
+    for (const auto& rank : ranks) w.push_back(core::initialShareWeight(tc, rank));
     ARCH_ASSIGN_OR_RETURN(shares, core::sharesFromWeights(w, tc.global_batch));
   }
   const int64_t interval = core::rebalanceInterval(tc.rebalance, world, diloco, H);

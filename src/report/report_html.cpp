@@ -9,6 +9,7 @@
 #include <regex>
 #include <set>
 
+#include "archipelago/core/files.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
 #include "archipelago/report/report.h"
@@ -366,15 +367,6 @@ std::vector<Chart> comparisonCharts(const std::vector<RunData>& runs, size_t max
   return charts;
 }
 
-core::Status writeFile(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) return core::unavailable(path.string() + ": cannot open for writing; check the --out directory");
-  out << text;
-  out.close();
-  if (!out) return core::unavailable(path.string() + ": write failed (disk full?)");
-  return core::okStatus();
-}
-
 // A path to `target` as seen from `from_dir` (relative when possible).
 std::string linkTo(const fs::path& target, const fs::path& from_dir) {
   std::error_code ec;
@@ -489,7 +481,7 @@ core::Result<ReportOutput> writeReport(const std::vector<fs::path>& paths, const
 
   auto emit = [&](const Chart& c, const std::string& prefix, std::vector<std::string>& files) -> core::Status {
     const std::string file = prefix + c.file;
-    ARCH_RETURN_IF_ERROR(writeFile(out.dir / file, c.svg));
+    ARCH_RETURN_IF_ERROR(core::writeFile(out.dir / file, c.svg));
     out.charts.push_back(out.dir / file);
     files.push_back(file);
     return core::okStatus();
@@ -597,8 +589,8 @@ core::Result<ReportOutput> writeReport(const std::vector<fs::path>& paths, const
 
   out.index_html = out.dir / "index.html";
   out.summary_txt = out.dir / "summary.txt";
-  ARCH_RETURN_IF_ERROR(writeFile(out.index_html, html));
-  ARCH_RETURN_IF_ERROR(writeFile(out.summary_txt, out.summary));
+  ARCH_RETURN_IF_ERROR(core::writeFile(out.index_html, html));
+  ARCH_RETURN_IF_ERROR(core::writeFile(out.summary_txt, out.summary));
   return out;
 }
 

@@ -7,7 +7,9 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
 
+#include "archipelago/core/files.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/model/safetensors.h"
@@ -42,7 +44,8 @@ namespace {
 
 // Writes the files of one directory into a temporary sibling, then its
 // manifest (sha256 and size of each file, written last: a directory without
-// it is never loaded), then renames it to root/name.
+// it is never loaded), then publishes it as root/name (replacing an older
+// one of the same name).
 core::Status writeDirAtomic(const fs::path& root, const std::string& name, int64_t step,
                             const std::function<core::Result<std::vector<std::string>>(const fs::path&)>& write) {
   std::error_code ec;
@@ -60,11 +63,8 @@ core::Status writeDirAtomic(const fs::path& root, const std::string& name, int64
     files[f] = {{"sha256", sha}, {"bytes", fs::file_size(tmp / f)}};
   }
   nlohmann::json manifest = {{"format_version", kFormatVersion}, {"step", step}, {"files", files}};
-  ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "manifest.json").string(), manifest.dump(2)));
-  fs::remove_all(final_dir, ec);
-  fs::rename(tmp, final_dir, ec);
-  if (ec) return core::unavailable("cannot rename '" + tmp.string() + "' into place: " + ec.message());
-  return core::okStatus();
+  ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "manifest.json", manifest.dump(2)));
+  return core::replaceDirectoryAtomic(tmp, final_dir);
 }
 
 // Step of "step_00000050" or "step_00000050.rank_3"; -1 for other names.
@@ -134,7 +134,7 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
                                                    {{"rank", std::to_string(s.part_rank)}, {"step", std::to_string(s.step)}}));
       nlohmann::json state = {{"step", s.step}, {"rank", s.part_rank}, {"optimizer_step", s.optimizer_step},
                               {"extra", s.extra}};
-      ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
+      ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "state.json", state.dump(2)));
       return std::vector<std::string>{"part.safetensors", "state.json"};
     }));
     prune(run_dir, keep_last);
@@ -146,7 +146,7 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
                                                  {{"format", "archipelago"}, {"step", std::to_string(s.step)}}));
     ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "optimizer.safetensors").string(), s.optimizer,
                                                  {{"optimizer", "adamw"}, {"step", std::to_string(s.optimizer_step)}}));
-    ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "config.json").string(), model::hfConfigJson(s.model)));
+    ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "config.json", model::hfConfigJson(s.model)));
     nlohmann::json state = {{"step", s.step},
                             {"data_position", s.data_position},
                             {"shares", s.shares},
@@ -154,7 +154,7 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
                             {"membership", s.membership},
                             {"extra", s.extra},
                             {"job_yaml", s.job_yaml}};
-    ARCH_RETURN_IF_ERROR(writeFileAtomic((tmp / "state.json").string(), state.dump(2)));
+    ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "state.json", state.dump(2)));
     return std::vector<std::string>{"model.safetensors", "optimizer.safetensors", "config.json", "state.json"};
   }));
   prune(run_dir, keep_last);
@@ -246,50 +246,18 @@ core::Result<std::string> latestValidCheckpoint(const std::string& run_dir,
 }
 
 CheckpointWriter::CheckpointWriter(std::string run_dir, int64_t keep_last)
-    : run_dir_(std::move(run_dir)), keep_last_(keep_last), thread_([this] { loop(); }) {}
-
-CheckpointWriter::~CheckpointWriter() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  thread_.join();
-}
+    : run_dir_(std::move(run_dir)), keep_last_(keep_last) {}
 
 void CheckpointWriter::submit(CheckpointState state) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    queue_.push_back(std::move(state));
-  }
-  cv_.notify_all();
+  // shared_ptr: the queue's tasks are copyable std::functions; the snapshot is not copied.
+  auto s = std::make_shared<CheckpointState>(std::move(state));
+  queue_.submit([this, s]() -> core::Status {
+    core::Status st = writeCheckpoint(run_dir_, *s, keep_last_);
+    if (!st.isOk()) ARCH_LOG_ERROR("checkpoint at step {} failed: {}", s->step, st.toString());
+    return st;
+  });
 }
 
-core::Status CheckpointWriter::drain() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
-  return error_;
-}
-
-void CheckpointWriter::loop() {
-  std::unique_lock<std::mutex> lock(mu_);
-  while (true) {
-    cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-    if (queue_.empty()) {
-      if (stop_) return;
-      continue;
-    }
-    CheckpointState s = std::move(queue_.front());
-    queue_.pop_front();
-    busy_ = true;
-    lock.unlock();
-    core::Status st = writeCheckpoint(run_dir_, s, keep_last_);
-    if (!st.isOk()) ARCH_LOG_ERROR("checkpoint at step {} failed: {}", s.step, st.toString());
-    lock.lock();
-    if (!st.isOk() && error_.isOk()) error_ = st;
-    busy_ = false;
-    cv_.notify_all();
-  }
-}
+core::Status CheckpointWriter::drain() { return queue_.drain(); }
 
 }  // namespace archipelago::runtime

@@ -20,6 +20,7 @@
 
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/clock.h"
+#include "archipelago/core/files.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
@@ -212,7 +213,7 @@ core::Status launchTraining(const LaunchOptions& opt) {
     fs::remove_all(fs::path(run_dir) / "trace", ec);
   }
   const std::string job_file = (fs::path(run_dir) / "job.yaml").string();
-  ARCH_RETURN_IF_ERROR(writeFileAtomic(job_file, core::dumpJobYaml(job)));
+  ARCH_RETURN_IF_ERROR(core::writeFileAtomic(job_file, core::dumpJobYaml(job)));
   {
     nlohmann::json ranks = nlohmann::json::array();
     for (const auto& w : workers) {
@@ -226,7 +227,7 @@ core::Status launchTraining(const LaunchOptions& opt) {
     nlohmann::json run = {{"job", opt.job_path}, {"started", static_cast<double>(core::wallMicros()) / 1e6},
                           {"world", world}, {"ranks", ranks}, {"straits", straits},
                           {"strategy", job.strategy.kind}, {"emulated", true}, {"resumed", opt.resume}};
-    ARCH_RETURN_IF_ERROR(writeFileAtomic((fs::path(run_dir) / "run.json").string(), run.dump(2)));
+    ARCH_RETURN_IF_ERROR(core::writeFileAtomic((fs::path(run_dir) / "run.json").string(), run.dump(2)));
   }
 
   // ---- coordinator + workers ----
@@ -313,7 +314,7 @@ core::Status launchTraining(const LaunchOptions& opt) {
       for (const auto& ch : children) {
         if (ch.exit_code < 0) pids[std::to_string(ch.rank)] = ch.pid;
       }
-      (void)writeFileAtomic((fs::path(run_dir) / "workers.json").string(),
+      (void)core::writeFileAtomic((fs::path(run_dir) / "workers.json").string(),
                             nlohmann::json{{"coordinator", coord_addr}, {"attempt", attempt}, {"pids", pids}}.dump());
       return core::okStatus();
     };

@@ -11,14 +11,15 @@
 // exchange was in flight (streaming's overlap; zero for DiLoCo).
 //
 // Threads: the trainer's thread owns the parameters and the schedule; one
-// "outer" thread owned by this object runs the exchanges in submission order
+// "outer" thread (this object's core::BackgroundQueue) runs the exchanges in submission order
 // (so every rank issues the same collectives in the same order on this
 // object's groups) and, for the fragment it is working on, owns that
 // fragment's slice of anchor / momentum and its error-feedback residual
 // until the job is `ready` (the trainer's thread waits for that). The replica
 // check of an outer step (a digest exchange, one more round trip over the
 // straits) runs on the outer thread after `ready`, while training goes on;
-// a mismatch fails the next complete() or finish().
+// a mismatch is the queue's sticky error: it fails the next complete() or
+// finish(), and the exchanges queued behind it are skipped.
 //
 // Groups: the inner steps use the trainer's island groups and the world
 // group from other threads at the same time, and a Group's tag space is a
@@ -36,12 +37,12 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
-#include <thread>
 
 #include <fmt/format.h>
 
 #include "archipelago/comm/codec.h"
 #include "archipelago/comm/communicator.h"
+#include "archipelago/core/background_queue.h"
 #include "archipelago/core/clock.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
@@ -137,9 +138,6 @@ struct Job {
                                        // (computed from codec sizes; the header counted with the first)
   core::Sha256Digest dg{};     // sha256 of (anchor, momentum) of the job's fragments after the outer step
   std::string digest;          // the same in hex
-  // Set by the outer thread once the replica check of this outer step has
-  // finished (after `ready`; its failure goes to check_failure_).
-  bool done = false;
 };
 
 class FragmentOuterSync final : public OuterSync {
@@ -158,13 +156,9 @@ class FragmentOuterSync final : public OuterSync {
   }
 
   ~FragmentOuterSync() override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
     abort_.abort();  // an exchange still blocked (the trainer failed) returns now
-    cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
+    queue_.cancel(core::aborted("outer sync closed"));  // and the queued ones never start
+    // queue_, the last member, joins its thread before anything it uses goes.
   }
 
   core::Status init() {
@@ -195,7 +189,6 @@ class FragmentOuterSync final : public OuterSync {
       metrics_ = ctx_.metrics;
     }
     if (ctx_.world_group) straitMark_ = ctx_.world_group->straitBytesSent();
-    thread_ = std::thread([this] { loop(); });
     if (ctx_.rank == 0) {
       ARCH_LOG_INFO("{}: H={} fragments={} overlap={} codec={} error_feedback={} outer lr={} momentum={}{}; {} shard(s) per island",
                     ctx_.job->strategy.kind, H_, frags_.size(), overlap_, comm::codecName(codec_),
@@ -400,26 +393,19 @@ class FragmentOuterSync final : public OuterSync {
     job->control = std::move(control_out_);
     control_out_.clear();
     job->t_submit = core::Clock::now();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(job);
-      ++submitted_;
-    }
-    cv_.notify_all();
+    queue_.submit([this, job] { return runJob(*job); }, [this, job](const core::Status& why) { skipJob(*job, why); });
     return job;
   }
 
   // Waits for the job's exchange and outer step, then writes the fragment's parameters.
   core::Status complete(const std::shared_ptr<Job>& job, float* p, int64_t step) {
     const auto t0 = core::Clock::now();
-    core::Status failed_check;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return job->ready; });
-      failed_check = check_failure_;
     }
     const double wait_s = core::secondsSince(t0);
-    ARCH_RETURN_IF_ERROR(failed_check);
+    ARCH_RETURN_IF_ERROR(queue_.error());  // a failed replica check of an earlier outer step
     ARCH_RETURN_IF_ERROR(job->status.withContext(fmt::format("outer step of fragment(s) {} sent after step {}",
                                                              fmt::join(job->frags, ","), job->sent_step)));
     if (!job->control.empty()) control_in_ = Control{job->sent_step, job->control};
@@ -460,47 +446,40 @@ class FragmentOuterSync final : public OuterSync {
     return core::okStatus();
   }
 
-  void loop() {
-    for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-        if (stop_) return;
-        job = queue_.front();
-        queue_.pop_front();
-      }
-      const auto t0 = core::Clock::now();
-      core::Status st = exchangeAndStep(*job);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        job->status = st;
-        job->exchange_s = core::secondsSince(t0);
-        job->ready = true;
-      }
-      cv_.notify_all();
-      // The replica check runs while the trainer already trains on the
-      // result: it costs a round trip over the straits that nobody needs to
-      // wait for. A mismatch fails the next complete() or finish().
-      core::Status cs = st.isOk() ? checkDigests(job->dg, fmt::format("the outer step of fragment(s) {} sent after step {}",
-                                                                      fmt::join(job->frags, ","), job->sent_step))
-                                  : core::okStatus();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!cs.isOk() && check_failure_.isOk()) check_failure_ = cs;
-        job->done = true;
-        ++checked_;
-      }
-      cv_.notify_all();
+  // Outer thread: one job's exchange and outer step; then, once the trainer
+  // may use the result (`ready`), its replica check, whose failure is
+  // returned (the queue's sticky error). The replica check runs while the
+  // trainer already trains on the result: it costs a round trip over the
+  // straits that nobody needs to wait for.
+  core::Status runJob(Job& job) {
+    const auto t0 = core::Clock::now();
+    core::Status st = exchangeAndStep(job);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job.status = st;
+      job.exchange_s = core::secondsSince(t0);
+      job.ready = true;
     }
+    cv_.notify_all();
+    // A failed exchange reaches the trainer through job.status.
+    if (!st.isOk()) return core::okStatus();
+    return checkDigests(job.dg, fmt::format("the outer step of fragment(s) {} sent after step {}",
+                                            fmt::join(job.frags, ","), job.sent_step));
+  }
+
+  // Outer thread: a job skipped after a failed check (or at destruction)
+  // is ready with that error, so nobody waits for it.
+  void skipJob(Job& job, const core::Status& why) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job.status = why;
+      job.ready = true;
+    }
+    cv_.notify_all();
   }
 
   // Every submitted outer step has been checked; the first failed check, if any.
-  core::Status waitForChecks() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return checked_ == submitted_; });
-    return check_failure_;
-  }
+  core::Status waitForChecks() { return queue_.drain(); }
 
   comm::OpOptions opts() const {
     comm::OpOptions o = comm::OpOptions::within(kOpTimeoutS);
@@ -718,14 +697,11 @@ class FragmentOuterSync final : public OuterSync {
   uint64_t straitMark_ = 0;
 
   std::deque<std::shared_ptr<Job>> inflight_;  // trainer thread
-  mutable std::mutex mu_;
+  mutable std::mutex mu_;                      // guards each Job's results and `ready`
   mutable std::condition_variable cv_;
-  std::deque<std::shared_ptr<Job>> queue_;
-  int64_t submitted_ = 0, checked_ = 0;  // jobs submitted / whose replica check finished
-  core::Status check_failure_;           // first failed replica check
-  bool stop_ = false;
   core::AbortFlag abort_;
-  std::thread thread_;
+  // The outer thread. Last member: destroyed (joined) before everything its jobs use.
+  core::BackgroundQueue queue_;
 };
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "archipelago/core/clock.h"
+#include "archipelago/core/files.h"
 #include "archipelago/core/log.h"
 
 namespace archipelago::runtime {
@@ -54,7 +55,7 @@ core::Status TraceRecorder::writeFile(const std::string& path) const {
     doc["traceEvents"] = std::move(events);
     doc["displayTimeUnit"] = "ms";
   }
-  return writeFileAtomic(path, doc.dump());
+  return core::writeFileAtomic(path, doc.dump());
 }
 
 core::Status TraceRecorder::merge(const std::vector<std::string>& inputs, const std::string& output) {
@@ -70,7 +71,7 @@ core::Status TraceRecorder::merge(const std::vector<std::string>& inputs, const 
     }
   }
   nlohmann::json doc = {{"traceEvents", std::move(all)}, {"displayTimeUnit", "ms"}};
-  return writeFileAtomic(output, doc.dump());
+  return core::writeFileAtomic(output, doc.dump());
 }
 
 ScopedSpan::ScopedSpan(TraceRecorder* trace, TraceRecorder::Track track, std::string name, double* accumulate_s)
@@ -80,33 +81,6 @@ ScopedSpan::~ScopedSpan() {
   int64_t dur = core::wallMicros() - start_us_;
   if (acc_) *acc_ += static_cast<double>(dur) / 1e6;
   if (trace_) trace_->complete(track_, std::move(name_), start_us_, dur);
-}
-
-core::Status writeFileAtomic(const std::string& path, const std::string& text) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return core::unavailable("cannot create '" + tmp + "': " + std::strerror(errno));
-  size_t off = 0;
-  while (off < text.size()) {
-    ssize_t n = ::write(fd, text.data() + off, text.size() - off);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return core::unavailable("cannot write '" + tmp + "': " + std::strerror(err));
-    }
-    off += static_cast<size_t>(n);
-  }
-  ::fsync(fd);
-  ::close(fd);
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    ::unlink(tmp.c_str());
-    return core::unavailable("cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
-  }
-  return core::okStatus();
 }
 
 }  // namespace archipelago::runtime

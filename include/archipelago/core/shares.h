@@ -8,9 +8,18 @@
 #include <cstdint>
 #include <vector>
 
+#include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
+#include "archipelago/core/workers.h"
 
 namespace archipelago::core {
+
+// The weight of worker `w` in the initial split: train.shares[w.rank] when
+// the job fixes shares (validateJob checks there is one per rank), else
+// 1 / slowdown, so that an EMULATED slower device starts with
+// proportionally fewer samples. The training loop (per rank, or summed over
+// a pipeline's ranks) and the planner's replay both start from this weight.
+double initialShareWeight(const TrainConfig& train, const WorkerInfo& w);
 
 // Integer shares summing to `total`, each >= 1, proportional to `weights`
 // (e.g. measured samples/s) by the largest-remainder method; ties go to the

@@ -27,18 +27,15 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
-#include <deque>
-#include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "archipelago/core/background_queue.h"
 #include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
 
@@ -85,26 +82,22 @@ core::Result<std::string> latestValidCheckpoint(const std::string& run_dir,
                                                 std::vector<std::pair<std::string, std::string>>* refused = nullptr);
 
 // Background writer: submit() hands over a snapshot and returns at once;
-// one write runs at a time, newer snapshots queue behind it.
+// one write runs at a time, newer snapshots queue behind it. A failed write
+// does not stop later ones (each is a whole checkpoint of its own, and the
+// newest good one is what a restart resumes from); the destructor writes
+// what is still queued.
 class CheckpointWriter {
  public:
   CheckpointWriter(std::string run_dir, int64_t keep_last);
-  ~CheckpointWriter();
   void submit(CheckpointState state);
   // Blocks until every submitted snapshot is written; returns the first error.
   core::Status drain();
 
  private:
-  void loop();
   std::string run_dir_;
   int64_t keep_last_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<CheckpointState> queue_;
-  bool busy_ = false;
-  bool stop_ = false;
-  core::Status error_;
-  std::thread thread_;
+  // Last: its thread uses run_dir_ and keep_last_, so it is joined first.
+  core::BackgroundQueue queue_{core::BackgroundQueue::AfterError::kRun};
 };
 
 }  // namespace archipelago::runtime

@@ -58,7 +58,4 @@ class ScopedSpan {
   int64_t start_us_;
 };
 
-// Writes `text` to `path` atomically (temporary file + fsync + rename).
-core::Status writeFileAtomic(const std::string& path, const std::string& text);
-
 }  // namespace archipelago::runtime

@@ -26,6 +26,7 @@
 
 #include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
+#include "archipelago/core/workers.h"
 #include "archipelago/runtime/dp_comm.h"
 
 namespace archipelago::comm {
@@ -36,17 +37,9 @@ namespace archipelago::runtime {
 
 class ElasticSession;
 
-struct WorkerInfo {
-  int rank = 0;
-  std::string island;
-  int island_index = 0;
-  int local_index = 0;     // index inside the island
-  std::string device = "cpu";
-  double slowdown = 1.0;   // EMULATION factor
-};
-
-// Ranks in island order (island 0's devices, then island 1's, ...).
-std::vector<WorkerInfo> workersOf(const core::ClusterSpec& cluster);
+// The rank list lives in core (the planner derives it too).
+using core::WorkerInfo;
+using core::workersOf;
 
 struct TrainerOptions {
   core::JobConfig job;

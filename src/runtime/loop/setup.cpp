@@ -157,7 +157,7 @@ core::Result<std::vector<int64_t>> Trainer::initialShares() const {
     for (int r = d * lay_.stages; r < (d + 1) * lay_.stages; ++r) {
       if (!std::binary_search(alive_.begin(), alive_.end(), r)) continue;
       any = true;
-      x += tc_.shares.empty() ? 1.0 / workers_[static_cast<size_t>(r)].slowdown : tc_.shares[static_cast<size_t>(r)];
+      x += core::initialShareWeight(tc_, workers_[static_cast<size_t>(r)]);
     }
     if (!any) continue;
     w.push_back(x);

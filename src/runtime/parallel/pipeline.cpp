@@ -1,11 +1,8 @@
 #include "archipelago/runtime/parallel/pipeline.h"
 
 #include <algorithm>
-#include <condition_variable>
-#include <deque>
-#include <mutex>
-#include <thread>
 
+#include "archipelago/core/background_queue.h"
 #include "archipelago/core/clock.h"
 
 namespace archipelago::runtime::parallel {
@@ -45,82 +42,33 @@ int64_t pipelineMicroCount(int64_t n, int64_t micro_batch, int stages) {
   return std::min<int64_t>(n, stages > 1 ? 2 * stages : 1);
 }
 
-// Sends fp32 tensors (codec-encoded where set) to the neighbours on a
-// thread of its own. The thread owns the queue's front item while sending;
-// the first failed send is kept and later items are dropped.
+// Sends fp32 tensors (codec-encoded where set) to the neighbours on the
+// queue's thread; the first failed send is kept and later ones are skipped
+// (a stream whose message went missing cannot go on).
 class PipelineParallel::Sender {
  public:
-  explicit Sender(comm::Group* group) : group_(group), thread_([this] { loop(); }) {}
-  ~Sender() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
+  explicit Sender(comm::Group* group) : group_(group) {}
   // `t` is fp32 and contiguous; kept alive until sent.
   void push(torch::Tensor t, comm::CodecKind codec, int dst, uint32_t tag) {
-    Item it;
-    it.dst = dst;
-    it.tag = tag;
-    if (codec == comm::CodecKind::kNone) {
-      it.tensor = std::move(t);
-    } else {
-      it.bytes.resize(comm::encodedSize(codec, static_cast<size_t>(t.numel())));
-      comm::encode(codec, std::span<const float>(t.data_ptr<float>(), static_cast<size_t>(t.numel())), it.bytes);
+    std::vector<uint8_t> bytes;
+    if (codec != comm::CodecKind::kNone) {
+      bytes.resize(comm::encodedSize(codec, static_cast<size_t>(t.numel())));
+      comm::encode(codec, std::span<const float>(t.data_ptr<float>(), static_cast<size_t>(t.numel())), bytes);
+      t = torch::Tensor();
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(std::move(it));
-    }
-    cv_.notify_all();
+    queue_.submit([this, t = std::move(t), bytes = std::move(bytes), dst, tag]() -> core::Status {
+      core::Status st = t.defined() ? group_->send(t.data_ptr<float>(), static_cast<size_t>(t.numel()),
+                                                   comm::DType::kF32, dst, tag, p2pOptions())
+                                    : group_->send(bytes.data(), bytes.size(), comm::DType::kU8, dst, tag, p2pOptions());
+      return st.isOk() ? st : st.withContext("pipeline send to rank " + std::to_string(dst));
+    });
   }
   // Waits until everything pushed is sent; the first error, if any.
-  core::Status drain() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
-    return error_;
-  }
+  core::Status drain() { return queue_.drain(); }
 
  private:
-  struct Item {
-    torch::Tensor tensor;
-    std::vector<uint8_t> bytes;
-    int dst = 0;
-    uint32_t tag = 0;
-  };
-  void loop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (true) {
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;
-      Item it = std::move(queue_.front());
-      queue_.pop_front();
-      busy_ = true;
-      const bool skip = !error_.isOk();
-      lock.unlock();
-      core::Status st;
-      if (!skip) {
-        st = it.tensor.defined()
-                 ? group_->send(it.tensor.data_ptr<float>(), static_cast<size_t>(it.tensor.numel()), comm::DType::kF32,
-                                it.dst, it.tag, p2pOptions())
-                 : group_->send(it.bytes.data(), it.bytes.size(), comm::DType::kU8, it.dst, it.tag, p2pOptions());
-      }
-      lock.lock();
-      if (!st.isOk() && error_.isOk()) error_ = st.withContext("pipeline send to rank " + std::to_string(it.dst));
-      busy_ = false;
-      cv_.notify_all();
-    }
-  }
   comm::Group* group_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Item> queue_;
-  bool busy_ = false;
-  bool stop_ = false;
-  core::Status error_;
-  std::thread thread_;
+  core::BackgroundQueue queue_;  // last: joined before group_ goes
 };
 
 // One micro-batch in flight on this stage.
