@@ -97,7 +97,9 @@ core::Status Trainer::applyRankParts(const std::string& ckpt_dir, CheckpointStat
   return core::okStatus();
 }
 
-core::Result<CheckpointState> Trainer::snapshot(int64_t step) {
+// What every checkpoint of this loop says about itself: step, data
+// position, shares, optimizer step, the job and the membership.
+CheckpointState Trainer::snapshotHead(int64_t step) const {
   CheckpointState s;
   s.step = step;
   s.data_position = train_sampler_->position();
@@ -111,6 +113,11 @@ core::Result<CheckpointState> Trainer::snapshot(int64_t step) {
     ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"slowdown", w.slowdown}, {"alive", alive}});
   }
   s.membership = {{"world", world_}, {"epoch", elastic() ? opt_.elastic->epoch() : 0}, {"ranks", ranks}};
+  return s;
+}
+
+core::Result<CheckpointState> Trainer::snapshot(int64_t step) {
+  CheckpointState s = snapshotHead(step);
   torch::Tensor m = torch::zeros({flat_->numel()});
   torch::Tensor v = torch::zeros({flat_->numel()});
   m.narrow(0, shard_begin_, shard_end_ - shard_begin_).copy_(adam_->expAvg());

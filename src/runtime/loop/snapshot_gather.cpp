@@ -181,16 +181,7 @@ core::Result<CheckpointState> Trainer::gatherSnapshot(int64_t step) {
 }
 
 core::Result<CheckpointState> Trainer::assembleSnapshot(int64_t step, GatheredState& got) {
-  CheckpointState s;
-  s.step = step;
-  s.data_position = train_sampler_->position();
-  s.shares = shares_;
-  s.optimizer_step = adam_->stepCount();
-  s.job_yaml = job_yaml_;
-  s.model = job_.model;
-  nlohmann::json ranks = nlohmann::json::array();
-  for (const auto& wk : workers_) ranks.push_back({{"rank", wk.rank}, {"island", wk.island}, {"slowdown", wk.slowdown}});
-  s.membership = {{"world", world_}, {"epoch", 0}, {"ranks", ranks}};
+  CheckpointState s = snapshotHead(step);
   s.extra["parallel"] = {{"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
                          {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin}};
   std::vector<torch::Tensor> mm, vv, aa, oo;

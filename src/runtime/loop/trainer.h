@@ -131,6 +131,7 @@ class Trainer {
 
   // ---- checkpoints (checkpointing.cpp) ----
   core::Status resumeFromCheckpoint();
+  CheckpointState snapshotHead(int64_t step) const;
   core::Result<CheckpointState> snapshot(int64_t step);
   // Pipeline / expert layouts: the writer gathers the parts by tensor name
   // from the ranks that together hold one copy (snapshot_gather.cpp).
