@@ -69,6 +69,7 @@ core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32
     r.type = FrameType::kReject;
     std::string text = why.code() == core::StatusCode::kFailedPrecondition ? "stale epoch: " + why.message()
                                                                             : why.message();
+    // Best effort: the peer learns why; the rejection stands either way.
     (void)sock.writeFrame(r, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()),
                           deadline);
     return why;

@@ -387,7 +387,8 @@ void Mesh::fail(core::Status why) {
         h.type = FrameType::kAbort;
         h.epoch = epoch_;
         // Every clean stream carries it: the peer's receivers race, and the
-        // first one to read must see the cause, not our FIN.
+        // first one to read must see the cause, not our FIN. Best effort:
+        // the epoch is aborted whether or not the peer hears why.
         (void)s->sock->writeFrame(h, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()),
                                   core::Deadline::afterSeconds(0.1));
       }

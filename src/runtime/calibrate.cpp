@@ -368,6 +368,8 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
   LoadSampler load;
   // Warm-up: allocator, thread pool, and (in the trainer) the other workers'
   // first step, which runs while rank 0 calibrates.
+  // Only its side effects count (warm caches, grown heap): its timing and
+  // any error are discarded; the timed points below meet an error again.
   (void)timeModel(net, flat, sizes.back(), T, job.model.vocab_size, 3 * min_seconds_per_point, cpu, nullptr);
   const std::string key = plan::localPartKey("model", spec, T, dtype);
   double alone_hi = 0;

@@ -295,7 +295,11 @@ void Trainer::predict() {
     std::sort(t.begin(), t.end());
     profile.device(kind).step_overhead_s = t[t.size() / 2];
   }
-  (void)profile.save((fs::path(opt_.run_dir) / "calibration.json").string());
+  // The calibration file is for people and later predictions; the
+  // prediction below uses the profile in memory.
+  if (const core::Status st = profile.save((fs::path(opt_.run_dir) / "calibration.json").string()); !st.isOk()) {
+    ARCH_LOG_WARN("calibration not saved: {}", st.message());
+  }
   auto catalog = plan::DeviceCatalog::builtin();
   auto pred = catalog.isOk() ? plan::predictStepTime(job_, job_.model.vocab_size, *catalog, &profile)
                              : core::Result<plan::StepPrediction>(catalog.status());
