@@ -29,6 +29,59 @@ comm::CommConfig commConfigOf(const core::JobConfig& job, int rank, const std::s
 }
 
 void sleepSeconds(double s) { std::this_thread::sleep_for(std::chrono::duration<double>(s)); }
+
+// What reconfigure() knows of the failure it recovers from, while it waits
+// for the coordinator to publish the next epoch.
+struct EpochWait {
+  uint32_t from = 0;      // the epoch being left
+  core::Status why;       // its failure (ok: a planned change such as a join)
+  bool reported = false;  // why was reported to the coordinator
+  core::Clock::time_point since_change;
+};
+
+// Nobody has published the epoch after w.from yet: say what we saw, once.
+// True when the failure was just reported (look again at once).
+bool reportCause(comm::CoordinatorClient& client, int rank, EpochWait& w, double settle_s) {
+  if (!w.reported && !w.why.isOk()) {
+    const int suspect = suspectOf(w.why);
+    if (suspect >= 0 && suspect != rank) {
+      (void)client.reportFailure(suspect, w.from, core::Deadline::afterSeconds(5), w.why.message().substr(0, 300));
+      w.reported = true;
+      return true;
+    }
+    if (w.why.code() == core::StatusCode::kDataLoss) {
+      (void)client.reportFailure(-1, w.from, core::Deadline::afterSeconds(5), w.why.message().substr(0, 300));
+      w.reported = true;
+      return true;
+    }
+  }
+  // The cause names nobody (a peer aborted the epoch, a rebuild timed
+  // out): heartbeats find a dead rank within the timeout; after that it
+  // is a transient fault.
+  if (core::secondsSince(w.since_change) > settle_s) {
+    (void)client.reportFailure(-1, w.from, core::Deadline::afterSeconds(5),
+                               "no epoch change " + std::to_string(static_cast<int>(settle_s)) + " s after: " +
+                                   w.why.message().substr(0, 200));
+    w.since_change = core::Clock::now();
+  }
+  return false;
+}
+
+// Everyone of the epoch builds its transport at the same time. A member
+// still blocked in a collective of the old epoch (it has not seen the
+// change) is shaken loose by aborting our side of the old transport, but
+// only if it does not arrive by itself within a second: a peer that is
+// just finishing the same step must not lose it.
+core::Result<comm::Membership> enterEpochBarrier(comm::CoordinatorClient& client, comm::Communicator& comm, int rank,
+                                                 uint32_t epoch, bool first_join) {
+  auto er = client.enterEpoch(epoch, core::Deadline::afterSeconds(1.0));
+  if (!er.isOk() && er.status().code() == core::StatusCode::kDeadlineExceeded) {
+    comm.abort("rank " + std::to_string(rank) + " is moving to epoch " + std::to_string(epoch));
+    er = client.enterEpoch(epoch, core::Deadline::afterSeconds(first_join ? 600 : 120));
+  }
+  return er;
+}
+
 }  // namespace
 
 int suspectOf(const core::Status& st) {
@@ -145,12 +198,9 @@ core::Status ElasticSession::installGroups(std::shared_ptr<comm::Group> world) {
 
 core::Status ElasticSession::reconfigure(const core::Status& cause) {
   const auto t0 = core::Clock::now();
-  uint32_t from = membership_.epoch;
-  core::Status why = cause;
-  bool reported = false;
-  auto since_change = core::Clock::now();
+  EpochWait w{.from = membership_.epoch, .why = cause, .reported = false, .since_change = core::Clock::now()};
   const double settle_s = 2 * job_.strategy.failure_timeout + 1;
-  if (!why.isOk()) ARCH_LOG_WARN("epoch {}: {}; moving to the next epoch", from, why.toString());
+  if (!w.why.isOk()) ARCH_LOG_WARN("epoch {}: {}; moving to the next epoch", w.from, w.why.toString());
   while (true) {
     if (client_->secondsSinceContact() > coordinatorTimeout()) {
       return core::unavailable(fmt::format("the coordinator has not answered for {:.0f} s", client_->secondsSinceContact()));
@@ -166,31 +216,8 @@ core::Status ElasticSession::reconfigure(const core::Status& cause) {
       return core::aborted(fmt::format("rank {} was declared failed in epoch {} (stalled or cut off); the job went on "
                                        "without it", rank_, m.epoch));
     }
-    if (m.epoch <= from) {
-      // Nobody has published the next epoch yet: say what we saw, once.
-      if (!reported && !why.isOk()) {
-        const int suspect = suspectOf(why);
-        if (suspect >= 0 && suspect != rank_) {
-          (void)client_->reportFailure(suspect, from, core::Deadline::afterSeconds(5), why.message().substr(0, 300));
-          reported = true;
-          continue;
-        }
-        if (why.code() == core::StatusCode::kDataLoss) {
-          (void)client_->reportFailure(-1, from, core::Deadline::afterSeconds(5), why.message().substr(0, 300));
-          reported = true;
-          continue;
-        }
-      }
-      // The cause names nobody (a peer aborted the epoch, a rebuild timed
-      // out): heartbeats find a dead rank within the timeout; after that it
-      // is a transient fault.
-      if (core::secondsSince(since_change) > settle_s) {
-        (void)client_->reportFailure(-1, from, core::Deadline::afterSeconds(5),
-                                     "no epoch change " + std::to_string(static_cast<int>(settle_s)) + " s after: " +
-                                         why.message().substr(0, 200));
-        since_change = core::Clock::now();
-      }
-      sleepSeconds(0.01);
+    if (m.epoch <= w.from) {
+      if (!reportCause(*client_, rank_, w, settle_s)) sleepSeconds(0.01);
       continue;
     }
     if (static_cast<int64_t>(m.alive.size()) < job_.strategy.min_workers) {
@@ -198,16 +225,7 @@ core::Status ElasticSession::reconfigure(const core::Status& cause) {
       return core::failedPrecondition(fmt::format("{} worker(s) alive in epoch {}, below strategy.min_workers = {}",
                                                   m.alive.size(), m.epoch, job_.strategy.min_workers));
     }
-    // Everyone of the epoch builds its transport at the same time. A member
-    // still blocked in a collective of the old epoch (it has not seen the
-    // change) is shaken loose by aborting our side of the old transport, but
-    // only if it does not arrive by itself within a second: a peer that is
-    // just finishing the same step must not lose it.
-    auto er = client_->enterEpoch(m.epoch, core::Deadline::afterSeconds(1.0));
-    if (!er.isOk() && er.status().code() == core::StatusCode::kDeadlineExceeded) {
-      comm_->abort("rank " + std::to_string(rank_) + " is moving to epoch " + std::to_string(m.epoch));
-      er = client_->enterEpoch(m.epoch, core::Deadline::afterSeconds(joined_ && from == 0 ? 600 : 120));
-    }
+    auto er = enterEpochBarrier(*client_, *comm_, rank_, m.epoch, joined_ && w.from == 0);
     if (!er.isOk() || er->epoch != m.epoch) {
       if (!er.isOk()) ARCH_LOG_WARN("epoch {} barrier: {}", m.epoch, er.status().toString());
       continue;  // the epoch moved on (a failure meanwhile): go to the newest
@@ -216,11 +234,8 @@ core::Status ElasticSession::reconfigure(const core::Status& cause) {
     auto g = comm_->rebuild(er->epoch, er->alive, core::Deadline::afterSeconds(std::max(10.0, 3 * job_.strategy.failure_timeout)));
     if (!g.isOk()) {
       ARCH_LOG_WARN("rebuilding epoch {} failed: {}", er->epoch, g.status().toString());
-      from = er->epoch;
       membership_ = *er;
-      why = g.status();
-      reported = false;
-      since_change = core::Clock::now();
+      w = EpochWait{.from = er->epoch, .why = g.status(), .reported = false, .since_change = core::Clock::now()};
       continue;
     }
     membership_ = std::move(er).value();

@@ -179,19 +179,9 @@ class ProgressView {
   std::map<int, PerRank> per_rank_;
 };
 
-}  // namespace
-
-int rankFromEnv() { return envInt({"RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"}); }
-int worldFromEnv() { return envInt({"WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}); }
-
-core::Status launchTraining(const LaunchOptions& opt) {
-  ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, opt.load));
-  core::JobConfig job = loaded.job;
-  const std::string run_dir = job.run_dir;
-  const auto workers = workersOf(job.cluster);
-  const int world = static_cast<int>(workers.size());
-
-  // ---- run directory: refuse to mix two runs, refuse to resume nothing ----
+// ---- run directory: refuse to mix two runs, refuse to resume nothing ----
+core::Status prepareRunDir(const LaunchOptions& opt, const core::JobConfig& job) {
+  const std::string& run_dir = job.run_dir;
   if (opt.resume) {
     if (!fs::exists(fs::path(run_dir) / "checkpoints")) {
       return core::failedPrecondition("--resume: run_dir '" + run_dir + "' has no checkpoints to resume from");
@@ -212,32 +202,38 @@ core::Status launchTraining(const LaunchOptions& opt) {
     fs::remove(fs::path(run_dir) / "metrics.jsonl", ec);
     fs::remove_all(fs::path(run_dir) / "trace", ec);
   }
-  const std::string job_file = (fs::path(run_dir) / "job.yaml").string();
-  ARCH_RETURN_IF_ERROR(core::writeFileAtomic(job_file, core::dumpJobYaml(job)));
-  {
-    nlohmann::json ranks = nlohmann::json::array();
-    for (const auto& w : workers) {
-      ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"device", w.device}, {"slowdown", w.slowdown}});
-    }
-    nlohmann::json straits = nlohmann::json::array();
-    for (const auto& s : job.cluster.straits) {
-      straits.push_back({{"a", s.a}, {"b", s.b}, {"bandwidth", core::formatBandwidth(s.bandwidth)},
-                         {"latency", core::formatDuration(s.latency)}});
-    }
-    nlohmann::json run = {{"job", opt.job_path}, {"started", static_cast<double>(core::wallMicros()) / 1e6},
-                          {"world", world}, {"ranks", ranks}, {"straits", straits},
-                          {"strategy", job.strategy.kind}, {"emulated", true}, {"resumed", opt.resume}};
-    ARCH_RETURN_IF_ERROR(core::writeFileAtomic((fs::path(run_dir) / "run.json").string(), run.dump(2)));
-  }
+  return core::okStatus();
+}
 
-  // ---- coordinator + workers ----
+// run.json: who runs where, for the report and for operators.
+core::Status writeRunJson(const LaunchOptions& opt, const core::JobConfig& job, const std::vector<WorkerInfo>& workers) {
+  nlohmann::json ranks = nlohmann::json::array();
+  for (const auto& w : workers) {
+    ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"device", w.device}, {"slowdown", w.slowdown}});
+  }
+  nlohmann::json straits = nlohmann::json::array();
+  for (const auto& s : job.cluster.straits) {
+    straits.push_back({{"a", s.a}, {"b", s.b}, {"bandwidth", core::formatBandwidth(s.bandwidth)},
+                       {"latency", core::formatDuration(s.latency)}});
+  }
+  nlohmann::json run = {{"job", opt.job_path}, {"started", static_cast<double>(core::wallMicros()) / 1e6},
+                        {"world", static_cast<int>(workers.size())}, {"ranks", ranks}, {"straits", straits},
+                        {"strategy", job.strategy.kind}, {"emulated", true}, {"resumed", opt.resume}};
+  return core::writeFileAtomic((fs::path(job.run_dir) / "run.json").string(), run.dump(2));
+}
+
+// The launcher's own SIGINT / SIGTERM handler (counts interrupts); returns
+// the ones it replaces through old_int / old_term.
+void installInterruptHandlers(struct sigaction& old_int, struct sigaction& old_term) {
   struct sigaction sa {};
   sa.sa_handler = onInterrupt;
   sigemptyset(&sa.sa_mask);
-  struct sigaction old_int {}, old_term {};
   sigaction(SIGINT, &sa, &old_int);
   sigaction(SIGTERM, &sa, &old_term);
   g_interrupts = 0;
+}
+
+void logEmulation(const core::JobConfig& job, const std::vector<WorkerInfo>& workers) {
   for (const auto& s : job.cluster.straits) {
     ARCH_LOG_INFO("EMULATED strait {}<->{}: {}, {} one way", s.a, s.b, core::formatBandwidth(s.bandwidth),
                   core::formatDuration(s.latency));
@@ -245,233 +241,352 @@ core::Status launchTraining(const LaunchOptions& opt) {
   for (const auto& w : workers) {
     if (w.slowdown != 1.0) ARCH_LOG_INFO("EMULATED slowdown x{} on rank {} ({})", w.slowdown, w.rank, w.island);
   }
+}
 
+// What the phases of one launch share, over all its attempts.
+struct Launch {
+  Launch(const LaunchOptions& o, const core::JobConfig& j, std::vector<WorkerInfo> w, std::string jf)
+      : opt(o),
+        job(j),
+        run_dir(j.run_dir),
+        job_file(std::move(jf)),
+        workers(std::move(w)),
+        world(static_cast<int>(workers.size())),
+        progress((fs::path(run_dir) / "metrics.jsonl").string(), job, workers),
+        // A pipeline or expert-parallel layout holds each tensor on a few ranks
+        // and cannot shrink: a lost worker restarts the job from its newest
+        // checkpoint instead of being replaced (docs/parallelism.md "Failures").
+        replaceable(j.strategy.pipeline_stages <= 1 && j.strategy.expert_parallel <= 1) {}
+
+  const LaunchOptions& opt;
+  const core::JobConfig& job;
+  const std::string run_dir;
+  const std::string job_file;
+  const std::vector<WorkerInfo> workers;
+  const int world;
   report::MetricsSink events;
-  (void)events.open((fs::path(run_dir) / "metrics.jsonl").string());
-  ProgressView progress((fs::path(run_dir) / "metrics.jsonl").string(), job, workers);
-  const auto t0 = core::Clock::now();
-  int forwarded = 0;
+  ProgressView progress;
+  const core::Clock::time_point t0 = core::Clock::now();
+  int forwarded = 0;  // interrupts passed on to the workers
   core::Status failure;
-  bool tty = ::isatty(2);
-  auto last_print = core::Clock::now() - std::chrono::seconds(10);
+  const bool tty = ::isatty(2);
+  core::Clock::time_point last_print = core::Clock::now() - std::chrono::seconds(10);
   std::string last_line;
   int replacements = 0;
-  // A pipeline or expert-parallel layout holds each tensor on a few ranks
-  // and cannot shrink: a lost worker restarts the job from its newest
-  // checkpoint instead of being replaced (docs/parallelism.md "Failures").
-  const bool replaceable = job.strategy.pipeline_stages <= 1 && job.strategy.expert_parallel <= 1;
+  const bool replaceable;
+};
 
-  for (int attempt = 0;; ++attempt) {
-    const bool resume = opt.resume || (attempt > 0 && latestValidCheckpoint(run_dir).isOk());
-    const std::string secret = randomSecret();
-    comm::CoordinatorOptions co;
-    co.heartbeat_timeout_s = job.strategy.failure_timeout;
-    auto coord = std::make_unique<comm::CoordinatorServer>(secret, co);
-    ARCH_RETURN_IF_ERROR(coord->start());
-    const std::string coord_addr = "127.0.0.1:" + std::to_string(coord->port());
-    ARCH_LOG_INFO("job '{}': {} workers in {} islands; coordinator at {}; run dir {}{}", job.cluster.name, world,
-                  job.cluster.islands.size(), coord_addr, run_dir,
-                  attempt > 0 ? fmt::format(" (restart {} of {})", attempt, opt.max_restarts) : "");
+// One attempt: a coordinator and the workers started against it.
+struct Attempt {
+  int index = 0;
+  bool resume = false;
+  std::string secret;
+  std::unique_ptr<comm::CoordinatorServer> coord;
+  std::string coord_addr;
+  std::vector<Child> children;
+  bool restart = false;
+  double finished_at = 0;      // when the first worker finished the job (0: none yet)
+  double stopping_since = -1;  // when the launcher began stopping the workers
+};
 
-    std::vector<Child> children;
-    auto spawn = [&](int rank, bool join) -> core::Status {
-      Child c;
-      c.rank = rank;
-      c.log = (fs::path(run_dir) / "logs" / ("rank" + std::to_string(rank) + ".log")).string();
-      std::vector<std::string> args = {opt.self_exe, "worker", "--job", job_file, "--run-dir", run_dir,
-                                       "--rank", std::to_string(rank), "--world", std::to_string(world),
-                                       "--coordinator", coord_addr};
-      if (join) args.push_back("--join");
-      if (resume && !join) args.push_back("--resume");
-      if (opt.exit_after_step >= 0 && attempt == 0 && !join) {
-        args.push_back("--exit-after-step");
-        args.push_back(std::to_string(opt.exit_after_step));
-      }
-      pid_t pid = ::fork();
-      if (pid < 0) return core::unavailable("fork failed while starting worker " + std::to_string(rank));
-      if (pid == 0) {
-        // Workers ignore the terminal's SIGINT: the launcher decides how to stop them.
-        ::setpgid(0, 0);
-        int fd = ::open(c.log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-          ::dup2(fd, 1);
-          ::dup2(fd, 2);
-          ::close(fd);
-        }
-        ::setenv("ARCHIPELAGO_SECRET", secret.c_str(), 1);
-        std::vector<char*> argv;
-        for (auto& a : args) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        ::execv(opt.self_exe.c_str(), argv.data());
-        std::fprintf(stderr, "cannot exec '%s': %s\n", opt.self_exe.c_str(), std::strerror(errno));
-        std::_Exit(127);
-      }
-      c.pid = pid;
-      c.joiner = join;
-      children.push_back(c);
-      // Who is who, for operators and the chaos tests (kill -9 / SIGSTOP a rank).
-      nlohmann::json pids = nlohmann::json::object();
-      for (const auto& ch : children) {
-        if (ch.exit_code < 0) pids[std::to_string(ch.rank)] = ch.pid;
-      }
-      (void)core::writeFileAtomic((fs::path(run_dir) / "workers.json").string(),
-                            nlohmann::json{{"coordinator", coord_addr}, {"attempt", attempt}, {"pids", pids}}.dump());
-      return core::okStatus();
-    };
-    for (const auto& w : workers) ARCH_RETURN_IF_ERROR(spawn(w.rank, false));
-
-    bool restart = false;
-    failure = core::okStatus();
-    double finished_at = 0;  // when the first worker finished the job (0: none yet)
-    double stopping_since = -1;  // when the launcher began stopping the workers
-    while (true) {
-      // Reap. A worker that crashed, was killed, or was evicted (declared
-      // failed while the job went on) is replaced by a joiner in its slot;
-      // any other non-zero exit fails the job (or restarts it).
-      int alive = 0;
-      std::vector<int> to_replace;
-      for (auto& c : children) {
-        if (c.exit_code >= 0) continue;
-        int status = 0;
-        pid_t r = ::waitpid(c.pid, &status, WNOHANG);
-        if (r != c.pid) {
-          ++alive;
-          continue;
-        }
-        c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        if (c.exit_code == 0) {
-          if (finished_at == 0) finished_at = core::secondsSince(t0);
-          continue;
-        }
-        if (c.cancelled) continue;
-        const bool crashed = WIFSIGNALED(status) || c.exit_code == kExitEvicted;
-        if (c.exit_code == kExitRestartJob) {
-          restart = true;
-          ARCH_LOG_WARN("worker {} stopped: too few workers left or the coordinator was lost; the job restarts from "
-                        "its newest checkpoint", c.rank);
-        } else if (crashed && forwarded == 0 && !replaceable) {
-          restart = true;
-          ARCH_LOG_WARN("worker {} died (exit {}); the pipeline / expert-parallel layout cannot go on without it: "
-                        "the job restarts from its newest checkpoint", c.rank, c.exit_code);
-        } else if (crashed && forwarded == 0) {
-          to_replace.push_back(c.rank);
-          ARCH_LOG_WARN("worker {} {} (exit {}); the others continue", c.rank,
-                        c.exit_code == kExitEvicted ? "was evicted" : "died", c.exit_code);
-        } else if (failure.isOk() && forwarded == 0) {
-          failure = core::unavailable("worker " + std::to_string(c.rank) + " exited with code " +
-                                      std::to_string(c.exit_code) + "; its log (" + c.log + ") ends with:\n" +
-                                      tailOf(c.log));
-        }
-      }
-      for (int r : to_replace) {
-        if (finished_at > 0) continue;  // the job is done: nothing to join
-        if (alive == 0) {
-          restart = true;  // nobody left to hand the state over
-          continue;
-        }
-        if (replacements >= opt.max_replacements) {
-          ARCH_LOG_WARN("not replacing worker {}: the {} replacement(s) allowed by --max-replacements are used; the "
-                        "others go on without it", r, opt.max_replacements);
-          continue;
-        }
-        ++replacements;
-        ARCH_LOG_INFO("starting a replacement for rank {} (--join)", r);
-        events.write(report::EventRecord{
-            .event = "replace", .step = progress.lastStep(), .rank = r,
-            .detail = fmt::format("launcher started a replacement worker for rank {}", r)});
-        ARCH_RETURN_IF_ERROR(spawn(r, true));
-        ++alive;
-      }
-      // Fencing: a process whose slot the coordinator declared failed (it
-      // stalled, e.g. SIGSTOP) must not come back into the job: kill it; it
-      // is then replaced like a crashed one.
-      {
-        const auto m = coord->membership();
-        for (auto& c : children) {
-          if (c.exit_code >= 0 || c.rank >= static_cast<int>(m.pids.size())) continue;
-          if (std::binary_search(m.failed.begin(), m.failed.end(), c.rank) && m.pids[static_cast<size_t>(c.rank)] == c.pid) {
-            ARCH_LOG_WARN("worker {} (pid {}) was declared failed but still runs: killing it", c.rank, c.pid);
-            ::kill(c.pid, SIGKILL);
-            ::kill(c.pid, SIGCONT);
-          }
-        }
-      }
-      // A replacement still waiting to join when the others have finished the
-      // job has nothing to join: stop it (after a grace period in which a
-      // joiner that is in step finishes by itself).
-      if (finished_at > 0 && core::secondsSince(t0) - finished_at > 10) {
-        for (auto& c : children) {
-          if (c.exit_code < 0 && c.joiner && !c.cancelled) {
-            ARCH_LOG_INFO("stopping replacement worker {}: the job finished before it could join", c.rank);
-            c.cancelled = true;
-            ::kill(c.pid, SIGKILL);
-          }
-        }
-      }
-      if (alive == 0) break;
-      if (!failure.isOk() || restart) {
-        // The others cannot finish without it: stop them (SIGTERM: stop at
-        // the next step boundary and checkpoint; SIGKILL after 3 s).
-        if (stopping_since < 0) {
-          stopping_since = core::secondsSince(t0);
-          for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, SIGTERM);
-        } else if (core::secondsSince(t0) - stopping_since > 3) {
-          for (auto& c : children) if (c.exit_code < 0) { ::kill(c.pid, SIGKILL); ::kill(c.pid, SIGCONT); }
-        }
-      }
-      int ints = g_interrupts.load();
-      if (ints > forwarded) {
-        // First Ctrl-C: workers stop at the next step boundary and checkpoint.
-        // Second: stop now.
-        int sig = ints == 1 ? SIGINT : SIGKILL;
-        ARCH_LOG_WARN(ints == 1 ? "interrupt: workers stop after this step and write a checkpoint (Ctrl-C again to kill)"
-                                : "second interrupt: killing workers");
-        for (auto& c : children) if (c.exit_code < 0) ::kill(c.pid, sig);
-        forwarded = ints;
-      }
-      progress.poll();
-      if (opt.progress && core::Clock::now() - last_print > std::chrono::milliseconds(tty ? 500 : 10000)) {
-        last_line = progress.line();
-        std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", last_line.c_str());
-        std::fflush(stderr);
-        last_print = core::Clock::now();
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    coord->stop();
-    if (forwarded > 0 || (failure.isOk() && !restart)) break;
-    if (attempt >= opt.max_restarts) {
-      if (failure.isOk()) {
-        failure = core::unavailable("the job stopped (too few workers or no coordinator) and the " +
-                                    std::to_string(opt.max_restarts) + " restart(s) allowed by --max-restarts are used up");
-      }
-      break;
-    }
-    const auto latest = latestValidCheckpoint(run_dir);
-    const std::string from = latest.isOk() ? *latest : std::string("the beginning (no valid checkpoint)");
-    ARCH_LOG_WARN("restarting the job from {} ({} of {} restarts)", from, attempt + 1, opt.max_restarts);
-    events.write(report::EventRecord{
-        .event = "restart", .step = progress.lastStep(),
-        .detail = fmt::format("restart {} of {} from {}{}", attempt + 1, opt.max_restarts, from,
-                              failure.isOk() ? "" : ": " + failure.message().substr(0, 200))});
+// In the forked child: the worker's output goes to its log; never returns.
+[[noreturn]] void execWorker(const LaunchOptions& opt, const std::string& log, const std::string& secret,
+                             std::vector<std::string>& args) {
+  // Workers ignore the terminal's SIGINT: the launcher decides how to stop them.
+  ::setpgid(0, 0);
+  int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (fd >= 0) {
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    ::close(fd);
   }
-  progress.poll();
-  if (opt.progress && (tty || progress.line() != last_line)) {
-    std::fprintf(stderr, tty ? "\r\033[K%s\n" : "%s\n", progress.line().c_str());
+  ::setenv("ARCHIPELAGO_SECRET", secret.c_str(), 1);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  ::execv(opt.self_exe.c_str(), argv.data());
+  std::fprintf(stderr, "cannot exec '%s': %s\n", opt.self_exe.c_str(), std::strerror(errno));
+  std::_Exit(127);
+}
+
+// Who is who, for operators and the chaos tests (kill -9 / SIGSTOP a rank).
+void writeWorkersJson(const Launch& l, const Attempt& a) {
+  nlohmann::json pids = nlohmann::json::object();
+  for (const auto& ch : a.children) {
+    if (ch.exit_code < 0) pids[std::to_string(ch.rank)] = ch.pid;
+  }
+  (void)core::writeFileAtomic((fs::path(l.run_dir) / "workers.json").string(),
+                              nlohmann::json{{"coordinator", a.coord_addr}, {"attempt", a.index}, {"pids", pids}}.dump());
+}
+
+core::Status spawnWorker(const Launch& l, Attempt& a, int rank, bool join) {
+  const LaunchOptions& opt = l.opt;
+  Child c;
+  c.rank = rank;
+  c.log = (fs::path(l.run_dir) / "logs" / ("rank" + std::to_string(rank) + ".log")).string();
+  std::vector<std::string> args = {opt.self_exe, "worker", "--job", l.job_file, "--run-dir", l.run_dir,
+                                   "--rank", std::to_string(rank), "--world", std::to_string(l.world),
+                                   "--coordinator", a.coord_addr};
+  if (join) args.push_back("--join");
+  if (a.resume && !join) args.push_back("--resume");
+  if (opt.exit_after_step >= 0 && a.index == 0 && !join) {
+    args.push_back("--exit-after-step");
+    args.push_back(std::to_string(opt.exit_after_step));
+  }
+  pid_t pid = ::fork();
+  if (pid < 0) return core::unavailable("fork failed while starting worker " + std::to_string(rank));
+  if (pid == 0) execWorker(opt, c.log, a.secret, args);
+  c.pid = pid;
+  c.joiner = join;
+  a.children.push_back(c);
+  writeWorkersJson(l, a);
+  return core::okStatus();
+}
+
+// Reap. A worker that crashed, was killed, or was evicted (declared
+// failed while the job went on) is replaced by a joiner in its slot;
+// any other non-zero exit fails the job (or restarts it). Returns the ranks
+// to replace; counts the workers still running in `alive`.
+std::vector<int> reapWorkers(Launch& l, Attempt& a, int& alive) {
+  std::vector<int> to_replace;
+  for (auto& c : a.children) {
+    if (c.exit_code >= 0) continue;
+    int status = 0;
+    pid_t r = ::waitpid(c.pid, &status, WNOHANG);
+    if (r != c.pid) {
+      ++alive;
+      continue;
+    }
+    c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (c.exit_code == 0) {
+      if (a.finished_at == 0) a.finished_at = core::secondsSince(l.t0);
+      continue;
+    }
+    if (c.cancelled) continue;
+    const bool crashed = WIFSIGNALED(status) || c.exit_code == kExitEvicted;
+    if (c.exit_code == kExitRestartJob) {
+      a.restart = true;
+      ARCH_LOG_WARN("worker {} stopped: too few workers left or the coordinator was lost; the job restarts from "
+                    "its newest checkpoint", c.rank);
+    } else if (crashed && l.forwarded == 0 && !l.replaceable) {
+      a.restart = true;
+      ARCH_LOG_WARN("worker {} died (exit {}); the pipeline / expert-parallel layout cannot go on without it: "
+                    "the job restarts from its newest checkpoint", c.rank, c.exit_code);
+    } else if (crashed && l.forwarded == 0) {
+      to_replace.push_back(c.rank);
+      ARCH_LOG_WARN("worker {} {} (exit {}); the others continue", c.rank,
+                    c.exit_code == kExitEvicted ? "was evicted" : "died", c.exit_code);
+    } else if (l.failure.isOk() && l.forwarded == 0) {
+      l.failure = core::unavailable("worker " + std::to_string(c.rank) + " exited with code " +
+                                    std::to_string(c.exit_code) + "; its log (" + c.log + ") ends with:\n" +
+                                    tailOf(c.log));
+    }
+  }
+  return to_replace;
+}
+
+// Starts a joiner in each slot of `ranks` while the job goes on and
+// --max-replacements allows; with nobody left to hand the state over, the
+// job restarts instead.
+core::Status replaceWorkers(Launch& l, Attempt& a, const std::vector<int>& ranks, int& alive) {
+  for (int r : ranks) {
+    if (a.finished_at > 0) continue;  // the job is done: nothing to join
+    if (alive == 0) {
+      a.restart = true;  // nobody left to hand the state over
+      continue;
+    }
+    if (l.replacements >= l.opt.max_replacements) {
+      ARCH_LOG_WARN("not replacing worker {}: the {} replacement(s) allowed by --max-replacements are used; the "
+                    "others go on without it", r, l.opt.max_replacements);
+      continue;
+    }
+    ++l.replacements;
+    ARCH_LOG_INFO("starting a replacement for rank {} (--join)", r);
+    l.events.write(report::EventRecord{
+        .event = "replace", .step = l.progress.lastStep(), .rank = r,
+        .detail = fmt::format("launcher started a replacement worker for rank {}", r)});
+    ARCH_RETURN_IF_ERROR(spawnWorker(l, a, r, true));
+    ++alive;
+  }
+  return core::okStatus();
+}
+
+// Fencing: a process whose slot the coordinator declared failed (it
+// stalled, e.g. SIGSTOP) must not come back into the job: kill it; it
+// is then replaced like a crashed one.
+void fenceFailedWorkers(Attempt& a) {
+  const auto m = a.coord->membership();
+  for (auto& c : a.children) {
+    if (c.exit_code >= 0 || c.rank >= static_cast<int>(m.pids.size())) continue;
+    if (std::binary_search(m.failed.begin(), m.failed.end(), c.rank) && m.pids[static_cast<size_t>(c.rank)] == c.pid) {
+      ARCH_LOG_WARN("worker {} (pid {}) was declared failed but still runs: killing it", c.rank, c.pid);
+      ::kill(c.pid, SIGKILL);
+      ::kill(c.pid, SIGCONT);
+    }
+  }
+}
+
+// A replacement still waiting to join when the others have finished the
+// job has nothing to join: stop it (after a grace period in which a
+// joiner that is in step finishes by itself).
+void stopLateJoiners(const Launch& l, Attempt& a) {
+  if (a.finished_at > 0 && core::secondsSince(l.t0) - a.finished_at > 10) {
+    for (auto& c : a.children) {
+      if (c.exit_code < 0 && c.joiner && !c.cancelled) {
+        ARCH_LOG_INFO("stopping replacement worker {}: the job finished before it could join", c.rank);
+        c.cancelled = true;
+        ::kill(c.pid, SIGKILL);
+      }
+    }
+  }
+}
+
+// The others cannot finish without a failed worker: stop them (SIGTERM:
+// stop at the next step boundary and checkpoint; SIGKILL after 3 s).
+void stopWorkers(const Launch& l, Attempt& a) {
+  if (a.stopping_since < 0) {
+    a.stopping_since = core::secondsSince(l.t0);
+    for (auto& c : a.children) if (c.exit_code < 0) ::kill(c.pid, SIGTERM);
+  } else if (core::secondsSince(l.t0) - a.stopping_since > 3) {
+    for (auto& c : a.children) if (c.exit_code < 0) { ::kill(c.pid, SIGKILL); ::kill(c.pid, SIGCONT); }
+  }
+}
+
+void forwardInterrupts(Launch& l, Attempt& a) {
+  int ints = g_interrupts.load();
+  if (ints > l.forwarded) {
+    // First Ctrl-C: workers stop at the next step boundary and checkpoint.
+    // Second: stop now.
+    int sig = ints == 1 ? SIGINT : SIGKILL;
+    ARCH_LOG_WARN(ints == 1 ? "interrupt: workers stop after this step and write a checkpoint (Ctrl-C again to kill)"
+                            : "second interrupt: killing workers");
+    for (auto& c : a.children) if (c.exit_code < 0) ::kill(c.pid, sig);
+    l.forwarded = ints;
+  }
+}
+
+void printProgress(Launch& l) {
+  l.progress.poll();
+  if (l.opt.progress && core::Clock::now() - l.last_print > std::chrono::milliseconds(l.tty ? 500 : 10000)) {
+    l.last_line = l.progress.line();
+    std::fprintf(stderr, l.tty ? "\r\033[K%s" : "%s\n", l.last_line.c_str());
+    std::fflush(stderr);
+    l.last_print = core::Clock::now();
+  }
+}
+
+// Watches the attempt's workers until none runs. Errors: a replacement
+// could not be started.
+core::Status superviseWorkers(Launch& l, Attempt& a) {
+  while (true) {
+    int alive = 0;
+    const std::vector<int> to_replace = reapWorkers(l, a, alive);
+    ARCH_RETURN_IF_ERROR(replaceWorkers(l, a, to_replace, alive));
+    fenceFailedWorkers(a);
+    stopLateJoiners(l, a);
+    if (alive == 0) break;
+    if (!l.failure.isOk() || a.restart) stopWorkers(l, a);
+    forwardInterrupts(l, a);
+    printProgress(l);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return core::okStatus();
+}
+
+// ---- coordinator + workers ----
+// Runs one attempt to its end; returns whether its workers asked for a
+// restart (the job's failure, if any, is in l.failure).
+core::Result<bool> runAttempt(Launch& l, int attempt) {
+  const LaunchOptions& opt = l.opt;
+  Attempt a;
+  a.index = attempt;
+  a.resume = opt.resume || (attempt > 0 && latestValidCheckpoint(l.run_dir).isOk());
+  a.secret = randomSecret();
+  comm::CoordinatorOptions co;
+  co.heartbeat_timeout_s = l.job.strategy.failure_timeout;
+  a.coord = std::make_unique<comm::CoordinatorServer>(a.secret, co);
+  ARCH_RETURN_IF_ERROR(a.coord->start());
+  a.coord_addr = "127.0.0.1:" + std::to_string(a.coord->port());
+  ARCH_LOG_INFO("job '{}': {} workers in {} islands; coordinator at {}; run dir {}{}", l.job.cluster.name, l.world,
+                l.job.cluster.islands.size(), a.coord_addr, l.run_dir,
+                attempt > 0 ? fmt::format(" (restart {} of {})", attempt, opt.max_restarts) : "");
+  for (const auto& w : l.workers) ARCH_RETURN_IF_ERROR(spawnWorker(l, a, w.rank, false));
+  l.failure = core::okStatus();
+  ARCH_RETURN_IF_ERROR(superviseWorkers(l, a));
+  a.coord->stop();
+  return a.restart;
+}
+
+// Whether the job starts another attempt (and says so in the log and the
+// metrics); when --max-restarts are used up, the failure says why.
+bool restartAfter(Launch& l, int attempt, bool restart) {
+  const LaunchOptions& opt = l.opt;
+  if (l.forwarded > 0 || (l.failure.isOk() && !restart)) return false;
+  if (attempt >= opt.max_restarts) {
+    if (l.failure.isOk()) {
+      l.failure = core::unavailable("the job stopped (too few workers or no coordinator) and the " +
+                                    std::to_string(opt.max_restarts) + " restart(s) allowed by --max-restarts are used up");
+    }
+    return false;
+  }
+  const auto latest = latestValidCheckpoint(l.run_dir);
+  const std::string from = latest.isOk() ? *latest : std::string("the beginning (no valid checkpoint)");
+  ARCH_LOG_WARN("restarting the job from {} ({} of {} restarts)", from, attempt + 1, opt.max_restarts);
+  l.events.write(report::EventRecord{
+      .event = "restart", .step = l.progress.lastStep(),
+      .detail = fmt::format("restart {} of {} from {}{}", attempt + 1, opt.max_restarts, from,
+                            l.failure.isOk() ? "" : ": " + l.failure.message().substr(0, 200))});
+  return true;
+}
+
+// The last progress line, the terminal's handlers back, the merged trace and
+// the launch's outcome.
+core::Status finishLaunch(Launch& l, const struct sigaction& old_int, const struct sigaction& old_term) {
+  l.progress.poll();
+  if (l.opt.progress && (l.tty || l.progress.line() != l.last_line)) {
+    std::fprintf(stderr, l.tty ? "\r\033[K%s\n" : "%s\n", l.progress.line().c_str());
   }
   sigaction(SIGINT, &old_int, nullptr);
   sigaction(SIGTERM, &old_term, nullptr);
 
   std::vector<std::string> traces;
-  for (int r = 0; r < world; ++r) traces.push_back((fs::path(run_dir) / "trace" / ("rank" + std::to_string(r) + ".json")).string());
-  (void)TraceRecorder::merge(traces, (fs::path(run_dir) / "trace.json").string());
-  if (!failure.isOk()) return failure;
-  if (forwarded > 0) {
-    return core::aborted("interrupted after step " + std::to_string(progress.lastStep()) +
-                         "; a checkpoint was written: continue with `archipelago train " + opt.job_path + " --resume`");
+  for (int r = 0; r < l.world; ++r) {
+    traces.push_back((fs::path(l.run_dir) / "trace" / ("rank" + std::to_string(r) + ".json")).string());
   }
-  ARCH_LOG_INFO("run finished in {:.1f}s; run dir {}", core::secondsSince(t0), run_dir);
+  (void)TraceRecorder::merge(traces, (fs::path(l.run_dir) / "trace.json").string());
+  if (!l.failure.isOk()) return l.failure;
+  if (l.forwarded > 0) {
+    return core::aborted("interrupted after step " + std::to_string(l.progress.lastStep()) +
+                         "; a checkpoint was written: continue with `archipelago train " + l.opt.job_path + " --resume`");
+  }
+  ARCH_LOG_INFO("run finished in {:.1f}s; run dir {}", core::secondsSince(l.t0), l.run_dir);
   return core::okStatus();
+}
+
+}  // namespace
+
+int rankFromEnv() { return envInt({"RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"}); }
+int worldFromEnv() { return envInt({"WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}); }
+
+core::Status launchTraining(const LaunchOptions& opt) {
+  ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, opt.load));
+  core::JobConfig job = loaded.job;
+  auto workers = workersOf(job.cluster);
+  ARCH_RETURN_IF_ERROR(prepareRunDir(opt, job));
+  const std::string job_file = (fs::path(job.run_dir) / "job.yaml").string();
+  ARCH_RETURN_IF_ERROR(core::writeFileAtomic(job_file, core::dumpJobYaml(job)));
+  ARCH_RETURN_IF_ERROR(writeRunJson(opt, job, workers));
+
+  struct sigaction old_int {}, old_term {};
+  installInterruptHandlers(old_int, old_term);
+  logEmulation(job, workers);
+  Launch l(opt, job, std::move(workers), job_file);
+  (void)l.events.open((fs::path(l.run_dir) / "metrics.jsonl").string());
+  for (int attempt = 0;; ++attempt) {
+    ARCH_ASSIGN_OR_RETURN(const bool restart, runAttempt(l, attempt));
+    if (!restartAfter(l, attempt, restart)) break;
+  }
+  return finishLaunch(l, old_int, old_term);
 }
 
 }  // namespace archipelago::runtime

@@ -20,6 +20,97 @@ namespace archipelago::runtime {
 namespace {
 std::atomic<bool> g_stop{false};
 void onStop(int) { g_stop.store(true); }
+
+// SIGINT / SIGTERM: stop at the next step boundary (g_stop).
+void installStopHandlers() {
+  struct sigaction sa {};
+  sa.sa_handler = onStop;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+void setLogIdentityOf(const std::vector<core::WorkerInfo>& workers, int rank) {
+  const auto& me = workers[static_cast<size_t>(rank)];
+  core::setLogIdentity(me.island + "/" + std::to_string(me.local_index) + " r" + std::to_string(rank));
+}
+
+core::Status checkRankAndWorld(int rank, int world, size_t devices, bool join) {
+  if (world != static_cast<int>(devices)) {
+    return core::invalidArgument("world size " + std::to_string(world) + " (from --world or WORLD_SIZE/SLURM_NTASKS) "
+                                 "does not match the cluster spec's " + std::to_string(devices) + " devices");
+  }
+  if ((rank < 0 && !join) || rank >= world) {
+    return core::invalidArgument("rank " + std::to_string(rank) + " is outside [0, " + std::to_string(world) +
+                                 "); pass --rank or set RANK / SLURM_PROCID");
+  }
+  return core::okStatus();
+}
+
+// --coordinator, else MASTER_ADDR:MASTER_PORT.
+core::Result<std::string> coordinatorAddress(const WorkerOptions& opt) {
+  std::string coord = opt.coordinator;
+  if (coord.empty()) {
+    const char* a = std::getenv("MASTER_ADDR");
+    const char* p = std::getenv("MASTER_PORT");
+    if (a && p) coord = std::string(a) + ":" + p;
+  }
+  if (coord.empty()) return core::invalidArgument("no coordinator: pass --coordinator HOST:PORT or set MASTER_ADDR/MASTER_PORT");
+  return coord;
+}
+
+TrainerOptions trainerOptions(const core::JobConfig& job, const std::string& run_dir, const WorkerOptions& opt,
+                              ElasticSession& session) {
+  TrainerOptions to;
+  to.job = job;
+  to.run_dir = run_dir;
+  to.rank = session.rank();
+  to.resume = opt.resume;
+  to.elastic = &session;
+  // The epoch-0 groups, for trainers without elasticity (pipeline / expert
+  // parallelism: a failure there stops the job; --max-restarts restarts it).
+  to.dp = session.dp();
+  to.inner = session.inner();
+  to.inner_ranks = session.innerRanks();
+  to.world_group = session.worldGroup();
+  to.stop = &g_stop;
+  to.exit_after_step = opt.exit_after_step;
+  return to;
+}
+
+// Exit codes the launcher acts on (elastic.h); threads of the session may
+// still be blocked, so no destructors run. Returns the failure otherwise.
+core::Status exitForLauncher(const ElasticSession& session, const core::Status& failure) {
+  if (session.evicted()) {
+    std::fflush(nullptr);
+    std::_Exit(kExitEvicted);
+  }
+  if (session.belowMinimum() || failure.code() == core::StatusCode::kUnavailable ||
+      failure.code() == core::StatusCode::kFailedPrecondition) {
+    std::fflush(nullptr);
+    std::_Exit(kExitRestartJob);
+  }
+  return failure;
+}
+
+// The run's summary record (metrics.jsonl) and its last log line.
+void reportSummary(const std::string& run_dir, const TrainSummary& summary) {
+  report::MetricsSink sink;
+  if (sink.open((std::filesystem::path(run_dir) / "metrics.jsonl").string()).isOk()) {
+    // TrainSummary's "none" values (no prediction: 0, no evaluation: -1)
+    // are left out rather than reported as numbers.
+    const auto predicted = summary.predicted_step_s > 0 ? std::optional<double>(summary.predicted_step_s)
+                                                        : std::nullopt;
+    const auto val = summary.final_val_loss >= 0 ? std::optional<double>(summary.final_val_loss) : std::nullopt;
+    sink.write(report::SummaryRecord{.steps = summary.steps_done, .first_step = summary.first_step,
+                                     .wall_s = summary.wall_s, .final_loss = summary.final_loss,
+                                     .final_val_loss = val, .predicted_step_s = predicted,
+                                     .measured_step_s = summary.mean_step_s,
+                                     .stopped_early = summary.stopped_early});
+  }
+  ARCH_LOG_INFO("done: {} steps, final loss {:.4f}, val {:.4f}, {:.3f}s/step", summary.steps_done,
+                summary.final_loss, summary.final_val_loss, summary.mean_step_s);
+}
 }  // namespace
 
 core::Status runWorker(const WorkerOptions& opt) {
@@ -31,36 +122,15 @@ core::Status runWorker(const WorkerOptions& opt) {
   const auto workers = workersOf(job.cluster);
   const int world = opt.world >= 0 ? opt.world : (worldFromEnv() >= 0 ? worldFromEnv() : static_cast<int>(workers.size()));
   const int rank = opt.rank >= 0 ? opt.rank : rankFromEnv();
-  if (world != static_cast<int>(workers.size())) {
-    return core::invalidArgument("world size " + std::to_string(world) + " (from --world or WORLD_SIZE/SLURM_NTASKS) "
-                                 "does not match the cluster spec's " + std::to_string(workers.size()) + " devices");
-  }
-  if ((rank < 0 && !opt.join) || rank >= world) {
-    return core::invalidArgument("rank " + std::to_string(rank) + " is outside [0, " + std::to_string(world) +
-                                 "); pass --rank or set RANK / SLURM_PROCID");
-  }
-  if (rank >= 0) {
-    const auto& me = workers[static_cast<size_t>(rank)];
-    core::setLogIdentity(me.island + "/" + std::to_string(me.local_index) + " r" + std::to_string(rank));
-  }
-
-  struct sigaction sa {};
-  sa.sa_handler = onStop;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  ARCH_RETURN_IF_ERROR(checkRankAndWorld(rank, world, workers.size(), opt.join));
+  if (rank >= 0) setLogIdentityOf(workers, rank);
+  installStopHandlers();
 
   const char* secret_env = std::getenv("ARCHIPELAGO_SECRET");
   if (!secret_env || !*secret_env) {
     return core::invalidArgument("ARCHIPELAGO_SECRET is not set: every worker of a job needs the job's shared secret");
   }
-  std::string coord = opt.coordinator;
-  if (coord.empty()) {
-    const char* a = std::getenv("MASTER_ADDR");
-    const char* p = std::getenv("MASTER_PORT");
-    if (a && p) coord = std::string(a) + ":" + p;
-  }
-  if (coord.empty()) return core::invalidArgument("no coordinator: pass --coordinator HOST:PORT or set MASTER_ADDR/MASTER_PORT");
+  ARCH_ASSIGN_OR_RETURN(const std::string coord, coordinatorAddress(opt));
 
   ElasticOptions eo;
   eo.coordinator = coord;
@@ -69,62 +139,18 @@ core::Status runWorker(const WorkerOptions& opt) {
   eo.join = opt.join;
   eo.job = &job;
   ARCH_ASSIGN_OR_RETURN(auto session, ElasticSession::start(eo));
-  {
-    const auto& me = workers[static_cast<size_t>(session->rank())];
-    core::setLogIdentity(me.island + "/" + std::to_string(me.local_index) + " r" + std::to_string(session->rank()));
-  }
+  setLogIdentityOf(workers, session->rank());
   if (session->rank() == 0) {
     for (const auto& line : session->communicator().emulationSummary()) ARCH_LOG_INFO("{}", line);
   }
 
-  TrainerOptions to;
-  to.job = job;
-  to.run_dir = run_dir;
-  to.rank = session->rank();
-  to.resume = opt.resume;
-  to.elastic = session.get();
-  // The epoch-0 groups, for trainers without elasticity (pipeline / expert
-  // parallelism: a failure there stops the job; --max-restarts restarts it).
-  to.dp = session->dp();
-  to.inner = session->inner();
-  to.inner_ranks = session->innerRanks();
-  to.world_group = session->worldGroup();
-  to.stop = &g_stop;
-  to.exit_after_step = opt.exit_after_step;
-  auto summary = runTrainer(to);
+  auto summary = runTrainer(trainerOptions(job, run_dir, opt, *session));
   if (!summary.isOk()) {
     ARCH_LOG_ERROR("{}", summary.status().toString());
-    // Exit codes the launcher acts on (elastic.h); threads of the session
-    // may still be blocked, so no destructors run.
-    if (session->evicted()) {
-      std::fflush(nullptr);
-      std::_Exit(kExitEvicted);
-    }
-    if (session->belowMinimum() || summary.status().code() == core::StatusCode::kUnavailable ||
-        summary.status().code() == core::StatusCode::kFailedPrecondition) {
-      std::fflush(nullptr);
-      std::_Exit(kExitRestartJob);
-    }
-    return summary.status();
+    return exitForLauncher(*session, summary.status());
   }
   session->leave();
-  if (session->alive().empty() || session->alive().front() == session->rank()) {
-    report::MetricsSink sink;
-    if (sink.open((std::filesystem::path(run_dir) / "metrics.jsonl").string()).isOk()) {
-      // TrainSummary's "none" values (no prediction: 0, no evaluation: -1)
-      // are left out rather than reported as numbers.
-      const auto predicted = summary->predicted_step_s > 0 ? std::optional<double>(summary->predicted_step_s)
-                                                           : std::nullopt;
-      const auto val = summary->final_val_loss >= 0 ? std::optional<double>(summary->final_val_loss) : std::nullopt;
-      sink.write(report::SummaryRecord{.steps = summary->steps_done, .first_step = summary->first_step,
-                                       .wall_s = summary->wall_s, .final_loss = summary->final_loss,
-                                       .final_val_loss = val, .predicted_step_s = predicted,
-                                       .measured_step_s = summary->mean_step_s,
-                                       .stopped_early = summary->stopped_early});
-    }
-    ARCH_LOG_INFO("done: {} steps, final loss {:.4f}, val {:.4f}, {:.3f}s/step", summary->steps_done,
-                  summary->final_loss, summary->final_val_loss, summary->mean_step_s);
-  }
+  if (session->alive().empty() || session->alive().front() == session->rank()) reportSummary(run_dir, *summary);
   return core::okStatus();
 }
 
@@ -139,11 +165,7 @@ core::Status runCoordinator(const CoordinatorOptions& opt) {
   ARCH_RETURN_IF_ERROR(server.start());
   std::printf("coordinator listening on %s\n", server.address().c_str());
   std::fflush(stdout);
-  struct sigaction sa {};
-  sa.sa_handler = onStop;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  installStopHandlers();
   while (!g_stop.load()) ::usleep(100000);
   server.stop();
   return core::okStatus();

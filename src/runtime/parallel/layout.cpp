@@ -84,12 +84,18 @@ int64_t ParallelLayout::layerBegin(int stage) const {
   return b;
 }
 
-core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
-  ParallelLayout lay;
-  const auto workers = workersOf(job.cluster);
-  lay.world = static_cast<int>(workers.size());
-  lay.stages = static_cast<int>(job.strategy.pipeline_stages);
-  lay.ep = static_cast<int>(job.strategy.expert_parallel);
+namespace {
+
+using core::WorkerInfo;
+
+double speedOf(const std::vector<WorkerInfo>& workers, int r) {
+  return 1.0 / std::max(1e-9, workers[static_cast<size_t>(r)].slowdown);
+}
+
+// The world, the stage count and the expert-group size must tile each other
+// (and, between outer steps of diloco / streaming, each island).
+core::Status checkShape(const core::JobConfig& job, const std::vector<WorkerInfo>& workers,
+                        const ParallelLayout& lay) {
   if (lay.world < 1) return core::invalidArgument("the cluster spec has no workers");
   if (lay.world % lay.stages != 0) {
     return core::invalidArgument("strategy.pipeline_stages (" + std::to_string(lay.stages) +
@@ -100,7 +106,6 @@ core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
                                  (lay.stages > 1 ? "pipelines (" + std::to_string(lay.world / lay.stages) + ")"
                                                  : "workers (" + std::to_string(lay.world) + ")"));
   }
-  lay.replicas = lay.world / lay.stages;
   if (job.strategy.kind != "sync") {
     // Each island trains its own pipelines / expert groups between outer steps.
     const int block = lay.stages * lay.ep;
@@ -116,83 +121,126 @@ core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
       }
     }
   }
-  auto speedOf = [&](int r) { return 1.0 / std::max(1e-9, workers[static_cast<size_t>(r)].slowdown); };
+  return core::okStatus();
+}
 
-  ARCH_ASSIGN_OR_RETURN(auto mc, model::resolveModelConfig(job.model));
+// Per-layer parameters (attention + FFN or all experts) and the head.
+struct LayerCost {
+  double flops = 0;  // active parameters: the compute of one layer
+  double bytes = 0;  // memory of one layer's training state
+  double head = 0;   // parameters of the LM head (and of the embedding)
+};
+
+LayerCost layerCost(const core::ModelConfig& mc) {
+  const double hd = static_cast<double>(mc.dim / mc.n_heads);
+  const double attn = static_cast<double>(mc.dim) * hd * static_cast<double>(2 * mc.n_heads + 2 * mc.n_kv_heads);
+  const double dense_ffn = 3.0 * static_cast<double>(mc.dim * mc.ffn_hidden);
+  const double moe_ffn = 3.0 * static_cast<double>(mc.dim * mc.moe.expert_hidden) * static_cast<double>(mc.moe.num_experts);
+  const double active_ffn = mc.moe.num_experts > 0
+                                ? 3.0 * static_cast<double>(mc.dim * mc.moe.expert_hidden) * static_cast<double>(mc.moe.top_k)
+                                : dense_ffn;
+  const double layer_params = attn + (mc.moe.num_experts > 0 ? moe_ffn : dense_ffn);
+  LayerCost c;
+  c.flops = attn + active_ffn;
+  c.head = static_cast<double>(mc.dim * mc.vocab_size);
+  // fp32 weights + grads + two AdamW moments = 16 bytes per parameter;
+  // activations of the micro-batches in flight are left to the 20% margin.
+  c.bytes = 16.0 * layer_params;
+  return c;
+}
+
+// The layer split from the devices: a stage is as fast as the slowest of the
+// devices that run it; its memory is that of the smallest one.
+core::Result<std::vector<int64_t>> stageLayersFromDevices(const core::ModelConfig& mc,
+                                                          const std::vector<WorkerInfo>& workers,
+                                                          const ParallelLayout& lay) {
+  auto catalog = plan::DeviceCatalog::builtin();
+  const LayerCost cost = layerCost(mc);
+  std::vector<double> speed(static_cast<size_t>(lay.stages), 1e300);
+  std::vector<int64_t> max_layers(static_cast<size_t>(lay.stages), 0);
+  for (int s = 0; s < lay.stages; ++s) {
+    double mem = 0;
+    for (int d = 0; d < lay.replicas; ++d) {
+      const int r = d * lay.stages + s;
+      speed[static_cast<size_t>(s)] = std::min(speed[static_cast<size_t>(s)], speedOf(workers, r));
+      if (catalog.isOk()) {
+        auto spec = catalog->get(workers[static_cast<size_t>(r)].device);
+        if (spec.isOk() && spec->memory_bytes > 0) mem = mem == 0 ? spec->memory_bytes : std::min(mem, spec->memory_bytes);
+      }
+    }
+    if (mem > 0) {
+      const double fixed = 16.0 * cost.head * ((s == 0 ? 1 : 0) + (s == lay.stages - 1 ? 1 : 0));
+      max_layers[static_cast<size_t>(s)] = std::max<int64_t>(0, static_cast<int64_t>((0.8 * mem - fixed) / cost.bytes));
+      if (max_layers[static_cast<size_t>(s)] == 0) max_layers[static_cast<size_t>(s)] = -1;  // reported below
+    }
+  }
+  for (int s = 0; s < lay.stages; ++s) {
+    if (max_layers[static_cast<size_t>(s)] < 0) {
+      return core::invalidArgument("pipeline stage " + std::to_string(s) + " cannot hold even one layer in its device memory");
+    }
+  }
+  return splitLayers(mc.n_layers, speed, max_layers, 0.0, cost.flops > 0 ? cost.head / cost.flops : 0.0);
+}
+
+// strategy.stage_layers when given, else the split from the devices.
+core::Result<std::vector<int64_t>> stageLayers(const core::JobConfig& job, const core::ModelConfig& mc,
+                                               const std::vector<WorkerInfo>& workers, const ParallelLayout& lay) {
+  std::vector<int64_t> layers;
   if (!job.strategy.stage_layers.empty()) {
-    lay.stage_layers = job.strategy.stage_layers;
+    layers = job.strategy.stage_layers;
   } else if (lay.stages == 1) {
-    lay.stage_layers = {mc.n_layers};
+    layers = {mc.n_layers};
   } else {
-    // A stage is as fast as the slowest of the devices that run it; its
-    // memory is that of the smallest one.
-    auto catalog = plan::DeviceCatalog::builtin();
-    // Per-layer parameters (attention + FFN or all experts) and the head.
-    const double hd = static_cast<double>(mc.dim / mc.n_heads);
-    const double attn = static_cast<double>(mc.dim) * hd * static_cast<double>(2 * mc.n_heads + 2 * mc.n_kv_heads);
-    const double dense_ffn = 3.0 * static_cast<double>(mc.dim * mc.ffn_hidden);
-    const double moe_ffn = 3.0 * static_cast<double>(mc.dim * mc.moe.expert_hidden) * static_cast<double>(mc.moe.num_experts);
-    const double active_ffn = mc.moe.num_experts > 0
-                                  ? 3.0 * static_cast<double>(mc.dim * mc.moe.expert_hidden) * static_cast<double>(mc.moe.top_k)
-                                  : dense_ffn;
-    const double layer_params = attn + (mc.moe.num_experts > 0 ? moe_ffn : dense_ffn);
-    const double layer_flops = attn + active_ffn;
-    const double head = static_cast<double>(mc.dim * mc.vocab_size);
-    // fp32 weights + grads + two AdamW moments = 16 bytes per parameter;
-    // activations of the micro-batches in flight are left to the 20% margin.
-    const double layer_bytes = 16.0 * layer_params;
-    std::vector<double> speed(static_cast<size_t>(lay.stages), 1e300);
-    std::vector<int64_t> max_layers(static_cast<size_t>(lay.stages), 0);
-    for (int s = 0; s < lay.stages; ++s) {
-      double mem = 0;
-      for (int d = 0; d < lay.replicas; ++d) {
-        const int r = d * lay.stages + s;
-        speed[static_cast<size_t>(s)] = std::min(speed[static_cast<size_t>(s)], speedOf(r));
-        if (catalog.isOk()) {
-          auto spec = catalog->get(workers[static_cast<size_t>(r)].device);
-          if (spec.isOk() && spec->memory_bytes > 0) mem = mem == 0 ? spec->memory_bytes : std::min(mem, spec->memory_bytes);
-        }
-      }
-      if (mem > 0) {
-        const double fixed = 16.0 * head * ((s == 0 ? 1 : 0) + (s == lay.stages - 1 ? 1 : 0));
-        max_layers[static_cast<size_t>(s)] = std::max<int64_t>(0, static_cast<int64_t>((0.8 * mem - fixed) / layer_bytes));
-        if (max_layers[static_cast<size_t>(s)] == 0) max_layers[static_cast<size_t>(s)] = -1;  // reported below
-      }
-    }
-    for (int s = 0; s < lay.stages; ++s) {
-      if (max_layers[static_cast<size_t>(s)] < 0) {
-        return core::invalidArgument("pipeline stage " + std::to_string(s) + " cannot hold even one layer in its device memory");
-      }
-    }
-    ARCH_ASSIGN_OR_RETURN(lay.stage_layers,
-                          splitLayers(mc.n_layers, speed, max_layers, 0.0, layer_flops > 0 ? head / layer_flops : 0.0));
+    ARCH_ASSIGN_OR_RETURN(layers, stageLayersFromDevices(mc, workers, lay));
   }
   int64_t sum = 0;
-  for (auto l : lay.stage_layers) sum += l;
-  if (static_cast<int>(lay.stage_layers.size()) != lay.stages || sum != mc.n_layers) {
+  for (auto l : layers) sum += l;
+  if (static_cast<int>(layers.size()) != lay.stages || sum != mc.n_layers) {
     return core::invalidArgument("strategy.stage_layers must hold " + std::to_string(lay.stages) +
                                  " values summing to model.n_layers (" + std::to_string(mc.n_layers) + ")");
   }
+  return layers;
+}
 
-  lay.expert_begin = {0};
-  if (lay.ep > 1) {
-    std::vector<int64_t> counts = job.strategy.expert_counts;
-    if (counts.empty()) {
-      std::vector<double> speed(static_cast<size_t>(lay.ep), 1e300);
-      for (int r = 0; r < lay.world; ++r) {
-        const size_t j = static_cast<size_t>(lay.epMemberOf(r));
-        speed[j] = std::min(speed[j], speedOf(r));
-      }
-      ARCH_ASSIGN_OR_RETURN(counts, placeExperts(mc.moe.num_experts, speed));
-    }
-    for (auto c : counts) lay.expert_begin.push_back(lay.expert_begin.back() + c);
-    if (lay.expert_begin.back() != mc.moe.num_experts) {
-      return core::invalidArgument("strategy.expert_counts must sum to model.moe.num_experts (" +
-                                   std::to_string(mc.moe.num_experts) + ")");
-    }
-  } else {
-    lay.expert_begin.push_back(mc.moe.num_experts);
+// ep+1 boundaries of the experts each member of an expert group holds:
+// strategy.expert_counts when given, else by the members' speed.
+core::Result<std::vector<int64_t>> expertBegin(const core::JobConfig& job, const core::ModelConfig& mc,
+                                               const std::vector<WorkerInfo>& workers, const ParallelLayout& lay) {
+  std::vector<int64_t> begin = {0};
+  if (lay.ep <= 1) {
+    begin.push_back(mc.moe.num_experts);
+    return begin;
   }
+  std::vector<int64_t> counts = job.strategy.expert_counts;
+  if (counts.empty()) {
+    std::vector<double> speed(static_cast<size_t>(lay.ep), 1e300);
+    for (int r = 0; r < lay.world; ++r) {
+      const size_t j = static_cast<size_t>(lay.epMemberOf(r));
+      speed[j] = std::min(speed[j], speedOf(workers, r));
+    }
+    ARCH_ASSIGN_OR_RETURN(counts, placeExperts(mc.moe.num_experts, speed));
+  }
+  for (auto c : counts) begin.push_back(begin.back() + c);
+  if (begin.back() != mc.moe.num_experts) {
+    return core::invalidArgument("strategy.expert_counts must sum to model.moe.num_experts (" +
+                                 std::to_string(mc.moe.num_experts) + ")");
+  }
+  return begin;
+}
+
+}  // namespace
+
+core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
+  ParallelLayout lay;
+  const auto workers = workersOf(job.cluster);
+  lay.world = static_cast<int>(workers.size());
+  lay.stages = static_cast<int>(job.strategy.pipeline_stages);
+  lay.ep = static_cast<int>(job.strategy.expert_parallel);
+  ARCH_RETURN_IF_ERROR(checkShape(job, workers, lay));
+  lay.replicas = lay.world / lay.stages;
+  ARCH_ASSIGN_OR_RETURN(auto mc, model::resolveModelConfig(job.model));
+  ARCH_ASSIGN_OR_RETURN(lay.stage_layers, stageLayers(job, mc, workers, lay));
+  ARCH_ASSIGN_OR_RETURN(lay.expert_begin, expertBegin(job, mc, workers, lay));
   return lay;
 }
 
