@@ -41,6 +41,8 @@ struct EpochWait {
 
 // Nobody has published the epoch after w.from yet: say what we saw, once.
 // True when the failure was just reported (look again at once).
+// Reports are best effort: one that does not arrive is found again by the
+// coordinator's heartbeat timeout, so their Status is not acted on.
 bool reportCause(comm::CoordinatorClient& client, int rank, EpochWait& w, double settle_s) {
   if (!w.reported && !w.why.isOk()) {
     const int suspect = suspectOf(w.why);
@@ -247,6 +249,7 @@ core::Status ElasticSession::reconfigure(const core::Status& cause) {
   }
 }
 
+// Best effort: a rank that cannot say goodbye is found gone by the heartbeat timeout.
 void ElasticSession::leave() { (void)client_->leave(core::Deadline::afterSeconds(2)); }
 
 }  // namespace archipelago::runtime

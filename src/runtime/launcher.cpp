@@ -315,8 +315,10 @@ void writeWorkersJson(const Launch& l, const Attempt& a) {
   for (const auto& ch : a.children) {
     if (ch.exit_code < 0) pids[std::to_string(ch.rank)] = ch.pid;
   }
-  (void)core::writeFileAtomic((fs::path(l.run_dir) / "workers.json").string(),
-                              nlohmann::json{{"coordinator", a.coord_addr}, {"attempt", a.index}, {"pids", pids}}.dump());
+  const core::Status st = core::writeFileAtomic(
+      (fs::path(l.run_dir) / "workers.json").string(),
+      nlohmann::json{{"coordinator", a.coord_addr}, {"attempt", a.index}, {"pids", pids}}.dump());
+  if (!st.isOk()) ARCH_LOG_WARN("workers.json not written: {}", st.message());
 }
 
 core::Status spawnWorker(const Launch& l, Attempt& a, int rank, bool join) {
@@ -553,7 +555,10 @@ core::Status finishLaunch(Launch& l, const struct sigaction& old_int, const stru
   for (int r = 0; r < l.world; ++r) {
     traces.push_back((fs::path(l.run_dir) / "trace" / ("rank" + std::to_string(r) + ".json")).string());
   }
-  (void)TraceRecorder::merge(traces, (fs::path(l.run_dir) / "trace.json").string());
+  // The merged trace is a diagnostic: a run that trained is not failed for it.
+  if (const core::Status st = TraceRecorder::merge(traces, (fs::path(l.run_dir) / "trace.json").string()); !st.isOk()) {
+    ARCH_LOG_WARN("trace.json not written: {}", st.message());
+  }
   if (!l.failure.isOk()) return l.failure;
   if (l.forwarded > 0) {
     return core::aborted("interrupted after step " + std::to_string(l.progress.lastStep()) +
@@ -581,7 +586,10 @@ core::Status launchTraining(const LaunchOptions& opt) {
   installInterruptHandlers(old_int, old_term);
   logEmulation(job, workers);
   Launch l(opt, job, std::move(workers), job_file);
-  (void)l.events.open((fs::path(l.run_dir) / "metrics.jsonl").string());
+  // The launcher's own events (replace, restart); the workers open the file themselves.
+  if (const core::Status st = l.events.open((fs::path(l.run_dir) / "metrics.jsonl").string()); !st.isOk()) {
+    ARCH_LOG_WARN("launcher events not written: {}", st.message());
+  }
   for (int attempt = 0;; ++attempt) {
     ARCH_ASSIGN_OR_RETURN(const bool restart, runAttempt(l, attempt));
     if (!restartAfter(l, attempt, restart)) break;
