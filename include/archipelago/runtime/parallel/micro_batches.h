@@ -28,7 +28,6 @@ class MicroBatchSchedule final : public Part {
   MicroBatchSchedule(model::Transformer net, int64_t micro_batch, double slowdown)
       : net_(std::move(net)), micro_batch_(micro_batch), slowdown_(slowdown) {}
   std::string name() const override { return "micro-batches"; }
-  bool schedules() const override { return true; }
   // Every member runs `count` micro-batches (0: chunks of micro_batch).
   void setAgreedCount(int64_t count) { agreed_count_ = count; }
   // Called before the backward whose gradients are final.

@@ -2,16 +2,19 @@
 // that a part implements, the way a Gloo algorithm or a ggml backend plugs
 // into its host (docs/parallelism.md "Parts").
 //
-//   bind             take the communication groups of a membership epoch
-//   forwardBackward  run this rank's share of a step (only the job's
-//                    schedule part: data-parallel micro-batches or 1F1B)
-//   reduceGradients  sum the gradients of the tensors this part is
-//                    responsible for over the ranks that hold them too
-//   gradNormSquared  this rank's share of the global gradient norm
-//   stateRanges      which ranges of the flat buffers it holds, by name
+//   forwardBackward      run this rank's share of a step, and evaluate:
+//                        the job's one schedule part (micro-batches or 1F1B)
+//   beforeFinalBackward  the last backward of the step starts (overlap)
+//   reduceGradients      sum the gradients of the tensors this part is
+//                        responsible for over the ranks that hold them too
+//   gradNormSquared      this rank's share of the global gradient norm
+//   stateRanges          which ranges of the flat buffers it holds, by name
 //
 // Parts never own the model, the optimizer, the data or the metrics: the
-// loop does, and hands them what one step needs.
+// loop does, and hands them what one step needs. A part that survives a
+// membership change takes the new epoch's group from the loop
+// (DataParallel::bind); split layouts restart instead (docs/parallelism.md
+// "Failures").
 #pragma once
 
 #include <cstdint>
@@ -70,8 +73,7 @@ class Part {
   virtual ~Part() = default;
   virtual std::string name() const = 0;
 
-  // True for the one part that runs forward/backward.
-  virtual bool schedules() const { return false; }
+  // Schedule parts only (the others report an internal error).
   virtual core::Status forwardBackward(const StepInput& in, StepStats& stats);
   // Validation loss of this rank's share (ce sum, tokens); schedule parts only.
   virtual core::Status evaluate(const data::Batch& batch, int64_t seq_len, double& ce_sum, double& tokens);
@@ -79,10 +81,7 @@ class Part {
   // Called by the schedule before the backward pass whose gradients are
   // final (the last micro-batch), so reductions can overlap with it.
   virtual void beforeFinalBackward() {}
-  virtual core::Status reduceGradients(StepStats& stats) {
-    (void)stats;
-    return core::okStatus();
-  }
+  virtual core::Status reduceGradients(StepStats& /*stats*/) { return core::okStatus(); }
   virtual NormShare gradNormSquared() const { return {}; }
   virtual std::vector<StateRange> stateRanges() const { return {}; }
 };

@@ -52,7 +52,6 @@ class PipelineParallel final : public Part {
   PipelineParallel(model::Transformer net, std::shared_ptr<comm::Group> world, const PipelineOptions& options);
   ~PipelineParallel() override;
   std::string name() const override { return "pipeline"; }
-  bool schedules() const override { return true; }
   // Every pipeline runs `count` micro-batches (expert groups of pipelines
   // meet in all-to-alls); 0: pipelineMicroCount of the own share.
   void setAgreedCount(int64_t count) { agreed_count_ = count; }
