@@ -18,29 +18,14 @@
 
 #include "archipelago/report/metrics.h"
 #include "archipelago/report/report.h"
+#include "report/report_test_util.h"
 
 namespace archipelago::report {
 namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "arch_metrics_XXXXXX").string();
-    char* d = mkdtemp(tmpl.data());
-    if (d == nullptr) std::abort();
-    path_ = d;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using report::testing::TempDir;
 
 // One record of every kind, with every field set to a value that can be
 // told apart from its default.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "archipelago/report/report.h"
+#include "report/report_test_util.h"
 #include "archipelago/report/report_chart.h"
 
 namespace archipelago::report {
@@ -32,24 +33,7 @@ void writeAll(const fs::path& p, const std::string& text) {
   out << text;
 }
 
-// A fresh temp directory removed at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "arch_report_XXXXXX").string();
-    char* d = mkdtemp(tmpl.data());
-    EXPECT_NE(d, nullptr);
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using report::testing::TempDir;
 
 // Loss of rank r at step s in the synthetic run. Step 5 is special-cased so
 // that its mean is a hand-checkable number.
