@@ -24,6 +24,7 @@
 #include <torch/torch.h>
 
 #include "archipelago/core/clock.h"
+#include "archipelago/core/cpu_time.h"
 #include "archipelago/model/layers.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/plan/local_predict.h"
@@ -128,15 +129,12 @@ struct LoadSampler {
 };
 
 // Seconds of one timed piece of work. With one intra-op thread per worker
-// (the trainer's default) this is the CPU time of the calling thread: the
-// cost of the work itself, not inflated by time slices lost to other
-// processes on a shared host (the predictor models that sharing, once).
-// With several intra-op threads it is the wall time.
-double threadCpuSeconds() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
+// (the trainer's default) this is the CPU time of the calling thread
+// (core::threadCpuSeconds): the cost of the work itself, not inflated by
+// time slices lost to other processes on a shared host (the predictor
+// models that sharing, once). With several intra-op threads it is the wall
+// time.
+using core::threadCpuSeconds;
 
 // CPU seconds (sender + receiver thread) per byte sent over loopback TCP,
 // in 1 MiB writes, as the workers' gradient buckets travel between them:

@@ -288,9 +288,9 @@ void Trainer::predict() {
     std::vector<double> t;
     for (int i = 0; i < 5; ++i) {
       const auto w0 = core::Clock::now();
-      const double c0 = cpuSeconds(CLOCK_THREAD_CPUTIME_ID);
+      const double c0 = core::threadCpuSeconds();
       commit();
-      t.push_back(tc_.threads_per_worker == 1 ? cpuSeconds(CLOCK_THREAD_CPUTIME_ID) - c0 : core::secondsSince(w0));
+      t.push_back(tc_.threads_per_worker == 1 ? core::threadCpuSeconds() - c0 : core::secondsSince(w0));
     }
     std::sort(t.begin(), t.end());
     profile.device(kind).step_overhead_s = t[t.size() / 2];

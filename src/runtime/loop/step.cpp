@@ -38,8 +38,8 @@ core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples
 
 core::Status Trainer::trainStep() {
   const auto step_t0 = core::Clock::now();
-  const double cpu0 = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID);
-  const int64_t faults0 = minorFaults();
+  const double cpu0 = core::processCpuSeconds();
+  const int64_t faults0 = core::minorFaults();
   const int64_t step = step_;
   double comm_s = 0, data_s = 0, optimizer_s = 0;
 

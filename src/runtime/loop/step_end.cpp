@@ -27,8 +27,8 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
         .local_loss = tokens ? stats.ce_sum / static_cast<double>(tokens) : 0.0, .lr = lr,
         .samples = static_cast<double>(batch.n), .tokens = static_cast<double>(tokens), .compute_s = stats.compute_s,
         .comm_s = comm_s, .wait_s = stats.wait_s, .data_s = data_s, .optimizer_s = optimizer_s, .step_s = step_s,
-        .compute_cpu_s = stats.compute_cpu_s, .cpu_s = cpuSeconds(CLOCK_PROCESS_CPUTIME_ID) - cpu0,
-        .minor_faults = static_cast<double>(minorFaults() - faults0),
+        .compute_cpu_s = stats.compute_cpu_s, .cpu_s = core::processCpuSeconds() - cpu0,
+        .minor_faults = static_cast<double>(core::minorFaults() - faults0),
         .tokens_per_s = static_cast<double>(batch.n * T_) / step_s, .grad_norm = grad_norm, .slowdown = me_.slowdown,
         .share = static_cast<double>(old_shares[static_cast<size_t>(share_index_)]), .commit_s = commit_s_,
         .stage = pp_ ? stage_ : -1, .micro_batches = static_cast<double>(stats.micro_batches)});

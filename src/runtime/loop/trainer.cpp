@@ -1,6 +1,5 @@
 // The one training loop of a worker: run() and the helpers every part of
 // the loop uses (docs/runtime.md "The loop").
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -15,18 +14,6 @@
 namespace archipelago::runtime::loop {
 
 namespace fs = std::filesystem;
-
-double cpuSeconds(clockid_t clock) {
-  timespec ts{};
-  ::clock_gettime(clock, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
-
-int64_t minorFaults() {
-  rusage ru{};
-  ::getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_minflt;
-}
 
 double wallSeconds() { return static_cast<double>(core::wallMicros()) / 1e6; }
 

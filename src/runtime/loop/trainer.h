@@ -17,8 +17,6 @@
 // for a restart from the newest checkpoint (docs/parallelism.md "Failures").
 #pragma once
 
-#include <time.h>
-
 #include <atomic>
 #include <functional>
 #include <map>
@@ -30,6 +28,7 @@
 #include <torch/torch.h>
 
 #include "archipelago/core/clock.h"
+#include "archipelago/core/cpu_time.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/transformer.h"
@@ -48,13 +47,6 @@
 
 namespace archipelago::runtime::loop {
 
-// CPU seconds of this thread or process (CLOCK_THREAD_CPUTIME_ID /
-// CLOCK_PROCESS_CPUTIME_ID): with the wall time, how much of a phase ran
-// and how much waited for a core (metrics; the local step prediction).
-double cpuSeconds(clockid_t clock);
-// Minor page faults of this process so far (a fresh page touched: a
-// growing heap, or memory the allocator returned and takes back).
-int64_t minorFaults();
 double wallSeconds();
 void hashTensor(core::Sha256& h, const torch::Tensor& t);
 // Test hook of the integrity tests: ARCHIPELAGO_TEST_CORRUPT_PARAMS=RANK:STEP

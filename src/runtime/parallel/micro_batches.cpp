@@ -1,19 +1,13 @@
 #include "archipelago/runtime/parallel/micro_batches.h"
 
-#include <time.h>
-
 #include <algorithm>
 
 #include "archipelago/core/clock.h"
+#include "archipelago/core/cpu_time.h"
 
 namespace archipelago::runtime::parallel {
 
 namespace {
-double threadCpuSeconds() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
 torch::Tensor rows(const std::vector<int64_t>& ids, int64_t begin, int64_t n, int64_t seq_len) {
   return torch::from_blob(const_cast<int64_t*>(ids.data()) + begin * seq_len, {n, seq_len}, torch::kInt64);
 }
@@ -37,7 +31,7 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
   const double group_tokens = std::max(1.0, in.group_samples) * static_cast<double>(T);
   const auto micro = microRanges(batch.n, micro_batch_, agreed_count_);
   const auto c0 = core::Clock::now();
-  const double cpu0 = threadCpuSeconds();
+  const double cpu0 = core::threadCpuSeconds();
   stats.sched_begin_us = core::wallMicros();
   {
     ScopedSpan span(in.trace, TraceRecorder::kCompute, "forward+backward");
@@ -59,7 +53,7 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
   }
   stats.micro_batches = static_cast<int64_t>(micro.size());
   const double compute_s = core::secondsSince(c0);
-  stats.compute_cpu_s += threadCpuSeconds() - cpu0;
+  stats.compute_cpu_s += core::threadCpuSeconds() - cpu0;
   stats.compute_s += compute_s + slowdown_.stretch(compute_s, in.trace);
   stats.sched_end_us = core::wallMicros();
   return core::okStatus();
