@@ -18,6 +18,7 @@
 #include "archipelago/runtime/parallel/expert.h"
 #include "archipelago/runtime/parallel/gradient_bucketer.h"
 #include "archipelago/runtime/parallel/micro_batches.h"
+#include "archipelago/runtime/parallel/optimizer_shard.h"
 #include "archipelago/runtime/parallel/pipeline.h"
 #include "model/test_util.h"
 
@@ -212,6 +213,92 @@ TEST(DataParallelParts, OwnerOnlyNormCountsOnceAndRangesAreNamed) {
   for (const auto& r : experts.stateRanges()) EXPECT_TRUE(isExpertTensor(r.name)) << r.name;
   StepStats stats;
   EXPECT_TRUE(dense.reduceGradients(stats).isOk());  // nobody else holds them: a no-op
+}
+
+// Rank `rank` of `ranks` processes stepped one after another: its
+// allgatherSlices takes the other ranks' slices from their buffers.
+class SlicesDp final : public DpComm {
+ public:
+  SlicesDp(int rank, std::vector<FlatParams>* all) : rank_(rank), all_(all) {}
+  int rank() const override { return rank_; }
+  int size() const override { return static_cast<int>(all_->size()); }
+  std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float> data) override { return LocalDp().allreduceSumAsync(data); }
+  core::Status allreduceSum(std::span<double>) override { return core::okStatus(); }
+  core::Status allgather(std::span<const double>, std::span<double>) override { return core::unimplemented("unused"); }
+  core::Status allgatherSlices(std::span<float> data, std::span<const int64_t> offsets) override {
+    for (int q = 0; q < size(); ++q) {
+      if (q == rank_) continue;
+      const float* src = (*all_)[static_cast<size_t>(q)].params().data_ptr<float>();
+      std::copy(src + offsets[q], src + offsets[q + 1], data.data() + offsets[q]);
+    }
+    return core::okStatus();
+  }
+  core::Status broadcast(std::span<float>, int) override { return core::okStatus(); }
+  std::string describe() const override { return "slices"; }
+
+ private:
+  int rank_;
+  std::vector<FlatParams>* all_;
+};
+
+std::vector<std::pair<std::string, torch::Tensor>> tensorsFrom(uint64_t seed) {
+  torch::manual_seed(seed);
+  return {{"w1", torch::randn({3, 4})}, {"norm", torch::randn({5})}, {"w2", torch::randn({7})}};
+}
+
+// ZeRO-1: three ranks each update a third of the buffer (cut inside
+// tensors) and gather; every rank ends with the parameters one AdamW over
+// the whole buffer computes, while holding a third of the moments.
+TEST(OptimizerShardPart, ThreeSlicesMatchOneOptimizerOverTheWholeBuffer) {
+  core::TrainConfig tc;
+  tc.weight_decay = 0.1;
+  FlatParams ref = FlatParams::bind(tensorsFrom(7));
+  FlatAdamW ref_opt(tc, 0, ref.numel());
+  std::vector<FlatParams> ranks;
+  for (int r = 0; r < 3; ++r) ranks.push_back(FlatParams::bind(tensorsFrom(7)));
+  std::vector<std::unique_ptr<SlicesDp>> dps;
+  std::vector<std::unique_ptr<OptimizerShard>> shards;
+  std::vector<std::unique_ptr<FlatAdamW>> opts;
+  int64_t held = 0;
+  for (int r = 0; r < 3; ++r) {
+    dps.push_back(std::make_unique<SlicesDp>(r, &ranks));
+    shards.push_back(std::make_unique<OptimizerShard>(ranks[static_cast<size_t>(r)], dps.back().get()));
+    opts.push_back(std::make_unique<FlatAdamW>(tc, shards.back()->begin(), shards.back()->end()));
+    held += opts.back()->expAvg().numel();
+    EXPECT_TRUE(shards.back()->sharded());
+  }
+  EXPECT_EQ(held, ref.numel());
+  EXPECT_EQ(shards[1]->begin(), 8);  // 24 elements: [0, 8) [8, 16) [16, 24)
+  for (int step = 0; step < 4; ++step) {
+    torch::manual_seed(100 + static_cast<uint64_t>(step));
+    const torch::Tensor g = torch::randn({ref.numel()});
+    const double lr = 0.01 * (step + 1);
+    ref.grads().copy_(g);
+    ref_opt.step(ref.params(), ref.grads(), ref.decayMask(), lr);
+    for (int r = 0; r < 3; ++r) {
+      auto& f = ranks[static_cast<size_t>(r)];
+      const auto& s = *shards[static_cast<size_t>(r)];
+      f.grads().copy_(g);
+      opts[static_cast<size_t>(r)]->step(f.params().narrow(0, s.begin(), s.size()), f.grads().narrow(0, s.begin(), s.size()),
+                                         f.decayMask().narrow(0, s.begin(), s.size()), lr);
+    }
+    StepStats stats;
+    for (auto& s : shards) ASSERT_TRUE(s->gatherParameters(stats).isOk());
+    for (auto& f : ranks) EXPECT_TRUE(torch::allclose(f.params(), ref.params(), 1e-6, 1e-7)) << "step " << step;
+  }
+  // The moments it names are pieces of tensors cut at the slice ends.
+  auto ranges = shards[1]->stateRanges();
+  ASSERT_EQ(ranges.size(), 2u);
+  EXPECT_EQ(ranges[0].name, "w1");
+  EXPECT_EQ(ranges[0].begin, 8);
+  EXPECT_EQ(ranges[0].end, 12);
+  EXPECT_EQ(ranges[1].name, "norm");
+  EXPECT_EQ(ranges[1].end, 16);
+  OptimizerShard whole(ref);
+  EXPECT_FALSE(whole.sharded());
+  EXPECT_EQ(whole.size(), ref.numel());
+  StepStats stats;
+  EXPECT_TRUE(whole.gatherParameters(stats).isOk());
 }
 
 // One stage holding the whole model: the 1F1B machinery alone (stage

@@ -1,5 +1,6 @@
-// Checkpoints of the loop: snapshots, the DiLoCo / streaming rank parts,
-// resume (docs/runtime.md "Checkpoints").
+// Checkpoints of the loop: the snapshot in the single-process layout by
+// tensor name (runtime/shard_map.h) and the DiLoCo / streaming rank parts
+// (docs/runtime.md "Checkpoints"); resume is in resume.cpp.
 #include <algorithm>
 #include <map>
 #include <set>
@@ -10,92 +11,6 @@
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {
-
-core::Status Trainer::resumeFromCheckpoint() {
-  std::vector<std::pair<std::string, std::string>> refused;
-  auto latest = latestValidCheckpoint(opt_.run_dir, &refused);
-  if (!latest.isOk()) return latest.status().withContext("cannot resume");
-  ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(*latest));
-  if (split()) return resumeSplit(*latest, ck);
-  ARCH_RETURN_IF_ERROR(applyRankParts(*latest, ck));
-  std::map<std::string, torch::Tensor> by_name(ck.weights.begin(), ck.weights.end());
-  torch::NoGradGuard ng;
-  for (const auto& seg : flat_->segments()) {
-    auto it = by_name.find(seg.name);
-    if (it == by_name.end()) return core::dataLoss("checkpoint " + *latest + " lacks tensor '" + seg.name + "'");
-    if (it->second.sizes().vec() != seg.shape) {
-      return core::dataLoss("checkpoint " + *latest + " tensor '" + seg.name + "' has another shape than the model");
-    }
-    flat_->params().narrow(0, seg.offset, seg.numel).copy_(it->second.reshape({-1}));
-  }
-  std::map<std::string, torch::Tensor> opt_by_name(ck.optimizer.begin(), ck.optimizer.end());
-  if (!opt_by_name.count("exp_avg") || !opt_by_name.count("exp_avg_sq") ||
-      opt_by_name["exp_avg"].numel() != flat_->numel()) {
-    return core::dataLoss("checkpoint " + *latest + " optimizer state does not match the model");
-  }
-  adam_->expAvg().copy_(opt_by_name["exp_avg"].narrow(0, shard_begin_, shard_end_ - shard_begin_));
-  adam_->expAvgSq().copy_(opt_by_name["exp_avg_sq"].narrow(0, shard_begin_, shard_end_ - shard_begin_));
-  adam_->setStepCount(ck.optimizer_step);
-  for (auto& [name, t] : buffers_) {
-    auto it = by_name.find(name);
-    if (it != by_name.end() && it->second.sizes() == t.sizes()) t.copy_(it->second);
-  }
-  train_sampler_->setPosition(ck.data_position);
-  // The checkpoint's shares only if it was taken with the same membership.
-  if (ck.shares.size() == shares_.size() && std::all_of(ck.shares.begin(), ck.shares.end(), [](int64_t x) { return x > 0; }) &&
-      static_cast<int>(alive_.size()) == world_) {
-    shares_ = ck.shares;
-  }
-  start_step_ = ck.step;
-  if (rank_ == 0) {
-    ARCH_LOG_INFO("resumed from {} (step {}, data position {}){}", *latest, ck.step, ck.data_position,
-                  refused.empty() ? "" : fmt::format("; refused {} newer checkpoint(s)", refused.size()));
-  }
-  return core::okStatus();
-}
-
-core::Status Trainer::applyRankParts(const std::string& ckpt_dir, CheckpointState& ck) {
-  if (!ck.extra.is_object() || !ck.extra.contains("parts")) return core::okStatus();
-  const auto parts = ck.extra["parts"];
-  std::map<int, CheckpointState> loaded;
-  auto part = [&](int r) -> core::Result<CheckpointState*> {
-    if (!loaded.count(r)) {
-      ARCH_ASSIGN_OR_RETURN(auto p, loadCheckpointPart(ckpt_dir, r));
-      loaded[r] = std::move(p);
-    }
-    return &loaded[r];
-  };
-  for (const auto& p : parts) {
-    const int r = p.value("rank", -1);
-    if (p.value("island_state", false) && p.value("island", std::string()) == me_.island) {
-      // This island's weights and moments between outer steps.
-      ARCH_ASSIGN_OR_RETURN(CheckpointState* isl, part(r));
-      NamedTensors weights;
-      std::map<std::string, torch::Tensor> moments;
-      for (const auto& [name, t] : isl->optimizer) {
-        if (name.rfind("model.", 0) == 0) weights.push_back({name.substr(6), t});
-        else if (name == "exp_avg" || name == "exp_avg_sq") moments[name] = t;
-      }
-      if (weights.size() != ck.weights.size() || moments.size() != 2) {
-        return core::dataLoss("checkpoint " + ckpt_dir + ": the part of rank " + std::to_string(r) +
-                              " does not hold island '" + me_.island + "''s whole state");
-      }
-      ck.weights = std::move(weights);
-      for (auto& [name, t] : ck.optimizer) {
-        if (moments.count(name)) t = moments[name];
-      }
-      ck.optimizer_step = isl->optimizer_step;
-    }
-    if (r == rank_) {
-      ARCH_ASSIGN_OR_RETURN(CheckpointState* mine, part(r));
-      for (const auto& [name, t] : mine->optimizer) {
-        if (name.rfind("outer.ef.", 0) == 0) ck.optimizer.push_back({name, t});
-      }
-      if (mine->extra.is_object() && mine->extra.contains("outer")) ck.extra["outer"] = mine->extra["outer"];
-    }
-  }
-  return core::okStatus();
-}
 
 // What every checkpoint of this loop says about itself: step, data
 // position, shares, optimizer step, the job and the membership.
@@ -116,23 +31,61 @@ CheckpointState Trainer::snapshotHead(int64_t step) const {
   return s;
 }
 
+// Every layout alike: the single-process state by tensor name. Where each
+// rank holds a whole copy the writer has it all; otherwise the writer
+// gathers what it lacks (checkpoint_gather.cpp) and the others get an
+// empty state.
 core::Result<CheckpointState> Trainer::snapshot(int64_t step) {
+  AssembledState got(*shard_map_);
+  const HeldState held = heldState();
+  if (holdsWholeCopy()) {
+    absorbHeld(held, got);
+  } else {
+    ARCH_RETURN_IF_ERROR(gatherHeld(held, got));
+    if (!amWriter()) return CheckpointState{};
+  }
+  return assembleSnapshot(step, got);
+}
+
+core::Result<CheckpointState> Trainer::assembleSnapshot(int64_t step, const AssembledState& got) {
+  std::vector<std::string> kinds = {"weight", "exp_avg", "exp_avg_sq"};
+  if (outer_) kinds.insert(kinds.end(), {"outer.anchor", "outer.momentum"});
+  for (const auto& k : kinds) ARCH_RETURN_IF_ERROR(got.complete(k));
   CheckpointState s = snapshotHead(step);
-  torch::Tensor m = torch::zeros({flat_->numel()});
-  torch::Tensor v = torch::zeros({flat_->numel()});
-  m.narrow(0, shard_begin_, shard_end_ - shard_begin_).copy_(adam_->expAvg());
-  v.narrow(0, shard_begin_, shard_end_ - shard_begin_).copy_(adam_->expAvgSq());
-  if (!shard_offsets_.empty()) {
-    ARCH_RETURN_IF_ERROR(dp_->allgatherSlices(std::span<float>(m.data_ptr<float>(), static_cast<size_t>(m.numel())), shard_offsets_));
-    ARCH_RETURN_IF_ERROR(dp_->allgatherSlices(std::span<float>(v.data_ptr<float>(), static_cast<size_t>(v.numel())), shard_offsets_));
+  s.weights = got.tensors("weight");
+  // Persistent buffers (router biases) after the parameters, in layer order.
+  std::map<std::string, torch::Tensor> buffers = got.buffers();
+  for (int64_t l = 0; l < mcfg_.n_layers; ++l) {
+    const std::string prefix = "model.layers." + std::to_string(l) + ".";
+    for (auto it = buffers.begin(); it != buffers.end();) {
+      if (it->first.rfind(prefix, 0) == 0) {
+        s.weights.push_back(*it);
+        it = buffers.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
-  s.optimizer = {{"exp_avg", m}, {"exp_avg_sq", v}};
+  for (auto& b : buffers) s.weights.push_back(b);
+  s.optimizer = {{"exp_avg", got.flat("exp_avg")}, {"exp_avg_sq", got.flat("exp_avg_sq")}};
+  if (split()) {
+    s.extra["parallel"] = {{"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
+                           {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin}};
+  }
   if (outer_) {
-    for (const auto& [name, t] : outer_->stateTensors()) s.optimizer.push_back({"outer." + name, t.detach().clone()});
-    s.extra["outer"] = outer_->stateJson();
-    s.extra["parts"] = rankParts();
+    s.optimizer.push_back({"outer.anchor", got.flat("outer.anchor")});
+    s.optimizer.push_back({"outer.momentum", got.flat("outer.momentum")});
+    nlohmann::json st = outer_->stateJson();
+    st["numel"] = shard_map_->fullNumel();
+    s.extra["outer"] = st;
+    if (!split()) {
+      // This rank's error-feedback residuals; the other ranks' are in their parts.
+      for (const auto& [name, t] : outer_->stateTensors()) {
+        if (name.rfind("ef.", 0) == 0) s.optimizer.push_back({"outer." + name, t.detach().clone()});
+      }
+      s.extra["parts"] = rankParts();
+    }
   }
-  for (auto& [name, t] : net_->namedTensors()) s.weights.push_back({name, t.detach().clone()});
   return s;
 }
 
@@ -179,31 +132,26 @@ CheckpointState Trainer::rankPart(CheckpointState full) const {
   return part;
 }
 
+// The writer writes the checkpoint; with DiLoCo / streaming on a layout
+// where every rank holds a whole copy, every other rank writes its part
+// (docs/runtime.md); where none does, every rank takes part in the gather.
 core::Status Trainer::writeCheckpoint(bool at_end) {
+  const bool writes_part = !amWriter() && outer_ && holdsWholeCopy();
+  if (!amWriter() && !writes_part && holdsWholeCopy()) return core::okStatus();
   const auto c0 = core::Clock::now();
   CheckpointState snap;
-  if (split()) {
-    // The writer gathers the parts by tensor name; the others are done.
-    ScopedSpan span(&trace_, TraceRecorder::kCheckpoint, "checkpoint gather");
-    ARCH_ASSIGN_OR_RETURN(snap, gatherSnapshot(step_));
-    if (!amWriter()) return core::okStatus();
-  } else {
+  {
+    ScopedSpan span(&trace_, TraceRecorder::kCheckpoint, "checkpoint snapshot");
     ARCH_ASSIGN_OR_RETURN(snap, snapshot(step_));
   }
-  if (!amWriter() && outer_) {
-    // DiLoCo / streaming: this rank's part of the checkpoint (docs/runtime.md).
-    if (!ckpt_) ckpt_ = std::make_unique<CheckpointWriter>(opt_.run_dir, job_.checkpoint.keep_last);
-    ckpt_->submit(rankPart(std::move(snap)));
-    if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt_->drain());
-  } else if (amWriter()) {
-    const double stall = core::secondsSince(c0);
-    if (!ckpt_) ckpt_ = std::make_unique<CheckpointWriter>(opt_.run_dir, job_.checkpoint.keep_last);
-    ckpt_->submit(std::move(snap));
-    if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt_->drain());
-    if (opt_.write_metrics) {
-      metrics_.write(report::EventRecord{.event = "checkpoint", .step = step_, .detail = checkpointDirName(step_),
-                                         .stall_s = stall});
-    }
+  if (!amWriter() && !writes_part) return core::okStatus();
+  const double stall = core::secondsSince(c0);
+  if (!ckpt_) ckpt_ = std::make_unique<CheckpointWriter>(opt_.run_dir, job_.checkpoint.keep_last);
+  ckpt_->submit(writes_part ? rankPart(std::move(snap)) : std::move(snap));
+  if (!job_.checkpoint.async || at_end) ARCH_RETURN_IF_ERROR(ckpt_->drain());
+  if (amWriter() && opt_.write_metrics) {
+    metrics_.write(report::EventRecord{.event = "checkpoint", .step = step_, .detail = checkpointDirName(step_),
+                                       .stall_s = stall});
   }
   return core::okStatus();
 }

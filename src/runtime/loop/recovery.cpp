@@ -129,7 +129,7 @@ core::Status Trainer::recover(const core::Status& cause) {
                                       "shrink: the job restarts from its newest checkpoint")
           .withContext(cause.message());
     }
-    if (!shard_offsets_.empty()) {
+    if (optim_->sharded()) {
       return core::failedPrecondition("a worker was lost while optimizer state is sharded (train.shard_optimizer): "
                                       "the job restarts from its newest checkpoint")
           .withContext(cause.message());
@@ -218,7 +218,7 @@ core::Status Trainer::saveAndStop(const core::Status& why) {
   // hold; the lowest alive rank writes, the launcher restarts from it.
   // A split layout's writer would gather from ranks that may be gone: the
   // restart takes the newest periodic checkpoint instead.
-  if (has_state_ && shard_offsets_.empty() && !split() && (amWriter() || outer_) && step_ > 0) {
+  if (has_state_ && holdsWholeCopy() && (amWriter() || outer_) && step_ > 0) {
     auto snap = snapshot(step_);
     if (snap.isOk()) {
       auto st = runtime::writeCheckpoint(opt_.run_dir, amWriter() ? std::move(*snap) : rankPart(std::move(*snap)),

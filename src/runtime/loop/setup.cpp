@@ -114,6 +114,8 @@ core::Status Trainer::setupModel() {
       break;
     }
   }
+  ARCH_ASSIGN_OR_RETURN(auto map, ShardMap::build(model::parameterLayout(mcfg_), flat_->segments()));
+  shard_map_.emplace(std::move(map));
   std::set<std::string> params;
   for (const auto& seg : flat_->segments()) params.insert(seg.name);
   for (auto& [name, t] : net_->namedTensors()) {
@@ -125,8 +127,7 @@ core::Status Trainer::setupModel() {
 // AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1,
 // plain data parallelism only), and the initial batch shares.
 core::Status Trainer::setupOptimizer() {
-  shard_begin_ = 0;
-  shard_end_ = flat_->numel();
+  bool shard = false;
   if (tc_.shard_optimizer && world_ > 1 && split()) {
     if (rank_ == 0) ARCH_LOG_WARN("train.shard_optimizer is ignored with pipeline / expert parallelism");
   } else if (tc_.shard_optimizer && world_ > 1 && opt_.inner) {
@@ -136,11 +137,10 @@ core::Status Trainer::setupOptimizer() {
       ARCH_LOG_WARN("train.shard_optimizer: optimizer shards cannot survive a lost worker; a failure restarts the job "
                     "from its newest checkpoint instead of continuing elastically");
     }
-    for (int r = 0; r <= world_; ++r) shard_offsets_.push_back(flat_->numel() * r / world_);
-    shard_begin_ = shard_offsets_[static_cast<size_t>(rank_)];
-    shard_end_ = shard_offsets_[static_cast<size_t>(rank_) + 1];
+    shard = true;
   }
-  adam_ = std::make_unique<FlatAdamW>(tc_, shard_begin_, shard_end_);
+  optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, dp_) : std::make_unique<parallel::OptimizerShard>(*flat_);
+  adam_ = std::make_unique<FlatAdamW>(tc_, optim_->begin(), optim_->end());
   ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
   return core::okStatus();
 }
@@ -196,23 +196,11 @@ core::Status Trainer::setupStrategy() {
     for (const auto& seg : flat_->segments()) offsets.push_back(seg.offset);
     auto fr = fragmentSchedule(flat_->numel(), s.kind == "streaming" ? s.fragments : 1, s.inner_steps, offsets);
     if (fr.isOk()) outer_frags_ = *fr;
-    if (!has_state_) {
-      // A joiner's outer sync is built after the state arrived.
-    } else if (split()) {
+    // A joiner's outer sync is built after the state arrived; a resume
+    // found the outer state (resume.cpp).
+    if (has_state_) {
       ARCH_RETURN_IF_ERROR(makeOuter(resume_outer_tensors_.empty() ? nullptr : &resume_outer_tensors_,
                                      resume_outer_tensors_.empty() ? nullptr : &resume_outer_json_));
-    } else if (opt_.resume) {
-      ARCH_ASSIGN_OR_RETURN(auto latest, latestValidCheckpoint(opt_.run_dir));
-      ARCH_ASSIGN_OR_RETURN(auto ck, loadCheckpoint(latest));
-      ARCH_RETURN_IF_ERROR(applyRankParts(latest, ck));
-      NamedTensors outer_tensors;
-      for (const auto& [name, t] : ck.optimizer) {
-        if (name.rfind("outer.", 0) == 0) outer_tensors.push_back({name.substr(6), t});
-      }
-      nlohmann::json st = ck.extra.value("outer", nlohmann::json());
-      ARCH_RETURN_IF_ERROR(makeOuter(&outer_tensors, &st));
-    } else {
-      ARCH_RETURN_IF_ERROR(makeOuter(nullptr, nullptr));
     }
   }
   // Shares are re-derived every 5 steps; with DiLoCo/streaming at outer-step

@@ -99,14 +99,12 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer", &optimizer_s);
     torch::NoGradGuard ng;
     if (tc_.grad_clip > 0 && grad_norm > tc_.grad_clip) flat_->grads().mul_(tc_.grad_clip / (grad_norm + 1e-6));
-    auto p = flat_->params().narrow(0, shard_begin_, shard_end_ - shard_begin_);
-    adam_->step(p, flat_->grads().narrow(0, shard_begin_, shard_end_ - shard_begin_),
-                flat_->decayMask().narrow(0, shard_begin_, shard_end_ - shard_begin_), lr);
+    const int64_t b = optim_->begin(), n = optim_->size();
+    adam_->step(flat_->params().narrow(0, b, n), flat_->grads().narrow(0, b, n), flat_->decayMask().narrow(0, b, n), lr);
   }
-  if (!shard_offsets_.empty()) {
+  if (optim_->sharded()) {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "parameter allgather", &comm_s);
-    ARCH_RETURN_IF_ERROR(dp_->allgatherSlices(
-        std::span<float>(flat_->params().data_ptr<float>(), static_cast<size_t>(flat_->numel())), shard_offsets_));
+    ARCH_RETURN_IF_ERROR(optim_->gatherParameters(stats));
   }
   return core::okStatus();
 }

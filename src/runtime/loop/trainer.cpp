@@ -33,9 +33,12 @@ void hashTensor(core::Sha256& h, const torch::Tensor& t) {
 
 void Trainer::logStart() const {
   if (rank_ != 0 && !(elastic() && amWriter())) return;
-  ARCH_LOG_INFO("training {} parameters, {} steps from step {}, global batch {} x {} tokens over {} ({}), shares [{}]",
+  ARCH_LOG_INFO("training {} parameters, {} steps from step {}, global batch {} x {} tokens over {} ({}), shares [{}]{}",
                 flat_->numel(), tc_.steps, start_step_, tc_.global_batch, T_, alive_.size(), dp_->describe(),
-                fmt::join(shares_, ","));
+                fmt::join(shares_, ","),
+                optim_->sharded() ? fmt::format(", {}: {} of {} optimizer elements per rank", optim_->name(),
+                                                optim_->size(), flat_->numel())
+                                  : "");
   if (!split() || rank_ != 0) return;
   ARCH_LOG_INFO("layout: {} pipeline stage(s) with layers [{}] x {} replica(s), expert parallel {} (experts per "
                 "member [{}]), shares [{}], strategy {}",

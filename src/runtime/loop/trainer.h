@@ -38,9 +38,11 @@
 #include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/outer_sync.h"
+#include "archipelago/runtime/shard_map.h"
 #include "archipelago/runtime/parallel/data_parallel.h"
 #include "archipelago/runtime/parallel/expert.h"
 #include "archipelago/runtime/parallel/layout.h"
+#include "archipelago/runtime/parallel/optimizer_shard.h"
 #include "archipelago/runtime/parallel/part.h"
 #include "archipelago/runtime/trainer.h"
 #include "runtime/loop/rebalancer.h"
@@ -67,11 +69,17 @@ struct GroupCache {
   core::Result<std::shared_ptr<comm::Group>> of(const std::vector<int>& ranks);
 };
 
-// Tensors gathered by name for a split layout's checkpoint.
-struct GatheredState {
-  std::map<std::string, torch::Tensor> w, m, v, anchor, momentum;
-  // Takes the pieces of one rank's packed vector as its header names them.
-  void absorb(const nlohmann::json& header, const torch::Tensor& data);
+// What a rank holds of the checkpointed state: per kind ("weight",
+// "exp_avg", "exp_avg_sq", "outer.anchor", "outer.momentum") pieces of the
+// single-process layout with 1-D views of their values, and its buffers.
+struct HeldState {
+  struct Entry {
+    std::string kind;
+    ShardPiece piece;
+    torch::Tensor values;
+  };
+  std::vector<Entry> entries;
+  NamedTensors buffers;
 };
 
 class Trainer {
@@ -121,16 +129,22 @@ class Trainer {
   void event(const std::string& name, report::EventRecord e);
   double groupSamples() const;
 
-  // ---- checkpoints (checkpointing.cpp) ----
-  core::Status resumeFromCheckpoint();
+  // ---- checkpoints by tensor name (checkpointing.cpp, checkpoint_gather.cpp, resume.cpp) ----
+  // Every rank holds a whole copy of the state (no pipeline stages, expert
+  // groups or optimizer shards): the writer needs nobody's pieces.
+  bool holdsWholeCopy() const { return !split() && !optim_->sharded(); }
   CheckpointState snapshotHead(int64_t step) const;
+  // The writer's: the single-process state; the others': empty, or with
+  // DiLoCo on a whole-copy layout their own full state (cut by rankPart).
   core::Result<CheckpointState> snapshot(int64_t step);
-  // Pipeline / expert layouts: the writer gathers the parts by tensor name
-  // from the ranks that together hold one copy (snapshot_gather.cpp).
-  core::Result<CheckpointState> gatherSnapshot(int64_t step);
-  torch::Tensor packHeld(bool only_experts, nlohmann::json& header);
-  core::Result<CheckpointState> assembleSnapshot(int64_t step, GatheredState& got);
-  core::Status resumeSplit(const std::string& dir, CheckpointState& ck);
+  core::Result<CheckpointState> assembleSnapshot(int64_t step, const AssembledState& got);
+  HeldState heldState();
+  void absorbHeld(const HeldState& held, AssembledState& got) const;
+  core::Status gatherHeld(const HeldState& held, AssembledState& got);
+  core::Status gatherFrom(comm::Group& g, int r, AssembledState& got);
+  core::Status resumeFromCheckpoint();
+  core::Status loadPieces(const std::string& dir, const CheckpointState& ck);
+  core::Status resumeOuter(const std::string& dir, const CheckpointState& ck);
   // DiLoCo / streaming checkpoints: the rank parts the writer's checkpoint
   // lists, and this rank's part cut from its snapshot (docs/runtime.md).
   nlohmann::json rankParts() const;
@@ -204,13 +218,13 @@ class Trainer {
   std::optional<FlatParams> flat_;
   std::vector<std::pair<std::string, torch::Tensor>> buffers_;  // model tensors that are not parameters
   std::unique_ptr<FlatAdamW> adam_;
-  int64_t shard_begin_ = 0, shard_end_ = 0;
-  std::vector<int64_t> shard_offsets_;
+  std::unique_ptr<parallel::OptimizerShard> optim_;  // AdamW's range: all, or this rank's ZeRO-1 slice
+  std::optional<ShardMap> shard_map_;  // this rank's flat buffer as pieces of the single-process model
   std::vector<int64_t> shares_;   // per slot: rank, or pipeline with PP
   std::unique_ptr<OuterSync> outer_;
   bool exact_outer_ = true;  // outer state can be committed per step (nothing in flight between steps)
   std::vector<Fragment> outer_frags_;
-  NamedTensors resume_outer_tensors_;  // split layouts: the outer state a resume found
+  NamedTensors resume_outer_tensors_;  // the outer state a resume found
   nlohmann::json resume_outer_json_;
   std::unique_ptr<Rebalancer> rebalancer_;
 

@@ -1,0 +1,45 @@
+// The optimizer's range as a part. Unsharded, every rank updates the whole
+// flat buffer. Sharded (ZeRO-1, train.shard_optimizer), the ranks of a
+// data-parallel group split the buffer into equal contiguous slices; each
+// keeps AdamW moments for its slice only (1/N of the optimizer memory),
+// updates that slice from the fully reduced gradients, and the updated
+// slices are gathered so every rank holds all parameters again.
+//
+// Slices are cut at element offsets, not tensor boundaries, so the state it
+// names (stateRanges) are pieces of tensors; checkpoints assemble them by
+// name (runtime/shard_map.h).
+#pragma once
+
+#include <vector>
+
+#include "archipelago/runtime/dp_comm.h"
+#include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/parallel/part.h"
+
+namespace archipelago::runtime::parallel {
+
+class OptimizerShard final : public Part {
+ public:
+  // Unsharded: the whole buffer, nothing to gather.
+  explicit OptimizerShard(FlatParams& flat);
+  // Slice dp->rank() of dp->size() equal slices; `dp` gathers the slices.
+  OptimizerShard(FlatParams& flat, DpComm* dp);
+  std::string name() const override { return sharded() ? "optimizer shard (ZeRO-1)" : "optimizer"; }
+
+  bool sharded() const { return dp_ != nullptr; }
+  // This rank's slice [begin, end) of the flat buffer.
+  int64_t begin() const { return begin_; }
+  int64_t end() const { return end_; }
+  int64_t size() const { return end_ - begin_; }
+  // After the optimizer updated this rank's slice: every slice to every rank.
+  core::Status gatherParameters(StepStats& stats);
+  std::vector<StateRange> stateRanges() const override;
+
+ private:
+  FlatParams& flat_;
+  DpComm* dp_ = nullptr;
+  std::vector<int64_t> offsets_;  // size()+1 slice boundaries
+  int64_t begin_ = 0, end_ = 0;
+};
+
+}  // namespace archipelago::runtime::parallel

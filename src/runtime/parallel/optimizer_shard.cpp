@@ -1,0 +1,34 @@
+#include "archipelago/runtime/parallel/optimizer_shard.h"
+
+#include "archipelago/core/clock.h"
+
+namespace archipelago::runtime::parallel {
+
+OptimizerShard::OptimizerShard(FlatParams& flat) : flat_(flat), begin_(0), end_(flat.numel()) {}
+
+OptimizerShard::OptimizerShard(FlatParams& flat, DpComm* dp) : flat_(flat), dp_(dp) {
+  const int n = dp->size();
+  for (int r = 0; r <= n; ++r) offsets_.push_back(flat.numel() * r / n);
+  begin_ = offsets_[static_cast<size_t>(dp->rank())];
+  end_ = offsets_[static_cast<size_t>(dp->rank()) + 1];
+}
+
+core::Status OptimizerShard::gatherParameters(StepStats& stats) {
+  if (!dp_) return core::okStatus();
+  const auto t0 = core::Clock::now();
+  core::Status st = dp_->allgatherSlices(
+      std::span<float>(flat_.params().data_ptr<float>(), static_cast<size_t>(flat_.numel())), offsets_);
+  stats.wait_s += core::secondsSince(t0);
+  return st.isOk() ? st : st.withContext("ZeRO-1 parameter allgather");
+}
+
+std::vector<StateRange> OptimizerShard::stateRanges() const {
+  std::vector<StateRange> out;
+  for (const auto& s : flat_.segments()) {
+    const int64_t lo = std::max(begin_, s.offset), hi = std::min(end_, s.offset + s.numel);
+    if (lo < hi) out.push_back({s.name, lo, hi});
+  }
+  return out;
+}
+
+}  // namespace archipelago::runtime::parallel
