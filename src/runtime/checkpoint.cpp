@@ -143,7 +143,7 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
   ARCH_RETURN_IF_ERROR(writeDirAtomic(root, checkpointDirName(s.step), s.step,
                                       [&](const fs::path& tmp) -> core::Result<std::vector<std::string>> {
     ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "model.safetensors").string(), s.weights,
-                                                 {{"format", "archipelago"}, {"step", std::to_string(s.step)}}));
+                                                 {{"format", "pt"}, {"step", std::to_string(s.step)}}));
     ARCH_RETURN_IF_ERROR(model::writeSafetensors((tmp / "optimizer.safetensors").string(), s.optimizer,
                                                  {{"optimizer", "adamw"}, {"step", std::to_string(s.optimizer_step)}}));
     ARCH_RETURN_IF_ERROR(core::writeFileAtomic(tmp / "config.json", model::hfConfigJson(s.model)));

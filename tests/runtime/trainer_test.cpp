@@ -19,6 +19,7 @@
 
 #include "archipelago/core/config.h"
 #include "archipelago/data/prepare.h"
+#include "archipelago/model/safetensors.h"
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/launcher.h"
 #include "archipelago/runtime/trainer.h"
@@ -232,6 +233,61 @@ TEST(Trainer, DilocoResumeMidRoundIsBitExact) {
   auto latest = latestValidCheckpoint(cut.string());
   ASSERT_TRUE(latest.isOk());
   EXPECT_EQ(fs::path(*latest).filename().string(), checkpointDirName(k));
+}
+
+// A checkpoint as Hugging Face reads it: config.json with every size
+// resolved (the job leaves n_kv_heads and ffn_hidden to defaults) and
+// model.safetensors with format "pt" whose tensor names and shapes are
+// exactly those LlamaForCausalLM builds from that config (HF's published
+// rules, written out here, not our model code).
+TEST(Trainer, CheckpointIsWhatHuggingFaceLlamaBuildsFromItsConfig) {
+  fs::path run = scratchRoot() / "hf_ckpt";
+  std::string yaml = jobYaml(run.string(), "    - {name: a, count: 1}", 2, 4);
+  yaml.replace(yaml.find("{every: 0"), 9, "{every: 2");
+  yaml.replace(yaml.find("n_heads: 2"), 10, "n_heads: 4, n_kv_heads: 2, tie_embeddings: false");
+  auto job = loadJobText(yaml, "hf_ckpt");
+  TrainerOptions o;
+  o.job = job;
+  o.run_dir = job.run_dir;
+  fs::create_directories(o.run_dir);
+  ASSERT_TRUE(runTrainer(o).isOk());
+  const fs::path dir = run / "checkpoints" / checkpointDirName(2);
+  auto cfg = nlohmann::json::parse(fileBytes(dir / "config.json"), nullptr, false);
+  ASSERT_TRUE(cfg.is_object());
+  const int64_t hidden = cfg.value("hidden_size", 0), heads = cfg.value("num_attention_heads", 0),
+                kv = cfg.value("num_key_value_heads", 0), inter = cfg.value("intermediate_size", 0),
+                vocab = cfg.value("vocab_size", 0), layers = cfg.value("num_hidden_layers", 0);
+  EXPECT_EQ(hidden, 32);
+  EXPECT_EQ(heads, 4);
+  EXPECT_EQ(kv, 2);
+  EXPECT_GT(inter, 0);
+  EXPECT_GT(vocab, 0);
+  EXPECT_EQ(layers, 2);
+  EXPECT_EQ(cfg.value("model_type", ""), "llama");
+  EXPECT_GT(cfg.value("max_position_embeddings", 0), 0);
+  EXPECT_GT(cfg.value("rms_norm_eps", 0.0), 0.0);
+  const int64_t head_dim = cfg.value("head_dim", hidden / heads);
+  std::map<std::string, std::vector<int64_t>> want = {{"model.embed_tokens.weight", {vocab, hidden}},
+                                                      {"model.norm.weight", {hidden}},
+                                                      {"lm_head.weight", {vocab, hidden}}};
+  for (int64_t l = 0; l < layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    want[p + "self_attn.q_proj.weight"] = {heads * head_dim, hidden};
+    want[p + "self_attn.k_proj.weight"] = {kv * head_dim, hidden};
+    want[p + "self_attn.v_proj.weight"] = {kv * head_dim, hidden};
+    want[p + "self_attn.o_proj.weight"] = {hidden, heads * head_dim};
+    want[p + "mlp.gate_proj.weight"] = {inter, hidden};
+    want[p + "mlp.up_proj.weight"] = {inter, hidden};
+    want[p + "mlp.down_proj.weight"] = {hidden, inter};
+    want[p + "input_layernorm.weight"] = {hidden};
+    want[p + "post_attention_layernorm.weight"] = {hidden};
+  }
+  auto file = model::readSafetensors(dir / "model.safetensors");
+  ASSERT_TRUE(file.isOk()) << file.status().toString();
+  EXPECT_EQ(file->metadata["format"], "pt");
+  std::map<std::string, std::vector<int64_t>> got;
+  for (const auto& [name, t] : file->tensors) got[name] = t.sizes().vec();
+  EXPECT_EQ(got, want);
 }
 
 TEST(Trainer, CorruptCheckpointIsRefusedAndPreviousUsed) {

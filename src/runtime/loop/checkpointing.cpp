@@ -21,7 +21,7 @@ CheckpointState Trainer::snapshotHead(int64_t step) const {
   s.shares = shares_;
   s.optimizer_step = adam_->stepCount();
   s.job_yaml = job_yaml_;
-  s.model = job_.model;
+  s.model = mcfg_;  // resolved: config.json needs every size (Hugging Face builds the model from it)
   nlohmann::json ranks = nlohmann::json::array();
   for (const auto& w : workers_) {
     const bool alive = std::find(alive_.begin(), alive_.end(), w.rank) != alive_.end();
