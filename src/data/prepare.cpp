@@ -278,6 +278,45 @@ core::Status validateOptions(const PrepareOptions& o) {
   return core::okStatus();
 }
 
+// --out is replaced as a whole, so it must never hold what we read: not an
+// input, not a directory containing one, not a directory inside one (its
+// shards would be read as corpus next time). With --force an existing
+// --out is replaced only if it is a prepared dataset (has a manifest):
+// a typo'd --out must not delete a directory of someone's files.
+core::Status checkOutputIsSafe(const fs::path& out, const std::vector<std::string>& inputs, bool force) {
+  std::error_code ec;
+  const fs::path o = fs::weakly_canonical(fs::absolute(out, ec), ec);
+  auto inside = [](const fs::path& child, const fs::path& parent) {
+    auto c = child.begin(), p = parent.begin();
+    for (; p != parent.end() && !p->empty(); ++p, ++c) {
+      if (c == child.end() || *c != *p) return false;
+    }
+    return true;
+  };
+  for (const auto& in : inputs) {
+    const fs::path i = fs::weakly_canonical(fs::absolute(in, ec), ec);
+    if (inside(i, o)) {
+      return core::invalidArgument("--out '" + out.string() + "' is or contains the input '" + in +
+                                   "'; preparing would replace it: choose an --out outside the inputs");
+    }
+    if (fs::is_directory(i, ec) && inside(o, i)) {
+      return core::invalidArgument("--out '" + out.string() + "' is inside the input directory '" + in +
+                                   "' (its shards would be read as corpus): choose an --out outside the inputs");
+    }
+  }
+  if (!fs::exists(out, ec)) return core::okStatus();
+  if (!force) {
+    return core::Status(core::StatusCode::kAlreadyExists,
+                        "--out '" + out.string() + "' already exists; pass --force to replace it or choose another directory");
+  }
+  if (!fs::is_directory(out, ec) || !fs::exists(out / kManifestFile, ec)) {
+    return core::failedPrecondition("--out '" + out.string() + "' exists and is not a prepared dataset (no " +
+                                    std::string(kManifestFile) + "); --force only replaces a prepared dataset: "
+                                    "remove it yourself or choose another directory");
+  }
+  return core::okStatus();
+}
+
 // Removes the temporary directory unless released.
 class TempDirGuard {
  public:
@@ -302,10 +341,7 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
   fs::path out(options.out);
   while (!out.empty() && out.filename().empty()) out = out.parent_path();  // "dir/" -> "dir"
   std::error_code ec;
-  if (fs::exists(out, ec) && !options.force) {
-    return core::Status(core::StatusCode::kAlreadyExists,
-                        "--out '" + out.string() + "' already exists; pass --force to replace it or choose another directory");
-  }
+  ARCH_RETURN_IF_ERROR(checkOutputIsSafe(out, options.inputs, options.force));
   ARCH_ASSIGN_OR_RETURN(std::vector<std::string> files, collectFiles(options.inputs));
 
   PrepareReport report;
@@ -466,6 +502,7 @@ core::Result<PrepareReport> prepareDataset(const PrepareOptions& options) {
   if (fs::exists(out, ec) && !options.force) {
     return core::Status(core::StatusCode::kAlreadyExists, "--out '" + out.string() + "' appeared while preparing");
   }
+  ARCH_RETURN_IF_ERROR(checkOutputIsSafe(out, options.inputs, options.force).withContext("before publishing"));
   ARCH_RETURN_IF_ERROR(core::replaceDirectoryAtomic(tmp, out));
   guard.release();
   m.dir = out;

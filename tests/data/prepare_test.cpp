@@ -184,6 +184,41 @@ TEST(Prepare, ErrorsLeaveNothingBehind) {
   EXPECT_EQ(prepareDataset(o).status().code(), core::StatusCode::kInvalidArgument);
 }
 
+// --force replaces a prepared dataset only: never an input, a directory
+// holding one, one inside an input, or a directory of other files. Each
+// refusal leaves every file where it was.
+TEST(Prepare, ForceNeverReplacesInputsOrDirectoriesThatAreNotDatasets) {
+  ScratchDir dir;
+  writeText(dir / "in/a.txt", "one document");
+  writeText(dir / "notes/keep.txt", "somebody's notes");
+  auto intact = [&] {
+    return std::filesystem::exists(dir / "in/a.txt") && std::filesystem::exists(dir / "notes/keep.txt");
+  };
+  struct Case {
+    std::string out, want;
+  };
+  const std::vector<Case> cases = {
+      {"in", "is or contains the input"},         // --out the input itself
+      {".", "is or contains the input"},          // --out a parent of the input
+      {"in/data", "inside the input directory"},  // --out inside the input
+      {"notes", "not a prepared dataset"},        // a directory of other files
+  };
+  for (const auto& c : cases) {
+    auto o = byteOptions(dir, {(dir / "in").string()}, c.out);
+    o.force = true;
+    auto r = prepareDataset(o);
+    ASSERT_FALSE(r.isOk()) << c.out;
+    EXPECT_NE(r.status().message().find(c.want), std::string::npos) << c.out << ": " << r.status().toString();
+    EXPECT_NE(r.status().message().find("--out"), std::string::npos);
+    EXPECT_TRUE(intact()) << "--out " << c.out << " --force lost files";
+  }
+  // A single input file: --out its directory is refused too.
+  auto o = byteOptions(dir, {(dir / "in/a.txt").string()}, "in");
+  o.force = true;
+  EXPECT_FALSE(prepareDataset(o).isOk());
+  EXPECT_TRUE(intact());
+}
+
 TEST(Prepare, ExistingOutputNeedsForce) {
   ScratchDir dir;
   writeText(dir / "in/a.txt", "one document");
