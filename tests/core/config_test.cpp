@@ -211,6 +211,25 @@ TEST_F(ConfigTest, MissingFileAndBadYaml) {
   EXPECT_THAT(bad.status().message(), HasSubstr("not valid YAML"));
 }
 
+// kGood's train section is on line 8, its steps on line 9.
+TEST_F(ConfigTest, RepeatedKeysAndSectionsAreRefusedNamingBothLines) {
+  auto steps = load(std::string(kGood) + "  steps: 20\n");
+  ASSERT_FALSE(steps.isOk()) << "a repeated steps: must not be ignored";
+  EXPECT_THAT(steps.status().message(), HasSubstr("job.yaml:11: key 'steps' repeats the one on line 9"));
+  auto section = load(std::string(kGood) + "train:\n  steps: 99\n");
+  ASSERT_FALSE(section.isOk());
+  EXPECT_THAT(section.status().message(), HasSubstr("key 'train' repeats the one on line 8"));
+  // Inside a list item too.
+  auto island = load("cluster:\n  islands:\n    - {name: a, count: 1, count: 2}\n");
+  ASSERT_FALSE(island.isOk());
+  EXPECT_THAT(island.status().message(), HasSubstr("key 'count' repeats"));
+  // A directory as the job file is named as such.
+  std::filesystem::create_directories(dir_ / "jobs");
+  auto d = loadJob((dir_ / "jobs").string());
+  ASSERT_FALSE(d.isOk());
+  EXPECT_THAT(d.status().message(), HasSubstr("is a directory"));
+}
+
 TEST_F(ConfigTest, DumpYamlRoundTrips) {
   auto j = load(kGood);
   ASSERT_TRUE(j.isOk());
