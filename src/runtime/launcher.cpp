@@ -541,6 +541,20 @@ bool restartAfter(Launch& l, int attempt, bool restart) {
   return true;
 }
 
+// After Ctrl-C: which checkpoint a --resume continues from, said only once
+// it verified on disk (a second Ctrl-C kills the workers, maybe before
+// they wrote one).
+core::Status interrupted(const Launch& l) {
+  const std::string what = "interrupted after step " + std::to_string(l.progress.lastStep());
+  const auto latest = latestValidCheckpoint(l.run_dir);
+  if (!latest.isOk()) {
+    return core::aborted(what + "; no valid checkpoint is on disk (the workers stopped before writing one), so "
+                                "`--resume` has nothing to continue from: run the job again from the start");
+  }
+  return core::aborted(what + "; the newest valid checkpoint on disk is " + fs::path(*latest).filename().string() +
+                       " (verified): continue from it with `archipelago train " + l.opt.job_path + " --resume`");
+}
+
 // The last progress line, the terminal's handlers back, the merged trace and
 // the launch's outcome.
 core::Status finishLaunch(Launch& l, const struct sigaction& old_int, const struct sigaction& old_term) {
@@ -560,10 +574,7 @@ core::Status finishLaunch(Launch& l, const struct sigaction& old_int, const stru
     ARCH_LOG_WARN("trace.json not written: {}", st.message());
   }
   if (!l.failure.isOk()) return l.failure;
-  if (l.forwarded > 0) {
-    return core::aborted("interrupted after step " + std::to_string(l.progress.lastStep()) +
-                         "; a checkpoint was written: continue with `archipelago train " + l.opt.job_path + " --resume`");
-  }
+  if (l.forwarded > 0) return interrupted(l);
   ARCH_LOG_INFO("run finished in {:.1f}s; run dir {}", core::secondsSince(l.t0), l.run_dir);
   return core::okStatus();
 }

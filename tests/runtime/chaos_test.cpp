@@ -21,6 +21,7 @@
 #include <sstream>
 #include <thread>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -32,6 +33,7 @@ namespace archipelago::runtime {
 namespace {
 
 namespace fs = std::filesystem;
+using ::testing::HasSubstr;
 using testutil::loadJobText;
 using testutil::metricLines;
 using testutil::scratchRoot;
@@ -100,6 +102,7 @@ class Job {
     return rc_;
   }
   std::string output() const { return testutil::outputOf(name_); }
+  pid_t pid() const { return pid_; }
 
  private:
   std::string name_;
@@ -337,6 +340,29 @@ TEST(Elastic, KilledPipelineAndExpertWorkersRestartFromTheNewestCheckpoint) {
                                               "{kind: sync}", "", 10, l.model),
                                      l.name + "_ref");
     EXPECT_NEAR(finalLoss(run, steps), ref, 0.02 * ref) << l.name;
+  }
+}
+
+// Two Ctrl-C in quick succession kill the workers, maybe before any
+// checkpoint is written: the launcher names the checkpoint a --resume
+// would take only if one verifies on disk, and says so when none does.
+TEST(Chaos, TwoInterruptsClaimOnlyTheCheckpointOnDisk) {
+  const fs::path run = scratchRoot() / "two_interrupts";
+  Job job("two_interrupts", chaosJob(run, 2000, "    - {name: a, count: 2}", "{kind: sync}", "", 100000));
+  for (int i = 0; i < 1200 && lastStep(run) < 2 && job.running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_GE(lastStep(run), 2) << job.output();
+  ::kill(job.pid(), SIGINT);
+  ::kill(job.pid(), SIGINT);
+  const int rc = job.wait(120);
+  ASSERT_NE(rc, -1) << "the launcher did not stop";
+  EXPECT_NE(rc, 0);
+  const std::string out = job.output();
+  EXPECT_EQ(out.find("a checkpoint was written"), std::string::npos) << out;
+  auto latest = latestValidCheckpoint(run.string());
+  if (latest.isOk()) {
+    EXPECT_THAT(out, HasSubstr(fs::path(*latest).filename().string() + " (verified)"));
+  } else {
+    EXPECT_THAT(out, HasSubstr("no valid checkpoint is on disk"));
   }
 }
 
