@@ -21,6 +21,8 @@ packages=(
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev
   libsentencepiece-dev libgloo-dev libssl-dev
+  # The Hugging Face export test's reference: HF's LLaMA/Mixtral rules in plain PyTorch.
+  python3-torch python3-sentencepiece
 )
 # npm fetches the corpus. The image may ship its own Node.js (which bundles
 # npm and conflicts with Debian's npm package): use it when present.

@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
   cli::addReportCommands(app);
 #if defined(ARCHIPELAGO_HAS_TORCH)
   cli::addTrainCommands(app);
+  cli::addHfCommands(app);
 #endif
 
   try {

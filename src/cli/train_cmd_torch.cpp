@@ -25,12 +25,6 @@ std::string selfExe() {
 }
 
 // A checkpoint path may be a checkpoint directory or a run directory (newest valid one).
-core::Result<std::string> resolveCheckpoint(const std::string& path) {
-  if (std::filesystem::exists(std::filesystem::path(path) / "manifest.json")) return path;
-  if (std::filesystem::exists(std::filesystem::path(path) / "checkpoints")) return runtime::latestValidCheckpoint(path);
-  return core::notFound("'" + path + "' is neither a checkpoint directory (with manifest.json) nor a run directory");
-}
-
 }  // namespace
 
 void addTrainCommands(CLI::App& app) {
@@ -86,18 +80,10 @@ void addTrainCommands(CLI::App& app) {
   s->add_option("--seed", gen.seed, "sampling seed");
   s->add_option("--data", data_dir, "prepared data dir holding the tokenizer (default: the job's data.dir)");
   setAction(s, []() -> core::Status {
-    ARCH_ASSIGN_OR_RETURN(std::string dir, resolveCheckpoint(ckpt_path));
+    ARCH_ASSIGN_OR_RETURN(std::string dir, runtime::resolveCheckpointPath(ckpt_path));
     ARCH_ASSIGN_OR_RETURN(auto ck, runtime::loadCheckpoint(dir));
     std::string ddir = data_dir;
-    core::JobConfig job;
-    if (!ck.job_yaml.empty()) {
-      auto tmp = std::filesystem::temp_directory_path() / ("arch_sample_job_" + std::to_string(::getpid()) + ".yaml");
-      std::ofstream(tmp) << ck.job_yaml;
-      auto loaded = core::loadJob(tmp.string());
-      std::filesystem::remove(tmp);
-      if (!loaded.isOk()) return loaded.status().withContext("checkpoint's job");
-      job = loaded->job;
-    }
+    ARCH_ASSIGN_OR_RETURN(core::JobConfig job, runtime::checkpointJob(ck));
     if (ddir.empty()) ddir = job.data.dir;
     ARCH_ASSIGN_OR_RETURN(auto ds, data::PreparedDataset::open(ddir, /*verify_checksums=*/false));
     ARCH_ASSIGN_OR_RETURN(auto net, model::buildModel(job.model, 0));
@@ -121,7 +107,7 @@ void addTrainCommands(CLI::App& app) {
   auto* inspect = ck->add_subcommand("inspect", "print a checkpoint's manifest, state and tensors");
   inspect->add_option("checkpoint", ck_arg, "checkpoint directory or run directory")->required();
   setAction(inspect, []() -> core::Status {
-    ARCH_ASSIGN_OR_RETURN(std::string dir, resolveCheckpoint(ck_arg));
+    ARCH_ASSIGN_OR_RETURN(std::string dir, runtime::resolveCheckpointPath(ck_arg));
     ARCH_ASSIGN_OR_RETURN(auto st, runtime::loadCheckpoint(dir));
     std::printf("checkpoint %s\n  step %lld, data position %lld, optimizer step %lld\n  shares [", dir.c_str(),
                 static_cast<long long>(st.step), static_cast<long long>(st.data_position),

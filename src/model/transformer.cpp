@@ -641,4 +641,15 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> parameterLayout(const 
   return out;
 }
 
+std::vector<std::pair<std::string, std::vector<int64_t>>> bufferLayout(const core::ModelConfig& config) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  for (int64_t l = 0; l < config.n_layers; ++l) {
+    if (!isMoeLayer(config, l)) continue;
+    DecoderLayer layer(config, l);  // uninitialised: only names and shapes are read
+    const std::string prefix = "model.layers." + std::to_string(l) + ".";
+    for (const auto& item : layer->named_buffers(true)) out.push_back({prefix + item.key(), item.value().sizes().vec()});
+  }
+  return out;
+}
+
 }  // namespace archipelago::model

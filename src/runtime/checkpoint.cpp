@@ -260,4 +260,26 @@ void CheckpointWriter::submit(CheckpointState state) {
 
 core::Status CheckpointWriter::drain() { return queue_.drain(); }
 
+core::Result<std::string> resolveCheckpointPath(const std::string& path) {
+  std::error_code ec;
+  if (fs::exists(fs::path(path) / "manifest.json", ec)) return path;
+  if (fs::is_directory(fs::path(path) / "checkpoints", ec)) return latestValidCheckpoint(path);
+  return core::notFound("'" + path + "' is neither a checkpoint (no manifest.json) nor a run directory (no "
+                        "checkpoints/): pass RUN_DIR or RUN_DIR/checkpoints/step_N");
+}
+
+core::Result<core::JobConfig> checkpointJob(const CheckpointState& ck) {
+  if (ck.job_yaml.empty()) return core::notFound("the checkpoint's state.json holds no job");
+  // loadJob reads files (a job may name its cluster file beside it); the
+  // checkpoint's job is self-contained, so a private temporary file will do.
+  ARCH_ASSIGN_OR_RETURN(fs::path tmp, core::makeSiblingTempDir(fs::temp_directory_path() / "archipelago-job", "-"));
+  const fs::path file = tmp / "job.yaml";
+  core::Status st = core::writeFile(file, ck.job_yaml);
+  core::Result<core::LoadedJob> job = st.isOk() ? core::loadJob(file.string(), core::LoadOptions{.use_process_env = false}) : st;
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  if (!job.isOk()) return job.status().withContext("the checkpoint's job (state.json job_yaml)");
+  return job->job;
+}
+
 }  // namespace archipelago::runtime

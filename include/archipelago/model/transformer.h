@@ -158,6 +158,9 @@ TORCH_MODULE(Transformer);
 // at a time). The trainer's flat checkpoint layout (optimizer state) follows
 // this order whatever the pipeline / expert split.
 std::vector<std::pair<std::string, std::vector<int64_t>>> parameterLayout(const core::ModelConfig& config);
+// (HF name, shape) of every persistent tensor that is not a parameter (the
+// routing biases of model.moe.balance: router_bias), in layer order.
+std::vector<std::pair<std::string, std::vector<int64_t>>> bufferLayout(const core::ModelConfig& config);
 
 // Convenience: resolve + construct. Errors name the config field.
 core::Result<Transformer> buildModel(const core::ModelConfig& config, uint64_t seed);

@@ -74,6 +74,11 @@ std::string checkpointPartDirName(int64_t step, int rank);
 // Rank `rank`'s part of the checkpoint at ckpt_dir (verified); its tensors
 // are in `optimizer`. kNotFound if that checkpoint has no such part.
 core::Result<CheckpointState> loadCheckpointPart(const std::string& ckpt_dir, int rank);
+// The checkpoint `path` names: itself (with manifest.json), or a run
+// directory's newest valid one. kNotFound saying what to pass otherwise.
+core::Result<std::string> resolveCheckpointPath(const std::string& path);
+// The job a checkpoint was written with (state.json's job_yaml).
+core::Result<core::JobConfig> checkpointJob(const CheckpointState& ck);
 // Checkpoint directories of a run, newest first.
 std::vector<std::string> listCheckpoints(const std::string& run_dir);
 // The newest checkpoint that verifies; refused ones are logged with the reason

@@ -70,6 +70,11 @@ core::Status Trainer::loadPieces(const std::string& dir, const CheckpointState& 
 // setupStrategy to build the outer sync from.
 core::Status Trainer::resumeOuter(const std::string& dir, const CheckpointState& ck) {
   if (job_.strategy.kind == "sync") return core::okStatus();
+  if (ck.extra.is_object() && ck.extra.contains("imported_from")) {
+    // An imported model (runtime/hf_checkpoint.h) has no outer state yet:
+    // the outer sync starts from the loaded weights as from fresh ones.
+    return core::okStatus();
+  }
   std::map<std::string, torch::Tensor> opt_by_name(ck.optimizer.begin(), ck.optimizer.end());
   const nlohmann::json st = ck.extra.value("outer", nlohmann::json());
   if (!opt_by_name.count("outer.anchor") || !opt_by_name.count("outer.momentum") || !st.is_object() ||
