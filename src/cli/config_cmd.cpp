@@ -3,6 +3,7 @@
 
 #include "archipelago/core/config.h"
 #include "archipelago/core/units.h"
+#include "archipelago/plan/host_fit.h"
 #include "cli/commands.h"
 
 namespace archipelago::cli {
@@ -33,9 +34,13 @@ void addConfigCommands(CLI::App& app) {
     opts.sets = args.sets;
     ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(args.path, opts));
     const auto& c = loaded.job.cluster;
+    // All workers on this machine, as `archipelago train` runs them.
+    ARCH_ASSIGN_OR_RETURN(auto fit, plan::checkFitsHost(loaded.job, c.worldSize(), plan::thisHost()));
     std::printf("%s: OK (%zu islands, %lld workers, %zu straits, strategy %s, %lld steps)\n", args.path.c_str(),
                 c.islands.size(), static_cast<long long>(c.worldSize()), c.straits.size(),
                 loaded.job.strategy.kind.c_str(), static_cast<long long>(loaded.job.train.steps));
+    std::printf("  this host: needs at least %.2f GiB for %lld workers of a %.3g-parameter model\n",
+                fit.memory_lower_bytes / (1024.0 * 1024 * 1024), static_cast<long long>(fit.local_workers), fit.parameters);
     for (const auto& s : c.straits) {
       std::printf("  strait %s<->%s: %s, %s latency%s\n", s.a.c_str(), s.b.c_str(),
                   core::formatBandwidth(s.bandwidth).c_str(), core::formatDuration(s.latency).c_str(),

@@ -25,6 +25,7 @@
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
 #include "archipelago/data/prepare.h"
+#include "archipelago/plan/host_fit.h"
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/report/metrics.h"
@@ -588,6 +589,10 @@ core::Status launchTraining(const LaunchOptions& opt) {
   ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, opt.load));
   core::JobConfig job = loaded.job;
   auto workers = workersOf(job.cluster);
+  // Every worker runs here: refuse what cannot, before anything is written.
+  ARCH_RETURN_IF_ERROR(plan::checkFitsHost(job, static_cast<int64_t>(workers.size()), plan::thisHost())
+                           .status()
+                           .withContext("job '" + opt.job_path + "'"));
   ARCH_RETURN_IF_ERROR(prepareRunDir(opt, job));
   const std::string job_file = (fs::path(job.run_dir) / "job.yaml").string();
   ARCH_RETURN_IF_ERROR(core::writeFileAtomic(job_file, core::dumpJobYaml(job)));
