@@ -64,7 +64,7 @@ void addTrainCommands(CLI::App& app) {
   static runtime::CoordinatorOptions coord;
   auto* c = app.add_subcommand("coordinator", "the membership service alone (for multi-host launches)");
   c->add_option("--host", coord.host, "interface to listen on");
-  c->add_option("--port", coord.port, "port (0 = any; printed at start)");
+  c->add_option("--port", coord.port, "port (0 = any; printed at start)")->check(CLI::Range(0, 65535));
   c->add_option("--failure-timeout", coord.failure_timeout, "seconds of heartbeat silence before a worker is declared failed");
   setAction(c, [] { return runtime::runCoordinator(coord); });
 
@@ -74,9 +74,9 @@ void addTrainCommands(CLI::App& app) {
   auto* s = app.add_subcommand("sample", "generate text from a checkpoint");
   s->add_option("checkpoint", ckpt_path, "checkpoint directory or run directory")->required();
   s->add_option("--prompt", prompt, "text to continue");
-  s->add_option("--tokens", gen.max_new_tokens, "tokens to generate");
-  s->add_option("--temperature", gen.temperature, "0 = greedy");
-  s->add_option("--top-k", gen.top_k, "sample from the k most likely tokens (0 = all)");
+  s->add_option("--tokens", gen.max_new_tokens, "tokens to generate")->check(CLI::Range(1, 1 << 20));
+  s->add_option("--temperature", gen.temperature, "0 = greedy")->check(CLI::NonNegativeNumber);
+  s->add_option("--top-k", gen.top_k, "sample from the k most likely tokens (0 = all)")->check(CLI::NonNegativeNumber);
   s->add_option("--seed", gen.seed, "sampling seed");
   s->add_option("--data", data_dir, "prepared data dir holding the tokenizer (default: the job's data.dir)");
   setAction(s, []() -> core::Status {
@@ -94,6 +94,11 @@ void addTrainCommands(CLI::App& app) {
     torch::NoGradGuard ng;
     auto ids32 = ds->tokenizer().encode(prompt);
     std::vector<int64_t> ids(ids32.begin(), ids32.end());
+    if (static_cast<int64_t>(ids.size()) + gen.max_new_tokens > net->config().max_seq_len) {
+      return core::invalidArgument("--prompt is " + std::to_string(ids.size()) + " tokens and --tokens " +
+                                   std::to_string(gen.max_new_tokens) + " more, past the model's max_seq_len " +
+                                   std::to_string(net->config().max_seq_len) + ": shorten the prompt or --tokens");
+    }
     auto out = model::generate(net, ids, gen);
     std::vector<int32_t> out32(out.begin(), out.end());
     std::printf("%s%s\n", prompt.c_str(), ds->tokenizer().decode(out32).c_str());
