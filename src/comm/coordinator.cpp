@@ -6,6 +6,7 @@
 
 #include "archipelago/core/log.h"
 #include "comm/endpoint.h"
+#include "comm/refusal_log.h"
 #include "comm/socket.h"
 
 namespace archipelago::comm {
@@ -175,7 +176,10 @@ Membership MembershipTable::snapshot() const {
 // ---- server ---------------------------------------------------------------------------
 
 CoordinatorServer::CoordinatorServer(std::string secret, CoordinatorOptions options)
-    : secret_(std::move(secret)), options_(std::move(options)), table_(options_.heartbeat_timeout_s) {}
+    : secret_(std::move(secret)),
+      options_(std::move(options)),
+      table_(options_.heartbeat_timeout_s),
+      refusals_(std::make_unique<RefusalLog>("coordinator")) {}
 
 CoordinatorServer::~CoordinatorServer() { stop(); }
 
@@ -248,7 +252,7 @@ void CoordinatorServer::acceptLoop() {
 void CoordinatorServer::serve(std::shared_ptr<Socket> sock) {
   auto hr = serverHandshake(*sock, secret_, -1, 0, nullptr, core::Deadline::afterSeconds(5));
   if (!hr.isOk()) {
-    ARCH_LOG_WARN("coordinator: refused a connection: {}", hr.status().toString());
+    refusals_->refused(sock->peerAddress(), hr.status());
     return;
   }
   while (!stop_.aborted()) {

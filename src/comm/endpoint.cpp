@@ -106,6 +106,7 @@ core::Result<std::unique_ptr<Endpoint>> Endpoint::listen(const std::string& host
   ep->secret_ = std::move(secret);
   ep->tls_policy_ = std::move(tls_policy);
   ep->tls_ = std::move(tls);
+  ep->refusals_ = std::make_unique<RefusalLog>("comm rank " + std::to_string(rank));
   Endpoint* raw = ep.get();
   ep->thread_ = std::thread([raw] { raw->acceptLoop(); });
   return ep;
@@ -138,7 +139,7 @@ void Endpoint::acceptLoop() {
     // A stalled or hostile client costs at most this long.
     auto hr = serverHandshake(*sock, secret_, rank_, min_epoch, tls_policy_, core::Deadline::afterSeconds(5), tls_);
     if (!hr.isOk()) {
-      ARCH_LOG_WARN("comm rank {}: refused a connection: {}", rank_, hr.status().toString());
+      refusals_->refused(sock->peerAddress(), hr.status());
       continue;
     }
     const Hello& hello = *hr;

@@ -12,6 +12,7 @@
 #include <thread>
 #include <tuple>
 
+#include "comm/refusal_log.h"
 #include "comm/socket.h"
 
 namespace archipelago::comm {
@@ -55,6 +56,7 @@ class Endpoint {
   std::condition_variable cv_;
   uint32_t min_epoch_ = 0;
   std::map<std::tuple<uint32_t, int, uint32_t>, std::unique_ptr<Socket>> parked_;
+  std::unique_ptr<RefusalLog> refusals_;
 };
 
 // Opens one authenticated stream to `peer` at address.

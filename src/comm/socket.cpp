@@ -352,6 +352,24 @@ core::Result<std::pair<int, int>> listenTcp(const std::string& host, int port) {
   return std::make_pair(fd, static_cast<int>(ntohs(sa.sin_port)));
 }
 
+std::string Socket::peerAddress() const {
+  sockaddr_storage sa{};
+  socklen_t len = sizeof(sa);
+  if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&sa), &len) != 0) return "unknown";
+  char host[INET6_ADDRSTRLEN] = {0};
+  if (sa.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&sa);
+    if (!::inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host))) return "unknown";
+    return std::string(host) + ":" + std::to_string(ntohs(in->sin_port));
+  }
+  if (sa.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&sa);
+    if (!::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host))) return "unknown";
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(in6->sin6_port));
+  }
+  return "unknown";
+}
+
 core::Result<std::unique_ptr<Socket>> acceptTcp(int listen_fd, const core::Deadline& deadline,
                                                 const core::AbortFlag* abort) {
   while (true) {

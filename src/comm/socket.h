@@ -41,6 +41,9 @@ class Socket {
   Socket& operator=(const Socket&) = delete;
 
   int fd() const { return fd_; }
+  // "ADDR:PORT" of the other end ("[ADDR]:PORT" for IPv6), "unknown" if
+  // the kernel cannot say (the peer already left).
+  std::string peerAddress() const;
   // Unblocks any thread inside read/write (they return kUnavailable) and
   // makes every later call fail. Safe from any thread, idempotent.
   void shutdown();

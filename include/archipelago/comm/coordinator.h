@@ -44,6 +44,7 @@
 
 namespace archipelago::comm {
 
+class RefusalLog;
 class Socket;
 
 struct Membership {
@@ -150,6 +151,7 @@ class CoordinatorServer {
   std::condition_variable cv_;
   std::vector<std::thread> clients_;
   std::vector<std::shared_ptr<Socket>> sockets_;
+  std::unique_ptr<RefusalLog> refusals_;
   // state (guarded by mu_)
   MembershipTable table_;
   std::map<std::string, std::string> kv_;
