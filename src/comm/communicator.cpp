@@ -180,6 +180,142 @@ core::Status Group::allreduce(void* data, size_t count, DType dtype, ReduceOp op
   return allreduceAsync(data, count, dtype, op, o).wait(o.deadline, o.abort);
 }
 
+namespace {
+// Where this rank sits in a group split into islands.
+struct HierLayout {
+  size_t islands = 0;             // number of islands
+  size_t K = SIZE_MAX;            // shards per chunk: the smallest island's size
+  int li = 0;                     // my index within my island
+  std::vector<int> island_ranks;  // global ranks of my island, in group order
+  std::vector<int> cross;         // local rank li of every island (empty when li >= K)
+  int my_cross = 0;               // my index in `cross`
+};
+
+// Islands in order of first appearance; members in group order.
+HierLayout hierLayout(const std::vector<int>& ranks, const std::vector<int>& islands, int me) {
+  std::map<int, std::vector<int>> by_island;
+  std::vector<int> island_order;
+  for (int i = 0; i < static_cast<int>(ranks.size()); ++i) {
+    int isl = islands[static_cast<size_t>(i)];
+    if (!by_island.count(isl)) island_order.push_back(isl);
+    by_island[isl].push_back(i);
+  }
+  HierLayout lay;
+  lay.islands = island_order.size();
+  if (lay.islands == 1) return lay;  // the caller runs a flat allreduce
+  for (auto& [isl, m] : by_island) lay.K = std::min(lay.K, m.size());
+  const auto& mine = by_island[islands[static_cast<size_t>(me)]];
+  lay.li = static_cast<int>(std::find(mine.begin(), mine.end(), me) - mine.begin());
+  for (int i : mine) lay.island_ranks.push_back(ranks[static_cast<size_t>(i)]);
+  if (static_cast<size_t>(lay.li) < lay.K) {
+    for (int isl : island_order) {
+      int member = by_island[isl][static_cast<size_t>(lay.li)];
+      if (member == me) lay.my_cross = static_cast<int>(lay.cross.size());
+      lay.cross.push_back(ranks[static_cast<size_t>(member)]);
+    }
+  }
+  return lay;
+}
+
+// What every chunk of one hierarchical allreduce shares.
+struct HierOp {
+  const algo::Ctx& c;  // the whole group
+  HierLayout layout;
+  DType dtype;
+  ReduceOp bop;        // the reduction on the wire (kAvg and kWeightedAvg travel as kSum)
+  double div;          // divisor of the averages, applied on the cross-island leg (0: none)
+  CodecKind codec;     // codec of the cross-island leg
+  Mesh* mesh;
+};
+
+// One chunk of the buffer through the three phases (tag phases p..p+2);
+// rs_turn()/rs_done() bracket the intra-island reduce-scatter.
+core::Status hierChunk(const HierOp& h, uint8_t* ptr, size_t cnt, uint32_t p, const std::function<bool()>& rs_turn,
+                       const std::function<void()>& rs_done) {
+  const HierLayout& lay = h.layout;
+  const size_t es = dtypeSize(h.dtype);
+  // Shard k (k < K) goes to local rank k of every island; local ranks
+  // >= K (bigger islands) hold empty shards.
+  auto shard = algo::evenCounts(cnt, static_cast<int>(lay.K));
+  std::vector<size_t> counts(lay.island_ranks.size(), 0);
+  for (size_t k = 0; k < lay.K; ++k) counts[k] = shard[k];
+  auto ic = h.c.withRanks(lay.island_ranks, lay.li);
+  if (rs_turn && !rs_turn()) return h.mesh->failure();
+  core::Status rs = algo::ring(ic, ptr, counts, h.dtype, h.bop, true, false, 0, p);
+  if (rs_done) rs_done();
+  ARCH_RETURN_IF_ERROR(rs);
+  if (static_cast<size_t>(lay.li) < lay.K) {
+    auto cc = h.c.withRanks(lay.cross, lay.my_cross);
+    size_t off = 0;
+    for (int k = 0; k < lay.li; ++k) off += shard[static_cast<size_t>(k)];
+    uint8_t* mine_ptr = ptr + off * es;
+    if (h.codec != CodecKind::kNone) {
+      ARCH_RETURN_IF_ERROR(algo::ringCodec(cc, reinterpret_cast<float*>(mine_ptr), shard[static_cast<size_t>(lay.li)],
+                                           h.codec, h.div, p + 1, nullptr));
+    } else {
+      ARCH_RETURN_IF_ERROR(algo::allreduce(cc, mine_ptr, shard[static_cast<size_t>(lay.li)], h.dtype, h.bop, h.div,
+                                           AllreduceAlgo::kAuto, p + 1));
+    }
+  }
+  return algo::ring(ic, ptr, counts, h.dtype, h.bop, false, true, 0, p + 2);
+}
+
+// Runs `chunks` chunks of the buffer through hierChunk on `window` threads;
+// the reduce-scatters take turns in chunk order (see the caller for why).
+core::Status hierPipeline(const HierOp& h, uint8_t* bytes, size_t count, size_t chunks, size_t window) {
+  const size_t es = dtypeSize(h.dtype);
+  auto parts = algo::evenCounts(count, static_cast<int>(chunks));
+  std::vector<size_t> starts(chunks, 0);
+  for (size_t ch = 1; ch < chunks; ++ch) starts[ch] = starts[ch - 1] + parts[ch - 1];
+  std::vector<core::Status> sts(chunks);
+  std::mutex order_mu;
+  std::condition_variable order_cv;
+  size_t next_chunk = 0, next_rs = 0;
+  bool stop = false;
+  auto rsTurn = [&](size_t ch) -> bool {  // waits for chunk ch's turn to reduce-scatter
+    std::unique_lock<std::mutex> lock(order_mu);
+    order_cv.wait(lock, [&] { return stop || next_rs == ch; });
+    return !stop;
+  };
+  auto rsDone = [&] {
+    {
+      std::lock_guard<std::mutex> lock(order_mu);
+      ++next_rs;
+    }
+    order_cv.notify_all();
+  };
+  auto worker = [&] {
+    while (true) {
+      size_t ch;
+      {
+        std::lock_guard<std::mutex> lock(order_mu);
+        if (stop || next_chunk == chunks) return;
+        ch = next_chunk++;
+      }
+      core::Status st = hierChunk(h, bytes + starts[ch] * es, parts[ch], static_cast<uint32_t>(1 + 3 * ch),
+                                  [&] { return rsTurn(ch); }, rsDone);
+      if (!st.isOk()) {
+        sts[ch] = st;
+        {
+          std::lock_guard<std::mutex> lock(order_mu);
+          stop = true;
+        }
+        order_cv.notify_all();
+        h.mesh->fail(st);  // stop the sibling chunks too
+        return;
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t w = 0; w < window; ++w) threads.emplace_back(worker);
+  for (auto& t : threads) t.join();
+  for (auto& st : sts) {
+    if (!st.isOk()) return st;
+  }
+  return h.mesh->failure();
+}
+}  // namespace
+
 Handle Group::hierarchicalAllreduceAsync(void* data, size_t count, DType dtype, ReduceOp op, const OpOptions& o) {
   const CommOptions* opt = &comm_->config().options;
   return submit("hierarchical_allreduce", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
@@ -190,65 +326,11 @@ Handle Group::hierarchicalAllreduceAsync(void* data, size_t count, DType dtype, 
     }
     double div = 0;
     ARCH_RETURN_IF_ERROR(prepareWeighted(c, data, count, dtype, op, oo.weight, &div));
-    const ReduceOp bop = baseOp(op);
-    // Islands in order of first appearance; members in group order.
-    std::map<int, std::vector<int>> by_island;
-    std::vector<int> island_order;
-    for (int i = 0; i < size(); ++i) {
-      int isl = islands_[static_cast<size_t>(i)];
-      if (!by_island.count(isl)) island_order.push_back(isl);
-      by_island[isl].push_back(i);
-    }
+    const HierOp h{c, hierLayout(ranks_, islands_, me_), dtype, baseOp(op), div, oo.codec, mesh_.get()};
     auto* bytes = static_cast<uint8_t*>(data);
-    if (island_order.size() == 1) {
-      return algo::allreduce(c, bytes, count, dtype, bop, div, oo.algo, 0);
+    if (h.layout.islands == 1) {
+      return algo::allreduce(c, bytes, count, dtype, h.bop, div, oo.algo, 0);
     }
-    size_t K = SIZE_MAX;
-    for (auto& [isl, m] : by_island) K = std::min(K, m.size());
-    const auto& mine = by_island[islands_[static_cast<size_t>(me_)]];
-    const int li = static_cast<int>(std::find(mine.begin(), mine.end(), me_) - mine.begin());
-    std::vector<int> island_ranks;
-    for (int i : mine) island_ranks.push_back(ranks_[static_cast<size_t>(i)]);
-    std::vector<int> cross;
-    int my_cross = 0;
-    if (static_cast<size_t>(li) < K) {
-      for (int isl : island_order) {
-        int member = by_island[isl][static_cast<size_t>(li)];
-        if (member == me_) my_cross = static_cast<int>(cross.size());
-        cross.push_back(ranks_[static_cast<size_t>(member)]);
-      }
-    }
-    const size_t es = dtypeSize(dtype);
-    // One chunk of the buffer through the three phases (tag phases p..p+2);
-    // rs_turn()/rs_done() bracket the intra-island reduce-scatter.
-    auto oneChunkOrdered = [&](uint8_t* ptr, size_t cnt, uint32_t p, const std::function<bool()>& rs_turn,
-                               const std::function<void()>& rs_done) -> core::Status {
-      // Shard k (k < K) goes to local rank k of every island; local ranks
-      // >= K (bigger islands) hold empty shards.
-      auto shard = algo::evenCounts(cnt, static_cast<int>(K));
-      std::vector<size_t> counts(mine.size(), 0);
-      for (size_t k = 0; k < K; ++k) counts[k] = shard[k];
-      auto ic = c.withRanks(island_ranks, li);
-      if (rs_turn && !rs_turn()) return mesh_->failure();
-      core::Status rs = algo::ring(ic, ptr, counts, dtype, bop, true, false, 0, p);
-      if (rs_done) rs_done();
-      ARCH_RETURN_IF_ERROR(rs);
-      if (static_cast<size_t>(li) < K) {
-        auto cc = c.withRanks(cross, my_cross);
-        size_t off = 0;
-        for (int k = 0; k < li; ++k) off += shard[static_cast<size_t>(k)];
-        uint8_t* mine_ptr = ptr + off * es;
-        if (oo.codec != CodecKind::kNone) {
-          ARCH_RETURN_IF_ERROR(algo::ringCodec(cc, reinterpret_cast<float*>(mine_ptr), shard[static_cast<size_t>(li)],
-                                               oo.codec, div, p + 1, nullptr));
-        } else {
-          ARCH_RETURN_IF_ERROR(algo::allreduce(cc, mine_ptr, shard[static_cast<size_t>(li)], dtype, bop, div,
-                                               AllreduceAlgo::kAuto, p + 1));
-        }
-      }
-      return algo::ring(ic, ptr, counts, dtype, bop, false, true, 0, p + 2);
-    };
-    auto oneChunk = [&](uint8_t* ptr, size_t cnt, uint32_t p) { return oneChunkOrdered(ptr, cnt, p, nullptr, nullptr); };
     // Large buffers are a pipeline of chunks (hier_chunk_bytes each, at most
     // kMaxHierChunks) taken in order by hier_window worker threads, so the
     // strait never idles: while chunk c crosses, chunk c+1 reduce-scatters
@@ -257,60 +339,12 @@ Handle Group::hierarchicalAllreduceAsync(void* data, size_t count, DType dtype, 
     // reaches the strait as early as possible instead of sharing the CPU
     // with all the others; the window keeps several chunks' bytes in flight
     // across the strait (its bandwidth-delay product).
-    const size_t total_bytes = count * es;
+    const size_t total_bytes = count * dtypeSize(dtype);
     const size_t want = (total_bytes + opt->hier_chunk_bytes - 1) / std::max<size_t>(opt->hier_chunk_bytes, 1);
     const size_t chunks = std::clamp<size_t>(std::min(want, count), 1, algo::kMaxHierChunks);
-    if (chunks == 1) return oneChunk(bytes, count, 1);
-    auto parts = algo::evenCounts(count, static_cast<int>(chunks));
-    std::vector<size_t> starts(chunks, 0);
-    for (size_t ch = 1; ch < chunks; ++ch) starts[ch] = starts[ch - 1] + parts[ch - 1];
-    std::vector<core::Status> sts(chunks);
-    std::mutex order_mu;
-    std::condition_variable order_cv;
-    size_t next_chunk = 0, next_rs = 0;
-    bool stop = false;
-    auto rsTurn = [&](size_t ch) -> bool {  // waits for chunk ch's turn to reduce-scatter
-      std::unique_lock<std::mutex> lock(order_mu);
-      order_cv.wait(lock, [&] { return stop || next_rs == ch; });
-      return !stop;
-    };
-    auto rsDone = [&] {
-      {
-        std::lock_guard<std::mutex> lock(order_mu);
-        ++next_rs;
-      }
-      order_cv.notify_all();
-    };
-    auto worker = [&] {
-      while (true) {
-        size_t ch;
-        {
-          std::lock_guard<std::mutex> lock(order_mu);
-          if (stop || next_chunk == chunks) return;
-          ch = next_chunk++;
-        }
-        core::Status st = oneChunkOrdered(bytes + starts[ch] * es, parts[ch], static_cast<uint32_t>(1 + 3 * ch),
-                                          [&] { return rsTurn(ch); }, rsDone);
-        if (!st.isOk()) {
-          sts[ch] = st;
-          {
-            std::lock_guard<std::mutex> lock(order_mu);
-            stop = true;
-          }
-          order_cv.notify_all();
-          mesh_->fail(st);  // stop the sibling chunks too
-          return;
-        }
-      }
-    };
+    if (chunks == 1) return hierChunk(h, bytes, count, 1, nullptr, nullptr);
     const size_t window = std::clamp<size_t>(static_cast<size_t>(std::max(opt->hier_window, 1)), 1, chunks);
-    std::vector<std::thread> threads;
-    for (size_t w = 0; w < window; ++w) threads.emplace_back(worker);
-    for (auto& t : threads) t.join();
-    for (auto& st : sts) {
-      if (!st.isOk()) return st;
-    }
-    return mesh_->failure();
+    return hierPipeline(h, bytes, count, chunks, window);
   }, o);
 }
 

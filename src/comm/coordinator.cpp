@@ -279,11 +279,6 @@ std::string CoordinatorServer::handle(const std::string& text) {
   }
   std::string op = req.value("op", "");
   auto deadlineOf = [&] { return core::Deadline::afterSeconds(std::min(req.value("timeout", 0.0), 3600.0)); };
-  auto state = [&] {
-    json j = toJson(table_.snapshot());
-    j["ok"] = true;
-    return j;
-  };
   std::unique_lock<std::mutex> lock(mu_);
   try {
     if (op == "register") {
@@ -303,39 +298,18 @@ std::string CoordinatorServer::handle(const std::string& text) {
     }
     if (op == "members") {
       int world = req.at("world").get<int>();
-      auto dl = deadlineOf();
-      while (table_.registered() < world && !dl.expired() && !stop_.aborted()) {
-        cv_.wait_for(lock, std::chrono::milliseconds(20));
-      }
-      if (table_.registered() < world) {
-        return json{{"ok", false}, {"code", "deadline"},
-                    {"error", std::to_string(table_.registered()) + " of " + std::to_string(world) + " ranks registered"}}
-            .dump();
-      }
-      return state().dump();
+      return waitMembers(world, deadlineOf(), lock);
     }
     if (op == "enter") {
       const int rank = req.at("rank").get<int>();
       const uint32_t e = req.at("epoch").get<uint32_t>();
-      auto dl = deadlineOf();
-      if (e == table_.epoch()) {
-        table_.enter(rank, e);
-        cv_.notify_all();
-      }
-      while (e == table_.epoch() && !table_.allEntered() && !dl.expired() && !stop_.aborted()) {
-        cv_.wait_for(lock, std::chrono::milliseconds(20));
-      }
-      if (e == table_.epoch() && !table_.allEntered()) {
-        return json{{"ok", false}, {"code", "deadline"},
-                    {"error", "not every member entered epoch " + std::to_string(e) + " in time"}}.dump();
-      }
-      return state().dump();
+      return enterAndWait(rank, e, deadlineOf(), lock);
     }
     if (op == "heartbeat") {
       table_.heartbeat(req.at("rank").get<int>(), core::nowMicros());
       return json{{"ok", true}, {"epoch", table_.epoch()}}.dump();
     }
-    if (op == "state") return state().dump();
+    if (op == "state") return stateReply();
     if (op == "leave") {
       table_.leave(req.at("rank").get<int>());
       return json{{"ok", true}, {"epoch", table_.epoch()}}.dump();
@@ -345,7 +319,7 @@ std::string CoordinatorServer::handle(const std::string& text) {
                                req.value("why", ""), core::nowMicros())) {
         cv_.notify_all();
       }
-      return state().dump();
+      return stateReply();
     }
     if (op == "kv_set") {
       kv_[req.at("key").get<std::string>()] = req.at("value").get<std::string>();
@@ -354,15 +328,54 @@ std::string CoordinatorServer::handle(const std::string& text) {
     }
     if (op == "kv_get") {
       std::string key = req.at("key").get<std::string>();
-      auto dl = deadlineOf();
-      while (!kv_.count(key) && !dl.expired() && !stop_.aborted()) cv_.wait_for(lock, std::chrono::milliseconds(20));
-      if (!kv_.count(key)) return json{{"ok", false}, {"code", "deadline"}, {"error", "key '" + key + "' not set"}}.dump();
-      return json{{"ok", true}, {"value", kv_[key]}}.dump();
+      return waitKey(key, deadlineOf(), lock);
     }
   } catch (const std::exception& e) {
     return json{{"ok", false}, {"error", std::string("bad request: ") + e.what()}}.dump();
   }
   return json{{"ok", false}, {"error", "unknown op '" + op + "'"}}.dump();
+}
+
+std::string CoordinatorServer::waitMembers(int world, const core::Deadline& deadline,
+                                           std::unique_lock<std::mutex>& lock) {
+  while (table_.registered() < world && !deadline.expired() && !stop_.aborted()) {
+    cv_.wait_for(lock, std::chrono::milliseconds(20));
+  }
+  if (table_.registered() < world) {
+    return json{{"ok", false}, {"code", "deadline"},
+                {"error", std::to_string(table_.registered()) + " of " + std::to_string(world) + " ranks registered"}}
+        .dump();
+  }
+  return stateReply();
+}
+
+std::string CoordinatorServer::enterAndWait(int rank, uint32_t epoch, const core::Deadline& deadline,
+                                          std::unique_lock<std::mutex>& lock) {
+  if (epoch == table_.epoch()) {
+    table_.enter(rank, epoch);
+    cv_.notify_all();
+  }
+  while (epoch == table_.epoch() && !table_.allEntered() && !deadline.expired() && !stop_.aborted()) {
+    cv_.wait_for(lock, std::chrono::milliseconds(20));
+  }
+  if (epoch == table_.epoch() && !table_.allEntered()) {
+    return json{{"ok", false}, {"code", "deadline"},
+                {"error", "not every member entered epoch " + std::to_string(epoch) + " in time"}}.dump();
+  }
+  return stateReply();
+}
+
+std::string CoordinatorServer::waitKey(const std::string& key, const core::Deadline& deadline,
+                                       std::unique_lock<std::mutex>& lock) {
+  while (!kv_.count(key) && !deadline.expired() && !stop_.aborted()) cv_.wait_for(lock, std::chrono::milliseconds(20));
+  if (!kv_.count(key)) return json{{"ok", false}, {"code", "deadline"}, {"error", "key '" + key + "' not set"}}.dump();
+  return json{{"ok", true}, {"value", kv_[key]}}.dump();
+}
+
+std::string CoordinatorServer::stateReply() const {
+  json j = toJson(table_.snapshot());
+  j["ok"] = true;
+  return j.dump();
 }
 
 // ---- client ------------------------------------------------------------------------

@@ -159,10 +159,10 @@ class Mesh {
   struct Stream {
     int peer = -1;
     int index = 0;
-    bool finished = false;
-    std::atomic<bool> mid_frame{false};
-    std::atomic<bool> writing{false};  // a thread is inside a frame write on this stream
-    std::atomic<bool> remote{false};  // same-host single-copy path enabled  // sender wrote part of a frame (stream unusable for an abort notice)  // receiver saw the peer's goodbye or our close (guarded by mu_)
+    bool finished = false;                // receiver saw the peer's goodbye or our close (guarded by mu_)
+    std::atomic<bool> mid_frame{false};   // sender wrote part of a frame (stream unusable for an abort notice)
+    std::atomic<bool> writing{false};     // a thread is inside a frame write on this stream
+    std::atomic<bool> remote{false};      // same-host single-copy path enabled
     Socket* sock = nullptr;
     std::shared_ptr<LinkShaper> shaper;
     std::deque<Part> queue;  // guarded by mu_
@@ -171,10 +171,68 @@ class Mesh {
     std::thread sender, receiver;
   };
 
+  // The goodbye notice, and the payload sizes of the same-host frames.
+  static constexpr char kBye[] = "closing";
+  static constexpr size_t kRemotePayload = 8 + 4 + 8 + 8 + 8;  // id, pid, address, length, host id
+  static constexpr size_t kAckPayload = 9;                      // id, ok
+  // Identifies this kernel instance, so a peer that merely advertises the
+  // same IP (NAT, containers) is never mistaken for a process on this host.
+  static uint64_t hostId();
+
+  // Sender side (mesh_sender.cpp). The finish* helpers return false when
+  // the sender thread must end.
+  // Sender thread of one stream: takes parts off its queue and writes them.
   void senderLoop(Stream* s);
+  // Encodes h and writes it with its payload; the stream is mid-frame until the write completes.
+  core::Status writeFrameOn(Stream* s, const FrameHeader& h, const void* payload, size_t len);
+  // Writes a kRemoteAck telling the peer whether we could copy its range.
+  core::Status writeAck(Stream* s, const Part& part);
+  // Announces a same-host range for the peer to copy; the part then waits for the ack.
+  core::Status writeAnnounce(Stream* s, const Part& part);
+  // Ends an announcement's I/O; fails the mesh if the write failed.
+  bool finishAnnounce(Stream* s, const core::Status& st, const std::string& who);
+  // Writes the goodbye that close() queued.
+  core::Status writeBye(Stream* s);
+  // Writes an empty heartbeat frame.
+  core::Status writeHeartbeat(Stream* s);
   // Writes a data part as CRC'd frames (shaped on an emulated strait).
   core::Status writeData(Stream* s, const Part& part);
+  // Counts a written part against its message, wakes waiters, fails the mesh on a lost link.
+  bool finishPart(Stream* s, const Part& part, const core::Status& st, const std::string& who);
+
+  // Receiver side (mesh_receiver.cpp). `pi` is the peer's index, `who`
+  // names the stream in errors; helpers returning bool return false when
+  // the receiver thread must end.
+  // Receiver thread of one stream: reads frames until the link ends.
   void receiverLoop(Stream* s);
+  // Marks the stream's receiver finished and wakes close().
+  void finishStream(Stream* s);
+  // After a read or protocol error: ends quietly if the link is closing on purpose, else fails the mesh.
+  void loseStream(Stream* s, size_t pi, const std::string& who, const core::Status& st);
+  // Reads a kAbort frame: the peer's goodbye or its abort notice (the receiver ends after either).
+  void receiveAbort(Stream* s, size_t pi, const FrameHeader& h);
+  // Reads a same-host announcement or ack and acts on it.
+  bool receiveSameHost(Stream* s, size_t pi, const std::string& who, const FrameHeader& h);
+  // Completes the same-host send the peer acked, or requeues it as TCP frames if the copy failed.
+  void receiveAck(size_t pi, uint64_t id, bool ok);
+  // Copies an announced range now if its receive is posted, else keeps it for postRecv.
+  bool receiveRange(Stream* s, const FrameHeader& h, const RemoteRange& r);
+  // Reads a data frame into its posted buffer, or stages it if the receive is not posted.
+  bool receiveData(Stream* s, size_t pi, const std::string& who, const FrameHeader& h);
+  // Reads a frame whose receive is not posted into an early buffer (or fails on a size mismatch).
+  bool stageData(Stream* s, size_t pi, const std::string& who, const FrameHeader& h);
+  // Reads, checksums and reduces a frame in place in the posted buffer at dst.
+  bool readPosted(Stream* s, size_t pi, const std::string& who, const FrameHeader& h, uint8_t* dst,
+                  const Slot& target);
+
+  // Parts of fail() (mesh.cpp), run by its first caller only.
+  // Stops senders at the next frame boundary and waits (at most 100 ms) for frames in progress.
+  void letFramesFinish();
+  // Aborts all blocking I/O and waits until no I/O thread touches a user buffer.
+  void stopIo();
+  // Sends the failure's cause to every peer on each stream that sits at a frame boundary.
+  void sendAbortNotices(const core::Status& cause);
+
   void monitorLoop();
   core::Status waitUntil(std::unique_lock<std::mutex>& lock, const std::function<bool()>& done,
                          const core::Deadline& deadline, const core::AbortFlag* abort, const char* what);

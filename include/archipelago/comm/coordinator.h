@@ -140,6 +140,17 @@ class CoordinatorServer {
   void acceptLoop();
   void serve(std::shared_ptr<Socket> sock);
   std::string handle(const std::string& request);
+  // Handlers of the requests that wait (mu_ held through `lock`, released
+  // while waiting on cv_); each returns the JSON reply.
+  // Waits until `world` ranks have registered; replies with the table.
+  std::string waitMembers(int world, const core::Deadline& deadline, std::unique_lock<std::mutex>& lock);
+  // Enters `rank` into epoch `epoch` and waits for every alive rank to enter it too.
+  std::string enterAndWait(int rank, uint32_t epoch, const core::Deadline& deadline,
+                         std::unique_lock<std::mutex>& lock);
+  // Waits until `key` is set in the key-value store; replies with its value.
+  std::string waitKey(const std::string& key, const core::Deadline& deadline, std::unique_lock<std::mutex>& lock);
+  // The membership table as an "ok" reply (mu_ held).
+  std::string stateReply() const;
 
   std::string secret_;
   CoordinatorOptions options_;
