@@ -178,8 +178,8 @@ Membership MembershipTable::snapshot() const {
 CoordinatorServer::CoordinatorServer(std::string secret, CoordinatorOptions options)
     : secret_(std::move(secret)),
       options_(std::move(options)),
-      table_(options_.heartbeat_timeout_s),
-      refusals_(std::make_unique<RefusalLog>("coordinator")) {}
+      refusals_(std::make_unique<RefusalLog>("coordinator")),
+      table_(options_.heartbeat_timeout_s) {}
 
 CoordinatorServer::~CoordinatorServer() { stop(); }
 

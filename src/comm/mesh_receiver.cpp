@@ -144,8 +144,14 @@ void Mesh::receiveAbort(Stream* s, size_t pi, const FrameHeader& h) {
     reason = reason.substr(bar + 1);
   }
   {
+    // Closing anyway: the stream is done. (finishStream would take mu_ again,
+    // which this thread holds: the old code deadlocked here.)
     std::lock_guard<std::mutex> lock(mu_);
-    if (closing_) return finishStream(s);
+    if (closing_) {
+      s->finished = true;
+      cv_.notify_all();
+      return;
+    }
   }
   return fail(core::Status(code, "rank " + std::to_string(s->peer) + " aborted the epoch: " + reason));
 }
