@@ -44,7 +44,7 @@ void addConfigCommands(CLI::App& app) {
     for (const auto& s : c.straits) {
       std::printf("  strait %s<->%s: %s, %s latency%s\n", s.a.c_str(), s.b.c_str(),
                   core::formatBandwidth(s.bandwidth).c_str(), core::formatDuration(s.latency).c_str(),
-                  c.islands.size() > 0 ? " (emulated when run on one machine)" : "");
+                  c.emulated(s) ? " (EMULATED in userspace)" : " (a real link: not shaped)");
     }
     return core::okStatus();
   });

@@ -53,7 +53,9 @@ void addTrainCommands(CLI::App& app) {
   w->add_option("--run-dir", worker.run_dir, "run directory (default: the job's run_dir)");
   w->add_option("--rank", worker.rank, "rank (default: RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK)");
   w->add_option("--world", worker.world, "world size (default: WORLD_SIZE, SLURM_NTASKS, ...)");
-  w->add_option("--coordinator", worker.coordinator, "HOST:PORT (default: MASTER_ADDR:MASTER_PORT)");
+  w->add_option("--coordinator", worker.coordinator, "HOST:PORT or [IPV6]:PORT (default: MASTER_ADDR:MASTER_PORT)");
+  w->add_option("--listen", worker.listen, "where to listen: auto, an interface (eth0) or an address (default: the island's listen)");
+  w->add_option("--advertise", worker.advertise, "the address peers connect to (default: the island's advertise, else the listening one)");
   w->add_flag("--resume", worker.resume, "start from the newest valid checkpoint");
   w->add_flag("--join", worker.join,
               "enter a running job in a failed slot (--rank, or any) with the live state from a peer");

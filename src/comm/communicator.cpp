@@ -10,6 +10,7 @@
 #include "comm/collectives.h"
 #include "comm/endpoint.h"
 #include "comm/mesh.h"
+#include "comm/socket.h"
 
 namespace archipelago::comm {
 
@@ -572,7 +573,7 @@ int Communicator::port() const { return endpoint_->port(); }
 
 std::string Communicator::address() const {
   const auto& o = config_.options;
-  return (o.advertise_host.empty() ? o.listen_host : o.advertise_host) + ":" + std::to_string(port());
+  return joinHostPort(o.advertise_host.empty() ? o.listen_host : o.advertise_host, port());
 }
 
 std::vector<std::string> Communicator::emulationSummary() const {
@@ -580,6 +581,7 @@ std::vector<std::string> Communicator::emulationSummary() const {
   if (!config_.options.emulate_straits) return out;
   const auto& cl = config_.cluster;
   for (const auto& s : cl.straits) {
+    if (!cl.emulated(s)) continue;
     out.push_back("EMULATED strait " + s.a + "<->" + s.b + ": " + linkParamsFromStrait(s).describe() +
                   " (userspace shaper, not a real link)");
   }
@@ -607,7 +609,7 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
       const core::StraitSpec* s = cl.strait(na, nb);
       tls = s && s->tls && config_.options.tls_on_straits;
       if (tls) ARCH_LOG_DEBUG("comm rank {}: TLS on the {}<->{} strait to rank {}", me, na, nb, peer);
-      if (s && config_.options.emulate_straits && (s->bandwidth > 0 || s->latency > 0)) {
+      if (s && config_.options.emulate_straits && cl.emulated(*s) && (s->bandwidth > 0 || s->latency > 0)) {
         // One shaper per direction of the strait, shared by every process of the job.
         std::string shm = "/arch-" + std::to_string(job % 1000000007ULL) + "-e" + std::to_string(epoch) + "-" +
                           std::to_string(a) + "to" + std::to_string(b);

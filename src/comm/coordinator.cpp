@@ -221,7 +221,7 @@ void CoordinatorServer::stop() {
   listen_fd_ = -1;
 }
 
-std::string CoordinatorServer::address() const { return options_.host + ":" + std::to_string(port_); }
+std::string CoordinatorServer::address() const { return joinHostPort(options_.host, port_); }
 
 Membership CoordinatorServer::membership() const {
   std::lock_guard<std::mutex> lock(mu_);

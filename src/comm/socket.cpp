@@ -299,6 +299,11 @@ core::Result<std::pair<std::string, int>> splitHostPort(const std::string& addre
   auto colon = address.rfind(':');
   if (colon == std::string::npos) return core::invalidArgument("address '" + address + "' is not HOST:PORT");
   std::string host = address.substr(0, colon);
+  // "[::1]:29500": an IPv6 address is bracketed so its colons are not the port's.
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  else if (host.find(':') != std::string::npos) {
+    return core::invalidArgument("address '" + address + "': write an IPv6 address in brackets, e.g. [" + host + "]:PORT");
+  }
   int port = 0;
   try {
     port = std::stoi(address.substr(colon + 1));
@@ -309,47 +314,81 @@ core::Result<std::pair<std::string, int>> splitHostPort(const std::string& addre
   return std::make_pair(host, port);
 }
 
-static core::Result<sockaddr_in> resolve(const std::string& host, int port) {
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port = htons(static_cast<uint16_t>(port));
-  if (host.empty() || host == "0.0.0.0" || host == "*") {
-    sa.sin_addr.s_addr = htonl(INADDR_ANY);
-    return sa;
-  }
-  if (inet_pton(AF_INET, host.c_str(), &sa.sin_addr) == 1) return sa;
-  addrinfo hints{};
-  hints.ai_family = AF_INET;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || !res) {
-    return core::invalidArgument("cannot resolve host '" + host + "'");
-  }
-  sa.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
-  freeaddrinfo(res);
-  return sa;
+std::string joinHostPort(const std::string& host, int port) {
+  return (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
 }
 
+namespace {
+
+struct SockAddr {
+  sockaddr_storage ss{};
+  socklen_t len = 0;
+  int family() const { return ss.ss_family; }
+  const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&ss); }
+};
+
+// IPv4 or IPv6, a literal or a name; "", "0.0.0.0" and "*" are every IPv4
+// interface, "::" every interface.
+core::Result<SockAddr> resolve(const std::string& host, int port) {
+  SockAddr a;
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&a.ss);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&a.ss);
+  if (host.empty() || host == "0.0.0.0" || host == "*") {
+    v4->sin_family = AF_INET;
+    v4->sin_addr.s_addr = htonl(INADDR_ANY);
+  } else if (inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+  } else if (inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+  } else {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* res = nullptr;
+    if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || !res) {
+      return core::invalidArgument("cannot resolve host '" + host + "'");
+    }
+    std::memcpy(&a.ss, res->ai_addr, res->ai_addrlen);
+    freeaddrinfo(res);
+  }
+  if (a.family() == AF_INET6) {
+    v6->sin6_port = htons(static_cast<uint16_t>(port));
+    a.len = sizeof(sockaddr_in6);
+  } else {
+    v4->sin_port = htons(static_cast<uint16_t>(port));
+    a.len = sizeof(sockaddr_in);
+  }
+  return a;
+}
+
+int portOf(const sockaddr_storage& ss) {
+  return ss.ss_family == AF_INET6 ? ntohs(reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_port)
+                                  : ntohs(reinterpret_cast<const sockaddr_in*>(&ss)->sin_port);
+}
+
+}  // namespace
+
 core::Result<std::pair<int, int>> listenTcp(const std::string& host, int port) {
-  ARCH_ASSIGN_OR_RETURN(sockaddr_in sa, resolve(host, port));
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ARCH_ASSIGN_OR_RETURN(SockAddr sa, resolve(host, port));
+  int fd = ::socket(sa.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return errnoStatus("socket", errno);
   int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0) {
+  if (::bind(fd, sa.get(), sa.len) != 0) {
     int e = errno;
     ::close(fd);
-    return core::unavailable("bind " + host + ":" + std::to_string(port) + ": " + std::strerror(e));
+    return core::unavailable("bind " + joinHostPort(host, port) + ": " + std::strerror(e));
   }
   if (::listen(fd, 512) != 0) {
     int e = errno;
     ::close(fd);
     return errnoStatus("listen", e);
   }
-  socklen_t len = sizeof(sa);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len);
+  socklen_t len = sizeof(sa.ss);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&sa.ss), &len);
   int fl = fcntl(fd, F_GETFL, 0);
   fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-  return std::make_pair(fd, static_cast<int>(ntohs(sa.sin_port)));
+  return std::make_pair(fd, portOf(sa.ss));
 }
 
 std::string Socket::peerAddress() const {
@@ -388,15 +427,15 @@ core::Result<std::unique_ptr<Socket>> acceptTcp(int listen_fd, const core::Deadl
 
 core::Result<std::unique_ptr<Socket>> connectTcp(const std::string& host, int port, const core::Deadline& deadline,
                                                  const core::AbortFlag* abort) {
-  ARCH_ASSIGN_OR_RETURN(sockaddr_in sa, resolve(host, port));
-  std::string where = host + ":" + std::to_string(port);
+  ARCH_ASSIGN_OR_RETURN(SockAddr sa, resolve(host, port));
+  const std::string where = joinHostPort(host, port);
   // Retry refused connections until the deadline: the peer may not listen yet.
   int backoff_ms = 5;
   while (true) {
-    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = ::socket(sa.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return errnoStatus("socket", errno);
     setCommonOptions(fd);
-    int r = ::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
+    int r = ::connect(fd, sa.get(), sa.len);
     int err = r == 0 ? 0 : errno;
     if (err == EINPROGRESS) {
       auto sock = std::make_unique<Socket>(fd);

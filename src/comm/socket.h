@@ -17,6 +17,7 @@
 
 #include "archipelago/comm/wire.h"
 #include "archipelago/core/clock.h"
+#include "archipelago/comm/address.h"
 #include "archipelago/core/status.h"
 
 typedef struct ssl_st SSL;
@@ -88,6 +89,6 @@ core::Result<std::unique_ptr<Socket>> acceptTcp(int listen_fd, const core::Deadl
 core::Result<std::unique_ptr<Socket>> connectTcp(const std::string& host, int port, const core::Deadline& deadline,
                                                  const core::AbortFlag* abort);
 // "host:port" -> pair
-core::Result<std::pair<std::string, int>> splitHostPort(const std::string& address);
+// splitHostPort / joinHostPort: archipelago/comm/address.h.
 
 }  // namespace archipelago::comm

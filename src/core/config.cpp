@@ -43,6 +43,19 @@ const StraitSpec* ClusterSpec::strait(const std::string& x, const std::string& y
   return nullptr;
 }
 
+bool ClusterSpec::oneHost() const {
+  auto canonical = [](const std::string& h) {
+    return (h.empty() || h == "localhost" || h == "::1" || h.rfind("127.", 0) == 0) ? std::string("loopback") : h;
+  };
+  std::set<std::string> hosts;
+  for (const auto& i : islands) hosts.insert(canonical(i.host));
+  return hosts.size() <= 1;
+}
+
+bool ClusterSpec::emulated(const StraitSpec& s) const {
+  return s.emulate == "true" || (s.emulate == "auto" && oneHost());
+}
+
 namespace {
 
 std::string kindExpectation(const FieldRef& f) {

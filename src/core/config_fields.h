@@ -46,6 +46,9 @@ template <typename V> void visitFields(V& v, IslandSpec& s) {
   v.field("slowdown", ref(s.slowdown, "EMULATION: compute-time stretch factor for every device"));
   v.field("slowdowns", ref(s.slowdowns, "EMULATION: per-device stretch factors (length = count)"));
   v.field("host", ref(s.host, "host the island's workers run on"));
+  v.field("listen", ref(s.listen, "where its workers listen: auto (the interface routing to the coordinator), an "
+                                  "interface (eth0) or an address (IPv4/IPv6; 0.0.0.0 or :: = all)"));
+  v.field("advertise", ref(s.advertise, "address peers connect to (empty: the listening one)"));
   v.field("devices_per_node", ref(s.devices_per_node, "devices sharing one node's fabric"));
   v.field("node_bandwidth", bandwidth(s.node_bandwidth, "intra-node fabric bandwidth (0 = catalog)"));
   v.field("fabric_bandwidth", bandwidth(s.fabric_bandwidth, "inter-node bandwidth inside the island (0 = catalog)"));
@@ -59,6 +62,8 @@ template <typename V> void visitFields(V& v, StraitSpec& s) {
   v.field("jitter", duration(s.jitter, "latency jitter (uniform +-)"));
   v.field("loss", ref(s.loss, "probability that a send needs a retransmission (0..1)"));
   v.field("tls", ref(s.tls, "encrypt traffic on this strait"));
+  v.field("emulate", choice(s.emulate, {"auto", "true", "false"},
+                            "shape this strait in userspace (auto: only when every island runs on one host)"));
 }
 
 template <typename V> void visitFields(V& v, ClusterSpec& s) {

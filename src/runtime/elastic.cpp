@@ -8,14 +8,18 @@
 
 #include <fmt/format.h>
 
+#include "archipelago/comm/address.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/trainer.h"
 
 namespace archipelago::runtime {
 
 namespace {
-comm::CommConfig commConfigOf(const core::JobConfig& job, int rank, const std::string& secret) {
+// Where this rank listens and what it advertises: --listen/--advertise, else
+// its island's fields, resolved on this host (comm/address.h).
+core::Result<comm::CommConfig> commConfigOf(const core::JobConfig& job, int rank, const ElasticOptions& o) {
   const auto workers = workersOf(job.cluster);
+  const std::string& secret = o.secret;
   comm::CommConfig cc;
   cc.rank = rank;
   cc.world = static_cast<int>(workers.size());
@@ -25,6 +29,15 @@ comm::CommConfig commConfigOf(const core::JobConfig& job, int rank, const std::s
   cc.options.streams = static_cast<int>(job.strategy.streams);
   cc.options.heartbeat_timeout_s = job.strategy.failure_timeout;
   cc.options.heartbeat_interval_s = std::min(0.2, job.strategy.failure_timeout / 5);
+  const int island = workers[static_cast<size_t>(rank)].island_index;
+  const auto& spec = job.cluster.islands[static_cast<size_t>(island)];
+  ARCH_ASSIGN_OR_RETURN(auto coord, comm::splitHostPort(o.coordinator));
+  const bool flags = !o.listen.empty() || !o.advertise.empty();
+  ARCH_ASSIGN_OR_RETURN(auto addr, comm::resolveAddresses(o.listen.empty() ? spec.listen : o.listen,
+                                                          o.advertise.empty() ? spec.advertise : o.advertise, coord.first,
+                                                          flags ? "worker" : "cluster.islands[" + std::to_string(island) + "]"));
+  cc.options.listen_host = addr.listen;
+  cc.options.advertise_host = addr.advertise;
   return cc;
 }
 
@@ -110,7 +123,10 @@ core::Result<std::unique_ptr<ElasticSession>> ElasticSession::start(const Elasti
       return core::invalidArgument("rank " + std::to_string(o.rank) + " is outside [0, " + std::to_string(s->slots_) + ")");
     }
     s->rank_ = o.rank;
-    ARCH_ASSIGN_OR_RETURN(s->comm_, comm::Communicator::create(commConfigOf(s->job_, s->rank_, o.secret)));
+    ARCH_ASSIGN_OR_RETURN(auto cc, commConfigOf(s->job_, s->rank_, o));
+    ARCH_ASSIGN_OR_RETURN(s->comm_, comm::Communicator::create(cc));
+    ARCH_LOG_INFO("listening on {}, peers connect to {}", comm::joinHostPort(cc.options.listen_host, s->comm_->port()),
+                  s->comm_->address());
     const auto& me = workers[static_cast<size_t>(s->rank_)];
     ARCH_RETURN_IF_ERROR(s->client_->registerRank(s->rank_, me.island_index, s->comm_->address(), dl).status());
     // Watched from registration on: heartbeats start before the (possibly
@@ -147,7 +163,10 @@ core::Result<std::unique_ptr<ElasticSession>> ElasticSession::start(const Elasti
     }
     if (slot >= s->slots_) return core::invalidArgument("--join --rank " + std::to_string(slot) + " is not a slot of the job");
     s->rank_ = slot;
-    ARCH_ASSIGN_OR_RETURN(s->comm_, comm::Communicator::create(commConfigOf(s->job_, slot, o.secret)));
+    ARCH_ASSIGN_OR_RETURN(auto cc, commConfigOf(s->job_, slot, o));
+    ARCH_ASSIGN_OR_RETURN(s->comm_, comm::Communicator::create(cc));
+    ARCH_LOG_INFO("listening on {}, peers connect to {}", comm::joinHostPort(cc.options.listen_host, s->comm_->port()),
+                  s->comm_->address());
     const auto& me = workers[static_cast<size_t>(slot)];
     auto joined = s->client_->join(slot, me.island_index, s->comm_->address(), dl);
     if (!joined.isOk()) {

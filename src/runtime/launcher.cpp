@@ -236,8 +236,13 @@ void installInterruptHandlers(struct sigaction& old_int, struct sigaction& old_t
 
 void logEmulation(const core::JobConfig& job, const std::vector<WorkerInfo>& workers) {
   for (const auto& s : job.cluster.straits) {
-    ARCH_LOG_INFO("EMULATED strait {}<->{}: {}, {} one way", s.a, s.b, core::formatBandwidth(s.bandwidth),
-                  core::formatDuration(s.latency));
+    if (job.cluster.emulated(s)) {
+      ARCH_LOG_INFO("EMULATED strait {}<->{}: {}, {} one way", s.a, s.b, core::formatBandwidth(s.bandwidth),
+                    core::formatDuration(s.latency));
+    } else {
+      ARCH_LOG_INFO("strait {}<->{}: a real link (not shaped; the planner assumes {}, {} one way)", s.a, s.b,
+                    core::formatBandwidth(s.bandwidth), core::formatDuration(s.latency));
+    }
   }
   for (const auto& w : workers) {
     if (w.slowdown != 1.0) ARCH_LOG_INFO("EMULATED slowdown x{} on rank {} ({})", w.slowdown, w.rank, w.island);

@@ -134,6 +134,8 @@ core::Status runWorker(const WorkerOptions& opt) {
 
   ElasticOptions eo;
   eo.coordinator = coord;
+  eo.listen = opt.listen;
+  eo.advertise = opt.advertise;
   eo.secret = secret_env;
   eo.rank = rank;
   eo.join = opt.join;

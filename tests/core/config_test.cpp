@@ -230,6 +230,34 @@ TEST_F(ConfigTest, RepeatedKeysAndSectionsAreRefusedNamingBothLines) {
   EXPECT_THAT(d.status().message(), HasSubstr("is a directory"));
 }
 
+// A strait is shaped in userspace only when asked, or when every island
+// runs on one host (then it cannot be a real link).
+TEST_F(ConfigTest, StraitsAreEmulatedOnlyOnOneHostOrWhenAsked) {
+  auto one = load(kGood);
+  ASSERT_TRUE(one.isOk());
+  EXPECT_TRUE(one->job.cluster.oneHost());
+  EXPECT_TRUE(one->job.cluster.emulated(one->job.cluster.straits[0]));
+  const std::string two_hosts = R"(
+cluster:
+  islands:
+    - {name: a, count: 1, host: 10.77.0.2}
+    - {name: b, count: 1, host: 10.77.0.3, listen: veth1}
+  straits:
+    - {a: a, b: b, bandwidth: 1Gbit/s}
+)";
+  auto real = load(two_hosts);
+  ASSERT_TRUE(real.isOk()) << real.status().toString();
+  EXPECT_FALSE(real->job.cluster.oneHost());
+  EXPECT_FALSE(real->job.cluster.emulated(real->job.cluster.straits[0]));
+  EXPECT_EQ(real->job.cluster.islands[1].listen, "veth1");
+  auto asked = load(two_hosts.substr(0, two_hosts.size() - 2) + ", emulate: true}\n");
+  ASSERT_TRUE(asked.isOk()) << asked.status().toString();
+  EXPECT_TRUE(asked->job.cluster.emulated(asked->job.cluster.straits[0]));
+  auto bad = load(two_hosts.substr(0, two_hosts.size() - 2) + ", emulate: maybe}\n");
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_THAT(bad.status().message(), HasSubstr("emulate"));
+}
+
 TEST_F(ConfigTest, DumpYamlRoundTrips) {
   auto j = load(kGood);
   ASSERT_TRUE(j.isOk());

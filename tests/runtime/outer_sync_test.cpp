@@ -120,11 +120,17 @@ using testutil::tinyDataDir;
 
 std::string jobYaml(const std::string& name, const std::string& islands, int steps, const std::string& train_extra,
                     const std::string& strategy) {
+  // The defaults, each unless train_extra sets it (a repeated key is refused).
+  std::string defaults;
+  for (const char* kv : {" lr: 0.003,", " warmup_steps: 3,"}) {
+    const std::string key = std::string(kv).substr(0, std::string(kv).find(':') + 1);
+    if (train_extra.find(key) == std::string::npos) defaults += kv;
+  }
   std::ostringstream o;
   o << "cluster:\n  islands:\n" << islands << "\n"
     << "model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32}\n"
     << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
-    << "train: {steps: " << steps << ", global_batch: 12, lr: 0.003, warmup_steps: 3, eval_every: 0, "
+    << "train: {steps: " << steps << ", global_batch: 12," << defaults << " eval_every: 0, "
     << "rebalance: false" << train_extra << "}\n"
     << "strategy: " << strategy << "\n"
     << "checkpoint: {every: 0, keep_last: 2}\n"

@@ -29,7 +29,9 @@ struct IslandSpec {
   int64_t count = 1;              // devices (= workers) in the island
   double slowdown = 1.0;          // EMULATION: stretch each worker's compute time by this factor
   std::vector<double> slowdowns;  // EMULATION: optional per-device factors (overrides slowdown)
-  std::string host = "127.0.0.1"; // where the island's workers run (launcher / address exchange)
+  std::string host = "127.0.0.1"; // where the island's workers run (launcher; one host => straits emulated)
+  std::string listen = "auto";    // where its workers listen: auto | interface | address (comm/address.h)
+  std::string advertise;          // the address peers connect to; empty: the listening one
   int64_t devices_per_node = 8;   // devices sharing the intra-node fabric (planner)
   double node_bandwidth = 0;      // bytes/s intra-node fabric; 0 = from the device catalog
   double fabric_bandwidth = 0;    // bytes/s between nodes inside the island; 0 = from the catalog
@@ -50,6 +52,10 @@ struct StraitSpec {
   double jitter = 0.0;        // seconds, uniform +- around latency
   double loss = 0.0;          // probability a send is delayed by a retransmit timeout (emulation)
   bool tls = false;           // encrypt traffic crossing this strait
+  // Shape this strait in userspace to bandwidth/latency/jitter/loss: "true",
+  // "false", or "auto" = only when every island runs on one host (then the
+  // strait cannot be real). A job across hosts never throttles a real link.
+  std::string emulate = "auto";
 };
 
 struct ClusterSpec {
@@ -66,6 +72,10 @@ struct ClusterSpec {
   int islandIndex(const std::string& name) const;
   // The strait joining two islands, or nullptr if none is declared.
   const StraitSpec* strait(const std::string& a, const std::string& b) const;
+  // Every island's workers run on one host (loopback names count as one).
+  bool oneHost() const;
+  // Whether `s` is shaped in userspace (StraitSpec::emulate).
+  bool emulated(const StraitSpec& s) const;
 };
 
 // ---- model ------------------------------------------------------------------

@@ -42,6 +42,8 @@ struct ElasticOptions {
   bool join = false;        // enter a running job (state comes from a peer)
   const core::JobConfig* job = nullptr;
   double connect_timeout_s = 60;
+  // Override the island's listen / advertise (comm/address.h); empty: the island's.
+  std::string listen, advertise;
 };
 
 class ElasticSession {

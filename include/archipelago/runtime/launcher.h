@@ -37,6 +37,8 @@ struct WorkerOptions {
   int rank = -1;               // -1: from RANK / SLURM_PROCID / OMPI_COMM_WORLD_RANK / PMI_RANK
   int world = -1;              // -1: from WORLD_SIZE / SLURM_NTASKS / OMPI_COMM_WORLD_SIZE / PMI_SIZE
   std::string coordinator;     // HOST:PORT; default MASTER_ADDR:MASTER_PORT
+  std::string listen;          // override the island's listen / advertise (comm/address.h)
+  std::string advertise;
   bool resume = false;
   bool join = false;           // enter a running job: take a failed slot (rank, or any with rank -1) and
                                // receive the live state from a peer
