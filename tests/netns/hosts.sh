@@ -18,15 +18,18 @@ NETNS_COUNT=0
 
 netns_addr() { echo "10.77.$NETNS_NET.$1"; }
 
+# Best effort, every step: it also runs after a failure part-way through
+# netns_up, and must not change the exit status of the script it ends.
 netns_down() {
   local i
   for i in $(seq 1 "$NETNS_COUNT"); do
-    ip netns pids "$NETNS_PREFIX$i" 2>/dev/null | xargs -r kill -9 2>/dev/null
-    ip netns del "$NETNS_PREFIX$i" 2>/dev/null
-    ip link del "${NETNS_PREFIX}v$i" 2>/dev/null
+    ip netns pids "$NETNS_PREFIX$i" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$NETNS_PREFIX$i" 2>/dev/null || true
+    ip link del "${NETNS_PREFIX}v$i" 2>/dev/null || true
   done
-  ip link del "${NETNS_PREFIX}br" 2>/dev/null
+  ip link del "${NETNS_PREFIX}br" 2>/dev/null || true
   NETNS_COUNT=0
+  return 0
 }
 
 netns_up() {
