@@ -23,6 +23,8 @@ packages=(
   libsentencepiece-dev libgloo-dev libssl-dev
   # The Hugging Face export test's reference: HF's LLaMA/Mixtral rules in plain PyTorch.
   python3-torch python3-sentencepiece
+  # The multi-host test bed: network namespaces, veth pairs, a bridge (tests/netns/hosts.sh).
+  iproute2
 )
 # npm fetches the corpus. The image may ship its own Node.js (which bundles
 # npm and conflicts with Debian's npm package): use it when present.
