@@ -56,6 +56,17 @@ int runBinary(const std::string& yaml, const std::string& name, const std::vecto
 }
 std::map<int64_t, double> stepLosses(const fs::path& run_dir) { return testutil::rank0Losses(run_dir); }
 
+// The reference every multi-worker run is held to: the same job trained by
+// one process with the whole global batch (no metrics written).
+core::Result<TrainSummary> singleProcess(const std::string& name, int steps, int global_batch) {
+  auto job = loadJobText(jobYaml((scratchRoot() / name).string(), "    - {name: a, count: 1}", steps, global_batch), name);
+  TrainerOptions o;
+  o.job = job;
+  o.run_dir = job.run_dir;
+  o.write_metrics = false;
+  return runTrainer(o);
+}
+
 TEST(Trainer, SingleProcessLossFalls) {
   auto job = loadJobText(jobYaml((scratchRoot() / "single").string(), "    - {name: a, count: 1}", 30, 8), "single");
   TrainerOptions o;
@@ -71,12 +82,7 @@ TEST(Trainer, SingleProcessLossFalls) {
 TEST(Trainer, UnevenSharesAcrossIslandsMatchSingleProcess) {
   const int steps = 20, batch = 12;
   // Reference: one process, the whole global batch.
-  auto ref_job = loadJobText(jobYaml((scratchRoot() / "ref").string(), "    - {name: a, count: 1}", steps, batch), "ref");
-  TrainerOptions o;
-  o.job = ref_job;
-  o.run_dir = ref_job.run_dir;
-  o.write_metrics = false;
-  auto ref = runTrainer(o);
+  auto ref = singleProcess("ref", steps, batch);
   ASSERT_TRUE(ref.isOk()) << ref.status().toString();
 
   // Three workers in two islands with shares 6/4/2, through the launcher.
@@ -145,12 +151,7 @@ TEST(Trainer, ResumeAfterKillIsBitExact) {
 TEST(Trainer, ShardedOptimizerCheckpointsTheWholeStateAndResumesUnsharded) {
   const int k = 5, steps = 10, batch = 9;
   const std::string islands = "    - {name: a, count: 3}";
-  auto ref_job = loadJobText(jobYaml((scratchRoot() / "zero_ref").string(), "    - {name: a, count: 1}", steps, batch), "zero_ref");
-  TrainerOptions o;
-  o.job = ref_job;
-  o.run_dir = ref_job.run_dir;
-  o.write_metrics = false;
-  auto ref = runTrainer(o);
+  auto ref = singleProcess("zero_ref", steps, batch);
   ASSERT_TRUE(ref.isOk()) << ref.status().toString();
 
   auto yamlFor = [&](const fs::path& run, bool shard) {
