@@ -45,8 +45,9 @@ core::Result<core::ModelConfig> modelOf(const std::string& dir, const NamedTenso
     fill("num_key_value_heads", rowsOf(weights, "model.layers.0.self_attn.k_proj.weight") / (hidden / heads));
     fill("head_dim", hidden / heads);
   }
-  if (j.contains("archipelago") && j["archipelago"].is_object()) {
-    // Its zeros mean "the default", which the resolution below applies.
+  if (!moe && j.contains("archipelago") && j["archipelago"].is_object() &&
+      j["archipelago"].value("ffn_hidden", int64_t{0}) == 0) {
+    // An older checkpoint's 0 ("the default"): the size the weights have.
     j["archipelago"]["ffn_hidden"] = j.value("intermediate_size", int64_t{0});
   }
   auto c = model::parseHfConfig(j.dump());
