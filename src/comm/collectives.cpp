@@ -283,8 +283,10 @@ core::Status alltoallv(const Ctx& c, const uint8_t* in, std::span<const size_t> 
     soff[static_cast<size_t>(i) + 1] = soff[static_cast<size_t>(i)] + send_bytes[static_cast<size_t>(i)];
     roff[static_cast<size_t>(i) + 1] = roff[static_cast<size_t>(i)] + recv_bytes[static_cast<size_t>(i)];
   }
-  std::memmove(out + roff[static_cast<size_t>(c.me)], in + soff[static_cast<size_t>(c.me)],
-               std::min(send_bytes[static_cast<size_t>(c.me)], recv_bytes[static_cast<size_t>(c.me)]));
+  // Zero bytes to keep is common (a rank routes no tokens to itself) and then
+  // either buffer may be null, which memmove must not see.
+  const size_t keep = std::min(send_bytes[static_cast<size_t>(c.me)], recv_bytes[static_cast<size_t>(c.me)]);
+  if (keep > 0) std::memmove(out + roff[static_cast<size_t>(c.me)], in + soff[static_cast<size_t>(c.me)], keep);
   SendSet sends;
   for (int k = 1; k < n; ++k) {
     int from = mod(c.me - k, n);
