@@ -35,13 +35,19 @@ if(ARCHIPELAGO_SANITIZE)
 
   # Frame pointers give the sanitizers' fast unwinder whole stacks.
   set(archipelago_san_flags -fsanitize=${ARCHIPELAGO_SANITIZE} -fno-omit-frame-pointer)
+  set(archipelago_san_link -fsanitize=${ARCHIPELAGO_SANITIZE})
   if("undefined" IN_LIST archipelago_san_list)
     # UBSan otherwise prints and carries on with exit status 0: a report must
     # fail its test, so every check aborts the process.
     list(APPEND archipelago_san_flags -fno-sanitize-recover=all)
+    # Not part of "undefined" in GCC or clang, yet undefined behaviour that
+    # the codecs and dtype conversions could meet: a float (NaN, inf, or out
+    # of range) converted to an integer type that cannot hold it.
+    list(APPEND archipelago_san_flags -fsanitize=float-cast-overflow)
+    list(APPEND archipelago_san_link -fsanitize=float-cast-overflow)
   endif()
   add_compile_options(${archipelago_san_flags})
-  add_link_options(-fsanitize=${ARCHIPELAGO_SANITIZE})
+  add_link_options(${archipelago_san_link})
   # Code that must behave differently under a sanitizer runtime says why
   # where it tests this (e.g. the SentencePiece shim's dlopen flags).
   add_compile_definitions(ARCHIPELAGO_SANITIZED=1)
