@@ -55,13 +55,16 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
   auto tagOf = [&](uint32_t step, size_t j) { return c.tag(phase, step * 64 + static_cast<uint32_t>(j)); };
   SendSet sends;
 
-  if (ag) {  // receives of the allgather land directly in place
+  // The allgather's receives land in place. After a reduce-scatter each one
+  // goes into a block that step of the reduce-scatter sent, so it is posted
+  // behind that send (Mesh::postRecvAfter); alone, all are posted up front.
+  auto postAgAfter = [&](const SendHandle& h, int t, size_t j) {
+    auto [lo, hi] = piece(mod(c.me - t - 1, n), j);
+    c.mesh->postRecvAfter(h, left, tagOf(ag_base + static_cast<uint32_t>(t), j), data + lo * es, (hi - lo) * es);
+  };
+  if (ag && !rs) {
     for (int t = 0; t < n - 1; ++t) {
-      int rb = mod(c.me - t - 1, n);
-      for (size_t j = 0; j < P; ++j) {
-        auto [lo, hi] = piece(rb, j);
-        c.mesh->postRecv(left, tagOf(ag_base + static_cast<uint32_t>(t), j), data + lo * es, (hi - lo) * es);
-      }
+      for (size_t j = 0; j < P; ++j) postAgAfter(nullptr, t, j);
     }
   }
   if (rs) {
@@ -84,6 +87,7 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
     for (size_t j = 0; j < P; ++j) {
       auto [lo, hi] = piece(sb0, j);
       sends.handles.push_back(c.send(right, tagOf(0, j), data + lo * es, (hi - lo) * es));
+      if (ag) postAgAfter(sends.handles.back(), 0, j);
     }
     for (int t = 0; t < n - 1; ++t) {
       int rb = mod(c.me - t - 2, n);
@@ -93,6 +97,7 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
         if (t < n - 2) {
           sends.handles.push_back(
               c.send(right, tagOf(static_cast<uint32_t>(t + 1), j), data + lo * es, (hi - lo) * es));
+          if (ag) postAgAfter(sends.handles.back(), t + 1, j);
         } else {
           if (divide_by != 0) divideInPlace(dtype, data + lo * es, hi - lo, divide_by);
           if (ag) sends.handles.push_back(c.send(right, tagOf(ag_base, j), data + lo * es, (hi - lo) * es));
@@ -283,8 +288,10 @@ core::Status alltoallv(const Ctx& c, const uint8_t* in, std::span<const size_t> 
     soff[static_cast<size_t>(i) + 1] = soff[static_cast<size_t>(i)] + send_bytes[static_cast<size_t>(i)];
     roff[static_cast<size_t>(i) + 1] = roff[static_cast<size_t>(i)] + recv_bytes[static_cast<size_t>(i)];
   }
-  std::memmove(out + roff[static_cast<size_t>(c.me)], in + soff[static_cast<size_t>(c.me)],
-               std::min(send_bytes[static_cast<size_t>(c.me)], recv_bytes[static_cast<size_t>(c.me)]));
+  // Zero bytes to keep is common (a rank routes no tokens to itself) and then
+  // either buffer may be null, which memmove must not see.
+  const size_t keep = std::min(send_bytes[static_cast<size_t>(c.me)], recv_bytes[static_cast<size_t>(c.me)]);
+  if (keep > 0) std::memmove(out + roff[static_cast<size_t>(c.me)], in + soff[static_cast<size_t>(c.me)], keep);
   SendSet sends;
   for (int k = 1; k < n; ++k) {
     int from = mod(c.me - k, n);

@@ -368,7 +368,9 @@ core::Status Group::reduceScatter(void* data, void* out, std::span<const size_t>
     for (int i = 0; i < me_; ++i) off += cv[static_cast<size_t>(i)];
     const size_t es = dtypeSize(dtype);
     uint8_t* src = static_cast<uint8_t*>(data) + off * es;
-    if (out != src) std::memmove(out, src, cv[static_cast<size_t>(me_)] * es);
+    // A rank whose share is empty may pass null: memmove must not see it.
+    const size_t mine = cv[static_cast<size_t>(me_)] * es;
+    if (mine > 0 && out != src) std::memmove(out, src, mine);
     return core::okStatus();
   }, o);
 }
@@ -384,7 +386,10 @@ core::Status Group::allgatherv(const void* in, void* out, std::span<const size_t
     for (int i = 0; i < me_; ++i) off += cv[static_cast<size_t>(i)];
     const size_t es = dtypeSize(dtype);
     uint8_t* dst = static_cast<uint8_t*>(out) + off * es;
-    if (dst != in) std::memmove(dst, in, cv[static_cast<size_t>(me_)] * es);
+    // A rank with nothing to contribute may pass null (an empty vector's
+    // data()); memmove's arguments must be valid even for zero bytes.
+    const size_t mine = cv[static_cast<size_t>(me_)] * es;
+    if (mine > 0 && dst != in) std::memmove(dst, in, mine);
     return algo::ring(c, static_cast<uint8_t*>(out), cv, dtype, ReduceOp::kSum, false, true, 0, 0);
   }, o);
 }

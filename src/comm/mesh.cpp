@@ -138,6 +138,33 @@ void Mesh::postRecvReduce(int peer, uint64_t tag, void* dst, size_t bytes, void*
                           ReduceOp op) {
   if (bytes == 0) return;
   std::lock_guard<std::mutex> lock(mu_);
+  postLocked(peer, tag, dst, bytes, reduce_into, dtype, op);
+}
+
+void Mesh::postRecvAfter(const SendHandle& after, int peer, uint64_t tag, void* dst, size_t bytes) {
+  if (bytes == 0) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (after == nullptr || after->parts_left == 0) {
+    postLocked(peer, tag, dst, bytes, nullptr, DType::kU8, ReduceOp::kSum);
+    return;
+  }
+  // The slot exists from now on with the size it expects, so waitRecv waits
+  // for it rather than taking it for a zero-byte message; frames that come
+  // first are staged as for any receive not yet posted.
+  Slot& slot = slots_[{peer, tag}];
+  if (slot.early.empty() && slot.remote.empty()) slot.total = bytes;
+  after->then_post.push_back(DeferredRecv{peer, tag, static_cast<uint8_t*>(dst), bytes});
+}
+
+void Mesh::partSentLocked(SendRequest& req) {
+  if (--req.parts_left > 0) return;
+  for (const DeferredRecv& d : req.then_post) {
+    postLocked(d.peer, d.tag, d.dst, d.bytes, nullptr, DType::kU8, ReduceOp::kSum);
+  }
+  req.then_post.clear();
+}
+
+void Mesh::postLocked(int peer, uint64_t tag, void* dst, size_t bytes, void* reduce_into, DType dtype, ReduceOp op) {
   Slot& slot = slots_[{peer, tag}];
   slot.posted = true;
   slot.dst = static_cast<uint8_t*>(dst);

@@ -8,7 +8,8 @@
 //  - receiver (per stream): reads frames; copies a data frame's payload
 //    straight into the posted receive buffer (or an "early" buffer if the
 //    receive is not posted yet); applies the emulated delivery time.
-//  - sender (per stream): drains its queue of stripe parts; CRC, shaping, write.
+//  - sender (per stream): drains its queue of stripe parts; CRC, shaping,
+//    write; posts the receives deferred behind a send it completes.
 //  - monitor: sends heartbeats, declares a silent peer failed.
 // Failure is sticky and whole-mesh: the first error (peer closed, corrupt
 // frame, heartbeat timeout, deadline or abort of a collective) shuts every
@@ -33,12 +34,22 @@
 
 namespace archipelago::comm {
 
+// A receive that waits for a send to finish before it may land (see
+// Mesh::postRecvAfter).
+struct DeferredRecv {
+  int peer = -1;
+  uint64_t tag = 0;
+  uint8_t* dst = nullptr;
+  size_t bytes = 0;
+};
+
 struct SendRequest {
   int peer = -1;
   uint64_t tag = 0;
   const uint8_t* data = nullptr;
   size_t total = 0;
-  int parts_left = 0;  // guarded by Mesh::mu_
+  int parts_left = 0;                  // guarded by Mesh::mu_
+  std::vector<DeferredRecv> then_post;  // posted when parts_left reaches 0 (guarded by Mesh::mu_)
 };
 using SendHandle = std::shared_ptr<SendRequest>;
 
@@ -99,6 +110,14 @@ class Mesh {
   void postRecvReduce(int peer, uint64_t tag, void* scratch, size_t bytes, void* reduce_into, DType dtype,
                       ReduceOp op);
   core::Status waitRecv(int peer, uint64_t tag, const core::Deadline& deadline, const core::AbortFlag* abort);
+  // postRecv into memory that the send `after` still reads. waitRecv waits
+  // for it at once, but the receiver threads write dst only after the last
+  // byte of `after` went out (frames arriving sooner are staged). The ring
+  // allgather receives into the very blocks its reduce-scatter sends; the
+  // protocol orders the two through the peers, which nothing in this
+  // process can see: a peer running ahead of it, or ThreadSanitizer, would
+  // otherwise find a receiver thread writing bytes a sender thread reads.
+  void postRecvAfter(const SendHandle& after, int peer, uint64_t tag, void* dst, size_t bytes);
 
   // Graceful end of the epoch: tells every peer "closing" after all queued
   // data, waits (bounded) for their goodbyes, then stops the threads. A peer
@@ -269,6 +288,10 @@ class Mesh {
   uint64_t next_remote_id_ = 0;
   // Copies a peer's announced range into dst and queues the ack; mu_ held.
   void copyRemoteLocked(int peer, Slot& slot, const RemoteRange& r);
+  // postRecvReduce's body; mu_ held.
+  void postLocked(int peer, uint64_t tag, void* dst, size_t bytes, void* reduce_into, DType dtype, ReduceOp op);
+  // Counts one finished part of req; the last one posts req's deferred receives. mu_ held.
+  void partSentLocked(SendRequest& req);
   friend class ScratchLease;
   void returnScratch(std::unique_ptr<uint8_t[]> buf, size_t size);
   std::mutex scratch_mu_;

@@ -197,7 +197,7 @@ void Mesh::receiveAck(size_t pi, uint64_t id, bool ok) {
   RemotePending rp = it->second;
   remote_pending_.erase(it);
   if (ok) {
-    --rp.part.req->parts_left;
+    partSentLocked(*rp.part.req);
     bytes_sent_ += rp.part.len;
   } else {
     // The kernel refused (e.g. ptrace policy): TCP frames from now on.

@@ -180,7 +180,7 @@ bool Mesh::finishPart(Stream* s, const Part& part, const core::Status& st, const
   {
     std::lock_guard<std::mutex> lock(mu_);
     --active_io_;
-    if (st.isOk() && part.req) --part.req->parts_left;
+    if (st.isOk() && part.req) partSentLocked(*part.req);
     // Wake waiters only for a finished message or an ending mesh (each
     // futex wake-up costs a context switch on a busy machine).
     wake = !part.req || part.req->parts_left == 0 || failed_ || closing_;

@@ -42,6 +42,16 @@ std::string ByteTokenizer::decode(const std::vector<int32_t>& ids) const {
 
 namespace {
 
+// ASan and TSan abort a process that dlopen()s with RTLD_DEEPBIND: the shim
+// would bind malloc and friends to libc ahead of the sanitizer's interceptors.
+// Sanitizer builds are torch-free (cmake/Sanitizers.cmake), so the protobuf
+// clash that DEEPBIND prevents cannot arise in them.
+#ifdef ARCHIPELAGO_SANITIZED
+constexpr int kShimOpenFlags = RTLD_NOW | RTLD_LOCAL;
+#else
+constexpr int kShimOpenFlags = RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND;
+#endif
+
 // The process-wide handle on the shim: loaded on first use, never unloaded
 // (models may outlive any owner we could pick). Immutable after construction.
 struct SpmShim {
@@ -77,7 +87,7 @@ SpmShim loadShim() {
       tried += "(not found)";
       continue;
     }
-    void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    void* handle = ::dlopen(path.c_str(), kShimOpenFlags);
     if (handle == nullptr) {
       const char* err = ::dlerror();
       tried += std::string("(") + (err != nullptr ? err : "dlopen failed") + ")";
