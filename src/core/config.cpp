@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -24,8 +25,12 @@ using detail::FieldRef;
 // ---- ClusterSpec helpers --------------------------------------------------------
 
 int64_t ClusterSpec::worldSize() const {
+  // Saturates: counts come from files, and a sum that wrapped around would
+  // pass for a small world in validation.
   int64_t n = 0;
-  for (const auto& i : islands) n += i.count;
+  for (const auto& i : islands) {
+    if (__builtin_add_overflow(n, i.count, &n)) return std::numeric_limits<int64_t>::max();
+  }
   return n;
 }
 
@@ -159,36 +164,57 @@ bool isListKind(FieldKind k) {
   return k == FieldKind::kIntList || k == FieldKind::kDoubleList || k == FieldKind::kStringList;
 }
 
+// The shortest text that reads back to exactly `v`. The stream default (6
+// significant digits) turned beta2 = 0.9999999 into 1, so a resolved job
+// written to a run directory or a checkpoint did not load back as it was.
+std::string exactDouble(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
+}
+
+// The readable forms ("1Gbit/s", "20ms") round to 4 digits; where that
+// would change the value, the exact number in the base unit is written.
+std::string exactBandwidth(double v) {
+  if (v == 0) return "0bit/s";
+  std::string s = formatBandwidth(v);
+  auto back = parseBandwidth(s);
+  return back.isOk() && *back == v ? s : exactDouble(v) + "B/s";
+}
+
+std::string exactDuration(double v) {
+  std::string s = formatDuration(v);
+  auto back = parseDuration(s);
+  return back.isOk() && *back == v ? s : exactDouble(v) + "s";
+}
+
+std::string item(int64_t v) { return std::to_string(v); }
+std::string item(double v) { return exactDouble(v); }
+std::string item(const std::string& v) { return v; }
+
 template <typename T>
 std::string bracketList(const std::vector<T>& v) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
-  o << "]";
-  return o.str();
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + item(v[i]);
+  return s + "]";
 }
 
 std::string formatValue(const FieldRef& f) {
-  std::ostringstream o;
   switch (f.kind) {
-    case FieldKind::kInt: o << *static_cast<int64_t*>(f.ptr); break;
-    case FieldKind::kUInt: o << *static_cast<uint64_t*>(f.ptr); break;
-    case FieldKind::kBytes: o << *static_cast<uint64_t*>(f.ptr); break;
-    case FieldKind::kDouble: o << *static_cast<double*>(f.ptr); break;
-    case FieldKind::kBool: o << (*static_cast<bool*>(f.ptr) ? "true" : "false"); break;
+    case FieldKind::kInt: return std::to_string(*static_cast<int64_t*>(f.ptr));
+    case FieldKind::kUInt:
+    case FieldKind::kBytes: return std::to_string(*static_cast<uint64_t*>(f.ptr));
+    case FieldKind::kDouble: return exactDouble(*static_cast<double*>(f.ptr));
+    case FieldKind::kBool: return *static_cast<bool*>(f.ptr) ? "true" : "false";
     case FieldKind::kString:
-    case FieldKind::kChoice: o << *static_cast<std::string*>(f.ptr); break;
-    case FieldKind::kBandwidth: {
-      double v = *static_cast<double*>(f.ptr);
-      o << (v == 0 ? std::string("0bit/s") : formatBandwidth(v));
-      break;
-    }
-    case FieldKind::kDuration: o << formatDuration(*static_cast<double*>(f.ptr)); break;
-    case FieldKind::kIntList: o << bracketList(*static_cast<std::vector<int64_t>*>(f.ptr)); break;
-    case FieldKind::kDoubleList: o << bracketList(*static_cast<std::vector<double>*>(f.ptr)); break;
-    case FieldKind::kStringList: o << bracketList(*static_cast<std::vector<std::string>*>(f.ptr)); break;
+    case FieldKind::kChoice: return *static_cast<std::string*>(f.ptr);
+    case FieldKind::kBandwidth: return exactBandwidth(*static_cast<double*>(f.ptr));
+    case FieldKind::kDuration: return exactDuration(*static_cast<double*>(f.ptr));
+    case FieldKind::kIntList: return bracketList(*static_cast<std::vector<int64_t>*>(f.ptr));
+    case FieldKind::kDoubleList: return bracketList(*static_cast<std::vector<double>*>(f.ptr));
+    case FieldKind::kStringList: return bracketList(*static_cast<std::vector<std::string>*>(f.ptr));
   }
-  return o.str();
+  return "";
 }
 
 std::string joinPath(const std::string& prefix, const std::string& name) {
@@ -219,12 +245,18 @@ Status errorsToStatus(const std::vector<std::string>& errors, const std::string&
 // first, so a second `train:` section or a repeated `steps:` would be
 // silently ignored. Every mapping is walked and a repeat is an error
 // naming both lines.
-void findDuplicateKeys(const YAML::Node& n, const std::string& path, std::vector<std::string>& errors) {
+//
+// An alias makes one node reachable many times (`&a [*a]` even reaches
+// itself; nine lines of `&b [*a, *a, ...]` reach it 10^9 times), so a
+// mapping or list is walked once, known by the position where it starts.
+void findDuplicateKeys(const YAML::Node& n, const std::string& path, std::vector<std::string>& errors,
+                       std::set<int>& walked) {
+  if (!n.IsSequence() && !n.IsMap()) return;
+  if (!walked.insert(n.Mark().pos).second) return;
   if (n.IsSequence()) {
-    for (const auto& item : n) findDuplicateKeys(item, path, errors);
+    for (const auto& item : n) findDuplicateKeys(item, path, errors, walked);
     return;
   }
-  if (!n.IsMap()) return;
   std::map<std::string, int> first_line;
   for (const auto& kv : n) {
     if (kv.first.IsScalar()) {
@@ -235,7 +267,7 @@ void findDuplicateKeys(const YAML::Node& n, const std::string& path, std::vector
                          std::to_string(it->second) + "; keep one of them");
       }
     }
-    findDuplicateKeys(kv.second, path, errors);
+    findDuplicateKeys(kv.second, path, errors, walked);
   }
 }
 
@@ -255,7 +287,8 @@ Result<YAML::Node> loadYamlFile(const std::string& path) {
                            ": " + e.msg);
   }
   std::vector<std::string> dups;
-  findDuplicateKeys(root, path, dups);
+  std::set<int> walked;
+  findDuplicateKeys(root, path, dups, walked);
   ARCH_RETURN_IF_ERROR(errorsToStatus(dups, path));
   return root;
 }
@@ -345,7 +378,14 @@ class YamlLoader {
 
   void checkUnknown() {
     for (auto it = node_.begin(); it != node_.end(); ++it) {
-      std::string key = it->first.as<std::string>();
+      // YAML allows a list or a mapping as a key (`? [a, b]: 1`), where
+      // as<std::string>() throws; no field is named like that.
+      if (!it->first.IsScalar()) {
+        st_->errors.push_back(joinPath(path_, "?") + ": a key that is " + describeNode(it->first) + " (" +
+                              where(file_, it->first) + "); keys are field names");
+        continue;
+      }
+      std::string key = it->first.Scalar();
       if (used_.count(key)) continue;
       std::string expected;
       for (const auto& u : used_) expected += (expected.empty() ? "" : ", ") + u;
@@ -589,6 +629,14 @@ std::string dumpJobYaml(const JobConfig& job) {
 
 namespace {
 
+// Sums of counts read from a file saturate instead of wrapping around (a
+// wrapped sum could match the expected total).
+int64_t saturatingAdd(int64_t a, int64_t b) {
+  int64_t r = 0;
+  if (!__builtin_add_overflow(a, b, &r)) return r;
+  return b > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+}
+
 struct Problems {
   std::vector<std::string> list;
   template <typename T>
@@ -743,7 +791,7 @@ Status validateJob(const JobConfig& j) {
     int64_t sum = 0;
     bool positive = true;
     for (auto l : s.stage_layers) {
-      sum += l;
+      sum = saturatingAdd(sum, l);
       positive = positive && l >= 1;
     }
     if (static_cast<int64_t>(s.stage_layers.size()) != s.pipeline_stages || sum != m.n_layers || !positive) {
@@ -767,7 +815,10 @@ Status validateJob(const JobConfig& j) {
       p.add("strategy.expert_parallel", s.expert_parallel,
             "at most model.moe.num_experts (" + std::to_string(moe.num_experts) + "): every member holds >= 1 expert");
     }
-    if (world > 0 && s.pipeline_stages >= 1 && world % (s.expert_parallel * s.pipeline_stages) != 0) {
+    // Overflow-checked: 2^32 x 2^32 wrapped to 0 and the modulo raised SIGFPE.
+    int64_t members = 0;
+    const bool too_many = __builtin_mul_overflow(s.expert_parallel, s.pipeline_stages, &members);
+    if (world > 0 && s.pipeline_stages >= 1 && (too_many || world % members != 0)) {
       p.add("strategy.expert_parallel", s.expert_parallel,
             s.pipeline_stages > 1 ? "a divisor of the number of pipelines (workers / strategy.pipeline_stages = " +
                                         std::to_string(world / s.pipeline_stages) + ")"
@@ -778,7 +829,7 @@ Status validateJob(const JobConfig& j) {
     int64_t sum = 0;
     bool positive = true;
     for (auto c : s.expert_counts) {
-      sum += c;
+      sum = saturatingAdd(sum, c);
       positive = positive && c >= 1;
     }
     if (static_cast<int64_t>(s.expert_counts.size()) != s.expert_parallel || sum != moe.num_experts || !positive) {
