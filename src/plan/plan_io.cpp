@@ -18,6 +18,12 @@ struct BadField {
   std::string message;
 };
 
+// A value as an error message shows it: at most 64 characters.
+std::string shown(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 64 ? s.substr(0, 61) + "..." : s;
+}
+
 // Typed, range-checked access to one JSON object of a plan file. nlohmann's
 // own get<int>() casts floats and out-of-range integers silently (undefined
 // for 1e300), and `simulate` indexes vectors with these numbers.
@@ -53,19 +59,19 @@ class Fields {
     const json& v = at(key);
     const double x = v.is_number() ? v.get<double>() : std::nan("");
     if (!std::isfinite(x) || (non_negative && x < 0)) {
-      throw BadField{"field '" + name(key) + "' is " + v.dump() + ", expected a finite number" +
+      throw BadField{"field '" + name(key) + "' is " + shown(v) + ", expected a finite number" +
                      (non_negative ? " >= 0" : "")};
     }
     return x;
   }
   std::string string(const char* key) const {
     const json& v = at(key);
-    if (!v.is_string()) throw BadField{"field '" + name(key) + "' is " + v.dump() + ", expected a string"};
+    if (!v.is_string()) throw BadField{"field '" + name(key) + "' is " + shown(v) + ", expected a string"};
     return v.get<std::string>();
   }
   bool boolean(const char* key) const {
     const json& v = at(key);
-    if (!v.is_boolean()) throw BadField{"field '" + name(key) + "' is " + v.dump() + ", expected true or false"};
+    if (!v.is_boolean()) throw BadField{"field '" + name(key) + "' is " + shown(v) + ", expected true or false"};
     return v.get<bool>();
   }
   Fields object(const char* key) const { return Fields(at(key), name(key)); }
@@ -94,7 +100,7 @@ class Fields {
       x = static_cast<T>(i);
     }
     if (!ok) {
-      throw BadField{"field '" + path + "' is " + v.dump() + ", expected an integer in [" + std::to_string(lo) + ", " +
+      throw BadField{"field '" + path + "' is " + shown(v) + ", expected an integer in [" + std::to_string(lo) + ", " +
                      std::to_string(hi) + "]"};
     }
     return x;
