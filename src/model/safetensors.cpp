@@ -137,14 +137,20 @@ core::Result<SafetensorsFile> parseSafetensors(std::string_view bytes) {
     const json& off_j = v["data_offsets"];
     if (!shape_j.is_array()) return corrupt("entry '" + name + "': shape is not an array");
     std::vector<int64_t> shape;
-    uint64_t numel = 1;
+    // The product of the non-zero dimensions is bounded too: torch computes
+    // the element count of [0, 2^62, 2^62] as well, and a dimension past
+    // 2^63 would become a negative int64 size.
+    uint64_t nonzero = 1;
+    bool empty = false;
     for (const auto& d : shape_j) {
       if (!d.is_number_unsigned()) return corrupt("entry '" + name + "': shape holds a non-integer or negative value");
       uint64_t dim = d.get<uint64_t>();
-      if (dim != 0 && numel > (uint64_t{1} << 62) / dim) return corrupt("entry '" + name + "': shape overflows");
-      numel *= dim;
+      if (dim != 0 && nonzero > (uint64_t{1} << 62) / dim) return corrupt("entry '" + name + "': shape overflows");
+      if (dim == 0) empty = true;
+      else nonzero *= dim;
       shape.push_back(static_cast<int64_t>(dim));
     }
+    const uint64_t numel = empty ? 0 : nonzero;
     if (!off_j.is_array() || off_j.size() != 2 || !off_j[0].is_number_unsigned() || !off_j[1].is_number_unsigned()) {
       return corrupt("entry '" + name + "': data_offsets must be two non-negative integers");
     }
@@ -154,11 +160,18 @@ core::Result<SafetensorsFile> parseSafetensors(std::string_view bytes) {
                      "] outside the data region of " + std::to_string(data_size) + " bytes");
     }
     uint64_t elem = c10::elementSize(*dtype);
-    if (e - b != numel * elem) {
+    // Compared by division: numel * elem wrapped around for 2^62 F32
+    // elements (to 0, matching an empty range) and torch::empty then threw.
+    if ((e - b) % elem != 0 || (e - b) / elem != numel) {
       return corrupt("entry '" + name + "': " + std::to_string(e - b) + " bytes for shape of " +
                      std::to_string(numel) + " elements of " + std::to_string(elem) + " bytes");
     }
-    torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(*dtype));
+    torch::Tensor t;
+    try {
+      t = torch::empty(shape, torch::TensorOptions().dtype(*dtype));
+    } catch (const std::exception&) {  // c10::Error's text carries a backtrace: not for a one-line error
+      return corrupt("entry '" + name + "': torch cannot allocate a tensor of its shape");
+    }
     if (e > b) std::memcpy(t.data_ptr(), data + b, e - b);
     file.tensors.emplace_back(name, std::move(t));
     ranges.push_back({b, e, name});
