@@ -203,6 +203,15 @@ GroupPlan readGroup(const Fields& g, size_t links) {
   out.devices = g.integer<int64_t>("devices", 0);
   for (const Fields& s : g.items("stages")) out.stages.push_back(readStage(s, links));
   if (out.stages.empty()) throw BadField{"field '" + g.name("stages") + "' is empty; a group has at least one stage"};
+  // The interleaved order hands each device its micro-batches in rounds of
+  // one per stage (plan/schedule.h); a remainder made the simulator write
+  // past its per-device buffers. The planner never writes such a group.
+  const int64_t stages = static_cast<int64_t>(out.stages.size());
+  if (out.virtual_stages > 1 && out.micro_batches % stages != 0) {
+    throw BadField{"field '" + g.name("micro_batches") + "' is " + std::to_string(out.micro_batches) +
+                   ", expected a multiple of the group's " + std::to_string(stages) + " stages (" +
+                   std::to_string(out.virtual_stages) + " virtual stages per device)"};
+  }
   return out;
 }
 

@@ -4,7 +4,8 @@
 // tests/plan/fuzz_smoke_test.cpp.
 //
 // Invariants of an accepted plan: at least one group, every group with a
-// stage, at least one micro-batch and virtual stage; every link number
+// stage, at least one micro-batch and virtual stage, micro-batches a
+// multiple of the stages when interleaved; every link number
 // names one of Plan::links (the simulator indexes with them); writing it
 // back reads back to the same text; formatting and simulating it (when
 // small enough to be quick) neither crash nor throw.
@@ -24,6 +25,8 @@ inline int64_t checkAcceptedPlan(const plan::Plan& p) {
   int64_t ops = 0;
   for (const auto& g : p.groups) {
     if (g.stages.empty() || g.micro_batches < 1 || g.virtual_stages < 1) __builtin_trap();
+    // The interleaved schedule deals micro-batches in rounds of one per stage.
+    if (g.virtual_stages > 1 && g.micro_batches % static_cast<int64_t>(g.stages.size()) != 0) __builtin_trap();
     for (const auto& s : g.stages) {
       if (s.p2p_link < -1 || s.p2p_link >= links || s.dp_link < 0 || s.dp_link >= links) __builtin_trap();
     }

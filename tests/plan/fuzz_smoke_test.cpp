@@ -70,6 +70,17 @@ TEST(FuzzFinding, PlanRefusesIntegersThatDoNotFitTheirField) {
   EXPECT_NE(errorOf(j).find("field 'groups[0].zero' is 4294967297"), std::string::npos) << errorOf(j);
 }
 
+// Found by libFuzzer (fuzz_plan, AddressSanitizer): 3 stages of 3 virtual
+// stages each and 8 micro-batches. The interleaved order deals micro-batches
+// in rounds of one per stage, so the remainder indexed past the simulator's
+// per-device buffers (heap-buffer-overflow in simulateStep).
+TEST(FuzzFinding, PlanRefusesInterleavedMicroBatchesThatAreNotAMultipleOfTheStages) {
+  auto j = planSeed("finding_interleaved_remainder.json");
+  EXPECT_NE(errorOf(j).find("field 'groups[0].micro_batches' is 8, expected a multiple of the group's 3 stages"),
+            std::string::npos)
+      << errorOf(j);
+}
+
 // An unknown schedule or recompute name silently became 1f1b / none.
 TEST(FuzzFinding, PlanRefusesAnUnknownScheduleName) {
   auto j = planSeed("interleaved_fp8.json");
