@@ -164,32 +164,11 @@ bool isListKind(FieldKind k) {
   return k == FieldKind::kIntList || k == FieldKind::kDoubleList || k == FieldKind::kStringList;
 }
 
-// The shortest text that reads back to exactly `v`. The stream default (6
-// significant digits) turned beta2 = 0.9999999 into 1, so a resolved job
-// written to a run directory or a checkpoint did not load back as it was.
-std::string exactDouble(double v) {
-  char buf[64];
-  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
-  return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
-}
-
-// The readable forms ("1Gbit/s", "20ms") round to 4 digits; where that
-// would change the value, the exact number in the base unit is written.
-std::string exactBandwidth(double v) {
-  if (v == 0) return "0bit/s";
-  std::string s = formatBandwidth(v);
-  auto back = parseBandwidth(s);
-  return back.isOk() && *back == v ? s : exactDouble(v) + "B/s";
-}
-
-std::string exactDuration(double v) {
-  std::string s = formatDuration(v);
-  auto back = parseDuration(s);
-  return back.isOk() && *back == v ? s : exactDouble(v) + "s";
-}
-
+// Values are written as text that reads back to exactly the same value
+// (units.h *Exact): the stream default of 6 digits turned beta2 = 0.9999999
+// into 1, so a resolved job in a run directory or checkpoint did not load.
 std::string item(int64_t v) { return std::to_string(v); }
-std::string item(double v) { return exactDouble(v); }
+std::string item(double v) { return formatDoubleExact(v); }
 std::string item(const std::string& v) { return v; }
 
 template <typename T>
@@ -204,12 +183,12 @@ std::string formatValue(const FieldRef& f) {
     case FieldKind::kInt: return std::to_string(*static_cast<int64_t*>(f.ptr));
     case FieldKind::kUInt:
     case FieldKind::kBytes: return std::to_string(*static_cast<uint64_t*>(f.ptr));
-    case FieldKind::kDouble: return exactDouble(*static_cast<double*>(f.ptr));
+    case FieldKind::kDouble: return formatDoubleExact(*static_cast<double*>(f.ptr));
     case FieldKind::kBool: return *static_cast<bool*>(f.ptr) ? "true" : "false";
     case FieldKind::kString:
     case FieldKind::kChoice: return *static_cast<std::string*>(f.ptr);
-    case FieldKind::kBandwidth: return exactBandwidth(*static_cast<double*>(f.ptr));
-    case FieldKind::kDuration: return exactDuration(*static_cast<double*>(f.ptr));
+    case FieldKind::kBandwidth: return formatBandwidthExact(*static_cast<double*>(f.ptr));
+    case FieldKind::kDuration: return formatDurationExact(*static_cast<double*>(f.ptr));
     case FieldKind::kIntList: return bracketList(*static_cast<std::vector<int64_t>*>(f.ptr));
     case FieldKind::kDoubleList: return bracketList(*static_cast<std::vector<double>*>(f.ptr));
     case FieldKind::kStringList: return bracketList(*static_cast<std::vector<std::string>*>(f.ptr));

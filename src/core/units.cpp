@@ -122,4 +122,23 @@ std::string formatBytes(double b) {
   return buf;
 }
 
+std::string formatDoubleExact(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
+}
+
+std::string formatBandwidthExact(double v) {
+  if (v == 0) return "0bit/s";
+  std::string s = formatBandwidth(v);
+  auto back = parseBandwidth(s);
+  return back.isOk() && *back == v ? s : formatDoubleExact(v) + "B/s";
+}
+
+std::string formatDurationExact(double v) {
+  std::string s = formatDuration(v);
+  auto back = parseDuration(s);
+  return back.isOk() && *back == v ? s : formatDoubleExact(v) + "s";
+}
+
 }  // namespace archipelago::core

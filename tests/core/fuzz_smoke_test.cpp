@@ -19,7 +19,7 @@ namespace {
 TEST(FuzzSmoke, JobYamlTargetSurvivesMutationsOfItsCorpus) {
   const auto seeds = readCorpus(ARCHIPELAGO_FUZZ_CORPUS_DIR "/job_yaml");
   ASSERT_GE(seeds.size(), 5u);
-  const LoopResult r = runMutationLoop(seeds, fuzzJobYaml, {.seed = 31, .iterations = 12000, .random_inputs = 1000});
+  const LoopResult r = runMutationLoop(seeds, fuzzJobYaml, {.seed = 31, .iterations = 9000, .random_inputs = 1000});
   EXPECT_GE(r.runs, 1000u);
 }
 
