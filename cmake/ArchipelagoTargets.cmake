@@ -27,6 +27,20 @@ function(archipelago_layer name)
   target_link_libraries(archipelago_${name} PUBLIC ${L_DEPS} PRIVATE ${L_PRIVATE_DEPS})
   set_target_properties(archipelago_${name} PROPERTIES POSITION_INDEPENDENT_CODE ON)
   archipelago_warnings(archipelago_${name})
+  archipelago_fuzz_instrument(archipelago_${name})
+endfunction()
+
+# In a -DARCHIPELAGO_FUZZ=ON build (clang) the layers' own code carries
+# libFuzzer's coverage hooks and the sanitizers, not only the fuzz targets'
+# files: the parsers under test live in the layers. Undefined behaviour
+# aborts, so the fuzzer reports it as a crash. Whatever links a layer links
+# the sanitizer runtimes.
+function(archipelago_fuzz_instrument target)
+  if(ARCHIPELAGO_FUZZ AND CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    target_compile_options(${target} PRIVATE -fsanitize=fuzzer-no-link,address,undefined
+                                             -fno-sanitize-recover=undefined)
+    target_link_options(${target} INTERFACE -fsanitize=address,undefined)
+  endif()
 endfunction()
 
 # archipelago_test_suite(NAME SRC_DIR DEPS... [TIMEOUT s]): one GoogleTest
@@ -41,6 +55,15 @@ function(archipelago_test_suite name)
   if(NOT T_TIMEOUT)
     set(T_TIMEOUT 120)
   endif()
+  # Fuzz smoke tests (tests/fuzz/mutator.h) read the seed corpora from the
+  # source tree; only their own files get the definition, so adding one does
+  # not rebuild the rest of a suite.
+  foreach(src ${srcs})
+    if(src MATCHES "fuzz_smoke_test\\.cpp$")
+      set_property(SOURCE ${src} APPEND PROPERTY COMPILE_DEFINITIONS
+                   ARCHIPELAGO_FUZZ_CORPUS_DIR="${PROJECT_SOURCE_DIR}/tests/fuzz/corpus")
+    endif()
+  endforeach()
   add_executable(test_${name} ${srcs})
   target_link_libraries(test_${name} PRIVATE ${T_DEPS} GTest::gtest GTest::gtest_main GTest::gmock)
   target_include_directories(test_${name} PRIVATE ${PROJECT_SOURCE_DIR}/src ${CMAKE_CURRENT_SOURCE_DIR})

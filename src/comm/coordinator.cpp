@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "archipelago/core/log.h"
+#include "comm/coordinator_messages.h"
 #include "comm/endpoint.h"
 #include "comm/refusal_log.h"
 #include "comm/socket.h"
@@ -21,16 +22,6 @@ json toJson(const Membership& m) {
               {"alive", m.alive}, {"failed", m.failed}};
 }
 
-Membership fromJson(const json& j) {
-  Membership m;
-  m.epoch = j.value("epoch", 0u);
-  if (j.contains("addresses")) m.addresses = j["addresses"].get<std::vector<std::string>>();
-  if (j.contains("islands")) m.islands = j["islands"].get<std::vector<int>>();
-  if (j.contains("pids")) m.pids = j["pids"].get<std::vector<int64_t>>();
-  if (j.contains("alive")) m.alive = j["alive"].get<std::vector<int>>();
-  if (j.contains("failed")) m.failed = j["failed"].get<std::vector<int>>();
-  return m;
-}
 }  // namespace
 
 bool Membership::isAlive(int rank) const { return std::binary_search(alive.begin(), alive.end(), rank); }
@@ -277,6 +268,10 @@ std::string CoordinatorServer::handle(const std::string& text) {
   if (req.is_discarded() || !req.is_object() || !req.contains("op")) {
     return json{{"ok", false}, {"error", "malformed request"}}.dump();
   }
+  // Types and ranges of every field, before anything below reads one.
+  if (core::Status st = checkCoordinatorRequest(req); !st.isOk()) {
+    return json{{"ok", false}, {"error", "bad request: " + st.message()}}.dump();
+  }
   std::string op = req.value("op", "");
   auto deadlineOf = [&] { return core::Deadline::afterSeconds(std::min(req.value("timeout", 0.0), 3600.0)); };
   std::unique_lock<std::mutex> lock(mu_);
@@ -429,18 +424,12 @@ double CoordinatorClient::secondsSinceContact() const {
 namespace {
 core::Result<json> parseReply(const core::Result<std::string>& r, std::atomic<uint32_t>* latest = nullptr) {
   if (!r.isOk()) return r.status();
-  json j = json::parse(*r, nullptr, false);
-  if (j.is_discarded()) return core::dataLoss("coordinator sent a malformed reply");
-  if (latest && j.contains("epoch") && j["epoch"].is_number_unsigned()) {
+  ARCH_ASSIGN_OR_RETURN(json j, parseCoordinatorReply(*r));
+  if (latest && j.contains("epoch")) {
     const uint32_t e = j["epoch"].get<uint32_t>();
     uint32_t cur = latest->load();
     while (e > cur && !latest->compare_exchange_weak(cur, e)) {
     }
-  }
-  if (!j.value("ok", false)) {
-    std::string err = j.value("error", "unknown error");
-    if (j.value("code", "") == "deadline") return core::deadlineExceeded("coordinator: " + err);
-    return core::invalidArgument("coordinator: " + err);
   }
   return j;
 }
@@ -472,18 +461,18 @@ core::Result<CoordinatorClient::Joined> CoordinatorClient::join(int rank, int is
 core::Result<Membership> CoordinatorClient::enterEpoch(uint32_t epoch, const core::Deadline& deadline) {
   json req{{"op", "enter"}, {"rank", rank_.load()}, {"epoch", epoch}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
   ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return fromJson(j);
+  return membershipFromJson(j);
 }
 
 core::Result<Membership> CoordinatorClient::waitForMembers(int world, const core::Deadline& deadline) {
   json req{{"op", "members"}, {"world", world}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
   ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return fromJson(j);
+  return membershipFromJson(j);
 }
 
 core::Result<Membership> CoordinatorClient::membership(const core::Deadline& deadline) {
   ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "state"}}.dump(), deadline), &latest_epoch_));
-  return fromJson(j);
+  return membershipFromJson(j);
 }
 
 core::Result<uint32_t> CoordinatorClient::heartbeat(const core::Deadline& deadline) {
@@ -500,7 +489,7 @@ core::Result<Membership> CoordinatorClient::reportFailure(int failed, uint32_t e
                                                          const std::string& why) {
   json req{{"op", "report_failure"}, {"rank", rank_.load()}, {"failed", failed}, {"epoch", epoch}, {"why", why}};
   ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return fromJson(j);
+  return membershipFromJson(j);
 }
 
 core::Status CoordinatorClient::kvSet(const std::string& key, const std::string& value,

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -25,8 +26,12 @@ using detail::FieldRef;
 // ---- ClusterSpec helpers --------------------------------------------------------
 
 int64_t ClusterSpec::worldSize() const {
+  // Saturates: counts come from files, and a sum that wrapped around would
+  // pass for a small world in validation.
   int64_t n = 0;
-  for (const auto& i : islands) n += i.count;
+  for (const auto& i : islands) {
+    if (__builtin_add_overflow(n, i.count, &n)) return std::numeric_limits<int64_t>::max();
+  }
   return n;
 }
 
@@ -173,36 +178,36 @@ bool isListKind(FieldKind k) {
   return k == FieldKind::kIntList || k == FieldKind::kDoubleList || k == FieldKind::kStringList;
 }
 
+// Values are written as text that reads back to exactly the same value
+// (units.h *Exact): the stream default of 6 digits turned beta2 = 0.9999999
+// into 1, so a resolved job in a run directory or checkpoint did not load.
+std::string item(int64_t v) { return std::to_string(v); }
+std::string item(double v) { return formatDoubleExact(v); }
+std::string item(const std::string& v) { return v; }
+
 template <typename T>
 std::string bracketList(const std::vector<T>& v) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
-  o << "]";
-  return o.str();
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + item(v[i]);
+  return s + "]";
 }
 
 std::string formatValue(const FieldRef& f) {
-  std::ostringstream o;
   switch (f.kind) {
-    case FieldKind::kInt: o << *static_cast<int64_t*>(f.ptr); break;
-    case FieldKind::kUInt: o << *static_cast<uint64_t*>(f.ptr); break;
-    case FieldKind::kBytes: o << *static_cast<uint64_t*>(f.ptr); break;
-    case FieldKind::kDouble: o << *static_cast<double*>(f.ptr); break;
-    case FieldKind::kBool: o << (*static_cast<bool*>(f.ptr) ? "true" : "false"); break;
+    case FieldKind::kInt: return std::to_string(*static_cast<int64_t*>(f.ptr));
+    case FieldKind::kUInt:
+    case FieldKind::kBytes: return std::to_string(*static_cast<uint64_t*>(f.ptr));
+    case FieldKind::kDouble: return formatDoubleExact(*static_cast<double*>(f.ptr));
+    case FieldKind::kBool: return *static_cast<bool*>(f.ptr) ? "true" : "false";
     case FieldKind::kString:
-    case FieldKind::kChoice: o << *static_cast<std::string*>(f.ptr); break;
-    case FieldKind::kBandwidth: {
-      double v = *static_cast<double*>(f.ptr);
-      o << (v == 0 ? std::string("0bit/s") : formatBandwidth(v));
-      break;
-    }
-    case FieldKind::kDuration: o << formatDuration(*static_cast<double*>(f.ptr)); break;
-    case FieldKind::kIntList: o << bracketList(*static_cast<std::vector<int64_t>*>(f.ptr)); break;
-    case FieldKind::kDoubleList: o << bracketList(*static_cast<std::vector<double>*>(f.ptr)); break;
-    case FieldKind::kStringList: o << bracketList(*static_cast<std::vector<std::string>*>(f.ptr)); break;
+    case FieldKind::kChoice: return *static_cast<std::string*>(f.ptr);
+    case FieldKind::kBandwidth: return formatBandwidthExact(*static_cast<double*>(f.ptr));
+    case FieldKind::kDuration: return formatDurationExact(*static_cast<double*>(f.ptr));
+    case FieldKind::kIntList: return bracketList(*static_cast<std::vector<int64_t>*>(f.ptr));
+    case FieldKind::kDoubleList: return bracketList(*static_cast<std::vector<double>*>(f.ptr));
+    case FieldKind::kStringList: return bracketList(*static_cast<std::vector<std::string>*>(f.ptr));
   }
-  return o.str();
+  return "";
 }
 
 std::string joinPath(const std::string& prefix, const std::string& name) {
@@ -313,7 +318,14 @@ class YamlLoader {
 
   void checkUnknown() {
     for (auto it = node_.begin(); it != node_.end(); ++it) {
-      std::string key = it->first.as<std::string>();
+      // YAML allows a list or a mapping as a key (`? [a, b]: 1`), where
+      // as<std::string>() throws; no field is named like that.
+      if (!it->first.IsScalar()) {
+        st_->errors.push_back(joinPath(path_, "?") + ": a key that is " + describeNode(it->first) + " (" +
+                              where(file_, it->first) + "); keys are field names");
+        continue;
+      }
+      std::string key = it->first.Scalar();
       if (used_.count(key)) continue;
       std::string expected;
       for (const auto& u : used_) expected += (expected.empty() ? "" : ", ") + u;
@@ -550,6 +562,14 @@ std::string dumpJobYaml(const JobConfig& job) {
 
 namespace {
 
+// Sums of counts read from a file saturate instead of wrapping around (a
+// wrapped sum could match the expected total).
+int64_t saturatingAdd(int64_t a, int64_t b) {
+  int64_t r = 0;
+  if (!__builtin_add_overflow(a, b, &r)) return r;
+  return b > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+}
+
 struct Problems {
   std::vector<std::string> list;
   template <typename T>
@@ -704,7 +724,7 @@ Status validateJob(const JobConfig& j) {
     int64_t sum = 0;
     bool positive = true;
     for (auto l : s.stage_layers) {
-      sum += l;
+      sum = saturatingAdd(sum, l);
       positive = positive && l >= 1;
     }
     if (static_cast<int64_t>(s.stage_layers.size()) != s.pipeline_stages || sum != m.n_layers || !positive) {
@@ -728,7 +748,10 @@ Status validateJob(const JobConfig& j) {
       p.add("strategy.expert_parallel", s.expert_parallel,
             "at most model.moe.num_experts (" + std::to_string(moe.num_experts) + "): every member holds >= 1 expert");
     }
-    if (world > 0 && s.pipeline_stages >= 1 && world % (s.expert_parallel * s.pipeline_stages) != 0) {
+    // Overflow-checked: 2^32 x 2^32 wrapped to 0 and the modulo raised SIGFPE.
+    int64_t members = 0;
+    const bool too_many = __builtin_mul_overflow(s.expert_parallel, s.pipeline_stages, &members);
+    if (world > 0 && s.pipeline_stages >= 1 && (too_many || world % members != 0)) {
       p.add("strategy.expert_parallel", s.expert_parallel,
             s.pipeline_stages > 1 ? "a divisor of the number of pipelines (workers / strategy.pipeline_stages = " +
                                         std::to_string(world / s.pipeline_stages) + ")"
@@ -739,7 +762,7 @@ Status validateJob(const JobConfig& j) {
     int64_t sum = 0;
     bool positive = true;
     for (auto c : s.expert_counts) {
-      sum += c;
+      sum = saturatingAdd(sum, c);
       positive = positive && c >= 1;
     }
     if (static_cast<int64_t>(s.expert_counts.size()) != s.expert_parallel || sum != moe.num_experts || !positive) {

@@ -42,7 +42,14 @@ Result<double> lookupUnit(std::string_view text, const std::vector<std::pair<con
                           std::string_view what, std::string_view examples) {
   ARCH_ASSIGN_OR_RETURN(auto parts, splitNumber(text, what));
   for (const auto& [name, factor] : units) {
-    if (parts.second == name) return parts.first * static_cast<double>(factor);
+    if (parts.second != name) continue;
+    // 1e308Gbit/s overflows to infinity, which no later check expects and
+    // which prints as text that does not parse back.
+    const double v = parts.first * static_cast<double>(factor);
+    if (!std::isfinite(v)) {
+      return invalidArgument("'" + std::string(text) + "' is too large; expected a finite " + std::string(what));
+    }
+    return v;
   }
   return invalidArgument("'" + std::string(text) + "' has " +
                          (parts.second.empty() ? std::string("no unit") : "unknown unit '" + parts.second + "'") +
@@ -74,6 +81,12 @@ Result<uint64_t> parseByteSize(std::string_view text) {
       {"TiB", 1099511627776.0}};
   ARCH_ASSIGN_OR_RETURN(double v, lookupUnit(text, kUnits, "size", "'4KiB', '64MB' or '1GiB'"));
   if (v < 0) return invalidArgument("'" + std::string(text) + "' is negative; expected a size >= 0");
+  // llround of 2^63 or more is unspecified (x86 gives INT64_MIN, i.e. a
+  // silent 8 EiB); sizes stay below 2^63 so they also print as an integer
+  // that reads back.
+  if (!(v < 9223372036854775808.0)) {
+    return invalidArgument("'" + std::string(text) + "' is too large; expected a size below 8EiB (2^63 bytes)");
+  }
   return static_cast<uint64_t>(std::llround(v));
 }
 
@@ -107,6 +120,25 @@ std::string formatBytes(double b) {
   }
   std::snprintf(buf, sizeof buf, u == 0 ? "%.0f%s" : "%.1f%s", b, units[u]);
   return buf;
+}
+
+std::string formatDoubleExact(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
+}
+
+std::string formatBandwidthExact(double v) {
+  if (v == 0) return "0bit/s";
+  std::string s = formatBandwidth(v);
+  auto back = parseBandwidth(s);
+  return back.isOk() && *back == v ? s : formatDoubleExact(v) + "B/s";
+}
+
+std::string formatDurationExact(double v) {
+  std::string s = formatDuration(v);
+  auto back = parseDuration(s);
+  return back.isOk() && *back == v ? s : formatDoubleExact(v) + "s";
 }
 
 }  // namespace archipelago::core

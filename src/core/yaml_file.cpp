@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <map>
+#include <set>
 
 namespace archipelago::core {
 
@@ -11,12 +12,18 @@ namespace {
 // first, so a second `train:` section or a repeated `steps:` would be
 // silently ignored. Every mapping is walked and a repeat is an error
 // naming both lines.
-void findDuplicateKeys(const YAML::Node& n, const std::string& path, std::vector<std::string>& errors) {
+//
+// An alias makes one node reachable many times (`&a [*a]` even reaches
+// itself; nine lines of `&b [*a, *a, ...]` reach it 10^9 times), so a
+// mapping or list is walked once, known by the position where it starts.
+void findDuplicateKeys(const YAML::Node& n, const std::string& path, std::vector<std::string>& errors,
+                       std::set<int>& walked) {
+  if (!n.IsSequence() && !n.IsMap()) return;
+  if (!walked.insert(n.Mark().pos).second) return;
   if (n.IsSequence()) {
-    for (const auto& item : n) findDuplicateKeys(item, path, errors);
+    for (const auto& item : n) findDuplicateKeys(item, path, errors, walked);
     return;
   }
-  if (!n.IsMap()) return;
   std::map<std::string, int> first_line;
   for (const auto& kv : n) {
     if (kv.first.IsScalar()) {
@@ -27,7 +34,7 @@ void findDuplicateKeys(const YAML::Node& n, const std::string& path, std::vector
                          std::to_string(it->second) + "; keep one of them");
       }
     }
-    findDuplicateKeys(kv.second, path, errors);
+    findDuplicateKeys(kv.second, path, errors, walked);
   }
 }
 
@@ -49,7 +56,8 @@ Result<YAML::Node> loadYamlFile(const std::string& path) {
                            ": " + e.msg);
   }
   std::vector<std::string> dups;
-  findDuplicateKeys(root, path, dups);
+  std::set<int> walked;
+  findDuplicateKeys(root, path, dups, walked);
   ARCH_RETURN_IF_ERROR(errorsToStatus(dups, path));
   return root;
 }

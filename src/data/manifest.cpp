@@ -1,5 +1,7 @@
 #include "archipelago/data/manifest.h"
 
+#include <limits>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -19,6 +21,19 @@ json splitToJson(const SplitInfo& s) {
   return {{"tokens", s.tokens}, {"documents", s.documents}, {"shards", shards}};
 }
 
+template <typename T>
+bool fitsInteger(const json& v) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+  if (!v.is_number_integer()) return false;
+  const int64_t x = v.get<int64_t>();
+  if constexpr (std::is_unsigned_v<T>) {
+    return x >= 0;
+  } else {
+    return x >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+           x <= static_cast<int64_t>(std::numeric_limits<T>::max());
+  }
+}
+
 // Field access that reports "<origin>: field '<path>' ..." instead of throwing.
 class Reader {
  public:
@@ -32,6 +47,17 @@ class Reader {
     if (it == j.end()) {
       err_ = core::dataLoss(origin_ + ": missing field '" + path + key + "'; re-run `archipelago data prepare`");
       return fallback;
+    }
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+      // nlohmann converts a float or an out-of-range integer with a plain
+      // cast (undefined for 1e300, a silent wrap for 2^32 + 2 as an int):
+      // only an integer that fits is taken.
+      if (!fitsInteger<T>(*it)) {
+        err_ = core::dataLoss(origin_ + ": field '" + path + key + "' is " + it->dump() + ", expected an integer in [" +
+                              std::to_string(std::numeric_limits<T>::min()) + ", " +
+                              std::to_string(std::numeric_limits<T>::max()) + "]");
+        return fallback;
+      }
     }
     try {
       return it->template get<T>();
@@ -73,6 +99,39 @@ SplitInfo splitFromJson(Reader& r, const json& j, const std::string& path) {
     s.shards.push_back(std::move(sh));
   }
   return s;
+}
+
+// Internal consistency of one split, so later code can trust the numbers:
+// every count is >= 0 and the sums cannot overflow (a shard of 2^62 tokens
+// once made 64 + tokens * width wrap around to a plausible byte count).
+core::Status checkSplit(const SplitInfo& s, int token_bytes, const std::string& origin, const std::string& name) {
+  constexpr int64_t kMaxTokens = (std::numeric_limits<int64_t>::max() - 64) / 4;
+  int64_t tokens = 0, docs = 0;
+  for (size_t i = 0; i < s.shards.size(); ++i) {
+    const ShardInfo& sh = s.shards[i];
+    const std::string field = name + ".shards[" + std::to_string(i) + "]";
+    if (sh.tokens < 0 || sh.tokens > kMaxTokens) {
+      return core::dataLoss(origin + ": field '" + field + ".tokens' is " + std::to_string(sh.tokens) +
+                            ", expected a count in [0, " + std::to_string(kMaxTokens) + "]");
+    }
+    if (sh.documents < 0) {
+      return core::dataLoss(origin + ": field '" + field + ".documents' is " + std::to_string(sh.documents) +
+                            ", expected a count >= 0");
+    }
+    if (sh.bytes != 64 + sh.tokens * token_bytes) {
+      return core::dataLoss(origin + ": shard '" + sh.file + "' has inconsistent bytes/tokens");
+    }
+    if (sh.file.empty() || sh.file.find('/') != std::string::npos || sh.file.find("..") != std::string::npos) {
+      return core::dataLoss(origin + ": shard file name '" + sh.file + "' is not a plain file name");
+    }
+    if (__builtin_add_overflow(tokens, sh.tokens, &tokens) || __builtin_add_overflow(docs, sh.documents, &docs)) {
+      return core::dataLoss(origin + ": field '" + name + ".shards' sums to more tokens or documents than fit in 64 bits");
+    }
+  }
+  if (tokens != s.tokens || docs != s.documents) {
+    return core::dataLoss(origin + ": split totals do not match the sum of its shards");
+  }
+  return core::okStatus();
 }
 
 }  // namespace
@@ -186,22 +245,8 @@ core::Result<Manifest> manifestFromJson(const std::string& text, const std::stri
   if (m.dtype != (m.token_bytes == 2 ? "uint16" : "uint32")) {
     return core::dataLoss(origin + ": field 'dtype' '" + m.dtype + "' does not match token_bytes");
   }
-  for (const SplitInfo* s : {&m.train, &m.val}) {
-    int64_t tokens = 0, docs = 0;
-    for (const auto& sh : s->shards) {
-      if (sh.tokens < 0 || sh.bytes != static_cast<int64_t>(64 + sh.tokens * m.token_bytes)) {
-        return core::dataLoss(origin + ": shard '" + sh.file + "' has inconsistent bytes/tokens");
-      }
-      if (sh.file.empty() || sh.file.find('/') != std::string::npos || sh.file.find("..") != std::string::npos) {
-        return core::dataLoss(origin + ": shard file name '" + sh.file + "' is not a plain file name");
-      }
-      tokens += sh.tokens;
-      docs += sh.documents;
-    }
-    if (tokens != s->tokens || docs != s->documents) {
-      return core::dataLoss(origin + ": split totals do not match the sum of its shards");
-    }
-  }
+  ARCH_RETURN_IF_ERROR(checkSplit(m.train, m.token_bytes, origin, "train"));
+  ARCH_RETURN_IF_ERROR(checkSplit(m.val, m.token_bytes, origin, "val"));
   return m;
 }
 

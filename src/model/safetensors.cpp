@@ -91,6 +91,93 @@ core::Result<std::string> serializeSafetensors(const NamedTensors& tensors,
   return out;
 }
 
+namespace {
+
+// One tensor's byte range in the data section.
+struct DataRange {
+  uint64_t begin, end;
+  std::string name;
+};
+
+// The element count of a header's shape. The product of the non-zero
+// dimensions is bounded too: torch computes the element count of
+// [0, 2^62, 2^62] as well, and a dimension past 2^63 would become a
+// negative int64 size.
+core::Result<uint64_t> shapeOf(const json& shape_j, const std::string& name, std::vector<int64_t>& shape) {
+  if (!shape_j.is_array()) return corrupt("entry '" + name + "': shape is not an array");
+  uint64_t nonzero = 1;
+  bool empty = false;
+  for (const auto& d : shape_j) {
+    if (!d.is_number_unsigned()) return corrupt("entry '" + name + "': shape holds a non-integer or negative value");
+    uint64_t dim = d.get<uint64_t>();
+    if (dim != 0 && nonzero > (uint64_t{1} << 62) / dim) return corrupt("entry '" + name + "': shape overflows");
+    if (dim == 0) empty = true;
+    else nonzero *= dim;
+    shape.push_back(static_cast<int64_t>(dim));
+  }
+  return empty ? 0 : nonzero;
+}
+
+// One header entry: checks dtype, shape and offsets against the data
+// section, copies the bytes into a new tensor, returns its range.
+core::Result<DataRange> parseEntry(const std::string& name, const json& v, std::string_view data,
+                                   SafetensorsFile& file) {
+  if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets")) {
+    return corrupt("entry '" + name + "' needs dtype, shape and data_offsets");
+  }
+  if (!v["dtype"].is_string()) return corrupt("entry '" + name + "': dtype is not a string");
+  auto dtype = safetensorsDtype(v["dtype"].get<std::string>());
+  if (!dtype.isOk()) return dtype.status().withContext(name);
+  std::vector<int64_t> shape;
+  ARCH_ASSIGN_OR_RETURN(const uint64_t numel, shapeOf(v["shape"], name, shape));
+  const json& off_j = v["data_offsets"];
+  if (!off_j.is_array() || off_j.size() != 2 || !off_j[0].is_number_unsigned() || !off_j[1].is_number_unsigned()) {
+    return corrupt("entry '" + name + "': data_offsets must be two non-negative integers");
+  }
+  uint64_t b = off_j[0].get<uint64_t>(), e = off_j[1].get<uint64_t>();
+  if (b > e || e > data.size()) {
+    return corrupt("entry '" + name + "': data_offsets [" + std::to_string(b) + ", " + std::to_string(e) +
+                   "] outside the data region of " + std::to_string(data.size()) + " bytes");
+  }
+  uint64_t elem = c10::elementSize(*dtype);
+  // Compared by division: numel * elem wrapped around for 2^62 F32
+  // elements (to 0, matching an empty range) and torch::empty then threw.
+  if ((e - b) % elem != 0 || (e - b) / elem != numel) {
+    return corrupt("entry '" + name + "': " + std::to_string(e - b) + " bytes for shape of " +
+                   std::to_string(numel) + " elements of " + std::to_string(elem) + " bytes");
+  }
+  torch::Tensor t;
+  try {
+    t = torch::empty(shape, torch::TensorOptions().dtype(*dtype));
+  } catch (const std::exception&) {  // c10::Error's text carries a backtrace: not for a one-line error
+    return corrupt("entry '" + name + "': torch cannot allocate a tensor of its shape");
+  }
+  if (e > b) std::memcpy(t.data_ptr(), data.data() + b, e - b);
+  file.tensors.emplace_back(name, std::move(t));
+  return DataRange{b, e, name};
+}
+
+// The data region must be covered exactly: no gaps, no overlaps.
+core::Status checkCoverage(std::vector<DataRange> ranges, uint64_t data_size) {
+  std::sort(ranges.begin(), ranges.end(), [](const DataRange& a, const DataRange& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  uint64_t pos = 0;
+  for (const auto& r : ranges) {
+    if (r.begin != pos) {
+      return corrupt("entry '" + r.name + "' starts at byte " + std::to_string(r.begin) + " but the previous data ends at " +
+                     std::to_string(pos) + " (gap or overlap)");
+    }
+    pos = r.end;
+  }
+  if (pos != data_size) {
+    return corrupt("tensors cover " + std::to_string(pos) + " of " + std::to_string(data_size) + " data bytes");
+  }
+  return core::okStatus();
+}
+
+}  // namespace
+
 core::Result<SafetensorsFile> parseSafetensors(std::string_view bytes) {
   if (bytes.size() < 8) return corrupt("file of " + std::to_string(bytes.size()) + " bytes is shorter than the 8-byte header length");
   uint64_t n = 0;
@@ -107,15 +194,10 @@ core::Result<SafetensorsFile> parseSafetensors(std::string_view bytes) {
     return corrupt(std::string("header is not valid JSON: ") + e.what());
   }
   if (!header.is_object()) return corrupt("header is not a JSON object");
-  const uint64_t data_size = bytes.size() - 8 - n;
-  const char* data = bytes.data() + 8 + n;
+  const std::string_view data = bytes.substr(8 + n);
 
   SafetensorsFile file;
-  struct Range {
-    uint64_t begin, end;
-    std::string name;
-  };
-  std::vector<Range> ranges;
+  std::vector<DataRange> ranges;
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
     const json& v = it.value();
@@ -127,57 +209,10 @@ core::Result<SafetensorsFile> parseSafetensors(std::string_view bytes) {
       }
       continue;
     }
-    if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets")) {
-      return corrupt("entry '" + name + "' needs dtype, shape and data_offsets");
-    }
-    if (!v["dtype"].is_string()) return corrupt("entry '" + name + "': dtype is not a string");
-    auto dtype = safetensorsDtype(v["dtype"].get<std::string>());
-    if (!dtype.isOk()) return dtype.status().withContext(name);
-    const json& shape_j = v["shape"];
-    const json& off_j = v["data_offsets"];
-    if (!shape_j.is_array()) return corrupt("entry '" + name + "': shape is not an array");
-    std::vector<int64_t> shape;
-    uint64_t numel = 1;
-    for (const auto& d : shape_j) {
-      if (!d.is_number_unsigned()) return corrupt("entry '" + name + "': shape holds a non-integer or negative value");
-      uint64_t dim = d.get<uint64_t>();
-      if (dim != 0 && numel > (uint64_t{1} << 62) / dim) return corrupt("entry '" + name + "': shape overflows");
-      numel *= dim;
-      shape.push_back(static_cast<int64_t>(dim));
-    }
-    if (!off_j.is_array() || off_j.size() != 2 || !off_j[0].is_number_unsigned() || !off_j[1].is_number_unsigned()) {
-      return corrupt("entry '" + name + "': data_offsets must be two non-negative integers");
-    }
-    uint64_t b = off_j[0].get<uint64_t>(), e = off_j[1].get<uint64_t>();
-    if (b > e || e > data_size) {
-      return corrupt("entry '" + name + "': data_offsets [" + std::to_string(b) + ", " + std::to_string(e) +
-                     "] outside the data region of " + std::to_string(data_size) + " bytes");
-    }
-    uint64_t elem = c10::elementSize(*dtype);
-    if (e - b != numel * elem) {
-      return corrupt("entry '" + name + "': " + std::to_string(e - b) + " bytes for shape of " +
-                     std::to_string(numel) + " elements of " + std::to_string(elem) + " bytes");
-    }
-    torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(*dtype));
-    if (e > b) std::memcpy(t.data_ptr(), data + b, e - b);
-    file.tensors.emplace_back(name, std::move(t));
-    ranges.push_back({b, e, name});
+    ARCH_ASSIGN_OR_RETURN(DataRange r, parseEntry(name, v, data, file));
+    ranges.push_back(std::move(r));
   }
-  // The data region must be covered exactly: no gaps, no overlaps.
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-  });
-  uint64_t pos = 0;
-  for (const auto& r : ranges) {
-    if (r.begin != pos) {
-      return corrupt("entry '" + r.name + "' starts at byte " + std::to_string(r.begin) + " but the previous data ends at " +
-                     std::to_string(pos) + " (gap or overlap)");
-    }
-    pos = r.end;
-  }
-  if (pos != data_size) {
-    return corrupt("tensors cover " + std::to_string(pos) + " of " + std::to_string(data_size) + " data bytes");
-  }
+  ARCH_RETURN_IF_ERROR(checkCoverage(std::move(ranges), data.size()));
   std::sort(file.tensors.begin(), file.tensors.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
   return file;

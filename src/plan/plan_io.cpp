@@ -2,22 +2,237 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+#include <limits>
+#include <vector>
+
 #include "archipelago/plan/planner.h"
 
 namespace archipelago::plan {
 namespace {
 using nlohmann::json;
 
-Schedule scheduleFrom(const std::string& s) {
-  if (s == "interleaved") return Schedule::kInterleaved;
-  if (s == "dualpipe") return Schedule::kDualPipe;
-  return Schedule::k1F1B;
+// A field of a plan file that is missing, of the wrong type or out of
+// range; the message names it by its path ("groups[0].stages[2].p2p_link").
+struct BadField {
+  std::string message;
+};
+
+// A value as an error message shows it: at most 64 characters.
+std::string shown(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 64 ? s.substr(0, 61) + "..." : s;
 }
-Recompute recomputeFrom(const std::string& s) {
-  if (s == "full") return Recompute::kFull;
-  if (s == "selective") return Recompute::kSelective;
-  return Recompute::kNone;
+
+// Typed, range-checked access to one JSON object of a plan file. nlohmann's
+// own get<int>() casts floats and out-of-range integers silently (undefined
+// for 1e300), and `simulate` indexes vectors with these numbers.
+class Fields {
+ public:
+  Fields(const json& j, std::string path) : j_(j), path_(std::move(path)) {
+    if (!j_.is_object()) throw BadField{(path_.empty() ? "the file" : "field '" + path_ + "'") + " is not an object"};
+  }
+  std::string name(const char* key) const { return path_.empty() ? std::string(key) : path_ + "." + key; }
+  bool has(const char* key) const { return j_.contains(key); }
+  const json& at(const char* key) const {
+    auto it = j_.find(key);
+    if (it == j_.end()) throw BadField{"missing field '" + name(key) + "'"};
+    return *it;
+  }
+  template <typename T>
+  T integer(const char* key, T lo = std::numeric_limits<T>::min(), T hi = std::numeric_limits<T>::max()) const {
+    return checkedInteger<T>(at(key), name(key), lo, hi);
+  }
+  template <typename T>
+  std::vector<T> integers(const char* key, T lo, T hi) const {
+    const json& a = at(key);
+    if (!a.is_array()) throw BadField{"field '" + name(key) + "' is not a list"};
+    std::vector<T> out;
+    for (size_t i = 0; i < a.size(); ++i) {
+      out.push_back(checkedInteger<T>(a[i], name(key) + "[" + std::to_string(i) + "]", lo, hi));
+    }
+    return out;
+  }
+  // A number; non_negative for times, sizes and bandwidths, which the
+  // simulator divides by and adds up.
+  double number(const char* key, bool non_negative = false) const {
+    const json& v = at(key);
+    const double x = v.is_number() ? v.get<double>() : std::nan("");
+    if (!std::isfinite(x) || (non_negative && x < 0)) {
+      throw BadField{"field '" + name(key) + "' is " + shown(v) + ", expected a finite number" +
+                     (non_negative ? " >= 0" : "")};
+    }
+    return x;
+  }
+  std::string string(const char* key) const {
+    const json& v = at(key);
+    if (!v.is_string()) throw BadField{"field '" + name(key) + "' is " + shown(v) + ", expected a string"};
+    return v.get<std::string>();
+  }
+  bool boolean(const char* key) const {
+    const json& v = at(key);
+    if (!v.is_boolean()) throw BadField{"field '" + name(key) + "' is " + shown(v) + ", expected true or false"};
+    return v.get<bool>();
+  }
+  Fields object(const char* key) const { return Fields(at(key), name(key)); }
+  // The objects of a list field.
+  std::vector<Fields> items(const char* key) const {
+    const json& a = at(key);
+    if (!a.is_array()) throw BadField{"field '" + name(key) + "' is not a list"};
+    std::vector<Fields> out;
+    for (size_t i = 0; i < a.size(); ++i) out.emplace_back(a[i], name(key) + "[" + std::to_string(i) + "]");
+    return out;
+  }
+
+ private:
+  template <typename T>
+  static T checkedInteger(const json& v, const std::string& path, T lo, T hi) {
+    bool ok = false;
+    T x{};
+    if (v.is_number_unsigned()) {
+      const uint64_t u = v.get<uint64_t>();
+      ok = u <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) && static_cast<int64_t>(u) >= lo &&
+           static_cast<int64_t>(u) <= hi;
+      x = static_cast<T>(u);
+    } else if (v.is_number_integer()) {
+      const int64_t i = v.get<int64_t>();
+      ok = i >= lo && i <= hi;
+      x = static_cast<T>(i);
+    }
+    if (!ok) {
+      throw BadField{"field '" + path + "' is " + shown(v) + ", expected an integer in [" + std::to_string(lo) + ", " +
+                     std::to_string(hi) + "]"};
+    }
+    return x;
+  }
+
+  const json& j_;
+  std::string path_;
+};
+
+constexpr bool kNonNegative = true;
+
+template <typename E, size_t N>
+E named(const Fields& f, const char* key, const std::pair<const char*, E> (&names)[N]) {
+  const std::string s = f.string(key);
+  std::string known;
+  for (const auto& [n, e] : names) {
+    if (s == n) return e;
+    known += std::string(known.empty() ? "" : "|") + n;
+  }
+  throw BadField{"field '" + f.name(key) + "' is '" + s + "', expected one of " + known};
 }
+
+void readHeader(const Fields& f, Plan& p) {
+  p.model = f.string("model");
+  p.cluster = f.string("cluster");
+  p.strategy = f.string("strategy");
+  p.diloco_h = f.integer<int64_t>("diloco_h");
+  p.codec = f.string("codec");
+  const Fields setup = f.object("setup");
+  p.setup.global_batch_tokens = setup.integer<int64_t>("global_batch_tokens");
+  p.setup.seq_len = setup.integer<int64_t>("seq_len");
+  if (setup.has("compute_dtype")) {
+    auto d = parseDtype(setup.string("compute_dtype"));
+    if (!d.isOk()) throw BadField{"field 'setup.compute_dtype': " + d.status().message()};
+    p.setup.compute_dtype = *d;
+  }
+  p.sync_s = f.number("sync_s");
+}
+
+// The links and the cross-group flows on them: `simulate` indexes
+// Plan::links with every link number, so each must name one.
+void readLinks(const Fields& f, Plan& p) {
+  for (const Fields& l : f.items("links")) {
+    p.links.push_back({l.string("name"), l.number("bandwidth", kNonNegative), l.number("latency", kNonNegative),
+                       l.boolean("strait")});
+  }
+  const int last = static_cast<int>(p.links.size()) - 1;
+  for (const Fields& fl : f.items("sync_flows")) {
+    p.sync_flows.push_back({fl.integer<int>("link", 0, last), fl.number("bytes", kNonNegative)});
+  }
+}
+
+StagePlan readStage(const Fields& s, size_t links) {
+  const int last = static_cast<int>(links) - 1;
+  StagePlan sp;
+  sp.island = s.integer<int>("island", 0);
+  sp.device = s.string("device");
+  sp.tp = s.integer<int64_t>("tp", 1);
+  sp.first_item = s.integer<int64_t>("first_item", 0);
+  sp.num_items = s.integer<int64_t>("num_items", 0);
+  sp.fwd_s = s.number("fwd_s", kNonNegative);
+  sp.bwd_s = s.number("bwd_s", kNonNegative);
+  sp.memory_bytes = s.number("memory_bytes");
+  sp.memory_capacity = s.number("memory_capacity");
+  sp.act_bytes_per_mb = s.number("act_bytes_per_mb");
+  sp.p2p_bytes = s.number("p2p_bytes", kNonNegative);
+  sp.p2p_link = s.integer<int>("p2p_link", -1, last);  // -1: the last stage sends nothing
+  sp.p2p_weight = s.number("p2p_weight", kNonNegative);
+  sp.dp_bytes = s.number("dp_bytes", kNonNegative);
+  sp.dp_group = s.integer<int64_t>("dp_group", 1);
+  sp.dp_link = s.integer<int>("dp_link", 0, last);  // every stage reduces its gradients on one
+  sp.dp_s = s.number("dp_s", kNonNegative);
+  sp.optimizer_s = s.number("optimizer_s", kNonNegative);
+  sp.model_flops_per_mb = s.number("model_flops_per_mb");
+  return sp;
+}
+
+GroupPlan readGroup(const Fields& g, size_t links) {
+  static constexpr std::pair<const char*, Schedule> kSchedules[] = {
+      {"1f1b", Schedule::k1F1B}, {"interleaved", Schedule::kInterleaved}, {"dualpipe", Schedule::kDualPipe}};
+  static constexpr std::pair<const char*, Recompute> kRecompute[] = {
+      {"none", Recompute::kNone}, {"selective", Recompute::kSelective}, {"full", Recompute::kFull}};
+  GroupPlan out;
+  out.islands = g.integers<int>("islands", 0, std::numeric_limits<int>::max());
+  out.tp = g.integers<int64_t>("tp", 1, std::numeric_limits<int64_t>::max());
+  out.pp = g.integers<int64_t>("pp", 1, std::numeric_limits<int64_t>::max());
+  out.dp = g.integer<int64_t>("dp", 1);
+  out.ep = g.integer<int64_t>("ep", 1);
+  out.micro_batch = g.integer<int64_t>("micro_batch", 1);
+  out.micro_batches = g.integer<int64_t>("micro_batches", 1);
+  out.virtual_stages = g.integer<int64_t>("virtual_stages", 1);
+  out.schedule = named(g, "schedule", kSchedules);
+  out.recompute = named(g, "recompute", kRecompute);
+  out.zero = g.integer<int>("zero", 0);
+  out.batch_sequences = g.number("batch_sequences", kNonNegative);
+  out.step_s = g.number("step_s");
+  out.pipeline_s = g.number("pipeline_s");
+  out.bubble_fraction = g.number("bubble_fraction");
+  out.dp_exposed_s = g.number("dp_exposed_s");
+  out.devices = g.integer<int64_t>("devices", 0);
+  for (const Fields& s : g.items("stages")) out.stages.push_back(readStage(s, links));
+  if (out.stages.empty()) throw BadField{"field '" + g.name("stages") + "' is empty; a group has at least one stage"};
+  // The interleaved order hands each device its micro-batches in rounds of
+  // one per stage (plan/schedule.h); a remainder made the simulator write
+  // past its per-device buffers. The planner never writes such a group.
+  const int64_t stages = static_cast<int64_t>(out.stages.size());
+  if (out.virtual_stages > 1 && out.micro_batches % stages != 0) {
+    throw BadField{"field '" + g.name("micro_batches") + "' is " + std::to_string(out.micro_batches) +
+                   ", expected a multiple of the group's " + std::to_string(stages) + " stages (" +
+                   std::to_string(out.virtual_stages) + " virtual stages per device)"};
+  }
+  return out;
+}
+
+void readPrediction(const Fields& pred, Plan& p) {
+  p.step_s = pred.number("step_s");
+  p.tokens_per_s = pred.number("tokens_per_s");
+  p.mfu = pred.number("mfu");
+  p.bubble_fraction = pred.number("bubble_fraction");
+  p.total_params = pred.number("total_params");
+  p.active_params = pred.number("active_params");
+  p.devices = pred.integer<int64_t>("devices", 0);
+  p.summary = pred.string("summary");
+  for (const Fields& k : pred.items("kinds")) {
+    p.kinds.push_back({k.string("kind"), k.integer<int64_t>("devices", 0), k.number("mfu"),
+                       k.number("tflops_per_device"), k.number("max_memory_bytes"), k.number("memory_capacity")});
+  }
+  for (const Fields& s : pred.items("straits")) {
+    p.straits.push_back({s.string("name"), s.number("bytes_per_step"), s.number("busy_s")});
+  }
+}
+
 }  // namespace
 
 std::string Plan::toJson() const {
@@ -98,90 +313,17 @@ core::Result<Plan> Plan::fromJson(const std::string& text) {
   Plan p;
   try {
     const json j = json::parse(text);
-    if (j.value("format", "") != "archipelago-plan/1") {
+    if (!j.is_object() || !j.contains("format") || j["format"] != "archipelago-plan/1") {
       return core::invalidArgument("plan file: 'format' is not archipelago-plan/1; write it with `archipelago plan --out`");
     }
-    p.model = j.at("model").get<std::string>();
-    p.cluster = j.at("cluster").get<std::string>();
-    p.strategy = j.at("strategy").get<std::string>();
-    p.diloco_h = j.at("diloco_h").get<int64_t>();
-    p.codec = j.at("codec").get<std::string>();
-    p.setup.global_batch_tokens = j.at("setup").at("global_batch_tokens").get<int64_t>();
-    p.setup.seq_len = j.at("setup").at("seq_len").get<int64_t>();
-    for (const auto& l : j.at("links")) {
-      p.links.push_back({l.at("name").get<std::string>(), l.at("bandwidth").get<double>(),
-                         l.at("latency").get<double>(), l.at("strait").get<bool>()});
-    }
-    for (const auto& f : j.at("sync_flows")) p.sync_flows.push_back({f.at("link").get<int>(), f.at("bytes").get<double>()});
-    p.sync_s = j.at("sync_s").get<double>();
-    for (const auto& jg : j.at("groups")) {
-      GroupPlan g;
-      g.islands = jg.at("islands").get<std::vector<int>>();
-      g.tp = jg.at("tp").get<std::vector<int64_t>>();
-      g.pp = jg.at("pp").get<std::vector<int64_t>>();
-      g.dp = jg.at("dp").get<int64_t>();
-      g.ep = jg.at("ep").get<int64_t>();
-      g.micro_batch = jg.at("micro_batch").get<int64_t>();
-      g.micro_batches = jg.at("micro_batches").get<int64_t>();
-      g.virtual_stages = jg.at("virtual_stages").get<int64_t>();
-      g.schedule = scheduleFrom(jg.at("schedule").get<std::string>());
-      g.recompute = recomputeFrom(jg.at("recompute").get<std::string>());
-      g.zero = jg.at("zero").get<int>();
-      g.batch_sequences = jg.at("batch_sequences").get<double>();
-      g.step_s = jg.at("step_s").get<double>();
-      g.pipeline_s = jg.at("pipeline_s").get<double>();
-      g.bubble_fraction = jg.at("bubble_fraction").get<double>();
-      g.dp_exposed_s = jg.at("dp_exposed_s").get<double>();
-      g.devices = jg.at("devices").get<int64_t>();
-      for (const auto& s : jg.at("stages")) {
-        StagePlan sp;
-        sp.island = s.at("island").get<int>();
-        sp.device = s.at("device").get<std::string>();
-        sp.tp = s.at("tp").get<int64_t>();
-        sp.first_item = s.at("first_item").get<int64_t>();
-        sp.num_items = s.at("num_items").get<int64_t>();
-        sp.fwd_s = s.at("fwd_s").get<double>();
-        sp.bwd_s = s.at("bwd_s").get<double>();
-        sp.memory_bytes = s.at("memory_bytes").get<double>();
-        sp.memory_capacity = s.at("memory_capacity").get<double>();
-        sp.act_bytes_per_mb = s.at("act_bytes_per_mb").get<double>();
-        sp.p2p_bytes = s.at("p2p_bytes").get<double>();
-        sp.p2p_link = s.at("p2p_link").get<int>();
-        sp.p2p_weight = s.at("p2p_weight").get<double>();
-        sp.dp_bytes = s.at("dp_bytes").get<double>();
-        sp.dp_group = s.at("dp_group").get<int64_t>();
-        sp.dp_link = s.at("dp_link").get<int>();
-        sp.dp_s = s.at("dp_s").get<double>();
-        sp.optimizer_s = s.at("optimizer_s").get<double>();
-        sp.model_flops_per_mb = s.at("model_flops_per_mb").get<double>();
-        if (sp.p2p_link >= static_cast<int>(p.links.size()) || sp.dp_link >= static_cast<int>(p.links.size())) {
-          return core::invalidArgument("plan file: a stage names a link index out of range");
-        }
-        g.stages.push_back(sp);
-      }
-      if (g.stages.empty()) return core::invalidArgument("plan file: a group has no stages");
-      p.groups.push_back(g);
-    }
-    const json& pred = j.at("prediction");
-    p.step_s = pred.at("step_s").get<double>();
-    p.tokens_per_s = pred.at("tokens_per_s").get<double>();
-    p.mfu = pred.at("mfu").get<double>();
-    p.bubble_fraction = pred.at("bubble_fraction").get<double>();
-    p.total_params = pred.at("total_params").get<double>();
-    p.active_params = pred.at("active_params").get<double>();
-    p.devices = pred.at("devices").get<int64_t>();
-    p.summary = pred.at("summary").get<std::string>();
-    for (const auto& k : pred.at("kinds")) {
-      p.kinds.push_back({k.at("kind").get<std::string>(), k.at("devices").get<int64_t>(), k.at("mfu").get<double>(),
-                         k.at("tflops_per_device").get<double>(), k.at("max_memory_bytes").get<double>(),
-                         k.at("memory_capacity").get<double>()});
-    }
-    for (const auto& s : pred.at("straits")) {
-      p.straits.push_back({s.at("name").get<std::string>(), s.at("bytes_per_step").get<double>(),
-                           s.at("busy_s").get<double>()});
-    }
+    readHeader(Fields(j, ""), p);
+    readLinks(Fields(j, ""), p);
+    for (const Fields& jg : Fields(j, "").items("groups")) p.groups.push_back(readGroup(jg, p.links.size()));
+    readPrediction(Fields(j, "").object("prediction"), p);
   } catch (const json::exception& e) {
     return core::invalidArgument(std::string("plan file: ") + e.what());
+  } catch (const BadField& e) {
+    return core::invalidArgument("plan file: " + e.message);
   }
   if (p.groups.empty()) return core::invalidArgument("plan file: no groups");
   return p;

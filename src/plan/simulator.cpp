@@ -70,7 +70,12 @@ core::Result<SimResult> simulateStep(const Plan& plan, const SimOptions& options
     const int64_t P = static_cast<int64_t>(g.stages.size());
     const int64_t v = std::max<int64_t>(g.virtual_stages, 1);
     const int64_t m = g.micro_batches;
-    if (m * v * P > 50'000'000) return core::resourceExhausted("simulate: too many operations in one step");
+    // Overflow-checked: a plan file may hold any 64-bit micro-batch count.
+    int64_t ops = 0;
+    if (m < 1) return core::invalidArgument("simulate: group " + std::to_string(gi) + " has no micro-batches");
+    if (__builtin_mul_overflow(m, v, &ops) || __builtin_mul_overflow(ops, P, &ops) || ops > 50'000'000) {
+      return core::resourceExhausted("simulate: too many operations in one step");
+    }
     for (int64_t s = 0; s < P; ++s) {
       Device dv;
       dv.group = static_cast<int>(gi);

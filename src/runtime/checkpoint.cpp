@@ -13,6 +13,7 @@
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/model/safetensors.h"
+#include "archipelago/runtime/checkpoint_json.h"
 #include "archipelago/runtime/trace.h"
 
 namespace archipelago::runtime {
@@ -20,16 +21,15 @@ namespace archipelago::runtime {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = kCheckpointFormatVersion;
 
-core::Result<nlohmann::json> readJson(const fs::path& p) {
-  std::ifstream in(p);
+// The text of one of the checkpoint's JSON files; checkpoint_json.h parses it.
+core::Result<std::string> readText(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
   if (!in) return core::notFound("missing '" + p.string() + "'");
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    return core::dataLoss("'" + p.string() + "' is not valid JSON: " + e.what());
-  }
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return core::dataLoss("cannot read '" + p.string() + "'");
+  return text;
 }
 
 }  // namespace
@@ -94,25 +94,24 @@ void prune(const std::string& run_dir, int64_t keep_last) {
 }
 
 core::Status verifyManifest(const fs::path& dir) {
-  ARCH_ASSIGN_OR_RETURN(auto manifest, readJson(dir / "manifest.json"));
-  if (manifest.value("format_version", 0) != kFormatVersion) {
-    return core::dataLoss("checkpoint '" + dir.string() + "' has format_version " +
-                          std::to_string(manifest.value("format_version", 0)) + ", expected " +
-                          std::to_string(kFormatVersion));
-  }
-  if (!manifest.contains("files") || !manifest["files"].is_object()) {
-    return core::dataLoss("checkpoint manifest '" + (dir / "manifest.json").string() + "' lists no files");
-  }
-  for (const auto& [name, info] : manifest["files"].items()) {
-    fs::path f = dir / name;
-    if (!fs::exists(f)) return core::dataLoss("checkpoint file '" + f.string() + "' is missing");
-    if (fs::file_size(f) != info.value("bytes", uint64_t{0})) {
-      return core::dataLoss("checkpoint file '" + f.string() + "' has " + std::to_string(fs::file_size(f)) +
-                            " bytes, manifest says " + std::to_string(info.value("bytes", uint64_t{0})) +
-                            " (truncated or replaced)");
+  const fs::path path = dir / "manifest.json";
+  ARCH_ASSIGN_OR_RETURN(std::string text, readText(path));
+  ARCH_ASSIGN_OR_RETURN(CheckpointManifest manifest, parseCheckpointManifest(text, path.string()));
+  for (const auto& entry : manifest.files) {
+    // parseCheckpointManifest only lets plain names through: f is inside dir.
+    const fs::path f = dir / entry.name;
+    std::error_code ec;
+    const auto status = fs::status(f, ec);
+    if (!fs::exists(status)) return core::dataLoss("checkpoint file '" + f.string() + "' is missing");
+    if (!fs::is_regular_file(status)) return core::dataLoss("checkpoint file '" + f.string() + "' is not a regular file");
+    const uintmax_t size = fs::file_size(f, ec);
+    if (ec) return core::dataLoss("checkpoint file '" + f.string() + "': " + ec.message());
+    if (size != entry.bytes) {
+      return core::dataLoss("checkpoint file '" + f.string() + "' has " + std::to_string(size) +
+                            " bytes, manifest says " + std::to_string(entry.bytes) + " (truncated or replaced)");
     }
     ARCH_ASSIGN_OR_RETURN(std::string sha, core::sha256File(f));
-    if (sha != info.value("sha256", std::string())) {
+    if (sha != entry.sha256) {
       return core::dataLoss("checkpoint file '" + f.string() + "' fails its sha256 check (corrupted)");
     }
   }
@@ -163,12 +162,13 @@ core::Status writeCheckpoint(const std::string& run_dir, const CheckpointState& 
 
 core::Status verifyCheckpoint(const std::string& ckpt_dir) {
   ARCH_RETURN_IF_ERROR(verifyManifest(ckpt_dir));
-  ARCH_ASSIGN_OR_RETURN(auto state, readJson(fs::path(ckpt_dir) / "state.json"));
-  const auto extra = state.value("extra", nlohmann::json());
-  const auto parts = extra.is_object() ? extra.value("parts", nlohmann::json::array()) : nlohmann::json::array();
-  for (const auto& part : parts) {
-    const fs::path dir = ckpt_dir + ".rank_" + std::to_string(part.value("rank", -1));
-    if (!fs::exists(dir / "manifest.json")) {
+  const fs::path path = fs::path(ckpt_dir) / "state.json";
+  ARCH_ASSIGN_OR_RETURN(std::string text, readText(path));
+  ARCH_ASSIGN_OR_RETURN(CheckpointStateFields state, parseCheckpointState(text, path.string()));
+  for (const auto& part : state.parts) {
+    const fs::path dir = ckpt_dir + ".rank_" + std::to_string(part.rank);
+    std::error_code ec;
+    if (!fs::exists(dir / "manifest.json", ec)) {
       return core::dataLoss("checkpoint '" + ckpt_dir + "' is incomplete: rank part '" + dir.string() +
                             "' is missing (that rank did not finish writing it)");
     }
@@ -180,19 +180,16 @@ core::Status verifyCheckpoint(const std::string& ckpt_dir) {
 core::Result<CheckpointState> loadCheckpoint(const std::string& ckpt_dir) {
   ARCH_RETURN_IF_ERROR(verifyCheckpoint(ckpt_dir));
   fs::path dir(ckpt_dir);
+  ARCH_ASSIGN_OR_RETURN(std::string text, readText(dir / "state.json"));
+  ARCH_ASSIGN_OR_RETURN(CheckpointStateFields state, parseCheckpointState(text, (dir / "state.json").string()));
   CheckpointState s;
-  ARCH_ASSIGN_OR_RETURN(auto state, readJson(dir / "state.json"));
-  try {
-    s.step = state.at("step").get<int64_t>();
-    s.data_position = state.at("data_position").get<int64_t>();
-    s.shares = state.at("shares").get<std::vector<int64_t>>();
-    s.optimizer_step = state.at("optimizer_step").get<int64_t>();
-    s.membership = state.value("membership", nlohmann::json());
-    s.extra = state.value("extra", nlohmann::json());
-    s.job_yaml = state.value("job_yaml", std::string());
-  } catch (const std::exception& e) {
-    return core::dataLoss("'" + (dir / "state.json").string() + "' lacks a field: " + e.what());
-  }
+  s.step = state.step;
+  s.data_position = state.data_position;
+  s.shares = std::move(state.shares);
+  s.optimizer_step = state.optimizer_step;
+  s.membership = std::move(state.membership);
+  s.extra = std::move(state.extra);
+  s.job_yaml = std::move(state.job_yaml);
   ARCH_ASSIGN_OR_RETURN(auto weights, model::readSafetensors(dir / "model.safetensors"));
   ARCH_ASSIGN_OR_RETURN(auto optimizer, model::readSafetensors(dir / "optimizer.safetensors"));
   s.weights = std::move(weights.tensors);
@@ -202,18 +199,18 @@ core::Result<CheckpointState> loadCheckpoint(const std::string& ckpt_dir) {
 
 core::Result<CheckpointState> loadCheckpointPart(const std::string& ckpt_dir, int rank) {
   const fs::path dir = ckpt_dir + ".rank_" + std::to_string(rank);
-  if (!fs::exists(dir / "manifest.json")) return core::notFound("checkpoint '" + ckpt_dir + "' has no part of rank " + std::to_string(rank));
-  ARCH_RETURN_IF_ERROR(verifyManifest(dir));
-  CheckpointState s;
-  ARCH_ASSIGN_OR_RETURN(auto state, readJson(dir / "state.json"));
-  try {
-    s.step = state.at("step").get<int64_t>();
-    s.part_rank = state.at("rank").get<int>();
-    s.optimizer_step = state.at("optimizer_step").get<int64_t>();
-    s.extra = state.value("extra", nlohmann::json());
-  } catch (const std::exception& e) {
-    return core::dataLoss("'" + (dir / "state.json").string() + "' lacks a field: " + e.what());
+  std::error_code ec;
+  if (!fs::exists(dir / "manifest.json", ec)) {
+    return core::notFound("checkpoint '" + ckpt_dir + "' has no part of rank " + std::to_string(rank));
   }
+  ARCH_RETURN_IF_ERROR(verifyManifest(dir));
+  ARCH_ASSIGN_OR_RETURN(std::string text, readText(dir / "state.json"));
+  ARCH_ASSIGN_OR_RETURN(CheckpointPartFields state, parseCheckpointPartState(text, (dir / "state.json").string()));
+  CheckpointState s;
+  s.step = state.step;
+  s.part_rank = state.rank;
+  s.optimizer_step = state.optimizer_step;
+  s.extra = std::move(state.extra);
   ARCH_ASSIGN_OR_RETURN(auto tensors, model::readSafetensors(dir / "part.safetensors"));
   s.optimizer = std::move(tensors.tensors);
   return s;

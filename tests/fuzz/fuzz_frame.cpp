@@ -1,7 +1,8 @@
 // libFuzzer target: the frame header parser and payload check, and the
 // handshake messages and server-side verdict, on arbitrary bytes. Built only
-// with -DARCHIPELAGO_FUZZ=ON and clang (src/comm/CMakeLists.txt); a short
-// run is registered as the CTest test fuzz.fuzz_frame.
+// with -DARCHIPELAGO_FUZZ=ON and clang (tests/fuzz/CMakeLists.txt); a short
+// run over tests/fuzz/corpus/frame is the CTest test fuzz.fuzz_frame, and
+// tests/comm/fuzz_smoke_test.cpp drives the same function in CI.
 //
 // Input layout: byte 0 selects the target; the rest is the message.
 #include <cstddef>
@@ -11,9 +12,10 @@
 
 #include "archipelago/comm/wire.h"
 
-using namespace archipelago::comm;
+namespace archipelago::fuzz {
 
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+inline int fuzzFrame(const uint8_t* data, size_t size) {
+  using namespace archipelago::comm;
   if (size < 1) return 0;
   const uint8_t which = data[0] % 4;
   std::span<const uint8_t> in(data + 1, size - 1);
@@ -57,3 +59,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   return 0;
 }
+
+}  // namespace archipelago::fuzz
+
+// The smoke tests include this file and call fuzzFrame themselves.
+#ifndef ARCHIPELAGO_FUZZ_SMOKE
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  return archipelago::fuzz::fuzzFrame(data, size);
+}
+#endif

@@ -140,6 +140,9 @@ class CoordinatorServer {
   void acceptLoop();
   void serve(std::shared_ptr<Socket> sock);
   std::string handle(const std::string& request);
+  // The one test seam: tests/fuzz/fuzz_coordinator_request.cpp calls
+  // handle() directly, without sockets.
+  friend class CoordinatorHandleForTesting;
   // Handlers of the requests that wait (mu_ held through `lock`, released
   // while waiting on cv_); each returns the JSON reply.
   // Waits until `world` ranks have registered; replies with the table.

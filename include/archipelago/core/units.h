@@ -23,4 +23,13 @@ std::string formatBandwidth(double bytes_per_second);  // "1 Gbit/s"
 std::string formatDuration(double seconds);            // "20 ms"
 std::string formatBytes(double bytes);                 // "64.0 MiB"
 
+// For text that is read back (a resolved job file): the forms above round
+// to 4 digits, which changed 0.9999999Gbit/s into 1Gbit/s on the way.
+// The shortest text that parses back to exactly `v`:
+std::string formatDoubleExact(double v);
+// formatBandwidth / formatDuration when that parses back to exactly the
+// value, else the exact number in the base unit ("124999987.5B/s").
+std::string formatBandwidthExact(double bytes_per_second);
+std::string formatDurationExact(double seconds);
+
 }  // namespace archipelago::core
