@@ -59,6 +59,11 @@ void addTrainCommands(CLI::App& app) {
   w->add_flag("--resume", worker.resume, "start from the newest valid checkpoint");
   w->add_flag("--join", worker.join,
               "enter a running job in a failed slot (--rank, or any) with the live state from a peer");
+  w->add_option("--max-rejoins", worker.max_rejoins,
+                 "when evicted (cut off past the failure timeout), rejoin the job in the same slot at most this "
+                 "many times (0 = exit with 75 for a launcher)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   w->add_option("--exit-after-step", worker.exit_after_step, "testing: exit abruptly after this step");
   setAction(w, [] { return runtime::runWorker(worker); });
 

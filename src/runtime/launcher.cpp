@@ -334,7 +334,8 @@ core::Status spawnWorker(const Launch& l, Attempt& a, int rank, bool join) {
   c.log = (fs::path(l.run_dir) / "logs" / ("rank" + std::to_string(rank) + ".log")).string();
   std::vector<std::string> args = {opt.self_exe, "worker", "--job", l.job_file, "--run-dir", l.run_dir,
                                    "--rank", std::to_string(rank), "--world", std::to_string(l.world),
-                                   "--coordinator", a.coord_addr};
+                                   "--coordinator", a.coord_addr,
+                                   "--max-rejoins", "0"};  // an evicted worker is replaced here (reap)
   if (join) args.push_back("--join");
   if (a.resume && !join) args.push_back("--resume");
   if (opt.exit_after_step >= 0 && a.index == 0 && !join) {

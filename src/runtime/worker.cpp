@@ -1,10 +1,14 @@
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/host_memory.h"
@@ -78,10 +82,41 @@ TrainerOptions trainerOptions(const core::JobConfig& job, const std::string& run
   return to;
 }
 
+// A worker cut off past the failure timeout (a partition) was evicted while
+// the job went on. Without a launcher to replace it, it replaces itself:
+// the same command as a joiner of its slot, which receives the live state
+// from a peer. exec ends every thread of the session, blocked or not, and
+// no connection of the old process survives into the new one.
+[[noreturn]] void rejoinInPlace(const WorkerOptions& opt, int rank) {
+  std::vector<std::string> args = {"/proc/self/exe", "worker", "--job", opt.job_path, "--rank", std::to_string(rank),
+                                   "--join", "--max-rejoins", std::to_string(opt.max_rejoins - 1)};
+  auto add = [&](const char* flag, const std::string& v) {
+    if (!v.empty()) args.insert(args.end(), {flag, v});
+  };
+  add("--run-dir", opt.run_dir);
+  add("--coordinator", opt.coordinator);
+  add("--listen", opt.listen);
+  add("--advertise", opt.advertise);
+  if (opt.world >= 0) add("--world", std::to_string(opt.world));
+  ARCH_LOG_WARN("evicted: the job went on without rank {} (cut off past the failure timeout); rejoining it ({} "
+                "rejoin{} left)", rank, opt.max_rejoins - 1, opt.max_rejoins == 2 ? "" : "s");
+  std::fflush(nullptr);
+  ::close_range(3, ~0U, CLOSE_RANGE_CLOEXEC);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  ::execv(argv[0], argv.data());
+  ARCH_LOG_ERROR("evicted, and could not start again as a joiner: {}", std::strerror(errno));
+  std::fflush(nullptr);
+  std::_Exit(kExitEvicted);
+}
+
 // Exit codes the launcher acts on (elastic.h); threads of the session may
 // still be blocked, so no destructors run. Returns the failure otherwise.
-core::Status exitForLauncher(const ElasticSession& session, const core::Status& failure) {
+core::Status exitForLauncher(const WorkerOptions& opt, const ElasticSession& session, const core::Status& failure) {
   if (session.evicted()) {
+    if (opt.max_rejoins > 0) rejoinInPlace(opt, session.rank());
+    ARCH_LOG_ERROR("evicted: the job went on without rank {}; exiting for the launcher to replace it", session.rank());
     std::fflush(nullptr);
     std::_Exit(kExitEvicted);
   }
@@ -149,7 +184,7 @@ core::Status runWorker(const WorkerOptions& opt) {
   auto summary = runTrainer(trainerOptions(job, run_dir, opt, *session));
   if (!summary.isOk()) {
     ARCH_LOG_ERROR("{}", summary.status().toString());
-    return exitForLauncher(*session, summary.status());
+    return exitForLauncher(opt, *session, summary.status());
   }
   session->leave();
   if (session->alive().empty() || session->alive().front() == session->rank()) reportSummary(run_dir, *summary);

@@ -5,10 +5,13 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "archipelago/core/hash.h"
@@ -16,17 +19,30 @@
 
 namespace archipelago::comm::testing {
 
-// Upper bounds on wall-clock time are stretched by this factor in sanitizer
-// builds: every memory access there is checked (ThreadSanitizer: 5-15x
-// slower), so a shaped 4 MB transfer spends more time in CRC and copies than
-// on the emulated wire. Those bounds check that the link emulator adds no
-// delay of its own, which the main build still holds to the tight value.
-// Lower bounds are never stretched.
+// Unit tests do not time the product: a wall-clock bound here only tells a
+// working mechanism from a broken one (a wait that never ends, a shaper that
+// does not shape), so upper bounds are several times the expected value and
+// the precise figures live in `archipelago bench comm` (docs/comm.md,
+// section 7). Lower bounds are what a mechanism guarantees (a shaped link is
+// never faster than its rate) and are never stretched. Sanitizer builds
+// check every memory access (ThreadSanitizer: 5-15x slower), so their upper
+// bounds stretch a further 8x.
 #ifdef ARCHIPELAGO_SANITIZED
-inline constexpr double kTimeSlack = 8.0;
+inline constexpr double kTimeSlack = 8.0 * 4.0;
 #else
-inline constexpr double kTimeSlack = 1.0;
+inline constexpr double kTimeSlack = 4.0;
 #endif
+
+// Waits until another rank stores `value` into `slot` of the shared block
+// (an event between forked ranks); false after `seconds`.
+inline bool awaitSlot(const std::atomic<int64_t>& slot, int64_t value, double seconds = 30) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (slot.load() != value) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
 
 inline double inputValue(int rank, size_t i, uint64_t seed = 1) {
   uint64_t h = core::mix64(seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(rank) * 1000003ULL + i);

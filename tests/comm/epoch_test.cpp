@@ -44,8 +44,9 @@ CommConfig twoIslands(double bandwidth, double latency, const std::string& secre
 // Rank 3 is SIGKILLed while every survivor has an operation waiting in each
 // of its groups, including groups that do not contain rank 3 (island {0,1},
 // cross-island {0,2}, subgroup {0,1,2}) and whose peers are alive: every one
-// of those waits must end with the typed error within a second, not at its
-// own 30 s deadline, and later ops of any group of the epoch fail fast.
+// of those waits must end with the typed error from the lost connections, not at its
+// own 30 s deadline (the bound is loose: bench comm --ops failure times it),
+// and later ops of any group of the epoch fail fast.
 TEST(Fault, LostPeerAbortsEveryGroupOfTheEpochOnEverySurvivor) {
   SharedBlock* shared = nullptr;
   std::vector<RankOutcome> out;
@@ -67,7 +68,9 @@ TEST(Fault, LostPeerAbortsEveryGroupOfTheEpochOnEverySurvivor) {
     }
     RANK_OK(world.barrier(OpOptions::within(10)));
     if (lr.rank == 3) {
-      ::usleep(300000);  // let the survivors block first
+      // Dies once every survivor has started its waits (whether a wait is
+      // already blocked or not, the failure must end it).
+      RANK_CHECK(testing::awaitSlot(lr.shared->slot[1], 3), "the survivors never started waiting");
       lr.shared->slot[0].store(core::nowMicros());
       ::raise(SIGKILL);
     }
@@ -107,20 +110,22 @@ TEST(Fault, LostPeerAbortsEveryGroupOfTheEpochOnEverySurvivor) {
         finish(waits[3], sub->recv(&r_sub, 1, DType::kF32, (sub->rank() + 1) % 3, 9, OpOptions::within(30)));
       });
     }
+    lr.shared->slot[1].fetch_add(1);
     for (auto& t : threads) t.join();
     for (const Wait& w : waits) {
       RANK_CHECK(w.st.code() == core::StatusCode::kUnavailable,
                  "rank " << lr.rank << " " << w.group << ": expected UNAVAILABLE, got " << w.st.toString());
       RANK_CHECK(w.st.message().find("rank 3") != std::string::npos,
                  w.group << ": the error does not name the lost rank: " << w.st.toString());
-      RANK_CHECK(w.after_s < 1.0, w.group << " surfaced the failure " << w.after_s << " s after the SIGKILL");
+      // From the lost connections, not the 5 s heartbeat or the 30 s deadline.
+      RANK_CHECK(w.after_s < 4.0, w.group << " surfaced the failure " << w.after_s << " s after the SIGKILL");
     }
     // Sticky for every group of the epoch: new ops fail at once.
     for (Group* g : {&world, island->get(), cross->get(), sub.get()}) {
       if (!g) continue;
       auto t0 = core::Clock::now();
       core::Status st = g->barrier(OpOptions::within(30));
-      RANK_CHECK(st.code() == core::StatusCode::kUnavailable && core::secondsSince(t0) < 0.5,
+      RANK_CHECK(st.code() == core::StatusCode::kUnavailable && core::secondsSince(t0) < 4.0,
                  "a later op of a group of the failed epoch: " << st.toString());
     }
     return "";

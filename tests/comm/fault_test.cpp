@@ -27,8 +27,10 @@ CommConfig faultConfig() {
 }
 
 // Rank 2 of 4 kills itself in the middle of a long allreduce stream; every
-// survivor must see kUnavailable naming the lost rank within 1 s.
-TEST(Fault, SigkillSurfacesAsUnavailableOnEverySurvivorWithinOneSecond) {
+// survivor must see kUnavailable naming the lost rank, from the lost
+// connection and not from its 10 s deadline (`archipelago bench comm --ops
+// failure` measures how fast: a few ms).
+TEST(Fault, SigkillSurfacesAsUnavailableOnEverySurvivorBeforeItsDeadline) {
   SharedBlock* shared = nullptr;
   std::vector<RankOutcome> out;
   runAll(4, [](const LocalRank& lr) -> std::string {
@@ -46,7 +48,7 @@ TEST(Fault, SigkillSurfacesAsUnavailableOnEverySurvivorWithinOneSecond) {
         double after = (core::nowMicros() - lr.shared->slot[0].load()) / 1e6;
         RANK_CHECK(st.code() == core::StatusCode::kUnavailable, "expected UNAVAILABLE, got " << st.toString());
         RANK_CHECK(st.message().find("epoch 0") != std::string::npos, "no epoch context: " << st.toString());
-        RANK_CHECK(after < 1.0, "detected " << after << " s after SIGKILL: " << st.toString());
+        RANK_CHECK(after < 5.0, "detected " << after << " s after SIGKILL: " << st.toString());
         // Later ops fail fast with the same cause (sticky).
         core::Status again = cr->world->barrier();
         RANK_CHECK(again.code() == core::StatusCode::kUnavailable, "sticky failure: " << again.toString());
@@ -102,6 +104,7 @@ void badFrame(int mode, core::StatusCode want) {
       core::Status st = cr->world->recv(buf.data(), buf.size(), DType::kF32, 0, 1,
                                         OpOptions::within(5));
       RANK_CHECK(st.code() == want, "mode " << mode << ": got " << st.toString());
+      lr.shared->slot[0].store(1);  // the impostor may go now
       return "";
     }
     auto client = CoordinatorClient::connect(lr.coordinator, lr.secret, 0, core::Deadline::afterSeconds(10));
@@ -122,7 +125,9 @@ void badFrame(int mode, core::StatusCode want) {
     encodeHeader(h, hdr);
     if (mode == 2) std::memset(hdr, 0xff, 8);  // mode 2: garbage
     RANK_OK((*sock)->writeTwo(hdr, sizeof(hdr), payload.data(), payload.size(), core::Deadline::afterSeconds(5), nullptr));
-    ::usleep(500000);
+    // Stay connected until rank 1 has judged the frame: a closed connection
+    // would be a different error.
+    RANK_CHECK(testing::awaitSlot(lr.shared->slot[0], 1), "rank 1 never judged the frame");
     return "";
   }, 60);
 }
@@ -261,21 +266,23 @@ TEST(Fault, AbortFlagEndsAWaitWithAborted) {
   runAll(2, [](const LocalRank& lr) -> std::string {
     auto cr = connectRank(lr, faultConfig(), core::Deadline::afterSeconds(20));
     if (!cr.isOk()) return cr.status().toString();
-    if (lr.rank == 1) {
-      ::usleep(1500000);  // never sends; stays alive past rank 0's abort
+    if (lr.rank == 1) {  // never sends; stays alive until rank 0's wait was aborted
+      RANK_CHECK(testing::awaitSlot(lr.shared->slot[0], 1), "rank 0 never finished");
       return "";
     }
     OpOptions o;
     std::thread aborter([flag = o.abort]() mutable {
-      ::usleep(200000);
+      ::usleep(200000);  // most likely while rank 0 waits; an earlier abort must end it just the same
       flag.abort();
     });
     std::vector<float> buf(10);
     auto t0 = core::Clock::now();
     core::Status st = cr->world->recv(buf.data(), buf.size(), DType::kF32, 1, 9, o);
     aborter.join();
+    lr.shared->slot[0].store(1);
     RANK_CHECK(st.code() == core::StatusCode::kAborted, "expected ABORTED, got " << st.toString());
-    RANK_CHECK(core::secondsSince(t0) < 1.0, "abort honoured late");
+    // Nothing else ends this wait: it has no deadline and rank 1 stays.
+    RANK_CHECK(core::secondsSince(t0) < 10.0, "abort honoured late");
     return "";
   }, 60);
 }

@@ -43,9 +43,13 @@ struct WorkerOptions {
   bool join = false;           // enter a running job: take a failed slot (rank, or any with rank -1) and
                                // receive the live state from a peer
   int64_t exit_after_step = -1;
+  int max_rejoins = 8;         // evicted (cut off past the failure timeout while the job went on): start again
+                               // as `--join` in the same slot, at most this many times; 0 = exit for a launcher
 };
 // Exits the process with kExitEvicted / kExitRestartJob (elastic.h) when the
-// job went on without this rank or must restart from a checkpoint.
+// job went on without this rank or must restart from a checkpoint; an
+// evicted worker with rejoins left instead replaces itself (exec) with a
+// joiner of its own slot.
 core::Status runWorker(const WorkerOptions& options);
 
 struct CoordinatorOptions {
