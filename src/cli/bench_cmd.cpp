@@ -37,7 +37,7 @@ void addBenchCommands(CLI::App& app) {
   CLI::App* c = bench->add_subcommand("comm", "Collectives on N local ranks vs Gloo's ring allreduce");
   struct Opts {
     comm::CommBenchOptions o;
-    std::string sizes, ops, impls;
+    std::string sizes, ops, impls, netns;
     bool no_gloo = false;
   };
   auto opts = std::make_shared<Opts>();
@@ -58,6 +58,13 @@ void addBenchCommands(CLI::App& app) {
               "send bulk bytes between local ranks over TCP too (no process_vm_readv single copy)");
   c->add_option("--rounds", opts->o.rounds, "alternating rounds per row (best reported)")->capture_default_str();
   c->add_option("--impls", opts->impls, "only these rows: archipelago,archipelago_tcp,gloo_ring (default: all)");
+  c->add_option("--netns", opts->netns,
+                "run rank i in network namespace i of this list (one per rank; needs root; tests/netns/hosts.sh)");
+  c->add_option("--coordinator-host", opts->o.coordinator_host,
+                "where the bench's coordinator listens (with --netns: an address every namespace reaches)")
+      ->capture_default_str();
+  c->add_flag("--kernel-shaped", opts->o.kernel_shaped,
+              "the --strait rate is enforced by the kernel (tc tbf) on a real link: islands, but no emulation");
   setAction(c, [opts]() -> core::Status {
     comm::CommBenchOptions o = opts->o;
     if (!opts->sizes.empty()) {
@@ -65,6 +72,7 @@ void addBenchCommands(CLI::App& app) {
     }
     if (!opts->ops.empty()) o.ops = core::splitList(opts->ops);
     if (!opts->impls.empty()) o.impls = core::splitList(opts->impls);
+    if (!opts->netns.empty()) o.netns = core::splitList(opts->netns);
     return comm::runCommBench(o);
   });
 }

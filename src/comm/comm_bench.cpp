@@ -122,7 +122,7 @@ int itersFor(uint64_t bytes, int fixed, double strait_bw) {
 struct BenchCtx {
   const CommBenchOptions* opt;
   core::StraitSpec strait;
-  bool emulated = false;
+  bool emulated = false;  // islands > 1: the strait is shaped in userspace (EMULATED) or by the kernel
   int islands = 1;
 };
 
@@ -135,7 +135,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   cfg.options.chunk_bytes = opt.chunk_bytes;
   cfg.options.heartbeat_timeout_s = 5;
   cfg.options.same_host_copy = opt.same_host_copy;
-  if (bc.emulated) {
+  if (bc.islands > 1) {
     core::IslandSpec a, b;
     a.name = "islandA";
     b.name = "islandB";
@@ -143,6 +143,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
     b.count = n / 2;
     cfg.cluster.islands = {a, b};
     cfg.cluster.straits = {bc.strait};
+    cfg.cluster.straits[0].emulate = bc.emulated ? "true" : "false";
     for (int r = 0; r < n; ++r) cfg.island_of_rank.push_back(r < (n + 1) / 2 ? 0 : 1);
   }
   core::setLogIdentity("bench r" + std::to_string(me));
@@ -152,12 +153,16 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   Group& g = *cr->world;
   if (me == 0) {
     for (const auto& line : cr->comm->emulationSummary()) std::printf("# %s\n", line.c_str());
-    std::printf("# archipelago bench comm: %d ranks on this machine (127.0.0.1), %d streams/peer on straits, "
-                "%d between local ranks, chunk %s, same-host copy %s%s\n", n, opt.streams, opt.local_streams,
+    std::printf("# archipelago bench comm: %d ranks %s, %d streams/peer on straits, "
+                "%d between local ranks, chunk %s, same-host copy %s%s\n", n,
+                opt.netns.empty() ? "on this machine (127.0.0.1)" : "in network namespaces (one per host)",
+                opt.streams, opt.local_streams,
                 core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
                 opt.same_host_copy ? "on (row archipelago; row archipelago_tcp sends every byte over TCP)"
                                    : "off (all bytes over TCP)",
-                bc.emulated ? ", 2 islands joined by an EMULATED strait" : "");
+                bc.islands == 1 ? ""
+                : bc.emulated   ? ", 2 islands joined by an EMULATED strait"
+                                : ", 2 islands joined by a real link (shaped by the kernel, not by us)");
   }
   auto maxOver = [&](double v) -> core::Result<double> {
     double x = v;
@@ -175,7 +180,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   if (opt.gloo) {
     try {
       gloo::transport::tcp::attr attr;
-      attr.hostname = "127.0.0.1";
+      attr.hostname = lr.listen.empty() ? "127.0.0.1" : lr.listen;
       auto dev = gloo::transport::tcp::CreateDevice(attr);
       std::string dir = "/tmp/archipelago-gloo-" + std::to_string(::getppid());
       gloo::rendezvous::FileStore store(dir);
@@ -191,7 +196,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
 
   std::vector<std::string> ops = opt.ops;
   bool printed_header = false;
-  const double strait_bw = bc.emulated ? bc.strait.bandwidth : 0;
+  const double strait_bw = bc.islands > 1 ? bc.strait.bandwidth : 0;
   for (const std::string& op : ops) {
     if (op == "failure") continue;  // last, below
     for (uint64_t size : opt.sizes) {
@@ -335,7 +340,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
         r.time_s = *tmax;
         r.algbw = static_cast<double>(bytes) / r.time_s;
         r.busbw = r.algbw * busFactor(op, n);
-        if (bc.emulated && (op == "allreduce" || op == "hier_allreduce")) {
+        if (bc.islands > 1 && (op == "allreduce" || op == "hier_allreduce")) {
           r.strait_frac = r.algbw * 2.0 * (bc.islands - 1) / bc.islands / bc.strait.bandwidth;
         }
         if (op == "hier_allreduce") {
@@ -359,13 +364,15 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
             r.wire_ratio = none_wire > 0 ? *wsum / none_wire : -1;
           }
         }
-        if (bc.emulated && (op == "allreduce" || op == "hier_allreduce")) r.note = "EMULATED strait";
+        if (bc.islands > 1 && (op == "allreduce" || op == "hier_allreduce")) {
+          r.note = bc.emulated ? "EMULATED strait" : "kernel-shaped strait";
+        }
         if (me == 0) {
           if (!printed_header) {
-            printHeader(bc.emulated);
+            printHeader(bc.islands > 1);
             printed_header = true;
           }
-          printRow(r, bc.emulated);
+          printRow(r, bc.islands > 1);
           if (v.impl != "gloo_ring" && op == "allreduce") ours_busbw.emplace_back(v.impl, r.busbw);
           if (v.impl == "gloo_ring") {
             for (const auto& [impl, bw] : ours_busbw) {
@@ -465,15 +472,21 @@ core::Status runCommBench(const CommBenchOptions& in) {
   bc.opt = &opt;
   if (!opt.strait.empty()) {
     ARCH_ASSIGN_OR_RETURN(bc.strait, parseStrait(opt.strait));
-    bc.emulated = true;
+    bc.emulated = !opt.kernel_shaped;
     bc.islands = 2;
+  } else if (opt.kernel_shaped) {
+    return core::invalidArgument("--kernel-shaped: name the rate the kernel enforces with --strait BANDWIDTH,LATENCY");
+  }
+  if (!opt.netns.empty() && opt.netns.size() != static_cast<size_t>(opt.ranks)) {
+    return core::invalidArgument("--netns lists " + std::to_string(opt.netns.size()) + " namespaces for " +
+                                 std::to_string(opt.ranks) + " ranks: name one per rank (e.g. h1,h1,h2,h2)");
   }
   if (opt.sizes.empty()) {
-    opt.sizes = bc.emulated ? std::vector<uint64_t>{64 << 10, 1 << 20, 16 << 20}
+    opt.sizes = bc.islands > 1 ? std::vector<uint64_t>{64 << 10, 1 << 20, 16 << 20}
                             : std::vector<uint64_t>{4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20};
   }
   if (opt.ops.empty()) {
-    opt.ops = bc.emulated ? std::vector<std::string>{"allreduce", "hier_allreduce"}
+    opt.ops = bc.islands > 1 ? std::vector<std::string>{"allreduce", "hier_allreduce"}
                           : std::vector<std::string>{"allreduce", "allgather", "reduce_scatter", "broadcast",
                                                      "alltoall"};
   }
@@ -496,6 +509,8 @@ core::Status runCommBench(const CommBenchOptions& in) {
   std::filesystem::create_directories(gloo_dir);
   LocalLaunchOptions lo;
   lo.world = opt.ranks;
+  lo.netns = opt.netns;
+  lo.coordinator_host = opt.coordinator_host;
   lo.secret = "bench-" + std::to_string(::getpid()) + "-" + std::to_string(core::nowMicros());
   lo.timeout_s = 3600;
   if (std::find(opt.ops.begin(), opt.ops.end(), "failure") != opt.ops.end()) lo.expendable.insert(opt.ranks - 1);

@@ -1,6 +1,8 @@
 #include "comm/launch_local.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -8,7 +10,31 @@
 
 #include <cstring>
 
+#include "archipelago/comm/address.h"
+
 namespace archipelago::comm {
+
+namespace {
+
+// In a child: enter network namespace `name` and find this host's address
+// (the one routing to the coordinator). "" when all went well.
+std::string enterNetns(const std::string& name, const std::string& coordinator, std::string* listen) {
+  const std::string path = "/var/run/netns/" + name;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "network namespace '" + name + "': cannot open " + path + ": " + std::strerror(errno);
+  const int rc = ::setns(fd, CLONE_NEWNET);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return "network namespace '" + name + "': setns failed: " + std::strerror(err) + " (needs root)";
+  auto hp = splitHostPort(coordinator);
+  if (!hp.isOk()) return hp.status().toString();
+  auto addr = routeTo(hp->first);
+  if (!addr.isOk()) return "network namespace '" + name + "': " + addr.status().toString();
+  *listen = *addr;
+  return "";
+}
+
+}  // namespace
 
 core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& options, const LocalRankFn& fn,
                                                    SharedBlock** shared_out) {
@@ -42,9 +68,10 @@ core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& opt
       std::string result;
       if (addr.empty()) {
         result = "no coordinator address from the parent";
-      } else {
-        result = fn(lr);
+      } else if (!options.netns.empty() && !options.netns[static_cast<size_t>(r)].empty()) {
+        result = enterNetns(options.netns[static_cast<size_t>(r)], addr, &lr.listen);
       }
+      if (result.empty() && !addr.empty()) result = fn(lr);
       result += "\n";
       [[maybe_unused]] auto w = ::write(b[1], result.data(), result.size());
       std::fflush(stdout);
@@ -57,7 +84,9 @@ core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& opt
     result_pipe[static_cast<size_t>(r)] = b[0];
     pids[static_cast<size_t>(r)] = pid;
   }
-  CoordinatorServer coord(options.secret);
+  CoordinatorOptions co;
+  co.host = options.coordinator_host;
+  CoordinatorServer coord(options.secret, co);
   core::Status st = coord.start();
   std::string line = st.isOk() ? coord.address() + "\n" : std::string("\n");
   for (int r = 0; r < n; ++r) {
@@ -144,6 +173,7 @@ core::Result<ConnectedRank> connectRank(const LocalRank& r, CommConfig config, c
   ARCH_ASSIGN_OR_RETURN(cr.client, CoordinatorClient::connect(r.coordinator, r.secret, r.rank, deadline));
   config.rank = r.rank;
   config.world = r.world;
+  if (!r.listen.empty()) config.options.listen_host = r.listen;
   if (config.secret.empty()) config.secret = r.secret;
   ARCH_ASSIGN_OR_RETURN(cr.comm, Communicator::create(config));
   int island = config.island_of_rank.empty() ? 0 : config.island_of_rank[static_cast<size_t>(r.rank)];

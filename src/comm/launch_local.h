@@ -1,6 +1,10 @@
 // Internal: forks N rank processes on this machine that rendezvous through a
 // coordinator running in the parent (127.0.0.1, port 0). Used by the
 // multi-process tests (one shared fixture) and by `archipelago bench comm`.
+// A rank may be placed in a network namespace (a "host" of the multi-host
+// test bed, tests/netns/hosts.sh): it then listens on the address that
+// routes to the coordinator, which must listen where every namespace
+// reaches it (`coordinator_host`).
 // Each child runs `fn` and reports a one-line result ("" = success) through
 // a pipe, then _exit()s without running the parent's destructors.
 #pragma once
@@ -28,6 +32,7 @@ struct LocalRank {
   int world = 1;
   std::string coordinator;  // "127.0.0.1:port"
   std::string secret;
+  std::string listen;       // this rank's own address when in a network namespace, else ""
   SharedBlock* shared = nullptr;
 };
 
@@ -45,6 +50,10 @@ struct LocalLaunchOptions {
   // Ranks allowed to die or stall: once every other rank has finished they
   // are SIGKILLed instead of waited for.
   std::set<int> expendable;
+  // Network namespace of each rank (names under /var/run/netns; "" = this
+  // one); empty = every rank here.
+  std::vector<std::string> netns;
+  std::string coordinator_host = "127.0.0.1";
 };
 
 using LocalRankFn = std::function<std::string(const LocalRank&)>;
@@ -52,8 +61,9 @@ using LocalRankFn = std::function<std::string(const LocalRank&)>;
 core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& options, const LocalRankFn& fn,
                                                    SharedBlock** shared_out = nullptr);
 
-// Inside a child: creates a Communicator, registers with the coordinator,
-// waits for the table and connects (the usual worker start-up).
+// Inside a child: creates a Communicator (listening on `r.listen` when set),
+// registers with the coordinator, waits for the table and connects (the
+// usual worker start-up).
 struct ConnectedRank {
   std::unique_ptr<CoordinatorClient> client;
   std::unique_ptr<Communicator> comm;

@@ -9,6 +9,7 @@
 #
 #   netns_job_data BIN                   # ./data: a byte-tokenized corpus
 #   netns_job_yaml NAME STEPS ISLANDS [STRATEGY]  # job YAML on stdout
+#                                        # (NETNS_JOB_BATCH, NETNS_JOB_STRAITS override)
 #   netns_job_reference BIN NAME STEPS [UNTIL]    # single-process run ./NAME (stopped after UNTIL)
 #   netns_job_coordinator BIN HOST       # sets NETNS_COORD=ADDR:PORT
 #   netns_job_worker BIN HOST RANK JOB [ARGS...]  # background; pid in NETNS_PID
@@ -32,14 +33,16 @@ netns_job_data() {
 # 1e-2 in the loss by then (at 5e-4 they stay below 1e-6).
 netns_job_yaml() {
   local name="$1" steps="$2" islands="$3" strategy="${4:-{kind: sync\}}"
+  local straits="[{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]"
+  [ -z "${NETNS_JOB_STRAITS:-}" ] || straits="$NETNS_JOB_STRAITS"
   cat <<YAML
 cluster:
   islands:
 $islands
-  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]
+  straits: $straits
 model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32}
 data: {dir: $PWD/data, seq_len: 32}
-train: {steps: $steps, global_batch: 12, lr: 0.0005, warmup_steps: 3, eval_every: 0, rebalance: false}
+train: {steps: $steps, global_batch: ${NETNS_JOB_BATCH:-12}, lr: 0.0005, warmup_steps: 3, eval_every: 0, rebalance: false}
 strategy: $strategy
 checkpoint: {every: 0}
 run_dir: $PWD/$name

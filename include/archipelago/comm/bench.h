@@ -36,6 +36,12 @@ struct CommBenchOptions {
                                         // archipelago_tcp)
   std::vector<std::string> impls;       // rows to run: archipelago, archipelago_tcp, gloo_ring; empty = all
   std::string dtype = "f32";
+  // The multi-host test bed (tests/netns/hosts.sh): rank i runs in network
+  // namespace netns[i] (one name per rank; empty = all here), and the
+  // coordinator listens on coordinator_host, an address every namespace reaches.
+  std::vector<std::string> netns;
+  std::string coordinator_host = "127.0.0.1";
+  bool kernel_shaped = false;           // --strait is a real link's rate (tc), not emulated
 };
 
 core::Status runCommBench(const CommBenchOptions& options);
