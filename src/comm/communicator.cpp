@@ -593,6 +593,35 @@ std::vector<std::string> Communicator::emulationSummary() const {
   return out;
 }
 
+namespace {
+
+// A peer that cannot be reached ends the wait within max(10 s, 5 x the
+// heartbeat timeout) of starting on it (the bound a lost coordinator gets
+// too), not at the caller's deadline, which at start-up is long. A connect
+// needs only the peer's kernel (its listener is up before it registers), so
+// that is ample even on a loaded host; the accepting side allows twice as
+// long, because the dialer may first be busy with lower peers.
+core::Deadline reachDeadline(const core::Deadline& deadline, double heartbeat_timeout_s, int factor) {
+  const double reach_s = factor * std::max(10.0, 5 * heartbeat_timeout_s);
+  return core::Deadline(std::min(deadline.at(), core::Deadline::afterSeconds(reach_s).at()));
+}
+
+// Both ranks and the address tried, and which side could not reach which.
+core::Status unreachable(const core::Status& st, int me, int peer, const std::vector<std::string>& addresses,
+                         uint32_t epoch) {
+  const std::string& mine = addresses[static_cast<size_t>(me)];
+  const std::string& theirs = addresses[static_cast<size_t>(peer)];
+  const std::string what =
+      me < peer ? "rank " + std::to_string(me) + " could not reach rank " + std::to_string(peer) + " at " + theirs +
+                      " (the address rank " + std::to_string(peer) + " advertised; is it reachable from this host?)"
+                : "rank " + std::to_string(peer) + " never connected to rank " + std::to_string(me) + " at " + mine +
+                      " (the address this rank advertised; is it reachable from rank " + std::to_string(peer) +
+                      "'s host?)";
+  return core::Status(st.code(), what + ", epoch " + std::to_string(epoch) + ": " + st.message());
+}
+
+}  // namespace
+
 core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, const std::vector<int>& members,
                                                             const core::Deadline& deadline) {
   const int me = config_.rank;
@@ -633,14 +662,13 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
     }
     // Both ends derive the same count: same cluster spec, same addresses.
     const int S = l.same_host && !l.shaper ? config_.options.local_streams : config_.options.streams;
+    const core::Deadline reach = reachDeadline(deadline, config_.options.heartbeat_timeout_s, me < peer ? 1 : 2);
     for (int s = 0; s < S; ++s) {
       core::Result<std::unique_ptr<Socket>> sock =
           me < peer ? dialPeer(addresses_[static_cast<size_t>(peer)], config_.secret, me, peer, epoch,
-                               static_cast<uint32_t>(s), tls, deadline, &never)
-                    : endpoint_->take(epoch, peer, static_cast<uint32_t>(s), deadline, &never);
-      if (!sock.isOk()) {
-        return sock.status().withContext("rank " + std::to_string(me) + " connecting epoch " + std::to_string(epoch));
-      }
+                               static_cast<uint32_t>(s), tls, reach, &never)
+                    : endpoint_->take(epoch, peer, static_cast<uint32_t>(s), reach, &never);
+      if (!sock.isOk()) return unreachable(sock.status(), me, peer, addresses_, epoch);
       l.streams.push_back(std::move(sock).value());
     }
     links.push_back(std::move(l));

@@ -37,7 +37,9 @@ TEST(FuzzSmoke, CoordinatorReplyTargetSurvivesMutationsOfItsCorpus) {
   const auto seeds = readCorpus(ARCHIPELAGO_FUZZ_CORPUS_DIR "/coordinator_reply");
   ASSERT_GE(seeds.size(), 6u);
   const LoopResult r =
-      runMutationLoop(seeds, fuzzCoordinatorReply, {.seed = 62, .iterations = 600000, .random_inputs = 50000});
+
+      runMutationLoop(seeds, fuzzCoordinatorReply,
+                      {.seed = 62, .iterations = 600000, .random_inputs = 50000, .min_runs = 5000});
   EXPECT_GE(r.runs, 5000u);
 }
 

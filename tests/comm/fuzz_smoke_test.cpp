@@ -17,7 +17,9 @@ namespace {
 TEST(Fuzz, FrameAndHandshakeTargetSurvivesMutationsOfItsCorpus) {
   const auto seeds = readCorpus(ARCHIPELAGO_FUZZ_CORPUS_DIR "/frame");
   ASSERT_GE(seeds.size(), 4u);
-  const LoopResult r = runMutationLoop(seeds, fuzzFrame, {.seed = 20240607, .iterations = 2000000, .random_inputs = 200000});
+  const LoopResult r =
+      runMutationLoop(seeds, fuzzFrame,
+                      {.seed = 20240607, .iterations = 2000000, .random_inputs = 200000, .min_runs = 20001});
   EXPECT_GT(r.runs, 20000u);
 }
 

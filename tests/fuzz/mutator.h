@@ -61,8 +61,11 @@ struct LoopOptions {
   size_t max_size = 1 << 16;  // mutants are cut to this many bytes
   // Safety stop on a very slow machine: CPU seconds of this process (so a
   // loaded machine does not cut the loop), or ten times that on the wall
-  // clock (for targets that mostly wait on file I/O).
+  // clock (for targets that mostly wait on file I/O). Never before min_runs
+  // inputs (seeds included): a test's coverage does not depend on the
+  // machine's speed or load.
   double max_seconds = 3.0;
+  size_t min_runs = 1000;
 };
 
 struct LoopResult {
@@ -228,7 +231,8 @@ LoopResult runMutationLoop(const std::vector<std::string>& seeds, Target&& targe
   Mutator m(o.seed, seeds);
   const size_t total = o.iterations + o.random_inputs;
   for (size_t i = 0; i < total; ++i, ++r.runs) {
-    if (i % 32 == 0 && (cpuSeconds(cpu_start) > o.max_seconds || std::chrono::steady_clock::now() > until)) {
+    if (r.runs >= o.min_runs && i % 32 == 0 &&
+        (cpuSeconds(cpu_start) > o.max_seconds || std::chrono::steady_clock::now() > until)) {
       r.cut_short = true;
       break;
     }

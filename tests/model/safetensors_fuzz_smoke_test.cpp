@@ -15,7 +15,9 @@ namespace {
 TEST(FuzzSmoke, SafetensorsTargetSurvivesMutationsOfItsCorpus) {
   const auto seeds = readCorpus(ARCHIPELAGO_FUZZ_CORPUS_DIR "/safetensors");
   ASSERT_GE(seeds.size(), 4u);
-  const LoopResult r = runMutationLoop(seeds, fuzzSafetensors, {.seed = 51, .iterations = 300000, .random_inputs = 20000});
+  const LoopResult r =
+      runMutationLoop(seeds, fuzzSafetensors,
+                      {.seed = 51, .iterations = 300000, .random_inputs = 20000, .min_runs = 2000});
   EXPECT_GE(r.runs, 2000u);
 }
 

@@ -17,7 +17,8 @@ namespace {
 TEST(FuzzSmoke, PlanTargetSurvivesMutationsOfItsCorpus) {
   const auto seeds = readCorpus(ARCHIPELAGO_FUZZ_CORPUS_DIR "/plan");
   ASSERT_GE(seeds.size(), 5u);
-  const LoopResult r = runMutationLoop(seeds, fuzzPlan, {.seed = 41, .iterations = 20000, .random_inputs = 5000});
+  const LoopResult r =
+      runMutationLoop(seeds, fuzzPlan, {.seed = 41, .iterations = 20000, .random_inputs = 5000, .min_runs = 2000});
   EXPECT_GE(r.runs, 2000u);
 }
 

@@ -24,7 +24,9 @@ TEST(FuzzSmoke, CheckpointStateTargetSurvivesMutationsOfItsCorpus) {
   const auto seeds = readCorpus(CORPUS "checkpoint_state");
   ASSERT_GE(seeds.size(), 4u);
   const LoopResult r =
-      runMutationLoop(seeds, fuzzCheckpointState, {.seed = 71, .iterations = 40000, .random_inputs = 5000});
+
+      runMutationLoop(seeds, fuzzCheckpointState,
+                      {.seed = 71, .iterations = 40000, .random_inputs = 5000, .min_runs = 4000});
   EXPECT_GE(r.runs, 4000u);
 }
 
@@ -32,7 +34,9 @@ TEST(FuzzSmoke, CheckpointManifestTargetSurvivesMutationsOfItsCorpus) {
   const auto seeds = readCorpus(CORPUS "checkpoint_manifest");
   ASSERT_GE(seeds.size(), 4u);
   const LoopResult r =
-      runMutationLoop(seeds, fuzzCheckpointManifest, {.seed = 72, .iterations = 60000, .random_inputs = 5000});
+
+      runMutationLoop(seeds, fuzzCheckpointManifest,
+                      {.seed = 72, .iterations = 60000, .random_inputs = 5000, .min_runs = 4000});
   EXPECT_GE(r.runs, 4000u);
 }
 
