@@ -56,8 +56,6 @@ void addBenchCommands(CLI::App& app) {
   c->add_option("--iters", opts->o.iters, "timed iterations per row (0 = by size)")->capture_default_str();
   c->add_flag("!--no-same-host-copy", opts->o.same_host_copy,
               "send bulk bytes between local ranks over TCP too (no process_vm_readv single copy)");
-  c->add_flag("--splice,!--no-splice", opts->o.splice,
-              "spliced sends on plain links (vmsplice+splice, acked by the receiver; default on)");
   c->add_option("--checksum", opts->o.checksum, "frame CRC32C: auto (per link, docs/comm.md), on, off")
       ->capture_default_str();
   c->add_option("--rounds", opts->o.rounds, "alternating rounds per row (best reported)")->capture_default_str();

@@ -163,7 +163,6 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   cfg.options.chunk_bytes = opt.chunk_bytes;
   cfg.options.heartbeat_timeout_s = 5;
   cfg.options.same_host_copy = opt.same_host_copy;
-  cfg.options.splice_send = opt.splice;
   cfg.options.checksum = opt.checksum;
   if (bc.emulated) {
     core::IslandSpec a, b;
@@ -183,9 +182,9 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   if (me == 0) {
     for (const auto& line : cr->comm->emulationSummary()) std::printf("# %s\n", line.c_str());
     std::printf("# archipelago bench comm: %d ranks on this machine (127.0.0.1), %d streams/peer on straits, "
-                "%d between local ranks, chunk %s, spliced sends %s, checksum %s, same-host copy %s%s\n", n,
+                "%d between local ranks, chunk %s, checksum %s, same-host copy %s%s\n", n,
                 opt.streams, opt.local_streams, core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
-                opt.splice ? "on" : "off", opt.checksum.c_str(),
+                opt.checksum.c_str(),
                 opt.same_host_copy ? "on (row archipelago; row archipelago_tcp sends every byte over TCP)"
                                    : "off (all bytes over TCP)",
                 bc.emulated ? ", 2 islands joined by an EMULATED strait" : "");

@@ -634,7 +634,6 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
       const bool one_host = host(addresses_[static_cast<size_t>(peer)]) == host(addresses_[static_cast<size_t>(me)]);
       l.same_host = !tls && one_host;
       l.crc = linkChecksum(config_.options.checksum, cl, a, b, one_host, tls);
-      l.splice = config_.options.splice_send && !tls && !l.shaper;
     }
     // Both ends derive the same count: same cluster spec, same addresses.
     const int S = l.same_host && !l.shaper ? config_.options.local_streams : config_.options.streams;

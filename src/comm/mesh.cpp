@@ -49,14 +49,6 @@ void Mesh::start(std::vector<PeerLinks> links) {
       s->shaper = l.shaper;
       s->remote = l.same_host && !l.shaper && options_.same_host_copy;
       s->crc = l.crc;
-      if (l.splice) {
-        auto pipe = SplicePipe::create(options_.splice_pipe_bytes);
-        if (pipe.isOk()) {
-          s->pipe = std::move(pipe).value();
-        } else {  // e.g. out of file descriptors: copying writes still work
-          ARCH_LOG_WARN("comm rank {}: spliced sends to rank {} off ({})", rank_, l.peer, pipe.status().message());
-        }
-      }
       ss.push_back(std::move(s));
     }
     peer_of_index_.push_back(l.peer);

@@ -31,7 +31,6 @@
 #include "archipelago/comm/communicator.h"
 #include "archipelago/comm/link_emulator.h"
 #include "comm/socket.h"
-#include "comm/splice_pipe.h"
 
 namespace archipelago::comm {
 
@@ -86,7 +85,6 @@ class Mesh {
     std::shared_ptr<LinkShaper> shaper;  // null unless the pair crosses an emulated strait
     bool same_host = false;              // may use the single-copy path
     bool crc = true;                     // frames carry (and must carry) a CRC32C; false: a trusted link
-    bool splice = false;                 // data payloads are spliced (plain TCP, not shaped)
   };
 
   Mesh(int rank, uint32_t epoch, std::vector<int> members, const CommOptions& options);
@@ -175,7 +173,6 @@ class Mesh {
     bool bye = false;
     bool no_remote = false;  // send as TCP frames even on a same-host link
     bool ack = false;        // a kRemoteAck for ack_id
-    bool data_ack = false;   // a kDataAck with the stream's count of consumed ack-wanted frames
     bool ack_ok = false;
     uint64_t ack_id = 0;
   };
@@ -189,12 +186,7 @@ class Mesh {
     Socket* sock = nullptr;
     std::shared_ptr<LinkShaper> shaper;
     bool crc = true;                      // send CRCs and reject frames without one
-    std::unique_ptr<SplicePipe> pipe;     // spliced sends (sender thread only); null: copying writes
-    // Spliced sends: a part completes when the peer acks its last frame.
-    uint64_t splice_seq = 0;              // ack-wanted frames sent (guarded by mu_)
-    std::deque<std::pair<uint64_t, Part>> splice_pending;  // (seq, part) awaiting the ack (guarded by mu_)
-    uint64_t acks_due = 0;                // ack-wanted frames consumed from the peer (guarded by mu_)
-    bool ack_queued = false;              // a data_ack part is in queue (guarded by mu_)
+
     std::deque<Part> queue;  // guarded by mu_
     std::condition_variable cv;
     int64_t last_deliver = 0;  // sender thread only
@@ -215,8 +207,6 @@ class Mesh {
   void senderLoop(Stream* s);
   // Encodes h and writes it with its payload; the stream is mid-frame until the write completes.
   core::Status writeFrameOn(Stream* s, const FrameHeader& h, const void* payload, size_t len);
-  // Same as writeFrameOn, the payload spliced (referenced, not copied).
-  core::Status writeSplicedOn(Stream* s, const FrameHeader& h, const void* payload, size_t len);
   // Writes a kRemoteAck telling the peer whether we could copy its range.
   core::Status writeAck(Stream* s, const Part& part);
   // Announces a same-host range for the peer to copy; the part then waits for the ack.
@@ -228,18 +218,10 @@ class Mesh {
   // Writes an empty heartbeat frame.
   core::Status writeHeartbeat(Stream* s);
   // Writes a data part as frames (CRC'd unless the link is trusted, shaped on
-  // an emulated strait, spliced on a plain link). *deferred: the part
-  // completes later, on the peer's kDataAck (spliced), not in finishPart.
-  core::Status writeData(Stream* s, const Part& part, bool* deferred);
-  // Writes a kDataAck with the stream's count of consumed ack-wanted frames.
-  core::Status writeDataAck(Stream* s);
-  // Receiver: one more ack-wanted frame was consumed; queues (or updates) the ack.
-  void queueDataAck(Stream* s);
-  // Reads a kDataAck and completes the spliced parts it covers.
-  bool receiveDataAck(Stream* s, size_t pi, const std::string& who, const FrameHeader& h);
-  // Counts a written part against its message (unless deferred to its ack),
-  // wakes waiters, fails the mesh on a lost link.
-  bool finishPart(Stream* s, const Part& part, const core::Status& st, const std::string& who, bool deferred);
+  // an emulated strait).
+  core::Status writeData(Stream* s, const Part& part);
+  // Counts a written part against its message, wakes waiters, fails the mesh on a lost link.
+  bool finishPart(Stream* s, const Part& part, const core::Status& st, const std::string& who);
 
   // Receiver side (mesh_receiver.cpp). `pi` is the peer's index, `who`
   // names the stream in errors; helpers returning bool return false when

@@ -73,10 +73,6 @@ void Mesh::receiverLoop(Stream* s) {
     }
     if (h.type == FrameType::kHeartbeat) continue;
     if (h.type == FrameType::kAbort) return receiveAbort(s, pi, h);
-    if (h.type == FrameType::kDataAck) {
-      if (!receiveDataAck(s, pi, who, h)) return;
-      continue;
-    }
     if (h.type == FrameType::kRemote || h.type == FrameType::kRemoteAck) {
       if (!receiveSameHost(s, pi, who, h)) return;
       continue;
@@ -97,51 +93,6 @@ void Mesh::receiverLoop(Stream* s) {
     }
     if (!receiveData(s, pi, who, h)) return;
   }
-}
-
-void Mesh::queueDataAck(Stream* s) {
-  std::lock_guard<std::mutex> lock(mu_);
-  ++s->acks_due;
-  if (s->ack_queued) return;  // the queued ack will carry the new count
-  s->ack_queued = true;
-  Part ack;
-  ack.data_ack = true;
-  s->queue.push_front(ack);  // ahead of data: the peer waits on it to reuse its memory
-  s->cv.notify_one();
-}
-
-bool Mesh::receiveDataAck(Stream* s, size_t pi, const std::string& who, const FrameHeader& h) {
-  uint8_t pl[8];
-  core::Status st = h.length == 8 ? s->sock->readFull(pl, 8, core::Deadline::never(), &io_abort_)
-                                  : core::dataLoss("data ack of " + std::to_string(h.length) + " bytes");
-  if (st.isOk()) st = checkPayload(h, std::span<const uint8_t>(pl, 8));
-  if (!st.isOk()) {
-    loseStream(s, pi, who, st);
-    return false;
-  }
-  uint64_t count;
-  std::memcpy(&count, pl, 8);
-  bool wake = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (count > s->splice_seq) {
-      st = core::dataLoss("rank " + std::to_string(s->peer) + " acked " + std::to_string(count) +
-                          " spliced frames where " + std::to_string(s->splice_seq) + " were sent");
-    }
-    while (st.isOk() && !s->splice_pending.empty() && s->splice_pending.front().first <= count) {
-      SendRequest& req = *s->splice_pending.front().second.req;
-      partSentLocked(req);
-      bytes_sent_ += s->splice_pending.front().second.len;
-      wake = wake || req.parts_left == 0;
-      s->splice_pending.pop_front();
-    }
-  }
-  if (!st.isOk()) {
-    loseStream(s, pi, who, st);
-    return false;
-  }
-  if (wake) cv_.notify_all();
-  return true;
 }
 
 void Mesh::finishStream(Stream* s) {
@@ -346,7 +297,6 @@ bool Mesh::stageData(Stream* s, size_t pi, const std::string& who, const FrameHe
     loseStream(s, pi, who, st);
     return false;
   }
-  if (h.flags & kFrameFlagAckWanted) queueDataAck(s);  // the bytes are ours now
   if (h.deliver_at_lo) sleepUntilMicros(reconstructMicros(h.deliver_at_lo), &io_abort_);
   std::lock_guard<std::mutex> lock(mu_);
   Slot& slot = slots_[{s->peer, h.tag}];
@@ -386,7 +336,6 @@ bool Mesh::readPosted(Stream* s, size_t pi, const std::string& who, const FrameH
       target.reduceRange(h.offset + k, m);
     }
     if (st.isOk() && check) st = checkPayloadCrc(h, crc);
-    if (st.isOk() && (h.flags & kFrameFlagAckWanted)) queueDataAck(s);
   }
   if (st.isOk() && h.deliver_at_lo) sleepUntilMicros(reconstructMicros(h.deliver_at_lo), &io_abort_);
   bool wake = true;

@@ -32,14 +32,10 @@ void Mesh::senderLoop(Stream* s) {
       if (failed_) return;
       part = std::move(s->queue.front());
       s->queue.pop_front();
-      if (part.data_ack) s->ack_queued = false;  // later consumptions queue a new ack
       ++active_io_;
     }
     core::Status st;
-    bool deferred = false;
-    if (part.data_ack) {
-      st = writeDataAck(s);
-    } else if (part.ack) {
+    if (part.ack) {
       st = writeAck(s, part);
     } else if (part.req && !part.no_remote && s->remote.load() && part.len >= options_.same_host_min_bytes) {
       // Same host: the part completes on the peer's ack (receiver thread),
@@ -52,9 +48,9 @@ void Mesh::senderLoop(Stream* s) {
     } else if (part.heartbeat) {
       st = writeHeartbeat(s);
     } else {
-      st = writeData(s, part, &deferred);
+      st = writeData(s, part);
     }
-    if (!finishPart(s, part, st, who, deferred)) return;
+    if (!finishPart(s, part, st, who)) return;
   }
 }
 
@@ -65,17 +61,6 @@ core::Status Mesh::writeFrameOn(Stream* s, const FrameHeader& h, const void* pay
   s->writing = true;
   core::Status st = len == 0 ? s->sock->writeFull(hdr, sizeof(hdr), core::Deadline::never(), &io_abort_)
                              : s->sock->writeTwo(hdr, sizeof(hdr), payload, len, core::Deadline::never(), &io_abort_);
-  s->writing = false;
-  if (st.isOk()) s->mid_frame = false;
-  return st;
-}
-
-core::Status Mesh::writeSplicedOn(Stream* s, const FrameHeader& h, const void* payload, size_t len) {
-  uint8_t hdr[kFrameHeaderSize];
-  encodeHeader(h, hdr);
-  s->mid_frame = true;
-  s->writing = true;
-  core::Status st = s->pipe->send(*s->sock, hdr, sizeof(hdr), payload, len, &io_abort_);
   s->writing = false;
   if (st.isOk()) s->mid_frame = false;
   return st;
@@ -157,26 +142,8 @@ core::Status Mesh::writeHeartbeat(Stream* s) {
   return writeFrameOn(s, h, nullptr, 0);
 }
 
-core::Status Mesh::writeDataAck(Stream* s) {
-  uint64_t count;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    count = s->acks_due;
-  }
-  uint8_t pl[8];
-  std::memcpy(pl, &count, 8);
-  FrameHeader h;
-  h.type = FrameType::kDataAck;
-  h.epoch = epoch_;
-  h.length = 8;
-  h.total = 8;
-  h.crc = core::crc32c(pl, 8);
-  return writeFrameOn(s, h, pl, 8);
-}
-
-core::Status Mesh::writeData(Stream* s, const Part& part, bool* deferred) {
+core::Status Mesh::writeData(Stream* s, const Part& part) {
   const bool shaped = s->shaper != nullptr;
-  const bool spliced = s->pipe != nullptr && !shaped;
   const uint32_t frame_max = shaped ? options_.emulated_frame_bytes : options_.max_frame_bytes;
   core::Status st;
   size_t done = 0;
@@ -203,35 +170,25 @@ core::Status Mesh::writeData(Stream* s, const Part& part, bool* deferred) {
       s->last_deliver = s->shaper->send(len + kFrameHeaderSize, s->last_deliver, &io_abort_);
       h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped
     }
-    if (spliced && done + len == part.len) {
-      // The last frame asks for an ack; the part (and every earlier frame
-      // of it on this in-order stream) is done when the ack arrives, which
-      // may be before this write returns, so it is registered first.
-      h.flags |= kFrameFlagAckWanted;
-      std::lock_guard<std::mutex> lock(mu_);
-      s->splice_pending.emplace_back(++s->splice_seq, part);
-      *deferred = true;
-    }
-    st = spliced ? writeSplicedOn(s, h, p, len) : writeFrameOn(s, h, p, len);
+    st = writeFrameOn(s, h, p, len);
     done += len;
   }
-  if (st.isOk() && !*deferred) {
+  if (st.isOk()) {
     bytes_sent_ += part.len;
     if (shaped) bytes_strait_ += part.len;
   }
   return st;
 }
 
-bool Mesh::finishPart(Stream* s, const Part& part, const core::Status& st, const std::string& who, bool deferred) {
+bool Mesh::finishPart(Stream* s, const Part& part, const core::Status& st, const std::string& who) {
   bool wake;
   {
     std::lock_guard<std::mutex> lock(mu_);
     --active_io_;
-    if (st.isOk() && part.req && !deferred) partSentLocked(*part.req);
+    if (st.isOk() && part.req) partSentLocked(*part.req);
     // Wake waiters only for a finished message or an ending mesh (each
     // futex wake-up costs a context switch on a busy machine).
-    wake = (!part.req && !part.data_ack) || (part.req && !deferred && part.req->parts_left == 0) || failed_ ||
-           closing_;
+    wake = !part.req || part.req->parts_left == 0 || failed_ || closing_;
   }
   if (wake) cv_.notify_all();
   if (!st.isOk()) {

@@ -23,7 +23,7 @@ uint64_t get64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; 
 bool knownType(uint16_t t) {
   switch (static_cast<FrameType>(t)) {
     case FrameType::kData: case FrameType::kHeartbeat: case FrameType::kAbort: case FrameType::kRemote:
-    case FrameType::kRemoteAck: case FrameType::kDataAck: case FrameType::kHello:
+    case FrameType::kRemoteAck: case FrameType::kHello:
     case FrameType::kChallenge: case FrameType::kAuth: case FrameType::kAccept: case FrameType::kReject:
     case FrameType::kRequest: case FrameType::kReply:
       return true;

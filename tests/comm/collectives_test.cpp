@@ -200,23 +200,20 @@ TEST_P(Collectives, MatchFp64ReferenceAndAreBitIdentical) { runAll(GetParam(), e
 
 INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4, 5, 6, 7, 8));
 
-// Every byte through TCP (no same-host copy): spliced sends through a
-// one-page pipe (many vmsplice/splice rounds per frame, every send acked)
-// on loopback links without checksums, and copying writes with checksums.
-TEST(CollectivesOverTcp, SplicedThroughAOnePagePipeWithoutChecksums) {
+// Every byte through TCP frames (no same-host copy), on loopback links
+// without checksums (their default) and with checksums forced on.
+TEST(CollectivesOverTcp, WithoutChecksums) {
   runAll(4, [](const LocalRank& lr) {
     CommConfig cfg = testing::testConfig();
     cfg.options.same_host_copy = false;
-    cfg.options.splice_pipe_bytes = 4096;
     return everythingWith(lr, cfg);
   }, 120);
 }
 
-TEST(CollectivesOverTcp, CopyingWritesWithChecksums) {
+TEST(CollectivesOverTcp, WithChecksums) {
   runAll(3, [](const LocalRank& lr) {
     CommConfig cfg = testing::testConfig();
     cfg.options.same_host_copy = false;
-    cfg.options.splice_send = false;
     cfg.options.checksum = "on";
     return everythingWith(lr, cfg);
   }, 120);

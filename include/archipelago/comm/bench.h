@@ -36,7 +36,6 @@ struct CommBenchOptions {
                                         // archipelago_tcp)
   std::vector<std::string> impls;       // rows to run: archipelago, archipelago_tcp, gloo_*; empty = all
   std::string dtype = "f32";
-  bool splice = true;                   // CommOptions::splice_send (false: copying writes, for A/B)
   std::string checksum = "auto";        // CommOptions::checksum: auto | on | off (A/B of the frame CRC)
 };
 

@@ -90,10 +90,6 @@ struct CommOptions {
                                             // sender's memory (process_vm_readv, one copy instead of TCP's
                                             // two); falls back to TCP frames if the kernel refuses
   size_t same_host_min_bytes = 64 << 10;    // smaller messages go as TCP frames
-  bool splice_send = true;                  // plain unshaped links: payload pages go to the socket by
-                                            // vmsplice+splice (referenced, not copied); the send completes
-                                            // when the receiver acks that it read them (docs/comm.md)
-  size_t splice_pipe_bytes = 1 << 20;       // pipe per spliced stream (the kernel may cap it; >= 1 page)
   std::string checksum = "auto";            // frame CRC32C on every link: auto (per link from the cluster
                                             // spec: docs/comm.md "Checksums") | on | off (tests, bench A/B)
   bool emulate_straits = true;              // shape sends between islands from cluster.straits

@@ -43,7 +43,6 @@ enum class FrameType : uint16_t {
   kAbort = 3,      // the sender aborts: payload is the reason (UTF-8)
   kRemote = 4,     // same-host single copy: "read [offset,+len) of tag from my memory" (see mesh.h)
   kRemoteAck = 5,  // the reader copied (or could not copy) a kRemote range
-  kDataAck = 6,    // spliced sends: the receiver consumed N ack-wanted frames of this stream (u64 N)
   kHello = 10,     // handshake 1: client -> server
   kChallenge = 11, // handshake 2: server -> client
   kAuth = 12,      // handshake 3: client -> server
@@ -58,11 +57,7 @@ enum class FrameType : uint16_t {
 // (loopback, TLS, or `checksum: off`; see docs/comm.md "Checksums"). A
 // receiver whose link requires checksums rejects such a frame (kDataLoss).
 inline constexpr uint8_t kFrameFlagNoCrc = 1;
-// kFrameFlagAckWanted: the payload was spliced from the sender's memory, which
-// it may not reuse until the receiver has read it: the receiver answers with
-// kDataAck once the frame is consumed (cumulative count per stream).
-inline constexpr uint8_t kFrameFlagAckWanted = 2;
-inline constexpr uint8_t kFrameFlagsKnown = kFrameFlagNoCrc | kFrameFlagAckWanted;
+inline constexpr uint8_t kFrameFlagsKnown = kFrameFlagNoCrc;
 
 struct FrameHeader {
   FrameType type = FrameType::kData;
