@@ -161,6 +161,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   cfg.options.streams = opt.streams;
   cfg.options.local_streams = opt.local_streams;
   cfg.options.chunk_bytes = opt.chunk_bytes;
+  cfg.options.ring_max_pieces = opt.ring_max_pieces;
   cfg.options.heartbeat_timeout_s = 5;
   cfg.options.same_host_copy = opt.same_host_copy;
   cfg.options.checksum = opt.checksum;
@@ -182,8 +183,8 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   if (me == 0) {
     for (const auto& line : cr->comm->emulationSummary()) std::printf("# %s\n", line.c_str());
     std::printf("# archipelago bench comm: %d ranks on this machine (127.0.0.1), %d streams/peer on straits, "
-                "%d between local ranks, chunk %s, checksum %s, same-host copy %s%s\n", n,
-                opt.streams, opt.local_streams, core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
+                "%d between local ranks, chunk %s (at most %d pieces per block), checksum %s, same-host copy %s%s\n", n,
+                opt.streams, opt.local_streams, core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(), opt.ring_max_pieces,
                 opt.checksum.c_str(),
                 opt.same_host_copy ? "on (row archipelago; row archipelago_tcp sends every byte over TCP)"
                                    : "off (all bytes over TCP)",

@@ -543,6 +543,10 @@ core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig conf
   if (config.options.streams < 1 || config.options.streams > 64) {
     return core::invalidArgument("comm: streams must be in 1..64 (got " + std::to_string(config.options.streams) + ")");
   }
+  if (config.options.ring_max_pieces < 1 || config.options.ring_max_pieces > 64) {
+    return core::invalidArgument("comm: ring_max_pieces must be in 1..64 (got " +
+                                 std::to_string(config.options.ring_max_pieces) + ")");
+  }
   if (config.options.local_streams < 1 || config.options.local_streams > 64) {
     return core::invalidArgument("comm: local_streams must be in 1..64 (got " +
                                  std::to_string(config.options.local_streams) + ")");

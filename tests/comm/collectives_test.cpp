@@ -206,6 +206,7 @@ TEST(CollectivesOverTcp, WithoutChecksums) {
   runAll(4, [](const LocalRank& lr) {
     CommConfig cfg = testing::testConfig();
     cfg.options.same_host_copy = false;
+    cfg.options.ring_max_pieces = CommOptions{}.ring_max_pieces;
     return everythingWith(lr, cfg);
   }, 120);
 }

@@ -29,6 +29,7 @@ struct CommBenchOptions {
   int streams = 4;                      // TCP streams per peer pair across straits / hosts
   int local_streams = 1;                // TCP streams between ranks on this host
   uint64_t chunk_bytes = 1 << 20;
+  int ring_max_pieces = 4;              // CommOptions::ring_max_pieces
   int iters = 0;                        // 0 = chosen per size
   int rounds = 3;                       // alternating rounds per row; the best round is reported
   bool same_host_copy = true;           // false: bulk bytes go through TCP even between local ranks
