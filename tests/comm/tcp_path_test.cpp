@@ -73,6 +73,32 @@ struct HandPlayedPeer {
   }
 };
 
+// The flags byte: a data frame may say "no CRC"; unknown flags, or flags on
+// any other frame type, are garbage.
+TEST(TcpPath, FrameFlagsAreParsedStrictly) {
+  FrameHeader h = dataFrame(5, 0, 3, kFrameFlagNoCrc, 3);
+  h.crc = 0x12345678;  // not checked for a flagged frame
+  uint8_t b[kFrameHeaderSize];
+  encodeHeader(h, b);
+  auto back = decodeHeader(b);
+  ASSERT_TRUE(back.isOk()) << back.status().toString();
+  EXPECT_EQ(back->flags, kFrameFlagNoCrc);
+  EXPECT_EQ(back->type, FrameType::kData);
+  const std::vector<uint8_t> pl = {1, 2, 3};
+  EXPECT_TRUE(checkPayload(*back, pl).isOk());
+  EXPECT_EQ(checkPayload(*back, std::vector<uint8_t>{1, 2}).code(), core::StatusCode::kDataLoss);
+  h.flags = 0;  // the same header with a CRC claimed is checked
+  EXPECT_EQ(checkPayload(h, pl).code(), core::StatusCode::kDataLoss);
+  h.flags = 0x80;
+  encodeHeader(h, b);
+  EXPECT_EQ(decodeHeader(b).status().code(), core::StatusCode::kDataLoss);
+  FrameHeader hb;
+  hb.type = FrameType::kHeartbeat;
+  hb.flags = kFrameFlagNoCrc;
+  encodeHeader(hb, b);
+  EXPECT_EQ(decodeHeader(b).status().code(), core::StatusCode::kDataLoss);
+}
+
 // Without a CRC the receiver still rejects a frame that is cut short: at
 // the end of the connection, or when what follows does not parse as the
 // next header; and an oversized length is refused before any byte is read.
