@@ -53,6 +53,8 @@ void addBenchCommands(CLI::App& app) {
   c->add_option("--local-streams", opts->o.local_streams, "TCP streams between ranks on this host")
       ->capture_default_str();
   c->add_option("--chunk", opts->o.chunk_bytes, "ring pipeline chunk in bytes")->capture_default_str();
+  c->add_option("--frame", opts->o.frame_bytes, "payload bytes per TCP frame on fast links (4096..16777216)")
+      ->capture_default_str();
   c->add_option("--ring-pieces", opts->o.ring_max_pieces, "at most this many ring pipeline pieces per block (1..64)")
       ->capture_default_str();
   c->add_option("--iters", opts->o.iters, "timed iterations per row (0 = by size)")->capture_default_str();

@@ -15,6 +15,7 @@
 
 #include "archipelago/comm/bench.h"
 #include "archipelago/comm/communicator.h"
+#include "archipelago/comm/wire.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
@@ -162,6 +163,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   cfg.options.local_streams = opt.local_streams;
   cfg.options.chunk_bytes = opt.chunk_bytes;
   cfg.options.ring_max_pieces = opt.ring_max_pieces;
+  cfg.options.max_frame_bytes = opt.frame_bytes;
   cfg.options.heartbeat_timeout_s = 5;
   cfg.options.same_host_copy = opt.same_host_copy;
   cfg.options.checksum = opt.checksum;
@@ -457,6 +459,9 @@ core::Status runCommBench(const CommBenchOptions& in) {
   }
   if (opt.streams < 1 || opt.streams > 64) return core::invalidArgument("--streams: expected 1..64");
   if (opt.local_streams < 1 || opt.local_streams > 64) return core::invalidArgument("--local-streams: expected 1..64");
+  if (opt.frame_bytes < 4096 || opt.frame_bytes > kMaxFramePayload) {
+    return core::invalidArgument("--frame " + std::to_string(opt.frame_bytes) + ": expected 4096..16777216 bytes");
+  }
   auto codec = parseCodec(opt.codec);
   if (!codec.isOk()) return codec.status().withContext("--codec");
   BenchCtx bc;

@@ -30,6 +30,7 @@ struct CommBenchOptions {
   int local_streams = 1;                // TCP streams between ranks on this host
   uint64_t chunk_bytes = 1 << 20;
   int ring_max_pieces = 4;              // CommOptions::ring_max_pieces
+  uint32_t frame_bytes = 256 << 10;     // CommOptions::max_frame_bytes
   int iters = 0;                        // 0 = chosen per size
   int rounds = 3;                       // alternating rounds per row; the best round is reported
   bool same_host_copy = true;           // false: bulk bytes go through TCP even between local ranks
