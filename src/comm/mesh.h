@@ -8,8 +8,9 @@
 //  - receiver (per stream): reads frames; copies a data frame's payload
 //    straight into the posted receive buffer (or an "early" buffer if the
 //    receive is not posted yet); applies the emulated delivery time.
-//  - sender (per stream): drains its queue of stripe parts; CRC, shaping,
-//    write; posts the receives deferred behind a send it completes.
+//  - sender (per stream): drains its queue of stripe parts; CRC (links that
+//    carry one: PeerLinks::crc, docs/comm.md "Checksums"), shaping, write;
+//    posts the receives deferred behind a send it completes.
 //  - monitor: sends heartbeats, declares a silent peer failed.
 // Failure is sticky and whole-mesh: the first error (peer closed, corrupt
 // frame, heartbeat timeout, deadline or abort of a collective) shuts every
