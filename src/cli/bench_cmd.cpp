@@ -48,16 +48,24 @@ void addBenchCommands(CLI::App& app) {
   c->add_option("--strait", opts->o.strait, "EMULATED strait between two islands: \"1Gbit/s,20ms[,jitter[,loss]]\"");
   c->add_option("--codec", opts->o.codec, "codec on the cross-island leg of hier_allreduce (int8, bf16, fp8_e4m3, ...)")
       ->capture_default_str();
-  c->add_flag("--gloo,!--no-gloo", opts->o.gloo, "also run Gloo's ring allreduce (default on)");
+  c->add_flag("--gloo,!--no-gloo", opts->o.gloo, "also run Gloo's allreduce algorithms: ring, ring_chunked, halving_doubling, bcube (default on)");
   c->add_option("--streams", opts->o.streams, "TCP streams per peer pair across a strait")->capture_default_str();
   c->add_option("--local-streams", opts->o.local_streams, "TCP streams between ranks on this host")
       ->capture_default_str();
   c->add_option("--chunk", opts->o.chunk_bytes, "ring pipeline chunk in bytes")->capture_default_str();
+  c->add_option("--frame", opts->o.frame_bytes, "payload bytes per TCP frame on fast links (4096..16777216)")
+      ->capture_default_str();
+  c->add_option("--ring-pieces", opts->o.ring_max_pieces, "at most this many ring pipeline pieces per block (1..64)")
+      ->capture_default_str();
   c->add_option("--iters", opts->o.iters, "timed iterations per row (0 = by size)")->capture_default_str();
   c->add_flag("!--no-same-host-copy", opts->o.same_host_copy,
               "send bulk bytes between local ranks over TCP too (no process_vm_readv single copy)");
+  c->add_option("--checksum", opts->o.checksum, "frame CRC32C: auto (per link, docs/comm.md), on, off")
+      ->capture_default_str();
   c->add_option("--rounds", opts->o.rounds, "alternating rounds per row (best reported)")->capture_default_str();
-  c->add_option("--impls", opts->impls, "only these rows: archipelago,archipelago_tcp,gloo_ring (default: all)");
+  c->add_option("--impls", opts->impls,
+                "only these rows: archipelago,archipelago_tcp,gloo_ring,gloo_ring_chunked,gloo_halving_doubling,"
+                "gloo_bcube (default: all)");
   c->add_option("--netns", opts->netns,
                 "run rank i in network namespace i of this list (one per rank; needs root; tests/netns/hosts.sh)");
   c->add_option("--coordinator-host", opts->o.coordinator_host,

@@ -41,7 +41,7 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
     max_block = std::max(max_block, counts[static_cast<size_t>(i)]);
   }
   const size_t P = std::clamp<size_t>((max_block * es + c.opt->chunk_bytes - 1) / std::max<size_t>(c.opt->chunk_bytes, 1),
-                                      1, 64);
+                                      1, static_cast<size_t>(std::clamp(c.opt->ring_max_pieces, 1, 64)));
   // Piece j of block b, in elements: [begin, end).
   auto piece = [&](int b, size_t j) {
     size_t cnt = counts[static_cast<size_t>(b)];

@@ -15,19 +15,13 @@
 
 #include "archipelago/comm/bench.h"
 #include "archipelago/comm/communicator.h"
+#include "archipelago/comm/wire.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
+#include "comm/bench_gloo.h"
 #include "comm/launch_local.h"
 
-#if defined(ARCHIPELAGO_HAS_GLOO)
-#include <gloo/allreduce.h>
-#include <gloo/math.h>
-#include <gloo/rendezvous/context.h>
-#include <gloo/rendezvous/file_store.h>
-#include <gloo/rendezvous/prefix_store.h>
-#include <gloo/transport/tcp/device.h>
-#endif
 
 namespace archipelago::comm {
 
@@ -119,6 +113,41 @@ int itersFor(uint64_t bytes, int fixed, double strait_bw) {
   return static_cast<int>(std::clamp(budget / static_cast<double>(std::max<uint64_t>(bytes, 1)), 2.0, 50.0));
 }
 
+// After the allreduce rows of one size: each of our rows against every Gloo
+// algorithm and against the best of them (the honest yardstick).
+void printGlooRatios(const std::vector<std::pair<std::string, double>>& busbw_of, uint64_t bytes,
+                     bool same_host_copy) {
+  std::string best_impl;
+  double best = 0;
+  for (const auto& [impl, bw] : busbw_of) {
+    if (isGlooImpl(impl) && bw > best) {
+      best = bw;
+      best_impl = impl;
+    }
+  }
+  if (best <= 0) return;
+  const std::string size = core::formatBytes(static_cast<double>(bytes));
+  for (const auto& [impl, bw] : busbw_of) {
+    if (isGlooImpl(impl)) continue;
+    std::string vs;
+    for (const auto& [g, gbw] : busbw_of) {
+      if (!isGlooImpl(g)) continue;
+      char one[96];
+      std::snprintf(one, sizeof(one), "%s%s %.2fx", vs.empty() ? "" : ", ", g.c_str(), bw / gbw);
+      vs += one;
+    }
+    std::printf("# allreduce %s: %s busbw / best Gloo (%s) busbw = %.2fx  [%s]  (%s)\n", size.c_str(), impl.c_str(),
+                best_impl.c_str(), bw / best, vs.c_str(),
+                impl == "archipelago_tcp" || !same_host_copy
+                    ? "every byte over TCP, like Gloo"
+                    : "same-host single copy (process_vm_readv) for messages >= 64 KiB");
+    nlohmann::json j{{"bench", "comm"}, {"op", "allreduce"}, {"ratio_of", impl}, {"bytes", bytes},
+                     {"best_gloo", best_impl}, {"ratio_to_best_gloo", bw / best}};
+    std::printf("JSON %s\n", j.dump().c_str());
+  }
+  std::fflush(stdout);
+}
+
 struct BenchCtx {
   const CommBenchOptions* opt;
   core::StraitSpec strait;
@@ -133,8 +162,11 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   cfg.options.streams = opt.streams;
   cfg.options.local_streams = opt.local_streams;
   cfg.options.chunk_bytes = opt.chunk_bytes;
+  cfg.options.ring_max_pieces = opt.ring_max_pieces;
+  cfg.options.max_frame_bytes = opt.frame_bytes;
   cfg.options.heartbeat_timeout_s = 5;
   cfg.options.same_host_copy = opt.same_host_copy;
+  cfg.options.checksum = opt.checksum;
   if (bc.islands > 1) {
     core::IslandSpec a, b;
     a.name = "islandA";
@@ -154,10 +186,10 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
   if (me == 0) {
     for (const auto& line : cr->comm->emulationSummary()) std::printf("# %s\n", line.c_str());
     std::printf("# archipelago bench comm: %d ranks %s, %d streams/peer on straits, "
-                "%d between local ranks, chunk %s, same-host copy %s%s\n", n,
-                opt.netns.empty() ? "on this machine (127.0.0.1)" : "in network namespaces (one per host)",
-                opt.streams, opt.local_streams,
-                core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
+                "%d between local ranks, chunk %s (at most %d pieces per block), checksum %s, same-host copy %s%s\n",
+                n, opt.netns.empty() ? "on this machine (127.0.0.1)" : "in network namespaces (one per host)",
+                opt.streams, opt.local_streams, core::formatBytes(static_cast<double>(opt.chunk_bytes)).c_str(),
+                opt.ring_max_pieces, opt.checksum.c_str(),
                 opt.same_host_copy ? "on (row archipelago; row archipelago_tcp sends every byte over TCP)"
                                    : "off (all bytes over TCP)",
                 bc.islands == 1 ? ""
@@ -175,24 +207,13 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
     return x;
   };
 
-#if defined(ARCHIPELAGO_HAS_GLOO)
-  std::shared_ptr<gloo::rendezvous::Context> gctx;
+  std::unique_ptr<GlooYardstick> gloo;
   if (opt.gloo) {
-    try {
-      gloo::transport::tcp::attr attr;
-      attr.hostname = lr.listen.empty() ? "127.0.0.1" : lr.listen;
-      auto dev = gloo::transport::tcp::CreateDevice(attr);
-      std::string dir = "/tmp/archipelago-gloo-" + std::to_string(::getppid());
-      gloo::rendezvous::FileStore store(dir);
-      gloo::rendezvous::PrefixStore prefix("bench", store);
-      gctx = std::make_shared<gloo::rendezvous::Context>(me, n);
-      gctx->setTimeout(std::chrono::seconds(120));
-      gctx->connectFullMesh(prefix, dev);
-    } catch (const std::exception& e) {
-      return std::string("gloo setup failed: ") + e.what();
-    }
+    std::string error;
+    gloo = GlooYardstick::connect(me, n, lr.listen.empty() ? "127.0.0.1" : lr.listen,
+                                  "/tmp/archipelago-gloo-" + std::to_string(::getppid()), &error);
+    if (!gloo) return error;
   }
-#endif
 
   std::vector<std::string> ops = opt.ops;
   bool printed_header = false;
@@ -231,24 +252,11 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
                                 return g.allreduce(buf.data(), count, dt, ReduceOp::kSum, o);
                               }});
         }
-#if defined(ARCHIPELAGO_HAS_GLOO)
-        if (gctx) {
-          variants.push_back({"gloo_ring", CodecKind::kNone, [&]() -> core::Status {
-                                try {
-                                  gloo::AllreduceOptions o(gctx);
-                                  o.setAlgorithm(gloo::AllreduceOptions::Algorithm::RING);
-                                  o.setInput(buf.data(), count);
-                                  o.setOutput(buf.data(), count);
-                                  o.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(
-                                      &gloo::sum<float>));
-                                  gloo::allreduce(o);
-                                  return core::okStatus();
-                                } catch (const std::exception& e) {
-                                  return core::unavailable(std::string("gloo: ") + e.what());
-                                }
-                              }});
+        if (gloo) {
+          for (auto& algo : gloo->allreduceAlgorithms(buf.data(), count)) {
+            variants.push_back({algo.impl, CodecKind::kNone, algo.run});
+          }
         }
-#endif
       } else if (op == "hier_allreduce") {
         variants.push_back({"archipelago", CodecKind::kNone, [&] {
                               return g.hierarchicalAllreduce(buf.data(), count, dt, ReduceOp::kSum,
@@ -298,7 +306,7 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
         variants = std::move(keep);
       }
       double none_wire = -1;
-      std::vector<std::pair<std::string, double>> ours_busbw;
+      std::vector<std::pair<std::string, double>> busbw_of;  // allreduce rows, for the ratios to Gloo
       // Variants are measured in alternating rounds (best round counts), so
       // load from other processes on this machine hits all of them alike.
       const int rounds = opt.rounds;
@@ -373,18 +381,10 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
             printed_header = true;
           }
           printRow(r, bc.islands > 1);
-          if (v.impl != "gloo_ring" && op == "allreduce") ours_busbw.emplace_back(v.impl, r.busbw);
-          if (v.impl == "gloo_ring") {
-            for (const auto& [impl, bw] : ours_busbw) {
-              std::printf("# allreduce %s: %s busbw / gloo ring busbw = %.2fx  (%s)\n",
-                          core::formatBytes(static_cast<double>(bytes)).c_str(), impl.c_str(), bw / r.busbw,
-                          impl == "archipelago_tcp" || !opt.same_host_copy
-                              ? "every byte over TCP, like Gloo"
-                              : "same-host single copy (process_vm_readv) for messages >= 64 KiB");
-            }
-          }
+          if (op == "allreduce") busbw_of.emplace_back(v.impl, r.busbw);
         }
       }
+      if (me == 0) printGlooRatios(busbw_of, bytes, opt.same_host_copy);
     }
   }
   if (std::find(ops.begin(), ops.end(), "failure") != ops.end()) {
@@ -466,6 +466,9 @@ core::Status runCommBench(const CommBenchOptions& in) {
   }
   if (opt.streams < 1 || opt.streams > 64) return core::invalidArgument("--streams: expected 1..64");
   if (opt.local_streams < 1 || opt.local_streams > 64) return core::invalidArgument("--local-streams: expected 1..64");
+  if (opt.frame_bytes < 4096 || opt.frame_bytes > kMaxFramePayload) {
+    return core::invalidArgument("--frame " + std::to_string(opt.frame_bytes) + ": expected 4096..16777216 bytes");
+  }
   auto codec = parseCodec(opt.codec);
   if (!codec.isOk()) return codec.status().withContext("--codec");
   BenchCtx bc;

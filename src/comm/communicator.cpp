@@ -9,6 +9,7 @@
 #include "archipelago/core/log.h"
 #include "comm/collectives.h"
 #include "comm/endpoint.h"
+#include "comm/link_checksum.h"
 #include "comm/mesh.h"
 #include "comm/socket.h"
 
@@ -542,10 +543,15 @@ core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig conf
   if (config.options.streams < 1 || config.options.streams > 64) {
     return core::invalidArgument("comm: streams must be in 1..64 (got " + std::to_string(config.options.streams) + ")");
   }
+  if (config.options.ring_max_pieces < 1 || config.options.ring_max_pieces > 64) {
+    return core::invalidArgument("comm: ring_max_pieces must be in 1..64 (got " +
+                                 std::to_string(config.options.ring_max_pieces) + ")");
+  }
   if (config.options.local_streams < 1 || config.options.local_streams > 64) {
     return core::invalidArgument("comm: local_streams must be in 1..64 (got " +
                                  std::to_string(config.options.local_streams) + ")");
   }
+  ARCH_RETURN_IF_ERROR(checkChecksumOption(config.options.checksum));
   std::unique_ptr<Communicator> c(new Communicator(std::move(config)));
   Communicator* raw = c.get();
   auto tls_policy = [raw](int32_t peer) {
@@ -658,7 +664,9 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
     }
     {
       auto host = [](const std::string& a) { return a.substr(0, a.rfind(':')); };
-      l.same_host = !tls && host(addresses_[static_cast<size_t>(peer)]) == host(addresses_[static_cast<size_t>(me)]);
+      const bool one_host = host(addresses_[static_cast<size_t>(peer)]) == host(addresses_[static_cast<size_t>(me)]);
+      l.same_host = !tls && one_host;
+      l.crc = linkChecksum(config_.options.checksum, cl, a, b, one_host, tls);
     }
     // Both ends derive the same count: same cluster spec, same addresses.
     const int S = l.same_host && !l.shaper ? config_.options.local_streams : config_.options.streams;

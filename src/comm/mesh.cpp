@@ -48,6 +48,7 @@ void Mesh::start(std::vector<PeerLinks> links) {
       s->sock = l.streams[i].get();
       s->shaper = l.shaper;
       s->remote = l.same_host && !l.shaper && options_.same_host_copy;
+      s->crc = l.crc;
       ss.push_back(std::move(s));
     }
     peer_of_index_.push_back(l.peer);

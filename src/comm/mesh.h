@@ -8,8 +8,9 @@
 //  - receiver (per stream): reads frames; copies a data frame's payload
 //    straight into the posted receive buffer (or an "early" buffer if the
 //    receive is not posted yet); applies the emulated delivery time.
-//  - sender (per stream): drains its queue of stripe parts; CRC, shaping,
-//    write; posts the receives deferred behind a send it completes.
+//  - sender (per stream): drains its queue of stripe parts; CRC (links that
+//    carry one: PeerLinks::crc, docs/comm.md "Checksums"), shaping, write;
+//    posts the receives deferred behind a send it completes.
 //  - monitor: sends heartbeats, declares a silent peer failed.
 // Failure is sticky and whole-mesh: the first error (peer closed, corrupt
 // frame, heartbeat timeout, deadline or abort of a collective) shuts every
@@ -84,6 +85,7 @@ class Mesh {
     std::vector<std::unique_ptr<Socket>> streams;
     std::shared_ptr<LinkShaper> shaper;  // null unless the pair crosses an emulated strait
     bool same_host = false;              // may use the single-copy path
+    bool crc = true;                     // frames carry (and must carry) a CRC32C; false: a trusted link
   };
 
   Mesh(int rank, uint32_t epoch, std::vector<int> members, const CommOptions& options);
@@ -184,6 +186,8 @@ class Mesh {
     std::atomic<bool> remote{false};      // same-host single-copy path enabled
     Socket* sock = nullptr;
     std::shared_ptr<LinkShaper> shaper;
+    bool crc = true;                      // send CRCs and reject frames without one
+
     std::deque<Part> queue;  // guarded by mu_
     std::condition_variable cv;
     int64_t last_deliver = 0;  // sender thread only
@@ -214,7 +218,8 @@ class Mesh {
   core::Status writeBye(Stream* s);
   // Writes an empty heartbeat frame.
   core::Status writeHeartbeat(Stream* s);
-  // Writes a data part as CRC'd frames (shaped on an emulated strait).
+  // Writes a data part as frames (CRC'd unless the link is trusted, shaped on
+  // an emulated strait).
   core::Status writeData(Stream* s, const Part& part);
   // Counts a written part against its message, wakes waiters, fails the mesh on a lost link.
   bool finishPart(Stream* s, const Part& part, const core::Status& st, const std::string& who);

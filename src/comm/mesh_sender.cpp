@@ -15,7 +15,8 @@ namespace archipelago::comm {
 // Test hook of the chaos tests: while the file named by
 // ARCHIPELAGO_TEST_CORRUPT_FRAME_FILE exists, the first sender to remove it
 // sends one data frame with a wrong checksum (the receiver must fail the
-// epoch with kDataLoss). Costs nothing when the variable is unset.
+// epoch with kDataLoss). Only links that carry checksums take part (trusted
+// links have none to corrupt). Costs nothing when the variable is unset.
 static bool testCorruptNextFrame() {
   static const char* path = std::getenv("ARCHIPELAGO_TEST_CORRUPT_FRAME_FILE");
   return path && *path && ::unlink(path) == 0;
@@ -159,8 +160,12 @@ core::Status Mesh::writeData(Stream* s, const Part& part) {
     h.tag = part.req->tag;
     h.offset = part.offset + done;
     h.total = part.req->total;
-    h.crc = core::crc32c(p, len);
-    if (testCorruptNextFrame()) h.crc ^= 1u;
+    if (s->crc) {
+      h.crc = core::crc32c(p, len);
+    } else {
+      h.flags |= kFrameFlagNoCrc;
+    }
+    if (s->crc && testCorruptNextFrame()) h.crc ^= 1u;  // only where a checksum can catch it
     if (shaped) {
       s->last_deliver = s->shaper->send(len + kFrameHeaderSize, s->last_deliver, &io_abort_);
       h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped

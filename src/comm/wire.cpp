@@ -40,7 +40,7 @@ static_assert(sizeof(uint64_t) == 8);
 void encodeHeader(const FrameHeader& h, uint8_t out[kFrameHeaderSize]) {
   put32(out + 0, kFrameMagic);
   put16(out + 4, kWireVersion);
-  put16(out + 6, static_cast<uint16_t>(h.type));
+  put16(out + 6, static_cast<uint16_t>(static_cast<uint16_t>(h.type) | (static_cast<uint16_t>(h.flags) << 8)));
   put32(out + 8, h.epoch);
   put32(out + 12, h.length);
   put64(out + 16, h.tag);
@@ -58,10 +58,16 @@ core::Result<FrameHeader> decodeHeader(std::span<const uint8_t> b, uint32_t max_
     return core::unimplemented("wire version " + std::to_string(version) + " (this build speaks " +
                                std::to_string(kWireVersion) + ")");
   }
-  uint16_t type = get16(b.data() + 6);
+  const uint16_t type_and_flags = get16(b.data() + 6);
+  const uint16_t type = type_and_flags & 0xff;
+  const uint8_t flags = static_cast<uint8_t>(type_and_flags >> 8);
   if (!knownType(type)) return core::dataLoss("unknown frame type " + std::to_string(type));
+  if ((flags & ~kFrameFlagsKnown) != 0 || (flags != 0 && type != static_cast<uint16_t>(FrameType::kData))) {
+    return core::dataLoss("frame type " + std::to_string(type) + " with unknown flags " + std::to_string(flags));
+  }
   FrameHeader h;
   h.type = static_cast<FrameType>(type);
+  h.flags = flags;
   h.epoch = get32(b.data() + 8);
   h.length = get32(b.data() + 12);
   h.tag = get64(b.data() + 16);
@@ -86,6 +92,7 @@ core::Result<FrameHeader> decodeHeader(std::span<const uint8_t> b, uint32_t max_
 
 core::Status checkPayload(const FrameHeader& h, std::span<const uint8_t> payload) {
   if (payload.size() != h.length) return core::dataLoss("payload length mismatch");
+  if (h.flags & kFrameFlagNoCrc) return core::okStatus();
   return checkPayloadCrc(h, core::crc32c(payload.data(), payload.size()));
 }
 

@@ -49,6 +49,9 @@ template <typename V> void visitFields(V& v, IslandSpec& s) {
   v.field("listen", ref(s.listen, "where its workers listen: auto (the interface routing to the coordinator), an "
                                   "interface (eth0) or an address (IPv4/IPv6; 0.0.0.0 or :: = all)"));
   v.field("advertise", ref(s.advertise, "address peers connect to (empty: the listening one)"));
+  v.field("checksum", choice(s.checksum, {"auto", "on", "off"},
+                             "frame CRC32C between this island's workers (auto: off on one host, on between hosts; "
+                             "off: a trusted network)"));
   v.field("devices_per_node", ref(s.devices_per_node, "devices sharing one node's fabric"));
   v.field("node_bandwidth", bandwidth(s.node_bandwidth, "intra-node fabric bandwidth (0 = catalog)"));
   v.field("fabric_bandwidth", bandwidth(s.fabric_bandwidth, "inter-node bandwidth inside the island (0 = catalog)"));
@@ -64,6 +67,8 @@ template <typename V> void visitFields(V& v, StraitSpec& s) {
   v.field("tls", ref(s.tls, "encrypt traffic on this strait"));
   v.field("emulate", choice(s.emulate, {"auto", "true", "false"},
                             "shape this strait in userspace (auto: only when every island runs on one host)"));
+  v.field("checksum", choice(s.checksum, {"auto", "on", "off"},
+                             "frame CRC32C on this strait (auto: on, off when tls: true)"));
 }
 
 template <typename V> void visitFields(V& v, ClusterSpec& s) {

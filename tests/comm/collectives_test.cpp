@@ -158,8 +158,8 @@ std::string gatherScatterBroadcast(Group& g, size_t base) {
   return "";
 }
 
-std::string everything(const LocalRank& lr) {
-  auto cr = connectRank(lr, testing::testConfig(), core::Deadline::afterSeconds(20));
+std::string everythingWith(const LocalRank& lr, const CommConfig& cfg) {
+  auto cr = connectRank(lr, cfg, core::Deadline::afterSeconds(20));
   if (!cr.isOk()) return cr.status().toString();
   Group& g = *cr->world;
   const size_t n = static_cast<size_t>(g.size());
@@ -192,11 +192,33 @@ std::string everything(const LocalRank& lr) {
   return "";
 }
 
+std::string everything(const LocalRank& lr) { return everythingWith(lr, testing::testConfig()); }
+
 class Collectives : public ::testing::TestWithParam<int> {};
 
 TEST_P(Collectives, MatchFp64ReferenceAndAreBitIdentical) { runAll(GetParam(), everything, 120); }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4, 5, 6, 7, 8));
+
+// Every byte through TCP frames (no same-host copy), on loopback links
+// without checksums (their default) and with checksums forced on.
+TEST(CollectivesOverTcp, WithoutChecksums) {
+  runAll(4, [](const LocalRank& lr) {
+    CommConfig cfg = testing::testConfig();
+    cfg.options.same_host_copy = false;
+    cfg.options.ring_max_pieces = CommOptions{}.ring_max_pieces;
+    return everythingWith(lr, cfg);
+  }, 120);
+}
+
+TEST(CollectivesOverTcp, WithChecksums) {
+  runAll(3, [](const LocalRank& lr) {
+    CommConfig cfg = testing::testConfig();
+    cfg.options.same_host_copy = false;
+    cfg.options.checksum = "on";
+    return everythingWith(lr, cfg);
+  }, 120);
+}
 
 // Hierarchical allreduce over uneven islands {0,0,1,1,1} and 3 islands
 // {0,1,1,2,2,2}: intra reduce-scatter, cross allreduce, intra allgather.

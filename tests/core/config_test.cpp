@@ -258,6 +258,37 @@ cluster:
   EXPECT_THAT(bad.status().message(), HasSubstr("emulate"));
 }
 
+// The frame checksum is a per-link setting: on islands (links between
+// their workers) and straits; "auto" unless the job says otherwise, and a
+// bad value names the field and the values it takes.
+TEST_F(ConfigTest, ChecksumIsSetPerIslandAndStraitWithAClearError) {
+  const std::string job = R"(
+cluster:
+  islands:
+    - {name: a, count: 1, host: 10.77.0.2, checksum: off}
+    - {name: b, count: 1, host: 10.77.0.3}
+  straits:
+    - {a: a, b: b, bandwidth: 1Gbit/s, checksum: on}
+)";
+  auto ok = load(job);
+  ASSERT_TRUE(ok.isOk()) << ok.status().toString();
+  EXPECT_EQ(ok->job.cluster.islands[0].checksum, "off");
+  EXPECT_EQ(ok->job.cluster.islands[1].checksum, "auto");
+  EXPECT_EQ(ok->job.cluster.straits[0].checksum, "on");
+  std::string bad_text = job;
+  bad_text.replace(bad_text.find("checksum: on"), 12, "checksum: sometimes");
+  auto bad = load(bad_text);
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_THAT(bad.status().message(), HasSubstr("checksum"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("sometimes"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("auto"));
+  // Written back and read again, the settings survive.
+  auto again = loadJob(write("checksum.yaml", dumpJobYaml(ok->job)));
+  ASSERT_TRUE(again.isOk()) << again.status().toString();
+  EXPECT_EQ(again->job.cluster.islands[0].checksum, "off");
+  EXPECT_EQ(again->job.cluster.straits[0].checksum, "on");
+}
+
 TEST_F(ConfigTest, DumpYamlRoundTrips) {
   auto j = load(kGood);
   ASSERT_TRUE(j.isOk());

@@ -1,6 +1,6 @@
 // `archipelago bench comm`: nccl-tests style measurement of our collectives
-// on this machine, with Gloo's ring allreduce measured in the same run as
-// the yardstick. Forks `ranks` worker processes that rendezvous through an
+// on this machine, with Gloo's allreduce algorithms (ring, ring_chunked,
+// halving_doubling, bcube) measured in the same run as the yardstick. Forks `ranks` worker processes that rendezvous through an
 // in-process coordinator on 127.0.0.1 (port 0). Rank 0 prints a table plus
 // one JSON line per row to stdout.
 //
@@ -25,17 +25,20 @@ struct CommBenchOptions {
                                         // broadcast, alltoall, failure; empty = default
   std::string strait;                   // "1Gbit/s,20ms[,jitter[,loss]]"; empty = no emulation
   std::string codec = "none";           // codec on the cross-island leg (hier_allreduce rows)
-  bool gloo = true;                     // also run Gloo's ring allreduce (if built with Gloo)
+  bool gloo = true;                     // also run Gloo's allreduce algorithms (if built with Gloo)
   int streams = 4;                      // TCP streams per peer pair across straits / hosts
   int local_streams = 1;                // TCP streams between ranks on this host
   uint64_t chunk_bytes = 1 << 20;
+  int ring_max_pieces = 4;              // CommOptions::ring_max_pieces
+  uint32_t frame_bytes = 256 << 10;     // CommOptions::max_frame_bytes
   int iters = 0;                        // 0 = chosen per size
   int rounds = 3;                       // alternating rounds per row; the best round is reported
   bool same_host_copy = true;           // false: bulk bytes go through TCP even between local ranks
                                         // (true: allreduce rows show both paths, archipelago and
                                         // archipelago_tcp)
-  std::vector<std::string> impls;       // rows to run: archipelago, archipelago_tcp, gloo_ring; empty = all
+  std::vector<std::string> impls;       // rows to run: archipelago, archipelago_tcp, gloo_*; empty = all
   std::string dtype = "f32";
+  std::string checksum = "auto";        // CommOptions::checksum: auto | on | off (A/B of the frame CRC)
   // The multi-host test bed (tests/netns/hosts.sh): rank i runs in network
   // namespace netns[i] (one name per rank; empty = all here), and the
   // coordinator listens on coordinator_host, an address every namespace reaches.

@@ -73,6 +73,9 @@ struct CommOptions {
                                             // no bandwidth-delay product; more streams = more threads
                                             // and context switches for the same bytes)
   size_t chunk_bytes = 1 << 20;             // ring pipeline piece; smaller = more overlap, more frames
+  int ring_max_pieces = 4;                  // at most this many pieces per ring block (1..64): a 16 MB block
+                                            // goes as 4 x 4 MB, not 16 x 1 MB (each piece costs wake-ups
+                                            // and hand-offs: 1.2-1.4x Gloo instead of 1.5-1.8x, docs/comm.md)
   size_t small_message_bytes = 64 << 10;    // at or below: recursive doubling instead of ring
   size_t hier_chunk_bytes = 4 << 20;        // hierarchical allreduce pipeline chunk (intra reduce-scatter,
                                             // strait crossing and intra allgather of different chunks overlap)
@@ -90,6 +93,8 @@ struct CommOptions {
                                             // sender's memory (process_vm_readv, one copy instead of TCP's
                                             // two); falls back to TCP frames if the kernel refuses
   size_t same_host_min_bytes = 64 << 10;    // smaller messages go as TCP frames
+  std::string checksum = "auto";            // frame CRC32C on every link: auto (per link from the cluster
+                                            // spec: docs/comm.md "Checksums") | on | off (tests, bench A/B)
   bool emulate_straits = true;              // shape sends between islands from cluster.straits
   bool tls_on_straits = true;               // TLS on streams whose strait says tls: true
   std::string tls_cert_file;                // empty = self-signed certificate generated at start

@@ -5,12 +5,14 @@
 // parsers can be fuzzed (tests/fuzz/) and unit-tested without sockets.
 //
 // Frame header (48 bytes, little-endian):
-//   u32 magic  'ARCH' (0x48435241)   u16 version (1)   u16 type (FrameType)
+//   u32 magic  'ARCH' (0x48435241)   u16 version (1)
+//   u16 type: low byte FrameType, high byte flags (kFrameFlag*; data frames only)
 //   u32 epoch                        u32 length (payload bytes)
 //   u64 tag   (collective tag: group|op sequence|step, or request id)
 //   u64 offset (byte offset of this payload inside the tagged message)
 //   u64 total  (total bytes of the tagged message)
-//   u32 crc32c (of the payload)      u32 deliver_at_lo (see below)
+//   u32 crc32c (of the payload; 0 and not checked when kFrameFlagNoCrc is set)
+//   u32 deliver_at_lo (see below)
 // deliver_at: link emulation only; the sender's steady-clock microsecond at
 // which the frame may be delivered (lower 32 bits; the receiver reconstructs
 // the full value near its own clock). 0 = deliver now.
@@ -50,8 +52,16 @@ enum class FrameType : uint16_t {
   kReply = 21,
 };
 
+// Flags of a data frame (the high byte of the type field).
+// kFrameFlagNoCrc: the crc field is not set; the link is one the job trusts
+// (loopback, TLS, or `checksum: off`; see docs/comm.md "Checksums"). A
+// receiver whose link requires checksums rejects such a frame (kDataLoss).
+inline constexpr uint8_t kFrameFlagNoCrc = 1;
+inline constexpr uint8_t kFrameFlagsKnown = kFrameFlagNoCrc;
+
 struct FrameHeader {
   FrameType type = FrameType::kData;
+  uint8_t flags = 0;  // kFrameFlag*, data frames only
   uint32_t epoch = 0;
   uint32_t length = 0;
   uint64_t tag = 0;
@@ -66,10 +76,12 @@ void encodeHeader(const FrameHeader& h, uint8_t out[kFrameHeaderSize]);
 // total for data frames. Errors: kDataLoss (garbage), kResourceExhausted (too
 // large), kUnimplemented (other version).
 core::Result<FrameHeader> decodeHeader(std::span<const uint8_t> bytes, uint32_t max_payload = kMaxFramePayload);
-// kDataLoss if the payload's CRC32C does not match the header.
+// kDataLoss if the payload's length or CRC32C does not match the header (a
+// frame flagged kFrameFlagNoCrc has only its length checked).
 core::Status checkPayload(const FrameHeader& h, std::span<const uint8_t> payload);
 // Same verdict for a CRC32C the caller accumulated while the payload arrived
-// in pieces (core::crc32c chained over the pieces).
+// in pieces (core::crc32c chained over the pieces). Always compares: the
+// caller skips it for a kFrameFlagNoCrc frame its link accepts.
 core::Status checkPayloadCrc(const FrameHeader& h, uint32_t crc);
 
 // ---- handshake -----------------------------------------------------------------

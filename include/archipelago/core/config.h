@@ -32,6 +32,11 @@ struct IslandSpec {
   std::string host = "127.0.0.1"; // where the island's workers run (launcher; one host => straits emulated)
   std::string listen = "auto";    // where its workers listen: auto | interface | address (comm/address.h)
   std::string advertise;          // the address peers connect to; empty: the listening one
+  // Frame CRC32C on links between this island's workers: "auto" (off when
+  // both ends run on one host: loopback cannot corrupt; on between hosts),
+  // "on", or "off" (the job trusts this island's network: NIC and TCP
+  // checksums only). See docs/comm.md "Checksums".
+  std::string checksum = "auto";
   int64_t devices_per_node = 8;   // devices sharing the intra-node fabric (planner)
   double node_bandwidth = 0;      // bytes/s intra-node fabric; 0 = from the device catalog
   double fabric_bandwidth = 0;    // bytes/s between nodes inside the island; 0 = from the catalog
@@ -56,6 +61,10 @@ struct StraitSpec {
   // "false", or "auto" = only when every island runs on one host (then the
   // strait cannot be real). A job across hosts never throttles a real link.
   std::string emulate = "auto";
+  // Frame CRC32C on links crossing this strait: "auto" (on, a WAN can
+  // corrupt what TCP's 16-bit checksum misses; off with tls: true, whose
+  // AEAD already rejects any altered byte), "on", or "off".
+  std::string checksum = "auto";
 };
 
 struct ClusterSpec {
