@@ -54,19 +54,4 @@ grep -q "$(netns_addr 2)" w0.log || { echo "FAIL: rank 0 did not listen on $(net
 grep -q "$(netns_addr 3)" w2.log || { echo "FAIL: rank 2 did not listen on $(netns_addr 3)"; tail w2.log; exit 1; }
 if grep -q "EMULATED strait" w0.log w1.log w2.log; then echo "FAIL: a real link was emulated"; exit 1; fi
 
-python3 - "$tmp/ref/metrics.jsonl" "$tmp/mh/metrics.jsonl" <<'PY'
-import json, sys
-def losses(path):
-    out = {}
-    for line in open(path):
-        j = json.loads(line)
-        if j.get("kind") == "step" and j.get("rank", 0) == 0:
-            out[j["step"]] = j["loss"]
-    return out
-ref, mh = losses(sys.argv[1]), losses(sys.argv[2])
-assert len(ref) == 12 and sorted(mh) == sorted(ref), (len(ref), sorted(mh))
-tol = 2e-4 * max(1.0, ref[1])
-worst = max(abs(mh[s] - ref[s]) for s in ref)
-print("multi-host loss curve: max |diff| %.2e over %d steps (tolerance %.1e)" % (worst, len(ref), tol))
-sys.exit(0 if worst <= tol else 1)
-PY
+python3 "$src/tests/e2e/lib/same_curve.py" "$tmp/ref/metrics.jsonl" "$tmp/mh/metrics.jsonl" 12
