@@ -22,7 +22,6 @@ tmp="$(mktemp -d)"
 world="$(python3 -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["spec"]["completions"])' "$src/deploy/k8s/job.yaml")"
 netns_up "$world" || { rm -rf "$tmp"; launch_skip "cannot create $world network namespaces (ip netns)"; }
 trap 'netns_down; rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $1"; shift; for f in "$@"; do echo "--- $f"; tail -n 20 "$f" || true; done; exit 1; }
 
 mkdir "$tmp/pods" "$tmp/volumes" "$tmp/bin"
 python3 "$src/tests/e2e/lib/k8s_manifests.py" render "$src/deploy/k8s" "$tmp/pods" "$tmp/volumes"
@@ -36,7 +35,7 @@ for d in $(seq 1 30); do
   for l in $(seq 1 20); do echo "Document $d line $l: the union is strong and the people are free."; done > "$tmp/corpus/doc$d.txt"
 done
 "$bin" data prepare --input "$tmp/corpus" --out "$data_dir" --tokenizer byte >"$tmp/prepare.log" 2>&1
-"$bin" train "$tmp/pods/ref.yaml" >"$tmp/ref.log" 2>&1 || fail "reference run" "$tmp/ref.log"
+"$bin" train "$tmp/pods/ref.yaml" >"$tmp/ref.log" 2>&1 || launch_fail "reference run" "$tmp/ref.log"
 
 # Cluster DNS: pod 0's name is node 1's address.
 { cat /etc/hosts; echo "$(netns_addr 1) $pod0"; } > "$tmp/hosts"
@@ -48,11 +47,11 @@ for i in $(seq $((world - 1)) -1 0); do
   pids[$i]=$!
 done
 for i in $(seq 0 $((world - 1))); do
-  wait "${pids[$i]}" || fail "pod $i exited with $?" "$tmp/pod$i.log"
+  wait "${pids[$i]}" || launch_fail "pod $i exited with $?" "$tmp/pod$i.log"
 done
 for i in $(seq 0 $((world - 1))); do
-  grep -q " r$i\b" "$tmp/pod$i.log" || fail "pod $i did not run as rank $i" "$tmp/pod$i.log"
-  grep -q "listening on $(netns_addr $((i + 1)))" "$tmp/pod$i.log" || fail "pod $i did not listen on its node's address" "$tmp/pod$i.log"
+  grep -q " r$i\b" "$tmp/pod$i.log" || launch_fail "pod $i did not run as rank $i" "$tmp/pod$i.log"
+  grep -q "listening on $(netns_addr $((i + 1)))" "$tmp/pod$i.log" || launch_fail "pod $i did not listen on its node's address" "$tmp/pod$i.log"
 done
-grep -q "EMULATED strait" "$tmp"/pod*.log && fail "a real link between pods was emulated" "$tmp/pod0.log"
+grep -q "EMULATED strait" "$tmp"/pod*.log && launch_fail "a real link between pods was emulated" "$tmp/pod0.log"
 python3 "$src/tests/e2e/lib/same_curve.py" "$tmp/pods/ref/metrics.jsonl" "$run_dir/metrics.jsonl" "$steps"

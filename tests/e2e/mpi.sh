@@ -18,7 +18,6 @@ netns_up 1 || launch_skip "cannot create a network namespace (ip netns)"
 tmp="$(mktemp -d)"
 trap 'netns_down; rm -rf "$tmp"' EXIT
 on_host() { netns_exec 1 "$@"; }
-fail() { echo "FAIL: $1"; shift; for f in "$@"; do echo "--- $f"; tail -n 20 "$f" || true; done; exit 1; }
 mpi=(mpirun --allow-run-as-root --oversubscribe --mca btl self --mca oob_tcp_if_include lo)
 
 # mpirun itself must work before the job is blamed for anything.
@@ -28,20 +27,14 @@ on_host timeout 30 "${mpi[@]}" -np 2 true >"$tmp/probe.log" 2>&1 ||
 tiny_job_prepare "$bin" "$tmp"
 export ARCHIPELAGO_SECRET="mpi-$$-$RANDOM"
 on_host "$bin" coordinator --host 127.0.0.1 --port 0 >"$tmp/coord.log" 2>&1 &
-coord=""
-for _ in $(seq 1 100); do
-  coord="$(sed -n 's/^coordinator listening on //p' "$tmp/coord.log")"
-  [ -n "$coord" ] && break
-  sleep 0.1
-done
-[ -n "$coord" ] || fail "the coordinator did not start" "$tmp/coord.log"
+coord="$(wait_for_coordinator "$tmp/coord.log")"
 on_host timeout 240 "${mpi[@]}" -np 4 -x ARCHIPELAGO_SECRET --output-filename "$tmp/out" \
   "$bin" worker --job "$tmp/job.yaml" --coordinator "$coord" >"$tmp/mpirun.log" 2>&1 ||
-  fail "mpirun exited with $?" "$tmp/mpirun.log" "$tmp"/out/1/rank.*/std*
+  launch_fail "mpirun exited with $?" "$tmp/mpirun.log" "$tmp"/out/1/rank.*/std*
 
 # Each process took its rank from OMPI_COMM_WORLD_RANK: rank r logs as r<r>.
 for r in 0 1 2 3; do
   grep -qs " r$r\b" "$tmp/out/1/rank.$r/stderr" "$tmp/out/1/rank.$r/stdout" ||
-    fail "process $r did not run as rank $r" "$tmp/out/1/rank.$r/stderr"
+    launch_fail "process $r did not run as rank $r" "$tmp/out/1/rank.$r/stderr"
 done
 tiny_job_check "$tmp"

@@ -4,12 +4,31 @@
 #
 #   source tests/e2e/lib/tiny_job.sh
 #   tiny_job_prepare BIN DIR   # DIR/data, DIR/ref (trained), DIR/job.yaml (4 workers, run_dir DIR/run)
-#   tiny_job_check DIR         # DIR/run's loss curve matches DIR/ref's
+#   tiny_job_check DIR [RUN]   # DIR/RUN's loss curve (default DIR/run) matches DIR/ref's
 #   launch_skip WHY            # report the test as skipped (CTest SKIP_RETURN_CODE 77)
+#   launch_fail WHY [LOG...]   # fail the test, with the tail of each log
+#   wait_for_coordinator LOG   # prints HOST:PORT once `archipelago coordinator` (output in LOG) listens
 
 TINY_JOB_STEPS=10
 
 launch_skip() { echo "SKIPPED: $*"; exit 77; }
+
+launch_fail() {
+  local f
+  echo "FAIL: $1"; shift
+  for f in "$@"; do echo "--- $f"; tail -n 20 "$f" || true; done
+  exit 1
+}
+
+wait_for_coordinator() {
+  local addr=""
+  for _ in $(seq 1 100); do
+    addr="$(sed -n 's/^coordinator listening on //p' "$1")"
+    [ -n "$addr" ] && { echo "$addr"; return 0; }
+    sleep 0.1
+  done
+  launch_fail "the coordinator did not start" "$1" >&2
+}
 
 tiny_job_yaml() {  # tiny_job_yaml DIR RUN ISLANDS
   cat <<YAML
@@ -40,5 +59,5 @@ tiny_job_prepare() {
 }
 
 tiny_job_check() {
-  python3 "$(dirname "${BASH_SOURCE[0]}")/same_curve.py" "$1/ref/metrics.jsonl" "$1/run/metrics.jsonl" "$TINY_JOB_STEPS"
+  python3 "$(dirname "${BASH_SOURCE[0]}")/same_curve.py" "$1/ref/metrics.jsonl" "$1/${2:-run}/metrics.jsonl" "$TINY_JOB_STEPS"
 }
