@@ -50,7 +50,7 @@ for i in $(seq 0 $((world - 1))); do
   wait "${pids[$i]}" || launch_fail "pod $i exited with $?" "$tmp/pod$i.log"
 done
 for i in $(seq 0 $((world - 1))); do
-  grep -q " r$i\b" "$tmp/pod$i.log" || launch_fail "pod $i did not run as rank $i" "$tmp/pod$i.log"
+  grep -q "rank $i of $world (RANK, WORLD_SIZE)" "$tmp/pod$i.log" || launch_fail "pod $i did not run as rank $i" "$tmp/pod$i.log"
   grep -q "listening on $(netns_addr $((i + 1)))" "$tmp/pod$i.log" || launch_fail "pod $i did not listen on its node's address" "$tmp/pod$i.log"
 done
 grep -q "EMULATED strait" "$tmp"/pod*.log && launch_fail "a real link between pods was emulated" "$tmp/pod0.log"

@@ -2,7 +2,8 @@
 # Launch by MPI: Debian's OpenMPI starts 4 workers,
 # `mpirun --allow-run-as-root --oversubscribe -np 4 archipelago worker`, which
 # take rank and world size from OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE
-# (the workers do not call MPI: mpirun only starts them). As on a real
+# (the workers do not call MPI: mpirun only starts them), even with a Slurm
+# batch step's SLURM_PROCID=0 / SLURM_NTASKS=1 in the environment. As on a real
 # cluster, the script starts the coordinator first on the launching host and
 # passes it with --coordinator; the secret travels with `-x`. Everything runs
 # in a network namespace the test creates. The job must train the
@@ -28,13 +29,17 @@ tiny_job_prepare "$bin" "$tmp"
 export ARCHIPELAGO_SECRET="mpi-$$-$RANDOM"
 on_host "$bin" coordinator --host 127.0.0.1 --port 0 >"$tmp/coord.log" 2>&1 &
 coord="$(wait_for_coordinator "$tmp/coord.log")"
+# As in a Slurm batch script, which runs mpirun with the batch step's SLURM_*.
+export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0
 on_host timeout 240 "${mpi[@]}" -np 4 -x ARCHIPELAGO_SECRET --output-filename "$tmp/out" \
   "$bin" worker --job "$tmp/job.yaml" --coordinator "$coord" >"$tmp/mpirun.log" 2>&1 ||
   launch_fail "mpirun exited with $?" "$tmp/mpirun.log" "$tmp"/out/1/rank.*/std*
 
-# Each process took its rank from OMPI_COMM_WORLD_RANK: rank r logs as r<r>.
+# Process r took its rank, the world size and its local rank from OpenMPI,
+# not from the batch step's SLURM_* it inherited.
 for r in 0 1 2 3; do
-  grep -qs " r$r\b" "$tmp/out/1/rank.$r/stderr" "$tmp/out/1/rank.$r/stdout" ||
-    launch_fail "process $r did not run as rank $r" "$tmp/out/1/rank.$r/stderr"
+  grep -qs "rank $r of 4 (OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE), local rank $r (OMPI_COMM_WORLD_LOCAL_RANK)" \
+    "$tmp/out/1/rank.$r/stderr" "$tmp/out/1/rank.$r/stdout" ||
+    launch_fail "process $r did not run as rank $r of 4 from OMPI_COMM_WORLD_*" "$tmp/out/1/rank.$r/stderr"
 done
 tiny_job_check "$tmp"

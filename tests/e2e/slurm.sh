@@ -21,8 +21,9 @@ on_host timeout 240 srun -n 4 --overcommit --kill-on-bad-exit=1 --time=4 --outpu
   "$bin" worker --job "$tmp/job.yaml" --coordinator "$coord" >"$tmp/srun.log" 2>&1 ||
   launch_fail "srun exited with $?" "$tmp/srun.log" "$tmp"/w?.log
 
-# Each task took its rank from SLURM_PROCID: rank r logs as r<r>.
+# Task t took its rank, the world size and its local rank from Slurm.
 for r in 0 1 2 3; do
-  grep -q " r$r\b" "$tmp/w$r.log" || launch_fail "task $r did not run as rank $r" "$tmp/w$r.log"
+  grep -q "rank $r of 4 (SLURM_PROCID, SLURM_NTASKS), local rank $r (SLURM_LOCALID)" "$tmp/w$r.log" ||
+    launch_fail "task $r did not run as rank $r of 4 from SLURM_*" "$tmp/w$r.log"
 done
 tiny_job_check "$tmp"

@@ -34,6 +34,7 @@ done
 grep -q "coordinator on $SLURM_NODE (127.0.0.1:29500), 4 workers on 1 nodes" "$tmp/batch.out" ||
   launch_fail "train.sbatch did not start the coordinator on the first node" "$tmp/batch.out"
 for r in 0 1 2 3; do
-  grep -q " r$r\b" "$tmp/batch.out" || launch_fail "train.sbatch: no worker ran as rank $r" "$tmp/batch.out"
+  grep -q "rank $r of 4 (SLURM_PROCID, SLURM_NTASKS), local rank $r (SLURM_LOCALID)" "$tmp/batch.out" ||
+    launch_fail "train.sbatch: no worker ran as rank $r of 4 from SLURM_*" "$tmp/batch.out"
 done
 tiny_job_check "$tmp"
