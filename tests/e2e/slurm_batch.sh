@@ -25,12 +25,13 @@ id="$(on_host sbatch --parsable --nodes=1 --ntasks=4 --ntasks-per-node=4 --cpus-
   "$src/deploy/slurm/train.sbatch" 2>"$tmp/sbatch.log")" || launch_fail "sbatch refused the job" "$tmp/sbatch.log"
 state=""
 for _ in $(seq 1 1200); do
-  info="$(on_host scontrol show job "$id" -o)"
+  info="$(on_host scontrol show job "$id" -o 2>/dev/null || true)"
   state="$(sed -n 's/.* JobState=\([A-Z_]*\) .*/\1/p' <<<"$info")"
   case "$state" in PENDING | CONFIGURING | RUNNING | COMPLETING | "") sleep 0.2 ;; *) break ;; esac
 done
-[ "$state" = COMPLETED ] && grep -q " ExitCode=0:0 " <<<"$info" ||
+if [ "$state" != COMPLETED ] || ! grep -q " ExitCode=0:0 " <<<"$info"; then
   launch_fail "the batch job ended $state: $(grep -o ' ExitCode=[^ ]*' <<<"$info")" "$tmp/batch.out" "$tmp/slurmd.log"
+fi
 grep -q "coordinator on $SLURM_NODE (127.0.0.1:29500), 4 workers on 1 nodes" "$tmp/batch.out" ||
   launch_fail "train.sbatch did not start the coordinator on the first node" "$tmp/batch.out"
 for r in 0 1 2 3; do

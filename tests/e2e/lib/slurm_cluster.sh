@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # A one-node Slurm cluster of a test's own (sourced): Debian's munge and
 # slurm-wlm, as root, without systemd, inside a network namespace the test
 # creates (tests/netns/hosts.sh host 1), so the daemons, the job steps and the

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # A tiny training job shared by the launch-engine tests (sourced): a small
 # corpus, its prepared data, the single-process reference run and a 4-worker
 # job over two islands whose workers a launcher (srun, mpirun) starts.
