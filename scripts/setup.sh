@@ -25,6 +25,9 @@ packages=(
   python3-torch python3-sentencepiece
   # The multi-host test bed: network namespaces, veth pairs, a bridge (tests/netns/hosts.sh).
   iproute2
+  # Launch by real engines (tests/e2e/slurm.sh, mpi.sh, k8s_manifests.sh): a one-node Slurm
+  # cluster, OpenMPI's mpirun, and a YAML reader for the Kubernetes manifests.
+  slurm-wlm munge openmpi-bin python3-yaml
 )
 # npm fetches the corpus. The image may ship its own Node.js (which bundles
 # npm and conflicts with Debian's npm package): use it when present.

@@ -51,8 +51,8 @@ void addTrainCommands(CLI::App& app) {
   auto* w = app.add_subcommand("worker", "one worker process (started by `train`, Slurm, Kubernetes or mpirun)");
   w->add_option("--job", worker.job_path, "resolved job file")->required();
   w->add_option("--run-dir", worker.run_dir, "run directory (default: the job's run_dir)");
-  w->add_option("--rank", worker.rank, "rank (default: RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK)");
-  w->add_option("--world", worker.world, "world size (default: WORLD_SIZE, SLURM_NTASKS, ...)");
+  w->add_option("--rank", worker.rank, "rank (default: the first set of RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID)");
+  w->add_option("--world", worker.world, "world size (default: WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE, SLURM_NTASKS, else the job's devices)");
   w->add_option("--coordinator", worker.coordinator, "HOST:PORT or [IPV6]:PORT (default: MASTER_ADDR:MASTER_PORT)");
   w->add_option("--listen", worker.listen, "where to listen: auto, an interface (eth0) or an address (default: the island's listen)");
   w->add_option("--advertise", worker.advertise, "the address peers connect to (default: the island's advertise, else the listening one)");

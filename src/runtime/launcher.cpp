@@ -41,17 +41,6 @@ namespace {
 std::atomic<int> g_interrupts{0};
 void onInterrupt(int) { g_interrupts.fetch_add(1); }
 
-int envInt(std::initializer_list<const char*> names) {
-  for (const char* n : names) {
-    if (const char* v = std::getenv(n)) {
-      char* end = nullptr;
-      long x = std::strtol(v, &end, 10);
-      if (end && *end == '\0') return static_cast<int>(x);
-    }
-  }
-  return -1;
-}
-
 std::string randomSecret() {
   std::random_device rd;
   std::string raw;
@@ -587,9 +576,6 @@ core::Status finishLaunch(Launch& l, const struct sigaction& old_int, const stru
 }
 
 }  // namespace
-
-int rankFromEnv() { return envInt({"RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"}); }
-int worldFromEnv() { return envInt({"WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}); }
 
 core::Status launchTraining(const LaunchOptions& opt) {
   ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, opt.load));

@@ -15,6 +15,7 @@
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/elastic.h"
+#include "archipelago/runtime/launch_env.h"
 #include "archipelago/runtime/launcher.h"
 #include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trainer.h"
@@ -39,16 +40,43 @@ void setLogIdentityOf(const std::vector<core::WorkerInfo>& workers, int rank) {
   core::setLogIdentity(me.island + "/" + std::to_string(me.local_index) + " r" + std::to_string(rank));
 }
 
-core::Status checkRankAndWorld(int rank, int world, size_t devices, bool join) {
-  if (world != static_cast<int>(devices)) {
-    return core::invalidArgument("world size " + std::to_string(world) + " (from --world or WORLD_SIZE/SLURM_NTASKS) "
-                                 "does not match the cluster spec's " + std::to_string(devices) + " devices");
+// Rank and world size: --rank / --world, else the launcher's environment
+// (launch_env.h), else (world only) the job's devices.
+struct Placement {
+  LaunchValue rank, world, local;
+};
+
+core::Result<Placement> placementOf(const WorkerOptions& opt, size_t devices) {
+  Placement p;
+  ARCH_ASSIGN_OR_RETURN(p.rank, rankFromEnv());
+  ARCH_ASSIGN_OR_RETURN(p.world, worldFromEnv());
+  ARCH_ASSIGN_OR_RETURN(p.local, localRankFromEnv());
+  if (opt.rank >= 0) p.rank = {opt.rank, "--rank"};
+  if (opt.world >= 0) p.world = {opt.world, "--world"};
+  if (p.world.from.empty()) p.world = {static_cast<int>(devices), "the job's devices"};
+  return p;
+}
+
+core::Status checkRankAndWorld(const Placement& p, size_t devices, bool join) {
+  if (p.world.value != static_cast<int>(devices)) {
+    return core::invalidArgument("world size " + std::to_string(p.world.value) + " (from " + p.world.from +
+                                 ") does not match the cluster spec's " + std::to_string(devices) +
+                                 " devices: start one worker per device of the job file");
   }
-  if ((rank < 0 && !join) || rank >= world) {
-    return core::invalidArgument("rank " + std::to_string(rank) + " is outside [0, " + std::to_string(world) +
-                                 "); pass --rank or set RANK / SLURM_PROCID");
+  if ((p.rank.value < 0 && !join) || p.rank.value >= p.world.value) {
+    return core::invalidArgument("rank " + std::to_string(p.rank.value) +
+                                 (p.rank.from.empty() ? "" : " (from " + p.rank.from + ")") + " is outside [0, " +
+                                 std::to_string(p.world.value) +
+                                 "); pass --rank or set RANK (Slurm, mpirun and Kubernetes set theirs)");
   }
   return core::okStatus();
+}
+
+void logPlacement(const Placement& p) {
+  if (p.rank.value < 0) return;
+  ARCH_LOG_INFO("rank {} of {} ({}, {}){}", p.rank.value, p.world.value, p.rank.from, p.world.from,
+                p.local.from.empty() ? std::string()
+                                     : fmt::format(", local rank {} ({})", p.local.value, p.local.from));
 }
 
 // --coordinator, else MASTER_ADDR:MASTER_PORT.
@@ -155,10 +183,11 @@ core::Status runWorker(const WorkerOptions& opt) {
   core::JobConfig job = loaded.job;
   const std::string run_dir = opt.run_dir.empty() ? job.run_dir : opt.run_dir;
   const auto workers = workersOf(job.cluster);
-  const int world = opt.world >= 0 ? opt.world : (worldFromEnv() >= 0 ? worldFromEnv() : static_cast<int>(workers.size()));
-  const int rank = opt.rank >= 0 ? opt.rank : rankFromEnv();
-  ARCH_RETURN_IF_ERROR(checkRankAndWorld(rank, world, workers.size(), opt.join));
+  ARCH_ASSIGN_OR_RETURN(const Placement placement, placementOf(opt, workers.size()));
+  ARCH_RETURN_IF_ERROR(checkRankAndWorld(placement, workers.size(), opt.join));
+  const int rank = placement.rank.value;
   if (rank >= 0) setLogIdentityOf(workers, rank);
+  logPlacement(placement);
   installStopHandlers();
 
   const char* secret_env = std::getenv("ARCHIPELAGO_SECRET");

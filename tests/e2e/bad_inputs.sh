@@ -105,6 +105,8 @@ expect 1 "RESOURCE_EXHAUSTED" train huge_new.yaml
 absent huge_run
 expect 2 "ARCHIPELAGO_SECRET" worker --job job.yaml --rank 0 --coordinator 127.0.0.1:1
 expect 2 "outside" worker --job job.yaml --rank 5 --coordinator 127.0.0.1:1
+RANK=two expect 2 "environment variable RANK='two' is not a rank" worker --job job.yaml --coordinator 127.0.0.1:1
+SLURM_PROCID=0 SLURM_NTASKS=99 expect 2 "world size 99 (from SLURM_NTASKS) does not match" worker --job job.yaml --coordinator 127.0.0.1:1
 expect nz "99999" coordinator --port 99999
 expect 2 "ARCHIPELAGO_SECRET" coordinator
 

@@ -7,7 +7,7 @@
 # worker, and every worker stops after the same step (the control
 # allreduce); the reference run is stopped the same way, past that step.
 #
-#   netns_job_data BIN                   # ./data: a byte-tokenized corpus
+#   netns_job_data BIN                   # ./data: a byte-tokenized corpus (tests/e2e/lib/tiny_job.sh)
 #   netns_job_yaml NAME STEPS ISLANDS [STRATEGY]  # job YAML on stdout
 #                                        # (NETNS_JOB_BATCH, NETNS_JOB_STRAITS override)
 #   netns_job_reference BIN NAME STEPS [UNTIL]    # single-process run ./NAME (stopped after UNTIL)
@@ -19,13 +19,11 @@
 #   netns_job_check_curve REF RUN STEPS RTOL      # steps 1..STEPS
 #   netns_job_check_replicas RUN STEP RANKS
 
+NETNS_JOB_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$NETNS_JOB_SRC/tests/e2e/lib/tiny_job.sh"
+
 netns_job_data() {
-  mkdir -p corpus
-  local d l
-  for d in $(seq 1 40); do
-    for l in $(seq 1 20); do echo "Document $d line $l: the union is strong and the people are free."; done > "corpus/doc$d.txt"
-  done
-  "$1" data prepare --input corpus --out data --tokenizer byte >/dev/null
+  tiny_corpus "$1" "$PWD"
 }
 
 # A low learning rate: the tests that change membership run about a thousand
@@ -134,25 +132,7 @@ netns_job_wait_event() {
 
 # Steps 1..STEPS: rank 0's loss against the single-process run.
 netns_job_check_curve() {
-  python3 - "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" "$4" <<'PY'
-import json, sys
-def losses(path):
-    out = {}
-    for line in open(path):
-        j = json.loads(line)
-        if j.get("kind") == "step" and j.get("rank", 0) == 0:
-            out[j["step"]] = j["loss"]
-    return out
-ref, got = losses(sys.argv[1]), losses(sys.argv[2])
-steps, rtol = int(sys.argv[3]), float(sys.argv[4])
-want = list(range(1, steps + 1))
-assert sorted(got) == want, ("steps of the run", sorted(set(got) ^ set(want))[:10])
-assert all(s in ref for s in want), ("the reference stopped early", max(ref))
-tol = rtol * max(1.0, ref[1])
-worst = max(abs(got[s] - ref[s]) for s in want)
-print("loss curve: max |diff| %.2e over %d steps (tolerance %.1e)" % (worst, steps, tol))
-sys.exit(0 if worst <= tol else 1)
-PY
+  python3 "$NETNS_JOB_SRC/tests/e2e/lib/same_curve.py" "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" "$4"
 }
 
 # The replica digests written at STEP (the end): one per rank, all equal.

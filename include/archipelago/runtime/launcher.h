@@ -34,8 +34,8 @@ core::Status launchTraining(const LaunchOptions& options);
 struct WorkerOptions {
   std::string job_path;        // resolved job (RUN_DIR/job.yaml)
   std::string run_dir;         // default: the job's run_dir
-  int rank = -1;               // -1: from RANK / SLURM_PROCID / OMPI_COMM_WORLD_RANK / PMI_RANK
-  int world = -1;              // -1: from WORLD_SIZE / SLURM_NTASKS / OMPI_COMM_WORLD_SIZE / PMI_SIZE
+  int rank = -1;               // -1: from the launcher's environment (runtime/launch_env.h)
+  int world = -1;              // -1: from the launcher's environment, else the job's devices
   std::string coordinator;     // HOST:PORT; default MASTER_ADDR:MASTER_PORT
   std::string listen;          // override the island's listen / advertise (comm/address.h)
   std::string advertise;
@@ -59,9 +59,5 @@ struct CoordinatorOptions {
   double failure_timeout = 2.0;
 };
 core::Status runCoordinator(const CoordinatorOptions& options);
-
-// Resolves rank/world from the common launcher environment variables.
-int rankFromEnv();
-int worldFromEnv();
 
 }  // namespace archipelago::runtime
