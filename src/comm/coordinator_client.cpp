@@ -282,6 +282,14 @@ void CoordinatorClient::startHeartbeats(double interval_s) {
     const auto interval = std::chrono::duration_cast<core::Duration>(std::chrono::duration<double>(interval_s));
     auto next = core::Clock::now();
     bool lost = false;
+    auto markLost = [&](const core::Status& why) {
+      if (!lost) {
+        ARCH_LOG_WARN("coordinator unreachable ({}); training goes on, membership changes wait for it",
+                      why.message());
+      }
+      lost = true;
+      s.reset();  // reconnect (and reattach) next time
+    };
     while (!stop_) {
       // Against the clock, not a count of short sleeps: on a loaded machine
       // every wake-up is late and the late parts would add up.
@@ -294,22 +302,21 @@ void CoordinatorClient::startHeartbeats(double interval_s) {
         size_t index = current_.load();
         auto r = dial(addresses_, secret_, rank_.load(), dl, &index);
         if (!r.isOk()) {
-          if (!lost) ARCH_LOG_WARN("coordinator unreachable ({}); training goes on, membership changes wait for it",
-                                   r.status().message());
-          lost = true;
+          markLost(r.status());
           continue;
         }
         s = std::move(r).value();
         // A new connection reattaches first: a restarted coordinator would not know this rank.
-        const std::string re = reattachRequest();
-        if (!re.empty() && !parseReply(exchange(*s, re, dl), &latest_epoch_).isOk()) {
-          s.reset();
-          continue;
+        if (const std::string re = reattachRequest(); !re.empty()) {
+          if (auto rr = parseReply(exchange(*s, re, dl), &latest_epoch_); !rr.isOk()) {
+            markLost(rr.status());
+            continue;
+          }
         }
       }
       auto e = parseReply(exchange(*s, json{{"op", "heartbeat"}, {"rank", rank_.load()}}.dump(), dl), &latest_epoch_);
       if (!e.isOk()) {
-        s.reset();  // reconnect next time
+        markLost(e.status());
         continue;
       }
       if (lost) ARCH_LOG_INFO("coordinator reachable again (epoch {})", latestEpoch());

@@ -122,6 +122,41 @@ TEST(CoordinatorFailover, AReattachToALiveTableIsAHeartbeat) {
   EXPECT_EQ(t.events().size(), 2u);  // the two transient bumps of atEpoch only
 }
 
+// A standby: workers given "A,B" move to B when A is gone, and B, empty,
+// takes its table from their reattaches (same epoch, same members).
+TEST(CoordinatorFailover, StandbyInTheAddressListTakesOver) {
+  CoordinatorOptions o;
+  o.heartbeat_timeout_s = 2.0;
+  auto a = std::make_unique<CoordinatorServer>("sb-secret", o);
+  CoordinatorServer b("sb-secret", o);
+  ASSERT_TRUE(a->start().isOk());
+  ASSERT_TRUE(b.start().isOk());
+  const std::string list = a->address() + "," + b.address();
+  const auto dl = core::Deadline::afterSeconds(20);
+  auto c0 = CoordinatorClient::connect(list, "sb-secret", 0, dl).value();
+  auto c1 = CoordinatorClient::connect(list, "sb-secret", 1, dl).value();
+  ASSERT_TRUE(c0->registerRank(0, 0, "h:0", dl).isOk());
+  ASSERT_TRUE(c1->registerRank(1, 0, "h:1", dl).isOk());
+  std::thread t1([&] { EXPECT_TRUE(c1->waitForMembers(2, dl).isOk()); });
+  ASSERT_TRUE(c0->waitForMembers(2, dl).isOk());
+  t1.join();
+  EXPECT_TRUE(b.membership().alive.empty());  // the standby knows nothing yet
+  a->stop();
+  a.reset();
+  c1->startHeartbeats(0.1);  // rank 1 reattaches to B from its heartbeat thread
+  auto m = c0->membership(dl);  // rank 0 from its next request
+  while (!m.isOk() && m.status().code() == core::StatusCode::kUnavailable && !dl.expired()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    m = c0->membership(dl);
+  }
+  ASSERT_TRUE(m.isOk()) << m.status().toString();
+  EXPECT_EQ(m->epoch, 0u);
+  EXPECT_EQ(m->alive, (std::vector<int>{0, 1}));
+  EXPECT_EQ(m->addresses, (std::vector<std::string>{"h:0", "h:1"}));
+  EXPECT_GE(c0->reconnects(), 1);
+  b.stop();
+}
+
 // ---- processes --------------------------------------------------------------------
 
 using testing::runAll;
