@@ -8,7 +8,10 @@
 # loss curve of the same job run without the kill. Prints the measured
 # failover figures: how long the control plane was down (kill -9 until the
 # membership was rebuilt) and the training time lost (steps during the
-# outage against the median step). Args: BINARY SOURCE_DIR
+# outage against the median step). Then a worker is killed together with the
+# coordinator: the new coordinator fails it (it never reattaches), the others
+# go on in the next epoch and a replacement joins, still without a checkpoint.
+# Args: BINARY SOURCE_DIR
 set -uo pipefail
 bin="$(readlink -f "$1")"
 tmp="$(mktemp -d)"
@@ -16,11 +19,12 @@ job_pid=""
 cleanup() {
   [ -n "$job_pid" ] && kill -9 "$job_pid" 2>/dev/null
   # Workers and the coordinator run in their own process groups: end them by pid.
-  if [ -f "$tmp/run/workers.json" ]; then
-    for p in $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(*d["pids"].values(), d.get("coordinator_pid", -1))' "$tmp/run/workers.json" 2>/dev/null); do
+  for w in "$tmp"/run*/workers.json; do
+    [ -f "$w" ] || continue
+    for p in $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(*d["pids"].values(), d.get("coordinator_pid", -1))' "$w" 2>/dev/null); do
       [ "$p" -gt 0 ] 2>/dev/null && kill -9 "$p" 2>/dev/null
     done
-  fi
+  done
   if [ -n "${KEEP_TMP:-}" ]; then echo "kept $tmp"; else rm -rf "$tmp"; fi  # KEEP_TMP=1: to read the logs
 }
 trap cleanup EXIT
@@ -68,6 +72,7 @@ YAML
 }
 job "$tmp/ref" > ref.yaml
 job "$tmp/run" > job.yaml
+job "$tmp/run2" > job2.yaml
 
 # The reference: the same job, nothing killed.
 timeout 300 "$bin" train ref.yaml > ref.out 2>&1 || { tail -20 ref.out; fail "reference run"; }
@@ -160,5 +165,50 @@ print(f"failover: control plane down {down:.2f} s (kill -9 until the membership 
       f"loss curve max |diff| vs reference {worst:g}")
 if down >= 10 or lost >= 10:
     fail(f"failover took too long: down {down:.2f} s, lost {lost:.2f} s")
+PY
+
+# ---- a worker dies while there is no coordinator: the next one fails it, the job goes on elastically ----
+timeout 300 "$bin" train job2.yaml > run2.out 2>&1 &
+job_pid=$!
+for _ in $(seq 1 1200); do [ -f run2/workers.json ] && break; sleep 0.05; done
+read -r cpid w3 < <(python3 -c 'import json; d=json.load(open("run2/workers.json")); print(d["coordinator_pid"], d["pids"]["3"])')
+for _ in $(seq 1 6000); do
+  grep -q '"step":1[0-9][0-9],' run2/metrics.jsonl 2>/dev/null && break
+  kill -0 "$job_pid" 2>/dev/null || break
+  sleep 0.02
+done
+kill -9 "$cpid" "$w3" || fail "kill -9 of the coordinator and rank 3"
+wait "$job_pid"
+rc=$?
+job_pid=""
+[ "$rc" -eq 0 ] || { tail -30 run2.out; fail "the run exited with $rc after the coordinator and rank 3 were killed"; }
+grep -q "lost while the coordinator was away: \[3\]" run2/logs/coordinator.log ||
+  { tail -10 run2/logs/coordinator.log; fail "the restarted coordinator did not fail rank 3"; }
+python3 - "$tmp" "$steps" <<'PY' || exit 1
+import json, sys
+tmp, steps = sys.argv[1], int(sys.argv[2])
+def records(run, kind):
+    return [j for j in map(json.loads, open(f"{tmp}/{run}/metrics.jsonl")) if j.get("kind") == kind]
+def fail(msg):
+    print("FAIL:", msg)
+    sys.exit(1)
+events = [j["event"] for j in records("run2", "event")]
+for want in ("coordinator_restart", "failure", "epoch", "join"):
+    if want not in events:
+        fail(f"no '{want}' event: {events}")
+if "restart" in events:
+    fail("the job restarted from a checkpoint")
+out = open(f"{tmp}/run2.out").read()
+if "resumed from" in out or "restarting the job" in out:
+    fail("a checkpoint was read")
+final = records("run2", "summary")[-1]
+ref = records("ref", "summary")[-1]
+if final["steps"] != steps:
+    fail(f"{final['steps']} steps, not {steps}")
+rel = abs(final["final_loss"] - ref["final_loss"]) / ref["final_loss"]
+print(f"worker lost while no coordinator ran: finished {steps} steps through epochs {sorted({j['epoch'] for j in records('run2', 'step')})}; "
+      f"final loss {final['final_loss']:.5f} vs reference {ref['final_loss']:.5f} (rel diff {rel:.2e})")
+if rel > 1e-3:
+    fail("final loss differs from the reference")
 print("PASS: coordinator_failover")
 PY
