@@ -317,6 +317,9 @@ void CoordinatorClient::startHeartbeats(double interval_s) {
       auto e = parseReply(exchange(*s, json{{"op", "heartbeat"}, {"rank", rank_.load()}}.dump(), dl), &latest_epoch_);
       if (!e.isOk()) {
         markLost(e.status());
+        // Redial at once (not an interval later): the dial keeps trying for
+        // its deadline, so a coordinator restarted meanwhile is found within ms.
+        next = core::Clock::now() - interval;
         continue;
       }
       if (lost) ARCH_LOG_INFO("coordinator reachable again (epoch {})", latestEpoch());

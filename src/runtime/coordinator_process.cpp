@@ -12,10 +12,11 @@
 #include <filesystem>
 #include <fstream>
 #include <thread>
-#include <vector>
 
 #include "archipelago/comm/address.h"
+#include "archipelago/comm/coordinator.h"
 #include "archipelago/core/clock.h"
+#include "archipelago/core/files.h"
 
 namespace archipelago::runtime {
 
@@ -23,12 +24,40 @@ namespace fs = std::filesystem;
 
 std::string CoordinatorProcess::address() const { return comm::joinHostPort(o_.host, o_.port); }
 
+namespace {
+// In the forked child: serves until SIGTERM / SIGINT; returns the exit code.
+// Forked without exec (the supervisor is single-threaded here), so a
+// restart costs milliseconds, not the seconds of loading this binary again.
+int serveInChild(const CoordinatorProcess::Options& o) {
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  ::sigprocmask(SIG_BLOCK, &stop_signals, nullptr);  // before the server's threads exist: they inherit it
+  comm::CoordinatorOptions co;
+  co.host = o.host;
+  co.port = o.port;
+  co.heartbeat_timeout_s = o.failure_timeout;
+  comm::CoordinatorServer server(o.secret, co);
+  core::Status st = server.start();
+  if (st.isOk()) st = core::writeFileAtomic(o.port_file, std::to_string(server.port()));
+  if (!st.isOk()) {
+    std::fprintf(stderr, "coordinator: %s\n", st.toString().c_str());
+    return 1;
+  }
+  std::printf("coordinator listening on %s\n", server.address().c_str());
+  std::fflush(stdout);
+  int sig = 0;
+  ::sigwait(&stop_signals, &sig);
+  server.stop();
+  return 0;
+}
+}  // namespace
+
 core::Status CoordinatorProcess::start() {
-  if (o_.self_exe.empty()) return core::invalidArgument("coordinator process: no path to the archipelago binary");
+  if (o_.secret.empty()) return core::invalidArgument("coordinator process: the job secret is empty");
   std::error_code ec;
   fs::remove(o_.port_file, ec);
-  std::vector<std::string> args = {o_.self_exe, "coordinator", "--host", o_.host, "--port", std::to_string(o_.port),
-                                   "--failure-timeout", std::to_string(o_.failure_timeout), "--port-file", o_.port_file};
   std::fflush(nullptr);
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
@@ -44,13 +73,9 @@ core::Status CoordinatorProcess::start() {
       ::dup2(fd, 2);
       ::close(fd);
     }
-    ::setenv("ARCHIPELAGO_SECRET", o_.secret.c_str(), 1);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execv(o_.self_exe.c_str(), argv.data());
-    std::fprintf(stderr, "cannot exec '%s': %s\n", o_.self_exe.c_str(), std::strerror(errno));
-    std::_Exit(127);
+    const int code = serveInChild(o_);
+    std::fflush(nullptr);
+    std::_Exit(code);
   }
   pid_ = pid;
   // The child writes its port once it listens (atomically: the file is whole when it exists).

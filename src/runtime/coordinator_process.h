@@ -2,7 +2,8 @@
 // plane failover"). `archipelago train` and `archipelago coordinator
 // --supervise` run it this way: a coordinator that dies (kill -9, a crash)
 // is started again on the same port; the workers reconnect and it rebuilds
-// the membership from them (comm/coordinator.h "Failover").
+// the membership from them (comm/coordinator.h "Failover"). The child is
+// forked from the (single-threaded) supervisor without exec.
 #pragma once
 
 #include <sys/types.h>
@@ -17,7 +18,6 @@ namespace archipelago::runtime {
 class CoordinatorProcess {
  public:
   struct Options {
-    std::string self_exe;        // the archipelago binary (runs `coordinator`)
     std::string host = "127.0.0.1";
     int port = 0;                // 0: any, then kept for every restart
     double failure_timeout = 2;  // heartbeat timeout (also the recovery window)

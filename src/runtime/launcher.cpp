@@ -546,7 +546,6 @@ core::Result<bool> runAttempt(Launch& l, int attempt) {
   a.resume = opt.resume || (attempt > 0 && latestValidCheckpoint(l.run_dir).isOk());
   a.secret = randomSecret();
   CoordinatorProcess::Options co;
-  co.self_exe = opt.self_exe;
   co.failure_timeout = l.job.strategy.failure_timeout;
   co.secret = a.secret;
   co.log = (fs::path(l.run_dir) / "logs" / "coordinator.log").string();

@@ -162,11 +162,7 @@ core::Status runWorker(const WorkerOptions& opt) {
 // --supervise: the coordinator runs as a child, started again on the same
 // port whenever it dies; the workers reattach to the new one.
 core::Status superviseCoordinator(const CoordinatorOptions& opt, const std::string& secret) {
-  std::error_code ec;
-  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (ec) return core::unavailable("--supervise: cannot find this program's path (/proc/self/exe): " + ec.message());
   CoordinatorProcess::Options po;
-  po.self_exe = self.string();
   po.host = opt.host;
   po.port = opt.port;
   po.failure_timeout = opt.failure_timeout;
@@ -188,6 +184,7 @@ core::Status superviseCoordinator(const CoordinatorOptions& opt, const std::stri
     ::usleep(50000);
   }
   child.stop();
+  std::error_code ec;
   if (opt.port_file.empty()) std::filesystem::remove(po.port_file, ec);  // ours, not the operator's
   return core::okStatus();
 }

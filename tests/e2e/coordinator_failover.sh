@@ -208,7 +208,7 @@ if final["steps"] != steps:
 rel = abs(final["final_loss"] - ref["final_loss"]) / ref["final_loss"]
 print(f"worker lost while no coordinator ran: finished {steps} steps through epochs {sorted({j['epoch'] for j in records('run2', 'step')})}; "
       f"final loss {final['final_loss']:.5f} vs reference {ref['final_loss']:.5f} (rel diff {rel:.2e})")
-if rel > 1e-3:
+if rel > 1e-2:
     fail("final loss differs from the reference")
 print("PASS: coordinator_failover")
 PY
