@@ -107,9 +107,10 @@ void MembershipTable::finishRecovery(int64_t now_us) {
   recovering_ = false;
   const auto [lost, added] = adoptView(now_us);
   const uint32_t view_epoch = rec_.has_best ? rec_.best.epoch : 0u;
-  epoch_ = std::max(view_epoch, rec_.max_seen);
+  const uint32_t before = epoch_;  // 0 unless this table published epochs without members
+  epoch_ = std::max({before, view_epoch, rec_.max_seen});
   // Without a view (the job was still starting) the registrations are the table.
-  const bool changed = rec_.has_best ? !lost.empty() || !added.empty() || rec_.max_seen > view_epoch : epoch_ > 0;
+  const bool changed = rec_.has_best ? !lost.empty() || !added.empty() || epoch_ > view_epoch : epoch_ > 0;
   const double secs = static_cast<double>(now_us - rec_.since_us) / 1e6;
   if (changed) {
     bump("recovery", -1, fmt::format("membership rebuilt from {} reattached worker(s) in {:.2f} s{}",
