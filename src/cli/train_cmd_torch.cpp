@@ -53,7 +53,9 @@ void addTrainCommands(CLI::App& app) {
   w->add_option("--run-dir", worker.run_dir, "run directory (default: the job's run_dir)");
   w->add_option("--rank", worker.rank, "rank (default: the first set of RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID)");
   w->add_option("--world", worker.world, "world size (default: WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE, SLURM_NTASKS, else the job's devices)");
-  w->add_option("--coordinator", worker.coordinator, "HOST:PORT or [IPV6]:PORT (default: MASTER_ADDR:MASTER_PORT)");
+  w->add_option("--coordinator", worker.coordinator,
+                "HOST:PORT or [IPV6]:PORT, or a comma-separated list (standbys, tried in turn when one is lost; "
+                "default: MASTER_ADDR:MASTER_PORT)");
   w->add_option("--listen", worker.listen, "where to listen: auto, an interface (eth0) or an address (default: the island's listen)");
   w->add_option("--advertise", worker.advertise, "the address peers connect to (default: the island's advertise, else the listening one)");
   w->add_flag("--resume", worker.resume, "start from the newest valid checkpoint");
@@ -73,6 +75,10 @@ void addTrainCommands(CLI::App& app) {
   c->add_option("--host", coord.host, "interface to listen on");
   c->add_option("--port", coord.port, "port (0 = any; printed at start)")->check(CLI::Range(0, 65535));
   c->add_option("--failure-timeout", coord.failure_timeout, "seconds of heartbeat silence before a worker is declared failed");
+  c->add_option("--port-file", coord.port_file, "write the port here once listening (for scripts, with --port 0)");
+  c->add_flag("--supervise", coord.supervise,
+              "run the coordinator as a child and start it again on the same port when it dies; the workers "
+              "reattach and it rebuilds the membership from them");
   setAction(c, [] { return runtime::runCoordinator(coord); });
 
   // ---- sample ----

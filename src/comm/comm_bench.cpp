@@ -513,7 +513,7 @@ core::Status runCommBench(const CommBenchOptions& in) {
   LocalLaunchOptions lo;
   lo.world = opt.ranks;
   lo.netns = opt.netns;
-  lo.coordinator_host = opt.coordinator_host;
+  lo.coordinator.host = opt.coordinator_host;
   lo.secret = "bench-" + std::to_string(::getpid()) + "-" + std::to_string(core::nowMicros());
   lo.timeout_s = 3600;
   if (std::find(opt.ops.begin(), opt.ops.end(), "failure") != opt.ops.end()) lo.expendable.insert(opt.ranks - 1);

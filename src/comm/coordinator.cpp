@@ -2,6 +2,9 @@
 
 #include <unistd.h>
 
+#include <set>
+
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "archipelago/core/log.h"
@@ -16,12 +19,6 @@ using nlohmann::json;
 
 namespace {
 constexpr uint32_t kMaxRequest = 1 << 20;
-
-json toJson(const Membership& m) {
-  return json{{"epoch", m.epoch}, {"addresses", m.addresses}, {"islands", m.islands}, {"pids", m.pids},
-              {"alive", m.alive}, {"failed", m.failed}};
-}
-
 }  // namespace
 
 bool Membership::isAlive(int rank) const { return std::binary_search(alive.begin(), alive.end(), rank); }
@@ -33,6 +30,8 @@ void MembershipTable::bump(const std::string& kind, int rank, const std::string&
   events_.push_back({epoch_, kind, rank, why, core::wallMicros()});
   if (kind == "join") {
     ARCH_LOG_INFO("coordinator: rank {} joined ({}); epoch -> {}", rank, why, epoch_);
+  } else if (kind == "recovery") {
+    ARCH_LOG_WARN("coordinator: {}; epoch -> {}", why, epoch_);
   } else if (rank >= 0) {
     ARCH_LOG_WARN("coordinator: rank {} failed ({}); epoch -> {}", rank, why, epoch_);
   } else {
@@ -170,7 +169,7 @@ CoordinatorServer::CoordinatorServer(std::string secret, CoordinatorOptions opti
     : secret_(std::move(secret)),
       options_(std::move(options)),
       refusals_(std::make_unique<RefusalLog>("coordinator")),
-      table_(options_.heartbeat_timeout_s) {}
+      table_(options_.heartbeat_timeout_s, options_.recovery_window_s) {}
 
 CoordinatorServer::~CoordinatorServer() { stop(); }
 
@@ -180,19 +179,23 @@ core::Status CoordinatorServer::start() {
   listen_fd_ = lp.first;
   port_ = lp.second;
   accept_thread_ = std::thread([this] { acceptLoop(); });
-  if (options_.heartbeat_timeout_s > 0) {
-    monitor_ = std::thread([this] {
-      // Checks 20 times per timeout (at most every 100 ms): detection within ~1.05 x the bound.
-      const auto period = std::chrono::duration<double>(std::min(0.1, options_.heartbeat_timeout_s / 20));
-      while (!stop_.aborted()) {
-        std::this_thread::sleep_for(period);
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!table_.expire(core::nowMicros()).empty()) cv_.notify_all();
-      }
-    });
-  }
+  monitor_ = std::thread([this] { monitorLoop(); });
   ARCH_LOG_INFO("coordinator listening on {}", address());
   return core::okStatus();
+}
+
+// Heartbeat expiry and the end of a recovery window.
+void CoordinatorServer::monitorLoop() {
+  // Checks 20 times per timeout (at most every 100 ms): detection within ~1.05 x the bound.
+  const double t = options_.heartbeat_timeout_s;
+  const auto period = std::chrono::duration<double>(t > 0 ? std::min(0.1, t / 20) : 0.1);
+  while (!stop_.aborted()) {
+    std::this_thread::sleep_for(period);
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t now = core::nowMicros();
+    const bool settled = table_.settleRecovery(now);
+    if (settled || (!table_.recovering() && !table_.expire(now).empty())) cv_.notify_all();
+  }
 }
 
 void CoordinatorServer::stop() {
@@ -276,6 +279,13 @@ std::string CoordinatorServer::handle(const std::string& text) {
   auto deadlineOf = [&] { return core::Deadline::afterSeconds(std::min(req.value("timeout", 0.0), 3600.0)); };
   std::unique_lock<std::mutex> lock(mu_);
   try {
+    if (op == "reattach") return handleReattach(req);
+    // Membership is not answered from a table still being rebuilt.
+    static const std::set<std::string> kWaitsForRecovery = {"register", "join", "members", "enter", "state",
+                                                            "report_failure"};
+    if (kWaitsForRecovery.count(op)) {
+      if (std::string busy = waitRecovered(deadlineOf(), lock); !busy.empty()) return busy;
+    }
     if (op == "register") {
       int rank = req.at("rank").get<int>();
       if (rank < 0 || rank > 1 << 20) return json{{"ok", false}, {"error", "bad rank"}}.dump();
@@ -367,174 +377,41 @@ std::string CoordinatorServer::waitKey(const std::string& key, const core::Deadl
   return json{{"ok", true}, {"value", kv_[key]}}.dump();
 }
 
+std::string CoordinatorServer::waitRecovered(const core::Deadline& deadline, std::unique_lock<std::mutex>& lock) {
+  const auto cap = core::Deadline::afterSeconds(2);
+  while (table_.recovering() && !deadline.expired() && !cap.expired() && !stop_.aborted()) {
+    cv_.wait_for(lock, std::chrono::milliseconds(20));
+  }
+  if (!table_.recovering()) return "";
+  return json{{"ok", false}, {"code", "recovering"},
+              {"error", fmt::format("the coordinator is rebuilding the membership from the workers (restarted {:.1f} s "
+                                    "ago); ask again", table_.recoverySeconds(core::nowMicros()))}}
+      .dump();
+}
+
+std::string CoordinatorServer::handleReattach(const json& req) {
+  Reattach r;
+  r.rank = req.at("rank").get<int>();
+  if (r.rank < 0 || r.rank > 1 << 20) return json{{"ok", false}, {"error", "bad rank"}}.dump();
+  r.island = req.value("island", -1);
+  r.address = req.value("address", "");
+  r.pid = req.value("pid", int64_t{0});
+  r.seen = req.value("seen", 0u);
+  if (auto it = req.find("view"); it != req.end()) {
+    auto v = membershipFromJson(*it);
+    if (!v.isOk()) return json{{"ok", false}, {"error", "bad reattach view: " + v.status().message()}}.dump();
+    r.has_view = true;
+    r.view = std::move(v).value();
+  }
+  table_.reattach(r, core::nowMicros());
+  cv_.notify_all();
+  return json{{"ok", true}, {"epoch", table_.epoch()}, {"recovering", table_.recovering()}}.dump();
+}
+
 std::string CoordinatorServer::stateReply() const {
-  json j = toJson(table_.snapshot());
+  json j = membershipToJson(table_.snapshot());
   j["ok"] = true;
   return j.dump();
-}
-
-// ---- client ------------------------------------------------------------------------
-
-core::Result<std::unique_ptr<CoordinatorClient>> CoordinatorClient::connect(const std::string& address,
-                                                                            const std::string& secret, int rank,
-                                                                            const core::Deadline& deadline) {
-  ARCH_ASSIGN_OR_RETURN(auto hp, splitHostPort(address));
-  ARCH_ASSIGN_OR_RETURN(auto sock, connectTcp(hp.first, hp.second, deadline, nullptr));
-  Hello hello;
-  hello.role = PeerRole::kCoordinatorClient;
-  hello.client_rank = rank;
-  hello.server_rank = -1;
-  core::Status st = clientHandshake(*sock, secret, hello, false, deadline);
-  if (!st.isOk()) return st.withContext("coordinator " + address);
-  std::unique_ptr<CoordinatorClient> c(new CoordinatorClient());
-  c->sock_ = std::move(sock);
-  c->rank_ = rank;
-  c->address_ = address;
-  c->secret_ = secret;
-  c->last_contact_us_.store(core::nowMicros());
-  return c;
-}
-
-CoordinatorClient::~CoordinatorClient() {
-  stop_ = true;
-  if (hb_.joinable()) hb_.join();
-}
-
-core::Result<std::string> CoordinatorClient::call(const std::string& request, const core::Deadline& deadline) {
-  std::lock_guard<std::mutex> lock(mu_);
-  FrameHeader h;
-  h.type = FrameType::kRequest;
-  ARCH_RETURN_IF_ERROR(sock_->writeFrame(
-      h, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(request.data()), request.size()), deadline));
-  std::vector<uint8_t> payload;
-  core::Status st = sock_->readFrame(&h, &payload, deadline, nullptr, kMaxRequest);
-  if (!st.isOk()) {
-    sock_->shutdown();  // a half-read reply would desynchronise the stream
-    return st.withContext("coordinator request");
-  }
-  last_contact_us_.store(core::nowMicros());
-  return std::string(payload.begin(), payload.end());
-}
-
-double CoordinatorClient::secondsSinceContact() const {
-  const int64_t t = last_contact_us_.load();
-  return t == 0 ? 0.0 : static_cast<double>(core::nowMicros() - t) / 1e6;
-}
-
-namespace {
-core::Result<json> parseReply(const core::Result<std::string>& r, std::atomic<uint32_t>* latest = nullptr) {
-  if (!r.isOk()) return r.status();
-  ARCH_ASSIGN_OR_RETURN(json j, parseCoordinatorReply(*r));
-  if (latest && j.contains("epoch")) {
-    const uint32_t e = j["epoch"].get<uint32_t>();
-    uint32_t cur = latest->load();
-    while (e > cur && !latest->compare_exchange_weak(cur, e)) {
-    }
-  }
-  return j;
-}
-double secondsLeft(const core::Deadline& d) {
-  return d.isNever() ? 3600.0 : std::chrono::duration<double>(d.remaining()).count();
-}
-}  // namespace
-
-core::Result<uint32_t> CoordinatorClient::registerRank(int rank, int island, const std::string& address,
-                                                       const core::Deadline& deadline) {
-  json req{{"op", "register"}, {"rank", rank}, {"island", island}, {"address", address},
-           {"pid", static_cast<int64_t>(::getpid())}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return j.value("epoch", 0u);
-}
-
-core::Result<CoordinatorClient::Joined> CoordinatorClient::join(int rank, int island, const std::string& address,
-                                                                const core::Deadline& deadline) {
-  json req{{"op", "join"}, {"rank", rank}, {"island", island}, {"address", address},
-           {"pid", static_cast<int64_t>(::getpid())}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  Joined out;
-  out.rank = j.value("rank", -1);
-  out.epoch = j.value("epoch", 0u);
-  rank_ = out.rank;
-  return out;
-}
-
-core::Result<Membership> CoordinatorClient::enterEpoch(uint32_t epoch, const core::Deadline& deadline) {
-  json req{{"op", "enter"}, {"rank", rank_.load()}, {"epoch", epoch}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return membershipFromJson(j);
-}
-
-core::Result<Membership> CoordinatorClient::waitForMembers(int world, const core::Deadline& deadline) {
-  json req{{"op", "members"}, {"world", world}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return membershipFromJson(j);
-}
-
-core::Result<Membership> CoordinatorClient::membership(const core::Deadline& deadline) {
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "state"}}.dump(), deadline), &latest_epoch_));
-  return membershipFromJson(j);
-}
-
-core::Result<uint32_t> CoordinatorClient::heartbeat(const core::Deadline& deadline) {
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(json{{"op", "heartbeat"}, {"rank", rank_.load()}}.dump(), deadline), &latest_epoch_));
-  return j.value("epoch", 0u);
-}
-
-core::Status CoordinatorClient::leave(const core::Deadline& deadline) {
-  auto r = parseReply(call(json{{"op", "leave"}, {"rank", rank_.load()}}.dump(), deadline), &latest_epoch_);
-  return r.isOk() ? core::okStatus() : r.status();
-}
-
-core::Result<Membership> CoordinatorClient::reportFailure(int failed, uint32_t epoch, const core::Deadline& deadline,
-                                                         const std::string& why) {
-  json req{{"op", "report_failure"}, {"rank", rank_.load()}, {"failed", failed}, {"epoch", epoch}, {"why", why}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return membershipFromJson(j);
-}
-
-core::Status CoordinatorClient::kvSet(const std::string& key, const std::string& value,
-                                      const core::Deadline& deadline) {
-  auto r = parseReply(call(json{{"op", "kv_set"}, {"key", key}, {"value", value}}.dump(), deadline), &latest_epoch_);
-  return r.status();
-}
-
-core::Result<std::string> CoordinatorClient::kvGet(const std::string& key, const core::Deadline& deadline) {
-  json req{{"op", "kv_get"}, {"key", key}, {"timeout", std::max(0.0, secondsLeft(deadline) - 0.05)}};
-  ARCH_ASSIGN_OR_RETURN(json j, parseReply(call(req.dump(), deadline), &latest_epoch_));
-  return j.value("value", "");
-}
-
-void CoordinatorClient::startHeartbeats(double interval_s) {
-  if (hb_.joinable()) return;
-  // Own connection: a long barrier or members wait on the main one must not
-  // hold heartbeats back (the coordinator would declare this rank failed).
-  hb_ = std::thread([this, interval_s] {
-    std::unique_ptr<CoordinatorClient> c;
-    const auto interval = std::chrono::duration_cast<core::Duration>(std::chrono::duration<double>(interval_s));
-    auto next = core::Clock::now();
-    while (!stop_) {
-      // Against the clock, not a count of short sleeps: on a loaded machine
-      // every wake-up is late and the late parts would add up.
-      next += interval;
-      while (!stop_ && core::Clock::now() < next) ::usleep(10000);
-      if (stop_) return;
-      if (core::Clock::now() > next + interval) next = core::Clock::now();  // fell behind: do not burst
-      if (!c) {
-        auto r = connect(address_, secret_, rank_.load(), core::Deadline::afterSeconds(std::max(1.0, 2 * interval_s)));
-        if (!r.isOk()) continue;
-        c = std::move(r).value();
-      }
-      auto e = c->heartbeat(core::Deadline::afterSeconds(std::max(1.0, 2 * interval_s)));
-      if (!e.isOk()) {
-        c.reset();  // reconnect next time
-        continue;
-      }
-      last_contact_us_.store(core::nowMicros());
-      uint32_t cur = latest_epoch_.load();
-      while (*e > cur && !latest_epoch_.compare_exchange_weak(cur, *e)) {
-      }
-    }
-  });
 }
 
 }  // namespace archipelago::comm

@@ -88,7 +88,11 @@ core::Status checkCoordinatorRequest(const json& r) {
   }
   for (const char* key : {"rank", "failed", "island"}) ARCH_RETURN_IF_ERROR(integerField(r, key, what, -1, kIntMax));
   ARCH_RETURN_IF_ERROR(integerField(r, "world", what, 0, kIntMax));
-  ARCH_RETURN_IF_ERROR(integerField(r, "epoch", what, 0, std::numeric_limits<uint32_t>::max()));
+  for (const char* key : {"epoch", "seen"}) {
+    ARCH_RETURN_IF_ERROR(integerField(r, key, what, 0, std::numeric_limits<uint32_t>::max()));
+  }
+  // A reattach's view is a membership table like a reply's (checked in full by membershipFromJson).
+  ARCH_RETURN_IF_ERROR(optionalField(r, "view", what, "a membership object", [](const json& v) { return v.is_object(); }));
   ARCH_RETURN_IF_ERROR(
       integerField(r, "pid", what, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
   ARCH_RETURN_IF_ERROR(optionalField(r, "timeout", what, "a number >= 0", [](const json& v) {
@@ -110,9 +114,15 @@ core::Result<json> parseCoordinatorReply(std::string_view text) {
   if (!j.value("ok", false)) {
     const std::string err = j.value("error", "unknown error");
     if (j.value("code", "") == "deadline") return core::deadlineExceeded("coordinator: " + err);
+    if (j.value("code", "") == "recovering") return core::unavailable("coordinator: " + err);
     return core::invalidArgument("coordinator: " + err);
   }
   return j;
+}
+
+json membershipToJson(const Membership& m) {
+  return json{{"epoch", m.epoch}, {"addresses", m.addresses}, {"islands", m.islands}, {"pids", m.pids},
+              {"alive", m.alive}, {"failed", m.failed}};
 }
 
 core::Result<Membership> membershipFromJson(const json& j) {

@@ -20,15 +20,17 @@
 namespace archipelago::comm {
 
 // A request object: "op" a string; "rank", "failed", "island" integers in
-// [-1, 2^31); "world" in [0, 2^31); "epoch" a 32-bit unsigned integer; "pid"
-// a 64-bit integer; "timeout" a number >= 0; "address", "why", "key",
-// "value" strings. Absent fields are the handler's business.
+// [-1, 2^31); "world" in [0, 2^31); "epoch" and "seen" 32-bit unsigned
+// integers; "pid" a 64-bit integer; "timeout" a number >= 0; "address",
+// "why", "key", "value" strings; "view" an object (the handler reads it with
+// membershipFromJson). Absent fields are the handler's business.
 core::Status checkCoordinatorRequest(const nlohmann::json& request);
 
 // A reply: a JSON object whose fields have the types above ("ok" a
 // boolean, "error" and "code" strings, the membership fields the types
 // membershipFromJson takes). A reply with "ok": false becomes its error
-// (kDeadlineExceeded for "code": "deadline", else kInvalidArgument).
+// (kDeadlineExceeded for "code": "deadline", kUnavailable for "recovering",
+// else kInvalidArgument).
 core::Result<nlohmann::json> parseCoordinatorReply(std::string_view text);
 
 // The membership table of a reply. Besides the types: addresses, islands
@@ -36,5 +38,6 @@ core::Result<nlohmann::json> parseCoordinatorReply(std::string_view text);
 // ascending, disjoint lists of ranks that exist, so the runtime may index
 // by them.
 core::Result<Membership> membershipFromJson(const nlohmann::json& reply);
+nlohmann::json membershipToJson(const Membership& m);
 
 }  // namespace archipelago::comm

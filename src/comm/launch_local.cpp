@@ -36,6 +36,49 @@ std::string enterNetns(const std::string& name, const std::string& coordinator, 
 
 }  // namespace
 
+std::string LocalCoordinator::address() const { return options_.host + ":" + std::to_string(options_.port); }
+
+core::Status LocalCoordinator::start() {
+  if (pid_ > 0) return core::failedPrecondition("the local coordinator is already running");
+  int p[2];
+  if (::pipe(p) != 0) return core::internalError("pipe failed");
+  std::fflush(stdout);
+  std::fflush(stderr);
+  pid_t pid = ::fork();
+  if (pid < 0) return core::internalError("fork failed");
+  if (pid == 0) {
+    ::close(p[0]);
+    CoordinatorServer server(secret_, options_);
+    const core::Status st = server.start();
+    const std::string line = (st.isOk() ? std::to_string(server.port()) : std::string("0")) + "\n";
+    [[maybe_unused]] auto w = ::write(p[1], line.data(), line.size());
+    ::close(p[1]);
+    while (st.isOk()) ::pause();  // serves until killed
+    ::_exit(1);
+  }
+  ::close(p[1]);
+  std::string port;
+  char c;
+  while (::read(p[0], &c, 1) == 1 && c != '\n') port.push_back(c);
+  ::close(p[0]);
+  pid_ = pid;
+  ++starts_;
+  if (port.empty() || port == "0") {
+    kill();
+    return core::unavailable("the local coordinator did not start (port " + std::to_string(options_.port) + ")");
+  }
+  options_.port = std::stoi(port);
+  return core::okStatus();
+}
+
+void LocalCoordinator::kill() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
 core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& options, const LocalRankFn& fn,
                                                    SharedBlock** shared_out) {
   const int n = options.world;
@@ -84,11 +127,11 @@ core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& opt
     result_pipe[static_cast<size_t>(r)] = b[0];
     pids[static_cast<size_t>(r)] = pid;
   }
-  CoordinatorOptions co;
-  co.host = options.coordinator_host;
-  CoordinatorServer coord(options.secret, co);
-  core::Status st = coord.start();
-  std::string line = st.isOk() ? coord.address() + "\n" : std::string("\n");
+  CoordinatorServer coord(options.secret, options.coordinator);
+  LocalCoordinator child(options.secret, options.coordinator);
+  core::Status st = options.coordinator_process ? child.start() : coord.start();
+  const std::string addr = options.coordinator_process ? child.address() : coord.address();
+  std::string line = st.isOk() ? addr + "\n" : std::string("\n");
   for (int r = 0; r < n; ++r) {
     [[maybe_unused]] auto w = ::write(addr_pipe[static_cast<size_t>(r)], line.data(), line.size());
     ::close(addr_pipe[static_cast<size_t>(r)]);
@@ -132,6 +175,7 @@ core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& opt
       }
     }
     if (all_done) break;
+    if (options.coordinator_process && options.on_poll) options.on_poll(child, *shared);
     if (others_done || deadline.expired()) {
       for (int r = 0; r < n; ++r) {
         if (!exited[static_cast<size_t>(r)]) ::kill(pids[static_cast<size_t>(r)], SIGKILL);
@@ -165,6 +209,7 @@ core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& opt
     }
   }
   coord.stop();
+  child.kill();
   return out;
 }
 

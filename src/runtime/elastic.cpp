@@ -31,7 +31,8 @@ core::Result<comm::CommConfig> commConfigOf(const core::JobConfig& job, int rank
   cc.options.heartbeat_interval_s = std::min(0.2, job.strategy.failure_timeout / 5);
   const int island = workers[static_cast<size_t>(rank)].island_index;
   const auto& spec = job.cluster.islands[static_cast<size_t>(island)];
-  ARCH_ASSIGN_OR_RETURN(auto coord, comm::splitHostPort(o.coordinator));
+  // `auto` addresses route to the first coordinator of a standby list.
+  ARCH_ASSIGN_OR_RETURN(auto coord, comm::splitHostPort(o.coordinator.substr(0, o.coordinator.find(','))));
   const bool flags = !o.listen.empty() || !o.advertise.empty();
   ARCH_ASSIGN_OR_RETURN(auto addr, comm::resolveAddresses(o.listen.empty() ? spec.listen : o.listen,
                                                           o.advertise.empty() ? spec.advertise : o.advertise, coord.first,
@@ -191,7 +192,9 @@ ElasticSession::~ElasticSession() {
   world_.reset();
 }
 
-double ElasticSession::coordinatorTimeout() const { return std::max(10.0, 5 * job_.strategy.failure_timeout); }
+// Long enough for a supervisor to start the coordinator again and for it to
+// wait out its recovery window (one failure_timeout).
+double ElasticSession::coordinatorTimeout() const { return std::max(30.0, 10 * job_.strategy.failure_timeout); }
 
 std::vector<int> ElasticSession::innerRanks() const {
   return island_ ? island_->ranks() : std::vector<int>{};
@@ -223,8 +226,11 @@ core::Status ElasticSession::reconfigure(const core::Status& cause) {
   const double settle_s = 2 * job_.strategy.failure_timeout + 1;
   if (!w.why.isOk()) ARCH_LOG_WARN("epoch {}: {}; moving to the next epoch", w.from, w.why.toString());
   while (true) {
-    if (client_->secondsSinceContact() > coordinatorTimeout()) {
-      return core::unavailable(fmt::format("the coordinator has not answered for {:.0f} s", client_->secondsSinceContact()));
+    // Counted from the later of the last answer and this change: a
+    // coordinator lost while training went on gets the whole time to return.
+    if (client_->secondsSinceContact() > coordinatorTimeout() && core::secondsSince(t0) > coordinatorTimeout()) {
+      return core::unavailable(fmt::format("no coordinator has answered for {:.0f} s while a membership change "
+                                           "waited for one", client_->secondsSinceContact()));
     }
     auto mr = client_->membership(core::Deadline::afterSeconds(5));
     if (!mr.isOk()) {

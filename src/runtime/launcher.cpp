@@ -31,6 +31,7 @@
 #include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/trainer.h"
+#include "runtime/coordinator_process.h"
 
 namespace archipelago::runtime {
 
@@ -271,12 +272,15 @@ struct Launch {
   const bool replaceable;
 };
 
-// One attempt: a coordinator and the workers started against it.
+// One attempt: a coordinator (a supervised child process, started again
+// when it dies) and the workers started against it.
 struct Attempt {
   int index = 0;
   bool resume = false;
   std::string secret;
-  std::unique_ptr<comm::CoordinatorServer> coord;
+  std::unique_ptr<CoordinatorProcess> coord;
+  std::unique_ptr<comm::CoordinatorClient> watch;  // the launcher's own view of the membership (fencing)
+  core::Clock::time_point last_watch;
   std::string coord_addr;
   std::vector<Child> children;
   bool restart = false;
@@ -312,7 +316,9 @@ void writeWorkersJson(const Launch& l, const Attempt& a) {
   }
   const core::Status st = core::writeFileAtomic(
       (fs::path(l.run_dir) / "workers.json").string(),
-      nlohmann::json{{"coordinator", a.coord_addr}, {"attempt", a.index}, {"pids", pids}}.dump());
+      nlohmann::json{{"coordinator", a.coord_addr}, {"coordinator_pid", a.coord ? a.coord->pid() : -1},
+                     {"attempt", a.index}, {"pids", pids}}
+          .dump());
   if (!st.isOk()) ARCH_LOG_WARN("workers.json not written: {}", st.message());
 }
 
@@ -413,7 +419,18 @@ core::Status replaceWorkers(Launch& l, Attempt& a, const std::vector<int>& ranks
 // stalled, e.g. SIGSTOP) must not come back into the job: kill it; it
 // is then replaced like a crashed one.
 void fenceFailedWorkers(Attempt& a) {
-  const auto m = a.coord->membership();
+  // Asked over the protocol every 200 ms; while the coordinator is away (or
+  // rebuilding its table) nobody is declared failed, so nothing is fenced.
+  if (core::secondsSince(a.last_watch) < 0.2) return;
+  a.last_watch = core::Clock::now();
+  if (!a.watch) {
+    auto c = comm::CoordinatorClient::connect(a.coord_addr, a.secret, -1, core::Deadline::afterSeconds(0.2));
+    if (!c.isOk()) return;
+    a.watch = std::move(c).value();
+  }
+  const auto mr = a.watch->membership(core::Deadline::afterSeconds(0.2));
+  if (!mr.isOk()) return;
+  const comm::Membership& m = *mr;
   for (auto& c : a.children) {
     if (c.exit_code >= 0 || c.rank >= static_cast<int>(m.pids.size())) continue;
     if (std::binary_search(m.failed.begin(), m.failed.end(), c.rank) && m.pids[static_cast<size_t>(c.rank)] == c.pid) {
@@ -473,10 +490,28 @@ void printProgress(Launch& l) {
   }
 }
 
+// A coordinator that died is started again on the same port at once; the
+// workers trained on meanwhile and reattach to it (docs/runtime.md
+// "Control plane failover").
+core::Status restartCoordinator(Launch& l, Attempt& a) {
+  ARCH_ASSIGN_OR_RETURN(auto restarted, a.coord->poll());
+  if (!restarted) return core::okStatus();
+  ARCH_LOG_WARN("coordinator (pid {}) {}; started again as pid {} on {} in {:.2f} s; the workers reattach",
+                restarted->old_pid, restarted->why, restarted->new_pid, a.coord_addr, restarted->seconds);
+  l.events.write(report::EventRecord{
+      .event = "coordinator_restart", .step = l.progress.lastStep(),
+      .detail = fmt::format("coordinator pid {} {}; pid {} listens on {} again after {:.2f} s", restarted->old_pid,
+                            restarted->why, restarted->new_pid, a.coord_addr, restarted->seconds),
+      .pid = restarted->new_pid});
+  writeWorkersJson(l, a);
+  return core::okStatus();
+}
+
 // Watches the attempt's workers until none runs. Errors: a replacement
-// could not be started.
+// could not be started, or the coordinator could not be started again.
 core::Status superviseWorkers(Launch& l, Attempt& a) {
   while (true) {
+    ARCH_RETURN_IF_ERROR(restartCoordinator(l, a));
     int alive = 0;
     const std::vector<int> to_replace = reapWorkers(l, a, alive);
     ARCH_RETURN_IF_ERROR(replaceWorkers(l, a, to_replace, alive));
@@ -500,18 +535,23 @@ core::Result<bool> runAttempt(Launch& l, int attempt) {
   a.index = attempt;
   a.resume = opt.resume || (attempt > 0 && latestValidCheckpoint(l.run_dir).isOk());
   a.secret = randomSecret();
-  comm::CoordinatorOptions co;
-  co.heartbeat_timeout_s = l.job.strategy.failure_timeout;
-  a.coord = std::make_unique<comm::CoordinatorServer>(a.secret, co);
+  CoordinatorProcess::Options co;
+  co.failure_timeout = l.job.strategy.failure_timeout;
+  co.secret = a.secret;
+  co.log = (fs::path(l.run_dir) / "logs" / "coordinator.log").string();
+  co.port_file = (fs::path(l.run_dir) / "coordinator.port").string();
+  a.coord = std::make_unique<CoordinatorProcess>(co);
   ARCH_RETURN_IF_ERROR(a.coord->start());
-  a.coord_addr = "127.0.0.1:" + std::to_string(a.coord->port());
+  a.coord_addr = a.coord->address();
   ARCH_LOG_INFO("job '{}': {} workers in {} islands; coordinator at {}; run dir {}{}", l.job.cluster.name, l.world,
                 l.job.cluster.islands.size(), a.coord_addr, l.run_dir,
                 attempt > 0 ? fmt::format(" (restart {} of {})", attempt, opt.max_restarts) : "");
   for (const auto& w : l.workers) ARCH_RETURN_IF_ERROR(spawnWorker(l, a, w.rank, false));
   l.failure = core::okStatus();
-  ARCH_RETURN_IF_ERROR(superviseWorkers(l, a));
+  const core::Status st = superviseWorkers(l, a);
+  a.watch.reset();
   a.coord->stop();
+  ARCH_RETURN_IF_ERROR(st);
   return a.restart;
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "archipelago/comm/coordinator.h"
+#include "archipelago/core/files.h"
 #include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/dp_comm_group.h"
@@ -19,6 +20,7 @@
 #include "archipelago/runtime/launcher.h"
 #include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trainer.h"
+#include "runtime/coordinator_process.h"
 
 namespace archipelago::runtime {
 
@@ -220,15 +222,49 @@ core::Status runWorker(const WorkerOptions& opt) {
   return core::okStatus();
 }
 
+// --supervise: the coordinator runs as a child, started again on the same
+// port whenever it dies; the workers reattach to the new one.
+core::Status superviseCoordinator(const CoordinatorOptions& opt, const std::string& secret) {
+  CoordinatorProcess::Options po;
+  po.host = opt.host;
+  po.port = opt.port;
+  po.failure_timeout = opt.failure_timeout;
+  po.secret = secret;
+  po.port_file = opt.port_file.empty()
+                     ? (std::filesystem::temp_directory_path() / ("archipelago-coordinator-" + std::to_string(::getpid()) + ".port")).string()
+                     : opt.port_file;
+  CoordinatorProcess child(po);
+  ARCH_RETURN_IF_ERROR(child.start());
+  std::printf("coordinator listening on %s (supervised, pid %d)\n", child.address().c_str(), static_cast<int>(child.pid()));
+  std::fflush(stdout);
+  installStopHandlers();
+  while (!g_stop.load()) {
+    ARCH_ASSIGN_OR_RETURN(auto restarted, child.poll());
+    if (restarted) {
+      ARCH_LOG_WARN("coordinator (pid {}) {}; started again as pid {} on {} in {:.2f} s", restarted->old_pid,
+                    restarted->why, restarted->new_pid, child.address(), restarted->seconds);
+    }
+    ::usleep(50000);
+  }
+  child.stop();
+  std::error_code ec;
+  if (opt.port_file.empty()) std::filesystem::remove(po.port_file, ec);  // ours, not the operator's
+  return core::okStatus();
+}
+
 core::Status runCoordinator(const CoordinatorOptions& opt) {
   const char* secret_env = std::getenv("ARCHIPELAGO_SECRET");
   if (!secret_env || !*secret_env) return core::invalidArgument("ARCHIPELAGO_SECRET is not set: the coordinator needs the job's shared secret");
+  if (opt.supervise) return superviseCoordinator(opt, secret_env);
   comm::CoordinatorOptions co;
   co.host = opt.host;
   co.port = opt.port;
   co.heartbeat_timeout_s = opt.failure_timeout;
   comm::CoordinatorServer server(secret_env, co);
   ARCH_RETURN_IF_ERROR(server.start());
+  if (!opt.port_file.empty()) {
+    ARCH_RETURN_IF_ERROR(core::writeFileAtomic(opt.port_file, std::to_string(server.port())).withContext("--port-file"));
+  }
   std::printf("coordinator listening on %s\n", server.address().c_str());
   std::fflush(stdout);
   installStopHandlers();

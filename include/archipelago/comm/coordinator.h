@@ -28,6 +28,25 @@
 //  - enterEpoch(e) is a barrier: it returns once every alive rank of epoch e
 //    has entered e (all of them then build the epoch's transport at the same
 //    time), or at once with the newer membership if the epoch moved on.
+//
+// Failover (docs/comm.md "Coordinator failover"): the coordinator keeps
+// nothing on disk; the workers hold the truth. A client whose connection
+// broke reconnects (to the same address, or the next of a comma-separated
+// list) and first sends `reattach`: its rank, address, pid, the newest epoch
+// it has heard of (seen) and the membership of the newest epoch it entered
+// (its view). A table that knows the rank takes that as a heartbeat. An
+// empty table (a restarted or standby coordinator) enters recovery:
+//
+//  - requests that read or change membership wait (or get "recovering")
+//    while reattaches are collected;
+//  - recovery ends once every alive rank of the newest view reattached and
+//    nobody has seen a newer epoch than that view: the table is that view,
+//    same epoch, nothing changes for the workers (their data plane never
+//    stopped);
+//  - or when the window (the heartbeat timeout) has passed: ranks alive in
+//    the view that did not reattach are failed, and the epoch published is
+//    max(view, seen) + 1, so no epoch a worker has seen is handed out again
+//    with another membership, and an older view never replaces a newer one.
 #pragma once
 
 #include <atomic>
@@ -37,7 +56,10 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 #include "archipelago/core/clock.h"
 #include "archipelago/core/status.h"
@@ -60,10 +82,21 @@ struct Membership {
 // One membership change, as the coordinator logs it.
 struct MembershipEvent {
   uint32_t epoch = 0;     // the epoch it published
-  std::string kind;       // "failure" | "transient" | "join"
+  std::string kind;       // "failure" | "transient" | "join" | "recovery" (a restarted coordinator's table)
   int rank = -1;
   std::string why;
   int64_t time_us = 0;    // wall clock (core::wallMicros)
+};
+
+// What a reconnecting worker tells the coordinator (see "Failover" above).
+struct Reattach {
+  int rank = -1;
+  int island = -1;
+  std::string address;
+  int64_t pid = 0;
+  uint32_t seen = 0;        // newest epoch this worker has heard of
+  bool has_view = false;    // false: registered but still starting (no membership yet)
+  Membership view;          // membership of the newest epoch it entered
 };
 
 // The coordinator's state machine (see the header comment). Not
@@ -73,7 +106,9 @@ class MembershipTable {
  public:
   enum class State { kUnknown, kAlive, kFailed };
 
-  explicit MembershipTable(double heartbeat_timeout_s = 0) : timeout_s_(heartbeat_timeout_s) {}
+  // recovery_window_s: how long a restarted coordinator waits for
+  // reattaches (0: the heartbeat timeout, or 5 s without one).
+  explicit MembershipTable(double heartbeat_timeout_s = 0, double recovery_window_s = 0);
 
   // Initial registration (no epoch change), or a re-registration of a
   // failed slot, which is a join.
@@ -90,6 +125,12 @@ class MembershipTable {
   void enter(int rank, uint32_t epoch);
   // Every alive rank has entered the current epoch.
   bool allEntered() const;
+  // A worker reconnecting (see "Failover"); returns the epoch.
+  uint32_t reattach(const Reattach& r, int64_t now_us);
+  bool recovering() const { return recovering_; }
+  // Ends recovery when it is complete or its window has passed; true if it ended now.
+  bool settleRecovery(int64_t now_us);
+  double recoverySeconds(int64_t now_us) const;
 
   uint32_t epoch() const { return epoch_; }
   int registered() const;  // slots ever registered
@@ -111,7 +152,24 @@ class MembershipTable {
   // Marks a slot alive for a (re)started process: address, island, pid, fresh heartbeat.
   static void occupy(Slot& s, int island, const std::string& address, int64_t pid, int64_t now_us);
 
+  // Recovery: the reattaches collected, the newest view among them.
+  struct Recovery {
+    int64_t since_us = 0;
+    bool has_best = false;
+    Membership best;
+    uint32_t max_seen = 0;
+    std::map<int, Reattach> members;
+  };
+  bool recoveryComplete() const;
+  void finishRecovery(int64_t now_us);
+  // The slots of rec_.best and of reattached ranks it does not know;
+  // returns the ranks lost (alive in the view, not reattached) and added.
+  std::pair<std::vector<int>, std::vector<int>> adoptView(int64_t now_us);
+
   double timeout_s_;
+  double window_s_;
+  bool recovering_ = false;
+  Recovery rec_;
   uint32_t epoch_ = 0;
   std::map<int, Slot> slots_;
   std::vector<MembershipEvent> events_;
@@ -121,6 +179,7 @@ struct CoordinatorOptions {
   std::string host = "127.0.0.1";
   int port = 0;                      // 0 = any; port() tells the real one
   double heartbeat_timeout_s = 0;    // 0 = only explicit failure reports end a rank
+  double recovery_window_s = 0;      // after a restart (see "Failover"); 0 = heartbeat_timeout_s
 };
 
 class CoordinatorServer {
@@ -154,6 +213,11 @@ class CoordinatorServer {
   std::string waitKey(const std::string& key, const core::Deadline& deadline, std::unique_lock<std::mutex>& lock);
   // The membership table as an "ok" reply (mu_ held).
   std::string stateReply() const;
+  // While the table recovers: waits (at most 2 s of `deadline`); "" once
+  // recovered, else the "recovering" reply to send.
+  std::string waitRecovered(const core::Deadline& deadline, std::unique_lock<std::mutex>& lock);
+  std::string handleReattach(const nlohmann::json& req);
+  void monitorLoop();
 
   std::string secret_;
   CoordinatorOptions options_;
@@ -171,7 +235,11 @@ class CoordinatorServer {
   std::map<std::string, std::string> kv_;
 };
 
-// Thread-safe (one request at a time on one connection).
+// Thread-safe (one request at a time on one connection). A broken
+// connection is re-opened by the next request, to `address` or, when it is
+// a comma-separated list (a standby), the first of its entries that
+// answers; once registered, the client then reattaches (see "Failover")
+// before the request, and a request whose connection broke is sent once more.
 class CoordinatorClient {
  public:
   static core::Result<std::unique_ptr<CoordinatorClient>> connect(const std::string& address,
@@ -210,12 +278,31 @@ class CoordinatorClient {
   // Seconds since the coordinator last answered (0 before the first call).
   double secondsSinceContact() const;
   int rank() const { return rank_.load(); }
+  // Connections re-opened after one broke (each one reattached).
+  int reconnects() const { return reconnects_.load(); }
 
  private:
   CoordinatorClient() = default;
-  core::Result<std::string> call(const std::string& request, const core::Deadline& deadline);
+  // retry: send once more on a fresh connection if this one broke (not for join, which is not idempotent).
+  core::Result<std::string> call(const std::string& request, const core::Deadline& deadline, bool retry = true);
+  // A connection to the first coordinator address that answers, reattached when registered.
+  core::Result<std::unique_ptr<Socket>> open(const core::Deadline& deadline);
+  // The reattach request of this client ("" before it registered).
+  std::string reattachRequest() const;
+  // Records identity / view from a reply (register, join, enter, members).
+  void remember(int island, const std::string& address);
+  void rememberView(const Membership& m);
   std::unique_ptr<Socket> sock_;
-  std::string address_, secret_;
+  std::vector<std::string> addresses_;
+  std::atomic<size_t> current_{0};  // index of the address last answered
+  std::string secret_;
+  mutable std::mutex id_mu_;  // guards the identity below (read by the heartbeat thread)
+  bool registered_ = false;
+  int island_ = -1;
+  std::string my_address_;
+  bool has_view_ = false;
+  Membership view_;
+  std::atomic<int> reconnects_{0};
   std::atomic<int> rank_{-1};
   std::mutex mu_;
   std::atomic<bool> stop_{false};

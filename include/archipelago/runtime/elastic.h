@@ -36,7 +36,7 @@ inline constexpr int kExitEvicted = 75;
 inline constexpr int kExitRestartJob = 76;
 
 struct ElasticOptions {
-  std::string coordinator;  // HOST:PORT
+  std::string coordinator;  // HOST:PORT, or HOST:PORT,HOST:PORT... (standbys)
   std::string secret;
   int rank = -1;            // slot; with join, -1 = any failed slot
   bool join = false;        // enter a running job (state comes from a peer)
@@ -69,15 +69,16 @@ class ElasticSession {
 
   // The coordinator published an epoch newer than ours (seen in heartbeat replies).
   bool newEpochPending() const { return client_->latestEpoch() > membership_.epoch; }
-  // No answer from the coordinator for longer than coordinatorTimeout().
-  bool coordinatorLost() const { return client_->secondsSinceContact() > coordinatorTimeout(); }
+  // How long a membership change waits for a coordinator (a restarted or
+  // standby one) before the job stops with a checkpoint. Training itself
+  // goes on without one.
   double coordinatorTimeout() const;
 
   // Moves to the next epoch. `cause` is the failed collective's status (ok:
   // a planned change such as a join). Errors: kAborted when this rank was
   // declared failed (evicted() is then true), kFailedPrecondition below
-  // strategy.min_workers (belowMinimum()), kUnavailable when the
-  // coordinator is lost.
+  // strategy.min_workers (belowMinimum()), kUnavailable when no coordinator
+  // answered for coordinatorTimeout() (while the change waited for one).
   core::Status reconfigure(const core::Status& cause);
   bool evicted() const { return evicted_; }
   bool belowMinimum() const { return below_min_; }

@@ -57,6 +57,8 @@ struct CoordinatorOptions {
   int port = 0;
   int world = 0;
   double failure_timeout = 2.0;
+  std::string port_file;  // written (atomically) with the port once listening
+  bool supervise = false;  // run it as a child and start it again on the same port when it dies
 };
 core::Status runCoordinator(const CoordinatorOptions& options);
 

@@ -98,9 +98,8 @@ core::Result<TrainSummary> Trainer::run() {
 core::Status Trainer::loop() {
   while (step_ < tc_.steps) {
     if (elastic()) {
-      if (opt_.elastic->coordinatorLost()) {
-        return saveAndStop(core::unavailable("the coordinator is lost; stopping with a checkpoint"));
-      }
+      // A lost coordinator does not stop training (docs/runtime.md "Control
+      // plane failover"): only a membership change waits for its successor.
       if (!split()) {  // the rollback point (split layouts restart from a checkpoint instead)
         const auto c0 = core::Clock::now();
         commit();
