@@ -12,22 +12,13 @@ set -euo pipefail
 bin="$1"; src="$2"
 source "$src/tests/netns/hosts.sh"
 source "$src/tests/netns/job.sh"
-tmp="$(mktemp -d)"
-netns_up 4
-trap 'netns_down; rm -rf "$tmp"' EXIT
-cd "$tmp"
+netns_job_begin 4
 steps=100000  # more than it will run: stopped once the rejoin is seen (tests/netns/job.sh)
 
 netns_job_data "$bin"
-netns_job_yaml run "$steps" "    - {name: a, count: 2, host: $(netns_addr 2)}
-    - {name: b, count: 1, host: $(netns_addr 3)}" > run.yaml
-
-export ARCHIPELAGO_SECRET="netns-$$"
-netns_job_coordinator "$bin" 1
-pids=()
-netns_job_worker "$bin" 2 0 run.yaml; pids+=("$NETNS_PID")
-netns_job_worker "$bin" 2 1 run.yaml; pids+=("$NETNS_PID")
-netns_job_worker "$bin" 3 2 run.yaml; lost="$NETNS_PID"
+netns_job_start "$bin" run "$steps"
+pids=("${NETNS_PIDS[0]}" "${NETNS_PIDS[1]}")
+lost="${NETNS_PIDS[2]}"
 
 netns_job_wait_step run 20 120
 ip netns pids "${NETNS_PREFIX}3" | xargs -r kill -9

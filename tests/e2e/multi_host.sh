@@ -9,24 +9,13 @@ set -euo pipefail
 bin="$1"; src="$2"
 source "$src/tests/netns/hosts.sh"
 source "$src/tests/netns/job.sh"
-tmp="$(mktemp -d)"
-netns_up 3
-trap 'netns_down; rm -rf "$tmp"' EXIT
-cd "$tmp"
+netns_job_begin 3
 
 netns_job_data "$bin"
 netns_job_reference "$bin" ref 12
-netns_job_yaml mh 12 "    - {name: a, count: 2, host: $(netns_addr 2)}
-    - {name: b, count: 1, host: $(netns_addr 3)}" > mh.yaml
-
-export ARCHIPELAGO_SECRET="netns-$$"
-netns_job_coordinator "$bin" 1
-pids=()
-netns_job_worker "$bin" 2 0 mh.yaml; pids+=("$NETNS_PID")
-netns_job_worker "$bin" 2 1 mh.yaml; pids+=("$NETNS_PID")
-netns_job_worker "$bin" 3 2 mh.yaml; pids+=("$NETNS_PID")
+netns_job_start "$bin" mh 12
 for i in 0 1 2; do
-  wait "${pids[$i]}" || { echo "FAIL: worker $i exited with $?"; tail -20 w$i.log; exit 1; }
+  wait "${NETNS_PIDS[$i]}" || { echo "FAIL: worker $i exited with $?"; tail -20 w$i.log; exit 1; }
 done
 
 # Each worker listened on its own host's address, and the strait was not shaped.

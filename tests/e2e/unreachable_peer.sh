@@ -8,24 +8,14 @@ set -euo pipefail
 bin="$1"; src="$2"
 source "$src/tests/netns/hosts.sh"
 source "$src/tests/netns/job.sh"
-tmp="$(mktemp -d)"
-netns_up 3
-trap 'netns_down; rm -rf "$tmp"' EXIT
-cd "$tmp"
+netns_job_begin 3
 
 netns_job_data "$bin"
-netns_job_yaml run 12 "    - {name: a, count: 2, host: $(netns_addr 2)}
-    - {name: b, count: 1, host: $(netns_addr 3)}" > run.yaml
-export ARCHIPELAGO_SECRET="netns-$$"
-netns_job_coordinator "$bin" 1
 bogus="10.77.$NETNS_NET.99"
 start=$SECONDS
-pids=()
-netns_job_worker "$bin" 2 0 run.yaml; pids+=("$NETNS_PID")
-netns_job_worker "$bin" 2 1 run.yaml; pids+=("$NETNS_PID")
-netns_job_worker "$bin" 3 2 run.yaml --advertise "$bogus"; pids+=("$NETNS_PID")
+netns_job_start "$bin" run 12 --advertise "$bogus"
 for i in 0 1 2; do
-  if wait "${pids[$i]}"; then echo "FAIL: worker $i succeeded"; exit 1; fi
+  if wait "${NETNS_PIDS[$i]}"; then echo "FAIL: worker $i succeeded"; exit 1; fi
 done
 took=$((SECONDS - start))
 echo "every worker failed within ${took}s"

@@ -7,6 +7,10 @@
 # worker, and every worker stops after the same step (the control
 # allreduce); the reference run is stopped the same way, past that step.
 #
+#   netns_job_begin N                    # N hosts and a scratch directory (the current one), both gone on exit
+#   netns_job_start BIN NAME STEPS [ARGS]  # NAME.yaml (island a: ranks 0-1 on host 2, b: rank 2 on host 3),
+#                                        # the coordinator on host 1, the 3 workers (pids in NETNS_PIDS;
+#                                        # ARGS go to rank 2)
 #   netns_job_data BIN                   # ./data: a byte-tokenized corpus (tests/e2e/lib/tiny_job.sh)
 #   netns_job_yaml NAME STEPS ISLANDS [STRATEGY]  # job YAML on stdout
 #                                        # (NETNS_JOB_BATCH, NETNS_JOB_STRAITS override)
@@ -21,6 +25,26 @@
 
 NETNS_JOB_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 source "$NETNS_JOB_SRC/tests/e2e/lib/tiny_job.sh"
+
+netns_job_begin() {
+  NETNS_JOB_TMP="$(mktemp -d)"
+  netns_up "$1"
+  trap 'netns_down; rm -rf "$NETNS_JOB_TMP"' EXIT
+  cd "$NETNS_JOB_TMP"
+}
+
+netns_job_start() {
+  local bin="$1" name="$2" steps="$3"
+  shift 3
+  netns_job_yaml "$name" "$steps" "    - {name: a, count: 2, host: $(netns_addr 2)}
+    - {name: b, count: 1, host: $(netns_addr 3)}" > "$name.yaml"
+  export ARCHIPELAGO_SECRET="netns-$$"
+  netns_job_coordinator "$bin" 1
+  NETNS_PIDS=()
+  netns_job_worker "$bin" 2 0 "$name.yaml"; NETNS_PIDS+=("$NETNS_PID")
+  netns_job_worker "$bin" 2 1 "$name.yaml"; NETNS_PIDS+=("$NETNS_PID")
+  netns_job_worker "$bin" 3 2 "$name.yaml" "$@"; NETNS_PIDS+=("$NETNS_PID")
+}
 
 netns_job_data() {
   tiny_corpus "$1" "$PWD"
