@@ -79,16 +79,118 @@ void LocalCoordinator::kill() {
   pid_ = -1;
 }
 
+namespace {
+
+// A forked rank: reads the coordinator's address from `addr_fd`, enters its
+// network namespace if it has one, runs `fn` and writes its one-line
+// result to `result_fd`, then exits without the parent's destructors.
+[[noreturn]] void runRank(const LocalLaunchOptions& options, const LocalRankFn& fn, int r, int addr_fd,
+                          int result_fd, SharedBlock* shared) {
+  std::string addr;
+  char c;
+  while (::read(addr_fd, &c, 1) == 1 && c != '\n') addr.push_back(c);
+  LocalRank lr;
+  lr.rank = r;
+  lr.world = options.world;
+  lr.coordinator = addr;
+  lr.secret = options.secret;
+  lr.shared = shared;
+  std::string result;
+  if (addr.empty()) {
+    result = "no coordinator address from the parent";
+  } else if (!options.netns.empty() && !options.netns[static_cast<size_t>(r)].empty()) {
+    result = enterNetns(options.netns[static_cast<size_t>(r)], addr, &lr.listen);
+  }
+  if (result.empty() && !addr.empty()) result = fn(lr);
+  result += "\n";
+  [[maybe_unused]] auto w = ::write(result_fd, result.data(), result.size());
+  std::fflush(stdout);
+  std::fflush(stderr);
+  ::_exit(0);
+}
+
+// The parent's view of its forked ranks: pids, the pipes their results
+// arrive on, and what became of each.
+struct Ranks {
+  std::vector<pid_t> pids;
+  std::vector<int> addr_pipe, result_pipe;
+  std::vector<std::string> buf;
+  std::vector<bool> exited;
+  std::vector<RankOutcome> out;
+
+  explicit Ranks(int n)
+      : pids(static_cast<size_t>(n), -1), addr_pipe(static_cast<size_t>(n), -1),
+        result_pipe(static_cast<size_t>(n), -1), buf(static_cast<size_t>(n)), exited(static_cast<size_t>(n)),
+        out(static_cast<size_t>(n)) {}
+  size_t size() const { return pids.size(); }
+
+  // Reads what is there now; `all` reads to the end (after the rank exited).
+  void drain(size_t r, bool all) {
+    int& fd = result_pipe[r];
+    if (fd < 0) return;
+    pollfd p{fd, POLLIN, 0};
+    while (all || ::poll(&p, 1, 0) > 0) {
+      char tmp[4096];
+      const ssize_t k = ::read(fd, tmp, sizeof(tmp));
+      if (k <= 0) {
+        ::close(fd);
+        fd = -1;
+        return;
+      }
+      buf[r].append(tmp, static_cast<size_t>(k));
+    }
+  }
+
+  void reap(size_t r, bool block) {
+    if (exited[r]) return;
+    int status = 0;
+    if (::waitpid(pids[r], &status, block ? 0 : WNOHANG) != pids[r]) return;
+    exited[r] = true;
+    if (WIFEXITED(status)) out[r].exit_code = WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) out[r].signal = WTERMSIG(status);
+  }
+
+  void killRemaining(const std::set<int>& expendable) {
+    for (size_t r = 0; r < size(); ++r) {
+      if (!exited[r]) ::kill(pids[r], SIGKILL);
+    }
+    for (size_t r = 0; r < size(); ++r) {
+      if (exited[r]) continue;
+      reap(r, true);
+      out[r].signal = SIGKILL;
+      if (!expendable.count(static_cast<int>(r))) out[r].message = "timed out (killed by the launcher)";
+    }
+  }
+
+  void collect() {
+    for (size_t r = 0; r < size(); ++r) {
+      drain(r, true);
+      if (buf[r].empty()) continue;
+      out[r].reported = true;
+      std::string m = buf[r];
+      if (m.back() == '\n') m.pop_back();
+      if (out[r].message.empty()) out[r].message = m;
+    }
+  }
+};
+
+SharedBlock* mapSharedBlock() {
+  void* mem = ::mmap(nullptr, sizeof(SharedBlock), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) return nullptr;
+  auto* shared = new (mem) SharedBlock();
+  for (auto& s : shared->slot) s.store(0);
+  return shared;
+}
+
+}  // namespace
+
 core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& options, const LocalRankFn& fn,
                                                    SharedBlock** shared_out) {
   const int n = options.world;
-  void* mem = ::mmap(nullptr, sizeof(SharedBlock), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  if (mem == MAP_FAILED) return core::internalError("mmap of the shared block failed");
-  auto* shared = new (mem) SharedBlock();
-  for (auto& s : shared->slot) s.store(0);
+  SharedBlock* shared = mapSharedBlock();
+  if (!shared) return core::internalError("mmap of the shared block failed");
   if (shared_out) *shared_out = shared;
-  std::vector<int> addr_pipe(static_cast<size_t>(n)), result_pipe(static_cast<size_t>(n));
-  std::vector<pid_t> pids(static_cast<size_t>(n), -1);
+  Ranks ranks(n);
   std::fflush(stdout);
   std::fflush(stderr);
   for (int r = 0; r < n; ++r) {
@@ -99,118 +201,45 @@ core::Result<std::vector<RankOutcome>> launchLocal(const LocalLaunchOptions& opt
     if (pid == 0) {
       ::close(a[1]);
       ::close(b[0]);
-      std::string addr;
-      char c;
-      while (::read(a[0], &c, 1) == 1 && c != '\n') addr.push_back(c);
-      LocalRank lr;
-      lr.rank = r;
-      lr.world = n;
-      lr.coordinator = addr;
-      lr.secret = options.secret;
-      lr.shared = shared;
-      std::string result;
-      if (addr.empty()) {
-        result = "no coordinator address from the parent";
-      } else if (!options.netns.empty() && !options.netns[static_cast<size_t>(r)].empty()) {
-        result = enterNetns(options.netns[static_cast<size_t>(r)], addr, &lr.listen);
-      }
-      if (result.empty() && !addr.empty()) result = fn(lr);
-      result += "\n";
-      [[maybe_unused]] auto w = ::write(b[1], result.data(), result.size());
-      std::fflush(stdout);
-      std::fflush(stderr);
-      ::_exit(0);
+      runRank(options, fn, r, a[0], b[1], shared);
     }
     ::close(a[0]);
     ::close(b[1]);
-    addr_pipe[static_cast<size_t>(r)] = a[1];
-    result_pipe[static_cast<size_t>(r)] = b[0];
-    pids[static_cast<size_t>(r)] = pid;
+    ranks.addr_pipe[static_cast<size_t>(r)] = a[1];
+    ranks.result_pipe[static_cast<size_t>(r)] = b[0];
+    ranks.pids[static_cast<size_t>(r)] = pid;
   }
   CoordinatorServer coord(options.secret, options.coordinator);
   LocalCoordinator child(options.secret, options.coordinator);
   core::Status st = options.coordinator_process ? child.start() : coord.start();
   const std::string addr = options.coordinator_process ? child.address() : coord.address();
-  std::string line = st.isOk() ? addr + "\n" : std::string("\n");
-  for (int r = 0; r < n; ++r) {
-    [[maybe_unused]] auto w = ::write(addr_pipe[static_cast<size_t>(r)], line.data(), line.size());
-    ::close(addr_pipe[static_cast<size_t>(r)]);
+  const std::string line = st.isOk() ? addr + "\n" : std::string("\n");
+  for (int fd : ranks.addr_pipe) {
+    [[maybe_unused]] auto w = ::write(fd, line.data(), line.size());
+    ::close(fd);
   }
-  std::vector<RankOutcome> out(static_cast<size_t>(n));
-  std::vector<bool> exited(static_cast<size_t>(n), false);
-  std::vector<std::string> buf(static_cast<size_t>(n));
-  auto deadline = core::Deadline::afterSeconds(options.timeout_s);
+  const auto deadline = core::Deadline::afterSeconds(options.timeout_s);
   while (true) {
-    for (int r = 0; r < n; ++r) {  // drain result pipes
-      int fd = result_pipe[static_cast<size_t>(r)];
-      if (fd < 0) continue;
-      pollfd p{fd, POLLIN, 0};
-      while (::poll(&p, 1, 0) > 0) {
-        char tmp[4096];
-        ssize_t k = ::read(fd, tmp, sizeof(tmp));
-        if (k <= 0) {
-          ::close(fd);
-          result_pipe[static_cast<size_t>(r)] = -1;
-          break;
-        }
-        buf[static_cast<size_t>(r)].append(tmp, static_cast<size_t>(k));
-      }
-    }
-    for (int r = 0; r < n; ++r) {
-      if (exited[static_cast<size_t>(r)]) continue;
-      int status = 0;
-      pid_t w = ::waitpid(pids[static_cast<size_t>(r)], &status, WNOHANG);
-      if (w == pids[static_cast<size_t>(r)]) {
-        exited[static_cast<size_t>(r)] = true;
-        auto& o = out[static_cast<size_t>(r)];
-        if (WIFEXITED(status)) o.exit_code = WEXITSTATUS(status);
-        if (WIFSIGNALED(status)) o.signal = WTERMSIG(status);
-      }
-    }
     bool others_done = true, all_done = true;
-    for (int r = 0; r < n; ++r) {
-      if (!exited[static_cast<size_t>(r)]) {
-        all_done = false;
-        if (!options.expendable.count(r)) others_done = false;
-      }
+    for (size_t r = 0; r < ranks.size(); ++r) {
+      ranks.drain(r, false);
+      ranks.reap(r, false);
+      if (ranks.exited[r]) continue;
+      all_done = false;
+      if (!options.expendable.count(static_cast<int>(r))) others_done = false;
     }
     if (all_done) break;
     if (options.coordinator_process && options.on_poll) options.on_poll(child, *shared);
     if (others_done || deadline.expired()) {
-      for (int r = 0; r < n; ++r) {
-        if (!exited[static_cast<size_t>(r)]) ::kill(pids[static_cast<size_t>(r)], SIGKILL);
-      }
-      for (int r = 0; r < n; ++r) {
-        if (exited[static_cast<size_t>(r)]) continue;
-        int status = 0;
-        ::waitpid(pids[static_cast<size_t>(r)], &status, 0);
-        exited[static_cast<size_t>(r)] = true;
-        out[static_cast<size_t>(r)].signal = SIGKILL;
-        if (!options.expendable.count(r)) out[static_cast<size_t>(r)].message = "timed out (killed by the launcher)";
-      }
+      ranks.killRemaining(options.expendable);
       break;
     }
     ::usleep(2000);
   }
-  for (int r = 0; r < n; ++r) {
-    int fd = result_pipe[static_cast<size_t>(r)];
-    if (fd >= 0) {
-      char tmp[4096];
-      ssize_t k;
-      while ((k = ::read(fd, tmp, sizeof(tmp))) > 0) buf[static_cast<size_t>(r)].append(tmp, static_cast<size_t>(k));
-      ::close(fd);
-    }
-    auto& o = out[static_cast<size_t>(r)];
-    if (!buf[static_cast<size_t>(r)].empty()) {
-      o.reported = true;
-      std::string m = buf[static_cast<size_t>(r)];
-      if (!m.empty() && m.back() == '\n') m.pop_back();
-      if (o.message.empty()) o.message = m;
-    }
-  }
+  ranks.collect();
   coord.stop();
   child.kill();
-  return out;
+  return ranks.out;
 }
 
 core::Result<ConnectedRank> connectRank(const LocalRank& r, CommConfig config, const core::Deadline& deadline) {
