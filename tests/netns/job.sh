@@ -22,6 +22,9 @@
 #   netns_job_wait_event RUN KIND SECONDS [COUNT]
 #   netns_job_check_curve REF RUN STEPS RTOL      # steps 1..STEPS
 #   netns_job_check_replicas RUN STEP RANKS
+#   netns_job_finish_rejoined BIN STEPS PID...  # 20 steps after a join: stop, then the checks
+#                                        # the membership tests share (no checkpoint read,
+#                                        # replicas, curve)
 
 NETNS_JOB_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 source "$NETNS_JOB_SRC/tests/e2e/lib/tiny_job.sh"
@@ -172,4 +175,30 @@ for line in open(sys.argv[1]):
 print("replica digests at step %d: %d ranks, %d distinct" % (step, len(digests), len(set(digests.values()))))
 sys.exit(0 if len(digests) == ranks and len(set(digests.values())) == 1 else 1)
 PY
+}
+
+# After a membership change and a join in job ./run (workers PID..., rank
+# order): 20 more steps with every rank, stop (SIGTERM to the first: every
+# worker stops after the same step), then every worker must exit 0, none may
+# have read a checkpoint, the replicas must be bit-identical and the curve
+# the single-process one, the reference run of STEPS stopped past the same
+# step (1e-4: shares re-split over the alive ranks reorder gradient sums by
+# about 1e-7).
+netns_job_finish_rejoined() {
+  local bin="$1" steps="$2" i
+  shift 2
+  local pids=("$@")
+  netns_job_wait_step run $(( $(netns_job_last_step run) + 20 )) 120
+  kill -TERM "${pids[0]}"
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "FAIL: worker $i exited with $?"; tail -30 "w$i.log"; exit 1; }
+  done
+  if grep -qi "resum\|from checkpoint" w*.log; then
+    echo "FAIL: the job read a checkpoint"; grep -i "resum\|from checkpoint" w*.log; exit 1
+  fi
+  local last
+  last=$(netns_job_last_step run)
+  netns_job_check_replicas run "$last" "${#pids[@]}" || exit 1
+  netns_job_reference "$bin" ref "$steps" "$last" || exit 1
+  netns_job_check_curve ref run "$last" 1e-4 || exit 1
 }
