@@ -603,6 +603,9 @@ void checkCluster(const ClusterSpec& c, const std::string& pre, Problems& p) {
     for (size_t k = 0; k < is.slowdowns.size(); ++k) {
       if (!(is.slowdowns[k] > 0)) p.add(ip + ".slowdowns[" + std::to_string(k) + "]", is.slowdowns[k], "a factor > 0");
     }
+    if (is.torch_device.empty()) p.add(ip + ".torch_device", "''", "auto or a torch device (cpu, cuda, cuda:1, ...)");
+    if (is.threads < 0) p.add(ip + ".threads", is.threads, "0 (train.threads_per_worker) or an integer >= 1");
+    if (!(is.cpu_quota >= 0) || is.cpu_quota > 1024) p.add(ip + ".cpu_quota", is.cpu_quota, "0 (no cap) or a share of one core > 0, e.g. 0.5");
     if (is.devices_per_node < 1) p.add(ip + ".devices_per_node", is.devices_per_node, "an integer >= 1");
     if (is.node_bandwidth < 0) p.add(ip + ".node_bandwidth", formatBandwidth(is.node_bandwidth), "a bandwidth >= 0");
     if (is.fabric_bandwidth < 0) p.add(ip + ".fabric_bandwidth", formatBandwidth(is.fabric_bandwidth), "a bandwidth >= 0");
@@ -699,6 +702,11 @@ Status validateJob(const JobConfig& j) {
   if (t.eval_batches < 1) p.add("train.eval_batches", t.eval_batches, "an integer >= 1");
   if (t.log_every < 1) p.add("train.log_every", t.log_every, "an integer >= 1");
   if (t.threads_per_worker < 1) p.add("train.threads_per_worker", t.threads_per_worker, "an integer >= 1");
+  if (!(t.loss_scale_init >= 1) || !std::isfinite(t.loss_scale_init)) {
+    p.add("train.loss_scale_init", t.loss_scale_init, "a finite scale >= 1, e.g. 65536");
+  }
+  if (t.loss_scale_window < 1) p.add("train.loss_scale_window", t.loss_scale_window, "an integer >= 1");
+  if (t.fp8_amax_history < 1) p.add("train.fp8_amax_history", t.fp8_amax_history, "an integer >= 1");
   if (!t.shares.empty()) {
     if (static_cast<int64_t>(t.shares.size()) != world) {
       p.add("train.shares", std::to_string(t.shares.size()) + " values", std::to_string(world) + " values (one per worker) or none");

@@ -52,6 +52,11 @@ template <typename V> void visitFields(V& v, IslandSpec& s) {
   v.field("checksum", choice(s.checksum, {"auto", "on", "off"},
                              "frame CRC32C between this island's workers (auto: off on one host, on between hosts; "
                              "off: a trusted network)"));
+  v.field("torch_device", ref(s.torch_device, "torch device of its workers: auto (from the device kind), cpu, cuda, "
+                                              "cuda:N, xpu, privateuseone, ... (no index: the local rank)"));
+  v.field("dtype", choice(s.dtype, {"", "fp32", "bf16", "fp16", "fp8"}, "compute dtype (empty = model.dtype)"));
+  v.field("threads", ref(s.threads, "intra-op threads per worker (0 = train.threads_per_worker)"));
+  v.field("cpu_quota", ref(s.cpu_quota, "share of one core per worker, e.g. 0.5 (cgroup cpu controller; 0 = no cap)"));
   v.field("devices_per_node", ref(s.devices_per_node, "devices sharing one node's fabric"));
   v.field("node_bandwidth", bandwidth(s.node_bandwidth, "intra-node fabric bandwidth (0 = catalog)"));
   v.field("fabric_bandwidth", bandwidth(s.fabric_bandwidth, "inter-node bandwidth inside the island (0 = catalog)"));
@@ -103,7 +108,8 @@ template <typename V> void visitFields(V& v, ModelConfig& s) {
   v.field("rope_theta", ref(s.rope_theta, "rotary embedding base"));
   v.field("norm_eps", ref(s.norm_eps, "RMSNorm epsilon"));
   v.field("tie_embeddings", ref(s.tie_embeddings, "share embedding and LM-head weights"));
-  v.field("dtype", choice(s.dtype, {"fp32", "bf16", "fp16"}, "parameter/compute dtype"));
+  v.field("dtype", choice(s.dtype, {"fp32", "bf16", "fp16", "fp8"},
+                          "compute dtype (master weights and optimizer state stay fp32; islands may override)"));
   v.field("init_std", ref(s.init_std, "initialisation standard deviation"));
   v.section("moe", s.moe);
 }
@@ -140,6 +146,15 @@ template <typename V> void visitFields(V& v, TrainConfig& s) {
   v.field("shares", ref(s.shares, "initial batch-share weights per rank (empty = 1/slowdown)"));
   v.field("threads_per_worker", ref(s.threads_per_worker, "intra-op threads per worker"));
   v.field("recompute", ref(s.recompute, "pipeline stages: recompute activations in backward (saves memory)"));
+  v.field("reduce_dtype", choice(s.reduce_dtype, {"fp32", "bf16"}, "dtype gradients are reduced in"));
+  v.field("loss_scale", choice(s.loss_scale, {"auto", "dynamic", "none"},
+                               "loss scaling (auto: dynamic for fp16 compute, none otherwise)"));
+  v.field("loss_scale_init", ref(s.loss_scale_init, "dynamic loss scaling: first scale"));
+  v.field("loss_scale_window", ref(s.loss_scale_window, "dynamic loss scaling: finite steps before the scale doubles"));
+  v.field("fp8_recipe", choice(s.fp8_recipe, {"delayed", "block"},
+                               "fp8 linears: delayed per-tensor scaling or 1x128/128x128 block scaling"));
+  v.field("fp8_amax_history", ref(s.fp8_amax_history, "fp8 delayed scaling: steps of amax history"));
+  v.field("check_ops", ref(s.check_ops, "check the device's operators against a CPU fp64 reference before step 1"));
 }
 
 template <typename V> void visitFields(V& v, StrategyConfig& s) {

@@ -15,8 +15,22 @@ std::vector<WorkerInfo> workersOf(const ClusterSpec& cluster) {
       w.local_index = static_cast<int>(k);
       w.device = is.device;
       w.slowdown = is.slowdownOf(k);
+      w.torch_device = is.torch_device;
+      if (!is.dtype.empty()) w.dtype = is.dtype;
+      if (is.threads > 0) w.threads = is.threads;
+      w.cpu_quota = is.cpu_quota;
       out.push_back(w);
     }
+  }
+  return out;
+}
+
+std::vector<WorkerInfo> workersOf(const JobConfig& job) {
+  auto out = workersOf(job.cluster);
+  for (size_t r = 0; r < out.size(); ++r) {
+    const auto& is = job.cluster.islands[static_cast<size_t>(out[r].island_index)];
+    if (is.dtype.empty()) out[r].dtype = job.model.dtype;
+    if (is.threads <= 0) out[r].threads = job.train.threads_per_worker;
   }
   return out;
 }

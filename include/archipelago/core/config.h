@@ -37,6 +37,16 @@ struct IslandSpec {
   // "on", or "off" (the job trusts this island's network: NIC and TCP
   // checksums only). See docs/comm.md "Checksums".
   std::string checksum = "auto";
+  // The torch device its workers compute on: "auto" (from the catalog kind:
+  // cpu kinds the CPU, NVIDIA and AMD kinds cuda, Huawei privateuseone,
+  // Intel xpu), or any device string the linked libtorch parses (cpu, cuda,
+  // cuda:1, xpu, privateuseone, mps). Without an index, a worker takes its
+  // local rank (LOCAL_RANK, SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK) or
+  // else its index in the island. See docs/runtime.md "Devices".
+  std::string torch_device = "auto";
+  std::string dtype;              // compute dtype: fp32 | bf16 | fp16 | fp8; empty = model.dtype
+  int64_t threads = 0;            // intra-op threads per worker; 0 = train.threads_per_worker
+  double cpu_quota = 0;           // share of one core per worker (cgroup cpu controller); 0 = no cap
   int64_t devices_per_node = 8;   // devices sharing the intra-node fabric (planner)
   double node_bandwidth = 0;      // bytes/s intra-node fabric; 0 = from the device catalog
   double fabric_bandwidth = 0;    // bytes/s between nodes inside the island; 0 = from the catalog
@@ -113,7 +123,7 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   double norm_eps = 1e-5;
   bool tie_embeddings = false;
-  std::string dtype = "fp32";     // fp32 | bf16 | fp16
+  std::string dtype = "fp32";     // compute dtype: fp32 | bf16 | fp16 | fp8 (islands may override)
   double init_std = 0.02;
   MoeConfig moe;
 };
@@ -154,6 +164,15 @@ struct TrainConfig {
   std::vector<double> shares;   // fixed initial shares per rank (empty = from slowdowns)
   int64_t threads_per_worker = 1;
   bool recompute = false;       // pipeline stages: keep only stage inputs, recompute activations in backward
+  // Mixed precision (docs/runtime.md "Dtypes"): master weights and optimizer
+  // state are always fp32; gradients are reduced in reduce_dtype.
+  std::string reduce_dtype = "fp32";  // fp32 | bf16
+  std::string loss_scale = "auto";    // auto (dynamic for fp16, else none) | dynamic | none
+  double loss_scale_init = 65536;     // dynamic: the first scale
+  int64_t loss_scale_window = 1000;   // dynamic: finite steps before the scale doubles
+  std::string fp8_recipe = "delayed"; // fp8 linears: delayed (per tensor, amax history) | block (1x128 / 128x128)
+  int64_t fp8_amax_history = 16;      // delayed scaling: steps of amax kept
+  bool check_ops = true;              // every worker checks its device's operators before the first step
 };
 
 // ---- strategy -----------------------------------------------------------------

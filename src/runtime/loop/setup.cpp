@@ -35,7 +35,7 @@ core::Status Trainer::setup() {
     rank_ = dp->rank();
     world_ = dp->size();
   }
-  workers_ = workersOf(job_.cluster);
+  workers_ = workersOf(job_);
   const bool split_job = job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1;
   if (static_cast<int>(workers_.size()) != world_ && (world_ != 1 || split_job)) {
     return core::invalidArgument("the cluster spec has " + std::to_string(workers_.size()) +
