@@ -278,7 +278,7 @@ core::Status loadIntoModel(Transformer& model, const SafetensorsFile& file, bool
 
 namespace {
 const char* hfDtype(const std::string& d) {
-  if (d == "bf16") return "bfloat16";
+  if (d == "bf16" || d == "fp8") return "bfloat16";  // fp8 linears compute around bf16
   if (d == "fp16") return "float16";
   return "float32";
 }

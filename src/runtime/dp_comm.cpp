@@ -6,11 +6,23 @@ namespace archipelago::runtime {
 namespace {
 class DoneReduce final : public PendingReduce {
  public:
-  core::Status wait() override { return core::okStatus(); }
+  explicit DoneReduce(core::Status st = core::okStatus()) : st_(std::move(st)) {}
+  core::Status wait() override { return st_; }
+
+ private:
+  core::Status st_;
 };
 }  // namespace
 
+std::unique_ptr<PendingReduce> DpComm::allreduceSumBf16Async(std::span<uint16_t>) {
+  return std::make_unique<DoneReduce>(core::unimplemented("bf16 gradient reduction over " + describe()));
+}
+
 std::unique_ptr<PendingReduce> LocalDp::allreduceSumAsync(std::span<float>) {
+  return std::make_unique<DoneReduce>();
+}
+
+std::unique_ptr<PendingReduce> LocalDp::allreduceSumBf16Async(std::span<uint16_t>) {
   return std::make_unique<DoneReduce>();
 }
 

@@ -26,13 +26,21 @@ comm::OpOptions GroupDp::options() const {
 }
 
 std::unique_ptr<PendingReduce> GroupDp::allreduceSumAsync(std::span<float> data) {
+  return reduceAsync(data.data(), data.size(), comm::DType::kF32);
+}
+
+std::unique_ptr<PendingReduce> GroupDp::allreduceSumBf16Async(std::span<uint16_t> data) {
+  return reduceAsync(data.data(), data.size(), comm::DType::kBF16);
+}
+
+std::unique_ptr<PendingReduce> GroupDp::reduceAsync(void* data, size_t n, comm::DType dtype) {
   comm::OpOptions o = options();
   comm::Handle h;
   if (hierarchical_) {
     o.codec = codec_;
-    h = group_->hierarchicalAllreduceAsync(data.data(), data.size(), comm::DType::kF32, comm::ReduceOp::kSum, o);
+    h = group_->hierarchicalAllreduceAsync(data, n, dtype, comm::ReduceOp::kSum, o);
   } else {
-    h = group_->allreduceAsync(data.data(), data.size(), comm::DType::kF32, comm::ReduceOp::kSum, o);
+    h = group_->allreduceAsync(data, n, dtype, comm::ReduceOp::kSum, o);
   }
   return std::make_unique<HandleReduce>(std::move(h), o.deadline);
 }

@@ -4,14 +4,20 @@
 
 namespace archipelago::runtime {
 
-FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tensor>>& named) {
+FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                            torch::ScalarType compute) {
   FlatParams f;
   int64_t total = 0;
   for (const auto& [name, p] : named) total += p.numel();
-  auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+  const torch::Device device = named.empty() ? torch::Device(torch::kCPU) : named.front().second.device();
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
   f.params_ = torch::empty({total}, opts);
   f.grads_ = torch::zeros({total}, opts);
   f.decay_mask_ = torch::zeros({total}, opts);
+  if (compute != torch::kFloat32) {
+    f.compute_params_ = torch::empty({total}, opts.dtype(compute));
+    f.compute_grads_ = torch::zeros({total}, opts.dtype(compute));
+  }
   int64_t off = 0;
   torch::NoGradGuard no_grad;
   for (const auto& [name, p] : named) {
@@ -22,23 +28,37 @@ FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tens
     s.shape = p.sizes().vec();
     // Norm gains (1-D) are not decayed; matrices (embeddings, projections) are.
     s.decay = p.dim() >= 2;
-    auto pview = f.params_.narrow(0, off, s.numel).view(p.sizes());
-    pview.copy_(p.detach().to(torch::kFloat32));
+    f.params_.narrow(0, off, s.numel).view(p.sizes()).copy_(p.detach().to(torch::kFloat32));
+    auto pview = f.computeParams().narrow(0, off, s.numel).view(p.sizes());
     auto param = p;
     param.set_data(pview);
-    param.mutable_grad() = f.grads_.narrow(0, off, s.numel).view(p.sizes());
+    param.mutable_grad() = f.computeGrads().narrow(0, off, s.numel).view(p.sizes());
     if (s.decay) f.decay_mask_.narrow(0, off, s.numel).fill_(1.0f);
     s.param = param;
     f.segments_.push_back(std::move(s));
     off += p.numel();
   }
+  f.syncCompute();
   return f;
 }
 
-FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end)
+void FlatParams::syncCompute() {
+  if (!mixed()) return;
+  torch::NoGradGuard no_grad;
+  compute_params_.copy_(params_);
+}
+
+void FlatParams::upcastGrads(int64_t begin, int64_t end) {
+  if (!mixed() || end <= begin) return;
+  torch::NoGradGuard no_grad;
+  grads_.narrow(0, begin, end - begin).copy_(compute_grads_.narrow(0, begin, end - begin));
+}
+
+FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end, torch::Device device)
     : sgd_(cfg.optimizer == "sgd"), beta1_(cfg.beta1), beta2_(cfg.beta2), eps_(cfg.adam_eps), wd_(cfg.weight_decay), begin_(begin), end_(end) {
-  m_ = torch::zeros({end - begin}, torch::kFloat32);
-  v_ = torch::zeros({end - begin}, torch::kFloat32);
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  m_ = torch::zeros({end - begin}, opts);
+  v_ = torch::zeros({end - begin}, opts);
 }
 
 void FlatAdamW::step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr) {

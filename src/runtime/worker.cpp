@@ -18,6 +18,7 @@
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/launch_env.h"
 #include "archipelago/runtime/launcher.h"
+#include "archipelago/runtime/placement.h"
 #include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trainer.h"
 #include "runtime/coordinator_process.h"
@@ -191,6 +192,15 @@ core::Status runWorker(const WorkerOptions& opt) {
   if (rank >= 0) setLogIdentityOf(workers, rank);
   logPlacement(placement);
   installStopHandlers();
+
+  if (rank >= 0) {
+    // Before registering: a worker whose device is missing must not start
+    // the job half-way (the others would wait for it or go on without it).
+    const auto described = workersOf(job);
+    auto device = placeWorker(job, described[static_cast<size_t>(rank)]);
+    if (!device.isOk()) return device.status();
+    ARCH_LOG_INFO("device {}", device->describe());
+  }
 
   const char* secret_env = std::getenv("ARCHIPELAGO_SECRET");
   if (!secret_env || !*secret_env) {

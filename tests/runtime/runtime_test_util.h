@@ -70,6 +70,11 @@ inline int runTrain(const std::string& yaml, const std::string& name, const std:
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
 }
 
+inline std::string fileText(const fs::path& p) {
+  std::ifstream f(p);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
 inline std::string outputOf(const std::string& name) {
   std::ifstream f(scratchRoot() / (name + ".out"));
   return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());

@@ -6,8 +6,10 @@
 // also the reference every multi-worker result is checked against.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 
 #include "archipelago/core/status.h"
 
@@ -27,6 +29,9 @@ class DpComm {
   // Sums `data` over all ranks in place; the caller keeps `data` alive and
   // untouched until wait() returns.
   virtual std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float> data) = 0;
+  // The same over bf16 bit patterns (train.reduce_dtype: bf16): summed in
+  // fp32 and rounded once, bit-identical on every rank. By default an error.
+  virtual std::unique_ptr<PendingReduce> allreduceSumBf16Async(std::span<uint16_t> data);
   virtual core::Status allreduceSum(std::span<double> data) = 0;
   // all[r * mine.size() + i] = rank r's mine[i].
   virtual core::Status allgather(std::span<const double> mine, std::span<double> all) = 0;
@@ -43,6 +48,7 @@ class LocalDp final : public DpComm {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float>) override;
+  std::unique_ptr<PendingReduce> allreduceSumBf16Async(std::span<uint16_t>) override;
   core::Status allreduceSum(std::span<double>) override { return core::okStatus(); }
   core::Status allgather(std::span<const double> mine, std::span<double> all) override;
   core::Status allgatherSlices(std::span<float>, std::span<const int64_t>) override { return core::okStatus(); }

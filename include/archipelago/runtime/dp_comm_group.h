@@ -20,6 +20,7 @@ class GroupDp final : public DpComm {
   int rank() const override { return group_->rank(); }
   int size() const override { return group_->size(); }
   std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float> data) override;
+  std::unique_ptr<PendingReduce> allreduceSumBf16Async(std::span<uint16_t> data) override;
   core::Status allreduceSum(std::span<double> data) override;
   core::Status allgather(std::span<const double> mine, std::span<double> all) override;
   core::Status allgatherSlices(std::span<float> data, std::span<const int64_t> offsets) override;
@@ -28,6 +29,7 @@ class GroupDp final : public DpComm {
   comm::Group& group() { return *group_; }
 
  private:
+  std::unique_ptr<PendingReduce> reduceAsync(void* data, size_t n, comm::DType dtype);
   comm::OpOptions options() const;
   std::shared_ptr<comm::Group> group_;
   bool hierarchical_;

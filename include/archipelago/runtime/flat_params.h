@@ -5,6 +5,14 @@
 // range, and checkpoints by name, with no per-parameter bookkeeping.
 // Autograd accumulates into the existing .grad views in place (grads are
 // zeroed, never reset to undefined), as DDP's gradient-as-bucket-view does.
+//
+// Mixed precision (docs/runtime.md "Dtypes"): the flat fp32 buffers are the
+// master weights and the gradients the optimizer reads. With a lower
+// compute dtype the module's parameters and their .grad are views of a
+// second pair of flat buffers in that dtype; syncCompute() rounds the
+// masters into them, and the gradient path widens compute gradients into
+// the fp32 ones (upcastGrads) after reducing them in the job's reduce dtype.
+// Every buffer lives on the device the parameters were on at bind().
 #pragma once
 
 #include <cstdint>
@@ -29,20 +37,37 @@ struct ParamSegment {
 
 class FlatParams {
  public:
-  // Rebinds every parameter of `named` (in order) to a slice of one buffer.
-  static FlatParams bind(const std::vector<std::pair<std::string, torch::Tensor>>& named);
+  // Rebinds every parameter of `named` (in order) to a slice of one buffer
+  // (of `compute` dtype; fp32 masters beside it when that is not fp32).
+  static FlatParams bind(const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                         torch::ScalarType compute = torch::kFloat32);
 
   torch::Tensor& params() { return params_; }
   torch::Tensor& grads() { return grads_; }
+  // The buffers autograd reads and writes: the compute-dtype twins, or the
+  // fp32 ones themselves.
+  bool mixed() const { return compute_params_.defined(); }
+  torch::ScalarType computeDtype() const { return mixed() ? compute_params_.scalar_type() : torch::kFloat32; }
+  torch::Tensor& computeParams() { return mixed() ? compute_params_ : params_; }
+  torch::Tensor& computeGrads() { return mixed() ? compute_grads_ : grads_; }
+  torch::Device device() const { return params_.device(); }
+  // Rounds the fp32 masters into the compute copy (no-op without one).
+  void syncCompute();
+  // grads[begin, end) = widened compute grads (no-op without a compute copy).
+  void upcastGrads(int64_t begin, int64_t end);
   const std::vector<ParamSegment>& segments() const { return segments_; }
   int64_t numel() const { return params_.numel(); }
   // 1 where weight decay applies, 0 elsewhere.
   const torch::Tensor& decayMask() const { return decay_mask_; }
-  void zeroGrad() { grads_.zero_(); }
+  void zeroGrad() {
+    grads_.zero_();
+    if (mixed()) compute_grads_.zero_();
+  }
 
  private:
   torch::Tensor params_;
   torch::Tensor grads_;
+  torch::Tensor compute_params_, compute_grads_;  // undefined when computing in fp32
   torch::Tensor decay_mask_;
   std::vector<ParamSegment> segments_;
 };
@@ -54,7 +79,8 @@ class FlatParams {
 // (no state), whose update is linear in the gradient.
 class FlatAdamW {
  public:
-  FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end);
+  // State on `device` (the parameters').
+  FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end, torch::Device device = torch::kCPU);
 
   // params/grads/mask are the slices [begin, end).
   void step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr);

@@ -23,7 +23,7 @@ nlohmann::json headerOf(const HeldState& held) {
   return h;
 }
 
-torch::Tensor flat32(const torch::Tensor& t) { return t.detach().reshape({-1}).to(torch::kFloat); }
+torch::Tensor flat32(const torch::Tensor& t) { return t.detach().reshape({-1}).to(torch::kCPU, torch::kFloat); }
 }  // namespace
 
 HeldState Trainer::heldState() {

@@ -20,6 +20,7 @@ CheckpointState Trainer::snapshotHead(int64_t step) const {
   s.data_position = train_sampler_->position();
   s.shares = shares_;
   s.optimizer_step = adam_->stepCount();
+  if (scaler_->enabled()) s.extra["loss_scale"] = scaler_->state();
   s.job_yaml = job_yaml_;
   s.model = mcfg_;  // resolved: config.json needs every size (Hugging Face builds the model from it)
   nlohmann::json ranks = nlohmann::json::array();

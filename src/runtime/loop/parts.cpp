@@ -65,6 +65,7 @@ core::Status Trainer::setupSplitGroups() {
 core::Status Trainer::makeParts() {
   parallel::DataParallelOptions dopt;
   dopt.bucket_bytes = static_cast<int64_t>(job_.strategy.bucket_bytes);
+  dopt.reduce_dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   if (!split()) {
     // Every rank holds everything: buckets overlap with backward (a group of
     // more than one rank now or after a membership change to overlap with).
@@ -106,7 +107,7 @@ core::Status Trainer::makeParts() {
   po.micro_batch = tc_.micro_batch;
   po.recompute = tc_.recompute;
   po.dim = mcfg_.dim;
-  ARCH_ASSIGN_OR_RETURN(po.dtype, model::parseDtype(mcfg_.dtype));
+  po.dtype = place_.compute;  // activations cross in fp32; each stage casts to its own dtype
   po.prev_codec = prev_codec_;
   po.next_codec = next_codec_;
   po.slowdown = me_.slowdown;

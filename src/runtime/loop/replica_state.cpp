@@ -17,6 +17,7 @@ void Trainer::commit(bool refresh_outer) {
   commit_.step = step_;
   commit_.position = train_sampler_->position();
   commit_.adam_t = adam_->stepCount();
+  commit_.scaler = scaler_->state();
   commit_.shares = shares_;
   commit_.losses = summary_.losses.size();
   commit_.params.copy_(flat_->params());
@@ -42,6 +43,7 @@ void Trainer::rollback() {
   step_ = commit_.step;
   train_sampler_->setPosition(commit_.position);
   adam_->setStepCount(commit_.adam_t);
+  (void)scaler_->load(commit_.scaler);  // its own state: always valid
   shares_ = commit_.shares;
   summary_.losses.resize(commit_.losses);
   flat_->params().copy_(commit_.params);
@@ -76,7 +78,7 @@ std::string Trainer::serializeState() {
       if (name.rfind("ef.", 0) != 0) ts.push_back({"outer." + name, t});  // residuals are per rank
     }
   }
-  nlohmann::json head{{"step", step_}, {"position", train_sampler_->position()}, {"adam_t", adam_->stepCount()},
+  nlohmann::json head{{"step", step_}, {"position", train_sampler_->position()}, {"adam_t", adam_->stepCount()}, {"loss_scale", scaler_->state()},
                       {"outer", commit_.outer_valid ? commit_.outer_json : nlohmann::json()}};
   nlohmann::json list = nlohmann::json::array();
   size_t total = 0;
@@ -93,7 +95,7 @@ std::string Trainer::serializeState() {
   out.append(reinterpret_cast<const char*>(&hl), 8);
   out += h;
   for (auto& [name, t] : ts) {
-    torch::Tensor c = t.contiguous();
+    torch::Tensor c = t.to(torch::kCPU).contiguous();
     out.append(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel()) * c.element_size());
   }
   return out;
@@ -127,13 +129,21 @@ core::Status Trainer::applyState(const std::string& blob) {
           !it->second.is_contiguous()) {
         return core::dataLoss("state transfer: tensor '" + name + "' does not match this model");
       }
-      std::memcpy(it->second.data_ptr(), blob.data() + off, bytes);
+      torch::Tensor& dst = it->second;
+      if (dst.device().is_cpu()) {
+        std::memcpy(dst.data_ptr(), blob.data() + off, bytes);
+      } else {  // through the host: the state lives on the worker's device
+        torch::Tensor host = torch::empty_like(dst, torch::TensorOptions().device(torch::kCPU));
+        std::memcpy(host.data_ptr(), blob.data() + off, bytes);
+        dst.copy_(host);
+      }
     }
     off += bytes;
   }
   step_ = head["step"].get<int64_t>();
   train_sampler_->setPosition(head["position"].get<int64_t>());
   adam_->setStepCount(head["adam_t"].get<int64_t>());
+  ARCH_RETURN_IF_ERROR(scaler_->load(head.value("loss_scale", nlohmann::json())).withContext("state transfer"));
   if (head.contains("outer") && !head["outer"].is_null()) {
     commit_.outer_tensors = std::move(outer_tensors);
     commit_.outer_json = head["outer"];

@@ -21,6 +21,9 @@ core::Status Trainer::resumeFromCheckpoint() {
   ARCH_RETURN_IF_ERROR(loadPieces(*latest, ck));
   ARCH_RETURN_IF_ERROR(resumeOuter(*latest, ck));
   adam_->setStepCount(ck.optimizer_step);
+  if (ck.extra.is_object() && ck.extra.contains("loss_scale")) {
+    ARCH_RETURN_IF_ERROR(scaler_->load(ck.extra["loss_scale"]).withContext(*latest));
+  }
   train_sampler_->setPosition(ck.data_position);
   // The checkpoint's shares only if it was taken with the same membership.
   if (ck.shares.size() == shares_.size() && std::all_of(ck.shares.begin(), ck.shares.end(), [](int64_t x) { return x > 0; }) &&

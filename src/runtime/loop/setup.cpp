@@ -45,10 +45,21 @@ core::Status Trainer::setup() {
                                             : ""));
   }
   if (split_job && world_ == 1) return core::invalidArgument("pipeline / expert parallelism needs more than one worker");
-  me_ = world_ == 1 && workers_.size() != 1 ? WorkerInfo{} : workers_[static_cast<size_t>(rank_)];
+  if (world_ == 1 && workers_.size() != 1) {
+    // A single-process reference of a multi-worker job: island 0's device
+    // kind, the job-wide dtype and threads.
+    me_ = WorkerInfo{};
+    me_.device = job_.cluster.islands.empty() ? "cpu" : job_.cluster.islands[0].device;
+    me_.torch_device = job_.cluster.islands.empty() ? "auto" : job_.cluster.islands[0].torch_device;
+    me_.dtype = job_.model.dtype;
+    me_.threads = tc_.threads_per_worker;
+  } else {
+    me_ = workers_[static_cast<size_t>(rank_)];
+  }
   bindComm();
   if (split_job && world_ > 1 && !world_group_) return core::invalidArgument("the loop needs the world comm group");
-  model::setComputeThreads(tc_.threads_per_worker);
+  ARCH_RETURN_IF_ERROR(setupPlacement());
+  model::setComputeThreads(me_.threads);
   core::holdFreedMemory();
   ARCH_RETURN_IF_ERROR(setupData());
   ARCH_RETURN_IF_ERROR(setupModel());
@@ -79,6 +90,28 @@ core::Status Trainer::setupData() {
   return core::okStatus();
 }
 
+core::Status Trainer::setupPlacement() {
+  if (job_.cluster.islands.empty()) return core::invalidArgument("cluster.islands: the job has no island");
+  ARCH_ASSIGN_OR_RETURN(place_, placeWorker(job_, me_));
+  if (!place_.device.is_cpu()) {
+    // These parts still hand device memory to the comm layer by pointer;
+    // until they stage through host buffers as data parallelism does they
+    // are refused rather than run wrong (docs/runtime.md "Devices").
+    const auto& s = job_.strategy;
+    std::string no;
+    if (s.pipeline_stages > 1) no = "strategy.pipeline_stages > 1";
+    else if (s.expert_parallel > 1) no = "strategy.expert_parallel > 1";
+    else if (s.kind != "sync") no = "strategy.kind: " + s.kind;
+    else if (tc_.shard_optimizer && world_ > 1) no = "train.shard_optimizer: true";
+    if (!no.empty()) {
+      return core::unimplemented(no + " is not supported yet on device " + place_.device.str() + " (island '" +
+                                 me_.island + "'); on accelerators the loop runs synchronous data parallelism");
+    }
+  }
+  scaler_.emplace(tc_, place_.dtype);
+  return core::okStatus();
+}
+
 // The layout, this rank's shard of the model, and its flat buffers (expert
 // tensors last, so the replicated ones are one contiguous range).
 core::Status Trainer::setupModel() {
@@ -104,9 +137,10 @@ core::Status Trainer::setupModel() {
     shard.expert_end = lay_.expert_begin[member + 1];
   }
   ARCH_ASSIGN_OR_RETURN(net_, model::buildModel(mcfg_, static_cast<uint64_t>(tc_.seed), shard));
+  if (!place_.device.is_cpu()) net_->to(place_.device);
   auto named = net_->namedParameters();
   if (ep_) std::stable_partition(named.begin(), named.end(), [](const auto& p) { return !parallel::isExpertTensor(p.first); });
-  flat_.emplace(FlatParams::bind(named));
+  flat_.emplace(FlatParams::bind(named, place_.compute));
   n_dense_ = flat_->numel();
   for (const auto& seg : flat_->segments()) {
     if (ep_ && parallel::isExpertTensor(seg.name)) {
@@ -140,7 +174,7 @@ core::Status Trainer::setupOptimizer() {
     shard = true;
   }
   optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, dp_) : std::make_unique<parallel::OptimizerShard>(*flat_);
-  adam_ = std::make_unique<FlatAdamW>(tc_, optim_->begin(), optim_->end());
+  adam_ = std::make_unique<FlatAdamW>(tc_, optim_->begin(), optim_->end(), flat_->device());
   ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
   return core::okStatus();
 }
@@ -278,7 +312,7 @@ void Trainer::predict() {
       const auto w0 = core::Clock::now();
       const double c0 = core::threadCpuSeconds();
       commit();
-      t.push_back(tc_.threads_per_worker == 1 ? core::threadCpuSeconds() - c0 : core::secondsSince(w0));
+      t.push_back(me_.threads == 1 ? core::threadCpuSeconds() - c0 : core::secondsSince(w0));
     }
     std::sort(t.begin(), t.end());
     profile.device(kind).step_overhead_s = t[t.size() / 2];

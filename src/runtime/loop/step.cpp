@@ -31,6 +31,7 @@ core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples
   in.batch = &batch;
   in.seq_len = T_;
   in.group_samples = group_samples;
+  in.loss_scale = scaler_->scale();
   in.trace = &trace_;
   return parallel::guardStep("step " + std::to_string(step_ + 1), [&] { return schedule_->forwardBackward(in, stats); },
                              exchange_ ? &exchange_->failure() : nullptr);
@@ -44,6 +45,9 @@ core::Status Trainer::trainStep() {
   double comm_s = 0, data_s = 0, optimizer_s = 0;
 
   flat_->zeroGrad();
+  // The compute copy from the masters, whatever changed them since the last
+  // step (the optimizer, an outer step, a rollback, a resume, a peer's state).
+  flat_->syncCompute();
   data::Batch batch;
   {
     ScopedSpan span(&trace_, TraceRecorder::kData, "batch", &data_s);
@@ -82,7 +86,14 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
   {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
     ARCH_RETURN_IF_ERROR(data_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
-    if (experts_) ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+    if (experts_) {
+      flat_->upcastGrads(n_dense_, flat_->numel());  // the expert part reduces the fp32 gradients
+      ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+    }
+  }
+  if (scaler_->enabled()) {
+    torch::NoGradGuard ng;
+    flat_->grads().div_(scaler_->scale());  // exact: the scale is a power of two
   }
   ARCH_RETURN_IF_ERROR(routerBias());
   // Each distinct gradient counted once: a replicated part's norm is local,
@@ -94,6 +105,13 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
     ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(std::span<double>(&sq, 1)));
   }
   grad_norm = std::sqrt(sq);
+  if (!scaler_->update(std::isfinite(grad_norm))) {
+    // Every rank saw the same norm: all skip this update and keep their weights.
+    if (amWriter()) event("loss_scale", report::EventRecord{.step = step + 1,
+                                            .detail = fmt::format("gradient overflow: step skipped, loss scale now {}",
+                                                                  scaler_->scale())});
+    return core::okStatus();
+  }
   const double lr = learningRate(tc_, step);
   {
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer", &optimizer_s);
@@ -113,7 +131,7 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
 // (the replicated tensors' group).
 core::Status Trainer::routerBias() {
   if (mcfg_.moe.num_experts <= 0 || mcfg_.moe.balance != "router_bias") return core::okStatus();
-  torch::Tensor load = net_->routerLoad().to(torch::kFloat64).contiguous();
+  torch::Tensor load = net_->routerLoad().to(torch::kCPU, torch::kFloat64).contiguous();
   if (load.numel() == 0) return core::okStatus();
   DpComm* g = split() ? stage_dp_.get() : grad_dp_;
   if (g) ARCH_RETURN_IF_ERROR(g->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));

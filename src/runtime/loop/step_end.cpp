@@ -171,6 +171,7 @@ core::Status Trainer::boundaries(bool at_end) {
 
 core::Result<double> Trainer::evaluate() {
   if (!val_sampler_) return -1.0;
+  flat_->syncCompute();  // the weights of the step just taken
   double acc[2] = {0, 0};
   for (int64_t i = 0; i < tc_.eval_batches; ++i) {
     auto b = val_sampler_->batchAt(i * tc_.global_batch, shares_, share_index_);

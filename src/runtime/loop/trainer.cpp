@@ -27,11 +27,15 @@ std::pair<int, int64_t> corruptParamsHook() {
 }
 
 void hashTensor(core::Sha256& h, const torch::Tensor& t) {
-  torch::Tensor c = t.contiguous();
+  torch::Tensor c = t.to(torch::kCPU).contiguous();
   h.update(c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
 }
 
 void Trainer::logStart() const {
+  // Every worker says where it computes: islands differ.
+  ARCH_LOG_INFO("rank {} ({}): {} compute, {} thread(s){}{}", rank_, me_.island, place_.describe(), me_.threads,
+                flat_->mixed() ? ", fp32 master weights" : "",
+                scaler_->enabled() ? fmt::format(", dynamic loss scale {}", scaler_->scale()) : "");
   if (rank_ != 0 && !(elastic() && amWriter())) return;
   ARCH_LOG_INFO("training {} parameters, {} steps from step {}, global batch {} x {} tokens over {} ({}), shares [{}]{}",
                 flat_->numel(), tc_.steps, start_step_, tc_.global_batch, T_, alive_.size(), dp_->describe(),

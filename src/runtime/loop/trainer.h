@@ -35,6 +35,8 @@
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/loss_scaler.h"
+#include "archipelago/runtime/placement.h"
 #include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/outer_sync.h"
@@ -94,6 +96,9 @@ class Trainer {
   core::Status setup();
   core::Status setupData();
   core::Status setupModel();
+  // The worker's device and dtype (placement.h); layouts that cannot run
+  // on an accelerator yet are refused before anything is built.
+  core::Status setupPlacement();
   core::Status setupOptimizer();
   core::Status setupStrategy();
   void setupOutputs();
@@ -187,6 +192,8 @@ class Trainer {
   int world_ = 1;                // slots of the cluster spec (1: single process)
   std::vector<WorkerInfo> workers_;
   WorkerInfo me_;
+  DevicePlacement place_;               // device and compute dtype of this worker
+  std::optional<LossScaler> scaler_;
   int64_t T_ = 0;
 
   // ---- layout ----
@@ -250,6 +257,7 @@ class Trainer {
     int64_t step = -1;
     int64_t position = 0;
     int64_t adam_t = 0;
+    nlohmann::json scaler;
     std::vector<int64_t> shares;
     size_t losses = 0;
     torch::Tensor params, m, v;

@@ -19,8 +19,8 @@ DataParallel::DataParallel(FlatParams& flat, DpComm* dp, const DataParallelOptio
       opt_(options),
       begin_(offsetOf(flat, options.seg_begin)),
       end_(offsetOf(flat, segEnd(flat, options.seg_end))),
-      bucketer_(flat, dp, options.bucket_bytes, options.overlap, options.seg_begin,
-                segEnd(flat, options.seg_end)) {}
+      bucketer_(flat, dp, options.bucket_bytes, options.overlap, options.seg_begin, segEnd(flat, options.seg_end),
+                options.reduce_dtype) {}
 
 core::Status DataParallel::reduceGradients(StepStats& stats) {
   const auto t0 = core::Clock::now();

@@ -2,13 +2,14 @@
 
 #include <algorithm>
 
+#include "archipelago/model/torch_compat.h"
 #include "archipelago/model/training.h"
 
 namespace archipelago::runtime::parallel {
 
 GradientBucketer::GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap, int seg_begin,
-                                   int seg_end)
-    : flat_(flat), dp_(dp), seg_begin_(seg_begin) {
+                                   int seg_end, torch::ScalarType reduce_dtype)
+    : flat_(flat), dp_(dp), seg_begin_(seg_begin), reduce_dtype_(reduce_dtype) {
   const auto& segs = flat.segments();
   if (seg_end < 0) seg_end = static_cast<int>(segs.size());
   if (seg_end <= seg_begin) return;
@@ -68,12 +69,24 @@ core::Status GradientBucketer::finish() {
   }
   core::Status first;
   for (auto& b : buckets_) {
-    if (!b.op) continue;
-    core::Status st = b.op->wait();
-    if (!st.isOk() && first.isOk()) first = st;
-    b.op.reset();
+    if (b.op) {
+      core::Status st = b.op->wait();
+      if (!st.isOk() && first.isOk()) first = st;
+      b.op.reset();
+    }
+    land(b);
   }
   return first;
+}
+
+void GradientBucketer::land(Bucket& b) {
+  torch::NoGradGuard no_grad;
+  if (b.staged) {
+    flat_.grads().narrow(0, b.begin, b.end - b.begin).copy_(b.staging);
+    b.staged = false;
+  } else {
+    flat_.upcastGrads(b.begin, b.end);
+  }
 }
 
 void GradientBucketer::onGradReady(size_t seg) {
@@ -89,8 +102,21 @@ void GradientBucketer::onGradReady(size_t seg) {
 void GradientBucketer::launch(size_t b) {
   if (!dp_) return;  // nobody else holds these tensors
   auto& bk = buckets_[b];
-  float* base = flat_.grads().data_ptr<float>();
-  bk.op = dp_->allreduceSumAsync(std::span<float>(base + bk.begin, static_cast<size_t>(bk.end - bk.begin)));
+  const int64_t n = bk.end - bk.begin;
+  torch::Tensor wire = flat_.computeGrads().narrow(0, bk.begin, n);
+  if (!wire.device().is_cpu() || wire.scalar_type() != reduce_dtype_) {
+    torch::NoGradGuard no_grad;
+    if (!bk.staging.defined()) bk.staging = torch::empty({n}, model::compat::hostStagingOptions(flat_.device(), reduce_dtype_));
+    bk.staging.copy_(wire);
+    bk.staged = true;
+    wire = bk.staging;
+  }
+  if (reduce_dtype_ == torch::kBFloat16) {
+    auto* p = reinterpret_cast<uint16_t*>(wire.data_ptr<at::BFloat16>());
+    bk.op = dp_->allreduceSumBf16Async(std::span<uint16_t>(p, static_cast<size_t>(n)));
+  } else {
+    bk.op = dp_->allreduceSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)));
+  }
 }
 
 }  // namespace archipelago::runtime::parallel

@@ -11,6 +11,11 @@ namespace {
 torch::Tensor rows(const std::vector<int64_t>& ids, int64_t begin, int64_t n, int64_t seq_len) {
   return torch::from_blob(const_cast<int64_t*>(ids.data()) + begin * seq_len, {n, seq_len}, torch::kInt64);
 }
+// Token ids on the model's device (no copy on the CPU).
+torch::Tensor rowsOn(const model::Transformer& net, const std::vector<int64_t>& ids, int64_t begin, int64_t n,
+                     int64_t seq_len) {
+  return rows(ids, begin, n, seq_len).to(net->device());
+}
 }  // namespace
 
 std::vector<std::pair<int64_t, int64_t>> microRanges(int64_t n, int64_t micro_batch, int64_t count) {
@@ -39,13 +44,14 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
     for (size_t i = 0; i < micro.size(); ++i) {
       const auto [b, e] = micro[i];
       const int64_t n = e - b;
-      auto out = net_->lossAndStats(rows(batch.input, b, n, T), rows(batch.target, b, n, T));
+      auto out = net_->lossAndStats(rowsOn(net_, batch.input, b, n, T), rowsOn(net_, batch.target, b, n, T));
       auto loss = out.ce_sum / group_tokens;
       if (out.aux_loss.defined()) {
         loss = loss + out.aux_loss * (static_cast<double>(n) / std::max(1.0, in.group_samples));
         stats.aux_sum += out.aux_loss.item<double>() * static_cast<double>(n);
       }
       if (i + 1 == micro.size() && on_final_) on_final_();
+      if (in.loss_scale != 1) loss = loss * in.loss_scale;
       loss.backward();
       stats.ce_sum += out.ce_sum.item<double>();
       stats.tokens += out.tokens;
@@ -65,7 +71,8 @@ core::Status MicroBatchSchedule::evaluate(const data::Batch& batch, int64_t seq_
   // router-bias update must see training tokens only) nor record stats.
   torch::NoGradGuard ng;
   net_->eval();
-  auto out = net_->lossAndStats(rows(batch.input, 0, batch.n, seq_len), rows(batch.target, 0, batch.n, seq_len));
+  auto out = net_->lossAndStats(rowsOn(net_, batch.input, 0, batch.n, seq_len),
+                                rowsOn(net_, batch.target, 0, batch.n, seq_len));
   net_->train();
   ce_sum += out.ce_sum.item<double>();
   tokens += static_cast<double>(out.tokens);

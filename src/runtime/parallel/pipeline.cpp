@@ -125,11 +125,11 @@ std::pair<torch::Tensor, torch::Tensor> PipelineParallel::runForward(const StepI
       record->aux_sum += lo.aux_loss.item<double>() * static_cast<double>(e - b);
     }
     const double total_tokens = in.group_samples * static_cast<double>(in.seq_len);
-    return {lo.ce_sum / total_tokens + lo.aux_loss * frac, torch::Tensor()};
+    return {(lo.ce_sum / total_tokens + lo.aux_loss * frac) * in.loss_scale, torch::Tensor()};
   }
   torch::Tensor aux_term = net_->localAuxLoss();
   if (record) record->aux_sum += aux_term.item<double>() * static_cast<double>(e - b);
-  return {out, aux_term.requires_grad() ? aux_term * frac : torch::Tensor()};
+  return {out, aux_term.requires_grad() ? aux_term * (frac * in.loss_scale) : torch::Tensor()};
 }
 
 core::Status PipelineParallel::forwardOp(const StepInput& in, int64_t m, int64_t i, Stash& st, StepStats& stats) {

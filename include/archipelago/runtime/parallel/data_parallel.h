@@ -30,6 +30,7 @@ struct DataParallelOptions {
   // counted by one holder only (`norm_owner`) and summed over the group.
   bool replicated_norm = true;
   bool norm_owner = true;
+  torch::ScalarType reduce_dtype = torch::kFloat32;  // train.reduce_dtype
 };
 
 class DataParallel final : public Part {

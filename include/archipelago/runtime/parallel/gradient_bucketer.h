@@ -9,6 +9,14 @@
 // whose backward runs interleaved with its neighbours'), finish() starts
 // every bucket after backward.
 //
+// What travels (docs/runtime.md "Dtypes" and "Devices"): a bucket is
+// reduced in the reduce dtype (fp32, or bf16 with train.reduce_dtype). The
+// compute gradients are reduced in place when they are host memory of that
+// dtype; otherwise they are first copied into a host staging buffer of the
+// reduce dtype (page-locked for CUDA devices), and the sum is copied back
+// into the fp32 gradients. Either way every rank ends with the same fp32
+// gradient, whatever dtype or device it computed in.
+//
 // Threads: arm() and finish() run on the trainer's thread, the ready hooks
 // on the autograd thread; mu_ guards the launch state shared by both.
 #pragma once
@@ -34,7 +42,7 @@ class GradientBucketer {
   // when seg_end < 0), about bucket_bytes of fp32 each; a parameter is never
   // split. `overlap`: start reductions from gradient-ready hooks.
   GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap, int seg_begin = 0,
-                   int seg_end = -1);
+                   int seg_end = -1, torch::ScalarType reduce_dtype = torch::kFloat32);
   ~GradientBucketer();
 
   struct Range {
@@ -60,9 +68,13 @@ class GradientBucketer {
     std::vector<int> segments;
     size_t ready = 0;
     std::unique_ptr<PendingReduce> op;
+    torch::Tensor staging;  // host buffer in the reduce dtype, when not reduced in place
+    bool staged = false;    // this step's reduction ran in `staging`
   };
   void onGradReady(size_t seg);
   void launch(size_t b);
+  // After the reduction: the fp32 gradients of bucket b from what was reduced.
+  void land(Bucket& b);
 
   FlatParams& flat_;
   DpComm* dp_;
@@ -72,6 +84,7 @@ class GradientBucketer {
   std::vector<Bucket> buckets_;
   std::vector<int> seg_bucket_;  // by segment index - seg_begin
   int seg_begin_ = 0;
+  torch::ScalarType reduce_dtype_;
   std::unique_ptr<model::GradReadyHooks> hooks_;
 };
 

@@ -37,6 +37,9 @@ struct StepInput {
   // group's); each micro-batch's loss is scaled by its part of it, so
   // summing gradients over the group gives the big-batch gradient.
   double group_samples = 1;
+  // Multiplies every loss before backward (dynamic loss scaling,
+  // runtime/loss_scaler.h); the loop divides the gradients by it again.
+  double loss_scale = 1;
   TraceRecorder* trace = nullptr;
 };
 

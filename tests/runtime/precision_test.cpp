@@ -1,0 +1,273 @@
+// Devices and dtypes of the training loop (docs/runtime.md "Devices",
+// "Dtypes"): placement and its errors, fp32 master weights under bf16
+// compute, islands computing in different dtypes whose replicas stay
+// bit-identical (checked by the loop's replica digest after every step),
+// bf16 gradient reduction, and dynamic loss scaling. References: the fp32
+// single-process run of the same job, and exact arithmetic where scaling by
+// a power of two must change nothing.
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <sstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "archipelago/core/workers.h"
+#include "archipelago/model/device.h"
+#include "archipelago/model/safetensors.h"
+#include "archipelago/runtime/checkpoint.h"
+#include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/loss_scaler.h"
+#include "archipelago/runtime/placement.h"
+#include "archipelago/runtime/trainer.h"
+#include "runtime/runtime_test_util.h"
+
+namespace archipelago::runtime {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using testutil::loadJobText;
+using testutil::metricLines;
+using testutil::outputOf;
+using testutil::scratchRoot;
+using testutil::tinyDataDir;
+
+std::string job(const std::string& name, const std::string& islands, int steps, const std::string& train_extra = "",
+                const std::string& model_extra = "", int every = 0) {
+  std::ostringstream o;
+  o << "cluster:\n  islands:\n" << islands << "\n"
+    << "model: {dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 32" << model_extra << "}\n"
+    << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
+    << "train: {steps: " << steps << ", global_batch: 8, lr: 0.003, warmup_steps: 3, eval_every: 0, rebalance: false"
+    << train_extra << "}\n"
+    << "checkpoint: {every: " << every << ", keep_last: 2}\n"
+    << "run_dir: " << (scratchRoot() / name).string() << "\n";
+  return o.str();
+}
+
+core::Result<TrainSummary> single(const std::string& name, const std::string& yaml) {
+  auto j = loadJobText(yaml, name);
+  TrainerOptions o;
+  o.job = j;
+  o.run_dir = j.run_dir;
+  fs::create_directories(o.run_dir);
+  return runTrainer(o);
+}
+
+// ---- placement -----------------------------------------------------------------
+
+TEST(Placement, CatalogKindsMapToTorchDeviceTypes) {
+  EXPECT_EQ(*torchDeviceOfKind("cpu", "f"), "cpu");
+  EXPECT_EQ(*torchDeviceOfKind("cpu-core", "f"), "cpu");
+  EXPECT_EQ(*torchDeviceOfKind("h100", "f"), "cuda");
+  EXPECT_EQ(*torchDeviceOfKind("mi300x", "f"), "cuda");  // ROCm builds of libtorch report cuda
+  EXPECT_EQ(*torchDeviceOfKind("ascend910b", "f"), "privateuseone");
+  auto bad = torchDeviceOfKind("tpu-v9", "cluster.islands[1]");
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_THAT(bad.status().message(), HasSubstr("cluster.islands[1].device: 'tpu-v9'"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("torch_device"));
+}
+
+TEST(Placement, IndexComesFromTheSpecThenTheLocalRank) {
+  EXPECT_EQ(model::chooseDevice("cuda:3", 1)->str(), "cuda:3");
+  EXPECT_EQ(model::chooseDevice("cuda", 2)->str(), "cuda:2");
+  EXPECT_EQ(model::chooseDevice("cpu", 5)->str(), "cpu");
+  EXPECT_FALSE(model::parseDevice("npu").isOk());  // not a type libtorch knows: its list in the error
+  EXPECT_THAT(model::parseDevice("npu").status().message(), HasSubstr("privateuseone"));
+}
+
+TEST(Placement, AWorkerOnTheCpuIsProbedAndGetsItsIslandsDtype) {
+  auto j = loadJobText(job("place", "    - {name: a, count: 1}\n    - {name: b, count: 1, dtype: bf16, threads: 2}", 1),
+                       "place");
+  const auto ws = core::workersOf(j);
+  auto a = placeWorker(j, ws[0]);
+  ASSERT_TRUE(a.isOk()) << a.status().toString();
+  EXPECT_TRUE(a->device.is_cpu());
+  EXPECT_EQ(a->compute, torch::kFloat32);
+  auto b = placeWorker(j, ws[1]);
+  ASSERT_TRUE(b.isOk()) << b.status().toString();
+  EXPECT_EQ(b->compute, torch::kBFloat16);
+  EXPECT_EQ(ws[1].threads, 2);
+  EXPECT_EQ(ws[0].threads, 1);
+}
+
+TEST(Placement, ADeviceThisHostLacksIsRefusedNamingIslandDeviceAndLibtorch) {
+  if (model::probeDevice(torch::Device("cuda:0")).isOk()) GTEST_SKIP() << "this host has a CUDA device";
+  auto j = loadJobText(job("nocuda", "    - {name: gpus, device: h100, count: 1}", 1), "nocuda");
+  auto p = placeWorker(j, core::workersOf(j)[0]);
+  ASSERT_FALSE(p.isOk());
+  const std::string m = p.status().message();
+  EXPECT_THAT(m, HasSubstr("island 'gpus' (device h100, torch_device auto -> cuda:0)"));
+  EXPECT_THAT(m, HasSubstr("libtorch sees 0 cuda devices"));
+  EXPECT_THAT(m, HasSubstr("cluster.islands[0].torch_device"));
+}
+
+TEST(Placement, TheLauncherStopsTheWholeJobWhenOneIslandHasNoDevice) {
+  if (model::probeDevice(torch::Device("cuda:0")).isOk()) GTEST_SKIP() << "this host has a CUDA device";
+  const std::string y = job("nocuda_job", "    - {name: cpus, count: 1}\n    - {name: gpus, count: 1, torch_device: cuda}",
+                            3, "", "", 1);
+  EXPECT_NE(testutil::runTrain(y, "nocuda_job"), 0);
+  const std::string out = outputOf("nocuda_job");
+  EXPECT_THAT(out, HasSubstr("island 'gpus'"));
+  EXPECT_THAT(out, HasSubstr("cuda"));
+  // Nothing started half-way: no step was taken, no checkpoint written.
+  EXPECT_TRUE(metricLines(scratchRoot() / "nocuda_job", "step").empty());
+  EXPECT_FALSE(fs::exists(scratchRoot() / "nocuda_job" / "checkpoints" / checkpointDirName(1)));
+}
+
+// ---- flat buffers in a compute dtype ----------------------------------------------
+
+TEST(FlatParamsMixed, ModuleComputesInBf16OnViewsWhileMastersStayFp32) {
+  auto w = torch::randn({4, 3});
+  auto g = torch::randn({5});
+  torch::nn::Linear lin(3, 4);
+  std::vector<std::pair<std::string, torch::Tensor>> named{{"w", lin->weight}, {"b", lin->bias}};
+  const auto w0 = lin->weight.detach().clone();
+  FlatParams f = FlatParams::bind(named, torch::kBFloat16);
+  ASSERT_TRUE(f.mixed());
+  EXPECT_EQ(lin->weight.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(f.params().scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::equal(f.params().narrow(0, 0, 12).view({4, 3}), w0));  // masters: the exact fp32 values
+  EXPECT_TRUE(torch::equal(lin->weight.detach(), w0.to(torch::kBFloat16)));
+  // The optimizer moves the masters; syncCompute rounds them into the module.
+  f.params().add_(1e-3);
+  EXPECT_TRUE(torch::equal(lin->weight.detach(), w0.to(torch::kBFloat16)));
+  f.syncCompute();
+  EXPECT_TRUE(torch::equal(lin->weight.detach(), (w0 + 1e-3).to(torch::kBFloat16)));
+  // Backward writes bf16 gradients; upcastGrads widens them exactly.
+  auto y = lin->forward(torch::ones({2, 3}, torch::kBFloat16)).sum();
+  y.backward();
+  f.upcastGrads(0, f.numel());
+  EXPECT_TRUE(torch::equal(f.grads(), f.computeGrads().to(torch::kFloat32)));
+  EXPECT_EQ(f.grads().narrow(0, 12, 4).sum().item<double>(), 8.0);  // d(sum)/d(bias) = batch 2, four outputs
+}
+
+// ---- loss scaling --------------------------------------------------------------------
+
+TEST(LossScalerRule, HalvesOnOverflowDoublesAfterAWindowAndRoundTrips) {
+  core::TrainConfig tc;
+  tc.loss_scale = "dynamic";
+  tc.loss_scale_init = 1000;  // rounded down to a power of two
+  tc.loss_scale_window = 3;
+  LossScaler s(tc, "bf16");
+  ASSERT_TRUE(s.enabled());
+  EXPECT_EQ(s.scale(), 512);
+  EXPECT_FALSE(s.update(false));
+  EXPECT_EQ(s.scale(), 256);
+  EXPECT_TRUE(s.update(true));
+  EXPECT_TRUE(s.update(true));
+  EXPECT_EQ(s.scale(), 256);
+  EXPECT_TRUE(s.update(true));
+  EXPECT_EQ(s.scale(), 512);
+  EXPECT_EQ(s.skippedSteps(), 1);
+  LossScaler t(tc, "bf16");
+  ASSERT_TRUE(t.load(s.state()).isOk());
+  EXPECT_EQ(t.state(), s.state());
+  EXPECT_FALSE(t.load(nlohmann::json{{"scale", -1}, {"good_steps", 0}}).isOk());
+  // auto: dynamic only for fp16 compute.
+  core::TrainConfig a;
+  EXPECT_TRUE(LossScaler(a, "fp16").enabled());
+  EXPECT_FALSE(LossScaler(a, "bf16").enabled());
+  EXPECT_EQ(LossScaler(a, "fp32").scale(), 1.0);
+}
+
+TEST(LossScaling, APowerOfTwoScaleChangesNothing) {
+  const std::string isl = "    - {name: a, count: 1}";
+  auto plain = single("ls_plain", job("ls_plain", isl, 8));
+  auto scaled = single("ls_scaled", job("ls_scaled", isl, 8, ", loss_scale: dynamic, loss_scale_init: 1024"));
+  ASSERT_TRUE(plain.isOk()) << plain.status().toString();
+  ASSERT_TRUE(scaled.isOk()) << scaled.status().toString();
+  EXPECT_EQ(plain->losses, scaled->losses);  // scaling and unscaling by 2^10 are exact in fp32
+}
+
+TEST(LossScaling, OverflowSkipsStepsHalvingTheScaleThenTrains) {
+  const std::string isl = "    - {name: a, count: 1}";
+  auto s = single("ls_over", job("ls_over", isl, 12, ", loss_scale: dynamic, loss_scale_init: 1.7e38", "", 12));
+  ASSERT_TRUE(s.isOk()) << s.status().toString();
+  const auto events = metricLines(scratchRoot() / "ls_over", "event");
+  int skipped = 0;
+  double last_scale = 0;
+  for (const auto& e : events) {
+    if (e.value("event", "") != "loss_scale") continue;
+    ++skipped;
+    const std::string d = e.value("detail", "");
+    last_scale = std::stod(d.substr(d.rfind(' ') + 1));
+  }
+  ASSERT_GE(skipped, 1) << "a loss scale of 2^126 must overflow the fp32 gradients";
+  EXPECT_LT(skipped, 12);
+  EXPECT_EQ(last_scale, std::exp2(126 - skipped));  // 1.7e38 rounds down to 2^126
+  EXPECT_LT(s->losses.back(), s->losses.front());
+  // The checkpoint carries the scaler: a resume continues with its scale.
+  auto ck = loadCheckpoint((scratchRoot() / "ls_over" / "checkpoints" / checkpointDirName(12)).string());
+  ASSERT_TRUE(ck.isOk()) << ck.status().toString();
+  EXPECT_EQ(ck->extra["loss_scale"]["skipped_steps"].get<int>(), skipped);
+}
+
+// ---- compute dtypes --------------------------------------------------------------------
+
+TEST(MixedPrecision, Bf16ComputeFollowsTheFp32CurveWithFp32Masters) {
+  const std::string isl = "    - {name: a, count: 1}";
+  auto ref = single("mp_fp32", job("mp_fp32", isl, 20));
+  auto bf = single("mp_bf16", job("mp_bf16", isl, 20, "", ", dtype: bf16", 20));
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  ASSERT_TRUE(bf.isOk()) << bf.status().toString();
+  ASSERT_EQ(bf->losses.size(), ref->losses.size());
+  for (size_t i = 0; i < ref->losses.size(); ++i) {
+    // bf16 keeps 8 significant bits: the curves agree to about 1%.
+    EXPECT_NEAR(bf->losses[i], ref->losses[i], 0.02 * ref->losses[i]) << "step " << i + 1;
+  }
+  EXPECT_NE(bf->losses, ref->losses);  // it did compute in bf16
+  // The checkpoint holds the fp32 masters: most weights are not bf16 values.
+  auto ck = loadCheckpoint((scratchRoot() / "mp_bf16" / "checkpoints" / checkpointDirName(20)).string());
+  ASSERT_TRUE(ck.isOk()) << ck.status().toString();
+  ASSERT_FALSE(ck->weights.empty());
+  const auto& w = ck->weights.front().second;
+  EXPECT_EQ(w.scalar_type(), torch::kFloat32);
+  const double exact = (w.to(torch::kBFloat16).to(torch::kFloat32) == w).to(torch::kDouble).mean().item<double>();
+  EXPECT_LT(exact, 0.5);
+}
+
+// Two islands computing in bf16 and fp32: the replica digest is compared
+// after every step (checkpoint.every: 1) and any divergence is logged and
+// repaired as a "resync" event; there must be none.
+TEST(MixedPrecision, IslandsInBf16AndFp32StayBitIdenticalEveryStep) {
+  const int steps = 10;
+  auto ref = single("mix_ref", job("mix_ref", "    - {name: a, count: 1}", steps));
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  const std::string y = job("mix_islands", "    - {name: a, count: 1, dtype: bf16}\n    - {name: b, count: 1}", steps,
+                            "", "", 1);
+  ASSERT_EQ(testutil::runTrain(y, "mix_islands"), 0) << outputOf("mix_islands");
+  const fs::path run = scratchRoot() / "mix_islands";
+  const std::string log0 = testutil::fileText(run / "logs" / "rank0.log");
+  const std::string log1 = testutil::fileText(run / "logs" / "rank1.log");
+  EXPECT_THAT(log0, HasSubstr("cpu bf16 compute"));
+  EXPECT_THAT(log1, HasSubstr("cpu fp32 compute"));
+  EXPECT_THAT(log0 + log1, ::testing::Not(HasSubstr("differ from the majority")));
+  for (const auto& e : metricLines(scratchRoot() / "mix_islands", "event")) EXPECT_NE(e.value("event", ""), "resync");
+  const auto losses = testutil::rank0Losses(scratchRoot() / "mix_islands");
+  ASSERT_EQ(losses.size(), static_cast<size_t>(steps));
+  for (int s = 1; s <= steps; ++s) {
+    EXPECT_NEAR(losses.at(s), ref->losses[static_cast<size_t>(s - 1)], 0.02 * ref->losses[0]) << "step " << s;
+  }
+}
+
+TEST(MixedPrecision, Bf16GradientReductionKeepsReplicasIdentical) {
+  const int steps = 8;
+  auto ref = single("bfred_ref", job("bfred_ref", "    - {name: a, count: 1}", steps));
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  const std::string y = job("bfred", "    - {name: a, count: 2}", steps, ", reduce_dtype: bf16", "", 1);
+  ASSERT_EQ(testutil::runTrain(y, "bfred"), 0) << outputOf("bfred");
+  for (const char* log : {"rank0.log", "rank1.log"}) {
+    EXPECT_THAT(testutil::fileText(scratchRoot() / "bfred" / "logs" / log), ::testing::Not(HasSubstr("differ from")));
+  }
+  const auto losses = testutil::rank0Losses(scratchRoot() / "bfred");
+  ASSERT_EQ(losses.size(), static_cast<size_t>(steps));
+  for (int s = 1; s <= steps; ++s) {
+    EXPECT_NEAR(losses.at(s), ref->losses[static_cast<size_t>(s - 1)], 0.01 * ref->losses[0]) << "step " << s;
+  }
+}
+
+}  // namespace
+}  // namespace archipelago::runtime
