@@ -8,6 +8,7 @@
 #include "archipelago/core/files.h"
 #include "archipelago/plan/calibration.h"
 #include "archipelago/plan/catalog.h"
+#include "archipelago/plan/layout_spec.h"
 #include "archipelago/plan/model_spec.h"
 #include "archipelago/plan/planner.h"
 #include "archipelago/plan/simulator.h"
@@ -30,10 +31,12 @@ struct PlanArgs {
   std::string strategy = "auto";
   int64_t diloco_h = 100;
   std::string dtype = "bf16";
+  std::vector<std::string> layouts;  // --layout: price these instead of searching
 };
 
 struct SimArgs {
   std::string plan;
+  PlanArgs fixed;  // --cluster, --model, --layout: simulate a user-given layout instead of a plan file
   std::string trace;
   double mtbf_hours = 0;
   double horizon_hours = 24 * 7;
@@ -42,24 +45,60 @@ struct SimArgs {
   bool json = false;
 };
 
-core::Status runPlan(const PlanArgs& a) {
-  ARCH_ASSIGN_OR_RETURN(core::ClusterSpec cluster, core::loadClusterSpec(a.cluster));
-  ARCH_ASSIGN_OR_RETURN(plan::DeviceCatalog catalog, plan::DeviceCatalog::builtin());
-  for (const auto& c : a.catalogs) ARCH_RETURN_IF_ERROR(catalog.mergeFile(c));
-  ARCH_ASSIGN_OR_RETURN(plan::ModelSpec model, plan::resolveModel(a.model));
+// What a search or a fixed layout is priced against.
+struct Inputs {
+  core::ClusterSpec cluster;
+  plan::DeviceCatalog catalog;
+  plan::ModelSpec model;
   std::unique_ptr<plan::CalibrationProfile> profile;
+  plan::PlanOptions options;
+};
+
+core::Result<Inputs> loadInputs(const PlanArgs& a) {
+  Inputs in;
+  ARCH_ASSIGN_OR_RETURN(in.cluster, core::loadClusterSpec(a.cluster));
+  ARCH_ASSIGN_OR_RETURN(in.catalog, plan::DeviceCatalog::builtin());
+  for (const auto& c : a.catalogs) ARCH_RETURN_IF_ERROR(in.catalog.mergeFile(c));
+  ARCH_ASSIGN_OR_RETURN(in.model, plan::resolveModel(a.model));
   if (!a.calibration.empty()) {
     ARCH_ASSIGN_OR_RETURN(plan::CalibrationProfile p, plan::CalibrationProfile::load(a.calibration));
-    profile = std::make_unique<plan::CalibrationProfile>(std::move(p));
+    in.profile = std::make_unique<plan::CalibrationProfile>(std::move(p));
   }
-  plan::PlanOptions o;
+  plan::PlanOptions& o = in.options;
   o.setup.global_batch_tokens = a.global_batch_tokens;
   o.setup.seq_len = a.seq_len;
   ARCH_ASSIGN_OR_RETURN(o.setup.compute_dtype, plan::parseDtype(a.dtype));
   o.top_k = a.top;
   o.strategy = a.strategy;
   o.diloco_h = a.diloco_h;
-  ARCH_ASSIGN_OR_RETURN(plan::PlanResult r, plan::searchPlans(cluster, model, catalog, o, profile.get()));
+  return in;
+}
+
+// The plan of the user's --layout (docs/planner.md "Fixed layouts").
+core::Result<plan::Plan> fixedPlan(const PlanArgs& a) {
+  ARCH_ASSIGN_OR_RETURN(Inputs in, loadInputs(a));
+  ARCH_ASSIGN_OR_RETURN(auto layouts, plan::parseLayouts(a.layouts, in.cluster));
+  auto p = plan::evaluateLayout(in.cluster, in.model, in.catalog, in.options, layouts, in.profile.get());
+  if (!p.isOk()) return p.status().withContext("the layout does not fit");
+  return p;
+}
+
+core::Status runFixed(const PlanArgs& a) {
+  ARCH_ASSIGN_OR_RETURN(plan::Plan p, fixedPlan(a));
+  if (!a.out.empty()) ARCH_RETURN_IF_ERROR(core::writeFile(a.out, p.toJson() + "\n"));
+  if (a.json) {
+    std::fputs((p.toJson() + "\n").c_str(), stdout);
+    return core::okStatus();
+  }
+  std::fputs(plan::formatPlan(p).c_str(), stdout);
+  if (!a.out.empty()) std::printf("wrote the plan to %s (run: archipelago simulate %s)\n", a.out.c_str(), a.out.c_str());
+  return core::okStatus();
+}
+
+core::Status runPlan(const PlanArgs& a) {
+  if (!a.layouts.empty()) return runFixed(a);
+  ARCH_ASSIGN_OR_RETURN(Inputs in, loadInputs(a));
+  ARCH_ASSIGN_OR_RETURN(plan::PlanResult r, plan::searchPlans(in.cluster, in.model, in.catalog, in.options, in.profile.get()));
   if (!a.out.empty()) ARCH_RETURN_IF_ERROR(core::writeFile(a.out, r.plans.front().toJson() + "\n"));
   if (a.json) {
     std::string s = "{\"search_s\": " + fmt::format("{:.4f}", r.search_s) + ", \"evaluated\": " +
@@ -80,12 +119,27 @@ core::Status runPlan(const PlanArgs& a) {
   return core::okStatus();
 }
 
-core::Status runSimulate(const SimArgs& a) {
+// The plan file, or the user's --layout on --cluster and --model.
+core::Result<plan::Plan> planToSimulate(const SimArgs& a) {
+  const bool fixed = !a.fixed.layouts.empty() || !a.fixed.cluster.empty() || !a.fixed.model.empty();
+  if (fixed == !a.plan.empty()) {
+    return core::invalidArgument("simulate: give a plan file, or --cluster, --model and --layout (not both)");
+  }
+  if (fixed) {
+    if (a.fixed.layouts.empty() || a.fixed.cluster.empty() || a.fixed.model.empty()) {
+      return core::invalidArgument("simulate: --layout needs --cluster and --model too");
+    }
+    return fixedPlan(a.fixed);
+  }
   auto text = core::readFile(a.plan);
   if (!text.isOk()) return text.status().withContext("plan file (write one with `archipelago plan ... --out FILE`)");
   auto pr = plan::Plan::fromJson(*text);
   if (!pr.isOk()) return pr.status().withContext(a.plan);
-  const plan::Plan& p = *pr;
+  return pr;
+}
+
+core::Status runSimulate(const SimArgs& a) {
+  ARCH_ASSIGN_OR_RETURN(const plan::Plan p, planToSimulate(a));
   plan::SimOptions so;
   so.trace = !a.trace.empty();
   ARCH_ASSIGN_OR_RETURN(plan::SimResult sr, plan::simulateStep(p, so));
@@ -146,11 +200,21 @@ void addPlanCommands(CLI::App& app) {
   plan->add_option("--strategy", pa->strategy, "cross-island strategy: auto|sync|diloco");
   plan->add_option("--diloco-h", pa->diloco_h, "DiLoCo inner steps H");
   plan->add_option("--dtype", pa->dtype, "matmul dtype: bf16|fp8|fp32");
+  plan->add_option("--layout", pa->layouts,
+                   "price this layout instead of searching, e.g. tp=8,pp=16,dp=12,mb=1,recompute=full; one per group "
+                   "of islands (islands=A+B,...); keys in docs/planner.md");
   setAction(plan, [pa] { return runPlan(*pa); });
 
   auto sa = std::make_shared<SimArgs>();
   CLI::App* sim = app.add_subcommand("simulate", "discrete-event simulation of one step of a plan file");
-  sim->add_option("plan", sa->plan, "plan JSON written by `archipelago plan --out`")->required();
+  sim->add_option("plan", sa->plan, "plan JSON written by `archipelago plan --out` (or --cluster/--model/--layout)");
+  sim->add_option("--cluster", sa->fixed.cluster, "with --layout: cluster spec YAML");
+  sim->add_option("--model", sa->fixed.model, "with --layout: model preset or job YAML");
+  sim->add_option("--layout", sa->fixed.layouts, "simulate this layout (the syntax of `plan --layout`)");
+  sim->add_option("--global-batch-tokens", sa->fixed.global_batch_tokens, "with --layout: tokens per optimizer step");
+  sim->add_option("--seq-len", sa->fixed.seq_len, "with --layout: sequence length");
+  sim->add_option("--dtype", sa->fixed.dtype, "with --layout: matmul dtype bf16|fp8|fp32");
+  sim->add_option("--strategy", sa->fixed.strategy, "with --layout: cross-island strategy sync|diloco");
   sim->add_option("--trace", sa->trace, "write a Chrome/Perfetto trace JSON");
   sim->add_option("--mtbf-hours", sa->mtbf_hours, "per-device MTBF; enables the failure/goodput simulation");
   sim->add_option("--horizon-hours", sa->horizon_hours, "failure simulation horizon");

@@ -32,6 +32,20 @@ const char* scheduleName(Schedule s) {
   return "?";
 }
 
+core::Result<Recompute> parseRecompute(const std::string& name) {
+  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
+    if (name == recomputeName(r)) return r;
+  }
+  return core::invalidArgument("'" + name + "': expected none, selective or full");
+}
+
+core::Result<Schedule> parseSchedule(const std::string& name) {
+  for (Schedule s : {Schedule::k1F1B, Schedule::kInterleaved, Schedule::kDualPipe}) {
+    if (name == scheduleName(s)) return s;
+  }
+  return core::invalidArgument("'" + name + "': expected 1f1b, interleaved or dualpipe");
+}
+
 double CostModel::achievedFlops(const DeviceSpec& dev, Dtype dtype, double gemm_flops) const {
   if (profile_) {
     if (auto f = profile_->achievedFlops(dev.kind, dtype, gemm_flops)) return *f;

@@ -17,8 +17,11 @@ namespace archipelago::plan {
 
 enum class Recompute { kNone, kSelective, kFull };
 const char* recomputeName(Recompute r);
+// The inverse of recomputeName; the error lists the names.
+core::Result<Recompute> parseRecompute(const std::string& name);
 enum class Schedule { k1F1B, kInterleaved, kDualPipe };
 const char* scheduleName(Schedule s);
+core::Result<Schedule> parseSchedule(const std::string& name);
 
 // How training runs, independent of the cluster mapping.
 struct TrainSetup {
