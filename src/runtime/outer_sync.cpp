@@ -151,7 +151,7 @@ class FragmentOuterSync final : public OuterSync {
     nesterov_ = s.nesterov;
     overlap_ = streaming_ ? s.overlap_steps : 0;
     numel_ = params.numel();
-    anchor_ = params.detach().to(torch::kFloat32).contiguous().clone();
+    anchor_ = params.detach().to(torch::kCPU, torch::kFloat32).contiguous().clone();  // host: the comm layer's
     momentum_ = torch::zeros_like(anchor_);
   }
 
@@ -217,6 +217,11 @@ class FragmentOuterSync final : public OuterSync {
       }
     }
     return core::okStatus();
+  }
+
+  bool touchesParams(int64_t step) const override {
+    if (!inflight_.empty() && inflight_.front()->apply_step <= step) return true;
+    return step < ctx_.job->train.steps && !fragmentsDue(frags_, step, H_).empty();
   }
 
   void attachControl(std::span<const double> island_sums) override {

@@ -51,7 +51,13 @@ class OuterSync {
   // Called on every rank after inner step `step` (1-based count of completed
   // steps) with the flat fp32 parameters; may modify them in place. `tokens`
   // = tokens this rank processed in that step.
+  // The parameters must be host memory when touchesParams(step) (the
+  // anchor and momentum always are: docs/runtime.md "Devices").
   virtual core::Status afterInnerStep(int64_t step, torch::Tensor params, int64_t tokens) = 0;
+  // Whether afterInnerStep(step) reads or writes the parameters (a fragment
+  // is due, or an in-flight result is applied): a worker on an accelerator
+  // copies them to the host only then.
+  virtual bool touchesParams(int64_t step) const = 0;
   // At the end of training (or a stop): complete any in-flight sync so all
   // replicas end identical. At step == train.steps afterInnerStep starts no
   // sync; finish syncs every fragment with progress in ONE exchange.

@@ -93,21 +93,6 @@ core::Status Trainer::setupData() {
 core::Status Trainer::setupPlacement() {
   if (job_.cluster.islands.empty()) return core::invalidArgument("cluster.islands: the job has no island");
   ARCH_ASSIGN_OR_RETURN(place_, placeWorker(job_, me_));
-  if (!place_.device.is_cpu()) {
-    // These parts still hand device memory to the comm layer by pointer;
-    // until they stage through host buffers as data parallelism does they
-    // are refused rather than run wrong (docs/runtime.md "Devices").
-    const auto& s = job_.strategy;
-    std::string no;
-    if (s.pipeline_stages > 1) no = "strategy.pipeline_stages > 1";
-    else if (s.expert_parallel > 1) no = "strategy.expert_parallel > 1";
-    else if (s.kind != "sync") no = "strategy.kind: " + s.kind;
-    else if (tc_.shard_optimizer && world_ > 1) no = "train.shard_optimizer: true";
-    if (!no.empty()) {
-      return core::unimplemented(no + " is not supported yet on device " + place_.device.str() + " (island '" +
-                                 me_.island + "'); on accelerators the loop runs synchronous data parallelism");
-    }
-  }
   scaler_.emplace(tc_, place_.dtype);
   return core::okStatus();
 }

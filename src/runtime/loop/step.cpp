@@ -10,6 +10,7 @@
 #include "archipelago/core/log.h"
 #include "archipelago/core/shares.h"
 #include "archipelago/runtime/elastic.h"
+#include "archipelago/runtime/host_view.h"
 #include "archipelago/runtime/parallel/pipeline.h"
 #include "runtime/loop/trainer.h"
 
@@ -170,7 +171,13 @@ core::Status Trainer::controlValues(int64_t step, const parallel::StepStats& sta
     const int64_t tokens = !split() ? stats.tokens
                                     : (outer_counts_tokens_ ? static_cast<int64_t>(groupSamples()) * T_ : 0);
     ScopedSpan span(&trace_, TraceRecorder::kComm, "outer sync", &comm_s);
-    ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step + 1, flat_->params(), tokens).withContext("outer sync"));
+    if (outer_->touchesParams(step + 1)) {
+      HostView params(flat_->params(), torch::kFloat32);  // no copy on the CPU
+      ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step + 1, params.host(), tokens).withContext("outer sync"));
+      params.land();
+    } else {
+      ARCH_RETURN_IF_ERROR(outer_->afterInnerStep(step + 1, flat_->params(), tokens).withContext("outer sync"));
+    }
   }
   ScopedSpan span(&trace_, TraceRecorder::kComm, "control allreduce", &comm_s);
   const bool world_boundary = !outer_ || outer_boundary || step + 1 == tc_.steps;

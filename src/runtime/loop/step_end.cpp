@@ -8,6 +8,7 @@
 #include "archipelago/model/layers.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/parallel/pipeline.h"
+#include "archipelago/runtime/host_view.h"
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {
@@ -141,7 +142,11 @@ core::Status Trainer::boundaries(bool at_end) {
     ARCH_RETURN_IF_ERROR(checkIntegrity());
   }
   // Replicas must be identical (outer syncs complete) before the final evaluation.
-  if (outer_ && at_end) ARCH_RETURN_IF_ERROR(outer_->finish(step_, flat_->params()).withContext("outer sync"));
+  if (outer_ && at_end) {
+    HostView params(flat_->params(), torch::kFloat32);
+    ARCH_RETURN_IF_ERROR(outer_->finish(step_, params.host()).withContext("outer sync"));
+    params.land();
+  }
   if (tc_.eval_every > 0 && (step_ % tc_.eval_every == 0 || at_end)) {
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
     ARCH_ASSIGN_OR_RETURN(double vl, evaluate());

@@ -96,8 +96,7 @@ class Trainer {
   core::Status setup();
   core::Status setupData();
   core::Status setupModel();
-  // The worker's device and dtype (placement.h); layouts that cannot run
-  // on an accelerator yet are refused before anything is built.
+  // The worker's device and dtype (placement.h) and its loss scaler.
   core::Status setupPlacement();
   core::Status setupOptimizer();
   core::Status setupStrategy();

@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "archipelago/core/clock.h"
+#include "archipelago/runtime/host_view.h"
 #include "archipelago/runtime/parallel/pipeline.h"
 
 namespace archipelago::runtime::parallel {
@@ -76,7 +77,7 @@ core::Status CommExpertExchange::exchangeEncoded(const float* src, const std::ve
 torch::Tensor CommExpertExchange::alltoallvRows(const torch::Tensor& rows, const std::vector<int64_t>& send_rows,
                                                 const std::vector<int64_t>& recv_rows) {
   const int64_t dim = rows.size(1);
-  torch::Tensor f = rows.to(torch::kFloat).contiguous();
+  torch::Tensor f = rows.to(torch::kCPU, torch::kFloat).contiguous();  // the comm layer reads host memory
   int64_t total = 0;
   for (auto r : recv_rows) total += r;
   torch::Tensor out = torch::empty({total, dim}, torch::kFloat);
@@ -94,15 +95,16 @@ torch::Tensor CommExpertExchange::alltoallvRows(const torch::Tensor& rows, const
     st = exchangeEncoded(f.data_ptr<float>(), send_rows, recv_rows, dim, out.data_ptr<float>());
   }
   if (!st.isOk()) fail(st.withContext("expert all-to-all (rows)"));
-  return out.to(rows.scalar_type());
+  return out.to(rows.device(), rows.scalar_type());
 }
 
 core::Status ExpertParallel::reduceGradients(StepStats& stats) {
   if (!dp_ || dp_->size() <= 1 || begin_ >= flat_.numel()) return core::okStatus();
   const auto t0 = core::Clock::now();
-  float* g = flat_.grads().data_ptr<float>() + begin_;
-  auto op = dp_->allreduceSumAsync(std::span<float>(g, static_cast<size_t>(flat_.numel() - begin_)));
+  HostView g(flat_.grads().narrow(0, begin_, flat_.numel() - begin_), torch::kFloat32);
+  auto op = dp_->allreduceSumAsync(std::span<float>(g.data<float>(), static_cast<size_t>(flat_.numel() - begin_)));
   core::Status st = op->wait();
+  if (st.isOk()) g.land();
   stats.wait_s += core::secondsSince(t0);
   return st.isOk() ? st : st.withContext("expert gradient allreduce");
 }

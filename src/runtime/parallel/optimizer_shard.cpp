@@ -1,6 +1,7 @@
 #include "archipelago/runtime/parallel/optimizer_shard.h"
 
 #include "archipelago/core/clock.h"
+#include "archipelago/runtime/host_view.h"
 
 namespace archipelago::runtime::parallel {
 
@@ -16,8 +17,9 @@ OptimizerShard::OptimizerShard(FlatParams& flat, DpComm* dp) : flat_(flat), dp_(
 core::Status OptimizerShard::gatherParameters(StepStats& stats) {
   if (!dp_) return core::okStatus();
   const auto t0 = core::Clock::now();
-  core::Status st = dp_->allgatherSlices(
-      std::span<float>(flat_.params().data_ptr<float>(), static_cast<size_t>(flat_.numel())), offsets_);
+  HostView params(flat_.params(), torch::kFloat32);
+  core::Status st = dp_->allgatherSlices(std::span<float>(params.data<float>(), static_cast<size_t>(flat_.numel())), offsets_);
+  if (st.isOk()) params.land();
   stats.wait_s += core::secondsSince(t0);
   return st.isOk() ? st : st.withContext("ZeRO-1 parameter allgather");
 }

@@ -18,6 +18,10 @@ comm::OpOptions p2pOptions() { return comm::OpOptions::within(kP2pTimeoutS); }
 torch::Tensor idRows(const std::vector<int64_t>& v, int64_t begin, int64_t n, int64_t t) {
   return torch::from_blob(const_cast<int64_t*>(v.data()) + begin * t, {n, t}, torch::kInt64).clone();
 }
+// What leaves a stage: fp32 host memory for the comm layer (no copy for an
+// fp32 CPU stage).
+torch::Tensor outbound(const torch::Tensor& t) { return t.detach().to(torch::kCPU, torch::kFloat).contiguous();
+}
 }  // namespace
 
 std::vector<PipeOp> oneFOneBSchedule(int stage, int stages, int64_t m) {
@@ -118,7 +122,7 @@ std::pair<torch::Tensor, torch::Tensor> PipelineParallel::runForward(const StepI
   const double frac = static_cast<double>(e - b) / in.group_samples;
   torch::Tensor out = net_->stageForward(input);
   if (opt_.stage == opt_.stages - 1) {
-    auto lo = net_->headLoss(out, idRows(batch.target, b, e - b, in.seq_len));
+    auto lo = net_->headLoss(out, idRows(batch.target, b, e - b, in.seq_len).to(net_->device()));
     if (record) {
       record->ce_sum += lo.ce_sum.item<double>();
       record->tokens += lo.tokens;
@@ -137,7 +141,7 @@ core::Status PipelineParallel::forwardOp(const StepInput& in, int64_t m, int64_t
   const int64_t b = batch.n * i / m, e = batch.n * (i + 1) / m;
   torch::Tensor input;
   if (opt_.stage == 0) {
-    input = idRows(batch.input, b, e - b, in.seq_len);
+    input = idRows(batch.input, b, e - b, in.seq_len).to(net_->device());
   } else {
     ARCH_ASSIGN_OR_RETURN(input, receive({e - b, in.seq_len, opt_.dim}, opt_.prev_codec, opt_.rank - 1, kTagActivation,
                                          in.trace, &stats, "activation " + std::to_string(i)));
@@ -160,7 +164,7 @@ core::Status PipelineParallel::forwardOp(const StepInput& in, int64_t m, int64_t
   // The output leaves after the emulated slowdown: a slower device has it later.
   slowdown_.stretchOp(c, in.trace, "F", e - b);
   if (opt_.stage + 1 < opt_.stages) {
-    sender_->push(st.output.detach().to(torch::kFloat).contiguous(), opt_.next_codec, opt_.rank + 1, kTagActivation);
+    sender_->push(outbound(st.output), opt_.next_codec, opt_.rank + 1, kTagActivation);
   }
   stats.compute_s += core::secondsSince(c0);  // busy: compute, emulated slowdown, handing the output on
   if (opt_.recompute) st.output = torch::Tensor();
@@ -189,7 +193,7 @@ core::Status PipelineParallel::backwardOp(const StepInput& in, int64_t m, int64_
   if (last) {
     st.output.backward();
   } else {
-    std::vector<torch::Tensor> outs{st.output}, grads{grad.to(st.output.scalar_type())};
+    std::vector<torch::Tensor> outs{st.output}, grads{grad.to(st.output.device(), st.output.scalar_type())};
     if (st.aux.defined()) {
       outs.push_back(st.aux);
       grads.push_back(torch::ones_like(st.aux));
@@ -203,7 +207,7 @@ core::Status PipelineParallel::backwardOp(const StepInput& in, int64_t m, int64_
   }
   slowdown_.stretchOp(c, in.trace, "B", e - b);
   if (opt_.stage > 0) {
-    sender_->push(st.input.grad().to(torch::kFloat).contiguous(), opt_.prev_codec, opt_.rank - 1, kTagGradient);
+    sender_->push(outbound(st.input.grad()), opt_.prev_codec, opt_.rank - 1, kTagGradient);
   }
   st = Stash{};
   stats.compute_s += core::secondsSince(c0);
@@ -235,18 +239,18 @@ core::Status PipelineParallel::evaluate(const data::Batch& batch, int64_t seq_le
   } train_again{net_};
   torch::Tensor x;
   if (opt_.stage == 0) {
-    x = idRows(batch.input, 0, batch.n, seq_len);
+    x = idRows(batch.input, 0, batch.n, seq_len).to(net_->device());
   } else {
     ARCH_ASSIGN_OR_RETURN(x, receive({batch.n, seq_len, opt_.dim}, opt_.prev_codec, opt_.rank - 1, kTagEval, nullptr,
                                      nullptr, "evaluation activation"));
-    x = x.to(opt_.dtype);
+    x = x.to(net_->device(), opt_.dtype);
   }
   torch::Tensor h = net_->stageForward(x);
   if (opt_.stage + 1 < opt_.stages) {
-    sender_->push(h.to(torch::kFloat).contiguous(), opt_.next_codec, opt_.rank + 1, kTagEval);
+    sender_->push(outbound(h), opt_.next_codec, opt_.rank + 1, kTagEval);
     return sender_->drain();
   }
-  auto out = net_->headLoss(h, idRows(batch.target, 0, batch.n, seq_len));
+  auto out = net_->headLoss(h, idRows(batch.target, 0, batch.n, seq_len).to(net_->device()));
   ce_sum += out.ce_sum.item<double>();
   tokens += static_cast<double>(out.tokens);
   return core::okStatus();
