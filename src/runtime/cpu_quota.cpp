@@ -27,6 +27,16 @@ namespace {
 // The kernel's floor for cpu.cfs_quota_us (kernel/sched/core.c: 1 ms).
 constexpr int64_t kMinQuotaUs = 1000;
 
+// The period over which the kernel enforces a quota. Its default, 100 ms,
+// is longer than a small model's whole step: a worker then runs at full
+// speed for part of a period and stands still for the rest, and the stall
+// lands in whichever phase it falls, compute or communication. Measured on
+// the e2e job (tests/e2e/cpu_quota.sh, ~30 ms steps) the rebalancer, which
+// times compute only, first moved shares the wrong way (8/8 -> 5/11).
+// 10 ms spreads the cap over each phase; shorter ones cost more
+// throttling events for little gain (the tick is 4 ms at HZ=250).
+constexpr int64_t kQuotaPeriodUs = 10000;
+
 bool hasCpuController(std::string_view list) {
   std::stringstream in{std::string(list)};
   std::string item;
@@ -180,8 +190,9 @@ core::Result<QuotaApplied> CpuQuotaGroup::limit(const std::string& name, double 
   a.quota = quota;
   ARCH_RETURN_IF_ERROR(makeCgroupDir(a.path));
   children_[name] = a;  // from here on remove() owns it, whatever fails below
-  ARCH_ASSIGN_OR_RETURN(a.period_us, readCgroupNumber(a.path + "/cpu.cfs_period_us"));
+  a.period_us = kQuotaPeriodUs;
   ARCH_ASSIGN_OR_RETURN(a.quota_us, quotaMicros(quota, a.period_us));
+  ARCH_RETURN_IF_ERROR(writeCgroupFile(a.path + "/cpu.cfs_period_us", std::to_string(a.period_us)));
   ARCH_RETURN_IF_ERROR(writeCgroupFile(a.path + "/cpu.cfs_quota_us", std::to_string(a.quota_us)));
   // Read back: a parent's own limit can make the kernel refuse or clamp it.
   ARCH_ASSIGN_OR_RETURN(const int64_t got, readCgroupNumber(a.path + "/cpu.cfs_quota_us"));
