@@ -91,13 +91,13 @@ aware, even = tokens_per_s("aware"), tokens_per_s("even")
 total = alone_a + alone_b
 print(f"REAL heterogeneity ({variant}; no emulated slowdown) on this host: {cores} cores, load average {load} "
       f"at the start, threads_per_worker {threads}")
-cores = {r: cores_used(r) for r in ["alone_a", "alone_b", "aware", "even"]}
+used = {r: cores_used(r) for r in ["alone_a", "alone_b", "aware", "even"]}
 print(f"{'run':<44} {'tokens/s':>10} {'cores used':>11}")
-for name, v, c in [(f"standalone A ({la})", alone_a, cores["alone_a"]),
-                   (f"standalone B ({lb})", alone_b, cores["alone_b"]),
-                   ("sum of standalone", total, cores["alone_a"] + cores["alone_b"]),
-                   ("A + B: speed-aware shares + rebalancer", aware, cores["aware"]),
-                   ("A + B: even split, no rebalancer", even, cores["even"])]:
+for name, v, c in [(f"standalone A ({la})", alone_a, used["alone_a"]),
+                   (f"standalone B ({lb})", alone_b, used["alone_b"]),
+                   ("sum of standalone", total, used["alone_a"] + used["alone_b"]),
+                   ("A + B: speed-aware shares + rebalancer", aware, used["aware"]),
+                   ("A + B: even split, no rebalancer", even, used["even"])]:
     print(f"{name:<44} {v:>10.0f} {c:>11.2f}")
 print(f"aware / sum of standalone = {aware / total:.3f} (target >= 0.95)")
 print(f"aware / even split        = {aware / even:.3f}")
@@ -124,7 +124,7 @@ print(json.dumps({"bench": "heterogeneity", "variant": variant, "emulated": Fals
                   "threads_per_worker": threads, "standalone_a": round(alone_a), "standalone_b": round(alone_b),
                   "aware": round(aware), "even": round(even), "aware_over_sum": round(aware / total, 3),
                   "aware_over_even": round(aware / even, 3),
-                  "cores_used": {k: round(v, 3) for k, v in cores.items()},
+                  "cores_used": {k: round(v, 3) for k, v in used.items()},
                   "first_shares": [shares[0][0], shares[1][0]], "last_shares": [shares[0][1], shares[1][1]],
                   "rebalances": len(events),
                   "per_worker": {k: {c: round(v, 4) for c, v in m.items()} for k, m in per_rank.items()}},
