@@ -1,72 +1,132 @@
 #!/usr/bin/env bash
-# Heterogeneous data parallelism benchmark (issue: trainer). Three CPU
-# workers with EMULATED slowdowns 1x/1x/2x in two islands train the same
-# model (a) with speed-proportional shares + rebalancer and (b) with an even
-# split; baseline measured in the same run: each worker kind's standalone
-# tokens/s (one worker alone). Tokens/s are steady-state (global batch over
-# the mean step time, start-up excluded). Prints a table and one JSON line.
-#   bash bench/heterogeneity.sh [BINARY] [STEPS]
+# Heterogeneous data parallelism on real differences (issue 19; no EMULATED
+# slowdown): two CPU workers of the demo model and batch in one job, which
+# differ for real, train (a) with speed-aware initial shares + rebalancer and
+# (b) with an even split and no rebalancer. Variants:
+#   quota: one worker under cpu_quota 0.5 (cgroup v1 cpu controller; needs
+#          root), the other unrestricted;
+#   dtype: one worker computing in fp32, the other in bf16.
+# Baseline measured in the same run: each worker's standalone tokens/s (a
+# one-worker job with the same threads, dtype and quota). Target: (a) >=
+# 0.95 x the sum of the two standalone figures. Tokens/s are steady-state
+# (global batch over the mean step time, step 1 excluded); where (a) falls
+# short, the per-worker table shows where its steps went. Prints tables and
+# one JSON line.
+#   bash bench/heterogeneity.sh [BINARY] [STEPS] [quota|dtype] [THREADS]
 set -euo pipefail
 bin="${1:-build/src/cli/archipelago}"
 steps="${2:-60}"
+variant="${3:-quota}"
+threads="${4:-1}"  # train.threads_per_worker of every run
 data="${ARCHIPELAGO_BENCH_DATA:-data/prepared/sotu-byte}"
-[ -f "$data/manifest.json" ] || "$bin" data prepare --input data/corpus/sotu --out "$data"
+case "$variant" in
+  quota) a="{name: free, count: 1}"; b="{name: capped, count: 1, cpu_quota: 0.5}"
+         la="unrestricted"; lb="cpu_quota 0.5" ;;
+  dtype) a="{name: f32, count: 1, dtype: fp32}"; b="{name: b16, count: 1, dtype: bf16}"
+         la="fp32"; lb="bf16" ;;
+  *) echo "heterogeneity.sh: variant '$variant': expected quota or dtype" >&2; exit 2 ;;
+esac
+[ -f "$data/manifest.json" ] || "$bin" data prepare --input data/corpus/sotu --out "$data" >/dev/null
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-batch=24 seq=128  # global batch (sequences) and tokens per sequence of every run
+batch=24 seq=128  # the demo job's global batch (sequences) and tokens per sequence
+load="$(cut -d' ' -f1 /proc/loadavg)"
 
-job() {  # name islands shares rebalance
+job() {  # name islands train-extra
   cat > "$tmp/$1.yaml" <<YAML
 cluster:
   islands:
 $2
 model: {dim: 128, n_layers: 4, n_heads: 4, max_seq_len: 128}
 data: {dir: $(realpath "$data"), seq_len: $seq}
-train: {steps: $steps, global_batch: $batch, eval_every: 0, rebalance: $4$3}
+train: {steps: $steps, global_batch: $batch, eval_every: 0, threads_per_worker: $threads$3}
 checkpoint: {every: 0, at_exit: false}
 run_dir: $tmp/$1
 YAML
-  "$bin" train "$tmp/$1.yaml" >/dev/null 2>&1
-  # Steady-state tokens/s: the global batch's tokens over the trainer's mean
-  # step time (step 1 excluded; the summary line's measured_step_s), so
-  # process start-up and rank 0's calibration (seconds, paid once per job)
-  # do not weigh on a 60-step run; the same measure for every run.
-  sed -n 's/.*"kind":"summary".*"measured_step_s":\([0-9.eE+-]*\).*/\1/p' "$tmp/$1/metrics.jsonl" |
-    awk -v tokens=$((batch * seq)) '{ printf "%d\n", tokens / $1 }'
+  "$bin" train "$tmp/$1.yaml" >"$tmp/$1.log" 2>&1 || { echo "run $1 failed:"; tail -5 "$tmp/$1.log"; exit 1; }
 }
-two="    - {name: fast, count: 2}
-    - {name: slow, count: 1, slowdown: 2}
-  straits: [{a: fast, b: slow, bandwidth: 1Gbit/s, latency: 5ms}]"
-alone_fast=$(job alone_fast "    - {name: fast, count: 1}" "" false)
-alone_slow=$(job alone_slow "    - {name: slow, count: 1, slowdown: 2}" "" false)
-aware=$(job aware "$two" "" true)
-even=$(job even "$two" ", shares: [1, 1, 1]" false)
-# The same mechanism with one fast and one slow worker: 1.5 cores of compute
-# (the emulated slowdown sleeps), so it fits a 2-core host, where the
-# 3-worker case needs 2.5 cores and cannot reach its standalone sum.
-pair="    - {name: fast, count: 1}
-    - {name: slow, count: 1, slowdown: 2}
-  straits: [{a: fast, b: slow, bandwidth: 1Gbit/s, latency: 5ms}]"
-aware2=$(job aware2 "$pair" "" true)
-even2=$(job even2 "$pair" ", shares: [1, 1]" false)
-sum=$((2 * alone_fast + alone_slow))
-sum2=$((alone_fast + alone_slow))
-awk -v a="$aware" -v e="$even" -v s="$sum" -v f="$alone_fast" -v w="$alone_slow" \
-    -v a2="$aware2" -v e2="$even2" -v s2="$sum2" -v cores="$(nproc)" 'BEGIN {
-  printf "EMULATED heterogeneity (slowdowns stretch compute by sleeping) on this machine, %d cores\n", cores;
-  printf "%-40s %12s\n", "run", "tokens/s";
-  printf "%-40s %12d\n", "standalone fast worker (1x)", f;
-  printf "%-40s %12d\n", "standalone slow worker (2x)", w;
-  printf "1x/1x/2x (issue target; needs >= 2.5 cores of compute)\n";
-  printf "%-40s %12d\n", "  sum of standalone (2 fast + slow)", s;
-  printf "%-40s %12d\n", "  speed-aware shares + rebalancer", a;
-  printf "%-40s %12d\n", "  even split", e;
-  printf "  aware / sum of standalone = %.2f (target >= 0.95)\n", a / s;
-  printf "  aware / even split        = %.2f (target >= 1.30)\n", a / e;
-  printf "1x/2x (1.5 cores of compute)\n";
-  printf "%-40s %12d\n", "  sum of standalone (fast + slow)", s2;
-  printf "%-40s %12d\n", "  speed-aware shares + rebalancer", a2;
-  printf "%-40s %12d\n", "  even split", e2;
-  printf "  aware / sum of standalone = %.2f\n", a2 / s2;
-  printf "  aware / even split        = %.2f (ideal %.2f)\n", a2 / e2, s2 / (2 * w);
-  printf "{\"bench\":\"heterogeneity\",\"emulated\":true,\"cores\":%d,\"standalone_fast\":%d,\"standalone_slow\":%d,\"aware\":%d,\"even\":%d,\"aware_over_sum\":%.3f,\"aware_over_even\":%.3f,\"pair_aware\":%d,\"pair_even\":%d,\"pair_aware_over_sum\":%.3f,\"pair_aware_over_even\":%.3f}\n", cores, f, w, a, e, a / s, a / e, a2, e2, a2 / s2, a2 / e2;
-}'
+# A strait is required between islands; a fast one keeps its emulation out
+# of the way (the workers share this host's loopback anyway).
+strait="  straits: [{a: $(sed 's/.*name: \([a-z0-9]*\).*/\1/' <<<"$a"), b: $(sed 's/.*name: \([a-z0-9]*\).*/\1/' <<<"$b"), bandwidth: 10Gbit/s, latency: 0ms}]"
+job alone_a "    - $a" ", rebalance: false"
+job alone_b "    - $b" ", rebalance: false"
+job aware "    - $a
+    - $b
+$strait" ", rebalance: true"
+job even "    - $a
+    - $b
+$strait" ", rebalance: false, shares: [1, 1]"
+
+python3 - "$tmp" "$variant" "$la" "$lb" "$batch" "$seq" "$(nproc)" "$load" "$threads" <<'PY'
+import json, sys
+tmp, variant, la, lb = sys.argv[1:5]
+batch, seq, cores, load, threads = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8], int(sys.argv[9])
+
+def records(run):
+    steps, events, summary = [], [], None
+    for line in open(f"{tmp}/{run}/metrics.jsonl"):
+        r = json.loads(line)
+        if r.get("kind") == "step":
+            steps.append(r)
+        elif r.get("kind") == "event" and r.get("event") == "rebalance":
+            events.append(r)
+        elif r.get("kind") == "summary":
+            summary = r
+    return steps, events, summary
+
+def tokens_per_s(run):
+    # Steady state: the global batch's tokens over the loop's mean step time
+    # (the summary's measured_step_s: step 1 excluded), the same for every run.
+    return batch * seq / records(run)[2]["measured_step_s"]
+
+def cores_used(run):
+    # CPU the run's workers got per second of step (process CPU / step wall,
+    # summed over workers): on a host shared with other load, a pair can
+    # only match its standalone sum if it gets the sum of their cores.
+    steps = [s for s in records(run)[0] if s["step"] > 1]
+    return sum(sum(s["cpu_s"] for s in steps if s["rank"] == r) / sum(s["step_s"] for s in steps if s["rank"] == r)
+               for r in {s["rank"] for s in steps})
+
+alone_a, alone_b = tokens_per_s("alone_a"), tokens_per_s("alone_b")
+aware, even = tokens_per_s("aware"), tokens_per_s("even")
+total = alone_a + alone_b
+print(f"REAL heterogeneity ({variant}; no emulated slowdown) on this host: {cores} cores, load average {load} "
+      f"at the start, threads_per_worker {threads}")
+used = {r: cores_used(r) for r in ["alone_a", "alone_b", "aware", "even"]}
+print(f"{'run':<44} {'tokens/s':>10} {'cores used':>11}")
+for name, v, c in [(f"standalone A ({la})", alone_a, used["alone_a"]),
+                   (f"standalone B ({lb})", alone_b, used["alone_b"]),
+                   ("sum of standalone", total, used["alone_a"] + used["alone_b"]),
+                   ("A + B: speed-aware shares + rebalancer", aware, used["aware"]),
+                   ("A + B: even split, no rebalancer", even, used["even"])]:
+    print(f"{name:<44} {v:>10.0f} {c:>11.2f}")
+print(f"aware / sum of standalone = {aware / total:.3f} (target >= 0.95)")
+print(f"aware / even split        = {aware / even:.3f}")
+
+# Where the speed-aware run's steps went, per worker (means over steps 2..N).
+steps, events, _ = records("aware")
+shares = {}
+print(f"\nper worker, speed-aware run (mean seconds per step, steps 2-{max(s['step'] for s in steps)}):")
+cols = ["share", "step_s", "compute_s", "comm_s", "wait_s", "optimizer_s", "data_s", "compute_cpu_s", "cpu_s"]
+print(f"{'rank':<14}" + "".join(f"{c:>14}" for c in cols) + f"{'other_cpu_s':>14}")
+per_rank = {}
+for rank, label in [(0, la), (1, lb)]:
+    mine = [s for s in steps if s["rank"] == rank and s["step"] > 1]
+    m = {c: sum(s.get(c, 0) for s in mine) / len(mine) for c in cols}
+    # CPU the process spent outside its forward+backward thread: the
+    # communication threads, the optimizer, the loop (cpu_s - compute_cpu_s).
+    m["other_cpu_s"] = m["cpu_s"] - m["compute_cpu_s"]
+    per_rank[label] = m
+    shares[rank] = ([s["share"] for s in steps if s["rank"] == rank and s["step"] == 1] or [0])[0], mine[-1]["share"]
+    print(f"{str(rank) + ' ' + label:<14}" + "".join(f"{m[c]:>14.3f}" for c in cols) + f"{m['other_cpu_s']:>14.3f}")
+print(f"shares: first step {shares[0][0]}/{shares[1][0]}, last step {shares[0][1]}/{shares[1][1]}; "
+      f"{len(events)} rebalance(s): " + ", ".join(f"step {e['step']}: {e['detail']}" for e in events[:8]))
+print(json.dumps({"bench": "heterogeneity", "variant": variant, "emulated": False, "cores": cores, "load": float(load),
+                  "threads_per_worker": threads, "standalone_a": round(alone_a), "standalone_b": round(alone_b),
+                  "aware": round(aware), "even": round(even), "aware_over_sum": round(aware / total, 3),
+                  "aware_over_even": round(aware / even, 3),
+                  "cores_used": {k: round(v, 3) for k, v in used.items()},
+                  "first_shares": [shares[0][0], shares[1][0]], "last_shares": [shares[0][1], shares[1][1]],
+                  "rebalances": len(events),
+                  "per_worker": {k: {c: round(v, 4) for c, v in m.items()} for k, m in per_rank.items()}},
+                 separators=(",", ":")))
+PY

@@ -9,7 +9,16 @@ namespace archipelago::core {
 
 double initialShareWeight(const TrainConfig& train, const WorkerInfo& w) {
   const auto r = static_cast<size_t>(w.rank);
-  return r < train.shares.size() ? train.shares[r] : 1.0 / w.slowdown;
+  if (r < train.shares.size()) return train.shares[r];
+  // What is known before a step has run: a worker computes on at most its
+  // intra-op threads' cores, and no more than its cgroup quota lets it
+  // (runtime/cpu_quota.h). Both are upper bounds (a small GEMM does not
+  // scale to every thread, a shared host may give less than the quota);
+  // the rebalancer replaces them with measured speeds from its first
+  // decision on, as it does for the compute dtype.
+  double cores = static_cast<double>(std::max<int64_t>(1, w.threads));
+  if (w.cpu_quota > 0) cores = std::min(cores, w.cpu_quota);
+  return cores / w.slowdown;
 }
 
 Result<std::vector<int64_t>> sharesFromWeights(const std::vector<double>& weights, int64_t total) {

@@ -270,7 +270,7 @@ core::Result<StepPrediction> predictStepTime(const core::JobConfig& job, int64_t
   CostModel cm(model, su, profile);
 
   // The runtime's rank list (core/workers.h), so rank r is the same device here.
-  const std::vector<core::WorkerInfo> ranks = core::workersOf(cl);
+  const std::vector<core::WorkerInfo> ranks = core::workersOf(job);
   std::vector<LocalWorker> workers;
   for (const auto& w : ranks) {
     ARCH_ASSIGN_OR_RETURN(DeviceSpec dev, catalog.get(w.device));

@@ -32,6 +32,7 @@
 #include "archipelago/runtime/trace.h"
 #include "archipelago/runtime/trainer.h"
 #include "runtime/coordinator_process.h"
+#include "runtime/cpu_quota.h"
 
 namespace archipelago::runtime {
 
@@ -200,7 +201,8 @@ core::Status prepareRunDir(const LaunchOptions& opt, const core::JobConfig& job)
 core::Status writeRunJson(const LaunchOptions& opt, const core::JobConfig& job, const std::vector<WorkerInfo>& workers) {
   nlohmann::json ranks = nlohmann::json::array();
   for (const auto& w : workers) {
-    ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"device", w.device}, {"slowdown", w.slowdown}});
+    ranks.push_back({{"rank", w.rank}, {"island", w.island}, {"device", w.device}, {"slowdown", w.slowdown},
+                     {"dtype", w.dtype}, {"threads", w.threads}, {"cpu_quota", w.cpu_quota}});
   }
   nlohmann::json straits = nlohmann::json::array();
   for (const auto& s : job.cluster.straits) {
@@ -241,13 +243,15 @@ void logEmulation(const core::JobConfig& job, const std::vector<WorkerInfo>& wor
 
 // What the phases of one launch share, over all its attempts.
 struct Launch {
-  Launch(const LaunchOptions& o, const core::JobConfig& j, std::vector<WorkerInfo> w, std::string jf)
+  Launch(const LaunchOptions& o, const core::JobConfig& j, std::vector<WorkerInfo> w, std::string jf,
+         CpuQuotaGroup* q)
       : opt(o),
         job(j),
         run_dir(j.run_dir),
         job_file(std::move(jf)),
         workers(std::move(w)),
         world(static_cast<int>(workers.size())),
+        quota(q),
         progress((fs::path(run_dir) / "metrics.jsonl").string(), job, workers),
         // A pipeline or expert-parallel layout holds each tensor on a few ranks
         // and cannot shrink: a lost worker restarts the job from its newest
@@ -260,6 +264,7 @@ struct Launch {
   const std::string job_file;
   const std::vector<WorkerInfo> workers;
   const int world;
+  CpuQuotaGroup* const quota;  // the workers' cgroups (runtime/cpu_quota.h); nullptr: no cpu_quota in the job
   report::MetricsSink events;
   ProgressView progress;
   const core::Clock::time_point t0 = core::Clock::now();
@@ -289,8 +294,11 @@ struct Attempt {
 };
 
 // In the forked child: the worker's output goes to its log; never returns.
+// With a cpu_quota the child first waits (on `go`) until the launcher has
+// moved it into its cgroup, so not one instruction of the worker runs
+// uncapped; a closed pipe means the launcher could not, and it exits.
 [[noreturn]] void execWorker(const LaunchOptions& opt, const std::string& log, const std::string& secret,
-                             std::vector<std::string>& args) {
+                             std::vector<std::string>& args, int go, const std::string& cgroup) {
   // Workers ignore the terminal's SIGINT: the launcher decides how to stop them.
   ::setpgid(0, 0);
   int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -300,6 +308,12 @@ struct Attempt {
     ::close(fd);
   }
   ::setenv("ARCHIPELAGO_SECRET", secret.c_str(), 1);
+  if (go >= 0) {
+    char c = 0;
+    if (::read(go, &c, 1) != 1) std::_Exit(126);
+    ::close(go);
+    ::setenv(kCpuCgroupEnv, cgroup.c_str(), 1);
+  }
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -337,9 +351,29 @@ core::Status spawnWorker(const Launch& l, Attempt& a, int rank, bool join) {
     args.push_back("--exit-after-step");
     args.push_back(std::to_string(opt.exit_after_step));
   }
+  const WorkerInfo& w = l.workers[static_cast<size_t>(rank)];
+  const QuotaApplied* capped = l.quota ? l.quota->applied(quotaChildName(rank)) : nullptr;
+  int go[2] = {-1, -1};
+  if (capped && ::pipe2(go, O_CLOEXEC) != 0) return core::unavailable("pipe failed while starting worker " + std::to_string(rank));
   pid_t pid = ::fork();
   if (pid < 0) return core::unavailable("fork failed while starting worker " + std::to_string(rank));
-  if (pid == 0) execWorker(opt, c.log, a.secret, args);
+  if (pid == 0) {
+    if (go[1] >= 0) ::close(go[1]);  // else the child's own copy keeps its read from ever seeing the end
+    execWorker(opt, c.log, a.secret, args, go[0], capped ? capped->path : "");
+  }
+  if (capped) {
+    ::close(go[0]);
+    const core::Status st = l.quota->add(quotaChildName(rank), pid);
+    if (st.isOk() && ::write(go[1], "g", 1) == 1) {
+      ARCH_LOG_INFO("cpu_quota {} on rank {} ({}, {}): {}", w.cpu_quota, rank, w.island, quotaField(w),
+                    capped->describe());
+    }
+    ::close(go[1]);  // unwritten: the child exits without starting the worker
+    if (!st.isOk()) {
+      ::waitpid(pid, nullptr, 0);
+      return st.withContext(fmt::format("{} {} of rank {} cannot be applied", quotaField(w), w.cpu_quota, rank));
+    }
+  }
   c.pid = pid;
   c.joiner = join;
   a.children.push_back(c);
@@ -620,11 +654,13 @@ core::Status finishLaunch(Launch& l, const struct sigaction& old_int, const stru
 core::Status launchTraining(const LaunchOptions& opt) {
   ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, opt.load));
   core::JobConfig job = loaded.job;
-  auto workers = workersOf(job.cluster);
+  auto workers = workersOf(job);
   // Every worker runs here: refuse what cannot, before anything is written.
   ARCH_RETURN_IF_ERROR(plan::checkFitsHost(job, static_cast<int64_t>(workers.size()), plan::thisHost())
                            .status()
                            .withContext("job '" + opt.job_path + "'"));
+  // Owned here so that the cgroups go on every way out, a failed job's too.
+  ARCH_ASSIGN_OR_RETURN(const std::unique_ptr<CpuQuotaGroup> quota, cpuQuotaForWorkers(workers));
   ARCH_RETURN_IF_ERROR(prepareRunDir(opt, job));
   const std::string job_file = (fs::path(job.run_dir) / "job.yaml").string();
   ARCH_RETURN_IF_ERROR(core::writeFileAtomic(job_file, core::dumpJobYaml(job)));
@@ -633,7 +669,7 @@ core::Status launchTraining(const LaunchOptions& opt) {
   struct sigaction old_int {}, old_term {};
   installInterruptHandlers(old_int, old_term);
   logEmulation(job, workers);
-  Launch l(opt, job, std::move(workers), job_file);
+  Launch l(opt, job, std::move(workers), job_file, quota.get());
   // The launcher's own events (replace, restart); the workers open the file themselves.
   if (const core::Status st = l.events.open((fs::path(l.run_dir) / "metrics.jsonl").string()); !st.isOk()) {
     ARCH_LOG_WARN("launcher events not written: {}", st.message());

@@ -22,6 +22,7 @@
 #include "archipelago/report/metrics.h"
 #include "archipelago/runtime/trainer.h"
 #include "runtime/coordinator_process.h"
+#include "runtime/cpu_quota.h"
 
 namespace archipelago::runtime {
 
@@ -143,16 +144,20 @@ TrainerOptions trainerOptions(const core::JobConfig& job, const std::string& run
 }
 
 // Exit codes the launcher acts on (elastic.h); threads of the session may
-// still be blocked, so no destructors run. Returns the failure otherwise.
-core::Status exitForLauncher(const WorkerOptions& opt, const ElasticSession& session, const core::Status& failure) {
+// still be blocked, so no destructors run: the worker's own cgroup
+// (`quota`) is removed by hand first. Returns the failure otherwise.
+core::Status exitForLauncher(const WorkerOptions& opt, const ElasticSession& session, const core::Status& failure,
+                             std::unique_ptr<CpuQuotaGroup>& quota) {
+  const bool restart_job = session.belowMinimum() || failure.code() == core::StatusCode::kUnavailable ||
+                           failure.code() == core::StatusCode::kFailedPrecondition;
+  if (session.evicted() || restart_job) quota.reset();  // a rejoin applies it again in the new image
   if (session.evicted()) {
     if (opt.max_rejoins > 0) rejoinInPlace(opt, session.rank());
     ARCH_LOG_ERROR("evicted: the job went on without rank {}; exiting for the launcher to replace it", session.rank());
     std::fflush(nullptr);
     std::_Exit(kExitEvicted);
   }
-  if (session.belowMinimum() || failure.code() == core::StatusCode::kUnavailable ||
-      failure.code() == core::StatusCode::kFailedPrecondition) {
+  if (restart_job) {
     std::fflush(nullptr);
     std::_Exit(kExitRestartJob);
   }
@@ -208,6 +213,13 @@ core::Status runWorker(const WorkerOptions& opt) {
   }
   ARCH_ASSIGN_OR_RETURN(const std::string coord, coordinatorAddress(opt));
 
+  // cpu_quota, before the worker computes (runtime/cpu_quota.h); a joiner
+  // without a rank learns it from the coordinator first.
+  std::unique_ptr<CpuQuotaGroup> quota;
+  if (rank >= 0) {
+    ARCH_ASSIGN_OR_RETURN(quota, applyOwnCpuQuota(workers[static_cast<size_t>(rank)]));
+  }
+
   ElasticOptions eo;
   eo.coordinator = coord;
   eo.listen = opt.listen;
@@ -218,6 +230,9 @@ core::Status runWorker(const WorkerOptions& opt) {
   eo.job = &job;
   ARCH_ASSIGN_OR_RETURN(auto session, ElasticSession::start(eo));
   setLogIdentityOf(workers, session->rank());
+  if (rank < 0) {
+    ARCH_ASSIGN_OR_RETURN(quota, applyOwnCpuQuota(workers[static_cast<size_t>(session->rank())]));
+  }
   if (session->rank() == 0) {
     for (const auto& line : session->communicator().emulationSummary()) ARCH_LOG_INFO("{}", line);
   }
@@ -225,7 +240,7 @@ core::Status runWorker(const WorkerOptions& opt) {
   auto summary = runTrainer(trainerOptions(job, run_dir, opt, *session));
   if (!summary.isOk()) {
     ARCH_LOG_ERROR("{}", summary.status().toString());
-    return exitForLauncher(opt, *session, summary.status());
+    return exitForLauncher(opt, *session, summary.status(), quota);
   }
   session->leave();
   if (session->alive().empty() || session->alive().front() == session->rank()) reportSummary(run_dir, *summary);

@@ -59,5 +59,36 @@ TEST(Workers, InitialShareWeight) {
   EXPECT_DOUBLE_EQ(initialShareWeight(tc, w[4]), 1.0);
 }
 
+// What is known of a real worker before it runs: its threads, capped by its
+// cpu_quota (shares of one core). The two-worker demo of docs/runtime.md
+// "Real heterogeneity": a worker under cpu_quota 0.5 next to a free one
+// starts at 16/8 of 24 samples instead of 12/12.
+TEST(Workers, InitialShareWeightFromThreadsAndCpuQuota) {
+  JobConfig job;
+  job.train.threads_per_worker = 1;
+  IslandSpec free_island, capped, wide;
+  free_island.name = "free";
+  capped.name = "capped";
+  capped.cpu_quota = 0.5;
+  wide.name = "wide";
+  wide.threads = 2;
+  wide.cpu_quota = 1.5;  // two threads, but only one and a half cores' time
+  job.cluster.islands = {free_island, capped, wide};
+  const auto w = workersOf(job);
+  EXPECT_DOUBLE_EQ(initialShareWeight(job.train, w[0]), 1.0);
+  EXPECT_DOUBLE_EQ(initialShareWeight(job.train, w[1]), 0.5);
+  EXPECT_DOUBLE_EQ(initialShareWeight(job.train, w[2]), 1.5);
+  EXPECT_EQ(*sharesFromWeights({initialShareWeight(job.train, w[0]), initialShareWeight(job.train, w[1])}, 24),
+            (std::vector<int64_t>{16, 8}));
+  // A quota above the threads does not make a worker faster than its threads.
+  job.cluster.islands[2].cpu_quota = 4;
+  EXPECT_DOUBLE_EQ(initialShareWeight(job.train, workersOf(job)[2]), 2.0);
+  // The EMULATED slowdown still divides, and fixed shares still win.
+  job.cluster.islands[1].slowdown = 2;
+  EXPECT_DOUBLE_EQ(initialShareWeight(job.train, workersOf(job)[1]), 0.25);
+  job.train.shares = {1, 1, 1};
+  EXPECT_DOUBLE_EQ(initialShareWeight(job.train, workersOf(job)[1]), 1.0);
+}
+
 }  // namespace
 }  // namespace archipelago::core

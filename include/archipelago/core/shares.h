@@ -15,10 +15,10 @@
 namespace archipelago::core {
 
 // The weight of worker `w` in the initial split: train.shares[w.rank] when
-// the job fixes shares (validateJob checks there is one per rank), else
-// 1 / slowdown, so that an EMULATED slower device starts with
-// proportionally fewer samples. The training loop (per rank, or summed over
-// a pipeline's ranks) and the planner's replay both start from this weight.
+// the job fixes shares (validateJob checks there is one per rank), else the
+// cores it may use (its threads, capped by its cpu_quota) / its EMULATED
+// slowdown; a dtype's speed is unknown until it runs (the rebalancer measures).
+// The loop (per rank, or summed over a pipeline's ranks) and the planner's replay start here.
 double initialShareWeight(const TrainConfig& train, const WorkerInfo& w);
 
 // Integer shares summing to `total`, each >= 1, proportional to `weights`

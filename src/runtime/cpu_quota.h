@@ -1,0 +1,127 @@
+// A worker's CPU capped for real: the cgroup v1 `cpu` controller's
+// bandwidth limit (cpu.cfs_quota_us of every cpu.cfs_period_us), so that
+// islands on one machine differ in speed without an EMULATED sleep
+// (docs/runtime.md "Real heterogeneity on one machine"). The local launcher
+// puts every worker it starts with a `cpu_quota` into a cgroup of its own;
+// a standalone `archipelago worker` puts itself into one.
+//
+// Layout: `<cpu mount><cgroup of this process>/archipelago-<pid>/rank<R>`,
+// one parent per launcher (or standalone worker), one child per worker.
+// The parent is owned by a CpuQuotaGroup, which removes it and its children
+// when it goes, also when the job failed; a process still inside is moved
+// back to the cgroup it came from first (a cgroup cannot be removed while
+// it holds a task). Only a SIGKILLed owner leaves its (empty) cgroups.
+// cgroup v2 (`cpu.max`) is not handled: the machines this runs on mount v1.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "archipelago/core/status.h"
+#include "archipelago/core/workers.h"
+
+namespace archipelago::runtime {
+
+// Where the cgroup files are found: the real ones, or a test's copies.
+struct CgroupSources {
+  std::string mounts = "/proc/mounts";
+  std::string self_cgroup = "/proc/self/cgroup";
+};
+
+// The mount point of the cgroup v1 hierarchy whose options name the `cpu`
+// controller (alone, or joined as in `cpu,cpuacct`), from the text of
+// /proc/mounts (proc(5): device, mount point, type, options, ...); "" when
+// none is mounted.
+std::string cpuMountIn(std::string_view mounts_text);
+
+// This process's cgroup in the hierarchy that carries `cpu`, from the text
+// of /proc/self/cgroup (cgroups(7): "ID:controllers:path" per line); "/"
+// when the file has no such line.
+std::string cpuCgroupIn(std::string_view self_cgroup_text);
+
+// cpu.cfs_quota_us for `quota` cores per `period_us`. kInvalidArgument when
+// the kernel would refuse it: quota <= 0, or under its 1 ms minimum.
+core::Result<int64_t> quotaMicros(double quota, int64_t period_us);
+
+// The job field a worker's quota comes from, for errors and logs:
+// "cluster.islands[1].cpu_quota".
+std::string quotaField(const core::WorkerInfo& w);
+
+// What one worker's cgroup was set to.
+struct QuotaApplied {
+  std::string path;  // the worker's cgroup directory
+  double quota = 0;
+  int64_t quota_us = 0, period_us = 0;
+  std::string describe() const;  // "cgroup P: cpu.cfs_quota_us=Q of cpu.cfs_period_us=T (0.5 of a core)"
+};
+
+// The `archipelago-<pid>` cgroup of one owner and the workers' children in
+// it. Not thread-safe: the launcher's supervising thread (or the worker's
+// main thread) uses it alone.
+class CpuQuotaGroup {
+ public:
+  // Creates the parent under this process's own cpu cgroup. Errors name
+  // the cgroup path and the fix: no v1 `cpu` controller mounted
+  // (kFailedPrecondition), no permission to create it (kPermissionDenied:
+  // not root, or the hierarchy not delegated).
+  static core::Result<std::unique_ptr<CpuQuotaGroup>> create(const CgroupSources& sources = {});
+  ~CpuQuotaGroup();
+  CpuQuotaGroup(const CpuQuotaGroup&) = delete;
+  CpuQuotaGroup& operator=(const CpuQuotaGroup&) = delete;
+
+  // The child `name` (created, or kept from an earlier call) with its
+  // quota set to `quota` cores of its period.
+  core::Result<QuotaApplied> limit(const std::string& name, double quota);
+  // Moves the process `pid` (all its threads) into the child `name`.
+  core::Status add(const std::string& name, pid_t pid);
+  // Moves every process still in a child back to the cgroup this one was
+  // created in and removes the children and the parent. Idempotent; the
+  // destructor calls it (and logs what it could not remove).
+  core::Status remove();
+
+  const std::string& path() const { return path_; }
+  // What limit() set on the child `name`; nullptr if it was not limited.
+  const QuotaApplied* applied(const std::string& name) const {
+    const auto it = children_.find(name);
+    return it == children_.end() ? nullptr : &it->second;
+  }
+  // cpu.stat of the child `name`: nr_periods, nr_throttled, throttled_time
+  // (ns), by key; a key the kernel does not write is absent.
+  core::Result<std::vector<std::pair<std::string, int64_t>>> stat(const std::string& name) const;
+
+ private:
+  CpuQuotaGroup(std::string origin, std::string path) : origin_(std::move(origin)), path_(std::move(path)) {}
+  std::string origin_;  // the cgroup the owner was in: processes go back there
+  std::string path_;
+  std::map<std::string, QuotaApplied> children_;  // by child name
+  bool removed_ = false;
+};
+
+// A launcher's cgroups for `workers`: one child `rank<R>` per worker with
+// cpu_quota > 0, each limited before any worker starts. nullptr when no
+// worker has a quota. Errors name the worker's field
+// (cluster.islands[i].cpu_quota) and the cgroup path.
+core::Result<std::unique_ptr<CpuQuotaGroup>> cpuQuotaForWorkers(const std::vector<core::WorkerInfo>& workers,
+                                                                const CgroupSources& sources = {});
+
+// The child cgroup name of a rank: "rank3".
+std::string quotaChildName(int rank);
+
+// Set by the launcher in each capped worker's environment: the cgroup it
+// was put into, so the worker does not apply its quota a second time.
+inline constexpr const char* kCpuCgroupEnv = "ARCHIPELAGO_CPU_CGROUP";
+
+// A standalone worker (no launcher's cgroup in kCpuCgroupEnv) with
+// cpu_quota > 0 puts itself into `archipelago-<pid>/rank<R>`; the returned
+// group is to be kept until the worker exits (nullptr: nothing to apply,
+// or the launcher applied it). Logs what it applied.
+core::Result<std::unique_ptr<CpuQuotaGroup>> applyOwnCpuQuota(const core::WorkerInfo& me,
+                                                              const CgroupSources& sources = {});
+
+}  // namespace archipelago::runtime
