@@ -210,12 +210,12 @@ void printReport(const Options& o, const core::JobConfig& job, const BareTimes& 
   std::printf("ratio %.3f (target <= 1.05); CPU seconds per step %.3f; %d round(s) of %d steps\n", ratio,
               ours.cpu_s / bare.cpu_s, o.rounds, o.steps);
   std::printf("{\"bench\":\"overhead\",\"device\":\"%s\",\"dtype\":\"%s\",\"threads\":%lld,\"params\":%.0f,"
-              "\"tokens_per_step\":%.0f,\"bare_step_s\":%.5f,\"trainer_step_s\":%.5f,\"ratio\":%.4f,"
+              "\"tokens_per_step\":%.0f,\"flops_per_token\":%.6g,\"bare_step_s\":%.5f,\"trainer_step_s\":%.5f,\"ratio\":%.4f,"
               "\"bare_tokens_per_s\":%.1f,\"trainer_tokens_per_s\":%.1f,\"peak_kind\":\"%s\",\"bare_mfu\":%.4f,"
               "\"trainer_mfu\":%.4f,\"trainer_compute_s\":%.5f,\"trainer_data_s\":%.5f,\"trainer_optimizer_s\":%.5f,"
               "\"bare_fwd_bwd_s\":%.5f,\"bare_optimizer_s\":%.5f,\"bare_cpu_s\":%.5f,\"trainer_cpu_s\":%.5f,"
               "\"cpu_ratio\":%.4f,\"rounds\":%d}\n",
-              o.device.c_str(), o.dtype.c_str(), static_cast<long long>(o.threads), params, tokens, bare.step_s,
+              o.device.c_str(), o.dtype.c_str(), static_cast<long long>(o.threads), params, tokens, flops_token, bare.step_s,
               ours.step_s, ratio, tokens / bare.step_s, tokens / ours.step_s, o.peak.c_str(), mfu(bare.step_s),
               mfu(ours.step_s), ours.compute_s, ours.data_s, ours.optimizer_s, bare.fwd_bwd_s, bare.optimizer_s,
               bare.cpu_s, ours.cpu_s, ours.cpu_s / bare.cpu_s, o.rounds);

@@ -110,7 +110,7 @@ function(_archipelago_find_python_torch)
   _archipelago_probe_value(err "${probe}" error)
   if(NOT rc EQUAL 0)
     if(NOT err)
-      set(err "${rc} ${probe_err}")
+      string(STRIP "${rc} ${probe_err}" err)
     endif()
     message(FATAL_ERROR "archipelago: ARCHIPELAGO_TORCH=python: '${ARCHIPELAGO_PYTHON}': ${err}. Set "
                         "-DARCHIPELAGO_PYTHON=/path/to/python3 of a PyTorch installation, or "
