@@ -84,5 +84,5 @@ else
 fi
 echo "debian $(cat /etc/debian_version 2>/dev/null || echo unknown) $arch" >> "$out/MANIFEST"
 bytes=$(du -sb "$out" | cut -f1)
-awk -v b="$bytes" -v d="$out" 'BEGIN { printf "gpu_bundle: %s: %.1f MiB (the device tool carries at most 64 MiB with the working tree)\n", d, b / 1048576 }'
+awk -v b="$bytes" -v d="$out" 'BEGIN { printf "gpu_bundle: %s: %.1f MiB\n", d, b / 1048576 }'
 sed 's/^/  /' "$out/MANIFEST"

@@ -77,7 +77,8 @@ py_any="$(command -v "$py" || command -v python3)" || { echo "gpu_check: needs p
 # ---- is there a GPU? -----------------------------------------------------------
 
 if [ "$mode" = gpu ]; then
-  smi="$(nvidia-smi -L 2>&1 | head -4)" || smi="nvidia-smi: ${smi:-not found}"
+  smi="no nvidia-smi on the PATH"
+  command -v nvidia-smi > /dev/null && smi="$(nvidia-smi -L 2>&1 | head -4)"
   cuda="$("$py" -c 'import torch; print(torch.version.cuda or "none", torch.cuda.is_available(), torch.__version__)' 2>&1 | tail -1)"
   echo "gpu_check: $smi"
   echo "gpu_check: $py: torch.version.cuda, torch.cuda.is_available(), torch.__version__ = $cuda"

@@ -18,9 +18,11 @@ if(ARCHIPELAGO_BUNDLE)
                         "make it with `bash bench/gpu_bundle.sh ${ARCHIPELAGO_BUNDLE}` on a Debian 12 machine")
   endif()
   get_filename_component(ARCHIPELAGO_BUNDLE "${ARCHIPELAGO_BUNDLE}" ABSOLUTE)
+  # Never on CMAKE_PREFIX_PATH, which CMake searches before the system:
+  # every lookup names the bundle as its last resort (PATHS) instead.
   set(_archipelago_bundle_usr "${ARCHIPELAGO_BUNDLE}/usr")
-  # find_path / find_library of later lookups (SentencePiece) see it last.
-  list(APPEND CMAKE_PREFIX_PATH "${_archipelago_bundle_usr}")
+  set(ARCHIPELAGO_BUNDLE_INCLUDE "${_archipelago_bundle_usr}/include")
+  set(ARCHIPELAGO_BUNDLE_LIB "${_archipelago_bundle_usr}/lib/x86_64-linux-gnu")
 endif()
 
 # The folders of the bundle a package's CMake config file lives in (the
@@ -34,15 +36,23 @@ function(_archipelago_bundle_config_dirs out name)
   set(${out} ${dirs} PARENT_SCOPE)
 endfunction()
 
+# Says where a package was found: the bundle or the system.
+function(_archipelago_say_source name dir)
+  string(FIND "${dir}" "${ARCHIPELAGO_BUNDLE}/" at)
+  if(at EQUAL 0)
+    message(STATUS "archipelago: ${name} from the bundle (${dir})")
+  else()
+    message(STATUS "archipelago: ${name} from the system (${dir})")
+  endif()
+endfunction()
+
 # find_package(name ...) from the system, else from the bundle.
 macro(archipelago_find_package name)
   if(NOT ARCHIPELAGO_BUNDLE)
     find_package(${name} REQUIRED ${ARGN})
   else()
     find_package(${name} QUIET ${ARGN})
-    if(${name}_FOUND)
-      message(STATUS "archipelago: ${name} from the system")
-    else()
+    if(NOT ${name}_FOUND)
       _archipelago_bundle_config_dirs(_dirs ${name})
       # spdlog's config finds fmt itself: a bundled spdlog must get the
       # fmt it was built with, not the system's.
@@ -51,8 +61,8 @@ macro(archipelago_find_package name)
         find_package(fmt REQUIRED CONFIG PATHS ${_fmt_dirs} NO_DEFAULT_PATH)
       endif()
       find_package(${name} REQUIRED CONFIG ${ARGN} PATHS ${_dirs} NO_DEFAULT_PATH)
-      message(STATUS "archipelago: ${name} from the bundle (${ARCHIPELAGO_BUNDLE})")
     endif()
+    _archipelago_say_source(${name} "${${name}_DIR}")
   endif()
 endmacro()
 
@@ -62,17 +72,15 @@ macro(archipelago_find_openssl)
     find_package(OpenSSL REQUIRED)
   else()
     find_package(OpenSSL QUIET)
-    if(OPENSSL_FOUND)
-      message(STATUS "archipelago: OpenSSL from the system")
-    else()
+    if(NOT OPENSSL_FOUND)
       # The module's own cache entries, pointed at the bundle (a failed
       # search left them NOTFOUND).
       set(OPENSSL_INCLUDE_DIR "${_archipelago_bundle_usr}/include" CACHE PATH "" FORCE)
       set(OPENSSL_SSL_LIBRARY "${_archipelago_bundle_usr}/lib/x86_64-linux-gnu/libssl.so" CACHE FILEPATH "" FORCE)
       set(OPENSSL_CRYPTO_LIBRARY "${_archipelago_bundle_usr}/lib/x86_64-linux-gnu/libcrypto.so" CACHE FILEPATH "" FORCE)
       find_package(OpenSSL REQUIRED)
-      message(STATUS "archipelago: OpenSSL from the bundle (${ARCHIPELAGO_BUNDLE})")
     endif()
+    _archipelago_say_source(OpenSSL "${OPENSSL_INCLUDE_DIR}")
   endif()
 endmacro()
 

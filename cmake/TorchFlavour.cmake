@@ -78,12 +78,19 @@ function(_archipelago_import_torch_direct root nvidia_dirs abi)
     list(APPEND libs "${root}/lib/lib${n}.so")
   endforeach()
   # The GPU backends register themselves from static constructors, which
-  # --as-needed would drop: nothing of ours calls into them by name.
+  # --as-needed would drop: nothing of ours calls into them by name. One
+  # flag item (CMake keeps flags in place and whole); their folder is
+  # libtorch's, already on the RUNPATH.
+  set(gpu_libs)
   foreach(n torch_cuda c10_cuda torch_hip c10_hip)
     if(EXISTS "${root}/lib/lib${n}.so")
-      list(APPEND libs "-Wl,--no-as-needed" "${root}/lib/lib${n}.so" "-Wl,--as-needed")
+      list(APPEND gpu_libs "${root}/lib/lib${n}.so")
     endif()
   endforeach()
+  if(gpu_libs)
+    string(REPLACE ";" "," gpu_libs "${gpu_libs}")
+    list(APPEND libs "-Wl,--no-as-needed,${gpu_libs}" "-Wl,--as-needed")
+  endif()
   add_library(archipelago_torch INTERFACE)
   add_library(archipelago::torch ALIAS archipelago_torch)
   set(inc "${root}/include" "${root}/include/torch/csrc/api/include")
