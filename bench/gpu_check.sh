@@ -45,7 +45,9 @@ rows="$out/rows.jsonl"; : > "$rows"
 # record STEP STATUS RESULT [TARGET [JSON]]: one row of the summary (STATUS:
 # ok | failed | skipped; TARGET: met | missed | -).
 record() {
-  printf '%-22s %-8s %s%s\n' "$1" "$2" "$3" "${4:+ [target ${4}]}"
+  local t="${4:--}"
+  [ "$t" = - ] && t="" || t=" [target $t]"
+  printf '%-22s %-8s %s%s\n' "$1" "$2" "$3" "$t"
   "$py_any" - "$1" "$2" "$3" "${4:--}" "${5:-null}" >> "$rows" <<'PY'
 import json, sys
 step, status, result, target, extra = sys.argv[1:6]
