@@ -33,6 +33,24 @@ devices:
     devices_per_node: 8
     matmul_efficiency: 0.62
     fp8_efficiency: 0.45
+  # NVIDIA H200 SXM 141GB: H100's compute with more and faster HBM.
+  # Source: NVIDIA H200 Tensor Core GPU datasheet (fp32 67; bf16 1979,
+  # fp8 3958, int8 3958 with sparsity, half that dense; HBM3e 141 GB
+  # 4.8 TB/s; NVLink 900 GB/s bidirectional). NIC as DGX H200: 400 Gb/s.
+  h200:
+    vendor: nvidia
+    description: H200 SXM 141GB
+    fp32_tflops: 67
+    bf16_tflops: 989.4
+    fp8_tflops: 1978.9
+    int8_tflops: 1978.9
+    memory_gb: 141
+    memory_bw_gbs: 4800
+    node_bw_gbs: 450
+    nic_gbits: 400
+    devices_per_node: 8
+    matmul_efficiency: 0.62
+    fp8_efficiency: 0.45
   # NVIDIA H800 SXM5 (China-market H100): same compute and HBM as H100,
   # NVLink cut to 400 GB/s bidirectional. Source: NVIDIA H800 product brief;
   # DeepSeek-V3 technical report (sec. 3.1: 8 GPUs per node, NVLink/NVSwitch,

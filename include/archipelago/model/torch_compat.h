@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/torch.h>
@@ -46,5 +47,51 @@ inline void synchronize(const torch::Device& device) {
     impl->getStream(device).synchronize();
   }
 }
+
+// PyTorch's own mixed precision (autocast: fp32 parameters, matmuls in
+// `dtype`, reductions kept in fp32) for the span of a forward, as a user of
+// bare libtorch writes it: the baseline bench/overhead_torch.cpp holds our
+// bf16 path against, so it must not be that path. Backward runs outside the
+// scope, as in Python; the weights' casts are cached for one forward and
+// dropped when the outermost scope closes. 2.4 made the switches per device
+// type; 1.13 has them for the CPU and CUDA only.
+class AutocastScope {
+ public:
+  AutocastScope(c10::DeviceType type, torch::ScalarType dtype) : type_(type) {
+#if ARCH_TORCH_AT_LEAST(2, 4)
+    was_on_ = at::autocast::is_autocast_enabled(type);
+    was_dtype_ = at::autocast::get_autocast_dtype(type);
+    at::autocast::set_autocast_enabled(type, true);
+    at::autocast::set_autocast_dtype(type, dtype);
+#else
+    TORCH_CHECK(type == c10::DeviceType::CPU || type == c10::DeviceType::CUDA,
+                "autocast on ", c10::DeviceTypeName(type), " needs libtorch >= 2.4");
+    const bool cpu = type == c10::DeviceType::CPU;
+    was_on_ = cpu ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+    was_dtype_ = cpu ? at::autocast::get_autocast_cpu_dtype() : at::autocast::get_autocast_gpu_dtype();
+    cpu ? at::autocast::set_cpu_enabled(true) : at::autocast::set_enabled(true);
+    cpu ? at::autocast::set_autocast_cpu_dtype(dtype) : at::autocast::set_autocast_gpu_dtype(dtype);
+#endif
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if ARCH_TORCH_AT_LEAST(2, 4)
+    at::autocast::set_autocast_enabled(type_, was_on_);
+    at::autocast::set_autocast_dtype(type_, was_dtype_);
+#else
+    const bool cpu = type_ == c10::DeviceType::CPU;
+    cpu ? at::autocast::set_cpu_enabled(was_on_) : at::autocast::set_enabled(was_on_);
+    cpu ? at::autocast::set_autocast_cpu_dtype(was_dtype_) : at::autocast::set_autocast_gpu_dtype(was_dtype_);
+#endif
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType type_;
+  bool was_on_ = false;
+  torch::ScalarType was_dtype_ = torch::kFloat32;
+};
 
 }  // namespace archipelago::model::compat
