@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include "archipelago/core/hash.h"
+#include "archipelago/model/fp8.h"
 
 namespace archipelago::model {
 
@@ -116,7 +117,12 @@ torch::Tensor deterministicNormal(torch::IntArrayRef shape, double std, uint64_t
 LinearNoBiasImpl::LinearNoBiasImpl(int64_t in, int64_t out) {
   weight = register_parameter("weight", torch::zeros({out, in}));
 }
-torch::Tensor LinearNoBiasImpl::forward(const torch::Tensor& x) { return torch::linear(x, weight); }
+torch::Tensor LinearNoBiasImpl::forward(const torch::Tensor& x) {
+  // FP8 compute is a child module that setFp8 attaches (model/fp8.h), so
+  // this class, whose header nearly everything includes, did not change.
+  if (Fp8LinearImpl* fp8 = fp8Of(*this)) return fp8->forward(x, weight);
+  return torch::linear(x, weight);
+}
 
 EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim) {
   weight = register_parameter("weight", torch::zeros({vocab, dim}));
