@@ -75,7 +75,7 @@ void measure(const torch::Tensor& device, const OpResult& r, OpCheck& row) {
   auto err = (d - ref).abs();
   auto norm = r.normalizer.defined() ? r.normalizer.to(torch::kDouble).reshape({-1})
                                      : torch::full_like(ref, std::max(ref.abs().max().item<double>(), 1e-300));
-  // max() would skip nothing: a NaN anywhere makes the error NaN (a fail).
+  // torch's max propagates NaN: a NaN anywhere makes the error NaN, a fail.
   row.max_abs = err.numel() ? err.max().item<double>() : 0.0;
   row.max_rel = err.numel() ? (err / norm).max().item<double>() : 0.0;
 }

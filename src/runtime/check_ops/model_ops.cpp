@@ -22,12 +22,15 @@ void assign(torch::Tensor& param, const torch::Tensor& value) {
 }
 
 // Every projection of the model is a torch::linear (x W^T, no bias).
-// r = 1: the output is rounded once (a correct kernel accumulates wider).
+// r = 2: the output's rounding, and one more for a split-K partial sum that
+// a GPU library may round in the format (cuBLAS's reduced-precision
+// reduction for bf16 / fp16, on by default in PyTorch); the sum itself must
+// accumulate in fp32.
 OpResult matmul(const OpContext& c) {
   const int64_t m = c.size(16, 128), k = c.size(32, 256), n = c.size(24, 96);
   auto x = c.input({m, k}, 1.0, "matmul.x");
   auto w = c.input({n, k}, 1.0 / std::sqrt(static_cast<double>(k)), "matmul.w");
-  return {torch::linear(x.dev, w.dev), x.ref.mm(w.ref.t()), {}, formatName(c.dtype), 1, k};
+  return {torch::linear(x.dev, w.dev), x.ref.mm(w.ref.t()), {}, formatName(c.dtype), 2, k};
 }
 
 // softmax(q k^T / sqrt(hd) with keys after the query masked) v.
