@@ -403,6 +403,16 @@ TEST(Fp8Options, ParsesTheJobFieldsAndNamesBadOnes) {
   EXPECT_NE(bad_len.status().message().find("train.fp8_amax_history"), std::string::npos);
 }
 
+TEST(Fp8Options, ModelDtypeFp8Resolves) {
+  core::ModelConfig c = testing::tinyConfig();
+  c.dtype = "fp8";
+  EXPECT_TRUE(resolveModelConfig(c).isOk());
+  c.dtype = "fp9";
+  auto bad = resolveModelConfig(c);
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_NE(bad.status().message().find("model.dtype: 'fp9'"), std::string::npos) << bad.status().message();
+}
+
 TEST(Fp8Options, TheCpuBackendIsLabelledEmulated) {
   EXPECT_EQ(fp8Backend(torch::kCPU, Fp8Recipe::kDelayed), "EMULATED (quantise-dequantise)");
   EXPECT_EQ(fp8Backend(torch::kCPU, Fp8Recipe::kBlock), "EMULATED (quantise-dequantise)");
