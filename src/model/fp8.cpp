@@ -183,8 +183,8 @@ namespace {
 // Compiled only against a libtorch with float8 dtypes (the CUDA flavour). It
 // could not be compiled or run where it was written (Debian's libtorch 1.13,
 // no GPU); the version-specific calls are in torch_compat.h. Only
-// per-tensor scales go to _scaled_mm (one scale per operand), so the block
-// recipe always takes the emulated GEMM.
+// per-tensor scales go to _scaled_mm (one scale per operand): tile-scaled
+// operands (the block recipe) take the emulated GEMM.
 #if ARCH_TORCH_HAS_FLOAT8
 bool realGemmFits(const Fp8Tensor& a, const Fp8Tensor& b) {
   const bool per_tensor = a.scale.numel() == 1 && b.scale.numel() == 1;
