@@ -25,6 +25,7 @@ void addReportCommands(CLI::App& app);   // report_cmd.cpp
 #if defined(ARCHIPELAGO_HAS_TORCH)
 void addTrainCommands(CLI::App& app);    // train_cmd_torch.cpp
 void addHfCommands(CLI::App& app);       // hf_cmd_torch.cpp
+void addCheckCommands(CLI::App& app);    // check_cmd_torch.cpp
 #endif
 
 }  // namespace archipelago::cli

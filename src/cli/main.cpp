@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
 #if defined(ARCHIPELAGO_HAS_TORCH)
   cli::addTrainCommands(app);
   cli::addHfCommands(app);
+  cli::addCheckCommands(app);
 #endif
 
   try {

@@ -5,20 +5,17 @@
 
 namespace archipelago::model {
 
-namespace {
-
-std::string firstLine(const std::string& s) {
+std::string torchErrorLine(const c10::Error& e) {
+  const std::string s = e.what_without_backtrace();
   const auto nl = s.find('\n');
   return nl == std::string::npos ? s : s.substr(0, nl);
 }
-
-}  // namespace
 
 core::Result<torch::Device> parseDevice(const std::string& spec) {
   try {
     return torch::Device(spec);
   } catch (const c10::Error& e) {
-    return core::invalidArgument("torch device '" + spec + "': " + firstLine(e.what_without_backtrace()));
+    return core::invalidArgument("torch device '" + spec + "': " + torchErrorLine(e));
   }
 }
 
@@ -41,7 +38,7 @@ core::Status probeDevice(const torch::Device& device) {
   } catch (const c10::Error& e) {
     return core::failedPrecondition("device " + name + " is not usable (libtorch sees " + std::to_string(count) + " " +
                              c10::DeviceTypeName(device.type(), true) + " device" + (count == 1 ? "" : "s") +
-                             "): " + firstLine(e.what_without_backtrace()));
+                             "): " + torchErrorLine(e));
   }
   return core::okStatus();
 }

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 
 #include "archipelago/core/hash.h"
+#include "archipelago/model/device.h"
+#include "archipelago/model/fp8.h"
 
 namespace archipelago::model {
 
@@ -45,7 +47,8 @@ core::Result<core::ModelConfig> resolveModelConfig(const core::ModelConfig& conf
   need(c.rope_theta > 0, "model.rope_theta: " + std::to_string(c.rope_theta) + "; expected > 0");
   need(c.norm_eps > 0, "model.norm_eps: " + std::to_string(c.norm_eps) + "; expected > 0");
   need(c.init_std > 0, "model.init_std: " + std::to_string(c.init_std) + "; expected > 0");
-  need(parseDtype(c.dtype).isOk(), "model.dtype: '" + c.dtype + "'; expected fp32, bf16 or fp16");
+  need(computeScalarType(c.dtype).isOk(),
+       "model.dtype: '" + c.dtype + "'; expected fp32, bf16, fp16 or fp8 (fp8 linears, bf16 elsewhere)");
   core::MoeConfig& m = c.moe;
   need(m.num_experts >= 0, "model.moe.num_experts: " + std::to_string(m.num_experts) + "; expected >= 0");
   if (m.num_experts > 0) {
@@ -116,7 +119,12 @@ torch::Tensor deterministicNormal(torch::IntArrayRef shape, double std, uint64_t
 LinearNoBiasImpl::LinearNoBiasImpl(int64_t in, int64_t out) {
   weight = register_parameter("weight", torch::zeros({out, in}));
 }
-torch::Tensor LinearNoBiasImpl::forward(const torch::Tensor& x) { return torch::linear(x, weight); }
+torch::Tensor LinearNoBiasImpl::forward(const torch::Tensor& x) {
+  // FP8 compute is a child module that setFp8 attaches (model/fp8.h), so
+  // this class, whose header nearly everything includes, did not change.
+  if (Fp8LinearImpl* fp8 = fp8Of(*this)) return fp8->forward(x, weight);
+  return torch::linear(x, weight);
+}
 
 EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim) {
   weight = register_parameter("weight", torch::zeros({vocab, dim}));

@@ -25,6 +25,10 @@ core::Result<torch::Device> chooseDevice(const std::string& spec, int64_t local_
 // compiled with CUDA enabled") and how many devices of the type it sees.
 core::Status probeDevice(const torch::Device& device);
 
+// The first line of what libtorch reports: its messages go on with a
+// backtrace or a hint over several lines, and a Status is one line.
+std::string torchErrorLine(const c10::Error& e);
+
 // The compute dtype of "fp32" | "bf16" | "fp16" | "fp8" (fp8 linear layers
 // compute around bf16: model/fp8.h).
 core::Result<torch::ScalarType> computeScalarType(const std::string& dtype);

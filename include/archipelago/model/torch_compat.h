@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
@@ -95,3 +97,52 @@ class AutocastScope {
 };
 
 }  // namespace archipelago::model::compat
+
+// ===== FP8 GEMMs (PyTorch >= 2.1) =====================================================
+// Compiled only against a libtorch with float8 dtypes (the CUDA flavour); the
+// CPU flavour (libtorch 1.13) has none, so this block has not been compiled
+// where it was written. model/fp8.cpp is its only user.
+#if ARCH_TORCH_HAS_FLOAT8
+namespace archipelago::model::compat {
+
+inline torch::ScalarType float8Dtype(bool e4m3) { return e4m3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2; }
+
+// a [M, K] row-major and b [K, N] column-major FP8 tensors; scale_a and
+// scale_b fp32 scalars the product is multiplied by (dequantisation
+// factors); accumulation in fp32, the result in out_dtype.
+inline torch::Tensor scaledMm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& scale_a,
+                              const torch::Tensor& scale_b, torch::ScalarType out_dtype) {
+#if ARCH_TORCH_AT_LEAST(2, 4)
+  // 2.4 made the scales required and returns the product alone.
+  return at::_scaled_mm(a, b, scale_a, scale_b, /*bias=*/c10::nullopt, /*scale_result=*/c10::nullopt, out_dtype);
+#else
+  // 2.1-2.3: (bias, out_dtype, scale_a, scale_b, ...) -> (product, amax).
+  return std::get<0>(at::_scaled_mm(a, b, /*bias=*/c10::nullopt, out_dtype, scale_a, scale_b));
+#endif
+}
+
+// Whether `device` runs FP8 GEMMs (CUDA, compute capability >= 8.9: Ada,
+// Hopper and later). Probed once per device with a 16x16 product rather than
+// by reading the capability, which would need the CUDA headers here.
+inline bool fp8GemmAvailable(const torch::Device& device) {
+  if (!device.is_cuda()) return false;
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const int index = device.has_index() ? device.index() : -1;
+  auto it = known.find(index);
+  if (it != known.end()) return it->second;
+  bool ok = false;
+  try {
+    auto a = torch::zeros({16, 16}, torch::TensorOptions().device(device)).to(float8Dtype(true));
+    auto one = torch::ones({}, torch::TensorOptions().device(device));
+    ok = scaledMm(a, a.t(), one, one, torch::kBFloat16).defined();
+  } catch (const c10::Error&) {
+    ok = false;  // e.g. "torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0 or 8.9"
+  }
+  known[index] = ok;
+  return ok;
+}
+
+}  // namespace archipelago::model::compat
+#endif  // ARCH_TORCH_HAS_FLOAT8
