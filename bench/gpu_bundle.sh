@@ -7,7 +7,7 @@
 # on the Debian 12 machine that builds the CPU flavour; the CUDA flavour's
 # configure (-DARCHIPELAGO_BUNDLE=DIR, which bench/gpu_check.sh passes)
 # takes from it only what the GPU machine's system lacks
-# (cmake/DependencyBundle.cmake, docs/runtime.md "Build flavours").
+# (cmake/DependencyBundle.cmake, docs/devices.md "Build flavours").
 #
 # The folder keeps Debian's paths (DIR/usr/include, DIR/usr/lib/<arch>,
 # DIR/usr/share/cmake) because the packages' CMake files locate their

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of issue 19 in one command, on a machine with an NVIDIA GPU
-# and a CUDA build of PyTorch (docs/runtime.md "Build flavours"):
+# and a CUDA build of PyTorch (docs/devices.md "Build flavours"):
 #   build  the CUDA flavour against that PyTorch's libtorch (+ .gpu_bundle/
 #          from bench/gpu_bundle.sh for the C++ packages the machine lacks)
 #   (a)    archipelago check ops --device cuda, bf16 and fp32

@@ -1,5 +1,5 @@
 # The C++ dependencies a machine may lack, carried from Debian by
-# bench/gpu_bundle.sh (docs/runtime.md "Build flavours"). A GPU machine
+# bench/gpu_bundle.sh (docs/devices.md "Build flavours"). A GPU machine
 # often has PyTorch, a compiler and CMake but no yaml-cpp, spdlog, fmt,
 # CLI11, nlohmann-json or OpenSSL headers, and no package registry to get
 # them from.

@@ -1,5 +1,5 @@
 # Which libtorch the model and runtime layers compile against: the two build
-# flavours of one source (docs/runtime.md "Build flavours").
+# flavours of one source (docs/devices.md "Build flavours").
 #
 #   -DARCHIPELAGO_TORCH=system   (default) find_package(Torch): Debian's
 #                                libtorch 1.13, the CPU flavour CI builds.

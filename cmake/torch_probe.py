@@ -1,5 +1,5 @@
 # What CMake needs to know about the PyTorch this interpreter imports, for
-# the python build flavour (cmake/TorchFlavour.cmake, docs/runtime.md "Build
+# the python build flavour (cmake/TorchFlavour.cmake, docs/devices.md "Build
 # flavours"): one key=value a line. Importing torch is the only reliable
 # source: a wheel's libtorch carries no version file of its own, and the C++
 # ABI it was built with is known only to torch._C.

@@ -1,5 +1,5 @@
 // `archipelago check ops`: operator conformance of a device and dtype
-// (runtime/check_ops.h, docs/runtime.md "Operator conformance").
+// (runtime/check_ops.h, docs/devices.md "Operator conformance").
 #include <cstdio>
 
 #include <torch/version.h>

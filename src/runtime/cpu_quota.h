@@ -1,7 +1,7 @@
 // A worker's CPU capped for real: the cgroup v1 `cpu` controller's
 // bandwidth limit (cpu.cfs_quota_us of every cpu.cfs_period_us), so that
 // islands on one machine differ in speed without an EMULATED sleep
-// (docs/runtime.md "Real heterogeneity on one machine"). The local launcher
+// (docs/devices.md "Real heterogeneity on one machine"). The local launcher
 // puts every worker it starts with a `cpu_quota` into a cgroup of its own;
 // a standalone `archipelago worker` puts itself into one.
 //

@@ -2,6 +2,7 @@
 
 #include "archipelago/model/device.h"
 #include "archipelago/plan/catalog.h"
+#include "archipelago/runtime/check_ops.h"
 #include "archipelago/runtime/launch_env.h"
 
 namespace archipelago::runtime {
@@ -23,7 +24,7 @@ core::Result<std::string> torchDeviceOfKind(const std::string& kind, const std::
                                field + ".torch_device");
 }
 
-core::Result<DevicePlacement> placeWorker(const core::JobConfig& job, const core::WorkerInfo& w) {
+core::Result<DevicePlacement> placeWorker(const core::JobConfig& job, const core::WorkerInfo& w, bool check_ops) {
   const std::string field = "cluster.islands[" + std::to_string(w.island_index) + "]";
   const auto& island = job.cluster.islands.at(static_cast<size_t>(w.island_index));
   std::string spec = island.torch_device;
@@ -46,6 +47,18 @@ core::Result<DevicePlacement> placeWorker(const core::JobConfig& job, const core
   if (!st.isOk()) {
     return core::invalidArgument(what + ": " + st.message() + "; set " + field +
                                     ".torch_device to a device this host has (e.g. cpu)");
+  }
+  if (check_ops) {
+    CheckOpsOptions co;
+    co.device = p.device.str();
+    co.dtype = p.dtype;
+    co.quick = true;
+    ARCH_ASSIGN_OR_RETURN(auto checks, checkOps(co));
+    st = requireConformance(checks);
+    if (!st.isOk()) {
+      return core::invalidArgument(what + ": " + st.message() + " (train.check_ops; `archipelago check ops --device " +
+                                      co.device + " --dtype " + co.dtype + "` prints the table)");
+    }
   }
   return p;
 }

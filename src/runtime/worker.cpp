@@ -202,7 +202,7 @@ core::Status runWorker(const WorkerOptions& opt) {
     // Before registering: a worker whose device is missing must not start
     // the job half-way (the others would wait for it or go on without it).
     const auto described = workersOf(job);
-    auto device = placeWorker(job, described[static_cast<size_t>(rank)]);
+    auto device = placeWorker(job, described[static_cast<size_t>(rank)], job.train.check_ops);
     if (!device.isOk()) return device.status();
     ARCH_LOG_INFO("device {}", device->describe());
   }

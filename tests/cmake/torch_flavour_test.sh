@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The configure-time rules of the python build flavour
-# (cmake/TorchFlavour.cmake, docs/runtime.md "Build flavours"), run through
+# (cmake/TorchFlavour.cmake, docs/devices.md "Build flavours"), run through
 # the real module in a scratch project that compiles nothing:
 #   - Debian's python3-torch (a real PyTorch without CUDA) with
 #     ARCHIPELAGO_CUDA=on stops and says the libtorch has no CUDA;

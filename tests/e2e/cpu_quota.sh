@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Real heterogeneity on one machine (docs/runtime.md "Real heterogeneity"):
+# Real heterogeneity on one machine (docs/devices.md "Real heterogeneity"):
 # a 2-worker job whose island `capped` has cpu_quota 0.5 trains; while it
 # runs, the launcher's cgroup for that worker exists with
 # cpu.cfs_quota_us = 0.5 x cpu.cfs_period_us and holds the worker's pid (and

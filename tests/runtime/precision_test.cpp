@@ -1,4 +1,4 @@
-// Devices and dtypes of the training loop (docs/runtime.md "Devices",
+// Devices and dtypes of the training loop (docs/devices.md "Devices",
 // "Dtypes"): placement and its errors, fp32 master weights under bf16
 // compute, islands computing in different dtypes whose replicas stay
 // bit-identical (checked by the loop's replica digest after every step),
@@ -267,6 +267,45 @@ TEST(MixedPrecision, Bf16GradientReductionKeepsReplicasIdentical) {
   for (int s = 1; s <= steps; ++s) {
     EXPECT_NEAR(losses.at(s), ref->losses[static_cast<size_t>(s - 1)], 0.01 * ref->losses[0]) << "step " << s;
   }
+}
+
+// FP8 linears (EMULATED on the CPU) on one island, bf16 on the other: the
+// same replica rule holds (activation scales differ per rank, the reduced
+// gradient does not), and the curve stays near the fp32 one.
+TEST(MixedPrecision, AnFp8IslandBesideABf16IslandKeepsReplicasIdentical) {
+  const int steps = 6;
+  auto ref = single("fp8_ref", job("fp8_ref", "    - {name: a, count: 1}", steps));
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  const std::string y = job("fp8_mix", "    - {name: a, count: 1, dtype: fp8}\n    - {name: b, count: 1, dtype: bf16}",
+                            steps, "", "", 1);
+  ASSERT_EQ(testutil::runTrain(y, "fp8_mix"), 0) << outputOf("fp8_mix");
+  const fs::path run = scratchRoot() / "fp8_mix";
+  const std::string log0 = testutil::fileText(run / "logs" / "rank0.log");
+  EXPECT_THAT(log0, HasSubstr("fp8: 14 linear layers, delayed scaling, EMULATED"));
+  for (const char* log : {"rank0.log", "rank1.log"}) {
+    EXPECT_THAT(testutil::fileText(run / "logs" / log), ::testing::Not(HasSubstr("differ from")));
+  }
+  const auto losses = testutil::rank0Losses(run);
+  ASSERT_EQ(losses.size(), static_cast<size_t>(steps));
+  for (int s = 1; s <= steps; ++s) {
+    EXPECT_NEAR(losses.at(s), ref->losses[static_cast<size_t>(s - 1)], 0.03 * ref->losses[0]) << "step " << s;
+  }
+}
+
+// train.check_ops: a worker whose device computes an operator outside
+// tolerance (a broken kernel, stood in for by the test hook) refuses to
+// start, naming the op, the device and the dtype; nothing is trained.
+TEST(Placement, AWorkerWhoseKernelIsWrongRefusesTheJob) {
+  const std::string y = job("broken_op", "    - {name: a, count: 2}", 3, "", "", 1);
+  ::setenv("ARCHIPELAGO_TEST_BREAK_OP", "rmsnorm", 1);
+  const int rc = testutil::runTrain(y, "broken_op");
+  ::unsetenv("ARCHIPELAGO_TEST_BREAK_OP");
+  EXPECT_NE(rc, 0);
+  const std::string all = outputOf("broken_op") + testutil::fileText(scratchRoot() / "broken_op" / "logs" / "rank0.log");
+  EXPECT_THAT(all, HasSubstr("rmsnorm"));
+  EXPECT_THAT(all, HasSubstr("cpu"));
+  EXPECT_THAT(all, HasSubstr("train.check_ops"));
+  EXPECT_TRUE(metricLines(scratchRoot() / "broken_op", "step").empty());
 }
 
 }  // namespace

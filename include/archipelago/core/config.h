@@ -42,7 +42,7 @@ struct IslandSpec {
   // Intel xpu), or any device string the linked libtorch parses (cpu, cuda,
   // cuda:1, xpu, privateuseone, mps). Without an index, a worker takes its
   // local rank (LOCAL_RANK, SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK) or
-  // else its index in the island. See docs/runtime.md "Devices".
+  // else its index in the island. See docs/devices.md "Devices".
   std::string torch_device = "auto";
   std::string dtype;              // compute dtype: fp32 | bf16 | fp16 | fp8; empty = model.dtype
   int64_t threads = 0;            // intra-op threads per worker; 0 = train.threads_per_worker
@@ -164,7 +164,7 @@ struct TrainConfig {
   std::vector<double> shares;   // fixed initial shares per rank (empty = from slowdowns)
   int64_t threads_per_worker = 1;
   bool recompute = false;       // pipeline stages: keep only stage inputs, recompute activations in backward
-  // Mixed precision (docs/runtime.md "Dtypes"): master weights and optimizer
+  // Mixed precision (docs/devices.md "Dtypes"): master weights and optimizer
   // state are always fp32; gradients are reduced in reduce_dtype.
   std::string reduce_dtype = "fp32";  // fp32 | bf16
   std::string loss_scale = "auto";    // auto (dynamic for fp16, else none) | dynamic | none

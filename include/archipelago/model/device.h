@@ -1,6 +1,6 @@
 // The torch device a worker computes on: parsing a device string, choosing
 // the index, and checking that libtorch can really allocate and compute
-// there before anything starts (docs/runtime.md "Devices").
+// there before anything starts (docs/devices.md "Devices").
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // Everything that differs between the libtorch versions Archipelago builds
 // against, in one place: Debian's libtorch 1.13 (the CPU flavour CI runs)
 // and the libtorch of a current PyTorch installation (the CUDA flavour,
-// docs/runtime.md "Build flavours"). Code elsewhere uses only what both
+// docs/devices.md "Build flavours"). Code elsewhere uses only what both
 // provide, or asks here.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Operator conformance (docs/runtime.md "Operator conformance"): every
+// Operator conformance (docs/devices.md "Operator conformance"): every
 // operator the model and the training loop use, run on one device in one
 // dtype and compared with a CPU fp64 reference, as ggml's test-backend-ops
 // checks every backend against the CPU.

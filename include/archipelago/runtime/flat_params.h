@@ -6,7 +6,7 @@
 // Autograd accumulates into the existing .grad views in place (grads are
 // zeroed, never reset to undefined), as DDP's gradient-as-bucket-view does.
 //
-// Mixed precision (docs/runtime.md "Dtypes"): the flat fp32 buffers are the
+// Mixed precision (docs/devices.md "Dtypes"): the flat fp32 buffers are the
 // master weights and the gradients the optimizer reads. With a lower
 // compute dtype the module's parameters and their .grad are views of a
 // second pair of flat buffers in that dtype; syncCompute() rounds the

@@ -1,4 +1,4 @@
-// Dynamic loss scaling for fp16 compute (docs/runtime.md "Dtypes"): the
+// Dynamic loss scaling for fp16 compute (docs/devices.md "Dtypes"): the
 // loss is multiplied by a power of two before backward so that small
 // gradients survive fp16's narrow range, and the fp32 gradients are divided
 // by it again (exactly: a power of two) before clipping and the optimizer.

@@ -52,7 +52,7 @@ class OuterSync {
   // steps) with the flat fp32 parameters; may modify them in place. `tokens`
   // = tokens this rank processed in that step.
   // The parameters must be host memory when touchesParams(step) (the
-  // anchor and momentum always are: docs/runtime.md "Devices").
+  // anchor and momentum always are: docs/devices.md "Devices").
   virtual core::Status afterInnerStep(int64_t step, torch::Tensor params, int64_t tokens) = 0;
   // Whether afterInnerStep(step) reads or writes the parameters (a fragment
   // is due, or an in-flight result is applied): a worker on an accelerator

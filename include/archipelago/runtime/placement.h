@@ -1,4 +1,4 @@
-// Where and in what a worker computes (docs/runtime.md "Devices" and
+// Where and in what a worker computes (docs/devices.md "Devices" and
 // "Dtypes"): the torch device of its island (`torch_device`, "auto" from
 // the catalog kind), at the index its launcher gave it, checked before
 // anything starts; and its compute dtype.
@@ -32,6 +32,9 @@ struct DevicePlacement {
 // libtorch reports. The index: the one torch_device names, else the local
 // rank its launcher set (LOCAL_RANK, SLURM_LOCALID, ...), else its index in
 // the island.
-core::Result<DevicePlacement> placeWorker(const core::JobConfig& job, const core::WorkerInfo& w);
+// With `check_ops` (train.check_ops) the quick operator conformance check
+// (check_ops.h) runs there too, and a device outside tolerance is refused
+// naming the island, the ops, the device and the dtype.
+core::Result<DevicePlacement> placeWorker(const core::JobConfig& job, const core::WorkerInfo& w, bool check_ops = false);
 
 }  // namespace archipelago::runtime

@@ -7,6 +7,7 @@
 #include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/shares.h"
+#include "archipelago/model/fp8.h"
 #include "archipelago/model/training.h"
 #include "archipelago/plan/local_predict.h"
 #include "archipelago/runtime/calibrate.h"
@@ -92,7 +93,8 @@ core::Status Trainer::setupData() {
 
 core::Status Trainer::setupPlacement() {
   if (job_.cluster.islands.empty()) return core::invalidArgument("cluster.islands: the job has no island");
-  ARCH_ASSIGN_OR_RETURN(place_, placeWorker(job_, me_));
+  // A launched worker checked its operators before it registered (worker.cpp).
+  ARCH_ASSIGN_OR_RETURN(place_, placeWorker(job_, me_, tc_.check_ops && !elastic()));
   scaler_.emplace(tc_, place_.dtype);
   return core::okStatus();
 }
@@ -123,6 +125,12 @@ core::Status Trainer::setupModel() {
   }
   ARCH_ASSIGN_OR_RETURN(net_, model::buildModel(mcfg_, static_cast<uint64_t>(tc_.seed), shard));
   if (!place_.device.is_cpu()) net_->to(place_.device);
+  if (place_.dtype == "fp8") {
+    ARCH_ASSIGN_OR_RETURN(const model::Fp8Options fo, model::parseFp8Options(tc_.fp8_recipe, tc_.fp8_amax_history));
+    const int64_t n = model::setFp8(*net_, fo);
+    ARCH_LOG_INFO("fp8: {} linear layers, {} scaling, {}", n, model::fp8RecipeName(fo.recipe),
+                  model::fp8Backend(place_.device, fo.recipe));
+  }
   auto named = net_->namedParameters();
   if (ep_) std::stable_partition(named.begin(), named.end(), [](const auto& p) { return !parallel::isExpertTensor(p.first); });
   flat_.emplace(FlatParams::bind(named, place_.compute));

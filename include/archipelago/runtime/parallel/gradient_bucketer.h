@@ -9,7 +9,7 @@
 // whose backward runs interleaved with its neighbours'), finish() starts
 // every bucket after backward.
 //
-// What travels (docs/runtime.md "Dtypes" and "Devices"): a bucket is
+// What travels (docs/devices.md "Dtypes" and "Devices"): a bucket is
 // reduced in the reduce dtype (fp32, or bf16 with train.reduce_dtype). The
 // compute gradients are reduced in place when they are host memory of that
 // dtype; otherwise they are first copied into a host staging buffer of the
