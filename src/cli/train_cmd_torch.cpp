@@ -56,6 +56,10 @@ void addTrainCommands(CLI::App& app) {
   w->add_option("--coordinator", worker.coordinator,
                 "HOST:PORT or [IPV6]:PORT, or a comma-separated list (standbys, tried in turn when one is lost; "
                 "default: MASTER_ADDR:MASTER_PORT)");
+  w->add_option("--wait-coordinator", worker.wait_coordinator_s,
+                "seconds to keep dialling a coordinator that does not answer yet (default: max(10, 5 x "
+                "strategy.failure_timeout))")
+      ->check(CLI::NonNegativeNumber);
   w->add_option("--listen", worker.listen, "where to listen: auto, an interface (eth0) or an address (default: the island's listen)");
   w->add_option("--advertise", worker.advertise, "the address peers connect to (default: the island's advertise, else the listening one)");
   w->add_flag("--resume", worker.resume, "start from the newest valid checkpoint");

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "archipelago/comm/address.h"
+#include "archipelago/core/clock.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/trainer.h"
 
@@ -108,6 +109,35 @@ int suspectOf(const core::Status& st) {
   return -1;
 }
 
+namespace {
+
+// The coordinator may start after its workers: dialled in 5 s slices until
+// o.connect_timeout_s, each failed slice logged, so a worker never waits in
+// silence. A refusal that waiting cannot change (a wrong secret) ends it.
+core::Result<std::unique_ptr<comm::CoordinatorClient>> dialCoordinator(const ElasticOptions& o) {
+  const auto t0 = core::Clock::now();
+  core::Status last;
+  while (true) {
+    const double left = o.connect_timeout_s - core::secondsSince(t0);
+    auto c = comm::CoordinatorClient::connect(o.coordinator, o.secret, o.rank,
+                                              core::Deadline::afterSeconds(std::clamp(left, 0.05, 5.0)));
+    if (c.isOk()) return c;
+    last = c.status();
+    const bool retry = last.code() == core::StatusCode::kUnavailable ||
+                       last.code() == core::StatusCode::kDeadlineExceeded;
+    if (!retry) return last;
+    if (core::secondsSince(t0) >= o.connect_timeout_s) break;
+    ARCH_LOG_INFO("waiting for the coordinator at {}: {} ({:.0f} s of {:.0f} s)", o.coordinator, last.message(),
+                  core::secondsSince(t0), o.connect_timeout_s);
+  }
+  return core::unavailable(fmt::format(
+      "no coordinator answered at {} within {:.0f} s ({}): check that `archipelago coordinator` runs there and "
+      "that this host can reach it (worker --wait-coordinator S waits longer)",
+      o.coordinator, o.connect_timeout_s, last.message()));
+}
+
+}  // namespace
+
 core::Result<std::unique_ptr<ElasticSession>> ElasticSession::start(const ElasticOptions& o) {
   if (!o.job) return core::invalidArgument("elastic session: no job");
   std::unique_ptr<ElasticSession> s(new ElasticSession());
@@ -115,8 +145,10 @@ core::Result<std::unique_ptr<ElasticSession>> ElasticSession::start(const Elasti
   s->job_ = *o.job;
   const auto workers = workersOf(s->job_.cluster);
   s->slots_ = static_cast<int>(workers.size());
-  const auto dl = core::Deadline::afterSeconds(o.connect_timeout_s);
-  ARCH_ASSIGN_OR_RETURN(s->client_, comm::CoordinatorClient::connect(o.coordinator, o.secret, o.rank, dl));
+  // Registering, waiting for the others to register and the mesh: the
+  // workers of a job may start a minute apart.
+  const auto dl = core::Deadline::afterSeconds(std::max(60.0, o.connect_timeout_s));
+  ARCH_ASSIGN_OR_RETURN(s->client_, dialCoordinator(o));
   const double hb = std::min(0.5, s->job_.strategy.failure_timeout / 4);
 
   if (!o.join) {

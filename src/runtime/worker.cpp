@@ -222,6 +222,8 @@ core::Status runWorker(const WorkerOptions& opt) {
 
   ElasticOptions eo;
   eo.coordinator = coord;
+  eo.connect_timeout_s =
+      opt.wait_coordinator_s >= 0 ? opt.wait_coordinator_s : std::max(10.0, 5 * job.strategy.failure_timeout);
   eo.listen = opt.listen;
   eo.advertise = opt.advertise;
   eo.secret = secret_env;

@@ -107,6 +107,8 @@ expect 2 "ARCHIPELAGO_SECRET" worker --job job.yaml --rank 0 --coordinator 127.0
 expect 2 "outside" worker --job job.yaml --rank 5 --coordinator 127.0.0.1:1
 RANK=two expect 2 "environment variable RANK='two' is not a rank" worker --job job.yaml --coordinator 127.0.0.1:1
 SLURM_PROCID=0 SLURM_NTASKS=99 expect 2 "world size 99 (from SLURM_NTASKS) does not match" worker --job job.yaml --coordinator 127.0.0.1:1
+# Nobody listens on port 1: a clear error once the wait is over, never a silent hang.
+ARCHIPELAGO_SECRET=s expect 1 "no coordinator answered at 127.0.0.1:1 within 2 s" worker --job job.yaml --rank 0 --coordinator 127.0.0.1:1 --wait-coordinator 2
 expect nz "99999" coordinator --port 99999
 expect 2 "ARCHIPELAGO_SECRET" coordinator
 

@@ -45,6 +45,10 @@ struct WorkerOptions {
   int64_t exit_after_step = -1;
   int max_rejoins = 8;         // evicted (cut off past the failure timeout while the job went on): start again
                                // as `--join` in the same slot, at most this many times; 0 = exit for a launcher
+  // Seconds to keep dialling a coordinator that does not answer (it may
+  // start after its workers); < 0: max(10 s, 5 x strategy.failure_timeout),
+  // the rule for unreachable peers. Progress is logged every 5 s.
+  double wait_coordinator_s = -1;
 };
 // Exits the process with kExitEvicted / kExitRestartJob (elastic.h) when the
 // job went on without this rank or must restart from a checkpoint; an
