@@ -33,14 +33,14 @@ const char* scheduleName(Schedule s) {
 }
 
 core::Result<Recompute> parseRecompute(const std::string& name) {
-  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
+  for (Recompute r : kRecomputes) {
     if (name == recomputeName(r)) return r;
   }
   return core::invalidArgument("'" + name + "': expected none, selective or full");
 }
 
 core::Result<Schedule> parseSchedule(const std::string& name) {
-  for (Schedule s : {Schedule::k1F1B, Schedule::kInterleaved, Schedule::kDualPipe}) {
+  for (Schedule s : kSchedules) {
     if (name == scheduleName(s)) return s;
   }
   return core::invalidArgument("'" + name + "': expected 1f1b, interleaved or dualpipe");

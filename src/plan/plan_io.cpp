@@ -112,13 +112,14 @@ class Fields {
 
 constexpr bool kNonNegative = true;
 
+// One of `values`, by the name `name` gives it (cost_model.h's lists and names).
 template <typename E, size_t N>
-E named(const Fields& f, const char* key, const std::pair<const char*, E> (&names)[N]) {
+E named(const Fields& f, const char* key, const E (&values)[N], const char* (*name)(E)) {
   const std::string s = f.string(key);
   std::string known;
-  for (const auto& [n, e] : names) {
-    if (s == n) return e;
-    known += std::string(known.empty() ? "" : "|") + n;
+  for (E e : values) {
+    if (s == name(e)) return e;
+    known += std::string(known.empty() ? "" : "|") + name(e);
   }
   throw BadField{"field '" + f.name(key) + "' is '" + s + "', expected one of " + known};
 }
@@ -179,10 +180,6 @@ StagePlan readStage(const Fields& s, size_t links) {
 }
 
 GroupPlan readGroup(const Fields& g, size_t links) {
-  static constexpr std::pair<const char*, Schedule> kSchedules[] = {
-      {"1f1b", Schedule::k1F1B}, {"interleaved", Schedule::kInterleaved}, {"dualpipe", Schedule::kDualPipe}};
-  static constexpr std::pair<const char*, Recompute> kRecompute[] = {
-      {"none", Recompute::kNone}, {"selective", Recompute::kSelective}, {"full", Recompute::kFull}};
   GroupPlan out;
   out.islands = g.integers<int>("islands", 0, std::numeric_limits<int>::max());
   out.tp = g.integers<int64_t>("tp", 1, std::numeric_limits<int64_t>::max());
@@ -192,8 +189,8 @@ GroupPlan readGroup(const Fields& g, size_t links) {
   out.micro_batch = g.integer<int64_t>("micro_batch", 1);
   out.micro_batches = g.integer<int64_t>("micro_batches", 1);
   out.virtual_stages = g.integer<int64_t>("virtual_stages", 1);
-  out.schedule = named(g, "schedule", kSchedules);
-  out.recompute = named(g, "recompute", kRecompute);
+  out.schedule = named(g, "schedule", kSchedules, scheduleName);
+  out.recompute = named(g, "recompute", kRecomputes, recomputeName);
   out.zero = g.integer<int>("zero", 0);
   out.batch_sequences = g.number("batch_sequences", kNonNegative);
   out.step_s = g.number("step_s");

@@ -190,7 +190,7 @@ core::Status runWorker(const WorkerOptions& opt) {
   ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, lo));
   core::JobConfig job = loaded.job;
   const std::string run_dir = opt.run_dir.empty() ? job.run_dir : opt.run_dir;
-  const auto workers = workersOf(job.cluster);
+  const auto workers = workersOf(job);  // with each island's dtype and threads resolved
   ARCH_ASSIGN_OR_RETURN(const Placement placement, placementOf(opt, workers.size()));
   ARCH_RETURN_IF_ERROR(checkRankAndWorld(placement, workers.size(), opt.join));
   const int rank = placement.rank.value;
@@ -201,8 +201,7 @@ core::Status runWorker(const WorkerOptions& opt) {
   if (rank >= 0) {
     // Before registering: a worker whose device is missing must not start
     // the job half-way (the others would wait for it or go on without it).
-    const auto described = workersOf(job);
-    auto device = placeWorker(job, described[static_cast<size_t>(rank)], job.train.check_ops);
+    auto device = placeWorker(job, workers[static_cast<size_t>(rank)], job.train.check_ops);
     if (!device.isOk()) return device.status();
     ARCH_LOG_INFO("device {}", device->describe());
   }

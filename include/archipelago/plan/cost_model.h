@@ -16,10 +16,12 @@
 namespace archipelago::plan {
 
 enum class Recompute { kNone, kSelective, kFull };
+inline constexpr Recompute kRecomputes[] = {Recompute::kNone, Recompute::kSelective, Recompute::kFull};
 const char* recomputeName(Recompute r);
 // The inverse of recomputeName; the error lists the names.
 core::Result<Recompute> parseRecompute(const std::string& name);
 enum class Schedule { k1F1B, kInterleaved, kDualPipe };
+inline constexpr Schedule kSchedules[] = {Schedule::k1F1B, Schedule::kInterleaved, Schedule::kDualPipe};
 const char* scheduleName(Schedule s);
 core::Result<Schedule> parseSchedule(const std::string& name);
 
