@@ -779,8 +779,14 @@ Status validateJob(const JobConfig& j) {
             "model.moe.num_experts (" + std::to_string(moe.num_experts) + ")");
     }
   }
-  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && t.shard_optimizer) {
-    p.add("train.shard_optimizer", "true", "false with strategy.pipeline_stages or strategy.expert_parallel > 1");
+  if (t.zero < 0 || t.zero > 3) p.add("train.zero", t.zero, "0 (none), 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)");
+  if (s.tensor_parallel < 1) p.add("strategy.tensor_parallel", s.tensor_parallel, "an integer >= 1");
+  // Not executed by the runtime yet (issue 20 in progress): refused rather than ignored.
+  if (t.zero >= 2) p.add("train.zero", t.zero, "0 or 1 (ZeRO-2/3 are not built yet)");
+  if (s.tensor_parallel > 1) p.add("strategy.tensor_parallel", s.tensor_parallel, "1 (tensor parallelism is not built yet)");
+  if (s.sequence_parallel) p.add("strategy.sequence_parallel", "true", "false (sequence parallelism is not built yet)");
+  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && zeroStage(t) >= 1) {
+    p.add("train.zero", zeroStage(t), "0 with strategy.pipeline_stages or strategy.expert_parallel > 1");
   }
   if (!(s.failure_timeout > 0)) p.add("strategy.failure_timeout", formatDuration(s.failure_timeout), "a duration > 0");
   if (s.min_workers < 1 || (world > 0 && s.min_workers > world)) {

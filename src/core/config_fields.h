@@ -141,7 +141,9 @@ template <typename V> void visitFields(V& v, TrainConfig& s) {
   v.field("eval_batches", ref(s.eval_batches, "validation batches per evaluation"));
   v.field("log_every", ref(s.log_every, "steps between metric lines"));
   v.field("seed", ref(s.seed, "model initialisation seed"));
-  v.field("shard_optimizer", ref(s.shard_optimizer, "shard optimizer state over the data-parallel group"));
+  v.field("shard_optimizer", ref(s.shard_optimizer, "shard optimizer state over the data-parallel group (= zero: 1)"));
+  v.field("zero", ref(s.zero, "ZeRO stage over each data-parallel group: 0 none, 1 optimizer state, 2 + gradients, "
+                              "3 + parameters"));
   v.field("rebalance", ref(s.rebalance, "adjust batch shares to measured speed"));
   v.field("shares", ref(s.shares, "initial batch-share weights per rank (empty = 1/slowdown)"));
   v.field("threads_per_worker", ref(s.threads_per_worker, "intra-op threads per worker"));
@@ -173,6 +175,9 @@ template <typename V> void visitFields(V& v, StrategyConfig& s) {
   v.field("allreduce", choice(s.allreduce, {"auto", "ring", "tree", "hierarchical"}, "allreduce algorithm"));
   v.field("pipeline_stages", ref(s.pipeline_stages, "pipeline-parallel stages"));
   v.field("expert_parallel", ref(s.expert_parallel, "expert-parallel group size"));
+  v.field("tensor_parallel", ref(s.tensor_parallel, "tensor-parallel group size (consecutive ranks of one island)"));
+  v.field("sequence_parallel", ref(s.sequence_parallel, "tensor parallelism: split norms and residuals along the "
+                                                        "sequence"));
   v.field("stage_layers", ref(s.stage_layers, "layers per pipeline stage (empty = from device speed and memory)"));
   v.field("expert_counts", ref(s.expert_counts, "experts per expert-parallel member (empty = from device speed)"));
   v.field("dispatch_codec", choice(s.dispatch_codec, {"none", "bf16", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"},

@@ -73,7 +73,7 @@ core::Result<HostFit> checkFitsHost(const core::JobConfig& job, int64_t local_wo
   const int64_t split = std::max<int64_t>(1, job.strategy.pipeline_stages) * std::max<int64_t>(1, job.strategy.expert_parallel);
   const double per_worker = fit.parameters / static_cast<double>(split);
   const double local = per_worker * static_cast<double>(local_workers);
-  const double moment_share = job.train.shard_optimizer ? 1.0 / std::max<double>(1.0, static_cast<double>(world / split)) : 1.0;
+  const double moment_share = core::zeroStage(job.train) >= 1 ? 1.0 / std::max<double>(1.0, static_cast<double>(world / split)) : 1.0;
   fit.memory_lower_bytes = 8.0 * local + 8.0 * local * moment_share + static_cast<double>(local_workers) * kWorkerProcessBytes;
   if (host.memory_bytes > 0 && fit.memory_lower_bytes > host.memory_bytes) {
     return core::resourceExhausted(fmt::format(
@@ -81,7 +81,7 @@ core::Result<HostFit> checkFitsHost(const core::JobConfig& job, int64_t local_wo
         "fp32 weights and gradient per parameter, 8 of AdamW moments{}, and {} per worker process) but {} are "
         "available ({}): make the model smaller (model.dim, model.n_layers), use fewer workers here, or spread it "
         "over more hosts",
-        gib(fit.memory_lower_bytes), local_workers, per_worker, job.train.shard_optimizer ? " (sharded, ZeRO-1)" : "",
+        gib(fit.memory_lower_bytes), local_workers, per_worker, core::zeroStage(job.train) >= 1 ? " (sharded, ZeRO-1)" : "",
         fmt::format("{:.0f} MB", kWorkerProcessBytes / 1e6), gib(host.memory_bytes), host.memory_source));
   }
   const int64_t threads = local_workers * kWorkerThreads;

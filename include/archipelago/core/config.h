@@ -159,7 +159,11 @@ struct TrainConfig {
   int64_t eval_batches = 4;
   int64_t log_every = 1;
   int64_t seed = 42;
-  bool shard_optimizer = false; // ZeRO-1 over each data-parallel group
+  bool shard_optimizer = false; // ZeRO-1 over each data-parallel group (= zero: 1; zeroStage() reads both)
+  // Sharded data parallelism over each data-parallel group (docs/parallelism.md
+  // "Sharded data parallelism"): 0 none, 1 optimizer state (ZeRO-1), 2 also
+  // gradients (reduce-scattered), 3 also parameters (gathered per layer).
+  int64_t zero = 0;
   bool rebalance = true;        // adjust batch shares to measured speed
   std::vector<double> shares;   // fixed initial shares per rank (empty = from slowdowns)
   int64_t threads_per_worker = 1;
@@ -174,6 +178,10 @@ struct TrainConfig {
   int64_t fp8_amax_history = 16;      // delayed scaling: steps of amax kept
   bool check_ops = true;              // every worker checks its device's operators before the first step
 };
+
+// The ZeRO stage a job asks for: train.zero, or 1 for the older
+// train.shard_optimizer: true.
+inline int64_t zeroStage(const TrainConfig& t) { return t.zero > 0 ? t.zero : (t.shard_optimizer ? 1 : 0); }
 
 // ---- strategy -----------------------------------------------------------------
 
@@ -192,6 +200,8 @@ struct StrategyConfig {
   std::string allreduce = "auto";   // auto | ring | tree | hierarchical
   int64_t pipeline_stages = 1;  // PP
   int64_t expert_parallel = 1;  // EP
+  int64_t tensor_parallel = 1;  // TP: ranks per tensor-parallel group (consecutive ranks of one island)
+  bool sequence_parallel = false;  // SP: TP ranks split norms and residuals along the sequence
   std::vector<int64_t> stage_layers;  // uneven layer split (empty = from device speed and memory)
   std::vector<int64_t> expert_counts; // experts per expert-parallel member (empty = from device speed)
   std::string dispatch_codec = "none";  // EP: codec of the token rows in the all-to-all

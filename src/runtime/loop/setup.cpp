@@ -155,11 +155,11 @@ core::Status Trainer::setupModel() {
 // plain data parallelism only), and the initial batch shares.
 core::Status Trainer::setupOptimizer() {
   bool shard = false;
-  if (tc_.shard_optimizer && world_ > 1 && split()) {
+  if (core::zeroStage(tc_) >= 1 && world_ > 1 && split()) {
     if (rank_ == 0) ARCH_LOG_WARN("train.shard_optimizer is ignored with pipeline / expert parallelism");
-  } else if (tc_.shard_optimizer && world_ > 1 && opt_.inner) {
+  } else if (core::zeroStage(tc_) >= 1 && world_ > 1 && opt_.inner) {
     ARCH_LOG_WARN("train.shard_optimizer is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
-  } else if (tc_.shard_optimizer && world_ > 1) {
+  } else if (core::zeroStage(tc_) >= 1 && world_ > 1) {
     if (elastic()) {
       ARCH_LOG_WARN("train.shard_optimizer: optimizer shards cannot survive a lost worker; a failure restarts the job "
                     "from its newest checkpoint instead of continuing elastically");
