@@ -53,6 +53,16 @@ core::Status Handle::wait(const core::Deadline& deadline, const core::AbortFlag&
   return state_->status;
 }
 
+namespace {
+// A handle that is complete from the start: an op refused before it was queued.
+Handle failedHandle(core::Status why) {
+  auto st = std::make_shared<Handle::State>();
+  st->done = true;
+  st->status = std::move(why);
+  return Handle(st);
+}
+}  // namespace
+
 // ---- Group -------------------------------------------------------------------------
 
 struct Group::Pending {
@@ -356,10 +366,17 @@ core::Status Group::hierarchicalAllreduce(void* data, size_t count, DType dtype,
 
 core::Status Group::reduceScatter(void* data, void* out, std::span<const size_t> counts, DType dtype, ReduceOp op,
                                   const OpOptions& o) {
-  if (counts.size() != ranks_.size()) return core::invalidArgument("reduceScatter: counts.size() != group size");
+  return reduceScatterAsync(data, out, counts, dtype, op, o).wait(o.deadline, o.abort);
+}
+
+Handle Group::reduceScatterAsync(void* data, void* out, std::span<const size_t> counts, DType dtype, ReduceOp op,
+                                 const OpOptions& o) {
+  if (counts.size() != ranks_.size()) {
+    return failedHandle(core::invalidArgument("reduceScatter: counts.size() != group size"));
+  }
   std::vector<size_t> cv(counts.begin(), counts.end());
   const CommOptions* opt = &comm_->config().options;
-  return run("reduce_scatter", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
+  return submit("reduce_scatter", [=, this](uint64_t tb, const OpOptions& oo) -> core::Status {
     auto c = makeCtx(mesh_.get(), ranks_, me_, tb, oo, opt);
     size_t total = std::accumulate(cv.begin(), cv.end(), size_t{0});
     double div = 0;

@@ -782,7 +782,13 @@ Status validateJob(const JobConfig& j) {
   if (t.zero < 0 || t.zero > 3) p.add("train.zero", t.zero, "0 (none), 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)");
   if (s.tensor_parallel < 1) p.add("strategy.tensor_parallel", s.tensor_parallel, "an integer >= 1");
   // Not executed by the runtime yet (issue 20 in progress): refused rather than ignored.
-  if (t.zero >= 2) p.add("train.zero", t.zero, "0 or 1 (ZeRO-2/3 are not built yet)");
+  if (t.zero >= 3) p.add("train.zero", t.zero, "0, 1 or 2 (ZeRO-3 is not built yet)");
+  // ZeRO-2 reduce-scatters gradients over the flat ring, uncompressed: a
+  // strait codec would silently not apply.
+  if (t.zero == 2 && s.kind == "sync" && s.codec != "none") {
+    p.add("train.zero", t.zero, "0 or 1 with strategy.codec " + s.codec +
+                                    " (ZeRO-2's gradient reduce-scatter is uncompressed), or strategy.codec: none");
+  }
   if (s.tensor_parallel > 1) p.add("strategy.tensor_parallel", s.tensor_parallel, "1 (tensor parallelism is not built yet)");
   if (s.sequence_parallel) p.add("strategy.sequence_parallel", "true", "false (sequence parallelism is not built yet)");
   if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && zeroStage(t) >= 1) {

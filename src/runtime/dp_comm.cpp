@@ -18,6 +18,22 @@ std::unique_ptr<PendingReduce> DpComm::allreduceSumBf16Async(std::span<uint16_t>
   return std::make_unique<DoneReduce>(core::unimplemented("bf16 gradient reduction over " + describe()));
 }
 
+std::unique_ptr<PendingReduce> DpComm::reduceScatterSumAsync(std::span<float>, std::span<const size_t>) {
+  return std::make_unique<DoneReduce>(core::unimplemented("gradient reduce-scatter over " + describe()));
+}
+
+std::unique_ptr<PendingReduce> DpComm::reduceScatterSumBf16Async(std::span<uint16_t>, std::span<const size_t>) {
+  return std::make_unique<DoneReduce>(core::unimplemented("bf16 gradient reduce-scatter over " + describe()));
+}
+
+std::unique_ptr<PendingReduce> LocalDp::reduceScatterSumAsync(std::span<float>, std::span<const size_t>) {
+  return std::make_unique<DoneReduce>();
+}
+
+std::unique_ptr<PendingReduce> LocalDp::reduceScatterSumBf16Async(std::span<uint16_t>, std::span<const size_t>) {
+  return std::make_unique<DoneReduce>();
+}
+
 std::unique_ptr<PendingReduce> LocalDp::allreduceSumAsync(std::span<float>) {
   return std::make_unique<DoneReduce>();
 }

@@ -45,6 +45,25 @@ std::unique_ptr<PendingReduce> GroupDp::reduceAsync(void* data, size_t n, comm::
   return std::make_unique<HandleReduce>(std::move(h), o.deadline);
 }
 
+std::unique_ptr<PendingReduce> GroupDp::reduceScatterSumAsync(std::span<float> data, std::span<const size_t> counts) {
+  return scatterAsync(data.data(), counts, comm::DType::kF32);
+}
+
+std::unique_ptr<PendingReduce> GroupDp::reduceScatterSumBf16Async(std::span<uint16_t> data,
+                                                                  std::span<const size_t> counts) {
+  return scatterAsync(data.data(), counts, comm::DType::kBF16);
+}
+
+std::unique_ptr<PendingReduce> GroupDp::scatterAsync(void* data, std::span<const size_t> counts, comm::DType dtype) {
+  size_t mine = 0;
+  for (int r = 0; r < rank() && static_cast<size_t>(r) < counts.size(); ++r) mine += counts[static_cast<size_t>(r)];
+  comm::OpOptions o = options();
+  // In place: the result lands where this rank's block already is.
+  void* out = static_cast<uint8_t*>(data) + mine * comm::dtypeSize(dtype);
+  return std::make_unique<HandleReduce>(group_->reduceScatterAsync(data, out, counts, dtype, comm::ReduceOp::kSum, o),
+                                        o.deadline);
+}
+
 core::Status GroupDp::allreduceSum(std::span<double> data) {
   return group_->allreduce(data.data(), data.size(), comm::DType::kF64, comm::ReduceOp::kSum, options());
 }

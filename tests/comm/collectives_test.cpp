@@ -119,6 +119,12 @@ std::string gatherScatterBroadcast(Group& g, size_t base) {
     for (int r = 0; r < n; ++r) ref += static_cast<float>(inputValue(r, my_off + i, 9));
     RANK_CHECK(std::abs(seg[i] - ref) <= 1e-5 * n, "reduce_scatter i=" << i);
   }
+  // the same, queued and in place (ZeRO-2's gradient buckets): the sum lands in data's own block
+  for (size_t i = 0; i < total; ++i) data[i] = static_cast<float>(inputValue(me, i, 9));
+  RANK_OK(g.reduceScatterAsync(data.data(), data.data() + my_off, counts, DType::kF32, ReduceOp::kSum).wait());
+  for (size_t i = 0; i < seg.size(); ++i) {
+    RANK_CHECK(data[my_off + i] == seg[i], "in-place reduce_scatter i=" << i);
+  }
   // broadcast from the last rank, small (tree) and large (pipelined chain)
   for (size_t count : {size_t{5}, base * 40 + 3}) {
     std::vector<float> b(count);

@@ -6,6 +6,7 @@
 // trainer_test.cpp.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <mutex>
 
 #include <gtest/gtest.h>
@@ -26,11 +27,13 @@ namespace archipelago::runtime::parallel {
 namespace {
 
 // A group of `copies` identical ranks: a sum over it multiplies by copies.
-// Records every launched range and whether backward was still running.
+// Records every launched range and whether backward was still running. Its
+// reduce-scatter, as rank `me`, multiplies block `me` and poisons the
+// others with NaN (what a real one leaves there must never be read).
 class CopiesDp final : public DpComm {
  public:
-  explicit CopiesDp(int copies) : copies_(copies) {}
-  int rank() const override { return 0; }
+  explicit CopiesDp(int copies, int me = 0) : copies_(copies), me_(me) {}
+  int rank() const override { return me_; }
   int size() const override { return copies_; }
   std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float> data) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -38,6 +41,21 @@ class CopiesDp final : public DpComm {
     launched.push_back({data.data(), data.size()});
     during_backward.push_back(in_backward.load());
     return LocalDp().allreduceSumAsync(data);
+  }
+  std::unique_ptr<PendingReduce> reduceScatterSumAsync(std::span<float> data, std::span<const size_t> counts) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    EXPECT_EQ(counts.size(), static_cast<size_t>(copies_));
+    size_t at = 0;
+    for (size_t r = 0; r < counts.size(); ++r) {
+      for (size_t i = at; i < at + counts[r]; ++i) {
+        data[i] = static_cast<int>(r) == me_ ? data[i] * static_cast<float>(copies_) : std::nanf("");
+      }
+      at += counts[r];
+    }
+    EXPECT_EQ(at, data.size()) << "the blocks must cover the bucket";
+    launched.push_back({data.data(), data.size()});
+    during_backward.push_back(in_backward.load());
+    return LocalDp().reduceScatterSumAsync(data, counts);
   }
   core::Status allreduceSum(std::span<double> data) override {
     for (double& x : data) x *= copies_;
@@ -57,6 +75,7 @@ class CopiesDp final : public DpComm {
 
  private:
   int copies_;
+  int me_;
   std::mutex mu_;
 };
 
@@ -177,6 +196,56 @@ TEST(DataParallelParts, MicroBatchesAndOverlappedReductionMatchOneBatch) {
     EXPECT_TRUE(share.replicated);
     EXPECT_NEAR(std::sqrt(share.sum_sq), norm, 1e-6 * norm);
   }
+}
+
+// ZeRO-2: as rank 1 of 3, every bucket is reduce-scattered along the
+// optimizer's slices, overlapped with backward; this rank's slice holds
+// 3x the one-batch gradient, and its norm share is that slice's alone.
+TEST(DataParallelParts, ZeroTwoReduceScattersEachBucketToTheSliceOwner) {
+  auto c = model::testing::tinyConfig();
+  const auto b = randomBatch(4, 8, c.vocab_size, 2);
+  const auto ref = referenceGrads(c, b);
+  model::Transformer m(c, 4);
+  FlatParams flat = FlatParams::bind(m->namedParameters());
+  CopiesDp dp(3, 1);
+  OptimizerShard shard(flat, &dp, 2);
+  ASSERT_EQ(shard.offsets().size(), 4u);
+  DataParallelOptions o;
+  o.bucket_bytes = 4 * 1024;
+  o.shard_offsets = shard.offsets();
+  o.shard_rank = 1;
+  DataParallel data(flat, &dp, o);
+  MicroBatchSchedule sched(m, 2, 1.0);
+  sched.onFinalBackward([&] {
+    dp.in_backward = true;
+    data.beforeFinalBackward();
+  });
+  StepInput in;
+  in.batch = &b;
+  in.seq_len = 8;
+  in.group_samples = 4;
+  StepStats stats;
+  flat.zeroGrad();
+  ASSERT_TRUE(sched.forwardBackward(in, stats).isOk());
+  dp.in_backward = false;
+  ASSERT_TRUE(data.reduceGradients(stats).isOk());
+  EXPECT_GE(dp.launched.size(), 3u);
+  EXPECT_TRUE(dp.during_backward.front()) << "no bucket overlapped with backward";
+  // The reference, flattened in the same order.
+  std::vector<torch::Tensor> flat_ref;
+  for (const auto& g : ref) flat_ref.push_back(g.reshape({-1}));
+  const auto want = torch::cat(flat_ref) * 3.0;
+  const int64_t lo = shard.begin(), n = shard.size();
+  ASSERT_GT(n, 0);
+  auto got = flat.grads().narrow(0, lo, n);
+  EXPECT_TRUE(torch::allclose(got, want.narrow(0, lo, n), 1e-5, 1e-7));
+  // Outside the slice only poison: nothing was allreduced.
+  EXPECT_TRUE(flat.grads().narrow(0, 0, lo).isnan().all().item<bool>());
+  const auto share = data.gradNormSquared();
+  EXPECT_FALSE(share.replicated);
+  const double slice_sq = want.narrow(0, lo, n).to(torch::kFloat64).pow(2).sum().item<double>();
+  EXPECT_NEAR(share.sum_sq, slice_sq, 1e-6 * slice_sq);
+  EXPECT_EQ(shard.name(), "optimizer shard (ZeRO-2)");
 }
 
 TEST(DataParallelParts, OwnerOnlyNormCountsOnceAndRangesAreNamed) {

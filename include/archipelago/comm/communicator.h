@@ -173,6 +173,9 @@ class Group : public std::enable_shared_from_this<Group> {
   // data (sum of counts elements) is clobbered; out receives block rank().
   core::Status reduceScatter(void* data, void* out, std::span<const size_t> counts, DType dtype, ReduceOp op,
                              const OpOptions& o = {});
+  // The same, queued: data and out stay untouched by the caller until the handle completes.
+  Handle reduceScatterAsync(void* data, void* out, std::span<const size_t> counts, DType dtype, ReduceOp op,
+                            const OpOptions& o = {});
   // out holds size() blocks of `count` elements; block rank() comes from in.
   core::Status allgather(const void* in, void* out, size_t count, DType dtype, const OpOptions& o = {});
   core::Status allgatherv(const void* in, void* out, std::span<const size_t> counts, DType dtype,

@@ -32,6 +32,13 @@ class DpComm {
   // The same over bf16 bit patterns (train.reduce_dtype: bf16): summed in
   // fp32 and rounded once, bit-identical on every rank. By default an error.
   virtual std::unique_ptr<PendingReduce> allreduceSumBf16Async(std::span<uint16_t> data);
+  // Sums `data` over all ranks, keeping only this rank's block (ZeRO-2):
+  // `data` is size() consecutive blocks, counts[r] elements for rank r; when
+  // wait() returns, block rank() holds the sum and the others are clobbered.
+  // Same lifetime rule as allreduceSumAsync. By default an error.
+  virtual std::unique_ptr<PendingReduce> reduceScatterSumAsync(std::span<float> data, std::span<const size_t> counts);
+  virtual std::unique_ptr<PendingReduce> reduceScatterSumBf16Async(std::span<uint16_t> data,
+                                                                   std::span<const size_t> counts);
   virtual core::Status allreduceSum(std::span<double> data) = 0;
   // all[r * mine.size() + i] = rank r's mine[i].
   virtual core::Status allgather(std::span<const double> mine, std::span<double> all) = 0;
@@ -49,6 +56,8 @@ class LocalDp final : public DpComm {
   int size() const override { return 1; }
   std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float>) override;
   std::unique_ptr<PendingReduce> allreduceSumBf16Async(std::span<uint16_t>) override;
+  std::unique_ptr<PendingReduce> reduceScatterSumAsync(std::span<float>, std::span<const size_t>) override;
+  std::unique_ptr<PendingReduce> reduceScatterSumBf16Async(std::span<uint16_t>, std::span<const size_t>) override;
   core::Status allreduceSum(std::span<double>) override { return core::okStatus(); }
   core::Status allgather(std::span<const double> mine, std::span<double> all) override;
   core::Status allgatherSlices(std::span<float>, std::span<const int64_t>) override { return core::okStatus(); }

@@ -21,6 +21,10 @@ class GroupDp final : public DpComm {
   int size() const override { return group_->size(); }
   std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float> data) override;
   std::unique_ptr<PendingReduce> allreduceSumBf16Async(std::span<uint16_t> data) override;
+  // Flat ring reduce-scatter (no codec, whatever the islands): ZeRO-2's gradients.
+  std::unique_ptr<PendingReduce> reduceScatterSumAsync(std::span<float> data, std::span<const size_t> counts) override;
+  std::unique_ptr<PendingReduce> reduceScatterSumBf16Async(std::span<uint16_t> data,
+                                                           std::span<const size_t> counts) override;
   core::Status allreduceSum(std::span<double> data) override;
   core::Status allgather(std::span<const double> mine, std::span<double> all) override;
   core::Status allgatherSlices(std::span<float> data, std::span<const int64_t> offsets) override;
@@ -30,6 +34,7 @@ class GroupDp final : public DpComm {
 
  private:
   std::unique_ptr<PendingReduce> reduceAsync(void* data, size_t n, comm::DType dtype);
+  std::unique_ptr<PendingReduce> scatterAsync(void* data, std::span<const size_t> counts, comm::DType dtype);
   comm::OpOptions options() const;
   std::shared_ptr<comm::Group> group_;
   bool hierarchical_;

@@ -70,6 +70,11 @@ core::Status Trainer::makeParts() {
     // Every rank holds everything: buckets overlap with backward (a group of
     // more than one rank now or after a membership change to overlap with).
     dopt.overlap = elastic() ? world_ > 1 : grad_dp_->size() > 1;
+    if (optim_->stage() == 2) {
+      // The optimizer's group is the gradient group here (sync, no inner group).
+      dopt.shard_offsets = optim_->offsets();
+      dopt.shard_rank = grad_dp_->rank();
+    }
     data_ = std::make_unique<parallel::DataParallel>(*flat_, grad_dp_, dopt);
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
     mb->onFinalBackward([this] { data_->beforeFinalBackward(); });

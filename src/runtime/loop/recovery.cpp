@@ -130,7 +130,7 @@ core::Status Trainer::recover(const core::Status& cause) {
           .withContext(cause.message());
     }
     if (optim_->sharded()) {
-      return core::failedPrecondition("a worker was lost while optimizer state is sharded (train.shard_optimizer): "
+      return core::failedPrecondition("a worker was lost while optimizer state is sharded (train.zero): "
                                       "the job restarts from its newest checkpoint")
           .withContext(cause.message());
     }

@@ -151,22 +151,24 @@ core::Status Trainer::setupModel() {
   return core::okStatus();
 }
 
-// AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1,
+// AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1/2,
 // plain data parallelism only), and the initial batch shares.
 core::Status Trainer::setupOptimizer() {
+  const int zero = static_cast<int>(core::zeroStage(tc_));
   bool shard = false;
-  if (core::zeroStage(tc_) >= 1 && world_ > 1 && split()) {
-    if (rank_ == 0) ARCH_LOG_WARN("train.shard_optimizer is ignored with pipeline / expert parallelism");
-  } else if (core::zeroStage(tc_) >= 1 && world_ > 1 && opt_.inner) {
-    ARCH_LOG_WARN("train.shard_optimizer is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
-  } else if (core::zeroStage(tc_) >= 1 && world_ > 1) {
+  if (zero >= 1 && world_ > 1 && split()) {
+    if (rank_ == 0) ARCH_LOG_WARN("train.zero is ignored with pipeline / expert parallelism");
+  } else if (zero >= 1 && world_ > 1 && opt_.inner) {
+    ARCH_LOG_WARN("train.zero is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
+  } else if (zero >= 1 && world_ > 1) {
     if (elastic()) {
-      ARCH_LOG_WARN("train.shard_optimizer: optimizer shards cannot survive a lost worker; a failure restarts the job "
+      ARCH_LOG_WARN("train.zero: optimizer shards cannot survive a lost worker; a failure restarts the job "
                     "from its newest checkpoint instead of continuing elastically");
     }
     shard = true;
   }
-  optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, dp_) : std::make_unique<parallel::OptimizerShard>(*flat_);
+  optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, dp_, zero)
+                 : std::make_unique<parallel::OptimizerShard>(*flat_);
   adam_ = std::make_unique<FlatAdamW>(tc_, optim_->begin(), optim_->end(), flat_->device());
   ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
   return core::okStatus();

@@ -1,5 +1,7 @@
 #include "archipelago/runtime/parallel/data_parallel.h"
 
+#include <algorithm>
+
 #include "archipelago/core/clock.h"
 
 namespace archipelago::runtime::parallel {
@@ -20,17 +22,26 @@ DataParallel::DataParallel(FlatParams& flat, DpComm* dp, const DataParallelOptio
       begin_(offsetOf(flat, options.seg_begin)),
       end_(offsetOf(flat, segEnd(flat, options.seg_end))),
       bucketer_(flat, dp, options.bucket_bytes, options.overlap, options.seg_begin, segEnd(flat, options.seg_end),
-                options.reduce_dtype) {}
+                options.reduce_dtype) {
+  if (!opt_.shard_offsets.empty()) bucketer_.setShards(opt_.shard_offsets);
+}
 
 core::Status DataParallel::reduceGradients(StepStats& stats) {
   const auto t0 = core::Clock::now();
   core::Status st = bucketer_.finish();
   stats.wait_s += core::secondsSince(t0);
-  return st.isOk() ? st : st.withContext("gradient allreduce");
+  return st.isOk() ? st : st.withContext(bucketer_.sharded() ? "gradient reduce-scatter (ZeRO-2)" : "gradient allreduce");
 }
 
 NormShare DataParallel::gradNormSquared() const {
   if (end_ <= begin_ || !opt_.norm_owner) return {0.0, opt_.replicated_norm};
+  if (bucketer_.sharded()) {
+    // Only this rank's slice holds summed gradients: its share, summed over the group.
+    const auto r = static_cast<size_t>(opt_.shard_rank);
+    const int64_t lo = std::max(begin_, opt_.shard_offsets[r]), hi = std::min(end_, opt_.shard_offsets[r + 1]);
+    if (hi <= lo) return {0.0, false};
+    return {flat_.grads().narrow(0, lo, hi - lo).to(torch::kFloat64).pow(2).sum().item<double>(), false};
+  }
   auto g = flat_.grads().narrow(0, begin_, end_ - begin_);
   if (opt_.replicated_norm) {
     const double n = g.norm().item<double>();

@@ -111,12 +111,31 @@ void GradientBucketer::launch(size_t b) {
     bk.staged = true;
     wire = bk.staging;
   }
-  if (reduce_dtype_ == torch::kBFloat16) {
+  if (sharded()) {
+    const std::vector<size_t> counts = sliceCounts(bk);
+    if (reduce_dtype_ == torch::kBFloat16) {
+      auto* p = reinterpret_cast<uint16_t*>(wire.data_ptr<at::BFloat16>());
+      bk.op = dp_->reduceScatterSumBf16Async(std::span<uint16_t>(p, static_cast<size_t>(n)), counts);
+    } else {
+      bk.op = dp_->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), counts);
+    }
+  } else if (reduce_dtype_ == torch::kBFloat16) {
     auto* p = reinterpret_cast<uint16_t*>(wire.data_ptr<at::BFloat16>());
     bk.op = dp_->allreduceSumBf16Async(std::span<uint16_t>(p, static_cast<size_t>(n)));
   } else {
     bk.op = dp_->allreduceSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)));
   }
+}
+
+std::vector<size_t> GradientBucketer::sliceCounts(const Bucket& b) const {
+  // The slices are contiguous and ascending, so their pieces of the bucket
+  // are consecutive blocks in rank order, as the reduce-scatter wants them.
+  std::vector<size_t> counts;
+  for (size_t r = 0; r + 1 < shards_.size(); ++r) {
+    const int64_t lo = std::max(b.begin, shards_[r]), hi = std::min(b.end, shards_[r + 1]);
+    counts.push_back(static_cast<size_t>(std::max<int64_t>(0, hi - lo)));
+  }
+  return counts;
 }
 
 }  // namespace archipelago::runtime::parallel

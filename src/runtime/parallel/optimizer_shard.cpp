@@ -7,7 +7,7 @@ namespace archipelago::runtime::parallel {
 
 OptimizerShard::OptimizerShard(FlatParams& flat) : flat_(flat), begin_(0), end_(flat.numel()) {}
 
-OptimizerShard::OptimizerShard(FlatParams& flat, DpComm* dp) : flat_(flat), dp_(dp) {
+OptimizerShard::OptimizerShard(FlatParams& flat, DpComm* dp, int stage) : flat_(flat), dp_(dp), stage_(stage) {
   const int n = dp->size();
   for (int r = 0; r <= n; ++r) offsets_.push_back(flat.numel() * r / n);
   begin_ = offsets_[static_cast<size_t>(dp->rank())];
@@ -21,7 +21,7 @@ core::Status OptimizerShard::gatherParameters(StepStats& stats) {
   core::Status st = dp_->allgatherSlices(std::span<float>(params.data<float>(), static_cast<size_t>(flat_.numel())), offsets_);
   if (st.isOk()) params.land();
   stats.wait_s += core::secondsSince(t0);
-  return st.isOk() ? st : st.withContext("ZeRO-1 parameter allgather");
+  return st.isOk() ? st : st.withContext("ZeRO-" + std::to_string(stage_) + " parameter allgather");
 }
 
 std::vector<StateRange> OptimizerShard::stateRanges() const {

@@ -2,7 +2,8 @@
 // (whole tensors: segments [seg_begin, seg_end)) are summed over the ranks
 // that hold the same tensors and train other samples, in buckets
 // (gradient_bucketer.h), overlapped with backward where nothing else talks
-// during backward.
+// during backward. With ZeRO-2 each rank receives the sum of its optimizer
+// slice only (a reduce-scatter: half the bytes of an allreduce).
 //
 // Used alone (every rank holds the whole model), for the replicated tensors
 // of pipeline stages (the same-stage ranks of all pipelines) and for the
@@ -31,6 +32,12 @@ struct DataParallelOptions {
   bool replicated_norm = true;
   bool norm_owner = true;
   torch::ScalarType reduce_dtype = torch::kFloat32;  // train.reduce_dtype
+  // ZeRO-2 (train.zero: 2): the optimizer slices of the group's ranks
+  // (size+1 offsets, OptimizerShard::offsets()); gradients are
+  // reduce-scattered along them and each rank's norm share is its slice.
+  // Empty: every rank gets the whole sum.
+  std::vector<int64_t> shard_offsets;
+  int shard_rank = 0;
 };
 
 class DataParallel final : public Part {

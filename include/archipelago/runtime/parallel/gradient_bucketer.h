@@ -1,6 +1,8 @@
 // Gradient buckets of a data-parallel reduction: contiguous ranges of the
 // flat gradient buffer, formed from the last parameter backwards (the order
-// in which backward produces gradients), each summed over a DpComm group.
+// in which backward produces gradients), each summed over a DpComm group:
+// allreduced, or with ZeRO-2 (shard offsets given) reduce-scattered so that
+// each rank receives the sum only over its optimizer slice of the bucket.
 //
 // With overlap, a bucket's allreduce starts from the autograd thread as soon
 // as every parameter in it has its final gradient and every earlier bucket
@@ -43,6 +45,11 @@ class GradientBucketer {
   // split. `overlap`: start reductions from gradient-ready hooks.
   GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap, int seg_begin = 0,
                    int seg_end = -1, torch::ScalarType reduce_dtype = torch::kFloat32);
+  // ZeRO-2: rank r of the group owns the flat range [offsets[r], offsets[r+1])
+  // (size()+1 ascending offsets over the whole buffer, the optimizer's
+  // slices); every bucket is reduce-scattered along them. Empty: allreduce.
+  void setShards(std::vector<int64_t> offsets) { shards_ = std::move(offsets); }
+  bool sharded() const { return !shards_.empty(); }
   ~GradientBucketer();
 
   struct Range {
@@ -73,6 +80,8 @@ class GradientBucketer {
   };
   void onGradReady(size_t seg);
   void launch(size_t b);
+  // ZeRO-2: elements of bucket b in each rank's slice, in rank order.
+  std::vector<size_t> sliceCounts(const Bucket& b) const;
   // After the reduction: the fp32 gradients of bucket b from what was reduced.
   void land(Bucket& b);
 
@@ -85,6 +94,7 @@ class GradientBucketer {
   std::vector<int> seg_bucket_;  // by segment index - seg_begin
   int seg_begin_ = 0;
   torch::ScalarType reduce_dtype_;
+  std::vector<int64_t> shards_;  // ZeRO-2 slice offsets; empty = allreduce
   std::unique_ptr<model::GradReadyHooks> hooks_;
 };
 
