@@ -360,7 +360,8 @@ void Mesh::letFramesFinish() {
 }
 
 void Mesh::stopIo() {
-  // Every I/O thread polls the abort flag at least every 50 ms.
+  // Every I/O thread's poll watches the flag's eventfd and wakes at once
+  // (condition-variable waits are notified below).
   io_abort_.abort();
   cv_.notify_all();
   for (auto& per_peer : streams_) {

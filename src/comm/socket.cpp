@@ -68,14 +68,28 @@ void Socket::shutdownWrite() {
   ::shutdown(fd_, SHUT_WR);
 }
 
+namespace {
+// poll() on fd until it is ready, the deadline passes or `abort` is set:
+// > 0 when fd is ready, 0 when not (yet), < 0 on error (errno). The abort
+// flag's eventfd wakes the poll at once, and shutdown() of the socket (from
+// any thread) does too, so an idle connection sleeps in slices of seconds;
+// only without an eventfd is the flag polled every 50 ms.
+int pollWaking(int fd, short events, const core::Deadline& deadline, const core::AbortFlag* abort) {
+  const int wake = abort ? abort->wakeFd() : -1;
+  pollfd p[2] = {{fd, events, 0}, {wake, POLLIN, 0}};
+  const int ms = deadline.remainingMillisForPoll(abort && wake < 0 ? 50 : 5000);
+  const int r = ::poll(p, wake >= 0 ? 2 : 1, std::max(ms, 1));
+  if (r <= 0) return r;
+  return p[0].revents != 0 ? 1 : 0;
+}
+}  // namespace
+
 core::Status Socket::waitFor(short events, const core::Deadline& deadline, const core::AbortFlag* abort) {
   while (true) {
     if (shut_.load()) return core::unavailable("connection was shut down");
     if (abort && abort->aborted()) return core::aborted("abort flag set");
     if (deadline.expired()) return core::deadlineExceeded("socket wait ran past its deadline");
-    pollfd p{fd_, events, 0};
-    int ms = deadline.remainingMillisForPoll(50);
-    int r = ::poll(&p, 1, std::max(ms, 1));
+    int r = pollWaking(fd_, events, deadline, abort);
     if (r < 0) {
       if (errno == EINTR) continue;
       return errnoStatus("poll", errno);
@@ -420,8 +434,7 @@ core::Result<std::unique_ptr<Socket>> acceptTcp(int listen_fd, const core::Deadl
     if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return errnoStatus("accept", errno);
     if (abort && abort->aborted()) return core::aborted("accept aborted");
     if (deadline.expired()) return core::deadlineExceeded("no connection before the deadline");
-    pollfd p{listen_fd, POLLIN, 0};
-    ::poll(&p, 1, std::max(deadline.remainingMillisForPoll(50), 1));
+    pollWaking(listen_fd, POLLIN, deadline, abort);
   }
 }
 

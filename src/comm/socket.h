@@ -1,7 +1,8 @@
 // Internal: one TCP connection (optionally TLS) with deadline- and
 // abort-aware full reads/writes, and frame I/O on top. Non-blocking fd; a
-// call first tries the syscall and only polls (in slices of <= 50 ms, so the
-// abort flag is honoured) when the kernel has nothing. Thread model: one
+// call first tries the syscall and only polls when the kernel has nothing;
+// the poll also watches the abort flag's eventfd (AbortFlag::wakeFd), so an
+// abort or a shutdown() wakes it at once and an idle wait costs no wake-ups. Thread model: one
 // reader thread and one writer thread may use a Socket at the same time
 // (plain TCP); with TLS, reads and writes are serialised by a mutex because
 // an SSL object is not safe for concurrent use.

@@ -29,7 +29,10 @@ core::Result<comm::CommConfig> commConfigOf(const core::JobConfig& job, int rank
   cc.secret = secret;
   cc.options.streams = static_cast<int>(job.strategy.streams);
   cc.options.heartbeat_timeout_s = job.strategy.failure_timeout;
-  cc.options.heartbeat_interval_s = std::min(0.2, job.strategy.failure_timeout / 5);
+  // Ten per timeout (0.2 s at the default 2 s): a job that sets a long
+  // timeout (many workers per core) also sends fewer heartbeats, which with
+  // every peer pair heartbeating are most of an idle mesh's frames.
+  cc.options.heartbeat_interval_s = job.strategy.failure_timeout / 10;
   const int island = workers[static_cast<size_t>(rank)].island_index;
   const auto& spec = job.cluster.islands[static_cast<size_t>(island)];
   // `auto` addresses route to the first coordinator of a standby list.
