@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
+#include <poll.h>
 
 #include <string>
+#include <thread>
 
 #include "archipelago/core/clock.h"
 #include "archipelago/core/hash.h"
@@ -69,6 +71,31 @@ TEST(Clock, Deadline) {
   AbortFlag b = a;
   b.abort();
   EXPECT_TRUE(a.aborted());
+}
+
+// poll() on the flag's eventfd: true when it is readable (within `ms`).
+bool wakes(const AbortFlag& f, int ms) {
+  pollfd p{f.wakeFd(), POLLIN, 0};
+  return ::poll(&p, 1, ms) == 1 && (p.revents & POLLIN);
+}
+
+TEST(Clock, AbortFlagWakesAPollerAtOnceAndResetRearmsIt) {
+  AbortFlag a;
+  ASSERT_GE(a.wakeFd(), 0);
+  EXPECT_EQ(a.wakeFd(), AbortFlag(a).wakeFd());  // copies share one descriptor
+  EXPECT_FALSE(wakes(a, 0));
+  // A poller asleep without a timeout is woken by abort() from another thread.
+  std::thread t([b = a]() mutable { b.abort(); });
+  EXPECT_TRUE(wakes(a, -1));
+  t.join();
+  EXPECT_TRUE(wakes(a, 0));  // and stays readable: every later waiter sees it
+  a.reset();
+  EXPECT_FALSE(a.aborted());
+  EXPECT_FALSE(wakes(a, 0));
+  // A flag set before anyone asked for its descriptor: readable from the start.
+  AbortFlag early;
+  early.abort();
+  EXPECT_TRUE(wakes(early, 0));
 }
 
 }  // namespace
