@@ -106,6 +106,29 @@ std::vector<torch::Tensor> referenceGrads(const core::ModelConfig& c, const data
   return g;
 }
 
+// One step of micro-batches (micro_batch 2 over batch b, or an `agreed`
+// count) with `data`'s buckets hooked to backward as the trainer hooks them,
+// then the reduction: the stats of the step, dp.in_backward left false.
+StepStats overlappedStep(model::Transformer& m, FlatParams& flat, CopiesDp& dp, DataParallel& data,
+                         const data::Batch& b, int64_t agreed = 0) {
+  MicroBatchSchedule sched(m, 2, 1.0);
+  sched.setAgreedCount(agreed);
+  sched.onFinalBackward([&] {
+    dp.in_backward = true;
+    data.beforeFinalBackward();
+  });
+  StepInput in;
+  in.batch = &b;
+  in.seq_len = 8;
+  in.group_samples = 4;
+  StepStats stats;
+  flat.zeroGrad();
+  EXPECT_TRUE(sched.forwardBackward(in, stats).isOk());
+  dp.in_backward = false;
+  EXPECT_TRUE(data.reduceGradients(stats).isOk());
+  return stats;
+}
+
 TEST(FlatParams, GradViewsAccumulateInPlaceAndSurviveZeroGrad) {
   auto c = model::testing::tinyConfig();
   model::Transformer m(c, 4);
@@ -166,23 +189,10 @@ TEST(DataParallelParts, MicroBatchesAndOverlappedReductionMatchOneBatch) {
     DataParallelOptions o;
     o.bucket_bytes = 4 * 1024;
     DataParallel data(flat, &dp, o);
-    MicroBatchSchedule sched(m, 2, 1.0);
-    sched.setAgreedCount(agreed);
-    sched.onFinalBackward([&] {
-      dp.in_backward = true;
-      data.beforeFinalBackward();
-    });
-    StepInput in;
-    in.batch = &b;
-    in.seq_len = 8;
-    in.group_samples = 4;
-    StepStats stats;
-    flat.zeroGrad();
-    ASSERT_TRUE(sched.forwardBackward(in, stats).isOk());
-    dp.in_backward = false;
+    const StepStats stats = overlappedStep(m, flat, dp, data, b, agreed);
+    if (HasFailure()) return;
     EXPECT_EQ(stats.micro_batches, agreed > 0 ? 3 : 2);
     EXPECT_EQ(stats.tokens, 32);
-    ASSERT_TRUE(data.reduceGradients(stats).isOk());
     // Every bucket reduced once, the first ones while backward still ran.
     EXPECT_GE(dp.launched.size(), 3u);
     EXPECT_TRUE(dp.during_backward.front()) << "no bucket overlapped with backward";
@@ -213,22 +223,9 @@ TEST(DataParallelParts, ZeroTwoReduceScattersEachBucketToTheSliceOwner) {
   DataParallelOptions o;
   o.bucket_bytes = 4 * 1024;
   o.shard_offsets = shard.offsets();
-  o.shard_rank = 1;
   DataParallel data(flat, &dp, o);
-  MicroBatchSchedule sched(m, 2, 1.0);
-  sched.onFinalBackward([&] {
-    dp.in_backward = true;
-    data.beforeFinalBackward();
-  });
-  StepInput in;
-  in.batch = &b;
-  in.seq_len = 8;
-  in.group_samples = 4;
-  StepStats stats;
-  flat.zeroGrad();
-  ASSERT_TRUE(sched.forwardBackward(in, stats).isOk());
-  dp.in_backward = false;
-  ASSERT_TRUE(data.reduceGradients(stats).isOk());
+  overlappedStep(m, flat, dp, data, b);
+  if (HasFailure()) return;
   EXPECT_GE(dp.launched.size(), 3u);
   EXPECT_TRUE(dp.during_backward.front()) << "no bucket overlapped with backward";
   // The reference, flattened in the same order.

@@ -73,7 +73,6 @@ core::Status Trainer::makeParts() {
     if (optim_->stage() == 2) {
       // The optimizer's group is the gradient group here (sync, no inner group).
       dopt.shard_offsets = optim_->offsets();
-      dopt.shard_rank = grad_dp_->rank();
     }
     data_ = std::make_unique<parallel::DataParallel>(*flat_, grad_dp_, dopt);
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);

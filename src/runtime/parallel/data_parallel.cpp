@@ -35,15 +35,18 @@ core::Status DataParallel::reduceGradients(StepStats& stats) {
 
 NormShare DataParallel::gradNormSquared() const {
   if (end_ <= begin_ || !opt_.norm_owner) return {0.0, opt_.replicated_norm};
+  int64_t lo = begin_, hi = end_;
+  bool replicated = opt_.replicated_norm;
   if (bucketer_.sharded()) {
     // Only this rank's slice holds summed gradients: its share, summed over the group.
-    const auto r = static_cast<size_t>(opt_.shard_rank);
-    const int64_t lo = std::max(begin_, opt_.shard_offsets[r]), hi = std::min(end_, opt_.shard_offsets[r + 1]);
+    const auto [first, second] = bucketer_.ownSlice();
+    lo = std::max(lo, first);
+    hi = std::min(hi, second);
+    replicated = false;
     if (hi <= lo) return {0.0, false};
-    return {flat_.grads().narrow(0, lo, hi - lo).to(torch::kFloat64).pow(2).sum().item<double>(), false};
   }
-  auto g = flat_.grads().narrow(0, begin_, end_ - begin_);
-  if (opt_.replicated_norm) {
+  auto g = flat_.grads().narrow(0, lo, hi - lo);
+  if (replicated) {
     const double n = g.norm().item<double>();
     return {n * n, true};
   }

@@ -127,6 +127,11 @@ void GradientBucketer::launch(size_t b) {
   }
 }
 
+std::pair<int64_t, int64_t> GradientBucketer::ownSlice() const {
+  const auto r = static_cast<size_t>(dp_->rank());
+  return {shards_[r], shards_[r + 1]};
+}
+
 std::vector<size_t> GradientBucketer::sliceCounts(const Bucket& b) const {
   // The slices are contiguous and ascending, so their pieces of the bucket
   // are consecutive blocks in rank order, as the reduce-scatter wants them.

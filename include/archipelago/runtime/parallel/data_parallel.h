@@ -34,10 +34,9 @@ struct DataParallelOptions {
   torch::ScalarType reduce_dtype = torch::kFloat32;  // train.reduce_dtype
   // ZeRO-2 (train.zero: 2): the optimizer slices of the group's ranks
   // (size+1 offsets, OptimizerShard::offsets()); gradients are
-  // reduce-scattered along them and each rank's norm share is its slice.
-  // Empty: every rank gets the whole sum.
+  // reduce-scattered along them and each rank's norm share is its own
+  // slice (the group's rank()). Empty: every rank gets the whole sum.
   std::vector<int64_t> shard_offsets;
-  int shard_rank = 0;
 };
 
 class DataParallel final : public Part {

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "archipelago/core/status.h"
@@ -50,6 +51,8 @@ class GradientBucketer {
   // slices); every bucket is reduce-scattered along them. Empty: allreduce.
   void setShards(std::vector<int64_t> offsets) { shards_ = std::move(offsets); }
   bool sharded() const { return !shards_.empty(); }
+  // ZeRO-2: the range [first, second) this rank owns (sharded() only).
+  std::pair<int64_t, int64_t> ownSlice() const;
   ~GradientBucketer();
 
   struct Range {
