@@ -6,12 +6,13 @@
 // validation batches in their own compute precision. Prints each validation
 // loss and its gap to bf16 (target: within 1%) as a table and one JSON line
 // per row. On the CPU the FP8 GEMMs are EMULATED (quantise-dequantise), and
-// the rows say so.
+// the rows say so; on a GPU with FP8 GEMMs (compute capability >= 8.9, the
+// CUDA flavour) the delayed-scaling rows run at::_scaled_mm.
 // Each seed (model initialisation and batch order) trains all three; the
 // gap is that of the mean over seeds, and the spread of bf16 over seeds is
 // printed beside it: how far apart two runs land for reasons that have
 // nothing to do with FP8.
-//   bench_fp8_loss_torch [DATA_DIR] [STEPS] [BATCH] [SEEDS]
+//   bench_fp8_loss_torch [DATA_DIR] [STEPS] [BATCH] [SEEDS] [DEVICE]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include "archipelago/core/config.h"
 #include "archipelago/core/host_memory.h"
 #include "archipelago/data/dataset.h"
+#include "archipelago/model/device.h"
 #include "archipelago/model/fp8.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/flat_params.h"
@@ -40,6 +42,7 @@ struct Setup {
   int64_t batch = 8;
   int64_t seq = 128;
   int64_t val_batches = 16;
+  torch::Device device = torch::kCPU;
 };
 
 struct Row {
@@ -50,8 +53,8 @@ struct Row {
   double step_s = 0;
 };
 
-torch::Tensor tokens(const std::vector<int64_t>& v, int64_t b, int64_t t) {
-  return torch::tensor(v, torch::kLong).reshape({b, t});
+torch::Tensor tokens(const std::vector<int64_t>& v, int64_t b, int64_t t, const torch::Device& device) {
+  return torch::tensor(v, torch::kLong).reshape({b, t}).to(device);
 }
 
 // Mean cross-entropy over the validation batches, in the model's precision.
@@ -62,7 +65,7 @@ double validate(model::TransformerImpl& net, const data::Sampler& val, const Set
   int64_t n = 0;
   for (int64_t i = 0; i < s.val_batches; ++i) {
     auto b = val.batchAt(i * s.batch, {s.batch}, 0);
-    auto out = net.lossAndStats(tokens(b.input, s.batch, s.seq), tokens(b.target, s.batch, s.seq));
+    auto out = net.lossAndStats(tokens(b.input, s.batch, s.seq, s.device), tokens(b.target, s.batch, s.seq, s.device));
     sum += out.ce_sum.item<double>();
     n += out.tokens;
   }
@@ -77,14 +80,15 @@ core::Result<Row> trainOnce(const Setup& s, const data::PreparedDataset& ds, con
                             uint64_t seed) {
   ARCH_ASSIGN_OR_RETURN(auto master, model::buildModel(s.model, seed));
   ARCH_ASSIGN_OR_RETURN(auto net, model::buildModel(s.model, seed));
-  net->to(torch::kBFloat16);
+  master->to(s.device);
+  net->to(s.device, torch::kBFloat16);
   Row row;
   row.seed = seed;
   row.name = fp8 ? "fp8 " + model::fp8RecipeName(fp8->recipe) : "bf16";
-  row.backend = fp8 ? model::fp8Backend(torch::kCPU, fp8->recipe) : "-";
+  row.backend = fp8 ? model::fp8Backend(s.device, fp8->recipe) : "-";
   if (fp8) model::setFp8(*net, *fp8);
   auto flat = runtime::FlatParams::bind(master->namedParameters());
-  runtime::FlatAdamW adam(s.train, 0, flat.numel());
+  runtime::FlatAdamW adam(s.train, 0, flat.numel(), s.device);
   auto compute = net->parameterList();
   ARCH_ASSIGN_OR_RETURN(auto sampler, ds.trainSampler(seed, s.seq));
   ARCH_ASSIGN_OR_RETURN(auto val, ds.valSampler(s.seq));
@@ -98,7 +102,7 @@ core::Result<Row> trainOnce(const Setup& s, const data::PreparedDataset& ds, con
     }
     net->zero_grad();
     auto b = sampler.batchAt(step * s.batch, {s.batch}, 0);
-    auto out = net->lossAndStats(tokens(b.input, s.batch, s.seq), tokens(b.target, s.batch, s.seq));
+    auto out = net->lossAndStats(tokens(b.input, s.batch, s.seq, s.device), tokens(b.target, s.batch, s.seq, s.device));
     out.loss.backward();
     {
       torch::NoGradGuard no_grad;
@@ -125,17 +129,18 @@ core::Result<Row> trainOnce(const Setup& s, const data::PreparedDataset& ds, con
 // The table, one JSON line per run and the verdict: FP8's mean validation
 // loss at most 1% above bf16's.
 bool report(const std::vector<Row>& rows, const Setup& s, int64_t seeds) {
-  std::printf("demo model (dim 128, 4 layers, seq 128), %lld steps x %lld sequences, %lld seeds; 1 thread\n",
-              static_cast<long long>(s.train.steps), static_cast<long long>(s.batch), static_cast<long long>(seeds));
+  std::printf("demo model (dim 128, 4 layers, seq 128), %lld steps x %lld sequences, %lld seeds; %s, 1 thread\n",
+              static_cast<long long>(s.train.steps), static_cast<long long>(s.batch), static_cast<long long>(seeds),
+              s.device.str().c_str());
   std::printf("%-12s %-32s %5s %10s %10s %8s\n", "compute", "fp8 GEMMs", "seed", "train", "val", "s/step");
   std::map<std::string, double> mean;
   double bf16_min = 1e30, bf16_max = 0;
   for (const auto& r : rows) {
     std::printf("%-12s %-32s %5llu %10.4f %10.4f %8.3f\n", r.name.c_str(), r.backend.c_str(),
                 static_cast<unsigned long long>(r.seed), r.train_loss, r.val_loss, r.step_s);
-    std::printf("{\"bench\":\"fp8_loss\",\"compute\":\"%s\",\"fp8_gemms\":\"%s\",\"seed\":%llu,\"steps\":%lld,"
-                "\"train_loss\":%.5f,\"val_loss\":%.5f,\"step_s\":%.4f}\n",
-                r.name.c_str(), r.backend.c_str(), static_cast<unsigned long long>(r.seed),
+    std::printf("{\"bench\":\"fp8_loss\",\"device\":\"%s\",\"compute\":\"%s\",\"fp8_gemms\":\"%s\",\"seed\":%llu,"
+                "\"steps\":%lld,\"train_loss\":%.5f,\"val_loss\":%.5f,\"step_s\":%.4f}\n",
+                s.device.str().c_str(), r.name.c_str(), r.backend.c_str(), static_cast<unsigned long long>(r.seed),
                 static_cast<long long>(s.train.steps), r.train_loss, r.val_loss, r.step_s);
     mean[r.name] += r.val_loss / static_cast<double>(seeds);
     if (r.name == "bf16") {
@@ -166,6 +171,12 @@ int main(int argc, char** argv) {
   s.train.steps = argc > 2 ? std::atoll(argv[2]) : 300;
   s.batch = argc > 3 ? std::atoll(argv[3]) : 8;
   const int64_t seeds = argc > 4 ? std::atoll(argv[4]) : 2;
+  auto device = model::parseDevice(argc > 5 ? argv[5] : "cpu");
+  if (!device.isOk()) {
+    std::fprintf(stderr, "bench_fp8_loss: %s\n", device.status().toString().c_str());
+    return 1;
+  }
+  s.device = *device;
   auto ds = data::PreparedDataset::open(data_dir);
   if (!ds.isOk()) {
     std::fprintf(stderr, "bench_fp8_loss: %s (prepare it with `archipelago data prepare`)\n",

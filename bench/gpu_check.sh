@@ -9,13 +9,16 @@
 #   (c)    MFU of a >= 1B-parameter LLaMA in bf16 (the same bench, --peak h200)
 #   (d)    a mixed job: one GPU worker and two CPU workers with speed-aware
 #          shares (configs/gpu-mixed.yaml): the shares they settled on, tokens/s
+#   (e)    FP8 against bf16: validation loss of the demo model trained with
+#          FP8 linears (real at::_scaled_mm GEMMs where the GPU has them) and
+#          in bf16 on the same batches (bench_fp8_loss_torch)
 # Each step prints its result; a failed step does not stop the others. Ends
 # with one table and OUT/gpu_check.json; exits 0 only if no step failed.
 # Without a GPU it says so and exits 2, having measured nothing.
 #
 #   bash bench/gpu_check.sh [--cpu] [--python PY] [--build-dir DIR] [--out DIR] [--jobs N] [--only LIST]
 #
-# --only build,check_ops,overhead,mfu,mixed (default: all) runs a part, e.g.
+# --only build,check_ops,overhead,mfu,mixed,fp8 (default: all) runs a part, e.g.
 # the build in one session and the steps in the next on the same build dir.
 # --cpu runs the same steps on this machine's CPU flavour (the build in
 # build/, Debian's libtorch), with models sized for a CPU and the GPU
@@ -24,7 +27,7 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 mode=gpu py="${ARCHIPELAGO_PYTHON:-python3}" build_dir="" out="runs/gpu_check" jobs="$(nproc)"
-only="build,check_ops,overhead,mfu,mixed"
+only="build,check_ops,overhead,mfu,mixed,fp8"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) mode=cpu ;;
@@ -97,6 +100,8 @@ else
 fi
 bin="$build_dir/src/cli/archipelago"
 bench="$build_dir/bench/bench_overhead_torch"
+fp8bench="$build_dir/bench/bench_fp8_loss_torch"
+targets=(archipelago bench_overhead_torch bench_fp8_loss_torch)
 
 # ---- build -----------------------------------------------------------------------
 
@@ -126,14 +131,15 @@ configure_cuda() {  # build-dir [extra cmake args]
 # A compile error is ours and would only repeat: no second try then.
 build_cuda() {  # log
   configure_cuda "$build_dir" >> "$1" 2>&1 &&
-    "$cmake" --build "$build_dir" -j "$jobs" --target archipelago bench_overhead_torch >> "$1" 2>&1 && return 0
+    "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" >> "$1" 2>&1 && return 0
   grep -qE 'CMake Error|undefined reference|ld returned|cannot find -l' "$1" || return 1
   echo "gpu_check: the direct import failed ($(grep -m1 -E 'CMake Error|undefined reference|ld returned|cannot find' "$1"));" \
        "trying TorchConfig.cmake" | tee -a "$1"
   build_dir="$build_dir-config"
   bin="$build_dir/src/cli/archipelago" bench="$build_dir/bench/bench_overhead_torch"
+  fp8bench="$build_dir/bench/bench_fp8_loss_torch"
   configure_cuda "$build_dir" -DARCHIPELAGO_TORCH_IMPORT=config >> "$1" 2>&1 &&
-    "$cmake" --build "$build_dir" -j "$jobs" --target archipelago bench_overhead_torch >> "$1" 2>&1
+    "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" >> "$1" 2>&1
 }
 
 build() {
@@ -143,7 +149,7 @@ build() {
   if [ "$mode" = cpu ]; then
     local gen=(); [ -f "$build_dir/CMakeCache.txt" ] || gen=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo)
     "$cmake" -S "$here" -B "$build_dir" "${gen[@]}" >> "$log" 2>&1 &&
-      "$cmake" --build "$build_dir" -j "$jobs" --target archipelago bench_overhead_torch >> "$log" 2>&1
+      "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" >> "$log" 2>&1
   else
     build_cuda "$log"
   fi || { record build failed "$(grep -m1 -A2 -E 'CMake Error|error:' "$log" | tr '\n' ' ')(whole log: $log)"; return 1; }
@@ -167,6 +173,7 @@ prepare_data() {
     echo "data: data/corpus/sotu is not here: training on this repository's text ($(du -h "$corpus/repository.txt" | cut -f1))"
   fi
   data="$out/prepared"
+  [ -f "$data/manifest.json" ] && { echo "data: $data (prepared by an earlier run)"; return 0; }
   "$bin" data prepare --input "$corpus" --out "$data" > "$out/data.log" 2>&1 || {
     echo "data: prepare failed: $out/data.log"; return 1; }
 }
@@ -252,12 +259,44 @@ PY
   record "$name" ok "$(echo "$summary" | "$py_any" -c 'import json,sys; print(json.load(sys.stdin)["text"])')" "-" "$summary"
 }
 
+# FP8 (delayed and block scaling) against bf16 on the same batches: the
+# mean validation loss over seeds; the target is FP8 within 1% of bf16.
+fp8_loss() {
+  local name=fp8_loss log="$out/fp8_loss.log" steps=300 seeds=2
+  [ "$mode" = cpu ] && steps=60 seeds=1  # EMULATED GEMMs on the CPU: a shorter run exercises the step
+  timeout 600 "$fp8bench" "$data" "$steps" 8 "$seeds" "$dev" > "$log" 2>&1
+  local summary
+  summary="$("$py_any" - "$log" <<'PY'
+import json, sys
+means, backends = [], {}
+for line in open(sys.argv[1], errors="replace"):
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    if r.get("bench") == "fp8_loss":
+        backends[r["compute"]] = r["fp8_gemms"]
+    elif r.get("bench") == "fp8_loss_mean":
+        means.append(r)
+if not means:
+    sys.exit(1)
+worst = max(m["gap"] for m in means)
+text = "; ".join("%s (%s) val %.4f vs bf16 %.4f, %+.2f%%" % (m["compute"], backends.get(m["compute"], "?"),
+                 m["val_loss"], m["bf16_val_loss"], 100 * m["gap"]) for m in means)
+print(json.dumps({"worst_gap": worst, "text": text, "rows": means}))
+PY
+)" || { record "$name" failed "$(tail -2 "$log" | tr '\n' ' ')($log)"; return 0; }
+  local worst
+  worst="$(echo "$summary" | "$py_any" -c 'import json,sys; print(json.load(sys.stdin)["worst_gap"])')"
+  record "$name" ok "$(echo "$summary" | "$py_any" -c 'import json,sys; print(json.load(sys.stdin)["text"])')" \
+    "$(awk -v g="$worst" 'BEGIN { print (g <= 0.01) ? "met" : "missed" }') <= +1%" "$summary"
+}
+
 # ---- run ---------------------------------------------------------------------------
 
 wants() { [[ ",$only," == *",$1,"* ]]; }
 built=yes
 if wants build; then build || built=no; fi
-if [ "$built" = yes ] && [ -x "$bin" ] && [ -x "$bench" ] && prepare_data; then
+if [ "$built" = yes ] && [ -x "$bin" ] && [ -x "$bench" ] && [ -x "$fp8bench" ] && prepare_data; then
   if wants check_ops; then check_ops bf16; check_ops fp32; fi
   if [ "$mode" = gpu ]; then
     wants overhead &&
@@ -273,8 +312,9 @@ if [ "$built" = yes ] && [ -x "$bin" ] && [ -x "$bench" ] && prepare_data; then
     wants mfu && overhead mfu_reduced bf16 mfu --dim 512 --layers 8 --heads 8 --seq 256 --batch 4 4
   fi
   wants mixed && mixed
+  wants fp8 && fp8_loss
 else
-  for s in check_ops overhead mfu mixed; do
+  for s in check_ops overhead mfu mixed fp8; do
     wants "$s" && record "$s" skipped "no build in $build_dir, or no data"
   done
 fi

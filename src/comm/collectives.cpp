@@ -1,6 +1,7 @@
 #include "comm/collectives.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 namespace archipelago::comm::algo {

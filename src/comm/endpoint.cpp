@@ -1,5 +1,7 @@
 #include "comm/endpoint.h"
 
+#include <cstdint>
+
 #include <unistd.h>
 
 #include "archipelago/core/log.h"

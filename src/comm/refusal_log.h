@@ -6,6 +6,7 @@
 // cannot flood the log (it used to print one line per attempt).
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <string>

@@ -4,6 +4,7 @@
 // and no C++ exception or type crosses the C boundary.
 #include "data_spm_shim/spm_shim.h"
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>

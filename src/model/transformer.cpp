@@ -14,6 +14,7 @@
 #include "archipelago/core/hash.h"
 #include "archipelago/model/device.h"
 #include "archipelago/model/fp8.h"
+#include "archipelago/model/torch_compat.h"
 
 namespace archipelago::model {
 
@@ -169,6 +170,9 @@ torch::Tensor applyRotary(const torch::Tensor& x, const RotaryTables& rope) {
 torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k,
                               const torch::Tensor& v, int64_t q_start) {
   int64_t tq = q.size(2), tk = k.size(2);
+  if (q_start == 0 && tq == tk) {
+    if (auto fused = compat::fusedCausalAttention(q, k, v); fused.defined()) return fused;
+  }
   double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;
   auto compute = q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;

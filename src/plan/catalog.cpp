@@ -1,6 +1,7 @@
 // Device catalog: YAML parsing, lookup and the shipped default.
 #include "archipelago/plan/catalog.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 

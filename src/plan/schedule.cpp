@@ -2,6 +2,7 @@
 #include "plan/schedule.h"
 
 #include <algorithm>
+#include <cstdint>
 
 namespace archipelago::plan::detail {
 

@@ -4,6 +4,8 @@
 // the inputs the fuzzers found, as plain unit tests.
 #include <gtest/gtest.h>
 
+#include <cstdint>
+
 #include <nlohmann/json.hpp>
 
 #define ARCHIPELAGO_FUZZ_SMOKE

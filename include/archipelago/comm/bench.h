@@ -11,6 +11,7 @@
 // of the strait's capacity that the collective kept busy (L = islands).
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 

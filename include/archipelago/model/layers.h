@@ -108,7 +108,8 @@ TORCH_MODULE(Attention);
 
 // Scaled dot-product attention over [B, H, Tq, hd] / [B, H, Tk, hd] with the
 // causal rule "query i (absolute position q_start + i) sees keys 0..q_start+i".
-// Softmax in fp32. Exposed for the tests.
+// Softmax in fp32. Whole sequences on a GPU take the fused kernel of
+// libtorch >= 2.0 (compat::fusedCausalAttention). Exposed for the tests.
 torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k,
                               const torch::Tensor& v, int64_t q_start);
 

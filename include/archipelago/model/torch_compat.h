@@ -24,6 +24,27 @@
 
 namespace archipelago::model::compat {
 
+// Causal attention over whole sequences (query i sees keys 0..i) through
+// the fused kernel of PyTorch >= 2.0 (at::scaled_dot_product_attention:
+// flash or memory-efficient attention on a GPU, which never writes the
+// [T, T] scores to memory), or an undefined tensor where the caller's
+// explicit form must run: libtorch 1.13, the CPU (so the CPU flavour and
+// the fp64 references compute one way whatever the libtorch), fp64.
+inline torch::Tensor fusedCausalAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+#if ARCH_TORCH_AT_LEAST(2, 0)
+  if (!q.is_cpu() && q.scalar_type() != torch::kDouble) {
+    return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/c10::nullopt, /*dropout_p=*/0.0,
+                                            /*is_causal=*/true);
+  }
+#endif
+  (void)q, (void)k, (void)v;
+  return {};
+}
+
+}  // namespace archipelago::model::compat
+
+namespace archipelago::model::compat {
+
 // Devices of `type` that libtorch can drive (1 for the CPU, 0 when no
 // backend of that type is compiled in or registered).
 inline int64_t deviceCount(c10::DeviceType type) {

@@ -6,6 +6,7 @@
 // lookup (log-log interpolation over GEMM size).
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <string>

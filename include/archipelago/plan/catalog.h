@@ -5,6 +5,7 @@
 // Users extend or override entries with their own YAML (--catalog FILE).
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>

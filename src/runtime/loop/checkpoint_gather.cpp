@@ -8,6 +8,8 @@
 //   writer -> rank   the indices of the pieces it wants
 //   rank -> writer   their values, one fp32 vector
 #include "archipelago/core/log.h"
+
+#include <cstdint>
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {

@@ -4,6 +4,7 @@
 // state of this rank's island and its residuals come from the rank parts
 // (docs/runtime.md "Checkpoints").
 #include <algorithm>
+#include <cstdint>
 #include <map>
 
 #include "archipelago/core/log.h"
