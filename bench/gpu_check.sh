@@ -101,7 +101,7 @@ fi
 bin="$build_dir/src/cli/archipelago"
 bench="$build_dir/bench/bench_overhead_torch"
 fp8bench="$build_dir/bench/bench_fp8_loss_torch"
-targets=(archipelago bench_overhead_torch bench_fp8_loss_torch)
+targets=(archipelago bench_overhead_torch bench_fp8_loss_torch) keep_going=()
 
 # ---- build -----------------------------------------------------------------------
 
@@ -120,6 +120,9 @@ configure_cuda() {  # build-dir [extra cmake args]
   local dir="$1"; shift
   local gen=(-G "Unix Makefiles") args=()
   local ninja; ninja="$(find_tool ninja ninja.BIN_DIR)" && gen=(-G Ninja -DCMAKE_MAKE_PROGRAM="$ninja")
+  # Every compile error of the build in one log (a machine lent for minutes
+  # should not show them one per try).
+  keep_going=(-- -k 0); [ "${gen[1]}" = Ninja ] || keep_going=(-- -k)
   [ -d "$here/.gpu_bundle/usr" ] && args+=(-DARCHIPELAGO_BUNDLE="$here/.gpu_bundle")
   "$cmake" -S "$here" -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
     -DARCHIPELAGO_TORCH=python -DARCHIPELAGO_PYTHON="$(command -v "$py")" -DARCHIPELAGO_CUDA=on \
@@ -131,7 +134,7 @@ configure_cuda() {  # build-dir [extra cmake args]
 # A compile error is ours and would only repeat: no second try then.
 build_cuda() {  # log
   configure_cuda "$build_dir" >> "$1" 2>&1 &&
-    "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" >> "$1" 2>&1 && return 0
+    "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" "${keep_going[@]}" >> "$1" 2>&1 && return 0
   grep -qE 'CMake Error|undefined reference|ld returned|cannot find -l' "$1" || return 1
   echo "gpu_check: the direct import failed ($(grep -m1 -E 'CMake Error|undefined reference|ld returned|cannot find' "$1"));" \
        "trying TorchConfig.cmake" | tee -a "$1"

@@ -65,6 +65,29 @@ function(_archipelago_check_abi torch_abi what)
   endif()
 endfunction()
 
+# A wheel's include folder holds, beside libtorch's own headers, the
+# third-party ones it was built with: PyTorch 2.11 ships fmt 12, which as an
+# include directory would shadow the fmt that spdlog (and our code) build
+# against, and break them. The build gets a folder of links to every entry
+# but those this project takes from its own dependencies.
+set(_archipelago_torch_shadowing fmt spdlog nlohmann yaml-cpp CLI openssl gtest gmock)
+function(_archipelago_torch_include_view include view)
+  file(REMOVE_RECURSE "${view}")
+  file(MAKE_DIRECTORY "${view}")
+  file(GLOB entries RELATIVE "${include}" "${include}/*")
+  set(left_out)
+  foreach(e IN LISTS entries)
+    if(e IN_LIST _archipelago_torch_shadowing)
+      list(APPEND left_out "${e}")
+    else()
+      file(CREATE_LINK "${include}/${e}" "${view}/${e}" SYMBOLIC)
+    endif()
+  endforeach()
+  if(left_out)
+    message(STATUS "archipelago: libtorch's bundled ${left_out} headers left out of the include path (${view})")
+  endif()
+endfunction()
+
 # A GPU libtorch from its folders, without TorchConfig.cmake: that file
 # also looks for a CUDA toolkit (nvcc, cuDNN, NVTX) that a host-only build
 # does not use and a machine with only the wheel lacks.
@@ -93,7 +116,8 @@ function(_archipelago_import_torch_direct root nvidia_dirs abi)
   endif()
   add_library(archipelago_torch INTERFACE)
   add_library(archipelago::torch ALIAS archipelago_torch)
-  set(inc "${root}/include" "${root}/include/torch/csrc/api/include")
+  set(inc "${CMAKE_BINARY_DIR}/torch_include" "${root}/include/torch/csrc/api/include")
+  _archipelago_torch_include_view("${root}/include" "${CMAKE_BINARY_DIR}/torch_include")
   target_include_directories(archipelago_torch SYSTEM INTERFACE ${inc})
   target_link_libraries(archipelago_torch INTERFACE ${libs})
   target_compile_definitions(archipelago_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=${abi})
