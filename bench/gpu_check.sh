@@ -183,6 +183,12 @@ prepare_data() {
 
 # ---- steps -------------------------------------------------------------------------
 
+# limit GPU CPU: a step's time limit in seconds. On a GPU each step takes
+# seconds to a minute when it works, and a machine is lent for minutes: a
+# step that hangs must not spend the lease (one did: the trainer calibrated
+# a 100M model on the CPU before its first GPU step, fixed since).
+limit() { [ "$mode" = gpu ] && echo "$1" || echo "$2"; }
+
 check_ops() {  # dtype
   local name="check_ops_$1" log="$out/check_ops_$1.log"
   # CLI11 answers --help before it looks at the words: read the list.
@@ -190,7 +196,7 @@ check_ops() {  # dtype
     record "$name" skipped "this build has no 'archipelago check' command (branch fp8-checkops not merged)"
     return 0
   fi
-  if timeout 600 "$bin" check ops --device "$dev" --dtype "$1" > "$log" 2>&1; then
+  if timeout "$(limit 120 600)" "$bin" check ops --device "$dev" --dtype "$1" > "$log" 2>&1; then
     record "$name" ok "every operator within tolerance on $dev $1 ($log)"
   else
     record "$name" failed "$(tail -3 "$log" | tr '\n' ' ')($log)"
@@ -200,7 +206,7 @@ check_ops() {  # dtype
 overhead() {  # name dtype target(ratio|mfu) bench-args...
   local name="$1" dtype="$2" target="$3"; shift 3
   local log="$out/$name.log"
-  if ! timeout 900 "$bench" "$data" --device "$dev" --dtype "$dtype" "$@" > "$log" 2>&1; then
+  if ! timeout "$(limit 180 900)" "$bench" "$data" --device "$dev" --dtype "$dtype" "$@" > "$log" 2>&1; then
     record "$name" failed "$(tail -2 "$log" | tr '\n' ' ')($log)"; return 0
   fi
   grep -vE '^\[[0-9:.]+\] \[(info|warning)\]' "$log" | sed 's/^/    /'
@@ -231,7 +237,7 @@ mixed() {
            --set "cluster.islands[1].threads=1" --set "train.global_batch=24" --set "model.dim=128")
   fi
   rm -rf "$run"
-  if ! timeout 900 "$bin" train configs/gpu-mixed.yaml "${sets[@]}" > "$log" 2>&1; then
+  if ! timeout "$(limit 180 900)" "$bin" train configs/gpu-mixed.yaml "${sets[@]}" > "$log" 2>&1; then
     record "$name" failed "$(tail -3 "$log" | tr '\n' ' ')($log)"; return 0
   fi
   local summary
@@ -267,7 +273,7 @@ PY
 fp8_loss() {
   local name=fp8_loss log="$out/fp8_loss.log" steps=300 seeds=2
   [ "$mode" = cpu ] && steps=60 seeds=1  # EMULATED GEMMs on the CPU: a shorter run exercises the step
-  timeout 600 "$fp8bench" "$data" "$steps" 8 "$seeds" "$dev" > "$log" 2>&1
+  timeout "$(limit 150 600)" "$fp8bench" "$data" "$steps" 8 "$seeds" "$dev" > "$log" 2>&1
   local summary
   summary="$("$py_any" - "$log" <<'PY'
 import json, sys

@@ -120,7 +120,7 @@ AmaxHistory::AmaxHistory(int64_t length) : length_(length) {
   steps_ = torch::zeros({}, torch::kLong);
 }
 
-void AmaxHistory::placeOn(const torch::Device& device) {
+void AmaxHistory::moveTo(const torch::Device& device) {
   if (amax_.device() == device) return;
   amax_ = amax_.to(device);
   scale_ = scale_.to(device);
@@ -142,7 +142,8 @@ AmaxHistory AmaxHistory::fromState(const std::vector<torch::Tensor>& state) {
 
 torch::Tensor AmaxHistory::scaleFor(const torch::Tensor& x, Fp8Format format, bool record) {
   TORCH_CHECK(length_ >= 1, "AmaxHistory used before it was given a length");
-  placeOn(x.device());
+  TORCH_CHECK(amax_.device() == x.device(), "AmaxHistory on ", amax_.device(), " used for a tensor on ", x.device(),
+              "; its owner moves it first (AmaxHistory::moveTo)");
   auto amax = x.numel() > 0 ? x.abs().amax().to(torch::kFloat) : torch::zeros({}, amax_.options());
   auto scale = scaleFromAmax(steps() == 0 ? amax : amax_.max(), format, scale_);
   if (record) {
@@ -343,6 +344,9 @@ torch::Tensor Fp8LinearImpl::forward(const torch::Tensor& x, const torch::Tensor
               " does not match weight ", weight.sizes());
   const bool record = is_training();
   auto x2d = x.reshape({-1, x.size(-1)});
+  // The histories live where the tensors they scale do, moved here, by
+  // their owner, before the backward pass takes its copy of grad_.
+  for (AmaxHistory* h : {&input_, &weight_, &grad_}) h->moveTo(x.device());
   Fp8Tensor qx, qw;
   {
     // Quantisation is part of the op, not of the graph: the custom backward

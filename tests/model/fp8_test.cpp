@@ -186,6 +186,20 @@ TEST(Fp8Scaling, ZeroInfAndNanAmaxesKeepTheFallback) {
 //   5     1     1, 4, 8             56
 //   6     0.5   1, 1, 4             448 / 4 = 112
 //   7     0     0.5, 1, 1           448 / 1 = 448
+// A history never moves itself (its copies would not follow): a tensor on
+// another device is refused, naming both devices.
+TEST(Fp8Scaling, AHistoryRefusesATensorOnAnotherDevice) {
+  AmaxHistory h(2);
+  const auto meta = torch::empty({4}, torch::TensorOptions().device(torch::kMeta));
+  try {
+    h.scaleFor(meta, Fp8Format::kE4M3, true);
+    ADD_FAILURE() << "a meta tensor was scaled by a CPU history";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("AmaxHistory on cpu used for a tensor on meta"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(h.steps(), 0);
+}
+
 TEST(Fp8Scaling, DelayedScalingFollowsTheAmaxHistory) {
   AmaxHistory h(3);
   const std::vector<double> amax = {2, 8, 4, 1, 1, 0.5, 0};
@@ -333,6 +347,10 @@ TEST_P(Fp8LinearTest, TrainingRecordsAmaxesAndEvaluationDoesNot) {
   EXPECT_EQ(linear->inputHistory().steps(), recorded);
   EXPECT_EQ(linear->weightHistory().steps(), recorded);
   EXPECT_EQ(linear->gradHistory().steps(), recorded);
+  // The amax lands in the module's own history, not only in the copy the
+  // backward pass carried (the output gradient of sum() is all ones).
+  EXPECT_EQ(linear->gradHistory().amaxes()[0].item<double>(), recorded ? 1.0 : 0.0);
+  EXPECT_EQ(linear->gradHistory().lastScale().item<double>(), recorded ? 57344.0 : 1.0);
   linear->eval();
   linear->forward(torch::randn({3, 16}), w).sum().backward();
   EXPECT_EQ(linear->inputHistory().steps(), recorded);

@@ -290,14 +290,25 @@ void Trainer::predict() {
   if (rank_ != 0 || !has_state_ || split() || (elastic() && opt_.elastic->joined())) return;
   const int64_t rows = std::max<int64_t>(1, *std::max_element(shares_.begin(), shares_.end())) * T_;
   const std::string kind = me_.device.empty() ? "cpu" : me_.device;
-  auto profile = calibrateLocalMatmuls(job_.model, rows, kind);
-  {
+  // The local calibration times GEMMs and the job's model on this host's
+  // CPU in fp32, with the host's load: what a CPU worker computes on. A
+  // worker on an accelerator would spend minutes timing a large model on
+  // the wrong device and learn nothing of its own (seen on an H200 host: a
+  // 1B model never reached step 1 in 55 s): its prediction comes from the
+  // device catalog alone.
+  const bool on_cpu = place_.device.is_cpu();
+  plan::CalibrationProfile profile;
+  if (on_cpu) {
+    profile = calibrateLocalMatmuls(job_.model, rows, kind);
     // The job's own model parts at the smallest and largest micro-batch the workers run.
     std::vector<int64_t> sizes;
     for (int64_t s : shares_) sizes.push_back(job_.train.micro_batch > 0 ? std::min(job_.train.micro_batch, s) : s);
     const auto [lo, hi] = std::minmax_element(sizes.begin(), sizes.end());
     const core::Status st = calibrateLocalModel(job_, {*lo, *hi == *lo ? std::max<int64_t>(1, *hi / 2) : *hi}, kind, profile);
     if (!st.isOk()) ARCH_LOG_WARN("model calibration: {}", st.message());
+  } else {
+    ARCH_LOG_INFO("no local calibration: rank 0 computes on {}; the prediction uses the catalog's '{}'",
+                  place_.device.str(), kind);
   }
   if (elastic()) {
     // Every worker's per-step commit (the rollback copy, before its compute);
@@ -318,7 +329,7 @@ void Trainer::predict() {
     ARCH_LOG_WARN("calibration not saved: {}", st.message());
   }
   auto catalog = plan::DeviceCatalog::builtin();
-  auto pred = catalog.isOk() ? plan::predictStepTime(job_, job_.model.vocab_size, *catalog, &profile)
+  auto pred = catalog.isOk() ? plan::predictStepTime(job_, job_.model.vocab_size, *catalog, on_cpu ? &profile : nullptr)
                              : core::Result<plan::StepPrediction>(catalog.status());
   if (pred.isOk()) {
     predicted_step_s_ = pred->total_s;
