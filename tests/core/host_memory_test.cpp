@@ -1,6 +1,10 @@
 // core::holdFreedMemory: glibc keeps freed memory in the process (a block
 // glibc's defaults would map and unmap on its own comes from the heap, and
 // freeing it does not shrink the heap). Checked through mallinfo2.
+// core::peakResidentBytes / resetPeakResident against the kernel's own
+// account of pages mapped and touched.
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 #if defined(__GLIBC__)
@@ -47,6 +51,26 @@ TEST(HostMemory, FreedMemoryStaysInTheProcess) {
 #else
   GTEST_SKIP() << "glibc only";
 #endif
+}
+
+// 64 MiB mapped and touched raise the high-water mark by that much; after
+// unmapping them, a reset brings it back down.
+TEST(HostMemory, PeakResidentFollowsTouchedPagesAndResets) {
+  if (!resetPeakResident()) GTEST_SKIP() << "the kernel refuses writes to /proc/self/clear_refs";
+  const int64_t base = peakResidentBytes();
+  ASSERT_GT(base, 0) << "no VmHWM in /proc/self/status";
+  constexpr size_t kBytes = size_t{64} << 20;
+  void* p = ::mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  std::memset(p, 1, kBytes);
+  const int64_t high = peakResidentBytes();
+  EXPECT_GE(high, base + static_cast<int64_t>(kBytes) * 15 / 16) << "base " << base;
+  ASSERT_EQ(::munmap(p, kBytes), 0);
+  // The mark keeps the 64 MiB after they are gone (up to the kernel's
+  // batched per-CPU RSS counters: a few hundred KiB seen here).
+  EXPECT_GE(peakResidentBytes(), high - (int64_t{1} << 20)) << "the high-water mark fell with the unmapping";
+  ASSERT_TRUE(resetPeakResident());
+  EXPECT_LE(peakResidentBytes(), high - static_cast<int64_t>(kBytes) / 2);
 }
 
 }  // namespace

@@ -33,7 +33,7 @@ StepRecord sampleStep(int rank) {
   return StepRecord{.step = 7, .rank = rank, .island = rank == 0 ? "fast" : "slow", .epoch = 2, .loss = 3.25,
                     .local_loss = 3.5, .lr = 0.003, .samples = 8, .tokens = 1024, .compute_s = 0.4, .comm_s = 0.15,
                     .wait_s = 0.05, .data_s = 0.01, .optimizer_s = 0.02, .step_s = 0.6, .compute_cpu_s = 0.39,
-                    .cpu_s = 0.45, .minor_faults = 12, .tokens_per_s = 1706.5, .grad_norm = 1.25, .slowdown = 1.5,
+                    .cpu_s = 0.45, .minor_faults = 12, .peak_rss_bytes = 3.5e8, .tokens_per_s = 1706.5, .grad_norm = 1.25, .slowdown = 1.5,
                     .share = 8, .commit_s = 0.001, .stage = 1, .micro_batches = 4, .time = 1000.0 + rank};
 }
 
@@ -98,7 +98,8 @@ TEST(MetricsSchema, StepRoundTripKeepsEveryField) {
                           {back.comm_s, want.comm_s}, {back.wait_s, want.wait_s}, {back.data_s, want.data_s},
                           {back.optimizer_s, want.optimizer_s}, {back.step_s, want.step_s},
                           {back.compute_cpu_s, want.compute_cpu_s}, {back.cpu_s, want.cpu_s},
-                          {back.minor_faults, want.minor_faults}, {back.tokens_per_s, want.tokens_per_s},
+                          {back.minor_faults, want.minor_faults}, {back.peak_rss_bytes, want.peak_rss_bytes},
+                          {back.tokens_per_s, want.tokens_per_s},
                           {back.grad_norm, want.grad_norm}, {back.slowdown, want.slowdown}, {back.share, want.share},
                           {back.commit_s, want.commit_s}, {back.micro_batches, want.micro_batches},
                           {back.time, want.time}}) {

@@ -103,13 +103,23 @@ TEST(Trainer, UnevenSharesAcrossIslandsMatchSingleProcess) {
   std::ifstream f(run / "metrics.jsonl");
   std::string line;
   std::map<int, int64_t> samples;
+  std::map<int, double> peak_rss;
   while (std::getline(f, line)) {
     auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.value("kind", "") == "step") samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
+    if (j.is_discarded() || j.value("kind", "") != "step") continue;
+    samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
+    peak_rss[j["rank"].get<int>()] = j.value("peak_rss_bytes", 0.0);
   }
   EXPECT_EQ(samples[0], 6);
   EXPECT_EQ(samples[1], 4);
   EXPECT_EQ(samples[2], 2);
+  // Each worker process's peak resident memory: at least what its
+  // libraries keep resident (one measured 180-220 MB), at most this
+  // machine's memory.
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_GT(peak_rss[r], 50e6) << "rank " << r;
+    EXPECT_LT(peak_rss[r], 64e9) << "rank " << r;
+  }
   EXPECT_TRUE(fs::exists(run / "trace.json"));
 }
 

@@ -2,6 +2,8 @@
 // worker process, set before its threads start.
 #pragma once
 
+#include <cstdint>
+
 namespace archipelago::core {
 
 // Makes glibc keep freed memory in the process instead of returning it to
@@ -14,5 +16,15 @@ namespace archipelago::core {
 // and again by the trainers; idempotent; no-op without glibc.
 // docs/runtime.md, "Host memory".
 void holdFreedMemory();
+
+// The kernel's high-water mark of this process's resident memory (VmHWM
+// in /proc/self/status), in bytes: the most it held at once since it
+// started or since the last resetPeakResident(). 0 where it cannot be read.
+int64_t peakResidentBytes();
+
+// Starts a new high-water mark at the current resident size (writes "5" to
+// /proc/self/clear_refs: Linux >= 4.0, cheap, touches no page). False where
+// the kernel refuses; the mark then keeps counting from the start.
+bool resetPeakResident();
 
 }  // namespace archipelago::core

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
 #include "archipelago/model/layers.h"
 #include "archipelago/runtime/elastic.h"
@@ -30,9 +31,12 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
         .comm_s = comm_s, .wait_s = stats.wait_s, .data_s = data_s, .optimizer_s = optimizer_s, .step_s = step_s,
         .compute_cpu_s = stats.compute_cpu_s, .cpu_s = core::processCpuSeconds() - cpu0,
         .minor_faults = static_cast<double>(core::minorFaults() - faults0),
+        .peak_rss_bytes = static_cast<double>(core::peakResidentBytes()),
         .tokens_per_s = static_cast<double>(batch.n * T_) / step_s, .grad_norm = grad_norm, .slowdown = me_.slowdown,
         .share = static_cast<double>(old_shares[static_cast<size_t>(share_index_)]), .commit_s = commit_s_,
         .stage = pp_ ? stage_ : -1, .micro_batches = static_cast<double>(stats.micro_batches)});
+    // The next record's peak covers the steps since this one.
+    core::resetPeakResident();
     if (split()) ARCH_RETURN_IF_ERROR(writeSplitMetrics(stats));
     else writeMoeMetrics();
   }
