@@ -1,8 +1,8 @@
 #include "comm/endpoint.h"
 
-#include <cstdint>
-
 #include <unistd.h>
+
+#include <cstdint>
 
 #include "archipelago/core/log.h"
 

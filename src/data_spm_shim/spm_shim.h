@@ -17,8 +17,6 @@
 #ifndef ARCHIPELAGO_DATA_SPM_SHIM_SPM_SHIM_H_
 #define ARCHIPELAGO_DATA_SPM_SHIM_SPM_SHIM_H_
 
-#include <cstdint>
-
 #include <stddef.h>
 #include <stdint.h>
 

@@ -2,10 +2,9 @@
 // deterministic mutation loop of tests/fuzz/mutator.h from its seed corpus,
 // so every CI run exercises Plan::fromJson and the simulator with GCC; plus
 // the inputs the fuzzers found, as plain unit tests.
-#include <gtest/gtest.h>
-
 #include <cstdint>
 
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #define ARCHIPELAGO_FUZZ_SMOKE

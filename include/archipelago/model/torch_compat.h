@@ -41,10 +41,6 @@ inline torch::Tensor fusedCausalAttention(const torch::Tensor& q, const torch::T
   return {};
 }
 
-}  // namespace archipelago::model::compat
-
-namespace archipelago::model::compat {
-
 // Devices of `type` that libtorch can drive (1 for the CPU, 0 when no
 // backend of that type is compiled in or registered).
 inline int64_t deviceCount(c10::DeviceType type) {

@@ -7,9 +7,9 @@
 //   rank -> writer   header: the pieces it holds (kind, tensor, elements)
 //   writer -> rank   the indices of the pieces it wants
 //   rank -> writer   their values, one fp32 vector
-#include "archipelago/core/log.h"
-
 #include <cstdint>
+
+#include "archipelago/core/log.h"
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {
