@@ -24,6 +24,21 @@ int64_t saturatingAdd(int64_t a, int64_t b) {
   return b > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
 }
 
+// A split of a total into parts (layers per stage, experts per member):
+// the saturated sum and whether every part is >= 1.
+struct Split {
+  int64_t sum = 0;
+  bool positive = true;
+};
+Split splitOf(const std::vector<int64_t>& parts) {
+  Split out;
+  for (int64_t x : parts) {
+    out.sum = saturatingAdd(out.sum, x);
+    out.positive = out.positive && x >= 1;
+  }
+  return out;
+}
+
 struct Problems {
   std::vector<std::string> list;
   template <typename T>
@@ -183,12 +198,7 @@ Status validateJob(const JobConfig& j) {
   }
   if (s.expert_parallel < 1) p.add("strategy.expert_parallel", s.expert_parallel, "an integer >= 1");
   if (!s.stage_layers.empty()) {
-    int64_t sum = 0;
-    bool positive = true;
-    for (auto l : s.stage_layers) {
-      sum = saturatingAdd(sum, l);
-      positive = positive && l >= 1;
-    }
+    const auto [sum, positive] = splitOf(s.stage_layers);
     if (static_cast<int64_t>(s.stage_layers.size()) != s.pipeline_stages || sum != m.n_layers || !positive) {
       p.add("strategy.stage_layers", std::to_string(s.stage_layers.size()) + " stages summing to " + std::to_string(sum),
             std::to_string(s.pipeline_stages) + " positive values (one per stage) summing to model.n_layers (" +
@@ -221,12 +231,7 @@ Status validateJob(const JobConfig& j) {
     }
   }
   if (!s.expert_counts.empty()) {
-    int64_t sum = 0;
-    bool positive = true;
-    for (auto c : s.expert_counts) {
-      sum = saturatingAdd(sum, c);
-      positive = positive && c >= 1;
-    }
+    const auto [sum, positive] = splitOf(s.expert_counts);
     if (static_cast<int64_t>(s.expert_counts.size()) != s.expert_parallel || sum != moe.num_experts || !positive) {
       p.add("strategy.expert_counts", std::to_string(s.expert_counts.size()) + " members summing to " + std::to_string(sum),
             std::to_string(s.expert_parallel) + " positive values (one per strategy.expert_parallel member) summing to "
