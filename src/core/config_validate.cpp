@@ -101,6 +101,50 @@ void checkCluster(const ClusterSpec& c, const std::string& pre, Problems& p) {
   if (c.default_strait_latency < 0) p.add(pre + ".default_strait_latency", formatDuration(c.default_strait_latency), "a duration >= 0");
 }
 
+// Tensor parallelism (runtime/parallel/tensor_parallel.h): groups of
+// consecutive ranks, every rank whole kv heads. Built so far with
+// synchronous data parallelism and pipeline stages; the rest is refused
+// rather than ignored.
+void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
+  const auto& s = j.strategy;
+  const auto& m = j.model;
+  const int64_t tp = s.tensor_parallel;
+  if (world > 0 && world % tp != 0) {
+    p.add("strategy.tensor_parallel", tp, "a divisor of the number of workers (" + std::to_string(world) + ")");
+  }
+  const int64_t kv = m.n_kv_heads > 0 ? m.n_kv_heads : m.n_heads;
+  if (kv > 0 && kv % tp != 0) {
+    p.add("strategy.tensor_parallel", tp,
+          "a divisor of model.n_kv_heads (" + std::to_string(kv) + "): every rank holds whole key/value heads");
+  }
+  if (s.expert_parallel > 1) {
+    p.add("strategy.tensor_parallel", tp, "1 with strategy.expert_parallel > 1 (TP x EP is not built yet)");
+  }
+  int64_t ranks = 0;
+  if (s.pipeline_stages > 1 && world > 0 &&
+      (__builtin_mul_overflow(tp, s.pipeline_stages, &ranks) || world % ranks != 0)) {
+    p.add("strategy.tensor_parallel", tp,
+          "a divisor of the number of workers (" + std::to_string(world) + ") / strategy.pipeline_stages (" +
+              std::to_string(s.pipeline_stages) + "): every stage is one tensor-parallel group");
+  }
+  if (s.kind != "sync") {
+    p.add("strategy.tensor_parallel", tp, "1 with strategy.kind " + s.kind + " (TP under DiLoCo / streaming is not built yet)");
+  }
+  if (zeroStage(j.train) >= 1) {
+    p.add("train.zero", zeroStage(j.train), "0 with strategy.tensor_parallel > 1 (TP x ZeRO is not built yet)");
+  }
+  if (s.sequence_parallel) {
+    if (j.data.seq_len > 0 && j.data.seq_len % tp != 0) {
+      p.add("data.seq_len", j.data.seq_len,
+            "a multiple of strategy.tensor_parallel (" + std::to_string(tp) + ") with strategy.sequence_parallel");
+    }
+    if (m.moe.num_experts > 0) {
+      p.add("strategy.sequence_parallel", "true", "false with model.moe (the replicated experts would each route a "
+                                                  "block of the sequence; not built yet)");
+    }
+  }
+}
+
 }  // namespace
 
 Status validateCluster(const ClusterSpec& cluster, const std::string& prefix) {
@@ -248,8 +292,11 @@ Status validateJob(const JobConfig& j) {
     p.add("train.zero", t.zero, "0 or 1 with strategy.codec " + s.codec +
                                     " (ZeRO-2's gradient reduce-scatter is uncompressed), or strategy.codec: none");
   }
-  if (s.tensor_parallel > 1) p.add("strategy.tensor_parallel", s.tensor_parallel, "1 (tensor parallelism is not built yet)");
-  if (s.sequence_parallel) p.add("strategy.sequence_parallel", "true", "false (sequence parallelism is not built yet)");
+  if (s.tensor_parallel > 1) validateTensorParallel(j, world, p);
+  if (s.sequence_parallel && s.tensor_parallel <= 1) {
+    p.add("strategy.sequence_parallel", "true", "false without strategy.tensor_parallel > 1 (it cuts the tensor-parallel "
+                                                "group's activations along the sequence)");
+  }
   if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && zeroStage(t) >= 1) {
     p.add("train.zero", zeroStage(t), "0 with strategy.pipeline_stages or strategy.expert_parallel > 1");
   }

@@ -127,12 +127,16 @@ torch::Tensor LinearNoBiasImpl::forward(const torch::Tensor& x) {
   return torch::linear(x, weight);
 }
 
-EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim) {
+EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, int64_t vocab_begin_) : vocab_begin(vocab_begin_) {
   weight = register_parameter("weight", torch::zeros({vocab, dim}));
 }
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
   TORCH_CHECK(ids.scalar_type() == torch::kLong, "token ids must be int64");
-  return torch::embedding(weight, ids);
+  if (!tp) return torch::embedding(weight, ids);
+  const torch::Tensor local = ids - vocab_begin;
+  const torch::Tensor other = (local < 0).logical_or(local >= weight.size(0));
+  const torch::Tensor e = torch::embedding(weight, local.masked_fill(other, 0)).masked_fill(other.unsqueeze(-1), 0);
+  return tp.leave(e);
 }
 
 RmsNormImpl::RmsNormImpl(int64_t dim, double eps_) : eps(eps_) {
@@ -185,16 +189,17 @@ torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k,
   return torch::matmul(p, v);
 }
 
-AttentionImpl::AttentionImpl(const core::ModelConfig& c)
-    : n_heads(c.n_heads), n_kv_heads(c.n_kv_heads), head_dim(c.dim / c.n_heads) {
+AttentionImpl::AttentionImpl(const core::ModelConfig& c, TensorParallelRank tp_rank)
+    : n_heads(c.n_heads / tp_rank.size), n_kv_heads(c.n_kv_heads / tp_rank.size), head_dim(c.dim / c.n_heads) {
   q_proj = register_module("q_proj", LinearNoBias(c.dim, n_heads * head_dim));
   k_proj = register_module("k_proj", LinearNoBias(c.dim, n_kv_heads * head_dim));
   v_proj = register_module("v_proj", LinearNoBias(c.dim, n_kv_heads * head_dim));
   o_proj = register_module("o_proj", LinearNoBias(n_heads * head_dim, c.dim));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RotaryTables& rope,
+torch::Tensor AttentionImpl::forward(const torch::Tensor& input, const RotaryTables& rope,
                                      LayerKvCache* cache) {
+  const torch::Tensor x = tp.enter(input);
   int64_t b = x.size(0), t = x.size(1);
   auto q = q_proj(x).view({b, t, n_heads, head_dim}).transpose(1, 2);
   auto k = k_proj(x).view({b, t, n_kv_heads, head_dim}).transpose(1, 2);
@@ -218,7 +223,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RotaryTables&
   }
   auto out = causalAttention(q, k, v, start);
   out = out.transpose(1, 2).reshape({b, t, n_heads * head_dim});
-  return o_proj(out);
+  return tp.leave(o_proj(out));
 }
 
 SwiGluImpl::SwiGluImpl(int64_t dim, int64_t hidden, bool mixtral_names) {
@@ -232,8 +237,9 @@ SwiGluImpl::SwiGluImpl(int64_t dim, int64_t hidden, bool mixtral_names) {
     down = register_module("down_proj", LinearNoBias(hidden, dim));
   }
 }
-torch::Tensor SwiGluImpl::forward(const torch::Tensor& x) {
-  return down(torch::silu(gate(x)) * up(x));
+torch::Tensor SwiGluImpl::forward(const torch::Tensor& input) {
+  const torch::Tensor x = tp.enter(input);
+  return tp.leave(down(torch::silu(gate(x)) * up(x)));
 }
 
 // ---- MoE --------------------------------------------------------------------
@@ -393,14 +399,15 @@ void MoeFfnImpl::updateRouterBias(const torch::Tensor& load) {
 // ---- decoder ------------------------------------------------------------------
 
 DecoderLayerImpl::DecoderLayerImpl(const core::ModelConfig& c, int64_t layer, int64_t expert_begin,
-                                   int64_t expert_end) {
+                                   int64_t expert_end, TensorParallelRank tp) {
   input_layernorm = register_module("input_layernorm", RmsNorm(c.dim, c.norm_eps));
-  self_attn = register_module("self_attn", Attention(c));
+  self_attn = register_module("self_attn", Attention(c, tp));
   post_attention_layernorm = register_module("post_attention_layernorm", RmsNorm(c.dim, c.norm_eps));
   if (isMoeLayer(c, layer)) {
     block_sparse_moe = register_module("block_sparse_moe", MoeFfn(c, layer, expert_begin, expert_end));
   } else {
-    mlp = register_module("mlp", SwiGlu(c.dim, c.ffn_hidden));
+    const auto [h0, h1] = splitRange(c.ffn_hidden, tp.size, tp.rank);
+    mlp = register_module("mlp", SwiGlu(c.dim, h1 - h0));
   }
 }
 
@@ -416,16 +423,21 @@ DecoderStackImpl::DecoderStackImpl(const core::ModelConfig& c, const ModelShard&
   const int64_t end = shard.layer_end < 0 ? c.n_layers : shard.layer_end;
   TORCH_CHECK(begin >= 0 && begin < end && end <= c.n_layers, "layer range [", begin, ", ", end,
               ") is not inside [0, ", c.n_layers, ")");
-  if (begin == 0) embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.dim));
+  if (begin == 0) {
+    const auto [v0, v1] = splitRange(c.vocab_size, shard.tp.size, shard.tp.rank);
+    embed_tokens = register_module("embed_tokens", Embedding(v1 - v0, c.dim, v0));
+  }
   if (begin == 0 && end == c.n_layers) {
     layers = register_module("layers", torch::nn::ModuleList());
-    for (int64_t i = 0; i < c.n_layers; ++i) layers->push_back(DecoderLayer(c, i, shard.expert_begin, shard.expert_end));
+    for (int64_t i = 0; i < c.n_layers; ++i) {
+      layers->push_back(DecoderLayer(c, i, shard.expert_begin, shard.expert_end, shard.tp));
+    }
   } else {
     // A pipeline stage: layers keep their global index in their names.
     layers = torch::nn::ModuleList();
     auto holder = register_module("layers", std::make_shared<torch::nn::Module>());
     for (int64_t i = begin; i < end; ++i) {
-      DecoderLayer l(c, i, shard.expert_begin, shard.expert_end);
+      DecoderLayer l(c, i, shard.expert_begin, shard.expert_end, shard.tp);
       holder->register_module(std::to_string(i), l);
       layers->push_back(l);
     }
@@ -449,8 +461,11 @@ TransformerImpl::TransformerImpl(const core::ModelConfig& config, uint64_t seed,
   TORCH_CHECK(!(config.tie_embeddings && (shard_.layer_begin > 0 || shard_.layer_end < config.n_layers)),
               "model.tie_embeddings needs the embedding and the LM head on one worker (no pipeline split)");
   model = register_module("model", DecoderStack(config, shard_));
+  TORCH_CHECK(shard_.tp.size >= 1 && shard_.tp.rank >= 0 && shard_.tp.rank < shard_.tp.size, "tensor-parallel rank ",
+              shard_.tp.rank, " of ", shard_.tp.size);
   if (!config.tie_embeddings && holdsHead()) {
-    lm_head = register_module("lm_head", LinearNoBias(config.dim, config.vocab_size));
+    const auto [v0, v1] = splitRange(config.vocab_size, shard_.tp.size, shard_.tp.rank);
+    lm_head = register_module("lm_head", LinearNoBias(config.dim, v1 - v0));
   }
   initParameters(seed);
 }
@@ -469,7 +484,11 @@ void TransformerImpl::initParameters(uint64_t seed) {
     } else {
       bool out_proj = endsWith(name, "o_proj.weight") || endsWith(name, "down_proj.weight") ||
                       endsWith(name, ".w2.weight");
-      p.copy_(deterministicNormal(p.sizes(), out_proj ? out_std : config.init_std, seed, name));
+      // A tensor-parallel slice is cut from the seeded whole tensor.
+      const TensorSlice slice = tensorSlice(config, name, shard_.tp);
+      std::vector<int64_t> full = p.sizes().vec();
+      if (slice.sliced()) full[static_cast<size_t>(slice.dim)] = slice.full;
+      p.copy_(sliceOf(deterministicNormal(full, out_proj ? out_std : config.init_std, seed, name), slice));
     }
   }
 }
@@ -499,9 +518,14 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& input_ids, KvCache* c
   return model->norm(x);
 }
 
+torch::Tensor TransformerImpl::logitsOf(const torch::Tensor& h) {
+  const torch::Tensor x = tp_.enter(h);
+  return lm_head.is_empty() ? torch::linear(x, model->embed_tokens->weight) : lm_head(x);
+}
+
 torch::Tensor TransformerImpl::forward(const torch::Tensor& input_ids, KvCache* cache) {
-  auto h = hidden(input_ids, cache);
-  return lm_head.is_empty() ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
+  TORCH_CHECK(shard_.tp.size == 1, "forward: the logits of a tensor-parallel shard are a vocab slice; use lossAndStats");
+  return logitsOf(hidden(input_ids, cache));
 }
 
 LossOutput TransformerImpl::lossAndStats(const torch::Tensor& input_ids, const torch::Tensor& target) {
@@ -520,7 +544,8 @@ torch::Tensor TransformerImpl::stageForward(const torch::Tensor& input) {
                 "], got ", input.sizes());
     x = input;
   }
-  const int64_t t = x.size(1);
+  // Sequence parallelism: x is this rank's block; attention sees the whole sequence.
+  const int64_t t = holdsEmbedding() ? input.size(1) : x.size(1) * (tp_.sequence ? shard_.tp.size : 1);
   TORCH_CHECK(t <= config_.max_seq_len, "sequence of ", t, " positions exceeds model.max_seq_len ",
               config_.max_seq_len);
   auto table_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
@@ -548,17 +573,42 @@ void TransformerImpl::setExpertExchange(std::shared_ptr<ExpertExchange> exchange
   for (auto& m : moeLayers()) m->setExchange(exchange);
 }
 
+void TransformerImpl::setTensorParallel(std::shared_ptr<TensorParallelComm> comm, bool sequence) {
+  TORCH_CHECK(!comm || (comm->size() == shard_.tp.size && comm->rank() == shard_.tp.rank), "tensor-parallel group of ",
+              comm ? comm->size() : 0, " (rank ", comm ? comm->rank() : 0, ") for a shard cut for ", shard_.tp.size,
+              " (rank ", shard_.tp.rank, ")");
+  TORCH_CHECK(comm || shard_.tp.size == 1, "a tensor-parallel shard needs its group");
+  TORCH_CHECK(!sequence || moeLayers().empty(),
+              "sequence parallelism with MoE layers is not built (the replicated experts would route a block of the "
+              "sequence each)");
+  const TensorParallelContext ctx{shard_.tp.size == 1 ? nullptr : std::move(comm), sequence && shard_.tp.size > 1};
+  tp_ = ctx;
+  if (!model->embed_tokens.is_empty()) model->embed_tokens->tp = ctx;
+  for (const auto& child : model->layers->children()) {
+    auto layer = std::dynamic_pointer_cast<DecoderLayerImpl>(child);
+    if (!layer) continue;
+    layer->self_attn->tp = ctx;
+    if (!layer->mlp.is_empty()) layer->mlp->tp = ctx;
+  }
+}
+
 LossOutput TransformerImpl::headLoss(const torch::Tensor& h, const torch::Tensor& target) {
   TORCH_CHECK(holdsHead(), "headLoss: this pipeline stage does not hold the LM head");
-  auto logits = lm_head.is_empty() ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
+  TORCH_CHECK(shard_.tp.size == 1 || tp_, "a tensor-parallel shard needs setTensorParallel before its first forward");
+  auto logits = logitsOf(h);
   auto compute = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   auto flat = logits.reshape({-1, logits.size(-1)}).to(compute);
   auto tgt = target.reshape({-1}).to(torch::kLong);
   auto valid = tgt >= 0;
-  tgt = tgt.masked_fill(valid.logical_not(), -100);
   LossOutput out;
-  out.ce_sum = torch::nn::functional::cross_entropy(
-      flat, tgt, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  if (shard_.tp.size > 1) {
+    out.ce_sum = vocabParallelCrossEntropySum(flat, tgt, splitRange(config_.vocab_size, shard_.tp.size, shard_.tp.rank).first,
+                                              tp_.comm.get());
+  } else {
+    out.ce_sum = torch::nn::functional::cross_entropy(
+        flat, tgt.masked_fill(valid.logical_not(), -100),
+        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  }
   out.tokens = valid.sum().item<int64_t>();
   out.aux_loss = localAuxLoss().to(out.ce_sum.scalar_type());
   out.loss = out.ce_sum / static_cast<double>(std::max<int64_t>(1, out.tokens)) + out.aux_loss;

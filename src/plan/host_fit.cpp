@@ -68,9 +68,12 @@ core::Result<HostFit> checkFitsHost(const core::JobConfig& job, int64_t local_wo
   ARCH_ASSIGN_OR_RETURN(ModelSpec m, fromModelConfig(job.model));
   fit.parameters = m.totalParams();
   const int64_t world = std::max<int64_t>(1, job.cluster.worldSize());
-  // Pipeline stages and expert groups divide the model; data-parallel
-  // replicas (and ZeRO-1's moment shards) multiply and divide its copies.
-  const int64_t split = std::max<int64_t>(1, job.strategy.pipeline_stages) * std::max<int64_t>(1, job.strategy.expert_parallel);
+  // Pipeline stages, expert groups and tensor-parallel groups divide the
+  // model (TP: all but the small replicated norms); data-parallel replicas
+  // (and ZeRO-1's moment shards) multiply and divide its copies.
+  const int64_t split = std::max<int64_t>(1, job.strategy.pipeline_stages) *
+                        std::max<int64_t>(1, job.strategy.expert_parallel) *
+                        std::max<int64_t>(1, job.strategy.tensor_parallel);
   const double per_worker = fit.parameters / static_cast<double>(split);
   const double local = per_worker * static_cast<double>(local_workers);
   const double moment_share = core::zeroStage(job.train) >= 1 ? 1.0 / std::max<double>(1.0, static_cast<double>(world / split)) : 1.0;

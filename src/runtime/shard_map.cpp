@@ -12,7 +12,8 @@ int64_t product(const std::vector<int64_t>& shape) {
 }
 }  // namespace
 
-core::Result<ShardMap> ShardMap::build(TensorLayout full, const std::vector<ParamSegment>& segments) {
+core::Result<ShardMap> ShardMap::build(TensorLayout full, const std::vector<ParamSegment>& segments,
+                                       const std::map<std::string, model::TensorSlice>& slices) {
   ShardMap m;
   std::map<std::string, const std::vector<int64_t>*> shape_of;
   for (const auto& [name, shape] : full) {
@@ -23,8 +24,26 @@ core::Result<ShardMap> ShardMap::build(TensorLayout full, const std::vector<Para
   for (const auto& s : segments) {
     auto it = shape_of.find(s.name);
     if (it == shape_of.end()) return core::internalError("shard map: tensor '" + s.name + "' is not in the model's layout");
-    if (*it->second != s.shape) return core::internalError("shard map: tensor '" + s.name + "' has another shape than the model's");
-    m.segments_.push_back({s.name, s.offset, s.numel});
+    Segment seg{s.name, s.offset, s.numel};
+    std::vector<int64_t> expect = *it->second;
+    if (auto sl = slices.find(s.name); sl != slices.end() && sl->second.sliced()) {
+      const model::TensorSlice& t = sl->second;
+      const auto dim = static_cast<size_t>(t.dim);
+      if (dim >= expect.size() || expect[dim] != t.full || t.begin < 0 || t.begin + t.length > t.full ||
+          (dim == 1 && expect.size() != 2) || dim > 1) {
+        return core::internalError("shard map: tensor-parallel slice of '" + s.name + "' does not fit the model's shape");
+      }
+      expect[dim] = t.length;
+      if (dim == 0) {
+        seg.first = t.begin * (product(expect) / std::max<int64_t>(1, t.length));
+      } else {
+        seg.first = t.begin;
+        seg.cols = t.length;
+        seg.full_cols = t.full;
+      }
+    }
+    if (expect != s.shape) return core::internalError("shard map: tensor '" + s.name + "' has another shape than the model's");
+    m.segments_.push_back(seg);
   }
   std::sort(m.segments_.begin(), m.segments_.end(), [](const Segment& a, const Segment& b) { return a.offset < b.offset; });
   m.full_ = std::move(full);
@@ -35,7 +54,19 @@ std::vector<ShardPiece> ShardMap::pieces(int64_t begin, int64_t end) const {
   std::vector<ShardPiece> out;
   for (const auto& s : segments_) {
     const int64_t lo = std::max(begin, s.offset), hi = std::min(end, s.offset + s.numel);
-    if (lo < hi) out.push_back({s.name, lo - s.offset, hi - s.offset, lo});
+    if (lo >= hi) continue;
+    if (s.cols == 0) {
+      out.push_back({s.name, s.first + lo - s.offset, s.first + hi - s.offset, lo});
+      continue;
+    }
+    // A row-parallel slice: one piece per (part of a) row.
+    for (int64_t at = lo; at < hi;) {
+      const int64_t i = at - s.offset, row = i / s.cols, col = i % s.cols;
+      const int64_t n = std::min(s.cols - col, hi - at);
+      const int64_t b = row * s.full_cols + s.first + col;
+      out.push_back({s.name, b, b + n, at});
+      at += n;
+    }
   }
   return out;
 }

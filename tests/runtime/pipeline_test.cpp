@@ -24,6 +24,7 @@
 #include "archipelago/runtime/parallel/layout.h"
 #include "archipelago/runtime/parallel/pipeline.h"
 #include "archipelago/runtime/trainer.h"
+#include "runtime/layout_runs.h"
 #include "runtime/runtime_test_util.h"
 
 namespace archipelago::runtime {
@@ -36,6 +37,12 @@ using testutil::loadJobText;
 using testutil::outputOf;
 using testutil::scratchRoot;
 using testutil::tinyDataDir;
+using testutil::checkpointModel;
+using testutil::expectCurve;
+using testutil::jobYaml;
+using testutil::kSteps;
+using testutil::kTol;
+using testutil::reference;
 
 // ---- pure pieces ---------------------------------------------------------------
 
@@ -214,56 +221,6 @@ TEST(Pipeline, LayoutPlacesExpertGroupsOverPipelinesAndKeepsDilocoBlocksOnIsland
 }
 
 // ---- multi-process runs against the single-process reference -------------------
-
-std::string jobYaml(const fs::path& run_dir, const std::string& islands, int steps, const std::string& model_extra,
-                    const std::string& strategy, const std::string& train_extra = "") {
-  std::ostringstream o;
-  o << "cluster:\n  islands:\n" << islands << "\n"
-    << "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32" << model_extra << "}\n"
-    << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
-    << "train: {steps: " << steps << ", global_batch: 8, micro_batch: 2, lr: 0.003, warmup_steps: 3, eval_every: 0, "
-    << "rebalance: false" << train_extra << "}\n"
-    << "strategy: " << strategy << "\n"
-    << "checkpoint: {every: 0, keep_last: 3}\n"
-    << "run_dir: " << run_dir.string() << "\n";
-  return o.str();
-}
-
-std::vector<double> reference(const std::string& name, int steps, const std::string& model_extra) {
-  auto job = loadJobText(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}", steps, model_extra, "{kind: sync}"),
-                         name);
-  TrainerOptions o;
-  o.job = job;
-  o.run_dir = job.run_dir;
-  o.write_metrics = false;
-  auto s = runTrainer(o);
-  EXPECT_TRUE(s.isOk()) << s.status().toString();
-  return s.isOk() ? s->losses : std::vector<double>{};
-}
-
-void expectCurve(const fs::path& run, const std::vector<double>& ref, int from_step, int to_step, double tol,
-                 const std::string& what) {
-  auto losses = testutil::rank0Losses(run);
-  for (int s = from_step; s <= to_step; ++s) {
-    ASSERT_TRUE(losses.count(s)) << what << ": no loss for step " << s;
-    EXPECT_NEAR(losses[s], ref[static_cast<size_t>(s - 1)], tol * ref[0]) << what << " step " << s;
-  }
-}
-
-// The model a checkpoint's job file describes (vocab_size 0 there means
-// "from the data", as the trainer resolves it).
-core::ModelConfig checkpointModel(const CheckpointState& ck) {
-  core::ModelConfig mc = loadJobText(ck.job_yaml, "ck_model").model;
-  if (mc.vocab_size == 0) {
-    auto ds = data::PreparedDataset::open(tinyDataDir());
-    EXPECT_TRUE(ds.isOk()) << ds.status().toString();
-    if (ds.isOk()) mc.vocab_size = (*ds)->vocabSize();
-  }
-  return *model::resolveModelConfig(mc);
-}
-
-constexpr int kSteps = 20;
-constexpr double kTol = 2e-5;  // relative to the first loss (~5.5): fp32 summation-order noise
 
 TEST(Pipeline, TwoAndThreeUnevenStagesMatchSingleProcess) {
   auto ref = reference("pp_ref", kSteps, "");

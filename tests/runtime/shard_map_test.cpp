@@ -55,6 +55,43 @@ TEST(ShardMap, PiecesCutRangesAtTensorEndsAndLoadByName) {
   EXPECT_EQ(slice[4].item<float>(), 2);
 }
 
+TEST(ShardMap, TensorParallelSlicesMapToTheirElementsOfTheWholeTensor) {
+  // Two TP ranks of a = [2, 3]: rank 1's row slice (dim 0, row 1) and its
+  // column slice (dim 1, columns [1, 3)) of the same tensor in two layouts.
+  const model::TensorSlice rows{0, 1, 1, 2}, cols{1, 1, 2, 3};
+  auto by_rows = ShardMap::build(fullLayout(), {seg("b", 0, {4}), seg("a", 4, {1, 3})}, {{"a", rows}});
+  ASSERT_TRUE(by_rows.isOk()) << by_rows.status().toString();
+  auto p = by_rows->pieces(4, 7);
+  ASSERT_EQ(p.size(), 1u);
+  EXPECT_EQ(p[0].begin, 3);  // row 1 of a [2, 3]
+  EXPECT_EQ(p[0].end, 6);
+  EXPECT_EQ(p[0].local, 4);
+
+  auto by_cols = ShardMap::build(fullLayout(), {seg("a", 0, {2, 2})}, {{"a", cols}});
+  ASSERT_TRUE(by_cols.isOk()) << by_cols.status().toString();
+  // Local [a01 a02 a11 a12] (row-major [2, 2]); a ZeRO-style cut [1, 4) too.
+  auto q = by_cols->pieces(0, 4);
+  ASSERT_EQ(q.size(), 2u);
+  EXPECT_EQ(q[0].begin, 1);
+  EXPECT_EQ(q[0].end, 3);
+  EXPECT_EQ(q[1].begin, 4);
+  EXPECT_EQ(q[1].end, 6);
+  EXPECT_EQ(q[1].local, 2);
+  auto cut = by_cols->pieces(1, 4);
+  ASSERT_EQ(cut.size(), 2u);
+  EXPECT_EQ(cut[0].begin, 2);
+  EXPECT_EQ(cut[0].end, 3);
+  EXPECT_EQ(cut[0].local, 1);
+  // Loading takes exactly the slice's elements out of the whole tensor.
+  const torch::Tensor full = torch::arange(15, torch::kFloat);
+  torch::Tensor local = torch::zeros({4});
+  by_cols->load(q, full, local);
+  EXPECT_TRUE(torch::equal(local, full.narrow(0, 0, 6).view({2, 3}).narrow(1, 1, 2).reshape({-1})));
+  // A slice whose shape does not fit the model's is refused.
+  auto wrong = ShardMap::build(fullLayout(), {seg("a", 0, {2, 2})}, {{"a", rows}});
+  EXPECT_FALSE(wrong.isOk());
+}
+
 TEST(ShardMap, UnknownTensorsAndOtherShapesAreRefused) {
   auto unknown = ShardMap::build(fullLayout(), {seg("d", 0, {4})});
   ASSERT_FALSE(unknown.isOk());

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,7 @@
 
 #include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
+#include "archipelago/model/tensor_parallel.h"
 
 namespace archipelago::model {
 
@@ -52,12 +54,16 @@ class LinearNoBiasImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LinearNoBias);
 
-// Token embedding table [vocab, dim] ("embed_tokens.weight").
+// Token embedding table [vocab, dim] ("embed_tokens.weight"). Vocab-parallel
+// (tensor parallelism): the rows of ids [vocab_begin, vocab_begin + vocab);
+// other ids look up zeros here and the group's sum is the embedding.
 class EmbeddingImpl : public torch::nn::Module {
  public:
-  EmbeddingImpl(int64_t vocab, int64_t dim);
+  EmbeddingImpl(int64_t vocab, int64_t dim, int64_t vocab_begin = 0);
   torch::Tensor forward(const torch::Tensor& ids);
   torch::Tensor weight;
+  int64_t vocab_begin = 0;
+  TensorParallelContext tp;  // set with a vocab slice
 };
 TORCH_MODULE(Embedding);
 
@@ -93,16 +99,20 @@ struct LayerKvCache {
 // Causal multi-head self-attention with rotary embeddings. n_kv_heads <
 // n_heads gives grouped-query attention: query head h reads kv head
 // h / (n_heads / n_kv_heads), as HF's repeat_kv does.
+//
+// Tensor parallelism: this rank's query heads and their kv heads
+// (column-parallel q/k/v, row-parallel o_proj; the output summed over `tp`).
 class AttentionImpl : public torch::nn::Module {
  public:
-  explicit AttentionImpl(const core::ModelConfig& c);
+  explicit AttentionImpl(const core::ModelConfig& c, TensorParallelRank tp_rank = {});
   // x [B, T, dim]; rope holds positions start..start+T-1 where start is the
   // cache length (0 without a cache). Returns [B, T, dim].
   torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope,
                         LayerKvCache* cache = nullptr);
 
   LinearNoBias q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
-  int64_t n_heads, n_kv_heads, head_dim;
+  int64_t n_heads, n_kv_heads, head_dim;  // heads held here
+  TensorParallelContext tp;  // set when the heads are a slice
 };
 TORCH_MODULE(Attention);
 
@@ -115,12 +125,15 @@ torch::Tensor causalAttention(const torch::Tensor& q, const torch::Tensor& k,
 
 // SwiGLU FFN: down(silu(gate(x)) * up(x)). Tensor names are parameterised so
 // the same module serves as LLaMA "mlp" (gate_proj/up_proj/down_proj) and as a
-// Mixtral expert (w1 = gate, w3 = up, w2 = down).
+// Mixtral expert (w1 = gate, w3 = up, w2 = down). Tensor parallelism: `hidden`
+// is this rank's slice (column-parallel gate/up, row-parallel down; the
+// output summed over `tp`).
 class SwiGluImpl : public torch::nn::Module {
  public:
   SwiGluImpl(int64_t dim, int64_t hidden, bool mixtral_names = false);
   torch::Tensor forward(const torch::Tensor& x);
   LinearNoBias gate{nullptr}, up{nullptr}, down{nullptr};
+  TensorParallelContext tp;  // set when `hidden` is a slice
 };
 TORCH_MODULE(SwiGlu);
 

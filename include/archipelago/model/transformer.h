@@ -21,6 +21,7 @@
 #include "archipelago/core/config.h"
 #include "archipelago/model/layers.h"
 #include "archipelago/model/moe.h"
+#include "archipelago/model/tensor_parallel.h"
 
 namespace archipelago::model {
 
@@ -30,18 +31,21 @@ namespace archipelago::model {
 // gives each member a contiguous range of every MoE layer's experts. Every
 // tensor keeps its full-model Hugging Face name and its full-model initial
 // value (initialisation is seeded by name), so parts of one model at any
-// split assemble, by name, into the same model.
+// split assemble, by name, into the same model. Tensor parallelism gives
+// each rank of a group slices of the large matrices (model/tensor_parallel.h).
 struct ModelShard {
   int64_t layer_begin = 0;
   int64_t layer_end = -1;   // -1 = n_layers
   int64_t expert_begin = 0;
   int64_t expert_end = -1;  // -1 = num_experts
+  TensorParallelRank tp;
 };
 
 // One decoder layer. Exactly one of mlp / block_sparse_moe is set.
 class DecoderLayerImpl : public torch::nn::Module {
  public:
-  DecoderLayerImpl(const core::ModelConfig& c, int64_t layer, int64_t expert_begin = 0, int64_t expert_end = -1);
+  DecoderLayerImpl(const core::ModelConfig& c, int64_t layer, int64_t expert_begin = 0, int64_t expert_end = -1,
+                   TensorParallelRank tp = {});
   torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope,
                         LayerKvCache* cache = nullptr);
 
@@ -120,6 +124,14 @@ class TransformerImpl : public torch::nn::Module {
   bool holdsHead() const { return shard_.layer_end == config_.n_layers; }
   // Expert parallelism: routes every MoE layer's rows through `exchange`.
   void setExpertExchange(std::shared_ptr<ExpertExchange> exchange);
+  // Tensor parallelism: the group joining this shard's slices (its size and
+  // rank must be the shard's). Needed before the first forward of a shard
+  // with shard().tp.size > 1; forward() is then refused (logits are a
+  // vocab slice: lossAndStats has the vocab-parallel head). `sequence`:
+  // sequence parallelism (hidden() and stageForward() then return this
+  // rank's block of the sequence; dense models only).
+  void setTensorParallel(std::shared_ptr<TensorParallelComm> comm, bool sequence = false);
+  bool sequenceParallel() const { return tp_.sequence; }
 
   // (HF name, parameter) in the stable order described above.
   std::vector<std::pair<std::string, torch::Tensor>> namedParameters() const;
@@ -148,8 +160,10 @@ class TransformerImpl : public torch::nn::Module {
 
  private:
   void initParameters(uint64_t seed);
+  torch::Tensor logitsOf(const torch::Tensor& h);
   core::ModelConfig config_;
   ModelShard shard_;  // resolved: ends filled in
+  TensorParallelContext tp_;
 };
 TORCH_MODULE(Transformer);
 

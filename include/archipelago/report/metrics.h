@@ -208,6 +208,7 @@ struct ParallelRecord {
   int64_t replicas = 1;
   int64_t expert_parallel = 1;
   std::vector<int64_t> expert_begin;
+  int64_t tensor_parallel = 1;
   std::vector<int64_t> shares;
   bool recompute = false;
   std::string strategy;
@@ -215,7 +216,8 @@ struct ParallelRecord {
 
   template <class F> void fields(F& f) {
     f.field("pipeline_stages", pipeline_stages), f.field("stage_layers", stage_layers), f.field("replicas", replicas);
-    f.field("expert_parallel", expert_parallel), f.field("expert_begin", expert_begin), f.field("shares", shares);
+    f.field("expert_parallel", expert_parallel), f.field("expert_begin", expert_begin);
+    f.field("tensor_parallel", tensor_parallel), f.field("shares", shares);
     f.field("recompute", recompute), f.field("strategy", strategy), f.field("time", time);
   }
 };

@@ -3,7 +3,9 @@
 // pieces of it. A piece is the elements [begin, end) of one tensor
 // (flattened) found at `local` in the rank's flat buffer: a whole tensor of
 // a data-parallel replica or a pipeline stage, an expert of an expert
-// group, a slice cut at a ZeRO-1 shard's ends.
+// group, a slice cut at a ZeRO-1 shard's ends, a tensor-parallel slice (a
+// column-parallel one is contiguous in the whole tensor: one piece; a
+// row-parallel [R, C/tp] one is R pieces, one per row).
 //
 // Saving: the writer assembles each kind of state ("weight", "exp_avg",
 // ...) from its own pieces and asks the other ranks only for the elements
@@ -22,6 +24,7 @@
 #include <torch/torch.h>
 
 #include "archipelago/core/status.h"
+#include "archipelago/model/tensor_parallel.h"
 #include "archipelago/runtime/flat_params.h"
 
 namespace archipelago::runtime {
@@ -39,8 +42,11 @@ struct ShardPiece {
 class ShardMap {
  public:
   // `full`: the single-process parameter layout; `segments`: this rank's
-  // flat buffer. Fails if a segment is not in `full` or has another shape.
-  static core::Result<ShardMap> build(TensorLayout full, const std::vector<ParamSegment>& segments);
+  // flat buffer; `slices`: the tensors it holds a tensor-parallel slice of.
+  // Fails if a segment is not in `full` or has another shape than the whole
+  // tensor (or its slice).
+  static core::Result<ShardMap> build(TensorLayout full, const std::vector<ParamSegment>& segments,
+                                      const std::map<std::string, model::TensorSlice>& slices = {});
 
   // The pieces of this rank's flat range [begin, end), in buffer order.
   std::vector<ShardPiece> pieces(int64_t begin, int64_t end) const;
@@ -58,6 +64,11 @@ class ShardMap {
   struct Segment {
     std::string name;
     int64_t offset = 0, numel = 0;
+    // Where local element i of the segment is in the whole tensor:
+    // first + i (whole or dim-0 slice), or, for a dim-1 slice, row
+    // i / cols at column first + i % cols of a row of full_cols.
+    int64_t first = 0;
+    int64_t cols = 0, full_cols = 0;  // dim-1 slices only
   };
   TensorLayout full_;
   std::map<std::string, int64_t> full_offset_;

@@ -71,7 +71,8 @@ core::Result<CheckpointState> Trainer::assembleSnapshot(int64_t step, const Asse
   s.optimizer = {{"exp_avg", got.flat("exp_avg")}, {"exp_avg_sq", got.flat("exp_avg_sq")}};
   if (split()) {
     s.extra["parallel"] = {{"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
-                           {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin}};
+                           {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin},
+                           {"tensor_parallel", lay_.tp}};
   }
   if (outer_) {
     s.optimizer.push_back({"outer.anchor", got.flat("outer.anchor")});

@@ -7,9 +7,11 @@
 
 namespace archipelago::runtime::loop {
 
-// Pipeline / expert layouts: the same-stage ranks of the inner group share
-// the replicated tensors, those of them in one member slot the experts;
-// stage neighbours exchange activations, an expert group token rows.
+// Pipeline / expert / tensor-parallel layouts: the same-stage ranks of the
+// inner group (at the same tensor-parallel rank) share the replicated
+// tensors, those of them in one member slot the experts; stage neighbours
+// exchange activations, an expert group token rows, a tensor-parallel group
+// partial sums.
 core::Status Trainer::setupSplitGroups() {
   groups_.world = world_group_;
   // The session's island group is the inner group's object (one group object per rank set).
@@ -24,7 +26,7 @@ core::Status Trainer::setupSplitGroups() {
   const int member = lay_.epMemberOf(rank_);
   std::vector<int> stage_ranks, expert_ranks;
   for (int r : grad_ranks_) {
-    if (lay_.stageOf(r) != stage_) continue;
+    if (lay_.stageOf(r) != stage_ || lay_.tpRankOf(r) != tp_rank_) continue;
     stage_ranks.push_back(r);
     if (lay_.epMemberOf(r) == member) expert_ranks.push_back(r);
   }
@@ -32,15 +34,32 @@ core::Status Trainer::setupSplitGroups() {
     ARCH_ASSIGN_OR_RETURN(auto g, groups_.of(stage_ranks));
     stage_dp_ = std::make_unique<GroupDp>(g, hierarchical, codec, 0);
   }
+  if (tp_) {
+    std::vector<int> tp_ranks;
+    for (int t = 0; t < lay_.tp; ++t) tp_ranks.push_back(rank_ - tp_rank_ + t);
+    ARCH_ASSIGN_OR_RETURN(auto tpg, groups_.of(tp_ranks));
+    tp_comm_ = std::make_shared<parallel::CommTensorParallel>(tpg);
+    const bool sequence = job_.strategy.sequence_parallel;
+    ARCH_RETURN_IF_ERROR(parallel::guardStep("tensor parallelism", [&] {
+      net_->setTensorParallel(tp_comm_, sequence);
+      return core::okStatus();
+    }));
+    std::vector<bool> replicated;
+    for (const auto& seg : flat_->segments()) {
+      replicated.push_back(!model::tensorSlice(mcfg_, seg.name, {tp_rank_, lay_.tp}).sliced());
+    }
+    tensor_ = std::make_unique<parallel::TensorParallel>(*flat_, tpg, std::move(replicated), sequence);
+  }
   if (pp_) {
-    if (stage_ > 0 && islandOf(rank_ - 1) != islandOf(rank_)) prev_codec_ = codec;
-    if (stage_ + 1 < lay_.stages && islandOf(rank_ + 1) != islandOf(rank_)) next_codec_ = codec;
+    // Stage neighbours at the same tensor-parallel rank.
+    if (stage_ > 0 && islandOf(rank_ - lay_.tp) != islandOf(rank_)) prev_codec_ = codec;
+    if (stage_ + 1 < lay_.stages && islandOf(rank_ + lay_.tp) != islandOf(rank_)) next_codec_ = codec;
   }
   if (ep_) {
     // Member j of expert group g: stage_ of pipeline g * ep + j.
     std::vector<int> ep_ranks;
     const int g0 = lay_.epGroupOf(rank_) * lay_.ep;
-    for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back((g0 + j) * lay_.stages + stage_);
+    for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back(((g0 + j) * lay_.stages + stage_) * lay_.tp + tp_rank_);
     ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks));
     ARCH_ASSIGN_OR_RETURN(auto dcodec, comm::parseCodec(job_.strategy.dispatch_codec));
     exchange_ = std::make_shared<parallel::CommExpertExchange>(epg, lay_.expert_begin, dcodec);
@@ -51,7 +70,9 @@ core::Status Trainer::setupSplitGroups() {
     }
   }
   for (int r = 0; r < world_; ++r) {
-    if (lay_.stageOf(r) == stage_ && lay_.epMemberOf(r) == member) outer_ranks_.push_back(r);
+    if (lay_.stageOf(r) == stage_ && lay_.epMemberOf(r) == member && lay_.tpRankOf(r) == tp_rank_) {
+      outer_ranks_.push_back(r);
+    }
   }
   for (int r : outer_ranks_) {
     if (islandOf(r) == me_.island_index) {
@@ -95,6 +116,9 @@ core::Status Trainer::makeParts() {
   dopt.overlap = false;
   dopt.replicated_norm = false;
   dopt.norm_owner = d == 0;
+  // Tensor parallelism: slices count on every rank of the group, the
+  // replicated tensors on its rank 0.
+  if (tp_) dopt.norm_segments = parallel::tensorParallelNormSegments(mcfg_, flat_->segments(), {tp_rank_, lay_.tp});
   data_ = std::make_unique<parallel::DataParallel>(*flat_, stage_dp_.get(), dopt);
   if (ep_) experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(), d < lay_.ep, exchange_);
   const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;
@@ -108,6 +132,9 @@ core::Status Trainer::makeParts() {
   po.stage = stage_;
   po.stages = lay_.stages;
   po.rank = rank_;
+  po.prev_rank = rank_ - lay_.tp;
+  po.next_rank = rank_ + lay_.tp;
+  po.seq_parts = net_->sequenceParallel() ? lay_.tp : 1;
   po.micro_batch = tc_.micro_batch;
   po.recompute = tc_.recompute;
   po.dim = mcfg_.dim;

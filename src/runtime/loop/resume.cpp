@@ -49,13 +49,16 @@ core::Status Trainer::loadPieces(const std::string& dir, const CheckpointState& 
     }
   }
   torch::NoGradGuard ng;
+  const std::map<std::string, std::vector<int64_t>> whole(shard_map_->full().begin(), shard_map_->full().end());
   for (const auto& seg : flat_->segments()) {
     auto it = by_name.find(seg.name);
     if (it == by_name.end()) return core::dataLoss("checkpoint " + dir + " lacks tensor '" + seg.name + "'");
-    if (it->second.sizes().vec() != seg.shape) {
+    if (!whole.count(seg.name) || it->second.sizes().vec() != whole.at(seg.name)) {
       return core::dataLoss("checkpoint " + dir + " tensor '" + seg.name + "' has another shape than the model");
     }
-    flat_->params().narrow(0, seg.offset, seg.numel).copy_(it->second.reshape({-1}));
+    // A tensor-parallel rank takes its slice of the whole tensor.
+    const torch::Tensor mine = model::sliceOf(it->second, model::tensorSlice(mcfg_, seg.name, {tp_rank_, lay_.tp}));
+    flat_->params().narrow(0, seg.offset, seg.numel).copy_(mine.reshape({-1}));
   }
   const auto moments = shard_map_->pieces(optim_->begin(), optim_->end());
   shard_map_->load(moments, opt_by_name["exp_avg"], adam_->expAvg(), optim_->begin());

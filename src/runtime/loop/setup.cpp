@@ -37,15 +37,18 @@ core::Status Trainer::setup() {
     world_ = dp->size();
   }
   workers_ = workersOf(job_);
-  const bool split_job = job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1;
+  const bool split_job =
+      job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1 || job_.strategy.tensor_parallel > 1;
   if (static_cast<int>(workers_.size()) != world_ && (world_ != 1 || split_job)) {
     return core::invalidArgument("the cluster spec has " + std::to_string(workers_.size()) +
                                  " workers but the communicator has " + std::to_string(world_) +
-                                 (split_job ? " (strategy.pipeline_stages / strategy.expert_parallel need one process "
-                                              "per worker of the cluster spec)"
+                                 (split_job ? " (strategy.pipeline_stages / expert_parallel / tensor_parallel need one "
+                                              "process per worker of the cluster spec)"
                                             : ""));
   }
-  if (split_job && world_ == 1) return core::invalidArgument("pipeline / expert parallelism needs more than one worker");
+  if (split_job && world_ == 1) {
+    return core::invalidArgument("pipeline / expert / tensor parallelism needs more than one worker");
+  }
   if (world_ == 1 && workers_.size() != 1) {
     // A single-process reference of a multi-worker job: island 0's device
     // kind, the job-wide dtype and threads.
@@ -105,13 +108,15 @@ core::Status Trainer::setupModel() {
   ARCH_ASSIGN_OR_RETURN(mcfg_, model::resolveModelConfig(job_.model));
   lay_.world = world_;
   lay_.replicas = world_;
-  if (job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1) {
+  if (job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1 || job_.strategy.tensor_parallel > 1) {
     ARCH_ASSIGN_OR_RETURN(lay_, parallel::parallelLayout(job_));
   }
   pp_ = lay_.stages > 1;
   ep_ = lay_.ep > 1;
+  tp_ = lay_.tp > 1;
   stage_ = lay_.stageOf(rank_);
   replica_ = lay_.replicaOf(rank_);
+  tp_rank_ = lay_.tpRankOf(rank_);
   share_index_ = replica_;
   model::ModelShard shard;
   if (pp_) {
@@ -123,6 +128,8 @@ core::Status Trainer::setupModel() {
     shard.expert_begin = lay_.expert_begin[member];
     shard.expert_end = lay_.expert_begin[member + 1];
   }
+  shard.tp = {tp_rank_, lay_.tp};
+  ARCH_RETURN_IF_ERROR(model::checkTensorParallel(mcfg_, lay_.tp));
   ARCH_ASSIGN_OR_RETURN(net_, model::buildModel(mcfg_, static_cast<uint64_t>(tc_.seed), shard));
   if (!place_.device.is_cpu()) net_->to(place_.device);
   if (place_.dtype == "fp8") {
@@ -141,7 +148,11 @@ core::Status Trainer::setupModel() {
       break;
     }
   }
-  ARCH_ASSIGN_OR_RETURN(auto map, ShardMap::build(model::parameterLayout(mcfg_), flat_->segments()));
+  std::map<std::string, model::TensorSlice> slices;
+  for (const auto& seg : flat_->segments()) {
+    if (auto sl = model::tensorSlice(mcfg_, seg.name, shard.tp); sl.sliced()) slices[seg.name] = sl;
+  }
+  ARCH_ASSIGN_OR_RETURN(auto map, ShardMap::build(model::parameterLayout(mcfg_), flat_->segments(), slices));
   shard_map_.emplace(std::move(map));
   std::set<std::string> params;
   for (const auto& seg : flat_->segments()) params.insert(seg.name);
@@ -183,7 +194,7 @@ core::Result<std::vector<int64_t>> Trainer::initialShares() const {
   for (int d = 0; d < lay_.replicas; ++d) {
     double x = 0;
     bool any = false;
-    for (int r = d * lay_.stages; r < (d + 1) * lay_.stages; ++r) {
+    for (int r = lay_.firstRankOf(d); r < lay_.endRankOf(d); ++r) {
       if (!std::binary_search(alive_.begin(), alive_.end(), r)) continue;
       any = true;
       x += core::initialShareWeight(tc_, workers_[static_cast<size_t>(r)]);

@@ -35,7 +35,12 @@ core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples
   in.loss_scale = scaler_->scale();
   in.trace = &trace_;
   return parallel::guardStep("step " + std::to_string(step_ + 1), [&] { return schedule_->forwardBackward(in, stats); },
-                             exchange_ ? &exchange_->failure() : nullptr);
+                             modelCommFailure());
+}
+
+const core::Status* Trainer::modelCommFailure() const {
+  // Read by guardStep after the body threw (a layout has one of them).
+  return exchange_ ? &exchange_->failure() : tp_comm_ ? &tp_comm_->failure() : nullptr;
 }
 
 core::Status Trainer::trainStep() {
@@ -86,6 +91,7 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
                                     double& grad_norm) {
   {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
+    if (tensor_) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
     ARCH_RETURN_IF_ERROR(data_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
     if (experts_) {
       flat_->upcastGrads(n_dense_, flat_->numel());  // the expert part reduces the fp32 gradients
@@ -153,9 +159,11 @@ core::Status Trainer::routerBias() {
 core::Status Trainer::controlValues(int64_t step, const parallel::StepStats& stats, double (&ctrl)[5], double& comm_s) {
   const bool want_stop = opt_.stop && opt_.stop->load();
   const bool pending = elastic() && opt_.elastic->newEpochPending();
-  ctrl[0] = stats.ce_sum;
-  ctrl[1] = static_cast<double>(stats.tokens);
-  ctrl[2] = stats.aux_sum;
+  // A tensor-parallel group computes one loss: its rank 0 counts it.
+  const bool counts = tp_rank_ == 0;
+  ctrl[0] = counts ? stats.ce_sum : 0.0;
+  ctrl[1] = counts ? static_cast<double>(stats.tokens) : 0.0;
+  ctrl[2] = counts ? stats.aux_sum : 0.0;
   ctrl[3] = pending ? 1.0 : 0.0;
   ctrl[4] = want_stop ? 1.0 : 0.0;
   const bool outer_boundary = outer_ && (step + 1) % job_.strategy.inner_steps == 0;

@@ -78,7 +78,9 @@ core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
     std::vector<double> timing(grad_ranks_.size() * 3, 0.0);
     double mine[3] = {static_cast<double>(stats.sched_begin_us), static_cast<double>(stats.sched_end_us), stats.compute_s};
     ARCH_RETURN_IF_ERROR(grad_dp_->allgather(mine, timing));
-    const int pipes = static_cast<int>(grad_ranks_.size()) / lay_.stages;
+    // Timing of stage s of pipeline d: its tensor-parallel rank 0 (the
+    // group runs in lockstep), at index (d * stages + s) * tp.
+    const int pipes = static_cast<int>(grad_ranks_.size()) / (lay_.stages * lay_.tp);
     if (rank_ == 0) {
       // Per pipeline: window = first start .. last end over its stages;
       // bubble = 1 - busy_s / window. Averaged over pipelines per stage.
@@ -87,14 +89,14 @@ core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
       for (int d = 0; d < pipes; ++d) {
         double lo = 1e300, hi = 0;
         for (int s = 0; s < lay_.stages; ++s) {
-          const size_t r = static_cast<size_t>(d * lay_.stages + s);
+          const size_t r = static_cast<size_t>((d * lay_.stages + s) * lay_.tp);
           lo = std::min(lo, timing[r * 3]);
           hi = std::max(hi, timing[r * 3 + 1]);
         }
         const double window = std::max(1e-9, (hi - lo) * 1e-6);
         window_mean += window / pipes;
         for (int s = 0; s < lay_.stages; ++s) {
-          const double b = timing[static_cast<size_t>(d * lay_.stages + s) * 3 + 2];
+          const double b = timing[static_cast<size_t>((d * lay_.stages + s) * lay_.tp) * 3 + 2];
           busy[static_cast<size_t>(s)] += b / pipes;
           bubble[static_cast<size_t>(s)] += std::max(0.0, 1.0 - b / window) / pipes;
         }
@@ -185,8 +187,9 @@ core::Result<double> Trainer::evaluate() {
   for (int64_t i = 0; i < tc_.eval_batches; ++i) {
     auto b = val_sampler_->batchAt(i * tc_.global_batch, shares_, share_index_);
     ARCH_RETURN_IF_ERROR(parallel::guardStep("evaluation", [&] { return schedule_->evaluate(b, T_, acc[0], acc[1]); },
-                                             exchange_ ? &exchange_->failure() : nullptr));
+                                             modelCommFailure()));
   }
+  if (tp_rank_ != 0) acc[0] = acc[1] = 0;  // a tensor-parallel group's loss is counted once
   ARCH_RETURN_IF_ERROR(dp_->allreduceSum(acc));
   return acc[1] > 0 ? acc[0] / acc[1] : -1.0;
 }

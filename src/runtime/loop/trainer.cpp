@@ -45,9 +45,9 @@ void Trainer::logStart() const {
                                   : "");
   if (!split() || rank_ != 0) return;
   ARCH_LOG_INFO("layout: {} pipeline stage(s) with layers [{}] x {} replica(s), expert parallel {} (experts per "
-                "member [{}]), shares [{}], strategy {}",
+                "member [{}]), tensor parallel {}, shares [{}], strategy {}",
                 lay_.stages, fmt::join(lay_.stage_layers, ","), lay_.replicas, lay_.ep, fmt::join(lay_.expert_begin, ","),
-                fmt::join(shares_, ","), job_.strategy.kind);
+                lay_.tp, fmt::join(shares_, ","), job_.strategy.kind);
 }
 
 core::Result<TrainSummary> Trainer::run() {
@@ -90,7 +90,8 @@ core::Result<TrainSummary> Trainer::run() {
   if (split() && rank_ == 0 && opt_.write_metrics) {
     metrics_.write(report::ParallelRecord{.pipeline_stages = lay_.stages, .stage_layers = lay_.stage_layers,
                                           .replicas = lay_.replicas, .expert_parallel = lay_.ep,
-                                          .expert_begin = lay_.expert_begin, .shares = shares_,
+                                          .expert_begin = lay_.expert_begin, .tensor_parallel = lay_.tp,
+                                          .shares = shares_,
                                           .recompute = tc_.recompute, .strategy = job_.strategy.kind});
   }
   if (elastic()) event("started", {.detail = fmt::format("rank {} in step at step {}", rank_, step_), .pid = ::getpid()});

@@ -46,6 +46,7 @@
 #include "archipelago/runtime/parallel/layout.h"
 #include "archipelago/runtime/parallel/optimizer_shard.h"
 #include "archipelago/runtime/parallel/part.h"
+#include "archipelago/runtime/parallel/tensor_parallel.h"
 #include "archipelago/runtime/trainer.h"
 #include "runtime/loop/rebalancer.h"
 
@@ -160,8 +161,12 @@ class Trainer {
 
   // ---- elasticity (replica_state.cpp, recovery.cpp) ----
   bool elastic() const { return opt_.elastic != nullptr; }
-  // The layout splits the model over ranks (pipeline stages, expert groups).
-  bool split() const { return pp_ || ep_; }
+  // The layout splits the model over ranks (pipeline stages, expert groups,
+  // tensor-parallel slices).
+  bool split() const { return pp_ || ep_ || tp_; }
+  // The failure behind an exception thrown inside the model's collectives
+  // (expert exchange, tensor-parallel group); null without such collectives.
+  const core::Status* modelCommFailure() const;
   bool amWriter() const { return alive_.empty() || alive_.front() == rank_; }
   // Copies the replica state as the new rollback point; refresh_outer also
   // re-reads the outer sync's tensors (otherwise only when they may change).
@@ -197,8 +202,9 @@ class Trainer {
 
   // ---- layout ----
   parallel::ParallelLayout lay_;  // plain data parallelism: one stage, one expert member
-  bool pp_ = false, ep_ = false;
+  bool pp_ = false, ep_ = false, tp_ = false;
   int stage_ = 0, replica_ = 0;
+  int tp_rank_ = 0;               // this rank's place in its tensor-parallel group
   int share_index_ = 0;           // this rank's slot in shares_ (its pipeline with PP)
   int64_t n_dense_ = 0;           // EP: flat [0, n_dense_) replicated, [n_dense_, end) this member's experts
   GroupCache groups_;
@@ -207,6 +213,7 @@ class Trainer {
   std::unique_ptr<GroupDp> island_dp_;  // the inner group when the session has none of that rank set
   LocalDp local_island_;
   std::shared_ptr<parallel::CommExpertExchange> exchange_;
+  std::shared_ptr<parallel::CommTensorParallel> tp_comm_;
   comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
   // DiLoCo on a split layout: the ranks holding the same tensors in every
   // island run the outer step on them; one of them per island counts tokens.
@@ -217,6 +224,7 @@ class Trainer {
   std::unique_ptr<parallel::Part> schedule_;         // micro-batches or 1F1B
   std::unique_ptr<parallel::DataParallel> data_;     // the replicated tensors
   std::unique_ptr<parallel::ExpertParallel> experts_;  // EP: this member's experts
+  std::unique_ptr<parallel::TensorParallel> tensor_;   // TP: the replicated tensors under SP
 
   std::unique_ptr<data::PreparedDataset> ds_;
   std::optional<data::Sampler> train_sampler_, val_sampler_;

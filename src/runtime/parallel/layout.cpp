@@ -92,30 +92,53 @@ double speedOf(const std::vector<WorkerInfo>& workers, int r) {
   return 1.0 / std::max(1e-9, workers[static_cast<size_t>(r)].slowdown);
 }
 
+// Tensor-parallel groups: tp consecutive ranks, all on one island (their
+// two allreduces per layer must not cross a strait).
+core::Status checkTensorGroups(const std::vector<WorkerInfo>& workers, const ParallelLayout& lay) {
+  if (lay.tp <= 1) return core::okStatus();
+  if (lay.world % lay.tp != 0) {
+    return core::invalidArgument("strategy.tensor_parallel (" + std::to_string(lay.tp) +
+                                 ") must divide the number of workers (" + std::to_string(lay.world) + ")");
+  }
+  for (int r = 0; r < lay.world; ++r) {
+    const int first = r / lay.tp * lay.tp;
+    if (workers[static_cast<size_t>(r)].island_index != workers[static_cast<size_t>(first)].island_index) {
+      return core::invalidArgument("strategy.tensor_parallel (" + std::to_string(lay.tp) + "): ranks " +
+                                   std::to_string(first) + ".." + std::to_string(first + lay.tp - 1) +
+                                   " form one tensor-parallel group and must sit on one island; make every island's "
+                                   "worker count a multiple of " + std::to_string(lay.tp));
+    }
+  }
+  return core::okStatus();
+}
+
 // The world, the stage count and the expert-group size must tile each other
 // (and, between outer steps of diloco / streaming, each island).
 core::Status checkShape(const core::JobConfig& job, const std::vector<WorkerInfo>& workers,
                         const ParallelLayout& lay) {
   if (lay.world < 1) return core::invalidArgument("the cluster spec has no workers");
-  if (lay.world % lay.stages != 0) {
+  // Positions: tensor-parallel groups (checkTensorGroups: tp divides the world).
+  const int positions = lay.world / lay.tp;
+  const std::string of = lay.tp > 1 ? " (workers / strategy.tensor_parallel)" : "";
+  if (positions % lay.stages != 0) {
     return core::invalidArgument("strategy.pipeline_stages (" + std::to_string(lay.stages) +
-                                 ") must divide the number of workers (" + std::to_string(lay.world) + ")");
+                                 ") must divide the number of workers" + of + " (" + std::to_string(positions) + ")");
   }
-  if (lay.world % (lay.ep * lay.stages) != 0) {
+  if (positions % (lay.ep * lay.stages) != 0) {
     return core::invalidArgument("strategy.expert_parallel (" + std::to_string(lay.ep) + ") must divide the number of " +
-                                 (lay.stages > 1 ? "pipelines (" + std::to_string(lay.world / lay.stages) + ")"
-                                                 : "workers (" + std::to_string(lay.world) + ")"));
+                                 (lay.stages > 1 ? "pipelines (" + std::to_string(positions / lay.stages) + ")"
+                                                 : "workers" + of + " (" + std::to_string(positions) + ")"));
   }
   if (job.strategy.kind != "sync") {
     // Each island trains its own pipelines / expert groups between outer steps.
-    const int block = lay.stages * lay.ep;
+    const int block = lay.stages * lay.ep * lay.tp;
     for (int r = 0; r < lay.world; ++r) {
       const int first = r / block * block;
       if (workers[static_cast<size_t>(r)].island_index != workers[static_cast<size_t>(first)].island_index) {
         return core::invalidArgument("strategy.kind " + job.strategy.kind + " with strategy.pipeline_stages (" +
                                      std::to_string(lay.stages) + ") x strategy.expert_parallel (" +
-                                     std::to_string(lay.ep) + "): ranks " + std::to_string(first) + ".." +
-                                     std::to_string(first + block - 1) +
+                                     std::to_string(lay.ep) + ") x strategy.tensor_parallel (" + std::to_string(lay.tp) +
+                                     "): ranks " + std::to_string(first) + ".." + std::to_string(first + block - 1) +
                                      " form one pipeline / expert group and must sit on one island; make every "
                                      "island's worker count a multiple of " + std::to_string(block));
       }
@@ -160,8 +183,8 @@ core::Result<std::vector<int64_t>> stageLayersFromDevices(const core::ModelConfi
   std::vector<int64_t> max_layers(static_cast<size_t>(lay.stages), 0);
   for (int s = 0; s < lay.stages; ++s) {
     double mem = 0;
-    for (int d = 0; d < lay.replicas; ++d) {
-      const int r = d * lay.stages + s;
+    for (int r = 0; r < lay.world; ++r) {
+      if (lay.stageOf(r) != s) continue;
       speed[static_cast<size_t>(s)] = std::min(speed[static_cast<size_t>(s)], speedOf(workers, r));
       if (catalog.isOk()) {
         auto spec = catalog->get(workers[static_cast<size_t>(r)].device);
@@ -170,7 +193,10 @@ core::Result<std::vector<int64_t>> stageLayersFromDevices(const core::ModelConfi
     }
     if (mem > 0) {
       const double fixed = 16.0 * cost.head * ((s == 0 ? 1 : 0) + (s == lay.stages - 1 ? 1 : 0));
-      max_layers[static_cast<size_t>(s)] = std::max<int64_t>(0, static_cast<int64_t>((0.8 * mem - fixed) / cost.bytes));
+      // A tensor-parallel rank holds about 1/tp of each layer and of the head.
+      const double tp = static_cast<double>(lay.tp);
+      max_layers[static_cast<size_t>(s)] =
+          std::max<int64_t>(0, static_cast<int64_t>((0.8 * mem - fixed / tp) / (cost.bytes / tp)));
       if (max_layers[static_cast<size_t>(s)] == 0) max_layers[static_cast<size_t>(s)] = -1;  // reported below
     }
   }
@@ -236,8 +262,10 @@ core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
   lay.world = static_cast<int>(workers.size());
   lay.stages = static_cast<int>(job.strategy.pipeline_stages);
   lay.ep = static_cast<int>(job.strategy.expert_parallel);
+  lay.tp = static_cast<int>(job.strategy.tensor_parallel);
+  ARCH_RETURN_IF_ERROR(checkTensorGroups(workers, lay));
   ARCH_RETURN_IF_ERROR(checkShape(job, workers, lay));
-  lay.replicas = lay.world / lay.stages;
+  lay.replicas = lay.world / (lay.stages * lay.tp);
   ARCH_ASSIGN_OR_RETURN(auto mc, model::resolveModelConfig(job.model));
   ARCH_ASSIGN_OR_RETURN(lay.stage_layers, stageLayers(job, mc, workers, lay));
   ARCH_ASSIGN_OR_RETURN(lay.expert_begin, expertBegin(job, mc, workers, lay));

@@ -143,7 +143,7 @@ core::Status PipelineParallel::forwardOp(const StepInput& in, int64_t m, int64_t
   if (opt_.stage == 0) {
     input = idRows(batch.input, b, e - b, in.seq_len).to(net_->device());
   } else {
-    ARCH_ASSIGN_OR_RETURN(input, receive({e - b, in.seq_len, opt_.dim}, opt_.prev_codec, opt_.rank - 1, kTagActivation,
+    ARCH_ASSIGN_OR_RETURN(input, receive({e - b, in.seq_len / opt_.seq_parts, opt_.dim}, opt_.prev_codec, opt_.prev_rank, kTagActivation,
                                          in.trace, &stats, "activation " + std::to_string(i)));
     input = input.to(net_->device(), opt_.dtype).requires_grad_(true);
   }
@@ -164,7 +164,7 @@ core::Status PipelineParallel::forwardOp(const StepInput& in, int64_t m, int64_t
   // The output leaves after the emulated slowdown: a slower device has it later.
   slowdown_.stretchOp(c, in.trace, "F", e - b);
   if (opt_.stage + 1 < opt_.stages) {
-    sender_->push(outbound(st.output), opt_.next_codec, opt_.rank + 1, kTagActivation);
+    sender_->push(outbound(st.output), opt_.next_codec, opt_.next_rank, kTagActivation);
   }
   stats.compute_s += core::secondsSince(c0);  // busy: compute, emulated slowdown, handing the output on
   if (opt_.recompute) st.output = torch::Tensor();
@@ -177,7 +177,7 @@ core::Status PipelineParallel::backwardOp(const StepInput& in, int64_t m, int64_
   const bool last = opt_.stage == opt_.stages - 1;
   torch::Tensor grad;
   if (!last) {
-    ARCH_ASSIGN_OR_RETURN(grad, receive({e - b, in.seq_len, opt_.dim}, opt_.next_codec, opt_.rank + 1, kTagGradient,
+    ARCH_ASSIGN_OR_RETURN(grad, receive({e - b, in.seq_len / opt_.seq_parts, opt_.dim}, opt_.next_codec, opt_.next_rank, kTagGradient,
                                         in.trace, &stats, "gradient " + std::to_string(i)));
   }
   const auto c0 = core::Clock::now();
@@ -207,7 +207,7 @@ core::Status PipelineParallel::backwardOp(const StepInput& in, int64_t m, int64_
   }
   slowdown_.stretchOp(c, in.trace, "B", e - b);
   if (opt_.stage > 0) {
-    sender_->push(outbound(st.input.grad()), opt_.prev_codec, opt_.rank - 1, kTagGradient);
+    sender_->push(outbound(st.input.grad()), opt_.prev_codec, opt_.prev_rank, kTagGradient);
   }
   st = Stash{};
   stats.compute_s += core::secondsSince(c0);
@@ -241,13 +241,13 @@ core::Status PipelineParallel::evaluate(const data::Batch& batch, int64_t seq_le
   if (opt_.stage == 0) {
     x = idRows(batch.input, 0, batch.n, seq_len).to(net_->device());
   } else {
-    ARCH_ASSIGN_OR_RETURN(x, receive({batch.n, seq_len, opt_.dim}, opt_.prev_codec, opt_.rank - 1, kTagEval, nullptr,
+    ARCH_ASSIGN_OR_RETURN(x, receive({batch.n, seq_len / opt_.seq_parts, opt_.dim}, opt_.prev_codec, opt_.prev_rank, kTagEval, nullptr,
                                      nullptr, "evaluation activation"));
     x = x.to(net_->device(), opt_.dtype);
   }
   torch::Tensor h = net_->stageForward(x);
   if (opt_.stage + 1 < opt_.stages) {
-    sender_->push(outbound(h), opt_.next_codec, opt_.rank + 1, kTagEval);
+    sender_->push(outbound(h), opt_.next_codec, opt_.next_rank, kTagEval);
     return sender_->drain();
   }
   auto out = net_->headLoss(h, idRows(batch.target, 0, batch.n, seq_len).to(net_->device()));

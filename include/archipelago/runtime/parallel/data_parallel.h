@@ -31,6 +31,9 @@ struct DataParallelOptions {
   // counted by one holder only (`norm_owner`) and summed over the group.
   bool replicated_norm = true;
   bool norm_owner = true;
+  // Per flat segment: whether the owner counts it (empty: all of them);
+  // tensor parallelism counts a replicated tensor on one rank of a group.
+  std::vector<bool> norm_segments;
   torch::ScalarType reduce_dtype = torch::kFloat32;  // train.reduce_dtype
   // ZeRO-2 (train.zero: 2): the optimizer slices of the group's ranks
   // (size+1 offsets, OptimizerShard::offsets()); gradients are

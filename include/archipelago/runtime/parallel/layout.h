@@ -11,6 +11,10 @@
 // stage, the stage's ranks of those pipelines form the group, and member j
 // (pipeline j of the group) holds the same contiguous range of every MoE
 // layer's experts (uneven: strategy.expert_counts or by device speed).
+//
+// Tensor parallelism: every position above (stage s of pipeline d) is a
+// group of tensor_parallel consecutive ranks of one island, each holding
+// its slices of that position's tensors: rank (d * stages + s) * tp + t.
 #pragma once
 
 #include <cstdint>
@@ -38,13 +42,18 @@ struct ParallelLayout {
   int stages = 1;                       // pipeline_stages
   int replicas = 1;                     // pipelines: world / stages (without PP: every rank is one)
   int ep = 1;                           // expert_parallel: pipelines per expert group
+  int tp = 1;                           // tensor_parallel: ranks per position
   std::vector<int64_t> stage_layers;    // layers per stage
   std::vector<int64_t> expert_begin;    // ep+1 entries: member j holds [expert_begin[j], expert_begin[j+1])
-  int stageOf(int rank) const { return rank % stages; }
-  int replicaOf(int rank) const { return rank / stages; }
+  int stageOf(int rank) const { return (rank / tp) % stages; }
+  int replicaOf(int rank) const { return rank / (tp * stages); }
+  int tpRankOf(int rank) const { return rank % tp; }
+  // The ranks of pipeline (replica) d: [first, end).
+  int firstRankOf(int replica) const { return replica * stages * tp; }
+  int endRankOf(int replica) const { return (replica + 1) * stages * tp; }
   int64_t layerBegin(int stage) const;
-  // Rank d*stages + s is stage s of pipeline d; pipelines [g*ep, (g+1)*ep)
-  // form expert group g, pipeline d is its member d % ep.
+  // Rank d*stages + s (without TP) is stage s of pipeline d; pipelines
+  // [g*ep, (g+1)*ep) form expert group g, pipeline d is its member d % ep.
   int epMemberOf(int rank) const { return replicaOf(rank) % ep; }
   int epGroupOf(int rank) const { return replicaOf(rank) / ep; }
 };

@@ -37,7 +37,10 @@ int64_t pipelineMicroCount(int64_t n, int64_t micro_batch, int stages);
 struct PipelineOptions {
   int stage = 0;
   int stages = 1;
-  int rank = 0;               // this rank in `world` (prev stage: rank - 1, next: rank + 1)
+  int rank = 0;               // this rank in `world`
+  int prev_rank = -1;         // stage - 1's rank at this tensor-parallel rank (world rank)
+  int next_rank = -1;         // stage + 1's
+  int64_t seq_parts = 1;      // sequence parallelism: activations are [micro, seq_len / seq_parts, dim]
   int64_t micro_batch = 0;    // train.micro_batch
   bool recompute = false;     // train.recompute: keep only stage inputs, recompute in backward
   int64_t dim = 0;            // activation width

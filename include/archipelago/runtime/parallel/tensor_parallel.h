@@ -1,0 +1,69 @@
+// Tensor parallelism as the loop sees it (docs/parallelism.md "Tensor
+// parallelism"): the model's TP collectives (model/tensor_parallel.h) over a
+// comm group of consecutive ranks of one island, and which gradients a TP
+// rank counts in the global norm. The gradients themselves need no part of
+// their own: each slice is summed over the ranks holding the same slice
+// (a DataParallel part over the same-TP-rank ranks), and the replicated
+// tensors (norms, MoE layers) already carry identical gradients on every
+// rank of the group. With sequence parallelism the replicated tensors saw a
+// block of the sequence each: the TensorParallel part sums their gradients
+// over the group.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "archipelago/comm/communicator.h"
+#include "archipelago/core/config.h"
+#include "archipelago/model/tensor_parallel.h"
+#include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/parallel/part.h"
+
+namespace archipelago::runtime::parallel {
+
+// model::TensorParallelComm over a comm group. Failures throw (the model
+// calls it inside autograd); the loop turns them into a Status at the step
+// boundary (guardStep with failure()).
+class CommTensorParallel final : public model::TensorParallelComm {
+ public:
+  explicit CommTensorParallel(std::shared_ptr<comm::Group> group) : group_(std::move(group)) {}
+  int size() const override { return group_->size(); }
+  int rank() const override { return group_->rank(); }
+  void allreduceSum(torch::Tensor& t) override { reduce(t, comm::ReduceOp::kSum, "sum"); }
+  void allreduceMax(torch::Tensor& t) override { reduce(t, comm::ReduceOp::kMax, "max"); }
+  torch::Tensor reduceScatter(const torch::Tensor& t, int64_t dim) override;
+  torch::Tensor allgather(const torch::Tensor& t, int64_t dim) override;
+  // The failure behind the last exception thrown; ok if none.
+  const core::Status& failure() const { return failure_; }
+
+ private:
+  void reduce(torch::Tensor& t, comm::ReduceOp op, const char* what);
+  [[noreturn]] void fail(const core::Status& st, const std::string& what);
+  std::shared_ptr<comm::Group> group_;
+  core::Status failure_;
+};
+
+// Per flat segment: whether this TP rank counts it in the global norm
+// (a slice: every rank its own; a replicated tensor: TP rank 0 only).
+std::vector<bool> tensorParallelNormSegments(const core::ModelConfig& config, const std::vector<ParamSegment>& segments,
+                                             model::TensorParallelRank tp);
+
+// The part: under sequence parallelism, the gradients of the replicated
+// tensors (norms) summed over the tensor-parallel group, before the data
+// part sums over replicas; nothing to do without it.
+class TensorParallel final : public Part {
+ public:
+  TensorParallel(FlatParams& flat, std::shared_ptr<comm::Group> group, std::vector<bool> replicated, bool sequence)
+      : flat_(flat), group_(std::move(group)), replicated_(std::move(replicated)), sequence_(sequence) {}
+  std::string name() const override { return "tensor"; }
+  core::Status reduceGradients(StepStats& stats) override;
+
+ private:
+  FlatParams& flat_;
+  std::shared_ptr<comm::Group> group_;
+  std::vector<bool> replicated_;  // per flat segment
+  bool sequence_;
+};
+
+}  // namespace archipelago::runtime::parallel
