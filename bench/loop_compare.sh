@@ -15,16 +15,8 @@ new="$(realpath "$2")"
 steps="${3:-60}"
 runs="${4:-3}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-data="${ARCHIPELAGO_BENCH_DATA:-}"
-if [ -z "$data" ]; then
-  mkdir -p "$tmp/corpus"
-  for d in $(seq 0 79); do
-    for l in $(seq 0 59); do echo "Document $d line $l: the union is strong and the people are free, patient and hopeful."; done > "$tmp/corpus/doc$d.txt"
-  done
-  "$new" data prepare --input "$tmp/corpus" --out "$tmp/data" --tokenizer byte >/dev/null 2>&1
-  data="$tmp/data"
-fi
-data="$(realpath "$data")"
+source "$(dirname "$0")/bench_data.sh"
+data="$(bench_data "$new" "$tmp")"
 
 layout() {  # name -> islands + strategy
   case "$1" in

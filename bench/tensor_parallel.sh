@@ -17,16 +17,8 @@ bin="$(realpath "${1:-build/src/cli/archipelago}")"
 steps="${2:-25}"
 runs="${3:-3}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-data="${ARCHIPELAGO_BENCH_DATA:-}"
-if [ -z "$data" ]; then
-  mkdir -p "$tmp/corpus"
-  for d in $(seq 0 79); do
-    for l in $(seq 0 59); do echo "Document $d line $l: the union is strong and the people are free, patient and hopeful."; done > "$tmp/corpus/doc$d.txt"
-  done
-  "$bin" data prepare --input "$tmp/corpus" --out "$tmp/data" --tokenizer byte >/dev/null 2>&1
-  data="$tmp/data"
-fi
-data="$(realpath "$data")"
+source "$(dirname "$0")/bench_data.sh"
+data="$(bench_data "$bin" "$tmp")"
 
 layout() {  # name -> workers | threads per worker | strategy
   case "$1" in
