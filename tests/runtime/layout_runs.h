@@ -18,13 +18,19 @@
 
 namespace archipelago::runtime::testutil {
 
-inline std::string jobYaml(const fs::path& run_dir, const std::string& islands, int steps, const std::string& model_extra,
-                    const std::string& strategy, const std::string& train_extra = "") {
+inline std::string jobYaml(const fs::path &run_dir, const std::string &islands,
+                           int steps, const std::string &model_extra,
+                           const std::string &strategy,
+                           const std::string &train_extra = "") {
   std::ostringstream o;
-  o << "cluster:\n  islands:\n" << islands << "\n"
-    << "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32" << model_extra << "}\n"
+  o << "cluster:\n  islands:\n"
+    << islands << "\n"
+    << "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32"
+    << model_extra << "}\n"
     << "data: {dir: " << tinyDataDir().string() << ", seq_len: 32}\n"
-    << "train: {steps: " << steps << ", global_batch: 8, micro_batch: 2, lr: 0.003, warmup_steps: 3, eval_every: 0, "
+    << "train: {steps: " << steps
+    << ", global_batch: 8, micro_batch: 2, lr: 0.003, warmup_steps: 3, "
+       "eval_every: 0, "
     << "rebalance: false" << train_extra << "}\n"
     << "strategy: " << strategy << "\n"
     << "checkpoint: {every: 0, keep_last: 3}\n"
@@ -32,9 +38,12 @@ inline std::string jobYaml(const fs::path& run_dir, const std::string& islands, 
   return o.str();
 }
 
-inline std::vector<double> reference(const std::string& name, int steps, const std::string& model_extra) {
-  auto job = loadJobText(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}", steps, model_extra, "{kind: sync}"),
-                         name);
+inline std::vector<double> reference(const std::string &name, int steps,
+                                     const std::string &model_extra) {
+  auto job =
+      loadJobText(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}",
+                          steps, model_extra, "{kind: sync}"),
+                  name);
   TrainerOptions o;
   o.job = job;
   o.run_dir = job.run_dir;
@@ -44,28 +53,32 @@ inline std::vector<double> reference(const std::string& name, int steps, const s
   return s.isOk() ? s->losses : std::vector<double>{};
 }
 
-inline void expectCurve(const fs::path& run, const std::vector<double>& ref, int from_step, int to_step, double tol,
-                 const std::string& what) {
+inline void expectCurve(const fs::path &run, const std::vector<double> &ref,
+                        int from_step, int to_step, double tol,
+                        const std::string &what) {
   auto losses = testutil::rank0Losses(run);
   for (int s = from_step; s <= to_step; ++s) {
     ASSERT_TRUE(losses.count(s)) << what << ": no loss for step " << s;
-    EXPECT_NEAR(losses[s], ref[static_cast<size_t>(s - 1)], tol * ref[0]) << what << " step " << s;
+    EXPECT_NEAR(losses[s], ref[static_cast<size_t>(s - 1)], tol * ref[0])
+        << what << " step " << s;
   }
 }
 
 // The model a checkpoint's job file describes (vocab_size 0 there means
 // "from the data", as the trainer resolves it).
-inline core::ModelConfig checkpointModel(const CheckpointState& ck) {
+inline core::ModelConfig checkpointModel(const CheckpointState &ck) {
   core::ModelConfig mc = loadJobText(ck.job_yaml, "ck_model").model;
   if (mc.vocab_size == 0) {
     auto ds = data::PreparedDataset::open(tinyDataDir());
     EXPECT_TRUE(ds.isOk()) << ds.status().toString();
-    if (ds.isOk()) mc.vocab_size = (*ds)->vocabSize();
+    if (ds.isOk())
+      mc.vocab_size = (*ds)->vocabSize();
   }
   return *model::resolveModelConfig(mc);
 }
 
 constexpr int kSteps = 20;
-constexpr double kTol = 2e-5;  // relative to the first loss (~5.5): fp32 summation-order noise
+constexpr double kTol =
+    2e-5; // relative to the first loss (~5.5): fp32 summation-order noise
 
-}  // namespace archipelago::runtime::testutil
+} // namespace archipelago::runtime::testutil

@@ -263,12 +263,7 @@ TEST(Pipeline, TwoPipelinesWithUnevenSharesMatchSingleProcess) {
   yaml.replace(yaml.find("rebalance: false"), 16, "rebalance: false, shares: [3, 3, 1, 1]");
   ASSERT_EQ(testutil::runTrain(yaml, "pp_dp"), 0) << outputOf("pp_dp");
   expectCurve(run, ref, 1, kSteps, kTol, "2 pipelines");
-  std::map<int, int64_t> samples;
-  for (const auto& j : testutil::metricLines(run, "step")) samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
-  EXPECT_EQ(samples[0], 6);
-  EXPECT_EQ(samples[1], 6);
-  EXPECT_EQ(samples[2], 2);
-  EXPECT_EQ(samples[3], 2);
+  EXPECT_EQ(testutil::samplesByRank(run), (std::map<int, int64_t>{{0, 6}, {1, 6}, {2, 2}, {3, 2}}));
 }
 
 TEST(ExpertParallel, TwoMembersWithUnevenExpertsMatchSingleProcess) {

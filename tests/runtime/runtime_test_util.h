@@ -91,6 +91,13 @@ inline std::vector<nlohmann::json> metricLines(const fs::path& run_dir, const st
   return out;
 }
 
+// Samples each rank computed per step (its last step line), by rank.
+inline std::map<int, int64_t> samplesByRank(const fs::path& run) {
+  std::map<int, int64_t> samples;
+  for (const auto& j : metricLines(run, "step")) samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
+  return samples;
+}
+
 // Global loss per step, as logged by rank 0.
 inline std::map<int64_t, double> rank0Losses(const fs::path& run_dir) {
   std::map<int64_t, double> out;

@@ -77,10 +77,7 @@ TEST(TensorParallel, TwoRanksWithAndWithoutSequenceParallelismMatchSingleProcess
   ASSERT_FALSE(par.empty());
   EXPECT_EQ(par.back()["tensor_parallel"].get<int>(), 2);
   // Both ranks computed every sample of the step (one TP group, one replica).
-  std::map<int, int64_t> samples;
-  for (const auto& j : testutil::metricLines(run, "step")) samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
-  EXPECT_EQ(samples[0], 8);
-  EXPECT_EQ(samples[1], 8);
+  EXPECT_EQ(testutil::samplesByRank(run), (std::map<int, int64_t>{{0, 8}, {1, 8}}));
   // Sequence parallelism: the norms see half of each sequence per rank, their
   // gradients are summed over the pair.
   fs::path sp = scratchRoot() / "tp2_sp";
@@ -126,12 +123,7 @@ TEST(TensorParallel, TwoStagesOfTwoRanksSaveAndResumeAtOneProcessAndAtTwoUnevenR
     ASSERT_EQ(testutil::runTrain(y, name, {"--resume"}), 0) << outputOf(name);
     expectCurve(run, ref, k + 1, steps, kTol, name);
     if (count == 4) {
-      std::map<int, int64_t> samples;
-      for (const auto& j : testutil::metricLines(run, "step")) samples[j["rank"].get<int>()] = j["samples"].get<int64_t>();
-      EXPECT_EQ(samples[0], 6);
-      EXPECT_EQ(samples[1], 6);
-      EXPECT_EQ(samples[2], 2);
-      EXPECT_EQ(samples[3], 2);
+      EXPECT_EQ(testutil::samplesByRank(run), (std::map<int, int64_t>{{0, 6}, {1, 6}, {2, 2}, {3, 2}}));
     }
   }
 }

@@ -44,11 +44,8 @@ core::Status Trainer::setupSplitGroups() {
       net_->setTensorParallel(tp_comm_, sequence);
       return core::okStatus();
     }));
-    std::vector<bool> replicated;
-    for (const auto& seg : flat_->segments()) {
-      replicated.push_back(!model::tensorSlice(mcfg_, seg.name, {tp_rank_, lay_.tp}).sliced());
-    }
-    tensor_ = std::make_unique<parallel::TensorParallel>(*flat_, tpg, std::move(replicated), sequence);
+    tensor_ = std::make_unique<parallel::TensorParallel>(
+        *flat_, tpg, parallel::replicatedSegments(mcfg_, flat_->segments(), {tp_rank_, lay_.tp}), sequence);
   }
   if (pp_) {
     // Stage neighbours at the same tensor-parallel rank.
@@ -118,7 +115,9 @@ core::Status Trainer::makeParts() {
   dopt.norm_owner = d == 0;
   // Tensor parallelism: slices count on every rank of the group, the
   // replicated tensors on its rank 0.
-  if (tp_) dopt.norm_segments = parallel::tensorParallelNormSegments(mcfg_, flat_->segments(), {tp_rank_, lay_.tp});
+  if (tensor_) {
+    for (bool whole : tensor_->replicated()) dopt.norm_segments.push_back(tp_rank_ == 0 || !whole);
+  }
   data_ = std::make_unique<parallel::DataParallel>(*flat_, stage_dp_.get(), dopt);
   if (ep_) experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(), d < lay_.ep, exchange_);
   const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;

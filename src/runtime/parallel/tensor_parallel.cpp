@@ -83,10 +83,10 @@ core::Status TensorParallel::reduceGradients(StepStats& stats) {
   return core::okStatus();
 }
 
-std::vector<bool> tensorParallelNormSegments(const core::ModelConfig& config, const std::vector<ParamSegment>& segments,
-                                             model::TensorParallelRank tp) {
+std::vector<bool> replicatedSegments(const core::ModelConfig& config, const std::vector<ParamSegment>& segments,
+                                     model::TensorParallelRank tp) {
   std::vector<bool> out;
-  for (const auto& s : segments) out.push_back(tp.rank == 0 || model::tensorSlice(config, s.name, tp).sliced());
+  for (const auto& s : segments) out.push_back(!model::tensorSlice(config, s.name, tp).sliced());
   return out;
 }
 

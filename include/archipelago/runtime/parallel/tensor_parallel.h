@@ -44,10 +44,11 @@ class CommTensorParallel final : public model::TensorParallelComm {
   core::Status failure_;
 };
 
-// Per flat segment: whether this TP rank counts it in the global norm
-// (a slice: every rank its own; a replicated tensor: TP rank 0 only).
-std::vector<bool> tensorParallelNormSegments(const core::ModelConfig& config, const std::vector<ParamSegment>& segments,
-                                             model::TensorParallelRank tp);
+// Per flat segment: whether it is held whole (replicated over the group)
+// rather than sliced. The global norm counts a slice on every rank of the
+// group and a replicated tensor on its rank 0.
+std::vector<bool> replicatedSegments(const core::ModelConfig& config, const std::vector<ParamSegment>& segments,
+                                     model::TensorParallelRank tp);
 
 // The part: under sequence parallelism, the gradients of the replicated
 // tensors (norms) summed over the tensor-parallel group, before the data
@@ -58,6 +59,7 @@ class TensorParallel final : public Part {
       : flat_(flat), group_(std::move(group)), replicated_(std::move(replicated)), sequence_(sequence) {}
   std::string name() const override { return "tensor"; }
   core::Status reduceGradients(StepStats& stats) override;
+  const std::vector<bool>& replicated() const { return replicated_; }
 
  private:
   FlatParams& flat_;
