@@ -284,13 +284,15 @@ Status validateJob(const JobConfig& j) {
   }
   if (t.zero < 0 || t.zero > 3) p.add("train.zero", t.zero, "0 (none), 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)");
   if (s.tensor_parallel < 1) p.add("strategy.tensor_parallel", s.tensor_parallel, "an integer >= 1");
-  // Not executed by the runtime yet (issue 20 in progress): refused rather than ignored.
-  if (t.zero >= 3) p.add("train.zero", t.zero, "0, 1 or 2 (ZeRO-3 is not built yet)");
-  // ZeRO-2 reduce-scatters gradients over the flat ring, uncompressed: a
+  // ZeRO-2/3 reduce-scatter gradients over the flat ring, uncompressed: a
   // strait codec would silently not apply.
-  if (t.zero == 2 && s.kind == "sync" && s.codec != "none") {
-    p.add("train.zero", t.zero, "0 or 1 with strategy.codec " + s.codec +
-                                    " (ZeRO-2's gradient reduce-scatter is uncompressed), or strategy.codec: none");
+  if (t.zero >= 2 && s.kind == "sync" && s.codec != "none") {
+    p.add("train.zero", t.zero, "0 or 1 with strategy.codec " + s.codec + " (ZeRO-" + std::to_string(t.zero) +
+                                    "'s gradient reduce-scatter is uncompressed), or strategy.codec: none");
+  }
+  // ZeRO-3 gathers and reduce-scatters in fp32 (runtime/parallel/sharded_params.h).
+  if (t.zero == 3 && t.reduce_dtype != "fp32") {
+    p.add("train.reduce_dtype", t.reduce_dtype, "fp32 with train.zero: 3 (its reduce-scatters are fp32), or train.zero <= 2");
   }
   if (s.tensor_parallel > 1) validateTensorParallel(j, world, p);
   if (s.sequence_parallel && s.tensor_parallel <= 1) {

@@ -512,10 +512,15 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& input_ids, KvCache* c
   auto x = model->embed_tokens(input_ids);
   auto table_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   RotaryTables rope = rotaryTables(start, t, headDim(config_), config_.rope_theta, x.device(), table_dtype);
-  for (size_t i = 0; i < model->layers->size(); ++i) {
-    x = model->layers[i]->as<DecoderLayerImpl>()->forward(x, rope, cache ? &cache->layers[i] : nullptr);
-  }
+  for (size_t i = 0; i < model->layers->size(); ++i) x = layerForward(i, x, rope, cache ? &cache->layers[i] : nullptr);
   return model->norm(x);
+}
+
+torch::Tensor TransformerImpl::layerForward(size_t i, const torch::Tensor& x, const RotaryTables& rope,
+                                            LayerKvCache* cache) {
+  if (layer_hooks_ == nullptr) return model->layers[i]->as<DecoderLayerImpl>()->forward(x, rope, cache);
+  layer_hooks_->before(i);
+  return layer_hooks_->after(i, model->layers[i]->as<DecoderLayerImpl>()->forward(x, rope, cache));
 }
 
 torch::Tensor TransformerImpl::logitsOf(const torch::Tensor& h) {
@@ -550,9 +555,7 @@ torch::Tensor TransformerImpl::stageForward(const torch::Tensor& input) {
               config_.max_seq_len);
   auto table_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   RotaryTables rope = rotaryTables(0, t, headDim(config_), config_.rope_theta, x.device(), table_dtype);
-  for (size_t i = 0; i < model->layers->size(); ++i) {
-    x = model->layers[i]->as<DecoderLayerImpl>()->forward(x, rope, nullptr);
-  }
+  for (size_t i = 0; i < model->layers->size(); ++i) x = layerForward(i, x, rope, nullptr);
   return holdsHead() ? model->norm(x) : x;
 }
 

@@ -1,8 +1,32 @@
 #include "archipelago/runtime/flat_params.h"
 
+#include <algorithm>
 #include <cmath>
 
+#include "archipelago/model/torch_compat.h"
+
 namespace archipelago::runtime {
+
+namespace {
+ParamSegment segmentOf(const std::string& name, const torch::Tensor& p, int64_t offset) {
+  ParamSegment s;
+  s.name = name;
+  s.offset = offset;
+  s.numel = p.numel();
+  s.shape = p.sizes().vec();
+  // Norm gains (1-D) are not decayed; matrices (embeddings, projections) are.
+  s.decay = p.dim() >= 2;
+  return s;
+}
+
+// The module's parameter becomes `value` (a view of a flat buffer), its gradient `grad`.
+torch::Tensor rebind(const torch::Tensor& p, const torch::Tensor& value, const torch::Tensor& grad) {
+  auto param = p;
+  param.set_data(value.view(p.sizes()));
+  param.mutable_grad() = grad.view(p.sizes());
+  return param;
+}
+}  // namespace
 
 FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tensor>>& named,
                             torch::ScalarType compute) {
@@ -11,6 +35,8 @@ FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tens
   for (const auto& [name, p] : named) total += p.numel();
   const torch::Device device = named.empty() ? torch::Device(torch::kCPU) : named.front().second.device();
   auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  f.numel_ = total;
+  f.compute_dtype_ = compute;
   f.params_ = torch::empty({total}, opts);
   f.grads_ = torch::zeros({total}, opts);
   f.decay_mask_ = torch::zeros({total}, opts);
@@ -21,20 +47,10 @@ FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tens
   int64_t off = 0;
   torch::NoGradGuard no_grad;
   for (const auto& [name, p] : named) {
-    ParamSegment s;
-    s.name = name;
-    s.offset = off;
-    s.numel = p.numel();
-    s.shape = p.sizes().vec();
-    // Norm gains (1-D) are not decayed; matrices (embeddings, projections) are.
-    s.decay = p.dim() >= 2;
+    ParamSegment s = segmentOf(name, p, off);
     f.params_.narrow(0, off, s.numel).view(p.sizes()).copy_(p.detach().to(torch::kFloat32));
-    auto pview = f.computeParams().narrow(0, off, s.numel).view(p.sizes());
-    auto param = p;
-    param.set_data(pview);
-    param.mutable_grad() = f.computeGrads().narrow(0, off, s.numel).view(p.sizes());
+    s.param = rebind(p, f.computeParams().narrow(0, off, s.numel), f.computeGrads().narrow(0, off, s.numel));
     if (s.decay) f.decay_mask_.narrow(0, off, s.numel).fill_(1.0f);
-    s.param = param;
     f.segments_.push_back(std::move(s));
     off += p.numel();
   }
@@ -42,14 +58,80 @@ FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tens
   return f;
 }
 
+FlatParams FlatParams::bindSharded(const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                                   torch::ScalarType compute, const ShardLayout& shard) {
+  FlatParams f;
+  const torch::Device device = named.empty() ? torch::Device(torch::kCPU) : named.front().second.device();
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  const int64_t n = shard.end - shard.begin;
+  f.compute_dtype_ = compute;
+  f.base_ = shard.begin;
+  f.unit_offsets_ = shard.unit_offsets;
+  f.params_ = torch::empty({n}, opts);
+  f.grads_ = torch::zeros({n}, opts);
+  f.decay_mask_ = torch::zeros({n}, opts);
+  for (size_t u = 0; u + 1 < shard.unit_offsets.size(); ++u) {
+    const int64_t len = shard.unit_offsets[u + 1] - shard.unit_offsets[u];
+    f.unit_params_.push_back(torch::empty({len}, opts.dtype(compute)));
+    f.unit_grads_.push_back(torch::zeros({len}, opts.dtype(compute)));
+  }
+  int64_t off = 0;
+  size_t u = 0;
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, p] : named) {
+    ParamSegment s = segmentOf(name, p, off);
+    while (u + 1 < f.unit_offsets_.size() && off >= f.unit_offsets_[u + 1]) ++u;
+    TORCH_CHECK(u < f.unit_params_.size() && off + s.numel <= f.unit_offsets_[u + 1], "tensor ", name,
+                " crosses a unit boundary of the sharded parameters");
+    // The masters of this rank's slice take the initial values.
+    const int64_t lo = std::max(off, shard.begin), hi = std::min(off + s.numel, shard.end);
+    if (lo < hi) {
+      const auto flat = p.detach().reshape({-1}).to(torch::kFloat32);
+      f.params_.narrow(0, lo - shard.begin, hi - lo).copy_(flat.narrow(0, lo - off, hi - lo));
+      if (s.decay) f.decay_mask_.narrow(0, lo - shard.begin, hi - lo).fill_(1.0f);
+    }
+    const int64_t at = off - f.unit_offsets_[u];
+    s.param = rebind(p, f.unit_params_[u].narrow(0, at, s.numel), f.unit_grads_[u].narrow(0, at, s.numel));
+    f.segments_.push_back(std::move(s));
+    off += p.numel();
+  }
+  f.numel_ = off;
+  TORCH_CHECK(f.unit_offsets_.empty() || f.unit_offsets_.back() == off, "the units of the sharded parameters cover ",
+              f.unit_offsets_.empty() ? 0 : f.unit_offsets_.back(), " of ", off, " elements");
+  for (size_t i = 0; i < f.unit_params_.size(); ++i) {
+    model::compat::freeStorage(f.unit_params_[i]);
+    model::compat::freeStorage(f.unit_grads_[i]);
+  }
+  return f;
+}
+
+torch::Tensor& FlatParams::computeParams() {
+  TORCH_CHECK(!sharded(), "sharded parameters have no whole compute buffer");
+  return compute_params_.defined() ? compute_params_ : params_;
+}
+
+torch::Tensor& FlatParams::computeGrads() {
+  TORCH_CHECK(!sharded(), "sharded parameters have no whole gradient buffer");
+  return compute_grads_.defined() ? compute_grads_ : grads_;
+}
+
+int64_t FlatParams::bytes() const {
+  int64_t n = 0;
+  for (const torch::Tensor* t : {&params_, &grads_, &decay_mask_, &compute_params_, &compute_grads_}) {
+    if (t->defined()) n += t->numel() * static_cast<int64_t>(t->element_size());
+  }
+  return n;
+}
+
 void FlatParams::syncCompute() {
-  if (!mixed()) return;
+  // Sharded: a unit's compute copy is rounded from the masters when it is gathered.
+  if (!compute_params_.defined()) return;
   torch::NoGradGuard no_grad;
   compute_params_.copy_(params_);
 }
 
 void FlatParams::upcastGrads(int64_t begin, int64_t end) {
-  if (!mixed() || end <= begin) return;
+  if (!compute_grads_.defined() || end <= begin) return;
   torch::NoGradGuard no_grad;
   grads_.narrow(0, begin, end - begin).copy_(compute_grads_.narrow(0, begin, end - begin));
 }
@@ -59,6 +141,14 @@ FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end, t
   const auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
   m_ = torch::zeros({end - begin}, opts);
   v_ = torch::zeros({end - begin}, opts);
+}
+
+int64_t FlatAdamW::bytes() const {
+  int64_t n = 0;
+  for (const torch::Tensor* t : {&m_, &v_, &scratch_}) {
+    if (t->defined()) n += t->numel() * static_cast<int64_t>(t->element_size());
+  }
+  return n;
 }
 
 void FlatAdamW::step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr) {

@@ -113,6 +113,25 @@ class AutocastScope {
   torch::ScalarType was_dtype_ = torch::kFloat32;
 };
 
+// A tensor's memory released and taken back while every view of it (the
+// module's parameters, the tensors autograd saved) stays valid: the
+// storage keeps its identity and allocator, only its bytes come and go, as
+// FSDP frees gathered parameters between uses. Values after reallocation
+// are undefined until written. Device-generic (the storage's own
+// allocator: the CUDA caching allocator on a GPU).
+inline void freeStorage(const torch::Tensor& t) {
+  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
+  s->set_data_ptr_noswap(at::DataPtr(nullptr, s->device()));
+  s->set_nbytes(0);
+}
+inline void reallocStorage(const torch::Tensor& t, size_t nbytes) {
+  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
+  if (s->nbytes() == nbytes) return;
+  s->set_data_ptr_noswap(s->allocator()->allocate(nbytes));
+  s->set_nbytes(nbytes);
+}
+inline bool storageHeld(const torch::Tensor& t) { return t.storage().nbytes() > 0; }
+
 }  // namespace archipelago::model::compat
 
 // ===== FP8 GEMMs (PyTorch >= 2.1) =====================================================

@@ -84,6 +84,18 @@ struct LossOutput {
   double ceMean() const { return tokens > 0 ? ce_sum.item<double>() / static_cast<double>(tokens) : 0.0; }
 };
 
+// Called around every decoder layer's forward (i: the layer's index in
+// this shard). Sharded parameters (ZeRO-3, runtime/parallel/sharded_params.h)
+// gather a layer's weights in before() and free them again in after(),
+// which may also hook the output's gradient (the layer's backward starts
+// there) and returns the tensor the next layer takes.
+class LayerHooks {
+ public:
+  virtual ~LayerHooks() = default;
+  virtual void before(size_t layer) = 0;
+  virtual torch::Tensor after(size_t layer, torch::Tensor output) = 0;
+};
+
 class TransformerImpl : public torch::nn::Module {
  public:
   // `config` must be resolved (resolveModelConfig). Weights are initialised
@@ -132,6 +144,8 @@ class TransformerImpl : public torch::nn::Module {
   // rank's block of the sequence; dense models only).
   void setTensorParallel(std::shared_ptr<TensorParallelComm> comm, bool sequence = false);
   bool sequenceParallel() const { return tp_.sequence; }
+  // Hooks around every layer's forward (null: none). Not owned.
+  void setLayerHooks(LayerHooks* hooks) { layer_hooks_ = hooks; }
 
   // (HF name, parameter) in the stable order described above.
   std::vector<std::pair<std::string, torch::Tensor>> namedParameters() const;
@@ -161,9 +175,11 @@ class TransformerImpl : public torch::nn::Module {
  private:
   void initParameters(uint64_t seed);
   torch::Tensor logitsOf(const torch::Tensor& h);
+  torch::Tensor layerForward(size_t i, const torch::Tensor& x, const RotaryTables& rope, LayerKvCache* cache);
   core::ModelConfig config_;
   ModelShard shard_;  // resolved: ends filled in
   TensorParallelContext tp_;
+  LayerHooks* layer_hooks_ = nullptr;
 };
 TORCH_MODULE(Transformer);
 

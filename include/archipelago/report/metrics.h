@@ -59,6 +59,10 @@ struct StepRecord {
   double cpu_s = kMissing;          // CPU seconds of the whole process in the step
   double minor_faults = kMissing;   // pages touched for the first time in the step (count)
   double peak_rss_bytes = kMissing; // the process's peak resident memory since its previous step record
+  // Model state this worker holds: fp32 masters, gradients, compute copies
+  // and optimizer moments (ZeRO: its slices), plus (ZeRO-3) the most
+  // gathered weights and gradients it held at once in the step.
+  double state_bytes = kMissing;
   double tokens_per_s = kMissing, grad_norm = kMissing;
   double slowdown = kMissing;  // EMULATED compute stretch of this worker
   double share = kMissing;     // samples of the global batch assigned to this worker (count)
@@ -75,6 +79,7 @@ struct StepRecord {
     f.field("data_s", data_s), f.field("optimizer_s", optimizer_s), f.field("step_s", step_s);
     f.field("compute_cpu_s", compute_cpu_s), f.field("cpu_s", cpu_s), f.count("minor_faults", minor_faults);
     f.count("peak_rss_bytes", peak_rss_bytes);
+    f.count("state_bytes", state_bytes);
     f.field("tokens_per_s", tokens_per_s), f.field("grad_norm", grad_norm);
     f.field("slowdown", slowdown), f.count("share", share), f.field("commit_s", commit_s);
     if (stage >= 0 || !f.kWriting) f.field("stage", stage);

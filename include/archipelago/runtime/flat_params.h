@@ -13,6 +13,13 @@
 // masters into them, and the gradient path widens compute gradients into
 // the fp32 ones (upcastGrads) after reducing them in the job's reduce dtype.
 // Every buffer lives on the device the parameters were on at bind().
+//
+// Sharded parameters (ZeRO-3, runtime/parallel/sharded_params.h): the fp32
+// masters, their gradients and the decay mask hold only this rank's slice
+// [base(), base() + params().numel()) of the flat offsets, and the module's
+// parameters and gradients are views of one compute buffer per unit (a
+// contiguous run of segments: a decoder layer, the embedding, the head)
+// whose memory exists only while the unit is gathered.
 #pragma once
 
 #include <cstdint>
@@ -35,33 +42,60 @@ struct ParamSegment {
   torch::Tensor param;       // the module's parameter (a view of flat)
 };
 
+// This rank's slice of the flat offsets and the units' boundaries (unit u
+// is [unit_offsets[u], unit_offsets[u+1]), each a whole number of segments).
+struct ShardLayout {
+  int64_t begin = 0, end = 0;
+  std::vector<int64_t> unit_offsets;
+};
+
 class FlatParams {
  public:
   // Rebinds every parameter of `named` (in order) to a slice of one buffer
   // (of `compute` dtype; fp32 masters beside it when that is not fp32).
   static FlatParams bind(const std::vector<std::pair<std::string, torch::Tensor>>& named,
                          torch::ScalarType compute = torch::kFloat32);
+  // Sharded: the masters of `shard`'s slice (the parameters' values there)
+  // and one compute buffer per unit, released (compat::freeStorage).
+  static FlatParams bindSharded(const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                                torch::ScalarType compute, const ShardLayout& shard);
+  bool sharded() const { return !unit_params_.empty(); }
+  // Bytes of the buffers held for good: masters, gradients, decay mask and
+  // the whole compute copies (not the units, whose memory comes and goes).
+  int64_t bytes() const;
+  // Flat offset of params()[0] (0 unless sharded).
+  int64_t base() const { return base_; }
+  size_t units() const { return unit_params_.size(); }
+  int64_t unitBegin(size_t u) const { return unit_offsets_[u]; }
+  int64_t unitEnd(size_t u) const { return unit_offsets_[u + 1]; }
+  // A unit's compute parameters / gradients (their storage may be released).
+  const torch::Tensor& unitParams(size_t u) const { return unit_params_[u]; }
+  const torch::Tensor& unitGrads(size_t u) const { return unit_grads_[u]; }
 
+  // The fp32 masters and gradients (sharded: this rank's slice only).
   torch::Tensor& params() { return params_; }
   torch::Tensor& grads() { return grads_; }
   // The buffers autograd reads and writes: the compute-dtype twins, or the
   // fp32 ones themselves.
-  bool mixed() const { return compute_params_.defined(); }
-  torch::ScalarType computeDtype() const { return mixed() ? compute_params_.scalar_type() : torch::kFloat32; }
-  torch::Tensor& computeParams() { return mixed() ? compute_params_ : params_; }
-  torch::Tensor& computeGrads() { return mixed() ? compute_grads_ : grads_; }
+  bool mixed() const { return compute_dtype_ != torch::kFloat32; }
+  torch::ScalarType computeDtype() const { return compute_dtype_; }
+  // The whole buffers autograd uses (not when sharded: see unitParams).
+  torch::Tensor& computeParams();
+  torch::Tensor& computeGrads();
   torch::Device device() const { return params_.device(); }
   // Rounds the fp32 masters into the compute copy (no-op without one).
   void syncCompute();
   // grads[begin, end) = widened compute grads (no-op without a compute copy).
   void upcastGrads(int64_t begin, int64_t end);
   const std::vector<ParamSegment>& segments() const { return segments_; }
-  int64_t numel() const { return params_.numel(); }
-  // 1 where weight decay applies, 0 elsewhere.
+  // Elements of the whole flat buffer (sharded: of every rank's slices).
+  int64_t numel() const { return numel_; }
+  // 1 where weight decay applies, 0 elsewhere (sharded: this rank's slice).
   const torch::Tensor& decayMask() const { return decay_mask_; }
+  // Sharded: a unit's gradients are zeroed when its memory is taken back.
   void zeroGrad() {
     grads_.zero_();
-    if (mixed()) compute_grads_.zero_();
+    if (compute_grads_.defined()) compute_grads_.zero_();
   }
 
  private:
@@ -70,6 +104,10 @@ class FlatParams {
   torch::Tensor compute_params_, compute_grads_;  // undefined when computing in fp32
   torch::Tensor decay_mask_;
   std::vector<ParamSegment> segments_;
+  torch::ScalarType compute_dtype_ = torch::kFloat32;
+  int64_t numel_ = 0, base_ = 0;
+  std::vector<int64_t> unit_offsets_;
+  std::vector<torch::Tensor> unit_params_, unit_grads_;  // sharded only
 };
 
 // AdamW (decoupled weight decay, bias-corrected, as in Loshchilov & Hutter)
@@ -88,6 +126,8 @@ class FlatAdamW {
   int64_t begin() const { return begin_; }
   int64_t end() const { return end_; }
   int64_t stepCount() const { return t_; }
+  // Bytes of the moments and the update's scratch.
+  int64_t bytes() const;
   void setStepCount(int64_t t) { t_ = t; }
   torch::Tensor& expAvg() { return m_; }
   torch::Tensor& expAvgSq() { return v_; }

@@ -30,7 +30,7 @@ torch::Tensor flat32(const torch::Tensor& t) { return t.detach().reshape({-1}).t
 
 HeldState Trainer::heldState() {
   HeldState h;
-  std::vector<parallel::StateRange> weights = data_->stateRanges();
+  std::vector<parallel::StateRange> weights = densePart().stateRanges();
   if (experts_) {
     for (auto& r : experts_->stateRanges()) weights.push_back(std::move(r));
   }
@@ -43,7 +43,7 @@ HeldState Trainer::heldState() {
       }
     }
   };
-  add("weight", weights, flat_->params(), 0);
+  add("weight", weights, flat_->params(), flat_->base());
   add("exp_avg", optim_->stateRanges(), adam_->expAvg(), optim_->begin());
   add("exp_avg_sq", optim_->stateRanges(), adam_->expAvgSq(), optim_->begin());
   if (outer_) {

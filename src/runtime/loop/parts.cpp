@@ -84,6 +84,16 @@ core::Status Trainer::makeParts() {
   parallel::DataParallelOptions dopt;
   dopt.bucket_bytes = static_cast<int64_t>(job_.strategy.bucket_bytes);
   dopt.reduce_dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  if (optim_->stage() == 3) {
+    // ZeRO-3: the sharded parameters gather, free and reduce unit by unit
+    // around the model's layers, with every member running the same passes.
+    params_shard_ = std::make_unique<parallel::ShardedParameters>(*flat_, dp_, optim_->offsets(), unit_cut_);
+    net_->setLayerHooks(params_shard_.get());
+    auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
+    mb->setPassHooks(params_shard_.get());
+    schedule_ = std::move(mb);
+    return core::okStatus();
+  }
   if (!split()) {
     // Every rank holds everything: buckets overlap with backward (a group of
     // more than one rank now or after a membership change to overlap with).

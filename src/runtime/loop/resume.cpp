@@ -57,8 +57,12 @@ core::Status Trainer::loadPieces(const std::string& dir, const CheckpointState& 
       return core::dataLoss("checkpoint " + dir + " tensor '" + seg.name + "' has another shape than the model");
     }
     // A tensor-parallel rank takes its slice of the whole tensor.
-    const torch::Tensor mine = model::sliceOf(it->second, model::tensorSlice(mcfg_, seg.name, {tp_rank_, lay_.tp}));
-    flat_->params().narrow(0, seg.offset, seg.numel).copy_(mine.reshape({-1}));
+    const torch::Tensor mine =
+        model::sliceOf(it->second, model::tensorSlice(mcfg_, seg.name, {tp_rank_, lay_.tp})).reshape({-1});
+    // This rank's masters: the whole segment, or (ZeRO-3) its part in this rank's slice.
+    const int64_t base = flat_->base();
+    const int64_t lo = std::max(seg.offset, base), hi = std::min(seg.offset + seg.numel, base + flat_->params().numel());
+    if (lo < hi) flat_->params().narrow(0, lo - base, hi - lo).copy_(mine.narrow(0, lo - seg.offset, hi - lo));
   }
   const auto moments = shard_map_->pieces(optim_->begin(), optim_->end());
   shard_map_->load(moments, opt_by_name["exp_avg"], adam_->expAvg(), optim_->begin());

@@ -140,7 +140,16 @@ core::Status Trainer::setupModel() {
   }
   auto named = net_->namedParameters();
   if (ep_) std::stable_partition(named.begin(), named.end(), [](const auto& p) { return !parallel::isExpertTensor(p.first); });
-  flat_.emplace(FlatParams::bind(named, place_.compute));
+  if (zeroInUse() == 3) {
+    std::vector<std::pair<std::string, int64_t>> numels;
+    for (const auto& [name, t] : named) numels.push_back({name, t.numel()});
+    unit_cut_ = parallel::cutUnits(numels);
+    const auto offsets = parallel::OptimizerShard::sliceOffsets(unit_cut_.offsets.back(), dp_->size());
+    const auto r = static_cast<size_t>(dp_->rank());
+    flat_.emplace(FlatParams::bindSharded(named, place_.compute, {offsets[r], offsets[r + 1], unit_cut_.offsets}));
+  } else {
+    flat_.emplace(FlatParams::bind(named, place_.compute));
+  }
   n_dense_ = flat_->numel();
   for (const auto& seg : flat_->segments()) {
     if (ep_ && parallel::isExpertTensor(seg.name)) {
@@ -162,21 +171,23 @@ core::Status Trainer::setupModel() {
   return core::okStatus();
 }
 
-// AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1/2,
+int Trainer::zeroInUse() const {
+  const int zero = static_cast<int>(core::zeroStage(tc_));
+  return zero >= 1 && world_ > 1 && !split() && !opt_.inner ? zero : 0;
+}
+
+// AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1/2/3,
 // plain data parallelism only), and the initial batch shares.
 core::Status Trainer::setupOptimizer() {
-  const int zero = static_cast<int>(core::zeroStage(tc_));
-  bool shard = false;
-  if (zero >= 1 && world_ > 1 && split()) {
+  const int zero = zeroInUse();
+  const bool shard = zero >= 1;
+  if (core::zeroStage(tc_) >= 1 && world_ > 1 && split()) {
     if (rank_ == 0) ARCH_LOG_WARN("train.zero is ignored with pipeline / expert parallelism");
-  } else if (zero >= 1 && world_ > 1 && opt_.inner) {
+  } else if (core::zeroStage(tc_) >= 1 && world_ > 1 && opt_.inner) {
     ARCH_LOG_WARN("train.zero is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
-  } else if (zero >= 1 && world_ > 1) {
-    if (elastic()) {
-      ARCH_LOG_WARN("train.zero: optimizer shards cannot survive a lost worker; a failure restarts the job "
-                    "from its newest checkpoint instead of continuing elastically");
-    }
-    shard = true;
+  } else if (shard && elastic()) {
+    ARCH_LOG_WARN("train.zero: sharded state cannot survive a lost worker; a failure restarts the job "
+                  "from its newest checkpoint instead of continuing elastically");
   }
   optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, dp_, zero)
                  : std::make_unique<parallel::OptimizerShard>(*flat_);

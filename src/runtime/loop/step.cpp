@@ -12,6 +12,7 @@
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/host_view.h"
 #include "archipelago/runtime/parallel/pipeline.h"
+#include "archipelago/runtime/parallel/micro_batches.h"
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {
@@ -34,12 +35,17 @@ core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples
   in.group_samples = group_samples;
   in.loss_scale = scaler_->scale();
   in.trace = &trace_;
+  if (params_shard_) {
+    // Every member runs as many micro-batches as the largest share needs.
+    for (int64_t s : shares_) in.passes = std::max(in.passes, parallel::microCount(s, tc_.micro_batch));
+  }
   return parallel::guardStep("step " + std::to_string(step_ + 1), [&] { return schedule_->forwardBackward(in, stats); },
                              modelCommFailure());
 }
 
 const core::Status* Trainer::modelCommFailure() const {
   // Read by guardStep after the body threw (a layout has one of them).
+  if (params_shard_) return &params_shard_->failure();
   return exchange_ ? &exchange_->failure() : tp_comm_ ? &tp_comm_->failure() : nullptr;
 }
 
@@ -92,7 +98,7 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
   {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
     if (tensor_) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
-    ARCH_RETURN_IF_ERROR(data_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+    ARCH_RETURN_IF_ERROR(densePart().reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
     if (experts_) {
       flat_->upcastGrads(n_dense_, flat_->numel());  // the expert part reduces the fp32 gradients
       ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
@@ -105,7 +111,7 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
   ARCH_RETURN_IF_ERROR(routerBias());
   // Each distinct gradient counted once: a replicated part's norm is local,
   // split parts' shares are summed over the inner group.
-  const parallel::NormShare dense = data_->gradNormSquared();
+  const parallel::NormShare dense = densePart().gradNormSquared();
   double sq = dense.sum_sq + (experts_ ? experts_->gradNormSquared().sum_sq : 0.0);
   if (!dense.replicated || experts_) {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient norm allreduce", &comm_s);
@@ -124,7 +130,7 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer", &optimizer_s);
     torch::NoGradGuard ng;
     if (tc_.grad_clip > 0 && grad_norm > tc_.grad_clip) flat_->grads().mul_(tc_.grad_clip / (grad_norm + 1e-6));
-    const int64_t b = optim_->begin(), n = optim_->size();
+    const int64_t b = optim_->begin() - flat_->base(), n = optim_->size();
     adam_->step(flat_->params().narrow(0, b, n), flat_->grads().narrow(0, b, n), flat_->decayMask().narrow(0, b, n), lr);
   }
   if (optim_->sharded()) {

@@ -32,6 +32,8 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
         .compute_cpu_s = stats.compute_cpu_s, .cpu_s = core::processCpuSeconds() - cpu0,
         .minor_faults = static_cast<double>(core::minorFaults() - faults0),
         .peak_rss_bytes = static_cast<double>(core::peakResidentBytes()),
+        .state_bytes = static_cast<double>(flat_->bytes() + adam_->bytes() +
+                                           (params_shard_ ? params_shard_->takePeakBytes() : 0)),
         .tokens_per_s = static_cast<double>(batch.n * T_) / step_s, .grad_norm = grad_norm, .slowdown = me_.slowdown,
         .share = static_cast<double>(old_shares[static_cast<size_t>(share_index_)]), .commit_s = commit_s_,
         .stage = pp_ ? stage_ : -1, .micro_batches = static_cast<double>(stats.micro_batches)});
@@ -52,7 +54,7 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
   // Test hook: a silent divergence of one replica.
   if (corrupt_hook_.first == rank_ && corrupt_hook_.second == step_) {
     torch::NoGradGuard ng;
-    flat_->params().narrow(0, 0, std::min<int64_t>(64, flat_->numel())).add_(1e-2);
+    flat_->params().narrow(0, 0, std::min<int64_t>(64, flat_->params().numel())).add_(1e-2);
     ARCH_LOG_WARN("test hook: perturbed this replica's parameters after step {}", step_);
   }
   return core::okStatus();
@@ -144,7 +146,8 @@ core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
 core::Status Trainer::boundaries(bool at_end) {
   const bool periodic = job_.checkpoint.every > 0 && step_ % job_.checkpoint.every == 0;
   const bool world_boundary = !outer_ || step_ % job_.strategy.inner_steps == 0 || at_end;
-  if (elastic() && !split() && world_boundary && (step_ % integrity_every_ == 0 || at_end)) {
+  // (ZeRO-3 ranks hold different slices: there are no replicas to compare.)
+  if (elastic() && !split() && !flat_->sharded() && world_boundary && (step_ % integrity_every_ == 0 || at_end)) {
     ARCH_RETURN_IF_ERROR(checkIntegrity());
   }
   // Replicas must be identical (outer syncs complete) before the final evaluation.

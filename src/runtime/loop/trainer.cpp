@@ -56,6 +56,7 @@ core::Result<TrainSummary> Trainer::run() {
   ARCH_RETURN_IF_ERROR(setup());
   if (!has_state_) {
     if (split()) return core::failedPrecondition("a pipeline / expert-parallel layout takes no replacement workers");
+    if (zeroInUse() >= 1) return core::failedPrecondition("a job with sharded state (train.zero) takes no replacement workers");
     core::Status st = syncReplicas("join");
     if (!st.isOk()) {
       st = enterNextEpoch(st, "join", nullptr);

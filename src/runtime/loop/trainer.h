@@ -42,6 +42,7 @@
 #include "archipelago/runtime/outer_sync.h"
 #include "archipelago/runtime/shard_map.h"
 #include "archipelago/runtime/parallel/data_parallel.h"
+#include "archipelago/runtime/parallel/sharded_params.h"
 #include "archipelago/runtime/parallel/expert.h"
 #include "archipelago/runtime/parallel/layout.h"
 #include "archipelago/runtime/parallel/optimizer_shard.h"
@@ -164,6 +165,10 @@ class Trainer {
   // The layout splits the model over ranks (pipeline stages, expert groups,
   // tensor-parallel slices).
   bool split() const { return pp_ || ep_ || tp_; }
+  // The ZeRO stage this run applies (train.zero where its layout shards: plain sync data parallelism).
+  int zeroInUse() const;
+  // The part reducing the replicated tensors: data parallelism, or ZeRO-3's sharded parameters.
+  parallel::Part& densePart() { return params_shard_ ? static_cast<parallel::Part&>(*params_shard_) : *data_; }
   // The failure behind an exception thrown inside the model's collectives
   // (expert exchange, tensor-parallel group); null without such collectives.
   const core::Status* modelCommFailure() const;
@@ -225,6 +230,8 @@ class Trainer {
   std::unique_ptr<parallel::DataParallel> data_;     // the replicated tensors
   std::unique_ptr<parallel::ExpertParallel> experts_;  // EP: this member's experts
   std::unique_ptr<parallel::TensorParallel> tensor_;   // TP: the replicated tensors under SP
+  std::unique_ptr<parallel::ShardedParameters> params_shard_;  // ZeRO-3 (then no data_)
+  parallel::UnitCut unit_cut_;  // ZeRO-3: the units the parameters are gathered by
 
   std::unique_ptr<data::PreparedDataset> ds_;
   std::optional<data::Sampler> train_sampler_, val_sampler_;

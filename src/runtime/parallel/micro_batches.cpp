@@ -30,6 +30,11 @@ std::vector<std::pair<int64_t, int64_t>> microRanges(int64_t n, int64_t micro_ba
   return out;
 }
 
+int64_t microCount(int64_t n, int64_t micro_batch) {
+  if (n <= 0) return 0;
+  return micro_batch > 0 ? (n + micro_batch - 1) / micro_batch : 1;
+}
+
 core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats& stats) {
   const data::Batch& batch = *in.batch;
   const int64_t T = in.seq_len;
@@ -41,6 +46,8 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
   {
     ScopedSpan span(in.trace, TraceRecorder::kCompute, "forward+backward");
     if (micro.empty() && on_final_) on_final_();  // nothing to compute: reductions still take part
+    if (passes_) passes_->beginPass(true);
+    for (int64_t i = static_cast<int64_t>(micro.size()); passes_ && i < in.passes; ++i) passes_->idlePass(true);
     for (size_t i = 0; i < micro.size(); ++i) {
       const auto [b, e] = micro[i];
       const int64_t n = e - b;
@@ -53,6 +60,7 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
       if (i + 1 == micro.size() && on_final_) on_final_();
       if (in.loss_scale != 1) loss = loss * in.loss_scale;
       loss.backward();
+      if (passes_) passes_->endBackward();
       stats.ce_sum += out.ce_sum.item<double>();
       stats.tokens += out.tokens;
     }
@@ -66,7 +74,14 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
 }
 
 core::Status MicroBatchSchedule::evaluate(const data::Batch& batch, int64_t seq_len, double& ce_sum, double& tokens) {
-  if (batch.n == 0) return core::okStatus();
+  if (passes_) {
+    passes_->beginPass(false);
+    if (batch.n == 0) passes_->idlePass(false);
+  }
+  if (batch.n == 0) {
+    if (passes_) passes_->endForwardOnly();
+    return core::okStatus();
+  }
   // Evaluation mode: MoE layers neither count router load (the next step's
   // router-bias update must see training tokens only) nor record stats.
   torch::NoGradGuard ng;
@@ -74,6 +89,7 @@ core::Status MicroBatchSchedule::evaluate(const data::Batch& batch, int64_t seq_
   auto out = net_->lossAndStats(rowsOn(net_, batch.input, 0, batch.n, seq_len),
                                 rowsOn(net_, batch.target, 0, batch.n, seq_len));
   net_->train();
+  if (passes_) passes_->endForwardOnly();
   ce_sum += out.ce_sum.item<double>();
   tokens += static_cast<double>(out.tokens);
   return core::okStatus();

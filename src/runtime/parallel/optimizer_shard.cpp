@@ -7,15 +7,20 @@ namespace archipelago::runtime::parallel {
 
 OptimizerShard::OptimizerShard(FlatParams& flat) : flat_(flat), begin_(0), end_(flat.numel()) {}
 
-OptimizerShard::OptimizerShard(FlatParams& flat, DpComm* dp, int stage) : flat_(flat), dp_(dp), stage_(stage) {
-  const int n = dp->size();
-  for (int r = 0; r <= n; ++r) offsets_.push_back(flat.numel() * r / n);
+std::vector<int64_t> OptimizerShard::sliceOffsets(int64_t numel, int n) {
+  std::vector<int64_t> out;
+  for (int r = 0; r <= n; ++r) out.push_back(numel * r / n);
+  return out;
+}
+
+OptimizerShard::OptimizerShard(FlatParams& flat, DpComm* dp, int stage)
+    : flat_(flat), dp_(dp), stage_(stage), offsets_(sliceOffsets(flat.numel(), dp->size())) {
   begin_ = offsets_[static_cast<size_t>(dp->rank())];
   end_ = offsets_[static_cast<size_t>(dp->rank()) + 1];
 }
 
 core::Status OptimizerShard::gatherParameters(StepStats& stats) {
-  if (!dp_) return core::okStatus();
+  if (!dp_ || stage_ == 3) return core::okStatus();
   const auto t0 = core::Clock::now();
   HostView params(flat_.params(), torch::kFloat32);
   core::Status st = dp_->allgatherSlices(std::span<float>(params.data<float>(), static_cast<size_t>(flat_.numel())), offsets_);

@@ -6,6 +6,9 @@
 // of them; ZeRO-2: reduce-scattered, each rank has its slice's), and the
 // updated slices are gathered so every rank holds all parameters again.
 //
+// ZeRO-3 (sharded_params.h) keeps the parameters in these slices too and
+// gathers them unit by unit where they are used: nothing to gather here.
+//
 // Slices are cut at element offsets, not tensor boundaries, so the state it
 // names (stateRanges) are pieces of tensors; checkpoints assemble them by
 // name (runtime/shard_map.h).
@@ -25,8 +28,10 @@ class OptimizerShard final : public Part {
   // Unsharded: the whole buffer, nothing to gather.
   explicit OptimizerShard(FlatParams& flat);
   // Slice dp->rank() of dp->size() equal slices; `dp` gathers the slices.
-  // `stage`: the ZeRO stage it serves (1 or 2), for names and logs.
+  // `stage`: the ZeRO stage it serves (1, 2 or 3).
   OptimizerShard(FlatParams& flat, DpComm* dp, int stage = 1);
+  // The n+1 boundaries of n equal slices of `numel` elements.
+  static std::vector<int64_t> sliceOffsets(int64_t numel, int n);
   std::string name() const override {
     return sharded() ? "optimizer shard (ZeRO-" + std::to_string(stage_) + ")" : "optimizer";
   }
@@ -39,7 +44,8 @@ class OptimizerShard final : public Part {
   int64_t size() const { return end_ - begin_; }
   // size()+1 slice boundaries of the group (empty when unsharded).
   const std::vector<int64_t>& offsets() const { return offsets_; }
-  // After the optimizer updated this rank's slice: every slice to every rank.
+  // After the optimizer updated this rank's slice: every slice to every
+  // rank (ZeRO-1/2; ZeRO-3 gathers where the parameters are used).
   core::Status gatherParameters(StepStats& stats);
   std::vector<StateRange> stateRanges() const override;
 

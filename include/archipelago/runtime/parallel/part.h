@@ -40,6 +40,9 @@ struct StepInput {
   // Multiplies every loss before backward (dynamic loss scaling,
   // runtime/loss_scaler.h); the loop divides the gradients by it again.
   double loss_scale = 1;
+  // Micro-batches every member runs (sharded parameters: the most any
+  // member's share needs); 0: as many as this rank's rows need.
+  int64_t passes = 0;
   TraceRecorder* trace = nullptr;
 };
 

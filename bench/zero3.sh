@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# ZeRO-3 against plain data parallelism (issue 20's targets at N = 4: the
+# model state per worker <= 1/N + 10% of the unsharded run's, step time
+# <= 1.15x). The same job (dim 512, 8 layers, global batch 8 x 128
+# tokens, 4 workers of 1 thread) runs as
+#   zero0  every worker holds the whole model state (the baseline)
+#   zero2  optimizer state and gradients sharded
+#   zero3  parameters sharded too, gathered layer by layer where used
+# back to back and alternating, so drift of the shared machine falls on all
+# alike. Per layout: the median over runs of rank 0's mean step_s (the first
+# 5 steps excluded), the largest state_bytes of any worker (its tensors:
+# masters, gradients, moments, plus ZeRO-3's gathered units at their peak)
+# and the largest peak_rss_bytes (the whole process, libtorch included).
+# Prints a table and one JSON line.
+#   bash bench/zero3.sh [BIN] [STEPS] [RUNS]
+# Data: $ARCHIPELAGO_BENCH_DATA (a prepared dataset); without it a small
+# corpus is generated and prepared in a temporary directory.
+set -euo pipefail
+bin="$(realpath "${1:-build/src/cli/archipelago}")"
+steps="${2:-20}"
+runs="${3:-3}"
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+source "$(dirname "$0")/bench_data.sh"
+data="$(bench_data "$bin" "$tmp")"
+
+run() {  # layout, run index -> "step_s state_bytes peak_rss_bytes"
+  local dir="$tmp/$1-$2"
+  cat > "$dir.yaml" <<YAML
+cluster:
+  islands:
+    - {name: a, count: 4}
+model: {dim: 512, n_layers: 8, n_heads: 8, max_seq_len: 128}
+data: {dir: $data, seq_len: 128}
+train: {steps: $steps, global_batch: 8, eval_every: 0, rebalance: false, threads_per_worker: 1, zero: ${1#zero}}
+strategy: {kind: sync}
+checkpoint: {every: 0, at_exit: false}
+run_dir: $dir
+YAML
+  "$bin" train "$dir.yaml" >"$dir.log" 2>&1 || { echo "run $1 failed: $(tail -3 "$dir.log")" >&2; exit 1; }
+  python3 - "$dir/metrics.jsonl" <<'PY'
+import json, sys
+s = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"step"' in l.replace(' ', '')]
+t = [j["step_s"] for j in s if j.get("rank") == 0 and j["step"] > 5]
+state = max(j["state_bytes"] for j in s)
+rss = max(j["peak_rss_bytes"] for j in s)
+print(sum(t) / len(t), state, rss)
+PY
+}
+
+median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+layouts="zero0 zero2 zero3"
+for l in $layouts; do : > "$tmp/$l"; done
+for i in $(seq 1 "$runs"); do
+  for l in $layouts; do run "$l" "$i" >> "$tmp/$l"; done
+done
+col() { awk -v c="$1" '{ print $c }' "$2" | median; }
+base_t=$(col 1 "$tmp/zero0"); base_s=$(col 2 "$tmp/zero0")
+printf "%-6s %10s %8s %14s %10s %14s\n" layout "s/step" "vs zero0" "state MB/rank" "vs zero0" "peak RSS MB"
+json="{\"bench\":\"zero3\",\"workers\":4,\"steps\":$steps,\"runs\":$runs,\"cores\":$(nproc)"
+for l in $layouts; do
+  t=$(col 1 "$tmp/$l"); s=$(col 2 "$tmp/$l"); r=$(col 3 "$tmp/$l")
+  rt=$(awk -v b="$base_t" -v n="$t" 'BEGIN { printf "%.3f", n / b }')
+  rs=$(awk -v b="$base_s" -v n="$s" 'BEGIN { printf "%.3f", n / b }')
+  printf "%-6s %10.4f %8s %14.1f %10s %14.1f\n" "$l" "$t" "$rt" "$(awk -v x="$s" 'BEGIN { print x / 1e6 }')" "$rs" \
+    "$(awk -v x="$r" 'BEGIN { print x / 1e6 }')"
+  json="$json,\"$l\":{\"s_per_step\":$t,\"vs_zero0\":$rt,\"state_bytes\":$s,\"state_vs_zero0\":$rs,\"peak_rss_bytes\":$r}"
+done
+echo "$json}"

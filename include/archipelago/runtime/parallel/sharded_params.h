@@ -1,0 +1,135 @@
+// ZeRO-3 (train.zero: 3), FSDP-style, as a part: each rank of the
+// data-parallel group keeps only its slice of the fp32 masters, their
+// gradients and the AdamW moments (FlatParams::bindSharded), and the
+// module's weights exist in full only while they are used.
+//
+// The model is cut into units (runtime/flat_params.h ShardLayout): one per
+// decoder layer, plus the root (the embedding, the final norm, the head).
+//
+//   root          gathered at the first forward of a step (or evaluation)
+//                 and kept until the step's gradients are reduced: its
+//                 gradients accumulate over the micro-batches and are
+//                 reduce-scattered once, at reduceGradients
+//   layer i       gathered before its forward (the next layer's gather is
+//                 started meanwhile: prefetch) and freed after it; gathered
+//                 again when its backward starts (a hook on its output's
+//                 gradient), its gradients reduce-scattered into the owners'
+//                 slices as soon as the previous layer's backward starts,
+//                 then freed. The last layer stays between forward and
+//                 backward.
+//
+// Memory is released and taken back under the same storage
+// (compat::freeStorage), so the tensors autograd saved stay valid. Every
+// collective runs on one worker thread in the order the compute thread
+// asks for them, which is the same on every rank; a rank with fewer
+// micro-batches than the others runs idle passes (the collectives of one
+// micro-batch without compute), so every member makes the same calls.
+// Gathers and reduce-scatters are fp32.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "archipelago/core/background_queue.h"
+#include "archipelago/model/transformer.h"
+#include "archipelago/runtime/dp_comm.h"
+#include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/parallel/part.h"
+
+namespace archipelago::runtime::parallel {
+
+// The units of ZeRO-3 over `segments`: a unit per decoder layer
+// ("model.layers.N." tensors) and one per run of other tensors, as
+// size+1 flat offsets; `layer_units[i]` is the unit of the shard's i-th layer.
+struct UnitCut {
+  std::vector<int64_t> offsets;
+  std::vector<size_t> layer_units;
+  std::vector<size_t> root_units;
+};
+UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numels);
+
+// What a micro-batch schedule tells the part around its passes.
+class PassHooks {
+ public:
+  virtual ~PassHooks() = default;
+  // Before the first forward of a step (backward: true) or an evaluation.
+  virtual void beginPass(bool backward) = 0;
+  // After one micro-batch's backward returned.
+  virtual void endBackward() = 0;
+  // The collectives of one micro-batch (forward, and backward if asked)
+  // without compute: a rank with no rows for it.
+  virtual void idlePass(bool backward) = 0;
+  // After an evaluation's forwards.
+  virtual void endForwardOnly() = 0;
+};
+
+class ShardedParameters final : public Part, public model::LayerHooks, public PassHooks {
+ public:
+  // `offsets`: the group's size+1 slice boundaries (OptimizerShard::offsets()),
+  // which FlatParams was bound with.
+  ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut);
+  ~ShardedParameters() override;
+  std::string name() const override { return "sharded parameters (ZeRO-3)"; }
+
+  core::Status reduceGradients(StepStats& stats) override;
+  NormShare gradNormSquared() const override;
+  std::vector<StateRange> stateRanges() const override;
+
+  void before(size_t layer) override;
+  torch::Tensor after(size_t layer, torch::Tensor output) override;
+
+  void beginPass(bool backward) override;
+  void endBackward() override;
+  void idlePass(bool backward) override;
+  void endForwardOnly() override;
+
+  // The failure behind an exception thrown inside autograd (ok otherwise).
+  const core::Status& failure() const { return failure_; }
+  // Units whose full weights are in memory now (tests: between steps, none).
+  size_t heldUnits() const;
+  // The most bytes of gathered weights and gradients held at once since
+  // the last call (StepRecord::state_bytes).
+  int64_t takePeakBytes();
+
+ private:
+  struct Unit {
+    bool params_held = false, grads_held = false;
+    bool grads_counted = false;  // in held_bytes_ (until its reduce-scatter is known done)
+    uint64_t gather_ticket = 0, reduce_ticket = 0;  // 0: none outstanding
+  };
+  void requestGather(size_t u);
+  void awaitGather(size_t u);
+  void prepareGrads(size_t u);
+  void requestReduce(size_t u);
+  void release(size_t u);
+  void preBackward(size_t layer);
+  void forwardDone(size_t layer, bool backward_follows);
+  uint64_t submit(std::function<core::Status()> task);
+  void await(uint64_t ticket);
+  core::Status gather(size_t u);
+  core::Status reduce(size_t u);
+  void fail(const core::Status& st);
+  void account(const torch::Tensor& t, int sign);
+  void settleReduced(size_t u);
+  std::vector<int64_t> countsOf(size_t u) const;
+
+  FlatParams& flat_;
+  DpComm* dp_;
+  std::vector<int64_t> offsets_;
+  UnitCut cut_;
+  std::vector<Unit> units_;
+  int64_t begin_ = 0, end_ = 0;  // this rank's slice
+  bool root_grads_ = false;     // the root's gradients are held this step
+  int pending_layer_ = -1;      // the layer whose backward ran last, not yet reduced
+  int64_t held_bytes_ = 0, peak_bytes_ = 0;  // units' memory now / at most since takePeakBytes()
+  core::Status failure_;
+  std::mutex mu_;
+  std::condition_variable done_cv_;
+  uint64_t submitted_ = 0, completed_ = 0;
+  core::BackgroundQueue queue_;  // last: joined first
+};
+
+}  // namespace archipelago::runtime::parallel

@@ -1,0 +1,325 @@
+#include "archipelago/runtime/parallel/sharded_params.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "archipelago/core/clock.h"
+#include "archipelago/model/torch_compat.h"
+
+namespace archipelago::runtime::parallel {
+
+namespace {
+// "model.layers.12.mlp..." -> 12; -1 for tensors outside the decoder layers.
+int64_t layerOf(const std::string& name) {
+  static const std::string prefix = "model.layers.";
+  if (name.rfind(prefix, 0) != 0) return -1;
+  const size_t dot = name.find('.', prefix.size());
+  if (dot == std::string::npos) return -1;
+  try {
+    return std::stoll(name.substr(prefix.size(), dot - prefix.size()));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+torch::Tensor hostFp32(int64_t n) { return torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat32)); }
+}  // namespace
+
+UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numels) {
+  UnitCut cut;
+  int64_t off = 0, current = -2;
+  for (const auto& [name, numel] : named_numels) {
+    const int64_t layer = layerOf(name);
+    if (cut.offsets.empty() || layer != current) {
+      const size_t u = cut.offsets.size();
+      cut.offsets.push_back(off);
+      (layer >= 0 ? cut.layer_units : cut.root_units).push_back(u);
+      current = layer;
+    }
+    off += numel;
+  }
+  cut.offsets.push_back(off);
+  return cut;
+}
+
+ShardedParameters::ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut)
+    : flat_(flat), dp_(dp), offsets_(std::move(offsets)), cut_(std::move(cut)), units_(flat.units()) {
+  const auto r = static_cast<size_t>(dp_->rank());
+  begin_ = offsets_[r];
+  end_ = offsets_[r + 1];
+}
+
+ShardedParameters::~ShardedParameters() {
+  queue_.cancel(core::aborted("sharded parameters destroyed"));
+  (void)queue_.drain();
+}
+
+// ---- the worker thread's side ------------------------------------------------------
+
+std::vector<int64_t> ShardedParameters::countsOf(size_t u) const {
+  // Rank r's part of unit u: its slice clipped to the unit, in rank order.
+  const int64_t ub = flat_.unitBegin(u), ue = flat_.unitEnd(u);
+  std::vector<int64_t> at;
+  for (int64_t o : offsets_) at.push_back(std::clamp(o, ub, ue) - ub);
+  return at;
+}
+
+core::Status ShardedParameters::gather(size_t u) {
+  torch::NoGradGuard ng;
+  const torch::Tensor& full = flat_.unitParams(u);
+  const int64_t ub = flat_.unitBegin(u), n = full.numel();
+  const bool direct = full.is_cpu() && full.scalar_type() == torch::kFloat32;
+  torch::Tensor wire = direct ? full : hostFp32(n);
+  const int64_t lo = std::max(ub, begin_), hi = std::min(flat_.unitEnd(u), end_);
+  if (lo < hi) wire.narrow(0, lo - ub, hi - lo).copy_(flat_.params().narrow(0, lo - begin_, hi - lo));
+  const std::vector<int64_t> at = countsOf(u);
+  core::Status st = dp_->allgatherSlices(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), at);
+  if (!st.isOk()) return st.withContext("ZeRO-3 parameter gather of unit " + std::to_string(u));
+  if (!direct) full.copy_(wire);
+  return core::okStatus();
+}
+
+core::Status ShardedParameters::reduce(size_t u) {
+  torch::NoGradGuard ng;
+  const torch::Tensor& g = flat_.unitGrads(u);
+  const int64_t ub = flat_.unitBegin(u), n = g.numel();
+  const bool direct = g.is_cpu() && g.scalar_type() == torch::kFloat32;
+  torch::Tensor wire = direct ? g : g.to(torch::kCPU, torch::kFloat32);
+  const std::vector<int64_t> at = countsOf(u);
+  std::vector<size_t> counts;
+  for (size_t r = 0; r + 1 < at.size(); ++r) counts.push_back(static_cast<size_t>(at[r + 1] - at[r]));
+  core::Status st = dp_->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), counts)
+                        ->wait();
+  if (!st.isOk()) return st.withContext("ZeRO-3 gradient reduce-scatter of unit " + std::to_string(u));
+  // This rank's block holds the group's sum: into its slice of the gradients.
+  const int64_t lo = std::max(ub, begin_), hi = std::min(flat_.unitEnd(u), end_);
+  if (lo < hi) flat_.grads().narrow(0, lo - begin_, hi - lo).add_(wire.narrow(0, lo - ub, hi - lo).to(flat_.device()));
+  model::compat::freeStorage(g);
+  return core::okStatus();
+}
+
+uint64_t ShardedParameters::submit(std::function<core::Status()> task) {
+  uint64_t ticket = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ticket = ++submitted_;
+  }
+  auto done = [this] {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++completed_;
+    done_cv_.notify_all();
+  };
+  queue_.submit(
+      [task = std::move(task), done] {
+        core::Status st = task();
+        done();
+        return st;
+      },
+      [done](const core::Status&) { done(); });
+  return ticket;
+}
+
+void ShardedParameters::await(uint64_t ticket) {
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return completed_ >= ticket; });
+  }
+  if (core::Status st = queue_.error(); !st.isOk()) fail(st);
+}
+
+void ShardedParameters::fail(const core::Status& st) {
+  if (failure_.isOk()) failure_ = st;
+  // Thrown through autograd and the model; guardStep turns it back into failure().
+  throw std::runtime_error(st.message());
+}
+
+// ---- the compute thread's side -----------------------------------------------------
+
+void ShardedParameters::requestGather(size_t u) {
+  Unit& x = units_[u];
+  if (x.params_held) return;
+  const torch::Tensor& p = flat_.unitParams(u);
+  model::compat::reallocStorage(p, static_cast<size_t>(p.numel()) * p.element_size());
+  account(p, +1);
+  x.params_held = true;
+  x.gather_ticket = submit([this, u] { return gather(u); });
+}
+
+void ShardedParameters::awaitGather(size_t u) {
+  requestGather(u);
+  Unit& x = units_[u];
+  if (x.gather_ticket == 0) return;
+  const uint64_t t = x.gather_ticket;
+  x.gather_ticket = 0;
+  await(t);
+}
+
+void ShardedParameters::release(size_t u) {
+  Unit& x = units_[u];
+  if (!x.params_held) return;
+  if (x.gather_ticket != 0) awaitGather(u);  // never free memory a gather still writes
+  model::compat::freeStorage(flat_.unitParams(u));
+  account(flat_.unitParams(u), -1);
+  x.params_held = false;
+}
+
+void ShardedParameters::prepareGrads(size_t u) {
+  Unit& x = units_[u];
+  if (x.grads_held) return;
+  if (x.reduce_ticket != 0) {
+    // The previous micro-batch's reduce-scatter of this unit still reads (and then frees) them.
+    const uint64_t t = x.reduce_ticket;
+    x.reduce_ticket = 0;
+    await(t);
+  }
+  settleReduced(u);
+  const torch::Tensor& g = flat_.unitGrads(u);
+  model::compat::reallocStorage(g, static_cast<size_t>(g.numel()) * g.element_size());
+  account(g, +1);
+  x.grads_counted = true;
+  torch::NoGradGuard ng;
+  const_cast<torch::Tensor&>(g).zero_();
+  x.grads_held = true;
+}
+
+void ShardedParameters::requestReduce(size_t u) {
+  Unit& x = units_[u];
+  if (!x.grads_held) return;
+  x.grads_held = false;
+  x.reduce_ticket = submit([this, u] { return reduce(u); });
+}
+
+void ShardedParameters::before(size_t layer) {
+  awaitGather(cut_.layer_units[layer]);
+  if (layer + 1 < cut_.layer_units.size()) requestGather(cut_.layer_units[layer + 1]);  // prefetch
+}
+
+torch::Tensor ShardedParameters::after(size_t layer, torch::Tensor output) {
+  const bool backward = torch::GradMode::is_enabled() && output.defined() && output.requires_grad();
+  if (backward) {
+    // Its gradient arrives just before this layer's backward runs.
+    output.register_hook([this, layer](const torch::Tensor&) { preBackward(layer); });
+  }
+  forwardDone(layer, backward);
+  return output;
+}
+
+void ShardedParameters::forwardDone(size_t layer, bool backward_follows) {
+  // The last layer's backward comes first: it stays.
+  if (backward_follows && layer + 1 == cut_.layer_units.size()) return;
+  release(cut_.layer_units[layer]);
+}
+
+void ShardedParameters::preBackward(size_t layer) {
+  // The layer after this one finished its backward (autograd accumulates a
+  // parameter's gradient as soon as it is computed, before any other node).
+  if (pending_layer_ >= 0) {
+    const size_t done = cut_.layer_units[static_cast<size_t>(pending_layer_)];
+    requestReduce(done);
+    release(done);
+  }
+  const size_t u = cut_.layer_units[layer];
+  awaitGather(u);
+  prepareGrads(u);
+  if (layer > 0) requestGather(cut_.layer_units[layer - 1]);  // prefetch
+  pending_layer_ = static_cast<int>(layer);
+}
+
+void ShardedParameters::beginPass(bool backward) {
+  for (size_t u : cut_.root_units) requestGather(u);
+  for (size_t u : cut_.root_units) awaitGather(u);
+  if (backward && !root_grads_) {
+    for (size_t u : cut_.root_units) prepareGrads(u);
+    root_grads_ = true;
+  }
+}
+
+void ShardedParameters::endBackward() {
+  if (pending_layer_ < 0) return;
+  const size_t done = cut_.layer_units[static_cast<size_t>(pending_layer_)];
+  pending_layer_ = -1;
+  requestReduce(done);
+  release(done);
+}
+
+void ShardedParameters::idlePass(bool backward) {
+  const size_t n = cut_.layer_units.size();
+  for (size_t i = 0; i < n; ++i) {
+    before(i);
+    forwardDone(i, backward);
+  }
+  if (!backward) return;
+  for (size_t i = n; i-- > 0;) preBackward(i);
+  endBackward();
+}
+
+void ShardedParameters::endForwardOnly() {
+  for (size_t u : cut_.root_units) release(u);
+}
+
+core::Status ShardedParameters::reduceGradients(StepStats& stats) {
+  const auto t0 = core::Clock::now();
+  try {
+    endBackward();
+    for (size_t u : cut_.root_units) requestReduce(u);
+    root_grads_ = false;
+    uint64_t last = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      last = submitted_;
+    }
+    await(last);
+    for (size_t u = 0; u < units_.size(); ++u) {
+      units_[u].reduce_ticket = 0;
+      settleReduced(u);
+    }
+    for (size_t u : cut_.root_units) release(u);
+  } catch (const std::exception&) {
+    stats.wait_s += core::secondsSince(t0);
+    return failure_;
+  }
+  stats.wait_s += core::secondsSince(t0);
+  return core::okStatus();
+}
+
+NormShare ShardedParameters::gradNormSquared() const {
+  // Each rank holds the summed gradients of its slice only.
+  return {flat_.grads().to(torch::kFloat64).pow(2).sum().item<double>(), false};
+}
+
+std::vector<StateRange> ShardedParameters::stateRanges() const {
+  std::vector<StateRange> out;
+  for (const auto& s : flat_.segments()) {
+    const int64_t lo = std::max(begin_, s.offset), hi = std::min(end_, s.offset + s.numel);
+    if (lo < hi) out.push_back({s.name, lo, hi});
+  }
+  return out;
+}
+
+void ShardedParameters::account(const torch::Tensor& t, int sign) {
+  held_bytes_ += sign * t.numel() * static_cast<int64_t>(t.element_size());
+  peak_bytes_ = std::max(peak_bytes_, held_bytes_);
+}
+
+void ShardedParameters::settleReduced(size_t u) {
+  // A reduce-scatter freed these gradients; they count until it is known to
+  // have finished (an upper bound).
+  Unit& x = units_[u];
+  if (x.grads_held || !x.grads_counted) return;
+  account(flat_.unitGrads(u), -1);
+  x.grads_counted = false;
+}
+
+int64_t ShardedParameters::takePeakBytes() {
+  const int64_t p = peak_bytes_;
+  peak_bytes_ = held_bytes_;
+  return p;
+}
+
+size_t ShardedParameters::heldUnits() const {
+  size_t n = 0;
+  for (size_t u = 0; u < units_.size(); ++u) n += model::compat::storageHeld(flat_.unitParams(u)) ? 1 : 0;
+  return n;
+}
+
+}  // namespace archipelago::runtime::parallel
