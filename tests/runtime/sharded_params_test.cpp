@@ -167,6 +167,13 @@ TEST(ShardedParameters, RankOfTwoGetsTheGroupSumOfItsSliceAndHoldsWeightsOnlyWhe
   EXPECT_EQ(sp.heldUnits(), 0u) << "every unit is freed after the step";
   // The root (2 units) stays for the step; at most two layers at a time beside it.
   EXPECT_LE(dp.max_held, 4u);
+  // Its memory pool: the root's weights and gradients, and at most four
+  // layer-sized blocks (two layers' weights, two layers' gradients).
+  const auto bytesOf = [&](size_t u) { return (cut.offsets[u + 1] - cut.offsets[u]) * 4; };
+  int64_t root = 0;
+  for (size_t u : cut.root_units) root += 2 * bytesOf(u);
+  EXPECT_GT(sp.unitBytes(), root);
+  EXPECT_LE(sp.unitBytes(), root + 4 * bytesOf(cut.layer_units[0]));
   // Per pass: 3 forward gathers, 2 backward ones (the last layer stays), 3 reduce-scatters; the root once.
   EXPECT_EQ(dp.gathers, 2 + 3 * 5);
   EXPECT_EQ(dp.reduces, 2 + 3 * 3);

@@ -124,11 +124,20 @@ inline void freeStorage(const torch::Tensor& t) {
   s->set_data_ptr_noswap(at::DataPtr(nullptr, s->device()));
   s->set_nbytes(0);
 }
-inline void reallocStorage(const torch::Tensor& t, size_t nbytes) {
+// The same as a hand-over: the memory leaves the storage (to be kept for
+// reuse) and comes back, or new memory from the storage's allocator.
+inline at::DataPtr takeStorage(const torch::Tensor& t) {
   c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
-  if (s->nbytes() == nbytes) return;
-  s->set_data_ptr_noswap(s->allocator()->allocate(nbytes));
+  s->set_nbytes(0);
+  return s->set_data_ptr(at::DataPtr(nullptr, s->device()));
+}
+inline void giveStorage(const torch::Tensor& t, at::DataPtr&& data, size_t nbytes) {
+  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
+  s->set_data_ptr_noswap(std::move(data));
   s->set_nbytes(nbytes);
+}
+inline at::DataPtr allocateFor(const torch::Tensor& t, size_t nbytes) {
+  return t.storage().unsafeGetStorageImpl()->allocator()->allocate(nbytes);
 }
 inline bool storageHeld(const torch::Tensor& t) { return t.storage().nbytes() > 0; }
 

@@ -60,8 +60,8 @@ struct StepRecord {
   double minor_faults = kMissing;   // pages touched for the first time in the step (count)
   double peak_rss_bytes = kMissing; // the process's peak resident memory since its previous step record
   // Model state this worker holds: fp32 masters, gradients, compute copies
-  // and optimizer moments (ZeRO: its slices), plus (ZeRO-3) the most
-  // gathered weights and gradients it held at once in the step.
+  // and optimizer moments (ZeRO: its slices), plus (ZeRO-3) the memory kept
+  // for gathered units (a pool: the most it held at once).
   double state_bytes = kMissing;
   double tokens_per_s = kMissing, grad_norm = kMissing;
   double slowdown = kMissing;  // EMULATED compute stretch of this worker

@@ -33,7 +33,7 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
         .minor_faults = static_cast<double>(core::minorFaults() - faults0),
         .peak_rss_bytes = static_cast<double>(core::peakResidentBytes()),
         .state_bytes = static_cast<double>(flat_->bytes() + adam_->bytes() +
-                                           (params_shard_ ? params_shard_->takePeakBytes() : 0)),
+                                           (params_shard_ ? params_shard_->unitBytes() : 0)),
         .tokens_per_s = static_cast<double>(batch.n * T_) / step_s, .grad_norm = grad_norm, .slowdown = me_.slowdown,
         .share = static_cast<double>(old_shares[static_cast<size_t>(share_index_)]), .commit_s = commit_s_,
         .stage = pp_ ? stage_ : -1, .micro_batches = static_cast<double>(stats.micro_batches)});

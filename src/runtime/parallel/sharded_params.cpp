@@ -94,7 +94,7 @@ core::Status ShardedParameters::reduce(size_t u) {
   // This rank's block holds the group's sum: into its slice of the gradients.
   const int64_t lo = std::max(ub, begin_), hi = std::min(flat_.unitEnd(u), end_);
   if (lo < hi) flat_.grads().narrow(0, lo - begin_, hi - lo).add_(wire.narrow(0, lo - ub, hi - lo).to(flat_.device()));
-  model::compat::freeStorage(g);
+  detach(g);
   return core::okStatus();
 }
 
@@ -139,8 +139,7 @@ void ShardedParameters::requestGather(size_t u) {
   Unit& x = units_[u];
   if (x.params_held) return;
   const torch::Tensor& p = flat_.unitParams(u);
-  model::compat::reallocStorage(p, static_cast<size_t>(p.numel()) * p.element_size());
-  account(p, +1);
+  attach(p);
   x.params_held = true;
   x.gather_ticket = submit([this, u] { return gather(u); });
 }
@@ -158,8 +157,7 @@ void ShardedParameters::release(size_t u) {
   Unit& x = units_[u];
   if (!x.params_held) return;
   if (x.gather_ticket != 0) awaitGather(u);  // never free memory a gather still writes
-  model::compat::freeStorage(flat_.unitParams(u));
-  account(flat_.unitParams(u), -1);
+  detach(flat_.unitParams(u));
   x.params_held = false;
 }
 
@@ -172,11 +170,8 @@ void ShardedParameters::prepareGrads(size_t u) {
     x.reduce_ticket = 0;
     await(t);
   }
-  settleReduced(u);
   const torch::Tensor& g = flat_.unitGrads(u);
-  model::compat::reallocStorage(g, static_cast<size_t>(g.numel()) * g.element_size());
-  account(g, +1);
-  x.grads_counted = true;
+  attach(g);
   torch::NoGradGuard ng;
   const_cast<torch::Tensor&>(g).zero_();
   x.grads_held = true;
@@ -269,10 +264,7 @@ core::Status ShardedParameters::reduceGradients(StepStats& stats) {
       last = submitted_;
     }
     await(last);
-    for (size_t u = 0; u < units_.size(); ++u) {
-      units_[u].reduce_ticket = 0;
-      settleReduced(u);
-    }
+    for (auto& x : units_) x.reduce_ticket = 0;
     for (size_t u : cut_.root_units) release(u);
   } catch (const std::exception&) {
     stats.wait_s += core::secondsSince(t0);
@@ -296,24 +288,29 @@ std::vector<StateRange> ShardedParameters::stateRanges() const {
   return out;
 }
 
-void ShardedParameters::account(const torch::Tensor& t, int sign) {
-  held_bytes_ += sign * t.numel() * static_cast<int64_t>(t.element_size());
-  peak_bytes_ = std::max(peak_bytes_, held_bytes_);
+void ShardedParameters::attach(const torch::Tensor& t) {
+  const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+  at::DataPtr data;
+  {
+    std::lock_guard<std::mutex> lock(pool_mu_);
+    auto& free = pool_[nbytes];
+    if (!free.empty()) {
+      data = std::move(free.back());
+      free.pop_back();
+    }
+  }
+  if (!data) {
+    data = model::compat::allocateFor(t, nbytes);
+    pool_bytes_ += static_cast<int64_t>(nbytes);
+  }
+  model::compat::giveStorage(t, std::move(data), nbytes);
 }
 
-void ShardedParameters::settleReduced(size_t u) {
-  // A reduce-scatter freed these gradients; they count until it is known to
-  // have finished (an upper bound).
-  Unit& x = units_[u];
-  if (x.grads_held || !x.grads_counted) return;
-  account(flat_.unitGrads(u), -1);
-  x.grads_counted = false;
-}
-
-int64_t ShardedParameters::takePeakBytes() {
-  const int64_t p = peak_bytes_;
-  peak_bytes_ = held_bytes_;
-  return p;
+void ShardedParameters::detach(const torch::Tensor& t) {
+  const size_t nbytes = t.storage().nbytes();
+  at::DataPtr data = model::compat::takeStorage(t);
+  std::lock_guard<std::mutex> lock(pool_mu_);
+  pool_[nbytes].push_back(std::move(data));
 }
 
 size_t ShardedParameters::heldUnits() const {

@@ -18,8 +18,9 @@
 //                 then freed. The last layer stays between forward and
 //                 backward.
 //
-// Memory is released and taken back under the same storage
-// (compat::freeStorage), so the tensors autograd saved stay valid. Every
+// Memory leaves a unit's storage and comes back under the same storage
+// (compat::takeStorage / giveStorage, from a pool of blocks kept for reuse),
+// so the tensors autograd saved stay valid. Every
 // collective runs on one worker thread in the order the compute thread
 // asks for them, which is the same on every rank; a rank with fewer
 // micro-batches than the others runs idle passes (the collectives of one
@@ -27,7 +28,9 @@
 // Gathers and reduce-scatters are fp32.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
+#include <map>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -90,14 +93,13 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
   const core::Status& failure() const { return failure_; }
   // Units whose full weights are in memory now (tests: between steps, none).
   size_t heldUnits() const;
-  // The most bytes of gathered weights and gradients held at once since
-  // the last call (StepRecord::state_bytes).
-  int64_t takePeakBytes();
+  // Memory for gathered units, in use or kept for reuse: the most a rank
+  // ever held at once, per size (StepRecord::state_bytes).
+  int64_t unitBytes() const { return pool_bytes_; }
 
  private:
   struct Unit {
     bool params_held = false, grads_held = false;
-    bool grads_counted = false;  // in held_bytes_ (until its reduce-scatter is known done)
     uint64_t gather_ticket = 0, reduce_ticket = 0;  // 0: none outstanding
   };
   void requestGather(size_t u);
@@ -112,8 +114,12 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
   core::Status gather(size_t u);
   core::Status reduce(size_t u);
   void fail(const core::Status& st);
-  void account(const torch::Tensor& t, int sign);
-  void settleReduced(size_t u);
+  // A unit's memory from the pool (new memory when it has none of that
+  // size), and back to it: freeing and allocating layer-sized blocks every
+  // use grew the host heap by one of them per step (glibc's mmap threshold
+  // adapts to freed blocks, which then fragment the heap).
+  void attach(const torch::Tensor& t);
+  void detach(const torch::Tensor& t);
   std::vector<int64_t> countsOf(size_t u) const;
 
   FlatParams& flat_;
@@ -124,7 +130,9 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
   int64_t begin_ = 0, end_ = 0;  // this rank's slice
   bool root_grads_ = false;     // the root's gradients are held this step
   int pending_layer_ = -1;      // the layer whose backward ran last, not yet reduced
-  int64_t held_bytes_ = 0, peak_bytes_ = 0;  // units' memory now / at most since takePeakBytes()
+  std::mutex pool_mu_;  // the worker thread returns gradients
+  std::map<size_t, std::vector<at::DataPtr>> pool_;
+  std::atomic<int64_t> pool_bytes_{0};
   core::Status failure_;
   std::mutex mu_;
   std::condition_variable done_cv_;
