@@ -5,9 +5,13 @@
 #include <filesystem>
 #include <fstream>
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "archipelago/core/files.h"
 #include "archipelago/core/log.h"
+#include "archipelago/plan/plan_to_job.h"
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/safetensors.h"
 #include "archipelago/model/training.h"
@@ -24,7 +28,23 @@ std::string selfExe() {
   return ec ? std::string("archipelago") : p.string();
 }
 
-// A checkpoint path may be a checkpoint directory or a run directory (newest valid one).
+// The plan's layout as --set overrides ahead of the user's own (which win).
+core::Status applyPlan(const std::string& path, runtime::LaunchOptions& launch) {
+  ARCH_ASSIGN_OR_RETURN(std::string text, core::readFile(path));
+  auto plan = plan::Plan::fromJson(text);
+  if (!plan.isOk()) return plan.status().withContext(path);
+  ARCH_ASSIGN_OR_RETURN(core::LoadedJob loaded, core::loadJob(launch.job_path, launch.load));
+  auto ov = plan::jobOverrides(*plan, loaded.job);
+  if (!ov.isOk()) return ov.status().withContext("--plan " + path);
+  std::printf("running the layout of %s (%s): --set %s\n", path.c_str(), plan->summary.c_str(),
+              fmt::format("{}", fmt::join(ov->sets, " --set ")).c_str());
+  for (const auto& n : ov->notes) std::printf("  plan: %s\n", n.c_str());
+  std::fflush(stdout);
+  std::vector<std::string> sets = ov->sets;
+  sets.insert(sets.end(), launch.load.sets.begin(), launch.load.sets.end());
+  launch.load.sets = std::move(sets);
+  return core::okStatus();
+}
 }  // namespace
 
 void addTrainCommands(CLI::App& app) {
@@ -41,8 +61,12 @@ void addTrainCommands(CLI::App& app) {
                     "start a replacement (worker --join) for a worker that dies, at most this many times (0 = never)")
       ->capture_default_str();
   train->add_option("--exit-after-step", launch.exit_after_step, "testing: every worker exits abruptly after this step");
-  setAction(train, [] {
+  static std::string plan_path;
+  train->add_option("--plan", plan_path,
+                    "run the layout of this plan (written by `archipelago plan --out`); --set still overrides");
+  setAction(train, []() -> core::Status {
     launch.self_exe = selfExe();
+    if (!plan_path.empty()) ARCH_RETURN_IF_ERROR(applyPlan(plan_path, launch));
     return runtime::launchTraining(launch);
   });
 

@@ -1,0 +1,132 @@
+// From plan to run (plan/plan_to_job.h): the overrides a plan turns into,
+// checked against the plan's own fields, and the job they make passes the
+// job check (or, for what the runtime cannot run, the refusal names why).
+// A plan run end to end through the binary is in
+// tests/runtime/plan_run_test.cpp.
+#include <filesystem>
+#include <fstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "archipelago/core/config.h"
+#include "archipelago/plan/plan_to_job.h"
+
+namespace archipelago::plan {
+namespace {
+
+using ::testing::Contains;
+using ::testing::HasSubstr;
+
+// One group: `dp` replicas of `tp` x pipelines whose stages hold
+// `layers[s]` decoder layers (the embedding on the first, the head on the last).
+GroupPlan group(std::vector<int> islands, int64_t tp, const std::vector<int64_t>& layers, int64_t dp, int zero = 1) {
+  GroupPlan g;
+  g.islands = islands;
+  g.tp.assign(islands.size(), tp);
+  g.pp = {static_cast<int64_t>(layers.size())};
+  if (islands.size() > 1) g.pp.assign(islands.size(), static_cast<int64_t>(layers.size()) / 2);
+  g.dp = dp;
+  g.micro_batch = 2;
+  g.zero = zero;
+  int64_t item = 0;
+  for (size_t s = 0; s < layers.size(); ++s) {
+    StagePlan st;
+    st.first_item = item;
+    st.num_items = layers[s] + (s == 0 ? 1 : 0) + (s + 1 == layers.size() ? 1 : 0);
+    item += st.num_items;
+    g.stages.push_back(st);
+  }
+  return g;
+}
+
+core::JobConfig job(int workers, int64_t n_layers = 4) {
+  core::JobConfig j;
+  core::IslandSpec isl;
+  isl.name = "a";
+  isl.count = workers;
+  j.cluster.islands = {isl};
+  j.model.n_layers = n_layers;
+  j.train.global_batch = 8;
+  j.data.seq_len = 32;
+  return j;
+}
+
+Plan planOf(std::vector<GroupPlan> groups) {
+  Plan p;
+  p.groups = std::move(groups);
+  p.setup.global_batch_tokens = 8 * 32;
+  return p;
+}
+
+TEST(PlanToJob, TensorAndPipelineParallelismBecomeTheJobsStrategy) {
+  auto ov = jobOverrides(planOf({group({0}, 2, {3, 1}, 1)}), job(4));
+  ASSERT_TRUE(ov.isOk()) << ov.status().toString();
+  for (const char* want : {"strategy.tensor_parallel=2", "strategy.pipeline_stages=2", "strategy.stage_layers=3,1",
+                           "strategy.expert_parallel=1", "strategy.sequence_parallel=true", "train.micro_batch=2",
+                           "train.zero=0", "strategy.kind=sync"}) {
+    EXPECT_THAT(ov->sets, Contains(std::string(want)));
+  }
+  // The planner's ZeRO-1 cannot be applied with pipelines: said, not dropped silently.
+  ASSERT_EQ(ov->notes.size(), 1u);
+  EXPECT_THAT(ov->notes[0], HasSubstr("zero=1 is not applied"));
+
+  // The job those overrides make passes the job check.
+  const auto file = std::filesystem::temp_directory_path() / "plan_to_job_test.yaml";
+  std::ofstream(file) << "cluster: {islands: [{name: a, count: 4}]}\n"
+                         "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32}\n"
+                         "data: {dir: /nonexistent, seq_len: 32}\n"
+                         "train: {steps: 2, global_batch: 8}\n";
+  core::LoadOptions lo;
+  lo.sets = ov->sets;
+  lo.use_process_env = false;
+  auto loaded = core::loadJob(file.string(), lo);
+  std::filesystem::remove(file);
+  ASSERT_TRUE(loaded.isOk()) << loaded.status().toString();
+  EXPECT_EQ(loaded->job.strategy.tensor_parallel, 2);
+  EXPECT_EQ(loaded->job.strategy.stage_layers, (std::vector<int64_t>{3, 1}));
+}
+
+TEST(PlanToJob, DataParallelPlansKeepTheirZeroStageAndCrossIslandStrategy) {
+  auto sync = jobOverrides(planOf({group({0}, 1, {4}, 4, 3)}), job(4));
+  ASSERT_TRUE(sync.isOk()) << sync.status().toString();
+  EXPECT_THAT(sync->sets, Contains(std::string("train.zero=3")));
+  EXPECT_THAT(sync->sets, Contains(std::string("strategy.pipeline_stages=1")));
+  EXPECT_TRUE(sync->notes.empty());
+
+  Plan diloco = planOf({group({0}, 1, {4}, 2, 0), group({1}, 1, {4}, 2, 0)});
+  diloco.strategy = "diloco";
+  diloco.diloco_h = 25;
+  diloco.codec = "int8";
+  auto d = jobOverrides(diloco, job(4));
+  ASSERT_TRUE(d.isOk()) << d.status().toString();
+  for (const char* want : {"strategy.kind=diloco", "strategy.inner_steps=25", "strategy.codec=int8"}) {
+    EXPECT_THAT(d->sets, Contains(std::string(want)));
+  }
+  // Another batch than the job's: the job keeps its own, and says so.
+  diloco.setup.global_batch_tokens = 1 << 20;
+  auto b = jobOverrides(diloco, job(4));
+  ASSERT_TRUE(b.isOk());
+  EXPECT_THAT(b->notes, Contains(HasSubstr("priced at 1048576 tokens")));
+}
+
+TEST(PlanToJob, RefusesWhatTheRuntimeCannotRunNamingWhy) {
+  auto msg = [](const Plan& p, const core::JobConfig& j) {
+    auto r = jobOverrides(p, j);
+    return r.isOk() ? std::string() : r.status().message();
+  };
+  // Per-island layouts.
+  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), group({1}, 1, {2, 2}, 1)}), job(4)), HasSubstr("per-island layouts"));
+  GroupPlan mixed_tp = group({0, 1}, 2, {2, 2}, 1);
+  mixed_tp.tp = {2, 1};
+  EXPECT_THAT(msg(planOf({mixed_tp}), job(4)), HasSubstr("per-island layouts"));
+  // Another cluster, another model, an interleaved schedule.
+  EXPECT_THAT(msg(planOf({group({0}, 1, {4}, 4)}), job(3)), HasSubstr("cluster.islands[*].count"));
+  EXPECT_THAT(msg(planOf({group({0}, 1, {4}, 4)}), job(4, 6)), HasSubstr("model.n_layers"));
+  GroupPlan vs = group({0}, 1, {2, 2}, 2);
+  vs.virtual_stages = 2;
+  EXPECT_THAT(msg(planOf({vs}), job(4)), HasSubstr("virtual stages"));
+}
+
+}  // namespace
+}  // namespace archipelago::plan
