@@ -130,8 +130,8 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
   if (s.kind != "sync") {
     p.add("strategy.tensor_parallel", tp, "1 with strategy.kind " + s.kind + " (TP under DiLoCo / streaming is not built yet)");
   }
-  if (zeroStage(j.train) >= 1) {
-    p.add("train.zero", zeroStage(j.train), "0 with strategy.tensor_parallel > 1 (TP x ZeRO is not built yet)");
+  if (zeroStage(j.train) >= 3) {
+    p.add("train.zero", zeroStage(j.train), "0, 1 or 2 with strategy.tensor_parallel > 1 (TP x ZeRO-3 is not built yet)");
   }
   if (s.sequence_parallel) {
     if (j.data.seq_len > 0 && j.data.seq_len % tp != 0) {
@@ -299,8 +299,14 @@ Status validateJob(const JobConfig& j) {
     p.add("strategy.sequence_parallel", "true", "false without strategy.tensor_parallel > 1 (it cuts the tensor-parallel "
                                                 "group's activations along the sequence)");
   }
-  if ((s.pipeline_stages > 1 || s.expert_parallel > 1) && zeroStage(t) >= 1) {
-    p.add("train.zero", zeroStage(t), "0 with strategy.pipeline_stages or strategy.expert_parallel > 1");
+  // ZeRO-1/2 shard over the ranks holding the same tensors (a stage's, a
+  // tensor-parallel slice's); an expert member's tensors differ from its
+  // peers', and ZeRO-3 gathers around a micro-batch schedule only.
+  if (s.expert_parallel > 1 && zeroStage(t) >= 1) {
+    p.add("train.zero", zeroStage(t), "0 with strategy.expert_parallel > 1");
+  }
+  if (s.pipeline_stages > 1 && zeroStage(t) >= 3) {
+    p.add("train.zero", zeroStage(t), "0, 1 or 2 with strategy.pipeline_stages > 1 (PP x ZeRO-3 is not built yet)");
   }
   if (!(s.failure_timeout > 0)) p.add("strategy.failure_timeout", formatDuration(s.failure_timeout), "a duration > 0");
   if (s.min_workers < 1 || (world > 0 && s.min_workers > world)) {

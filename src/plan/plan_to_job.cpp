@@ -90,10 +90,13 @@ void addLayout(const RunLayout& l, const core::JobConfig& job, PlanOverrides& ou
 
 void addZero(const RunLayout& l, const Plan& plan, PlanOverrides& out) {
   int zero = l.zero;
-  if (zero > 0 && (l.tp > 1 || l.pp > 1 || l.ep > 1)) {
-    out.notes.push_back(fmt::format("zero={} is not applied: the runtime shards state with plain data parallelism "
-                                    "only (train.zero 0)", zero));
+  if (zero > 0 && l.ep > 1) {
+    out.notes.push_back(fmt::format("zero={} is not applied: the runtime does not shard state with expert "
+                                    "parallelism (train.zero 0)", zero));
     zero = 0;
+  } else if (zero == 3 && (l.tp > 1 || l.pp > 1)) {
+    out.notes.push_back("zero=3 runs as 2: the runtime gathers parameters (ZeRO-3) with plain data parallelism only");
+    zero = 2;
   }
   if (zero >= 2 && plan.strategy == "sync" && plan.codec != "none" && plan.groups.size() > 1) {
     out.notes.push_back(fmt::format("zero={} lowered to 1: its reduce-scatter is uncompressed and the plan compresses "

@@ -64,12 +64,15 @@ TEST(PlanToJob, TensorAndPipelineParallelismBecomeTheJobsStrategy) {
   ASSERT_TRUE(ov.isOk()) << ov.status().toString();
   for (const char* want : {"strategy.tensor_parallel=2", "strategy.pipeline_stages=2", "strategy.stage_layers=3,1",
                            "strategy.expert_parallel=1", "strategy.sequence_parallel=true", "train.micro_batch=2",
-                           "train.zero=0", "strategy.kind=sync"}) {
+                           "train.zero=1", "strategy.kind=sync"}) {
     EXPECT_THAT(ov->sets, Contains(std::string(want)));
   }
-  // The planner's ZeRO-1 cannot be applied with pipelines: said, not dropped silently.
-  ASSERT_EQ(ov->notes.size(), 1u);
-  EXPECT_THAT(ov->notes[0], HasSubstr("zero=1 is not applied"));
+  EXPECT_TRUE(ov->notes.empty());
+  // ZeRO-3 is gathered around micro-batches of plain data parallelism only: said, not changed silently.
+  auto z3 = jobOverrides(planOf({group({0}, 2, {3, 1}, 1, 3)}), job(4));
+  ASSERT_TRUE(z3.isOk());
+  EXPECT_THAT(z3->sets, Contains(std::string("train.zero=2")));
+  EXPECT_THAT(z3->notes, Contains(HasSubstr("zero=3 runs as 2")));
 
   // The job those overrides make passes the job check.
   const auto file = std::filesystem::temp_directory_path() / "plan_to_job_test.yaml";

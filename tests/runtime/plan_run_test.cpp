@@ -1,8 +1,10 @@
 // From plan to run through the real binary: `archipelago train JOB --plan
 // PLAN.json` runs the layout the plan holds (here two pipeline stages with
-// layers [3, 1], as `archipelago plan --layout` wrote it) and follows the single-process curve; what the runtime
-// cannot apply as planned is said on the console. The overrides themselves
-// are checked in tests/plan/plan_to_job_test.cpp.
+// layers [3, 1] and ZeRO-1, as `archipelago plan --layout` wrote it) and
+// follows the single-process curve; a plan for another cluster is refused
+// before anything starts. The overrides themselves, and what is said when
+// the runtime applies a plan differently, are checked in
+// tests/plan/plan_to_job_test.cpp.
 #include <sys/wait.h>
 
 #include <cstdlib>
@@ -36,7 +38,7 @@ int planOf(const fs::path& job, const std::string& layout, const fs::path& file)
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
 }
 
-TEST(PlanRun, TrainRunsThePlansLayoutAndSaysWhatItAppliedDifferently) {
+TEST(PlanRun, TrainRunsThePlansLayoutAndRefusesAPlanForAnotherCluster) {
   const int steps = 12;
   auto ref = reference("plan_ref", steps, "");
   const fs::path run = scratchRoot() / "plan_run", file = scratchRoot() / "plan.json";
@@ -47,7 +49,7 @@ TEST(PlanRun, TrainRunsThePlansLayoutAndSaysWhatItAppliedDifferently) {
       << testutil::fileText(scratchRoot() / "plan.out");
   ASSERT_EQ(testutil::runTrain(yaml, "plan_run", {"--plan", file.string()}), 0) << outputOf("plan_run");
   EXPECT_THAT(outputOf("plan_run"), HasSubstr("--set strategy.pipeline_stages=2"));
-  EXPECT_THAT(outputOf("plan_run"), HasSubstr("zero=1 is not applied"));
+  EXPECT_THAT(outputOf("plan_run"), HasSubstr("--set train.zero=1"));
   const auto par = testutil::metricLines(run, "parallel");
   ASSERT_FALSE(par.empty()) << outputOf("plan_run");
   EXPECT_EQ(par.back()["pipeline_stages"].get<int>(), 2);

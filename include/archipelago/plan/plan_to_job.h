@@ -9,15 +9,15 @@
 //   ep                            strategy.expert_parallel
 //   micro_batch                   train.micro_batch
 //   recompute (pipelines)         train.recompute
-//   zero                          train.zero (plain data parallelism only)
+//   zero                          train.zero (not with EP; ZeRO-3 with DP only)
 //   strategy, diloco_h, codec     strategy.kind, strategy.inner_steps, strategy.codec
 //
 // The runtime runs one layout for the whole job: a plan whose groups differ
 // (per-island layouts) or that interleaves virtual stages is refused, and so
 // is a plan made for another number of devices or another depth of model.
 // What the runtime cannot apply as planned is applied the closest way it
-// can and said in `notes` (ZeRO with pipeline, expert or tensor
-// parallelism, selective recomputation, another global batch).
+// can and said in `notes` (ZeRO with expert parallelism, ZeRO-3 with
+// pipeline or tensor parallelism, selective recomputation, another global batch).
 #pragma once
 
 #include <string>

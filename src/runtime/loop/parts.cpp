@@ -123,6 +123,11 @@ core::Status Trainer::makeParts() {
   dopt.overlap = false;
   dopt.replicated_norm = false;
   dopt.norm_owner = d == 0;
+  if (optim_->stage() == 2) {
+    // ZeRO-2 over the stage group: each rank's slice of the summed gradients counts.
+    dopt.shard_offsets = optim_->offsets();
+    dopt.norm_owner = true;
+  }
   // Tensor parallelism: slices count on every rank of the group, the
   // replicated tensors on its rank 0.
   if (tensor_) {

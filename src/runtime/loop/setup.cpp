@@ -67,8 +67,8 @@ core::Status Trainer::setup() {
   core::holdFreedMemory();
   ARCH_RETURN_IF_ERROR(setupData());
   ARCH_RETURN_IF_ERROR(setupModel());
-  ARCH_RETURN_IF_ERROR(setupOptimizer());
   if (split()) ARCH_RETURN_IF_ERROR(setupSplitGroups());
+  ARCH_RETURN_IF_ERROR(setupOptimizer());
   ARCH_RETURN_IF_ERROR(makeParts());
   if (opt_.resume && has_state_) ARCH_RETURN_IF_ERROR(resumeFromCheckpoint());
   setupOutputs();
@@ -173,23 +173,33 @@ core::Status Trainer::setupModel() {
 
 int Trainer::zeroInUse() const {
   const int zero = static_cast<int>(core::zeroStage(tc_));
-  return zero >= 1 && world_ > 1 && !split() && !opt_.inner ? zero : 0;
+  if (zero < 1 || world_ <= 1 || opt_.inner || ep_) return 0;
+  return !split() || zero <= 2 ? zero : 0;
+}
+
+// The ranks that shard the state: everybody, or (pipeline / tensor
+// parallelism) the ranks holding this rank's tensors. Null: nobody to shard with.
+DpComm* Trainer::zeroGroup() const {
+  if (!split()) return dp_;
+  return stage_dp_ ? stage_dp_.get() : nullptr;
 }
 
 // AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1/2/3,
 // plain data parallelism only), and the initial batch shares.
 core::Status Trainer::setupOptimizer() {
   const int zero = zeroInUse();
-  const bool shard = zero >= 1;
-  if (core::zeroStage(tc_) >= 1 && world_ > 1 && split()) {
-    if (rank_ == 0) ARCH_LOG_WARN("train.zero is ignored with pipeline / expert parallelism");
+  const bool shard = zero >= 1 && zeroGroup() != nullptr;
+  if (core::zeroStage(tc_) >= 1 && world_ > 1 && ep_) {
+    if (rank_ == 0) ARCH_LOG_WARN("train.zero is ignored with expert parallelism");
+  } else if (zero >= 1 && !shard && rank_ == 0) {
+    ARCH_LOG_WARN("train.zero: no other rank holds this rank's tensors (one replica): nothing to shard");
   } else if (core::zeroStage(tc_) >= 1 && world_ > 1 && opt_.inner) {
     ARCH_LOG_WARN("train.zero is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
   } else if (shard && elastic()) {
     ARCH_LOG_WARN("train.zero: sharded state cannot survive a lost worker; a failure restarts the job "
                   "from its newest checkpoint instead of continuing elastically");
   }
-  optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, dp_, zero)
+  optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, zeroGroup(), zero)
                  : std::make_unique<parallel::OptimizerShard>(*flat_);
   adam_ = std::make_unique<FlatAdamW>(tc_, optim_->begin(), optim_->end(), flat_->device());
   ARCH_ASSIGN_OR_RETURN(shares_, initialShares());

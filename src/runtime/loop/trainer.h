@@ -167,6 +167,7 @@ class Trainer {
   bool split() const { return pp_ || ep_ || tp_; }
   // The ZeRO stage this run applies (train.zero where its layout shards: plain sync data parallelism).
   int zeroInUse() const;
+  DpComm* zeroGroup() const;
   // The part reducing the replicated tensors: data parallelism, or ZeRO-3's sharded parameters.
   parallel::Part& densePart() { return params_shard_ ? static_cast<parallel::Part&>(*params_shard_) : *data_; }
   // The failure behind an exception thrown inside the model's collectives
