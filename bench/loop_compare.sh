@@ -15,7 +15,7 @@ new="$(realpath "$2")"
 steps="${3:-60}"
 runs="${4:-3}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-source "$(dirname "$0")/bench_data.sh"
+source "$(dirname "$0")/bench_lib.sh"
 data="$(bench_data "$new" "$tmp")"
 
 layout() {  # name -> islands + strategy
@@ -40,16 +40,9 @@ strategy: $strategy
 checkpoint: {every: 0, at_exit: false}
 run_dir: $dir
 YAML
-  "$1" train "$dir.yaml" >/dev/null 2>&1
-  python3 - "$dir/metrics.jsonl" <<'PY'
-import json, sys
-s = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"step"' in l.replace(' ', '')]
-t = [j["step_s"] for j in s if j.get("rank") == 0 and j["step"] > 5]
-print(sum(t) / len(t))
-PY
+  bench_train "$1" "$2" "$dir" | awk '{ print $1 }'
 }
 
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 printf "%-6s %14s %14s %8s\n" layout "base s/step" "new s/step" "new/base"
 json="{\"bench\":\"loop_compare\",\"steps\":$steps,\"runs\":$runs"

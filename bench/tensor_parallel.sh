@@ -17,7 +17,7 @@ bin="$(realpath "${1:-build/src/cli/archipelago}")"
 steps="${2:-25}"
 runs="${3:-3}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-source "$(dirname "$0")/bench_data.sh"
+source "$(dirname "$0")/bench_lib.sh"
 data="$(bench_data "$bin" "$tmp")"
 
 layout() {  # name -> workers | threads per worker | strategy
@@ -43,16 +43,8 @@ strategy: $strategy
 checkpoint: {every: 0, at_exit: false}
 run_dir: $dir
 YAML
-  "$bin" train "$dir.yaml" >"$dir.log" 2>&1 || { echo "run $1 failed: $(tail -3 "$dir.log")" >&2; exit 1; }
-  python3 - "$dir/metrics.jsonl" <<'PY'
-import json, sys
-s = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"step"' in l.replace(' ', '')]
-t = [j["step_s"] for j in s if j.get("rank") == 0 and j["step"] > 5]
-print(sum(t) / len(t))
-PY
+  bench_train "$bin" "$1" "$dir" | awk '{ print $1 }'
 }
-
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 for l in tp1 tp2 tp2sp; do : > "$tmp/$l"; done
 for i in $(seq 1 "$runs"); do

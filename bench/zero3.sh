@@ -21,7 +21,7 @@ bin="$(realpath "${1:-build/src/cli/archipelago}")"
 steps="${2:-20}"
 runs="${3:-3}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-source "$(dirname "$0")/bench_data.sh"
+source "$(dirname "$0")/bench_lib.sh"
 data="$(bench_data "$bin" "$tmp")"
 
 run() {  # layout, run index -> "step_s state_bytes peak_rss_bytes"
@@ -37,20 +37,8 @@ strategy: {kind: sync}
 checkpoint: {every: 0, at_exit: false}
 run_dir: $dir
 YAML
-  "$bin" train "$dir.yaml" >"$dir.log" 2>&1 || { echo "run $1 failed: $(tail -3 "$dir.log")" >&2; exit 1; }
-  python3 - "$dir/metrics.jsonl" <<'PY'
-import json, sys
-s = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"step"' in l.replace(' ', '')]
-t = [j["step_s"] for j in s if j.get("rank") == 0 and j["step"] > 5]
-last = {}
-for j in s: last[j["rank"]] = j  # each worker's last record: after warm-up (rank 0's first steps include its calibration)
-state = max(j["state_bytes"] for j in last.values())
-rss = max(j["peak_rss_bytes"] for j in last.values())
-print(sum(t) / len(t), state, rss)
-PY
+  bench_train "$bin" "$1" "$dir"
 }
-
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 layouts="zero0 zero2 zero3"
 for l in $layouts; do : > "$tmp/$l"; done

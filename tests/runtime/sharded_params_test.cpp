@@ -20,6 +20,7 @@
 #include "archipelago/runtime/parallel/optimizer_shard.h"
 #include "archipelago/runtime/parallel/sharded_params.h"
 #include "model/test_util.h"
+#include "runtime/random_batch.h"
 
 namespace archipelago::runtime::parallel {
 namespace {
@@ -86,20 +87,7 @@ class MirrorDp final : public DpComm {
   torch::Tensor whole_;
 };
 
-data::Batch randomBatch(int64_t n, int64_t t, int64_t vocab, uint64_t seed) {
-  torch::manual_seed(seed);
-  data::Batch b;
-  b.n = n;
-  b.seq_len = t;
-  auto ids = torch::randint(0, vocab, {n, t + 1}, torch::kLong).contiguous();
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < t; ++j) {
-      b.input.push_back(ids[i][j].item<int64_t>());
-      b.target.push_back(ids[i][j + 1].item<int64_t>());
-    }
-  }
-  return b;
-}
+using testutil::randomBatch;
 
 core::ModelConfig threeLayers() {
   core::ModelConfig c = model::testing::tinyConfig();
