@@ -318,22 +318,25 @@ TEST(Elastic, BelowMinWorkersRestartsFromTheNewestCheckpoint) {
   EXPECT_NEAR(finalLoss(run, steps), ref, 0.02 * ref);
 }
 
-// A pipeline (PP=2) and an expert-parallel (EP=2) job lose a worker to
-// kill -9: the layout cannot shrink, so the job restarts itself from its
-// newest checkpoint (docs/parallelism.md "Failures") and ends on the
-// single-process curve.
+// A pipeline (PP=2), an expert-parallel (EP=2) and a TP=2 x PP=2 job lose
+// a worker to kill -9: the layout cannot shrink, so the job restarts itself
+// from its newest checkpoint (docs/parallelism.md "Failures") and ends on
+// the single-process curve.
 TEST(Elastic, KilledPipelineAndExpertWorkersRestartFromTheNewestCheckpoint) {
   const int steps = 30;
   struct Layout {
     std::string name, strategy, model;
+    int workers = 2;
   };
   for (const Layout& l : {Layout{"kill_pp", "{kind: sync, pipeline_stages: 2}", ""},
-                          Layout{"kill_ep", "{kind: sync, expert_parallel: 2}", ", moe: {num_experts: 4, top_k: 2}"}}) {
+                          Layout{"kill_ep", "{kind: sync, expert_parallel: 2}", ", moe: {num_experts: 4, top_k: 2}"},
+                          Layout{"kill_tp_pp", "{kind: sync, tensor_parallel: 2, pipeline_stages: 2}", "", 4}}) {
     const fs::path run = scratchRoot() / l.name;
-    Job job(l.name, chaosJob(run, steps, "    - {name: a, count: 2}", l.strategy, "", 10, l.model),
+    Job job(l.name,
+            chaosJob(run, steps, "    - {name: a, count: " + std::to_string(l.workers) + "}", l.strategy, "", 10, l.model),
             {"--max-restarts", "1"});
     ASSERT_TRUE(waitFor(job, 90, [&] { return lastStep(run) >= 13; })) << job.output();
-    ::kill(workerPids(run)[1], SIGKILL);
+    ::kill(workerPids(run)[1], SIGKILL);  // with TP x PP: rank 1, the second slice of stage 0
     ASSERT_EQ(job.wait(120), 0) << l.name << "\n" << job.output();
     ASSERT_EQ(events(run, "restart").size(), 1u) << job.output();
     EXPECT_TRUE(events(run, "replace").empty()) << "a layout that cannot shrink was given a replacement";
