@@ -102,7 +102,10 @@ void addTrainCommands(CLI::App& app) {
   auto* c = app.add_subcommand("coordinator", "the membership service alone (for multi-host launches)");
   c->add_option("--host", coord.host, "interface to listen on");
   c->add_option("--port", coord.port, "port (0 = any; printed at start)")->check(CLI::Range(0, 65535));
-  c->add_option("--failure-timeout", coord.failure_timeout, "seconds of heartbeat silence before a worker is declared failed");
+  c->add_option("--failure-timeout", coord.failure_timeout,
+                "seconds of heartbeat silence before a worker is declared failed (default: the job's "
+                "strategy.failure_timeout, which the workers announce when they register)")
+      ->check(CLI::NonNegativeNumber);
   c->add_option("--port-file", coord.port_file, "write the port here once listening (for scripts, with --port 0)");
   c->add_flag("--supervise", coord.supervise,
               "run the coordinator as a child and start it again on the same port when it dies; the workers "

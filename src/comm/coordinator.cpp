@@ -186,11 +186,14 @@ core::Status CoordinatorServer::start() {
 
 // Heartbeat expiry and the end of a recovery window.
 void CoordinatorServer::monitorLoop() {
-  // Checks 20 times per timeout (at most every 100 ms): detection within ~1.05 x the bound.
-  const double t = options_.heartbeat_timeout_s;
-  const auto period = std::chrono::duration<double>(t > 0 ? std::min(0.1, t / 20) : 0.1);
   while (!stop_.aborted()) {
-    std::this_thread::sleep_for(period);
+    // Checks 20 times per timeout (at most every 100 ms): detection within ~1.05 x the bound.
+    double t = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      t = table_.timeout();
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double>(t > 0 ? std::min(0.1, t / 20) : 0.1));
     std::lock_guard<std::mutex> lock(mu_);
     const int64_t now = core::nowMicros();
     const bool settled = table_.settleRecovery(now);
@@ -279,6 +282,7 @@ std::string CoordinatorServer::handle(const std::string& text) {
   auto deadlineOf = [&] { return core::Deadline::afterSeconds(std::min(req.value("timeout", 0.0), 3600.0)); };
   std::unique_lock<std::mutex> lock(mu_);
   try {
+    adoptWorkerTimeout(req);
     if (op == "reattach") return handleReattach(req);
     // Membership is not answered from a table still being rebuilt.
     static const std::set<std::string> kWaitsForRecovery = {"register", "join", "members", "enter", "state",
@@ -387,6 +391,16 @@ std::string CoordinatorServer::waitRecovered(const core::Deadline& deadline, std
               {"error", fmt::format("the coordinator is rebuilding the membership from the workers (restarted {:.1f} s "
                                     "ago); ask again", table_.recoverySeconds(core::nowMicros()))}}
       .dump();
+}
+
+// Under mu_. A worker's announced failure timeout, when the options let
+// the workers set it and it is longer than the one in force.
+void CoordinatorServer::adoptWorkerTimeout(const json& req) {
+  const double t = req.value("failure_timeout", 0.0);
+  if (!options_.adopt_worker_timeout || t <= table_.timeout()) return;
+  table_.raiseTimeout(t);
+  ARCH_LOG_INFO("coordinator: failure timeout {:.1f} s (the job's strategy.failure_timeout, announced by rank {})",
+                t, req.value("rank", -1));
 }
 
 std::string CoordinatorServer::handleReattach(const json& req) {

@@ -112,6 +112,11 @@ bool retryRecovering(const core::Status& st, const core::Deadline& deadline) {
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   return true;
 }
+
+// The job's failure timeout on the requests that (re)introduce a rank.
+void announce(json& req, double failure_timeout_s) {
+  if (failure_timeout_s > 0) req["failure_timeout"] = failure_timeout_s;
+}
 }  // namespace
 
 core::Result<std::unique_ptr<CoordinatorClient>> CoordinatorClient::connect(const std::string& address,
@@ -138,6 +143,7 @@ std::string CoordinatorClient::reattachRequest() const {
   if (!registered_) return "";
   json req{{"op", "reattach"}, {"rank", rank_.load()}, {"island", island_}, {"address", my_address_},
            {"pid", static_cast<int64_t>(::getpid())}, {"seen", latest_epoch_.load()}};
+  announce(req, failure_timeout_s_.load());
   if (has_view_) req["view"] = membershipToJson(view_);
   return req.dump();
 }
@@ -196,6 +202,7 @@ core::Result<uint32_t> CoordinatorClient::registerRank(int rank, int island, con
                                                        const core::Deadline& deadline) {
   json req{{"op", "register"}, {"rank", rank}, {"island", island}, {"address", address},
            {"pid", static_cast<int64_t>(::getpid())}};
+  announce(req, failure_timeout_s_.load());
   while (true) {
     auto j = parseReply(call(req.dump(), deadline), &latest_epoch_);
     if (!j.isOk() && retryRecovering(j.status(), deadline)) continue;
@@ -209,6 +216,7 @@ core::Result<CoordinatorClient::Joined> CoordinatorClient::join(int rank, int is
                                                                 const core::Deadline& deadline) {
   json req{{"op", "join"}, {"rank", rank}, {"island", island}, {"address", address},
            {"pid", static_cast<int64_t>(::getpid())}};
+  announce(req, failure_timeout_s_.load());
   while (true) {
     // Not re-sent on a broken connection: a join the coordinator took would bump the epoch twice.
     auto j = parseReply(call(req.dump(), deadline, false), &latest_epoch_);

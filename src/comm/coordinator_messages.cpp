@@ -95,9 +95,11 @@ core::Status checkCoordinatorRequest(const json& r) {
   ARCH_RETURN_IF_ERROR(optionalField(r, "view", what, "a membership object", [](const json& v) { return v.is_object(); }));
   ARCH_RETURN_IF_ERROR(
       integerField(r, "pid", what, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
-  ARCH_RETURN_IF_ERROR(optionalField(r, "timeout", what, "a number >= 0", [](const json& v) {
-    return v.is_number() && std::isfinite(v.get<double>()) && v.get<double>() >= 0;
-  }));
+  for (const char* key : {"timeout", "failure_timeout"}) {
+    ARCH_RETURN_IF_ERROR(optionalField(r, key, what, "a number >= 0", [](const json& v) {
+      return v.is_number() && std::isfinite(v.get<double>()) && v.get<double>() >= 0;
+    }));
+  }
   for (const char* key : {"address", "why", "key", "value"}) ARCH_RETURN_IF_ERROR(stringField(r, key, what));
   return core::okStatus();
 }

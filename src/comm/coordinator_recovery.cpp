@@ -12,7 +12,14 @@ namespace archipelago::comm {
 
 MembershipTable::MembershipTable(double heartbeat_timeout_s, double recovery_window_s)
     : timeout_s_(heartbeat_timeout_s),
-      window_s_(recovery_window_s > 0 ? recovery_window_s : (heartbeat_timeout_s > 0 ? heartbeat_timeout_s : 5.0)) {}
+      window_s_(recovery_window_s > 0 ? recovery_window_s : (heartbeat_timeout_s > 0 ? heartbeat_timeout_s : 5.0)),
+      window_is_timeout_(recovery_window_s <= 0) {}
+
+void MembershipTable::raiseTimeout(double s) {
+  if (s <= timeout_s_) return;
+  timeout_s_ = s;
+  if (window_is_timeout_) window_s_ = std::max(window_s_, s);
+}
 
 uint32_t MembershipTable::reattach(const Reattach& r, int64_t now_us) {
   if (!recovering_ && slots_.empty()) {

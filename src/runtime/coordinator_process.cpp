@@ -22,6 +22,15 @@ namespace archipelago::runtime {
 
 namespace fs = std::filesystem;
 
+comm::CoordinatorOptions coordinatorServerOptions(const std::string& host, int port, double failure_timeout_s) {
+  comm::CoordinatorOptions co;
+  co.host = host;
+  co.port = port;
+  co.heartbeat_timeout_s = failure_timeout_s;
+  co.adopt_worker_timeout = failure_timeout_s <= 0;
+  return co;
+}
+
 std::string CoordinatorProcess::address() const { return comm::joinHostPort(o_.host, o_.port); }
 
 namespace {
@@ -34,11 +43,7 @@ int serveInChild(const CoordinatorProcess::Options& o) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   ::sigprocmask(SIG_BLOCK, &stop_signals, nullptr);  // before the server's threads exist: they inherit it
-  comm::CoordinatorOptions co;
-  co.host = o.host;
-  co.port = o.port;
-  co.heartbeat_timeout_s = o.failure_timeout;
-  comm::CoordinatorServer server(o.secret, co);
+  comm::CoordinatorServer server(o.secret, coordinatorServerOptions(o.host, o.port, o.failure_timeout));
   core::Status st = server.start();
   if (st.isOk()) st = core::writeFileAtomic(o.port_file, std::to_string(server.port()));
   if (!st.isOk()) {

@@ -11,16 +11,23 @@
 #include <optional>
 #include <string>
 
+#include "archipelago/comm/coordinator.h"
 #include "archipelago/core/status.h"
 
 namespace archipelago::runtime {
+
+// The server options of a coordinator on HOST:PORT whose failure timeout is
+// `failure_timeout_s`; 0: the job's, as its workers announce it (a
+// standalone coordinator does not read the job file).
+comm::CoordinatorOptions coordinatorServerOptions(const std::string& host, int port, double failure_timeout_s);
 
 class CoordinatorProcess {
  public:
   struct Options {
     std::string host = "127.0.0.1";
     int port = 0;                // 0: any, then kept for every restart
-    double failure_timeout = 2;  // heartbeat timeout (also the recovery window)
+    double failure_timeout = 2;  // heartbeat timeout (also the recovery window); 0: the workers'
+
     std::string secret;          // passed as ARCHIPELAGO_SECRET
     std::string log;             // stdout + stderr of the coordinator (appended; empty: inherited)
     std::string port_file;       // where the child writes its port

@@ -152,6 +152,7 @@ core::Result<std::unique_ptr<ElasticSession>> ElasticSession::start(const Elasti
   // workers of a job may start a minute apart.
   const auto dl = core::Deadline::afterSeconds(std::max(60.0, o.connect_timeout_s));
   ARCH_ASSIGN_OR_RETURN(s->client_, dialCoordinator(o));
+  s->client_->announceFailureTimeout(s->job_.strategy.failure_timeout);
   const double hb = std::min(0.5, s->job_.strategy.failure_timeout / 4);
 
   if (!o.join) {

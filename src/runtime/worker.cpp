@@ -282,11 +282,7 @@ core::Status runCoordinator(const CoordinatorOptions& opt) {
   const char* secret_env = std::getenv("ARCHIPELAGO_SECRET");
   if (!secret_env || !*secret_env) return core::invalidArgument("ARCHIPELAGO_SECRET is not set: the coordinator needs the job's shared secret");
   if (opt.supervise) return superviseCoordinator(opt, secret_env);
-  comm::CoordinatorOptions co;
-  co.host = opt.host;
-  co.port = opt.port;
-  co.heartbeat_timeout_s = opt.failure_timeout;
-  comm::CoordinatorServer server(secret_env, co);
+  comm::CoordinatorServer server(secret_env, coordinatorServerOptions(opt.host, opt.port, opt.failure_timeout));
   ARCH_RETURN_IF_ERROR(server.start());
   if (!opt.port_file.empty()) {
     ARCH_RETURN_IF_ERROR(core::writeFileAtomic(opt.port_file, std::to_string(server.port())).withContext("--port-file"));

@@ -165,6 +165,44 @@ TEST(MembershipTable, ReRegistrationOfAFailedRankIsAJoin) {
   EXPECT_EQ(t.events().back().kind, "join");
 }
 
+TEST(MembershipTable, ARaisedTimeoutIsTheOneInForceAndNeverLowered) {
+  auto t = threeRanks(0);  // none: only reports end a rank
+  EXPECT_TRUE(t.expire(100 * kSec).empty());
+  t.raiseTimeout(3.0);
+  t.raiseTimeout(1.0);  // a shorter one announced later changes nothing
+  EXPECT_EQ(t.timeout(), 3.0);
+  for (int r = 0; r < 3; ++r) t.heartbeat(r, 100 * kSec);
+  EXPECT_TRUE(t.expire(static_cast<int64_t>(102.5 * kSec)).empty());
+  t.heartbeat(0, 102 * kSec);
+  t.heartbeat(2, 102 * kSec);
+  EXPECT_EQ(t.expire(static_cast<int64_t>(103.5 * kSec)), (std::vector<int>{1}));
+}
+
+// A standalone coordinator (no timeout of its own) takes the one its
+// workers announce: a silent rank is then failed, which with no timeout at
+// all would never happen.
+TEST(Coordinator, AStandaloneCoordinatorTakesTheFailureTimeoutItsWorkersAnnounce) {
+  CoordinatorOptions o;
+  o.adopt_worker_timeout = true;
+  CoordinatorServer server("sm-secret", o);
+  ASSERT_TRUE(server.start().isOk());
+  auto dl = core::Deadline::afterSeconds(10);
+  auto c0 = CoordinatorClient::connect(server.address(), "sm-secret", 0, dl).value();
+  auto c1 = CoordinatorClient::connect(server.address(), "sm-secret", 1, dl).value();
+  c0->announceFailureTimeout(0.5);
+  c1->announceFailureTimeout(0.5);
+  ASSERT_TRUE(c0->registerRank(0, 0, "h:0", dl).isOk());
+  ASSERT_TRUE(c1->registerRank(1, 0, "h:1", dl).isOk());
+  c0->startHeartbeats(0.05);
+  const auto t0 = core::Clock::now();
+  while (server.membership().epoch == 0 && core::secondsSince(t0) < 30) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(server.membership().epoch, 1u);
+  EXPECT_EQ(server.membership().failed, (std::vector<int>{1}));
+  server.stop();
+}
+
 TEST(Coordinator, BarrierAndJoinThroughTheServer) {
   CoordinatorOptions o;
   o.heartbeat_timeout_s = 1.0;

@@ -30,7 +30,7 @@ for h in $(seq 1 "$hosts"); do
 done
 # 32 processes per core: a worker may wait seconds for a core at start-up
 # (64 libtorch initialisations at once), so the failure timeout is 30 s, not
-# 2 s. One stream per peer pair: the transport runs two threads per stream,
+# 2 s (the coordinator learns it from the workers). One stream per peer pair: the transport runs two threads per stream,
 # and 64 x 63 pairs at the default four would be ~26,000 threads on a
 # machine whose pid_max may be 32,768 (docs/comm.md "Threads").
 NETNS_JOB_STRAITS="[$straits]" netns_job_yaml run "$steps" "${islands%$'\n'}" \
@@ -57,5 +57,9 @@ for h in $(seq 1 "$hosts"); do
   grep -q "$(netns_addr "$h")" "w$r.log" || { echo "FAIL: rank $r did not listen on $(netns_addr "$h")"; tail "w$r.log"; exit 1; }
 done
 if grep -q "EMULATED strait" w*.log; then echo "FAIL: a real link was emulated"; exit 1; fi
+# The standalone coordinator was given no timeout: it must watch with the
+# job's 30 s that the workers announced (its own default would fail ranks
+# still starting up).
+grep -q "failure timeout 30.0 s" coord.log || { echo "FAIL: the coordinator did not take the job's failure timeout"; cat coord.log; exit 1; }
 netns_job_check_replicas run "$steps" "$world"
 netns_job_check_curve ref run "$steps" 2e-4

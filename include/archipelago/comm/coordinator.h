@@ -49,6 +49,7 @@
 //    with another membership, and an older view never replaces a newer one.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <map>
@@ -132,6 +133,11 @@ class MembershipTable {
   bool settleRecovery(int64_t now_us);
   double recoverySeconds(int64_t now_us) const;
 
+  // The heartbeat timeout (0: none). raiseTimeout takes a longer one (a
+  // standalone coordinator learning the job's from its workers).
+  double timeout() const { return timeout_s_; }
+  void raiseTimeout(double s);
+
   uint32_t epoch() const { return epoch_; }
   int registered() const;  // slots ever registered
   State state(int rank) const;
@@ -168,6 +174,7 @@ class MembershipTable {
 
   double timeout_s_;
   double window_s_;
+  bool window_is_timeout_;  // the window follows the timeout (none was given)
   bool recovering_ = false;
   Recovery rec_;
   uint32_t epoch_ = 0;
@@ -180,6 +187,10 @@ struct CoordinatorOptions {
   int port = 0;                      // 0 = any; port() tells the real one
   double heartbeat_timeout_s = 0;    // 0 = only explicit failure reports end a rank
   double recovery_window_s = 0;      // after a restart (see "Failover"); 0 = heartbeat_timeout_s
+  // A standalone coordinator does not read the job: it takes the longest
+  // failure_timeout its workers announce (register, join, reattach) when
+  // that is longer than heartbeat_timeout_s.
+  bool adopt_worker_timeout = false;
 };
 
 class CoordinatorServer {
@@ -217,6 +228,7 @@ class CoordinatorServer {
   // recovered, else the "recovering" reply to send.
   std::string waitRecovered(const core::Deadline& deadline, std::unique_lock<std::mutex>& lock);
   std::string handleReattach(const nlohmann::json& req);
+  void adoptWorkerTimeout(const nlohmann::json& req);
   void monitorLoop();
 
   std::string secret_;
@@ -246,6 +258,9 @@ class CoordinatorClient {
                                                                   const std::string& secret, int rank,
                                                                   const core::Deadline& deadline);
   ~CoordinatorClient();
+  // The job's failure timeout, sent with register, join and reattach (a
+  // standalone coordinator adopts it; see CoordinatorOptions). Before those.
+  void announceFailureTimeout(double seconds) { failure_timeout_s_ = seconds; }
   core::Result<uint32_t> registerRank(int rank, int island, const std::string& address,
                                       const core::Deadline& deadline);
   // Enters a running job in slot `rank` (-1: any failed slot); returns the
@@ -303,6 +318,7 @@ class CoordinatorClient {
   bool has_view_ = false;
   Membership view_;
   std::atomic<int> reconnects_{0};
+  std::atomic<double> failure_timeout_s_{0};
   std::atomic<int> rank_{-1};
   std::mutex mu_;
   std::atomic<bool> stop_{false};

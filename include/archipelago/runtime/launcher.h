@@ -60,7 +60,7 @@ struct CoordinatorOptions {
   std::string host = "0.0.0.0";
   int port = 0;
   int world = 0;
-  double failure_timeout = 2.0;
+  double failure_timeout = 0;  // 0: the job's strategy.failure_timeout, as the workers announce it
   std::string port_file;  // written (atomically) with the port once listening
   bool supervise = false;  // run it as a child and start it again on the same port when it dies
 };
