@@ -165,12 +165,13 @@ using testing::runAll;
 enum Slot { kKillNow = 0, kKilled = 1, kReady = 2, kRestarted = 3, kOutageUs = 4, kBackUs = 5 };
 
 // The parent's side: kill -9 the coordinator when asked, restart it on the same port once `ready` ranks are.
-LocalLaunchOptions failoverLaunch(int world, int ready) {
+// heartbeat_timeout_s: also the restarted coordinator's recovery window.
+LocalLaunchOptions failoverLaunch(int world, int ready, double heartbeat_timeout_s) {
   LocalLaunchOptions o;
   o.world = world;
   o.timeout_s = 90;
   o.coordinator_process = true;
-  o.coordinator.heartbeat_timeout_s = 2.0;
+  o.coordinator.heartbeat_timeout_s = heartbeat_timeout_s;
   o.on_poll = [ready](LocalCoordinator& c, SharedBlock& sh) {
     if (sh.slot[kKillNow].load() == 1 && sh.slot[kKilled].load() == 0) {
       c.kill();
@@ -230,7 +231,10 @@ core::Result<std::shared_ptr<Group>> nextEpoch(ConnectedRank& cr, uint32_t from,
 }
 
 TEST(CoordinatorFailover, KilledCoordinatorIsRebuiltFromTheWorkersAndTheJobGoesOn) {
-  runWithFailover(failoverLaunch(4, 4), [](const LocalRank& lr) -> std::string {
+  // Every failure here is reported, none is left to silence: a timeout
+  // far above any stall of a loaded machine (2 s failed a CI run whose
+  // rank 2 heartbeat thread waited 2.09 s for a core).
+  runWithFailover(failoverLaunch(4, 4, 30.0), [](const LocalRank& lr) -> std::string {
     SharedBlock& sh = *lr.shared;
     auto cr = connectRank(lr, testing::testConfig(), core::Deadline::afterSeconds(20));
     if (!cr.isOk()) return cr.status().toString();
@@ -273,7 +277,7 @@ TEST(CoordinatorFailover, KilledCoordinatorIsRebuiltFromTheWorkersAndTheJobGoesO
 }
 
 TEST(CoordinatorFailover, RankLostWhileNoCoordinatorRunsIsFailedByTheNextOne) {
-  auto o = failoverLaunch(3, 2);
+  auto o = failoverLaunch(3, 2, 2.0);  // the lost rank is found by the restarted coordinator's window
   o.expendable = {2};
   runWithFailover(o, [](const LocalRank& lr) -> std::string {
     SharedBlock& sh = *lr.shared;
