@@ -125,6 +125,7 @@ struct FileRecord {
   void operator()(PipelineRecord&& r) { run.pipeline.push_back(std::move(r)); }
   void operator()(ParallelRecord&& r) { run.parallel = std::move(r); }
   void operator()(PredictionRecord&& r) { run.prediction = std::move(r); }
+  void operator()(MemoryRecord&& r) { run.memory.push_back(std::move(r)); }
   void operator()(ReplicaRecord&& r) { run.replicas.push_back(std::move(r)); }
   void operator()(SummaryRecord&& r) { run.summary = std::move(r); }
 };

@@ -79,8 +79,8 @@ TEST(MetricsSchema, EveryKindIsKnownAndNamedOnce) {
   const auto kinds = metricsKinds();
   EXPECT_EQ(kinds.size(), std::variant_size_v<MetricsRecord>);
   EXPECT_EQ(std::set<std::string>(kinds.begin(), kinds.end()).size(), kinds.size());
-  for (const char* k : {"step", "eval", "outer", "event", "moe", "pipeline", "parallel", "prediction", "replica",
-                        "summary"}) {
+  for (const char* k : {"step", "eval", "outer", "event", "moe", "pipeline", "parallel", "prediction", "memory",
+                        "replica", "summary"}) {
     EXPECT_NE(std::find(kinds.begin(), kinds.end(), k), kinds.end()) << k;
   }
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <filesystem>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -61,6 +62,24 @@ inline void expectCurve(const fs::path &run, const std::vector<double> &ref,
     ASSERT_TRUE(losses.count(s)) << what << ": no loss for step " << s;
     EXPECT_NEAR(losses[s], ref[static_cast<size_t>(s - 1)], tol * ref[0])
         << what << " step " << s;
+  }
+}
+
+// The planner's memory model (plan/worker_memory.h) counts each worker's
+// model state as the runtime allocates it: every rank's `memory` record
+// must carry the state_bytes its step records measure from its tensors
+// (ZeRO-3's gathered-layer pool excepted: its peak depends on the
+// schedule, and the model only approximates it).
+inline void expectPredictedStateMatches(const fs::path &run, int ranks, const std::string &what) {
+  std::map<int, double> predicted, measured;
+  for (const auto &j : metricLines(run, "memory")) predicted[j["rank"].get<int>()] = j["state_bytes"].get<double>();
+  for (const auto &j : metricLines(run, "step")) {
+    if (j.contains("state_bytes")) measured[j["rank"].get<int>()] = j["state_bytes"].get<double>();
+  }
+  ASSERT_EQ(static_cast<int>(predicted.size()), ranks) << what << ": memory records";
+  for (const auto &[r, bytes] : predicted) {
+    ASSERT_TRUE(measured.count(r)) << what << ": no state_bytes of rank " << r;
+    EXPECT_NEAR(bytes, measured[r], 1e-9 * measured[r]) << what << ": rank " << r;
   }
 }
 

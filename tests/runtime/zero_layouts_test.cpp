@@ -41,6 +41,7 @@ TEST(ZeroLayouts, TensorParallelReplicasReduceScatterTheirSlicesWithZeroTwo) {
   ASSERT_EQ(testutil::runTrain(y, "zl_tp"), 0) << outputOf("zl_tp");
   EXPECT_THAT(rank0Log(run), HasSubstr("optimizer shard (ZeRO-2)"));
   expectCurve(run, ref, 1, kSteps, kTol, "TP=2 x 2 replicas, ZeRO-2");
+  testutil::expectPredictedStateMatches(run, 4, "TP=2 x 2 replicas, ZeRO-2");
 }
 
 TEST(ZeroLayouts, PipelineReplicasShardTheirStageAndResumeUnshardedInOneProcess) {
@@ -54,6 +55,7 @@ TEST(ZeroLayouts, PipelineReplicasShardTheirStageAndResumeUnshardedInOneProcess)
   ASSERT_TRUE(fs::exists(run / "checkpoints" / checkpointDirName(k))) << outputOf("zl_pp");
   EXPECT_THAT(rank0Log(run), HasSubstr("optimizer shard (ZeRO-1)"));
   expectCurve(run, ref, 1, k, kTol, "PP=2 x 2 replicas, ZeRO-1");
+  testutil::expectPredictedStateMatches(run, 4, "PP=2 (3 + 1 layers) x 2 replicas, ZeRO-1");
   fs::path one = scratchRoot() / "zl_pp1";
   fs::create_directories(one);
   fs::copy(run / "checkpoints", one / "checkpoints", fs::copy_options::recursive);

@@ -63,6 +63,7 @@ struct StepRecord {
   // and optimizer moments (ZeRO: its slices), plus (ZeRO-3) the memory kept
   // for gathered units (a pool: the most it held at once).
   double state_bytes = kMissing;
+  double tensor_peak_bytes = kMissing;  // the most bytes of CPU tensors live at once since the previous record
   double tokens_per_s = kMissing, grad_norm = kMissing;
   double slowdown = kMissing;  // EMULATED compute stretch of this worker
   double share = kMissing;     // samples of the global batch assigned to this worker (count)
@@ -80,6 +81,7 @@ struct StepRecord {
     f.field("compute_cpu_s", compute_cpu_s), f.field("cpu_s", cpu_s), f.count("minor_faults", minor_faults);
     f.count("peak_rss_bytes", peak_rss_bytes);
     f.count("state_bytes", state_bytes);
+    f.count("tensor_peak_bytes", tensor_peak_bytes);
     f.field("tokens_per_s", tokens_per_s), f.field("grad_norm", grad_norm);
     f.field("slowdown", slowdown), f.count("share", share), f.field("commit_s", commit_s);
     if (stage >= 0 || !f.kWriting) f.field("stage", stage);
@@ -241,6 +243,23 @@ struct PredictionRecord {
   }
 };
 
+// kind "memory": the planner's memory model for one worker (written by
+// every worker once it is set up; plan/worker_memory.h), to set beside the
+// step records' tensor_peak_bytes.
+struct MemoryRecord {
+  static constexpr const char* kKind = "memory";
+  int rank = 0;
+  double predicted_bytes = kMissing, state_bytes = kMissing, rollback_bytes = kMissing, activation_bytes = kMissing;
+  std::string detail;
+  double time = kMissing;
+
+  template <class F> void fields(F& f) {
+    f.key("rank", rank), f.count("predicted_bytes", predicted_bytes), f.count("state_bytes", state_bytes);
+    f.count("rollback_bytes", rollback_bytes), f.count("activation_bytes", activation_bytes);
+    f.field("detail", detail), f.field("time", time);
+  }
+};
+
 // kind "replica": a rank's parameter digest at the end of an elastic run;
 // replicas must agree (checked bit-identical by hash).
 struct ReplicaRecord {
@@ -278,7 +297,7 @@ struct SummaryRecord {
 
 // Every kind this product writes.
 using MetricsRecord = std::variant<StepRecord, EvalRecord, OuterRecord, EventRecord, MoeRecord, PipelineRecord,
-                                   ParallelRecord, PredictionRecord, ReplicaRecord, SummaryRecord>;
+                                   ParallelRecord, PredictionRecord, MemoryRecord, ReplicaRecord, SummaryRecord>;
 
 // The `kind` names of MetricsRecord's alternatives, in its order.
 std::vector<std::string> metricsKinds();

@@ -62,6 +62,7 @@ struct RunData {
   std::vector<PipelineRecord> pipeline;
   std::optional<ParallelRecord> parallel;
   std::optional<PredictionRecord> prediction;
+  std::vector<MemoryRecord> memory;  // per worker
   std::vector<ReplicaRecord> replicas;
   std::optional<SummaryRecord> summary;
 

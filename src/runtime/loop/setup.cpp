@@ -12,6 +12,7 @@
 #include "archipelago/plan/local_predict.h"
 #include "archipelago/runtime/calibrate.h"
 #include "archipelago/runtime/elastic.h"
+#include "archipelago/model/tensor_memory.h"
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {
@@ -65,6 +66,7 @@ core::Status Trainer::setup() {
   ARCH_RETURN_IF_ERROR(setupPlacement());
   model::setComputeThreads(me_.threads);
   core::holdFreedMemory();
+  model::trackTensorMemory();  // before any model state: the step records' tensor_peak_bytes
   ARCH_RETURN_IF_ERROR(setupData());
   ARCH_RETURN_IF_ERROR(setupModel());
   if (split()) ARCH_RETURN_IF_ERROR(setupSplitGroups());

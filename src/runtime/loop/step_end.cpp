@@ -7,6 +7,7 @@
 #include "archipelago/core/host_memory.h"
 #include "archipelago/core/log.h"
 #include "archipelago/model/layers.h"
+#include "archipelago/model/tensor_memory.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/parallel/pipeline.h"
 #include "archipelago/runtime/host_view.h"
@@ -21,6 +22,7 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
     step_time_sum_ += step_s;
     ++steps_timed_;
   }
+  noteTensorPeak();
   if (opt_.write_metrics && (step_ % tc_.log_every == 0 || step_ == tc_.steps || first_step_after_change_)) {
     const int64_t tokens = stats.tokens;
     metrics_.write(report::StepRecord{
@@ -34,11 +36,14 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
         .peak_rss_bytes = static_cast<double>(core::peakResidentBytes()),
         .state_bytes = static_cast<double>(flat_->bytes() + adam_->bytes() +
                                            (params_shard_ ? params_shard_->unitBytes() : 0)),
+        .tensor_peak_bytes = model::tensorMemoryTracked() ? static_cast<double>(model::tensorMemory().peak)
+                                                          : report::kMissing,
         .tokens_per_s = static_cast<double>(batch.n * T_) / step_s, .grad_norm = grad_norm, .slowdown = me_.slowdown,
         .share = static_cast<double>(old_shares[static_cast<size_t>(share_index_)]), .commit_s = commit_s_,
         .stage = pp_ ? stage_ : -1, .micro_batches = static_cast<double>(stats.micro_batches)});
     // The next record's peak covers the steps since this one.
     core::resetPeakResident();
+    model::resetTensorMemoryPeak();
     if (split()) ARCH_RETURN_IF_ERROR(writeSplitMetrics(stats));
     else writeMoeMetrics();
   }

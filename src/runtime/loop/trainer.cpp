@@ -70,6 +70,7 @@ core::Result<TrainSummary> Trainer::run() {
     step_ = start_step_;
   }
   predict();
+  predictMemory();
   if (world_ > 1 && !(elastic() && opt_.elastic->joined())) {
     // A world start barrier after predict() (seconds of calibration on
     // rank 0). DiLoCo / streaming: the islands' loops never meet before the
@@ -143,6 +144,7 @@ core::Result<TrainSummary> Trainer::finish(core::Clock::time_point t_start) {
     ARCH_LOG_INFO("step time: predicted {:.3f}s, measured {:.3f}s ({:+.0f}%)", predicted_step_s_, summary_.mean_step_s,
                   100.0 * (predicted_step_s_ - summary_.mean_step_s) / summary_.mean_step_s);
   }
+  logMemory();
   if (elastic()) {
     auto d = stateDigest(true);
     summary_.replica_digest = core::toHex(d);

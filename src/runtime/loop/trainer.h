@@ -32,6 +32,7 @@
 #include "archipelago/core/hash.h"
 #include "archipelago/data/dataset.h"
 #include "archipelago/model/transformer.h"
+#include "archipelago/plan/worker_memory.h"
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/flat_params.h"
@@ -113,6 +114,11 @@ class Trainer {
   core::Status rebuildOuterFromCommit();
   core::Result<std::vector<int64_t>> initialShares() const;
   void predict();
+  // The planner's memory model for this worker, and the peak measured (memory_prediction.cpp).
+  plan::WorkerLayout memoryLayout() const;
+  void predictMemory();
+  void noteTensorPeak();  // before the peak is reset for the next step record
+  void logMemory() const;
   void logStart() const;
 
   // ---- one step (step.cpp) ----
@@ -255,6 +261,8 @@ class Trainer {
   std::unique_ptr<CheckpointWriter> ckpt_;
   std::string job_yaml_;
   double predicted_step_s_ = 0;
+  double predicted_tensor_bytes_ = 0;
+  int64_t measured_tensor_peak_ = 0;
 
   int64_t start_step_ = 0;
   int64_t step_ = 0;
