@@ -117,9 +117,6 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
     p.add("strategy.tensor_parallel", tp,
           "a divisor of model.n_kv_heads (" + std::to_string(kv) + "): every rank holds whole key/value heads");
   }
-  if (s.expert_parallel > 1) {
-    p.add("strategy.tensor_parallel", tp, "1 with strategy.expert_parallel > 1 (TP x EP is not built yet)");
-  }
   int64_t ranks = 0;
   if (s.pipeline_stages > 1 && world > 0 &&
       (__builtin_mul_overflow(tp, s.pipeline_stages, &ranks) || world % ranks != 0)) {
@@ -127,13 +124,12 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
           "a divisor of the number of workers (" + std::to_string(world) + ") / strategy.pipeline_stages (" +
               std::to_string(s.pipeline_stages) + "): every stage is one tensor-parallel group");
   }
-  if (s.kind != "sync") {
-    p.add("strategy.tensor_parallel", tp, "1 with strategy.kind " + s.kind + " (TP under DiLoCo / streaming is not built yet)");
-  }
-  if (zeroStage(j.train) >= 3) {
-    p.add("train.zero", zeroStage(j.train), "0, 1 or 2 with strategy.tensor_parallel > 1 (TP x ZeRO-3 is not built yet)");
-  }
   if (s.sequence_parallel) {
+    if (zeroStage(j.train) >= 3) {
+      p.add("train.zero", zeroStage(j.train), "0, 1 or 2 with strategy.sequence_parallel (the norms' gradients are summed "
+                                              "over the tensor-parallel group after backward, which ZeRO-3 has already "
+                                              "reduce-scattered), or sequence_parallel: false");
+    }
     if (j.data.seq_len > 0 && j.data.seq_len % tp != 0) {
       p.add("data.seq_len", j.data.seq_len,
             "a multiple of strategy.tensor_parallel (" + std::to_string(tp) + ") with strategy.sequence_parallel");
@@ -299,14 +295,11 @@ Status validateJob(const JobConfig& j) {
     p.add("strategy.sequence_parallel", "true", "false without strategy.tensor_parallel > 1 (it cuts the tensor-parallel "
                                                 "group's activations along the sequence)");
   }
-  // ZeRO-1/2 shard over the ranks holding the same tensors (a stage's, a
+  // ZeRO shards over the ranks holding the same tensors (a stage's, a
   // tensor-parallel slice's); an expert member's tensors differ from its
-  // peers', and ZeRO-3 gathers around a micro-batch schedule only.
+  // peers'.
   if (s.expert_parallel > 1 && zeroStage(t) >= 1) {
     p.add("train.zero", zeroStage(t), "0 with strategy.expert_parallel > 1");
-  }
-  if (s.pipeline_stages > 1 && zeroStage(t) >= 3) {
-    p.add("train.zero", zeroStage(t), "0, 1 or 2 with strategy.pipeline_stages > 1 (PP x ZeRO-3 is not built yet)");
   }
   if (!(s.failure_timeout > 0)) p.add("strategy.failure_timeout", formatDuration(s.failure_timeout), "a duration > 0");
   if (s.min_workers < 1 || (world > 0 && s.min_workers > world)) {

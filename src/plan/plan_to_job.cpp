@@ -88,14 +88,15 @@ void addLayout(const RunLayout& l, const core::JobConfig& job, PlanOverrides& ou
   }
 }
 
-void addZero(const RunLayout& l, const Plan& plan, PlanOverrides& out) {
+void addZero(const RunLayout& l, const Plan& plan, bool moe, PlanOverrides& out) {
   int zero = l.zero;
   if (zero > 0 && l.ep > 1) {
     out.notes.push_back(fmt::format("zero={} is not applied: the runtime does not shard state with expert "
                                     "parallelism (train.zero 0)", zero));
     zero = 0;
-  } else if (zero == 3 && (l.tp > 1 || l.pp > 1)) {
-    out.notes.push_back("zero=3 runs as 2: the runtime gathers parameters (ZeRO-3) with plain data parallelism only");
+  } else if (zero == 3 && l.tp > 1 && !moe) {
+    out.notes.push_back("zero=3 runs as 2: the plan's tensor parallelism runs with sequence parallelism, which "
+                        "ZeRO-3 does not run with");
     zero = 2;
   }
   if (zero >= 2 && plan.strategy == "sync" && plan.codec != "none" && plan.groups.size() > 1) {
@@ -135,7 +136,7 @@ core::Result<PlanOverrides> jobOverrides(const Plan& plan, const core::JobConfig
   }
   PlanOverrides out;
   addLayout(l, job, out);
-  addZero(l, plan, out);
+  addZero(l, plan, job.model.moe.num_experts > 0, out);
   const bool diloco = plan.strategy == "diloco" && plan.groups.size() > 1;
   out.sets.push_back(std::string("strategy.kind=") + (diloco ? "diloco" : "sync"));
   if (diloco) out.sets.push_back(fmt::format("strategy.inner_steps={}", plan.diloco_h));

@@ -189,4 +189,15 @@ double learningRate(const core::TrainConfig& cfg, int64_t step) {
   return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
+torch::Tensor sumOfSquaresFp64(const torch::Tensor& t) {
+  const int64_t kChunk = t.is_cpu() ? int64_t{1} << 18 : int64_t{1} << 22;  // 2 MB / 32 MB of fp64
+  torch::NoGradGuard no_grad;
+  const torch::Tensor flat = t.reshape({-1});
+  torch::Tensor sum = torch::zeros({}, flat.options().dtype(torch::kFloat64));
+  for (int64_t off = 0; off < flat.numel(); off += kChunk) {
+    sum += flat.narrow(0, off, std::min(kChunk, flat.numel() - off)).to(torch::kFloat64).square().sum();
+  }
+  return sum;
+}
+
 }  // namespace archipelago::runtime

@@ -68,11 +68,17 @@ TEST(PlanToJob, TensorAndPipelineParallelismBecomeTheJobsStrategy) {
     EXPECT_THAT(ov->sets, Contains(std::string(want)));
   }
   EXPECT_TRUE(ov->notes.empty());
-  // ZeRO-3 is gathered around micro-batches of plain data parallelism only: said, not changed silently.
+  // ZeRO-3 does not gather tensor-parallel slices: said, not changed silently;
+  // over the replicas of pipeline stages it runs as planned.
   auto z3 = jobOverrides(planOf({group({0}, 2, {3, 1}, 1, 3)}), job(4));
   ASSERT_TRUE(z3.isOk());
   EXPECT_THAT(z3->sets, Contains(std::string("train.zero=2")));
   EXPECT_THAT(z3->notes, Contains(HasSubstr("zero=3 runs as 2")));
+  auto z3pp = jobOverrides(planOf({group({0}, 1, {3, 1}, 2, 3)}), job(4));
+  ASSERT_TRUE(z3pp.isOk()) << z3pp.status().toString();
+  EXPECT_THAT(z3pp->sets, Contains(std::string("train.zero=3")));
+  EXPECT_THAT(z3pp->sets, Contains(std::string("strategy.pipeline_stages=2")));
+  EXPECT_TRUE(z3pp->notes.empty());
 
   // The job those overrides make passes the job check.
   const auto file = std::filesystem::temp_directory_path() / "plan_to_job_test.yaml";

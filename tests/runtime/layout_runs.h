@@ -39,19 +39,57 @@ inline std::string jobYaml(const fs::path &run_dir, const std::string &islands,
   return o.str();
 }
 
-inline std::vector<double> reference(const std::string &name, int steps,
-                                     const std::string &model_extra) {
-  auto job =
-      loadJobText(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}",
-                          steps, model_extra, "{kind: sync}"),
-                  name);
+// The losses of `yaml` trained by one process in this one (the reference
+// curve); with `metrics`, its metrics.jsonl in the job's run_dir too.
+inline std::vector<double> referenceOf(const std::string &yaml,
+                                       const std::string &name,
+                                       bool metrics = false) {
+  auto job = loadJobText(yaml, name);
   TrainerOptions o;
   o.job = job;
   o.run_dir = job.run_dir;
-  o.write_metrics = false;
+  o.write_metrics = metrics;
   auto s = runTrainer(o);
   EXPECT_TRUE(s.isOk()) << s.status().toString();
   return s.isOk() ? s->losses : std::vector<double>{};
+}
+
+inline std::vector<double> reference(const std::string &name, int steps,
+                                     const std::string &model_extra) {
+  return referenceOf(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}",
+                             steps, model_extra, "{kind: sync}"),
+                     name);
+}
+
+// Every step's global gradient norm (rank 0's step records) equals the
+// reference run's within `tol` relative: a part that counts a tensor twice
+// or not at all moves it by far more than summation order does.
+inline void expectGradNorms(const fs::path &run, const fs::path &ref_run,
+                            double tol, const std::string &what) {
+  auto norms = [](const fs::path &dir) {
+    std::map<int64_t, double> out;
+    for (const auto &j : metricLines(dir, "step")) {
+      if (j.value("rank", -1) == 0)
+        out[j["step"].get<int64_t>()] = j["grad_norm"].get<double>();
+    }
+    return out;
+  };
+  const auto got = norms(run), want = norms(ref_run);
+  ASSERT_FALSE(want.empty()) << what << ": no reference step records";
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (const auto &[step, n] : want) {
+    ASSERT_TRUE(got.count(step)) << what << ": step " << step;
+    EXPECT_NEAR(got.at(step), n, tol * n) << what << ": grad norm of step " << step;
+  }
+}
+
+// Gradient clipping at `clip`, far below these runs' gradient norms, so
+// every step's update depends on the global norm: a part that counts a
+// tensor twice (or not at all) leaves the curve.
+inline std::string clipped(std::string yaml, double clip = 0.05) {
+  yaml.replace(yaml.find("rebalance: false"), 16,
+               "rebalance: false, grad_clip: " + std::to_string(clip));
+  return yaml;
 }
 
 inline void expectCurve(const fs::path &run, const std::vector<double> &ref,
@@ -94,6 +132,14 @@ inline core::ModelConfig checkpointModel(const CheckpointState &ck) {
       mc.vocab_size = (*ds)->vocabSize();
   }
   return *model::resolveModelConfig(mc);
+}
+
+// Plain SGD, outer lr 1, no momentum, H = 1: DiLoCo is synchronous SGD
+// (the identity the data-parallel DiLoCo test uses), so a layout on each of
+// two islands must follow the single-process curve.
+inline std::string sgdDiloco(std::string yaml) {
+  yaml.replace(yaml.find("lr: 0.003, warmup_steps: 3"), 26, "optimizer: sgd, lr: 0.5, grad_clip: 0, warmup_steps: 0");
+  return yaml;
 }
 
 constexpr int kSteps = 20;

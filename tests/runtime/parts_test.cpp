@@ -140,6 +140,20 @@ TEST(FlatParams, GradViewsAccumulateInPlaceAndSurviveZeroGrad) {
   }
 }
 
+// Chunked (bounded memory) and still the fp64 sum of squares: against a
+// plain loop in long double over a range longer than several chunks.
+TEST(FlatParams, SumOfSquaresIsTheFp64SumChunkByChunk) {
+  torch::manual_seed(3);
+  const torch::Tensor g = torch::randn({(1 << 20) + 12345});
+  const float* p = g.data_ptr<float>();
+  long double want = 0;
+  for (int64_t i = 0; i < g.numel(); ++i) want += static_cast<long double>(p[i]) * p[i];
+  const torch::Tensor got = sumOfSquaresFp64(g);
+  EXPECT_EQ(got.scalar_type(), torch::kFloat64);
+  EXPECT_NEAR(got.item<double>(), static_cast<double>(want), 1e-12 * static_cast<double>(want));
+  EXPECT_EQ(sumOfSquaresFp64(g.narrow(0, 0, 0)).item<double>(), 0.0);
+}
+
 TEST(GradientBucketer, BucketsWalkBackwardsWholeTensorsNoGaps) {
   auto c = model::testing::tinyMoeConfig();
   model::Transformer m(c, 4);

@@ -36,6 +36,7 @@ using ::testing::HasSubstr;
 using testutil::loadJobText;
 using testutil::outputOf;
 using testutil::scratchRoot;
+using testutil::sgdDiloco;
 using testutil::tinyDataDir;
 using testutil::checkpointModel;
 using testutil::expectCurve;
@@ -304,14 +305,6 @@ TEST(PipelineExpertParallel, TwoStagesTimesTwoExpertMembersMatchSingleProcess) {
   int64_t sum = 0;
   for (auto c : ml.back()["tokens_per_expert"]) sum += c.get<int64_t>();
   EXPECT_EQ(sum, 2 * 2 * 32 * 2);  // both pipelines' last micro-batch (2 samples x 32 tokens), top-2
-}
-
-// Plain SGD, outer lr 1, no momentum, H = 1: DiLoCo is synchronous SGD
-// (the identity the data-parallel DiLoCo test uses), so PP=2 on each of two
-// islands must follow the single-process curve.
-std::string sgdDiloco(std::string yaml) {
-  yaml.replace(yaml.find("lr: 0.003, warmup_steps: 3"), 26, "optimizer: sgd, lr: 0.5, grad_clip: 0, warmup_steps: 0");
-  return yaml;
 }
 
 TEST(Pipeline, DilocoOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical) {

@@ -1,8 +1,10 @@
 // Tensor parallelism through the real binary (launcher, coordinator, worker
 // processes, comm over 127.0.0.1) against the same job trained by one
 // process: TP=2 with and without sequence parallelism, and TP=2 x PP=2 with
-// sequence parallelism saved half-way and resumed by one process and by
-// TP=2 x two data-parallel replicas with uneven shares. The
+// sequence parallelism saved half-way and resumed by one process, by
+// TP=2 x two data-parallel replicas with uneven shares and by ZeRO-3 over
+// two replicas of PP=2; TP=2 x EP=2 (MoE); and a TP=2 group on each of two
+// islands under DiLoCo. The
 // model-level check (every gradient of every slice, fp64) is
 // tests/model/tensor_parallel_test.cpp.
 #include <filesystem>
@@ -112,19 +114,81 @@ TEST(TensorParallel, TwoStagesOfTwoRanksSaveAndResumeAtOneProcessAndAtTwoUnevenR
   for (auto& [n, t] : (*full)->namedParameters()) want[n] = t.sizes().vec();
   for (auto& [n, t] : ck->weights) got[n] = t.sizes().vec();
   EXPECT_EQ(got, want);
-  // Resumed by one process, and by TP=2 x 2 replicas with shares 6:2.
+  // Resumed by one process, by TP=2 x 2 replicas with shares 6:2, and by
+  // ZeRO-3 over the replicas of PP=2 (other stage boundaries, recomputation).
   for (const auto& [count, strategy, name] : std::vector<std::tuple<int, std::string, std::string>>{
-           {1, "{kind: sync}", "tp_rs1"}, {4, "{tensor_parallel: 2}", "tp_rs_dp2"}}) {
+           {1, "{kind: sync}", "tp_rs1"},
+           {4, "{tensor_parallel: 2}", "tp_rs_dp2"},
+           {4, "{pipeline_stages: 2, stage_layers: [2, 2]}", "tp_rs_z3pp"}}) {
     fs::path run = scratchRoot() / name;
     fs::create_directories(run);
     fs::copy(cut / "checkpoints", run / "checkpoints", fs::copy_options::recursive);
     std::string y = jobYaml(run, "    - {name: a, count: " + std::to_string(count) + "}", steps, "", strategy);
     if (count == 4) y.replace(y.find("rebalance: false"), 16, "rebalance: false, shares: [3, 3, 1, 1]");
+    if (name == "tp_rs_z3pp") y.replace(y.find("rebalance: false"), 16, "rebalance: false, zero: 3, recompute: true");
     ASSERT_EQ(testutil::runTrain(y, name, {"--resume"}), 0) << outputOf(name);
     expectCurve(run, ref, k + 1, steps, kTol, name);
     if (count == 4) {
       EXPECT_EQ(testutil::samplesByRank(run), (std::map<int, int64_t>{{0, 6}, {1, 6}, {2, 2}, {3, 2}}));
     }
+  }
+}
+
+TEST(TensorParallel, TwoRanksTimesTwoExpertMembersMatchSingleProcess) {
+  // 4 workers: TP groups {0, 1} and {2, 3}, replicating their MoE layers;
+  // the ranks at the same TP rank ({0, 2} and {1, 3}) form the expert
+  // groups, experts split [3, 1]. Router-bias balancing sums the load over
+  // them, so the split run is the single-process run. Clipped every step:
+  // the experts must count in the norm once, not once per TP rank.
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = testutil::referenceOf(
+      testutil::clipped(jobYaml(scratchRoot() / "tpep_ref", "    - {name: a, count: 1}", kSteps, moe, "{kind: sync}")),
+      "tpep_ref", true);
+  fs::path run = scratchRoot() / "tpep";
+  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", kSteps, moe,
+                                                         "{tensor_parallel: 2, expert_parallel: 2, expert_counts: [3, 1]}")),
+                               "tpep"),
+            0)
+      << outputOf("tpep");
+  expectCurve(run, ref, 1, kSteps, kTol, "TP=2 x EP=2");
+  testutil::expectGradNorms(run, scratchRoot() / "tpep_ref", 1e-5, "TP=2 x EP=2");
+  auto ml = testutil::metricLines(run, "moe");
+  ASSERT_FALSE(ml.empty());
+  EXPECT_GT(ml.back()["dispatch_bytes"].get<int64_t>(), 0);
+}
+
+TEST(TensorParallel, DilocoOverTwoIslandsOfTensorGroupsEqualsSyncAndKeepsSlicesIdentical) {
+  // A TP=2 group with sequence parallelism on each of two islands: each
+  // slice's outer sync is over the ranks holding it ({0, 2} and {1, 3}).
+  // With the identity settings (plain SGD, H = 1, outer lr 1, no momentum)
+  // DiLoCo is synchronous SGD, so the curve is the single-process one.
+  const int steps = 10;
+  const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
+                        "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
+  auto ref = testutil::referenceOf(
+      testutil::sgdDiloco(jobYaml(scratchRoot() / "tpdl_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
+      "tpdl_ref");
+  fs::path run = scratchRoot() / "tpdl";
+  ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run, islands, steps, "",
+                                                           "{tensor_parallel: 2, sequence_parallel: true, kind: diloco, "
+                                                           "inner_steps: 1, outer_lr: 1.0, outer_momentum: 0.0, "
+                                                           "nesterov: false}")),
+                               "tpdl"),
+            0)
+      << outputOf("tpdl");
+  expectCurve(run, ref, 1, steps, 2e-4, "TP=2 + SP x 2 islands, DiLoCo H=1");
+  // Every outer step: slice 0 in both islands (ranks 0, 2) and slice 1
+  // (ranks 1, 3) hold bit-identical anchors and momenta.
+  std::map<int64_t, std::map<int, std::string>> digests;
+  for (const auto& j : testutil::metricLines(run, "outer")) {
+    digests[j["sent_step"].get<int64_t>()][j["rank"].get<int>()] = j["digest"].get<std::string>();
+  }
+  ASSERT_EQ(digests.size(), static_cast<size_t>(steps)) << outputOf("tpdl");
+  for (const auto& [step, by_rank] : digests) {
+    ASSERT_EQ(by_rank.size(), 4u) << "sent_step " << step;
+    EXPECT_EQ(by_rank.at(0), by_rank.at(2)) << "slice 0, sent_step " << step;
+    EXPECT_EQ(by_rank.at(1), by_rank.at(3)) << "slice 1, sent_step " << step;
+    EXPECT_NE(by_rank.at(0), by_rank.at(1));
   }
 }
 

@@ -3,7 +3,11 @@
 // workers in two islands with uneven shares 5/2/1 (micro-batch counts 3/1/1,
 // so two of them run idle passes), killed half-way, and the checkpoint the
 // shards assembled resumed by one process and by four ZeRO-3 workers with
-// other shares and other slice boundaries, both evaluating. The mechanics
+// other shares and other slice boundaries, both evaluating; and ZeRO-3 over
+// the replicas of each pipeline stage (PP=2 x 2 replicas, uneven shares, so
+// one pipeline runs idle operations in its 1F1B schedule) and over the
+// replicas of each tensor-parallel slice. Resumed at
+// ZeRO-3 x PP=2 from a TP=2 x PP=2 checkpoint: tensor_parallel_test.cpp. The mechanics
 // of one rank (gradients of its slice, weights held only where used) are
 // in sharded_params_test.cpp.
 #include <filesystem>
@@ -77,16 +81,66 @@ TEST(ZeroThree, UnevenSharesMatchSingleProcessAndTheCheckpointResumesUnderOtherL
   EXPECT_NEAR(val["z3_rs4"], val["z3_rs1"], kTol * ref[0]);
 }
 
+TEST(ZeroThree, PipelineStagesShardOverTheirReplicasWithUnevenShares) {
+  const int steps = 10;
+  // Each stage's slices count in the global norm once (checked against the
+  // single process's norm; clipping at every step makes the curve depend on it).
+  auto ref = testutil::referenceOf(
+      testutil::clipped(jobYaml(scratchRoot() / "z3_pp_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
+      "z3_pp_ref", true);
+  fs::path run = scratchRoot() / "z3_pp";
+  // Pipelines of 6 and 2 samples in micro-batches of 2: 3 and 1, so each
+  // stage of the second runs two idle forwards and backwards to meet the
+  // first's gathers and reduce-scatters.
+  std::string y = testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, "",
+                                            "{pipeline_stages: 2, stage_layers: [3, 1]}", ", shares: [3, 3, 1, 1], zero: 3"));
+  y.replace(y.find("eval_every: 0"), 13, "eval_every: " + std::to_string(steps));
+  ASSERT_EQ(testutil::runTrain(y, "z3_pp"), 0) << outputOf("z3_pp");
+  std::ostringstream log;
+  log << std::ifstream(run / "logs" / "rank0.log").rdbuf();
+  EXPECT_THAT(log.str(), HasSubstr("optimizer shard (ZeRO-3)"));
+  expectCurve(run, ref, 1, steps, kTol, "PP=2 x 2 replicas, ZeRO-3");
+  testutil::expectGradNorms(run, scratchRoot() / "z3_pp_ref", 1e-5, "PP=2 x 2 replicas, ZeRO-3");
+  EXPECT_EQ(testutil::samplesByRank(run), (std::map<int, int64_t>{{0, 6}, {1, 6}, {2, 2}, {3, 2}}));
+  testutil::expectPredictedStateMatches(run, 4, "PP=2 (3 + 1 layers) x 2 replicas, ZeRO-3");
+  EXPECT_FALSE(testutil::metricLines(run, "eval").empty()) << outputOf("z3_pp");
+}
+
+TEST(ZeroThree, TensorParallelSlicesShardOverTheirReplicas) {
+  const int steps = 10;
+  auto ref = testutil::referenceOf(
+      testutil::clipped(jobYaml(scratchRoot() / "z3_tp_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
+      "z3_tp_ref", true);
+  fs::path run = scratchRoot() / "z3_tp";
+  // TP groups {0, 1} and {2, 3}: ranks 0 and 2 shard slice 0, ranks 1 and 3
+  // slice 1; the norms (whole on both TP ranks) count in the global norm
+  // once: the norm equals the single process's, and clipping at every step
+  // makes the curve depend on it.
+  const std::string y = testutil::clipped(
+      jobYaml(run, "    - {name: a, count: 4}", steps, "", "{tensor_parallel: 2}", ", shares: [3, 3, 1, 1], zero: 3"));
+  ASSERT_EQ(testutil::runTrain(y, "z3_tp"), 0) << outputOf("z3_tp");
+  std::ostringstream log;
+  log << std::ifstream(run / "logs" / "rank0.log").rdbuf();
+  EXPECT_THAT(log.str(), HasSubstr("optimizer shard (ZeRO-3)"));
+  expectCurve(run, ref, 1, steps, kTol, "TP=2 x 2 replicas, ZeRO-3");
+  testutil::expectGradNorms(run, scratchRoot() / "z3_tp_ref", 1e-5, "TP=2 x 2 replicas, ZeRO-3");
+  testutil::expectPredictedStateMatches(run, 4, "TP=2 x 2 replicas, ZeRO-3");
+}
+
 TEST(ZeroThree, RefusesWhatItCannotReduce) {
-  auto msg = [](const std::string& train_extra) {
+  auto msg = [](const std::string& strategy, const std::string& train_extra) {
     const fs::path file = scratchRoot() / "z3_refuse.yaml";
-    std::ofstream(file) << jobYaml(scratchRoot() / "z3_refuse", "    - {name: a, count: 2}", 2, "", "{kind: sync}",
+    std::ofstream(file) << jobYaml(scratchRoot() / "z3_refuse", "    - {name: a, count: 2}", 2, "", strategy,
                                    train_extra);
     auto job = core::loadJob(file.string());
     return job.isOk() ? std::string() : job.status().message();
   };
-  EXPECT_THAT(msg(", zero: 3, reduce_dtype: bf16"), HasSubstr("train.reduce_dtype"));
-  EXPECT_EQ(msg(", zero: 3"), "");
+  EXPECT_THAT(msg("{kind: sync}", ", zero: 3, reduce_dtype: bf16"), HasSubstr("train.reduce_dtype"));
+  EXPECT_THAT(msg("{tensor_parallel: 2, sequence_parallel: true}", ", zero: 3"),
+              HasSubstr("0, 1 or 2 with strategy.sequence_parallel"));
+  EXPECT_EQ(msg("{kind: sync}", ", zero: 3"), "");
+  EXPECT_EQ(msg("{tensor_parallel: 2}", ", zero: 3"), "");
+  EXPECT_EQ(msg("{pipeline_stages: 2}", ", zero: 3"), "");
 }
 
 }  // namespace

@@ -144,4 +144,14 @@ class FlatAdamW {
 // Warmup (linear from lr/warmup to lr) then cosine decay to min_lr at `steps`.
 double learningRate(const core::TrainConfig& cfg, int64_t step);
 
+// The sum of squares of `t` (a flat gradient range) in fp64, as a 0-dim
+// tensor on t's device: a chunk at a time, so the widened copy and its
+// square are never more than a few MB on a host (the whole range at once
+// held 16 B per element beside the gradients: 4x a stage's gradient buffer
+// at the step's peak, bench/memory.sh); an accelerator takes 16x larger
+// chunks (fewer kernel launches). Every layout's global norm is summed
+// this way, so a split layout's norm equals one process's (an fp32 norm
+// of 2e5 elements was 2e-5 off).
+torch::Tensor sumOfSquaresFp64(const torch::Tensor& t);
+
 }  // namespace archipelago::runtime

@@ -24,10 +24,9 @@ core::Status Trainer::setupSplitGroups() {
                                         (job_.strategy.allreduce == "auto" && job_.cluster.islands.size() > 1));
   auto islandOf = [&](int r) { return workers_[static_cast<size_t>(r)].island_index; };
   const int member = lay_.epMemberOf(rank_);
-  std::vector<int> stage_ranks, expert_ranks;
-  for (int r : grad_ranks_) {
-    if (lay_.stageOf(r) != stage_ || lay_.tpRankOf(r) != tp_rank_) continue;
-    stage_ranks.push_back(r);
+  const std::vector<int> stage_ranks = sameStageRanks();
+  std::vector<int> expert_ranks;
+  for (int r : stage_ranks) {
     if (lay_.epMemberOf(r) == member) expert_ranks.push_back(r);
   }
   if (stage_ranks.size() > 1) {
@@ -86,9 +85,21 @@ core::Status Trainer::makeParts() {
   dopt.reduce_dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   if (optim_->stage() == 3) {
     // ZeRO-3: the sharded parameters gather, free and reduce unit by unit
-    // around the model's layers, with every member running the same passes.
-    params_shard_ = std::make_unique<parallel::ShardedParameters>(*flat_, dp_, optim_->offsets(), unit_cut_);
+    // around the model's layers, with every member (everybody, or a stage's
+    // replicas) running the same passes.
+    std::vector<bool> norm_segments;  // TP: slices on every rank, the replicated tensors on TP rank 0
+    if (tensor_) {
+      for (bool whole : tensor_->replicated()) norm_segments.push_back(tp_rank_ == 0 || !whole);
+    }
+    params_shard_ = std::make_unique<parallel::ShardedParameters>(*flat_, zeroGroup(), optim_->offsets(), unit_cut_,
+                                                                  std::move(norm_segments));
     net_->setLayerHooks(params_shard_.get());
+    if (pp_) {
+      auto pipe = makePipeline();
+      pipe->setPassHooks(params_shard_.get());
+      schedule_ = std::move(pipe);
+      return core::okStatus();
+    }
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
     mb->setPassHooks(params_shard_.get());
     schedule_ = std::move(mb);
@@ -134,7 +145,12 @@ core::Status Trainer::makeParts() {
     for (bool whole : tensor_->replicated()) dopt.norm_segments.push_back(tp_rank_ == 0 || !whole);
   }
   data_ = std::make_unique<parallel::DataParallel>(*flat_, stage_dp_.get(), dopt);
-  if (ep_) experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(), d < lay_.ep, exchange_);
+  // The experts count in the norm from the first expert group, and (TP: the
+  // MoE layers are replicated in the group) from its TP rank 0.
+  if (ep_) {
+    experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(), d < lay_.ep && tp_rank_ == 0,
+                                                          exchange_);
+  }
   const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;
   if (!pp_) {
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
@@ -142,6 +158,13 @@ core::Status Trainer::makeParts() {
     schedule_ = std::move(mb);
     return core::okStatus();
   }
+  auto pipe = makePipeline();
+  pipe->setAgreedCount(agreed);
+  schedule_ = std::move(pipe);
+  return core::okStatus();
+}
+
+std::unique_ptr<parallel::PipelineParallel> Trainer::makePipeline() {
   parallel::PipelineOptions po;
   po.stage = stage_;
   po.stages = lay_.stages;
@@ -156,10 +179,7 @@ core::Status Trainer::makeParts() {
   po.prev_codec = prev_codec_;
   po.next_codec = next_codec_;
   po.slowdown = me_.slowdown;
-  auto pipe = std::make_unique<parallel::PipelineParallel>(net_, groups_.world, po);
-  pipe->setAgreedCount(agreed);
-  schedule_ = std::move(pipe);
-  return core::okStatus();
+  return std::make_unique<parallel::PipelineParallel>(net_, groups_.world, po);
 }
 
 }  // namespace archipelago::runtime::loop

@@ -142,12 +142,17 @@ core::Status Trainer::setupModel() {
   }
   auto named = net_->namedParameters();
   if (ep_) std::stable_partition(named.begin(), named.end(), [](const auto& p) { return !parallel::isExpertTensor(p.first); });
-  if (zeroInUse() == 3) {
+  // ZeRO-3 over everybody, or over a stage's replicas (with one replica
+  // there is nothing to shard: setupOptimizer warns).
+  const std::vector<int> peers = split() ? sameStageRanks() : std::vector<int>{};
+  if (zeroInUse() == 3 && (!split() || peers.size() > 1)) {
     std::vector<std::pair<std::string, int64_t>> numels;
     for (const auto& [name, t] : named) numels.push_back({name, t.numel()});
     unit_cut_ = parallel::cutUnits(numels);
-    const auto offsets = parallel::OptimizerShard::sliceOffsets(unit_cut_.offsets.back(), dp_->size());
-    const auto r = static_cast<size_t>(dp_->rank());
+    const int size = split() ? static_cast<int>(peers.size()) : dp_->size();
+    const int rank = split() ? static_cast<int>(std::find(peers.begin(), peers.end(), rank_) - peers.begin()) : dp_->rank();
+    const auto offsets = parallel::OptimizerShard::sliceOffsets(unit_cut_.offsets.back(), size);
+    const auto r = static_cast<size_t>(rank);
     flat_.emplace(FlatParams::bindSharded(named, place_.compute, {offsets[r], offsets[r + 1], unit_cut_.offsets}));
   } else {
     flat_.emplace(FlatParams::bind(named, place_.compute));
@@ -176,7 +181,15 @@ core::Status Trainer::setupModel() {
 int Trainer::zeroInUse() const {
   const int zero = static_cast<int>(core::zeroStage(tc_));
   if (zero < 1 || world_ <= 1 || opt_.inner || ep_) return 0;
-  return !split() || zero <= 2 ? zero : 0;
+  return zero;
+}
+
+std::vector<int> Trainer::sameStageRanks() const {
+  std::vector<int> out;
+  for (int r : grad_ranks_) {
+    if (lay_.stageOf(r) == stage_ && lay_.tpRankOf(r) == tp_rank_) out.push_back(r);
+  }
+  return out;
 }
 
 // The ranks that shard the state: everybody, or (pipeline / tensor

@@ -37,7 +37,10 @@ core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples
   in.trace = &trace_;
   if (params_shard_) {
     // Every member runs as many micro-batches as the largest share needs.
-    for (int64_t s : shares_) in.passes = std::max(in.passes, parallel::microCount(s, tc_.micro_batch));
+    for (int64_t s : shares_) {
+      const int64_t n = pp_ ? parallel::pipelineMicroCount(s, tc_.micro_batch, lay_.stages) : parallel::microCount(s, tc_.micro_batch);
+      in.passes = std::max(in.passes, n);
+    }
   }
   return parallel::guardStep("step " + std::to_string(step_ + 1), [&] { return schedule_->forwardBackward(in, stats); },
                              modelCommFailure());

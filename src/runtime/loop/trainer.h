@@ -48,6 +48,7 @@
 #include "archipelago/runtime/parallel/layout.h"
 #include "archipelago/runtime/parallel/optimizer_shard.h"
 #include "archipelago/runtime/parallel/part.h"
+#include "archipelago/runtime/parallel/pipeline.h"
 #include "archipelago/runtime/parallel/tensor_parallel.h"
 #include "archipelago/runtime/trainer.h"
 #include "runtime/loop/rebalancer.h"
@@ -108,6 +109,7 @@ class Trainer {
   // inner scope; then the parts of this rank (parts.cpp).
   core::Status setupSplitGroups();
   core::Status makeParts();
+  std::unique_ptr<parallel::PipelineParallel> makePipeline();
   void bindComm();
   core::Status makeOuter(const NamedTensors* tensors, const nlohmann::json* state);
   // After a membership change: the strategy again, from the committed outer state.
@@ -174,6 +176,9 @@ class Trainer {
   // The ZeRO stage this run applies (train.zero where its layout shards: plain sync data parallelism).
   int zeroInUse() const;
   DpComm* zeroGroup() const;
+  // The ranks of the inner group that hold this rank's tensors (a split
+  // layout: the same stage and tensor-parallel rank), this one included.
+  std::vector<int> sameStageRanks() const;
   // The part reducing the replicated tensors: data parallelism, or ZeRO-3's sharded parameters.
   parallel::Part& densePart() { return params_shard_ ? static_cast<parallel::Part&>(*params_shard_) : *data_; }
   // The failure behind an exception thrown inside the model's collectives

@@ -51,16 +51,11 @@ NormShare DataParallel::gradNormSquared() const {
     const auto& segs = flat_.segments();
     for (size_t i = 0; i < segs.size() && i < opt_.norm_segments.size(); ++i) {
       const int64_t a = std::max(lo, segs[i].offset), b = std::min(hi, segs[i].offset + segs[i].numel);
-      if (opt_.norm_segments[i] && a < b) sq += flat_.grads().narrow(0, a, b - a).to(torch::kFloat64).pow(2).sum();
+      if (opt_.norm_segments[i] && a < b) sq += sumOfSquaresFp64(flat_.grads().narrow(0, a, b - a));
     }
     return {sq.item<double>(), false};
   }
-  auto g = flat_.grads().narrow(0, lo, hi - lo);
-  if (replicated) {
-    const double n = g.norm().item<double>();
-    return {n * n, true};
-  }
-  return {g.to(torch::kFloat64).pow(2).sum().item<double>(), false};
+  return {sumOfSquaresFp64(flat_.grads().narrow(0, lo, hi - lo)).item<double>(), replicated};
 }
 
 std::vector<StateRange> DataParallel::stateRanges() const {

@@ -47,7 +47,10 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
     ScopedSpan span(in.trace, TraceRecorder::kCompute, "forward+backward");
     if (micro.empty() && on_final_) on_final_();  // nothing to compute: reductions still take part
     if (passes_) passes_->beginPass(true);
-    for (int64_t i = static_cast<int64_t>(micro.size()); passes_ && i < in.passes; ++i) passes_->idlePass(true);
+    for (int64_t i = static_cast<int64_t>(micro.size()); passes_ && i < in.passes; ++i) {
+      passes_->idleForward(true);
+      passes_->idleBackward();
+    }
     for (size_t i = 0; i < micro.size(); ++i) {
       const auto [b, e] = micro[i];
       const int64_t n = e - b;
@@ -76,7 +79,7 @@ core::Status MicroBatchSchedule::forwardBackward(const StepInput& in, StepStats&
 core::Status MicroBatchSchedule::evaluate(const data::Batch& batch, int64_t seq_len, double& ce_sum, double& tokens) {
   if (passes_) {
     passes_->beginPass(false);
-    if (batch.n == 0) passes_->idlePass(false);
+    if (batch.n == 0) passes_->idleForward(false);
   }
   if (batch.n == 0) {
     if (passes_) passes_->endForwardOnly();

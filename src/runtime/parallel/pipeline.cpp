@@ -214,15 +214,36 @@ core::Status PipelineParallel::backwardOp(const StepInput& in, int64_t m, int64_
   return core::okStatus();
 }
 
+// A micro-batch this pipeline has no rows for: the pass hooks' calls of the
+// operation a pipeline with rows runs (its recomputation included).
+void PipelineParallel::idleOp(const PipeOp& op) {
+  if (op.forward) {
+    passes_->idleForward(!opt_.recompute);
+    return;
+  }
+  if (opt_.recompute) passes_->idleForward(true);
+  passes_->idleBackward();
+}
+
 core::Status PipelineParallel::forwardBackward(const StepInput& in, StepStats& stats) {
   const int64_t m = agreed_count_ > 0 ? agreed_count_ : pipelineMicroCount(in.batch->n, opt_.micro_batch, opt_.stages);
+  const int64_t ops = passes_ ? std::max(m, in.passes) : m;
   stats.micro_batches = m;
   stats.sched_begin_us = core::wallMicros();
   std::vector<Stash> stash(static_cast<size_t>(m));
-  for (const PipeOp& op : oneFOneBSchedule(opt_.stage, opt_.stages, m)) {
+  if (passes_) passes_->beginPass(true);
+  for (const PipeOp& op : oneFOneBSchedule(opt_.stage, opt_.stages, ops)) {
+    if (op.micro >= m) {
+      idleOp(op);
+      continue;
+    }
     auto& st = stash[static_cast<size_t>(op.micro)];
-    if (op.forward) ARCH_RETURN_IF_ERROR(forwardOp(in, m, op.micro, st, stats));
-    else ARCH_RETURN_IF_ERROR(backwardOp(in, m, op.micro, st, stats));
+    if (op.forward) {
+      ARCH_RETURN_IF_ERROR(forwardOp(in, m, op.micro, st, stats));
+    } else {
+      ARCH_RETURN_IF_ERROR(backwardOp(in, m, op.micro, st, stats));
+      if (passes_) passes_->endBackward();
+    }
   }
   stats.sched_end_us = core::wallMicros();
   ScopedSpan span(in.trace, TraceRecorder::kComm, "pipeline sends drain", &stats.wait_s);
@@ -230,6 +251,16 @@ core::Status PipelineParallel::forwardBackward(const StepInput& in, StepStats& s
 }
 
 core::Status PipelineParallel::evaluate(const data::Batch& batch, int64_t seq_len, double& ce_sum, double& tokens) {
+  if (!passes_) return evaluateRows(batch, seq_len, ce_sum, tokens);
+  passes_->beginPass(false);
+  if (batch.n == 0) passes_->idleForward(false);
+  core::Status st = evaluateRows(batch, seq_len, ce_sum, tokens);
+  passes_->endForwardOnly();
+  return st;
+}
+
+core::Status PipelineParallel::evaluateRows(const data::Batch& batch, int64_t seq_len, double& ce_sum,
+                                            double& tokens) {
   if (batch.n == 0) return core::okStatus();
   torch::NoGradGuard ng;
   net_->eval();

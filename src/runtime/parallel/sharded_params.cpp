@@ -42,8 +42,14 @@ UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numel
   return cut;
 }
 
-ShardedParameters::ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut)
-    : flat_(flat), dp_(dp), offsets_(std::move(offsets)), cut_(std::move(cut)), units_(flat.units()) {
+ShardedParameters::ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut,
+                                     std::vector<bool> norm_segments)
+    : flat_(flat),
+      dp_(dp),
+      offsets_(std::move(offsets)),
+      cut_(std::move(cut)),
+      norm_segments_(std::move(norm_segments)),
+      units_(flat.units()) {
   const auto r = static_cast<size_t>(dp_->rank());
   begin_ = offsets_[r];
   end_ = offsets_[r + 1];
@@ -237,14 +243,15 @@ void ShardedParameters::endBackward() {
   release(done);
 }
 
-void ShardedParameters::idlePass(bool backward) {
-  const size_t n = cut_.layer_units.size();
-  for (size_t i = 0; i < n; ++i) {
+void ShardedParameters::idleForward(bool backward_follows) {
+  for (size_t i = 0; i < cut_.layer_units.size(); ++i) {
     before(i);
-    forwardDone(i, backward);
+    forwardDone(i, backward_follows);
   }
-  if (!backward) return;
-  for (size_t i = n; i-- > 0;) preBackward(i);
+}
+
+void ShardedParameters::idleBackward() {
+  for (size_t i = cut_.layer_units.size(); i-- > 0;) preBackward(i);
   endBackward();
 }
 
@@ -276,7 +283,14 @@ core::Status ShardedParameters::reduceGradients(StepStats& stats) {
 
 NormShare ShardedParameters::gradNormSquared() const {
   // Each rank holds the summed gradients of its slice only.
-  return {flat_.grads().to(torch::kFloat64).pow(2).sum().item<double>(), false};
+  if (norm_segments_.empty()) return {sumOfSquaresFp64(flat_.grads()).item<double>(), false};
+  double sq = 0;
+  const auto& segs = flat_.segments();
+  for (size_t i = 0; i < segs.size() && i < norm_segments_.size(); ++i) {
+    const int64_t lo = std::max(begin_, segs[i].offset), hi = std::min(end_, segs[i].offset + segs[i].numel);
+    if (norm_segments_[i] && lo < hi) sq += sumOfSquaresFp64(flat_.grads().narrow(0, lo - begin_, hi - lo)).item<double>();
+  }
+  return {sq, false};
 }
 
 std::vector<StateRange> ShardedParameters::stateRanges() const {

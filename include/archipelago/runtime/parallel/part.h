@@ -92,6 +92,26 @@ class Part {
   virtual std::vector<StateRange> stateRanges() const { return {}; }
 };
 
+// What a schedule tells a part that lives around its passes (ZeRO-3's
+// sharded parameters gather and free layer by layer). Every member of the
+// part's group must make the same calls in the same order, so a rank with
+// no rows for a micro-batch still says what a rank with rows would.
+class PassHooks {
+ public:
+  virtual ~PassHooks() = default;
+  // Before the first forward of a step (backward: true) or an evaluation.
+  virtual void beginPass(bool backward) = 0;
+  // After one micro-batch's backward returned.
+  virtual void endBackward() = 0;
+  // A micro-batch this rank has no rows for: the collectives of its forward
+  // (with a backward to follow or not) and of its backward (which ends as
+  // endBackward does), without compute.
+  virtual void idleForward(bool backward_follows) = 0;
+  virtual void idleBackward() = 0;
+  // After an evaluation's forwards.
+  virtual void endForwardOnly() = 0;
+};
+
 // Runs `body` at a step boundary: libtorch (and the expert exchange, which
 // is called inside autograd) report failures by exception; they stop here
 // and become a Status with `what` as context. When `thrown` holds the

@@ -58,6 +58,11 @@ class PipelineParallel final : public Part {
   // Every pipeline runs `count` micro-batches (expert groups of pipelines
   // meet in all-to-alls); 0: pipelineMicroCount of the own share.
   void setAgreedCount(int64_t count) { agreed_count_ = count; }
+  // Told around every pass (ZeRO-3 over the stage's replicas; not owned,
+  // null: none). A pipeline with fewer micro-batches than StepInput::passes
+  // runs the rest of the schedule as idle operations: the hooks' calls of a
+  // forward or backward without compute or activations.
+  void setPassHooks(PassHooks* hooks) { passes_ = hooks; }
 
   core::Status forwardBackward(const StepInput& in, StepStats& stats) override;
   // Forward only, the whole share as one micro-batch, stage by stage; the
@@ -73,11 +78,14 @@ class PipelineParallel final : public Part {
                                                      const torch::Tensor& input, StepStats* record);
   core::Status forwardOp(const StepInput& in, int64_t m, int64_t micro, Stash& st, StepStats& stats);
   core::Status backwardOp(const StepInput& in, int64_t m, int64_t micro, Stash& st, StepStats& stats);
+  void idleOp(const PipeOp& op);
+  core::Status evaluateRows(const data::Batch& batch, int64_t seq_len, double& ce_sum, double& tokens);
 
   model::Transformer net_;
   std::shared_ptr<comm::Group> world_;
   PipelineOptions opt_;
   int64_t agreed_count_ = 0;
+  PassHooks* passes_ = nullptr;
   EmulatedSlowdown slowdown_;
   std::unique_ptr<Sender> sender_;
 };

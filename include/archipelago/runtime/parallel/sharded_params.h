@@ -54,26 +54,14 @@ struct UnitCut {
 };
 UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numels);
 
-// What a micro-batch schedule tells the part around its passes.
-class PassHooks {
- public:
-  virtual ~PassHooks() = default;
-  // Before the first forward of a step (backward: true) or an evaluation.
-  virtual void beginPass(bool backward) = 0;
-  // After one micro-batch's backward returned.
-  virtual void endBackward() = 0;
-  // The collectives of one micro-batch (forward, and backward if asked)
-  // without compute: a rank with no rows for it.
-  virtual void idlePass(bool backward) = 0;
-  // After an evaluation's forwards.
-  virtual void endForwardOnly() = 0;
-};
-
 class ShardedParameters final : public Part, public model::LayerHooks, public PassHooks {
  public:
   // `offsets`: the group's size+1 slice boundaries (OptimizerShard::offsets()),
-  // which FlatParams was bound with.
-  ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut);
+  // which FlatParams was bound with. `norm_segments`: per segment, whether
+  // this rank counts it in the global norm (tensor parallelism: the slices
+  // on every TP rank, the replicated tensors on its rank 0); empty: all.
+  ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut,
+                    std::vector<bool> norm_segments = {});
   ~ShardedParameters() override;
   std::string name() const override { return "sharded parameters (ZeRO-3)"; }
 
@@ -86,7 +74,8 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
 
   void beginPass(bool backward) override;
   void endBackward() override;
-  void idlePass(bool backward) override;
+  void idleForward(bool backward_follows) override;
+  void idleBackward() override;
   void endForwardOnly() override;
 
   // The failure behind an exception thrown inside autograd (ok otherwise).
@@ -126,6 +115,7 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
   DpComm* dp_;
   std::vector<int64_t> offsets_;
   UnitCut cut_;
+  std::vector<bool> norm_segments_;
   std::vector<Unit> units_;
   int64_t begin_ = 0, end_ = 0;  // this rank's slice
   bool root_grads_ = false;     // the root's gradients are held this step
