@@ -29,6 +29,8 @@ layouts=(
   "tp2_sp 2 '' 'tensor_parallel: 2, sequence_parallel: true'"
   "pp2_mb4 2 'micro_batch: 2' 'pipeline_stages: 2'"
   "pp2_mb4_recompute 2 'micro_batch: 2, recompute: true' 'pipeline_stages: 2'"
+  "zero3_tp2_dp2 4 'zero: 3' 'tensor_parallel: 2'"
+  "zero3_pp2_dp2 4 'micro_batch: 2, zero: 3' 'pipeline_stages: 2'"
 )
 printf "%-18s %4s %14s %14s %8s\n" layout rank "predicted MB" "measured MB" error
 json="{\"bench\":\"memory\",\"steps\":$steps,\"layouts\":{"

@@ -166,7 +166,6 @@ bool Planner::evaluateGroup(const FixedLayout& L, double batch_seqs, GroupPlan& 
                 fmt::format("{}: {:.1f} sequences per step < dp {} x micro-batch {}", tag, batch_seqs, L.dp,
                             L.micro_batch));
   }
-  if (L.zero >= 3 && P > 1) return fail("zero-3 with pipeline", tag);
   if (L.schedule == Schedule::kInterleaved && v > 1 && m % P != 0) {
     return fail("interleaved needs micro-batches divisible by stages",
                 fmt::format("{}: {} micro-batches, {} stages", tag, m, P));

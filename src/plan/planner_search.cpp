@@ -145,6 +145,9 @@ core::Result<PlanResult> searchPlans(const core::ClusterSpec& cluster, const Mod
                 L.schedule = v > 1 ? Schedule::kInterleaved : Schedule::k1F1B;
                 L.zero = 1;
                 tryLayout(L, share, cands);
+                // ZeRO-3 gathers every stage's weights for each of the m
+                // micro-batches (priced in Planner::evaluate): searched
+                // without pipelines only; a user's --layout may combine them.
                 if (pp == 1 && v == 1) {
                   L.zero = 3;
                   tryLayout(L, share, cands);

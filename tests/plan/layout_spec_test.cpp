@@ -97,5 +97,38 @@ TEST(LayoutSpec, TheSearchedLayoutWrittenAsTextPricesToTheSamePlan) {
   EXPECT_NEAR(again->step_s, best.step_s, 1e-9 * best.step_s);
 }
 
+TEST(LayoutSpec, ZeroThreeWithPipelinesPaysAGatherPerMicroBatch) {
+  // The runtime gathers each stage's weights for every micro-batch's forward
+  // and backward: priced so, the data-parallel time grows with the
+  // micro-batches, and the state per device shrinks against ZeRO-1. Short
+  // sequences, so a micro-batch's compute cannot hide its gathers.
+  const auto c = twoIslands();
+  auto model = preset("llama3-8b");
+  ASSERT_TRUE(model.isOk());
+  PlanOptions o;
+  o.strategy = "sync";
+  o.setup.seq_len = 128;
+  o.setup.global_batch_tokens = 128 * 256;
+  auto price = [&](const std::string& text) {
+    auto ls = parseLayouts({"islands=east," + text}, c);
+    EXPECT_TRUE(ls.isOk()) << ls.status().toString();
+    ls->resize(1);
+    auto p = evaluateLayout(c, *model, catalog(), o, *ls);
+    EXPECT_TRUE(p.isOk()) << text << ": " << p.status().toString();
+    return p.isOk() ? p->groups.front() : GroupPlan{};
+  };
+  const GroupPlan z1 = price("tp=8,pp=2,mb=1,zero=1"), z3 = price("tp=8,pp=2,mb=1,zero=3"),
+                  z3mb = price("tp=8,pp=2,mb=4,zero=3");
+  ASSERT_EQ(z3.stages.size(), 2u);
+  ASSERT_EQ(z1.stages.size(), 2u);
+  ASSERT_EQ(z3mb.stages.size(), 2u);
+  EXPECT_GT(z3.micro_batches, z3mb.micro_batches);
+  for (size_t s = 0; s < 2; ++s) {
+    EXPECT_GT(z3.stages[s].dp_s, z1.stages[s].dp_s) << "stage " << s;
+    EXPECT_GT(z3.stages[s].dp_s, z3mb.stages[s].dp_s) << "stage " << s << ": more micro-batches, more gathers";
+    EXPECT_LT(z3.stages[s].memory_bytes, z1.stages[s].memory_bytes) << "stage " << s;
+  }
+}
+
 }  // namespace
 }  // namespace archipelago::plan
