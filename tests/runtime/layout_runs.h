@@ -1,9 +1,10 @@
-// Shared by the layout tests (pipeline_test, tensor_parallel_test): a small
+// Shared by the layout tests (pipeline, tensor-parallel, ZeRO): a small
 // job over the test corpus, its single-process reference loss curve, and the
 // check that a multi-process run's rank-0 curve follows it.
 #pragma once
 
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
@@ -80,6 +81,35 @@ inline void expectGradNorms(const fs::path &run, const fs::path &ref_run,
   for (const auto &[step, n] : want) {
     ASSERT_TRUE(got.count(step)) << what << ": step " << step;
     EXPECT_NEAR(got.at(step), n, tol * n) << what << ": grad norm of step " << step;
+  }
+}
+
+// What rank 0 of a launched run logged.
+inline std::string rank0Log(const fs::path &run) {
+  std::ostringstream log;
+  log << std::ifstream(run / "logs" / "rank0.log").rdbuf();
+  return log.str();
+}
+
+// After every outer step (`outer` records by sent_step) the ranks of each
+// pair hold the same tensors in two islands and bit-identical anchors and
+// momenta (SHA-256 digests); the pairs hold different tensors.
+inline void expectOuterDigestsPaired(const fs::path &run, int steps,
+                                     const std::vector<std::pair<int, int>> &pairs,
+                                     const std::string &what) {
+  std::map<int64_t, std::map<int, std::string>> digests;
+  for (const auto &j : metricLines(run, "outer")) {
+    digests[j["sent_step"].get<int64_t>()][j["rank"].get<int>()] =
+        j["digest"].get<std::string>();
+  }
+  ASSERT_EQ(digests.size(), static_cast<size_t>(steps)) << what;
+  for (const auto &[step, by_rank] : digests) {
+    ASSERT_EQ(by_rank.size(), 2 * pairs.size()) << what << ": sent_step " << step;
+    for (const auto &[a, b] : pairs) {
+      EXPECT_EQ(by_rank.at(a), by_rank.at(b))
+          << what << ": ranks " << a << ", " << b << ", sent_step " << step;
+    }
+    EXPECT_NE(by_rank.at(pairs[0].first), by_rank.at(pairs[1].first)) << what;
   }
 }
 

@@ -328,17 +328,7 @@ TEST(Pipeline, DilocoOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical)
   expectCurve(run, ref->losses, 1, kSteps, 2e-4, "PP=2 x 2 islands, DiLoCo H=1");
   // Every outer step: stage 0 of both islands (ranks 0, 2) and stage 1
   // (ranks 1, 3) hold bit-identical anchors and momenta.
-  std::map<int64_t, std::map<int, std::string>> digests;
-  for (const auto& j : testutil::metricLines(run, "outer")) {
-    digests[j["sent_step"].get<int64_t>()][j["rank"].get<int>()] = j["digest"].get<std::string>();
-  }
-  ASSERT_EQ(digests.size(), static_cast<size_t>(kSteps)) << outputOf("ppdl");
-  for (const auto& [step, by_rank] : digests) {
-    ASSERT_EQ(by_rank.size(), 4u) << "sent_step " << step;
-    EXPECT_EQ(by_rank.at(0), by_rank.at(2)) << "stage 0, sent_step " << step;
-    EXPECT_EQ(by_rank.at(1), by_rank.at(3)) << "stage 1, sent_step " << step;
-    EXPECT_NE(by_rank.at(0), by_rank.at(1));
-  }
+  testutil::expectOuterDigestsPaired(run, kSteps, {{0, 2}, {1, 3}}, "PP=2 x 2 islands");
 }
 
 TEST(Pipeline, StreamingOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical) {

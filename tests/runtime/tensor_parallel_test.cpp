@@ -179,17 +179,7 @@ TEST(TensorParallel, DilocoOverTwoIslandsOfTensorGroupsEqualsSyncAndKeepsSlicesI
   expectCurve(run, ref, 1, steps, 2e-4, "TP=2 + SP x 2 islands, DiLoCo H=1");
   // Every outer step: slice 0 in both islands (ranks 0, 2) and slice 1
   // (ranks 1, 3) hold bit-identical anchors and momenta.
-  std::map<int64_t, std::map<int, std::string>> digests;
-  for (const auto& j : testutil::metricLines(run, "outer")) {
-    digests[j["sent_step"].get<int64_t>()][j["rank"].get<int>()] = j["digest"].get<std::string>();
-  }
-  ASSERT_EQ(digests.size(), static_cast<size_t>(steps)) << outputOf("tpdl");
-  for (const auto& [step, by_rank] : digests) {
-    ASSERT_EQ(by_rank.size(), 4u) << "sent_step " << step;
-    EXPECT_EQ(by_rank.at(0), by_rank.at(2)) << "slice 0, sent_step " << step;
-    EXPECT_EQ(by_rank.at(1), by_rank.at(3)) << "slice 1, sent_step " << step;
-    EXPECT_NE(by_rank.at(0), by_rank.at(1));
-  }
+  testutil::expectOuterDigestsPaired(run, steps, {{0, 2}, {1, 3}}, "TP=2 x 2 islands");
 }
 
 }  // namespace

@@ -13,7 +13,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <sstream>
 #include <string>
 
 #include <gmock/gmock.h>
@@ -47,9 +46,7 @@ TEST(ZeroThree, UnevenSharesMatchSingleProcessAndTheCheckpointResumesUnderOtherL
   yaml.replace(yaml.find("{every: 0"), 9, "{every: " + std::to_string(k));
   EXPECT_NE(testutil::runTrain(yaml, "z3", {"--exit-after-step", std::to_string(k)}), 0);
   ASSERT_TRUE(fs::exists(cut / "checkpoints" / checkpointDirName(k))) << outputOf("z3");
-  std::ostringstream log;
-  log << std::ifstream(cut / "logs" / "rank0.log").rdbuf();
-  EXPECT_THAT(log.str(), HasSubstr("optimizer shard (ZeRO-3)"));
+  EXPECT_THAT(testutil::rank0Log(cut), HasSubstr("optimizer shard (ZeRO-3)"));
   expectCurve(cut, ref, 1, k, kTol, "ZeRO-3 before the cut");
   EXPECT_EQ(testutil::samplesByRank(cut), (std::map<int, int64_t>{{0, 5}, {1, 2}, {2, 1}}));
   // Assembled from three slices: every tensor whole, by name.
@@ -96,9 +93,7 @@ TEST(ZeroThree, PipelineStagesShardOverTheirReplicasWithUnevenShares) {
                                             "{pipeline_stages: 2, stage_layers: [3, 1]}", ", shares: [3, 3, 1, 1], zero: 3"));
   y.replace(y.find("eval_every: 0"), 13, "eval_every: " + std::to_string(steps));
   ASSERT_EQ(testutil::runTrain(y, "z3_pp"), 0) << outputOf("z3_pp");
-  std::ostringstream log;
-  log << std::ifstream(run / "logs" / "rank0.log").rdbuf();
-  EXPECT_THAT(log.str(), HasSubstr("optimizer shard (ZeRO-3)"));
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("optimizer shard (ZeRO-3)"));
   expectCurve(run, ref, 1, steps, kTol, "PP=2 x 2 replicas, ZeRO-3");
   testutil::expectGradNorms(run, scratchRoot() / "z3_pp_ref", 1e-5, "PP=2 x 2 replicas, ZeRO-3");
   EXPECT_EQ(testutil::samplesByRank(run), (std::map<int, int64_t>{{0, 6}, {1, 6}, {2, 2}, {3, 2}}));
@@ -119,9 +114,7 @@ TEST(ZeroThree, TensorParallelSlicesShardOverTheirReplicas) {
   const std::string y = testutil::clipped(
       jobYaml(run, "    - {name: a, count: 4}", steps, "", "{tensor_parallel: 2}", ", shares: [3, 3, 1, 1], zero: 3"));
   ASSERT_EQ(testutil::runTrain(y, "z3_tp"), 0) << outputOf("z3_tp");
-  std::ostringstream log;
-  log << std::ifstream(run / "logs" / "rank0.log").rdbuf();
-  EXPECT_THAT(log.str(), HasSubstr("optimizer shard (ZeRO-3)"));
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("optimizer shard (ZeRO-3)"));
   expectCurve(run, ref, 1, steps, kTol, "TP=2 x 2 replicas, ZeRO-3");
   testutil::expectGradNorms(run, scratchRoot() / "z3_tp_ref", 1e-5, "TP=2 x 2 replicas, ZeRO-3");
   testutil::expectPredictedStateMatches(run, 4, "TP=2 x 2 replicas, ZeRO-3");

@@ -4,9 +4,7 @@
 // stage's replicas), with uneven shares; a PP run saved half-way resumes
 // unsharded in one process. ZeRO-3 alone: zero3_test.cpp.
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <sstream>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -24,14 +22,9 @@ using testutil::jobYaml;
 using testutil::kSteps;
 using testutil::kTol;
 using testutil::outputOf;
+using testutil::rank0Log;
 using testutil::reference;
 using testutil::scratchRoot;
-
-std::string rank0Log(const fs::path& run) {
-  std::ostringstream log;
-  log << std::ifstream(run / "logs" / "rank0.log").rdbuf();
-  return log.str();
-}
 
 TEST(ZeroLayouts, TensorParallelReplicasReduceScatterTheirSlicesWithZeroTwo) {
   auto ref = reference("zl_tp_ref", kSteps, "");
