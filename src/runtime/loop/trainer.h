@@ -173,7 +173,8 @@ class Trainer {
   // The layout splits the model over ranks (pipeline stages, expert groups,
   // tensor-parallel slices).
   bool split() const { return pp_ || ep_ || tp_; }
-  // The ZeRO stage this run applies (train.zero where its layout shards: plain sync data parallelism).
+  // The ZeRO stage this run applies (train.zero under synchronous data
+  // parallelism, over the ranks holding the same tensors; none with EP).
   int zeroInUse() const;
   DpComm* zeroGroup() const;
   // The ranks of the inner group that hold this rank's tensors (a split
