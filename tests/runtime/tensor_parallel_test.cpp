@@ -3,8 +3,8 @@
 // process: TP=2 with and without sequence parallelism, and TP=2 x PP=2 with
 // sequence parallelism saved half-way and resumed by one process, by
 // TP=2 x two data-parallel replicas with uneven shares and by ZeRO-3 over
-// two replicas of PP=2; TP=2 x EP=2 (MoE); and a TP=2 group on each of two
-// islands under DiLoCo. The
+// two replicas of PP=2; TP=2 x EP=2 and TP=2 x PP=2 x EP=2 (MoE); and a
+// TP=2 group on each of two islands under DiLoCo. The
 // model-level check (every gradient of every slice, fp64) is
 // tests/model/tensor_parallel_test.cpp.
 #include <filesystem>
@@ -155,6 +155,27 @@ TEST(TensorParallel, TwoRanksTimesTwoExpertMembersMatchSingleProcess) {
   auto ml = testutil::metricLines(run, "moe");
   ASSERT_FALSE(ml.empty());
   EXPECT_GT(ml.back()["dispatch_bytes"].get<int64_t>(), 0);
+}
+
+TEST(TensorParallel, TwoRanksTimesTwoStagesTimesTwoExpertMembersMatchSingleProcess) {
+  // The three together, 8 workers: rank ((d * 2 + s) * 2 + t) is TP rank t
+  // of stage s of pipeline d; pipelines 0 and 1 form the expert group, so
+  // the expert exchanges are the ranks at the same stage and TP rank:
+  // {0, 4}, {1, 5}, {2, 6}, {3, 7}.
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  const int steps = 8;
+  auto ref = testutil::referenceOf(
+      testutil::clipped(jobYaml(scratchRoot() / "tpppep_ref", "    - {name: a, count: 1}", steps, moe, "{kind: sync}")),
+      "tpppep_ref", true);
+  fs::path run = scratchRoot() / "tpppep";
+  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 8}", steps, moe,
+                                                         "{tensor_parallel: 2, pipeline_stages: 2, expert_parallel: 2, "
+                                                         "expert_counts: [3, 1]}")),
+                               "tpppep"),
+            0)
+      << outputOf("tpppep");
+  expectCurve(run, ref, 1, steps, kTol, "TP=2 x PP=2 x EP=2");
+  testutil::expectGradNorms(run, scratchRoot() / "tpppep_ref", 1e-5, "TP=2 x PP=2 x EP=2");
 }
 
 TEST(TensorParallel, DilocoOverTwoIslandsOfTensorGroupsEqualsSyncAndKeepsSlicesIdentical) {
