@@ -200,4 +200,16 @@ torch::Tensor sumOfSquaresFp64(const torch::Tensor& t) {
   return sum;
 }
 
+double gradSumOfSquares(const FlatParams& flat, int64_t lo, int64_t hi, const std::vector<bool>& counted) {
+  const torch::Tensor& g = flat.grads();
+  if (counted.empty()) return hi > lo ? sumOfSquaresFp64(g.narrow(0, lo - flat.base(), hi - lo)).item<double>() : 0.0;
+  torch::Tensor sq = torch::zeros({}, g.options().dtype(torch::kFloat64));
+  const auto& segs = flat.segments();
+  for (size_t i = 0; i < segs.size() && i < counted.size(); ++i) {
+    const int64_t a = std::max(lo, segs[i].offset), b = std::min(hi, segs[i].offset + segs[i].numel);
+    if (counted[i] && a < b) sq += sumOfSquaresFp64(g.narrow(0, a - flat.base(), b - a));
+  }
+  return sq.item<double>();
+}
+
 }  // namespace archipelago::runtime

@@ -62,6 +62,24 @@ inline std::vector<double> reference(const std::string &name, int steps,
                      name);
 }
 
+// Gradient clipping at `clip`, far below these runs' gradient norms, so
+// every step's update depends on the global norm: a part that counts a
+// tensor twice (or not at all) leaves the curve.
+inline std::string clipped(std::string yaml, double clip = 0.05) {
+  yaml.replace(yaml.find("rebalance: false"), 16,
+               "rebalance: false, grad_clip: " + std::to_string(clip));
+  return yaml;
+}
+
+// The single-process reference of a clipped job, its metrics (step records
+// with the global norm, for expectGradNorms) in scratchRoot() / name.
+inline std::vector<double> clippedReference(const std::string &name, int steps,
+                                            const std::string &model_extra) {
+  return referenceOf(clipped(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}",
+                                     steps, model_extra, "{kind: sync}")),
+                     name, true);
+}
+
 // Every step's global gradient norm (rank 0's step records) equals the
 // reference run's within `tol` relative: a part that counts a tensor twice
 // or not at all moves it by far more than summation order does.
@@ -113,18 +131,10 @@ inline void expectOuterDigestsPaired(const fs::path &run, int steps,
   }
 }
 
-// Gradient clipping at `clip`, far below these runs' gradient norms, so
-// every step's update depends on the global norm: a part that counts a
-// tensor twice (or not at all) leaves the curve.
-inline std::string clipped(std::string yaml, double clip = 0.05) {
-  yaml.replace(yaml.find("rebalance: false"), 16,
-               "rebalance: false, grad_clip: " + std::to_string(clip));
-  return yaml;
-}
-
 inline void expectCurve(const fs::path &run, const std::vector<double> &ref,
                         int from_step, int to_step, double tol,
                         const std::string &what) {
+  ASSERT_GE(ref.size(), static_cast<size_t>(to_step)) << what << ": reference curve";
   auto losses = testutil::rank0Losses(run);
   for (int s = from_step; s <= to_step; ++s) {
     ASSERT_TRUE(losses.count(s)) << what << ": no loss for step " << s;

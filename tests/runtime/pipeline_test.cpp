@@ -310,14 +310,8 @@ TEST(PipelineExpertParallel, TwoStagesTimesTwoExpertMembersMatchSingleProcess) {
 TEST(Pipeline, DilocoOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical) {
   const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
-  auto job = loadJobText(sgdDiloco(jobYaml(scratchRoot() / "ppdl_ref", "    - {name: a, count: 1}", kSteps, "", "{kind: sync}")),
-                         "ppdl_ref");
-  TrainerOptions o;
-  o.job = job;
-  o.run_dir = job.run_dir;
-  o.write_metrics = false;
-  auto ref = runTrainer(o);
-  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  const auto ref = testutil::referenceOf(sgdDiloco(jobYaml(scratchRoot() / "ppdl_ref", "    - {name: a, count: 1}", kSteps, "", "{kind: sync}")), "ppdl_ref");
+  ASSERT_FALSE(ref.empty());
   fs::path run = scratchRoot() / "ppdl";
   ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, kSteps, "",
                                                  "{pipeline_stages: 2, kind: diloco, inner_steps: 1, outer_lr: 1.0, "
@@ -325,7 +319,7 @@ TEST(Pipeline, DilocoOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical)
                                "ppdl"),
             0)
       << outputOf("ppdl");
-  expectCurve(run, ref->losses, 1, kSteps, 2e-4, "PP=2 x 2 islands, DiLoCo H=1");
+  expectCurve(run, ref, 1, kSteps, 2e-4, "PP=2 x 2 islands, DiLoCo H=1");
   // Every outer step: stage 0 of both islands (ranks 0, 2) and stage 1
   // (ranks 1, 3) hold bit-identical anchors and momenta.
   testutil::expectOuterDigestsPaired(run, kSteps, {{0, 2}, {1, 3}}, "PP=2 x 2 islands");
@@ -338,14 +332,8 @@ TEST(Pipeline, StreamingOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentic
   const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
   const int steps = 10;
-  auto job = loadJobText(sgdDiloco(jobYaml(scratchRoot() / "ppst_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
-                         "ppst_ref");
-  TrainerOptions o;
-  o.job = job;
-  o.run_dir = job.run_dir;
-  o.write_metrics = false;
-  auto ref = runTrainer(o);
-  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  const auto ref = testutil::referenceOf(sgdDiloco(jobYaml(scratchRoot() / "ppst_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")), "ppst_ref");
+  ASSERT_FALSE(ref.empty());
   fs::path run = scratchRoot() / "ppst";
   ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, steps, "",
                                                  "{pipeline_stages: 2, kind: streaming, fragments: 2, overlap_steps: 0, "
@@ -353,7 +341,7 @@ TEST(Pipeline, StreamingOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentic
                                "ppst"),
             0)
       << outputOf("ppst");
-  expectCurve(run, ref->losses, 1, steps, 2e-4, "PP=2 x 2 islands, streaming H=1");
+  expectCurve(run, ref, 1, steps, 2e-4, "PP=2 x 2 islands, streaming H=1");
   std::map<std::pair<int64_t, int>, std::map<int, std::string>> digests;  // (sent_step, fragment) -> rank -> digest
   for (const auto& j : testutil::metricLines(run, "outer")) {
     digests[{j["sent_step"].get<int64_t>(), j["fragment"].get<int>()}][j["rank"].get<int>()] = j["digest"].get<std::string>();
@@ -374,14 +362,8 @@ TEST(ExpertParallel, DilocoOverTwoIslandsOfExpertGroupsEqualsSync) {
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: none}";
   const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
-  auto job = loadJobText(sgdDiloco(jobYaml(scratchRoot() / "epdl_ref", "    - {name: a, count: 1}", kSteps, moe, "{kind: sync}")),
-                         "epdl_ref");
-  TrainerOptions o;
-  o.job = job;
-  o.run_dir = job.run_dir;
-  o.write_metrics = false;
-  auto ref = runTrainer(o);
-  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  const auto ref = testutil::referenceOf(sgdDiloco(jobYaml(scratchRoot() / "epdl_ref", "    - {name: a, count: 1}", kSteps, moe, "{kind: sync}")), "epdl_ref");
+  ASSERT_FALSE(ref.empty());
   fs::path run = scratchRoot() / "epdl";
   ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, kSteps, moe,
                                                  "{expert_parallel: 2, expert_counts: [3, 1], kind: diloco, inner_steps: 1, "
@@ -389,7 +371,7 @@ TEST(ExpertParallel, DilocoOverTwoIslandsOfExpertGroupsEqualsSync) {
                                "epdl"),
             0)
       << outputOf("epdl");
-  expectCurve(run, ref->losses, 1, kSteps, 2e-4, "EP=2 x 2 islands, DiLoCo H=1");
+  expectCurve(run, ref, 1, kSteps, 2e-4, "EP=2 x 2 islands, DiLoCo H=1");
   std::map<int64_t, std::map<int, std::string>> digests;
   for (const auto& j : testutil::metricLines(run, "outer")) {
     digests[j["sent_step"].get<int64_t>()][j["rank"].get<int>()] = j["digest"].get<std::string>();

@@ -141,9 +141,7 @@ TEST(TensorParallel, TwoRanksTimesTwoExpertMembersMatchSingleProcess) {
   // them, so the split run is the single-process run. Clipped every step:
   // the experts must count in the norm once, not once per TP rank.
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
-  auto ref = testutil::referenceOf(
-      testutil::clipped(jobYaml(scratchRoot() / "tpep_ref", "    - {name: a, count: 1}", kSteps, moe, "{kind: sync}")),
-      "tpep_ref", true);
+  auto ref = testutil::clippedReference("tpep_ref", kSteps, moe);
   fs::path run = scratchRoot() / "tpep";
   ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", kSteps, moe,
                                                          "{tensor_parallel: 2, expert_parallel: 2, expert_counts: [3, 1]}")),
@@ -164,9 +162,7 @@ TEST(TensorParallel, TwoRanksTimesTwoStagesTimesTwoExpertMembersMatchSingleProce
   // {0, 4}, {1, 5}, {2, 6}, {3, 7}.
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
   const int steps = 8;
-  auto ref = testutil::referenceOf(
-      testutil::clipped(jobYaml(scratchRoot() / "tpppep_ref", "    - {name: a, count: 1}", steps, moe, "{kind: sync}")),
-      "tpppep_ref", true);
+  auto ref = testutil::clippedReference("tpppep_ref", steps, moe);
   fs::path run = scratchRoot() / "tpppep";
   ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 8}", steps, moe,
                                                          "{tensor_parallel: 2, pipeline_stages: 2, expert_parallel: 2, "

@@ -82,9 +82,7 @@ TEST(ZeroThree, PipelineStagesShardOverTheirReplicasWithUnevenShares) {
   const int steps = 10;
   // Each stage's slices count in the global norm once (checked against the
   // single process's norm; clipping at every step makes the curve depend on it).
-  auto ref = testutil::referenceOf(
-      testutil::clipped(jobYaml(scratchRoot() / "z3_pp_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
-      "z3_pp_ref", true);
+  auto ref = testutil::clippedReference("z3_pp_ref", steps, "");
   fs::path run = scratchRoot() / "z3_pp";
   // Pipelines of 6 and 2 samples in micro-batches of 2: 3 and 1, so each
   // stage of the second runs two idle forwards and backwards to meet the
@@ -103,9 +101,7 @@ TEST(ZeroThree, PipelineStagesShardOverTheirReplicasWithUnevenShares) {
 
 TEST(ZeroThree, TensorParallelSlicesShardOverTheirReplicas) {
   const int steps = 10;
-  auto ref = testutil::referenceOf(
-      testutil::clipped(jobYaml(scratchRoot() / "z3_tp_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
-      "z3_tp_ref", true);
+  auto ref = testutil::clippedReference("z3_tp_ref", steps, "");
   fs::path run = scratchRoot() / "z3_tp";
   // TP groups {0, 1} and {2, 3}: ranks 0 and 2 shard slice 0, ranks 1 and 3
   // slice 1; the norms (whole on both TP ranks) count in the global norm

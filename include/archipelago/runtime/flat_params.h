@@ -75,6 +75,7 @@ class FlatParams {
   // The fp32 masters and gradients (sharded: this rank's slice only).
   torch::Tensor& params() { return params_; }
   torch::Tensor& grads() { return grads_; }
+  const torch::Tensor& grads() const { return grads_; }
   // The buffers autograd reads and writes: the compute-dtype twins, or the
   // fp32 ones themselves.
   bool mixed() const { return compute_dtype_ != torch::kFloat32; }
@@ -153,5 +154,10 @@ double learningRate(const core::TrainConfig& cfg, int64_t step);
 // this way, so a split layout's norm equals one process's (an fp32 norm
 // of 2e5 elements was 2e-5 off).
 torch::Tensor sumOfSquaresFp64(const torch::Tensor& t);
+
+// A part's share of the global norm: the fp64 sum of squares of `flat`'s
+// gradients at flat offsets [lo, hi) (inside what this rank holds), only
+// those in the segments `counted` marks (empty: all), read back once.
+double gradSumOfSquares(const FlatParams& flat, int64_t lo, int64_t hi, const std::vector<bool>& counted = {});
 
 }  // namespace archipelago::runtime

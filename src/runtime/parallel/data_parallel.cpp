@@ -45,17 +45,8 @@ NormShare DataParallel::gradNormSquared() const {
     replicated = false;
     if (hi <= lo) return {0.0, false};
   }
-  if (!opt_.norm_segments.empty()) {
-    // One device-to-host read for all of them.
-    torch::Tensor sq = torch::zeros({}, flat_.grads().options().dtype(torch::kFloat64));
-    const auto& segs = flat_.segments();
-    for (size_t i = 0; i < segs.size() && i < opt_.norm_segments.size(); ++i) {
-      const int64_t a = std::max(lo, segs[i].offset), b = std::min(hi, segs[i].offset + segs[i].numel);
-      if (opt_.norm_segments[i] && a < b) sq += sumOfSquaresFp64(flat_.grads().narrow(0, a, b - a));
-    }
-    return {sq.item<double>(), false};
-  }
-  return {sumOfSquaresFp64(flat_.grads().narrow(0, lo, hi - lo)).item<double>(), replicated};
+  // Counted per segment (tensor parallelism), the shares are summed over the group.
+  return {gradSumOfSquares(flat_, lo, hi, opt_.norm_segments), replicated && opt_.norm_segments.empty()};
 }
 
 std::vector<StateRange> DataParallel::stateRanges() const {

@@ -111,7 +111,7 @@ core::Status ExpertParallel::reduceGradients(StepStats& stats) {
 
 NormShare ExpertParallel::gradNormSquared() const {
   if (!norm_owner_ || begin_ >= flat_.numel()) return {0.0, false};
-  return {sumOfSquaresFp64(flat_.grads().narrow(0, begin_, flat_.numel() - begin_)).item<double>(), false};
+  return {gradSumOfSquares(flat_, begin_, flat_.numel()), false};
 }
 
 std::vector<StateRange> ExpertParallel::stateRanges() const {

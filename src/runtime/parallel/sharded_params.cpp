@@ -283,14 +283,7 @@ core::Status ShardedParameters::reduceGradients(StepStats& stats) {
 
 NormShare ShardedParameters::gradNormSquared() const {
   // Each rank holds the summed gradients of its slice only.
-  if (norm_segments_.empty()) return {sumOfSquaresFp64(flat_.grads()).item<double>(), false};
-  torch::Tensor sq = torch::zeros({}, flat_.grads().options().dtype(torch::kFloat64));  // one read at the end
-  const auto& segs = flat_.segments();
-  for (size_t i = 0; i < segs.size() && i < norm_segments_.size(); ++i) {
-    const int64_t lo = std::max(begin_, segs[i].offset), hi = std::min(end_, segs[i].offset + segs[i].numel);
-    if (norm_segments_[i] && lo < hi) sq += sumOfSquaresFp64(flat_.grads().narrow(0, lo - begin_, hi - lo));
-  }
-  return {sq.item<double>(), false};
+  return {gradSumOfSquares(flat_, begin_, end_, norm_segments_), false};
 }
 
 std::vector<StateRange> ShardedParameters::stateRanges() const {
