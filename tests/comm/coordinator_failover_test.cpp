@@ -162,7 +162,7 @@ TEST(CoordinatorFailover, StandbyInTheAddressListTakesOver) {
 using testing::runAll;
 
 // Shared slots of the process tests.
-enum Slot { kKillNow = 0, kKilled = 1, kReady = 2, kRestarted = 3, kOutageUs = 4, kBackUs = 5 };
+enum Slot { kKillNow = 0, kKilled = 1, kReady = 2, kRestarted = 3, kOutageUs = 4, kBackUs = 5, kPastBarrier = 6 };
 
 // The parent's side: kill -9 the coordinator when asked, restart it on the same port once `ready` ranks are.
 // heartbeat_timeout_s: also the restarted coordinator's recovery window.
@@ -264,7 +264,14 @@ TEST(CoordinatorFailover, KilledCoordinatorIsRebuiltFromTheWorkersAndTheJobGoesO
     for (int i = 25; i < 30; ++i) RANK_OK(allreduceCheck(**g, i));  // epoch 1's transport, untouched
     // A later epoch through the restarted coordinator: rank 3 goes away.
     RANK_OK((*g)->barrier(OpOptions::within(20)));
-    if (lr.rank == 3) ::raise(SIGKILL);
+    // A rank leaves the barrier once its own messages are in, possibly before
+    // the others: rank 3 dies only after every rank is out, or its death
+    // fails the barrier it already left (a CI run lost the test to that).
+    sh.slot[kPastBarrier].fetch_add(1);
+    if (lr.rank == 3) {
+      waitFor(sh, kPastBarrier, 4);
+      ::raise(SIGKILL);
+    }
     core::Status st = core::okStatus();
     for (int i = 30; st.isOk() && i < 1000; ++i) st = allreduceCheck(**g, i);
     RANK_CHECK(!st.isOk(), "rank 3's death went unnoticed");
