@@ -21,6 +21,8 @@ packages=(
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev
   libsentencepiece-dev libgloo-dev libssl-dev
+  # The TLS test's reference: OpenSSL's own CLI verifies what `secrets init` writes.
+  openssl
   # The Hugging Face export test's reference: HF's LLaMA/Mixtral rules in plain PyTorch.
   python3-torch python3-sentencepiece
   # The multi-host test bed: network namespaces, veth pairs, a bridge (tests/netns/hosts.sh).

@@ -22,6 +22,7 @@ void addDataCommands(CLI::App& app);     // data_cmd.cpp
 void addBenchCommands(CLI::App& app);    // bench_cmd.cpp
 void addPlanCommands(CLI::App& app);     // plan_cmd.cpp
 void addReportCommands(CLI::App& app);   // report_cmd.cpp
+void addSecretsCommands(CLI::App& app);  // secrets_cmd.cpp
 #if defined(ARCHIPELAGO_HAS_TORCH)
 void addTrainCommands(CLI::App& app);    // train_cmd_torch.cpp
 void addHfCommands(CLI::App& app);       // hf_cmd_torch.cpp

@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
   cli::addBenchCommands(app);
   cli::addPlanCommands(app);
   cli::addReportCommands(app);
+  cli::addSecretsCommands(app);
 #if defined(ARCHIPELAGO_HAS_TORCH)
   cli::addTrainCommands(app);
   cli::addHfCommands(app);

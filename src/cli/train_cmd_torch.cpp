@@ -110,6 +110,9 @@ void addTrainCommands(CLI::App& app) {
   c->add_flag("--supervise", coord.supervise,
               "run the coordinator as a child and start it again on the same port when it dies; the workers "
               "reattach and it rebuilds the membership from them");
+  c->add_option("--credentials", coord.credentials,
+                "TLS credentials directory (`archipelago secrets init`): every worker must use TLS with a "
+                "certificate of its CA (the job's security.tls); its `secret` serves when ARCHIPELAGO_SECRET is unset");
   setAction(c, [] { return runtime::runCoordinator(coord); });
 
   // ---- sample ----

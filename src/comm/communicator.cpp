@@ -10,6 +10,7 @@
 #include "comm/collectives.h"
 #include "comm/endpoint.h"
 #include "comm/link_checksum.h"
+#include "comm/link_tls.h"
 #include "comm/mesh.h"
 #include "comm/socket.h"
 
@@ -546,6 +547,32 @@ Communicator::~Communicator() {
   if (mesh) mesh->close();
 }
 
+namespace {
+
+// Whether any link of this job can use TLS, so that the credentials are
+// needed: every link (security.tls) or a strait that says tls: true.
+bool anyTls(const CommConfig& c) {
+  if (c.options.tls_all_links) return true;
+  if (!c.options.tls_on_straits) return false;
+  for (const auto& s : c.cluster.straits) {
+    if (s.tls) return true;
+  }
+  return false;
+}
+
+core::Status checkTlsCredentials(const CommConfig& c) {
+  if (!anyTls(c)) return core::okStatus();
+  if (c.options.tls.empty()) {
+    return core::invalidArgument(
+        std::string("comm: ") + (c.options.tls_all_links ? "security.tls is on" : "a strait says tls: true") +
+        " but the job has no TLS credentials: write them with `archipelago secrets init DIR` and set "
+        "security.credentials: DIR");
+  }
+  return checkCredentials(c.options.tls, "security.credentials");
+}
+
+}  // namespace
+
 core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig config) {
   if (config.secret.empty()) return core::invalidArgument("comm: the job secret is empty; set a per-job secret");
   if (config.world < 1 || config.rank < 0 || config.rank >= config.world) {
@@ -571,23 +598,15 @@ core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig conf
   ARCH_RETURN_IF_ERROR(checkChecksumOption(config.options.checksum));
   std::unique_ptr<Communicator> c(new Communicator(std::move(config)));
   Communicator* raw = c.get();
-  auto tls_policy = [raw](int32_t peer) {
-    if (peer < 0 || peer >= raw->config_.world) return false;
-    return raw->config_.options.tls_on_straits && [&] {
-      const auto& cl = raw->config_.cluster;
-      int a = raw->config_.island_of_rank[static_cast<size_t>(raw->config_.rank)];
-      int b = raw->config_.island_of_rank[static_cast<size_t>(peer)];
-      if (a == b || a >= static_cast<int>(cl.islands.size()) || b >= static_cast<int>(cl.islands.size())) return false;
-      const auto* s = cl.strait(cl.islands[static_cast<size_t>(a)].name, cl.islands[static_cast<size_t>(b)].name);
-      return s && s->tls;
-    }();
+  auto tls_policy = [raw](PeerRole role, int32_t peer) {
+    const CommConfig& cc = raw->config_;
+    if (role != PeerRole::kPeer || peer < 0 || peer >= cc.world) return cc.options.tls_all_links;
+    return linkTls(cc.options, cc.cluster, cc.island_of_rank[static_cast<size_t>(cc.rank)],
+                   cc.island_of_rank[static_cast<size_t>(peer)]);
   };
-  TlsConfig tls{c->config_.options.tls_cert_file, c->config_.options.tls_key_file};
-  if (tls.cert_file.empty() != tls.key_file.empty()) {
-    return core::invalidArgument("comm: tls_cert_file and tls_key_file must be given together");
-  }
+  ARCH_RETURN_IF_ERROR(checkTlsCredentials(c->config_));
   ARCH_ASSIGN_OR_RETURN(c->endpoint_, Endpoint::listen(c->config_.options.listen_host, c->config_.rank,
-                                                       c->config_.secret, tls_policy, tls));
+                                                       c->config_.secret, tls_policy, c->config_.options.tls));
   c->endpoint_->setMinEpoch(c->config_.epoch);
   return c;
 }
@@ -659,13 +678,12 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
     l.peer = peer;
     int a = config_.island_of_rank[static_cast<size_t>(me)];
     int b = config_.island_of_rank[static_cast<size_t>(peer)];
-    bool tls = false;
+    const bool tls = linkTls(config_.options, cl, a, b);
+    if (tls) ARCH_LOG_DEBUG("comm rank {}: TLS to rank {}", me, peer);
     if (a != b && a < static_cast<int>(cl.islands.size()) && b < static_cast<int>(cl.islands.size())) {
       const auto& na = cl.islands[static_cast<size_t>(a)].name;
       const auto& nb = cl.islands[static_cast<size_t>(b)].name;
       const core::StraitSpec* s = cl.strait(na, nb);
-      tls = s && s->tls && config_.options.tls_on_straits;
-      if (tls) ARCH_LOG_DEBUG("comm rank {}: TLS on the {}<->{} strait to rank {}", me, na, nb, peer);
       if (s && config_.options.emulate_straits && cl.emulated(*s) && (s->bandwidth > 0 || s->latency > 0)) {
         // One shaper per direction of the strait, shared by every process of the job.
         std::string shm = "/arch-" + std::to_string(job % 1000000007ULL) + "-e" + std::to_string(epoch) + "-" +
@@ -691,7 +709,7 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
     for (int s = 0; s < S; ++s) {
       core::Result<std::unique_ptr<Socket>> sock =
           me < peer ? dialPeer(addresses_[static_cast<size_t>(peer)], config_.secret, me, peer, epoch,
-                               static_cast<uint32_t>(s), tls, reach, &never)
+                               static_cast<uint32_t>(s), tls ? &config_.options.tls : nullptr, reach, &never)
                     : endpoint_->take(epoch, peer, static_cast<uint32_t>(s), reach, &never);
       if (!sock.isOk()) return unreachable(sock.status(), me, peer, addresses_, epoch);
       l.streams.push_back(std::move(sock).value());

@@ -175,12 +175,13 @@ CoordinatorServer::~CoordinatorServer() { stop(); }
 
 core::Status CoordinatorServer::start() {
   if (secret_.empty()) return core::invalidArgument("coordinator: the job secret is empty");
+  if (!options_.tls.empty()) ARCH_RETURN_IF_ERROR(checkCredentials(options_.tls, "coordinator --credentials"));
   ARCH_ASSIGN_OR_RETURN(auto lp, listenTcp(options_.host, options_.port));
   listen_fd_ = lp.first;
   port_ = lp.second;
   accept_thread_ = std::thread([this] { acceptLoop(); });
   monitor_ = std::thread([this] { monitorLoop(); });
-  ARCH_LOG_INFO("coordinator listening on {}", address());
+  ARCH_LOG_INFO("coordinator listening on {}{}", address(), options_.tls.empty() ? "" : " (TLS, mutual, job CA)");
   return core::okStatus();
 }
 
@@ -247,7 +248,9 @@ void CoordinatorServer::acceptLoop() {
 }
 
 void CoordinatorServer::serve(std::shared_ptr<Socket> sock) {
-  auto hr = serverHandshake(*sock, secret_, -1, 0, nullptr, core::Deadline::afterSeconds(5));
+  const bool tls = !options_.tls.empty();
+  auto hr = serverHandshake(*sock, secret_, -1, 0, [tls](PeerRole, int32_t) { return tls; },
+                            core::Deadline::afterSeconds(5), options_.tls);
   if (!hr.isOk()) {
     refusals_->refused(sock->peerAddress(), hr.status());
     return;

@@ -39,14 +39,14 @@ std::vector<std::string> splitAddressList(const std::string& list) {
 
 // One authenticated connection to `address`.
 core::Result<std::unique_ptr<Socket>> dialOne(const std::string& address, const std::string& secret, int rank,
-                                              const core::Deadline& deadline) {
+                                              const TlsFiles& tls, const core::Deadline& deadline) {
   ARCH_ASSIGN_OR_RETURN(auto hp, splitHostPort(address));
   ARCH_ASSIGN_OR_RETURN(auto sock, connectTcp(hp.first, hp.second, deadline, nullptr));
   Hello hello;
   hello.role = PeerRole::kCoordinatorClient;
   hello.client_rank = rank;
   hello.server_rank = -1;
-  core::Status st = clientHandshake(*sock, secret, hello, false, deadline);
+  core::Status st = clientHandshake(*sock, secret, hello, tls.empty() ? nullptr : &tls, deadline);
   if (!st.isOk()) return st.withContext("coordinator " + address);
   return sock;
 }
@@ -55,15 +55,16 @@ core::Result<std::unique_ptr<Socket>> dialOne(const std::string& address, const 
 // that did). One address: retried until the deadline (it may be
 // restarting); several: each gets half a second per round.
 core::Result<std::unique_ptr<Socket>> dial(const std::vector<std::string>& addresses, const std::string& secret,
-                                           int rank, const core::Deadline& deadline, size_t* index) {
+                                           int rank, const TlsFiles& tls, const core::Deadline& deadline,
+                                           size_t* index) {
   if (addresses.empty()) return core::invalidArgument("no coordinator address (expected HOST:PORT[,HOST:PORT...])");
-  if (addresses.size() == 1) return dialOne(addresses[0], secret, rank, deadline);
+  if (addresses.size() == 1) return dialOne(addresses[0], secret, rank, tls, deadline);
   core::Status last = core::unavailable("no coordinator answered");
   while (true) {
     for (size_t k = 0; k < addresses.size(); ++k) {
       const size_t i = (*index + k) % addresses.size();
       const auto slice = core::Deadline::afterSeconds(0.5);
-      auto s = dialOne(addresses[i], secret, rank, slice.remaining() < deadline.remaining() ? slice : deadline);
+      auto s = dialOne(addresses[i], secret, rank, tls, slice.remaining() < deadline.remaining() ? slice : deadline);
       if (s.isOk()) {
         *index = i;
         return s;
@@ -121,13 +122,15 @@ void announce(json& req, double failure_timeout_s) {
 
 core::Result<std::unique_ptr<CoordinatorClient>> CoordinatorClient::connect(const std::string& address,
                                                                             const std::string& secret, int rank,
-                                                                            const core::Deadline& deadline) {
+                                                                            const core::Deadline& deadline,
+                                                                            TlsFiles tls) {
   std::unique_ptr<CoordinatorClient> c(new CoordinatorClient());
   c->addresses_ = splitAddressList(address);
   c->secret_ = secret;
+  c->tls_ = std::move(tls);
   c->rank_ = rank;
   size_t index = 0;
-  ARCH_ASSIGN_OR_RETURN(c->sock_, dial(c->addresses_, secret, rank, deadline, &index));
+  ARCH_ASSIGN_OR_RETURN(c->sock_, dial(c->addresses_, secret, rank, c->tls_, deadline, &index));
   c->current_ = index;
   c->last_contact_us_.store(core::nowMicros());
   return c;
@@ -163,7 +166,7 @@ void CoordinatorClient::rememberView(const Membership& m) {
 
 core::Result<std::unique_ptr<Socket>> CoordinatorClient::open(const core::Deadline& deadline) {
   size_t index = current_.load();
-  ARCH_ASSIGN_OR_RETURN(auto sock, dial(addresses_, secret_, rank_.load(), deadline, &index));
+  ARCH_ASSIGN_OR_RETURN(auto sock, dial(addresses_, secret_, rank_.load(), tls_, deadline, &index));
   if (index != current_.load()) ARCH_LOG_WARN("coordinator: now talking to {}", addresses_[index]);
   current_ = index;
   ++reconnects_;
@@ -308,7 +311,7 @@ void CoordinatorClient::startHeartbeats(double interval_s) {
       const auto dl = core::Deadline::afterSeconds(std::max(1.0, 2 * interval_s));
       if (!s) {
         size_t index = current_.load();
-        auto r = dial(addresses_, secret_, rank_.load(), dl, &index);
+        auto r = dial(addresses_, secret_, rank_.load(), tls_, dl, &index);
         if (!r.isOk()) {
           markLost(r.status());
           continue;

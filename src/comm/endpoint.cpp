@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "archipelago/core/log.h"
@@ -14,11 +15,11 @@ constexpr uint8_t kTlsMarker = 'T';
 constexpr uint32_t kHandshakeMax = 4096;
 }  // namespace
 
-core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello& hello_in, bool tls,
+core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello& hello_in, const TlsFiles* tls,
                              const core::Deadline& deadline) {
   uint8_t marker = tls ? kTlsMarker : kPlainMarker;
   ARCH_RETURN_IF_ERROR(sock.writeFull(&marker, 1, deadline, nullptr));
-  if (tls) ARCH_RETURN_IF_ERROR(sock.startTls(false, {}, deadline));
+  if (tls) ARCH_RETURN_IF_ERROR(sock.startTls(false, *tls, deadline));
   std::vector<uint8_t> channel = sock.channelBinding();
   Hello hello = hello_in;
   randomBytes(hello.nonce);
@@ -27,6 +28,9 @@ core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello&
   h.epoch = hello.epoch;
   ARCH_RETURN_IF_ERROR(sock.writeFrame(h, encodeHello(hello), deadline));
   std::vector<uint8_t> payload;
+  // TLS 1.3 finishes the client's side before the server has checked the
+  // client's certificate: a refusal of it arrives here, as an alert
+  // (kPermissionDenied from the socket).
   ARCH_RETURN_IF_ERROR(sock.readFrame(&h, &payload, deadline, nullptr, kHandshakeMax));
   if (h.type == FrameType::kReject) {
     std::string why(payload.begin(), payload.end());
@@ -54,12 +58,23 @@ core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello&
 }
 
 core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32_t my_rank, uint32_t min_epoch,
-                                    const std::function<bool(int32_t)>& tls_required,
-                                    const core::Deadline& deadline, const TlsConfig& tls) {
+                                    const TlsPolicy& tls_required, const core::Deadline& deadline,
+                                    const TlsFiles& tls) {
   uint8_t marker = 0;
   ARCH_RETURN_IF_ERROR(sock.readFull(&marker, 1, deadline, nullptr));
   if (marker != kPlainMarker && marker != kTlsMarker) return core::dataLoss("not an archipelago handshake");
-  if (marker == kTlsMarker) ARCH_RETURN_IF_ERROR(sock.startTls(true, tls, deadline));
+  if (marker == kTlsMarker && tls.empty()) {
+    // Nothing to answer a ClientHello with: the client's TLS handshake fails on the close.
+    return core::permissionDenied("a client asked for TLS, but this end has no TLS credentials "
+                                  "(security.credentials / --credentials)");
+  }
+  if (marker == kTlsMarker) {
+    if (core::Status st = sock.startTls(true, tls, deadline); !st.isOk()) {
+      // Let the client read our alert (a refused certificate) before the connection goes.
+      sock.drainUntilPeerCloses(core::Deadline(std::min(deadline.at(), core::Deadline::afterSeconds(1).at())));
+      return st;
+    }
+  }
   std::vector<uint8_t> channel = sock.channelBinding();
   FrameHeader h;
   std::vector<uint8_t> payload;
@@ -76,9 +91,10 @@ core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32
                           deadline);
     return why;
   };
-  if (hello.role == PeerRole::kPeer && tls_required && tls_required(hello.client_rank) && marker != kTlsMarker) {
-    return reject(core::permissionDenied("rank " + std::to_string(hello.client_rank) +
-                                         " must use TLS on this strait"));
+  if (marker != kTlsMarker && tls_required && tls_required(hello.role, hello.client_rank)) {
+    return reject(core::permissionDenied(
+        std::string(hello.role == PeerRole::kPeer ? "rank " + std::to_string(hello.client_rank) : "a coordinator client") +
+        " must use TLS on this link (the job's security.tls or its strait's tls: true)"));
   }
   Challenge ch;
   randomBytes(ch.nonce);
@@ -99,7 +115,7 @@ core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32
 }
 
 core::Result<std::unique_ptr<Endpoint>> Endpoint::listen(const std::string& host, int rank, std::string secret,
-                                                         TlsPolicy tls_policy, TlsConfig tls) {
+                                                         TlsPolicy tls_policy, TlsFiles tls) {
   ARCH_ASSIGN_OR_RETURN(auto lp, listenTcp(host, 0));
   std::unique_ptr<Endpoint> ep(new Endpoint());
   ep->listen_fd_ = lp.first;
@@ -172,7 +188,7 @@ core::Result<std::unique_ptr<Socket>> Endpoint::take(uint32_t epoch, int peer, u
 }
 
 core::Result<std::unique_ptr<Socket>> dialPeer(const std::string& address, std::string_view secret, int my_rank,
-                                               int peer, uint32_t epoch, uint32_t stream, bool tls,
+                                               int peer, uint32_t epoch, uint32_t stream, const TlsFiles* tls,
                                                const core::Deadline& deadline, const core::AbortFlag* abort) {
   ARCH_ASSIGN_OR_RETURN(auto hp, splitHostPort(address));
   ARCH_ASSIGN_OR_RETURN(auto sock, connectTcp(hp.first, hp.second, deadline, abort));

@@ -18,23 +18,26 @@
 
 namespace archipelago::comm {
 
-// Client side: optional TLS, HELLO, verify CHALLENGE, AUTH, wait ACCEPT.
-// kPermissionDenied if the server lacks the secret or refuses ours,
-// kFailedPrecondition for a stale epoch.
-core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello& hello, bool tls,
+// Client side: TLS with `tls` unless it is null, HELLO, verify CHALLENGE,
+// AUTH, wait ACCEPT. kPermissionDenied if the server lacks the secret or
+// refuses ours, kFailedPrecondition for a stale epoch, kUnavailable when
+// TLS fails (the reason in words: a certificate of another CA, ...).
+core::Status clientHandshake(Socket& sock, std::string_view secret, const Hello& hello, const TlsFiles* tls,
                              const core::Deadline& deadline);
-// Server side: returns the authenticated HELLO. tls_required(client_rank)
-// says whether this client must use TLS. On refusal sends REJECT and
-// returns the reason.
+// Whether a client (by its HELLO's role and rank) must use TLS.
+using TlsPolicy = std::function<bool(PeerRole role, int32_t client_rank)>;
+// Server side: returns the authenticated HELLO. A client that must use TLS
+// (tls_required) and did not is refused; a client that asks for TLS is
+// refused when `tls` is empty (this end has no credentials). On refusal
+// sends REJECT and returns the reason.
 core::Result<Hello> serverHandshake(Socket& sock, std::string_view secret, int32_t my_rank, uint32_t min_epoch,
-                                    const std::function<bool(int32_t)>& tls_required, const core::Deadline& deadline,
-                                    const TlsConfig& tls = {});
+                                    const TlsPolicy& tls_required, const core::Deadline& deadline,
+                                    const TlsFiles& tls);
 
 class Endpoint {
  public:
-  using TlsPolicy = std::function<bool(int32_t peer)>;
   static core::Result<std::unique_ptr<Endpoint>> listen(const std::string& host, int rank, std::string secret,
-                                                        TlsPolicy tls_policy, TlsConfig tls = {});
+                                                        TlsPolicy tls_policy, TlsFiles tls = {});
   ~Endpoint();
   int port() const { return port_; }
   void setMinEpoch(uint32_t epoch);
@@ -50,7 +53,7 @@ class Endpoint {
   int rank_ = 0;
   std::string secret_;
   TlsPolicy tls_policy_;
-  TlsConfig tls_;
+  TlsFiles tls_;
   core::AbortFlag stop_;
   std::thread thread_;
   std::mutex mu_;
@@ -60,9 +63,9 @@ class Endpoint {
   std::unique_ptr<RefusalLog> refusals_;
 };
 
-// Opens one authenticated stream to `peer` at address.
+// Opens one authenticated stream to `peer` at address (TLS unless `tls` is null).
 core::Result<std::unique_ptr<Socket>> dialPeer(const std::string& address, std::string_view secret, int my_rank,
-                                               int peer, uint32_t epoch, uint32_t stream, bool tls,
+                                               int peer, uint32_t epoch, uint32_t stream, const TlsFiles* tls,
                                                const core::Deadline& deadline, const core::AbortFlag* abort);
 
 }  // namespace archipelago::comm

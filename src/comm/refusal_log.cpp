@@ -13,7 +13,10 @@ RefusalLog::RefusalLog(std::string who, int burst, double window_s, Sink sink)
 }
 
 std::string RefusalLog::reason(const core::Status& why) {
-  if (why.code() == core::StatusCode::kPermissionDenied) {
+  // Only the MAC check (wire.cpp verifyClient) speaks of the secret; a
+  // refused certificate or a plain client on a TLS link says so itself.
+  if (why.code() == core::StatusCode::kPermissionDenied &&
+      why.message().find("failed authentication") != std::string::npos) {
     return "wrong job secret (its handshake MAC does not match ours: a worker of another job, or a stale "
            "ARCHIPELAGO_SECRET): " + why.message();
   }

@@ -5,10 +5,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <openssl/err.h>
-#include <openssl/evp.h>
 #include <openssl/ssl.h>
-#include <openssl/x509.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -21,6 +18,7 @@
 
 #include "archipelago/core/hash.h"
 #include "archipelago/core/log.h"
+#include "comm/tls_context.h"
 
 namespace archipelago::comm {
 namespace {
@@ -39,13 +37,6 @@ void setCommonOptions(int fd) {
   fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
-std::string sslError() {
-  unsigned long e = ERR_get_error();
-  if (e == 0) return "unknown TLS error";
-  char buf[256];
-  ERR_error_string_n(e, buf, sizeof(buf));
-  return buf;
-}
 
 }  // namespace
 
@@ -66,6 +57,15 @@ void Socket::shutdownWrite() {
     SSL_shutdown(ssl_);
   }
   ::shutdown(fd_, SHUT_WR);
+}
+
+void Socket::drainUntilPeerCloses(const core::Deadline& deadline) {
+  ::shutdown(fd_, SHUT_WR);
+  char buf[4096];
+  while (waitFor(POLLIN, deadline, nullptr).isOk()) {
+    const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return;
+  }
 }
 
 namespace {
@@ -115,7 +115,7 @@ core::Status Socket::readFull(void* buf, size_t n, const core::Deadline& deadlin
           if (err == SSL_ERROR_WANT_READ) want = POLLIN;
           else if (err == SSL_ERROR_WANT_WRITE) want = POLLOUT;
           else if (err == SSL_ERROR_ZERO_RETURN) return core::unavailable("peer closed the TLS connection");
-          else return core::unavailable("TLS read: " + sslError());
+          else return tlsError("TLS read", ssl_);
           r = -1;
         }
       }
@@ -195,7 +195,7 @@ core::Status Socket::writeFull(const void* buf, size_t n, const core::Deadline& 
         int err = SSL_get_error(ssl_, k);
         if (err == SSL_ERROR_WANT_READ) want = POLLIN;
         else if (err == SSL_ERROR_WANT_WRITE) want = POLLOUT;
-        else return core::unavailable("TLS write: " + sslError());
+        else return tlsError("TLS write", ssl_);
       }
     }
     if (k <= 0) {
@@ -233,56 +233,13 @@ core::Status Socket::readFrame(FrameHeader* h, std::vector<uint8_t>* payload, co
 
 // ---- TLS -------------------------------------------------------------------------
 
-core::Result<SSL_CTX*> tlsContext(bool server, const TlsConfig& config) {
-  static std::mutex mu;
-  static SSL_CTX* ctx[2] = {nullptr, nullptr};
-  std::lock_guard<std::mutex> lock(mu);
-  SSL_CTX*& c = ctx[server ? 1 : 0];
-  if (c) return c;
-  SSL_CTX* nc = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
-  if (!nc) return core::internalError("SSL_CTX_new: " + sslError());
-  SSL_CTX_set_min_proto_version(nc, TLS1_3_VERSION);
-  SSL_CTX_set_mode(nc, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-  SSL_CTX_set_verify(nc, SSL_VERIFY_NONE, nullptr);  // identity comes from the HMAC handshake
-  if (server) {
-    if (!config.cert_file.empty()) {
-      if (SSL_CTX_use_certificate_file(nc, config.cert_file.c_str(), SSL_FILETYPE_PEM) != 1 ||
-          SSL_CTX_use_PrivateKey_file(nc, config.key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
-        SSL_CTX_free(nc);
-        return core::invalidArgument("TLS certificate " + config.cert_file + " / key " + config.key_file + ": " +
-                                     sslError());
-      }
-    } else {
-      EVP_PKEY* key = EVP_EC_gen("P-256");
-      X509* cert = X509_new();
-      if (!key || !cert) {
-        SSL_CTX_free(nc);
-        return core::internalError("TLS key generation failed: " + sslError());
-      }
-      ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-      X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
-      X509_gmtime_adj(X509_getm_notAfter(cert), 30L * 24 * 3600);
-      X509_set_pubkey(cert, key);
-      X509_NAME* name = X509_get_subject_name(cert);
-      X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("archipelago"), -1,
-                                 -1, 0);
-      X509_set_issuer_name(cert, name);
-      X509_sign(cert, key, EVP_sha256());
-      SSL_CTX_use_certificate(nc, cert);
-      SSL_CTX_use_PrivateKey(nc, key);
-      X509_free(cert);
-      EVP_PKEY_free(key);
-    }
-  }
-  c = nc;
-  return c;
-}
-
-core::Status Socket::startTls(bool server, const TlsConfig& config, const core::Deadline& deadline) {
-  ARCH_ASSIGN_OR_RETURN(SSL_CTX * ctx, tlsContext(server, config));
+core::Status Socket::startTls(bool server, const TlsFiles& files, const core::Deadline& deadline) {
+  ARCH_ASSIGN_OR_RETURN(SSL_CTX * ctx, tlsContext(server, files));
   ssl_ = SSL_new(ctx);
   if (!ssl_) return core::internalError("SSL_new: " + sslError());
-  SSL_set_fd(ssl_, fd_);
+  BIO* bio = socketBio(fd_);
+  if (!bio) return core::internalError("BIO_new: " + sslError());
+  SSL_set_bio(ssl_, bio, bio);  // the SSL object owns the BIO; the fd stays ours
   while (true) {
     int k = server ? SSL_accept(ssl_) : SSL_connect(ssl_);
     if (k == 1) return core::okStatus();
@@ -292,7 +249,7 @@ core::Status Socket::startTls(bool server, const TlsConfig& config, const core::
     } else if (err == SSL_ERROR_WANT_WRITE) {
       ARCH_RETURN_IF_ERROR(waitFor(POLLOUT, deadline, nullptr));
     } else {
-      return core::unavailable("TLS handshake failed: " + sslError());
+      return tlsError("TLS handshake", ssl_);
     }
   }
 }

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "archipelago/comm/tls.h"
 #include "archipelago/comm/wire.h"
 #include "archipelago/core/clock.h"
 #include "archipelago/comm/address.h"
@@ -25,15 +26,6 @@ typedef struct ssl_st SSL;
 typedef struct ssl_ctx_st SSL_CTX;
 
 namespace archipelago::comm {
-
-// A process-wide TLS context with a self-signed certificate generated at
-// first use (or loaded from files). Peers are authenticated by the HMAC
-// handshake bound to the TLS exporter, not by certificates.
-struct TlsConfig {
-  std::string cert_file;  // empty = generate a self-signed EC P-256 certificate
-  std::string key_file;
-};
-core::Result<SSL_CTX*> tlsContext(bool server, const TlsConfig& config = {});
 
 class Socket {
  public:
@@ -52,6 +44,11 @@ class Socket {
   bool isShutdown() const { return shut_.load(); }
   // Half-close: the peer reads everything we sent, then EOF.
   void shutdownWrite();
+  // After a refused TLS handshake: half-close and discard what the peer
+  // still sends until it closes (or the deadline). Closing with its bytes
+  // unread would reset the connection, and the reset can destroy our alert
+  // before the peer reads it: it would see "connection closed", not why.
+  void drainUntilPeerCloses(const core::Deadline& deadline);
 
   core::Status readFull(void* buf, size_t n, const core::Deadline& deadline, const core::AbortFlag* abort);
   core::Status writeFull(const void* buf, size_t n, const core::Deadline& deadline, const core::AbortFlag* abort);
@@ -66,8 +63,10 @@ class Socket {
   core::Status readFrame(FrameHeader* h, std::vector<uint8_t>* payload, const core::Deadline& deadline,
                          const core::AbortFlag* abort = nullptr, uint32_t max_payload = kMaxFramePayload);
 
-  // TLS: wraps the connection; call before any other I/O.
-  core::Status startTls(bool server, const TlsConfig& config, const core::Deadline& deadline);
+  // TLS 1.3, mutual (comm/tls_context.h): wraps the connection; call
+  // before any other I/O. kUnavailable saying why when the handshake fails
+  // (a peer certificate the job's CA did not sign, none at all, ...).
+  core::Status startTls(bool server, const TlsFiles& files, const core::Deadline& deadline);
   bool tls() const { return ssl_ != nullptr; }
   // 32 bytes of TLS exporter keying material (empty without TLS).
   std::vector<uint8_t> channelBinding() const;

@@ -193,6 +193,11 @@ template <typename V> void visitFields(V& v, CheckpointConfig& s) {
   v.field("async", ref(s.async, "write in the background after an in-memory snapshot"));
 }
 
+template <typename V> void visitFields(V& v, SecurityConfig& s) {
+  v.field("tls", ref(s.tls, "encrypt every link, worker-worker and worker-coordinator (mutual TLS, the job's CA)"));
+  v.field("credentials", ref(s.credentials, "directory from `archipelago secrets init` (ca.pem, node.pem, node.key, secret)"));
+}
+
 template <typename V> void visitFields(V& v, JobConfig& s) {
   v.section("cluster", s.cluster);
   v.section("model", s.model);
@@ -200,6 +205,7 @@ template <typename V> void visitFields(V& v, JobConfig& s) {
   v.section("train", s.train);
   v.section("strategy", s.strategy);
   v.section("checkpoint", s.checkpoint);
+  v.section("security", s.security);
   v.field("run_dir", ref(s.run_dir, "run directory (metrics, checkpoints, report)"));
 }
 

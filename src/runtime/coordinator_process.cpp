@@ -22,8 +22,10 @@ namespace archipelago::runtime {
 
 namespace fs = std::filesystem;
 
-comm::CoordinatorOptions coordinatorServerOptions(const std::string& host, int port, double failure_timeout_s) {
+comm::CoordinatorOptions coordinatorServerOptions(const std::string& host, int port, double failure_timeout_s,
+                                                  const comm::TlsFiles& tls) {
   comm::CoordinatorOptions co;
+  co.tls = tls;
   co.host = host;
   co.port = port;
   co.heartbeat_timeout_s = failure_timeout_s;
@@ -43,7 +45,7 @@ int serveInChild(const CoordinatorProcess::Options& o) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   ::sigprocmask(SIG_BLOCK, &stop_signals, nullptr);  // before the server's threads exist: they inherit it
-  comm::CoordinatorServer server(o.secret, coordinatorServerOptions(o.host, o.port, o.failure_timeout));
+  comm::CoordinatorServer server(o.secret, coordinatorServerOptions(o.host, o.port, o.failure_timeout, o.tls));
   core::Status st = server.start();
   if (st.isOk()) st = core::writeFileAtomic(o.port_file, std::to_string(server.port()));
   if (!st.isOk()) {

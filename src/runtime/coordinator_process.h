@@ -19,7 +19,9 @@ namespace archipelago::runtime {
 // The server options of a coordinator on HOST:PORT whose failure timeout is
 // `failure_timeout_s`; 0: the job's, as its workers announce it (a
 // standalone coordinator does not read the job file).
-comm::CoordinatorOptions coordinatorServerOptions(const std::string& host, int port, double failure_timeout_s);
+// `tls`: the credentials every client must use TLS with ({}: plain).
+comm::CoordinatorOptions coordinatorServerOptions(const std::string& host, int port, double failure_timeout_s,
+                                                  const comm::TlsFiles& tls = {});
 
 class CoordinatorProcess {
  public:
@@ -29,6 +31,7 @@ class CoordinatorProcess {
     double failure_timeout = 2;  // heartbeat timeout (also the recovery window); 0: the workers'
 
     std::string secret;          // passed as ARCHIPELAGO_SECRET
+    comm::TlsFiles tls;          // {}: plain; else TLS required from every client
     std::string log;             // stdout + stderr of the coordinator (appended; empty: inherited)
     std::string port_file;       // where the child writes its port
   };

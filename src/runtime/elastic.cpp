@@ -12,6 +12,7 @@
 #include "archipelago/core/clock.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/trainer.h"
+#include "runtime/security.h"
 
 namespace archipelago::runtime {
 
@@ -29,6 +30,8 @@ core::Result<comm::CommConfig> commConfigOf(const core::JobConfig& job, int rank
   cc.secret = secret;
   cc.options.streams = static_cast<int>(job.strategy.streams);
   cc.options.heartbeat_timeout_s = job.strategy.failure_timeout;
+  cc.options.tls_all_links = job.security.tls;
+  cc.options.tls = tlsFilesOf(job);
   // Ten per timeout (0.2 s at the default 2 s): a job that sets a long
   // timeout (many workers per core) also sends fewer heartbeats, which with
   // every peer pair heartbeating are most of an idle mesh's frames.
@@ -123,7 +126,8 @@ core::Result<std::unique_ptr<comm::CoordinatorClient>> dialCoordinator(const Ela
   while (true) {
     const double left = o.connect_timeout_s - core::secondsSince(t0);
     auto c = comm::CoordinatorClient::connect(o.coordinator, o.secret, o.rank,
-                                              core::Deadline::afterSeconds(std::clamp(left, 0.05, 5.0)));
+                                              core::Deadline::afterSeconds(std::clamp(left, 0.05, 5.0)),
+                                              o.job->security.tls ? tlsFilesOf(*o.job) : comm::TlsFiles{});
     if (c.isOk()) return c;
     last = c.status();
     const bool retry = last.code() == core::StatusCode::kUnavailable ||

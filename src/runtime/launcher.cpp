@@ -33,6 +33,7 @@
 #include "archipelago/runtime/trainer.h"
 #include "runtime/coordinator_process.h"
 #include "runtime/cpu_quota.h"
+#include "runtime/security.h"
 
 namespace archipelago::runtime {
 
@@ -287,6 +288,7 @@ struct Attempt {
   std::unique_ptr<comm::CoordinatorClient> watch;  // the launcher's own view of the membership (fencing)
   core::Clock::time_point last_watch;
   std::string coord_addr;
+  comm::TlsFiles coord_tls;  // {}: the coordinator link is plain
   std::vector<Child> children;
   bool restart = false;
   double finished_at = 0;      // when the first worker finished the job (0: none yet)
@@ -458,7 +460,8 @@ void fenceFailedWorkers(Attempt& a) {
   if (core::secondsSince(a.last_watch) < 0.2) return;
   a.last_watch = core::Clock::now();
   if (!a.watch) {
-    auto c = comm::CoordinatorClient::connect(a.coord_addr, a.secret, -1, core::Deadline::afterSeconds(0.2));
+    auto c = comm::CoordinatorClient::connect(a.coord_addr, a.secret, -1, core::Deadline::afterSeconds(0.2),
+                                              a.coord_tls);
     if (!c.isOk()) return;
     a.watch = std::move(c).value();
   }
@@ -572,6 +575,7 @@ core::Result<bool> runAttempt(Launch& l, int attempt) {
   CoordinatorProcess::Options co;
   co.failure_timeout = l.job.strategy.failure_timeout;
   co.secret = a.secret;
+  if (l.job.security.tls) a.coord_tls = co.tls = tlsFilesOf(l.job);
   co.log = (fs::path(l.run_dir) / "logs" / "coordinator.log").string();
   co.port_file = (fs::path(l.run_dir) / "coordinator.port").string();
   a.coord = std::make_unique<CoordinatorProcess>(co);
@@ -661,7 +665,10 @@ core::Status launchTraining(const LaunchOptions& opt) {
                            .withContext("job '" + opt.job_path + "'"));
   // Owned here so that the cgroups go on every way out, a failed job's too.
   ARCH_ASSIGN_OR_RETURN(const std::unique_ptr<CpuQuotaGroup> quota, cpuQuotaForWorkers(workers));
+  // Credentials the job names must be usable before anything is written.
+  if (!job.security.credentials.empty()) ARCH_RETURN_IF_ERROR(checkSecurity(job));
   ARCH_RETURN_IF_ERROR(prepareRunDir(opt, job));
+  ARCH_RETURN_IF_ERROR(provideCredentials(job));  // before job.yaml: the workers read the directory from it
   const std::string job_file = (fs::path(job.run_dir) / "job.yaml").string();
   ARCH_RETURN_IF_ERROR(core::writeFileAtomic(job_file, core::dumpJobYaml(job)));
   ARCH_RETURN_IF_ERROR(writeRunJson(opt, job, workers));

@@ -23,6 +23,7 @@
 #include "archipelago/runtime/trainer.h"
 #include "runtime/coordinator_process.h"
 #include "runtime/cpu_quota.h"
+#include "runtime/security.h"
 
 namespace archipelago::runtime {
 
@@ -190,6 +191,7 @@ core::Status runWorker(const WorkerOptions& opt) {
   ARCH_ASSIGN_OR_RETURN(auto loaded, core::loadJob(opt.job_path, lo));
   core::JobConfig job = loaded.job;
   const std::string run_dir = opt.run_dir.empty() ? job.run_dir : opt.run_dir;
+  ARCH_RETURN_IF_ERROR(checkSecurity(job));  // before anything starts: a bad credentials directory stops here
   const auto workers = workersOf(job);  // with each island's dtype and threads resolved
   ARCH_ASSIGN_OR_RETURN(const Placement placement, placementOf(opt, workers.size()));
   ARCH_RETURN_IF_ERROR(checkRankAndWorld(placement, workers.size(), opt.join));
@@ -206,10 +208,7 @@ core::Status runWorker(const WorkerOptions& opt) {
     ARCH_LOG_INFO("device {}", device->describe());
   }
 
-  const char* secret_env = std::getenv("ARCHIPELAGO_SECRET");
-  if (!secret_env || !*secret_env) {
-    return core::invalidArgument("ARCHIPELAGO_SECRET is not set: every worker of a job needs the job's shared secret");
-  }
+  ARCH_ASSIGN_OR_RETURN(const std::string secret, jobSecret(job.security.credentials, "every worker of a job"));
   ARCH_ASSIGN_OR_RETURN(const std::string coord, coordinatorAddress(opt));
 
   // cpu_quota, before the worker computes (runtime/cpu_quota.h); a joiner
@@ -219,13 +218,16 @@ core::Status runWorker(const WorkerOptions& opt) {
     ARCH_ASSIGN_OR_RETURN(quota, applyOwnCpuQuota(workers[static_cast<size_t>(rank)]));
   }
 
+  if (job.security.tls) {
+    ARCH_LOG_INFO("TLS on every link, peers and coordinator (TLS 1.3, mutual, CA {})", tlsFilesOf(job).ca);
+  }
   ElasticOptions eo;
   eo.coordinator = coord;
   eo.connect_timeout_s =
       opt.wait_coordinator_s >= 0 ? opt.wait_coordinator_s : std::max(10.0, 5 * job.strategy.failure_timeout);
   eo.listen = opt.listen;
   eo.advertise = opt.advertise;
-  eo.secret = secret_env;
+  eo.secret = secret;
   eo.rank = rank;
   eo.join = opt.join;
   eo.job = &job;
@@ -250,8 +252,9 @@ core::Status runWorker(const WorkerOptions& opt) {
 
 // --supervise: the coordinator runs as a child, started again on the same
 // port whenever it dies; the workers reattach to the new one.
-core::Status superviseCoordinator(const CoordinatorOptions& opt, const std::string& secret) {
+core::Status superviseCoordinator(const CoordinatorOptions& opt, const std::string& secret, const comm::TlsFiles& tls) {
   CoordinatorProcess::Options po;
+  po.tls = tls;
   po.host = opt.host;
   po.port = opt.port;
   po.failure_timeout = opt.failure_timeout;
@@ -279,10 +282,11 @@ core::Status superviseCoordinator(const CoordinatorOptions& opt, const std::stri
 }
 
 core::Status runCoordinator(const CoordinatorOptions& opt) {
-  const char* secret_env = std::getenv("ARCHIPELAGO_SECRET");
-  if (!secret_env || !*secret_env) return core::invalidArgument("ARCHIPELAGO_SECRET is not set: the coordinator needs the job's shared secret");
-  if (opt.supervise) return superviseCoordinator(opt, secret_env);
-  comm::CoordinatorServer server(secret_env, coordinatorServerOptions(opt.host, opt.port, opt.failure_timeout));
+  ARCH_ASSIGN_OR_RETURN(const std::string secret, jobSecret(opt.credentials, "the coordinator"));
+  const comm::TlsFiles tls = opt.credentials.empty() ? comm::TlsFiles{} : comm::credentialFiles(opt.credentials);
+  if (!tls.empty()) ARCH_RETURN_IF_ERROR(comm::checkCredentials(tls, "--credentials"));
+  if (opt.supervise) return superviseCoordinator(opt, secret, tls);
+  comm::CoordinatorServer server(secret, coordinatorServerOptions(opt.host, opt.port, opt.failure_timeout, tls));
   ARCH_RETURN_IF_ERROR(server.start());
   if (!opt.port_file.empty()) {
     ARCH_RETURN_IF_ERROR(core::writeFileAtomic(opt.port_file, std::to_string(server.port())).withContext("--port-file"));

@@ -213,18 +213,18 @@ TEST(Hierarchical, PipelineOverEmulatedStraitMatchesFp64Reference) {
 // peer dialing for epoch 2 (kFailedPrecondition, "stale epoch") and a peer
 // with the wrong job secret (kPermissionDenied), and accepts the right one.
 TEST(Handshake, StaleEpochAndWrongSecretAreRefusedOverTcp) {
-  auto ep = Endpoint::listen("127.0.0.1", 1, "job-secret", [](int32_t) { return false; });
+  auto ep = Endpoint::listen("127.0.0.1", 1, "job-secret", [](PeerRole, int32_t) { return false; });
   ASSERT_TRUE(ep.isOk()) << ep.status().toString();
   (*ep)->setMinEpoch(3);
   const std::string addr = "127.0.0.1:" + std::to_string((*ep)->port());
   auto dl = [] { return core::Deadline::afterSeconds(5); };
-  auto stale = dialPeer(addr, "job-secret", 0, 1, 2, 0, false, dl(), nullptr);
+  auto stale = dialPeer(addr, "job-secret", 0, 1, 2, 0, nullptr, dl(), nullptr);
   ASSERT_FALSE(stale.isOk());
   EXPECT_EQ(stale.status().code(), core::StatusCode::kFailedPrecondition) << stale.status().toString();
-  auto wrong = dialPeer(addr, "not-the-secret", 0, 1, 3, 0, false, dl(), nullptr);
+  auto wrong = dialPeer(addr, "not-the-secret", 0, 1, 3, 0, nullptr, dl(), nullptr);
   ASSERT_FALSE(wrong.isOk());
   EXPECT_EQ(wrong.status().code(), core::StatusCode::kPermissionDenied) << wrong.status().toString();
-  auto good = dialPeer(addr, "job-secret", 0, 1, 3, 0, false, dl(), nullptr);
+  auto good = dialPeer(addr, "job-secret", 0, 1, 3, 0, nullptr, dl(), nullptr);
   ASSERT_TRUE(good.isOk()) << good.status().toString();
   auto taken = (*ep)->take(3, 0, 0, dl(), nullptr);
   ASSERT_TRUE(taken.isOk()) << taken.status().toString();

@@ -26,6 +26,10 @@ TEST(RefusalLog, AtMostBurstLinesPerWindowThenACount) {
   EXPECT_THAT(lines[5], HasSubstr("latest: from 10.0.0.19:4000"));
   EXPECT_THAT(lines[6], HasSubstr("from 10.0.0.99:4000: FAILED_PRECONDITION: stale epoch"));
   EXPECT_EQ(log.total(), 21);
+  // A refused certificate is not called a wrong secret.
+  log.refusedAt("10.0.0.98:4000", core::permissionDenied("TLS handshake: the certificates were refused"), 62);
+  EXPECT_THAT(lines.back(), HasSubstr("the certificates were refused"));
+  EXPECT_THAT(lines.back(), ::testing::Not(HasSubstr("wrong job secret")));
 }
 
 TEST(Socket, PeerAddressNamesTheOtherEnd) {

@@ -111,6 +111,17 @@ SLURM_PROCID=0 SLURM_NTASKS=99 expect 2 "world size 99 (from SLURM_NTASKS) does 
 ARCHIPELAGO_SECRET=s expect 1 "no coordinator answered at 127.0.0.1:1 within 2 s" worker --job job.yaml --rank 0 --coordinator 127.0.0.1:1 --wait-coordinator 2
 expect nz "99999" coordinator --port 99999
 expect 2 "ARCHIPELAGO_SECRET" coordinator
+# TLS: credentials that are not there stop the job before anything is written.
+expect 2 "security.credentials" train job.yaml --set security.tls=true --set security.credentials="$tmp/nocreds" --set run_dir="$tmp/tls_run"
+absent tls_run
+ARCHIPELAGO_SECRET=s expect 2 "--credentials" coordinator --credentials "$tmp/nocreds"
+
+# ---- secrets ----
+expect 0 "node.key" secrets init creds
+expect 1 "already holds credentials" secrets init creds
+expect 0 "node.key" secrets init creds --force
+expect 2 "not a credential file" secrets init notes --force
+intact notes/keep.txt
 
 # ---- sample / ckpt ----
 expect 1 "neither a checkpoint" sample missing

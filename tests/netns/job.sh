@@ -13,9 +13,10 @@
 #                                        # ARGS go to rank 2)
 #   netns_job_data BIN                   # ./data: a byte-tokenized corpus (tests/e2e/lib/tiny_job.sh)
 #   netns_job_yaml NAME STEPS ISLANDS [STRATEGY]  # job YAML on stdout
-#                                        # (NETNS_JOB_BATCH, NETNS_JOB_STRAITS override)
+#                                        # (NETNS_JOB_BATCH, NETNS_JOB_STRAITS override;
+#                                        # NETNS_JOB_SECURITY: the security section)
 #   netns_job_reference BIN NAME STEPS [UNTIL]    # single-process run ./NAME (stopped after UNTIL)
-#   netns_job_coordinator BIN HOST       # sets NETNS_COORD=ADDR:PORT
+#   netns_job_coordinator BIN HOST       # sets NETNS_COORD=ADDR:PORT (NETNS_COORD_ARGS: more flags)
 #   netns_job_worker BIN HOST RANK JOB [ARGS...]  # background; pid in NETNS_PID
 #   netns_job_last_step RUN              # the newest step rank 0 logged
 #   netns_job_wait_step RUN STEP SECONDS # rank 0 logged STEP (event wait)
@@ -59,6 +60,7 @@ netns_job_data() {
 netns_job_yaml() {
   local name="$1" steps="$2" islands="$3" strategy="${4:-{kind: sync\}}"
   local straits="[{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]"
+  local security="${NETNS_JOB_SECURITY:-{tls: false\}}"
   [ -z "${NETNS_JOB_STRAITS:-}" ] || straits="$NETNS_JOB_STRAITS"
   cat <<YAML
 cluster:
@@ -70,6 +72,7 @@ data: {dir: $PWD/data, seq_len: 32}
 train: {steps: $steps, global_batch: ${NETNS_JOB_BATCH:-12}, lr: 0.0005, warmup_steps: 3, eval_every: 0, rebalance: false}
 strategy: $strategy
 checkpoint: {every: 0}
+security: $security
 run_dir: $PWD/$name
 YAML
 }
@@ -88,7 +91,8 @@ netns_job_reference() {
 
 netns_job_coordinator() {
   local bin="$1" host="$2"
-  netns_exec "$host" "$bin" coordinator --host "$(netns_addr "$host")" --port 29500 >coord.log 2>&1 &
+  # shellcheck disable=SC2086
+  netns_exec "$host" "$bin" coordinator --host "$(netns_addr "$host")" --port 29500 ${NETNS_COORD_ARGS:-} >coord.log 2>&1 &
   local _
   for _ in $(seq 1 100); do grep -q "listening" coord.log && break; sleep 0.1; done
   grep -q "listening" coord.log || { echo "FAIL: the coordinator did not start"; cat coord.log; return 1; }

@@ -56,6 +56,7 @@
 
 #include "archipelago/comm/codec.h"
 #include "archipelago/comm/dtype.h"
+#include "archipelago/comm/tls.h"
 #include "archipelago/core/clock.h"
 #include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
@@ -97,8 +98,9 @@ struct CommOptions {
                                             // spec: docs/comm.md "Checksums") | on | off (tests, bench A/B)
   bool emulate_straits = true;              // shape sends between islands from cluster.straits
   bool tls_on_straits = true;               // TLS on streams whose strait says tls: true
-  std::string tls_cert_file;                // empty = self-signed certificate generated at start
-  std::string tls_key_file;
+  bool tls_all_links = false;               // TLS on every stream (the job's security.tls)
+  TlsFiles tls;                             // the job's CA, certificate and key (archipelago/comm/tls.h);
+                                            // required when any link uses TLS
   std::string listen_host = "127.0.0.1";    // interface to listen on
   std::string advertise_host;               // address published to peers; empty = listen_host
 };

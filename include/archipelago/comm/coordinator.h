@@ -62,6 +62,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "archipelago/comm/tls.h"
 #include "archipelago/core/clock.h"
 #include "archipelago/core/status.h"
 
@@ -191,6 +192,9 @@ struct CoordinatorOptions {
   // failure_timeout its workers announce (register, join, reattach) when
   // that is longer than heartbeat_timeout_s.
   bool adopt_worker_timeout = false;
+  // TLS credentials (archipelago/comm/tls.h); when set, every client must
+  // use TLS with a certificate of the same CA.
+  TlsFiles tls;
 };
 
 class CoordinatorServer {
@@ -254,9 +258,12 @@ class CoordinatorServer {
 // before the request, and a request whose connection broke is sent once more.
 class CoordinatorClient {
  public:
+  // `tls`: the job's credentials when the coordinator link is encrypted
+  // (security.tls); empty: plain.
   static core::Result<std::unique_ptr<CoordinatorClient>> connect(const std::string& address,
                                                                   const std::string& secret, int rank,
-                                                                  const core::Deadline& deadline);
+                                                                  const core::Deadline& deadline,
+                                                                  TlsFiles tls = {});
   ~CoordinatorClient();
   // The job's failure timeout, sent with register, join and reattach (a
   // standalone coordinator adopts it; see CoordinatorOptions). Before those.
@@ -311,6 +318,7 @@ class CoordinatorClient {
   std::vector<std::string> addresses_;
   std::atomic<size_t> current_{0};  // index of the address last answered
   std::string secret_;
+  TlsFiles tls_;
   mutable std::mutex id_mu_;  // guards the identity below (read by the heartbeat thread)
   bool registered_ = false;
   int island_ = -1;

@@ -218,6 +218,21 @@ struct CheckpointConfig {
   bool async = true;    // snapshot in memory, write in the background
 };
 
+// ---- security ----------------------------------------------------------------
+
+// docs/comm.md "TLS". The job secret itself comes from ARCHIPELAGO_SECRET,
+// ARCHIPELAGO_SECRET_FILE or the credentials directory's `secret`.
+struct SecurityConfig {
+  // Encrypt every link, worker-worker and worker-coordinator (TLS 1.3,
+  // mutual, certificates of the job's CA). A strait's own `tls: true`
+  // encrypts only the links crossing it.
+  bool tls = false;
+  // Directory from `archipelago secrets init DIR` (ca.pem, node.pem,
+  // node.key, secret). `archipelago train` writes one into the run
+  // directory when TLS is on and this is empty; a standalone worker needs it.
+  std::string credentials;
+};
+
 struct JobConfig {
   ClusterSpec cluster;
   ModelConfig model;
@@ -225,6 +240,7 @@ struct JobConfig {
   TrainConfig train;
   StrategyConfig strategy;
   CheckpointConfig checkpoint;
+  SecurityConfig security;
   std::string run_dir = "runs/demo";
 };
 

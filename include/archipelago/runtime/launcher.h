@@ -63,6 +63,10 @@ struct CoordinatorOptions {
   double failure_timeout = 0;  // 0: the job's strategy.failure_timeout, as the workers announce it
   std::string port_file;  // written (atomically) with the port once listening
   bool supervise = false;  // run it as a child and start it again on the same port when it dies
+  // Credentials directory (`archipelago secrets init`): TLS required from
+  // every worker (the job's security.tls); its `secret` is the job secret
+  // when ARCHIPELAGO_SECRET(_FILE) is not set.
+  std::string credentials;
 };
 core::Status runCoordinator(const CoordinatorOptions& options);
 
