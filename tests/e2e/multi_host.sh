@@ -46,4 +46,5 @@ ip netns exec "${NETNS_PREFIX}3" timeout 60 "$bin" worker --job intruder.yaml --
   --join >intruder.log 2>&1 || rc=$?
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || { echo "FAIL: the intruder exited with $rc"; tail intruder.log; exit 1; }
 grep -q "certificate" intruder.log || { echo "FAIL: the refusal does not name the certificate"; tail intruder.log; exit 1; }
+echo "intruder refused: $(grep -m1 certificate intruder.log)"
 echo "PASS: 3 hosts over TLS on every link; another CA refused"
