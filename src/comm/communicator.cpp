@@ -547,32 +547,6 @@ Communicator::~Communicator() {
   if (mesh) mesh->close();
 }
 
-namespace {
-
-// Whether any link of this job can use TLS, so that the credentials are
-// needed: every link (security.tls) or a strait that says tls: true.
-bool anyTls(const CommConfig& c) {
-  if (c.options.tls_all_links) return true;
-  if (!c.options.tls_on_straits) return false;
-  for (const auto& s : c.cluster.straits) {
-    if (s.tls) return true;
-  }
-  return false;
-}
-
-core::Status checkTlsCredentials(const CommConfig& c) {
-  if (!anyTls(c)) return core::okStatus();
-  if (c.options.tls.empty()) {
-    return core::invalidArgument(
-        std::string("comm: ") + (c.options.tls_all_links ? "security.tls is on" : "a strait says tls: true") +
-        " but the job has no TLS credentials: write them with `archipelago secrets init DIR` and set "
-        "security.credentials: DIR");
-  }
-  return checkCredentials(c.options.tls, "security.credentials");
-}
-
-}  // namespace
-
 core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig config) {
   if (config.secret.empty()) return core::invalidArgument("comm: the job secret is empty; set a per-job secret");
   if (config.world < 1 || config.rank < 0 || config.rank >= config.world) {
@@ -604,7 +578,7 @@ core::Result<std::unique_ptr<Communicator>> Communicator::create(CommConfig conf
     return linkTls(cc.options, cc.cluster, cc.island_of_rank[static_cast<size_t>(cc.rank)],
                    cc.island_of_rank[static_cast<size_t>(peer)]);
   };
-  ARCH_RETURN_IF_ERROR(checkTlsCredentials(c->config_));
+  ARCH_RETURN_IF_ERROR(checkTlsCredentials(c->config_.options, c->config_.cluster));
   ARCH_ASSIGN_OR_RETURN(c->endpoint_, Endpoint::listen(c->config_.options.listen_host, c->config_.rank,
                                                        c->config_.secret, tls_policy, c->config_.options.tls));
   c->endpoint_->setMinEpoch(c->config_.epoch);

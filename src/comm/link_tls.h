@@ -3,8 +3,12 @@
 // dialler uses TLS exactly when the listener requires it.
 #pragma once
 
+#include <string>
+
 #include "archipelago/comm/communicator.h"
+#include "archipelago/comm/tls.h"
 #include "archipelago/core/config.h"
+#include "archipelago/core/status.h"
 
 namespace archipelago::comm {
 
@@ -20,6 +24,29 @@ inline bool linkTls(const CommOptions& o, const core::ClusterSpec& cl, int islan
   const core::StraitSpec* s =
       cl.strait(cl.islands[static_cast<size_t>(island_a)].name, cl.islands[static_cast<size_t>(island_b)].name);
   return s && s->tls;
+}
+
+// Whether any link can use TLS, so that the credentials are needed.
+inline bool anyLinkTls(const CommOptions& o, const core::ClusterSpec& cl) {
+  if (o.tls_all_links) return true;
+  if (!o.tls_on_straits) return false;
+  for (const auto& s : cl.straits) {
+    if (s.tls) return true;
+  }
+  return false;
+}
+
+// The credentials, when any link needs them: set, present, and consistent
+// (archipelago/comm/tls.h checkCredentials). Errors name the job field.
+inline core::Status checkTlsCredentials(const CommOptions& o, const core::ClusterSpec& cl) {
+  if (!anyLinkTls(o, cl)) return core::okStatus();
+  if (o.tls.empty()) {
+    return core::invalidArgument(
+        std::string("comm: ") + (o.tls_all_links ? "security.tls is on" : "a strait says tls: true") +
+        " but the job has no TLS credentials: write them with `archipelago secrets init DIR` and set "
+        "security.credentials: DIR");
+  }
+  return checkCredentials(o.tls, "security.credentials");
 }
 
 }  // namespace archipelago::comm

@@ -67,6 +67,21 @@ inline void runAll(int world, const LocalRankFn& fn, double timeout_s = 60, std:
   if (outcomes) *outcomes = *r;
 }
 
+// A cluster of two islands named `a` and `b` joined by one strait (returned
+// for the caller to shape; bandwidth 0 = unshaped).
+inline core::StraitSpec& twoIslandCluster(core::ClusterSpec& cl, const std::string& a, const std::string& b) {
+  core::IslandSpec ia, ib;
+  ia.name = a;
+  ib.name = b;
+  cl.islands = {ia, ib};
+  core::StraitSpec s;
+  s.a = a;
+  s.b = b;
+  s.bandwidth = 0;
+  cl.straits = {s};
+  return cl.straits.front();
+}
+
 inline CommConfig testConfig() {
   CommConfig c;
   c.options.streams = 2;

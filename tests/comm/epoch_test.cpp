@@ -25,18 +25,10 @@ using testing::runAll;
 CommConfig twoIslands(double bandwidth, double latency, const std::string& secret) {
   CommConfig cfg = testing::testConfig();
   cfg.island_of_rank = {0, 0, 1, 1};
-  core::IslandSpec a, b;
-  a.name = "north";
-  b.name = "south";
-  cfg.cluster.islands = {a, b};
-  if (bandwidth > 0) {
-    core::StraitSpec s;
-    s.a = "north";
-    s.b = "south";
-    s.bandwidth = bandwidth;
-    s.latency = latency;
-    cfg.cluster.straits = {s};
-  }
+  core::StraitSpec& s = testing::twoIslandCluster(cfg.cluster, "north", "south");
+  s.bandwidth = bandwidth;
+  s.latency = latency;
+  if (bandwidth <= 0) cfg.cluster.straits.clear();
   cfg.secret = secret;  // the shaper's shared timeline is per job secret
   return cfg;
 }

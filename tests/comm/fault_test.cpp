@@ -155,16 +155,9 @@ TEST(LinkEmulation, RateAndLatencyWithinTolerance) {
   runAll(2, [](const LocalRank& lr) -> std::string {
     CommConfig cfg = faultConfig();
     cfg.island_of_rank = {0, 1};
-    core::IslandSpec a, b;
-    a.name = "east";
-    b.name = "west";
-    cfg.cluster.islands = {a, b};
-    core::StraitSpec s;
-    s.a = "east";
-    s.b = "west";
+    core::StraitSpec& s = testing::twoIslandCluster(cfg.cluster, "east", "west");
     s.bandwidth = 40e6;
     s.latency = 0.03;
-    cfg.cluster.straits = {s};
     cfg.secret = "emu-" + std::to_string(::getppid());  // own shaper timeline per test run
     auto cr = connectRank(lr, cfg, core::Deadline::afterSeconds(20));
     if (!cr.isOk()) return cr.status().toString();

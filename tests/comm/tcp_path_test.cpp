@@ -147,14 +147,7 @@ TEST(TcpPath, ChecksumOnLinkRefusesAFrameWithoutOne) {
 // The per-link rule (docs/comm.md "Checksums").
 TEST(TcpPath, ChecksumRulePerLink) {
   core::ClusterSpec cl;
-  core::IslandSpec a, b;
-  a.name = "a";
-  b.name = "b";
-  cl.islands = {a, b};
-  core::StraitSpec s;
-  s.a = "a";
-  s.b = "b";
-  cl.straits = {s};
+  testing::twoIslandCluster(cl, "a", "b");
   // Inside an island: off on one host, on between hosts.
   EXPECT_FALSE(linkChecksum("auto", cl, 0, 0, /*same_host=*/true, /*tls=*/false));
   EXPECT_TRUE(linkChecksum("auto", cl, 0, 0, false, false));

@@ -19,6 +19,7 @@
 #include "archipelago/comm/tls.h"
 #include "archipelago/core/files.h"
 #include "comm/endpoint.h"
+#include "comm/link_tls.h"
 #include "comm/socket.h"
 #include "comm_test_util.h"
 
@@ -261,6 +262,26 @@ TEST_F(TlsTest, AnotherCaAPlainClientAndAnEndWithoutCredentialsAreRefused) {
   server.stop();
 }
 
+// Which links are encrypted (comm/link_tls.h): the dialler and the
+// listener both ask this rule.
+TEST(TlsRule, EveryLinkWithSecurityTlsElseTheStraitsThatSaySo) {
+  CommOptions o;
+  core::ClusterSpec cl;
+  testing::twoIslandCluster(cl, "a", "b");
+  EXPECT_FALSE(linkTls(o, cl, 0, 1));
+  EXPECT_FALSE(anyLinkTls(o, cl));
+  cl.straits[0].tls = true;
+  EXPECT_TRUE(linkTls(o, cl, 0, 1));
+  EXPECT_TRUE(linkTls(o, cl, 1, 0));
+  EXPECT_FALSE(linkTls(o, cl, 0, 0));  // inside an island
+  EXPECT_TRUE(anyLinkTls(o, cl));
+  o.tls_on_straits = false;
+  EXPECT_FALSE(linkTls(o, cl, 0, 1));
+  o.tls_all_links = true;
+  EXPECT_TRUE(linkTls(o, cl, 0, 0));
+  EXPECT_TRUE(linkTls(o, core::ClusterSpec{}, 0, 0));  // no spec at all: still every link
+}
+
 TEST_F(TlsTest, TlsWithoutCredentialsIsRefusedNamingTheField) {
   CommConfig cfg;
   cfg.world = 1;
@@ -282,16 +303,7 @@ TEST_F(TlsTest, CollectivesAreExactOverTlsOnEveryLinkAndOnAStrait) {
     runAll(world, [&](const LocalRank& lr) -> std::string {
       CommConfig cfg = testing::testConfig();
       cfg.island_of_rank = all ? std::vector<int>{0, 0, 1} : std::vector<int>{0, 1};
-      core::IslandSpec ia, ib;
-      ia.name = "a";
-      ib.name = "b";
-      cfg.cluster.islands = {ia, ib};
-      core::StraitSpec s;
-      s.a = "a";
-      s.b = "b";
-      s.bandwidth = 0;
-      s.tls = !all;
-      cfg.cluster.straits = {s};
+      testing::twoIslandCluster(cfg.cluster, "a", "b").tls = !all;
       cfg.options.tls_all_links = all;
       cfg.options.tls = a;
       auto cr = connectRank(lr, cfg, core::Deadline::afterSeconds(20));
