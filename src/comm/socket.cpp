@@ -37,7 +37,6 @@ void setCommonOptions(int fd) {
   fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
-
 }  // namespace
 
 Socket::Socket(int fd) : fd_(fd) {}
