@@ -42,9 +42,15 @@ void addConfigCommands(CLI::App& app) {
     std::printf("  this host: needs at least %.2f GiB for %lld workers of a %.3g-parameter model\n",
                 fit.memory_lower_bytes / (1024.0 * 1024 * 1024), static_cast<long long>(fit.local_workers), fit.parameters);
     for (const auto& s : c.straits) {
-      std::printf("  strait %s<->%s: %s, %s latency%s\n", s.a.c_str(), s.b.c_str(),
+      std::printf("  strait %s<->%s: %s, %s latency%s%s\n", s.a.c_str(), s.b.c_str(),
                   core::formatBandwidth(s.bandwidth).c_str(), core::formatDuration(s.latency).c_str(),
-                  c.emulated(s) ? " (EMULATED in userspace)" : " (a real link: not shaped)");
+                  c.emulated(s) ? " (EMULATED in userspace)" : " (a real link: not shaped)", s.tls ? ", TLS" : "");
+    }
+    const auto& sec = loaded.job.security;
+    if (sec.tls) {
+      std::printf("  TLS on every link (mutual, the job's CA): credentials %s\n",
+                  sec.credentials.empty() ? "written into the run directory by `archipelago train`"
+                                          : sec.credentials.c_str());
     }
     return core::okStatus();
   });
