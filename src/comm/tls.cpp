@@ -277,9 +277,11 @@ core::Result<SSL_CTX*> tlsContext(bool server, const TlsFiles& f) {
     return core::invalidArgument("TLS needs the job's CA, certificate and key (security.credentials)");
   }
   static std::mutex mu;
-  static std::map<std::tuple<bool, std::string, std::string, std::string>, SSL_CTX*> contexts;  // process lifetime
+  // Immortal (never destroyed, so still reachable at exit): sockets on
+  // threads that outlive static destruction may still use a context.
+  static auto* contexts = new std::map<std::tuple<bool, std::string, std::string, std::string>, SSL_CTX*>();
   std::lock_guard<std::mutex> lock(mu);
-  SSL_CTX*& c = contexts[{server, f.ca, f.cert, f.key}];
+  SSL_CTX*& c = (*contexts)[{server, f.ca, f.cert, f.key}];
   if (c) return c;
   SSL_CTX* nc = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
   if (!nc) return core::internalError("SSL_CTX_new: " + sslError());

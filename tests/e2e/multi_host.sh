@@ -6,7 +6,8 @@
 # train the single-process loss curve, and its strait, a real link between
 # hosts, must not be emulated. Every link is TLS (security.tls) with
 # credentials from `archipelago secrets init`, which OpenSSL's own CLI
-# verifies; a worker holding another job's credentials is refused at once.
+# verifies; a worker holding another job's credentials is refused at once;
+# and `train` gives a TLS job without credentials a CA of its own.
 # Args: BINARY SOURCE_DIR
 set -euo pipefail
 bin="$1"; src="$2"
@@ -47,4 +48,12 @@ ip netns exec "${NETNS_PREFIX}3" timeout 60 "$bin" worker --job intruder.yaml --
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || { echo "FAIL: the intruder exited with $rc"; tail intruder.log; exit 1; }
 grep -q "certificate" intruder.log || { echo "FAIL: the refusal does not name the certificate"; tail intruder.log; exit 1; }
 echo "intruder refused: $(grep -m1 certificate intruder.log)"
+
+# `archipelago train` of a job that asks for TLS without credentials writes a CA of the run's own.
+NETNS_JOB_STRAITS="[]" NETNS_JOB_SECURITY="{tls: true}" netns_job_yaml auto 3 "    - {name: a, count: 2}" > auto.yaml
+timeout 120 "$bin" train auto.yaml >auto.log 2>&1 || { echo "FAIL: train with TLS"; tail auto.log; exit 1; }
+openssl verify -CAfile auto/credentials/ca.pem auto/credentials/node.pem | grep -q ": OK" \
+  || { echo "FAIL: the run's credentials do not verify"; exit 1; }
+grep -q "(TLS, mutual, job CA)" auto/logs/coordinator.log || { echo "FAIL: the run's coordinator is plain"; exit 1; }
+[ "$(grep -l "TLS on every link" auto/logs/rank*.log | wc -l)" -eq 2 ] || { echo "FAIL: a worker of the run is plain"; exit 1; }
 echo "PASS: 3 hosts over TLS on every link; another CA refused"
