@@ -324,8 +324,13 @@ core::Status tlsError(const std::string& what, SSL* ssl) {
     }
   }
   if (e == 0) {
-    return core::unavailable(what + ": the connection closed (the other end may have no TLS credentials: "
-                             "security.credentials, coordinator --credentials)");
+    // In the handshake a close is most likely an end without credentials;
+    // later it is a lost peer, which the failure handling expects as such.
+    const bool handshake = ssl == nullptr || SSL_is_init_finished(ssl) == 0;
+    return core::unavailable(what + ": the connection closed" +
+                             (handshake ? " (the other end may have no TLS credentials: security.credentials, "
+                                          "coordinator --credentials)"
+                                        : ""));
   }
   return core::unavailable(what + ": " + why);
 }
