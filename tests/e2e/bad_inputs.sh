@@ -115,6 +115,7 @@ expect 2 "ARCHIPELAGO_SECRET" coordinator
 expect 2 "security.credentials" train job.yaml --set security.tls=true --set security.credentials="$tmp/nocreds" --set run_dir="$tmp/tls_run"
 absent tls_run
 ARCHIPELAGO_SECRET=s expect 2 "--credentials" coordinator --credentials "$tmp/nocreds"
+ARCHIPELAGO_SECRET_FILE="$tmp/nosecret" expect 1 "ARCHIPELAGO_SECRET_FILE" coordinator
 
 # ---- secrets ----
 expect 0 "node.key" secrets init creds

@@ -24,6 +24,7 @@ openssl verify -CAfile creds/ca.pem creds/node.pem | grep -q ": OK" || { echo "F
 if openssl verify -CAfile other/ca.pem creds/node.pem >/dev/null 2>&1; then echo "FAIL: another CA verifies node.pem"; exit 1; fi
 export NETNS_JOB_SECURITY="{tls: true, credentials: $PWD/creds}"
 export NETNS_COORD_ARGS="--credentials $PWD/creds"
+export NETNS_JOB_SECRET_FROM_CREDENTIALS=1  # the job secret is creds/secret, read by every process
 netns_job_start "$bin" mh 12
 for i in 0 1 2; do
   wait "${NETNS_PIDS[$i]}" || { echo "FAIL: worker $i exited with $?"; tail -20 w$i.log; exit 1; }

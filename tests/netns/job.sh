@@ -42,7 +42,8 @@ netns_job_start() {
   shift 3
   netns_job_yaml "$name" "$steps" "    - {name: a, count: 2, host: $(netns_addr 2)}
     - {name: b, count: 1, host: $(netns_addr 3)}" > "$name.yaml"
-  export ARCHIPELAGO_SECRET="netns-$$"
+  # NETNS_JOB_SECRET_FROM_CREDENTIALS: every process takes the secret from its credentials directory instead.
+  if [ -n "${NETNS_JOB_SECRET_FROM_CREDENTIALS:-}" ]; then unset ARCHIPELAGO_SECRET; else export ARCHIPELAGO_SECRET="netns-$$"; fi
   netns_job_coordinator "$bin" 1
   NETNS_PIDS=()
   netns_job_worker "$bin" 2 0 "$name.yaml"; NETNS_PIDS+=("$NETNS_PID")
