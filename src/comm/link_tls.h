@@ -3,8 +3,6 @@
 // dialler uses TLS exactly when the listener requires it.
 #pragma once
 
-#include <string>
-
 #include "archipelago/comm/communicator.h"
 #include "archipelago/comm/tls.h"
 #include "archipelago/core/config.h"
@@ -28,25 +26,12 @@ inline bool linkTls(const CommOptions& o, const core::ClusterSpec& cl, int islan
 
 // Whether any link can use TLS, so that the credentials are needed.
 inline bool anyLinkTls(const CommOptions& o, const core::ClusterSpec& cl) {
-  if (o.tls_all_links) return true;
-  if (!o.tls_on_straits) return false;
-  for (const auto& s : cl.straits) {
-    if (s.tls) return true;
-  }
-  return false;
+  return o.tls_all_links || (o.tls_on_straits && jobUsesTls(false, cl));
 }
 
-// The credentials, when any link needs them: set, present, and consistent
-// (archipelago/comm/tls.h checkCredentials). Errors name the job field.
+// The credentials, when any link needs them (requireJobCredentials).
 inline core::Status checkTlsCredentials(const CommOptions& o, const core::ClusterSpec& cl) {
-  if (!anyLinkTls(o, cl)) return core::okStatus();
-  if (o.tls.empty()) {
-    return core::invalidArgument(
-        std::string("comm: ") + (o.tls_all_links ? "security.tls is on" : "a strait says tls: true") +
-        " but the job has no TLS credentials: write them with `archipelago secrets init DIR` and set "
-        "security.credentials: DIR");
-  }
-  return checkCredentials(o.tls, "security.credentials");
+  return anyLinkTls(o, cl) ? requireJobCredentials(o.tls_all_links, o.tls) : core::okStatus();
 }
 
 }  // namespace archipelago::comm

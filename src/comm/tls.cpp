@@ -206,6 +206,24 @@ core::Status writeCredentials(const std::string& dir, const CredentialOptions& o
   return core::replaceDirectoryAtomic(tmp, final_dir);
 }
 
+bool jobUsesTls(bool all_links, const core::ClusterSpec& cluster) {
+  if (all_links) return true;
+  for (const auto& s : cluster.straits) {
+    if (s.tls) return true;
+  }
+  return false;
+}
+
+core::Status requireJobCredentials(bool all_links, const TlsFiles& files) {
+  if (files.empty()) {
+    return core::invalidArgument(
+        std::string(all_links ? "security.tls is on" : "a strait says tls: true") +
+        " but security.credentials is empty: write the job's credentials with `archipelago secrets init DIR`, copy "
+        "DIR to every host and set security.credentials: DIR");
+  }
+  return checkCredentials(files, "security.credentials");
+}
+
 core::Status checkCredentials(const TlsFiles& f, const std::string& field) {
   const std::string fix = " (write a credentials directory with `archipelago secrets init DIR` and point " + field +
                           " at it)";

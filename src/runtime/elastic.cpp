@@ -127,7 +127,7 @@ core::Result<std::unique_ptr<comm::CoordinatorClient>> dialCoordinator(const Ela
     const double left = o.connect_timeout_s - core::secondsSince(t0);
     auto c = comm::CoordinatorClient::connect(o.coordinator, o.secret, o.rank,
                                               core::Deadline::afterSeconds(std::clamp(left, 0.05, 5.0)),
-                                              o.job->security.tls ? tlsFilesOf(*o.job) : comm::TlsFiles{});
+                                              coordinatorTlsOf(*o.job));
     if (c.isOk()) return c;
     last = c.status();
     const bool retry = last.code() == core::StatusCode::kUnavailable ||

@@ -575,7 +575,7 @@ core::Result<bool> runAttempt(Launch& l, int attempt) {
   CoordinatorProcess::Options co;
   co.failure_timeout = l.job.strategy.failure_timeout;
   co.secret = a.secret;
-  if (l.job.security.tls) a.coord_tls = co.tls = tlsFilesOf(l.job);
+  a.coord_tls = co.tls = coordinatorTlsOf(l.job);
   co.log = (fs::path(l.run_dir) / "logs" / "coordinator.log").string();
   co.port_file = (fs::path(l.run_dir) / "coordinator.port").string();
   a.coord = std::make_unique<CoordinatorProcess>(co);

@@ -14,23 +14,14 @@ comm::TlsFiles tlsFilesOf(const core::JobConfig& job) {
   return comm::credentialFiles(job.security.credentials);
 }
 
-bool usesTls(const core::JobConfig& job) {
-  if (job.security.tls) return true;
-  for (const auto& s : job.cluster.straits) {
-    if (s.tls) return true;
-  }
-  return false;
+comm::TlsFiles coordinatorTlsOf(const core::JobConfig& job) {
+  return job.security.tls ? tlsFilesOf(job) : comm::TlsFiles{};
 }
 
+bool usesTls(const core::JobConfig& job) { return comm::jobUsesTls(job.security.tls, job.cluster); }
+
 core::Status checkSecurity(const core::JobConfig& job) {
-  if (!usesTls(job)) return core::okStatus();
-  if (job.security.credentials.empty()) {
-    return core::invalidArgument(
-        std::string(job.security.tls ? "security.tls is on" : "a strait says tls: true") +
-        " but security.credentials is empty: write the job's credentials with `archipelago secrets init DIR`, copy "
-        "DIR to every host and set security.credentials: DIR");
-  }
-  return comm::checkCredentials(tlsFilesOf(job), "security.credentials");
+  return usesTls(job) ? comm::requireJobCredentials(job.security.tls, tlsFilesOf(job)) : core::okStatus();
 }
 
 core::Result<std::string> jobSecret(const std::string& credentials_dir, const std::string& who) {

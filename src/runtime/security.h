@@ -15,6 +15,11 @@ namespace archipelago::runtime {
 // The files of security.credentials ({} when it is not set).
 comm::TlsFiles tlsFilesOf(const core::JobConfig& job);
 
+// What the coordinator link uses: the credentials with security.tls, else
+// {} (plain). Every client of the coordinator (workers, the launcher's
+// watch) and the coordinator itself ask this.
+comm::TlsFiles coordinatorTlsOf(const core::JobConfig& job);
+
 // Whether any link of the job is encrypted: security.tls, or a strait that
 // says tls: true.
 bool usesTls(const core::JobConfig& job);

@@ -18,6 +18,7 @@
 
 #include <string>
 
+#include "archipelago/core/config.h"
 #include "archipelago/core/status.h"
 
 namespace archipelago::comm {
@@ -37,6 +38,15 @@ TlsFiles credentialFiles(const std::string& dir);
 // unreadable, or when `key` does not belong to `cert`; also that `cert`
 // chains to `ca`.
 core::Status checkCredentials(const TlsFiles& files, const std::string& field);
+
+// Whether a job encrypts any link: every link (`all_links`, the job's
+// security.tls) or the links across a strait whose spec says tls: true.
+bool jobUsesTls(bool all_links, const core::ClusterSpec& cluster);
+
+// The credentials of a job that encrypts links: set, present and
+// consistent (checkCredentials). `all_links` says why they are needed in
+// the error, which names security.credentials and the fix.
+core::Status requireJobCredentials(bool all_links, const TlsFiles& files);
 
 struct CredentialOptions {
   int days = 365;      // validity of the CA and node certificates
