@@ -35,7 +35,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1${TSAN_OPTIONS:+:$TSAN_OPTIONS}"
 
 # configure_build DIR SANITIZERS TARGETS...: a torch-free tree with the
-# sanitizers on every target. -Og -g1 instead of RelWithDebInfo's -O2 -g:
+# sanitizers on every target. -Og -g1 instead of RelWithDebInfo's -O2 -g1:
 # UBSan's checks at -O2 double the compile time, -Og keeps every check, and
 # line tables are all a report's stack needs.
 configure_build() {

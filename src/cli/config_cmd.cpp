@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "archipelago/core/config.h"
+#include "archipelago/core/island_layout.h"
 #include "archipelago/core/units.h"
 #include "archipelago/plan/host_fit.h"
 #include "cli/commands.h"
@@ -45,6 +46,10 @@ void addConfigCommands(CLI::App& app) {
       std::printf("  strait %s<->%s: %s, %s latency%s%s\n", s.a.c_str(), s.b.c_str(),
                   core::formatBandwidth(s.bandwidth).c_str(), core::formatDuration(s.latency).c_str(),
                   c.emulated(s) ? " (EMULATED in userspace)" : " (a real link: not shaped)", s.tls ? ", TLS" : "");
+    }
+    if (core::perIslandLayouts(loaded.job)) {
+      std::printf("  per-island layouts (%s): data parallelism across islands by tensor name\n",
+                  core::describeIslandLayouts(loaded.job).c_str());
     }
     const auto& sec = loaded.job.security;
     if (sec.tls) {

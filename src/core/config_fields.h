@@ -56,6 +56,12 @@ template <typename V> void visitFields(V& v, IslandSpec& s) {
                                               "cuda:N, xpu, privateuseone, ... (no index: the local rank)"));
   v.field("dtype", choice(s.dtype, {"", "fp32", "bf16", "fp16", "fp8"}, "compute dtype (empty = model.dtype)"));
   v.field("threads", ref(s.threads, "intra-op threads per worker (0 = train.threads_per_worker)"));
+  v.field("tensor_parallel", ref(s.tensor_parallel, "this island's tensor-parallel group size (0 = "
+                                                    "strategy.tensor_parallel; per-island layouts)"));
+  v.field("pipeline_stages", ref(s.pipeline_stages, "this island's pipeline stages (0 = strategy.pipeline_stages; "
+                                                    "per-island layouts)"));
+  v.field("stage_layers", ref(s.stage_layers, "this island's layers per stage (empty = strategy.stage_layers when "
+                                              "its stages are as many, else from device speed and memory)"));
   v.field("cpu_quota", ref(s.cpu_quota, "share of one core per worker, e.g. 0.5 (cgroup cpu controller; 0 = no cap)"));
   v.field("devices_per_node", ref(s.devices_per_node, "devices sharing one node's fabric"));
   v.field("node_bandwidth", bandwidth(s.node_bandwidth, "intra-node fabric bandwidth (0 = catalog)"));

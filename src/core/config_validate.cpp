@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "archipelago/core/config.h"
+#include "archipelago/core/island_layout.h"
 #include "archipelago/core/strings.h"
 #include "archipelago/core/units.h"
 
@@ -141,6 +142,86 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
   }
 }
 
+// Data-parallel replicas (pipelines; a plain worker is one) of the whole job.
+int64_t replicasOf(const JobConfig& j, int64_t world) {
+  if (!perIslandLayouts(j)) return j.strategy.pipeline_stages > 1 ? world / j.strategy.pipeline_stages : world;
+  int64_t n = 0;
+  for (size_t i = 0; i < j.cluster.islands.size(); ++i) {
+    const IslandLayoutSpec l = islandLayoutOf(j, i);
+    if (l.tensor_parallel >= 1 && l.pipeline_stages >= 1) {
+      n += j.cluster.islands[i].count / (l.tensor_parallel * l.pipeline_stages);
+    }
+  }
+  return n;
+}
+
+// One island's own layout: its groups tile its workers, every stage holds
+// >= 1 layer, every rank whole kv heads.
+void validateIslandLayout(const JobConfig& j, size_t i, Problems& p) {
+  const auto& isl = j.cluster.islands[i];
+  const auto& m = j.model;
+  const std::string pre = "cluster.islands[" + std::to_string(i) + "].";
+  const IslandLayoutSpec l = islandLayoutOf(j, i);
+  const std::string tp_field = isl.tensor_parallel != 0 ? pre + "tensor_parallel" : "strategy.tensor_parallel";
+  const std::string pp_field = isl.pipeline_stages != 0 ? pre + "pipeline_stages" : "strategy.pipeline_stages";
+  if (l.tensor_parallel < 1) p.add(tp_field, l.tensor_parallel, "an integer >= 1 (0 on an island: the strategy's)");
+  if (l.pipeline_stages < 1 || (m.n_layers >= 1 && l.pipeline_stages > m.n_layers)) {
+    p.add(pp_field, l.pipeline_stages, "between 1 and model.n_layers (" + std::to_string(m.n_layers) + ")");
+  }
+  if (l.tensor_parallel < 1 || l.pipeline_stages < 1) return;
+  int64_t ranks = 0;
+  if (__builtin_mul_overflow(l.tensor_parallel, l.pipeline_stages, &ranks) || isl.count % ranks != 0) {
+    p.add(tp_field, l.tensor_parallel,
+          "a value whose product with " + pp_field + " (" + std::to_string(l.pipeline_stages) +
+              ") divides the island's worker count (" + std::to_string(isl.count) + "): every replica of island '" +
+              isl.name + "' is tensor_parallel x pipeline_stages of its workers");
+  }
+  const int64_t kv = m.n_kv_heads > 0 ? m.n_kv_heads : m.n_heads;
+  if (kv > 0 && kv % l.tensor_parallel != 0) {
+    p.add(tp_field, l.tensor_parallel, "a divisor of model.n_kv_heads (" + std::to_string(kv) + "): every rank holds whole key/value heads");
+  }
+  if (j.strategy.sequence_parallel && l.tensor_parallel > 1 && j.data.seq_len > 0 && j.data.seq_len % l.tensor_parallel != 0) {
+    p.add("data.seq_len", j.data.seq_len, "a multiple of " + tp_field + " (" + std::to_string(l.tensor_parallel) +
+                                              ") with strategy.sequence_parallel");
+  }
+  if (!l.stage_layers.empty()) {
+    const auto [sum, positive] = splitOf(l.stage_layers);
+    if (static_cast<int64_t>(l.stage_layers.size()) != l.pipeline_stages || sum != m.n_layers || !positive) {
+      p.add(isl.stage_layers.empty() ? "strategy.stage_layers" : pre + "stage_layers",
+            std::to_string(l.stage_layers.size()) + " stages summing to " + std::to_string(sum),
+            std::to_string(l.pipeline_stages) + " positive values (one per stage of island '" + isl.name +
+                "') summing to model.n_layers (" + std::to_string(m.n_layers) + ")");
+    }
+  }
+  if (l.pipeline_stages > 1 && m.tie_embeddings) {
+    p.add("model.tie_embeddings", "true", "false with " + pp_field + " > 1 (embedding and LM head sit on different stages)");
+  }
+}
+
+// Per-island layouts (core/island_layout.h): each island's layout, and
+// what runs with them so far (synchronous data parallelism across the
+// islands by tensor name); the rest is refused rather than ignored.
+void validateIslandLayouts(const JobConfig& j, Problems& p) {
+  bool any_tp = false;
+  for (size_t i = 0; i < j.cluster.islands.size(); ++i) {
+    validateIslandLayout(j, i, p);
+    any_tp = any_tp || islandLayoutOf(j, i).tensor_parallel > 1;
+  }
+  const std::string why = " with per-island layouts (cluster.islands[*].tensor_parallel / pipeline_stages / "
+                          "stage_layers; not built yet)";
+  if (j.strategy.kind == "streaming") p.add("strategy.kind", j.strategy.kind, "sync or diloco" + why);
+  if (j.strategy.kind == "diloco" && j.strategy.codec != "none") {
+    p.add("strategy.codec", j.strategy.codec, "none with per-island layouts under diloco (the islands' mean by "
+                                              "tensor name is fp32)");
+  }
+  if (j.strategy.expert_parallel > 1) p.add("strategy.expert_parallel", j.strategy.expert_parallel, "1" + why);
+  if (j.model.moe.num_experts > 0) p.add("model.moe.num_experts", j.model.moe.num_experts, "0 (a dense model)" + why);
+  if (zeroStage(j.train) >= 1) p.add("train.zero", zeroStage(j.train), "0" + why);
+  if (j.strategy.sequence_parallel && !any_tp) {
+    p.add("strategy.sequence_parallel", "true", "false when no island runs tensor parallelism");
+  }
+}
+
 }  // namespace
 
 Status validateCluster(const ClusterSpec& cluster, const std::string& prefix) {
@@ -192,8 +273,7 @@ Status validateJob(const JobConfig& j) {
   const auto& t = j.train;
   if (t.steps < 1) p.add("train.steps", t.steps, "an integer >= 1");
   if (t.global_batch < 1) p.add("train.global_batch", t.global_batch, "an integer >= 1");
-  else if (const int64_t replicas = j.strategy.pipeline_stages > 1 ? world / j.strategy.pipeline_stages : world;
-           world > 0 && t.global_batch < replicas) {
+  else if (const int64_t replicas = replicasOf(j, world); world > 0 && t.global_batch < replicas) {
     p.add("train.global_batch", t.global_batch,
           "at least " + std::to_string(replicas) + " so that every one of the " + std::to_string(replicas) +
               (replicas == world ? " workers" : " pipelines") + " gets >= 1 sample per step");
@@ -245,8 +325,10 @@ Status validateJob(const JobConfig& j) {
                 std::to_string(m.n_layers) + ")");
     }
   }
-  // Pipeline / expert parallelism (runtime/parallel_trainer.cpp).
-  if (s.pipeline_stages > 1) {
+  const bool per_island = perIslandLayouts(j);
+  if (per_island) validateIslandLayouts(j, p);
+  // Pipeline / expert parallelism (runtime/parallel/layout.h).
+  if (s.pipeline_stages > 1 && !per_island) {
     if (world > 0 && world % s.pipeline_stages != 0) {
       p.add("strategy.pipeline_stages", s.pipeline_stages,
             "a divisor of the number of workers (" + std::to_string(world) + "): every pipeline has that many stages");
@@ -290,8 +372,8 @@ Status validateJob(const JobConfig& j) {
   if (t.zero == 3 && t.reduce_dtype != "fp32") {
     p.add("train.reduce_dtype", t.reduce_dtype, "fp32 with train.zero: 3 (its reduce-scatters are fp32), or train.zero <= 2");
   }
-  if (s.tensor_parallel > 1) validateTensorParallel(j, world, p);
-  if (s.sequence_parallel && s.tensor_parallel <= 1) {
+  if (s.tensor_parallel > 1 && !per_island) validateTensorParallel(j, world, p);
+  if (s.sequence_parallel && s.tensor_parallel <= 1 && !per_island) {
     p.add("strategy.sequence_parallel", "true", "false without strategy.tensor_parallel > 1 (it cuts the tensor-parallel "
                                                 "group's activations along the sequence)");
   }

@@ -36,8 +36,8 @@ core::Result<RunLayout> layoutOf(const GroupPlan& g, size_t index, int64_t n_lay
   for (int64_t t : g.tp) {
     if (t != l.tp) {
       return core::invalidArgument(fmt::format(
-          "{}: tensor parallelism differs between its islands ([{}]); the runtime runs one layout for the whole job "
-          "(per-island layouts are not executable yet)", where, fmt::join(g.tp, ",")));
+          "{}: tensor parallelism differs between its islands ([{}]), which its pipelines cross; per-island layouts "
+          "keep each island's pipelines inside it (plan without pipelines across islands)", where, fmt::join(g.tp, ",")));
     }
   }
   l.pp = 0;
@@ -107,6 +107,87 @@ void addZero(const RunLayout& l, const Plan& plan, bool moe, PlanOverrides& out)
   out.sets.push_back(fmt::format("train.zero={}", zero));
 }
 
+// Per-island layouts (core/island_layout.h): every group is one island and
+// names that island's layout; what is job-wide (micro-batch, recompute) is
+// taken the closest way and said in the notes.
+core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::JobConfig& job,
+                                               const std::vector<RunLayout>& layouts) {
+  PlanOverrides out;
+  const std::string why = "; per-island layouts run dense models, each island's pipelines inside it";
+  std::vector<bool> covered(job.cluster.islands.size(), false);
+  int64_t micro = layouts.front().micro_batch;
+  bool recompute = false, all_recompute = true, zero = false;
+  for (size_t i = 0; i < plan.groups.size(); ++i) {
+    const GroupPlan& g = plan.groups[i];
+    const RunLayout& l = layouts[i];
+    if (g.islands.size() != 1) {
+      return core::invalidArgument(fmt::format("plan group {} spans islands [{}] with pipelines across them, and the "
+                                               "groups differ{}", i, fmt::join(g.islands, ","), why));
+    }
+    const auto isl = static_cast<size_t>(g.islands.front());
+    if (isl >= covered.size() || covered[isl]) {
+      return core::invalidArgument(fmt::format("plan group {}: island {} is not one of the job's or has two groups: "
+                                               "the plan was made for another cluster", i, isl));
+    }
+    covered[isl] = true;
+    if (l.ep > 1) return core::invalidArgument(fmt::format("plan group {}: ep={}{}", i, l.ep, why));
+    if (l.virtual_stages > 1) {
+      return core::invalidArgument(fmt::format("plan group {}: {} virtual stages per device (an interleaved schedule), "
+                                               "which the runtime does not run; plan with --layout ...,vs=1", i, l.virtual_stages));
+    }
+    const int64_t devices = g.dp * l.pp * l.tp;
+    if (devices != job.cluster.islands[isl].count) {
+      return core::invalidArgument(fmt::format("plan group {}: its layout covers {} devices, island '{}' has {} "
+                                               "(cluster.islands[{}].count): the plan was made for another cluster",
+                                               i, devices, job.cluster.islands[isl].name,
+                                               job.cluster.islands[isl].count, isl));
+    }
+    const std::string at = fmt::format("cluster.islands[{}].", isl);
+    out.sets.push_back(fmt::format("{}tensor_parallel={}", at, l.tp));
+    out.sets.push_back(fmt::format("{}pipeline_stages={}", at, l.pp));
+    if (l.pp > 1) out.sets.push_back(fmt::format("{}stage_layers={}", at, fmt::join(l.stage_layers, ",")));
+    micro = std::min(micro, l.micro_batch);
+    const bool rc = l.recompute != Recompute::kNone && l.pp > 1;
+    recompute = recompute || rc;
+    all_recompute = all_recompute && (rc || l.pp == 1);
+    zero = zero || l.zero > 0;
+  }
+  for (size_t i = 0; i < covered.size(); ++i) {
+    if (!covered[i]) return core::invalidArgument(fmt::format("plan: no group for island '{}'", job.cluster.islands[i].name));
+  }
+  bool any_tp = false;
+  for (const auto& l : layouts) any_tp = any_tp || l.tp > 1;
+  out.sets.push_back("strategy.tensor_parallel=1");
+  out.sets.push_back("strategy.pipeline_stages=1");
+  out.sets.push_back("strategy.expert_parallel=1");
+  out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp));
+  out.sets.push_back(fmt::format("train.micro_batch={}", micro));
+  out.sets.push_back(fmt::format("train.recompute={}", recompute));
+  out.sets.push_back("train.zero=0");
+  const bool diloco = plan.strategy == "diloco";
+  out.sets.push_back(std::string("strategy.kind=") + (diloco ? "diloco" : "sync"));
+  if (diloco) out.sets.push_back(fmt::format("strategy.inner_steps={}", plan.diloco_h));
+  out.sets.push_back("strategy.codec=none");
+  out.notes.push_back("per-island layouts: " + [&] {
+    std::vector<std::string> d;
+    for (size_t i = 0; i < layouts.size(); ++i) d.push_back(fmt::format("island {}: {}", plan.groups[i].islands.front(), layouts[i].describe()));
+    return fmt::format("{}", fmt::join(d, "; "));
+  }());
+  for (const auto& l : layouts) {
+    if (l.micro_batch != micro) {
+      out.notes.push_back(fmt::format("the groups' micro-batches differ; every island runs train.micro_batch={}", micro));
+      break;
+    }
+  }
+  if (recompute && !all_recompute) out.notes.push_back("train.recompute is job-wide: every island's pipeline stages recompute");
+  if (zero) out.notes.push_back("zero is not applied: per-island layouts do not shard state (train.zero 0)");
+  if (plan.codec != "none") {
+    out.notes.push_back(fmt::format("strategy.codec none: the {} across islands by tensor name is fp32 (the plan "
+                                    "priced {})", diloco ? "pseudo-gradient mean" : "gradient sum", plan.codec));
+  }
+  return out;
+}
+
 }  // namespace
 
 core::Result<PlanOverrides> jobOverrides(const Plan& plan, const core::JobConfig& job) {
@@ -114,16 +195,14 @@ core::Result<PlanOverrides> jobOverrides(const Plan& plan, const core::JobConfig
   const int64_t n_layers = job.model.n_layers;
   std::vector<RunLayout> layouts;
   int64_t devices = 0;
+  bool differ = false;
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     ARCH_ASSIGN_OR_RETURN(RunLayout l, layoutOf(plan.groups[i], i, n_layers));
-    if (!layouts.empty() && !(l == layouts.front())) {
-      return core::invalidArgument(fmt::format(
-          "plan groups differ (group 0: {}; group {}: {}); the runtime runs one layout for the whole job "
-          "(per-island layouts are not executable yet)", layouts.front().describe(), i, l.describe()));
-    }
+    differ = differ || (!layouts.empty() && !(l == layouts.front()));
     devices += plan.groups[i].dp * l.pp * l.tp * l.ep;
     layouts.push_back(l);
   }
+  if (differ) return perIslandOverrides(plan, job, layouts);
   const RunLayout& l = layouts.front();
   if (l.virtual_stages > 1) {
     return core::invalidArgument(fmt::format("plan: {} virtual stages per device (an interleaved schedule), which the "

@@ -22,6 +22,7 @@
 #include "archipelago/core/clock.h"
 #include "archipelago/core/files.h"
 #include "archipelago/core/hash.h"
+#include "archipelago/core/island_layout.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
 #include "archipelago/data/prepare.h"
@@ -257,7 +258,7 @@ struct Launch {
         // A pipeline or expert-parallel layout holds each tensor on a few ranks
         // and cannot shrink: a lost worker restarts the job from its newest
         // checkpoint instead of being replaced (docs/parallelism.md "Failures").
-        replaceable(j.strategy.pipeline_stages <= 1 && j.strategy.expert_parallel <= 1) {}
+        replaceable(j.strategy.pipeline_stages <= 1 && j.strategy.expert_parallel <= 1 && !core::perIslandLayouts(j)) {}
 
   const LaunchOptions& opt;
   const core::JobConfig& job;

@@ -173,6 +173,10 @@ class FragmentOuterSync final : public OuterSync {
           "strategy.overlap_steps is {}; expected 0 <= overlap_steps < strategy.inner_steps ({})", overlap_, H_));
     }
     ARCH_ASSIGN_OR_RETURN(frags_, fragmentSchedule(numel_, streaming_ ? s.fragments : 1, H_, ctx_.segment_offsets));
+    if (ctx_.mean_by_name && (frags_.size() != 1 || overlap_ != 0 || codec_ != comm::CodecKind::kNone)) {
+      return core::invalidArgument("per-island layouts run DiLoCo with one fragment, no overlap and strategy.codec none "
+                                   "(the mean by tensor name is fp32)");
+    }
     last_tokens_.assign(frags_.size(), 0);
     last_sent_.assign(frags_.size(), -1);
     rounds_.assign(frags_.size(), 0);
@@ -497,10 +501,7 @@ class FragmentOuterSync final : public OuterSync {
   // its header), outer step, digest for the replica check.
   core::Status exchangeAndStep(Job& job) {
     const size_t nf = job.frags.size();
-    auto fragSize = [&](size_t i) {
-      const auto& fr = frags_[static_cast<size_t>(job.frags[i])];
-      return static_cast<size_t>(fr.end - fr.begin);
-    };
+    auto fragSize = [&](size_t i) { return fragmentSize(job, i); };
     // 1. Tokens of my island in each fragment's round.
     std::vector<double> island_tokens = job.tokens;
     if (island_) {
@@ -509,6 +510,13 @@ class FragmentOuterSync final : public OuterSync {
     }
     const size_t nc = job.control.size();
     job.strait_bytes.assign(nf, 0);
+    if (ctx_.mean_by_name) {
+      // Per-island layouts: the islands' mean by tensor name (one fragment:
+      // the whole buffer, the same in every island's terms).
+      ARCH_RETURN_IF_ERROR(ctx_.mean_by_name(std::span<float>(job.buf.data(), job.buf.size()), island_tokens[0], job.control)
+                               .withContext("cross-island pseudo-gradient mean by tensor name"));
+      return outerStep(job);
+    }
     // 2. My shard of every fragment (position my_pos_ < K) crosses the
     // straits, compressed: [tokens per fragment][control][shard 0]...[shard nf-1].
     std::vector<size_t> off(nf, 0), len(nf, 0), enc(nf, 0), body_at(nf, 0);
@@ -593,7 +601,14 @@ class FragmentOuterSync final : public OuterSync {
                                  .withContext("island broadcast of the control values"));
       }
     }
-    // 4. Outer Nesterov step on each fragment's anchor (owned by this thread while the job runs).
+    return outerStep(job);
+  }
+
+  // 4. Outer Nesterov step on each fragment's anchor (owned by this thread
+  // while the job runs) with the mean pseudo-gradient in job.buf.
+  core::Status outerStep(Job& job) {
+    const size_t nf = job.frags.size();
+    auto fragSize = [&](size_t i) { return fragmentSize(job, i); };
     core::Sha256 h;
     for (size_t i = 0; i < nf; ++i) {
       const auto& fr = frags_[static_cast<size_t>(job.frags[i])];
@@ -615,6 +630,12 @@ class FragmentOuterSync final : public OuterSync {
     job.dg = h.finish();
     job.digest = core::toHex(job.dg);
     return core::okStatus();
+  }
+
+  // Elements of the job's i-th fragment.
+  size_t fragmentSize(const Job& job, size_t i) const {
+    const auto& fr = frags_[static_cast<size_t>(job.frags[i])];
+    return static_cast<size_t>(fr.end - fr.begin);
   }
 
   std::vector<size_t> shardCounts(size_t n) const {

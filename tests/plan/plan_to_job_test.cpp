@@ -119,13 +119,66 @@ TEST(PlanToJob, DataParallelPlansKeepTheirZeroStageAndCrossIslandStrategy) {
   EXPECT_THAT(b->notes, Contains(HasSubstr("priced at 1048576 tokens")));
 }
 
+// Two islands of 2 workers: a and b.
+core::JobConfig twoIslands() {
+  core::JobConfig j = job(2);
+  j.cluster.islands.push_back(j.cluster.islands[0]);
+  j.cluster.islands[1].name = "b";
+  return j;
+}
+
+TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
+  Plan p = planOf({group({0}, 2, {4}, 1), group({1}, 1, {3, 1}, 1)});
+  p.groups[1].micro_batch = 1;
+  p.codec = "int8";
+  auto ov = jobOverrides(p, twoIslands());
+  ASSERT_TRUE(ov.isOk()) << ov.status().toString();
+  for (const char* want : {"cluster.islands[0].tensor_parallel=2", "cluster.islands[0].pipeline_stages=1",
+                           "cluster.islands[1].tensor_parallel=1", "cluster.islands[1].pipeline_stages=2",
+                           "cluster.islands[1].stage_layers=3,1", "strategy.tensor_parallel=1",
+                           "strategy.sequence_parallel=true", "train.micro_batch=1", "train.zero=0",
+                           "strategy.kind=sync", "strategy.codec=none"}) {
+    EXPECT_THAT(ov->sets, Contains(std::string(want)));
+  }
+  EXPECT_THAT(ov->notes, Contains(HasSubstr("micro-batches differ")));
+  EXPECT_THAT(ov->notes, Contains(HasSubstr("zero is not applied")));
+  EXPECT_THAT(ov->notes, Contains(HasSubstr("fp32")));
+  // The job those overrides make passes the job check with each island's layout.
+  const auto file = std::filesystem::temp_directory_path() / "plan_to_job_islands.yaml";
+  std::ofstream(file) << "cluster: {islands: [{name: a, count: 2}, {name: b, count: 2}]}\n"
+                         "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32}\n"
+                         "data: {dir: /nonexistent, seq_len: 32}\n"
+                         "train: {steps: 2, global_batch: 8}\n";
+  core::LoadOptions lo;
+  lo.sets = ov->sets;
+  lo.use_process_env = false;
+  auto loaded = core::loadJob(file.string(), lo);
+  std::filesystem::remove(file);
+  ASSERT_TRUE(loaded.isOk()) << loaded.status().toString();
+  EXPECT_EQ(loaded->job.cluster.islands[0].tensor_parallel, 2);
+  EXPECT_EQ(loaded->job.cluster.islands[1].stage_layers, (std::vector<int64_t>{3, 1}));
+  // Under DiLoCo: its H, and no codec.
+  p.strategy = "diloco";
+  p.diloco_h = 20;
+  auto dl = jobOverrides(p, twoIslands());
+  ASSERT_TRUE(dl.isOk()) << dl.status().toString();
+  EXPECT_THAT(dl->sets, Contains(std::string("strategy.kind=diloco")));
+  EXPECT_THAT(dl->sets, Contains(std::string("strategy.inner_steps=20")));
+  EXPECT_THAT(dl->notes, Contains(HasSubstr("pseudo-gradient mean")));
+}
+
 TEST(PlanToJob, RefusesWhatTheRuntimeCannotRunNamingWhy) {
   auto msg = [](const Plan& p, const core::JobConfig& j) {
     auto r = jobOverrides(p, j);
     return r.isOk() ? std::string() : r.status().message();
   };
-  // Per-island layouts.
-  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), group({1}, 1, {2, 2}, 1)}), job(4)), HasSubstr("per-island layouts"));
+  // Per-island layouts: an island the job lacks, another device count, EP.
+  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), group({1}, 1, {2, 2}, 1)}), job(4)), HasSubstr("another cluster"));
+  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), group({1}, 1, {2, 2}, 2)}), twoIslands()),
+              HasSubstr("cluster.islands[1].count"));
+  GroupPlan ep = group({1}, 1, {2, 2}, 1);
+  ep.ep = 2;
+  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), ep}), twoIslands()), HasSubstr("per-island layouts"));
   GroupPlan mixed_tp = group({0, 1}, 2, {2, 2}, 1);
   mixed_tp.tp = {2, 1};
   EXPECT_THAT(msg(planOf({mixed_tp}), job(4)), HasSubstr("per-island layouts"));

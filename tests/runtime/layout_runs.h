@@ -82,14 +82,16 @@ inline std::vector<double> clippedReference(const std::string &name, int steps,
 
 // Every step's global gradient norm (rank 0's step records) equals the
 // reference run's within `tol` relative: a part that counts a tensor twice
-// or not at all moves it by far more than summation order does.
+// or not at all moves it by far more than summation order does. A run cut
+// short compares its steps up to `last_step` (-1: every reference step).
 inline void expectGradNorms(const fs::path &run, const fs::path &ref_run,
-                            double tol, const std::string &what) {
-  auto norms = [](const fs::path &dir) {
+                            double tol, const std::string &what, int64_t last_step = -1) {
+  auto norms = [&](const fs::path &dir) {
     std::map<int64_t, double> out;
     for (const auto &j : metricLines(dir, "step")) {
-      if (j.value("rank", -1) == 0)
-        out[j["step"].get<int64_t>()] = j["grad_norm"].get<double>();
+      const int64_t step = j["step"].get<int64_t>();
+      if (j.value("rank", -1) == 0 && (last_step < 0 || step <= last_step))
+        out[step] = j["grad_norm"].get<double>();
     }
     return out;
   };

@@ -46,6 +46,13 @@ struct IslandSpec {
   std::string torch_device = "auto";
   std::string dtype;              // compute dtype: fp32 | bf16 | fp16 | fp8; empty = model.dtype
   int64_t threads = 0;            // intra-op threads per worker; 0 = train.threads_per_worker
+  // This island's own layout (docs/parallelism.md "Per-island layouts"):
+  // 0 / empty = strategy.tensor_parallel, strategy.pipeline_stages,
+  // strategy.stage_layers. Any island naming one makes every island a
+  // layout of its own (core/island_layout.h).
+  int64_t tensor_parallel = 0;
+  int64_t pipeline_stages = 0;
+  std::vector<int64_t> stage_layers;
   double cpu_quota = 0;           // share of one core per worker (cgroup cpu controller); 0 = no cap
   int64_t devices_per_node = 8;   // devices sharing the intra-node fabric (planner)
   double node_bandwidth = 0;      // bytes/s intra-node fabric; 0 = from the device catalog

@@ -12,9 +12,13 @@
 //   zero                          train.zero (not with EP; ZeRO-3 with DP only)
 //   strategy, diloco_h, codec     strategy.kind, strategy.inner_steps, strategy.codec
 //
-// The runtime runs one layout for the whole job: a plan whose groups differ
-// (per-island layouts) or that interleaves virtual stages is refused, and so
-// is a plan made for another number of devices or another depth of model.
+// Groups of different layouts become per-island layouts
+// (core/island_layout.h): each group must be one island, and its tp, pp
+// and layer split become cluster.islands[i].tensor_parallel,
+// pipeline_stages and stage_layers; such a job runs dense, synchronous,
+// without ZeRO, with the smallest micro-batch. A plan that interleaves
+// virtual stages is refused, and so is one made for another number of
+// devices or another depth of model.
 // What the runtime cannot apply as planned is applied the closest way it
 // can and said in `notes` (ZeRO with expert parallelism, ZeRO-3 with
 // pipeline or tensor parallelism, selective recomputation, another global batch).

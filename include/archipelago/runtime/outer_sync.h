@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -43,6 +44,15 @@ struct OuterContext {
   // Optional: offsets into the flat vector where a parameter tensor starts
   // (FlatParams segments, HF order); streaming cuts fragments there.
   std::vector<int64_t> segment_offsets;
+  // Per-island layouts (docs/parallelism.md "Per-island layouts"): islands
+  // hold the model in different flat layouts, so no rank pairs with
+  // another by position; this replaces the cross-island exchange: given
+  // the island's pseudo-gradient of the whole buffer, its token count and
+  // its control sums, it leaves the islands' token-weighted mean and the
+  // control values summed over the islands on every rank (DiLoCo only:
+  // one fragment; parallel::IslandBridge::islandMean).
+  std::function<core::Status(std::span<float> delta, double island_tokens, std::vector<double>& control)>
+      mean_by_name;
 };
 
 class OuterSync {

@@ -8,6 +8,7 @@
 #include "archipelago/core/clock.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/elastic.h"
+#include "archipelago/core/island_layout.h"
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {
@@ -73,6 +74,8 @@ core::Result<CheckpointState> Trainer::assembleSnapshot(int64_t step, const Asse
     s.extra["parallel"] = {{"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
                            {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin},
                            {"tensor_parallel", lay_.tp}};
+    // For people: the state itself is by tensor name, whatever the layout.
+    if (job_lay_.perIsland()) s.extra["parallel"]["island_layouts"] = core::describeIslandLayouts(job_);
   }
   if (outer_) {
     s.optimizer.push_back({"outer.anchor", got.flat("outer.anchor")});

@@ -1,4 +1,7 @@
 // The parts of this rank and the groups they talk over (docs/parallelism.md).
+#include <algorithm>
+
+#include "archipelago/core/island_layout.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/parallel/micro_batches.h"
@@ -66,7 +69,7 @@ core::Status Trainer::setupSplitGroups() {
     }
   }
   for (int r = 0; r < world_; ++r) {
-    if (lay_.stageOf(r) == stage_ && lay_.epMemberOf(r) == member && lay_.tpRankOf(r) == tp_rank_) {
+    if (lay_.holds(r) && lay_.stageOf(r) == stage_ && lay_.epMemberOf(r) == member && lay_.tpRankOf(r) == tp_rank_) {
       outer_ranks_.push_back(r);
     }
   }
@@ -75,6 +78,32 @@ core::Status Trainer::setupSplitGroups() {
       outer_counts_tokens_ = r == rank_;
       break;
     }
+  }
+  // Per-island layouts: sync sums every step's gradients across the islands
+  // by name; DiLoCo averages the pseudo-gradients so (makeOuter).
+  return job_lay_.perIsland() && job_.strategy.kind == "sync" ? setupBridge() : core::okStatus();
+}
+
+// Per-island layouts: the first replica of every island forms the bridge
+// that sums the islands' gradients by tensor name; the island's other
+// replicas take the result from their bridge member (stage_dp_'s rank 0).
+core::Status Trainer::setupBridge() {
+  std::vector<int> ranks, islands;
+  for (const auto& span : job_lay_.spans) {
+    for (int r = span.firstRankOf(span.replica_base); r < span.endRankOf(span.replica_base); ++r) {
+      ranks.push_back(r);
+      islands.push_back(workers_[static_cast<size_t>(r)].island_index);
+    }
+  }
+  std::shared_ptr<comm::Group> bridge;
+  if (std::find(ranks.begin(), ranks.end(), rank_) != ranks.end()) {
+    ARCH_ASSIGN_OR_RETURN(bridge, groups_.of(ranks));
+  }
+  ARCH_ASSIGN_OR_RETURN(bridge_, parallel::IslandBridge::create(*flat_, *shard_map_, std::move(bridge), std::move(islands),
+                                                                stage_dp_.get()));
+  if (rank_ == 0) {
+    ARCH_LOG_INFO("per-island layouts ({}): gradients summed across islands by tensor name, {} elements sent by rank 0 "
+                  "per step", core::describeIslandLayouts(job_), bridge_->sentPerStep());
   }
   return core::okStatus();
 }
@@ -122,7 +151,7 @@ core::Status Trainer::makeParts() {
   // Stages and expert groups talk during backward: reductions after it. The
   // replicated tensors count in the global norm from the inner group's first
   // pipeline, the experts from its first expert group.
-  const int d = replica_ - lay_.replicaOf(grad_ranks_.front());
+  const int d = replica_ - job_lay_.replicaOf(grad_ranks_.front());
   int first_expert_seg = -1;
   for (size_t i = 0; ep_ && i < flat_->segments().size(); ++i) {
     if (parallel::isExpertTensor(flat_->segments()[i].name)) {

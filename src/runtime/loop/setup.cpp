@@ -5,6 +5,7 @@
 #include <set>
 
 #include "archipelago/core/host_memory.h"
+#include "archipelago/core/island_layout.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/shares.h"
 #include "archipelago/model/fp8.h"
@@ -38,13 +39,12 @@ core::Status Trainer::setup() {
     world_ = dp->size();
   }
   workers_ = workersOf(job_);
-  const bool split_job =
-      job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1 || job_.strategy.tensor_parallel > 1;
+  const bool split_job = core::splitsModel(job_);
   if (static_cast<int>(workers_.size()) != world_ && (world_ != 1 || split_job)) {
     return core::invalidArgument("the cluster spec has " + std::to_string(workers_.size()) +
                                  " workers but the communicator has " + std::to_string(world_) +
-                                 (split_job ? " (strategy.pipeline_stages / expert_parallel / tensor_parallel need one "
-                                              "process per worker of the cluster spec)"
+                                 (split_job ? " (strategy.pipeline_stages / expert_parallel / tensor_parallel and per-island "
+                                              "layouts need one process per worker of the cluster spec)"
                                             : ""));
   }
   if (split_job && world_ == 1) {
@@ -110,8 +110,10 @@ core::Status Trainer::setupModel() {
   ARCH_ASSIGN_OR_RETURN(mcfg_, model::resolveModelConfig(job_.model));
   lay_.world = world_;
   lay_.replicas = world_;
-  if (job_.strategy.pipeline_stages > 1 || job_.strategy.expert_parallel > 1 || job_.strategy.tensor_parallel > 1) {
-    ARCH_ASSIGN_OR_RETURN(lay_, parallel::parallelLayout(job_));
+  job_lay_.spans = {lay_};
+  if (core::splitsModel(job_)) {
+    ARCH_ASSIGN_OR_RETURN(job_lay_, parallel::jobLayout(job_));
+    lay_ = job_lay_.of(rank_);
   }
   pp_ = lay_.stages > 1;
   ep_ = lay_.ep > 1;
@@ -187,7 +189,7 @@ int Trainer::zeroInUse() const {
 std::vector<int> Trainer::sameStageRanks() const {
   std::vector<int> out;
   for (int r : grad_ranks_) {
-    if (lay_.stageOf(r) == stage_ && lay_.tpRankOf(r) == tp_rank_) out.push_back(r);
+    if (lay_.holds(r) && lay_.stageOf(r) == stage_ && lay_.tpRankOf(r) == tp_rank_) out.push_back(r);
   }
   return out;
 }
@@ -227,10 +229,11 @@ core::Result<std::vector<int64_t>> Trainer::initialShares() const {
   if (world_ == 1) return std::vector<int64_t>{tc_.global_batch};
   std::vector<double> w;
   std::vector<int> members;
-  for (int d = 0; d < lay_.replicas; ++d) {
+  for (int d = 0; d < job_lay_.replicas(); ++d) {
+    const parallel::ParallelLayout& span = job_lay_.ofReplica(d);
     double x = 0;
     bool any = false;
-    for (int r = lay_.firstRankOf(d); r < lay_.endRankOf(d); ++r) {
+    for (int r = span.firstRankOf(d); r < span.endRankOf(d); ++r) {
       if (!std::binary_search(alive_.begin(), alive_.end(), r)) continue;
       any = true;
       x += core::initialShareWeight(tc_, workers_[static_cast<size_t>(r)]);
@@ -240,7 +243,7 @@ core::Result<std::vector<int64_t>> Trainer::initialShares() const {
     members.push_back(d);
   }
   ARCH_ASSIGN_OR_RETURN(auto sh, core::sharesFromWeights(w, tc_.global_batch));
-  std::vector<int64_t> out(static_cast<size_t>(lay_.replicas), 0);
+  std::vector<int64_t> out(static_cast<size_t>(job_lay_.replicas()), 0);
   for (size_t i = 0; i < members.size(); ++i) out[static_cast<size_t>(members[i])] = sh[i];
   return out;
 }
@@ -323,11 +326,37 @@ core::Status Trainer::makeOuter(const NamedTensors* tensors, const nlohmann::jso
   else if (outer_ranks_.size() > 1) {
     ARCH_ASSIGN_OR_RETURN(ctx.world_group, groups_.of(outer_ranks_));
   }
+  if (job_lay_.perIsland()) ARCH_RETURN_IF_ERROR(outerByName(ctx));
   ctx.metrics = opt_.write_metrics && metrics_.isOpen() ? &metrics_ : nullptr;
   ctx.run_dir = opt_.run_dir;
   for (const auto& seg : flat_->segments()) ctx.segment_offsets.push_back(seg.offset);
   ARCH_ASSIGN_OR_RETURN(outer_, makeOuterSync(ctx, flat_->params()));
   if (tensors && state) ARCH_RETURN_IF_ERROR(outer_->restore(*tensors, *state));
+  return core::okStatus();
+}
+
+// Per-island layouts under DiLoCo: the outer sync's cross-island exchange
+// goes by tensor name, over a bridge of every rank in descending order (a
+// rank list no other group of the job uses: the outer thread has it to
+// itself), so every replica takes the mean straight from the other islands.
+core::Status Trainer::outerByName(OuterContext& ctx) {
+  if (!outer_bridge_) {
+    std::vector<int> ranks, islands;
+    for (int r = world_ - 1; r >= 0; --r) {
+      ranks.push_back(r);
+      islands.push_back(workers_[static_cast<size_t>(r)].island_index);
+    }
+    ARCH_ASSIGN_OR_RETURN(auto g, groups_.of(ranks));
+    ARCH_ASSIGN_OR_RETURN(outer_bridge_,
+                          parallel::IslandBridge::create(*flat_, *shard_map_, std::move(g), std::move(islands), nullptr));
+    if (rank_ == 0) {
+      ARCH_LOG_INFO("per-island layouts ({}): outer steps average the islands' pseudo-gradients by tensor name",
+                    core::describeIslandLayouts(job_));
+    }
+  }
+  ctx.mean_by_name = [b = outer_bridge_.get()](std::span<float> delta, double tokens, std::vector<double>& control) {
+    return b->islandMean(delta, tokens, control);
+  };
   return core::okStatus();
 }
 

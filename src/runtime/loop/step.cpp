@@ -22,7 +22,7 @@ double Trainer::groupSamples() const {
   std::set<int> seen;
   int64_t n = 0;
   for (int r : grad_ranks_) {
-    const int d = lay_.replicaOf(r);
+    const int d = job_lay_.replicaOf(r);
     if (seen.insert(d).second && static_cast<size_t>(d) < shares_.size()) n += shares_[static_cast<size_t>(d)];
   }
   return static_cast<double>(n);
@@ -102,6 +102,7 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
     ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
     if (tensor_) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
     ARCH_RETURN_IF_ERROR(densePart().reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+    if (bridge_) ARCH_RETURN_IF_ERROR(bridge_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
     if (experts_) {
       flat_->upcastGrads(n_dense_, flat_->numel());  // the expert part reduces the fp32 gradients
       ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));

@@ -76,45 +76,71 @@ void Trainer::writeMoeMetrics() {
   }
 }
 
+// The first pipelined span's record from every inner-group rank's
+// (schedule begin, end, busy seconds). Per pipeline of the span with ranks
+// in the inner group: window = first start .. last end over its stages
+// (each stage's tensor-parallel rank 0: the group runs in lockstep);
+// bubble = 1 - busy_s / window. Averaged over pipelines per stage.
+void Trainer::writePipelineRecord(const std::vector<double>& timing, int64_t micro_batches) {
+  const parallel::ParallelLayout* span = nullptr;
+  for (const auto& s : job_lay_.spans) {
+    if (s.stages > 1) {
+      span = &s;
+      break;
+    }
+  }
+  if (!span) return;
+  auto indexOf = [&](int r) {
+    const auto it = std::find(grad_ranks_.begin(), grad_ranks_.end(), r);
+    return it == grad_ranks_.end() ? -1 : static_cast<int>(it - grad_ranks_.begin());
+  };
+  const int stages = span->stages;
+  std::vector<std::vector<size_t>> pipes;  // per pipeline: each stage's timing index
+  for (int d = span->replica_base; d < span->replica_base + span->replicas; ++d) {
+    std::vector<size_t> at;
+    for (int s = 0; s < stages; ++s) {
+      const int i = indexOf(span->firstRankOf(d) + s * span->tp);
+      if (i >= 0) at.push_back(static_cast<size_t>(i));
+    }
+    if (static_cast<int>(at.size()) == stages) pipes.push_back(std::move(at));
+  }
+  if (pipes.empty()) return;
+  const double n = static_cast<double>(pipes.size());
+  std::vector<double> busy(static_cast<size_t>(stages), 0.0), bubble(static_cast<size_t>(stages), 0.0);
+  double window_mean = 0;
+  for (const auto& at : pipes) {
+    double lo = 1e300, hi = 0;
+    for (size_t r : at) {
+      lo = std::min(lo, timing[r * 3]);
+      hi = std::max(hi, timing[r * 3 + 1]);
+    }
+    const double window = std::max(1e-9, (hi - lo) * 1e-6);
+    window_mean += window / n;
+    for (size_t s = 0; s < at.size(); ++s) {
+      const double b = timing[at[s] * 3 + 2];
+      busy[s] += b / n;
+      bubble[s] += std::max(0.0, 1.0 - b / window) / n;
+    }
+  }
+  double mean = 0;
+  for (double b : bubble) mean += b / stages;
+  metrics_.write(report::PipelineRecord{.step = step_, .stages = stages, .micro_batches = micro_batches,
+                                        .stage_layers = span->stage_layers, .busy_s = busy, .bubble = bubble,
+                                        .bubble_mean = mean, .window_s = window_mean,
+                                        .bubble_theory = parallel::oneFOneBBubble(stages, micro_batches)});
+}
+
 // Split layouts (collective over the inner group, every rank calls it):
 // per-stage busy time and bubble from every rank's schedule window, and the
 // routing statistics summed over every rank's tokens (each MoE layer is
 // seen by the ranks of one stage only; the others add zeros).
 core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
-  if (pp_) {
+  if (job_lay_.anyPipeline()) {
     std::vector<double> timing(grad_ranks_.size() * 3, 0.0);
-    double mine[3] = {static_cast<double>(stats.sched_begin_us), static_cast<double>(stats.sched_end_us), stats.compute_s};
+    double mine[3] = {static_cast<double>(stats.sched_begin_us), static_cast<double>(stats.sched_end_us),
+                      stats.compute_s};
     ARCH_RETURN_IF_ERROR(grad_dp_->allgather(mine, timing));
-    // Timing of stage s of pipeline d: its tensor-parallel rank 0 (the
-    // group runs in lockstep), at index (d * stages + s) * tp.
-    const int pipes = static_cast<int>(grad_ranks_.size()) / (lay_.stages * lay_.tp);
-    if (rank_ == 0) {
-      // Per pipeline: window = first start .. last end over its stages;
-      // bubble = 1 - busy_s / window. Averaged over pipelines per stage.
-      std::vector<double> busy(static_cast<size_t>(lay_.stages), 0.0), bubble(static_cast<size_t>(lay_.stages), 0.0);
-      double window_mean = 0;
-      for (int d = 0; d < pipes; ++d) {
-        double lo = 1e300, hi = 0;
-        for (int s = 0; s < lay_.stages; ++s) {
-          const size_t r = static_cast<size_t>((d * lay_.stages + s) * lay_.tp);
-          lo = std::min(lo, timing[r * 3]);
-          hi = std::max(hi, timing[r * 3 + 1]);
-        }
-        const double window = std::max(1e-9, (hi - lo) * 1e-6);
-        window_mean += window / pipes;
-        for (int s = 0; s < lay_.stages; ++s) {
-          const double b = timing[static_cast<size_t>((d * lay_.stages + s) * lay_.tp) * 3 + 2];
-          busy[static_cast<size_t>(s)] += b / pipes;
-          bubble[static_cast<size_t>(s)] += std::max(0.0, 1.0 - b / window) / pipes;
-        }
-      }
-      double mean = 0;
-      for (double b : bubble) mean += b / lay_.stages;
-      metrics_.write(report::PipelineRecord{.step = step_, .stages = lay_.stages, .micro_batches = stats.micro_batches,
-                                            .stage_layers = lay_.stage_layers, .busy_s = busy, .bubble = bubble,
-                                            .bubble_mean = mean, .window_s = window_mean,
-                                            .bubble_theory = parallel::oneFOneBBubble(lay_.stages, stats.micro_batches)});
-    }
+    if (rank_ == 0) writePipelineRecord(timing, stats.micro_batches);
   }
   if (mcfg_.moe.num_experts <= 0) return core::okStatus();
   const int64_t E = mcfg_.moe.num_experts;

@@ -9,6 +9,7 @@
 #include "archipelago/core/clock.h"
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/elastic.h"
+#include "archipelago/core/island_layout.h"
 #include "runtime/loop/trainer.h"
 
 namespace archipelago::runtime::loop {
@@ -44,6 +45,11 @@ void Trainer::logStart() const {
                                                 optim_->size(), flat_->numel())
                                   : "");
   if (!split() || rank_ != 0) return;
+  if (job_lay_.perIsland()) {
+    ARCH_LOG_INFO("layout per island ({}), {} replica(s), shares [{}], strategy {}", core::describeIslandLayouts(job_),
+                  job_lay_.replicas(), fmt::join(shares_, ","), job_.strategy.kind);
+    return;
+  }
   ARCH_LOG_INFO("layout: {} pipeline stage(s) with layers [{}] x {} replica(s), expert parallel {} (experts per "
                 "member [{}]), tensor parallel {}, shares [{}], strategy {}",
                 lay_.stages, fmt::join(lay_.stage_layers, ","), lay_.replicas, lay_.ep, fmt::join(lay_.expert_begin, ","),

@@ -45,6 +45,7 @@
 #include "archipelago/runtime/parallel/data_parallel.h"
 #include "archipelago/runtime/parallel/sharded_params.h"
 #include "archipelago/runtime/parallel/expert.h"
+#include "archipelago/runtime/parallel/island_bridge.h"
 #include "archipelago/runtime/parallel/layout.h"
 #include "archipelago/runtime/parallel/optimizer_shard.h"
 #include "archipelago/runtime/parallel/part.h"
@@ -108,10 +109,12 @@ class Trainer {
   // Pipeline / expert layouts: the groups of stage, expert group and
   // inner scope; then the parts of this rank (parts.cpp).
   core::Status setupSplitGroups();
+  core::Status setupBridge();
   core::Status makeParts();
   std::unique_ptr<parallel::PipelineParallel> makePipeline();
   void bindComm();
   core::Status makeOuter(const NamedTensors* tensors, const nlohmann::json* state);
+  core::Status outerByName(OuterContext& ctx);
   // After a membership change: the strategy again, from the committed outer state.
   core::Status rebuildOuterFromCommit();
   core::Result<std::vector<int64_t>> initialShares() const;
@@ -138,6 +141,7 @@ class Trainer {
                          int64_t faults0, double comm_s, double data_s, double optimizer_s);
   core::Status boundaries(bool at_end);
   core::Status writeSplitMetrics(const parallel::StepStats& stats);
+  void writePipelineRecord(const std::vector<double>& timing, int64_t micro_batches);
   void writeMoeMetrics();
   core::Result<double> evaluate();
   void event(const std::string& name, report::EventRecord e);
@@ -171,8 +175,8 @@ class Trainer {
   // ---- elasticity (replica_state.cpp, recovery.cpp) ----
   bool elastic() const { return opt_.elastic != nullptr; }
   // The layout splits the model over ranks (pipeline stages, expert groups,
-  // tensor-parallel slices).
-  bool split() const { return pp_ || ep_ || tp_; }
+  // tensor-parallel slices, or islands of different layouts).
+  bool split() const { return pp_ || ep_ || tp_ || job_lay_.perIsland(); }
   // The ZeRO stage this run applies (train.zero under synchronous data
   // parallelism, over the ranks holding the same tensors; none with EP).
   int zeroInUse() const;
@@ -219,7 +223,8 @@ class Trainer {
   int64_t T_ = 0;
 
   // ---- layout ----
-  parallel::ParallelLayout lay_;  // plain data parallelism: one stage, one expert member
+  parallel::ParallelLayout lay_;  // this rank's span; plain data parallelism: one stage, one expert member
+  parallel::JobLayout job_lay_;   // every span: lay_ alone, or (per-island layouts) every island's
   bool pp_ = false, ep_ = false, tp_ = false;
   int stage_ = 0, replica_ = 0;
   int tp_rank_ = 0;               // this rank's place in its tensor-parallel group
@@ -244,6 +249,7 @@ class Trainer {
   std::unique_ptr<parallel::ExpertParallel> experts_;  // EP: this member's experts
   std::unique_ptr<parallel::TensorParallel> tensor_;   // TP: the replicated tensors under SP
   std::unique_ptr<parallel::ShardedParameters> params_shard_;  // ZeRO-3 (then no data_)
+  std::unique_ptr<parallel::IslandBridge> bridge_;  // per-island layouts: the sum across islands by name
   parallel::UnitCut unit_cut_;  // ZeRO-3: the units the parameters are gathered by
 
   std::unique_ptr<data::PreparedDataset> ds_;
@@ -255,6 +261,9 @@ class Trainer {
   std::unique_ptr<parallel::OptimizerShard> optim_;  // AdamW's range: all, or this rank's ZeRO-1 slice
   std::optional<ShardMap> shard_map_;  // this rank's flat buffer as pieces of the single-process model
   std::vector<int64_t> shares_;   // per slot: rank, or pipeline with PP
+  // Per-island layouts under DiLoCo: the outer sync's exchange by tensor
+  // name (declared before outer_: its thread uses it until outer_ is gone).
+  std::unique_ptr<parallel::IslandBridge> outer_bridge_;
   std::unique_ptr<OuterSync> outer_;
   bool exact_outer_ = true;  // outer state can be committed per step (nothing in flight between steps)
   std::vector<Fragment> outer_frags_;

@@ -5,6 +5,7 @@
 #include <limits>
 #include <string>
 
+#include "archipelago/core/island_layout.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/shares.h"
 #include "archipelago/model/layers.h"
@@ -254,11 +255,9 @@ core::Result<std::vector<int64_t>> expertBegin(const core::JobConfig& job, const
   return begin;
 }
 
-}  // namespace
-
-core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
+// The layout of `workers` (ranks 0..n-1 of the span) under job.strategy.
+core::Result<ParallelLayout> layoutOver(const core::JobConfig& job, const std::vector<WorkerInfo>& workers) {
   ParallelLayout lay;
-  const auto workers = workersOf(job.cluster);
   lay.world = static_cast<int>(workers.size());
   lay.stages = static_cast<int>(job.strategy.pipeline_stages);
   lay.ep = static_cast<int>(job.strategy.expert_parallel);
@@ -270,6 +269,65 @@ core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
   ARCH_ASSIGN_OR_RETURN(lay.stage_layers, stageLayers(job, mc, workers, lay));
   ARCH_ASSIGN_OR_RETURN(lay.expert_begin, expertBegin(job, mc, workers, lay));
   return lay;
+}
+
+}  // namespace
+
+core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job) {
+  return layoutOver(job, workersOf(job.cluster));
+}
+
+core::Result<JobLayout> jobLayout(const core::JobConfig& job) {
+  JobLayout out;
+  if (!core::perIslandLayouts(job)) {
+    ARCH_ASSIGN_OR_RETURN(auto lay, parallelLayout(job));
+    out.spans.push_back(std::move(lay));
+    return out;
+  }
+  out.per_island = true;
+  const auto workers = workersOf(job.cluster);
+  int base = 0, replica_base = 0;
+  for (size_t i = 0; i < job.cluster.islands.size(); ++i) {
+    // The island as a job of its own: its workers, its layout.
+    core::JobConfig view = job;
+    const core::IslandLayoutSpec l = core::islandLayoutOf(job, i);
+    view.strategy.tensor_parallel = l.tensor_parallel;
+    view.strategy.pipeline_stages = l.pipeline_stages;
+    view.strategy.stage_layers = l.stage_layers;
+    std::vector<WorkerInfo> mine;
+    for (const auto& w : workers) {
+      if (w.island_index == static_cast<int>(i)) mine.push_back(w);
+    }
+    auto lay = layoutOver(view, mine);
+    if (!lay.isOk()) return lay.status().withContext("island '" + job.cluster.islands[i].name + "'");
+    lay->base = base;
+    lay->replica_base = replica_base;
+    base += lay->world;
+    replica_base += lay->replicas;
+    out.spans.push_back(std::move(lay).value());
+  }
+  return out;
+}
+
+const ParallelLayout& JobLayout::of(int rank) const {
+  for (const auto& s : spans) {
+    if (s.holds(rank)) return s;
+  }
+  return spans.back();
+}
+
+const ParallelLayout& JobLayout::ofReplica(int replica) const {
+  for (const auto& s : spans) {
+    if (replica >= s.replica_base && replica < s.replica_base + s.replicas) return s;
+  }
+  return spans.back();
+}
+
+bool JobLayout::anyPipeline() const {
+  for (const auto& s : spans) {
+    if (s.stages > 1) return true;
+  }
+  return false;
 }
 
 }  // namespace archipelago::runtime::parallel

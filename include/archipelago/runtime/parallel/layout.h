@@ -37,25 +37,44 @@ core::Result<std::vector<int64_t>> splitLayers(int64_t n_layers, const std::vect
 // Experts per member, proportional to speed (largest remainder), each >= 1.
 core::Result<std::vector<int64_t>> placeExperts(int64_t num_experts, const std::vector<double>& speed);
 
+// The layout of a span of consecutive ranks: the whole world, or (per-island
+// layouts) one island. Ranks and replicas are the job's: the span's first
+// rank is `base`, its first pipeline the job's replica `replica_base`.
 struct ParallelLayout {
-  int world = 1;
+  int world = 1;                        // ranks in the span
+  int base = 0;                         // the span's first rank
+  int replica_base = 0;                 // the job-wide index of its first pipeline
   int stages = 1;                       // pipeline_stages
   int replicas = 1;                     // pipelines: world / stages (without PP: every rank is one)
   int ep = 1;                           // expert_parallel: pipelines per expert group
   int tp = 1;                           // tensor_parallel: ranks per position
   std::vector<int64_t> stage_layers;    // layers per stage
   std::vector<int64_t> expert_begin;    // ep+1 entries: member j holds [expert_begin[j], expert_begin[j+1])
-  int stageOf(int rank) const { return (rank / tp) % stages; }
-  int replicaOf(int rank) const { return rank / (tp * stages); }
-  int tpRankOf(int rank) const { return rank % tp; }
-  // The ranks of pipeline (replica) d: [first, end).
-  int firstRankOf(int replica) const { return replica * stages * tp; }
-  int endRankOf(int replica) const { return (replica + 1) * stages * tp; }
+  bool holds(int rank) const { return rank >= base && rank < base + world; }
+  int stageOf(int rank) const { return ((rank - base) / tp) % stages; }
+  int replicaOf(int rank) const { return replica_base + (rank - base) / (tp * stages); }
+  int tpRankOf(int rank) const { return (rank - base) % tp; }
+  // The ranks of pipeline (job-wide replica) d: [first, end).
+  int firstRankOf(int replica) const { return base + (replica - replica_base) * stages * tp; }
+  int endRankOf(int replica) const { return firstRankOf(replica) + stages * tp; }
   int64_t layerBegin(int stage) const;
   // Rank d*stages + s (without TP) is stage s of pipeline d; pipelines
   // [g*ep, (g+1)*ep) form expert group g, pipeline d is its member d % ep.
   int epMemberOf(int rank) const { return replicaOf(rank) % ep; }
   int epGroupOf(int rank) const { return replicaOf(rank) / ep; }
+};
+
+// The whole job: one span over the world, or (per-island layouts,
+// core/island_layout.h) one span per island, in rank order.
+struct JobLayout {
+  std::vector<ParallelLayout> spans;
+  bool per_island = false;  // core::perIslandLayouts: a span per island
+  bool perIsland() const { return per_island; }
+  const ParallelLayout& of(int rank) const;
+  int replicas() const { return spans.empty() ? 0 : spans.back().replica_base + spans.back().replicas; }
+  int replicaOf(int rank) const { return of(rank).replicaOf(rank); }
+  const ParallelLayout& ofReplica(int replica) const;
+  bool anyPipeline() const;
 };
 // From the job: strategy.stage_layers / expert_counts when given, else from
 // the workers' speed (1/slowdown, the slowest of the ranks sharing a stage
@@ -63,5 +82,8 @@ struct ParallelLayout {
 // every block of stages x expert_parallel consecutive ranks (one expert
 // group of pipelines) must lie inside one island.
 core::Result<ParallelLayout> parallelLayout(const core::JobConfig& job);
+// Every span of the job: parallelLayout's one, or with per-island layouts
+// each island's, from its effective layout (islandLayoutOf).
+core::Result<JobLayout> jobLayout(const core::JobConfig& job);
 
 }  // namespace archipelago::runtime::parallel

@@ -1,0 +1,270 @@
+// The gradient sum by tensor name between islands of different layouts
+// (runtime/parallel/island_bridge.h).
+#include "archipelago/runtime/parallel/island_bridge.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include "archipelago/core/clock.h"
+#include "archipelago/runtime/host_view.h"
+
+namespace archipelago::runtime::parallel {
+
+namespace {
+
+// Sorted, disjoint global intervals [first, second).
+using Intervals = std::vector<std::pair<int64_t, int64_t>>;
+
+Intervals intervalsOf(const std::vector<FlatRun>& runs) {
+  Intervals out;
+  for (const auto& r : runs) {
+    if (!out.empty() && out.back().second == r.global) out.back().second += r.n;
+    else out.push_back({r.global, r.global + r.n});
+  }
+  return out;
+}
+
+Intervals unite(const Intervals& a, const Intervals& b) {
+  Intervals all(a);
+  all.insert(all.end(), b.begin(), b.end());
+  std::sort(all.begin(), all.end());
+  Intervals out;
+  for (const auto& iv : all) {
+    if (!out.empty() && iv.first <= out.back().second) out.back().second = std::max(out.back().second, iv.second);
+    else out.push_back(iv);
+  }
+  return out;
+}
+
+Intervals subtract(const Intervals& a, const Intervals& b) {
+  Intervals out;
+  size_t j = 0;
+  for (auto [lo, hi] : a) {
+    while (j < b.size() && b[j].second <= lo) ++j;
+    for (size_t k = j; k < b.size() && b[k].first < hi; ++k) {
+      if (b[k].first > lo) out.push_back({lo, b[k].first});
+      lo = std::max(lo, b[k].second);
+    }
+    if (lo < hi) out.push_back({lo, hi});
+  }
+  return out;
+}
+
+// The parts of `runs` (sorted by global) inside `set`, as runs of the same buffer.
+std::vector<FlatRun> clip(const std::vector<FlatRun>& runs, const Intervals& set) {
+  std::vector<FlatRun> out;
+  size_t j = 0;
+  for (const auto& r : runs) {
+    const int64_t lo = r.global, hi = r.global + r.n;
+    while (j < set.size() && set[j].second <= lo) ++j;
+    for (size_t k = j; k < set.size() && set[k].first < hi; ++k) {
+      const int64_t a = std::max(lo, set[k].first), b = std::min(hi, set[k].second);
+      if (a < b) out.push_back({a, r.local + (a - lo), b - a});
+    }
+  }
+  return out;
+}
+
+int64_t countOf(const std::vector<FlatRun>& runs) {
+  int64_t n = 0;
+  for (const auto& r : runs) n += r.n;
+  return n;
+}
+
+}  // namespace
+
+std::vector<FlatRun> heldRuns(const ShardMap& map, int64_t numel) {
+  std::vector<FlatRun> runs;
+  for (const auto& p : map.pieces(0, numel)) runs.push_back({map.fullOffset(p.name) + p.begin, p.local, p.numel()});
+  std::sort(runs.begin(), runs.end(), [](const FlatRun& a, const FlatRun& b) { return a.global < b.global; });
+  std::vector<FlatRun> out;
+  for (const auto& r : runs) {
+    if (!out.empty() && out.back().global + out.back().n == r.global && out.back().local + out.back().n == r.local) {
+      out.back().n += r.n;
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& runs, const std::vector<int>& island,
+                                    int me) {
+  const size_t n = runs.size();
+  if (island.size() != n || me < 0 || static_cast<size_t>(me) >= n) {
+    return core::invalidArgument("bridge plan: one run list and one island per member, and `me` among them");
+  }
+  // What each member contributes: what it holds and no earlier member of its island holds.
+  std::vector<Intervals> held(n), contrib(n);
+  std::map<int, Intervals> before;  // island -> held by its members so far
+  for (size_t m = 0; m < n; ++m) {
+    held[m] = intervalsOf(runs[m]);
+    Intervals& seen = before[island[m]];
+    contrib[m] = subtract(held[m], seen);
+    seen = unite(seen, held[m]);
+  }
+  BridgePlan plan;
+  plan.me = me;
+  plan.island = island;
+  for (const auto& [isl, iv] : before) plan.islands.push_back(isl);
+  plan.send.resize(n);
+  plan.recv.resize(n);
+  const size_t self = static_cast<size_t>(me);
+  std::map<int, int64_t> received;
+  for (size_t q = 0; q < n; ++q) {
+    if (island[q] == island[self]) continue;
+    plan.send[q] = clip(runs[self], contrib[self]);
+    plan.send[q] = clip(plan.send[q], held[q]);
+    plan.recv[q] = clip(runs[self], contrib[q]);
+    received[island[q]] += countOf(plan.recv[q]);
+  }
+  const int64_t mine = countOf(runs[self]);
+  for (int isl : plan.islands) {
+    if (isl == island[self]) continue;
+    if (received[isl] != mine) {
+      return core::internalError("island bridge: island " + std::to_string(isl) + "'s first replica covers " +
+                                 std::to_string(received[isl]) + " of the " + std::to_string(mine) +
+                                 " elements member " + std::to_string(me) + " holds; every island must hold the whole model");
+    }
+  }
+  return plan;
+}
+
+core::Result<std::unique_ptr<IslandBridge>> IslandBridge::create(FlatParams& flat, const ShardMap& map,
+                                                                  std::shared_ptr<comm::Group> bridge,
+                                                                  std::vector<int> island_of_member, DpComm* peers,
+                                                                  int peers_root) {
+  BridgePlan plan;
+  if (bridge) {
+    // Every member's runs: the counts, then the runs padded to the longest.
+    const std::vector<FlatRun> mine = heldRuns(map, flat.numel());
+    const size_t n = static_cast<size_t>(bridge->size());
+    int64_t count = static_cast<int64_t>(mine.size());
+    std::vector<int64_t> counts(n);
+    ARCH_RETURN_IF_ERROR(bridge->allgather(&count, counts.data(), 1, comm::DType::kI64));
+    const size_t longest = static_cast<size_t>(*std::max_element(counts.begin(), counts.end()));
+    std::vector<int64_t> out(longest * 3, 0), all(longest * 3 * n);
+    for (size_t i = 0; i < mine.size(); ++i) {
+      out[i * 3] = mine[i].global;
+      out[i * 3 + 1] = mine[i].local;
+      out[i * 3 + 2] = mine[i].n;
+    }
+    ARCH_RETURN_IF_ERROR(bridge->allgather(out.data(), all.data(), longest * 3, comm::DType::kI64));
+    std::vector<std::vector<FlatRun>> runs(n);
+    for (size_t m = 0; m < n; ++m) {
+      for (size_t i = 0; i < static_cast<size_t>(counts[m]); ++i) {
+        const int64_t* r = all.data() + (m * longest + i) * 3;
+        runs[m].push_back({r[0], r[1], r[2]});
+      }
+    }
+    ARCH_ASSIGN_OR_RETURN(plan, bridgePlan(runs, island_of_member, bridge->rank()));
+  }
+  return std::make_unique<IslandBridge>(flat, std::move(bridge), std::move(plan), peers, peers_root);
+}
+
+int64_t IslandBridge::sentPerStep() const {
+  int64_t n = 0;
+  for (const auto& s : plan_.send) n += countOf(s);
+  return n;
+}
+
+// The all-to-all of the contributions and the weighted sum in island order.
+core::Status IslandBridge::exchange(float* grads, const std::map<int, float>& weight) {
+  const size_t n = plan_.send.size();
+  std::vector<size_t> send_counts(n), recv_counts(n);
+  size_t send_total = 0, recv_total = 0;
+  for (size_t q = 0; q < n; ++q) {
+    send_counts[q] = static_cast<size_t>(countOf(plan_.send[q]));
+    recv_counts[q] = static_cast<size_t>(countOf(plan_.recv[q]));
+    send_total += send_counts[q];
+    recv_total += recv_counts[q];
+  }
+  std::vector<float> out(send_total), in(recv_total);
+  size_t at = 0;
+  for (const auto& runs : plan_.send) {
+    for (const auto& r : runs) {
+      std::memcpy(out.data() + at, grads + r.local, static_cast<size_t>(r.n) * sizeof(float));
+      at += static_cast<size_t>(r.n);
+    }
+  }
+  ARCH_RETURN_IF_ERROR(bridge_->alltoallv(out.data(), send_counts, in.data(), recv_counts, comm::DType::kF32));
+  // Where each member's block starts in `in`.
+  std::vector<size_t> from(n, 0);
+  for (size_t q = 1; q < n; ++q) from[q] = from[q - 1] + recv_counts[q - 1];
+  const int64_t numel = flat_.numel();
+  std::vector<float> sum(static_cast<size_t>(numel), 0.0f);
+  const int mine = plan_.island[static_cast<size_t>(plan_.me)];
+  for (int isl : plan_.islands) {
+    // x 1 is exact: the gradient sum is the plain sum.
+    const auto it = weight.find(isl);
+    const float w = it == weight.end() ? 1.0f : it->second;
+    if (isl == mine) {
+      for (int64_t i = 0; i < numel; ++i) sum[static_cast<size_t>(i)] += w * grads[i];
+      continue;
+    }
+    for (size_t q = 0; q < n; ++q) {
+      if (plan_.island[q] != isl) continue;
+      const float* v = in.data() + from[q];
+      for (const auto& r : plan_.recv[q]) {
+        float* dst = sum.data() + r.local;
+        for (int64_t i = 0; i < r.n; ++i) dst[i] += w * v[i];
+        v += r.n;
+      }
+    }
+  }
+  std::memcpy(grads, sum.data(), sum.size() * sizeof(float));
+  return core::okStatus();
+}
+
+core::Status IslandBridge::toPeers(float* values, std::span<double> extra) {
+  if (!peers_ || peers_->size() <= 1) return core::okStatus();
+  ARCH_RETURN_IF_ERROR(peers_->broadcast(std::span<float>(values, static_cast<size_t>(flat_.numel())), peers_root_));
+  if (extra.empty()) return core::okStatus();
+  // The root's values: the others add zeros.
+  if (!bridge_) std::fill(extra.begin(), extra.end(), 0.0);
+  return peers_->allreduceSum(extra);
+}
+
+core::Status IslandBridge::reduceGradients(StepStats& stats) {
+  const auto t0 = core::Clock::now();
+  HostView g(flat_.grads(), torch::kFloat32);
+  float* grads = g.data<float>();
+  if (bridge_) ARCH_RETURN_IF_ERROR(exchange(grads, {}).withContext("gradient sum across islands"));
+  ARCH_RETURN_IF_ERROR(toPeers(grads, {}).withContext("gradients to the island's other replicas"));
+  g.land();
+  stats.wait_s += core::secondsSince(t0);
+  return core::okStatus();
+}
+
+core::Status IslandBridge::islandMean(std::span<float> values, double tokens, std::vector<double>& control) {
+  if (static_cast<int64_t>(values.size()) != flat_.numel()) {
+    return core::internalError("island mean: " + std::to_string(values.size()) + " values for a flat buffer of " +
+                               std::to_string(flat_.numel()));
+  }
+  if (bridge_) {
+    // Every member's island tokens and control sums; one member per island counts.
+    const size_t w = 1 + control.size(), n = static_cast<size_t>(bridge_->size());
+    std::vector<double> mine(w), all(w * n);
+    mine[0] = tokens;
+    std::copy(control.begin(), control.end(), mine.begin() + 1);
+    ARCH_RETURN_IF_ERROR(bridge_->allgather(mine.data(), all.data(), w, comm::DType::kF64).withContext("island token counts"));
+    std::map<int, double> tok;
+    std::fill(control.begin(), control.end(), 0.0);
+    for (size_t m = 0; m < n; ++m) {
+      if (!tok.emplace(plan_.island[m], all[m * w]).second) continue;
+      for (size_t j = 0; j < control.size(); ++j) control[j] += all[m * w + 1 + j];
+    }
+    double total = 0;
+    for (const auto& [isl, t] : tok) total += t;
+    std::map<int, float> weight;
+    for (const auto& [isl, t] : tok) {
+      weight[isl] = total > 0 ? static_cast<float>(t / total) : 1.0f / static_cast<float>(tok.size());
+    }
+    ARCH_RETURN_IF_ERROR(exchange(values.data(), weight).withContext("pseudo-gradient mean across islands"));
+  }
+  return toPeers(values.data(), control).withContext("the islands' mean to the island's other replicas");
+}
+
+}  // namespace archipelago::runtime::parallel

@@ -1,0 +1,177 @@
+// Per-island layouts (core/island_layout.h, runtime/parallel/island_bridge.h)
+// through the real binary against the same job trained by one process:
+// island a runs TP=2 and island b PP=2 in one synchronous job (and b with
+// two pipelines, so the bridge hands its sum to a second replica), clipped
+// every step so a tensor counted twice or missed in the sum across the
+// islands leaves the curve; saved half-way and resumed by one process and
+// by the islands' layouts swapped; and the two islands under DiLoCo, whose
+// outer step averages by tensor name. The exchange plan itself is checked
+// element by element below.
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "archipelago/core/config.h"
+#include "archipelago/core/island_layout.h"
+#include "archipelago/runtime/parallel/island_bridge.h"
+#include "archipelago/runtime/parallel/layout.h"
+#include "runtime/layout_runs.h"
+#include "runtime/runtime_test_util.h"
+
+namespace archipelago::runtime {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using parallel::BridgePlan;
+using parallel::FlatRun;
+using testutil::expectCurve;
+using testutil::jobYaml;
+using testutil::kSteps;
+using testutil::kTol;
+using testutil::loadJobText;
+using testutil::outputOf;
+using testutil::scratchRoot;
+
+// The elements of `runs` in order, as global indices.
+std::vector<int64_t> globalsOf(const std::vector<FlatRun>& runs) {
+  std::vector<int64_t> out;
+  for (const auto& r : runs) {
+    for (int64_t i = 0; i < r.n; ++i) out.push_back(r.global + i);
+  }
+  return out;
+}
+
+TEST(IslandBridge, EachElementComesOnceFromEveryOtherIslandAndBothEndsListItAlike) {
+  // Island 0: one rank holding the whole model [0, 10) in two runs with
+  // another local order. Island 1: two ranks (a TP pair) holding [0, 6)
+  // and [4, 10): [4, 6) is replicated between them.
+  const std::vector<std::vector<FlatRun>> runs = {
+      {{0, 4, 6}, {6, 0, 4}},
+      {{0, 0, 6}},
+      {{4, 0, 6}},
+  };
+  const std::vector<int> island = {0, 1, 1};
+  std::vector<BridgePlan> plans;
+  for (int m = 0; m < 3; ++m) {
+    auto p = parallel::bridgePlan(runs, island, m);
+    ASSERT_TRUE(p.isOk()) << p.status().toString();
+    plans.push_back(std::move(p).value());
+  }
+  // Rank 0 takes [0, 6) from rank 1 and only [6, 10) from rank 2 (the
+  // replicated [4, 6) is rank 1's to contribute); it sends each what it holds.
+  EXPECT_EQ(globalsOf(plans[0].recv[1]), (std::vector<int64_t>{0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ(globalsOf(plans[0].recv[2]), (std::vector<int64_t>{6, 7, 8, 9}));
+  EXPECT_EQ(globalsOf(plans[0].send[2]), (std::vector<int64_t>{4, 5, 6, 7, 8, 9}));
+  // Local offsets follow rank 0's own buffer: global 6 sits at local 0.
+  EXPECT_EQ(plans[0].recv[2].front().local, 0);
+  // Every send is the receiver's receive, element for element; nothing
+  // moves inside an island.
+  for (int a = 0; a < 3; ++a) {
+    for (int b = 0; b < 3; ++b) {
+      EXPECT_EQ(globalsOf(plans[static_cast<size_t>(a)].send[static_cast<size_t>(b)]),
+                globalsOf(plans[static_cast<size_t>(b)].recv[static_cast<size_t>(a)]))
+          << a << " -> " << b;
+      if (island[static_cast<size_t>(a)] == island[static_cast<size_t>(b)]) {
+        EXPECT_TRUE(plans[static_cast<size_t>(a)].send[static_cast<size_t>(b)].empty());
+      }
+    }
+  }
+  // An island that does not hold the whole model is refused.
+  auto bad = parallel::bridgePlan({{{0, 0, 10}}, {{0, 0, 6}}}, {0, 1}, 0);
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_THAT(bad.status().message(), HasSubstr("whole model"));
+}
+
+TEST(IslandLayouts, EachIslandGetsItsOwnSpanAndTheJobCheckNamesTheIslandField) {
+  const std::string islands =
+      "    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 4, pipeline_stages: 2, stage_layers: [3, 1]}";
+  auto job = loadJobText(jobYaml(scratchRoot() / "il_lay", islands, 2, "", "{kind: sync}"), "il_lay");
+  job.model.vocab_size = 64;
+  EXPECT_TRUE(core::perIslandLayouts(job));
+  auto lay = parallel::jobLayout(job);
+  ASSERT_TRUE(lay.isOk()) << lay.status().toString();
+  ASSERT_EQ(lay->spans.size(), 2u);
+  EXPECT_EQ(lay->replicas(), 3);  // one TP pair, two pipelines
+  const auto& b = lay->of(4);
+  EXPECT_EQ(b.base, 2);
+  EXPECT_EQ(b.stageOf(4), 0);
+  EXPECT_EQ(b.stageOf(5), 1);
+  EXPECT_EQ(b.replicaOf(5), 2);
+  EXPECT_EQ(b.firstRankOf(2), 4);
+  EXPECT_EQ(lay->of(1).tpRankOf(1), 1);
+  for (const auto& [cluster, extra, field] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 3, pipeline_stages: 2}", "{kind: sync}",
+            "cluster.islands[1].pipeline_stages"},
+           {"    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 2, stage_layers: [3, 1]}", "{kind: sync}",
+            "cluster.islands[1].stage_layers"},
+           {islands, "{kind: streaming}", "strategy.kind"},
+           {islands, "{kind: diloco, codec: int8}", "strategy.codec"},
+           {islands, "{kind: sync, expert_parallel: 2}", "strategy.expert_parallel"}}) {
+    const fs::path file = scratchRoot() / "il_bad.yaml";
+    std::ofstream(file) << jobYaml(scratchRoot() / "il_bad", cluster, 2, "", extra);
+    auto parsed = core::loadJob(file.string());
+    ASSERT_FALSE(parsed.isOk()) << extra;
+    EXPECT_THAT(parsed.status().message(), HasSubstr(field)) << extra;
+  }
+}
+
+TEST(IslandLayouts, TensorParallelIslandAndPipelineIslandMatchSingleProcessAndResumeElsewhere) {
+  const int steps = 12, k = 6;  // cut half-way
+  auto ref = testutil::clippedReference("il_ref", steps, "");
+  ASSERT_EQ(ref.size(), static_cast<size_t>(steps));
+  // Island a: one TP=2 replica (SP on); island b: two PP=2 pipelines, so
+  // the bridge's sum also goes on to b's second pipeline. Shares follow
+  // the replicas: 8 samples over 3.
+  fs::path run = scratchRoot() / "il_tp_pp";
+  std::string yaml = testutil::clipped(jobYaml(
+      run, "    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 4, pipeline_stages: 2, stage_layers: [3, 1]}",
+      steps, "", "{kind: sync, sequence_parallel: true}"));
+  yaml.replace(yaml.find("{every: 0"), 9, "{every: " + std::to_string(k));
+  EXPECT_NE(testutil::runTrain(yaml, "il_tp_pp", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(run / "checkpoints" / checkpointDirName(k))) << outputOf("il_tp_pp");
+  expectCurve(run, ref, 1, k, kTol, "a TP=2, b PP=2 x 2");
+  testutil::expectGradNorms(run, scratchRoot() / "il_ref", 1e-5, "a TP=2, b PP=2 x 2", k);
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("gradients summed across islands by tensor name"));
+  // Resumed by one process, and by the layouts swapped between the islands.
+  for (const auto& [islands, strategy, name] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"    - {name: a, count: 1}", "{kind: sync}", "il_one"},
+           {"    - {name: a, count: 2, pipeline_stages: 2, stage_layers: [2, 2]}\n    - {name: b, count: 2, "
+            "tensor_parallel: 2}",
+            "{kind: sync}", "il_swapped"}}) {
+    fs::path again = scratchRoot() / name;
+    fs::create_directories(again);
+    fs::copy(run / "checkpoints", again / "checkpoints", fs::copy_options::recursive);
+    ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(again, islands, steps, "", strategy)), name, {"--resume"}), 0)
+        << outputOf(name);
+    expectCurve(again, ref, k + 1, steps, kTol, name);
+  }
+}
+
+TEST(IslandLayouts, DilocoAveragesTheIslandsByTensorName) {
+  // Island a: TP=2 with SP; island b: a PP=2 pipeline. With the identity
+  // settings (plain SGD, H = 1, outer lr 1, no momentum) DiLoCo is
+  // synchronous SGD, so the curve is the single-process one; the outer
+  // step's mean pairs no ranks by position: it goes by tensor name.
+  const int steps = 10;
+  auto ref = testutil::referenceOf(
+      testutil::sgdDiloco(jobYaml(scratchRoot() / "ildl_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
+      "ildl_ref");
+  fs::path run = scratchRoot() / "ildl";
+  const char* islands = "    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 2, pipeline_stages: 2}\n"
+                        "  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]";
+  ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run, islands, steps, "",
+                                                           "{sequence_parallel: true, kind: diloco, inner_steps: 1, "
+                                                           "outer_lr: 1.0, outer_momentum: 0.0, nesterov: false}")),
+                               "ildl"),
+            0)
+      << outputOf("ildl");
+  expectCurve(run, ref, 1, steps, 2e-4, "a TP=2, b PP=2, DiLoCo H=1");
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("pseudo-gradients by tensor name"));
+}
+
+}  // namespace
+}  // namespace archipelago::runtime
