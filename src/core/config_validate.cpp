@@ -216,7 +216,10 @@ void validateIslandLayouts(const JobConfig& j, Problems& p) {
   }
   if (j.strategy.expert_parallel > 1) p.add("strategy.expert_parallel", j.strategy.expert_parallel, "1" + why);
   if (j.model.moe.num_experts > 0) p.add("model.moe.num_experts", j.model.moe.num_experts, "0 (a dense model)" + why);
-  if (zeroStage(j.train) >= 1) p.add("train.zero", zeroStage(j.train), "0" + why);
+  if (zeroStage(j.train) >= 2) {
+    p.add("train.zero", zeroStage(j.train), "0 or 1 with per-island layouts (the bridge sums whole gradients, which "
+                                            "ZeRO-2/3 leave in slices)");
+  }
   if (j.strategy.sequence_parallel && !any_tp) {
     p.add("strategy.sequence_parallel", "true", "false when no island runs tensor parallelism");
   }

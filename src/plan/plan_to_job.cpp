@@ -116,7 +116,8 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   const std::string why = "; per-island layouts run dense models, each island's pipelines inside it";
   std::vector<bool> covered(job.cluster.islands.size(), false);
   int64_t micro = layouts.front().micro_batch;
-  bool recompute = false, all_recompute = true, zero = false;
+  bool recompute = false, all_recompute = true;
+  int zero = 1, most_zero = 0;  // ZeRO-1 where every group shards (the bridge needs whole gradients)
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
     const RunLayout& l = layouts[i];
@@ -150,7 +151,8 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
     const bool rc = l.recompute != Recompute::kNone && l.pp > 1;
     recompute = recompute || rc;
     all_recompute = all_recompute && (rc || l.pp == 1);
-    zero = zero || l.zero > 0;
+    zero = std::min(zero, std::min(l.zero, 1));
+    most_zero = std::max(most_zero, l.zero);
   }
   for (size_t i = 0; i < covered.size(); ++i) {
     if (!covered[i]) return core::invalidArgument(fmt::format("plan: no group for island '{}'", job.cluster.islands[i].name));
@@ -163,7 +165,7 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp));
   out.sets.push_back(fmt::format("train.micro_batch={}", micro));
   out.sets.push_back(fmt::format("train.recompute={}", recompute));
-  out.sets.push_back("train.zero=0");
+  out.sets.push_back(fmt::format("train.zero={}", zero));
   const bool diloco = plan.strategy == "diloco";
   out.sets.push_back(std::string("strategy.kind=") + (diloco ? "diloco" : "sync"));
   if (diloco) out.sets.push_back(fmt::format("strategy.inner_steps={}", plan.diloco_h));
@@ -180,7 +182,10 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
     }
   }
   if (recompute && !all_recompute) out.notes.push_back("train.recompute is job-wide: every island's pipeline stages recompute");
-  if (zero) out.notes.push_back("zero is not applied: per-island layouts do not shard state (train.zero 0)");
+  if (most_zero > zero) {
+    out.notes.push_back(fmt::format("zero={} runs as {}: per-island layouts shard at most the optimizer state (ZeRO-1), "
+                                    "and only where every island's group does", most_zero, zero));
+  }
   if (plan.codec != "none") {
     out.notes.push_back(fmt::format("strategy.codec none: the {} across islands by tensor name is fp32 (the plan "
                                     "priced {})", diloco ? "pseudo-gradient mean" : "gradient sum", plan.codec));

@@ -3,6 +3,7 @@
 // job check (or, for what the runtime cannot run, the refusal names why).
 // A plan run end to end through the binary is in
 // tests/runtime/plan_run_test.cpp.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -52,6 +53,22 @@ core::JobConfig job(int workers, int64_t n_layers = 4) {
   return j;
 }
 
+// A small job over `islands` (YAML flow list) loaded with `sets` as --set
+// overrides: what `archipelago train JOB --plan` would run.
+core::Result<core::LoadedJob> loadWith(const std::string& islands, const std::vector<std::string>& sets) {
+  const auto file = std::filesystem::temp_directory_path() / "plan_to_job_test.yaml";
+  std::ofstream(file) << "cluster: {islands: " << islands << "}\n"
+                      << "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32}\n"
+                         "data: {dir: /nonexistent, seq_len: 32}\n"
+                         "train: {steps: 2, global_batch: 8}\n";
+  core::LoadOptions lo;
+  lo.sets = sets;
+  lo.use_process_env = false;
+  auto loaded = core::loadJob(file.string(), lo);
+  std::filesystem::remove(file);
+  return loaded;
+}
+
 Plan planOf(std::vector<GroupPlan> groups) {
   Plan p;
   p.groups = std::move(groups);
@@ -81,16 +98,7 @@ TEST(PlanToJob, TensorAndPipelineParallelismBecomeTheJobsStrategy) {
   EXPECT_TRUE(z3pp->notes.empty());
 
   // The job those overrides make passes the job check.
-  const auto file = std::filesystem::temp_directory_path() / "plan_to_job_test.yaml";
-  std::ofstream(file) << "cluster: {islands: [{name: a, count: 4}]}\n"
-                         "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32}\n"
-                         "data: {dir: /nonexistent, seq_len: 32}\n"
-                         "train: {steps: 2, global_batch: 8}\n";
-  core::LoadOptions lo;
-  lo.sets = ov->sets;
-  lo.use_process_env = false;
-  auto loaded = core::loadJob(file.string(), lo);
-  std::filesystem::remove(file);
+  auto loaded = loadWith("[{name: a, count: 4}]", ov->sets);
   ASSERT_TRUE(loaded.isOk()) << loaded.status().toString();
   EXPECT_EQ(loaded->job.strategy.tensor_parallel, 2);
   EXPECT_EQ(loaded->job.strategy.stage_layers, (std::vector<int64_t>{3, 1}));
@@ -136,24 +144,15 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   for (const char* want : {"cluster.islands[0].tensor_parallel=2", "cluster.islands[0].pipeline_stages=1",
                            "cluster.islands[1].tensor_parallel=1", "cluster.islands[1].pipeline_stages=2",
                            "cluster.islands[1].stage_layers=3,1", "strategy.tensor_parallel=1",
-                           "strategy.sequence_parallel=true", "train.micro_batch=1", "train.zero=0",
+                           "strategy.sequence_parallel=true", "train.micro_batch=1", "train.zero=1",
                            "strategy.kind=sync", "strategy.codec=none"}) {
     EXPECT_THAT(ov->sets, Contains(std::string(want)));
   }
   EXPECT_THAT(ov->notes, Contains(HasSubstr("micro-batches differ")));
-  EXPECT_THAT(ov->notes, Contains(HasSubstr("zero is not applied")));
+  EXPECT_TRUE(std::none_of(ov->notes.begin(), ov->notes.end(), [](const std::string& n) { return n.find("zero=") == 0; }));
   EXPECT_THAT(ov->notes, Contains(HasSubstr("fp32")));
   // The job those overrides make passes the job check with each island's layout.
-  const auto file = std::filesystem::temp_directory_path() / "plan_to_job_islands.yaml";
-  std::ofstream(file) << "cluster: {islands: [{name: a, count: 2}, {name: b, count: 2}]}\n"
-                         "model: {dim: 32, n_layers: 4, n_heads: 2, max_seq_len: 32}\n"
-                         "data: {dir: /nonexistent, seq_len: 32}\n"
-                         "train: {steps: 2, global_batch: 8}\n";
-  core::LoadOptions lo;
-  lo.sets = ov->sets;
-  lo.use_process_env = false;
-  auto loaded = core::loadJob(file.string(), lo);
-  std::filesystem::remove(file);
+  auto loaded = loadWith("[{name: a, count: 2}, {name: b, count: 2}]", ov->sets);
   ASSERT_TRUE(loaded.isOk()) << loaded.status().toString();
   EXPECT_EQ(loaded->job.cluster.islands[0].tensor_parallel, 2);
   EXPECT_EQ(loaded->job.cluster.islands[1].stage_layers, (std::vector<int64_t>{3, 1}));
@@ -165,6 +164,12 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   EXPECT_THAT(dl->sets, Contains(std::string("strategy.kind=diloco")));
   EXPECT_THAT(dl->sets, Contains(std::string("strategy.inner_steps=20")));
   EXPECT_THAT(dl->notes, Contains(HasSubstr("pseudo-gradient mean")));
+  // ZeRO: at most the optimizer state, said.
+  p.groups[0].zero = 3;
+  auto z = jobOverrides(p, twoIslands());
+  ASSERT_TRUE(z.isOk());
+  EXPECT_THAT(z->sets, Contains(std::string("train.zero=1")));
+  EXPECT_THAT(z->notes, Contains(HasSubstr("zero=3 runs as 1")));
 }
 
 TEST(PlanToJob, RefusesWhatTheRuntimeCannotRunNamingWhy) {

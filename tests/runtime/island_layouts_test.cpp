@@ -4,7 +4,8 @@
 // two pipelines, so the bridge hands its sum to a second replica), clipped
 // every step so a tensor counted twice or missed in the sum across the
 // islands leaves the curve; saved half-way and resumed by one process and
-// by the islands' layouts swapped; and the two islands under DiLoCo, whose
+// by the islands' layouts swapped (with ZeRO-1 over island a's two
+// pipelines); and the two islands under DiLoCo, whose
 // outer step averages by tensor name. The exchange plan itself is checked
 // element by element below.
 #include <filesystem>
@@ -139,15 +140,19 @@ TEST(IslandLayouts, TensorParallelIslandAndPipelineIslandMatchSingleProcessAndRe
   // Resumed by one process, and by the layouts swapped between the islands.
   for (const auto& [islands, strategy, name] : std::vector<std::tuple<std::string, std::string, std::string>>{
            {"    - {name: a, count: 1}", "{kind: sync}", "il_one"},
-           {"    - {name: a, count: 2, pipeline_stages: 2, stage_layers: [2, 2]}\n    - {name: b, count: 2, "
+           {"    - {name: a, count: 4, pipeline_stages: 2, stage_layers: [2, 2]}\n    - {name: b, count: 2, "
             "tensor_parallel: 2}",
             "{kind: sync}", "il_swapped"}}) {
     fs::path again = scratchRoot() / name;
     fs::create_directories(again);
     fs::copy(run / "checkpoints", again / "checkpoints", fs::copy_options::recursive);
-    ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(again, islands, steps, "", strategy)), name, {"--resume"}), 0)
+    // The swapped layouts with ZeRO-1: island a's two pipelines shard AdamW's state per stage.
+    const std::string zero = name == "il_swapped" ? ", zero: 1" : "";
+    ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(again, islands, steps, "", strategy, zero)), name, {"--resume"}),
+              0)
         << outputOf(name);
     expectCurve(again, ref, k + 1, steps, kTol, name);
+    if (!zero.empty()) EXPECT_THAT(testutil::rank0Log(again), HasSubstr("(ZeRO-1)"));
   }
 }
 

@@ -15,8 +15,9 @@
 // Groups of different layouts become per-island layouts
 // (core/island_layout.h): each group must be one island, and its tp, pp
 // and layer split become cluster.islands[i].tensor_parallel,
-// pipeline_stages and stage_layers; such a job runs dense, synchronous,
-// without ZeRO, with the smallest micro-batch. A plan that interleaves
+// pipeline_stages and stage_layers; such a job runs dense, synchronous or
+// DiLoCo, with at most ZeRO-1, uncompressed across islands, with the
+// smallest micro-batch. A plan that interleaves
 // virtual stages is refused, and so is one made for another number of
 // devices or another depth of model.
 // What the runtime cannot apply as planned is applied the closest way it
