@@ -102,6 +102,21 @@ void checkCluster(const ClusterSpec& c, const std::string& pre, Problems& p) {
   if (c.default_strait_latency < 0) p.add(pre + ".default_strait_latency", formatDuration(c.default_strait_latency), "a duration >= 0");
 }
 
+// What a tensor-parallel degree `tp` (named by `field`) asks of the model
+// and the data: every rank whole kv heads; under sequence parallelism a
+// sequence that splits evenly.
+void checkTensorSlices(const JobConfig& j, int64_t tp, const std::string& field, Problems& p) {
+  const auto& m = j.model;
+  const int64_t kv = m.n_kv_heads > 0 ? m.n_kv_heads : m.n_heads;
+  if (kv > 0 && kv % tp != 0) {
+    p.add(field, tp, "a divisor of model.n_kv_heads (" + std::to_string(kv) + "): every rank holds whole key/value heads");
+  }
+  if (j.strategy.sequence_parallel && tp > 1 && j.data.seq_len > 0 && j.data.seq_len % tp != 0) {
+    p.add("data.seq_len", j.data.seq_len,
+          "a multiple of " + field + " (" + std::to_string(tp) + ") with strategy.sequence_parallel");
+  }
+}
+
 // Tensor parallelism (runtime/parallel/tensor_parallel.h): groups of
 // consecutive ranks, every rank whole kv heads. Built so far with
 // synchronous data parallelism and pipeline stages; the rest is refused
@@ -113,11 +128,7 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
   if (world > 0 && world % tp != 0) {
     p.add("strategy.tensor_parallel", tp, "a divisor of the number of workers (" + std::to_string(world) + ")");
   }
-  const int64_t kv = m.n_kv_heads > 0 ? m.n_kv_heads : m.n_heads;
-  if (kv > 0 && kv % tp != 0) {
-    p.add("strategy.tensor_parallel", tp,
-          "a divisor of model.n_kv_heads (" + std::to_string(kv) + "): every rank holds whole key/value heads");
-  }
+  checkTensorSlices(j, tp, "strategy.tensor_parallel", p);
   int64_t ranks = 0;
   if (s.pipeline_stages > 1 && world > 0 &&
       (__builtin_mul_overflow(tp, s.pipeline_stages, &ranks) || world % ranks != 0)) {
@@ -130,10 +141,6 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
       p.add("train.zero", zeroStage(j.train), "0, 1 or 2 with strategy.sequence_parallel (the norms' gradients are summed "
                                               "over the tensor-parallel group after backward, which ZeRO-3 has already "
                                               "reduce-scattered), or sequence_parallel: false");
-    }
-    if (j.data.seq_len > 0 && j.data.seq_len % tp != 0) {
-      p.add("data.seq_len", j.data.seq_len,
-            "a multiple of strategy.tensor_parallel (" + std::to_string(tp) + ") with strategy.sequence_parallel");
     }
     if (m.moe.num_experts > 0) {
       p.add("strategy.sequence_parallel", "true", "false with model.moe (the replicated experts would each route a "
@@ -176,14 +183,7 @@ void validateIslandLayout(const JobConfig& j, size_t i, Problems& p) {
               ") divides the island's worker count (" + std::to_string(isl.count) + "): every replica of island '" +
               isl.name + "' is tensor_parallel x pipeline_stages of its workers");
   }
-  const int64_t kv = m.n_kv_heads > 0 ? m.n_kv_heads : m.n_heads;
-  if (kv > 0 && kv % l.tensor_parallel != 0) {
-    p.add(tp_field, l.tensor_parallel, "a divisor of model.n_kv_heads (" + std::to_string(kv) + "): every rank holds whole key/value heads");
-  }
-  if (j.strategy.sequence_parallel && l.tensor_parallel > 1 && j.data.seq_len > 0 && j.data.seq_len % l.tensor_parallel != 0) {
-    p.add("data.seq_len", j.data.seq_len, "a multiple of " + tp_field + " (" + std::to_string(l.tensor_parallel) +
-                                              ") with strategy.sequence_parallel");
-  }
+  checkTensorSlices(j, l.tensor_parallel, tp_field, p);
   if (!l.stage_layers.empty()) {
     const auto [sum, positive] = splitOf(l.stage_layers);
     if (static_cast<int64_t>(l.stage_layers.size()) != l.pipeline_stages || sum != m.n_layers || !positive) {

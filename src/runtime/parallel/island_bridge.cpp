@@ -120,6 +120,10 @@ core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& run
     plan.recv[q] = clip(runs[self], contrib[q]);
     received[island[q]] += countOf(plan.recv[q]);
   }
+  for (size_t q = 0; q < n; ++q) {
+    plan.send_counts.push_back(static_cast<size_t>(countOf(plan.send[q])));
+    plan.recv_counts.push_back(static_cast<size_t>(countOf(plan.recv[q])));
+  }
   const int64_t mine = countOf(runs[self]);
   for (int isl : plan.islands) {
     if (isl == island[self]) continue;
@@ -134,8 +138,7 @@ core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& run
 
 core::Result<std::unique_ptr<IslandBridge>> IslandBridge::create(FlatParams& flat, const ShardMap& map,
                                                                   std::shared_ptr<comm::Group> bridge,
-                                                                  std::vector<int> island_of_member, DpComm* peers,
-                                                                  int peers_root) {
+                                                                  std::vector<int> island_of_member, DpComm* peers) {
   BridgePlan plan;
   if (bridge) {
     // Every member's runs: the counts, then the runs padded to the longest.
@@ -161,66 +164,63 @@ core::Result<std::unique_ptr<IslandBridge>> IslandBridge::create(FlatParams& fla
     }
     ARCH_ASSIGN_OR_RETURN(plan, bridgePlan(runs, island_of_member, bridge->rank()));
   }
-  return std::make_unique<IslandBridge>(flat, std::move(bridge), std::move(plan), peers, peers_root);
+  return std::make_unique<IslandBridge>(flat, std::move(bridge), std::move(plan), peers);
 }
 
 int64_t IslandBridge::sentPerStep() const {
-  int64_t n = 0;
-  for (const auto& s : plan_.send) n += countOf(s);
-  return n;
+  size_t n = 0;
+  for (size_t c : plan_.send_counts) n += c;
+  return static_cast<int64_t>(n);
 }
 
 // The all-to-all of the contributions and the weighted sum in island order.
 core::Status IslandBridge::exchange(float* grads, const std::map<int, float>& weight) {
   const size_t n = plan_.send.size();
-  std::vector<size_t> send_counts(n), recv_counts(n);
-  size_t send_total = 0, recv_total = 0;
+  // Where each member's block starts in out_ / in_.
+  std::vector<size_t> from(n + 1, 0);
+  size_t send_total = 0;
   for (size_t q = 0; q < n; ++q) {
-    send_counts[q] = static_cast<size_t>(countOf(plan_.send[q]));
-    recv_counts[q] = static_cast<size_t>(countOf(plan_.recv[q]));
-    send_total += send_counts[q];
-    recv_total += recv_counts[q];
+    from[q + 1] = from[q] + plan_.recv_counts[q];
+    send_total += plan_.send_counts[q];
   }
-  std::vector<float> out(send_total), in(recv_total);
+  out_.resize(send_total);
+  in_.resize(from[n]);
   size_t at = 0;
   for (const auto& runs : plan_.send) {
     for (const auto& r : runs) {
-      std::memcpy(out.data() + at, grads + r.local, static_cast<size_t>(r.n) * sizeof(float));
+      std::memcpy(out_.data() + at, grads + r.local, static_cast<size_t>(r.n) * sizeof(float));
       at += static_cast<size_t>(r.n);
     }
   }
-  ARCH_RETURN_IF_ERROR(bridge_->alltoallv(out.data(), send_counts, in.data(), recv_counts, comm::DType::kF32));
-  // Where each member's block starts in `in`.
-  std::vector<size_t> from(n, 0);
-  for (size_t q = 1; q < n; ++q) from[q] = from[q - 1] + recv_counts[q - 1];
+  ARCH_RETURN_IF_ERROR(bridge_->alltoallv(out_.data(), plan_.send_counts, in_.data(), plan_.recv_counts, comm::DType::kF32));
   const int64_t numel = flat_.numel();
-  std::vector<float> sum(static_cast<size_t>(numel), 0.0f);
+  sum_.assign(static_cast<size_t>(numel), 0.0f);
   const int mine = plan_.island[static_cast<size_t>(plan_.me)];
   for (int isl : plan_.islands) {
     // x 1 is exact: the gradient sum is the plain sum.
     const auto it = weight.find(isl);
     const float w = it == weight.end() ? 1.0f : it->second;
     if (isl == mine) {
-      for (int64_t i = 0; i < numel; ++i) sum[static_cast<size_t>(i)] += w * grads[i];
+      for (int64_t i = 0; i < numel; ++i) sum_[static_cast<size_t>(i)] += w * grads[i];
       continue;
     }
     for (size_t q = 0; q < n; ++q) {
       if (plan_.island[q] != isl) continue;
-      const float* v = in.data() + from[q];
+      const float* v = in_.data() + from[q];
       for (const auto& r : plan_.recv[q]) {
-        float* dst = sum.data() + r.local;
+        float* dst = sum_.data() + r.local;
         for (int64_t i = 0; i < r.n; ++i) dst[i] += w * v[i];
         v += r.n;
       }
     }
   }
-  std::memcpy(grads, sum.data(), sum.size() * sizeof(float));
+  std::memcpy(grads, sum_.data(), sum_.size() * sizeof(float));
   return core::okStatus();
 }
 
 core::Status IslandBridge::toPeers(float* values, std::span<double> extra) {
   if (!peers_ || peers_->size() <= 1) return core::okStatus();
-  ARCH_RETURN_IF_ERROR(peers_->broadcast(std::span<float>(values, static_cast<size_t>(flat_.numel())), peers_root_));
+  ARCH_RETURN_IF_ERROR(peers_->broadcast(std::span<float>(values, static_cast<size_t>(flat_.numel())), 0));
   if (extra.empty()) return core::okStatus();
   // The root's values: the others add zeros.
   if (!bridge_) std::fill(extra.begin(), extra.end(), 0.0);

@@ -57,6 +57,7 @@ std::vector<FlatRun> heldRuns(const ShardMap& map, int64_t numel);
 // holds exactly once (it would be summed twice or not at all).
 struct BridgePlan {
   std::vector<std::vector<FlatRun>> send, recv;  // per member
+  std::vector<size_t> send_counts, recv_counts;  // per member: elements of send / recv
   std::vector<int> islands;                      // the islands, ascending
   std::vector<int> island;                       // per member
   int me = 0;
@@ -68,16 +69,14 @@ class IslandBridge final : public Part {
  public:
   // `bridge`: the bridge group (null on a rank that is not in it), its
   // members' islands and every member's runs; `peers`: this rank's
-  // same-position ranks of its island (null: none), of which the bridge
-  // member is `peers_root`.
-  IslandBridge(FlatParams& flat, std::shared_ptr<comm::Group> bridge, BridgePlan plan, DpComm* peers, int peers_root)
-      : flat_(flat), bridge_(std::move(bridge)), plan_(std::move(plan)), peers_(peers), peers_root_(peers_root) {}
+  // same-position ranks of its island, the bridge member first (null: none).
+  IslandBridge(FlatParams& flat, std::shared_ptr<comm::Group> bridge, BridgePlan plan, DpComm* peers)
+      : flat_(flat), bridge_(std::move(bridge)), plan_(std::move(plan)), peers_(peers) {}
   // Every rank of the job: exchanges its runs with the bridge (a member)
   // and builds the plan.
   static core::Result<std::unique_ptr<IslandBridge>> create(FlatParams& flat, const ShardMap& map,
                                                             std::shared_ptr<comm::Group> bridge,
-                                                            std::vector<int> island_of_member, DpComm* peers,
-                                                            int peers_root = 0);
+                                                            std::vector<int> island_of_member, DpComm* peers);
   std::string name() const override { return "island bridge"; }
   // After the island's own reduction: the job-wide sum on every rank.
   core::Status reduceGradients(StepStats& stats) override;
@@ -98,7 +97,9 @@ class IslandBridge final : public Part {
   std::shared_ptr<comm::Group> bridge_;
   BridgePlan plan_;
   DpComm* peers_;
-  int peers_root_ = 0;
+  // Host buffers of exchange(), kept across steps: what it sends, what it
+  // receives, the sum.
+  std::vector<float> out_, in_, sum_;
 };
 
 }  // namespace archipelago::runtime::parallel
