@@ -88,7 +88,7 @@ core::Result<Row> trainOnce(const Setup& s, const data::PreparedDataset& ds, con
   row.backend = fp8 ? model::fp8Backend(s.device, fp8->recipe) : "-";
   if (fp8) model::setFp8(*net, *fp8);
   auto flat = runtime::FlatParams::bind(master->namedParameters());
-  runtime::FlatAdamW adam(s.train, 0, flat.numel(), s.device);
+  runtime::FlatAdamW adam(s.train, flat.numel(), s.device);
   auto compute = net->parameterList();
   ARCH_ASSIGN_OR_RETURN(auto sampler, ds.trainSampler(seed, s.seq));
   ARCH_ASSIGN_OR_RETURN(auto val, ds.valSampler(s.seq));

@@ -90,10 +90,9 @@ void addLayout(const RunLayout& l, const core::JobConfig& job, PlanOverrides& ou
 
 void addZero(const RunLayout& l, const Plan& plan, bool moe, PlanOverrides& out) {
   int zero = l.zero;
-  if (zero > 0 && l.ep > 1) {
-    out.notes.push_back(fmt::format("zero={} is not applied: the runtime does not shard state with expert "
-                                    "parallelism (train.zero 0)", zero));
-    zero = 0;
+  if (zero == 3 && l.ep > 1) {
+    out.notes.push_back("zero=3 runs as 2: the runtime shards parameters (ZeRO-3) without expert parallelism only");
+    zero = 2;
   } else if (zero == 3 && l.tp > 1 && !moe) {
     out.notes.push_back("zero=3 runs as 2: the plan's tensor parallelism runs with sequence parallelism, which "
                         "ZeRO-3 does not run with");

@@ -306,7 +306,7 @@ core::Result<CorunTimes> timeCorun(const core::JobConfig& job, int copies, int64
     auto& x = cs[static_cast<size_t>(c)];
     ARCH_ASSIGN_OR_RETURN(x.net, model::buildModel(job.model, 100 + static_cast<uint64_t>(c)));
     x.flat = std::make_unique<FlatParams>(FlatParams::bind(x.net->namedParameters()));
-    x.adam = std::make_unique<FlatAdamW>(job.train, 0, x.flat->numel());
+    x.adam = std::make_unique<FlatAdamW>(job.train, x.flat->numel());
   }
   std::atomic<int> ready{0}, enough{0};
   std::atomic<bool> stop{false};
@@ -380,7 +380,7 @@ core::Status calibrateLocalModel(const core::JobConfig& job, const std::vector<i
   }
   // The share of a core this thread got meanwhile (other load on the host).
   double share = cpu ? (threadCpuSeconds() - cpu0) / std::max(1e-9, core::secondsSince(wall0)) : 0.0;
-  FlatAdamW adam(job.train, 0, flat.numel());
+  FlatAdamW adam(job.train, flat.numel());
   {
     flat.grads().normal_();
     std::vector<double> t;

@@ -136,11 +136,11 @@ void FlatParams::upcastGrads(int64_t begin, int64_t end) {
   grads_.narrow(0, begin, end - begin).copy_(compute_grads_.narrow(0, begin, end - begin));
 }
 
-FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end, torch::Device device)
-    : sgd_(cfg.optimizer == "sgd"), beta1_(cfg.beta1), beta2_(cfg.beta2), eps_(cfg.adam_eps), wd_(cfg.weight_decay), begin_(begin), end_(end) {
+FlatAdamW::FlatAdamW(const core::TrainConfig& cfg, int64_t numel, torch::Device device)
+    : sgd_(cfg.optimizer == "sgd"), beta1_(cfg.beta1), beta2_(cfg.beta2), eps_(cfg.adam_eps), wd_(cfg.weight_decay) {
   const auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
-  m_ = torch::zeros({end - begin}, opts);
-  v_ = torch::zeros({end - begin}, opts);
+  m_ = torch::zeros({numel}, opts);
+  v_ = torch::zeros({numel}, opts);
 }
 
 int64_t FlatAdamW::bytes() const {
@@ -152,30 +152,44 @@ int64_t FlatAdamW::bytes() const {
 }
 
 void FlatAdamW::step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr) {
+  step(std::vector<Piece>{{std::move(params), grads, decay_mask, 0}}, lr);
+}
+
+void FlatAdamW::step(const std::vector<Piece>& pieces, double lr) {
   torch::NoGradGuard no_grad;
   ++t_;
-  // The same arithmetic as `params * mask` and `v.sqrt() / c + eps`, written
-  // into one scratch buffer kept across steps: fresh temporaries of the
-  // parameters' size each step fragmented the heap (it grew by one of them
-  // every step or two, and every new page faulted; docs/runtime.md "Host
-  // memory").
-  if (scratch_.numel() != params.numel()) scratch_ = torch::empty_like(params);
+  // The update's temporaries in one scratch buffer kept across steps (the
+  // largest piece's size): fresh temporaries of the parameters' size each
+  // step fragmented the heap (it grew by one of them every step or two, and
+  // every new page faulted; docs/runtime.md "Host memory").
+  int64_t most = 0;
+  for (const auto& p : pieces) most = std::max(most, p.params.numel());
+  if (!pieces.empty() && scratch_.numel() != most) scratch_ = torch::empty({most}, pieces.front().params.options());
+  for (const auto& p : pieces) update(p, lr);
+}
+
+// The same arithmetic as `params * mask` and `v.sqrt() / c + eps`.
+void FlatAdamW::update(const Piece& p, double lr) {
+  const int64_t n = p.params.numel();
+  torch::Tensor params = p.params;
+  torch::Tensor scratch = scratch_.narrow(0, 0, n);
   // p <- p - lr * wd * p (decoupled decay, only where the mask is 1)
   if (wd_ > 0) {
-    at::mul_out(scratch_, params, decay_mask);
-    params.sub_(scratch_, lr * wd_);
+    at::mul_out(scratch, params, p.decay_mask);
+    params.sub_(scratch, lr * wd_);
   }
   if (sgd_) {
-    params.sub_(grads, lr);
+    params.sub_(p.grads, lr);
     return;
   }
-  m_.mul_(beta1_).add_(grads, 1.0 - beta1_);
-  v_.mul_(beta2_).addcmul_(grads, grads, 1.0 - beta2_);
+  torch::Tensor m = m_.narrow(0, p.state_offset, n), v = v_.narrow(0, p.state_offset, n);
+  m.mul_(beta1_).add_(p.grads, 1.0 - beta1_);
+  v.mul_(beta2_).addcmul_(p.grads, p.grads, 1.0 - beta2_);
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(t_));
   const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(t_));
-  at::sqrt_out(scratch_, v_);
-  scratch_.div_(std::sqrt(bc2)).add_(eps_);
-  params.addcdiv_(m_, scratch_, -lr / bc1);
+  at::sqrt_out(scratch, v);
+  scratch.div_(std::sqrt(bc2)).add_(eps_);
+  params.addcdiv_(m, scratch, -lr / bc1);
 }
 
 double learningRate(const core::TrainConfig& cfg, int64_t step) {

@@ -221,10 +221,12 @@ TEST(DataParallelParts, ZeroTwoReduceScattersEachBucketToTheSliceOwner) {
   FlatParams flat = FlatParams::bind(m->namedParameters());
   CopiesDp dp(3, 1);
   OptimizerShard shard(flat, &dp, 2);
-  ASSERT_EQ(shard.offsets().size(), 4u);
+  ASSERT_EQ(shard.pieces().size(), 1u);
+  const OptimizerPiece& piece = shard.pieces()[0];
+  ASSERT_EQ(piece.offsets.size(), 4u);
   DataParallelOptions o;
   o.bucket_bytes = 4 * 1024;
-  o.shard_offsets = shard.offsets();
+  o.shard_offsets = piece.offsets;
   DataParallel data(flat, &dp, o);
   overlappedStep(m, flat, dp, data, b);
   if (HasFailure()) return;
@@ -234,7 +236,7 @@ TEST(DataParallelParts, ZeroTwoReduceScattersEachBucketToTheSliceOwner) {
   std::vector<torch::Tensor> flat_ref;
   for (const auto& g : ref) flat_ref.push_back(g.reshape({-1}));
   const auto want = torch::cat(flat_ref) * 3.0;
-  const int64_t lo = shard.begin(), n = shard.size();
+  const int64_t lo = piece.begin, n = piece.size();
   ASSERT_GT(n, 0);
   auto got = flat.grads().narrow(0, lo, n);
   EXPECT_TRUE(torch::allclose(got, want.narrow(0, lo, n), 1e-5, 1e-7));
@@ -283,20 +285,28 @@ TEST(DataParallelParts, OwnerOnlyNormCountsOnceAndRangesAreNamed) {
   EXPECT_TRUE(dense.reduceGradients(stats).isOk());  // nobody else holds them: a no-op
 }
 
-// Rank `rank` of `ranks` processes stepped one after another: its
-// allgatherSlices takes the other ranks' slices from their buffers.
+// Rank `rank` of a group of processes stepped one after another (`members`:
+// their indices in `all`; empty: all of them): its allgatherSlices takes the
+// other members' slices from their buffers, at the same flat offsets.
 class SlicesDp final : public DpComm {
  public:
-  SlicesDp(int rank, std::vector<FlatParams>* all) : rank_(rank), all_(all) {}
+  SlicesDp(int rank, std::vector<FlatParams>* all, std::vector<int> members = {})
+      : rank_(rank), all_(all), members_(std::move(members)) {
+    if (members_.empty()) {
+      for (int q = 0; q < static_cast<int>(all->size()); ++q) members_.push_back(q);
+    }
+  }
   int rank() const override { return rank_; }
-  int size() const override { return static_cast<int>(all_->size()); }
+  int size() const override { return static_cast<int>(members_.size()); }
   std::unique_ptr<PendingReduce> allreduceSumAsync(std::span<float> data) override { return LocalDp().allreduceSumAsync(data); }
   core::Status allreduceSum(std::span<double>) override { return core::okStatus(); }
   core::Status allgather(std::span<const double>, std::span<double>) override { return core::unimplemented("unused"); }
   core::Status allgatherSlices(std::span<float> data, std::span<const int64_t> offsets) override {
+    // Where `data` starts in this member's flat buffer.
+    const int64_t lo = data.data() - bufferOf(rank_);
     for (int q = 0; q < size(); ++q) {
       if (q == rank_) continue;
-      const float* src = (*all_)[static_cast<size_t>(q)].params().data_ptr<float>();
+      const float* src = bufferOf(q) + lo;
       std::copy(src + offsets[q], src + offsets[q + 1], data.data() + offsets[q]);
     }
     return core::okStatus();
@@ -305,8 +315,12 @@ class SlicesDp final : public DpComm {
   std::string describe() const override { return "slices"; }
 
  private:
+  float* bufferOf(int q) const {
+    return (*all_)[static_cast<size_t>(members_[static_cast<size_t>(q)])].params().data_ptr<float>();
+  }
   int rank_;
   std::vector<FlatParams>* all_;
+  std::vector<int> members_;
 };
 
 std::vector<std::pair<std::string, torch::Tensor>> tensorsFrom(uint64_t seed) {
@@ -321,7 +335,7 @@ TEST(OptimizerShardPart, ThreeSlicesMatchOneOptimizerOverTheWholeBuffer) {
   core::TrainConfig tc;
   tc.weight_decay = 0.1;
   FlatParams ref = FlatParams::bind(tensorsFrom(7));
-  FlatAdamW ref_opt(tc, 0, ref.numel());
+  FlatAdamW ref_opt(tc, ref.numel());
   std::vector<FlatParams> ranks;
   for (int r = 0; r < 3; ++r) ranks.push_back(FlatParams::bind(tensorsFrom(7)));
   std::vector<std::unique_ptr<SlicesDp>> dps;
@@ -331,12 +345,12 @@ TEST(OptimizerShardPart, ThreeSlicesMatchOneOptimizerOverTheWholeBuffer) {
   for (int r = 0; r < 3; ++r) {
     dps.push_back(std::make_unique<SlicesDp>(r, &ranks));
     shards.push_back(std::make_unique<OptimizerShard>(ranks[static_cast<size_t>(r)], dps.back().get()));
-    opts.push_back(std::make_unique<FlatAdamW>(tc, shards.back()->begin(), shards.back()->end()));
+    opts.push_back(std::make_unique<FlatAdamW>(tc, shards.back()->size()));
     held += opts.back()->expAvg().numel();
     EXPECT_TRUE(shards.back()->sharded());
   }
   EXPECT_EQ(held, ref.numel());
-  EXPECT_EQ(shards[1]->begin(), 8);  // 24 elements: [0, 8) [8, 16) [16, 24)
+  EXPECT_EQ(shards[1]->pieces()[0].begin, 8);  // 24 elements: [0, 8) [8, 16) [16, 24)
   for (int step = 0; step < 4; ++step) {
     torch::manual_seed(100 + static_cast<uint64_t>(step));
     const torch::Tensor g = torch::randn({ref.numel()});
@@ -344,11 +358,8 @@ TEST(OptimizerShardPart, ThreeSlicesMatchOneOptimizerOverTheWholeBuffer) {
     ref.grads().copy_(g);
     ref_opt.step(ref.params(), ref.grads(), ref.decayMask(), lr);
     for (int r = 0; r < 3; ++r) {
-      auto& f = ranks[static_cast<size_t>(r)];
-      const auto& s = *shards[static_cast<size_t>(r)];
-      f.grads().copy_(g);
-      opts[static_cast<size_t>(r)]->step(f.params().narrow(0, s.begin(), s.size()), f.grads().narrow(0, s.begin(), s.size()),
-                                         f.decayMask().narrow(0, s.begin(), s.size()), lr);
+      ranks[static_cast<size_t>(r)].grads().copy_(g);
+      shards[static_cast<size_t>(r)]->step(*opts[static_cast<size_t>(r)], lr);
     }
     StepStats stats;
     for (auto& s : shards) ASSERT_TRUE(s->gatherParameters(stats).isOk());
@@ -367,6 +378,69 @@ TEST(OptimizerShardPart, ThreeSlicesMatchOneOptimizerOverTheWholeBuffer) {
   EXPECT_EQ(whole.size(), ref.numel());
   StepStats stats;
   EXPECT_TRUE(whole.gatherParameters(stats).isOk());
+}
+
+// Expert parallelism's two ranges: four ranks share the dense range [0, 10)
+// and pairs of them ({0, 2}, {1, 3}) the expert range [10, 24). Each rank
+// updates a quarter of one and a half of the other with one AdamW state and
+// gathers both; every rank ends with what one AdamW over the whole buffer
+// computes, and the moments it names are its two slices.
+TEST(OptimizerShardPart, TwoRangesOverTwoGroupsMatchOneOptimizer) {
+  core::TrainConfig tc;
+  tc.weight_decay = 0.1;
+  FlatParams ref = FlatParams::bind(tensorsFrom(7));
+  ASSERT_EQ(ref.numel(), 24);
+  FlatAdamW ref_opt(tc, ref.numel());
+  std::vector<FlatParams> ranks;
+  for (int r = 0; r < 4; ++r) ranks.push_back(FlatParams::bind(tensorsFrom(7)));
+  std::vector<std::unique_ptr<SlicesDp>> dense, experts;
+  std::vector<std::unique_ptr<OptimizerShard>> shards;
+  std::vector<std::unique_ptr<FlatAdamW>> opts;
+  int64_t held = 0;
+  for (int r = 0; r < 4; ++r) {
+    dense.push_back(std::make_unique<SlicesDp>(r, &ranks));
+    experts.push_back(std::make_unique<SlicesDp>(r / 2, &ranks, std::vector<int>{r % 2, r % 2 + 2}));
+    const std::vector<OptimizerRange> ranges{{0, 10, dense.back().get()}, {10, 24, experts.back().get()}};
+    shards.push_back(std::make_unique<OptimizerShard>(ranks[static_cast<size_t>(r)], ranges, 2));
+    opts.push_back(std::make_unique<FlatAdamW>(tc, shards.back()->size()));
+    held += shards.back()->size();
+  }
+  // The dense range once over four ranks, the experts once per pair.
+  EXPECT_EQ(held, 10 + 2 * 14);
+  const auto& p3 = shards[3]->pieces();
+  ASSERT_EQ(p3.size(), 2u);
+  EXPECT_EQ(p3[0].begin, 7);  // [0, 2) [2, 5) [5, 7) [7, 10)
+  EXPECT_EQ(p3[0].end, 10);
+  EXPECT_EQ(p3[1].begin, 17);  // rank 3 is member 1 of {1, 3}: [10, 17) [17, 24)
+  EXPECT_EQ(p3[1].end, 24);
+  EXPECT_EQ(p3[1].state_offset, 3);
+  EXPECT_EQ(shards[3]->name(), "optimizer shard (ZeRO-2)");
+  for (int step = 0; step < 3; ++step) {
+    torch::manual_seed(200 + static_cast<uint64_t>(step));
+    const torch::Tensor g = torch::randn({ref.numel()});
+    const double lr = 0.02 * (step + 1);
+    ref.grads().copy_(g);
+    ref_opt.step(ref.params(), ref.grads(), ref.decayMask(), lr);
+    for (int r = 0; r < 4; ++r) {
+      ranks[static_cast<size_t>(r)].grads().copy_(g);
+      shards[static_cast<size_t>(r)]->step(*opts[static_cast<size_t>(r)], lr);
+    }
+    StepStats stats;
+    for (auto& s : shards) ASSERT_TRUE(s->gatherParameters(stats).isOk());
+    for (auto& f : ranks) EXPECT_TRUE(torch::allclose(f.params(), ref.params(), 1e-6, 1e-7)) << "step " << step;
+  }
+  // Rank 3's moments are the reference's at its two slices.
+  const torch::Tensor m = opts[3]->expAvg();
+  ASSERT_EQ(m.numel(), 3 + 7);
+  // w1 is [0, 12), norm [12, 17), w2 [17, 24): its slices name w1 [7, 10) and w2 [17, 24).
+  const auto ranges = shards[3]->stateRanges();
+  ASSERT_EQ(ranges.size(), 2u);
+  EXPECT_EQ(ranges[0].name, "w1");
+  EXPECT_EQ(ranges[1].name, "w2");
+  EXPECT_EQ(ranges[1].begin, 17);
+  // The reference's moments at those offsets (one AdamW over the whole buffer).
+  EXPECT_TRUE(torch::allclose(m.narrow(0, 0, 3), ref_opt.expAvg().narrow(0, 7, 3), 1e-6, 1e-8));
+  EXPECT_TRUE(torch::allclose(m.narrow(0, 3, 7), ref_opt.expAvg().narrow(0, 17, 7), 1e-6, 1e-8));
 }
 
 // One stage holding the whole model: the 1F1B machinery alone (stage

@@ -2,8 +2,11 @@
 // binary against the single-process curve: the state is sharded over the
 // ranks that hold the same tensors (a tensor-parallel slice's replicas, a
 // stage's replicas), with uneven shares; a PP run saved half-way resumes
-// unsharded in one process. ZeRO-3 alone: zero3_test.cpp.
+// unsharded in one process; with expert parallelism the dense tensors are
+// sharded over the stage's replicas and the experts over the ranks holding
+// the same experts. ZeRO-3 alone: zero3_test.cpp.
 #include <filesystem>
+#include <fstream>
 #include <map>
 
 #include <gmock/gmock.h>
@@ -56,6 +59,55 @@ TEST(ZeroLayouts, PipelineReplicasShardTheirStageAndResumeUnshardedInOneProcess)
             0)
       << outputOf("zl_pp1");
   expectCurve(one, ref, k + 1, steps, kTol, "resumed in one process");
+}
+
+// Expert parallelism with ZeRO-2: four workers in two expert groups of two
+// members (experts 3 + 1). The dense tensors are reduce-scattered over all
+// four, each member's experts over the two ranks holding them; clipped every
+// step, so a slice counted twice or not at all in the global norm leaves the
+// curve. Cut at step 6, it resumes on two workers (experts 1 + 3) with
+// ZeRO-1: the dense state sharded over both, each member's experts whole,
+// the moments assembled by name.
+TEST(ZeroLayouts, ExpertGroupsShardDenseAndExpertStateOverTheirOwnGroups) {
+  const int steps = 12, k = 6;
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = testutil::clippedReference("zl_ep_ref", steps, moe);
+  fs::path run = scratchRoot() / "zl_ep";
+  std::string y = testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, moe,
+                                            "{expert_parallel: 2, expert_counts: [3, 1]}", ", shares: [3, 3, 1, 1], zero: 2"));
+  y.replace(y.find("{every: 0"), 9, "{every: " + std::to_string(k));
+  EXPECT_NE(testutil::runTrain(y, "zl_ep", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(run / "checkpoints" / checkpointDirName(k))) << outputOf("zl_ep");
+  // Rank 0's two slices: the dense range over all four, its experts over two.
+  EXPECT_THAT(rank0Log(run), testing::ContainsRegex("optimizer shard \\(ZeRO-2\\): [0-9]+ of [0-9]+ optimizer elements "
+                                                    "per rank: \\[0, [0-9]+\\) over 4 ranks, \\[[0-9]+, [0-9]+\\) over 2 ranks"));
+  expectCurve(run, ref, 1, k, kTol, "EP=2 x 2 groups, ZeRO-2");
+  testutil::expectGradNorms(run, scratchRoot() / "zl_ep_ref", 1e-5, "EP=2 x 2 groups, ZeRO-2", k);
+  fs::path two = scratchRoot() / "zl_ep2";
+  fs::create_directories(two);
+  fs::copy(run / "checkpoints", two / "checkpoints", fs::copy_options::recursive);
+  const std::string y2 = testutil::clipped(jobYaml(two, "    - {name: a, count: 2}", steps, moe,
+                                                   "{expert_parallel: 2, expert_counts: [1, 3]}", ", zero: 1"));
+  ASSERT_EQ(testutil::runTrain(y2, "zl_ep2", {"--resume"}), 0) << outputOf("zl_ep2");
+  EXPECT_THAT(rank0Log(two), testing::ContainsRegex("optimizer shard \\(ZeRO-1\\): .* over 2 ranks, \\[[0-9]+, [0-9]+\\) whole"));
+  expectCurve(two, ref, k + 1, steps, kTol, "resumed by EP=2 with ZeRO-1");
+}
+
+// ZeRO-3 would gather a layer's dense tensors and experts over two groups:
+// refused by name, while ZeRO-2 with expert parallelism loads.
+TEST(ZeroLayouts, ZeroThreeWithExpertParallelismIsRefusedNamingTheField) {
+  const std::string moe = ", moe: {num_experts: 4}";
+  auto load = [&](const std::string& zero) {
+    fs::path p = scratchRoot() / "zl_ep_bad.yaml";
+    std::ofstream(p) << jobYaml(scratchRoot() / "zl_ep_bad", "    - {name: a, count: 4}", 2, moe, "{expert_parallel: 2}",
+                                ", zero: " + zero);
+    return core::loadJob(p.string());
+  };
+  auto three = load("3");
+  ASSERT_FALSE(three.isOk());
+  EXPECT_THAT(three.status().message(), HasSubstr("train.zero"));
+  EXPECT_THAT(three.status().message(), HasSubstr("0, 1 or 2 with strategy.expert_parallel > 1"));
+  EXPECT_TRUE(load("2").isOk()) << load("2").status().toString();
 }
 
 }  // namespace

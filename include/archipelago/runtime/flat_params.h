@@ -112,20 +112,27 @@ class FlatParams {
 };
 
 // AdamW (decoupled weight decay, bias-corrected, as in Loshchilov & Hutter)
-// over a contiguous slice [begin, end) of the flat parameters: the whole
-// range without optimizer sharding, this rank's shard with it (ZeRO-1).
+// with `numel` elements of state: the whole flat buffer without optimizer
+// sharding, this rank's slices with it (ZeRO, parallel/optimizer_shard.h).
 // With train.optimizer = sgd it is plain SGD with decoupled weight decay
 // (no state), whose update is linear in the gradient.
 class FlatAdamW {
  public:
   // State on `device` (the parameters').
-  FlatAdamW(const core::TrainConfig& cfg, int64_t begin, int64_t end, torch::Device device = torch::kCPU);
+  FlatAdamW(const core::TrainConfig& cfg, int64_t numel, torch::Device device = torch::kCPU);
 
-  // params/grads/mask are the slices [begin, end).
+  // Slices of the flat parameters, gradients and decay mask updated with the
+  // moments [state_offset, state_offset + numel) of the state.
+  struct Piece {
+    torch::Tensor params, grads, decay_mask;
+    int64_t state_offset = 0;
+  };
+  // One step over the pieces (one bias correction for all of them).
+  void step(const std::vector<Piece>& pieces, double lr);
+  // One step over the whole state: params/grads/mask of its size.
   void step(torch::Tensor params, const torch::Tensor& grads, const torch::Tensor& decay_mask, double lr);
 
-  int64_t begin() const { return begin_; }
-  int64_t end() const { return end_; }
+  int64_t numel() const { return m_.numel(); }
   int64_t stepCount() const { return t_; }
   // Bytes of the moments and the update's scratch.
   int64_t bytes() const;
@@ -134,9 +141,9 @@ class FlatAdamW {
   torch::Tensor& expAvgSq() { return v_; }
 
  private:
+  void update(const Piece& p, double lr);
   bool sgd_;
   double beta1_, beta2_, eps_, wd_;
-  int64_t begin_, end_;
   int64_t t_ = 0;
   torch::Tensor m_, v_;
   torch::Tensor scratch_;  // the update's temporaries, reused every step

@@ -25,7 +25,7 @@ OpResult adamw(const OpContext& c) {
   cfg.weight_decay = 0.1;
   auto p = c.input({n}, 1.0, "adamw.param", torch::kFloat);
   auto mask = torch::remainder(torch::arange(n, torch::kLong), 2).to(torch::kFloat);
-  FlatAdamW opt(cfg, 0, n, c.device);
+  FlatAdamW opt(cfg, n, c.device);
   auto param = p.dev.clone();
   auto ref = p.ref.clone();
   auto m = torch::zeros_like(ref), v = torch::zeros_like(ref);

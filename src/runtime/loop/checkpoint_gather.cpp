@@ -44,8 +44,11 @@ HeldState Trainer::heldState() {
     }
   };
   add("weight", weights, flat_->params(), flat_->base());
-  add("exp_avg", optim_->stateRanges(), adam_->expAvg(), optim_->begin());
-  add("exp_avg_sq", optim_->stateRanges(), adam_->expAvgSq(), optim_->begin());
+  // The moments of each of this rank's optimizer slices, from its offset in the state.
+  for (const auto& p : optim_->pieces()) {
+    add("exp_avg", optim_->stateRangesOf(p), adam_->expAvg().narrow(0, p.state_offset, p.size()), p.begin);
+    add("exp_avg_sq", optim_->stateRangesOf(p), adam_->expAvgSq().narrow(0, p.state_offset, p.size()), p.begin);
+  }
   if (outer_) {
     const NamedTensors st = outer_->stateTensors();
     std::map<std::string, torch::Tensor> by(st.begin(), st.end());

@@ -120,7 +120,7 @@ core::Status Trainer::makeParts() {
     if (tensor_) {
       for (bool whole : tensor_->replicated()) norm_segments.push_back(tp_rank_ == 0 || !whole);
     }
-    params_shard_ = std::make_unique<parallel::ShardedParameters>(*flat_, zeroGroup(), optim_->offsets(), unit_cut_,
+    params_shard_ = std::make_unique<parallel::ShardedParameters>(*flat_, zeroGroup(), optim_->pieces()[0].offsets, unit_cut_,
                                                                   std::move(norm_segments));
     net_->setLayerHooks(params_shard_.get());
     if (pp_) {
@@ -140,7 +140,7 @@ core::Status Trainer::makeParts() {
     dopt.overlap = elastic() ? world_ > 1 : grad_dp_->size() > 1;
     if (optim_->stage() == 2) {
       // The optimizer's group is the gradient group here (sync, no inner group).
-      dopt.shard_offsets = optim_->offsets();
+      dopt.shard_offsets = optim_->pieces()[0].offsets;
     }
     data_ = std::make_unique<parallel::DataParallel>(*flat_, grad_dp_, dopt);
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
@@ -163,9 +163,13 @@ core::Status Trainer::makeParts() {
   dopt.overlap = false;
   dopt.replicated_norm = false;
   dopt.norm_owner = d == 0;
-  if (optim_->stage() == 2) {
-    // ZeRO-2 over the stage group: each rank's slice of the summed gradients counts.
-    dopt.shard_offsets = optim_->offsets();
+  // ZeRO-2: gradients reduce-scattered to the optimizer's slices, the dense
+  // ones over the stage group, the experts over the ranks holding them; each
+  // rank's slices of the summed gradients count in the norm.
+  const bool zero2 = optim_->stage() == 2;
+  const parallel::OptimizerPiece& dense_piece = optim_->pieces().front();
+  if (zero2 && dense_piece.sharded()) {
+    dopt.shard_offsets = dense_piece.offsets;
     dopt.norm_owner = true;
   }
   // Tensor parallelism: slices count on every rank of the group, the
@@ -174,11 +178,15 @@ core::Status Trainer::makeParts() {
     for (bool whole : tensor_->replicated()) dopt.norm_segments.push_back(tp_rank_ == 0 || !whole);
   }
   data_ = std::make_unique<parallel::DataParallel>(*flat_, stage_dp_.get(), dopt);
-  // The experts count in the norm from the first expert group, and (TP: the
-  // MoE layers are replicated in the group) from its TP rank 0.
+  // The experts count in the norm from the first expert group, or (ZeRO-2)
+  // each holder its slice, and (TP: the MoE layers are replicated in the
+  // group) from its TP rank 0.
   if (ep_) {
-    experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(), d < lay_.ep && tp_rank_ == 0,
-                                                          exchange_);
+    const parallel::OptimizerPiece& expert_piece = optim_->pieces().back();
+    const bool sharded = zero2 && expert_piece.sharded();
+    experts_ = std::make_unique<parallel::ExpertParallel>(*flat_, n_dense_, expert_dp_.get(),
+                                                          (sharded || d < lay_.ep) && tp_rank_ == 0, exchange_,
+                                                          sharded ? expert_piece.offsets : std::vector<int64_t>{});
   }
   const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;
   if (!pp_) {

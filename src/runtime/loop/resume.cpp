@@ -64,9 +64,13 @@ core::Status Trainer::loadPieces(const std::string& dir, const CheckpointState& 
     const int64_t lo = std::max(seg.offset, base), hi = std::min(seg.offset + seg.numel, base + flat_->params().numel());
     if (lo < hi) flat_->params().narrow(0, lo - base, hi - lo).copy_(mine.narrow(0, lo - seg.offset, hi - lo));
   }
-  const auto moments = shard_map_->pieces(optim_->begin(), optim_->end());
-  shard_map_->load(moments, opt_by_name["exp_avg"], adam_->expAvg(), optim_->begin());
-  shard_map_->load(moments, opt_by_name["exp_avg_sq"], adam_->expAvgSq(), optim_->begin());
+  for (const auto& p : optim_->pieces()) {
+    const auto moments = shard_map_->pieces(p.begin, p.end);
+    torch::Tensor m = adam_->expAvg().narrow(0, p.state_offset, p.size());
+    torch::Tensor v = adam_->expAvgSq().narrow(0, p.state_offset, p.size());
+    shard_map_->load(moments, opt_by_name["exp_avg"], m, p.begin);
+    shard_map_->load(moments, opt_by_name["exp_avg_sq"], v, p.begin);
+  }
   for (auto& [name, t] : buffers_) {
     auto it = by_name.find(name);
     if (it == by_name.end() || it->second.sizes() != t.sizes()) {

@@ -182,7 +182,7 @@ core::Status Trainer::setupModel() {
 
 int Trainer::zeroInUse() const {
   const int zero = static_cast<int>(core::zeroStage(tc_));
-  if (zero < 1 || world_ <= 1 || opt_.inner || ep_) return 0;
+  if (zero < 1 || world_ <= 1 || opt_.inner) return 0;
   return zero;
 }
 
@@ -201,14 +201,21 @@ DpComm* Trainer::zeroGroup() const {
   return stage_dp_ ? stage_dp_.get() : nullptr;
 }
 
-// AdamW over the whole flat buffer, or this rank's shard of it (ZeRO-1/2/3,
-// plain data parallelism only), and the initial batch shares.
+// The ranges the optimizer state is sharded over (train.zero >= 1): the
+// whole buffer over zeroGroup(), or with expert parallelism the dense
+// tensors over it and the experts over the ranks holding the same experts.
+std::vector<parallel::OptimizerRange> Trainer::optimizerRanges() const {
+  if (!ep_) return {{0, flat_->numel(), zeroGroup()}};
+  return {{0, n_dense_, zeroGroup()}, {n_dense_, flat_->numel(), expert_dp_.get()}};
+}
+
+// AdamW over the whole flat buffer, or this rank's slices of it (ZeRO-1/2/3),
+// and the initial batch shares.
 core::Status Trainer::setupOptimizer() {
   const int zero = zeroInUse();
-  const bool shard = zero >= 1 && zeroGroup() != nullptr;
-  if (core::zeroStage(tc_) >= 1 && world_ > 1 && ep_) {
-    if (rank_ == 0) ARCH_LOG_WARN("train.zero is ignored with expert parallelism");
-  } else if (zero >= 1 && !shard && rank_ == 0) {
+  const auto ranges = optimizerRanges();
+  const bool shard = zero >= 1 && std::any_of(ranges.begin(), ranges.end(), [](const auto& r) { return r.dp != nullptr; });
+  if (zero >= 1 && !shard && rank_ == 0) {
     ARCH_LOG_WARN("train.zero: no other rank holds this rank's tensors (one replica): nothing to shard");
   } else if (core::zeroStage(tc_) >= 1 && world_ > 1 && opt_.inner) {
     ARCH_LOG_WARN("train.zero is ignored with strategy {} (optimizer state stays per island)", job_.strategy.kind);
@@ -216,9 +223,9 @@ core::Status Trainer::setupOptimizer() {
     ARCH_LOG_WARN("train.zero: sharded state cannot survive a lost worker; a failure restarts the job "
                   "from its newest checkpoint instead of continuing elastically");
   }
-  optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, zeroGroup(), zero)
+  optim_ = shard ? std::make_unique<parallel::OptimizerShard>(*flat_, ranges, zero)
                  : std::make_unique<parallel::OptimizerShard>(*flat_);
-  adam_ = std::make_unique<FlatAdamW>(tc_, optim_->begin(), optim_->end(), flat_->device());
+  adam_ = std::make_unique<FlatAdamW>(tc_, optim_->size(), flat_->device());
   ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
   return core::okStatus();
 }

@@ -134,8 +134,7 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "optimizer", &optimizer_s);
     torch::NoGradGuard ng;
     if (tc_.grad_clip > 0 && grad_norm > tc_.grad_clip) flat_->grads().mul_(tc_.grad_clip / (grad_norm + 1e-6));
-    const int64_t b = optim_->begin() - flat_->base(), n = optim_->size();
-    adam_->step(flat_->params().narrow(0, b, n), flat_->grads().narrow(0, b, n), flat_->decayMask().narrow(0, b, n), lr);
+    optim_->step(*adam_, lr);
   }
   if (optim_->sharded()) {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "parameter allgather", &comm_s);

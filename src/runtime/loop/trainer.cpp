@@ -41,8 +41,7 @@ void Trainer::logStart() const {
   ARCH_LOG_INFO("training {} parameters, {} steps from step {}, global batch {} x {} tokens over {} ({}), shares [{}]{}",
                 flat_->numel(), tc_.steps, start_step_, tc_.global_batch, T_, alive_.size(), dp_->describe(),
                 fmt::join(shares_, ","),
-                optim_->sharded() ? fmt::format(", {}: {} of {} optimizer elements per rank", optim_->name(),
-                                                optim_->size(), flat_->numel())
+                optim_->sharded() ? fmt::format(", {}: {}", optim_->name(), optim_->describe())
                                   : "");
   if (!split() || rank_ != 0) return;
   if (job_lay_.perIsland()) {

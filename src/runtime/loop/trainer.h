@@ -181,6 +181,7 @@ class Trainer {
   // parallelism, over the ranks holding the same tensors; none with EP).
   int zeroInUse() const;
   DpComm* zeroGroup() const;
+  std::vector<parallel::OptimizerRange> optimizerRanges() const;
   // The ranks of the inner group that hold this rank's tensors (a split
   // layout: the same stage and tensor-parallel rank), this one included.
   std::vector<int> sameStageRanks() const;

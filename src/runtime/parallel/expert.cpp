@@ -101,17 +101,29 @@ torch::Tensor CommExpertExchange::alltoallvRows(const torch::Tensor& rows, const
 core::Status ExpertParallel::reduceGradients(StepStats& stats) {
   if (!dp_ || dp_->size() <= 1 || begin_ >= flat_.numel()) return core::okStatus();
   const auto t0 = core::Clock::now();
-  HostView g(flat_.grads().narrow(0, begin_, flat_.numel() - begin_), torch::kFloat32);
-  auto op = dp_->allreduceSumAsync(std::span<float>(g.data<float>(), static_cast<size_t>(flat_.numel() - begin_)));
+  const int64_t n = flat_.numel() - begin_;
+  HostView g(flat_.grads().narrow(0, begin_, n), torch::kFloat32);
+  const std::span<float> data(g.data<float>(), static_cast<size_t>(n));
+  std::unique_ptr<PendingReduce> op;
+  if (shards_.empty()) {
+    op = dp_->allreduceSumAsync(data);
+  } else {
+    std::vector<size_t> counts;
+    for (size_t r = 0; r + 1 < shards_.size(); ++r) counts.push_back(static_cast<size_t>(shards_[r + 1] - shards_[r]));
+    op = dp_->reduceScatterSumAsync(data, counts);
+  }
   core::Status st = op->wait();
   if (st.isOk()) g.land();
   stats.wait_s += core::secondsSince(t0);
-  return st.isOk() ? st : st.withContext("expert gradient allreduce");
+  return st.isOk() ? st : st.withContext(shards_.empty() ? "expert gradient allreduce" : "expert gradient reduce-scatter (ZeRO-2)");
 }
 
 NormShare ExpertParallel::gradNormSquared() const {
   if (!norm_owner_ || begin_ >= flat_.numel()) return {0.0, false};
-  return {gradSumOfSquares(flat_, begin_, flat_.numel()), false};
+  if (shards_.empty()) return {gradSumOfSquares(flat_, begin_, flat_.numel()), false};
+  // Only this rank's slice holds summed gradients.
+  const auto r = static_cast<size_t>(dp_->rank());
+  return {gradSumOfSquares(flat_, shards_[r], shards_[r + 1]), false};
 }
 
 std::vector<StateRange> ExpertParallel::stateRanges() const {

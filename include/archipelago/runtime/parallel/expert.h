@@ -62,10 +62,18 @@ class ExpertParallel final : public Part {
  public:
   // `expert_dp`: the ranks holding the same experts (null: nobody else).
   // `norm_owner`: this rank counts the experts in the global norm (one
-  // expert group of the step group does).
+  // expert group of the step group does). `shard_offsets` (ZeRO-2): the
+  // optimizer slices of expert_dp's ranks (size+1 flat offsets); the
+  // gradients are reduce-scattered along them and this rank counts its own
+  // slice in the norm. Empty: every rank gets the whole sum.
   ExpertParallel(FlatParams& flat, int64_t expert_begin, DpComm* expert_dp, bool norm_owner,
-                 std::shared_ptr<CommExpertExchange> exchange)
-      : flat_(flat), begin_(expert_begin), dp_(expert_dp), norm_owner_(norm_owner), exchange_(std::move(exchange)) {}
+                 std::shared_ptr<CommExpertExchange> exchange, std::vector<int64_t> shard_offsets = {})
+      : flat_(flat),
+        begin_(expert_begin),
+        dp_(expert_dp),
+        norm_owner_(norm_owner),
+        exchange_(std::move(exchange)),
+        shards_(std::move(shard_offsets)) {}
   std::string name() const override { return "expert"; }
   core::Status reduceGradients(StepStats& stats) override;
   NormShare gradNormSquared() const override;
@@ -78,6 +86,7 @@ class ExpertParallel final : public Part {
   DpComm* dp_;
   bool norm_owner_;
   std::shared_ptr<CommExpertExchange> exchange_;
+  std::vector<int64_t> shards_;  // ZeRO-2 slice boundaries; empty: allreduce
 };
 
 }  // namespace archipelago::runtime::parallel

@@ -1,10 +1,16 @@
 // The optimizer's range as a part. Unsharded, every rank updates the whole
-// flat buffer. Sharded (train.zero >= 1), the ranks of a data-parallel
-// group split the buffer into equal contiguous slices; each keeps AdamW
-// moments for its slice only (1/N of the optimizer memory), updates that
-// slice from the reduced gradients (ZeRO-1: allreduced, every rank has all
-// of them; ZeRO-2: reduce-scattered, each rank has its slice's), and the
-// updated slices are gathered so every rank holds all parameters again.
+// flat buffer. Sharded (train.zero >= 1), the flat buffer is one or more
+// ranges, each shared by a data-parallel group (the ranks holding those
+// tensors): the group's ranks split the range into equal contiguous slices;
+// each keeps AdamW moments for its slices only (1/N of the optimizer
+// memory), updates them from the reduced gradients (ZeRO-1: allreduced,
+// every rank has all of them; ZeRO-2: reduce-scattered, each rank has its
+// slice's), and the updated slices are gathered so every rank holds all its
+// parameters again.
+//
+// One range over the whole buffer is the common case. Expert parallelism has
+// two: the dense tensors, shared by the stage's replicas, and the experts,
+// shared only by the ranks holding the same experts (fewer, or none).
 //
 // ZeRO-3 (sharded_params.h) keeps the parameters in these slices too and
 // gathers them unit by unit where they are used: nothing to gather here.
@@ -23,38 +29,59 @@
 
 namespace archipelago::runtime::parallel {
 
+// Flat offsets [lo, hi) and the group that shares them (null: this rank alone).
+struct OptimizerRange {
+  int64_t lo = 0, hi = 0;
+  DpComm* dp = nullptr;
+};
+
+// This rank's part of one OptimizerRange.
+struct OptimizerPiece {
+  DpComm* dp = nullptr;          // null: the whole range is this rank's
+  std::vector<int64_t> offsets;  // the group's size+1 slice boundaries (flat offsets); empty unsharded
+  int64_t begin = 0, end = 0;    // this rank's slice [begin, end)
+  int64_t state_offset = 0;      // where its moments start in the optimizer's state
+  int64_t size() const { return end - begin; }
+  bool sharded() const { return dp != nullptr; }
+};
+
 class OptimizerShard final : public Part {
  public:
   // Unsharded: the whole buffer, nothing to gather.
   explicit OptimizerShard(FlatParams& flat);
-  // Slice dp->rank() of dp->size() equal slices; `dp` gathers the slices.
-  // `stage`: the ZeRO stage it serves (1, 2 or 3).
+  // Slice dp->rank() of dp->size() equal slices of the whole buffer; `dp`
+  // gathers the slices. `stage`: the ZeRO stage it serves (1, 2 or 3).
   OptimizerShard(FlatParams& flat, DpComm* dp, int stage = 1);
+  // Consecutive ranges covering the buffer, each sliced over its group.
+  OptimizerShard(FlatParams& flat, const std::vector<OptimizerRange>& ranges, int stage);
   // The n+1 boundaries of n equal slices of `numel` elements.
   static std::vector<int64_t> sliceOffsets(int64_t numel, int n);
+  // The same over [lo, hi).
+  static std::vector<int64_t> sliceOffsets(int64_t lo, int64_t hi, int n);
   std::string name() const override {
     return sharded() ? "optimizer shard (ZeRO-" + std::to_string(stage_) + ")" : "optimizer";
   }
   int stage() const { return sharded() ? stage_ : 0; }
 
-  bool sharded() const { return dp_ != nullptr; }
-  // This rank's slice [begin, end) of the flat buffer.
-  int64_t begin() const { return begin_; }
-  int64_t end() const { return end_; }
-  int64_t size() const { return end_ - begin_; }
-  // size()+1 slice boundaries of the group (empty when unsharded).
-  const std::vector<int64_t>& offsets() const { return offsets_; }
-  // After the optimizer updated this rank's slice: every slice to every
-  // rank (ZeRO-1/2; ZeRO-3 gathers where the parameters are used).
+  bool sharded() const;
+  const std::vector<OptimizerPiece>& pieces() const { return pieces_; }
+  // Elements this rank updates (the optimizer state's size).
+  int64_t size() const;
+  // AdamW over this rank's slices of the reduced gradients.
+  void step(FlatAdamW& adam, double lr);
+  // After step: every slice to every rank of its group (ZeRO-1/2; ZeRO-3
+  // gathers where the parameters are used).
   core::Status gatherParameters(StepStats& stats);
   std::vector<StateRange> stateRanges() const override;
+  // "N of M optimizer elements per rank: [lo, hi) over K ranks, ..." for logs.
+  std::string describe() const;
+  // The state ranges of one piece.
+  std::vector<StateRange> stateRangesOf(const OptimizerPiece& p) const;
 
  private:
   FlatParams& flat_;
-  DpComm* dp_ = nullptr;
   int stage_ = 0;
-  std::vector<int64_t> offsets_;  // size()+1 slice boundaries
-  int64_t begin_ = 0, end_ = 0;
+  std::vector<OptimizerPiece> pieces_;
 };
 
 }  // namespace archipelago::runtime::parallel
