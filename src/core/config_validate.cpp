@@ -137,11 +137,6 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
               std::to_string(s.pipeline_stages) + "): every stage is one tensor-parallel group");
   }
   if (s.sequence_parallel) {
-    if (zeroStage(j.train) >= 3) {
-      p.add("train.zero", zeroStage(j.train), "0, 1 or 2 with strategy.sequence_parallel (the norms' gradients are summed "
-                                              "over the tensor-parallel group after backward, which ZeRO-3 has already "
-                                              "reduce-scattered), or sequence_parallel: false");
-    }
     if (m.moe.num_experts > 0) {
       p.add("strategy.sequence_parallel", "true", "false with model.moe (the replicated experts would each route a "
                                                   "block of the sequence; not built yet)");
@@ -199,8 +194,9 @@ void validateIslandLayout(const JobConfig& j, size_t i, Problems& p) {
 }
 
 // Per-island layouts (core/island_layout.h): each island's layout, and
-// what runs with them so far (synchronous data parallelism across the
-// islands by tensor name); the rest is refused rather than ignored.
+// what runs with them so far (sync or DiLoCo across the islands by tensor
+// name, dense or MoE without expert groups); the rest is refused rather
+// than ignored.
 void validateIslandLayouts(const JobConfig& j, Problems& p) {
   bool any_tp = false;
   for (size_t i = 0; i < j.cluster.islands.size(); ++i) {
@@ -214,8 +210,8 @@ void validateIslandLayouts(const JobConfig& j, Problems& p) {
     p.add("strategy.codec", j.strategy.codec, "none with per-island layouts under diloco (the islands' mean by "
                                               "tensor name is fp32)");
   }
+  // MoE layers run replicated in each island's layout (no expert groups).
   if (j.strategy.expert_parallel > 1) p.add("strategy.expert_parallel", j.strategy.expert_parallel, "1" + why);
-  if (j.model.moe.num_experts > 0) p.add("model.moe.num_experts", j.model.moe.num_experts, "0 (a dense model)" + why);
   if (zeroStage(j.train) >= 2) {
     p.add("train.zero", zeroStage(j.train), "0 or 1 with per-island layouts (the bridge sums whole gradients, which "
                                             "ZeRO-2/3 leave in slices)");

@@ -7,6 +7,8 @@ namespace archipelago::plan {
 
 namespace {
 
+constexpr const char* kSequenceDenseOnly = "sequence parallelism is off: the runtime runs it for dense models only";
+
 // A group's layout as the runtime sees it: what must be alike in every group.
 struct RunLayout {
   int64_t tp = 1, pp = 1, ep = 1, micro_batch = 1, virtual_stages = 1;
@@ -77,7 +79,7 @@ void addLayout(const RunLayout& l, const core::JobConfig& job, PlanOverrides& ou
   out.sets.push_back(fmt::format("strategy.expert_parallel={}", l.ep));
   // The planner prices tensor parallelism with sequence parallelism (dense models only here).
   if (l.tp > 1 && !moe) out.sets.push_back("strategy.sequence_parallel=true");
-  if (l.tp > 1 && moe) out.notes.push_back("sequence parallelism is off: the runtime runs it for dense models only");
+  if (l.tp > 1 && moe) out.notes.push_back(kSequenceDenseOnly);
   out.sets.push_back(fmt::format("train.micro_batch={}", l.micro_batch));
   out.sets.push_back(fmt::format("train.recompute={}", l.recompute != Recompute::kNone && l.pp > 1));
   if (l.recompute == Recompute::kSelective && l.pp > 1) {
@@ -88,14 +90,10 @@ void addLayout(const RunLayout& l, const core::JobConfig& job, PlanOverrides& ou
   }
 }
 
-void addZero(const RunLayout& l, const Plan& plan, bool moe, PlanOverrides& out) {
+void addZero(const RunLayout& l, const Plan& plan, PlanOverrides& out) {
   int zero = l.zero;
   if (zero == 3 && l.ep > 1) {
     out.notes.push_back("zero=3 runs as 2: the runtime shards parameters (ZeRO-3) without expert parallelism only");
-    zero = 2;
-  } else if (zero == 3 && l.tp > 1 && !moe) {
-    out.notes.push_back("zero=3 runs as 2: the plan's tensor parallelism runs with sequence parallelism, which "
-                        "ZeRO-3 does not run with");
     zero = 2;
   }
   if (zero >= 2 && plan.strategy == "sync" && plan.codec != "none" && plan.groups.size() > 1) {
@@ -112,7 +110,7 @@ void addZero(const RunLayout& l, const Plan& plan, bool moe, PlanOverrides& out)
 core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::JobConfig& job,
                                                const std::vector<RunLayout>& layouts) {
   PlanOverrides out;
-  const std::string why = "; per-island layouts run dense models, each island's pipelines inside it";
+  const std::string why = "; per-island layouts run without expert groups, each island's pipelines inside it";
   std::vector<bool> covered(job.cluster.islands.size(), false);
   int64_t micro = layouts.front().micro_batch;
   bool recompute = false, all_recompute = true;
@@ -161,7 +159,9 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   out.sets.push_back("strategy.tensor_parallel=1");
   out.sets.push_back("strategy.pipeline_stages=1");
   out.sets.push_back("strategy.expert_parallel=1");
-  out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp));
+  const bool moe = job.model.moe.num_experts > 0;
+  out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp && !moe));
+  if (any_tp && moe) out.notes.push_back(kSequenceDenseOnly);
   out.sets.push_back(fmt::format("train.micro_batch={}", micro));
   out.sets.push_back(fmt::format("train.recompute={}", recompute));
   out.sets.push_back(fmt::format("train.zero={}", zero));
@@ -219,7 +219,7 @@ core::Result<PlanOverrides> jobOverrides(const Plan& plan, const core::JobConfig
   }
   PlanOverrides out;
   addLayout(l, job, out);
-  addZero(l, plan, job.model.moe.num_experts > 0, out);
+  addZero(l, plan, out);
   const bool diloco = plan.strategy == "diloco" && plan.groups.size() > 1;
   out.sets.push_back(std::string("strategy.kind=") + (diloco ? "diloco" : "sync"));
   if (diloco) out.sets.push_back(fmt::format("strategy.inner_steps={}", plan.diloco_h));

@@ -85,12 +85,13 @@ TEST(PlanToJob, TensorAndPipelineParallelismBecomeTheJobsStrategy) {
     EXPECT_THAT(ov->sets, Contains(std::string(want)));
   }
   EXPECT_TRUE(ov->notes.empty());
-  // ZeRO-3 does not gather tensor-parallel slices: said, not changed silently;
-  // over the replicas of pipeline stages it runs as planned.
+  // ZeRO-3 runs as planned with tensor and sequence parallelism, and over
+  // the replicas of pipeline stages.
   auto z3 = jobOverrides(planOf({group({0}, 2, {3, 1}, 1, 3)}), job(4));
   ASSERT_TRUE(z3.isOk());
-  EXPECT_THAT(z3->sets, Contains(std::string("train.zero=2")));
-  EXPECT_THAT(z3->notes, Contains(HasSubstr("zero=3 runs as 2")));
+  EXPECT_THAT(z3->sets, Contains(std::string("train.zero=3")));
+  EXPECT_THAT(z3->sets, Contains(std::string("strategy.sequence_parallel=true")));
+  EXPECT_TRUE(z3->notes.empty());
   auto z3pp = jobOverrides(planOf({group({0}, 1, {3, 1}, 2, 3)}), job(4));
   ASSERT_TRUE(z3pp.isOk()) << z3pp.status().toString();
   EXPECT_THAT(z3pp->sets, Contains(std::string("train.zero=3")));
@@ -182,6 +183,21 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   ASSERT_TRUE(z.isOk());
   EXPECT_THAT(z->sets, Contains(std::string("train.zero=1")));
   EXPECT_THAT(z->notes, Contains(HasSubstr("zero=3 runs as 1")));
+  // A MoE model: each island's layout replicates the MoE layers, without
+  // sequence parallelism (said), and the job passes the job check.
+  core::JobConfig moe = twoIslands();
+  moe.model.moe.num_experts = 4;
+  p.strategy = "sync";
+  p.groups[0].zero = 1;
+  auto m = jobOverrides(p, moe);
+  ASSERT_TRUE(m.isOk()) << m.status().toString();
+  EXPECT_THAT(m->sets, Contains(std::string("strategy.sequence_parallel=false")));
+  EXPECT_THAT(m->notes, Contains(HasSubstr("sequence parallelism is off")));
+  std::vector<std::string> moe_sets = m->sets;
+  moe_sets.push_back("model.moe.num_experts=4");
+  auto moe_loaded = loadWith("[{name: a, count: 2}, {name: b, count: 2}]", moe_sets);
+  ASSERT_TRUE(moe_loaded.isOk()) << moe_loaded.status().toString();
+  EXPECT_EQ(moe_loaded->job.model.moe.num_experts, 4);
 }
 
 TEST(PlanToJob, RefusesWhatTheRuntimeCannotRunNamingWhy) {

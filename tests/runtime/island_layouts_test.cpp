@@ -6,9 +6,10 @@
 // islands leaves the curve; saved half-way and resumed by one process and
 // by the islands' layouts swapped (with ZeRO-1 over island a's two
 // pipelines); and the two islands under DiLoCo, whose
-// outer step averages by tensor name. The exchange plan itself is checked
-// element by element below.
+// outer step averages by tensor name; and a MoE model on the two layouts.
+// The exchange plan itself is checked element by element below.
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -154,6 +155,57 @@ TEST(IslandLayouts, TensorParallelIslandAndPipelineIslandMatchSingleProcessAndRe
     expectCurve(again, ref, k + 1, steps, kTol, name);
     if (!zero.empty()) EXPECT_THAT(testutil::rank0Log(again), HasSubstr("(ZeRO-1)"));
   }
+}
+
+TEST(IslandLayouts, MoeLayersRunReplicatedInEachIslandsLayoutAndBalanceOnTheJobsLoad) {
+  // A MoE model: island a TP=2 (its MoE layers replicated in the group),
+  // island b a PP=2 pipeline. Router-bias balancing needs every token's
+  // routing: the loads meet by layer across the islands, so the biases,
+  // the routing and the curve are the single process's. Clipped: the
+  // experts must count once in the norm, not once per TP rank.
+  const int steps = 8;
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = testutil::clippedReference("ilmoe_ref", steps, moe);
+  fs::path run = scratchRoot() / "ilmoe";
+  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run,
+                                                         "    - {name: a, count: 2, tensor_parallel: 2}\n"
+                                                         "    - {name: b, count: 2, pipeline_stages: 2, stage_layers: [3, 1]}",
+                                                         steps, moe, "{kind: sync}")),
+                               "ilmoe"),
+            0)
+      << outputOf("ilmoe");
+  expectCurve(run, ref, 1, steps, kTol, "MoE: a TP=2, b PP=2");
+  testutil::expectGradNorms(run, scratchRoot() / "ilmoe_ref", 1e-5, "MoE: a TP=2, b PP=2");
+  // The router biases both runs ended with (checkpointed at exit) are the
+  // same: every update saw the job's whole load, not an island's.
+  auto biases = [&](const fs::path& dir) {
+    std::map<std::string, torch::Tensor> out;
+    auto ck = loadCheckpoint((dir / "checkpoints" / checkpointDirName(steps)).string());
+    EXPECT_TRUE(ck.isOk()) << ck.status().toString();
+    if (!ck.isOk()) return out;
+    for (const auto& [n, t] : ck->weights) {
+      if (n.find("e_score_correction_bias") != std::string::npos) out[n] = t;
+    }
+    return out;
+  };
+  const auto want_bias = biases(scratchRoot() / "ilmoe_ref"), got_bias = biases(run);
+  ASSERT_EQ(want_bias.size(), 4u) << "a router bias per MoE layer";
+  ASSERT_EQ(got_bias.size(), want_bias.size());
+  for (const auto& [n, t] : want_bias) {
+    EXPECT_GT(t.abs().sum().item<double>(), 0) << n << ": the balancing moved the bias";
+    EXPECT_TRUE(torch::allclose(got_bias.at(n), t, 0, 1e-6)) << n << ": " << got_bias.at(n) << " vs " << t;
+  }
+  // A MoE record per step and layer, counting the last micro-batch (2
+  // samples x 32 tokens, top-2) of each of the two replicas (island a's TP
+  // group and island b's pipeline): a TP group counted once, not per rank.
+  std::map<std::pair<int64_t, int64_t>, double> routed;
+  for (const auto& j : testutil::metricLines(run, "moe")) {
+    double sum = 0;
+    for (double v : j["tokens_per_expert"].get<std::vector<double>>()) sum += v;
+    routed[{j["step"].get<int64_t>(), j["layer"].get<int64_t>()}] += sum;
+  }
+  ASSERT_EQ(routed.size(), static_cast<size_t>(steps * 4)) << "a MoE record per step and layer";
+  for (const auto& [at, sum] : routed) EXPECT_EQ(sum, 2 * 2 * 32 * 2) << "step " << at.first << " layer " << at.second;
 }
 
 TEST(IslandLayouts, DilocoAveragesTheIslandsByTensorName) {

@@ -48,6 +48,14 @@ core::Status Trainer::setupSplitGroups() {
     }));
     tensor_ = std::make_unique<parallel::TensorParallel>(
         *flat_, tpg, parallel::replicatedSegments(mcfg_, flat_->segments(), {tp_rank_, lay_.tp}), sequence);
+    if (sequence && zeroInUse() == 3 && stage_ranks.size() > 1) {
+      // ZeRO-3 sums the norms' slices over the stage's ranks of every TP rank.
+      std::vector<int> ranks;
+      for (int r : grad_ranks_) {
+        if (lay_.holds(r) && lay_.stageOf(r) == stage_) ranks.push_back(r);
+      }
+      ARCH_ASSIGN_OR_RETURN(tp_stage_group_, groups_.of(ranks));
+    }
   }
   if (pp_) {
     // Stage neighbours at the same tensor-parallel rank.
@@ -122,6 +130,7 @@ core::Status Trainer::makeParts() {
     }
     params_shard_ = std::make_unique<parallel::ShardedParameters>(*flat_, zeroGroup(), optim_->pieces()[0].offsets, unit_cut_,
                                                                   std::move(norm_segments));
+    if (tensor_ && tp_stage_group_) tensor_->setShardGroup(tp_stage_group_);
     net_->setLayerHooks(params_shard_.get());
     if (pp_) {
       auto pipe = makePipeline();

@@ -9,6 +9,7 @@
 #include "archipelago/core/clock.h"
 #include "archipelago/core/log.h"
 #include "archipelago/core/shares.h"
+#include "archipelago/model/layers.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/host_view.h"
 #include "archipelago/runtime/parallel/pipeline.h"
@@ -100,12 +101,16 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
                                     double& grad_norm) {
   {
     ScopedSpan span(&trace_, TraceRecorder::kComm, "gradient allreduce wait", &comm_s);
-    if (tensor_) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
-    ARCH_RETURN_IF_ERROR(densePart().reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
-    if (bridge_) ARCH_RETURN_IF_ERROR(bridge_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+    // Sequence parallelism's sum over the TP group comes before the
+    // replicas' sum, or after ZeRO-3's (tensor_parallel.h).
+    const std::string at = "step " + std::to_string(step + 1);
+    if (tensor_ && !tensor_->afterReplicas()) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext(at));
+    ARCH_RETURN_IF_ERROR(densePart().reduceGradients(stats).withContext(at));
+    if (tensor_ && tensor_->afterReplicas()) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext(at));
+    if (bridge_) ARCH_RETURN_IF_ERROR(bridge_->reduceGradients(stats).withContext(at));
     if (experts_) {
       flat_->upcastGrads(n_dense_, flat_->numel());  // the expert part reduces the fp32 gradients
-      ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext("step " + std::to_string(step + 1)));
+      ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext(at));
     }
   }
   if (scaler_->enabled()) {
@@ -147,11 +152,43 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
 // (the replicated tensors' group).
 core::Status Trainer::routerBias() {
   if (mcfg_.moe.num_experts <= 0 || mcfg_.moe.balance != "router_bias") return core::okStatus();
+  if (job_lay_.perIsland()) return routerBiasAcrossIslands();
   torch::Tensor load = net_->routerLoad().to(torch::kCPU, torch::kFloat64).contiguous();
   if (load.numel() == 0) return core::okStatus();
   DpComm* g = split() ? stage_dp_.get() : grad_dp_;
   if (g) ARCH_RETURN_IF_ERROR(g->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
   net_->updateRouterBias(load.to(torch::kInt64));
+  return core::okStatus();
+}
+
+// Per-island layouts: a router's layer sits on another stage, TP rank and
+// replica in every island, so the loads meet by layer: every rank puts its
+// layers' rows into a [MoE layers, E] table (one TP rank per group: its
+// ranks route the same tokens), one sum over the gradient group (the job
+// under sync, the island under DiLoCo), and each takes its layers' rows.
+core::Status Trainer::routerBiasAcrossIslands() {
+  const int64_t E = mcfg_.moe.num_experts;
+  const std::vector<int64_t> moe_layers = moeLayerIds();
+  const auto rowOf = [&](int64_t layer) {
+    return std::find(moe_layers.begin(), moe_layers.end(), layer) - moe_layers.begin();
+  };
+  torch::Tensor mine = net_->routerLoad().to(torch::kCPU, torch::kFloat64);
+  const auto stats = net_->moeStats();
+  std::vector<double> table(moe_layers.size() * static_cast<size_t>(E), 0.0);
+  if (tp_rank_ == 0) {
+    for (size_t i = 0; i < stats.size(); ++i) {
+      auto row = mine[static_cast<int64_t>(i)].contiguous();
+      std::copy_n(row.data_ptr<double>(), E, table.data() + rowOf(stats[i].layer) * E);
+    }
+  }
+  ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(table).withContext("router load across islands"));
+  torch::Tensor total = torch::zeros({static_cast<int64_t>(stats.size()), E}, torch::kInt64);
+  for (size_t i = 0; i < stats.size(); ++i) {
+    for (int64_t e = 0; e < E; ++e) {
+      total[static_cast<int64_t>(i)][e] = static_cast<int64_t>(std::llround(table[static_cast<size_t>(rowOf(stats[i].layer) * E + e)]));
+    }
+  }
+  net_->updateRouterBias(total);
   return core::okStatus();
 }
 

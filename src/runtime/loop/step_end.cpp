@@ -130,6 +130,15 @@ void Trainer::writePipelineRecord(const std::vector<double>& timing, int64_t mic
                                         .bubble_theory = parallel::oneFOneBBubble(stages, micro_batches)});
 }
 
+// The global indices of the MoE layers, in order.
+std::vector<int64_t> Trainer::moeLayerIds() const {
+  std::vector<int64_t> out;
+  for (int64_t l = 0; l < mcfg_.n_layers; ++l) {
+    if (model::isMoeLayer(mcfg_, l)) out.push_back(l);
+  }
+  return out;
+}
+
 // Split layouts (collective over the inner group, every rank calls it):
 // per-stage busy time and bubble from every rank's schedule window, and the
 // routing statistics summed over every rank's tokens (each MoE layer is
@@ -144,13 +153,11 @@ core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
   }
   if (mcfg_.moe.num_experts <= 0) return core::okStatus();
   const int64_t E = mcfg_.moe.num_experts;
-  std::vector<int64_t> moe_layers;
-  for (int64_t l = 0; l < mcfg_.n_layers; ++l) {
-    if (model::isMoeLayer(mcfg_, l)) moe_layers.push_back(l);
-  }
+  const std::vector<int64_t> moe_layers = moeLayerIds();
   const size_t width = static_cast<size_t>(2 * E + 1);
   std::vector<double> st(moe_layers.size() * width, 0.0);
-  for (const auto& s : net_->moeStats()) {
+  // A tensor-parallel group routes the same tokens: its rank 0 counts them.
+  for (const auto& s : tp_rank_ == 0 ? net_->moeStats() : std::vector<model::MoeLayerStats>{}) {
     const size_t k = static_cast<size_t>(std::find(moe_layers.begin(), moe_layers.end(), s.layer) - moe_layers.begin());
     double* row = st.data() + k * width;
     for (int64_t e = 0; e < E && e < static_cast<int64_t>(s.tokens_per_expert.size()); ++e) {
@@ -201,9 +208,10 @@ core::Status Trainer::boundaries(bool at_end) {
       const core::Status st = ckpt_->drain();
       if (!st.isOk()) ARCH_LOG_WARN("checkpoint before the test exit: {}", st.message());
     }
-    if (split()) {
-      // Everybody leaves together once the writer's checkpoint is on disk
-      // (the launcher stops the rest soon after the first worker exits).
+    if (!holdsWholeCopy()) {
+      // The checkpoint is assembled from several ranks' parts: everybody
+      // leaves together once the writer's copy is on disk (the launcher
+      // stops the rest soon after the first worker exits).
       double sync[1] = {0};
       const core::Status st = dp_->allreduceSum(sync);
       if (!st.isOk()) ARCH_LOG_WARN("test exit barrier: {}", st.message());

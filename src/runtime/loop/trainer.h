@@ -132,6 +132,8 @@ class Trainer {
   core::Status reduceAndStep(int64_t step, parallel::StepStats& stats, double& comm_s, double& optimizer_s,
                              double& grad_norm);
   core::Status routerBias();
+  core::Status routerBiasAcrossIslands();
+  std::vector<int64_t> moeLayerIds() const;
   // Loss, tokens, aux, "a newer epoch is published", stop request: summed
   // over the group that must agree at this step.
   core::Status controlValues(int64_t step, const parallel::StepStats& stats, double (&ctrl)[5], double& comm_s);
@@ -238,6 +240,7 @@ class Trainer {
   LocalDp local_island_;
   std::shared_ptr<parallel::CommExpertExchange> exchange_;
   std::shared_ptr<parallel::CommTensorParallel> tp_comm_;
+  std::shared_ptr<comm::Group> tp_stage_group_;  // ZeRO-3 with SP: the stage's ranks of every TP rank
   comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
   // DiLoCo on a split layout: the ranks holding the same tensors in every
   // island run the outer step on them; one of them per island counts tokens.

@@ -53,17 +53,33 @@ std::vector<bool> replicatedSegments(const core::ModelConfig& config, const std:
 // The part: under sequence parallelism, the gradients of the replicated
 // tensors (norms) summed over the tensor-parallel group, before the data
 // part sums over replicas; nothing to do without it.
+//
+// With ZeRO-3 (sharded_params.h) the replicas' sum comes first: each layer's
+// gradients are reduce-scattered while backward runs, so at the step's end a
+// rank holds the replicas' sum of its slice only, and the TP ranks cut their
+// flat buffers at other offsets (their slices differ in size). Then the
+// replicated tensors are summed over the stage's ranks of every TP rank
+// (`shard_group`), laid end to end in segment order (the same on every TP
+// rank): each rank contributes the elements it owns (every element of TP
+// rank t's copy is owned by one rank of t's ZeRO group), and every owner
+// takes the total. The vector is small: the norms' weights.
 class TensorParallel final : public Part {
  public:
   TensorParallel(FlatParams& flat, std::shared_ptr<comm::Group> group, std::vector<bool> replicated, bool sequence)
       : flat_(flat), group_(std::move(group)), replicated_(std::move(replicated)), sequence_(sequence) {}
   std::string name() const override { return "tensor"; }
+  // ZeRO-3: sum the owned slices of the replicated tensors over `shard_group`
+  // (after the sharded parameters reduced the step's gradients).
+  void setShardGroup(std::shared_ptr<comm::Group> shard_group) { shard_group_ = std::move(shard_group); }
+  bool afterReplicas() const { return shard_group_ != nullptr; }
   core::Status reduceGradients(StepStats& stats) override;
   const std::vector<bool>& replicated() const { return replicated_; }
 
  private:
+  core::Status reduceOwned(StepStats& stats);
   FlatParams& flat_;
   std::shared_ptr<comm::Group> group_;
+  std::shared_ptr<comm::Group> shard_group_;  // ZeRO-3 only
   std::vector<bool> replicated_;  // per flat segment
   bool sequence_;
 };
