@@ -73,13 +73,15 @@ struct Group::Pending {
   std::shared_ptr<Handle::State> state;
 };
 
-Group::Group(Communicator* comm, std::shared_ptr<Mesh> mesh, std::vector<int> ranks, std::vector<int> islands)
+Group::Group(Communicator* comm, std::shared_ptr<Mesh> mesh, std::vector<int> ranks, std::vector<int> islands,
+             const std::string& channel)
     : comm_(comm), mesh_(std::move(mesh)), ranks_(std::move(ranks)), islands_(std::move(islands)) {
   for (size_t i = 0; i < ranks_.size(); ++i) {
     if (ranks_[i] == comm_->rank()) me_ = static_cast<int>(i);
   }
   std::string key = std::to_string(mesh_->epoch());
   for (int r : ranks_) key += "," + std::to_string(r);
+  if (!channel.empty()) key += "/" + channel;
   id_ = static_cast<uint16_t>(core::fnv1a64(key) & 0xffff);
   engine_ = std::thread([this] { engineLoop(); });
 }
@@ -493,13 +495,13 @@ core::Status Group::recv(void* data, size_t count, DType dtype, int src, uint32_
   return st;
 }
 
-core::Result<std::shared_ptr<Group>> Group::subgroup(const std::vector<int>& global_ranks) {
+core::Result<std::shared_ptr<Group>> Group::subgroup(const std::vector<int>& global_ranks, const std::string& channel) {
   for (int r : global_ranks) {
     if (std::find(ranks_.begin(), ranks_.end(), r) == ranks_.end()) {
       return core::invalidArgument("subgroup: rank " + std::to_string(r) + " is not in this group");
     }
   }
-  return comm_->makeGroup(mesh_, global_ranks);
+  return comm_->makeGroup(mesh_, global_ranks, channel);
 }
 
 core::Result<std::shared_ptr<Group>> Group::islandGroup() {
@@ -694,13 +696,14 @@ core::Result<std::shared_ptr<Mesh>> Communicator::buildMesh(uint32_t epoch, cons
   return mesh;
 }
 
-core::Result<std::shared_ptr<Group>> Communicator::makeGroup(std::shared_ptr<Mesh> mesh, std::vector<int> ranks) {
+core::Result<std::shared_ptr<Group>> Communicator::makeGroup(std::shared_ptr<Mesh> mesh, std::vector<int> ranks,
+                                                             const std::string& channel) {
   if (std::find(ranks.begin(), ranks.end(), config_.rank) == ranks.end()) {
     return core::invalidArgument("rank " + std::to_string(config_.rank) + " is not a member of the requested group");
   }
   std::vector<int> islands;
   for (int r : ranks) islands.push_back(config_.island_of_rank[static_cast<size_t>(r)]);
-  return std::shared_ptr<Group>(new Group(this, std::move(mesh), std::move(ranks), std::move(islands)));
+  return std::shared_ptr<Group>(new Group(this, std::move(mesh), std::move(ranks), std::move(islands), channel));
 }
 
 core::Status Communicator::connect(const std::vector<std::string>& addresses, const core::Deadline& deadline) {

@@ -376,14 +376,6 @@ Status validateJob(const JobConfig& j) {
     p.add("strategy.sequence_parallel", "true", "false without strategy.tensor_parallel > 1 (it cuts the tensor-parallel "
                                                 "group's activations along the sequence)");
   }
-  // ZeRO shards over the ranks holding the same tensors (a stage's, a
-  // tensor-parallel slice's); with expert parallelism the dense tensors over
-  // the stage's replicas and the experts over the ranks holding the same
-  // experts. ZeRO-3 would gather a layer from both groups: not built.
-  if (s.expert_parallel > 1 && zeroStage(t) >= 3) {
-    p.add("train.zero", zeroStage(t), "0, 1 or 2 with strategy.expert_parallel > 1 (ZeRO-3 would gather each layer's "
-                                      "dense tensors and experts over two groups; not built yet)");
-  }
   if (!(s.failure_timeout > 0)) p.add("strategy.failure_timeout", formatDuration(s.failure_timeout), "a duration > 0");
   if (s.min_workers < 1 || (world > 0 && s.min_workers > world)) {
     p.add("strategy.min_workers", s.min_workers, "between 1 and the number of workers (" + std::to_string(world) + ")");

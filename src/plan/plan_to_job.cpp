@@ -92,10 +92,6 @@ void addLayout(const RunLayout& l, const core::JobConfig& job, PlanOverrides& ou
 
 void addZero(const RunLayout& l, const Plan& plan, PlanOverrides& out) {
   int zero = l.zero;
-  if (zero == 3 && l.ep > 1) {
-    out.notes.push_back("zero=3 runs as 2: the runtime shards parameters (ZeRO-3) without expert parallelism only");
-    zero = 2;
-  }
   if (zero >= 2 && plan.strategy == "sync" && plan.codec != "none" && plan.groups.size() > 1) {
     out.notes.push_back(fmt::format("zero={} lowered to 1: its reduce-scatter is uncompressed and the plan compresses "
                                     "the straits with {}", zero, plan.codec));

@@ -36,6 +36,7 @@ FlatParams FlatParams::bind(const std::vector<std::pair<std::string, torch::Tens
   const torch::Device device = named.empty() ? torch::Device(torch::kCPU) : named.front().second.device();
   auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
   f.numel_ = total;
+  f.held_ = {{0, total}};
   f.compute_dtype_ = compute;
   f.params_ = torch::empty({total}, opts);
   f.grads_ = torch::zeros({total}, opts);
@@ -63,9 +64,14 @@ FlatParams FlatParams::bindSharded(const std::vector<std::pair<std::string, torc
   FlatParams f;
   const torch::Device device = named.empty() ? torch::Device(torch::kCPU) : named.front().second.device();
   auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(device);
-  const int64_t n = shard.end - shard.begin;
+  int64_t n = 0;
+  for (const FlatSlice& s : shard.slices) {
+    TORCH_CHECK(s.begin <= s.end && (f.held_.empty() || f.held_.back().end <= s.begin),
+                "the slices of the sharded parameters must be ascending and disjoint");
+    f.held_.push_back(s);
+    n += s.numel();
+  }
   f.compute_dtype_ = compute;
-  f.base_ = shard.begin;
   f.unit_offsets_ = shard.unit_offsets;
   f.params_ = torch::empty({n}, opts);
   f.grads_ = torch::zeros({n}, opts);
@@ -83,12 +89,13 @@ FlatParams FlatParams::bindSharded(const std::vector<std::pair<std::string, torc
     while (u + 1 < f.unit_offsets_.size() && off >= f.unit_offsets_[u + 1]) ++u;
     TORCH_CHECK(u < f.unit_params_.size() && off + s.numel <= f.unit_offsets_[u + 1], "tensor ", name,
                 " crosses a unit boundary of the sharded parameters");
-    // The masters of this rank's slice take the initial values.
-    const int64_t lo = std::max(off, shard.begin), hi = std::min(off + s.numel, shard.end);
-    if (lo < hi) {
+    // The masters of this rank's slices take the initial values.
+    for (const FlatSlice& h : f.held_) {
+      const int64_t lo = std::max(off, h.begin), hi = std::min(off + s.numel, h.end);
+      if (lo >= hi) continue;
       const auto flat = p.detach().reshape({-1}).to(torch::kFloat32);
-      f.params_.narrow(0, lo - shard.begin, hi - lo).copy_(flat.narrow(0, lo - off, hi - lo));
-      if (s.decay) f.decay_mask_.narrow(0, lo - shard.begin, hi - lo).fill_(1.0f);
+      f.params_.narrow(0, f.localOf(lo), hi - lo).copy_(flat.narrow(0, lo - off, hi - lo));
+      if (s.decay) f.decay_mask_.narrow(0, f.localOf(lo), hi - lo).fill_(1.0f);
     }
     const int64_t at = off - f.unit_offsets_[u];
     s.param = rebind(p, f.unit_params_[u].narrow(0, at, s.numel), f.unit_grads_[u].narrow(0, at, s.numel));
@@ -214,14 +221,23 @@ torch::Tensor sumOfSquaresFp64(const torch::Tensor& t) {
   return sum;
 }
 
+int64_t FlatParams::localOf(int64_t offset) const {
+  int64_t local = 0;
+  for (const FlatSlice& h : held_) {
+    if (offset >= h.begin && offset <= h.end) return local + offset - h.begin;
+    local += h.numel();
+  }
+  TORCH_CHECK(false, "flat offset ", offset, " is not held by this rank");
+}
+
 double gradSumOfSquares(const FlatParams& flat, int64_t lo, int64_t hi, const std::vector<bool>& counted) {
   const torch::Tensor& g = flat.grads();
-  if (counted.empty()) return hi > lo ? sumOfSquaresFp64(g.narrow(0, lo - flat.base(), hi - lo)).item<double>() : 0.0;
+  if (counted.empty()) return hi > lo ? sumOfSquaresFp64(g.narrow(0, flat.localOf(lo), hi - lo)).item<double>() : 0.0;
   torch::Tensor sq = torch::zeros({}, g.options().dtype(torch::kFloat64));
   const auto& segs = flat.segments();
   for (size_t i = 0; i < segs.size() && i < counted.size(); ++i) {
     const int64_t a = std::max(lo, segs[i].offset), b = std::min(hi, segs[i].offset + segs[i].numel);
-    if (counted[i] && a < b) sq += sumOfSquaresFp64(g.narrow(0, a - flat.base(), b - a));
+    if (counted[i] && a < b) sq += sumOfSquaresFp64(g.narrow(0, flat.localOf(a), b - a));
   }
   return sq.item<double>();
 }

@@ -226,6 +226,33 @@ TEST(CollectivesOverTcp, WithChecksums) {
   }, 120);
 }
 
+// A channel: a second group over the same ranks whose collectives are
+// ordered apart from the first's. The ranks submit to the two groups in
+// opposite orders; over one group the first ops would pair with each other.
+TEST(Channels, TwoGroupsOverTheSameRanksKeepTheirOwnOrder) {
+  runAll(3, [](const LocalRank& lr) -> std::string {
+    auto cr = connectRank(lr, testing::testConfig(), core::Deadline::afterSeconds(20));
+    if (!cr.isOk()) return cr.status().toString();
+    Group& world = *cr->world;
+    auto second = world.subgroup({0, 1, 2}, "second");
+    if (!second.isOk()) return second.status().toString();
+    std::vector<float> a(5001, static_cast<float>(lr.rank + 1)), b(7001, 10.0f * static_cast<float>(lr.rank + 1));
+    Handle ha, hb;
+    if (lr.rank % 2 == 0) {
+      hb = (*second)->allreduceAsync(b.data(), b.size(), DType::kF32, ReduceOp::kSum);
+      ha = world.allreduceAsync(a.data(), a.size(), DType::kF32, ReduceOp::kSum);
+    } else {
+      ha = world.allreduceAsync(a.data(), a.size(), DType::kF32, ReduceOp::kSum);
+      hb = (*second)->allreduceAsync(b.data(), b.size(), DType::kF32, ReduceOp::kSum);
+    }
+    RANK_OK(ha.wait(core::Deadline::afterSeconds(30)));
+    RANK_OK(hb.wait(core::Deadline::afterSeconds(30)));
+    RANK_CHECK(std::all_of(a.begin(), a.end(), [](float x) { return x == 6.0f; }), "world sum " << a[0]);
+    RANK_CHECK(std::all_of(b.begin(), b.end(), [](float x) { return x == 60.0f; }), "channel sum " << b[0]);
+    return "";
+  }, 60);
+}
+
 // Hierarchical allreduce over uneven islands {0,0,1,1,1} and 3 islands
 // {0,1,1,2,2,2}: intra reduce-scatter, cross allreduce, intra allgather.
 std::string hierarchical(const LocalRank& lr, std::vector<int> islands) {

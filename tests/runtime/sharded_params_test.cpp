@@ -113,7 +113,38 @@ TEST(ShardedParameters, UnitsAreTheLayersAndTheRest) {
                              {"lm_head.weight", 10}});
   EXPECT_EQ(cut.offsets, (std::vector<int64_t>{0, 10, 16, 18, 30}));
   EXPECT_EQ(cut.layer_units, (std::vector<size_t>{1, 2}));
+  EXPECT_EQ(cut.expert_units, (std::vector<int64_t>{-1, -1}));
   EXPECT_EQ(cut.root_units, (std::vector<size_t>{0, 3}));
+}
+
+TEST(ShardedParameters, ALayersExpertsAfterTheDenseTensorsAreItsSecondUnit) {
+  // Expert parallelism orders every expert after the dense tensors.
+  const auto cut = cutUnits({{"model.embed_tokens.weight", 10},
+                             {"model.layers.0.block_sparse_moe.gate.weight", 2},
+                             {"model.layers.1.mlp.down_proj.weight", 4},
+                             {"lm_head.weight", 10},
+                             {"model.layers.0.block_sparse_moe.experts.0.w1.weight", 6},
+                             {"model.layers.0.block_sparse_moe.experts.1.w1.weight", 6}});
+  EXPECT_EQ(cut.offsets, (std::vector<int64_t>{0, 10, 12, 16, 26, 38}));
+  EXPECT_EQ(cut.layer_units, (std::vector<size_t>{1, 2}));
+  EXPECT_EQ(cut.expert_units, (std::vector<int64_t>{4, -1}));
+  EXPECT_EQ(cut.root_units, (std::vector<size_t>{0, 3}));
+}
+
+TEST(ShardedParameters, TwoSlicesAreHeldEndToEnd) {
+  model::Transformer m(threeLayers(), 4);
+  FlatParams whole = FlatParams::bind(m->namedParameters());
+  std::vector<std::pair<std::string, int64_t>> numels;
+  for (const auto& [name, t] : m->namedParameters()) numels.push_back({name, t.numel()});
+  const UnitCut cut = cutUnits(numels);
+  const int64_t n = whole.numel();
+  FlatParams flat = FlatParams::bindSharded(m->namedParameters(), torch::kFloat32, {{{3, 10}, {n - 5, n}}, cut.offsets});
+  ASSERT_EQ(flat.params().numel(), 12);
+  EXPECT_EQ(flat.localOf(3), 0);
+  EXPECT_EQ(flat.localOf(n - 5), 7);
+  EXPECT_TRUE(torch::equal(flat.params().narrow(0, 0, 7), whole.params().narrow(0, 3, 7)));
+  EXPECT_TRUE(torch::equal(flat.params().narrow(0, 7, 5), whole.params().narrow(0, n - 5, 5)));
+  EXPECT_THROW(flat.localOf(11), c10::Error);
 }
 
 TEST(ShardedParameters, RankOfTwoGetsTheGroupSumOfItsSliceAndHoldsWeightsOnlyWhereUsed) {
@@ -136,13 +167,13 @@ TEST(ShardedParameters, RankOfTwoGetsTheGroupSumOfItsSliceAndHoldsWeightsOnlyWhe
   const UnitCut cut = cutUnits(numels);
   ASSERT_EQ(cut.layer_units.size(), 3u);
   const auto offsets = OptimizerShard::sliceOffsets(rf.numel(), 2);
-  FlatParams flat = FlatParams::bindSharded(m->namedParameters(), torch::kFloat32, {offsets[1], offsets[2], cut.offsets});
+  FlatParams flat = FlatParams::bindSharded(m->namedParameters(), torch::kFloat32, {{{offsets[1], offsets[2]}}, cut.offsets});
   ASSERT_TRUE(flat.sharded());
   EXPECT_EQ(flat.numel(), rf.numel());
-  EXPECT_EQ(flat.base(), offsets[1]);
+  EXPECT_EQ(flat.localOf(offsets[1]), 0);
   EXPECT_TRUE(torch::equal(flat.params(), whole.narrow(0, offsets[1], offsets[2] - offsets[1])));
   MirrorDp dp(2, 1, &flat, whole);
-  ShardedParameters sp(flat, &dp, offsets, cut);
+  ShardedParameters sp(flat, {{&dp, offsets}}, cut);
   EXPECT_EQ(sp.heldUnits(), 0u) << "nothing is gathered before the first forward";
   m->setLayerHooks(&sp);
   MicroBatchSchedule sched(m, 2, 1.0);

@@ -4,9 +4,9 @@
 // stage's replicas), with uneven shares; a PP run saved half-way resumes
 // unsharded in one process; with expert parallelism the dense tensors are
 // sharded over the stage's replicas and the experts over the ranks holding
-// the same experts. ZeRO-3 alone: zero3_test.cpp.
+// the same experts, and with ZeRO-3 each MoE layer gathered from both
+// groups. ZeRO-3 alone: zero3_test.cpp.
 #include <filesystem>
-#include <fstream>
 #include <map>
 
 #include <gmock/gmock.h>
@@ -93,21 +93,36 @@ TEST(ZeroLayouts, ExpertGroupsShardDenseAndExpertStateOverTheirOwnGroups) {
   expectCurve(two, ref, k + 1, steps, kTol, "resumed by EP=2 with ZeRO-1");
 }
 
-// ZeRO-3 would gather a layer's dense tensors and experts over two groups:
-// refused by name, while ZeRO-2 with expert parallelism loads.
-TEST(ZeroLayouts, ZeroThreeWithExpertParallelismIsRefusedNamingTheField) {
-  const std::string moe = ", moe: {num_experts: 4}";
-  auto load = [&](const std::string& zero) {
-    fs::path p = scratchRoot() / "zl_ep_bad.yaml";
-    std::ofstream(p) << jobYaml(scratchRoot() / "zl_ep_bad", "    - {name: a, count: 4}", 2, moe, "{expert_parallel: 2}",
-                                ", zero: " + zero);
-    return core::loadJob(p.string());
-  };
-  auto three = load("3");
-  ASSERT_FALSE(three.isOk());
-  EXPECT_THAT(three.status().message(), HasSubstr("train.zero"));
-  EXPECT_THAT(three.status().message(), HasSubstr("0, 1 or 2 with strategy.expert_parallel > 1"));
-  EXPECT_TRUE(load("2").isOk()) << load("2").status().toString();
+// Expert parallelism with ZeRO-3: the same four workers; each MoE layer is
+// gathered from two groups (its dense tensors over all four, this member's
+// experts over the two ranks holding them) and its gradients
+// reduce-scattered back over both, every member running the micro-batch
+// count its expert group agreed on. Clipped: each slice counts once in the
+// norm. Cut at step 6, it resumes with ZeRO-3 on two workers (experts
+// 1 + 3): the dense tensors sharded over both, each member's experts held
+// whole by the one rank holding them.
+TEST(ZeroLayouts, ExpertGroupsGatherEachLayerFromTwoGroupsWithZeroThree) {
+  const int steps = 12, k = 6;
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = testutil::clippedReference("zl_ep3_ref", steps, moe);
+  fs::path run = scratchRoot() / "zl_ep3";
+  std::string y = testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, moe,
+                                            "{expert_parallel: 2, expert_counts: [3, 1]}", ", shares: [3, 3, 1, 1], zero: 3"));
+  y.replace(y.find("{every: 0"), 9, "{every: " + std::to_string(k));
+  EXPECT_NE(testutil::runTrain(y, "zl_ep3", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(run / "checkpoints" / checkpointDirName(k))) << outputOf("zl_ep3");
+  EXPECT_THAT(rank0Log(run), testing::ContainsRegex("optimizer shard \\(ZeRO-3\\): [0-9]+ of [0-9]+ optimizer elements "
+                                                    "per rank: \\[0, [0-9]+\\) over 4 ranks, \\[[0-9]+, [0-9]+\\) over 2 ranks"));
+  expectCurve(run, ref, 1, k, kTol, "EP=2 x 2 groups, ZeRO-3");
+  testutil::expectGradNorms(run, scratchRoot() / "zl_ep3_ref", 1e-5, "EP=2 x 2 groups, ZeRO-3", k);
+  fs::path two = scratchRoot() / "zl_ep3_2";
+  fs::create_directories(two);
+  fs::copy(run / "checkpoints", two / "checkpoints", fs::copy_options::recursive);
+  const std::string y2 = testutil::clipped(jobYaml(two, "    - {name: a, count: 2}", steps, moe,
+                                                   "{expert_parallel: 2, expert_counts: [1, 3]}", ", zero: 3"));
+  ASSERT_EQ(testutil::runTrain(y2, "zl_ep3_2", {"--resume"}), 0) << outputOf("zl_ep3_2");
+  EXPECT_THAT(rank0Log(two), testing::ContainsRegex("optimizer shard \\(ZeRO-3\\): .* over 2 ranks, \\[[0-9]+, [0-9]+\\) whole"));
+  expectCurve(two, ref, k + 1, steps, kTol, "resumed by EP=2 with ZeRO-3");
 }
 
 }  // namespace

@@ -193,8 +193,12 @@ class Group : public std::enable_shared_from_this<Group> {
   core::Status recv(void* data, size_t count, DType dtype, int src, uint32_t tag, const OpOptions& o = {});
   core::Status barrier(const OpOptions& o = {});
 
-  // Groups over the same transport. Every listed rank must make the same call.
-  core::Result<std::shared_ptr<Group>> subgroup(const std::vector<int>& global_ranks);
+  // Groups over the same transport. Every listed rank must make the same
+  // call. A group's collectives run in the order its members submit them;
+  // a `channel` makes a group over the same ranks whose collectives are
+  // independent of the others' (their own tags and order), so two threads
+  // can each drive one.
+  core::Result<std::shared_ptr<Group>> subgroup(const std::vector<int>& global_ranks, const std::string& channel = "");
   core::Result<std::shared_ptr<Group>> islandGroup();       // members on my island
   core::Result<std::shared_ptr<Group>> crossIslandGroup();  // k-th member of every island, k = my index
   // New epoch from the survivors (global ranks); old groups fail fast.
@@ -208,7 +212,8 @@ class Group : public std::enable_shared_from_this<Group> {
 
  private:
   friend class Communicator;
-  Group(Communicator* comm, std::shared_ptr<Mesh> mesh, std::vector<int> ranks, std::vector<int> islands);
+  Group(Communicator* comm, std::shared_ptr<Mesh> mesh, std::vector<int> ranks, std::vector<int> islands,
+        const std::string& channel);
   using OpFn = std::function<core::Status(uint64_t tag_base, const OpOptions&)>;
   Handle submit(const char* name, OpFn fn, const OpOptions& o);
   core::Status run(const char* name, OpFn fn, const OpOptions& o) {
@@ -278,7 +283,8 @@ class Communicator {
   explicit Communicator(CommConfig config);
   core::Result<std::shared_ptr<Mesh>> buildMesh(uint32_t epoch, const std::vector<int>& members,
                                                 const core::Deadline& deadline);
-  core::Result<std::shared_ptr<Group>> makeGroup(std::shared_ptr<Mesh> mesh, std::vector<int> ranks);
+  core::Result<std::shared_ptr<Group>> makeGroup(std::shared_ptr<Mesh> mesh, std::vector<int> ranks,
+                                                 const std::string& channel = "");
 
   CommConfig config_;
   std::unique_ptr<Endpoint> endpoint_;

@@ -9,7 +9,7 @@
 //   ep                            strategy.expert_parallel
 //   micro_batch                   train.micro_batch
 //   recompute (pipelines)         train.recompute
-//   zero                          train.zero (not with EP; ZeRO-3 with DP only)
+//   zero                          train.zero
 //   strategy, diloco_h, codec     strategy.kind, strategy.inner_steps, strategy.codec
 //
 // Groups of different layouts become per-island layouts

@@ -15,8 +15,9 @@
 // Every buffer lives on the device the parameters were on at bind().
 //
 // Sharded parameters (ZeRO-3, runtime/parallel/sharded_params.h): the fp32
-// masters, their gradients and the decay mask hold only this rank's slice
-// [base(), base() + params().numel()) of the flat offsets, and the module's
+// masters, their gradients and the decay mask hold only this rank's slices
+// of the flat offsets (one, or with expert parallelism one of the dense
+// tensors and one of its experts), end to end (held()), and the module's
 // parameters and gradients are views of one compute buffer per unit (a
 // contiguous run of segments: a decoder layer, the embedding, the head)
 // whose memory exists only while the unit is gathered.
@@ -42,10 +43,17 @@ struct ParamSegment {
   torch::Tensor param;       // the module's parameter (a view of flat)
 };
 
-// This rank's slice of the flat offsets and the units' boundaries (unit u
-// is [unit_offsets[u], unit_offsets[u+1]), each a whole number of segments).
-struct ShardLayout {
+// A range [begin, end) of flat offsets a rank holds.
+struct FlatSlice {
   int64_t begin = 0, end = 0;
+  int64_t numel() const { return end - begin; }
+};
+
+// This rank's slices of the flat offsets (ascending, disjoint) and the
+// units' boundaries (unit u is [unit_offsets[u], unit_offsets[u+1]), each a
+// whole number of segments).
+struct ShardLayout {
+  std::vector<FlatSlice> slices;
   std::vector<int64_t> unit_offsets;
 };
 
@@ -63,8 +71,12 @@ class FlatParams {
   // Bytes of the buffers held for good: masters, gradients, decay mask and
   // the whole compute copies (not the units, whose memory comes and goes).
   int64_t bytes() const;
-  // Flat offset of params()[0] (0 unless sharded).
-  int64_t base() const { return base_; }
+  // The flat ranges params()/grads() hold, end to end in this order (the
+  // whole buffer unless sharded).
+  const std::vector<FlatSlice>& held() const { return held_; }
+  // The index in params()/grads() of flat offset `offset`, which lies in a
+  // held slice (or is its end).
+  int64_t localOf(int64_t offset) const;
   size_t units() const { return unit_params_.size(); }
   int64_t unitBegin(size_t u) const { return unit_offsets_[u]; }
   int64_t unitEnd(size_t u) const { return unit_offsets_[u + 1]; }
@@ -106,7 +118,8 @@ class FlatParams {
   torch::Tensor decay_mask_;
   std::vector<ParamSegment> segments_;
   torch::ScalarType compute_dtype_ = torch::kFloat32;
-  int64_t numel_ = 0, base_ = 0;
+  int64_t numel_ = 0;
+  std::vector<FlatSlice> held_;
   std::vector<int64_t> unit_offsets_;
   std::vector<torch::Tensor> unit_params_, unit_grads_;  // sharded only
 };
@@ -163,7 +176,7 @@ double learningRate(const core::TrainConfig& cfg, int64_t step);
 torch::Tensor sumOfSquaresFp64(const torch::Tensor& t);
 
 // A part's share of the global norm: the fp64 sum of squares of `flat`'s
-// gradients at flat offsets [lo, hi) (inside what this rank holds), only
+// gradients at flat offsets [lo, hi) (inside one slice this rank holds), only
 // those in the segments `counted` marks (empty: all), read back once.
 double gradSumOfSquares(const FlatParams& flat, int64_t lo, int64_t hi, const std::vector<bool>& counted = {});
 

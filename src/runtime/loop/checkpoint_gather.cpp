@@ -8,6 +8,7 @@
 //   writer -> rank   the indices of the pieces it wants
 //   rank -> writer   their values, one fp32 vector
 #include <cstdint>
+#include <functional>
 
 #include "archipelago/core/log.h"
 #include "runtime/loop/trainer.h"
@@ -34,26 +35,29 @@ HeldState Trainer::heldState() {
   if (experts_) {
     for (auto& r : experts_->stateRanges()) weights.push_back(std::move(r));
   }
+  // `indexOf`: a flat offset's index in `values`.
   auto add = [&](const std::string& kind, const std::vector<parallel::StateRange>& ranges, const torch::Tensor& values,
-                 int64_t base) {
+                 const std::function<int64_t(int64_t)>& indexOf) {
     for (const auto& r : ranges) {
       for (auto& p : shard_map_->pieces(r.begin, r.end)) {
-        torch::Tensor v = values.narrow(0, p.local - base, p.numel());
+        torch::Tensor v = values.narrow(0, indexOf(p.local), p.numel());
         h.entries.push_back({kind, std::move(p), v});
       }
     }
   };
-  add("weight", weights, flat_->params(), flat_->base());
+  add("weight", weights, flat_->params(), [&](int64_t o) { return flat_->localOf(o); });
   // The moments of each of this rank's optimizer slices, from its offset in the state.
   for (const auto& p : optim_->pieces()) {
-    add("exp_avg", optim_->stateRangesOf(p), adam_->expAvg().narrow(0, p.state_offset, p.size()), p.begin);
-    add("exp_avg_sq", optim_->stateRangesOf(p), adam_->expAvgSq().narrow(0, p.state_offset, p.size()), p.begin);
+    const auto inPiece = [&](int64_t o) { return o - p.begin; };
+    add("exp_avg", optim_->stateRangesOf(p), adam_->expAvg().narrow(0, p.state_offset, p.size()), inPiece);
+    add("exp_avg_sq", optim_->stateRangesOf(p), adam_->expAvgSq().narrow(0, p.state_offset, p.size()), inPiece);
   }
   if (outer_) {
     const NamedTensors st = outer_->stateTensors();
     std::map<std::string, torch::Tensor> by(st.begin(), st.end());
-    add("outer.anchor", weights, by.at("anchor"), 0);
-    add("outer.momentum", weights, by.at("momentum"), 0);
+    const auto whole = [](int64_t o) { return o; };
+    add("outer.anchor", weights, by.at("anchor"), whole);
+    add("outer.momentum", weights, by.at("momentum"), whole);
   }
   h.buffers = buffers_;
   return h;

@@ -19,7 +19,7 @@ core::Status Trainer::setupSplitGroups() {
   groups_.world = world_group_;
   // The session's island group is the inner group's object (one group object per rank set).
   if (elastic() && opt_.elastic->inner() && grad_ranks_ == opt_.elastic->innerRanks()) {
-    groups_.cache[grad_ranks_] = opt_.elastic->innerGroup();
+    groups_.cache[{grad_ranks_, ""}] = opt_.elastic->innerGroup();
   }
   const bool diloco = job_.strategy.kind != "sync";
   ARCH_ASSIGN_OR_RETURN(auto codec, comm::parseCodec(job_.strategy.codec));
@@ -28,10 +28,7 @@ core::Status Trainer::setupSplitGroups() {
   auto islandOf = [&](int r) { return workers_[static_cast<size_t>(r)].island_index; };
   const int member = lay_.epMemberOf(rank_);
   const std::vector<int> stage_ranks = sameStageRanks();
-  std::vector<int> expert_ranks;
-  for (int r : stage_ranks) {
-    if (lay_.epMemberOf(r) == member) expert_ranks.push_back(r);
-  }
+  const std::vector<int> expert_ranks = sameExpertRanks();
   if (stage_ranks.size() > 1) {
     ARCH_ASSIGN_OR_RETURN(auto g, groups_.of(stage_ranks));
     stage_dp_ = std::make_unique<GroupDp>(g, hierarchical, codec, 0);
@@ -67,7 +64,9 @@ core::Status Trainer::setupSplitGroups() {
     std::vector<int> ep_ranks;
     const int g0 = lay_.epGroupOf(rank_) * lay_.ep;
     for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back(((g0 + j) * lay_.stages + stage_) * lay_.tp + tp_rank_);
-    ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks));
+    // Its own channel: with one expert group per stage its ranks are the
+    // stage's, whose ZeRO-3 gathers run on another thread meanwhile.
+    ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks, "expert exchange"));
     ARCH_ASSIGN_OR_RETURN(auto dcodec, comm::parseCodec(job_.strategy.dispatch_codec));
     exchange_ = std::make_shared<parallel::CommExpertExchange>(epg, lay_.expert_begin, dcodec);
     net_->setExpertExchange(exchange_);
@@ -123,23 +122,32 @@ core::Status Trainer::makeParts() {
   if (optim_->stage() == 3) {
     // ZeRO-3: the sharded parameters gather, free and reduce unit by unit
     // around the model's layers, with every member (everybody, or a stage's
-    // replicas) running the same passes.
+    // replicas) running the same passes; with expert parallelism the experts
+    // over their own group, and every member of an expert group the agreed
+    // micro-batch count (runSchedule).
     std::vector<bool> norm_segments;  // TP: slices on every rank, the replicated tensors on TP rank 0
     if (tensor_) {
       for (bool whole : tensor_->replicated()) norm_segments.push_back(tp_rank_ == 0 || !whole);
     }
-    params_shard_ = std::make_unique<parallel::ShardedParameters>(*flat_, zeroGroup(), optim_->pieces()[0].offsets, unit_cut_,
-                                                                  std::move(norm_segments));
+    std::vector<parallel::ShardGroup> groups;
+    for (const auto& p : optim_->pieces()) {
+      groups.push_back({p.dp, p.sharded() ? p.offsets : std::vector<int64_t>{p.begin, p.end}});
+    }
+    params_shard_ =
+        std::make_unique<parallel::ShardedParameters>(*flat_, std::move(groups), unit_cut_, std::move(norm_segments));
     if (tensor_ && tp_stage_group_) tensor_->setShardGroup(tp_stage_group_);
     net_->setLayerHooks(params_shard_.get());
+    const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;
     if (pp_) {
       auto pipe = makePipeline();
       pipe->setPassHooks(params_shard_.get());
+      pipe->setAgreedCount(agreed);
       schedule_ = std::move(pipe);
       return core::okStatus();
     }
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
     mb->setPassHooks(params_shard_.get());
+    mb->setAgreedCount(agreed);
     schedule_ = std::move(mb);
     return core::okStatus();
   }

@@ -59,10 +59,11 @@ core::Status Trainer::loadPieces(const std::string& dir, const CheckpointState& 
     // A tensor-parallel rank takes its slice of the whole tensor.
     const torch::Tensor mine =
         model::sliceOf(it->second, model::tensorSlice(mcfg_, seg.name, {tp_rank_, lay_.tp})).reshape({-1});
-    // This rank's masters: the whole segment, or (ZeRO-3) its part in this rank's slice.
-    const int64_t base = flat_->base();
-    const int64_t lo = std::max(seg.offset, base), hi = std::min(seg.offset + seg.numel, base + flat_->params().numel());
-    if (lo < hi) flat_->params().narrow(0, lo - base, hi - lo).copy_(mine.narrow(0, lo - seg.offset, hi - lo));
+    // This rank's masters: the whole segment, or (ZeRO-3) its parts in this rank's slices.
+    for (const FlatSlice& h : flat_->held()) {
+      const int64_t lo = std::max(seg.offset, h.begin), hi = std::min(seg.offset + seg.numel, h.end);
+      if (lo < hi) flat_->params().narrow(0, flat_->localOf(lo), hi - lo).copy_(mine.narrow(0, lo - seg.offset, hi - lo));
+    }
   }
   for (const auto& p : optim_->pieces()) {
     const auto moments = shard_map_->pieces(p.begin, p.end);

@@ -20,12 +20,12 @@ namespace archipelago::runtime::loop {
 
 namespace fs = std::filesystem;
 
-core::Result<std::shared_ptr<comm::Group>> GroupCache::of(const std::vector<int>& ranks) {
-  if (ranks == world->ranks()) return world;
-  auto it = cache.find(ranks);
+core::Result<std::shared_ptr<comm::Group>> GroupCache::of(const std::vector<int>& ranks, const std::string& channel) {
+  if (channel.empty() && ranks == world->ranks()) return world;
+  auto it = cache.find({ranks, channel});
   if (it != cache.end()) return it->second;
-  ARCH_ASSIGN_OR_RETURN(auto g, world->subgroup(ranks));
-  cache[ranks] = g;
+  ARCH_ASSIGN_OR_RETURN(auto g, world->subgroup(ranks, channel));
+  cache[{ranks, channel}] = g;
   return g;
 }
 
@@ -144,21 +144,7 @@ core::Status Trainer::setupModel() {
   }
   auto named = net_->namedParameters();
   if (ep_) std::stable_partition(named.begin(), named.end(), [](const auto& p) { return !parallel::isExpertTensor(p.first); });
-  // ZeRO-3 over everybody, or over a stage's replicas (with one replica
-  // there is nothing to shard: setupOptimizer warns).
-  const std::vector<int> peers = split() ? sameStageRanks() : std::vector<int>{};
-  if (zeroInUse() == 3 && (!split() || peers.size() > 1)) {
-    std::vector<std::pair<std::string, int64_t>> numels;
-    for (const auto& [name, t] : named) numels.push_back({name, t.numel()});
-    unit_cut_ = parallel::cutUnits(numels);
-    const int size = split() ? static_cast<int>(peers.size()) : dp_->size();
-    const int rank = split() ? static_cast<int>(std::find(peers.begin(), peers.end(), rank_) - peers.begin()) : dp_->rank();
-    const auto offsets = parallel::OptimizerShard::sliceOffsets(unit_cut_.offsets.back(), size);
-    const auto r = static_cast<size_t>(rank);
-    flat_.emplace(FlatParams::bindSharded(named, place_.compute, {offsets[r], offsets[r + 1], unit_cut_.offsets}));
-  } else {
-    flat_.emplace(FlatParams::bind(named, place_.compute));
-  }
+  bindFlat(named);
   n_dense_ = flat_->numel();
   for (const auto& seg : flat_->segments()) {
     if (ep_ && parallel::isExpertTensor(seg.name)) {
@@ -180,6 +166,42 @@ core::Status Trainer::setupModel() {
   return core::okStatus();
 }
 
+// The flat buffers over `named`: whole, or under ZeRO-3 this rank's slices
+// (over everybody, or over a stage's replicas; with one replica there is
+// nothing to shard: setupOptimizer warns); with expert parallelism the
+// experts over the ranks holding the same ones. The slices are the
+// optimizer's (OptimizerShard over optimizerRanges()).
+void Trainer::bindFlat(const std::vector<std::pair<std::string, torch::Tensor>>& named) {
+  const std::vector<int> peers = split() ? sameStageRanks() : std::vector<int>{};
+  if (zeroInUse() != 3 || (split() && peers.size() <= 1)) {
+    flat_.emplace(FlatParams::bind(named, place_.compute));
+    return;
+  }
+  std::vector<std::pair<std::string, int64_t>> numels;
+  int64_t n_dense = 0, total = 0;
+  for (const auto& [name, t] : named) {
+    numels.push_back({name, t.numel()});
+    if (!ep_ || !parallel::isExpertTensor(name)) n_dense += t.numel();
+    total += t.numel();
+  }
+  unit_cut_ = parallel::cutUnits(numels);
+  auto sliceOf = [&](int64_t lo, int64_t hi, const std::vector<int>& ranks) -> FlatSlice {
+    if (ranks.size() <= 1) return {lo, hi};
+    const auto offsets = parallel::OptimizerShard::sliceOffsets(lo, hi, static_cast<int>(ranks.size()));
+    const auto r = static_cast<size_t>(std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin());
+    return {offsets[r], offsets[r + 1]};
+  };
+  std::vector<FlatSlice> slices;
+  if (!split()) {
+    const auto offsets = parallel::OptimizerShard::sliceOffsets(total, dp_->size());
+    slices.push_back({offsets[static_cast<size_t>(dp_->rank())], offsets[static_cast<size_t>(dp_->rank()) + 1]});
+  } else {
+    slices.push_back(sliceOf(0, n_dense, peers));
+    if (ep_) slices.push_back(sliceOf(n_dense, total, sameExpertRanks()));
+  }
+  flat_.emplace(FlatParams::bindSharded(named, place_.compute, {slices, unit_cut_.offsets}));
+}
+
 int Trainer::zeroInUse() const {
   const int zero = static_cast<int>(core::zeroStage(tc_));
   if (zero < 1 || world_ <= 1 || opt_.inner) return 0;
@@ -190,6 +212,14 @@ std::vector<int> Trainer::sameStageRanks() const {
   std::vector<int> out;
   for (int r : grad_ranks_) {
     if (lay_.holds(r) && lay_.stageOf(r) == stage_ && lay_.tpRankOf(r) == tp_rank_) out.push_back(r);
+  }
+  return out;
+}
+
+std::vector<int> Trainer::sameExpertRanks() const {
+  std::vector<int> out;
+  for (int r : sameStageRanks()) {
+    if (lay_.epMemberOf(r) == lay_.epMemberOf(rank_)) out.push_back(r);
   }
   return out;
 }

@@ -36,7 +36,10 @@ core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples
   in.group_samples = group_samples;
   in.loss_scale = scaler_->scale();
   in.trace = &trace_;
-  if (params_shard_) {
+  if (params_shard_ && ep_) {
+    // Every member runs the count the expert groups agreed on.
+    in.passes = parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages);
+  } else if (params_shard_) {
     // Every member runs as many micro-batches as the largest share needs.
     for (int64_t s : shares_) {
       const int64_t n = pp_ ? parallel::pipelineMicroCount(s, tc_.micro_batch, lay_.stages) : parallel::microCount(s, tc_.micro_batch);
@@ -47,10 +50,13 @@ core::Status Trainer::runSchedule(const data::Batch& batch, double group_samples
                              modelCommFailure());
 }
 
-const core::Status* Trainer::modelCommFailure() const {
-  // Read by guardStep after the body threw (a layout has one of them).
-  if (params_shard_) return &params_shard_->failure();
-  return exchange_ ? &exchange_->failure() : tp_comm_ ? &tp_comm_->failure() : nullptr;
+std::vector<const core::Status*> Trainer::modelCommFailure() const {
+  // Read by guardStep after the body threw.
+  std::vector<const core::Status*> out;
+  if (params_shard_) out.push_back(&params_shard_->failure());
+  if (exchange_) out.push_back(&exchange_->failure());
+  if (tp_comm_) out.push_back(&tp_comm_->failure());
+  return out;
 }
 
 core::Status Trainer::trainStep() {

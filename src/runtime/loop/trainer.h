@@ -68,12 +68,13 @@ std::pair<int, int64_t> corruptParamsHook();
 // bad input, a bug, a device error) is not retried in another epoch.
 bool isPeerFailure(const core::Status& st);
 
-// Groups over rank sets of the world, one object per set (two group objects
-// over one rank set would share wire tags).
+// Groups over rank sets of the world, one object per set and channel (two
+// group objects over one rank set and channel would share wire tags;
+// comm::Group::subgroup).
 struct GroupCache {
   std::shared_ptr<comm::Group> world;
-  std::map<std::vector<int>, std::shared_ptr<comm::Group>> cache;
-  core::Result<std::shared_ptr<comm::Group>> of(const std::vector<int>& ranks);
+  std::map<std::pair<std::vector<int>, std::string>, std::shared_ptr<comm::Group>> cache;
+  core::Result<std::shared_ptr<comm::Group>> of(const std::vector<int>& ranks, const std::string& channel = "");
 };
 
 // What a rank holds of the checkpointed state: per kind ("weight",
@@ -101,6 +102,7 @@ class Trainer {
   core::Status setup();
   core::Status setupData();
   core::Status setupModel();
+  void bindFlat(const std::vector<std::pair<std::string, torch::Tensor>>& named);
   // The worker's device and dtype (placement.h) and its loss scaler.
   core::Status setupPlacement();
   core::Status setupOptimizer();
@@ -180,18 +182,21 @@ class Trainer {
   // tensor-parallel slices, or islands of different layouts).
   bool split() const { return pp_ || ep_ || tp_ || job_lay_.perIsland(); }
   // The ZeRO stage this run applies (train.zero under synchronous data
-  // parallelism, over the ranks holding the same tensors; none with EP).
+  // parallelism, over the ranks holding the same tensors).
   int zeroInUse() const;
   DpComm* zeroGroup() const;
   std::vector<parallel::OptimizerRange> optimizerRanges() const;
   // The ranks of the inner group that hold this rank's tensors (a split
   // layout: the same stage and tensor-parallel rank), this one included.
   std::vector<int> sameStageRanks() const;
+  // Of those, the ranks holding this rank's experts (expert parallelism).
+  std::vector<int> sameExpertRanks() const;
   // The part reducing the replicated tensors: data parallelism, or ZeRO-3's sharded parameters.
   parallel::Part& densePart() { return params_shard_ ? static_cast<parallel::Part&>(*params_shard_) : *data_; }
-  // The failure behind an exception thrown inside the model's collectives
-  // (expert exchange, tensor-parallel group); null without such collectives.
-  const core::Status* modelCommFailure() const;
+  // Where the failure behind an exception thrown inside the model's
+  // collectives is kept (sharded parameters, expert exchange,
+  // tensor-parallel group): those this layout has.
+  std::vector<const core::Status*> modelCommFailure() const;
   bool amWriter() const { return alive_.empty() || alive_.front() == rank_; }
   // Copies the replica state as the new rollback point; refresh_outer also
   // re-reads the outer sync's tensors (otherwise only when they may change).

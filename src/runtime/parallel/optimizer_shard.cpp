@@ -51,11 +51,10 @@ int64_t OptimizerShard::size() const {
 }
 
 void OptimizerShard::step(FlatAdamW& adam, double lr) {
-  // ZeRO-3's buffer holds this rank's slice only, from flat offset base().
-  const int64_t base = flat_.base();
+  // ZeRO-3's buffer holds this rank's slices only (FlatParams::held()).
   std::vector<FlatAdamW::Piece> update;
   for (const auto& p : pieces_) {
-    const int64_t b = p.begin - base, n = p.size();
+    const int64_t b = flat_.localOf(p.begin), n = p.size();
     update.push_back({flat_.params().narrow(0, b, n), flat_.grads().narrow(0, b, n), flat_.decayMask().narrow(0, b, n),
                       p.state_offset});
   }

@@ -14,12 +14,15 @@ core::Status Part::evaluate(const data::Batch&, int64_t, double&, double&) {
   return core::internalError("parallel part '" + name() + "' does not evaluate (not a schedule)");
 }
 
-core::Status guardStep(const std::string& what, const std::function<core::Status()>& body, const core::Status* thrown) {
+core::Status guardStep(const std::string& what, const std::function<core::Status()>& body,
+                       const std::vector<const core::Status*>& thrown) {
   try {
     core::Status st = body();
     return st.isOk() ? st : st.withContext(what);
   } catch (const std::exception& e) {
-    if (thrown && !thrown->isOk()) return thrown->withContext(what);
+    for (const core::Status* t : thrown) {
+      if (!t->isOk()) return t->withContext(what);
+    }
     return core::internalError(what + ": " + e.what());
   }
 }

@@ -27,13 +27,23 @@ torch::Tensor hostFp32(int64_t n) { return torch::empty({n}, torch::TensorOption
 
 UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numels) {
   UnitCut cut;
+  std::map<int64_t, size_t> seen;  // layer -> its index in layer_units
   int64_t off = 0, current = -2;
   for (const auto& [name, numel] : named_numels) {
     const int64_t layer = layerOf(name);
     if (cut.offsets.empty() || layer != current) {
       const size_t u = cut.offsets.size();
       cut.offsets.push_back(off);
-      (layer >= 0 ? cut.layer_units : cut.root_units).push_back(u);
+      if (layer < 0) {
+        cut.root_units.push_back(u);
+      } else if (auto it = seen.find(layer); it != seen.end()) {
+        if (cut.expert_units[it->second] >= 0) throw std::invalid_argument("layer " + std::to_string(layer) + " in three runs");
+        cut.expert_units[it->second] = static_cast<int64_t>(u);
+      } else {
+        seen[layer] = cut.layer_units.size();
+        cut.layer_units.push_back(u);
+        cut.expert_units.push_back(-1);
+      }
       current = layer;
     }
     off += numel;
@@ -42,17 +52,29 @@ UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numel
   return cut;
 }
 
-ShardedParameters::ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut,
+ShardedParameters::ShardedParameters(FlatParams& flat, std::vector<ShardGroup> groups, UnitCut cut,
                                      std::vector<bool> norm_segments)
     : flat_(flat),
-      dp_(dp),
-      offsets_(std::move(offsets)),
+      groups_(std::move(groups)),
       cut_(std::move(cut)),
       norm_segments_(std::move(norm_segments)),
       units_(flat.units()) {
-  const auto r = static_cast<size_t>(dp_->rank());
-  begin_ = offsets_[r];
-  end_ = offsets_[r + 1];
+  for (const ShardGroup& g : groups_) {
+    const auto r = static_cast<size_t>(g.dp ? g.dp->rank() : 0);
+    if (g.offsets.size() != (g.dp ? static_cast<size_t>(g.dp->size()) : 1) + 1) {
+      throw std::invalid_argument("sharded parameters: a group's slice boundaries do not match its size");
+    }
+    mine_.push_back({g.offsets[r], g.offsets[r + 1]});
+  }
+  for (size_t u = 0; u < units_.size(); ++u) {
+    size_t g = 0;
+    while (g < groups_.size() &&
+           !(groups_[g].offsets.front() <= flat_.unitBegin(u) && flat_.unitEnd(u) <= groups_[g].offsets.back())) {
+      ++g;
+    }
+    if (g == groups_.size()) throw std::invalid_argument("sharded parameters: unit " + std::to_string(u) + " is in no group's range");
+    unit_group_.push_back(g);
+  }
 }
 
 ShardedParameters::~ShardedParameters() {
@@ -66,8 +88,13 @@ std::vector<int64_t> ShardedParameters::countsOf(size_t u) const {
   // Rank r's part of unit u: its slice clipped to the unit, in rank order.
   const int64_t ub = flat_.unitBegin(u), ue = flat_.unitEnd(u);
   std::vector<int64_t> at;
-  for (int64_t o : offsets_) at.push_back(std::clamp(o, ub, ue) - ub);
+  for (int64_t o : groupOf(u).offsets) at.push_back(std::clamp(o, ub, ue) - ub);
   return at;
+}
+
+FlatSlice ShardedParameters::mineOf(size_t u) const {
+  const FlatSlice& m = mine_[unit_group_[u]];
+  return {std::max(flat_.unitBegin(u), m.begin), std::min(flat_.unitEnd(u), m.end)};
 }
 
 core::Status ShardedParameters::gather(size_t u) {
@@ -76,11 +103,12 @@ core::Status ShardedParameters::gather(size_t u) {
   const int64_t ub = flat_.unitBegin(u), n = full.numel();
   const bool direct = full.is_cpu() && full.scalar_type() == torch::kFloat32;
   torch::Tensor wire = direct ? full : hostFp32(n);
-  const int64_t lo = std::max(ub, begin_), hi = std::min(flat_.unitEnd(u), end_);
-  if (lo < hi) wire.narrow(0, lo - ub, hi - lo).copy_(flat_.params().narrow(0, lo - begin_, hi - lo));
-  const std::vector<int64_t> at = countsOf(u);
-  core::Status st = dp_->allgatherSlices(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), at);
-  if (!st.isOk()) return st.withContext("ZeRO-3 parameter gather of unit " + std::to_string(u));
+  const FlatSlice m = mineOf(u);
+  if (m.numel() > 0) wire.narrow(0, m.begin - ub, m.numel()).copy_(flat_.params().narrow(0, flat_.localOf(m.begin), m.numel()));
+  if (DpComm* dp = groupOf(u).dp) {
+    core::Status st = dp->allgatherSlices(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), countsOf(u));
+    if (!st.isOk()) return st.withContext("ZeRO-3 parameter gather of unit " + std::to_string(u));
+  }
   if (!direct) full.copy_(wire);
   return core::okStatus();
 }
@@ -91,15 +119,19 @@ core::Status ShardedParameters::reduce(size_t u) {
   const int64_t ub = flat_.unitBegin(u), n = g.numel();
   const bool direct = g.is_cpu() && g.scalar_type() == torch::kFloat32;
   torch::Tensor wire = direct ? g : g.to(torch::kCPU, torch::kFloat32);
-  const std::vector<int64_t> at = countsOf(u);
-  std::vector<size_t> counts;
-  for (size_t r = 0; r + 1 < at.size(); ++r) counts.push_back(static_cast<size_t>(at[r + 1] - at[r]));
-  core::Status st = dp_->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), counts)
-                        ->wait();
-  if (!st.isOk()) return st.withContext("ZeRO-3 gradient reduce-scatter of unit " + std::to_string(u));
+  if (DpComm* dp = groupOf(u).dp) {
+    const std::vector<int64_t> at = countsOf(u);
+    std::vector<size_t> counts;
+    for (size_t r = 0; r + 1 < at.size(); ++r) counts.push_back(static_cast<size_t>(at[r + 1] - at[r]));
+    core::Status st = dp->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), counts)
+                          ->wait();
+    if (!st.isOk()) return st.withContext("ZeRO-3 gradient reduce-scatter of unit " + std::to_string(u));
+  }
   // This rank's block holds the group's sum: into its slice of the gradients.
-  const int64_t lo = std::max(ub, begin_), hi = std::min(flat_.unitEnd(u), end_);
-  if (lo < hi) flat_.grads().narrow(0, lo - begin_, hi - lo).add_(wire.narrow(0, lo - ub, hi - lo).to(flat_.device()));
+  const FlatSlice m = mineOf(u);
+  if (m.numel() > 0) {
+    flat_.grads().narrow(0, flat_.localOf(m.begin), m.numel()).add_(wire.narrow(0, m.begin - ub, m.numel()).to(flat_.device()));
+  }
   detach(g);
   return core::okStatus();
 }
@@ -190,9 +222,17 @@ void ShardedParameters::requestReduce(size_t u) {
   x.reduce_ticket = submit([this, u] { return reduce(u); });
 }
 
+std::vector<size_t> ShardedParameters::unitsOf(size_t layer) const {
+  std::vector<size_t> out{cut_.layer_units[layer]};
+  if (cut_.expert_units[layer] >= 0) out.push_back(static_cast<size_t>(cut_.expert_units[layer]));
+  return out;
+}
+
 void ShardedParameters::before(size_t layer) {
-  awaitGather(cut_.layer_units[layer]);
-  if (layer + 1 < cut_.layer_units.size()) requestGather(cut_.layer_units[layer + 1]);  // prefetch
+  for (size_t u : unitsOf(layer)) awaitGather(u);
+  if (layer + 1 < cut_.layer_units.size()) {
+    for (size_t u : unitsOf(layer + 1)) requestGather(u);  // prefetch
+  }
 }
 
 torch::Tensor ShardedParameters::after(size_t layer, torch::Tensor output) {
@@ -208,21 +248,25 @@ torch::Tensor ShardedParameters::after(size_t layer, torch::Tensor output) {
 void ShardedParameters::forwardDone(size_t layer, bool backward_follows) {
   // The last layer's backward comes first: it stays.
   if (backward_follows && layer + 1 == cut_.layer_units.size()) return;
-  release(cut_.layer_units[layer]);
+  for (size_t u : unitsOf(layer)) release(u);
 }
 
 void ShardedParameters::preBackward(size_t layer) {
   // The layer after this one finished its backward (autograd accumulates a
   // parameter's gradient as soon as it is computed, before any other node).
   if (pending_layer_ >= 0) {
-    const size_t done = cut_.layer_units[static_cast<size_t>(pending_layer_)];
-    requestReduce(done);
-    release(done);
+    for (size_t done : unitsOf(static_cast<size_t>(pending_layer_))) {
+      requestReduce(done);
+      release(done);
+    }
   }
-  const size_t u = cut_.layer_units[layer];
-  awaitGather(u);
-  prepareGrads(u);
-  if (layer > 0) requestGather(cut_.layer_units[layer - 1]);  // prefetch
+  for (size_t u : unitsOf(layer)) {
+    awaitGather(u);
+    prepareGrads(u);
+  }
+  if (layer > 0) {
+    for (size_t u : unitsOf(layer - 1)) requestGather(u);  // prefetch
+  }
   pending_layer_ = static_cast<int>(layer);
 }
 
@@ -237,10 +281,12 @@ void ShardedParameters::beginPass(bool backward) {
 
 void ShardedParameters::endBackward() {
   if (pending_layer_ < 0) return;
-  const size_t done = cut_.layer_units[static_cast<size_t>(pending_layer_)];
+  const size_t layer = static_cast<size_t>(pending_layer_);
   pending_layer_ = -1;
-  requestReduce(done);
-  release(done);
+  for (size_t done : unitsOf(layer)) {
+    requestReduce(done);
+    release(done);
+  }
 }
 
 void ShardedParameters::idleForward(bool backward_follows) {
@@ -282,15 +328,19 @@ core::Status ShardedParameters::reduceGradients(StepStats& stats) {
 }
 
 NormShare ShardedParameters::gradNormSquared() const {
-  // Each rank holds the summed gradients of its slice only.
-  return {gradSumOfSquares(flat_, begin_, end_, norm_segments_), false};
+  // Each rank holds the summed gradients of its slices only.
+  double sq = 0;
+  for (const FlatSlice& m : mine_) sq += gradSumOfSquares(flat_, m.begin, m.end, norm_segments_);
+  return {sq, false};
 }
 
 std::vector<StateRange> ShardedParameters::stateRanges() const {
   std::vector<StateRange> out;
-  for (const auto& s : flat_.segments()) {
-    const int64_t lo = std::max(begin_, s.offset), hi = std::min(end_, s.offset + s.numel);
-    if (lo < hi) out.push_back({s.name, lo, hi});
+  for (const FlatSlice& m : mine_) {
+    for (const auto& s : flat_.segments()) {
+      const int64_t lo = std::max(m.begin, s.offset), hi = std::min(m.end, s.offset + s.numel);
+      if (lo < hi) out.push_back({s.name, lo, hi});
+    }
   }
   return out;
 }

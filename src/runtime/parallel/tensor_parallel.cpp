@@ -88,9 +88,8 @@ core::Status TensorParallel::reduceGradients(StepStats& stats) {
 core::Status TensorParallel::reduceOwned(StepStats& stats) {
   const auto t0 = core::Clock::now();
   const auto& segs = flat_.segments();
-  // This rank's slice [base, base + n) of its flat buffer, and per replicated
-  // segment its part of that slice and the segment's place in the vector.
-  const int64_t base = flat_.base(), end = base + flat_.grads().numel();
+  // Per replicated segment, its parts in this rank's slices and the
+  // segment's place in the vector.
   struct Owned {
     int64_t lo, hi, at;  // flat offsets [lo, hi) at vector offset `at`
   };
@@ -99,20 +98,22 @@ core::Status TensorParallel::reduceOwned(StepStats& stats) {
   for (size_t i = 0; i < segs.size() && i < replicated_.size(); ++i) {
     if (!replicated_[i]) continue;
     const auto& s = segs[i];
-    const int64_t lo = std::max(base, s.offset), hi = std::min(end, s.offset + s.numel);
-    if (lo < hi) owned.push_back({lo, hi, total + lo - s.offset});
+    for (const FlatSlice& h : flat_.held()) {
+      const int64_t lo = std::max(h.begin, s.offset), hi = std::min(h.end, s.offset + s.numel);
+      if (lo < hi) owned.push_back({lo, hi, total + lo - s.offset});
+    }
     total += s.numel;
   }
   if (total == 0) return core::okStatus();
   torch::NoGradGuard ng;
   torch::Tensor buf = torch::zeros({total}, torch::kFloat);
-  for (const auto& o : owned) buf.narrow(0, o.at, o.hi - o.lo).copy_(flat_.grads().narrow(0, o.lo - base, o.hi - o.lo));
+  for (const auto& o : owned) buf.narrow(0, o.at, o.hi - o.lo).copy_(flat_.grads().narrow(0, flat_.localOf(o.lo), o.hi - o.lo));
   const core::Status st = shard_group_->allreduce(buf.data_ptr(), static_cast<size_t>(total), comm::DType::kF32,
                                                   comm::ReduceOp::kSum, comm::OpOptions::within(kTensorParallelTimeoutS));
   stats.wait_s += core::secondsSince(t0);
   if (!st.isOk()) return st.withContext("sequence parallelism with ZeRO-3: norm gradients over the stage's ranks");
   for (const auto& o : owned) {
-    flat_.grads().narrow(0, o.lo - base, o.hi - o.lo).copy_(buf.narrow(0, o.at, o.hi - o.lo).to(flat_.device()));
+    flat_.grads().narrow(0, flat_.localOf(o.lo), o.hi - o.lo).copy_(buf.narrow(0, o.at, o.hi - o.lo).to(flat_.device()));
   }
   return core::okStatus();
 }

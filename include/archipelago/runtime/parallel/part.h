@@ -114,11 +114,12 @@ class PassHooks {
 
 // Runs `body` at a step boundary: libtorch (and the expert exchange, which
 // is called inside autograd) report failures by exception; they stop here
-// and become a Status with `what` as context. When `thrown` holds the
-// failure behind the exception (ok otherwise), that Status is returned, so
-// its code (unavailable, deadline, ...) still decides on recovery.
+// and become a Status with `what` as context. When one of `thrown` holds
+// the failure behind the exception (ok otherwise), the first such Status is
+// returned, so its code (unavailable, deadline, ...) still decides on
+// recovery.
 core::Status guardStep(const std::string& what, const std::function<core::Status()>& body,
-                       const core::Status* thrown = nullptr);
+                       const std::vector<const core::Status*>& thrown = {});
 
 // EMULATION of a device `factor` times slower than this host's core: the
 // compute it did is stretched by a sleep. Per-operation mode (pipelines):

@@ -5,6 +5,10 @@
 //
 // The model is cut into units (runtime/flat_params.h ShardLayout): one per
 // decoder layer, plus the root (the embedding, the final norm, the head).
+// With expert parallelism a MoE layer has two: its dense tensors, sharded
+// over the ranks that hold them (the stage's replicas), and this rank's
+// experts, sharded over the ranks holding the same experts; the two are
+// gathered, freed and reduced together, each over its own group.
 //
 //   root          gathered at the first forward of a step (or evaluation)
 //                 and kept until the step's gradients are reduced: its
@@ -44,24 +48,35 @@
 
 namespace archipelago::runtime::parallel {
 
-// The units of ZeRO-3 over `segments`: a unit per decoder layer
-// ("model.layers.N." tensors) and one per run of other tensors, as
-// size+1 flat offsets; `layer_units[i]` is the unit of the shard's i-th layer.
+// The units of ZeRO-3 over `segments`: a unit per run of a decoder layer's
+// tensors ("model.layers.N.") and one per run of other tensors, as size+1
+// flat offsets; `layer_units[i]` is the unit of the shard's i-th layer, and
+// `expert_units[i]` that of its second run (expert parallelism puts every
+// layer's experts after all dense tensors), or -1.
 struct UnitCut {
   std::vector<int64_t> offsets;
   std::vector<size_t> layer_units;
+  std::vector<int64_t> expert_units;
   std::vector<size_t> root_units;
 };
 UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numels);
 
+// The ranks a range of the flat offsets is sharded over: the group and its
+// size+1 slice boundaries (OptimizerPiece::offsets); without a group,
+// {lo, hi}: this rank holds the range whole.
+struct ShardGroup {
+  DpComm* dp = nullptr;
+  std::vector<int64_t> offsets;
+};
+
 class ShardedParameters final : public Part, public model::LayerHooks, public PassHooks {
  public:
-  // `offsets`: the group's size+1 slice boundaries (OptimizerShard::offsets()),
-  // which FlatParams was bound with. `norm_segments`: per segment, whether
-  // this rank counts it in the global norm (tensor parallelism: the slices
-  // on every TP rank, the replicated tensors on its rank 0); empty: all.
-  ShardedParameters(FlatParams& flat, DpComm* dp, std::vector<int64_t> offsets, UnitCut cut,
-                    std::vector<bool> norm_segments = {});
+  // `groups`: the ranges the flat buffer is sharded over, each unit inside
+  // one of them (OptimizerShard::pieces(), which FlatParams was bound with).
+  // `norm_segments`: per segment, whether this rank counts it in the global
+  // norm (tensor parallelism: the slices on every TP rank, the replicated
+  // tensors on its rank 0); empty: all.
+  ShardedParameters(FlatParams& flat, std::vector<ShardGroup> groups, UnitCut cut, std::vector<bool> norm_segments = {});
   ~ShardedParameters() override;
   std::string name() const override { return "sharded parameters (ZeRO-3)"; }
 
@@ -109,15 +124,21 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
   // adapts to freed blocks, which then fragment the heap).
   void attach(const torch::Tensor& t);
   void detach(const torch::Tensor& t);
+  // Unit u's group, its members' parts of u (offsets relative to u), and
+  // this rank's part of u (flat offsets, maybe empty).
+  const ShardGroup& groupOf(size_t u) const { return groups_[unit_group_[u]]; }
   std::vector<int64_t> countsOf(size_t u) const;
+  FlatSlice mineOf(size_t u) const;
+  // The units of the shard's i-th layer (one, or with experts two).
+  std::vector<size_t> unitsOf(size_t layer) const;
 
   FlatParams& flat_;
-  DpComm* dp_;
-  std::vector<int64_t> offsets_;
+  std::vector<ShardGroup> groups_;
+  std::vector<FlatSlice> mine_;     // per group: this rank's slice
+  std::vector<size_t> unit_group_;  // per unit: its group
   UnitCut cut_;
   std::vector<bool> norm_segments_;
   std::vector<Unit> units_;
-  int64_t begin_ = 0, end_ = 0;  // this rank's slice
   bool root_grads_ = false;     // the root's gradients are held this step
   int pending_layer_ = -1;      // the layer whose backward ran last, not yet reduced
   std::mutex pool_mu_;  // the worker thread returns gradients
