@@ -61,69 +61,51 @@ TEST(ZeroLayouts, PipelineReplicasShardTheirStageAndResumeUnshardedInOneProcess)
   expectCurve(one, ref, k + 1, steps, kTol, "resumed in one process");
 }
 
-// Expert parallelism with ZeRO-2: four workers in two expert groups of two
-// members (experts 3 + 1). The dense tensors are reduce-scattered over all
-// four, each member's experts over the two ranks holding them; clipped every
-// step, so a slice counted twice or not at all in the global norm leaves the
-// curve. Cut at step 6, it resumes on two workers (experts 1 + 3) with
-// ZeRO-1: the dense state sharded over both, each member's experts whole,
-// the moments assembled by name.
-TEST(ZeroLayouts, ExpertGroupsShardDenseAndExpertStateOverTheirOwnGroups) {
+// Four workers in two expert groups of two members (experts 3 + 1) with
+// ZeRO stage `zero`, uneven shares, clipped every step, so a slice counted
+// twice or not at all in the global norm leaves the curve; rank 0 shards
+// the dense range over all four and its experts over two. Cut at step 6, it
+// resumes on two workers (experts 1 + 3) with stage `resumed`: the dense
+// state sharded over both, each member's experts whole, assembled by name.
+void expertGroupsRun(const std::string& name, int zero, int resumed) {
   const int steps = 12, k = 6;
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
-  auto ref = testutil::clippedReference("zl_ep_ref", steps, moe);
-  fs::path run = scratchRoot() / "zl_ep";
+  const std::string what = "EP=2 x 2 groups, ZeRO-" + std::to_string(zero);
+  auto ref = testutil::clippedReference(name + "_ref", steps, moe);
+  fs::path run = scratchRoot() / name;
   std::string y = testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, moe,
-                                            "{expert_parallel: 2, expert_counts: [3, 1]}", ", shares: [3, 3, 1, 1], zero: 2"));
+                                            "{expert_parallel: 2, expert_counts: [3, 1]}",
+                                            ", shares: [3, 3, 1, 1], zero: " + std::to_string(zero)));
   y.replace(y.find("{every: 0"), 9, "{every: " + std::to_string(k));
-  EXPECT_NE(testutil::runTrain(y, "zl_ep", {"--exit-after-step", std::to_string(k)}), 0);
-  ASSERT_TRUE(fs::exists(run / "checkpoints" / checkpointDirName(k))) << outputOf("zl_ep");
-  // Rank 0's two slices: the dense range over all four, its experts over two.
-  EXPECT_THAT(rank0Log(run), testing::ContainsRegex("optimizer shard \\(ZeRO-2\\): [0-9]+ of [0-9]+ optimizer elements "
-                                                    "per rank: \\[0, [0-9]+\\) over 4 ranks, \\[[0-9]+, [0-9]+\\) over 2 ranks"));
-  expectCurve(run, ref, 1, k, kTol, "EP=2 x 2 groups, ZeRO-2");
-  testutil::expectGradNorms(run, scratchRoot() / "zl_ep_ref", 1e-5, "EP=2 x 2 groups, ZeRO-2", k);
-  fs::path two = scratchRoot() / "zl_ep2";
+  EXPECT_NE(testutil::runTrain(y, name, {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(run / "checkpoints" / checkpointDirName(k))) << outputOf(name);
+  EXPECT_THAT(rank0Log(run), testing::ContainsRegex("optimizer shard \\(ZeRO-" + std::to_string(zero) +
+                                                    "\\): [0-9]+ of [0-9]+ optimizer elements per rank: \\[0, "
+                                                    "[0-9]+\\) over 4 ranks, \\[[0-9]+, [0-9]+\\) over 2 ranks"));
+  expectCurve(run, ref, 1, k, kTol, what);
+  testutil::expectGradNorms(run, scratchRoot() / (name + "_ref"), 1e-5, what, k);
+  const std::string again = name + "_resumed";
+  fs::path two = scratchRoot() / again;
   fs::create_directories(two);
   fs::copy(run / "checkpoints", two / "checkpoints", fs::copy_options::recursive);
   const std::string y2 = testutil::clipped(jobYaml(two, "    - {name: a, count: 2}", steps, moe,
-                                                   "{expert_parallel: 2, expert_counts: [1, 3]}", ", zero: 1"));
-  ASSERT_EQ(testutil::runTrain(y2, "zl_ep2", {"--resume"}), 0) << outputOf("zl_ep2");
-  EXPECT_THAT(rank0Log(two), testing::ContainsRegex("optimizer shard \\(ZeRO-1\\): .* over 2 ranks, \\[[0-9]+, [0-9]+\\) whole"));
-  expectCurve(two, ref, k + 1, steps, kTol, "resumed by EP=2 with ZeRO-1");
+                                                   "{expert_parallel: 2, expert_counts: [1, 3]}",
+                                                   ", zero: " + std::to_string(resumed)));
+  ASSERT_EQ(testutil::runTrain(y2, again, {"--resume"}), 0) << outputOf(again);
+  EXPECT_THAT(rank0Log(two), testing::ContainsRegex("optimizer shard \\(ZeRO-" + std::to_string(resumed) +
+                                                    "\\): .* over 2 ranks, \\[[0-9]+, [0-9]+\\) whole"));
+  expectCurve(two, ref, k + 1, steps, kTol, "resumed by EP=2 with ZeRO-" + std::to_string(resumed));
 }
 
-// Expert parallelism with ZeRO-3: the same four workers; each MoE layer is
-// gathered from two groups (its dense tensors over all four, this member's
-// experts over the two ranks holding them) and its gradients
+// ZeRO-2: the dense gradients reduce-scattered over all four, each
+// member's experts over the two ranks holding them; resumed with ZeRO-1.
+TEST(ZeroLayouts, ExpertGroupsShardDenseAndExpertStateOverTheirOwnGroups) { expertGroupsRun("zl_ep", 2, 1); }
+
+// ZeRO-3: each MoE layer gathered from two groups and its gradients
 // reduce-scattered back over both, every member running the micro-batch
-// count its expert group agreed on. Clipped: each slice counts once in the
-// norm. Cut at step 6, it resumes with ZeRO-3 on two workers (experts
-// 1 + 3): the dense tensors sharded over both, each member's experts held
-// whole by the one rank holding them.
-TEST(ZeroLayouts, ExpertGroupsGatherEachLayerFromTwoGroupsWithZeroThree) {
-  const int steps = 12, k = 6;
-  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
-  auto ref = testutil::clippedReference("zl_ep3_ref", steps, moe);
-  fs::path run = scratchRoot() / "zl_ep3";
-  std::string y = testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, moe,
-                                            "{expert_parallel: 2, expert_counts: [3, 1]}", ", shares: [3, 3, 1, 1], zero: 3"));
-  y.replace(y.find("{every: 0"), 9, "{every: " + std::to_string(k));
-  EXPECT_NE(testutil::runTrain(y, "zl_ep3", {"--exit-after-step", std::to_string(k)}), 0);
-  ASSERT_TRUE(fs::exists(run / "checkpoints" / checkpointDirName(k))) << outputOf("zl_ep3");
-  EXPECT_THAT(rank0Log(run), testing::ContainsRegex("optimizer shard \\(ZeRO-3\\): [0-9]+ of [0-9]+ optimizer elements "
-                                                    "per rank: \\[0, [0-9]+\\) over 4 ranks, \\[[0-9]+, [0-9]+\\) over 2 ranks"));
-  expectCurve(run, ref, 1, k, kTol, "EP=2 x 2 groups, ZeRO-3");
-  testutil::expectGradNorms(run, scratchRoot() / "zl_ep3_ref", 1e-5, "EP=2 x 2 groups, ZeRO-3", k);
-  fs::path two = scratchRoot() / "zl_ep3_2";
-  fs::create_directories(two);
-  fs::copy(run / "checkpoints", two / "checkpoints", fs::copy_options::recursive);
-  const std::string y2 = testutil::clipped(jobYaml(two, "    - {name: a, count: 2}", steps, moe,
-                                                   "{expert_parallel: 2, expert_counts: [1, 3]}", ", zero: 3"));
-  ASSERT_EQ(testutil::runTrain(y2, "zl_ep3_2", {"--resume"}), 0) << outputOf("zl_ep3_2");
-  EXPECT_THAT(rank0Log(two), testing::ContainsRegex("optimizer shard \\(ZeRO-3\\): .* over 2 ranks, \\[[0-9]+, [0-9]+\\) whole"));
-  expectCurve(two, ref, k + 1, steps, kTol, "resumed by EP=2 with ZeRO-3");
-}
+// count its expert group agreed on; resumed with ZeRO-3, each member's
+// experts held whole by the one rank holding them.
+TEST(ZeroLayouts, ExpertGroupsGatherEachLayerFromTwoGroupsWithZeroThree) { expertGroupsRun("zl_ep3", 3, 3); }
 
 }  // namespace
 }  // namespace archipelago::runtime
