@@ -1,5 +1,7 @@
 #include "archipelago/runtime/parallel/optimizer_shard.h"
 
+#include <algorithm>
+
 #include "archipelago/core/clock.h"
 #include "archipelago/runtime/host_view.h"
 
@@ -91,13 +93,17 @@ std::string OptimizerShard::describe() const {
   return out;
 }
 
-std::vector<StateRange> OptimizerShard::stateRangesOf(const OptimizerPiece& p) const {
+std::vector<StateRange> stateRangesIn(const FlatParams& flat, int64_t lo, int64_t hi) {
   std::vector<StateRange> out;
-  for (const auto& s : flat_.segments()) {
-    const int64_t lo = std::max(p.begin, s.offset), hi = std::min(p.end, s.offset + s.numel);
-    if (lo < hi) out.push_back({s.name, lo, hi});
+  for (const auto& s : flat.segments()) {
+    const int64_t a = std::max(lo, s.offset), b = std::min(hi, s.offset + s.numel);
+    if (a < b) out.push_back({s.name, a, b});
   }
   return out;
+}
+
+std::vector<StateRange> OptimizerShard::stateRangesOf(const OptimizerPiece& p) const {
+  return stateRangesIn(flat_, p.begin, p.end);
 }
 
 std::vector<StateRange> OptimizerShard::stateRanges() const {

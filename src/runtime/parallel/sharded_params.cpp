@@ -5,6 +5,7 @@
 
 #include "archipelago/core/clock.h"
 #include "archipelago/model/torch_compat.h"
+#include "archipelago/runtime/parallel/optimizer_shard.h"
 
 namespace archipelago::runtime::parallel {
 
@@ -337,10 +338,7 @@ NormShare ShardedParameters::gradNormSquared() const {
 std::vector<StateRange> ShardedParameters::stateRanges() const {
   std::vector<StateRange> out;
   for (const FlatSlice& m : mine_) {
-    for (const auto& s : flat_.segments()) {
-      const int64_t lo = std::max(m.begin, s.offset), hi = std::min(m.end, s.offset + s.numel);
-      if (lo < hi) out.push_back({s.name, lo, hi});
-    }
+    for (auto& r : stateRangesIn(flat_, m.begin, m.end)) out.push_back(std::move(r));
   }
   return out;
 }

@@ -29,6 +29,10 @@
 
 namespace archipelago::runtime::parallel {
 
+// The parts of `flat`'s segments inside flat offsets [lo, hi), by name:
+// the state a rank holding that slice checkpoints.
+std::vector<StateRange> stateRangesIn(const FlatParams& flat, int64_t lo, int64_t hi);
+
 // Flat offsets [lo, hi) and the group that shares them (null: this rank alone).
 struct OptimizerRange {
   int64_t lo = 0, hi = 0;
