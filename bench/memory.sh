@@ -18,7 +18,8 @@ tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 source "$(dirname "$0")/bench_lib.sh"
 data="$(bench_data "$bin" "$tmp")"
 
-# name workers "train extras" "strategy extras"
+# name workers "train extras" "strategy extras" ["model extras"]
+moe="moe: {num_experts: 8, top_k: 2, shared_expert: true, expert_hidden: 384}"
 layouts=(
   "single 1 '' ''"
   "dp2 2 '' ''"
@@ -31,22 +32,31 @@ layouts=(
   "pp2_mb4_recompute 2 'micro_batch: 2, recompute: true' 'pipeline_stages: 2'"
   "zero3_tp2_dp2 4 'zero: 3' 'tensor_parallel: 2'"
   "zero3_pp2_dp2 4 'micro_batch: 2, zero: 3' 'pipeline_stages: 2'"
+  "moe_single 1 '' '' '$moe'"
+  "moe_ep2 2 '' 'expert_parallel: 2' '$moe'"
+  "moe_ep2_uneven 2 '' 'expert_parallel: 2, expert_counts: [6, 2]' '$moe'"
+  "moe_zero3_n4 4 'zero: 3' '' '$moe'"
+  "moe_zero2_ep2_dp2 4 'zero: 2' 'expert_parallel: 2' '$moe'"
+  "moe_zero3_ep2_dp2 4 'zero: 3' 'expert_parallel: 2' '$moe'"
+  "moe_tp2 2 '' 'tensor_parallel: 2' '$moe'"
+  "moe_tp2_sp 2 '' 'tensor_parallel: 2, sequence_parallel: true' '$moe'"
+  "moe_tp2_sp_ep2 4 '' 'tensor_parallel: 2, sequence_parallel: true, expert_parallel: 2' '$moe'"
 )
 printf "%-18s %4s %14s %14s %8s\n" layout rank "predicted MB" "measured MB" error
 json="{\"bench\":\"memory\",\"steps\":$steps,\"layouts\":{"
 first=1 worst_all=0
 for spec in "${layouts[@]}"; do
   eval "set -- $spec"
-  name="$1" workers="$2" train_x="${3:+, $3}" strat_x="${4:+, $4}"
+  name="$1" workers="$2" train_x="${3:+, $3}" strat_x="${4:+, $4}" model_x="${5:+, $5}"
   dir="$tmp/$name"
   cat > "$dir.yaml" <<YAML
 cluster:
   islands:
     - {name: a, count: $workers}
-model: {dim: 256, n_layers: 8, n_heads: 4, max_seq_len: 128}
+model: {dim: 256, n_layers: 8, n_heads: 4, max_seq_len: 128$model_x}
 data: {dir: $data, seq_len: 128}
 train: {steps: $steps, global_batch: 8, eval_every: 0, rebalance: false, threads_per_worker: 1, log_every: 1$train_x}
-strategy: {kind: sync$strat_x}
+strategy: {kind: sync$strat_x, failure_timeout: 30s}
 checkpoint: {every: 0, at_exit: false}
 run_dir: $dir
 YAML

@@ -136,11 +136,12 @@ void validateTensorParallel(const JobConfig& j, int64_t world, Problems& p) {
           "a divisor of the number of workers (" + std::to_string(world) + ") / strategy.pipeline_stages (" +
               std::to_string(s.pipeline_stages) + "): every stage is one tensor-parallel group");
   }
-  if (s.sequence_parallel) {
-    if (m.moe.num_experts > 0) {
-      p.add("strategy.sequence_parallel", "true", "false with model.moe (the replicated experts would each route a "
-                                                  "block of the sequence; not built yet)");
-    }
+  if (s.sequence_parallel && m.moe.num_experts > 0 && s.expert_parallel > 1 && zeroStage(j.train) == 3) {
+    // ZeRO-3 sums the replicated tensors' partial gradients over the stage's
+    // ranks laid end to end in one segment order; members holding other
+    // experts lay theirs out differently.
+    p.add("strategy.sequence_parallel", "true", "false with model.moe, strategy.expert_parallel and train.zero: 3 "
+                                                "(or train.zero <= 2; not built yet)");
   }
 }
 

@@ -307,12 +307,40 @@ Routing MoeFfnImpl::route(const torch::Tensor& x2d) const {
   r.tokens_per_expert.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + num_experts_);
   // Switch/Mixtral balance loss, normalised so perfect balance gives 1:
   // E * sum_e (assignments_e / (N k)) * mean_n probs[n, e].
-  auto f = counts.to(r.probs.device(), compute) / static_cast<double>(std::max<int64_t>(1, n * top_k_));
-  r.aux_loss = static_cast<double>(num_experts_) * (f * r.probs.mean(0)).sum();
+  // Under sequence parallelism over the whole sequence (every rank's block).
+  torch::Tensor load = counts.to(r.probs.device(), compute);
+  torch::Tensor prob_sum = r.probs.sum(0);
+  double n_all = static_cast<double>(n);
+  if (tp.sequence) {
+    tp.comm->allreduceSum(load);
+    prob_sum = reduceFromTensorParallel(prob_sum, tp.comm.get());
+    n_all *= tp.comm->size();
+  }
+  auto f = load / std::max(1.0, n_all * static_cast<double>(top_k_));
+  r.aux_loss = static_cast<double>(num_experts_) * (f * (prob_sum / std::max(1.0, n_all))).sum();
   return r;
 }
 
-Dispatched MoeFfnImpl::dispatch(const torch::Tensor& x2d, const Routing& r) const {
+torch::Tensor MoeFfnImpl::sequenceOffset(const torch::Tensor& flat_e, int64_t n, int64_t block) const {
+  // The whole micro-batch orders an expert's assignments by (choice, sample,
+  // rank's block, token), this rank by (choice, sample, token): count per
+  // key (choice, sample) and expert, gather every rank's counts, and add
+  // the other ranks' assignments under earlier keys and this key's lower
+  // ranks' (this rank's own earlier ones its local position counts).
+  const int64_t samples = n / block, keys = top_k_ * samples, E = num_experts_;
+  const auto iopts = flat_e.options();
+  const torch::Tensor pos = torch::arange(n * top_k_, iopts);
+  const torch::Tensor slot = (pos.div(n, "floor") * samples + (pos % n).div(block, "floor")) * E + flat_e;
+  const torch::Tensor mine = torch::bincount(slot, {}, keys * E).view({keys, E}).to(torch::kDouble);
+  const torch::Tensor all = tp.comm->allgather(mine.unsqueeze(0), 0);  // [ranks, keys, E]
+  const torch::Tensor others = all.sum(0) - mine;
+  const int me = tp.comm->rank();
+  const torch::Tensor lower = me > 0 ? all.narrow(0, 0, me).sum(0) : torch::zeros_like(mine);
+  const torch::Tensor offset = (others.cumsum(0) - others + lower).to(torch::kLong).view({-1}).to(iopts.device());
+  return offset.index_select(0, slot);
+}
+
+Dispatched MoeFfnImpl::dispatch(const torch::Tensor& x2d, const Routing& r, int64_t block) const {
   Dispatched d;
   int64_t n = x2d.size(0);
   auto iopts = torch::TensorOptions().dtype(torch::kLong).device(x2d.device());
@@ -324,18 +352,22 @@ Dispatched MoeFfnImpl::dispatch(const torch::Tensor& x2d, const Routing& r) cons
   auto sorted = flat_e.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
   auto sorted_e = std::get<0>(sorted);
   auto order = std::get<1>(sorted);
-  d.capacity = capacityFor(n);
+  d.capacity = capacityFor(tp.sequence ? n * tp.comm->size() : n);
   d.rows_per_expert = r.tokens_per_expert;
   d.dropped_per_expert.assign(static_cast<size_t>(num_experts_), 0);
   if (d.capacity > 0) {
+    // Each assignment's place in its expert's priority order.
     auto counts = torch::tensor(r.tokens_per_expert, iopts);
     auto starts = counts.cumsum(0) - counts;
     auto rank = torch::arange(flat_e.size(0), iopts) - starts.index_select(0, sorted_e);
-    order = order.masked_select(rank < d.capacity);
-    for (int64_t e = 0; e < num_experts_; ++e) {
-      auto& rows = d.rows_per_expert[static_cast<size_t>(e)];
-      d.dropped_per_expert[static_cast<size_t>(e)] = std::max<int64_t>(0, rows - d.capacity);
-      rows = std::min(rows, d.capacity);
+    if (tp.sequence) rank = rank + sequenceOffset(flat_e, n, block > 0 ? block : n).index_select(0, order);
+    const torch::Tensor keep = rank < d.capacity;
+    order = order.masked_select(keep);
+    const torch::Tensor kept = torch::bincount(sorted_e.masked_select(keep), {}, num_experts_).to(torch::kCPU).contiguous();
+    const int64_t* kept_rows = kept.data_ptr<int64_t>();
+    for (size_t e = 0; e < d.rows_per_expert.size(); ++e) {
+      d.dropped_per_expert[e] = d.rows_per_expert[e] - kept_rows[e];
+      d.rows_per_expert[e] = kept_rows[e];
     }
   }
   d.token_index = flat_tok.index_select(0, order);
@@ -370,7 +402,7 @@ torch::Tensor MoeFfnImpl::forward(const torch::Tensor& x) {
   auto x2d = x.reshape({-1, x.size(-1)});
   int64_t n = x2d.size(0);
   Routing r = route(x2d);
-  Dispatched d = dispatch(x2d, r);
+  Dispatched d = dispatch(x2d, r, x.dim() == 3 ? x.size(1) : 0);
   auto y = exchange_ ? expertParallelFfn(d, n) : combine(computeExperts(d), d, n);
   if (!shared_expert.is_empty()) y = y + shared_expert(x2d);
   last_aux_ = r.aux_loss;
@@ -581,9 +613,6 @@ void TransformerImpl::setTensorParallel(std::shared_ptr<TensorParallelComm> comm
               comm ? comm->size() : 0, " (rank ", comm ? comm->rank() : 0, ") for a shard cut for ", shard_.tp.size,
               " (rank ", shard_.tp.rank, ")");
   TORCH_CHECK(comm || shard_.tp.size == 1, "a tensor-parallel shard needs its group");
-  TORCH_CHECK(!sequence || moeLayers().empty(),
-              "sequence parallelism with MoE layers is not built (the replicated experts would route a block of the "
-              "sequence each)");
   const TensorParallelContext ctx{shard_.tp.size == 1 ? nullptr : std::move(comm), sequence && shard_.tp.size > 1};
   tp_ = ctx;
   if (!model->embed_tokens.is_empty()) model->embed_tokens->tp = ctx;
@@ -592,6 +621,8 @@ void TransformerImpl::setTensorParallel(std::shared_ptr<TensorParallelComm> comm
     if (!layer) continue;
     layer->self_attn->tp = ctx;
     if (!layer->mlp.is_empty()) layer->mlp->tp = ctx;
+    // Replicated: it only needs the group when it routes a block of the sequence.
+    if (!layer->block_sparse_moe.is_empty()) layer->block_sparse_moe->tp = ctx.sequence ? ctx : TensorParallelContext{};
   }
 }
 

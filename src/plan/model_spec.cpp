@@ -1,6 +1,7 @@
 // Parameter and FLOP accounting of transformer shapes, and the presets.
 #include "archipelago/plan/model_spec.h"
 
+#include <algorithm>
 #include <filesystem>
 
 namespace archipelago::plan {
@@ -234,6 +235,8 @@ core::Result<ModelSpec> fromModelConfig(const core::ModelConfig& c) {
     m.expert_hidden = c.moe.expert_hidden > 0 ? c.moe.expert_hidden : m.ffn_hidden;
     m.shared_experts = c.moe.shared_expert ? 1 : 0;
     m.moe_every = c.moe.every;
+    // The runtime's MoE layers are those with (l + 1) % every == 0 (model/layers.h).
+    m.first_dense = std::max<int64_t>(c.moe.every, 1) - 1;
   }
   ARCH_RETURN_IF_ERROR(m.validate());
   return m;

@@ -7,7 +7,8 @@ namespace archipelago::plan {
 
 namespace {
 
-constexpr const char* kSequenceDenseOnly = "sequence parallelism is off: the runtime runs it for dense models only";
+constexpr const char* kSequenceNotWithZeroThreeExperts =
+    "sequence parallelism is off: the runtime does not run it with MoE layers, ZeRO-3 and expert parallelism together";
 
 // A group's layout as the runtime sees it: what must be alike in every group.
 struct RunLayout {
@@ -77,9 +78,10 @@ void addLayout(const RunLayout& l, const core::JobConfig& job, PlanOverrides& ou
   out.sets.push_back(fmt::format("strategy.pipeline_stages={}", l.pp));
   if (l.pp > 1) out.sets.push_back(fmt::format("strategy.stage_layers={}", fmt::join(l.stage_layers, ",")));
   out.sets.push_back(fmt::format("strategy.expert_parallel={}", l.ep));
-  // The planner prices tensor parallelism with sequence parallelism (dense models only here).
-  if (l.tp > 1 && !moe) out.sets.push_back("strategy.sequence_parallel=true");
-  if (l.tp > 1 && moe) out.notes.push_back(kSequenceDenseOnly);
+  // The planner prices tensor parallelism with sequence parallelism.
+  const bool sequence_refused = moe && l.ep > 1 && l.zero >= 3;
+  if (l.tp > 1 && !sequence_refused) out.sets.push_back("strategy.sequence_parallel=true");
+  if (l.tp > 1 && sequence_refused) out.notes.push_back(kSequenceNotWithZeroThreeExperts);
   out.sets.push_back(fmt::format("train.micro_batch={}", l.micro_batch));
   out.sets.push_back(fmt::format("train.recompute={}", l.recompute != Recompute::kNone && l.pp > 1));
   if (l.recompute == Recompute::kSelective && l.pp > 1) {
@@ -155,9 +157,7 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   out.sets.push_back("strategy.tensor_parallel=1");
   out.sets.push_back("strategy.pipeline_stages=1");
   out.sets.push_back("strategy.expert_parallel=1");
-  const bool moe = job.model.moe.num_experts > 0;
-  out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp && !moe));
-  if (any_tp && moe) out.notes.push_back(kSequenceDenseOnly);
+  out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp));
   out.sets.push_back(fmt::format("train.micro_batch={}", micro));
   out.sets.push_back(fmt::format("train.recompute={}", recompute));
   out.sets.push_back(fmt::format("train.zero={}", zero));

@@ -221,13 +221,28 @@ TEST(SequenceParallel, HiddenStatesAreThisRanksBlockOfTheSequence) {
   }
 }
 
-TEST(SequenceParallel, MoeLayersAreRefused) {
-  const core::ModelConfig c = testing::tinyMoeConfig();
-  ThreadGroup group(2);
-  ModelShard s;
-  s.tp = {0, 2};
-  Transformer net(c, 7, s);
-  EXPECT_THROW(net->setTensorParallel(std::make_shared<ThreadComm>(group, 0), true), c10::Error);
+// Each rank routes its block of the sequence through the replicated
+// experts; the balance loss (its gradient reaches the router) and the
+// capacity's drops are the whole sequence's, so loss and gradients match.
+TEST(SequenceParallel, MoeLayersRouteEachRanksBlockAsTheWholeSequenceWould) {
+  core::ModelConfig c = testing::tinyMoeConfig("aux_loss");
+  expectMatchesWhole(c, 2, /*sequence=*/true);
+  // A capacity that drops: which assignment goes is decided in the whole
+  // micro-batch's order (choice, sample, position), across the ranks' blocks.
+  c.moe.capacity_factor = 1.0;
+  expectMatchesWhole(c, 2, /*sequence=*/true);
+  core::ModelConfig four = c;
+  four.n_kv_heads = 4;
+  expectMatchesWhole(four, 4, /*sequence=*/true);
+  Transformer whole(c, 7);
+  whole->to(torch::kDouble);
+  torch::manual_seed(3);
+  whole->lossAndStats(torch::randint(0, c.vocab_size, {3, 8}, torch::kLong),
+                      torch::randint(0, c.vocab_size, {3, 8}, torch::kLong));
+  int64_t dropped = 0;
+  for (const auto& st : whole->moeStats()) dropped += st.dropped;
+  EXPECT_GT(dropped, 0) << "the capacity case must drop assignments to test their order";
+  expectMatchesWhole(testing::tinyMoeConfig("router_bias"), 2, /*sequence=*/true);
 }
 
 TEST(TensorParallel, RefusesKvHeadsTheGroupCannotDivide) {

@@ -109,6 +109,20 @@ TEST(PlanToJob, TensorAndPipelineParallelismBecomeTheJobsStrategy) {
   ASSERT_TRUE(zep3.isOk()) << zep3.status().toString();
   EXPECT_THAT(zep3->sets, Contains(std::string("train.zero=3")));
   EXPECT_TRUE(zep3->notes.empty());
+  // A MoE model under TP x EP: sequence parallelism as priced, except with
+  // ZeRO-3 (said).
+  core::JobConfig moe = job(8);
+  moe.model.moe.num_experts = 4;
+  GroupPlan tpep2 = group({0}, 2, {4}, 2, 2), tpep3 = group({0}, 2, {4}, 2, 3);  // 2 x EP2 x TP2: 8 devices
+  tpep2.ep = tpep3.ep = 2;
+  auto sp2 = jobOverrides(planOf({tpep2}), moe);
+  ASSERT_TRUE(sp2.isOk()) << sp2.status().toString();
+  EXPECT_THAT(sp2->sets, Contains(std::string("strategy.sequence_parallel=true")));
+  EXPECT_TRUE(sp2->notes.empty());
+  auto sp3 = jobOverrides(planOf({tpep3}), moe);
+  ASSERT_TRUE(sp3.isOk()) << sp3.status().toString();
+  EXPECT_THAT(sp3->sets, testing::Not(Contains(std::string("strategy.sequence_parallel=true"))));
+  EXPECT_THAT(sp3->notes, Contains(HasSubstr("sequence parallelism is off")));
 
   // The job those overrides make passes the job check.
   auto loaded = loadWith("[{name: a, count: 4}]", ov->sets);
@@ -183,16 +197,16 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   ASSERT_TRUE(z.isOk());
   EXPECT_THAT(z->sets, Contains(std::string("train.zero=1")));
   EXPECT_THAT(z->notes, Contains(HasSubstr("zero=3 runs as 1")));
-  // A MoE model: each island's layout replicates the MoE layers, without
-  // sequence parallelism (said), and the job passes the job check.
+  // A MoE model: each island's layout replicates the MoE layers, with
+  // sequence parallelism, and the job passes the job check.
   core::JobConfig moe = twoIslands();
   moe.model.moe.num_experts = 4;
   p.strategy = "sync";
   p.groups[0].zero = 1;
   auto m = jobOverrides(p, moe);
   ASSERT_TRUE(m.isOk()) << m.status().toString();
-  EXPECT_THAT(m->sets, Contains(std::string("strategy.sequence_parallel=false")));
-  EXPECT_THAT(m->notes, Contains(HasSubstr("sequence parallelism is off")));
+  EXPECT_THAT(m->sets, Contains(std::string("strategy.sequence_parallel=true")));
+  EXPECT_THAT(m->notes, testing::Not(Contains(HasSubstr("sequence parallelism is off"))));
   std::vector<std::string> moe_sets = m->sets;
   moe_sets.push_back("model.moe.num_experts=4");
   auto moe_loaded = loadWith("[{name: a, count: 2}, {name: b, count: 2}]", moe_sets);

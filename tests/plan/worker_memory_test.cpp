@@ -95,17 +95,110 @@ TEST(WorkerMemory, PipelineStagesKeepTheirMicroBatchesInFlightUnlessRecomputed) 
   EXPECT_LT(predict(m, w).activation_bytes, 0.75 * s0);
 }
 
+ModelSpec smallMoe() {
+  ModelSpec m = small();
+  m.num_experts = 8;
+  m.top_k = 2;
+  m.expert_hidden = 64;
+  m.shared_experts = 1;
+  m.first_dense = 1;  // layers 1 and 3 are MoE layers
+  m.moe_every = 2;
+  return m;
+}
+
+TEST(WorkerMemory, MoeLayersHoldRouterSharedAndRoutedExperts) {
+  const ModelSpec m = smallMoe();
+  WorkerLayout w = whole(m);
+  EXPECT_DOUBLE_EQ(predict(m, w).state_bytes, 24 * m.totalParams());
+  // Without EP the experts are replicated: ZeRO shards them with the rest.
+  WorkerLayout z = whole(m);
+  z.zero = 1;
+  z.zero_group = 4;
+  EXPECT_DOUBLE_EQ(predict(m, z).state_bytes, 12 * m.totalParams() + 12 * m.totalParams() / 4);
+  // Expert parallelism: this member holds 3 of the 8 routed experts of each MoE layer.
+  w.ep = 2;
+  w.experts_held = 3;
+  const double gone = 2 * 5 * m.expertParams();
+  const double P = m.totalParams() - gone;
+  EXPECT_DOUBLE_EQ(predict(m, w).state_bytes, 24 * P);
+  // ZeRO-1: the dense tensors' state over 8 replicas, the experts' over the 2 holding them.
+  w.zero = 1;
+  w.zero_group = 8;
+  w.expert_zero_group = 2;
+  const double experts = 2 * 3 * m.expertParams();
+  const double dense = (P - experts) / 8;
+  EXPECT_GT(experts / 2, dense);  // AdamW's scratch: the larger slice
+  EXPECT_DOUBLE_EQ(predict(m, w).state_bytes, 12 * P + 8 * (dense + experts / 2) + 4 * experts / 2);
+  // TP replicates the MoE layers: only the attention projections and the dense FFNs split.
+  WorkerLayout t = whole(m);
+  t.tp = 2;
+  const double h = static_cast<double>(m.dim);
+  const double split = 4 * (m.attentionParams() - h) / 2 + 2 * (m.denseFfnParams() - h) / 2 +
+                       static_cast<double>(m.vocab * m.dim);  // embedding and head rows
+  EXPECT_DOUBLE_EQ(predict(m, t).state_bytes, 24 * (m.totalParams() - split));
+}
+
+TEST(WorkerMemory, MoeActivationsFollowTheRowsEachMemberRuns) {
+  const ModelSpec m = smallMoe();
+  WorkerLayout w = whole(m);
+  const double local = predict(m, w).activation_bytes;
+  ModelSpec dense = small();
+  EXPECT_GT(local, predict(dense, whole(dense)).activation_bytes);  // k = 2 rows per token plus a shared expert
+  // An even split runs as many rows per member as one process: only the
+  // two int64 permutations per row are added (2 MoE layers, 2 rows per token).
+  w.ep = 2;
+  w.experts_held = 4;
+  const double tokens = static_cast<double>(w.micro_batch * w.seq_len);
+  EXPECT_NEAR(predict(m, w).activation_bytes, local + tokens * 2 * 2 * 16, 1e-9 * local);
+  // Experts 6 + 2: the member holding 6 runs three times the other's rows.
+  w.experts_held = 6;
+  const double big = predict(m, w).activation_bytes;
+  w.experts_held = 2;
+  const double small_share = predict(m, w).activation_bytes;
+  const double row = static_cast<double>(m.dim + 4 * m.expert_hidden) * w.compute_bytes + 16;
+  EXPECT_NEAR(big - small_share, tokens * 2 * 2 * (1.5 - 0.5) * row, 1e-9 * local);
+  // TP replicates the MoE layers: every rank routes every token, unless
+  // sequence parallelism gives each its block.
+  WorkerLayout t = whole(m);
+  t.tp = 2;
+  EXPECT_GT(predict(m, t).activation_bytes, local / 2);
+  t.sequence_parallel = true;
+  EXPECT_NEAR(predict(m, t).activation_bytes, local / 2, 1e-9 * local);
+}
+
+TEST(WorkerMemory, ModelConfigMoeLayersAreTheRuntimes) {
+  core::ModelConfig c;
+  c.dim = 64;
+  c.n_layers = 4;
+  c.n_heads = 4;
+  c.moe.num_experts = 4;
+  c.moe.top_k = 1;
+  c.moe.every = 2;
+  auto m = fromModelConfig(c);
+  ASSERT_TRUE(m.isOk()) << m.status().toString();
+  // model::isMoeLayer: (l + 1) % every == 0.
+  EXPECT_FALSE(m->isMoeLayer(0));
+  EXPECT_TRUE(m->isMoeLayer(1));
+  EXPECT_FALSE(m->isMoeLayer(2));
+  EXPECT_TRUE(m->isMoeLayer(3));
+}
+
 TEST(WorkerMemory, UnmodelledLayersAndIncompleteLayoutsAreRefused) {
   ModelSpec m = small();
   WorkerLayout w = whole(m);
   w.layer_end = 0;
   EXPECT_FALSE(predictWorkerMemory(m, w).isOk());
-  m.num_experts = 8;
-  m.top_k = 2;
-  m.expert_hidden = 64;
+  ModelSpec moe = smallMoe();
+  WorkerLayout e = whole(moe);
+  e.experts_held = 9;  // more than the 8 experts
+  EXPECT_FALSE(predictWorkerMemory(moe, e).isOk());
+  m.kv_lora_rank = 64;
+  m.qk_rope_dim = 16;
+  m.qk_nope_dim = 16;
+  m.v_head_dim = 16;
   auto r = predictWorkerMemory(m, whole(m));
   ASSERT_FALSE(r.isOk());
-  EXPECT_NE(r.status().message().find("MoE"), std::string::npos);
+  EXPECT_NE(r.status().message().find("latent attention"), std::string::npos);
 }
 
 }  // namespace

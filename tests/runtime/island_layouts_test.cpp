@@ -157,25 +157,28 @@ TEST(IslandLayouts, TensorParallelIslandAndPipelineIslandMatchSingleProcessAndRe
   }
 }
 
-TEST(IslandLayouts, MoeLayersRunReplicatedInEachIslandsLayoutAndBalanceOnTheJobsLoad) {
-  // A MoE model: island a TP=2 (its MoE layers replicated in the group),
-  // island b a PP=2 pipeline. Router-bias balancing needs every token's
-  // routing: the loads meet by layer across the islands, so the biases,
-  // the routing and the curve are the single process's. Clipped: the
-  // experts must count once in the norm, not once per TP rank.
+// A MoE model: island a TP=2 (its MoE layers replicated in the group; with
+// `sequence` each TP rank routes its block of the sequence), island b a
+// PP=2 pipeline. Router-bias balancing needs every token's routing: the
+// loads meet by layer across the islands, so the biases, the routing and
+// the curve are the single process's. Clipped: the experts must count once
+// in the norm, not once per TP rank.
+void moeIslandsRun(const std::string& name, bool sequence) {
   const int steps = 8;
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
-  auto ref = testutil::clippedReference("ilmoe_ref", steps, moe);
-  fs::path run = scratchRoot() / "ilmoe";
+  const std::string what = sequence ? "MoE: a TP=2 + SP, b PP=2" : "MoE: a TP=2, b PP=2";
+  auto ref = testutil::clippedReference(name + "_ref", steps, moe);
+  fs::path run = scratchRoot() / name;
   ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run,
                                                          "    - {name: a, count: 2, tensor_parallel: 2}\n"
                                                          "    - {name: b, count: 2, pipeline_stages: 2, stage_layers: [3, 1]}",
-                                                         steps, moe, "{kind: sync}")),
-                               "ilmoe"),
+                                                         steps, moe, sequence ? "{kind: sync, sequence_parallel: true}"
+                                                                              : "{kind: sync}")),
+                               name),
             0)
-      << outputOf("ilmoe");
-  expectCurve(run, ref, 1, steps, kTol, "MoE: a TP=2, b PP=2");
-  testutil::expectGradNorms(run, scratchRoot() / "ilmoe_ref", 1e-5, "MoE: a TP=2, b PP=2");
+      << outputOf(name);
+  expectCurve(run, ref, 1, steps, kTol, what);
+  testutil::expectGradNorms(run, scratchRoot() / (name + "_ref"), 1e-5, what);
   // The router biases both runs ended with (checkpointed at exit) are the
   // same: every update saw the job's whole load, not an island's.
   auto biases = [&](const fs::path& dir) {
@@ -188,7 +191,7 @@ TEST(IslandLayouts, MoeLayersRunReplicatedInEachIslandsLayoutAndBalanceOnTheJobs
     }
     return out;
   };
-  const auto want_bias = biases(scratchRoot() / "ilmoe_ref"), got_bias = biases(run);
+  const auto want_bias = biases(scratchRoot() / (name + "_ref")), got_bias = biases(run);
   ASSERT_EQ(want_bias.size(), 4u) << "a router bias per MoE layer";
   ASSERT_EQ(got_bias.size(), want_bias.size());
   for (const auto& [n, t] : want_bias) {
@@ -197,7 +200,8 @@ TEST(IslandLayouts, MoeLayersRunReplicatedInEachIslandsLayoutAndBalanceOnTheJobs
   }
   // A MoE record per step and layer, counting the last micro-batch (2
   // samples x 32 tokens, top-2) of each of the two replicas (island a's TP
-  // group and island b's pipeline): a TP group counted once, not per rank.
+  // group and island b's pipeline): a TP group counted once, not per rank
+  // (under SP each rank its own block).
   std::map<std::pair<int64_t, int64_t>, double> routed;
   for (const auto& j : testutil::metricLines(run, "moe")) {
     double sum = 0;
@@ -207,6 +211,10 @@ TEST(IslandLayouts, MoeLayersRunReplicatedInEachIslandsLayoutAndBalanceOnTheJobs
   ASSERT_EQ(routed.size(), static_cast<size_t>(steps * 4)) << "a MoE record per step and layer";
   for (const auto& [at, sum] : routed) EXPECT_EQ(sum, 2 * 2 * 32 * 2) << "step " << at.first << " layer " << at.second;
 }
+
+TEST(IslandLayouts, MoeLayersRunReplicatedInEachIslandsLayoutAndBalanceOnTheJobsLoad) { moeIslandsRun("ilmoe", false); }
+
+TEST(IslandLayouts, MoeLayersRouteSequenceBlocksOnATensorParallelIsland) { moeIslandsRun("ilmoesp", true); }
 
 TEST(IslandLayouts, DilocoAveragesTheIslandsByTensorName) {
   // Island a: TP=2 with SP; island b: a PP=2 pipeline. With the identity

@@ -155,6 +155,38 @@ TEST(TensorParallel, TwoRanksTimesTwoExpertMembersMatchSingleProcess) {
   EXPECT_GT(ml.back()["dispatch_bytes"].get<int64_t>(), 0);
 }
 
+TEST(TensorParallel, SequenceBlocksThroughTwoExpertMembersMatchSingleProcess) {
+  // TP=2 with sequence parallelism x EP=2, 4 workers: each TP rank routes
+  // its half of every sequence through its expert group; the capacity
+  // (which drops here) is decided in the whole micro-batch's order, and the
+  // router-bias loads are summed over the TP group before the replicas'.
+  // Clipped every step: the experts' and router's partial gradients must be
+  // summed over the TP group exactly once.
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01, "
+                          "capacity_factor: 1.0}";
+  auto ref = testutil::clippedReference("tpspep_ref", kSteps, moe);
+  fs::path run = scratchRoot() / "tpspep";
+  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", kSteps, moe,
+                                                         "{tensor_parallel: 2, sequence_parallel: true, "
+                                                         "expert_parallel: 2, expert_counts: [3, 1]}")),
+                               "tpspep"),
+            0)
+      << outputOf("tpspep");
+  expectCurve(run, ref, 1, kSteps, kTol, "TP=2 + SP x EP=2");
+  testutil::expectGradNorms(run, scratchRoot() / "tpspep_ref", 1e-5, "TP=2 + SP x EP=2");
+  testutil::expectPredictedStateMatches(run, 4, "TP=2 + SP x EP=2");
+  // Every TP rank counts its block: the records hold each step's 2 micro-batches' last
+  // forwards (2 x 2 x 32 tokens, 2 choices each) on the two replicas, with drops.
+  double dropped = 0;
+  for (const auto& j : testutil::metricLines(run, "moe")) {
+    double assigned = 0;
+    for (double v : j["tokens_per_expert"].get<std::vector<double>>()) assigned += v;
+    EXPECT_EQ(assigned, 2 * 2 * 32 * 2) << j.dump();
+    dropped += j["dropped"].get<double>();
+  }
+  EXPECT_GT(dropped, 0);
+}
+
 TEST(TensorParallel, TwoRanksTimesTwoStagesTimesTwoExpertMembersMatchSingleProcess) {
   // The three together, 8 workers: rank ((d * 2 + s) * 2 + t) is TP rank t
   // of stage s of pipeline d; pipelines 0 and 1 form the expert group, so

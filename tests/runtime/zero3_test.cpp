@@ -136,10 +136,29 @@ TEST(ZeroThree, SequenceParallelNormsAreSummedAfterTheReduceScatter) {
   testutil::expectPredictedStateMatches(run, 4, "TP=2 + SP x 2 replicas, ZeRO-3");
 }
 
+// The same with MoE layers: each TP rank routes its block through the
+// replicated experts, whose partial gradients are summed with the norms'
+// after the reduce-scatter (the owned vector now holds the experts too).
+TEST(ZeroThree, SequenceParallelMoeLayersAreSummedAfterTheReduceScatter) {
+  const int steps = 8;
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = testutil::clippedReference("z3_spmoe_ref", steps, moe);
+  fs::path run = scratchRoot() / "z3_spmoe";
+  const std::string y = testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, moe,
+                                                  "{tensor_parallel: 2, sequence_parallel: true}",
+                                                  ", shares: [3, 3, 1, 1], zero: 3"));
+  ASSERT_EQ(testutil::runTrain(y, "z3_spmoe"), 0) << outputOf("z3_spmoe");
+  expectCurve(run, ref, 1, steps, kTol, "MoE, TP=2 + SP x 2 replicas, ZeRO-3");
+  testutil::expectGradNorms(run, scratchRoot() / "z3_spmoe_ref", 1e-5, "MoE, TP=2 + SP x 2 replicas, ZeRO-3");
+  testutil::expectPredictedStateMatches(run, 4, "MoE, TP=2 + SP x 2 replicas, ZeRO-3");
+}
+
 TEST(ZeroThree, RefusesWhatItCannotReduce) {
-  auto msg = [](const std::string& strategy, const std::string& train_extra) {
+  auto msg = [](const std::string& strategy, const std::string& train_extra, const std::string& model_extra = "",
+                int workers = 2) {
     const fs::path file = scratchRoot() / "z3_refuse.yaml";
-    std::ofstream(file) << jobYaml(scratchRoot() / "z3_refuse", "    - {name: a, count: 2}", 2, "", strategy,
+    std::ofstream(file) << jobYaml(scratchRoot() / "z3_refuse",
+                                   "    - {name: a, count: " + std::to_string(workers) + "}", 2, model_extra, strategy,
                                    train_extra);
     auto job = core::loadJob(file.string());
     return job.isOk() ? std::string() : job.status().message();
@@ -149,6 +168,11 @@ TEST(ZeroThree, RefusesWhatItCannotReduce) {
   EXPECT_EQ(msg("{kind: sync}", ", zero: 3"), "");
   EXPECT_EQ(msg("{tensor_parallel: 2}", ", zero: 3"), "");
   EXPECT_EQ(msg("{pipeline_stages: 2}", ", zero: 3"), "");
+  // Expert groups lay their replicated tensors out differently: not with SP.
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2}";
+  EXPECT_THAT(msg("{tensor_parallel: 2, sequence_parallel: true, expert_parallel: 2}", ", zero: 3", moe, 4),
+              HasSubstr("strategy.sequence_parallel"));
+  EXPECT_EQ(msg("{tensor_parallel: 2, sequence_parallel: true, expert_parallel: 2}", ", zero: 2", moe, 4), "");
 }
 
 }  // namespace

@@ -84,6 +84,7 @@ void expertGroupsRun(const std::string& name, int zero, int resumed) {
                                                     "[0-9]+\\) over 4 ranks, \\[[0-9]+, [0-9]+\\) over 2 ranks"));
   expectCurve(run, ref, 1, k, kTol, what);
   testutil::expectGradNorms(run, scratchRoot() / (name + "_ref"), 1e-5, what, k);
+  testutil::expectPredictedStateMatches(run, 4, what);
   const std::string again = name + "_resumed";
   fs::path two = scratchRoot() / again;
   fs::create_directories(two);
@@ -95,6 +96,7 @@ void expertGroupsRun(const std::string& name, int zero, int resumed) {
   EXPECT_THAT(rank0Log(two), testing::ContainsRegex("optimizer shard \\(ZeRO-" + std::to_string(resumed) +
                                                     "\\): .* over 2 ranks, \\[[0-9]+, [0-9]+\\) whole"));
   expectCurve(two, ref, k + 1, steps, kTol, "resumed by EP=2 with ZeRO-" + std::to_string(resumed));
+  testutil::expectPredictedStateMatches(two, 2, "EP=2 (experts 1 + 3), ZeRO-" + std::to_string(resumed));
 }
 
 // ZeRO-2: the dense gradients reduce-scattered over all four, each

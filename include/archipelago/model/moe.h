@@ -100,7 +100,9 @@ class MoeFfnImpl : public torch::nn::Module {
 
   // The four stages, usable one by one (x2d is [N, dim]).
   Routing route(const torch::Tensor& x2d) const;
-  Dispatched dispatch(const torch::Tensor& x2d, const Routing& routing) const;
+  // `block`: tokens per sample of x2d (sequence parallelism orders the
+  // whole sequence's assignments by sample; 0: one sample).
+  Dispatched dispatch(const torch::Tensor& x2d, const Routing& routing, int64_t block = 0) const;
   // Needs every expert (no expert-parallel split).
   torch::Tensor computeExperts(const Dispatched& d);
   torch::Tensor combine(const torch::Tensor& expert_out, const Dispatched& d, int64_t n_tokens) const;
@@ -130,6 +132,17 @@ class MoeFfnImpl : public torch::nn::Module {
   int64_t expertEnd() const { return expert_end_; }
   int64_t numExperts() const { return num_experts_; }
 
+  // Sequence parallelism (set with a sequence context, else empty): each
+  // rank of the tensor-parallel group routes its block of the sequence
+  // through the replicated experts, and the balance loss and the capacity
+  // are the whole sequence's: the load and the mean router probability are
+  // summed over the group (the probabilities' sum as Megatron's g: summed
+  // forward, identity backward), and an assignment's place in its expert's
+  // priority order counts the other ranks' assignments before it. The
+  // experts' and router's gradients are then partial: the trainer sums them
+  // over the group with the norms'.
+  TensorParallelContext tp;
+
   LinearNoBias gate{nullptr};
   // The experts held, in order: experts[i] is global expert expertBegin() + i.
   torch::nn::ModuleList experts{nullptr};
@@ -138,6 +151,9 @@ class MoeFfnImpl : public torch::nn::Module {
  private:
   // The expert-parallel path of forward (src/model/expert_parallel.cpp).
   torch::Tensor expertParallelFfn(const Dispatched& d, int64_t n_tokens);
+  // Sequence parallelism: per flat (choice-major) assignment of this rank,
+  // the assignments of the other ranks before it in its expert's order.
+  torch::Tensor sequenceOffset(const torch::Tensor& flat_e, int64_t n, int64_t block) const;
 
   int64_t layer_;
   int64_t num_experts_;

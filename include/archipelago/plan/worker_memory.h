@@ -26,7 +26,20 @@
 //               gradient); for every micro-batch in flight (1F1B: min(P - s,
 //               m) on stage s; one without a pipeline), or with
 //               recomputation only the stage inputs plus one micro-batch's.
-// MoE layers are not modelled (the result says so).
+//   MoE layers  the router, its norm, the shared expert and the routed
+//               experts held (EP: this member's; TP replicates all of them);
+//               with EP, ZeRO shards the experts' optimizer state over the
+//               ranks holding the same experts (expert_zero_group) and
+//               AdamW's scratch is the larger of its two slices. Saved per
+//               token: the router's fp32 probabilities [E] and int64 choices,
+//               per assignment (top_k per token) the weighted expert result,
+//               its combine weight and two int64 indices, per row an expert
+//               runs (top_k per token; with EP the group's rows for this
+//               member's experts, an even spread assumed) its input and the
+//               SwiGLU's four f, plus two int64 permutations under EP; the
+//               shared expert's four f; under sequence parallelism for the
+//               rank's block of the sequence only.
+// Multi-head latent attention is not modelled (the result says so).
 #pragma once
 
 #include <cstdint>
@@ -55,6 +68,10 @@ struct WorkerLayout {
   bool elastic = false;        // keeps a rollback copy
   double compute_bytes = 4;    // element size of the compute dtype (4 fp32, 2 bf16)
   bool fused_attention = false;  // a fused kernel keeps no heads x seq softmax per token
+  // Mixture of experts (ignored for dense models).
+  int64_t ep = 1;                 // expert-parallel group size
+  int64_t experts_held = -1;      // routed experts per MoE layer held here (-1: all)
+  int64_t expert_zero_group = 1;  // ranks the experts' sharded state is split over
 };
 
 struct WorkerMemory {

@@ -32,6 +32,12 @@ plan::WorkerLayout Trainer::memoryLayout() const {
   w.elastic = elastic() && !split();
   w.compute_bytes = place_.dtype == "fp32" ? 4.0 : 2.0;
   w.fused_attention = false;  // the CPU path (model/torch_compat.h fusedCausalAttention)
+  if (ep_) {
+    const auto member = static_cast<size_t>(lay_.epMemberOf(rank_));
+    w.ep = lay_.ep;
+    w.experts_held = lay_.expert_begin[member + 1] - lay_.expert_begin[member];
+    w.expert_zero_group = w.zero >= 1 && expert_dp_ ? expert_dp_->size() : 1;
+  }
   return w;
 }
 

@@ -155,12 +155,19 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
 }
 
 // Router-bias balancing with the load of every rank that shares the router
-// (the replicated tensors' group).
+// (the replicated tensors' group; under sequence parallelism the TP group's
+// ranks each routed a block of the sequence, so theirs is summed first).
 core::Status Trainer::routerBias() {
   if (mcfg_.moe.num_experts <= 0 || mcfg_.moe.balance != "router_bias") return core::okStatus();
   if (job_lay_.perIsland()) return routerBiasAcrossIslands();
   torch::Tensor load = net_->routerLoad().to(torch::kCPU, torch::kFloat64).contiguous();
   if (load.numel() == 0) return core::okStatus();
+  if (routesSequenceBlocks()) {
+    ARCH_RETURN_IF_ERROR(parallel::guardStep("router load over the tensor-parallel group", [&] {
+      tp_comm_->allreduceSum(load);
+      return core::okStatus();
+    }, {&tp_comm_->failure()}));
+  }
   DpComm* g = split() ? stage_dp_.get() : grad_dp_;
   if (g) ARCH_RETURN_IF_ERROR(g->allreduceSum(std::span<double>(load.data_ptr<double>(), static_cast<size_t>(load.numel()))));
   net_->updateRouterBias(load.to(torch::kInt64));
@@ -169,9 +176,10 @@ core::Status Trainer::routerBias() {
 
 // Per-island layouts: a router's layer sits on another stage, TP rank and
 // replica in every island, so the loads meet by layer: every rank puts its
-// layers' rows into a [MoE layers, E] table (one TP rank per group: its
-// ranks route the same tokens), one sum over the gradient group (the job
-// under sync, the island under DiLoCo), and each takes its layers' rows.
+// layers' rows into a [MoE layers, E] table (one TP rank per group when its
+// ranks route the same tokens, every one under sequence parallelism), one
+// sum over the gradient group (the job under sync, the island under
+// DiLoCo), and each takes its layers' rows.
 core::Status Trainer::routerBiasAcrossIslands() {
   const int64_t E = mcfg_.moe.num_experts;
   const std::vector<int64_t> moe_layers = moeLayerIds();
@@ -181,7 +189,7 @@ core::Status Trainer::routerBiasAcrossIslands() {
   torch::Tensor mine = net_->routerLoad().to(torch::kCPU, torch::kFloat64);
   const auto stats = net_->moeStats();
   std::vector<double> table(moe_layers.size() * static_cast<size_t>(E), 0.0);
-  if (tp_rank_ == 0) {
+  if (tp_rank_ == 0 || routesSequenceBlocks()) {
     for (size_t i = 0; i < stats.size(); ++i) {
       auto row = mine[static_cast<int64_t>(i)].contiguous();
       std::copy_n(row.data_ptr<double>(), E, table.data() + rowOf(stats[i].layer) * E);

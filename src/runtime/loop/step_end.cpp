@@ -156,15 +156,18 @@ core::Status Trainer::writeSplitMetrics(const parallel::StepStats& stats) {
   const std::vector<int64_t> moe_layers = moeLayerIds();
   const size_t width = static_cast<size_t>(2 * E + 1);
   std::vector<double> st(moe_layers.size() * width, 0.0);
-  // A tensor-parallel group routes the same tokens: its rank 0 counts them.
-  for (const auto& s : tp_rank_ == 0 ? net_->moeStats() : std::vector<model::MoeLayerStats>{}) {
+  // A tensor-parallel group routes the same tokens (its rank 0 counts them),
+  // or under sequence parallelism a block each (every rank counts its own;
+  // the capacity, the whole sequence's, still once).
+  const bool counts = tp_rank_ == 0 || routesSequenceBlocks();
+  for (const auto& s : counts ? net_->moeStats() : std::vector<model::MoeLayerStats>{}) {
     const size_t k = static_cast<size_t>(std::find(moe_layers.begin(), moe_layers.end(), s.layer) - moe_layers.begin());
     double* row = st.data() + k * width;
     for (int64_t e = 0; e < E && e < static_cast<int64_t>(s.tokens_per_expert.size()); ++e) {
       row[e] = static_cast<double>(s.tokens_per_expert[static_cast<size_t>(e)]);
       row[E + e] = static_cast<double>(s.dropped_per_expert.empty() ? 0 : s.dropped_per_expert[static_cast<size_t>(e)]);
     }
-    row[2 * E] = static_cast<double>(s.capacity);
+    if (tp_rank_ == 0) row[2 * E] = static_cast<double>(s.capacity);
   }
   ARCH_RETURN_IF_ERROR(grad_dp_->allreduceSum(st));
   if (rank_ != 0) return core::okStatus();

@@ -181,6 +181,9 @@ class Trainer {
   // The layout splits the model over ranks (pipeline stages, expert groups,
   // tensor-parallel slices, or islands of different layouts).
   bool split() const { return pp_ || ep_ || tp_ || job_lay_.perIsland(); }
+  // Sequence parallelism over MoE layers: each rank of the TP group routes
+  // its block of the sequence (loads and routing statistics are per rank).
+  bool routesSequenceBlocks() const { return tp_ && job_.strategy.sequence_parallel && mcfg_.moe.num_experts > 0; }
   // The ZeRO stage this run applies (train.zero under synchronous data
   // parallelism, over the ranks holding the same tensors).
   int zeroInUse() const;
