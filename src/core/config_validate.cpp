@@ -206,10 +206,9 @@ void validateIslandLayouts(const JobConfig& j, Problems& p) {
   }
   const std::string why = " with per-island layouts (cluster.islands[*].tensor_parallel / pipeline_stages / "
                           "stage_layers; not built yet)";
-  if (j.strategy.kind == "streaming") p.add("strategy.kind", j.strategy.kind, "sync or diloco" + why);
-  if (j.strategy.kind == "diloco" && j.strategy.codec != "none") {
-    p.add("strategy.codec", j.strategy.codec, "none with per-island layouts under diloco (the islands' mean by "
-                                              "tensor name is fp32)");
+  if (j.strategy.kind != "sync" && j.strategy.codec != "none") {
+    p.add("strategy.codec", j.strategy.codec, "none with per-island layouts under " + j.strategy.kind +
+                                                  " (the islands' mean by tensor name is fp32)");
   }
   // MoE layers run replicated in each island's layout (no expert groups).
   if (j.strategy.expert_parallel > 1) p.add("strategy.expert_parallel", j.strategy.expert_parallel, "1" + why);

@@ -172,10 +172,23 @@ class FragmentOuterSync final : public OuterSync {
       return core::invalidArgument(fmt::format(
           "strategy.overlap_steps is {}; expected 0 <= overlap_steps < strategy.inner_steps ({})", overlap_, H_));
     }
-    ARCH_ASSIGN_OR_RETURN(frags_, fragmentSchedule(numel_, streaming_ ? s.fragments : 1, H_, ctx_.segment_offsets));
-    if (ctx_.mean_by_name && (frags_.size() != 1 || overlap_ != 0 || codec_ != comm::CodecKind::kNone)) {
-      return core::invalidArgument("per-island layouts run DiLoCo with one fragment, no overlap and strategy.codec none "
-                                   "(the mean by tensor name is fp32)");
+    if (!ctx_.fragment_cuts.empty()) {
+      // Cut in the single-process layout (the trainer's); the schedule as fragmentSchedule's.
+      const auto n = static_cast<int64_t>(ctx_.fragment_cuts.size()) - 1;
+      if (n != (streaming_ ? s.fragments : 1) || ctx_.fragment_cuts.back() != numel_) {
+        return core::internalError(fmt::format("outer sync: {} fragment cuts ending at {} for {} fragments of {}", n + 1,
+                                               ctx_.fragment_cuts.back(), streaming_ ? s.fragments : 1, numel_));
+      }
+      frags_.clear();
+      for (int64_t f = 0; f < n; ++f) {
+        frags_.push_back({ctx_.fragment_cuts[static_cast<size_t>(f)], ctx_.fragment_cuts[static_cast<size_t>(f) + 1],
+                          (f * H_) / n});
+      }
+    } else {
+      ARCH_ASSIGN_OR_RETURN(frags_, fragmentSchedule(numel_, streaming_ ? s.fragments : 1, H_, ctx_.segment_offsets));
+    }
+    if (ctx_.mean_by_name && codec_ != comm::CodecKind::kNone) {
+      return core::invalidArgument("per-island layouts run DiLoCo with strategy.codec none (the mean by tensor name is fp32)");
     }
     last_tokens_.assign(frags_.size(), 0);
     last_sent_.assign(frags_.size(), -1);
@@ -511,10 +524,16 @@ class FragmentOuterSync final : public OuterSync {
     const size_t nc = job.control.size();
     job.strait_bytes.assign(nf, 0);
     if (ctx_.mean_by_name) {
-      // Per-island layouts: the islands' mean by tensor name (one fragment:
-      // the whole buffer, the same in every island's terms).
-      ARCH_RETURN_IF_ERROR(ctx_.mean_by_name(std::span<float>(job.buf.data(), job.buf.size()), island_tokens[0], job.control)
-                               .withContext("cross-island pseudo-gradient mean by tensor name"));
+      // Per-island layouts: the islands' mean by tensor name, fragment by
+      // fragment (each the same tensors in every island's terms); the
+      // control values ride with the first.
+      std::vector<double> none;
+      for (size_t i = 0; i < nf; ++i) {
+        ARCH_RETURN_IF_ERROR(ctx_.mean_by_name(static_cast<size_t>(job.frags[i]),
+                                               std::span<float>(job.buf.data() + job.at[i], fragSize(i)), island_tokens[i],
+                                               i == 0 ? job.control : none)
+                                 .withContext("cross-island pseudo-gradient mean by tensor name"));
+      }
       return outerStep(job);
     }
     // 2. My shard of every fragment (position my_pos_ < K) crosses the

@@ -10,6 +10,7 @@
 // The exchange plan itself is checked element by element below.
 #include <filesystem>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -110,7 +111,7 @@ TEST(IslandLayouts, EachIslandGetsItsOwnSpanAndTheJobCheckNamesTheIslandField) {
             "cluster.islands[1].pipeline_stages"},
            {"    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 2, stage_layers: [3, 1]}", "{kind: sync}",
             "cluster.islands[1].stage_layers"},
-           {islands, "{kind: streaming}", "strategy.kind"},
+           {islands, "{kind: streaming, codec: fp16}", "strategy.codec"},
            {islands, "{kind: diloco, codec: int8}", "strategy.codec"},
            {islands, "{kind: sync, expert_parallel: 2}", "strategy.expert_parallel"}}) {
     const fs::path file = scratchRoot() / "il_bad.yaml";
@@ -236,6 +237,45 @@ TEST(IslandLayouts, DilocoAveragesTheIslandsByTensorName) {
       << outputOf("ildl");
   expectCurve(run, ref, 1, steps, 2e-4, "a TP=2, b PP=2, DiLoCo H=1");
   EXPECT_THAT(testutil::rank0Log(run), HasSubstr("pseudo-gradients by tensor name"));
+}
+
+TEST(IslandLayouts, StreamingSyncsTheSameFragmentsAsAPlainLayout) {
+  // Streaming DiLoCo (3 fragments over H = 4, one step of overlap, outer
+  // momentum) with island a TP=2 + SP and island b a PP=2 pipeline, against
+  // the same job with both islands two plain data-parallel workers: the
+  // fragments are cut in the single-process layout, so each outer step
+  // averages the same tensors at the same step, and the two runs are one
+  // run up to summation order. (A fragment the pipeline's stage does not
+  // hold is empty there, and that rank still takes part in its exchange.)
+  const int steps = 12;
+  const std::string streaming = "kind: streaming, inner_steps: 4, fragments: 3, overlap_steps: 1, outer_lr: 0.7, "
+                                "outer_momentum: 0.5";
+  const std::string strait = "\n  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]";
+  fs::path plain = scratchRoot() / "ilst_plain";
+  ASSERT_EQ(testutil::runTrain(jobYaml(plain, "    - {name: a, count: 2}\n    - {name: b, count: 2}" + strait, steps,
+                                       "", "{" + streaming + "}"),
+                               "ilst_plain"),
+            0)
+      << outputOf("ilst_plain");
+  const auto want = testutil::rank0Losses(plain);
+  ASSERT_EQ(want.size(), static_cast<size_t>(steps));
+  std::vector<double> ref;
+  for (const auto& [step, loss] : want) ref.push_back(loss);
+  fs::path run = scratchRoot() / "ilst";
+  ASSERT_EQ(testutil::runTrain(jobYaml(run,
+                                       "    - {name: a, count: 2, tensor_parallel: 2}\n"
+                                       "    - {name: b, count: 2, pipeline_stages: 2, stage_layers: [3, 1]}" + strait,
+                                       steps, "", "{sequence_parallel: true, " + streaming + "}"),
+                               "ilst"),
+            0)
+      << outputOf("ilst");
+  expectCurve(run, ref, 1, steps, 2e-4, "streaming: a TP=2 + SP, b PP=2 against plain islands");
+  // Every fragment was synced (3 fragments, 12 steps of H = 4: 3 rounds each).
+  std::set<int64_t> fragments;
+  for (const auto& j : testutil::metricLines(run, "outer")) {
+    if (j.contains("fragment")) fragments.insert(j["fragment"].get<int64_t>());
+  }
+  EXPECT_EQ(fragments.size(), 3u);
 }
 
 }  // namespace

@@ -47,12 +47,19 @@ struct OuterContext {
   // Per-island layouts (docs/parallelism.md "Per-island layouts"): islands
   // hold the model in different flat layouts, so no rank pairs with
   // another by position; this replaces the cross-island exchange: given
-  // the island's pseudo-gradient of the whole buffer, its token count and
-  // its control sums, it leaves the islands' token-weighted mean and the
-  // control values summed over the islands on every rank (DiLoCo only:
-  // one fragment; parallel::IslandBridge::islandMean).
-  std::function<core::Status(std::span<float> delta, double island_tokens, std::vector<double>& control)>
+  // the island's pseudo-gradient of fragment `fragment`, its token count
+  // and its control sums (empty but for a job's first fragment), it leaves
+  // the islands' token-weighted mean and the control values summed over
+  // the islands on every rank (parallel::IslandBridge::rangeMean).
+  std::function<core::Status(size_t fragment, std::span<float> delta, double island_tokens,
+                             std::vector<double>& control)>
       mean_by_name;
+  // With mean_by_name: this rank's part of each of the job's fragments,
+  // which are cut in the single-process layout (so fragment f holds the
+  // same tensors on every rank): local offsets [fragment_cuts[f],
+  // fragment_cuts[f + 1]), possibly empty here. Empty: the fragments are
+  // cut over this rank's buffer (fragmentSchedule).
+  std::vector<int64_t> fragment_cuts;
 };
 
 class OuterSync {

@@ -376,7 +376,24 @@ core::Status Trainer::makeOuter(const NamedTensors* tensors, const nlohmann::jso
 // goes by tensor name, over a bridge of every rank in descending order (a
 // rank list no other group of the job uses: the outer thread has it to
 // itself), so every replica takes the mean straight from the other islands.
+// Streaming's fragments are cut in the single-process layout (as a plain
+// layout cuts its buffer), so fragment f is the same tensors everywhere; a
+// rank holds its part of each as one range of its own buffer.
 core::Status Trainer::outerByName(OuterContext& ctx) {
+  std::vector<int64_t> boundaries;
+  int64_t at = 0;
+  for (const auto& [name, shape] : shard_map_->full()) {
+    boundaries.push_back(at);
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    at += n;
+  }
+  const int64_t fragments = job_.strategy.kind == "streaming" ? job_.strategy.fragments : 1;
+  ARCH_ASSIGN_OR_RETURN(const auto global, fragmentSchedule(shard_map_->fullNumel(), fragments,
+                                                            job_.strategy.inner_steps, boundaries));
+  std::vector<int64_t> global_cuts{0};
+  for (const auto& f : global) global_cuts.push_back(f.end);
+  ARCH_ASSIGN_OR_RETURN(ctx.fragment_cuts, parallel::localCuts(parallel::heldRuns(*shard_map_, flat_->numel()), global_cuts));
   if (!outer_bridge_) {
     std::vector<int> ranks, islands;
     for (int r = world_ - 1; r >= 0; --r) {
@@ -391,8 +408,9 @@ core::Status Trainer::outerByName(OuterContext& ctx) {
                     core::describeIslandLayouts(job_));
     }
   }
-  ctx.mean_by_name = [b = outer_bridge_.get()](std::span<float> delta, double tokens, std::vector<double>& control) {
-    return b->islandMean(delta, tokens, control);
+  ctx.mean_by_name = [b = outer_bridge_.get(), global_cuts](size_t f, std::span<float> delta, double tokens,
+                                                           std::vector<double>& control) {
+    return b->rangeMean(global_cuts[f], global_cuts[f + 1], delta, tokens, control);
   };
   return core::okStatus();
 }

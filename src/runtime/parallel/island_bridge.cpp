@@ -136,6 +136,27 @@ core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& run
   return plan;
 }
 
+core::Result<std::vector<int64_t>> localCuts(const std::vector<FlatRun>& runs, const std::vector<int64_t>& global_cuts) {
+  std::vector<int64_t> out;
+  for (size_t c = 0; c < global_cuts.size(); ++c) {
+    int64_t before = 0;  // this rank's elements before the cut
+    for (const auto& r : runs) before += std::clamp<int64_t>(global_cuts[c] - r.global, 0, r.n);
+    out.push_back(before);
+    if (c + 1 == global_cuts.size()) break;
+    // Those of [cut, next cut) must be the next ones of the buffer, in order.
+    int64_t at = before;
+    for (const auto& r : clip(runs, {{global_cuts[c], global_cuts[c + 1]}})) {
+      if (r.local != at) {
+        return core::failedPrecondition("this rank's elements of the single-process range [" +
+                                        std::to_string(global_cuts[c]) + ", " + std::to_string(global_cuts[c + 1]) +
+                                        ") are not one contiguous range of its flat buffer");
+      }
+      at += r.n;
+    }
+  }
+  return out;
+}
+
 core::Result<std::unique_ptr<IslandBridge>> IslandBridge::create(FlatParams& flat, const ShardMap& map,
                                                                   std::shared_ptr<comm::Group> bridge,
                                                                   std::vector<int> island_of_member, DpComm* peers) {
@@ -163,6 +184,7 @@ core::Result<std::unique_ptr<IslandBridge>> IslandBridge::create(FlatParams& fla
       }
     }
     ARCH_ASSIGN_OR_RETURN(plan, bridgePlan(runs, island_of_member, bridge->rank()));
+    return std::make_unique<IslandBridge>(flat, std::move(bridge), std::move(plan), peers, std::move(runs));
   }
   return std::make_unique<IslandBridge>(flat, std::move(bridge), std::move(plan), peers);
 }
@@ -174,29 +196,30 @@ int64_t IslandBridge::sentPerStep() const {
 }
 
 // The all-to-all of the contributions and the weighted sum in island order.
-core::Status IslandBridge::exchange(float* grads, const std::map<int, float>& weight) {
-  const size_t n = plan_.send.size();
+core::Status IslandBridge::exchange(const BridgePlan& plan, std::span<float> values, const std::map<int, float>& weight) {
+  float* grads = values.data();
+  const size_t n = plan.send.size();
   // Where each member's block starts in out_ / in_.
   std::vector<size_t> from(n + 1, 0);
   size_t send_total = 0;
   for (size_t q = 0; q < n; ++q) {
-    from[q + 1] = from[q] + plan_.recv_counts[q];
-    send_total += plan_.send_counts[q];
+    from[q + 1] = from[q] + plan.recv_counts[q];
+    send_total += plan.send_counts[q];
   }
   out_.resize(send_total);
   in_.resize(from[n]);
   size_t at = 0;
-  for (const auto& runs : plan_.send) {
+  for (const auto& runs : plan.send) {
     for (const auto& r : runs) {
       std::memcpy(out_.data() + at, grads + r.local, static_cast<size_t>(r.n) * sizeof(float));
       at += static_cast<size_t>(r.n);
     }
   }
-  ARCH_RETURN_IF_ERROR(bridge_->alltoallv(out_.data(), plan_.send_counts, in_.data(), plan_.recv_counts, comm::DType::kF32));
-  const int64_t numel = flat_.numel();
+  ARCH_RETURN_IF_ERROR(bridge_->alltoallv(out_.data(), plan.send_counts, in_.data(), plan.recv_counts, comm::DType::kF32));
+  const int64_t numel = static_cast<int64_t>(values.size());
   sum_.assign(static_cast<size_t>(numel), 0.0f);
-  const int mine = plan_.island[static_cast<size_t>(plan_.me)];
-  for (int isl : plan_.islands) {
+  const int mine = plan.island[static_cast<size_t>(plan.me)];
+  for (int isl : plan.islands) {
     // x 1 is exact: the gradient sum is the plain sum.
     const auto it = weight.find(isl);
     const float w = it == weight.end() ? 1.0f : it->second;
@@ -205,9 +228,9 @@ core::Status IslandBridge::exchange(float* grads, const std::map<int, float>& we
       continue;
     }
     for (size_t q = 0; q < n; ++q) {
-      if (plan_.island[q] != isl) continue;
+      if (plan.island[q] != isl) continue;
       const float* v = in_.data() + from[q];
-      for (const auto& r : plan_.recv[q]) {
+      for (const auto& r : plan.recv[q]) {
         float* dst = sum_.data() + r.local;
         for (int64_t i = 0; i < r.n; ++i) dst[i] += w * v[i];
         v += r.n;
@@ -218,9 +241,9 @@ core::Status IslandBridge::exchange(float* grads, const std::map<int, float>& we
   return core::okStatus();
 }
 
-core::Status IslandBridge::toPeers(float* values, std::span<double> extra) {
+core::Status IslandBridge::toPeers(std::span<float> values, std::span<double> extra) {
   if (!peers_ || peers_->size() <= 1) return core::okStatus();
-  ARCH_RETURN_IF_ERROR(peers_->broadcast(std::span<float>(values, static_cast<size_t>(flat_.numel())), 0));
+  ARCH_RETURN_IF_ERROR(peers_->broadcast(values, 0));
   if (extra.empty()) return core::okStatus();
   // The root's values: the others add zeros.
   if (!bridge_) std::fill(extra.begin(), extra.end(), 0.0);
@@ -230,12 +253,35 @@ core::Status IslandBridge::toPeers(float* values, std::span<double> extra) {
 core::Status IslandBridge::reduceGradients(StepStats& stats) {
   const auto t0 = core::Clock::now();
   HostView g(flat_.grads(), torch::kFloat32);
-  float* grads = g.data<float>();
-  if (bridge_) ARCH_RETURN_IF_ERROR(exchange(grads, {}).withContext("gradient sum across islands"));
+  const std::span<float> grads(g.data<float>(), static_cast<size_t>(flat_.numel()));
+  if (bridge_) ARCH_RETURN_IF_ERROR(exchange(plan_, grads, {}).withContext("gradient sum across islands"));
   ARCH_RETURN_IF_ERROR(toPeers(grads, {}).withContext("gradients to the island's other replicas"));
   g.land();
   stats.wait_s += core::secondsSince(t0);
   return core::okStatus();
+}
+
+core::Status IslandBridge::mean(const BridgePlan& plan, std::span<float> values, double tokens,
+                                std::vector<double>& control) {
+  // Every member's island tokens and control sums; one member per island counts.
+  const size_t w = 1 + control.size(), n = static_cast<size_t>(bridge_->size());
+  std::vector<double> mine(w), all(w * n);
+  mine[0] = tokens;
+  std::copy(control.begin(), control.end(), mine.begin() + 1);
+  ARCH_RETURN_IF_ERROR(bridge_->allgather(mine.data(), all.data(), w, comm::DType::kF64).withContext("island token counts"));
+  std::map<int, double> tok;
+  std::fill(control.begin(), control.end(), 0.0);
+  for (size_t m = 0; m < n; ++m) {
+    if (!tok.emplace(plan.island[m], all[m * w]).second) continue;
+    for (size_t j = 0; j < control.size(); ++j) control[j] += all[m * w + 1 + j];
+  }
+  double total = 0;
+  for (const auto& [isl, t] : tok) total += t;
+  std::map<int, float> weight;
+  for (const auto& [isl, t] : tok) {
+    weight[isl] = total > 0 ? static_cast<float>(t / total) : 1.0f / static_cast<float>(tok.size());
+  }
+  return exchange(plan, values, weight).withContext("pseudo-gradient mean across islands");
 }
 
 core::Status IslandBridge::islandMean(std::span<float> values, double tokens, std::vector<double>& control) {
@@ -243,28 +289,33 @@ core::Status IslandBridge::islandMean(std::span<float> values, double tokens, st
     return core::internalError("island mean: " + std::to_string(values.size()) + " values for a flat buffer of " +
                                std::to_string(flat_.numel()));
   }
+  if (bridge_) ARCH_RETURN_IF_ERROR(mean(plan_, values, tokens, control));
+  return toPeers(values, control).withContext("the islands' mean to the island's other replicas");
+}
+
+core::Status IslandBridge::rangeMean(int64_t global_begin, int64_t global_end, std::span<float> values, double tokens,
+                                     std::vector<double>& control) {
   if (bridge_) {
-    // Every member's island tokens and control sums; one member per island counts.
-    const size_t w = 1 + control.size(), n = static_cast<size_t>(bridge_->size());
-    std::vector<double> mine(w), all(w * n);
-    mine[0] = tokens;
-    std::copy(control.begin(), control.end(), mine.begin() + 1);
-    ARCH_RETURN_IF_ERROR(bridge_->allgather(mine.data(), all.data(), w, comm::DType::kF64).withContext("island token counts"));
-    std::map<int, double> tok;
-    std::fill(control.begin(), control.end(), 0.0);
-    for (size_t m = 0; m < n; ++m) {
-      if (!tok.emplace(plan_.island[m], all[m * w]).second) continue;
-      for (size_t j = 0; j < control.size(); ++j) control[j] += all[m * w + 1 + j];
+    auto it = range_plans_.find({global_begin, global_end});
+    if (it == range_plans_.end()) {
+      // Every member's runs inside the range; this rank's counted from the range's first local element.
+      const Intervals range{{global_begin, global_end}};
+      std::vector<std::vector<FlatRun>> runs;
+      for (const auto& r : runs_) runs.push_back(clip(r, range));
+      auto& mine = runs[static_cast<size_t>(plan_.me)];
+      const int64_t first = mine.empty() ? 0 : mine.front().local;
+      for (auto& r : mine) r.local -= first;
+      if (countOf(mine) != static_cast<int64_t>(values.size())) {
+        return core::internalError("island mean of range [" + std::to_string(global_begin) + ", " +
+                                   std::to_string(global_end) + "): " + std::to_string(values.size()) +
+                                   " values for the " + std::to_string(countOf(mine)) + " this rank holds");
+      }
+      ARCH_ASSIGN_OR_RETURN(BridgePlan plan, bridgePlan(runs, plan_.island, plan_.me));
+      it = range_plans_.emplace(std::make_pair(global_begin, global_end), std::move(plan)).first;
     }
-    double total = 0;
-    for (const auto& [isl, t] : tok) total += t;
-    std::map<int, float> weight;
-    for (const auto& [isl, t] : tok) {
-      weight[isl] = total > 0 ? static_cast<float>(t / total) : 1.0f / static_cast<float>(tok.size());
-    }
-    ARCH_RETURN_IF_ERROR(exchange(values.data(), weight).withContext("pseudo-gradient mean across islands"));
+    ARCH_RETURN_IF_ERROR(mean(it->second, values, tokens, control));
   }
-  return toPeers(values.data(), control).withContext("the islands' mean to the island's other replicas");
+  return toPeers(values, control).withContext("the islands' mean to the island's other replicas");
 }
 
 }  // namespace archipelago::runtime::parallel

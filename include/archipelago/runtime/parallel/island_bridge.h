@@ -20,7 +20,11 @@
 // Under DiLoCo the same exchange averages the islands' pseudo-gradients at
 // an outer step (islandMean: weighted by the tokens each island trained on,
 // the control values summed alongside), the outer sync's cross-island
-// exchange for layouts that cannot pair ranks by position.
+// exchange for layouts that cannot pair ranks by position. Streaming DiLoCo
+// averages one fragment at a time: a fragment is a range of the
+// single-process layout, so it names the same tensors on every rank, and a
+// rank holds its elements as one contiguous range of its own buffer
+// (rangeMean; the plan restricted to the range, made once per range).
 #pragma once
 
 #include <cstdint>
@@ -65,13 +69,20 @@ struct BridgePlan {
 core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& runs, const std::vector<int>& island,
                                     int me);
 
+// Where a rank's buffer is cut by `global_cuts` (ascending offsets of the
+// single-process layout, first 0, last its size): per cut, how many of the
+// rank's elements lie before it. Fails when the rank's elements of one
+// range are not contiguous in its buffer.
+core::Result<std::vector<int64_t>> localCuts(const std::vector<FlatRun>& runs, const std::vector<int64_t>& global_cuts);
+
 class IslandBridge final : public Part {
  public:
   // `bridge`: the bridge group (null on a rank that is not in it), its
   // members' islands and every member's runs; `peers`: this rank's
   // same-position ranks of its island, the bridge member first (null: none).
-  IslandBridge(FlatParams& flat, std::shared_ptr<comm::Group> bridge, BridgePlan plan, DpComm* peers)
-      : flat_(flat), bridge_(std::move(bridge)), plan_(std::move(plan)), peers_(peers) {}
+  IslandBridge(FlatParams& flat, std::shared_ptr<comm::Group> bridge, BridgePlan plan, DpComm* peers,
+               std::vector<std::vector<FlatRun>> runs = {})
+      : flat_(flat), bridge_(std::move(bridge)), plan_(std::move(plan)), peers_(peers), runs_(std::move(runs)) {}
   // Every rank of the job: exchanges its runs with the bridge (a member)
   // and builds the plan.
   static core::Result<std::unique_ptr<IslandBridge>> create(FlatParams& flat, const ShardMap& map,
@@ -85,18 +96,27 @@ class IslandBridge final : public Part {
   // if no island counted any); `control`: this island's sums, replaced by
   // the islands' sum. Every rank of the job calls it with as many values.
   core::Status islandMean(std::span<float> values, double tokens, std::vector<double>& control);
+  // The same for the elements of single-process range [global_begin,
+  // global_end) only: `values` are this rank's of them (contiguous in its
+  // buffer; localCuts). Every rank of the job calls it for the same range.
+  core::Status rangeMean(int64_t global_begin, int64_t global_end, std::span<float> values, double tokens,
+                         std::vector<double>& control);
   // Elements this rank sends per step (for the log).
   int64_t sentPerStep() const;
 
  private:
   // sum = sum over islands, in island order, of weight[k] x island k's values.
-  core::Status exchange(float* values, const std::map<int, float>& weight);
+  core::Status exchange(const BridgePlan& plan, std::span<float> values, const std::map<int, float>& weight);
+  // The islands' token-weighted mean over `plan` (a member), control summed.
+  core::Status mean(const BridgePlan& plan, std::span<float> values, double tokens, std::vector<double>& control);
   // The bridge member's values (and `extra`) to the island's other replicas.
-  core::Status toPeers(float* values, std::span<double> extra);
+  core::Status toPeers(std::span<float> values, std::span<double> extra);
   FlatParams& flat_;
   std::shared_ptr<comm::Group> bridge_;
   BridgePlan plan_;
   DpComm* peers_;
+  std::vector<std::vector<FlatRun>> runs_;  // every member's (bridge members only)
+  std::map<std::pair<int64_t, int64_t>, BridgePlan> range_plans_;
   // Host buffers of exchange(), kept across steps: what it sends, what it
   // receives, the sum.
   std::vector<float> out_, in_, sum_;
