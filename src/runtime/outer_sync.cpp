@@ -187,9 +187,7 @@ class FragmentOuterSync final : public OuterSync {
     } else {
       ARCH_ASSIGN_OR_RETURN(frags_, fragmentSchedule(numel_, streaming_ ? s.fragments : 1, H_, ctx_.segment_offsets));
     }
-    if (ctx_.mean_by_name && codec_ != comm::CodecKind::kNone) {
-      return core::invalidArgument("per-island layouts run DiLoCo with strategy.codec none (the mean by tensor name is fp32)");
-    }
+
     last_tokens_.assign(frags_.size(), 0);
     last_sent_.assign(frags_.size(), -1);
     rounds_.assign(frags_.size(), 0);
@@ -529,10 +527,12 @@ class FragmentOuterSync final : public OuterSync {
       // control values ride with the first.
       std::vector<double> none;
       for (size_t i = 0; i < nf; ++i) {
+        uint64_t sent = 0;
         ARCH_RETURN_IF_ERROR(ctx_.mean_by_name(static_cast<size_t>(job.frags[i]),
                                                std::span<float>(job.buf.data() + job.at[i], fragSize(i)), island_tokens[i],
-                                               i == 0 ? job.control : none)
+                                               i == 0 ? job.control : none, sent)
                                  .withContext("cross-island pseudo-gradient mean by tensor name"));
+        job.strait_bytes[i] = sent;
       }
       return outerStep(job);
     }

@@ -111,7 +111,7 @@ TEST(IslandLayouts, EachIslandGetsItsOwnSpanAndTheJobCheckNamesTheIslandField) {
             "cluster.islands[1].pipeline_stages"},
            {"    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 2, stage_layers: [3, 1]}", "{kind: sync}",
             "cluster.islands[1].stage_layers"},
-           {islands, "{kind: streaming, codec: fp16}", "strategy.codec"},
+           {islands, "{kind: streaming, codec: int4}", "strategy.codec"},
            {islands, "{kind: diloco, codec: int8}", "strategy.codec"},
            {islands, "{kind: sync, expert_parallel: 2}", "strategy.expert_parallel"}}) {
     const fs::path file = scratchRoot() / "il_bad.yaml";
@@ -239,43 +239,60 @@ TEST(IslandLayouts, DilocoAveragesTheIslandsByTensorName) {
   EXPECT_THAT(testutil::rank0Log(run), HasSubstr("pseudo-gradients by tensor name"));
 }
 
-TEST(IslandLayouts, StreamingSyncsTheSameFragmentsAsAPlainLayout) {
-  // Streaming DiLoCo (3 fragments over H = 4, one step of overlap, outer
-  // momentum) with island a TP=2 + SP and island b a PP=2 pipeline, against
-  // the same job with both islands two plain data-parallel workers: the
-  // fragments are cut in the single-process layout, so each outer step
-  // averages the same tensors at the same step, and the two runs are one
-  // run up to summation order. (A fragment the pipeline's stage does not
-  // hold is empty there, and that rank still takes part in its exchange.)
+// Streaming DiLoCo (3 fragments over H = 4, one step of overlap, outer
+// momentum; `codec` across the straits) with island a TP=2 + SP and island
+// b a PP=2 pipeline, against the same job with both islands two plain
+// data-parallel workers: the fragments are cut in the single-process
+// layout, so each outer step averages the same tensors at the same step,
+// and an element-wise codec rounds every element as the plain layout's
+// does, so the two runs are one run up to summation order. (A fragment the
+// pipeline's stage does not hold is empty there, and that rank still takes
+// part in its exchange.) Returns the payload bytes the per-island run's
+// ranks put on the straits.
+double streamingRun(const std::string& name, const std::string& codec) {
   const int steps = 12;
   const std::string streaming = "kind: streaming, inner_steps: 4, fragments: 3, overlap_steps: 1, outer_lr: 0.7, "
-                                "outer_momentum: 0.5";
+                                "outer_momentum: 0.5, codec: " + codec + ", error_feedback: " +
+                                (codec == "none" ? "false" : "true");
   const std::string strait = "\n  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]";
-  fs::path plain = scratchRoot() / "ilst_plain";
-  ASSERT_EQ(testutil::runTrain(jobYaml(plain, "    - {name: a, count: 2}\n    - {name: b, count: 2}" + strait, steps,
+  fs::path plain = scratchRoot() / (name + "_plain");
+  EXPECT_EQ(testutil::runTrain(jobYaml(plain, "    - {name: a, count: 2}\n    - {name: b, count: 2}" + strait, steps,
                                        "", "{" + streaming + "}"),
-                               "ilst_plain"),
+                               name + "_plain"),
             0)
-      << outputOf("ilst_plain");
-  const auto want = testutil::rank0Losses(plain);
-  ASSERT_EQ(want.size(), static_cast<size_t>(steps));
+      << outputOf(name + "_plain");
   std::vector<double> ref;
-  for (const auto& [step, loss] : want) ref.push_back(loss);
-  fs::path run = scratchRoot() / "ilst";
-  ASSERT_EQ(testutil::runTrain(jobYaml(run,
+  for (const auto& [step, loss] : testutil::rank0Losses(plain)) ref.push_back(loss);
+  EXPECT_EQ(ref.size(), static_cast<size_t>(steps));
+  fs::path run = scratchRoot() / name;
+  EXPECT_EQ(testutil::runTrain(jobYaml(run,
                                        "    - {name: a, count: 2, tensor_parallel: 2}\n"
                                        "    - {name: b, count: 2, pipeline_stages: 2, stage_layers: [3, 1]}" + strait,
                                        steps, "", "{sequence_parallel: true, " + streaming + "}"),
-                               "ilst"),
+                               name),
             0)
-      << outputOf("ilst");
-  expectCurve(run, ref, 1, steps, 2e-4, "streaming: a TP=2 + SP, b PP=2 against plain islands");
+      << outputOf(name);
+  if (ref.size() != static_cast<size_t>(steps)) return 0;
+  expectCurve(run, ref, 1, steps, 2e-4, "streaming, codec " + codec + ": a TP=2 + SP, b PP=2 against plain islands");
+  // The islands end with the same bits of every tensor (the run checks it, or fails).
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("every island holds the same model"));
   // Every fragment was synced (3 fragments, 12 steps of H = 4: 3 rounds each).
   std::set<int64_t> fragments;
+  double bytes = 0;
   for (const auto& j : testutil::metricLines(run, "outer")) {
     if (j.contains("fragment")) fragments.insert(j["fragment"].get<int64_t>());
+    if (j.contains("bytes_strait")) bytes += j["bytes_strait"].get<double>();
   }
   EXPECT_EQ(fragments.size(), 3u);
+  return bytes;
+}
+
+TEST(IslandLayouts, StreamingSyncsTheSameFragmentsAsAPlainLayoutAndCompressesElementWise) {
+  const double fp32 = streamingRun("ilst", "none");
+  const double bf16 = streamingRun("ilst_bf16", "bf16");
+  EXPECT_GT(fp32, 0);
+  // Two bytes an element instead of four (and a 16-byte header a block).
+  EXPECT_NEAR(bf16 / fp32, 0.5, 0.02) << bf16 << " vs " << fp32;
 }
 
 }  // namespace

@@ -50,9 +50,11 @@ struct OuterContext {
   // the island's pseudo-gradient of fragment `fragment`, its token count
   // and its control sums (empty but for a job's first fragment), it leaves
   // the islands' token-weighted mean and the control values summed over
-  // the islands on every rank (parallel::IslandBridge::rangeMean).
+  // the islands on every rank, and the bytes this rank sent
+  // (parallel::IslandBridge::islandMean; strategy.codec bf16 or fp16 with
+  // or without error feedback, applied there).
   std::function<core::Status(size_t fragment, std::span<float> delta, double island_tokens,
-                             std::vector<double>& control)>
+                             std::vector<double>& control, uint64_t& bytes_sent)>
       mean_by_name;
   // With mean_by_name: this rank's part of each of the job's fragments,
   // which are cut in the single-process layout (so fragment f holds the

@@ -403,14 +403,16 @@ core::Status Trainer::outerByName(OuterContext& ctx) {
     ARCH_ASSIGN_OR_RETURN(auto g, groups_.of(ranks));
     ARCH_ASSIGN_OR_RETURN(outer_bridge_,
                           parallel::IslandBridge::create(*flat_, *shard_map_, std::move(g), std::move(islands), nullptr));
+    ARCH_ASSIGN_OR_RETURN(const comm::CodecKind codec, comm::parseCodec(job_.strategy.codec));
+    ARCH_RETURN_IF_ERROR(outer_bridge_->setCodec(codec, job_.strategy.error_feedback));
     if (rank_ == 0) {
       ARCH_LOG_INFO("per-island layouts ({}): outer steps average the islands' pseudo-gradients by tensor name",
                     core::describeIslandLayouts(job_));
     }
   }
   ctx.mean_by_name = [b = outer_bridge_.get(), global_cuts](size_t f, std::span<float> delta, double tokens,
-                                                           std::vector<double>& control) {
-    return b->rangeMean(global_cuts[f], global_cuts[f + 1], delta, tokens, control);
+                                                           std::vector<double>& control, uint64_t& bytes_sent) {
+    return b->islandMean(global_cuts[f], global_cuts[f + 1], delta, tokens, control, bytes_sent);
   };
   return core::okStatus();
 }

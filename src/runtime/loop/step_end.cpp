@@ -197,6 +197,7 @@ core::Status Trainer::boundaries(bool at_end) {
     ARCH_RETURN_IF_ERROR(outer_->finish(step_, params.host()).withContext("outer sync"));
     params.land();
   }
+  if (at_end && job_lay_.perIsland()) ARCH_RETURN_IF_ERROR(compareIslands());
   if (tc_.eval_every > 0 && (step_ % tc_.eval_every == 0 || at_end)) {
     ScopedSpan span(&trace_, TraceRecorder::kCompute, "evaluation");
     ARCH_ASSIGN_OR_RETURN(double vl, evaluate());
@@ -246,6 +247,20 @@ void Trainer::event(const std::string& name, report::EventRecord e) {
   if (!e.rank) e.rank = rank_;
   if (elastic() && !e.epoch) e.epoch = opt_.elastic->epoch();
   metrics_.write(std::move(e));
+}
+
+// Per-island layouts: the islands must end with the same model, element by
+// element (the bridge's sums and means are built for that; a codec or a
+// reduction that broke it would otherwise go unseen: no rank pairs with
+// another island's by position).
+core::Status Trainer::compareIslands() {
+  parallel::IslandBridge* b = outer_bridge_ ? outer_bridge_.get() : bridge_.get();
+  if (!b) return core::okStatus();
+  HostView params(flat_->params(), torch::kFloat32);
+  const std::span<const float> values(params.data<float>(), static_cast<size_t>(flat_->numel()));
+  ARCH_ASSIGN_OR_RETURN(const uint64_t digest, b->compareIslands(values));
+  if (rank_ == 0) ARCH_LOG_INFO("per-island layouts: every island holds the same model (digest {:016x})", digest);
+  return core::okStatus();
 }
 
 }  // namespace archipelago::runtime::loop

@@ -135,6 +135,8 @@ class Trainer {
                              double& grad_norm);
   core::Status routerBias();
   core::Status routerBiasAcrossIslands();
+  // Per-island layouts: kInternal unless every island holds the same model.
+  core::Status compareIslands();
   std::vector<int64_t> moeLayerIds() const;
   // Loss, tokens, aux, "a newer epoch is published", stop request: summed
   // over the group that must agree at this step.

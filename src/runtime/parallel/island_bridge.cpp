@@ -108,6 +108,7 @@ core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& run
   BridgePlan plan;
   plan.me = me;
   plan.island = island;
+  plan.contributes = clip(runs[static_cast<size_t>(me)], contrib[static_cast<size_t>(me)]);
   for (const auto& [isl, iv] : before) plan.islands.push_back(isl);
   plan.send.resize(n);
   plan.recv.resize(n);
@@ -195,8 +196,44 @@ int64_t IslandBridge::sentPerStep() const {
   return static_cast<int64_t>(n);
 }
 
+// The members' blocks: fp32 as they are, or each encoded on its own.
+core::Result<uint64_t> IslandBridge::alltoall(const BridgePlan& plan) {
+  if (codec_ == comm::CodecKind::kNone) {
+    ARCH_RETURN_IF_ERROR(bridge_->alltoallv(out_.data(), plan.send_counts, in_.data(), plan.recv_counts, comm::DType::kF32));
+    uint64_t sent = 0;
+    for (size_t c : plan.send_counts) sent += c * sizeof(float);
+    return sent;
+  }
+  const auto wire = [&](size_t n) { return n == 0 ? size_t{0} : comm::encodedSize(codec_, n); };
+  std::vector<size_t> send_bytes, recv_bytes;
+  for (size_t c : plan.send_counts) send_bytes.push_back(wire(c));
+  for (size_t c : plan.recv_counts) recv_bytes.push_back(wire(c));
+  size_t total_out = 0, total_in = 0;
+  for (size_t b : send_bytes) total_out += b;
+  for (size_t b : recv_bytes) total_in += b;
+  wire_out_.resize(total_out);
+  wire_in_.resize(total_in);
+  size_t at = 0, byte = 0;
+  for (size_t q = 0; q < plan.send_counts.size(); ++q) {
+    const size_t n = plan.send_counts[q];
+    if (n > 0) comm::encode(codec_, {out_.data() + at, n}, {wire_out_.data() + byte, send_bytes[q]});
+    at += n;
+    byte += send_bytes[q];
+  }
+  ARCH_RETURN_IF_ERROR(bridge_->alltoallv(wire_out_.data(), send_bytes, wire_in_.data(), recv_bytes, comm::DType::kU8));
+  at = byte = 0;
+  for (size_t q = 0; q < plan.recv_counts.size(); ++q) {
+    const size_t n = plan.recv_counts[q];
+    if (n > 0) ARCH_RETURN_IF_ERROR(comm::decode(codec_, {wire_in_.data() + byte, recv_bytes[q]}, {in_.data() + at, n}));
+    at += n;
+    byte += recv_bytes[q];
+  }
+  return static_cast<uint64_t>(total_out);
+}
+
 // The all-to-all of the contributions and the weighted sum in island order.
-core::Status IslandBridge::exchange(const BridgePlan& plan, std::span<float> values, const std::map<int, float>& weight) {
+core::Result<uint64_t> IslandBridge::exchange(const BridgePlan& plan, std::span<float> values,
+                                              const std::map<int, float>& weight) {
   float* grads = values.data();
   const size_t n = plan.send.size();
   // Where each member's block starts in out_ / in_.
@@ -215,7 +252,7 @@ core::Status IslandBridge::exchange(const BridgePlan& plan, std::span<float> val
       at += static_cast<size_t>(r.n);
     }
   }
-  ARCH_RETURN_IF_ERROR(bridge_->alltoallv(out_.data(), plan.send_counts, in_.data(), plan.recv_counts, comm::DType::kF32));
+  ARCH_ASSIGN_OR_RETURN(const uint64_t sent, alltoall(plan));
   const int64_t numel = static_cast<int64_t>(values.size());
   sum_.assign(static_cast<size_t>(numel), 0.0f);
   const int mine = plan.island[static_cast<size_t>(plan.me)];
@@ -238,7 +275,7 @@ core::Status IslandBridge::exchange(const BridgePlan& plan, std::span<float> val
     }
   }
   std::memcpy(grads, sum_.data(), sum_.size() * sizeof(float));
-  return core::okStatus();
+  return sent;
 }
 
 core::Status IslandBridge::toPeers(std::span<float> values, std::span<double> extra) {
@@ -254,68 +291,114 @@ core::Status IslandBridge::reduceGradients(StepStats& stats) {
   const auto t0 = core::Clock::now();
   HostView g(flat_.grads(), torch::kFloat32);
   const std::span<float> grads(g.data<float>(), static_cast<size_t>(flat_.numel()));
-  if (bridge_) ARCH_RETURN_IF_ERROR(exchange(plan_, grads, {}).withContext("gradient sum across islands"));
+  if (bridge_) ARCH_RETURN_IF_ERROR(exchange(plan_, grads, {}).status().withContext("gradient sum across islands"));
   ARCH_RETURN_IF_ERROR(toPeers(grads, {}).withContext("gradients to the island's other replicas"));
   g.land();
   stats.wait_s += core::secondsSince(t0);
   return core::okStatus();
 }
 
-core::Status IslandBridge::mean(const BridgePlan& plan, std::span<float> values, double tokens,
-                                std::vector<double>& control) {
-  // Every member's island tokens and control sums; one member per island counts.
-  const size_t w = 1 + control.size(), n = static_cast<size_t>(bridge_->size());
-  std::vector<double> mine(w), all(w * n);
-  mine[0] = tokens;
-  std::copy(control.begin(), control.end(), mine.begin() + 1);
-  ARCH_RETURN_IF_ERROR(bridge_->allgather(mine.data(), all.data(), w, comm::DType::kF64).withContext("island token counts"));
-  std::map<int, double> tok;
-  std::fill(control.begin(), control.end(), 0.0);
-  for (size_t m = 0; m < n; ++m) {
-    if (!tok.emplace(plan.island[m], all[m * w]).second) continue;
-    for (size_t j = 0; j < control.size(); ++j) control[j] += all[m * w + 1 + j];
+core::Status IslandBridge::setCodec(comm::CodecKind kind, bool error_feedback) {
+  if (kind != comm::CodecKind::kNone && kind != comm::CodecKind::kBF16 && kind != comm::CodecKind::kFP16) {
+    return core::invalidArgument(std::string("island bridge: codec ") + std::string(comm::codecName(kind)) +
+                                 " scales blocks, which differ between the islands' layouts: bf16, fp16 or none");
   }
-  double total = 0;
-  for (const auto& [isl, t] : tok) total += t;
-  std::map<int, float> weight;
-  for (const auto& [isl, t] : tok) {
-    weight[isl] = total > 0 ? static_cast<float>(t / total) : 1.0f / static_cast<float>(tok.size());
-  }
-  return exchange(plan, values, weight).withContext("pseudo-gradient mean across islands");
+  codec_ = kind;
+  error_feedback_ = error_feedback && kind != comm::CodecKind::kNone;
+  return core::okStatus();
 }
 
-core::Status IslandBridge::islandMean(std::span<float> values, double tokens, std::vector<double>& control) {
-  if (static_cast<int64_t>(values.size()) != flat_.numel()) {
-    return core::internalError("island mean: " + std::to_string(values.size()) + " values for a flat buffer of " +
-                               std::to_string(flat_.numel()));
+core::Result<const BridgePlan*> IslandBridge::rangePlan(int64_t global_begin, int64_t global_end, size_t values) {
+  auto it = range_plans_.find({global_begin, global_end});
+  if (it != range_plans_.end()) return &it->second;
+  // Every member's runs inside the range; this rank's counted from the range's first local element.
+  const Intervals range{{global_begin, global_end}};
+  std::vector<std::vector<FlatRun>> runs;
+  for (const auto& r : runs_) runs.push_back(clip(r, range));
+  auto& mine = runs[static_cast<size_t>(plan_.me)];
+  const int64_t first = mine.empty() ? 0 : mine.front().local;
+  for (auto& r : mine) r.local -= first;
+  if (countOf(mine) != static_cast<int64_t>(values)) {
+    return core::internalError("island mean of range [" + std::to_string(global_begin) + ", " +
+                               std::to_string(global_end) + "): " + std::to_string(values) + " values for the " +
+                               std::to_string(countOf(mine)) + " this rank holds");
   }
-  if (bridge_) ARCH_RETURN_IF_ERROR(mean(plan_, values, tokens, control));
-  return toPeers(values, control).withContext("the islands' mean to the island's other replicas");
+  ARCH_ASSIGN_OR_RETURN(BridgePlan plan, bridgePlan(runs, plan_.island, plan_.me));
+  return &range_plans_.emplace(std::make_pair(global_begin, global_end), std::move(plan)).first->second;
 }
 
-core::Status IslandBridge::rangeMean(int64_t global_begin, int64_t global_end, std::span<float> values, double tokens,
-                                     std::vector<double>& control) {
+core::Status IslandBridge::islandMean(int64_t global_begin, int64_t global_end, std::span<float> values, double tokens,
+                                      std::vector<double>& control, uint64_t& bytes_sent) {
+  bytes_sent = 0;
   if (bridge_) {
-    auto it = range_plans_.find({global_begin, global_end});
-    if (it == range_plans_.end()) {
-      // Every member's runs inside the range; this rank's counted from the range's first local element.
-      const Intervals range{{global_begin, global_end}};
-      std::vector<std::vector<FlatRun>> runs;
-      for (const auto& r : runs_) runs.push_back(clip(r, range));
-      auto& mine = runs[static_cast<size_t>(plan_.me)];
-      const int64_t first = mine.empty() ? 0 : mine.front().local;
-      for (auto& r : mine) r.local -= first;
-      if (countOf(mine) != static_cast<int64_t>(values.size())) {
-        return core::internalError("island mean of range [" + std::to_string(global_begin) + ", " +
-                                   std::to_string(global_end) + "): " + std::to_string(values.size()) +
-                                   " values for the " + std::to_string(countOf(mine)) + " this rank holds");
-      }
-      ARCH_ASSIGN_OR_RETURN(BridgePlan plan, bridgePlan(runs, plan_.island, plan_.me));
-      it = range_plans_.emplace(std::make_pair(global_begin, global_end), std::move(plan)).first;
+    ARCH_ASSIGN_OR_RETURN(const BridgePlan* plan, rangePlan(global_begin, global_end, values.size()));
+    // Every member's island tokens and control sums; one member per island counts.
+    const size_t w = 1 + control.size(), n = static_cast<size_t>(bridge_->size());
+    std::vector<double> mine(w), all(w * n);
+    mine[0] = tokens;
+    std::copy(control.begin(), control.end(), mine.begin() + 1);
+    ARCH_RETURN_IF_ERROR(bridge_->allgather(mine.data(), all.data(), w, comm::DType::kF64).withContext("island token counts"));
+    std::map<int, double> tok;
+    std::fill(control.begin(), control.end(), 0.0);
+    for (size_t m = 0; m < n; ++m) {
+      if (!tok.emplace(plan->island[m], all[m * w]).second) continue;
+      for (size_t j = 0; j < control.size(); ++j) control[j] += all[m * w + 1 + j];
     }
-    ARCH_RETURN_IF_ERROR(mean(it->second, values, tokens, control));
+    double total = 0;
+    for (const auto& [isl, t] : tok) total += t;
+    std::map<int, float> weight;
+    for (const auto& [isl, t] : tok) {
+      weight[isl] = total > 0 ? static_cast<float>(t / total) : 1.0f / static_cast<float>(tok.size());
+    }
+    // This island's values as every other island will decode them.
+    if (error_feedback_) {
+      feedback_.try_emplace({global_begin, global_end}, codec_).first->second.roundTrip(values);
+    } else if (codec_ != comm::CodecKind::kNone) {
+      comm::roundTrip(codec_, values);
+    }
+    auto sent = exchange(*plan, values, weight);
+    if (!sent.isOk()) return sent.status().withContext("pseudo-gradient mean across islands");
+    bytes_sent = *sent;
   }
   return toPeers(values, control).withContext("the islands' mean to the island's other replicas");
+}
+
+namespace {
+// One element's share of an island digest (splitmix64 of its index and bits).
+uint64_t elementHash(int64_t global, float value) {
+  uint32_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(bits));
+  uint64_t z = static_cast<uint64_t>(global) * 0x9E3779B97F4A7C15ULL + bits;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+}  // namespace
+
+core::Result<uint64_t> IslandBridge::compareIslands(std::span<const float> values) {
+  if (!bridge_) return uint64_t{0};
+  uint64_t mine = 0;  // wraps: a sum over the island's contributions, in any order
+  for (const auto& r : plan_.contributes) {
+    for (int64_t i = 0; i < r.n; ++i) mine += elementHash(r.global + i, values[static_cast<size_t>(r.local + i)]);
+  }
+  const size_t n = static_cast<size_t>(bridge_->size());
+  int64_t sent = 0;
+  std::memcpy(&sent, &mine, sizeof(sent));
+  std::vector<int64_t> all(n);
+  ARCH_RETURN_IF_ERROR(bridge_->allgather(&sent, all.data(), 1, comm::DType::kI64).withContext("island digests"));
+  std::map<int, uint64_t> digest;
+  for (size_t m = 0; m < n; ++m) {
+    uint64_t d = 0;
+    std::memcpy(&d, &all[m], sizeof(d));
+    digest[plan_.island[m]] += d;
+  }
+  for (const auto& [isl, d] : digest) {
+    if (d != digest.begin()->second) {
+      return core::internalError("the islands' copies of the model differ: island " + std::to_string(digest.begin()->first) +
+                            " and island " + std::to_string(isl) + " hold other values for some tensor");
+    }
+  }
+  return digest.begin()->second;
 }
 
 }  // namespace archipelago::runtime::parallel

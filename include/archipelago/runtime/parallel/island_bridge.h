@@ -20,11 +20,14 @@
 // Under DiLoCo the same exchange averages the islands' pseudo-gradients at
 // an outer step (islandMean: weighted by the tokens each island trained on,
 // the control values summed alongside), the outer sync's cross-island
-// exchange for layouts that cannot pair ranks by position. Streaming DiLoCo
-// averages one fragment at a time: a fragment is a range of the
-// single-process layout, so it names the same tensors on every rank, and a
-// rank holds its elements as one contiguous range of its own buffer
-// (rangeMean; the plan restricted to the range, made once per range).
+// exchange for layouts that cannot pair ranks by position. It goes one
+// range of the single-process layout at a time (the whole model, or one of
+// streaming's fragments, which so names the same tensors on every rank); a
+// rank holds its elements of a range as one contiguous range of its own
+// buffer, and the plan restricted to the range is made once. The values
+// may cross in an element-wise codec (bf16, fp16): each rank rounds its
+// own values first (with error feedback, per range), and a rounded value
+// encodes to itself, so every rank sums the same bits for every island.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "archipelago/comm/codec.h"
 #include "archipelago/comm/communicator.h"
 #include "archipelago/core/status.h"
 #include "archipelago/runtime/dp_comm.h"
@@ -64,6 +68,7 @@ struct BridgePlan {
   std::vector<size_t> send_counts, recv_counts;  // per member: elements of send / recv
   std::vector<int> islands;                      // the islands, ascending
   std::vector<int> island;                       // per member
+  std::vector<FlatRun> contributes;              // what `me` contributes for its island
   int me = 0;
 };
 core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& runs, const std::vector<int>& island,
@@ -91,24 +96,33 @@ class IslandBridge final : public Part {
   std::string name() const override { return "island bridge"; }
   // After the island's own reduction: the job-wide sum on every rank.
   core::Status reduceGradients(StepStats& stats) override;
-  // `values` (this rank's flat layout, identical within its island): the
-  // islands' mean weighted by `tokens` (this island's count; equal weights
-  // if no island counted any); `control`: this island's sums, replaced by
-  // the islands' sum. Every rank of the job calls it with as many values.
-  core::Status islandMean(std::span<float> values, double tokens, std::vector<double>& control);
-  // The same for the elements of single-process range [global_begin,
-  // global_end) only: `values` are this rank's of them (contiguous in its
-  // buffer; localCuts). Every rank of the job calls it for the same range.
-  core::Status rangeMean(int64_t global_begin, int64_t global_end, std::span<float> values, double tokens,
-                         std::vector<double>& control);
+  // `values`: this rank's elements of single-process range [global_begin,
+  // global_end) (contiguous in its buffer: localCuts; identical within its
+  // island), replaced by the islands' mean weighted by `tokens` (this
+  // island's count; equal weights if no island counted any); `control`:
+  // this island's sums, replaced by the islands' sum. Every rank of the job
+  // calls it for the same range. `bytes_sent`: what this rank sent.
+  core::Status islandMean(int64_t global_begin, int64_t global_end, std::span<float> values, double tokens,
+                          std::vector<double>& control, uint64_t& bytes_sent);
+  // The codec islandMean's values cross in: none, bf16 or fp16 (element-wise).
+  core::Status setCodec(comm::CodecKind kind, bool error_feedback);
+  // Whether every island holds the same bits of every element of
+  // `values` (this rank's flat layout): each island's contributions hashed
+  // element by element (global index and bits, summed: the order does not
+  // matter), one allgather over the bridge; kInternal naming the islands
+  // otherwise. Every rank of the job calls it; the digest on success.
+  core::Result<uint64_t> compareIslands(std::span<const float> values);
   // Elements this rank sends per step (for the log).
   int64_t sentPerStep() const;
 
  private:
-  // sum = sum over islands, in island order, of weight[k] x island k's values.
-  core::Status exchange(const BridgePlan& plan, std::span<float> values, const std::map<int, float>& weight);
-  // The islands' token-weighted mean over `plan` (a member), control summed.
-  core::Status mean(const BridgePlan& plan, std::span<float> values, double tokens, std::vector<double>& control);
+  // sum = sum over islands, in island order, of weight[k] x island k's
+  // values (crossing in codec_ when set); returns the bytes sent.
+  core::Result<uint64_t> exchange(const BridgePlan& plan, std::span<float> values, const std::map<int, float>& weight);
+  // The members' blocks of out_ to in_ in codec_; returns the bytes sent.
+  core::Result<uint64_t> alltoall(const BridgePlan& plan);
+  // The plan of one range of the single-process layout (made on first use).
+  core::Result<const BridgePlan*> rangePlan(int64_t global_begin, int64_t global_end, size_t values);
   // The bridge member's values (and `extra`) to the island's other replicas.
   core::Status toPeers(std::span<float> values, std::span<double> extra);
   FlatParams& flat_;
@@ -117,6 +131,10 @@ class IslandBridge final : public Part {
   DpComm* peers_;
   std::vector<std::vector<FlatRun>> runs_;  // every member's (bridge members only)
   std::map<std::pair<int64_t, int64_t>, BridgePlan> range_plans_;
+  comm::CodecKind codec_ = comm::CodecKind::kNone;
+  bool error_feedback_ = false;
+  std::map<std::pair<int64_t, int64_t>, comm::ErrorFeedback> feedback_;  // per range
+  std::vector<uint8_t> wire_out_, wire_in_;  // encoded blocks
   // Host buffers of exchange(), kept across steps: what it sends, what it
   // receives, the sum.
   std::vector<float> out_, in_, sum_;
