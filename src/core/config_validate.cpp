@@ -213,9 +213,9 @@ void validateIslandLayouts(const JobConfig& j, Problems& p) {
   }
   // MoE layers run replicated in each island's layout (no expert groups).
   if (j.strategy.expert_parallel > 1) p.add("strategy.expert_parallel", j.strategy.expert_parallel, "1" + why);
-  if (zeroStage(j.train) >= 2) {
-    p.add("train.zero", zeroStage(j.train), "0 or 1 with per-island layouts (the bridge sums whole gradients, which "
-                                            "ZeRO-2/3 leave in slices)");
+  if (zeroStage(j.train) >= 3) {
+    p.add("train.zero", zeroStage(j.train), "0, 1 or 2 with per-island layouts (the bridge sums the gradients' "
+                                            "slices; ZeRO-3's parameter units are not built across islands)");
   }
   if (j.strategy.sequence_parallel && !any_tp) {
     p.add("strategy.sequence_parallel", "true", "false when no island runs tensor parallelism");

@@ -112,7 +112,7 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   std::vector<bool> covered(job.cluster.islands.size(), false);
   int64_t micro = layouts.front().micro_batch;
   bool recompute = false, all_recompute = true;
-  int zero = 1, most_zero = 0;  // ZeRO-1 where every group shards (the bridge needs whole gradients)
+  int zero = 2, most_zero = 0;  // ZeRO-2 at most (the bridge sums the gradients' slices), where every group shards
   for (size_t i = 0; i < plan.groups.size(); ++i) {
     const GroupPlan& g = plan.groups[i];
     const RunLayout& l = layouts[i];
@@ -146,7 +146,7 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
     const bool rc = l.recompute != Recompute::kNone && l.pp > 1;
     recompute = recompute || rc;
     all_recompute = all_recompute && (rc || l.pp == 1);
-    zero = std::min(zero, std::min(l.zero, 1));
+    zero = std::min(zero, l.zero);
     most_zero = std::max(most_zero, l.zero);
   }
   for (size_t i = 0; i < covered.size(); ++i) {
@@ -164,7 +164,9 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   const bool diloco = plan.strategy == "diloco";
   out.sets.push_back(std::string("strategy.kind=") + (diloco ? "diloco" : "sync"));
   if (diloco) out.sets.push_back(fmt::format("strategy.inner_steps={}", plan.diloco_h));
-  out.sets.push_back("strategy.codec=none");
+  // An element-wise codec keeps the islands' copies of a mean identical; the gradient sum is fp32.
+  const bool elementwise = plan.codec == "bf16" || plan.codec == "fp16";
+  out.sets.push_back("strategy.codec=" + (diloco && elementwise ? plan.codec : std::string("none")));
   out.notes.push_back("per-island layouts: " + [&] {
     std::vector<std::string> d;
     for (size_t i = 0; i < layouts.size(); ++i) d.push_back(fmt::format("island {}: {}", plan.groups[i].islands.front(), layouts[i].describe()));
@@ -178,12 +180,13 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   }
   if (recompute && !all_recompute) out.notes.push_back("train.recompute is job-wide: every island's pipeline stages recompute");
   if (most_zero > zero) {
-    out.notes.push_back(fmt::format("zero={} runs as {}: per-island layouts shard at most the optimizer state (ZeRO-1), "
-                                    "and only where every island's group does", most_zero, zero));
+    out.notes.push_back(fmt::format("zero={} runs as {}: per-island layouts shard at most the optimizer state and "
+                                    "the gradients (ZeRO-2), and only where every island's group does", most_zero, zero));
   }
-  if (plan.codec != "none") {
-    out.notes.push_back(fmt::format("strategy.codec none: the {} across islands by tensor name is fp32 (the plan "
-                                    "priced {})", diloco ? "pseudo-gradient mean" : "gradient sum", plan.codec));
+  if (plan.codec != "none" && !(diloco && elementwise)) {
+    out.notes.push_back(fmt::format("strategy.codec none: the {} across islands by tensor name is fp32 or an "
+                                    "element-wise codec under diloco (the plan priced {})",
+                                    diloco ? "pseudo-gradient mean" : "gradient sum", plan.codec));
   }
   return out;
 }

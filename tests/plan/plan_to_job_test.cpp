@@ -191,12 +191,24 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   EXPECT_THAT(dl->sets, Contains(std::string("strategy.kind=diloco")));
   EXPECT_THAT(dl->sets, Contains(std::string("strategy.inner_steps=20")));
   EXPECT_THAT(dl->notes, Contains(HasSubstr("pseudo-gradient mean")));
-  // ZeRO: at most the optimizer state, said.
+  // ZeRO: at most 2 (optimizer state and gradients), and only as far as every group shards, said.
   p.groups[0].zero = 3;
   auto z = jobOverrides(p, twoIslands());
   ASSERT_TRUE(z.isOk());
-  EXPECT_THAT(z->sets, Contains(std::string("train.zero=1")));
+  EXPECT_THAT(z->sets, Contains(std::string("train.zero=1")));  // the other group shards only the optimizer state
   EXPECT_THAT(z->notes, Contains(HasSubstr("zero=3 runs as 1")));
+  p.groups[1].zero = 2;
+  auto z2 = jobOverrides(p, twoIslands());
+  ASSERT_TRUE(z2.isOk());
+  EXPECT_THAT(z2->sets, Contains(std::string("train.zero=2")));
+  EXPECT_THAT(z2->notes, Contains(HasSubstr("zero=3 runs as 2")));
+  p.groups[1].zero = 1;
+  // DiLoCo's mean crosses in an element-wise codec as planned, a scaled one in fp32 (said).
+  p.codec = "bf16";
+  auto bf = jobOverrides(p, twoIslands());
+  ASSERT_TRUE(bf.isOk());
+  EXPECT_THAT(bf->sets, Contains(std::string("strategy.codec=bf16")));
+  p.codec = "int8";
   // A MoE model: each island's layout replicates the MoE layers, with
   // sequence parallelism, and the job passes the job check.
   core::JobConfig moe = twoIslands();

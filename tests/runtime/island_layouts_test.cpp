@@ -144,17 +144,26 @@ TEST(IslandLayouts, TensorParallelIslandAndPipelineIslandMatchSingleProcessAndRe
            {"    - {name: a, count: 1}", "{kind: sync}", "il_one"},
            {"    - {name: a, count: 4, pipeline_stages: 2, stage_layers: [2, 2]}\n    - {name: b, count: 2, "
             "tensor_parallel: 2}",
-            "{kind: sync}", "il_swapped"}}) {
+            "{kind: sync}", "il_swapped"},
+           {"    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 4, pipeline_stages: 2, "
+            "stage_layers: [2, 2]}",
+            "{kind: sync, sequence_parallel: true}", "il_zero2"}}) {
     fs::path again = scratchRoot() / name;
     fs::create_directories(again);
     fs::copy(run / "checkpoints", again / "checkpoints", fs::copy_options::recursive);
-    // The swapped layouts with ZeRO-1: island a's two pipelines shard AdamW's state per stage.
-    const std::string zero = name == "il_swapped" ? ", zero: 1" : "";
+    // The swapped layouts with ZeRO-1: island a's two pipelines shard AdamW's state per stage; with
+    // ZeRO-2 island b's two pipelines also reduce-scatter their gradients, and every rank sums its
+    // slice with the other island's elements of it.
+    const std::string zero = name == "il_swapped" ? ", zero: 1" : name == "il_zero2" ? ", zero: 2" : "";
     ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(again, islands, steps, "", strategy, zero)), name, {"--resume"}),
               0)
         << outputOf(name);
     expectCurve(again, ref, k + 1, steps, kTol, name);
-    if (!zero.empty()) EXPECT_THAT(testutil::rank0Log(again), HasSubstr("(ZeRO-1)"));
+    if (name == "il_swapped") EXPECT_THAT(testutil::rank0Log(again), HasSubstr("(ZeRO-1)"));
+    // Under ZeRO-2 island b's ranks hold half their stage's optimizer state each (island a's one
+    // replica has nobody to shard with): every rank's state as the memory model counts it.
+    if (name == "il_zero2") testutil::expectPredictedStateMatches(again, 6, "a TP=2 + b PP=2 x 2, ZeRO-2");
+    if (name != "il_one") EXPECT_THAT(testutil::rank0Log(again), HasSubstr("every island holds the same model"));
   }
 }
 

@@ -86,18 +86,22 @@ core::Status Trainer::setupSplitGroups() {
       break;
     }
   }
-  // Per-island layouts: sync sums every step's gradients across the islands
-  // by name; DiLoCo averages the pseudo-gradients so (makeOuter).
-  return job_lay_.perIsland() && job_.strategy.kind == "sync" ? setupBridge() : core::okStatus();
+  return core::okStatus();
 }
 
 // Per-island layouts: the first replica of every island forms the bridge
 // that sums the islands' gradients by tensor name; the island's other
 // replicas take the result from their bridge member (stage_dp_'s rank 0).
+// ZeRO-2: each replica holds the island's sum of its optimizer slice only,
+// so every rank is a member, holding its slice, and nothing is passed on.
 core::Status Trainer::setupBridge() {
+  // Job-wide (every rank must agree on the members): an island of one replica holds its whole buffer.
+  const parallel::OptimizerPiece& piece = optim_->pieces().front();
+  const bool slices = zeroInUse() == 2;
   std::vector<int> ranks, islands;
   for (const auto& span : job_lay_.spans) {
-    for (int r = span.firstRankOf(span.replica_base); r < span.endRankOf(span.replica_base); ++r) {
+    const int end = slices ? span.base + span.replicas * span.stages * span.tp : span.endRankOf(span.replica_base);
+    for (int r = span.firstRankOf(span.replica_base); r < end; ++r) {
       ranks.push_back(r);
       islands.push_back(workers_[static_cast<size_t>(r)].island_index);
     }
@@ -107,7 +111,8 @@ core::Status Trainer::setupBridge() {
     ARCH_ASSIGN_OR_RETURN(bridge, groups_.of(ranks));
   }
   ARCH_ASSIGN_OR_RETURN(bridge_, parallel::IslandBridge::create(*flat_, *shard_map_, std::move(bridge), std::move(islands),
-                                                                stage_dp_.get()));
+                                                                slices ? nullptr : stage_dp_.get(),
+                                                                slices ? piece.begin : 0, slices ? piece.end : -1));
   if (rank_ == 0) {
     ARCH_LOG_INFO("per-island layouts ({}): gradients summed across islands by tensor name, {} elements sent by rank 0 "
                   "per step", core::describeIslandLayouts(job_), bridge_->sentPerStep());
@@ -187,7 +192,8 @@ core::Status Trainer::makeParts() {
   const parallel::OptimizerPiece& dense_piece = optim_->pieces().front();
   if (zero2 && dense_piece.sharded()) {
     dopt.shard_offsets = dense_piece.offsets;
-    dopt.norm_owner = true;
+    // Per-island layouts: every island holds the job's sum after the bridge; the first one's slices count.
+    dopt.norm_owner = !job_lay_.perIsland() || lay_.base == job_lay_.of(grad_ranks_.front()).base;
   }
   // Tensor parallelism: slices count on every rank of the group, the
   // replicated tensors on its rank 0.

@@ -71,6 +71,10 @@ core::Status Trainer::setup() {
   ARCH_RETURN_IF_ERROR(setupModel());
   if (split()) ARCH_RETURN_IF_ERROR(setupSplitGroups());
   ARCH_RETURN_IF_ERROR(setupOptimizer());
+  // Per-island layouts: sync sums every step's gradients across the islands
+  // by name (after the optimizer: ZeRO-2's members hold their slices);
+  // DiLoCo averages the pseudo-gradients so (makeOuter).
+  if (job_lay_.perIsland() && job_.strategy.kind == "sync") ARCH_RETURN_IF_ERROR(setupBridge());
   ARCH_RETURN_IF_ERROR(makeParts());
   if (opt_.resume && has_state_) ARCH_RETURN_IF_ERROR(resumeFromCheckpoint());
   setupOutputs();

@@ -160,11 +160,17 @@ core::Result<std::vector<int64_t>> localCuts(const std::vector<FlatRun>& runs, c
 
 core::Result<std::unique_ptr<IslandBridge>> IslandBridge::create(FlatParams& flat, const ShardMap& map,
                                                                   std::shared_ptr<comm::Group> bridge,
-                                                                  std::vector<int> island_of_member, DpComm* peers) {
+                                                                  std::vector<int> island_of_member, DpComm* peers,
+                                                                  int64_t local_begin, int64_t local_end) {
   BridgePlan plan;
   if (bridge) {
     // Every member's runs: the counts, then the runs padded to the longest.
-    const std::vector<FlatRun> mine = heldRuns(map, flat.numel());
+    std::vector<FlatRun> mine;
+    const int64_t hi = local_end < 0 ? flat.numel() : local_end;
+    for (const auto& r : heldRuns(map, flat.numel())) {
+      const int64_t a = std::max(r.local, local_begin), b = std::min(r.local + r.n, hi);
+      if (a < b) mine.push_back({r.global + (a - r.local), a, b - a});
+    }
     const size_t n = static_cast<size_t>(bridge->size());
     int64_t count = static_cast<int64_t>(mine.size());
     std::vector<int64_t> counts(n);

@@ -89,10 +89,12 @@ class IslandBridge final : public Part {
                std::vector<std::vector<FlatRun>> runs = {})
       : flat_(flat), bridge_(std::move(bridge)), plan_(std::move(plan)), peers_(peers), runs_(std::move(runs)) {}
   // Every rank of the job: exchanges its runs with the bridge (a member)
-  // and builds the plan.
+  // and builds the plan. A member holds its flat buffer's elements
+  // [local_begin, local_end) (-1: to the end; ZeRO-2: its optimizer slice).
   static core::Result<std::unique_ptr<IslandBridge>> create(FlatParams& flat, const ShardMap& map,
                                                             std::shared_ptr<comm::Group> bridge,
-                                                            std::vector<int> island_of_member, DpComm* peers);
+                                                            std::vector<int> island_of_member, DpComm* peers,
+                                                            int64_t local_begin = 0, int64_t local_end = -1);
   std::string name() const override { return "island bridge"; }
   // After the island's own reduction: the job-wide sum on every rank.
   core::Status reduceGradients(StepStats& stats) override;
