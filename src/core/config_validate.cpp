@@ -206,10 +206,10 @@ void validateIslandLayouts(const JobConfig& j, Problems& p) {
   }
   const std::string why = " with per-island layouts (cluster.islands[*].tensor_parallel / pipeline_stages / "
                           "stage_layers; not built yet)";
-  if (j.strategy.kind != "sync" && j.strategy.codec != "none" && j.strategy.codec != "bf16" && j.strategy.codec != "fp16") {
-    p.add("strategy.codec", j.strategy.codec, "bf16, fp16 or none with per-island layouts under " + j.strategy.kind +
-                                                  " (a scaled codec's blocks would differ between the islands' layouts, "
-                                                  "and so would the copies of the mean)");
+  if (j.strategy.codec != "none" && j.strategy.codec != "bf16" && j.strategy.codec != "fp16") {
+    p.add("strategy.codec", j.strategy.codec, "bf16, fp16 or none with per-island layouts (a scaled codec's blocks "
+                                              "would differ between the islands' layouts, and so would the copies of "
+                                              "the sum across islands)");
   }
   // MoE layers run replicated in each island's layout (no expert groups).
   if (j.strategy.expert_parallel > 1) p.add("strategy.expert_parallel", j.strategy.expert_parallel, "1" + why);

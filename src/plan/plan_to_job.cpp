@@ -164,9 +164,10 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   const bool diloco = plan.strategy == "diloco";
   out.sets.push_back(std::string("strategy.kind=") + (diloco ? "diloco" : "sync"));
   if (diloco) out.sets.push_back(fmt::format("strategy.inner_steps={}", plan.diloco_h));
-  // An element-wise codec keeps the islands' copies of a mean identical; the gradient sum is fp32.
-  const bool elementwise = plan.codec == "bf16" || plan.codec == "fp16";
-  out.sets.push_back("strategy.codec=" + (diloco && elementwise ? plan.codec : std::string("none")));
+  // An element-wise codec keeps the islands' copies of a sum or mean
+  // identical (ZeRO-2's reduce-scatter under sync is uncompressed).
+  const bool codec_kept = (plan.codec == "bf16" || plan.codec == "fp16") && (diloco || zero < 2);
+  out.sets.push_back("strategy.codec=" + (codec_kept ? plan.codec : std::string("none")));
   out.notes.push_back("per-island layouts: " + [&] {
     std::vector<std::string> d;
     for (size_t i = 0; i < layouts.size(); ++i) d.push_back(fmt::format("island {}: {}", plan.groups[i].islands.front(), layouts[i].describe()));
@@ -183,9 +184,9 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
     out.notes.push_back(fmt::format("zero={} runs as {}: per-island layouts shard at most the optimizer state and "
                                     "the gradients (ZeRO-2), and only where every island's group does", most_zero, zero));
   }
-  if (plan.codec != "none" && !(diloco && elementwise)) {
-    out.notes.push_back(fmt::format("strategy.codec none: the {} across islands by tensor name is fp32 or an "
-                                    "element-wise codec under diloco (the plan priced {})",
+  if (plan.codec != "none" && !codec_kept) {
+    out.notes.push_back(fmt::format("strategy.codec none: the {} across islands by tensor name crosses in fp32 or an "
+                                    "element-wise codec (bf16, fp16; not with ZeRO-2 under sync) (the plan priced {})",
                                     diloco ? "pseudo-gradient mean" : "gradient sum", plan.codec));
   }
   return out;

@@ -113,6 +113,7 @@ TEST(IslandLayouts, EachIslandGetsItsOwnSpanAndTheJobCheckNamesTheIslandField) {
             "cluster.islands[1].stage_layers"},
            {islands, "{kind: streaming, codec: int4}", "strategy.codec"},
            {islands, "{kind: diloco, codec: int8}", "strategy.codec"},
+           {islands, "{kind: sync, codec: fp8_e4m3}", "strategy.codec"},
            {islands, "{kind: sync, expert_parallel: 2}", "strategy.expert_parallel"}}) {
     const fs::path file = scratchRoot() / "il_bad.yaml";
     std::ofstream(file) << jobYaml(scratchRoot() / "il_bad", cluster, 2, "", extra);
@@ -159,12 +160,35 @@ TEST(IslandLayouts, TensorParallelIslandAndPipelineIslandMatchSingleProcessAndRe
               0)
         << outputOf(name);
     expectCurve(again, ref, k + 1, steps, kTol, name);
-    if (name == "il_swapped") EXPECT_THAT(testutil::rank0Log(again), HasSubstr("(ZeRO-1)"));
+    if (name == "il_swapped") {
+      EXPECT_THAT(testutil::rank0Log(again), HasSubstr("(ZeRO-1)"));
+    }
     // Under ZeRO-2 island b's ranks hold half their stage's optimizer state each (island a's one
     // replica has nobody to shard with): every rank's state as the memory model counts it.
     if (name == "il_zero2") testutil::expectPredictedStateMatches(again, 6, "a TP=2 + b PP=2 x 2, ZeRO-2");
-    if (name != "il_one") EXPECT_THAT(testutil::rank0Log(again), HasSubstr("every island holds the same model"));
+    if (name != "il_one") {
+      EXPECT_THAT(testutil::rank0Log(again), HasSubstr("every island holds the same model"));
+    }
   }
+}
+
+TEST(IslandLayouts, SyncSumCrossesInBf16AndKeepsTheIslandsIdentical) {
+  // The gradient sum across a TP=2 island and a PP=2 island in bf16 (error
+  // feedback on): each member rounds its island's sum before it crosses, so
+  // every holder adds the same bits and the islands stay identical (the run
+  // checks it at the end); the curve stays near the fp32 single process's.
+  const int steps = 8;
+  auto ref = testutil::reference("il_bf16_ref", steps, "");
+  fs::path run = scratchRoot() / "il_bf16";
+  ASSERT_EQ(testutil::runTrain(jobYaml(run,
+                                       "    - {name: a, count: 2, tensor_parallel: 2}\n"
+                                       "    - {name: b, count: 2, pipeline_stages: 2, stage_layers: [3, 1]}",
+                                       steps, "", "{kind: sync, codec: bf16}"),
+                               "il_bf16"),
+            0)
+      << outputOf("il_bf16");
+  expectCurve(run, ref, 1, steps, 2e-3, "a TP=2, b PP=2, sum in bf16");
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("every island holds the same model"));
 }
 
 // A MoE model: island a TP=2 (its MoE layers replicated in the group; with

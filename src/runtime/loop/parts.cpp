@@ -113,6 +113,8 @@ core::Status Trainer::setupBridge() {
   ARCH_ASSIGN_OR_RETURN(bridge_, parallel::IslandBridge::create(*flat_, *shard_map_, std::move(bridge), std::move(islands),
                                                                 slices ? nullptr : stage_dp_.get(),
                                                                 slices ? piece.begin : 0, slices ? piece.end : -1));
+  ARCH_ASSIGN_OR_RETURN(const comm::CodecKind codec, comm::parseCodec(job_.strategy.codec));
+  ARCH_RETURN_IF_ERROR(bridge_->setCodec(codec, job_.strategy.error_feedback));
   if (rank_ == 0) {
     ARCH_LOG_INFO("per-island layouts ({}): gradients summed across islands by tensor name, {} elements sent by rank 0 "
                   "per step", core::describeIslandLayouts(job_), bridge_->sentPerStep());

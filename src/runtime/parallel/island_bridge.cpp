@@ -297,7 +297,10 @@ core::Status IslandBridge::reduceGradients(StepStats& stats) {
   const auto t0 = core::Clock::now();
   HostView g(flat_.grads(), torch::kFloat32);
   const std::span<float> grads(g.data<float>(), static_cast<size_t>(flat_.numel()));
-  if (bridge_) ARCH_RETURN_IF_ERROR(exchange(plan_, grads, {}).status().withContext("gradient sum across islands"));
+  if (bridge_) {
+    roundOwn(grads, runs_[static_cast<size_t>(plan_.me)], {0, -1});
+    ARCH_RETURN_IF_ERROR(exchange(plan_, grads, {}).status().withContext("gradient sum across islands"));
+  }
   ARCH_RETURN_IF_ERROR(toPeers(grads, {}).withContext("gradients to the island's other replicas"));
   g.land();
   stats.wait_s += core::secondsSince(t0);
@@ -312,6 +315,22 @@ core::Status IslandBridge::setCodec(comm::CodecKind kind, bool error_feedback) {
   codec_ = kind;
   error_feedback_ = error_feedback && kind != comm::CodecKind::kNone;
   return core::okStatus();
+}
+
+void IslandBridge::roundOwn(std::span<float> values, const std::vector<FlatRun>& held, std::pair<int64_t, int64_t> key) {
+  if (codec_ == comm::CodecKind::kNone) return;
+  own_.clear();
+  for (const auto& r : held) own_.insert(own_.end(), values.begin() + r.local, values.begin() + r.local + r.n);
+  if (error_feedback_) {
+    feedback_.try_emplace(key, codec_).first->second.roundTrip(own_);
+  } else {
+    comm::roundTrip(codec_, own_);
+  }
+  size_t at = 0;
+  for (const auto& r : held) {
+    std::copy_n(own_.begin() + static_cast<std::ptrdiff_t>(at), r.n, values.begin() + r.local);
+    at += static_cast<size_t>(r.n);
+  }
 }
 
 core::Result<const BridgePlan*> IslandBridge::rangePlan(int64_t global_begin, int64_t global_end, size_t values) {
@@ -357,11 +376,7 @@ core::Status IslandBridge::islandMean(int64_t global_begin, int64_t global_end, 
       weight[isl] = total > 0 ? static_cast<float>(t / total) : 1.0f / static_cast<float>(tok.size());
     }
     // This island's values as every other island will decode them.
-    if (error_feedback_) {
-      feedback_.try_emplace({global_begin, global_end}, codec_).first->second.roundTrip(values);
-    } else if (codec_ != comm::CodecKind::kNone) {
-      comm::roundTrip(codec_, values);
-    }
+    roundOwn(values, {{global_begin, 0, static_cast<int64_t>(values.size())}}, {global_begin, global_end});
     auto sent = exchange(*plan, values, weight);
     if (!sent.isOk()) return sent.status().withContext("pseudo-gradient mean across islands");
     bytes_sent = *sent;

@@ -15,7 +15,7 @@
 // so every holder of an element computes the same bits, and hands the
 // result to its island's other replicas (a broadcast over its
 // same-position ranks). Traffic: each element crosses to each other
-// island once per holder there, fp32 and uncompressed.
+// island once per holder there, in fp32 or the codec.
 //
 // Under DiLoCo the same exchange averages the islands' pseudo-gradients at
 // an outer step (islandMean: weighted by the tokens each island trained on,
@@ -24,10 +24,11 @@
 // range of the single-process layout at a time (the whole model, or one of
 // streaming's fragments, which so names the same tensors on every rank); a
 // rank holds its elements of a range as one contiguous range of its own
-// buffer, and the plan restricted to the range is made once. The values
-// may cross in an element-wise codec (bf16, fp16): each rank rounds its
-// own values first (with error feedback, per range), and a rounded value
-// encodes to itself, so every rank sums the same bits for every island.
+// buffer, and the plan restricted to the range is made once. Gradients
+// and means may cross in an element-wise codec (bf16, fp16): each member
+// rounds its own values first (with error feedback, per range), and a
+// rounded value encodes to itself, so every rank sums the same bits for
+// every island.
 #pragma once
 
 #include <cstdint>
@@ -106,7 +107,8 @@ class IslandBridge final : public Part {
   // calls it for the same range. `bytes_sent`: what this rank sent.
   core::Status islandMean(int64_t global_begin, int64_t global_end, std::span<float> values, double tokens,
                           std::vector<double>& control, uint64_t& bytes_sent);
-  // The codec islandMean's values cross in: none, bf16 or fp16 (element-wise).
+  // The codec the values cross in (the gradient sum and islandMean): none,
+  // bf16 or fp16 (element-wise).
   core::Status setCodec(comm::CodecKind kind, bool error_feedback);
   // Whether every island holds the same bits of every element of
   // `values` (this rank's flat layout): each island's contributions hashed
@@ -123,6 +125,9 @@ class IslandBridge final : public Part {
   core::Result<uint64_t> exchange(const BridgePlan& plan, std::span<float> values, const std::map<int, float>& weight);
   // The members' blocks of out_ to in_ in codec_; returns the bytes sent.
   core::Result<uint64_t> alltoall(const BridgePlan& plan);
+  // The elements `held` lists (runs of `values`) rounded as every other
+  // island will decode them, with error feedback kept under `key`.
+  void roundOwn(std::span<float> values, const std::vector<FlatRun>& held, std::pair<int64_t, int64_t> key);
   // The plan of one range of the single-process layout (made on first use).
   core::Result<const BridgePlan*> rangePlan(int64_t global_begin, int64_t global_end, size_t values);
   // The bridge member's values (and `extra`) to the island's other replicas.
@@ -137,6 +142,7 @@ class IslandBridge final : public Part {
   bool error_feedback_ = false;
   std::map<std::pair<int64_t, int64_t>, comm::ErrorFeedback> feedback_;  // per range
   std::vector<uint8_t> wire_out_, wire_in_;  // encoded blocks
+  std::vector<float> own_;                    // roundOwn's gathered values
   // Host buffers of exchange(), kept across steps: what it sends, what it
   // receives, the sum.
   std::vector<float> out_, in_, sum_;
