@@ -204,15 +204,33 @@ void validateIslandLayouts(const JobConfig& j, Problems& p) {
     validateIslandLayout(j, i, p);
     any_tp = any_tp || islandLayoutOf(j, i).tensor_parallel > 1;
   }
-  const std::string why = " with per-island layouts (cluster.islands[*].tensor_parallel / pipeline_stages / "
-                          "stage_layers; not built yet)";
   if (j.strategy.codec != "none" && j.strategy.codec != "bf16" && j.strategy.codec != "fp16") {
     p.add("strategy.codec", j.strategy.codec, "bf16, fp16 or none with per-island layouts (a scaled codec's blocks "
                                               "would differ between the islands' layouts, and so would the copies of "
                                               "the sum across islands)");
   }
-  // MoE layers run replicated in each island's layout (no expert groups).
-  if (j.strategy.expert_parallel > 1) p.add("strategy.expert_parallel", j.strategy.expert_parallel, "1" + why);
+  // Expert groups stay inside an island: ep of its pipelines each.
+  const int64_t ep = j.strategy.expert_parallel;
+  for (size_t i = 0; ep > 1 && i < j.cluster.islands.size(); ++i) {
+    const IslandLayoutSpec l = islandLayoutOf(j, i);
+    const int64_t per_pipeline = std::max<int64_t>(1, l.tensor_parallel * l.pipeline_stages);
+    const int64_t pipelines = j.cluster.islands[i].count / per_pipeline;
+    if (pipelines % ep != 0) {
+      p.add("strategy.expert_parallel", ep, "a divisor of every island's pipelines (island '" + j.cluster.islands[i].name +
+                                                "' runs " + std::to_string(pipelines) + "): expert groups stay inside an island");
+    }
+  }
+  // Streaming's fragments are ranges of every rank's buffer, which expert groups order dense first.
+  if (ep > 1 && j.strategy.kind == "streaming" && j.strategy.fragments > 1) {
+    p.add("strategy.fragments", j.strategy.fragments, "1 with per-island layouts and strategy.expert_parallel (a "
+                                                      "fragment's experts lie apart from its dense tensors in a rank's "
+                                                      "buffer; not built yet)");
+  }
+  // The bridge holds a slice of one range per rank.
+  if (ep > 1 && zeroStage(j.train) == 2) {
+    p.add("train.zero", 2, "0 or 1 with per-island layouts and strategy.expert_parallel (ZeRO-2's two slices, dense "
+                           "and experts, are not summed across islands yet)");
+  }
   if (zeroStage(j.train) >= 3) {
     p.add("train.zero", zeroStage(j.train), "0, 1 or 2 with per-island layouts (the bridge sums the gradients' "
                                             "slices; ZeRO-3's parameter units are not built across islands)");

@@ -108,7 +108,8 @@ void addZero(const RunLayout& l, const Plan& plan, PlanOverrides& out) {
 core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::JobConfig& job,
                                                const std::vector<RunLayout>& layouts) {
   PlanOverrides out;
-  const std::string why = "; per-island layouts run without expert groups, each island's pipelines inside it";
+  const std::string why = "; per-island layouts keep each island's pipelines and expert groups inside it, with one "
+                          "expert-parallel degree";
   std::vector<bool> covered(job.cluster.islands.size(), false);
   int64_t micro = layouts.front().micro_batch;
   bool recompute = false, all_recompute = true;
@@ -126,12 +127,15 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
                                                "the plan was made for another cluster", i, isl));
     }
     covered[isl] = true;
-    if (l.ep > 1) return core::invalidArgument(fmt::format("plan group {}: ep={}{}", i, l.ep, why));
+    if (l.ep != layouts.front().ep) {
+      return core::invalidArgument(fmt::format("plan group {}: ep={} where group 0 has ep={}{}", i, l.ep,
+                                               layouts.front().ep, why));
+    }
     if (l.virtual_stages > 1) {
       return core::invalidArgument(fmt::format("plan group {}: {} virtual stages per device (an interleaved schedule), "
                                                "which the runtime does not run; plan with --layout ...,vs=1", i, l.virtual_stages));
     }
-    const int64_t devices = g.dp * l.pp * l.tp;
+    const int64_t devices = g.dp * l.pp * l.tp * l.ep;
     if (devices != job.cluster.islands[isl].count) {
       return core::invalidArgument(fmt::format("plan group {}: its layout covers {} devices, island '{}' has {} "
                                                "(cluster.islands[{}].count): the plan was made for another cluster",
@@ -146,7 +150,7 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
     const bool rc = l.recompute != Recompute::kNone && l.pp > 1;
     recompute = recompute || rc;
     all_recompute = all_recompute && (rc || l.pp == 1);
-    zero = std::min(zero, l.zero);
+    zero = std::min(zero, l.ep > 1 ? std::min(l.zero, 1) : l.zero);  // expert groups: whole gradients cross
     most_zero = std::max(most_zero, l.zero);
   }
   for (size_t i = 0; i < covered.size(); ++i) {
@@ -156,8 +160,10 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   for (const auto& l : layouts) any_tp = any_tp || l.tp > 1;
   out.sets.push_back("strategy.tensor_parallel=1");
   out.sets.push_back("strategy.pipeline_stages=1");
-  out.sets.push_back("strategy.expert_parallel=1");
+  const int64_t ep = layouts.front().ep;
+  out.sets.push_back(fmt::format("strategy.expert_parallel={}", ep));
   out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp));
+
   out.sets.push_back(fmt::format("train.micro_batch={}", micro));
   out.sets.push_back(fmt::format("train.recompute={}", recompute));
   out.sets.push_back(fmt::format("train.zero={}", zero));
@@ -182,7 +188,8 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   if (recompute && !all_recompute) out.notes.push_back("train.recompute is job-wide: every island's pipeline stages recompute");
   if (most_zero > zero) {
     out.notes.push_back(fmt::format("zero={} runs as {}: per-island layouts shard at most the optimizer state and "
-                                    "the gradients (ZeRO-2), and only where every island's group does", most_zero, zero));
+                                    "the gradients (ZeRO-2; the optimizer state only with expert groups), and only "
+                                    "where every island's group does", most_zero, zero));
   }
   if (plan.codec != "none" && !codec_kept) {
     out.notes.push_back(fmt::format("strategy.codec none: the {} across islands by tensor name crosses in fp32 or an "

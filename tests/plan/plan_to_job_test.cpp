@@ -219,6 +219,21 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   ASSERT_TRUE(m.isOk()) << m.status().toString();
   EXPECT_THAT(m->sets, Contains(std::string("strategy.sequence_parallel=true")));
   EXPECT_THAT(m->notes, testing::Not(Contains(HasSubstr("sequence parallelism is off"))));
+  // Expert groups inside each island (one degree for the job): ZeRO-1 at most.
+  Plan pe = planOf({group({0}, 2, {4}, 1, 2), group({1}, 1, {4}, 2, 2)});  // 2 x TP2 ... and 4 plain, each ep=2
+  pe.groups[0].ep = pe.groups[1].ep = 2;
+  core::JobConfig eight = moe;
+  eight.cluster.islands[0].count = 4;
+  eight.cluster.islands[1].count = 4;
+  auto e = jobOverrides(pe, eight);
+  ASSERT_TRUE(e.isOk()) << e.status().toString();
+  EXPECT_THAT(e->sets, Contains(std::string("strategy.expert_parallel=2")));
+  EXPECT_THAT(e->sets, Contains(std::string("train.zero=1")));
+  std::vector<std::string> ep_sets = e->sets;
+  ep_sets.push_back("model.moe.num_experts=4");
+  auto ep_loaded = loadWith("[{name: a, count: 4}, {name: b, count: 4}]", ep_sets);
+  ASSERT_TRUE(ep_loaded.isOk()) << ep_loaded.status().toString();
+  EXPECT_EQ(ep_loaded->job.strategy.expert_parallel, 2);
   std::vector<std::string> moe_sets = m->sets;
   moe_sets.push_back("model.moe.num_experts=4");
   auto moe_loaded = loadWith("[{name: a, count: 2}, {name: b, count: 2}]", moe_sets);
@@ -237,7 +252,7 @@ TEST(PlanToJob, RefusesWhatTheRuntimeCannotRunNamingWhy) {
               HasSubstr("cluster.islands[1].count"));
   GroupPlan ep = group({1}, 1, {2, 2}, 1);
   ep.ep = 2;
-  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), ep}), twoIslands()), HasSubstr("per-island layouts"));
+  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), ep}), twoIslands()), HasSubstr("one expert-parallel degree"));
   GroupPlan mixed_tp = group({0, 1}, 2, {2, 2}, 1);
   mixed_tp.tp = {2, 1};
   EXPECT_THAT(msg(planOf({mixed_tp}), job(4)), HasSubstr("per-island layouts"));

@@ -114,7 +114,9 @@ TEST(IslandLayouts, EachIslandGetsItsOwnSpanAndTheJobCheckNamesTheIslandField) {
            {islands, "{kind: streaming, codec: int4}", "strategy.codec"},
            {islands, "{kind: diloco, codec: int8}", "strategy.codec"},
            {islands, "{kind: sync, codec: fp8_e4m3}", "strategy.codec"},
-           {islands, "{kind: sync, expert_parallel: 2}", "strategy.expert_parallel"}}) {
+           {islands, "{kind: sync, expert_parallel: 2}", "island 'a' runs 1"},
+           {"    - {name: a, count: 4, tensor_parallel: 2}\n    - {name: b, count: 4}",
+            "{kind: streaming, fragments: 2, expert_parallel: 2}", "strategy.fragments"}}) {
     const fs::path file = scratchRoot() / "il_bad.yaml";
     std::ofstream(file) << jobYaml(scratchRoot() / "il_bad", cluster, 2, "", extra);
     auto parsed = core::loadJob(file.string());
@@ -249,6 +251,61 @@ void moeIslandsRun(const std::string& name, bool sequence) {
 TEST(IslandLayouts, MoeLayersRunReplicatedInEachIslandsLayoutAndBalanceOnTheJobsLoad) { moeIslandsRun("ilmoe", false); }
 
 TEST(IslandLayouts, MoeLayersRouteSequenceBlocksOnATensorParallelIsland) { moeIslandsRun("ilmoesp", true); }
+
+TEST(IslandLayouts, ExpertGroupsInsideEachIslandMatchSingleProcess) {
+  // Island a: two TP=2 replicas, one expert group; island b: four plain
+  // workers, two expert groups (8 workers, experts 3 + 1 everywhere). An
+  // island first sums its own replicas (b's experts over its two groups);
+  // the bridge is each island's first expert group (its members hold the
+  // dense tensors alike and the experts between them); b's second group
+  // takes its sums from the member holding the same experts.
+  // Router-bias balancing, clipped every step: the experts count once in
+  // the norm (island a's group), the curve and the norms are the single
+  // process's, and the islands end identical.
+  const int steps = 8;
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = testutil::clippedReference("ilep_ref", steps, moe);
+  fs::path run = scratchRoot() / "ilep";
+  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run,
+                                                         "    - {name: a, count: 4, tensor_parallel: 2}\n"
+                                                         "    - {name: b, count: 4}",
+                                                         steps, moe,
+                                                         "{kind: sync, expert_parallel: 2, expert_counts: [3, 1]}")),
+                               "ilep"),
+            0)
+      << outputOf("ilep");
+  expectCurve(run, ref, 1, steps, kTol, "MoE: a TP=2 x EP=2, b EP=2 x 2");
+  testutil::expectGradNorms(run, scratchRoot() / "ilep_ref", 1e-5, "MoE: a TP=2 x EP=2, b EP=2 x 2");
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("every island holds the same model"));
+  auto ml = testutil::metricLines(run, "moe");
+  ASSERT_FALSE(ml.empty());
+  EXPECT_EQ(ml.back()["expert_parallel"].get<int>(), 2);
+  EXPECT_GT(ml.back()["dispatch_bytes"].get<int64_t>(), 0);
+}
+
+TEST(IslandLayouts, ExpertGroupsInsideEachIslandUnderDiloco) {
+  // The same islands and expert groups under DiLoCo with the identity
+  // settings (plain SGD, H = 1, outer lr 1: synchronous SGD): every rank's
+  // buffer (dense tensors, then its experts) is one range of the outer
+  // step's mean by name, and the curve is the single process's.
+  const int steps = 6;
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2}";
+  auto ref = testutil::referenceOf(
+      testutil::sgdDiloco(jobYaml(scratchRoot() / "ilepdl_ref", "    - {name: a, count: 1}", steps, moe, "{kind: sync}")),
+      "ilepdl_ref");
+  fs::path run = scratchRoot() / "ilepdl";
+  ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run,
+                                                           "    - {name: a, count: 4, tensor_parallel: 2}\n"
+                                                           "    - {name: b, count: 4}",
+                                                           steps, moe,
+                                                           "{kind: diloco, inner_steps: 1, outer_lr: 1.0, outer_momentum: "
+                                                           "0.0, nesterov: false, expert_parallel: 2, expert_counts: [3, 1]}")),
+                               "ilepdl"),
+            0)
+      << outputOf("ilepdl");
+  expectCurve(run, ref, 1, steps, 2e-4, "MoE under DiLoCo H=1: a TP=2 x EP=2, b EP=2 x 2");
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("every island holds the same model"));
+}
 
 TEST(IslandLayouts, DilocoAveragesTheIslandsByTensorName) {
   // Island a: TP=2 with SP; island b: a PP=2 pipeline. With the identity

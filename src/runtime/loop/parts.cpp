@@ -62,8 +62,8 @@ core::Status Trainer::setupSplitGroups() {
   if (ep_) {
     // Member j of expert group g: stage_ of pipeline g * ep + j.
     std::vector<int> ep_ranks;
-    const int g0 = lay_.epGroupOf(rank_) * lay_.ep;
-    for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back(((g0 + j) * lay_.stages + stage_) * lay_.tp + tp_rank_);
+    const int g0 = lay_.replica_base + lay_.epGroupOf(rank_) * lay_.ep;
+    for (int j = 0; j < lay_.ep; ++j) ep_ranks.push_back(lay_.firstRankOf(g0 + j) + stage_ * lay_.tp + tp_rank_);
     // Its own channel: with one expert group per stage its ranks are the
     // stage's, whose ZeRO-3 gathers run on another thread meanwhile.
     ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks, "expert exchange"));
@@ -89,9 +89,10 @@ core::Status Trainer::setupSplitGroups() {
   return core::okStatus();
 }
 
-// Per-island layouts: the first replica of every island forms the bridge
-// that sums the islands' gradients by tensor name; the island's other
-// replicas take the result from their bridge member (stage_dp_'s rank 0).
+// Per-island layouts: the first replica of every island (with expert
+// parallelism its first expert group) forms the bridge that sums the
+// islands' gradients by tensor name; the island's other replicas take the
+// result from their bridge member (rank 0 of their same-position ranks).
 // ZeRO-2: each replica holds the island's sum of its optimizer slice only,
 // so every rank is a member, holding its slice, and nothing is passed on.
 core::Status Trainer::setupBridge() {
@@ -100,7 +101,8 @@ core::Status Trainer::setupBridge() {
   const bool slices = zeroInUse() == 2;
   std::vector<int> ranks, islands;
   for (const auto& span : job_lay_.spans) {
-    const int end = slices ? span.base + span.replicas * span.stages * span.tp : span.endRankOf(span.replica_base);
+    const int end = slices ? span.base + span.replicas * span.stages * span.tp
+                           : span.endRankOf(span.replica_base + span.ep - 1);
     for (int r = span.firstRankOf(span.replica_base); r < end; ++r) {
       ranks.push_back(r);
       islands.push_back(workers_[static_cast<size_t>(r)].island_index);
@@ -111,7 +113,7 @@ core::Status Trainer::setupBridge() {
     ARCH_ASSIGN_OR_RETURN(bridge, groups_.of(ranks));
   }
   ARCH_ASSIGN_OR_RETURN(bridge_, parallel::IslandBridge::create(*flat_, *shard_map_, std::move(bridge), std::move(islands),
-                                                                slices ? nullptr : stage_dp_.get(),
+                                                                slices ? nullptr : ep_ ? expert_dp_.get() : stage_dp_.get(),
                                                                 slices ? piece.begin : 0, slices ? piece.end : -1));
   ARCH_ASSIGN_OR_RETURN(const comm::CodecKind codec, comm::parseCodec(job_.strategy.codec));
   ARCH_RETURN_IF_ERROR(bridge_->setCodec(codec, job_.strategy.error_feedback));

@@ -113,11 +113,12 @@ core::Status Trainer::reduceAndStep(int64_t step, parallel::StepStats& stats, do
     if (tensor_ && !tensor_->afterReplicas()) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext(at));
     ARCH_RETURN_IF_ERROR(densePart().reduceGradients(stats).withContext(at));
     if (tensor_ && tensor_->afterReplicas()) ARCH_RETURN_IF_ERROR(tensor_->reduceGradients(stats).withContext(at));
-    if (bridge_) ARCH_RETURN_IF_ERROR(bridge_->reduceGradients(stats).withContext(at));
     if (experts_) {
       flat_->upcastGrads(n_dense_, flat_->numel());  // the expert part reduces the fp32 gradients
       ARCH_RETURN_IF_ERROR(experts_->reduceGradients(stats).withContext(at));
     }
+    // Per-island layouts: each island's sums of everything its ranks hold, then across the islands.
+    if (bridge_) ARCH_RETURN_IF_ERROR(bridge_->reduceGradients(stats).withContext(at));
   }
   if (scaler_->enabled()) {
     torch::NoGradGuard ng;

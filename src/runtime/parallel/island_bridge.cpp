@@ -138,22 +138,22 @@ core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& run
 }
 
 core::Result<std::vector<int64_t>> localCuts(const std::vector<FlatRun>& runs, const std::vector<int64_t>& global_cuts) {
-  std::vector<int64_t> out;
-  for (size_t c = 0; c < global_cuts.size(); ++c) {
-    int64_t before = 0;  // this rank's elements before the cut
-    for (const auto& r : runs) before += std::clamp<int64_t>(global_cuts[c] - r.global, 0, r.n);
-    out.push_back(before);
-    if (c + 1 == global_cuts.size()) break;
-    // Those of [cut, next cut) must be the next ones of the buffer, in order.
-    int64_t at = before;
+  std::vector<int64_t> out{0};
+  for (size_t c = 0; c + 1 < global_cuts.size(); ++c) {
+    // The range's elements, in any order, must be the buffer's next ones.
+    int64_t lo = -1, hi = 0, n = 0;
     for (const auto& r : clip(runs, {{global_cuts[c], global_cuts[c + 1]}})) {
-      if (r.local != at) {
-        return core::failedPrecondition("this rank's elements of the single-process range [" +
-                                        std::to_string(global_cuts[c]) + ", " + std::to_string(global_cuts[c + 1]) +
-                                        ") are not one contiguous range of its flat buffer");
-      }
-      at += r.n;
+      lo = lo < 0 ? r.local : std::min(lo, r.local);
+      hi = std::max(hi, r.local + r.n);
+      n += r.n;
     }
+    if (n > 0 && (lo != out.back() || hi - lo != n)) {
+      return core::failedPrecondition("this rank's elements of the single-process range [" +
+                                      std::to_string(global_cuts[c]) + ", " + std::to_string(global_cuts[c + 1]) +
+                                      ") are not the next range of its flat buffer (expert parallelism puts the "
+                                      "experts last: streaming's fragments need one fragment, or no expert groups)");
+    }
+    out.push_back(out.back() + n);
   }
   return out;
 }
@@ -341,7 +341,8 @@ core::Result<const BridgePlan*> IslandBridge::rangePlan(int64_t global_begin, in
   std::vector<std::vector<FlatRun>> runs;
   for (const auto& r : runs_) runs.push_back(clip(r, range));
   auto& mine = runs[static_cast<size_t>(plan_.me)];
-  const int64_t first = mine.empty() ? 0 : mine.front().local;
+  int64_t first = mine.empty() ? 0 : mine.front().local;
+  for (const auto& r : mine) first = std::min(first, r.local);
   for (auto& r : mine) r.local -= first;
   if (countOf(mine) != static_cast<int64_t>(values)) {
     return core::internalError("island mean of range [" + std::to_string(global_begin) + ", " +

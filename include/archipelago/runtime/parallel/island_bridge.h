@@ -77,8 +77,8 @@ core::Result<BridgePlan> bridgePlan(const std::vector<std::vector<FlatRun>>& run
 
 // Where a rank's buffer is cut by `global_cuts` (ascending offsets of the
 // single-process layout, first 0, last its size): per cut, how many of the
-// rank's elements lie before it. Fails when the rank's elements of one
-// range are not contiguous in its buffer.
+// rank's elements lie before it. Fails unless the rank's elements of each
+// range (in any order) are the next range of its buffer.
 core::Result<std::vector<int64_t>> localCuts(const std::vector<FlatRun>& runs, const std::vector<int64_t>& global_cuts);
 
 class IslandBridge final : public Part {

@@ -58,10 +58,11 @@ struct ParallelLayout {
   int firstRankOf(int replica) const { return base + (replica - replica_base) * stages * tp; }
   int endRankOf(int replica) const { return firstRankOf(replica) + stages * tp; }
   int64_t layerBegin(int stage) const;
-  // Rank d*stages + s (without TP) is stage s of pipeline d; pipelines
-  // [g*ep, (g+1)*ep) form expert group g, pipeline d is its member d % ep.
-  int epMemberOf(int rank) const { return replicaOf(rank) % ep; }
-  int epGroupOf(int rank) const { return replicaOf(rank) / ep; }
+  // Rank d*stages + s (without TP) is stage s of pipeline d; the span's
+  // pipelines [g*ep, (g+1)*ep) form its expert group g, its pipeline d is
+  // member d % ep (counted from the span's first pipeline).
+  int epMemberOf(int rank) const { return (replicaOf(rank) - replica_base) % ep; }
+  int epGroupOf(int rank) const { return (replicaOf(rank) - replica_base) / ep; }
 };
 
 // The whole job: one span over the world, or (per-island layouts,
