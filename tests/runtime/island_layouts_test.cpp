@@ -262,20 +262,10 @@ TEST(IslandLayouts, ExpertGroupsInsideEachIslandMatchSingleProcess) {
   // Router-bias balancing, clipped every step: the experts count once in
   // the norm (island a's group), the curve and the norms are the single
   // process's, and the islands end identical.
-  const int steps = 8;
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
-  auto ref = testutil::clippedReference("ilep_ref", steps, moe);
-  fs::path run = scratchRoot() / "ilep";
-  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run,
-                                                         "    - {name: a, count: 4, tensor_parallel: 2}\n"
-                                                         "    - {name: b, count: 4}",
-                                                         steps, moe,
-                                                         "{kind: sync, expert_parallel: 2, expert_counts: [3, 1]}")),
-                               "ilep"),
-            0)
-      << outputOf("ilep");
-  expectCurve(run, ref, 1, steps, kTol, "MoE: a TP=2 x EP=2, b EP=2 x 2");
-  testutil::expectGradNorms(run, scratchRoot() / "ilep_ref", 1e-5, "MoE: a TP=2 x EP=2, b EP=2 x 2");
+  const fs::path run = testutil::expectClippedRunMatches(
+      "ilep", "    - {name: a, count: 4, tensor_parallel: 2}\n    - {name: b, count: 4}", 8, moe,
+      "{kind: sync, expert_parallel: 2, expert_counts: [3, 1]}", "MoE: a TP=2 x EP=2, b EP=2 x 2");
   EXPECT_THAT(testutil::rank0Log(run), HasSubstr("every island holds the same model"));
   auto ml = testutil::metricLines(run, "moe");
   ASSERT_FALSE(ml.empty());

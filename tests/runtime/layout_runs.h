@@ -188,4 +188,18 @@ constexpr int kSteps = 20;
 constexpr double kTol =
     2e-5; // relative to the first loss (~5.5): fp32 summation-order noise
 
+// Trains `strategy` on `islands` (clipped every step) through the binary
+// and expects the single-process run's curve (kTol) and every step's
+// global norm (1e-5) of the same model; returns the run directory.
+inline fs::path expectClippedRunMatches(const std::string &name, const std::string &islands, int steps,
+                                        const std::string &model_extra, const std::string &strategy,
+                                        const std::string &what) {
+  auto ref = clippedReference(name + "_ref", steps, model_extra);
+  fs::path run = scratchRoot() / name;
+  EXPECT_EQ(runTrain(clipped(jobYaml(run, islands, steps, model_extra, strategy)), name), 0) << outputOf(name);
+  expectCurve(run, ref, 1, steps, kTol, what);
+  expectGradNorms(run, scratchRoot() / (name + "_ref"), 1e-5, what);
+  return run;
+}
+
 } // namespace archipelago::runtime::testutil

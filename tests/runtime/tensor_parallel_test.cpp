@@ -164,16 +164,9 @@ TEST(TensorParallel, SequenceBlocksThroughTwoExpertMembersMatchSingleProcess) {
   // summed over the TP group exactly once.
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01, "
                           "capacity_factor: 1.0}";
-  auto ref = testutil::clippedReference("tpspep_ref", kSteps, moe);
-  fs::path run = scratchRoot() / "tpspep";
-  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", kSteps, moe,
-                                                         "{tensor_parallel: 2, sequence_parallel: true, "
-                                                         "expert_parallel: 2, expert_counts: [3, 1]}")),
-                               "tpspep"),
-            0)
-      << outputOf("tpspep");
-  expectCurve(run, ref, 1, kSteps, kTol, "TP=2 + SP x EP=2");
-  testutil::expectGradNorms(run, scratchRoot() / "tpspep_ref", 1e-5, "TP=2 + SP x EP=2");
+  const fs::path run = testutil::expectClippedRunMatches(
+      "tpspep", "    - {name: a, count: 4}", kSteps, moe,
+      "{tensor_parallel: 2, sequence_parallel: true, expert_parallel: 2, expert_counts: [3, 1]}", "TP=2 + SP x EP=2");
   testutil::expectPredictedStateMatches(run, 4, "TP=2 + SP x EP=2");
   // Every TP rank counts its block: the records hold each step's 2 micro-batches' last
   // forwards (2 x 2 x 32 tokens, 2 choices each) on the two replicas, with drops.
@@ -193,17 +186,9 @@ TEST(TensorParallel, TwoRanksTimesTwoStagesTimesTwoExpertMembersMatchSingleProce
   // the expert exchanges are the ranks at the same stage and TP rank:
   // {0, 4}, {1, 5}, {2, 6}, {3, 7}.
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
-  const int steps = 8;
-  auto ref = testutil::clippedReference("tpppep_ref", steps, moe);
-  fs::path run = scratchRoot() / "tpppep";
-  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 8}", steps, moe,
-                                                         "{tensor_parallel: 2, pipeline_stages: 2, expert_parallel: 2, "
-                                                         "expert_counts: [3, 1]}")),
-                               "tpppep"),
-            0)
-      << outputOf("tpppep");
-  expectCurve(run, ref, 1, steps, kTol, "TP=2 x PP=2 x EP=2");
-  testutil::expectGradNorms(run, scratchRoot() / "tpppep_ref", 1e-5, "TP=2 x PP=2 x EP=2");
+  testutil::expectClippedRunMatches("tpppep", "    - {name: a, count: 8}", 8, moe,
+                                    "{tensor_parallel: 2, pipeline_stages: 2, expert_parallel: 2, expert_counts: [3, 1]}",
+                                    "TP=2 x PP=2 x EP=2");
 }
 
 TEST(TensorParallel, DilocoOverTwoIslandsOfTensorGroupsEqualsSyncAndKeepsSlicesIdentical) {
