@@ -163,7 +163,6 @@ core::Result<PlanOverrides> perIslandOverrides(const Plan& plan, const core::Job
   const int64_t ep = layouts.front().ep;
   out.sets.push_back(fmt::format("strategy.expert_parallel={}", ep));
   out.sets.push_back(fmt::format("strategy.sequence_parallel={}", any_tp));
-
   out.sets.push_back(fmt::format("train.micro_batch={}", micro));
   out.sets.push_back(fmt::format("train.recompute={}", recompute));
   out.sets.push_back(fmt::format("train.zero={}", zero));

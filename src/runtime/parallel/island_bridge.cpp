@@ -336,7 +336,7 @@ void IslandBridge::roundOwn(std::span<float> values, const std::vector<FlatRun>&
 core::Result<const BridgePlan*> IslandBridge::rangePlan(int64_t global_begin, int64_t global_end, size_t values) {
   auto it = range_plans_.find({global_begin, global_end});
   if (it != range_plans_.end()) return &it->second;
-  // Every member's runs inside the range; this rank's counted from the range's first local element.
+  // Every member's runs inside the range; this rank's counted from the range's lowest local offset.
   const Intervals range{{global_begin, global_end}};
   std::vector<std::vector<FlatRun>> runs;
   for (const auto& r : runs_) runs.push_back(clip(r, range));
@@ -416,8 +416,9 @@ core::Result<uint64_t> IslandBridge::compareIslands(std::span<const float> value
   }
   for (const auto& [isl, d] : digest) {
     if (d != digest.begin()->second) {
-      return core::internalError("the islands' copies of the model differ: island " + std::to_string(digest.begin()->first) +
-                            " and island " + std::to_string(isl) + " hold other values for some tensor");
+      return core::internalError("the islands' copies of the model differ: island " +
+                                 std::to_string(digest.begin()->first) + " and island " + std::to_string(isl) +
+                                 " hold other values for some tensor");
     }
   }
   return digest.begin()->second;
