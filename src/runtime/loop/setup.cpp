@@ -384,14 +384,8 @@ core::Status Trainer::makeOuter(const NamedTensors* tensors, const nlohmann::jso
 // layout cuts its buffer), so fragment f is the same tensors everywhere; a
 // rank holds its part of each as one range of its own buffer.
 core::Status Trainer::outerByName(OuterContext& ctx) {
-  std::vector<int64_t> boundaries;
-  int64_t at = 0;
-  for (const auto& [name, shape] : shard_map_->full()) {
-    boundaries.push_back(at);
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    at += n;
-  }
+  std::vector<int64_t> boundaries;  // where each tensor starts in the single-process layout
+  for (const auto& [name, shape] : shard_map_->full()) boundaries.push_back(shard_map_->fullOffset(name));
   const int64_t fragments = job_.strategy.kind == "streaming" ? job_.strategy.fragments : 1;
   ARCH_ASSIGN_OR_RETURN(const auto global, fragmentSchedule(shard_map_->fullNumel(), fragments,
                                                             job_.strategy.inner_steps, boundaries));
