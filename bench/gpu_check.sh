@@ -124,6 +124,9 @@ configure_cuda() {  # build-dir [extra cmake args]
   # should not show them one per try).
   keep_going=(-- -k 0); [ "${gen[1]}" = Ninja ] || keep_going=(-- -k)
   [ -d "$here/.gpu_bundle/usr" ] && args+=(-DARCHIPELAGO_BUNDLE="$here/.gpu_bundle")
+  # nccl.h of the wheel's NCCL (pip's nvidia-nccl), for the c10d island backend.
+  local nccl; nccl="$("$py" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "include"))' 2>/dev/null)"
+  [ -f "$nccl/nccl.h" ] && args+=(-DARCHIPELAGO_NCCL_INCLUDE="$nccl")
   "$cmake" -S "$here" -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
     -DARCHIPELAGO_TORCH=python -DARCHIPELAGO_PYTHON="$(command -v "$py")" -DARCHIPELAGO_CUDA=on \
     -DARCHIPELAGO_BUILD_TESTS=OFF "${args[@]}" "$@"

@@ -158,6 +158,32 @@ int64_t replicasOf(const JobConfig& j, int64_t world) {
   return n;
 }
 
+// strategy.island_collectives: c10d sums whole-model data parallelism's
+// buckets (runtime/c10d_backend.h); the rest of the loop talks through comm.
+void validateIslandCollectives(const JobConfig& j, Problems& p) {
+  const auto& s = j.strategy;
+  if (s.island_collectives != "c10d") return;
+  if (splitsModel(j)) {
+    p.add("strategy.island_collectives", s.island_collectives,
+          "comm with strategy.pipeline_stages, expert_parallel, tensor_parallel or per-island layouts (c10d sums only "
+          "the buckets of whole-model data parallelism; not built yet)");
+  }
+  if (zeroStage(j.train) >= 2) {
+    p.add("strategy.island_collectives", s.island_collectives,
+          "comm with train.zero: " + std::to_string(zeroStage(j.train)) +
+              " (its reduce-scatters go through comm), or train.zero <= 1");
+  }
+  if (s.kind != "sync") return;  // DiLoCo / streaming: the inner group is one island
+  for (const auto& island : j.cluster.islands) {
+    if (island.count != j.cluster.islands.front().count) {
+      p.add("strategy.island_collectives", s.island_collectives,
+            "comm when islands have different worker counts under strategy.kind: sync (the cross-island leg pairs "
+            "each island's i-th worker), or islands of equal counts");
+      return;
+    }
+  }
+}
+
 // One island's own layout: its groups tile its workers, every stage holds
 // >= 1 layer, every rank whole kv heads.
 void validateIslandLayout(const JobConfig& j, size_t i, Problems& p) {
@@ -391,6 +417,7 @@ Status validateJob(const JobConfig& j) {
     p.add("train.reduce_dtype", t.reduce_dtype, "fp32 with train.zero: 3 (its reduce-scatters are fp32), or train.zero <= 2");
   }
   if (s.tensor_parallel > 1 && !per_island) validateTensorParallel(j, world, p);
+  validateIslandCollectives(j, p);
   if (s.sequence_parallel && s.tensor_parallel <= 1 && !per_island) {
     p.add("strategy.sequence_parallel", "true", "false without strategy.tensor_parallel > 1 (it cuts the tensor-parallel "
                                                 "group's activations along the sequence)");

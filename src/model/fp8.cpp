@@ -124,6 +124,32 @@ void AmaxHistory::moveTo(const torch::Device& device) {
   if (amax_.device() == device) return;
   amax_ = amax_.to(device);
   scale_ = scale_.to(device);
+  if (pending_.defined()) pending_ = pending_.to(device);
+}
+
+void AmaxHistory::deferRecording() {
+  if (!pending_.defined()) pending_ = torch::zeros({}, amax_.options());
+}
+
+torch::Tensor AmaxHistory::takePending() {
+  TORCH_CHECK(deferred(), "AmaxHistory::takePending without deferred recording");
+  auto out = pending_.clone();
+  pending_.zero_();
+  return out;
+}
+
+void AmaxHistory::commit(const torch::Tensor& amax) {
+  torch::NoGradGuard no_grad;
+  auto a = amax.to(amax_.options()).reshape({1});
+  amax_.copy_(torch::cat({a, amax_.narrow(0, 0, length_ - 1)}));
+  steps_.add_(1);
+}
+
+void AmaxHistory::restore(const torch::Tensor& amaxes, int64_t steps) {
+  TORCH_CHECK(amaxes.numel() == length_, "amax history of ", amaxes.numel(), " steps; this one keeps ", length_);
+  torch::NoGradGuard no_grad;
+  amax_.copy_(amaxes.reshape({length_}).to(amax_.options()));
+  steps_.fill_(steps);
 }
 
 int64_t AmaxHistory::steps() const { return steps_.defined() ? steps_.item<int64_t>() : 0; }
@@ -131,12 +157,13 @@ torch::Tensor AmaxHistory::amaxes() const { return amax_; }
 torch::Tensor AmaxHistory::lastScale() const { return scale_; }
 
 AmaxHistory AmaxHistory::fromState(const std::vector<torch::Tensor>& state) {
-  TORCH_CHECK(state.size() == 3, "AmaxHistory state: expected 3 tensors, got ", state.size());
+  TORCH_CHECK(state.size() == 3 || state.size() == 4, "AmaxHistory state: expected 3 or 4 tensors, got ", state.size());
   AmaxHistory h;
   h.length_ = state[0].size(0);
   h.amax_ = state[0];
   h.scale_ = state[1];
   h.steps_ = state[2];
+  if (state.size() == 4) h.pending_ = state[3];
   return h;
 }
 
@@ -146,7 +173,10 @@ torch::Tensor AmaxHistory::scaleFor(const torch::Tensor& x, Fp8Format format, bo
               "; its owner moves it first (AmaxHistory::moveTo)");
   auto amax = x.numel() > 0 ? x.abs().amax().to(torch::kFloat) : torch::zeros({}, amax_.options());
   auto scale = scaleFromAmax(steps() == 0 ? amax : amax_.max(), format, scale_);
-  if (record) {
+  if (record && deferred()) {
+    pending_.copy_(torch::maximum(pending_, amax));
+    scale_.copy_(scale);
+  } else if (record) {
     // Newest first; the oldest amax drops out. cat() builds the new
     // history before copy_ overwrites the old one.
     amax_.copy_(torch::cat({amax.reshape({1}), amax_.narrow(0, 0, length_ - 1)}));
@@ -372,19 +402,26 @@ Fp8LinearImpl* fp8Of(const torch::nn::Module& linear) {
   return nullptr;
 }
 
-int64_t setFp8(torch::nn::Module& root, const Fp8Options& options) {
-  clearFp8(root);
-  int64_t n = 0;
+std::vector<std::string> fp8LinearsOf(torch::nn::Module& root) {
+  std::vector<std::string> out;
   const auto& names = fp8LinearNames();
   for (const auto& item : root.named_modules("", /*include_self=*/false)) {
-    auto* linear = dynamic_cast<LinearNoBiasImpl*>(item.value().get());
-    if (linear == nullptr) continue;
-    if (std::find(names.begin(), names.end(), lastComponent(item.key())) == names.end()) continue;
-    auto fp8 = linear->register_module("fp8", Fp8Linear(options));
-    fp8->train(linear->is_training());
-    ++n;
+    if (dynamic_cast<LinearNoBiasImpl*>(item.value().get()) == nullptr) continue;
+    if (std::find(names.begin(), names.end(), lastComponent(item.key())) != names.end()) out.push_back(item.key());
   }
-  return n;
+  return out;
+}
+
+int64_t setFp8(torch::nn::Module& root, const Fp8Options& options) {
+  clearFp8(root);
+  const auto modules = root.named_modules("", /*include_self=*/false);
+  const std::vector<std::string> names = fp8LinearsOf(root);
+  for (const auto& name : names) {
+    auto& linear = *modules[name];
+    auto fp8 = linear.register_module("fp8", Fp8Linear(options));
+    fp8->train(linear.is_training());
+  }
+  return static_cast<int64_t>(names.size());
 }
 
 void clearFp8(torch::nn::Module& root) {

@@ -26,6 +26,10 @@ std::unique_ptr<PendingReduce> DpComm::reduceScatterSumBf16Async(std::span<uint1
   return std::make_unique<DoneReduce>(core::unimplemented("bf16 gradient reduce-scatter over " + describe()));
 }
 
+core::Status DpComm::allreduceMax(std::span<double>) {
+  return core::unimplemented("max-allreduce over " + describe());
+}
+
 std::unique_ptr<PendingReduce> LocalDp::reduceScatterSumAsync(std::span<float>, std::span<const size_t>) {
   return std::make_unique<DoneReduce>();
 }

@@ -68,6 +68,10 @@ core::Status GroupDp::allreduceSum(std::span<double> data) {
   return group_->allreduce(data.data(), data.size(), comm::DType::kF64, comm::ReduceOp::kSum, options());
 }
 
+core::Status GroupDp::allreduceMax(std::span<double> data) {
+  return group_->allreduce(data.data(), data.size(), comm::DType::kF64, comm::ReduceOp::kMax, options());
+}
+
 core::Status GroupDp::allgather(std::span<const double> mine, std::span<double> all) {
   if (all.size() != mine.size() * static_cast<size_t>(size())) {
     return core::invalidArgument("allgather: output must hold size() * input elements");

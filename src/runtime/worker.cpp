@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "archipelago/comm/address.h"
 #include "archipelago/comm/coordinator.h"
 #include "archipelago/core/files.h"
 #include "archipelago/core/host_memory.h"
@@ -110,6 +111,8 @@ TrainerOptions trainerOptions(const core::JobConfig& job, const std::string& run
   to.inner = session.inner();
   to.inner_ranks = session.innerRanks();
   to.world_group = session.worldGroup();
+  auto at = comm::splitHostPort(session.communicator().address());
+  if (at.isOk()) to.host = at->first;
   to.stop = &g_stop;
   to.exit_after_step = opt.exit_after_step;
   return to;

@@ -142,6 +142,29 @@ TEST_F(ConfigTest, BadChoiceListsChoices) {
   EXPECT_THAT(j.status().message(), HasSubstr("sync|diloco|streaming"));
 }
 
+TEST_F(ConfigTest, C10dIslandCollectivesOnlyWhereTheyCanSumEveryBucket) {
+  // kGood's islands have 2 and 1 workers: the cross-island leg pairs positions.
+  auto uneven = load(std::string(kGood) + "strategy: {island_collectives: c10d}\n");
+  ASSERT_FALSE(uneven.isOk());
+  EXPECT_THAT(uneven.status().message(), HasSubstr("strategy.island_collectives: got c10d;"));
+  EXPECT_THAT(uneven.status().message(), HasSubstr("different worker counts"));
+  // Under DiLoCo the inner group is one island: any counts will do.
+  EXPECT_TRUE(load(std::string(kGood) + "strategy: {kind: diloco, island_collectives: c10d}\n").isOk());
+  const std::string even = "cluster:\n  islands: [{name: a, count: 2}, {name: b, count: 2}]\n"
+                           "train: {global_batch: 8}\n";
+  EXPECT_TRUE(load(even + "strategy: {island_collectives: c10d}\n").isOk());
+  auto z = load("cluster:\n  islands: [{name: a, count: 2}]\ntrain: {zero: 2}\nstrategy: {island_collectives: c10d}\n");
+  ASSERT_FALSE(z.isOk());
+  EXPECT_THAT(z.status().message(), HasSubstr("reduce-scatters go through comm"));
+  auto pp = load("cluster:\n  islands: [{name: a, count: 2}]\n"
+                 "strategy: {island_collectives: c10d, pipeline_stages: 2}\n");
+  ASSERT_FALSE(pp.isOk());
+  EXPECT_THAT(pp.status().message(), HasSubstr("c10d sums only the buckets of whole-model data parallelism"));
+  auto bad = load(std::string(kGood) + "strategy: {island_collectives: nccl}\n");
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_THAT(bad.status().message(), HasSubstr("comm|c10d"));
+}
+
 TEST_F(ConfigTest, ReportsAllProblemsAtOnce) {
   auto j = load(R"(
 cluster:

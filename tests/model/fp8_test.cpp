@@ -221,6 +221,41 @@ TEST(Fp8Scaling, DelayedScalingFollowsTheAmaxHistory) {
   EXPECT_EQ(z.scaleFor(torch::zeros({3}), Fp8Format::kE4M3, true).item<double>(), 112.0);
 }
 
+TEST(Fp8Scaling, DeferredRecordingEntersOneAmaxPerStepAsACommitSays) {
+  // Two micro-batches a step with amaxes {2, 8}, then {1, 4}: recorded by
+  // step, the history holds each step's largest (what the loop commits
+  // after its max over the replicas), and every micro-batch of a step uses
+  // the scale of the committed steps only.
+  AmaxHistory h(3);
+  h.deferRecording();
+  ASSERT_TRUE(h.deferred());
+  auto x = [](float a) { return torch::tensor({a, -a / 2}); };
+  // Step 1, nothing committed: each micro-batch scales by its own amax.
+  EXPECT_EQ(h.scaleFor(x(2), Fp8Format::kE4M3, true).item<double>(), 224);
+  EXPECT_EQ(h.scaleFor(x(8), Fp8Format::kE4M3, true).item<double>(), 56);
+  EXPECT_EQ(h.steps(), 0);
+  EXPECT_EQ(h.takePending().item<double>(), 8);
+  EXPECT_EQ(h.takePending().item<double>(), 0);  // taken
+  h.commit(torch::tensor(16.0f));                 // a replica saw 16
+  EXPECT_EQ(h.steps(), 1);
+  // Step 2: both micro-batches use max / 16, whatever their own amax.
+  EXPECT_EQ(h.scaleFor(x(1), Fp8Format::kE4M3, true).item<double>(), 28);
+  EXPECT_EQ(h.scaleFor(x(4), Fp8Format::kE4M3, true).item<double>(), 28);
+  EXPECT_EQ(h.takePending().item<double>(), 4);
+  h.commit(torch::tensor(4.0f));
+  EXPECT_EQ(toVec(h.amaxes()), (std::vector<double>{4, 16, 0}));
+  // A backward's copy (state()) records into the same pending amax.
+  AmaxHistory copy = AmaxHistory::fromState(h.state());
+  ASSERT_TRUE(copy.deferred());
+  copy.scaleFor(x(64), Fp8Format::kE5M2, true);
+  EXPECT_EQ(h.takePending().item<double>(), 64);
+  // What a checkpoint keeps restores the scale.
+  AmaxHistory r(3);
+  r.restore(h.amaxes(), h.steps());
+  EXPECT_EQ(r.steps(), 2);
+  EXPECT_EQ(r.scaleFor(x(1), Fp8Format::kE4M3, false).item<double>(), 28);
+}
+
 // ---- the FP8 linear against fp64 ----------------------------------------------
 
 // x quantised by the comm codec's scalar conversion: q = round(float(x) * s),

@@ -284,6 +284,32 @@ TEST(Chaos, DilocoIslandLeavesAndComesBack) {
   EXPECT_NEAR(finalLoss(run, steps), ref, 0.05 * (first - ref)) << "first-step loss " << first;
 }
 
+// strategy.island_collectives: c10d loses a worker to kill -9: the
+// survivors' Gloo collective fails as a peer failure, the job moves to a
+// new epoch without a restart, and from then on comm sums the buckets
+// (the c10d group spans the old processes), with the replacement joining
+// through comm too.
+TEST(Chaos, KilledWorkerInsideAC10dIslandGoesOnThroughComm) {
+  const int steps = 300;
+  const fs::path run = scratchRoot() / "chaos_c10d";
+  const std::string strategy = "{kind: sync, failure_timeout: 2s, island_collectives: c10d}";
+  Job job("chaos_c10d", chaosJob(run, steps, "    - {name: a, count: 3, slowdown: 2}", strategy));
+  ASSERT_TRUE(waitFor(job, 60, [&] { return lastStep(run) >= 15; })) << job.output();
+  auto pids = workerPids(run);
+  ASSERT_TRUE(pids.count(1));
+  ::kill(pids[1], SIGKILL);
+  ASSERT_TRUE(waitFor(job, 40, [&] { return !events(run, "join").empty(); })) << "no join after the kill\n" << job.output();
+  ASSERT_EQ(job.wait(120), 0) << job.output();
+  EXPECT_GE(events(run, "failure").size(), 1u);
+  expectIdenticalReplicas(run, steps, 3);
+  const std::string log0 = testutil::fileText(run / "logs" / "rank0.log");
+  EXPECT_THAT(log0, HasSubstr("gradient buckets: c10d gloo inside islands of 3"));
+  EXPECT_THAT(log0, HasSubstr("buckets go through comm from now on"));
+  const double ref = referenceLoss(chaosJob(scratchRoot() / "chaos_c10d_ref", steps, "    - {name: a, count: 1}",
+                                            "{kind: sync}"), "chaos_c10d_ref");
+  EXPECT_NEAR(finalLoss(run, steps), ref, 0.02 * ref) << "final loss after the kill vs the fault-free single-process run";
+}
+
 TEST(Elastic, DivergentReplicaIsResyncedFromTheMajority) {
   const int steps = 24;
   const fs::path run = scratchRoot() / "diverge";

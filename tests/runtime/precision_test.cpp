@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <sstream>
 
 #include <gmock/gmock.h>
@@ -290,6 +291,71 @@ TEST(MixedPrecision, AnFp8IslandBesideABf16IslandKeepsReplicasIdentical) {
   for (int s = 1; s <= steps; ++s) {
     EXPECT_NEAR(losses.at(s), ref->losses[static_cast<size_t>(s - 1)], 0.03 * ref->losses[0]) << "step " << s;
   }
+}
+
+// FP8 delayed scaling records by step on whole-copy layouts
+// (runtime/loop/fp8_steps.cpp): each tensor's amax is the largest over the
+// step's micro-batches and every replica, the amax of the whole batch; and
+// a checkpoint keeps the histories.
+std::map<std::string, torch::Tensor> fp8Histories(const fs::path& run, int64_t step) {
+  auto ck = loadCheckpoint((run / "checkpoints" / checkpointDirName(step)).string());
+  EXPECT_TRUE(ck.isOk()) << ck.status().toString();
+  std::map<std::string, torch::Tensor> out;
+  if (!ck.isOk()) return out;
+  for (const auto& [name, t] : ck->optimizer) {
+    if (name.rfind("fp8.", 0) == 0) out[name] = t;
+  }
+  return out;
+}
+
+TEST(Fp8Steps, TwoReplicasRecordTheAmaxesOfTheWholeBatch) {
+  // Step 1 starts from the same weights, so its input and weight amaxes are
+  // those of the same tensors, up to one bf16 ulp (a batch of 4 and one of
+  // 8 round a few products differently), where a rank's own half of the
+  // batch misses the largest amax of many tensors. Gradients pass E5M2
+  // (two mantissa bits) on their way down, which turns those ulps into a
+  // few percent; later steps start from weights that differ in the last
+  // bits (the sum's order), so only step 1 is compared.
+  const int steps = 2;
+  const std::string fp8 = ", fp8_amax_history: 4";
+  auto ref = single("fp8s_ref", job("fp8s_ref", "    - {name: a, count: 1, dtype: fp8}", steps, fp8));
+  ASSERT_TRUE(ref.isOk()) << ref.status().toString();
+  ASSERT_EQ(testutil::runTrain(job("fp8s", "    - {name: a, count: 2, dtype: fp8}", steps, fp8), "fp8s"), 0)
+      << outputOf("fp8s");
+  const auto want = fp8Histories(scratchRoot() / "fp8s_ref", steps);
+  const auto got = fp8Histories(scratchRoot() / "fp8s", steps);
+  ASSERT_EQ(want.size(), 14u * 3);  // 2 layers x 7 linears x input, weight, grad
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [name, w] : want) {
+    ASSERT_TRUE(got.count(name)) << name;
+    const torch::Tensor g = got.at(name);
+    ASSERT_EQ(w.numel(), 5) << name;  // 4 amaxes newest first, then the step count
+    EXPECT_EQ(w[4].item<float>(), steps) << name;
+    EXPECT_EQ(g[4].item<float>(), steps) << name;
+    const double tol = name.ends_with(".grad") ? 0.1 : 0.01;
+    EXPECT_NEAR(g[1].item<double>(), w[1].item<double>(), tol * w[1].item<double>()) << name << ": step 1";
+  }
+  const auto losses = testutil::rank0Losses(scratchRoot() / "fp8s");
+  for (int s = 1; s <= steps; ++s) EXPECT_NEAR(losses.at(s), ref->losses[static_cast<size_t>(s - 1)], 1e-3) << s;
+}
+
+TEST(Fp8Steps, AResumedRunScalesAsTheUninterruptedOne) {
+  const int k = 4;
+  const std::string islands = "    - {name: a, count: 2, dtype: fp8}";
+  ASSERT_EQ(testutil::runTrain(job("fp8r_full", islands, 2 * k, "", "", k), "fp8r_full"), 0) << outputOf("fp8r_full");
+  const std::string cut = job("fp8r_cut", islands, 2 * k, "", "", k);
+  EXPECT_NE(testutil::runTrain(cut, "fp8r_cut1", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(scratchRoot() / "fp8r_cut" / "checkpoints" / checkpointDirName(k))) << outputOf("fp8r_cut1");
+  ASSERT_EQ(testutil::runTrain(cut, "fp8r_cut2", {"--resume"}), 0) << outputOf("fp8r_cut2");
+  const auto weights = [&](const char* run) {
+    return testutil::fileText(scratchRoot() / run / "checkpoints" / checkpointDirName(2 * k) / "model.safetensors");
+  };
+  ASSERT_FALSE(weights("fp8r_full").empty());
+  EXPECT_TRUE(weights("fp8r_full") == weights("fp8r_cut")) << "FP8 weights after the resume differ from the "
+                                                              "uninterrupted run";
+  const auto a = fp8Histories(scratchRoot() / "fp8r_full", 2 * k), b = fp8Histories(scratchRoot() / "fp8r_cut", 2 * k);
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
 }
 
 // train.check_ops: a worker whose device computes an operator outside

@@ -121,9 +121,29 @@ class AmaxHistory {
   torch::Tensor amaxes() const;     // [length] fp32, newest first, 0 where unused
   torch::Tensor lastScale() const;  // the scale of the last recording scaleFor
 
+  // Step-level recording, as a training loop runs it (runtime/loop
+  // fp8_steps.cpp): a recording scaleFor keeps the largest amax of the step
+  // in pending() instead of entering it, and the loop enters each step's
+  // amax (the largest over every replica) with commit(). The scale inside
+  // a step then depends on committed steps only: the same for each
+  // micro-batch and each replica, and what one process training the whole
+  // batch would use.
+  void deferRecording();
+  bool deferred() const { return pending_.defined(); }
+  // The step's largest amax so far ([] fp32, 0 if none), reset to 0.
+  torch::Tensor takePending();
+  // Enters `amax` ([] fp32) as the newest step.
+  void commit(const torch::Tensor& amax);
+  // [length] amaxes, newest first, and how many steps were recorded: what a
+  // checkpoint keeps (the scale follows from them at the next scaleFor).
+  void restore(const torch::Tensor& amaxes, int64_t steps);
+
   // The shared tensors themselves, and a handle made from them: how the
   // backward pass, which can only keep tensors, carries the history.
-  std::vector<torch::Tensor> state() const { return {amax_, scale_, steps_}; }
+  std::vector<torch::Tensor> state() const {
+    if (deferred()) return {amax_, scale_, steps_, pending_};
+    return {amax_, scale_, steps_};
+  }
   static AmaxHistory fromState(const std::vector<torch::Tensor>& state);
   // Moves the history to `device` (a no-op when it is there). Only the
   // owner may call it, before it hands out copies: moving makes new
@@ -139,6 +159,7 @@ class AmaxHistory {
   torch::Tensor amax_;   // [length] fp32, newest first
   torch::Tensor scale_;  // [] fp32
   torch::Tensor steps_;  // [] int64 on the CPU (read without a device sync)
+  torch::Tensor pending_;  // [] fp32: the step's largest amax (deferred recording only)
 };
 
 enum class Fp8Recipe : uint8_t { kDelayed, kBlock };
@@ -160,8 +181,9 @@ std::string fp8Backend(const torch::Device& device, Fp8Recipe recipe);
 // The FP8 state of one linear layer: its recipe and, for delayed scaling,
 // the amax histories of its input, weight and output gradient. It has no
 // parameters or buffers, so a linear that holds one keeps its tensor names,
-// its checkpoint layout and its flat-buffer offsets. Histories are not
-// checkpointed: a resumed FP8 run rebuilds them over its first N steps.
+// its checkpoint layout and its flat-buffer offsets. The training loop
+// records its histories step by step and checkpoints them apart from the
+// weights (runtime/loop/fp8_steps.cpp).
 class Fp8LinearImpl : public torch::nn::Module {
  public:
   explicit Fp8LinearImpl(const Fp8Options& options);
@@ -188,6 +210,9 @@ TORCH_MODULE(Fp8Linear);
 // experts, shared expert), as a child module "fp8" of that linear; returns
 // how many. Call it on a Transformer (or any module tree with those names).
 int64_t setFp8(torch::nn::Module& root, const Fp8Options& options);
+// The linears of `root` that setFp8 converts (converted or not), by module
+// name in named_modules order.
+std::vector<std::string> fp8LinearsOf(torch::nn::Module& root);
 // Back to ordinary linears (bit-identical to a model that never had FP8).
 void clearFp8(torch::nn::Module& root);
 

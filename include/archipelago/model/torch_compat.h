@@ -22,7 +22,21 @@
 // arrived in PyTorch 2.1; 2.1-2.3 return (out, amax), later versions out.
 #define ARCH_TORCH_HAS_FLOAT8 ARCH_TORCH_AT_LEAST(2, 1)
 
+// c10d's collective libraries (Gloo, NCCL) derive from c10d::ProcessGroup
+// in 1.13 and from c10d::Backend since 2.0; both have the collectives
+// runtime/c10d_backend.cpp calls (allreduce, allgather -> Work).
+namespace c10d {
+class Backend;
+class ProcessGroup;
+}  // namespace c10d
+
 namespace archipelago::model::compat {
+
+#if ARCH_TORCH_AT_LEAST(2, 0)
+using C10dCollectives = ::c10d::Backend;
+#else
+using C10dCollectives = ::c10d::ProcessGroup;
+#endif
 
 // Causal attention over whole sequences (query i sees keys 0..i) through
 // the fused kernel of PyTorch >= 2.0 (at::scaled_dot_product_attention:

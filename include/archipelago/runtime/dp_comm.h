@@ -40,6 +40,9 @@ class DpComm {
   virtual std::unique_ptr<PendingReduce> reduceScatterSumBf16Async(std::span<uint16_t> data,
                                                                    std::span<const size_t> counts);
   virtual core::Status allreduceSum(std::span<double> data) = 0;
+  // The largest of each element over all ranks (exact, so the same on
+  // every rank); FP8's amaxes of a step. By default an error.
+  virtual core::Status allreduceMax(std::span<double> data);
   // all[r * mine.size() + i] = rank r's mine[i].
   virtual core::Status allgather(std::span<const double> mine, std::span<double> all) = 0;
   // Rank r contributes data[offsets[r], offsets[r+1]); everybody ends with all of it.
@@ -59,6 +62,7 @@ class LocalDp final : public DpComm {
   std::unique_ptr<PendingReduce> reduceScatterSumAsync(std::span<float>, std::span<const size_t>) override;
   std::unique_ptr<PendingReduce> reduceScatterSumBf16Async(std::span<uint16_t>, std::span<const size_t>) override;
   core::Status allreduceSum(std::span<double>) override { return core::okStatus(); }
+  core::Status allreduceMax(std::span<double>) override { return core::okStatus(); }
   core::Status allgather(std::span<const double> mine, std::span<double> all) override;
   core::Status allgatherSlices(std::span<float>, std::span<const int64_t>) override { return core::okStatus(); }
   core::Status broadcast(std::span<float>, int) override { return core::okStatus(); }

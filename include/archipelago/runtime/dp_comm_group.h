@@ -26,6 +26,7 @@ class GroupDp final : public DpComm {
   std::unique_ptr<PendingReduce> reduceScatterSumBf16Async(std::span<uint16_t> data,
                                                            std::span<const size_t> counts) override;
   core::Status allreduceSum(std::span<double> data) override;
+  core::Status allreduceMax(std::span<double> data) override;
   core::Status allgather(std::span<const double> mine, std::span<double> all) override;
   core::Status allgatherSlices(std::span<float> data, std::span<const int64_t> offsets) override;
   core::Status broadcast(std::span<float> data, int root) override;

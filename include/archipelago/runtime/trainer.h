@@ -52,6 +52,7 @@ struct TrainerOptions {
   DpComm* inner = nullptr;
   std::vector<int> inner_ranks;
   std::shared_ptr<comm::Group> world_group;  // for strategies (DiLoCo, streaming)
+  std::string host = "127.0.0.1";         // this worker's advertised address (a native island backend binds there)
   // Elastic membership (worker processes): when set, dp/inner/world_group
   // are ignored and come from the session's current epoch; a failed step is
   // abandoned and retried after the survivors moved to the next epoch, and

@@ -70,6 +70,7 @@ core::Result<CheckpointState> Trainer::assembleSnapshot(int64_t step, const Asse
   }
   for (auto& b : buffers) s.weights.push_back(b);
   s.optimizer = {{"exp_avg", got.flat("exp_avg")}, {"exp_avg_sq", got.flat("exp_avg_sq")}};
+  snapshotFp8(s);
   if (split()) {
     s.extra["parallel"] = {{"pipeline_stages", lay_.stages}, {"stage_layers", lay_.stage_layers},
                            {"expert_parallel", lay_.ep}, {"expert_begin", lay_.expert_begin},
@@ -127,7 +128,8 @@ CheckpointState Trainer::rankPart(CheckpointState full) const {
   part.extra = {{"island", me_.island}, {"island_state", leads}, {"outer", full.extra.value("outer", nlohmann::json())}};
   const std::string mine = "outer.ef.r" + std::to_string(rank_) + ".";
   for (auto& [name, t] : full.optimizer) {
-    if (name.rfind(mine, 0) == 0 || (leads && (name == "exp_avg" || name == "exp_avg_sq"))) {
+    const bool island_state = name == "exp_avg" || name == "exp_avg_sq" || name.rfind("fp8.", 0) == 0;
+    if (name.rfind(mine, 0) == 0 || (leads && island_state)) {
       part.optimizer.push_back({name, std::move(t)});
     }
   }

@@ -1,8 +1,10 @@
 // The parts of this rank and the groups they talk over (docs/parallelism.md).
 #include <algorithm>
+#include <map>
 
 #include "archipelago/core/island_layout.h"
 #include "archipelago/core/log.h"
+#include "archipelago/runtime/c10d_backend.h"
 #include "archipelago/runtime/elastic.h"
 #include "archipelago/runtime/parallel/micro_batches.h"
 #include "archipelago/runtime/parallel/pipeline.h"
@@ -124,6 +126,51 @@ core::Status Trainer::setupBridge() {
   return core::okStatus();
 }
 
+core::Status Trainer::setupIslandBackend() {
+  if (job_.strategy.island_collectives != "c10d" || grad_ranks_.size() < 2) return core::okStatus();
+  // Built by the whole gradient group at once: a joiner, or a job already
+  // short of a member, goes through comm like the others did since.
+  if (elastic() && (opt_.elastic->joined() || static_cast<int>(alive_.size()) != world_)) return core::okStatus();
+  if (!world_group_) return core::invalidArgument("strategy.island_collectives: c10d needs the world comm group");
+  if (!groups_.world) groups_.world = world_group_;
+  std::map<int, std::vector<int>> by_island;  // island index -> its ranks of the gradient group
+  for (int r : grad_ranks_) by_island[workers_[static_cast<size_t>(r)].island_index].push_back(r);
+  const std::vector<int>& mine = by_island[me_.island_index];
+  C10dBackendOptions o;
+  o.position = static_cast<int>(std::find(mine.begin(), mine.end(), rank_) - mine.begin());
+  o.island_size = static_cast<int>(mine.size());
+  o.islands = static_cast<int>(by_island.size());
+  o.host = opt_.host;
+  o.device = place_.device;
+  o.dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  // A c10d collective cannot be interrupted: its own timeout bounds how long
+  // a peer that stopped without closing holds the others (a 4 MB bucket
+  // takes milliseconds, a slow link's cross-island leg is not in it).
+  o.timeout_s = std::max(20.0, 10 * job_.strategy.failure_timeout);
+  ARCH_ASSIGN_OR_RETURN(o.island_group, groups_.of(mine, "c10d rendezvous"));
+  if (o.islands > 1) {
+    std::vector<int> cross;
+    for (const auto& [island, ranks] : by_island) {
+      if (ranks.size() != mine.size()) {
+        return core::invalidArgument("strategy.island_collectives: c10d needs islands with equal worker counts in the "
+                                     "gradient group (island " + std::to_string(island) + " has " +
+                                     std::to_string(ranks.size()) + ", this one " + std::to_string(mine.size()) + ")");
+      }
+      cross.push_back(ranks[static_cast<size_t>(o.position)]);
+    }
+    ARCH_ASSIGN_OR_RETURN(auto codec, comm::parseCodec(job_.strategy.codec));
+    ARCH_ASSIGN_OR_RETURN(auto cg, groups_.of(cross, "c10d cross-island"));
+    // The strait codec as on the world group's hierarchical allreduce (several islands here).
+    const bool hierarchical = job_.strategy.allreduce == "hierarchical" || job_.strategy.allreduce == "auto";
+    island_cross_ = std::make_unique<GroupDp>(cg, hierarchical, codec, 0);
+    o.cross = island_cross_.get();
+  }
+  ARCH_ASSIGN_OR_RETURN(island_backend_, makeC10dBackend(o));
+  data_->setBackend(island_backend_.get());
+  if (rank_ == 0) ARCH_LOG_INFO("gradient buckets: {}", island_backend_->describe());
+  return core::okStatus();
+}
+
 core::Status Trainer::makeParts() {
   parallel::DataParallelOptions dopt;
   dopt.bucket_bytes = static_cast<int64_t>(job_.strategy.bucket_bytes);
@@ -172,7 +219,7 @@ core::Status Trainer::makeParts() {
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
     mb->onFinalBackward([this] { data_->beforeFinalBackward(); });
     schedule_ = std::move(mb);
-    return core::okStatus();
+    return setupIslandBackend();
   }
   // Stages and expert groups talk during backward: reductions after it. The
   // replicated tensors count in the global norm from the inner group's first

@@ -21,6 +21,7 @@ core::Status Trainer::resumeFromCheckpoint() {
   if (!split()) ARCH_RETURN_IF_ERROR(applyRankParts(*latest, ck));
   ARCH_RETURN_IF_ERROR(loadPieces(*latest, ck));
   ARCH_RETURN_IF_ERROR(resumeOuter(*latest, ck));
+  resumeFp8(*latest, ck);
   adam_->setStepCount(ck.optimizer_step);
   if (ck.extra.is_object() && ck.extra.contains("loss_scale")) {
     ARCH_RETURN_IF_ERROR(scaler_->load(ck.extra["loss_scale"]).withContext(*latest));
@@ -141,11 +142,12 @@ core::Status Trainer::applyRankParts(const std::string& ckpt_dir, CheckpointStat
     if (p.value("island_state", false) && p.value("island", std::string()) == me_.island) {
       // This island's weights and moments between outer steps.
       ARCH_ASSIGN_OR_RETURN(CheckpointState* isl, part(r));
-      NamedTensors weights;
+      NamedTensors weights, fp8;
       std::map<std::string, torch::Tensor> moments;
       for (const auto& [name, t] : isl->optimizer) {
         if (name.rfind("model.", 0) == 0) weights.push_back({name.substr(6), t});
         else if (name == "exp_avg" || name == "exp_avg_sq") moments[name] = t;
+        else if (name.rfind("fp8.", 0) == 0) fp8.push_back({name, t});
       }
       if (weights.size() != ck.weights.size() || moments.size() != 2) {
         return core::dataLoss("checkpoint " + ckpt_dir + ": the part of rank " + std::to_string(r) +
@@ -155,6 +157,9 @@ core::Status Trainer::applyRankParts(const std::string& ckpt_dir, CheckpointStat
       for (auto& [name, t] : ck.optimizer) {
         if (moments.count(name)) t = moments[name];
       }
+      // The island's FP8 histories (its own maxima since the last outer step).
+      std::erase_if(ck.optimizer, [](const auto& e) { return e.first.rfind("fp8.", 0) == 0; });
+      ck.optimizer.insert(ck.optimizer.end(), fp8.begin(), fp8.end());
       ck.optimizer_step = isl->optimizer_step;
     }
     if (r == rank_) {

@@ -76,6 +76,7 @@ core::Status Trainer::setup() {
   // DiLoCo averages the pseudo-gradients so (makeOuter).
   if (job_lay_.perIsland() && job_.strategy.kind == "sync") ARCH_RETURN_IF_ERROR(setupBridge());
   ARCH_RETURN_IF_ERROR(makeParts());
+  setupFp8Steps();
   if (opt_.resume && has_state_) ARCH_RETURN_IF_ERROR(resumeFromCheckpoint());
   setupOutputs();
   return setupStrategy();
@@ -306,6 +307,15 @@ void Trainer::bindComm() {
     grad_ranks_ = opt_.inner_ranks.empty() ? alive_ : opt_.inner_ranks;
   }
   if (data_ && !split()) data_->bind(grad_dp_);  // split layouts reduce over their stage group
+  if (island_backend_) {
+    // A new epoch (the same ranks or not): the c10d group was built over
+    // the old members' processes, so comm sums the buckets from now on.
+    data_->setBackend(nullptr);
+    island_backend_.reset();
+    island_cross_.reset();
+    ARCH_LOG_WARN("the gradient group changed: buckets go through comm from now on (strategy.island_collectives: "
+                  "c10d is built once, by the whole group)");
+  }
 }
 
 core::Status Trainer::setupStrategy() {

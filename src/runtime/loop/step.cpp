@@ -76,10 +76,12 @@ core::Status Trainer::trainStep() {
     batch = train_sampler_->nextBatch(shares_, share_index_);
   }
   parallel::StepStats stats;
+  fp8BeginStep();
   ARCH_RETURN_IF_ERROR(runSchedule(batch, groupSamples(), stats));
   comm_s += stats.wait_s;  // blocked inside the schedule (pipeline receives and send drains) is communication
   double grad_norm = 0;
   ARCH_RETURN_IF_ERROR(reduceAndStep(step, stats, comm_s, optimizer_s, grad_norm));
+  ARCH_RETURN_IF_ERROR(fp8EndStep());
   double ctrl[5] = {0, 0, 0, 0, 0};
   ARCH_RETURN_IF_ERROR(controlValues(step, stats, ctrl, comm_s));
   const double loss = ctrl[1] > 0 ? ctrl[0] / ctrl[1] : 0.0;

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -31,11 +32,13 @@
 #include "archipelago/core/cpu_time.h"
 #include "archipelago/core/hash.h"
 #include "archipelago/data/dataset.h"
+#include "archipelago/model/fp8.h"
 #include "archipelago/model/transformer.h"
 #include "archipelago/plan/worker_memory.h"
 #include "archipelago/runtime/checkpoint.h"
 #include "archipelago/runtime/dp_comm_group.h"
 #include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/island_backend.h"
 #include "archipelago/runtime/loss_scaler.h"
 #include "archipelago/runtime/placement.h"
 #include "archipelago/report/metrics.h"
@@ -112,6 +115,14 @@ class Trainer {
   // inner scope; then the parts of this rank (parts.cpp).
   core::Status setupSplitGroups();
   core::Status setupBridge();
+  // strategy.island_collectives: c10d: the native backend of data_'s buckets.
+  core::Status setupIslandBackend();
+  // ---- FP8 delayed scaling by step (fp8_steps.cpp) ----
+  void setupFp8Steps();
+  void fp8BeginStep();
+  core::Status fp8EndStep();  // the step's amaxes, largest over the gradient group, entered
+  void snapshotFp8(CheckpointState& s) const;
+  void resumeFp8(const std::string& dir, const CheckpointState& ck);
   core::Status makeParts();
   std::unique_ptr<parallel::PipelineParallel> makePipeline();
   void bindComm();
@@ -260,6 +271,18 @@ class Trainer {
   // ---- parts ----
   std::unique_ptr<parallel::Part> schedule_;         // micro-batches or 1F1B
   std::unique_ptr<parallel::DataParallel> data_;     // the replicated tensors
+  // strategy.island_collectives: c10d, over the first epoch's gradient
+  // group (dropped at the next epoch; comm carries on).
+  std::unique_ptr<IslandBackend> island_backend_;
+  std::unique_ptr<DpComm> island_cross_;
+  // Whole-copy layouts with FP8 delayed scaling: every history by
+  // "<linear>.input|weight|grad" (fp8_steps.cpp).
+  struct Fp8Slot {
+    std::string name;
+    model::AmaxHistory* history;
+  };
+  std::vector<Fp8Slot> fp8_slots_;
+  std::deque<model::AmaxHistory> fp8_shadows_;  // the slots of a rank that computes in another dtype
   std::unique_ptr<parallel::ExpertParallel> experts_;  // EP: this member's experts
   std::unique_ptr<parallel::TensorParallel> tensor_;   // TP: the replicated tensors under SP
   std::unique_ptr<parallel::ShardedParameters> params_shard_;  // ZeRO-3 (then no data_)

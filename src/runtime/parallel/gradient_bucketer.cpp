@@ -9,7 +9,7 @@ namespace archipelago::runtime::parallel {
 
 GradientBucketer::GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap, int seg_begin,
                                    int seg_end, torch::ScalarType reduce_dtype)
-    : flat_(flat), dp_(dp), seg_begin_(seg_begin), reduce_dtype_(reduce_dtype) {
+    : flat_(flat), dp_(dp), comm_(dp), seg_begin_(seg_begin), reduce_dtype_(reduce_dtype) {
   const auto& segs = flat.segments();
   if (seg_end < 0) seg_end = static_cast<int>(segs.size());
   if (seg_end <= seg_begin) return;
@@ -47,6 +47,12 @@ std::vector<GradientBucketer::Range> GradientBucketer::buckets() const {
 void GradientBucketer::setDp(DpComm* dp) {
   std::lock_guard<std::mutex> lock(mu_);
   dp_ = dp;
+  comm_.bind(dp);
+}
+
+void GradientBucketer::setBackend(IslandBackend* backend) {
+  std::lock_guard<std::mutex> lock(mu_);
+  native_ = backend;
 }
 
 void GradientBucketer::arm() {
@@ -99,31 +105,34 @@ void GradientBucketer::onGradReady(size_t seg) {
   }
 }
 
+torch::Tensor GradientBucketer::wireOf(Bucket& b, const torch::TensorOptions& options) {
+  torch::Tensor wire = flat_.computeGrads().narrow(0, b.begin, b.end - b.begin);
+  if (wire.device() == options.device() && wire.scalar_type() == reduce_dtype_) return wire;
+  torch::NoGradGuard no_grad;
+  if (!b.staging.defined() || b.staging.device() != options.device()) {
+    b.staging = torch::empty({b.end - b.begin}, options.dtype(reduce_dtype_));
+  }
+  b.staging.copy_(wire);
+  b.staged = true;
+  return b.staging;
+}
+
 void GradientBucketer::launch(size_t b) {
   if (!dp_) return;  // nobody else holds these tensors
   auto& bk = buckets_[b];
-  const int64_t n = bk.end - bk.begin;
-  torch::Tensor wire = flat_.computeGrads().narrow(0, bk.begin, n);
-  if (!wire.device().is_cpu() || wire.scalar_type() != reduce_dtype_) {
-    torch::NoGradGuard no_grad;
-    if (!bk.staging.defined()) bk.staging = torch::empty({n}, model::compat::hostStagingOptions(flat_.device(), reduce_dtype_));
-    bk.staging.copy_(wire);
-    bk.staged = true;
-    wire = bk.staging;
+  if (!sharded()) {
+    IslandBackend& backend = native_ ? *native_ : comm_;
+    bk.op = backend.allreduceSum(wireOf(bk, backend.wireOptions(flat_.device(), reduce_dtype_)));
+    return;
   }
-  if (sharded()) {
-    const std::vector<size_t> counts = sliceCounts(bk);
-    if (reduce_dtype_ == torch::kBFloat16) {
-      auto* p = reinterpret_cast<uint16_t*>(wire.data_ptr<at::BFloat16>());
-      bk.op = dp_->reduceScatterSumBf16Async(std::span<uint16_t>(p, static_cast<size_t>(n)), counts);
-    } else {
-      bk.op = dp_->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), counts);
-    }
-  } else if (reduce_dtype_ == torch::kBFloat16) {
+  torch::Tensor wire = wireOf(bk, model::compat::hostStagingOptions(flat_.device(), reduce_dtype_));
+  const auto n = static_cast<size_t>(wire.numel());
+  const std::vector<size_t> counts = sliceCounts(bk);
+  if (reduce_dtype_ == torch::kBFloat16) {
     auto* p = reinterpret_cast<uint16_t*>(wire.data_ptr<at::BFloat16>());
-    bk.op = dp_->allreduceSumBf16Async(std::span<uint16_t>(p, static_cast<size_t>(n)));
+    bk.op = dp_->reduceScatterSumBf16Async(std::span<uint16_t>(p, n), counts);
   } else {
-    bk.op = dp_->allreduceSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)));
+    bk.op = dp_->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), n), counts);
   }
 }
 

@@ -50,6 +50,8 @@ class DataParallel final : public Part {
 
   // A new epoch's group (same tensors, other members).
   void bind(DpComm* dp) { bucketer_.setDp(dp); }
+  // A native island backend for the buckets (null: ours through comm).
+  void setBackend(IslandBackend* backend) { bucketer_.setBackend(backend); }
   void beforeFinalBackward() override { bucketer_.arm(); }
   core::Status reduceGradients(StepStats& stats) override;
   NormShare gradNormSquared() const override;

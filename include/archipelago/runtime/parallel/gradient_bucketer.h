@@ -12,12 +12,15 @@
 // every bucket after backward.
 //
 // What travels (docs/devices.md "Dtypes" and "Devices"): a bucket is
-// reduced in the reduce dtype (fp32, or bf16 with train.reduce_dtype). The
-// compute gradients are reduced in place when they are host memory of that
-// dtype; otherwise they are first copied into a host staging buffer of the
-// reduce dtype (page-locked for CUDA devices), and the sum is copied back
-// into the fp32 gradients. Either way every rank ends with the same fp32
-// gradient, whatever dtype or device it computed in.
+// reduced in the reduce dtype (fp32, or bf16 with train.reduce_dtype) by an
+// island backend (runtime/island_backend.h: ours through the comm layer
+// from host memory, or a native library on the device). The compute
+// gradients are reduced in place when they already lie where the backend
+// wants them, in that dtype; otherwise they are first copied into a staging
+// buffer (host memory, page-locked for CUDA devices, for ours; the device
+// for a native one), and the sum is copied back into the fp32 gradients.
+// Either way every rank ends with the same fp32 gradient, whatever dtype or
+// device it computed in. ZeRO-2's reduce-scatters always go through comm.
 //
 // Threads: arm() and finish() run on the trainer's thread, the ready hooks
 // on the autograd thread; mu_ guards the launch state shared by both.
@@ -32,6 +35,7 @@
 #include "archipelago/core/status.h"
 #include "archipelago/runtime/dp_comm.h"
 #include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/island_backend.h"
 
 namespace archipelago::model {
 class GradReadyHooks;
@@ -64,6 +68,9 @@ class GradientBucketer {
   size_t bucketCount() const { return buckets_.size(); }
   // The gradient group of the next steps (a new epoch's group).
   void setDp(DpComm* dp);
+  // A native island backend for the allreduced buckets (null: ours over
+  // the DpComm). The caller keeps it alive while it is set.
+  void setBackend(IslandBackend* backend);
 
   // Called before the backward pass whose gradients are final (the last
   // micro-batch of a step); a no-op without overlap.
@@ -78,11 +85,14 @@ class GradientBucketer {
     std::vector<int> segments;
     size_t ready = 0;
     std::unique_ptr<PendingReduce> op;
-    torch::Tensor staging;  // host buffer in the reduce dtype, when not reduced in place
+    torch::Tensor staging;  // buffer in the reduce dtype where the backend sums, when not reduced in place
     bool staged = false;    // this step's reduction ran in `staging`
   };
   void onGradReady(size_t seg);
   void launch(size_t b);
+  // The bucket's compute gradients where `options` says (a staging copy
+  // when they lie elsewhere or in another dtype).
+  torch::Tensor wireOf(Bucket& b, const torch::TensorOptions& options);
   // ZeRO-2: elements of bucket b in each rank's slice, in rank order.
   std::vector<size_t> sliceCounts(const Bucket& b) const;
   // After the reduction: the fp32 gradients of bucket b from what was reduced.
@@ -90,6 +100,8 @@ class GradientBucketer {
 
   FlatParams& flat_;
   DpComm* dp_;
+  CommBackend comm_;
+  IslandBackend* native_ = nullptr;
   std::mutex mu_;
   bool armed_ = false;
   size_t next_launch_ = 0;

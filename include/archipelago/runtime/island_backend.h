@@ -1,0 +1,54 @@
+// Who sums a gradient bucket (docs/devices.md "Island collectives"): the
+// one seam between the data-parallel buckets and a collective library.
+//
+// CommBackend, the default, is ours: the bucket goes to host memory
+// (page-locked for CUDA devices) and through the comm layer, which picks
+// the same-host copy or TCP inside an island and the hierarchical
+// allreduce (with the strait codec) across islands. A native backend
+// (C10dBackend, runtime/c10d_backend.h) sums the bucket where it was
+// computed with the device's own library inside the island, and hands
+// only the cross-island leg to the comm layer, as FlagCX splits
+// homogeneous from heterogeneous links.
+//
+// Rules for every backend: every rank of the gradient group calls
+// allreduceSum with the same buckets in the same order; when wait()
+// returns, every rank holds the same sum, bit for bit.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "archipelago/runtime/dp_comm.h"
+
+namespace archipelago::runtime {
+
+class IslandBackend {
+ public:
+  virtual ~IslandBackend() = default;
+  // For the log: "comm (...)" or "c10d nccl inside islands of 4, comm across 2 islands".
+  virtual std::string describe() const = 0;
+  // Where a bucket of `dtype` computed on `device` must lie to be summed.
+  virtual torch::TensorOptions wireOptions(const torch::Device& device, torch::ScalarType dtype) const = 0;
+  // Sums `wire` (contiguous, 1-D, placed as wireOptions says; fp32 or bf16)
+  // over the gradient group, in place. The caller keeps it alive and
+  // untouched until wait() returns.
+  virtual std::unique_ptr<PendingReduce> allreduceSum(torch::Tensor wire) = 0;
+};
+
+// Ours: host memory through a DpComm (GroupDp's allreduce or hierarchical
+// allreduce; LocalDp for one process).
+class CommBackend final : public IslandBackend {
+ public:
+  explicit CommBackend(DpComm* dp) : dp_(dp) {}
+  void bind(DpComm* dp) { dp_ = dp; }
+  std::string describe() const override;
+  torch::TensorOptions wireOptions(const torch::Device& device, torch::ScalarType dtype) const override;
+  std::unique_ptr<PendingReduce> allreduceSum(torch::Tensor wire) override;
+
+ private:
+  DpComm* dp_;
+};
+
+}  // namespace archipelago::runtime

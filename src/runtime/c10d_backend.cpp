@@ -1,0 +1,210 @@
+#include "archipelago/runtime/c10d_backend.h"
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <future>
+
+#include <fmt/format.h>
+
+#include "archipelago/comm/address.h"
+#include "archipelago/core/background_queue.h"
+#include "archipelago/model/torch_compat.h"
+
+#if ARCHIPELAGO_WITH_GLOO
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#endif
+#if ARCHIPELAGO_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+namespace archipelago::runtime {
+
+core::Result<std::string> c10dLibraryFor(const torch::Device& device) {
+  if (device.is_cpu() && ARCHIPELAGO_WITH_GLOO) return std::string("gloo");
+  if (device.is_cuda() && ARCHIPELAGO_WITH_NCCL && ARCHIPELAGO_WITH_GLOO) return std::string("nccl");
+  return core::invalidArgument(fmt::format(
+      "strategy.island_collectives: c10d has no collective library for device '{}' in this build (it has: {}{}); "
+      "use strategy.island_collectives: comm",
+      device.str(), ARCHIPELAGO_WITH_GLOO ? "gloo for cpu" : "none",
+      ARCHIPELAGO_WITH_NCCL ? ", nccl for cuda" : ""));
+}
+
+#if ARCHIPELAGO_WITH_GLOO
+namespace {
+
+using Collectives = model::compat::C10dCollectives;
+
+class FutureReduce final : public PendingReduce {
+ public:
+  explicit FutureReduce(std::future<core::Status> f) : f_(std::move(f)) {}
+  core::Status wait() override { return f_.get(); }
+
+ private:
+  std::future<core::Status> f_;
+};
+
+// [begin, end) of piece i when n elements are cut into k pieces.
+std::pair<int64_t, int64_t> pieceOf(int64_t n, int k, int i) { return {n * i / k, n * (i + 1) / k}; }
+
+class C10dBackend final : public IslandBackend {
+ public:
+  C10dBackend(const C10dBackendOptions& o, c10::intrusive_ptr<Collectives> group, std::string library)
+      : o_(o), group_(std::move(group)), library_(std::move(library)) {}
+
+  std::string describe() const override {
+    std::string s = fmt::format("c10d {} inside islands of {}", library_, o_.island_size);
+    if (o_.islands > 1) s += fmt::format(", comm across {} islands ({})", o_.islands, o_.cross->describe());
+    return s;
+  }
+
+  torch::TensorOptions wireOptions(const torch::Device& device, torch::ScalarType dtype) const override {
+    return torch::TensorOptions().device(device).dtype(dtype);
+  }
+
+  std::unique_ptr<PendingReduce> allreduceSum(torch::Tensor wire) override {
+    auto done = std::make_shared<std::promise<core::Status>>();
+    auto f = done->get_future();
+    queue_.submit(
+        [this, wire, done] {
+          core::Status st = sum(wire);
+          done->set_value(st);
+          return st;
+        },
+        [done](const core::Status& first) { done->set_value(first); });
+    return std::make_unique<FutureReduce>(std::move(f));
+  }
+
+ private:
+  core::Status sum(const torch::Tensor& wire) {
+    try {
+      torch::NoGradGuard no_grad;
+      std::vector<at::Tensor> t{wire};
+      group_->allreduce(t)->wait();
+      if (o_.islands > 1) {
+        ARCH_RETURN_IF_ERROR(acrossIslands(wire));
+        gatherPieces(wire);
+      }
+      return core::okStatus();
+    } catch (const std::exception& e) {
+      // Closing the group at once closes its connections, so a peer waiting
+      // on this rank inside a collective fails now too rather than at its
+      // timeout (the queue skips the buckets after this one).
+      group_.reset();
+      return core::unavailable(fmt::format("c10d {} collective inside the island (position {} of {}): {}", library_,
+                                           o_.position, o_.island_size, e.what()));
+    }
+  }
+
+  // Leg 2: this position's piece of the island's sum over every island.
+  core::Status acrossIslands(const torch::Tensor& wire) {
+    const auto [lo, hi] = pieceOf(wire.numel(), o_.island_size, o_.position);
+    torch::Tensor piece = wire.narrow(0, lo, hi - lo);
+    torch::Tensor host = piece.is_cpu() ? piece : piece.to(model::compat::hostStagingOptions(piece.device(), piece.scalar_type()));
+    const auto n = static_cast<size_t>(host.numel());
+    std::unique_ptr<PendingReduce> op =
+        host.scalar_type() == torch::kBFloat16
+            ? o_.cross->allreduceSumBf16Async(
+                  std::span<uint16_t>(reinterpret_cast<uint16_t*>(host.data_ptr<at::BFloat16>()), n))
+            : o_.cross->allreduceSumAsync(std::span<float>(host.data_ptr<float>(), n));
+    ARCH_RETURN_IF_ERROR(op->wait().withContext("c10d backend: the cross-island leg"));
+    if (!piece.is_cpu()) piece.copy_(host);
+    return core::okStatus();
+  }
+
+  // Leg 3: every position's piece to every rank of the island (the pieces
+  // padded to one size, as c10d's allgather wants).
+  void gatherPieces(const torch::Tensor& wire) {
+    const int64_t n = wire.numel();
+    const int k = o_.island_size;
+    const int64_t chunk = (n + k - 1) / k;
+    const auto [lo, hi] = pieceOf(n, k, o_.position);
+    std::vector<at::Tensor> in{torch::zeros({chunk}, wire.options())};
+    in[0].narrow(0, 0, hi - lo).copy_(wire.narrow(0, lo, hi - lo));
+    std::vector<std::vector<at::Tensor>> out(1);
+    for (int i = 0; i < k; ++i) out[0].push_back(torch::empty({chunk}, wire.options()));
+    group_->allgather(out, in)->wait();
+    for (int i = 0; i < k; ++i) {
+      const auto [a, b] = pieceOf(n, k, i);
+      if (i != o_.position) wire.narrow(0, a, b - a).copy_(out[0][static_cast<size_t>(i)].narrow(0, 0, b - a));
+    }
+  }
+
+  C10dBackendOptions o_;
+  c10::intrusive_ptr<Collectives> group_;
+  std::string library_;
+  core::BackgroundQueue queue_;  // last: joined before the members its tasks use
+};
+
+// The island's store: its position 0 serves it, the others learn the port over comm.
+core::Result<c10::intrusive_ptr<c10d::Store>> islandStore(const C10dBackendOptions& o) {
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000));
+  c10d::TCPStoreOptions so;
+  so.isServer = o.position == 0;
+  so.port = 0;
+  so.numWorkers = o.island_size;
+  so.waitWorkers = false;
+  so.timeout = timeout;
+  c10::intrusive_ptr<c10d::TCPStore> server;
+  std::array<char, 512> address{};  // "host:port" of the store, from position 0
+  if (so.isServer) {
+    server = c10::make_intrusive<c10d::TCPStore>(o.host, so);
+    const std::string text = comm::joinHostPort(o.host, server->getPort());
+    std::copy_n(text.begin(), std::min(text.size(), address.size() - 1), address.begin());
+  }
+  ARCH_RETURN_IF_ERROR(o.island_group
+                           ->broadcast(address.data(), address.size(), comm::DType::kU8, 0,
+                                       comm::OpOptions::within(o.timeout_s))
+                           .withContext("c10d backend: the island's store address"));
+  if (server) return c10::intrusive_ptr<c10d::Store>(server);
+  ARCH_ASSIGN_OR_RETURN(auto at, comm::splitHostPort(std::string(address.data())));
+  so.port = static_cast<uint16_t>(at.second);
+  return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(at.first, so));
+}
+
+}  // namespace
+
+core::Result<std::unique_ptr<IslandBackend>> makeC10dBackend(const C10dBackendOptions& o) {
+  ARCH_ASSIGN_OR_RETURN(const std::string library, c10dLibraryFor(o.device));
+  if (o.islands > 1 && !o.cross) return core::invalidArgument("c10d backend: several islands need the cross-island group");
+  if (library == "gloo" && o.dtype != torch::kFloat32) {
+    return core::invalidArgument("train.reduce_dtype: bf16 cannot be summed by c10d's Gloo (libtorch 1.13's has no "
+                                    "bf16 sum); use train.reduce_dtype: fp32 or strategy.island_collectives: comm");
+  }
+  try {
+    ARCH_ASSIGN_OR_RETURN(auto store, islandStore(o));
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("archipelago/island", store);
+    const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000));
+    c10::intrusive_ptr<Collectives> group;
+#if ARCHIPELAGO_WITH_NCCL
+    if (library == "nccl") {
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, o.position, o.island_size, opts);
+    }
+#endif
+    if (library == "gloo") {
+      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(o.host));
+      opts->threads = 1;
+      group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.position, o.island_size, opts);
+    }
+    return std::unique_ptr<IslandBackend>(std::make_unique<C10dBackend>(o, std::move(group), library));
+  } catch (const std::exception& e) {
+    return core::unavailable(fmt::format("c10d backend ({}, position {} of {}, address {}): {}", library, o.position,
+                                         o.island_size, o.host, e.what()));
+  }
+}
+
+#else
+
+core::Result<std::unique_ptr<IslandBackend>> makeC10dBackend(const C10dBackendOptions& o) {
+  ARCH_RETURN_IF_ERROR(c10dLibraryFor(o.device).status());
+  return core::internalError("unreachable");
+}
+
+#endif
+
+}  // namespace archipelago::runtime

@@ -1,0 +1,72 @@
+// strategy.island_collectives: c10d (runtime/c10d_backend.h) through the
+// real binary. Gloo sums the gradient buckets inside each island on the
+// workers' own tensors, the path NCCL takes on a GPU island, and the comm
+// layer carries the cross-island leg. Clipped every step, so a piece summed
+// twice or missed leaves the single-process curve and global norms.
+#include <filesystem>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "runtime/layout_runs.h"
+#include "runtime/runtime_test_util.h"
+
+namespace archipelago::runtime {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using ::testing::Not;
+using testutil::jobYaml;
+using testutil::scratchRoot;
+
+const char* kTwoIslands = "    - {name: a, count: 2}\n    - {name: b, count: 2}\n"
+                          "  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]";
+
+TEST(IslandCollectives, C10dInsideOneIslandFollowsTheSingleProcessRun) {
+  const fs::path run = testutil::expectClippedRunMatches("icone", "    - {name: a, count: 2}", testutil::kSteps, "",
+                                                         "{kind: sync, island_collectives: c10d}",
+                                                         "c10d gloo, one island of 2");
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("gradient buckets: c10d gloo inside islands of 2"));
+}
+
+TEST(IslandCollectives, C10dInsideTwoIslandsWithCommAcrossFollowsTheSingleProcessRun) {
+  const fs::path run = testutil::expectClippedRunMatches("ictwo", kTwoIslands, testutil::kSteps, "",
+                                                         "{kind: sync, island_collectives: c10d}",
+                                                         "c10d gloo in islands a and b, comm across");
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("c10d gloo inside islands of 2, comm across 2 islands"));
+}
+
+TEST(IslandCollectives, C10dSumsEachIslandsInnerStepsUnderDiloco) {
+  // The identity DiLoCo (plain SGD, H = 1, outer lr 1, no momentum) is
+  // synchronous SGD: c10d sums each island's inner gradients, comm the
+  // outer step's pseudo-gradients.
+  const int steps = 10;
+  auto ref = testutil::referenceOf(
+      testutil::sgdDiloco(jobYaml(scratchRoot() / "icdl_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
+      "icdl_ref");
+  const fs::path run = scratchRoot() / "icdl";
+  ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run, kTwoIslands, steps, "",
+                                                           "{kind: diloco, inner_steps: 1, outer_lr: 1.0, "
+                                                           "outer_momentum: 0.0, nesterov: false, "
+                                                           "island_collectives: c10d}")),
+                               "icdl"),
+            0)
+      << testutil::outputOf("icdl");
+  testutil::expectCurve(run, ref, 1, steps, 2e-4, "c10d inside islands, DiLoCo H=1 across");
+  const std::string log = testutil::rank0Log(run);
+  EXPECT_THAT(log, HasSubstr("gradient buckets: c10d gloo inside islands of 2"));
+  EXPECT_THAT(log, Not(HasSubstr("comm across")));
+}
+
+TEST(IslandCollectives, Bf16BucketsOnGlooAreRefusedNamingTheField) {
+  const fs::path run = scratchRoot() / "icbf";
+  std::string yaml = jobYaml(run, "    - {name: a, count: 2}", 2, "", "{kind: sync, island_collectives: c10d}",
+                             ", reduce_dtype: bf16");
+  EXPECT_NE(testutil::runTrain(yaml, "icbf"), 0);
+  EXPECT_THAT(testutil::outputOf("icbf"), HasSubstr("train.reduce_dtype: bf16 cannot be summed by c10d's Gloo"));
+}
+
+}  // namespace
+}  // namespace archipelago::runtime
