@@ -124,9 +124,14 @@ configure_cuda() {  # build-dir [extra cmake args]
   # should not show them one per try).
   keep_going=(-- -k 0); [ "${gen[1]}" = Ninja ] || keep_going=(-- -k)
   [ -d "$here/.gpu_bundle/usr" ] && args+=(-DARCHIPELAGO_BUNDLE="$here/.gpu_bundle")
-  # nccl.h of the wheel's NCCL (pip's nvidia-nccl), for the c10d island backend.
-  local nccl; nccl="$("$py" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "include"))' 2>/dev/null)"
-  [ -f "$nccl/nccl.h" ] && args+=(-DARCHIPELAGO_NCCL_INCLUDE="$nccl")
+  # nccl.h and CUDA's runtime headers of the wheel's pip packages, for the
+  # NCCL half of the c10d island backend.
+  local inc
+  for pkg in nccl cuda_runtime; do
+    inc="$("$py" -c "import nvidia.$pkg, os; print(os.path.join(list(nvidia.$pkg.__path__)[0], 'include'))" 2>/dev/null)"
+    [ -f "$inc/nccl.h" ] && args+=(-DARCHIPELAGO_NCCL_INCLUDE="$inc")
+    [ -f "$inc/cuda_runtime_api.h" ] && args+=(-DARCHIPELAGO_CUDART_INCLUDE="$inc")
+  done
   "$cmake" -S "$here" -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
     -DARCHIPELAGO_TORCH=python -DARCHIPELAGO_PYTHON="$(command -v "$py")" -DARCHIPELAGO_CUDA=on \
     -DARCHIPELAGO_BUILD_TESTS=OFF "${args[@]}" "$@"
@@ -138,6 +143,15 @@ configure_cuda() {  # build-dir [extra cmake args]
 build_cuda() {  # log
   configure_cuda "$build_dir" >> "$1" 2>&1 &&
     "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" "${keep_going[@]}" >> "$1" 2>&1 && return 0
+  # The NCCL half of the c10d island backend has never been compiled before
+  # this machine (and needs CUDA's own headers): should it fail, the rest
+  # still builds and measures without it.
+  if grep -qE 'c10d_backend\.cpp.*error|FAILED: .*c10d_backend' "$1"; then
+    echo "gpu_check: the NCCL island backend did not compile; building without it" | tee -a "$1"
+    record nccl_backend failed "$(grep -m1 -E 'c10d_backend\.cpp.*error' "$1")"
+    configure_cuda "$build_dir" -DARCHIPELAGO_NCCL=off >> "$1" 2>&1 &&
+      "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" "${keep_going[@]}" >> "$1" 2>&1 && return 0
+  fi
   grep -qE 'CMake Error|undefined reference|ld returned|cannot find -l' "$1" || return 1
   echo "gpu_check: the direct import failed ($(grep -m1 -E 'CMake Error|undefined reference|ld returned|cannot find' "$1"));" \
        "trying TorchConfig.cmake" | tee -a "$1"

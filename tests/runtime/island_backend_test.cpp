@@ -43,9 +43,7 @@ TEST(IslandCollectives, C10dSumsEachIslandsInnerStepsUnderDiloco) {
   // synchronous SGD: c10d sums each island's inner gradients, comm the
   // outer step's pseudo-gradients.
   const int steps = 10;
-  auto ref = testutil::referenceOf(
-      testutil::sgdDiloco(jobYaml(scratchRoot() / "icdl_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
-      "icdl_ref");
+  auto ref = testutil::sgdDilocoReference("icdl_ref", steps);
   const fs::path run = scratchRoot() / "icdl";
   ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run, kTwoIslands, steps, "",
                                                            "{kind: diloco, inner_steps: 1, outer_lr: 1.0, "

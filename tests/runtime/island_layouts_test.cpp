@@ -280,9 +280,7 @@ TEST(IslandLayouts, ExpertGroupsInsideEachIslandUnderDiloco) {
   // step's mean by name, and the curve is the single process's.
   const int steps = 6;
   const std::string moe = ", moe: {num_experts: 4, top_k: 2}";
-  auto ref = testutil::referenceOf(
-      testutil::sgdDiloco(jobYaml(scratchRoot() / "ilepdl_ref", "    - {name: a, count: 1}", steps, moe, "{kind: sync}")),
-      "ilepdl_ref");
+  auto ref = testutil::sgdDilocoReference("ilepdl_ref", steps, moe);
   fs::path run = scratchRoot() / "ilepdl";
   ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run,
                                                            "    - {name: a, count: 4, tensor_parallel: 2}\n"
@@ -303,9 +301,7 @@ TEST(IslandLayouts, DilocoAveragesTheIslandsByTensorName) {
   // synchronous SGD, so the curve is the single-process one; the outer
   // step's mean pairs no ranks by position: it goes by tensor name.
   const int steps = 10;
-  auto ref = testutil::referenceOf(
-      testutil::sgdDiloco(jobYaml(scratchRoot() / "ildl_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
-      "ildl_ref");
+  auto ref = testutil::sgdDilocoReference("ildl_ref", steps);
   fs::path run = scratchRoot() / "ildl";
   const char* islands = "    - {name: a, count: 2, tensor_parallel: 2}\n    - {name: b, count: 2, pipeline_stages: 2}\n"
                         "  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]";

@@ -184,6 +184,15 @@ inline std::string sgdDiloco(std::string yaml) {
   return yaml;
 }
 
+// The single-process curve of the identity DiLoCo (sgdDiloco), trained in
+// scratchRoot() / name: what a DiLoCo run of any layout must follow.
+inline std::vector<double> sgdDilocoReference(const std::string &name, int steps,
+                                              const std::string &model_extra = "") {
+  return referenceOf(sgdDiloco(jobYaml(scratchRoot() / name, "    - {name: a, count: 1}", steps,
+                                       model_extra, "{kind: sync}")),
+                     name);
+}
+
 constexpr int kSteps = 20;
 constexpr double kTol =
     2e-5; // relative to the first loss (~5.5): fp32 summation-order noise

@@ -310,7 +310,7 @@ TEST(PipelineExpertParallel, TwoStagesTimesTwoExpertMembersMatchSingleProcess) {
 TEST(Pipeline, DilocoOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentical) {
   const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
-  const auto ref = testutil::referenceOf(sgdDiloco(jobYaml(scratchRoot() / "ppdl_ref", "    - {name: a, count: 1}", kSteps, "", "{kind: sync}")), "ppdl_ref");
+  const auto ref = testutil::sgdDilocoReference("ppdl_ref", kSteps);
   ASSERT_FALSE(ref.empty());
   fs::path run = scratchRoot() / "ppdl";
   ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, kSteps, "",
@@ -332,7 +332,7 @@ TEST(Pipeline, StreamingOverTwoIslandsOfPipelinesEqualsSyncAndKeepsStagesIdentic
   const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
   const int steps = 10;
-  const auto ref = testutil::referenceOf(sgdDiloco(jobYaml(scratchRoot() / "ppst_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")), "ppst_ref");
+  const auto ref = testutil::sgdDilocoReference("ppst_ref", steps);
   ASSERT_FALSE(ref.empty());
   fs::path run = scratchRoot() / "ppst";
   ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, steps, "",
@@ -362,7 +362,7 @@ TEST(ExpertParallel, DilocoOverTwoIslandsOfExpertGroupsEqualsSync) {
   const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: none}";
   const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
-  const auto ref = testutil::referenceOf(sgdDiloco(jobYaml(scratchRoot() / "epdl_ref", "    - {name: a, count: 1}", kSteps, moe, "{kind: sync}")), "epdl_ref");
+  const auto ref = testutil::sgdDilocoReference("epdl_ref", kSteps, moe);
   ASSERT_FALSE(ref.empty());
   fs::path run = scratchRoot() / "epdl";
   ASSERT_EQ(testutil::runTrain(sgdDiloco(jobYaml(run, islands, kSteps, moe,

@@ -199,9 +199,7 @@ TEST(TensorParallel, DilocoOverTwoIslandsOfTensorGroupsEqualsSyncAndKeepsSlicesI
   const int steps = 10;
   const char* islands = "    - {name: east, count: 2}\n    - {name: west, count: 2}\n"
                         "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
-  auto ref = testutil::referenceOf(
-      testutil::sgdDiloco(jobYaml(scratchRoot() / "tpdl_ref", "    - {name: a, count: 1}", steps, "", "{kind: sync}")),
-      "tpdl_ref");
+  auto ref = testutil::sgdDilocoReference("tpdl_ref", steps);
   fs::path run = scratchRoot() / "tpdl";
   ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run, islands, steps, "",
                                                            "{tensor_parallel: 2, sequence_parallel: true, kind: diloco, "
