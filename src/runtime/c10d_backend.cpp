@@ -11,6 +11,14 @@
 #include "archipelago/core/background_queue.h"
 #include "archipelago/model/torch_compat.h"
 
+// Set by src/runtime/CMakeLists.txt (0 or 1).
+#ifndef ARCHIPELAGO_WITH_GLOO
+#define ARCHIPELAGO_WITH_GLOO 0
+#endif
+#ifndef ARCHIPELAGO_WITH_NCCL
+#define ARCHIPELAGO_WITH_NCCL 0
+#endif
+
 #if ARCHIPELAGO_WITH_GLOO
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -79,6 +87,15 @@ class C10dBackend final : public IslandBackend {
 
  private:
   core::Status sum(const torch::Tensor& wire) {
+    core::Status st = legs(wire);
+    // A failed leg closes the group at once, and with it its connections,
+    // so a peer waiting on this rank inside a collective fails now too
+    // rather than at its timeout (the queue skips the buckets after this one).
+    if (!st.isOk()) group_.reset();
+    return st;
+  }
+
+  core::Status legs(const torch::Tensor& wire) {
     try {
       torch::NoGradGuard no_grad;
       std::vector<at::Tensor> t{wire};
@@ -89,10 +106,6 @@ class C10dBackend final : public IslandBackend {
       }
       return core::okStatus();
     } catch (const std::exception& e) {
-      // Closing the group at once closes its connections, so a peer waiting
-      // on this rank inside a collective fails now too rather than at its
-      // timeout (the queue skips the buckets after this one).
-      group_.reset();
       return core::unavailable(fmt::format("c10d {} collective inside the island (position {} of {}): {}", library_,
                                            o_.position, o_.island_size, e.what()));
     }
@@ -171,7 +184,7 @@ core::Result<std::unique_ptr<IslandBackend>> makeC10dBackend(const C10dBackendOp
   if (o.islands > 1 && !o.cross) return core::invalidArgument("c10d backend: several islands need the cross-island group");
   if (library == "gloo" && o.dtype != torch::kFloat32) {
     return core::invalidArgument("train.reduce_dtype: bf16 cannot be summed by c10d's Gloo (libtorch 1.13's has no "
-                                    "bf16 sum); use train.reduce_dtype: fp32 or strategy.island_collectives: comm");
+                                 "bf16 sum); use train.reduce_dtype: fp32 or strategy.island_collectives: comm");
   }
   try {
     ARCH_ASSIGN_OR_RETURN(auto store, islandStore(o));
