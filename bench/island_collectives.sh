@@ -49,6 +49,7 @@ for l in "${layouts[@]}"; do : > "$tmp/$l"; done
 for i in $(seq 1 "$runs"); do
   for l in "${layouts[@]}"; do run "$l" "$i" >> "$tmp/$l"; done
 done
+echo "2x2 layouts: one host, so the strait between the islands is EMULATED (100 Gbit/s, no latency)"
 printf "%-8s %10s %12s\n" layout "s/step" "vs comm"
 json="{\"bench\":\"island_collectives\",\"steps\":$steps,\"runs\":$runs,\"cores\":$(nproc)"
 for l in "${layouts[@]}"; do
