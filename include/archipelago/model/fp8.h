@@ -123,11 +123,10 @@ class AmaxHistory {
 
   // Step-level recording, as a training loop runs it (runtime/loop
   // fp8_steps.cpp): a recording scaleFor keeps the largest amax of the step
-  // in pending() instead of entering it, and the loop enters each step's
+  // (takePending) instead of entering it, and the loop enters each step's
   // amax (the largest over every replica) with commit(). The scale inside
   // a step then depends on committed steps only: the same for each
-  // micro-batch and each replica, and what one process training the whole
-  // batch would use.
+  // micro-batch and each replica, from the amaxes of whole batches.
   void deferRecording();
   bool deferred() const { return pending_.defined(); }
   // The step's largest amax so far ([] fp32, 0 if none), reset to 0.
