@@ -49,13 +49,18 @@ void Trainer::fp8BeginStep() {
 
 core::Status Trainer::fp8EndStep() {
   if (fp8_slots_.empty()) return core::okStatus();
-  std::vector<double> amax;
-  amax.reserve(fp8_slots_.size());
-  for (auto& slot : fp8_slots_) amax.push_back(slot.history->takePending().item<double>());
-  ARCH_RETURN_IF_ERROR(grad_dp_->allreduceMax(amax).withContext("FP8 amaxes of the step"));
-  for (size_t i = 0; i < fp8_slots_.size(); ++i) {
-    fp8_slots_[i].history->commit(torch::tensor(static_cast<float>(amax[i])));
-  }
+  // One copy to the host and one back for all of them: a read per history
+  // would wait for the device hundreds of times a step. (A rank's slots
+  // all lie on one device: its modules', or the CPU for shadows.)
+  std::vector<torch::Tensor> pending;
+  pending.reserve(fp8_slots_.size());
+  for (auto& slot : fp8_slots_) pending.push_back(slot.history->takePending());
+  const torch::Tensor local = torch::stack(pending);
+  torch::Tensor host = local.to(torch::kCPU, torch::kDouble).contiguous();
+  ARCH_RETURN_IF_ERROR(grad_dp_->allreduceMax(std::span<double>(host.data_ptr<double>(), static_cast<size_t>(host.numel())))
+                           .withContext("FP8 amaxes of the step"));
+  const torch::Tensor step_amax = host.to(local.options());
+  for (size_t i = 0; i < fp8_slots_.size(); ++i) fp8_slots_[i].history->commit(step_amax[static_cast<int64_t>(i)]);
   return core::okStatus();
 }
 
