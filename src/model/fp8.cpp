@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "archipelago/model/layers.h"
+#include "archipelago/model/transformer.h"
 #include "archipelago/model/torch_compat.h"
 
 namespace archipelago::model {
@@ -408,6 +409,18 @@ std::vector<std::string> fp8LinearsOf(torch::nn::Module& root) {
   for (const auto& item : root.named_modules("", /*include_self=*/false)) {
     if (dynamic_cast<LinearNoBiasImpl*>(item.value().get()) == nullptr) continue;
     if (std::find(names.begin(), names.end(), lastComponent(item.key())) != names.end()) out.push_back(item.key());
+  }
+  return out;
+}
+
+std::vector<std::string> fp8LinearsOf(const core::ModelConfig& config) {
+  std::vector<std::string> out;
+  const auto& names = fp8LinearNames();
+  const std::string suffix = ".weight";
+  for (const auto& [name, shape] : parameterLayout(config)) {
+    if (!name.ends_with(suffix)) continue;
+    const std::string linear = name.substr(0, name.size() - suffix.size());
+    if (std::find(names.begin(), names.end(), lastComponent(linear)) != names.end()) out.push_back(linear);
   }
   return out;
 }

@@ -190,6 +190,18 @@ const char* kTwoIslands =
     "    - {name: east, count: 2}\n    - {name: west, count: 1}\n"
     "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 3ms}]";
 
+// kill -9 of rank 1 once the run is past step 15: the launcher's
+// replacement joins, and the job ends well, having recorded the failure.
+void killRankOneAndFinish(Job& job, const fs::path& run) {
+  ASSERT_TRUE(waitFor(job, 60, [&] { return lastStep(run) >= 15; })) << job.output();
+  auto pids = workerPids(run);
+  ASSERT_TRUE(pids.count(1));
+  ::kill(pids[1], SIGKILL);
+  ASSERT_TRUE(waitFor(job, 40, [&] { return !events(run, "join").empty(); })) << "no join after the kill\n" << job.output();
+  ASSERT_EQ(job.wait(120), 0) << job.output();
+  EXPECT_GE(events(run, "failure").size(), 1u);
+}
+
 TEST(Chaos, KillStallDropAndCorruptDuringSyncTraining) {
   const int steps = 600;
   const fs::path run = scratchRoot() / "chaos_sync";
@@ -294,13 +306,7 @@ TEST(Chaos, KilledWorkerInsideAC10dIslandGoesOnThroughComm) {
   const fs::path run = scratchRoot() / "chaos_c10d";
   const std::string strategy = "{kind: sync, failure_timeout: 2s, island_collectives: c10d}";
   Job job("chaos_c10d", chaosJob(run, steps, "    - {name: a, count: 3, slowdown: 2}", strategy));
-  ASSERT_TRUE(waitFor(job, 60, [&] { return lastStep(run) >= 15; })) << job.output();
-  auto pids = workerPids(run);
-  ASSERT_TRUE(pids.count(1));
-  ::kill(pids[1], SIGKILL);
-  ASSERT_TRUE(waitFor(job, 40, [&] { return !events(run, "join").empty(); })) << "no join after the kill\n" << job.output();
-  ASSERT_EQ(job.wait(120), 0) << job.output();
-  EXPECT_GE(events(run, "failure").size(), 1u);
+  ASSERT_NO_FATAL_FAILURE(killRankOneAndFinish(job, run));
   expectIdenticalReplicas(run, steps, 3);
   const std::string log0 = testutil::fileText(run / "logs" / "rank0.log");
   EXPECT_THAT(log0, HasSubstr("gradient buckets: c10d gloo inside islands of 3"));
@@ -308,6 +314,22 @@ TEST(Chaos, KilledWorkerInsideAC10dIslandGoesOnThroughComm) {
   const double ref = referenceLoss(chaosJob(scratchRoot() / "chaos_c10d_ref", steps, "    - {name: a, count: 1}",
                                             "{kind: sync}"), "chaos_c10d_ref");
   EXPECT_NEAR(finalLoss(run, steps), ref, 0.02 * ref) << "final loss after the kill vs the fault-free single-process run";
+}
+
+// FP8 histories are replica state: a replacement receives them with the
+// weights, so it scales as its peers do. The replica check (every
+// checkpoint.every steps and at the end, over digests that include the
+// histories and their step counts) then finds nobody to re-synchronise; a
+// joiner that started with empty histories would differ from the majority
+// to the end (its step counts do).
+TEST(Chaos, AReplacementTakesTheFp8HistoriesOfItsPeers) {
+  const int steps = 60;
+  const fs::path run = scratchRoot() / "chaos_fp8";
+  Job job("chaos_fp8", chaosJob(run, steps, "    - {name: a, count: 3, dtype: fp8, slowdown: 2}",
+                                "{kind: sync, failure_timeout: 2s}", ", fp8_amax_history: 4"));
+  ASSERT_NO_FATAL_FAILURE(killRankOneAndFinish(job, run));
+  EXPECT_TRUE(events(run, "resync").empty()) << events(run, "resync")[0].dump();
+  expectIdenticalReplicas(run, steps, 3);
 }
 
 TEST(Elastic, DivergentReplicaIsResyncedFromTheMajority) {

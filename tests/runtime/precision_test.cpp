@@ -293,10 +293,10 @@ TEST(MixedPrecision, AnFp8IslandBesideABf16IslandKeepsReplicasIdentical) {
   }
 }
 
-// FP8 delayed scaling records by step on whole-copy layouts
-// (runtime/loop/fp8_steps.cpp): each tensor's amax is the largest over the
-// step's micro-batches and every replica, the amax of the whole batch; and
-// a checkpoint keeps the histories.
+// FP8 delayed scaling records by step (runtime/loop/fp8_steps.cpp): each
+// tensor's amax is the largest over the step's micro-batches and every rank
+// that computes it, the amax of the whole batch; and a checkpoint keeps the
+// histories.
 std::map<std::string, torch::Tensor> fp8Histories(const fs::path& run, int64_t step) {
   auto ck = loadCheckpoint((run / "checkpoints" / checkpointDirName(step)).string());
   EXPECT_TRUE(ck.isOk()) << ck.status().toString();
@@ -308,54 +308,82 @@ std::map<std::string, torch::Tensor> fp8Histories(const fs::path& run, int64_t s
   return out;
 }
 
-TEST(Fp8Steps, TwoReplicasRecordTheAmaxesOfTheWholeBatch) {
-  // Step 1 starts from the same weights, so its input and weight amaxes are
-  // those of the same tensors, up to one bf16 ulp (a batch of 4 and one of
-  // 8 round a few products differently), where a rank's own half of the
-  // batch misses the largest amax of many tensors. Gradients pass E5M2
-  // (two mantissa bits) on their way down, which turns those ulps into a
-  // few percent; later steps start from weights that differ in the last
-  // bits (the sum's order), so only step 1 is compared.
+// Step 1 starts from the same weights, so its weight amaxes are those of
+// the same tensors: a slice's or a holder's maximum, reduced, is the whole
+// tensor's. So are the input amaxes where each sample's arithmetic is the
+// same as in one process (data parallelism, pipeline stages), up to one bf16
+// ulp (a batch of 4 and one of 8 round a few products differently), where a
+// rank's own part (half the batch, a stage's micro-batch) misses the largest
+// amax of many tensors. `input_tol` is looser where it is not: the first
+// step, with empty histories, quantises each operand by its own amax (a
+// weight slice's, the tokens an expert got in one call), so activations
+// downstream move by FP8 roundings. Gradients pass E5M2 (two mantissa bits)
+// on their way down, which turns those ulps into a few percent; later steps
+// start from weights that differ in the last bits (the sum's order), so only
+// step 1 is compared.
+void expectWholeBatchAmaxes(const std::string& name, const std::string& strategy, const std::string& model_extra,
+                            size_t linears, double input_tol = 0.01) {
   const int steps = 2;
   const std::string fp8 = ", fp8_amax_history: 4";
-  auto ref = single("fp8s_ref", job("fp8s_ref", "    - {name: a, count: 1, dtype: fp8}", steps, fp8));
+  auto ref = single(name + "_ref", job(name + "_ref", "    - {name: a, count: 1, dtype: fp8}", steps, fp8, model_extra));
   ASSERT_TRUE(ref.isOk()) << ref.status().toString();
-  ASSERT_EQ(testutil::runTrain(job("fp8s", "    - {name: a, count: 2, dtype: fp8}", steps, fp8), "fp8s"), 0)
-      << outputOf("fp8s");
-  const auto want = fp8Histories(scratchRoot() / "fp8s_ref", steps);
-  const auto got = fp8Histories(scratchRoot() / "fp8s", steps);
-  ASSERT_EQ(want.size(), 14u * 3);  // 2 layers x 7 linears x input, weight, grad
+  const std::string y = job(name, "    - {name: a, count: 2, dtype: fp8}", steps, fp8, model_extra) + strategy;
+  ASSERT_EQ(testutil::runTrain(y, name), 0) << outputOf(name);
+  const auto want = fp8Histories(scratchRoot() / (name + "_ref"), steps);
+  const auto got = fp8Histories(scratchRoot() / name, steps);
+  ASSERT_EQ(want.size(), linears * 3);  // input, weight, grad
   ASSERT_EQ(got.size(), want.size());
-  for (const auto& [name, w] : want) {
-    ASSERT_TRUE(got.count(name)) << name;
-    const torch::Tensor g = got.at(name);
-    ASSERT_EQ(w.numel(), 5) << name;  // 4 amaxes newest first, then the step count
-    EXPECT_EQ(w[4].item<float>(), steps) << name;
-    EXPECT_EQ(g[4].item<float>(), steps) << name;
-    const double tol = name.ends_with(".grad") ? 0.1 : 0.01;
-    EXPECT_NEAR(g[1].item<double>(), w[1].item<double>(), tol * w[1].item<double>()) << name << ": step 1";
+  for (const auto& [tensor, w] : want) {
+    ASSERT_TRUE(got.count(tensor)) << tensor;
+    const torch::Tensor g = got.at(tensor);
+    ASSERT_EQ(w.numel(), 5) << tensor;  // 4 amaxes newest first, then the step count
+    EXPECT_EQ(w[4].item<float>(), steps) << tensor;
+    EXPECT_EQ(g[4].item<float>(), steps) << tensor;
+    ASSERT_GT(w[1].item<double>(), 0) << tensor;
+    const double tol = tensor.ends_with(".grad") ? 0.1 : tensor.ends_with(".input") ? input_tol : 0.01;
+    EXPECT_NEAR(g[1].item<double>(), w[1].item<double>(), tol * w[1].item<double>()) << tensor << ": step 1";
   }
-  const auto losses = testutil::rank0Losses(scratchRoot() / "fp8s");
+  const auto losses = testutil::rank0Losses(scratchRoot() / name);
   for (int s = 1; s <= steps; ++s) EXPECT_NEAR(losses.at(s), ref->losses[static_cast<size_t>(s - 1)], 1e-3) << s;
 }
 
-TEST(Fp8Steps, AResumedRunScalesAsTheUninterruptedOne) {
+TEST(Fp8Steps, TwoReplicasRecordTheAmaxesOfTheWholeBatch) {
+  expectWholeBatchAmaxes("fp8s", "", "", 14);  // 2 layers x 7 linears
+}
+
+// Layouts that split the model reduce by linear name: the replicas of a
+// stage or an expert, and a tensor-parallel group's slices of one weight
+// and one batch, meet in the same row.
+TEST(Fp8Steps, SplitLayoutsRecordTheAmaxesOfTheWholeBatch) {
+  expectWholeBatchAmaxes("fp8s_pp", "strategy: {kind: sync, pipeline_stages: 2}\n", "", 14);
+  expectWholeBatchAmaxes("fp8s_tp", "strategy: {kind: sync, tensor_parallel: 2}\n", "", 14, 0.1);
+  // 2 layers x (4 attention + 4 experts x 3) linears
+  expectWholeBatchAmaxes("fp8s_ep", "strategy: {kind: sync, expert_parallel: 2}\n", ", moe: {num_experts: 4, top_k: 2}",
+                         32, 0.1);
+}
+
+void expectResumeScalesAsUninterrupted(const std::string& name, const std::string& strategy) {
   const int k = 4;
   const std::string islands = "    - {name: a, count: 2, dtype: fp8}";
-  ASSERT_EQ(testutil::runTrain(job("fp8r_full", islands, 2 * k, "", "", k), "fp8r_full"), 0) << outputOf("fp8r_full");
-  const std::string cut = job("fp8r_cut", islands, 2 * k, "", "", k);
-  EXPECT_NE(testutil::runTrain(cut, "fp8r_cut1", {"--exit-after-step", std::to_string(k)}), 0);
-  ASSERT_TRUE(fs::exists(scratchRoot() / "fp8r_cut" / "checkpoints" / checkpointDirName(k))) << outputOf("fp8r_cut1");
-  ASSERT_EQ(testutil::runTrain(cut, "fp8r_cut2", {"--resume"}), 0) << outputOf("fp8r_cut2");
-  const auto weights = [&](const char* run) {
+  const std::string full = name + "_full", cut = name + "_cut";
+  ASSERT_EQ(testutil::runTrain(job(full, islands, 2 * k, "", "", k) + strategy, full), 0) << outputOf(full);
+  const std::string y = job(cut, islands, 2 * k, "", "", k) + strategy;
+  EXPECT_NE(testutil::runTrain(y, cut + "1", {"--exit-after-step", std::to_string(k)}), 0);
+  ASSERT_TRUE(fs::exists(scratchRoot() / cut / "checkpoints" / checkpointDirName(k))) << outputOf(cut + "1");
+  ASSERT_EQ(testutil::runTrain(y, cut + "2", {"--resume"}), 0) << outputOf(cut + "2");
+  const auto weights = [&](const std::string& run) {
     return testutil::fileText(scratchRoot() / run / "checkpoints" / checkpointDirName(2 * k) / "model.safetensors");
   };
-  ASSERT_FALSE(weights("fp8r_full").empty());
-  EXPECT_TRUE(weights("fp8r_full") == weights("fp8r_cut")) << "FP8 weights after the resume differ from the "
-                                                              "uninterrupted run";
-  const auto a = fp8Histories(scratchRoot() / "fp8r_full", 2 * k), b = fp8Histories(scratchRoot() / "fp8r_cut", 2 * k);
+  ASSERT_FALSE(weights(full).empty());
+  EXPECT_TRUE(weights(full) == weights(cut)) << name << ": FP8 weights after the resume differ from the uninterrupted run";
+  const auto a = fp8Histories(scratchRoot() / full, 2 * k), b = fp8Histories(scratchRoot() / cut, 2 * k);
   ASSERT_EQ(a.size(), b.size());
-  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+  for (const auto& [tensor, t] : a) EXPECT_TRUE(torch::equal(t, b.at(tensor))) << name << ": " << tensor;
+}
+
+TEST(Fp8Steps, AResumedRunScalesAsTheUninterruptedOne) {
+  expectResumeScalesAsUninterrupted("fp8r", "");
+  expectResumeScalesAsUninterrupted("fp8r_pp", "strategy: {kind: sync, pipeline_stages: 2}\n");
 }
 
 // train.check_ops: a worker whose device computes an operator outside

@@ -38,6 +38,10 @@
 
 #include "archipelago/core/status.h"
 
+namespace archipelago::core {
+struct ModelConfig;
+}
+
 namespace archipelago::model {
 
 enum class Fp8Format : uint8_t {
@@ -212,6 +216,10 @@ int64_t setFp8(torch::nn::Module& root, const Fp8Options& options);
 // The linears of `root` that setFp8 converts (converted or not), by module
 // name in named_modules order.
 std::vector<std::string> fp8LinearsOf(torch::nn::Module& root);
+// The same for the whole model of `config`, without building it (from
+// parameterLayout): what a pipeline stage, an expert group or a
+// tensor-parallel rank holds part of is named as in the whole model.
+std::vector<std::string> fp8LinearsOf(const core::ModelConfig& config);
 // Back to ordinary linears (bit-identical to a model that never had FP8).
 void clearFp8(torch::nn::Module& root);
 

@@ -31,7 +31,7 @@ core::Status Trainer::syncReplicas(const std::string& why) {
   Record mine{};
   mine.step = has_state_ ? step_ : -1;
   if (has_state_) {
-    auto d = stateDigest(false);
+    auto d = stateDigest(DigestOf::kWhole);
     std::memcpy(mine.digest, d.data(), 32);
   }
   std::vector<Record> all(static_cast<size_t>(g.size()));
@@ -83,12 +83,12 @@ core::Status Trainer::syncReplicas(const std::string& why) {
 }
 
 // Periodic replica check inside the gradient group (whose members must hold
-// bit-identical parameters after every step): digests of the parameters are
-// compared and a divergent replica is re-synchronised from the majority.
+// bit-identical parameters and FP8 histories after every step): their
+// digests are compared and a divergent replica is re-synchronised from the majority.
 core::Status Trainer::checkIntegrity() {
   std::shared_ptr<comm::Group> g = opt_.elastic->innerGroup();
   if (!g || g->size() <= 1) return core::okStatus();
-  auto d = stateDigest(true);
+  auto d = stateDigest(DigestOf::kReplica);
   std::vector<uint8_t> all(32 * static_cast<size_t>(g->size()));
   ARCH_RETURN_IF_ERROR(g->allgather(d.data(), all.data(), 32, comm::DType::kU8, comm::OpOptions::within(60))
                            .withContext("replica digest check"));

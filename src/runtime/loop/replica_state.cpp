@@ -24,6 +24,7 @@ void Trainer::commit(bool refresh_outer) {
   commit_.m.copy_(adam_->expAvg());
   commit_.v.copy_(adam_->expAvgSq());
   for (size_t i = 0; i < buffers_.size(); ++i) commit_.buffers[i].copy_(buffers_[i].second);
+  commit_.fp8 = fp8State();
   if (outer_ && exact_outer_) {
     // Anchor and momentum change only in steps where a fragment is due;
     // nothing is in flight between steps (overlap 0), so this never waits.
@@ -50,13 +51,15 @@ void Trainer::rollback() {
   adam_->expAvg().copy_(commit_.m);
   adam_->expAvgSq().copy_(commit_.v);
   for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].second.copy_(commit_.buffers[i]);
+  if (commit_.fp8.defined()) loadFp8State(commit_.fp8);
 }
 
-core::Sha256Digest Trainer::stateDigest(bool params_only) {
+core::Sha256Digest Trainer::stateDigest(DigestOf what) {
   core::Sha256 h;
   hashTensor(h, flat_->params());
   for (auto& [name, t] : buffers_) hashTensor(h, t);
-  if (!params_only) {
+  if (what != DigestOf::kParams && !fp8_slots_.empty()) hashTensor(h, fp8State());  // the scales of the next step
+  if (what == DigestOf::kWhole) {
     hashTensor(h, adam_->expAvg());
     hashTensor(h, adam_->expAvgSq());
     const int64_t meta[3] = {step_, train_sampler_->position(), adam_->stepCount()};
@@ -73,6 +76,7 @@ core::Sha256Digest Trainer::stateDigest(bool params_only) {
 std::string Trainer::serializeState() {
   NamedTensors ts{{"params", flat_->params()}, {"exp_avg", adam_->expAvg()}, {"exp_avg_sq", adam_->expAvgSq()}};
   for (auto& [name, t] : buffers_) ts.push_back({"buffer." + name, t});
+  if (!fp8_slots_.empty()) ts.push_back({"fp8", fp8State()});
   if (commit_.outer_valid) {
     for (const auto& [name, t] : commit_.outer_tensors) {
       if (name.rfind("ef.", 0) != 0) ts.push_back({"outer." + name, t});  // residuals are per rank
@@ -112,6 +116,8 @@ core::Status Trainer::applyState(const std::string& blob) {
   std::map<std::string, torch::Tensor> mine{{"params", flat_->params()}, {"exp_avg", adam_->expAvg()},
                                             {"exp_avg_sq", adam_->expAvgSq()}};
   for (auto& [name, t] : buffers_) mine["buffer." + name] = t;
+  torch::Tensor fp8 = fp8State();  // filled below, then entered
+  if (fp8.defined()) mine["fp8"] = fp8;
   NamedTensors outer_tensors;
   torch::NoGradGuard ng;
   for (const auto& e : head["tensors"]) {
@@ -140,6 +146,7 @@ core::Status Trainer::applyState(const std::string& blob) {
     }
     off += bytes;
   }
+  if (fp8.defined()) loadFp8State(fp8);
   step_ = head["step"].get<int64_t>();
   train_sampler_->setPosition(head["position"].get<int64_t>());
   adam_->setStepCount(head["adam_t"].get<int64_t>());

@@ -151,7 +151,7 @@ core::Result<TrainSummary> Trainer::finish(core::Clock::time_point t_start) {
   }
   logMemory();
   if (elastic()) {
-    auto d = stateDigest(true);
+    auto d = stateDigest(DigestOf::kParams);
     summary_.replica_digest = core::toHex(d);
     if (opt_.write_metrics) {
       metrics_.write(report::ReplicaRecord{.rank = rank_, .step = step_, .digest = summary_.replica_digest});

@@ -18,7 +18,6 @@
 #pragma once
 
 #include <atomic>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -123,6 +122,12 @@ class Trainer {
   core::Status fp8EndStep();  // the step's amaxes, largest over the gradient group, entered
   void snapshotFp8(CheckpointState& s) const;
   void resumeFp8(const std::string& dir, const CheckpointState& ck);
+  // Every history as one [slots, length + 1] fp32 CPU tensor (amaxes newest
+  // first, then the step count), in the slots' order, which every rank
+  // shares: what a commit, a state transfer and a checkpoint keep.
+  torch::Tensor fp8State() const;
+  void loadFp8State(const torch::Tensor& state);
+  static void loadFp8Row(model::AmaxHistory& h, const torch::Tensor& row);
   core::Status makeParts();
   std::unique_ptr<parallel::PipelineParallel> makePipeline();
   void bindComm();
@@ -224,7 +229,11 @@ class Trainer {
   core::Status transferState(comm::Group& g, int donor, const std::vector<int>& receivers);
   std::string serializeState();
   core::Status applyState(const std::string& blob);
-  core::Sha256Digest stateDigest(bool params_only);
+  // What a digest covers: the parameters (and buffers); kReplica adds the
+  // FP8 histories (what a gradient group's members must agree on after
+  // every step); kWhole adds the optimizer state, the step and the outer state.
+  enum class DigestOf { kParams, kReplica, kWhole };
+  core::Sha256Digest stateDigest(DigestOf what);
   core::Status saveAndStop(const core::Status& why);
   core::Status enterNextEpoch(core::Status cause, const std::string& why, const std::function<void()>& on_epoch);
 
@@ -275,14 +284,15 @@ class Trainer {
   // group (dropped at the next epoch; comm carries on).
   std::unique_ptr<IslandBackend> island_backend_;
   std::unique_ptr<DpComm> island_cross_;
-  // Whole-copy layouts with FP8 delayed scaling: every history by
+  // FP8 delayed scaling: every history of the whole model by
   // "<linear>.input|weight|grad" (fp8_steps.cpp).
   struct Fp8Slot {
     std::string name;
-    model::AmaxHistory* history;
+    model::AmaxHistory* history;  // null: a row of fp8_shadow_
   };
   std::vector<Fp8Slot> fp8_slots_;
-  std::deque<model::AmaxHistory> fp8_shadows_;  // the slots of a rank that computes in another dtype
+  std::vector<int64_t> fp8_real_, fp8_shadow_rows_;  // slot indices: with a history, without
+  torch::Tensor fp8_shadow_;  // [slots without a history, length + 1] fp32, CPU, rows as fp8State()'s
   std::unique_ptr<parallel::ExpertParallel> experts_;  // EP: this member's experts
   std::unique_ptr<parallel::TensorParallel> tensor_;   // TP: the replicated tensors under SP
   std::unique_ptr<parallel::ShardedParameters> params_shard_;  // ZeRO-3 (then no data_)
@@ -337,6 +347,7 @@ class Trainer {
     size_t losses = 0;
     torch::Tensor params, m, v;
     std::vector<torch::Tensor> buffers;
+    torch::Tensor fp8;  // fp8State()
     NamedTensors outer_tensors;
     nlohmann::json outer_json;
     bool outer_valid = false;
