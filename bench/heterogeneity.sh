@@ -9,9 +9,13 @@
 # Baseline measured in the same run: each worker's standalone tokens/s (a
 # one-worker job with the same threads, dtype and quota). Target: (a) >=
 # 0.95 x the sum of the two standalone figures. Tokens/s are steady-state
-# (global batch over the mean step time, step 1 excluded); where (a) falls
-# short, the per-worker table shows where its steps went. Prints tables and
-# one JSON line.
+# (global batch over the mean step time, step 1 excluded). Also measured:
+# the two standalone jobs run at once, independently, which shows what the
+# host itself takes from two workers computing together (shared caches,
+# memory bandwidth, a hypervisor's sibling threads) apart from what the
+# pair's communication and waiting take. Where (a) falls short, the
+# per-worker table shows where its steps went. Prints tables and one JSON
+# line.
 #   bash bench/heterogeneity.sh [BINARY] [STEPS] [quota|dtype] [THREADS]
 set -euo pipefail
 bin="${1:-build/src/cli/archipelago}"
@@ -31,7 +35,7 @@ tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 batch=24 seq=128  # the demo job's global batch (sequences) and tokens per sequence
 load="$(cut -d' ' -f1 /proc/loadavg)"
 
-job() {  # name islands train-extra
+yaml() {  # name islands train-extra
   cat > "$tmp/$1.yaml" <<YAML
 cluster:
   islands:
@@ -42,13 +46,31 @@ train: {steps: $steps, global_batch: $batch, eval_every: 0, threads_per_worker: 
 checkpoint: {every: 0, at_exit: false}
 run_dir: $tmp/$1
 YAML
+}
+job() {  # name islands train-extra
+  yaml "$@"
   "$bin" train "$tmp/$1.yaml" >"$tmp/$1.log" 2>&1 || { echo "run $1 failed:"; tail -5 "$tmp/$1.log"; exit 1; }
+}
+# The two standalone jobs at once, as independent jobs (no communication
+# between them): what this host gives the two workers when both compute,
+# which is what the pair can at most get. The first to finish stops the
+# other (SIGINT: it stops at its next step); each is measured over the
+# time both ran.
+corun() {
+  yaml corun_a "    - $a" ", rebalance: false"
+  yaml corun_b "    - $b" ", rebalance: false"
+  "$bin" train "$tmp/corun_a.yaml" >"$tmp/corun_a.log" 2>&1 & local pa=$!
+  "$bin" train "$tmp/corun_b.yaml" >"$tmp/corun_b.log" 2>&1 & local pb=$!
+  wait -n "$pa" "$pb" || { echo "co-run failed:"; tail -5 "$tmp"/corun_?.log; kill -INT "$pa" "$pb" 2>/dev/null; exit 1; }
+  kill -INT "$pa" "$pb" 2>/dev/null || true
+  wait "$pa" "$pb" 2>/dev/null || true
 }
 # A strait is required between islands; a fast one keeps its emulation out
 # of the way (the workers share this host's loopback anyway).
 strait="  straits: [{a: $(sed 's/.*name: \([a-z0-9]*\).*/\1/' <<<"$a"), b: $(sed 's/.*name: \([a-z0-9]*\).*/\1/' <<<"$b"), bandwidth: 10Gbit/s, latency: 0ms}]"
 job alone_a "    - $a" ", rebalance: false"
 job alone_b "    - $b" ", rebalance: false"
+corun
 job aware "    - $a
     - $b
 $strait" ", rebalance: true"
@@ -78,6 +100,13 @@ def tokens_per_s(run):
     # (the summary's measured_step_s: step 1 excluded), the same for every run.
     return batch * seq / records(run)[2]["measured_step_s"]
 
+def median_tokens_per_s(run):
+    # The same at the median step: robust to the spells in which a shared
+    # host runs a worker's identical work much slower (seen here: the same
+    # 17 samples took 0.53 to 0.83 s of CPU from one step to the next).
+    s = sorted(r["step_s"] for r in records(run)[0] if r["step"] > 1 and r["rank"] == 0)
+    return batch * seq / s[len(s) // 2]
+
 def cores_used(run):
     # CPU the run's workers got per second of step (process CPU / step wall,
     # summed over workers): on a host shared with other load, a pair can
@@ -86,7 +115,23 @@ def cores_used(run):
     return sum(sum(s["cpu_s"] for s in steps if s["rank"] == r) / sum(s["step_s"] for s in steps if s["rank"] == r)
                for r in {s["rank"] for s in steps})
 
+def corun_tokens_per_s():
+    # Each co-run job over the window in which both were stepping (step 1
+    # excluded): the global batch over its mean step time in the window.
+    steps = {r: [s for s in records(r)[0] if s["step"] > 1] for r in ["corun_a", "corun_b"]}
+    lo = max(min(s["time"] - s["step_s"] for s in v) for v in steps.values())
+    hi = min(max(s["time"] for s in v) for v in steps.values())
+    out = {}
+    for r, v in steps.items():
+        inside = [s["step_s"] for s in v if s["time"] - s["step_s"] >= lo and s["time"] <= hi]
+        if not inside:
+            sys.exit(f"co-run: no step of {r} inside the window both jobs ran")
+        out[r] = batch * seq / (sum(inside) / len(inside))
+    return out["corun_a"], out["corun_b"], hi - lo
+
 alone_a, alone_b = tokens_per_s("alone_a"), tokens_per_s("alone_b")
+corun_a, corun_b, corun_window = corun_tokens_per_s()
+corun_sum = corun_a + corun_b
 aware, even = tokens_per_s("aware"), tokens_per_s("even")
 total = alone_a + alone_b
 print(f"REAL heterogeneity ({variant}; no emulated slowdown) on this host: {cores} cores, load average {load} "
@@ -96,11 +141,19 @@ print(f"{'run':<44} {'tokens/s':>10} {'cores used':>11}")
 for name, v, c in [(f"standalone A ({la})", alone_a, used["alone_a"]),
                    (f"standalone B ({lb})", alone_b, used["alone_b"]),
                    ("sum of standalone", total, used["alone_a"] + used["alone_b"]),
+                   (f"A and B as two jobs at once (A {corun_a:.0f}, B {corun_b:.0f})", corun_sum, float("nan")),
                    ("A + B: speed-aware shares + rebalancer", aware, used["aware"]),
                    ("A + B: even split, no rebalancer", even, used["even"])]:
     print(f"{name:<44} {v:>10.0f} {c:>11.2f}")
 print(f"aware / sum of standalone = {aware / total:.3f} (target >= 0.95)")
+print(f"two jobs at once / sum     = {corun_sum / total:.3f} (what this host gives two workers computing at once, "
+      f"over the {corun_window:.0f} s both ran; no communication)")
+print(f"aware / two jobs at once   = {aware / corun_sum:.3f} (the pair's cost: communication, waiting, shares)")
 print(f"aware / even split        = {aware / even:.3f}")
+med = {r: median_tokens_per_s(r) for r in ["alone_a", "alone_b", "aware", "even"]}
+med_ratio = med["aware"] / (med["alone_a"] + med["alone_b"])
+print(f"at the median step: standalone A {med['alone_a']:.0f}, B {med['alone_b']:.0f}, aware {med['aware']:.0f}, "
+      f"even {med['even']:.0f} tokens/s; aware / sum of standalone = {med_ratio:.3f}")
 
 # Where the speed-aware run's steps went, per worker (means over steps 2..N).
 steps, events, _ = records("aware")
@@ -123,7 +176,10 @@ print(f"shares: first step {shares[0][0]}/{shares[1][0]}, last step {shares[0][1
 print(json.dumps({"bench": "heterogeneity", "variant": variant, "emulated": False, "cores": cores, "load": float(load),
                   "threads_per_worker": threads, "standalone_a": round(alone_a), "standalone_b": round(alone_b),
                   "aware": round(aware), "even": round(even), "aware_over_sum": round(aware / total, 3),
+                  "corun_a": round(corun_a), "corun_b": round(corun_b), "corun_over_sum": round(corun_sum / total, 3),
+                  "aware_over_corun": round(aware / corun_sum, 3),
                   "aware_over_even": round(aware / even, 3),
+                  "median_step": {k: round(v) for k, v in med.items()}, "median_aware_over_sum": round(med_ratio, 3),
                   "cores_used": {k: round(v, 3) for k, v in used.items()},
                   "first_shares": [shares[0][0], shares[1][0]], "last_shares": [shares[0][1], shares[1][1]],
                   "rebalances": len(events),
