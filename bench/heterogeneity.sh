@@ -13,15 +13,20 @@
 # the two standalone jobs run at once, independently, which shows what the
 # host itself takes from two workers computing together (shared caches,
 # memory bandwidth, a hypervisor's sibling threads) apart from what the
-# pair's communication and waiting take. Where (a) falls short, the
-# per-worker table shows where its steps went. Prints tables and one JSON
-# line.
-#   bash bench/heterogeneity.sh [BINARY] [STEPS] [quota|dtype] [THREADS]
+# pair's communication and waiting take. Every run is repeated in ROUNDS
+# alternating rounds and each reports its best round: a shared host has
+# spells of tens of seconds in which the same work takes up to 1.7x longer
+# on every worker, and one sequence of runs puts them wherever they fall
+# (the baseline or the pair). Where (a) falls short, the per-worker table
+# (of the pair's best round) shows where its steps went. Prints tables and
+# one JSON line.
+#   bash bench/heterogeneity.sh [BINARY] [STEPS] [quota|dtype] [THREADS] [ROUNDS]
 set -euo pipefail
 bin="${1:-build/src/cli/archipelago}"
 steps="${2:-60}"
 variant="${3:-quota}"
 threads="${4:-1}"  # train.threads_per_worker of every run
+rounds="${5:-3}"
 data="${ARCHIPELAGO_BENCH_DATA:-data/prepared/sotu-byte}"
 case "$variant" in
   quota) a="{name: free, count: 1}"; b="{name: capped, count: 1, cpu_quota: 0.5}"
@@ -56,32 +61,36 @@ job() {  # name islands train-extra
 # which is what the pair can at most get. The first to finish stops the
 # other (SIGINT: it stops at its next step); each is measured over the
 # time both ran.
-corun() {
-  yaml corun_a "    - $a" ", rebalance: false"
-  yaml corun_b "    - $b" ", rebalance: false"
-  "$bin" train "$tmp/corun_a.yaml" >"$tmp/corun_a.log" 2>&1 & local pa=$!
-  "$bin" train "$tmp/corun_b.yaml" >"$tmp/corun_b.log" 2>&1 & local pb=$!
-  wait -n "$pa" "$pb" || { echo "co-run failed:"; tail -5 "$tmp"/corun_?.log; kill -INT "$pa" "$pb" 2>/dev/null; exit 1; }
+corun() {  # round
+  yaml "corun_a_r$1" "    - $a" ", rebalance: false"
+  yaml "corun_b_r$1" "    - $b" ", rebalance: false"
+  "$bin" train "$tmp/corun_a_r$1.yaml" >"$tmp/corun_a_r$1.log" 2>&1 & local pa=$!
+  "$bin" train "$tmp/corun_b_r$1.yaml" >"$tmp/corun_b_r$1.log" 2>&1 & local pb=$!
+  wait -n "$pa" "$pb" || { echo "co-run failed:"; tail -5 "$tmp"/corun_?_r"$1".log; kill -INT "$pa" "$pb" 2>/dev/null; exit 1; }
   kill -INT "$pa" "$pb" 2>/dev/null || true
   wait "$pa" "$pb" 2>/dev/null || true
 }
 # A strait is required between islands; a fast one keeps its emulation out
 # of the way (the workers share this host's loopback anyway).
 strait="  straits: [{a: $(sed 's/.*name: \([a-z0-9]*\).*/\1/' <<<"$a"), b: $(sed 's/.*name: \([a-z0-9]*\).*/\1/' <<<"$b"), bandwidth: 10Gbit/s, latency: 0ms}]"
-job alone_a "    - $a" ", rebalance: false"
-job alone_b "    - $b" ", rebalance: false"
-corun
-job aware "    - $a
+for r in $(seq 1 "$rounds"); do
+  echo "round $r of $rounds" >&2
+  job "alone_a_r$r" "    - $a" ", rebalance: false"
+  job "alone_b_r$r" "    - $b" ", rebalance: false"
+  corun "$r"
+  job "aware_r$r" "    - $a
     - $b
 $strait" ", rebalance: true"
-job even "    - $a
+  job "even_r$r" "    - $a
     - $b
 $strait" ", rebalance: false, shares: [1, 1]"
+done
 
-python3 - "$tmp" "$variant" "$la" "$lb" "$batch" "$seq" "$(nproc)" "$load" "$threads" <<'PY'
+python3 - "$tmp" "$variant" "$la" "$lb" "$batch" "$seq" "$(nproc)" "$load" "$threads" "$rounds" <<'PY'
 import json, sys
 tmp, variant, la, lb = sys.argv[1:5]
 batch, seq, cores, load, threads = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8], int(sys.argv[9])
+rounds = range(1, int(sys.argv[10]) + 1)
 
 def records(run):
     steps, events, summary = [], [], None
@@ -100,13 +109,6 @@ def tokens_per_s(run):
     # (the summary's measured_step_s: step 1 excluded), the same for every run.
     return batch * seq / records(run)[2]["measured_step_s"]
 
-def median_tokens_per_s(run):
-    # The same at the median step: robust to the spells in which a shared
-    # host runs a worker's identical work much slower (seen here: the same
-    # 17 samples took 0.53 to 0.83 s of CPU from one step to the next).
-    s = sorted(r["step_s"] for r in records(run)[0] if r["step"] > 1 and r["rank"] == 0)
-    return batch * seq / s[len(s) // 2]
-
 def cores_used(run):
     # CPU the run's workers got per second of step (process CPU / step wall,
     # summed over workers): on a host shared with other load, a pair can
@@ -115,50 +117,54 @@ def cores_used(run):
     return sum(sum(s["cpu_s"] for s in steps if s["rank"] == r) / sum(s["step_s"] for s in steps if s["rank"] == r)
                for r in {s["rank"] for s in steps})
 
-def corun_tokens_per_s():
+def corun_tokens_per_s(r):
     # Each co-run job over the window in which both were stepping (step 1
     # excluded): the global batch over its mean step time in the window.
-    steps = {r: [s for s in records(r)[0] if s["step"] > 1] for r in ["corun_a", "corun_b"]}
+    steps = {j: [s for s in records(f"{j}_r{r}")[0] if s["step"] > 1] for j in ["corun_a", "corun_b"]}
+    if not all(steps.values()):
+        sys.exit(f"co-run round {r}: a job was stopped before its second step; give more STEPS")
     lo = max(min(s["time"] - s["step_s"] for s in v) for v in steps.values())
     hi = min(max(s["time"] for s in v) for v in steps.values())
     out = {}
-    for r, v in steps.items():
+    for j, v in steps.items():
         inside = [s["step_s"] for s in v if s["time"] - s["step_s"] >= lo and s["time"] <= hi]
         if not inside:
-            sys.exit(f"co-run: no step of {r} inside the window both jobs ran")
-        out[r] = batch * seq / (sum(inside) / len(inside))
-    return out["corun_a"], out["corun_b"], hi - lo
+            sys.exit(f"co-run round {r}: no step of {j} inside the window both jobs ran")
+        out[j] = batch * seq / (sum(inside) / len(inside))
+    return out["corun_a"], out["corun_b"]
 
-alone_a, alone_b = tokens_per_s("alone_a"), tokens_per_s("alone_b")
-corun_a, corun_b, corun_window = corun_tokens_per_s()
-corun_sum = corun_a + corun_b
-aware, even = tokens_per_s("aware"), tokens_per_s("even")
+# Every run's tokens/s in every round; each figure below is its best round.
+per_round = {k: [tokens_per_s(f"{k}_r{r}") for r in rounds] for k in ["alone_a", "alone_b", "aware", "even"]}
+coruns = [corun_tokens_per_s(r) for r in rounds]
+per_round["corun"] = [a + b for a, b in coruns]
+best = {k: max(v) for k, v in per_round.items()}
+best_round = {k: 1 + v.index(max(v)) for k, v in per_round.items()}
+alone_a, alone_b, aware, even, corun_sum = best["alone_a"], best["alone_b"], best["aware"], best["even"], best["corun"]
+corun_a, corun_b = coruns[best_round["corun"] - 1]
 total = alone_a + alone_b
 print(f"REAL heterogeneity ({variant}; no emulated slowdown) on this host: {cores} cores, load average {load} "
-      f"at the start, threads_per_worker {threads}")
-used = {r: cores_used(r) for r in ["alone_a", "alone_b", "aware", "even"]}
-print(f"{'run':<44} {'tokens/s':>10} {'cores used':>11}")
-for name, v, c in [(f"standalone A ({la})", alone_a, used["alone_a"]),
-                   (f"standalone B ({lb})", alone_b, used["alone_b"]),
-                   ("sum of standalone", total, used["alone_a"] + used["alone_b"]),
-                   (f"A and B as two jobs at once (A {corun_a:.0f}, B {corun_b:.0f})", corun_sum, float("nan")),
-                   ("A + B: speed-aware shares + rebalancer", aware, used["aware"]),
-                   ("A + B: even split, no rebalancer", even, used["even"])]:
-    print(f"{name:<44} {v:>10.0f} {c:>11.2f}")
+      f"at the start, threads_per_worker {threads}, best of {len(rounds)} alternating rounds")
+used = {k: cores_used(f"{k}_r{best_round[k]}") for k in ["alone_a", "alone_b", "aware", "even"]}
+print(f"{'run':<44} {'tokens/s':>10} {'cores used':>11}   every round")
+for name, k, v, c in [(f"standalone A ({la})", "alone_a", alone_a, used["alone_a"]),
+                      (f"standalone B ({lb})", "alone_b", alone_b, used["alone_b"]),
+                      ("sum of standalone", None, total, used["alone_a"] + used["alone_b"]),
+                      (f"A and B as two jobs at once (A {corun_a:.0f}, B {corun_b:.0f})", "corun", corun_sum, None),
+                      ("A + B: speed-aware shares + rebalancer", "aware", aware, used["aware"]),
+                      ("A + B: even split, no rebalancer", "even", even, used["even"])]:
+    cores_col = f"{c:>11.2f}" if c is not None else f"{'-':>11}"
+    every = " ".join(f"{x:.0f}" for x in per_round[k]) if k else ""
+    print(f"{name:<44} {v:>10.0f} {cores_col}   {every}")
 print(f"aware / sum of standalone = {aware / total:.3f} (target >= 0.95)")
 print(f"two jobs at once / sum     = {corun_sum / total:.3f} (what this host gives two workers computing at once, "
-      f"over the {corun_window:.0f} s both ran; no communication)")
+      f"with no communication)")
 print(f"aware / two jobs at once   = {aware / corun_sum:.3f} (the pair's cost: communication, waiting, shares)")
 print(f"aware / even split        = {aware / even:.3f}")
-med = {r: median_tokens_per_s(r) for r in ["alone_a", "alone_b", "aware", "even"]}
-med_ratio = med["aware"] / (med["alone_a"] + med["alone_b"])
-print(f"at the median step: standalone A {med['alone_a']:.0f}, B {med['alone_b']:.0f}, aware {med['aware']:.0f}, "
-      f"even {med['even']:.0f} tokens/s; aware / sum of standalone = {med_ratio:.3f}")
 
 # Where the speed-aware run's steps went, per worker (means over steps 2..N).
-steps, events, _ = records("aware")
+steps, events, _ = records(f"aware_r{best_round['aware']}")
 shares = {}
-print(f"\nper worker, speed-aware run (mean seconds per step, steps 2-{max(s['step'] for s in steps)}):")
+print(f"\nper worker, speed-aware run, round {best_round['aware']} (mean seconds per step, steps 2-{max(s['step'] for s in steps)}):")
 cols = ["share", "step_s", "compute_s", "comm_s", "wait_s", "optimizer_s", "data_s", "compute_cpu_s", "cpu_s"]
 print(f"{'rank':<14}" + "".join(f"{c:>14}" for c in cols) + f"{'other_cpu_s':>14}")
 per_rank = {}
@@ -177,10 +183,10 @@ print(json.dumps({"bench": "heterogeneity", "variant": variant, "emulated": Fals
                   "threads_per_worker": threads, "standalone_a": round(alone_a), "standalone_b": round(alone_b),
                   "aware": round(aware), "even": round(even), "aware_over_sum": round(aware / total, 3),
                   "corun_a": round(corun_a), "corun_b": round(corun_b), "corun_over_sum": round(corun_sum / total, 3),
-                  "aware_over_corun": round(aware / corun_sum, 3),
+                  "aware_over_corun": round(aware / corun_sum, 3), "rounds": len(rounds),
+                  "per_round": {k: [round(x) for x in v] for k, v in per_round.items()},
                   "aware_over_even": round(aware / even, 3),
-                  "median_step": {k: round(v) for k, v in med.items()}, "median_aware_over_sum": round(med_ratio, 3),
-                  "cores_used": {k: round(v, 3) for k, v in used.items()},
+                                    "cores_used": {k: round(v, 3) for k, v in used.items()},
                   "first_shares": [shares[0][0], shares[1][0]], "last_shares": [shares[0][1], shares[1][1]],
                   "rebalances": len(events),
                   "per_worker": {k: {c: round(v, 4) for c, v in m.items()} for k, m in per_rank.items()}},
