@@ -43,6 +43,7 @@ class CommBackend final : public IslandBackend {
  public:
   explicit CommBackend(DpComm* dp) : dp_(dp) {}
   void bind(DpComm* dp) { dp_ = dp; }
+  DpComm* dp() const { return dp_; }  // the group it sums over (null: nobody else holds the tensors)
   std::string describe() const override;
   torch::TensorOptions wireOptions(const torch::Device& device, torch::ScalarType dtype) const override;
   std::unique_ptr<PendingReduce> allreduceSum(torch::Tensor wire) override;

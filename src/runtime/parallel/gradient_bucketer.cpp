@@ -9,7 +9,7 @@ namespace archipelago::runtime::parallel {
 
 GradientBucketer::GradientBucketer(FlatParams& flat, DpComm* dp, int64_t bucket_bytes, bool overlap, int seg_begin,
                                    int seg_end, torch::ScalarType reduce_dtype)
-    : flat_(flat), dp_(dp), comm_(dp), seg_begin_(seg_begin), reduce_dtype_(reduce_dtype) {
+    : flat_(flat), comm_(dp), seg_begin_(seg_begin), reduce_dtype_(reduce_dtype) {
   const auto& segs = flat.segments();
   if (seg_end < 0) seg_end = static_cast<int>(segs.size());
   if (seg_end <= seg_begin) return;
@@ -46,7 +46,6 @@ std::vector<GradientBucketer::Range> GradientBucketer::buckets() const {
 
 void GradientBucketer::setDp(DpComm* dp) {
   std::lock_guard<std::mutex> lock(mu_);
-  dp_ = dp;
   comm_.bind(dp);
 }
 
@@ -118,7 +117,8 @@ torch::Tensor GradientBucketer::wireOf(Bucket& b, const torch::TensorOptions& op
 }
 
 void GradientBucketer::launch(size_t b) {
-  if (!dp_) return;  // nobody else holds these tensors
+  DpComm* dp = comm_.dp();
+  if (!dp) return;  // nobody else holds these tensors
   auto& bk = buckets_[b];
   if (!sharded()) {
     IslandBackend& backend = native_ ? *native_ : comm_;
@@ -130,14 +130,14 @@ void GradientBucketer::launch(size_t b) {
   const std::vector<size_t> counts = sliceCounts(bk);
   if (reduce_dtype_ == torch::kBFloat16) {
     auto* p = reinterpret_cast<uint16_t*>(wire.data_ptr<at::BFloat16>());
-    bk.op = dp_->reduceScatterSumBf16Async(std::span<uint16_t>(p, n), counts);
+    bk.op = dp->reduceScatterSumBf16Async(std::span<uint16_t>(p, n), counts);
   } else {
-    bk.op = dp_->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), n), counts);
+    bk.op = dp->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), n), counts);
   }
 }
 
 std::pair<int64_t, int64_t> GradientBucketer::ownSlice() const {
-  const auto r = static_cast<size_t>(dp_->rank());
+  const auto r = static_cast<size_t>(comm_.dp()->rank());
   return {shards_[r], shards_[r + 1]};
 }
 

@@ -99,8 +99,7 @@ class GradientBucketer {
   void land(Bucket& b);
 
   FlatParams& flat_;
-  DpComm* dp_;
-  CommBackend comm_;
+  CommBackend comm_;  // ours, over the DpComm group (comm_.dp(): also ZeRO-2's reduce-scatters)
   IslandBackend* native_ = nullptr;
   std::mutex mu_;
   bool armed_ = false;
