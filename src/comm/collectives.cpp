@@ -173,12 +173,97 @@ core::Status recursiveDoubling(const Ctx& c, uint8_t* data, size_t count, DType 
   return core::okStatus();
 }
 
+AllreduceAlgo autoAllreduceAlgo(int n, size_t count, size_t elem_bytes, const CommOptions& opt) {
+  const size_t bytes = count * elem_bytes;
+  if (bytes <= opt.small_message_bytes || count < static_cast<size_t>(n)) return AllreduceAlgo::kRecursiveDoubling;
+  // Halving-doubling saves the ring's steps where there are many (measured
+  // on loopback, docs/comm.md section 7: at 8 and 16 ranks it wins up to
+  // 1 MB, at 4 it never beats both others). Folding members beyond a
+  // power of two in and out costs two whole-buffer hops.
+  const bool power_of_two = (n & (n - 1)) == 0;
+  if (n >= 8 && power_of_two && bytes <= opt.halving_doubling_bytes) return AllreduceAlgo::kHalvingDoubling;
+  return AllreduceAlgo::kRing;
+}
+
+core::Status halvingDoubling(const Ctx& c, uint8_t* data, size_t count, DType dtype, ReduceOp op, double divide_by,
+                             uint32_t phase) {
+  const int n = c.n();
+  int p = 1;
+  while (p * 2 <= n) p *= 2;
+  // Every member of the power-of-two core needs at least one element.
+  if (n == 1 || count < static_cast<size_t>(p)) return recursiveDoubling(c, data, count, dtype, op, divide_by, phase);
+  const size_t es = dtypeSize(dtype);
+  const int rem = n - p;
+  auto peer = [&](int i) { return c.ranks[static_cast<size_t>(i)]; };
+  constexpr uint32_t kFoldIn = 0, kFoldOut = 1000, kGather = 500;
+  if (c.me >= p) {  // fold in: hand my data to me - p, get the result back
+    auto h = c.send(peer(c.me - p), c.tag(phase, kFoldIn), data, count * es);
+    ARCH_RETURN_IF_ERROR(c.mesh->waitSend(h, c.deadline, c.abort));
+    c.mesh->postRecv(peer(c.me - p), c.tag(phase, kFoldOut), data, count * es);
+    return c.mesh->waitRecv(peer(c.me - p), c.tag(phase, kFoldOut), c.deadline, c.abort);
+  }
+  // The first step's halves are the largest scratch any step needs, except
+  // the fold, which lands whole.
+  ScratchLease lease = c.mesh->borrowScratch((c.me < rem ? count : (count + 1) / 2) * es);
+  if (c.me < rem) {
+    c.mesh->postRecvReduce(peer(c.me + p), c.tag(phase, kFoldIn), lease.data(), count * es, data, dtype, op);
+    ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(peer(c.me + p), c.tag(phase, kFoldIn), c.deadline, c.abort));
+  }
+  // Reduce-scatter by recursive halving: at distance `mask` the pair splits
+  // its current segment, each keeps one half and receives the partner's
+  // copy of it (reduced in as it lands), and sends the other. One rank ends
+  // owning each final segment, so every rank gets the same bits from the
+  // allgather. The allgather receives into the very halves the sends read,
+  // each posted behind its send (Mesh::postRecvAfter), so no step waits
+  // for a send.
+  struct Split {
+    int partner;
+    size_t lo, mid, hi;
+    bool keep_low;
+    SendHandle sent;
+  };
+  std::vector<Split> splits;
+  SendSet sends;
+  size_t lo = 0, hi = count;
+  uint32_t step = 0;
+  for (int mask = p / 2; mask >= 1; mask /= 2, ++step) {
+    const int partner = peer(c.me ^ mask);
+    const size_t mid = lo + (hi - lo) / 2;
+    const bool keep_low = (c.me & mask) == 0;
+    const size_t klo = keep_low ? lo : mid, khi = keep_low ? mid : hi;
+    const size_t slo = keep_low ? mid : lo, shi = keep_low ? hi : mid;
+    c.mesh->postRecvReduce(partner, c.tag(phase, 1 + step), lease.data(), (khi - klo) * es, data + klo * es, dtype,
+                           op);
+    SendHandle h = c.send(partner, c.tag(phase, 1 + step), data + slo * es, (shi - slo) * es);
+    sends.handles.push_back(h);
+    splits.push_back({partner, lo, mid, hi, keep_low, h});
+    ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(partner, c.tag(phase, 1 + step), c.deadline, c.abort));
+    lo = klo, hi = khi;
+  }
+  if (divide_by != 0) divideInPlace(dtype, data + lo * es, hi - lo, divide_by);
+  // Allgather by recursive doubling: the splits in reverse, each pair
+  // swapping its halves of the segment it split.
+  for (size_t k = splits.size(); k-- > 0;) {
+    const Split& sp = splits[k];
+    const int partner = sp.partner;
+    const size_t rlo = sp.keep_low ? sp.mid : sp.lo, rhi = sp.keep_low ? sp.hi : sp.mid;
+    c.mesh->postRecvAfter(sp.sent, partner, c.tag(phase, kGather + static_cast<uint32_t>(k)), data + rlo * es,
+                          (rhi - rlo) * es);
+    sends.handles.push_back(
+        c.send(partner, c.tag(phase, kGather + static_cast<uint32_t>(k)), data + lo * es, (hi - lo) * es));
+    ARCH_RETURN_IF_ERROR(c.mesh->waitRecv(partner, c.tag(phase, kGather + static_cast<uint32_t>(k)), c.deadline,
+                                          c.abort));
+    lo = sp.lo, hi = sp.hi;
+  }
+  if (c.me < rem) sends.handles.push_back(c.send(peer(c.me + p), c.tag(phase, kFoldOut), data, count * es));
+  return sends.waitAll(c);
+}
+
 core::Status allreduce(const Ctx& c, uint8_t* data, size_t count, DType dtype, ReduceOp op, double divide_by,
                        AllreduceAlgo algo, uint32_t phase) {
-  const size_t bytes = count * dtypeSize(dtype);
-  bool small = algo == AllreduceAlgo::kRecursiveDoubling ||
-               (algo == AllreduceAlgo::kAuto && (bytes <= c.opt->small_message_bytes || count < static_cast<size_t>(c.n())));
-  if (small) return recursiveDoubling(c, data, count, dtype, op, divide_by, phase);
+  if (algo == AllreduceAlgo::kAuto) algo = autoAllreduceAlgo(c.n(), count, dtypeSize(dtype), *c.opt);
+  if (algo == AllreduceAlgo::kRecursiveDoubling) return recursiveDoubling(c, data, count, dtype, op, divide_by, phase);
+  if (algo == AllreduceAlgo::kHalvingDoubling) return halvingDoubling(c, data, count, dtype, op, divide_by, phase);
   auto counts = evenCounts(count, c.n());
   return ring(c, data, counts, dtype, op, true, true, divide_by, phase);
 }

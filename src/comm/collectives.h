@@ -47,6 +47,14 @@ core::Status ring(const Ctx& c, uint8_t* data, std::span<const size_t> counts, D
 // Latency-optimal allreduce (recursive doubling, non-powers of two folded in).
 core::Status recursiveDoubling(const Ctx& c, uint8_t* data, size_t count, DType dtype, ReduceOp op, double divide_by,
                                uint32_t phase);
+// Bandwidth-optimal in 2 log2(p) steps (Rabenseifner): reduce-scatter by
+// recursive halving, allgather by recursive doubling, over the largest
+// power of two p <= n; the other n - p members fold in and out.
+core::Status halvingDoubling(const Ctx& c, uint8_t* data, size_t count, DType dtype, ReduceOp op, double divide_by,
+                             uint32_t phase);
+// What kAuto runs for n members and `count` elements (CommOptions'
+// small_message_bytes and halving_doubling_bytes).
+AllreduceAlgo autoAllreduceAlgo(int n, size_t count, size_t elem_bytes, const CommOptions& opt);
 core::Status allreduce(const Ctx& c, uint8_t* data, size_t count, DType dtype, ReduceOp op, double divide_by,
                        AllreduceAlgo algo, uint32_t phase);
 // f32 ring allreduce whose every hop carries codec-encoded bytes; the owner

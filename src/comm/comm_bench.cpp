@@ -251,6 +251,20 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
                                 o.same_host_copy = false;
                                 return g.allreduce(buf.data(), count, dt, ReduceOp::kSum, o);
                               }});
+          // The same, each algorithm forced: rows run only when --impls
+          // names them (choosing the auto thresholds).
+          for (auto [name, algo] : {std::pair{"ring", AllreduceAlgo::kRing},
+                                    std::pair{"halving_doubling", AllreduceAlgo::kHalvingDoubling},
+                                    std::pair{"recursive_doubling", AllreduceAlgo::kRecursiveDoubling}}) {
+            const std::string impl = std::string("archipelago_tcp_") + name;
+            if (std::find(opt.impls.begin(), opt.impls.end(), impl) == opt.impls.end()) continue;
+            variants.push_back({impl, CodecKind::kNone, [&, algo] {
+                                  OpOptions o = OpOptions::within(600);
+                                  o.same_host_copy = false;
+                                  o.algo = algo;
+                                  return g.allreduce(buf.data(), count, dt, ReduceOp::kSum, o);
+                                }});
+          }
         }
         if (gloo) {
           for (auto& algo : gloo->allreduceAlgorithms(buf.data(), count)) {

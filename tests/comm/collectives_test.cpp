@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "archipelago/comm/communicator.h"
+#include "comm/collectives.h"
 #include "comm_test_util.h"
 
 namespace archipelago::comm {
@@ -169,8 +170,9 @@ std::string everythingWith(const LocalRank& lr, const CommConfig& cfg) {
   if (!cr.isOk()) return cr.status().toString();
   Group& g = *cr->world;
   const size_t n = static_cast<size_t>(g.size());
-  // 1 element, fewer than n, small (recursive doubling), and ring sizes
-  // that divide neither by n nor by the 64 KiB chunk.
+  // 1 element, fewer than n, small (recursive doubling), and sizes that
+  // divide neither by n nor by the 64 KiB chunk (halving-doubling for
+  // powers of two, the ring otherwise: testConfig's thresholds).
   for (size_t count : {size_t{1}, n - 1, size_t{777}, size_t{50001}}) {
     if (count == 0) continue;
     for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kWeightedAvg}) {
@@ -178,9 +180,18 @@ std::string everythingWith(const LocalRank& lr, const CommConfig& cfg) {
       if (!e.empty()) return e;
     }
   }
-  for (AllreduceAlgo a : {AllreduceAlgo::kRing, AllreduceAlgo::kRecursiveDoubling}) {
+  for (AllreduceAlgo a : {AllreduceAlgo::kRing, AllreduceAlgo::kRecursiveDoubling, AllreduceAlgo::kHalvingDoubling}) {
     std::string e = allreduceF32(g, 3001, ReduceOp::kSum, a);
     if (!e.empty()) return e;
+  }
+  // Halving-doubling with every op: segments of one element (count = n),
+  // halves that do not split evenly (50001), and folded members when n is
+  // not a power of two.
+  for (size_t count : {n, size_t{50001}}) {
+    for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kWeightedAvg}) {
+      std::string e = allreduceF32(g, count, op, AllreduceAlgo::kHalvingDoubling);
+      if (!e.empty()) return e;
+    }
   }
   for (DType dt : {DType::kBF16, DType::kF16}) {
     std::string e = sixteenBit(g, 40001, dt);
@@ -208,6 +219,17 @@ INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4, 5, 6, 7,
 
 // Every byte through TCP frames (no same-host copy), on loopback links
 // without checksums (their default) and with checksums forced on.
+TEST(AllreduceChoice, ByMessageSizeAndGroupSize) {
+  const CommOptions o;  // 256 KiB small, 1 MiB halving-doubling
+  EXPECT_EQ(algo::autoAllreduceAlgo(4, 64 << 10, 4, o), AllreduceAlgo::kRecursiveDoubling);  // 256 KiB
+  EXPECT_EQ(algo::autoAllreduceAlgo(6, 64 << 10, 4, o), AllreduceAlgo::kRecursiveDoubling);
+  EXPECT_EQ(algo::autoAllreduceAlgo(4, (64 << 10) + 1, 4, o), AllreduceAlgo::kRing);
+  EXPECT_EQ(algo::autoAllreduceAlgo(8, (64 << 10) + 1, 4, o), AllreduceAlgo::kHalvingDoubling);
+  EXPECT_EQ(algo::autoAllreduceAlgo(16, 1 << 18, 4, o), AllreduceAlgo::kHalvingDoubling);  // 1 MiB
+  EXPECT_EQ(algo::autoAllreduceAlgo(16, (1 << 18) + 1, 4, o), AllreduceAlgo::kRing);
+  EXPECT_EQ(algo::autoAllreduceAlgo(12, 1 << 17, 4, o), AllreduceAlgo::kRing);  // not a power of two
+}
+
 TEST(CollectivesOverTcp, WithoutChecksums) {
   runAll(4, [](const LocalRank& lr) {
     CommConfig cfg = testing::testConfig();
