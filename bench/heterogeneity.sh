@@ -3,7 +3,7 @@
 # slowdown): two CPU workers of the demo model and batch in one job, which
 # differ for real, train (a) with speed-aware initial shares + rebalancer and
 # (b) with an even split and no rebalancer. Variants:
-#   quota: one worker under cpu_quota 0.5 (cgroup v1 cpu controller; needs
+#   quota: one worker under cpu_quota 0.5 (the cgroup cpu controller, v1 or v2; needs
 #          root), the other unrestricted;
 #   dtype: one worker computing in fp32, the other in bf16.
 # Baseline measured in the same run: each worker's standalone tokens/s (a

@@ -24,7 +24,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The kernel's floor for cpu.cfs_quota_us (kernel/sched/core.c: 1 ms).
+// The kernel's floor for a quota (kernel/sched/core.c: 1 ms; v1's
+// cpu.cfs_quota_us and v2's cpu.max alike).
 constexpr int64_t kMinQuotaUs = 1000;
 
 // The period over which the kernel enforces a quota. Its default, 100 ms,
@@ -129,6 +130,54 @@ std::string cpuMountIn(std::string_view mounts_text) {
   return "";
 }
 
+std::string cgroup2MountIn(std::string_view mounts_text) {
+  std::stringstream in{std::string(mounts_text)};
+  std::string line;
+  while (std::getline(in, line)) {
+    std::stringstream f(line);
+    std::string dev, dir, type;
+    if ((f >> dev >> dir >> type) && type == "cgroup2") return dir;
+  }
+  return "";
+}
+
+bool listsCpuController(std::string_view controllers) {
+  std::stringstream in{std::string(controllers)};
+  std::string item;
+  while (in >> item) {
+    if (item == "cpu") return true;
+  }
+  return false;
+}
+
+std::string unifiedCgroupIn(std::string_view self_cgroup_text) {
+  std::stringstream in{std::string(self_cgroup_text)};
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("0::", 0) == 0) return line.substr(3);
+  }
+  return "/";
+}
+
+core::Result<V2Base> v2BaseFor(const std::string& origin, bool is_root, std::string_view subtree_control,
+                               std::string_view controllers) {
+  if (listsCpuController(subtree_control)) return V2Base{origin, false};
+  if (!listsCpuController(controllers)) {
+    return core::failedPrecondition(
+        "cgroup v2: the cpu controller is not available to " + origin + " (its cgroup.controllers lists '" +
+        std::string(controllers) + "'" +
+        (is_root ? ": the controller is bound to a cgroup v1 hierarchy or disabled on the kernel command line"
+                 : ": its parent does not enable it; write +cpu to the parent's cgroup.subtree_control, or run "
+                   "under a systemd unit with CPUAccounting=yes") +
+        "), or set cpu_quota: 0");
+  }
+  // The root may hold processes and still enable controllers for its
+  // children; any other cgroup that holds processes (ours: this process)
+  // may not, so the group goes beside it, in the parent that enabled cpu.
+  if (is_root) return V2Base{origin, true};
+  return V2Base{fs::path(origin).parent_path().string(), false};
+}
+
 std::string cpuCgroupIn(std::string_view self_cgroup_text) {
   std::stringstream in{std::string(self_cgroup_text)};
   std::string line;
@@ -161,23 +210,47 @@ std::string quotaField(const core::WorkerInfo& w) {
 std::string quotaChildName(int rank) { return "rank" + std::to_string(rank); }
 
 std::string QuotaApplied::describe() const {
+  if (version == 2) return fmt::format("cgroup {}: cpu.max=\"{} {}\" ({} of a core)", path, quota_us, period_us, quota);
   return fmt::format("cgroup {}: cpu.cfs_quota_us={} of cpu.cfs_period_us={} ({} of a core)", path, quota_us,
                      period_us, quota);
 }
 
 core::Result<std::unique_ptr<CpuQuotaGroup>> CpuQuotaGroup::create(const CgroupSources& sources) {
   auto mounts = core::readFile(sources.mounts);
-  const std::string mount = mounts.isOk() ? cpuMountIn(*mounts) : "";
-  if (mount.empty()) {
-    return core::failedPrecondition("no cgroup v1 `cpu` controller is mounted (" + sources.mounts +
-                                    " lists none; cgroup v2 is not supported): mount one with `mount -t cgroup -o "
-                                    "cpu cgroup /sys/fs/cgroup/cpu`, or set cpu_quota: 0");
-  }
   auto self = core::readFile(sources.self_cgroup);
-  const std::string origin = joinCgroup(mount, self.isOk() ? cpuCgroupIn(*self) : "/");
-  const std::string path = origin + "/archipelago-" + std::to_string(::getpid());
+  const std::string self_text = self.isOk() ? *self : "";
+  const std::string pid_dir = "archipelago-" + std::to_string(::getpid());
+  if (const std::string v1 = mounts.isOk() ? cpuMountIn(*mounts) : ""; !v1.empty()) {
+    const std::string origin = joinCgroup(v1, cpuCgroupIn(self_text));
+    const std::string path = origin + "/" + pid_dir;
+    ARCH_RETURN_IF_ERROR(makeCgroupDir(path));
+    return std::unique_ptr<CpuQuotaGroup>(new CpuQuotaGroup(1, origin, path));
+  }
+  const std::string v2 = mounts.isOk() ? cgroup2MountIn(*mounts) : "";
+  if (v2.empty()) {
+    return core::failedPrecondition("no cgroup `cpu` controller is mounted (" + sources.mounts +
+                                    " lists no cgroup v1 hierarchy with cpu and no cgroup2): mount one, e.g. `mount -t "
+                                    "cgroup2 none /sys/fs/cgroup`, or set cpu_quota: 0");
+  }
+  const std::string rel = unifiedCgroupIn(self_text);
+  const std::string origin = joinCgroup(v2, rel);
+  const bool is_root = rel.empty() || rel == "/";
+  auto subtree = core::readFile(origin + "/cgroup.subtree_control");
+  auto controllers = core::readFile(origin + "/cgroup.controllers");
+  if (!subtree.isOk() || !controllers.isOk()) {
+    return core::failedPrecondition("cgroup v2 at " + v2 + ": cannot read the cgroup.subtree_control and "
+                                    "cgroup.controllers of this process's cgroup " + origin +
+                                    " (is it a cgroup2 mount?), or set cpu_quota: 0");
+  }
+  ARCH_ASSIGN_OR_RETURN(const V2Base b, v2BaseFor(origin, is_root, *subtree, *controllers));
+  // Left enabled afterwards: other cgroups may have come to rely on it.
+  if (b.enable_on_base) ARCH_RETURN_IF_ERROR(writeCgroupFile(b.base + "/cgroup.subtree_control", "+cpu"));
+  const std::string path = b.base + "/" + pid_dir;
   ARCH_RETURN_IF_ERROR(makeCgroupDir(path));
-  return std::unique_ptr<CpuQuotaGroup>(new CpuQuotaGroup(origin, path));
+  auto group = std::unique_ptr<CpuQuotaGroup>(new CpuQuotaGroup(2, origin, path));
+  // Its children get the controller; it holds no process itself.
+  ARCH_RETURN_IF_ERROR(writeCgroupFile(path + "/cgroup.subtree_control", "+cpu"));
+  return group;
 }
 
 CpuQuotaGroup::~CpuQuotaGroup() {
@@ -188,17 +261,22 @@ core::Result<QuotaApplied> CpuQuotaGroup::limit(const std::string& name, double 
   QuotaApplied a;
   a.path = path_ + "/" + name;
   a.quota = quota;
+  a.version = version_;
   ARCH_RETURN_IF_ERROR(makeCgroupDir(a.path));
   children_[name] = a;  // from here on remove() owns it, whatever fails below
   a.period_us = kQuotaPeriodUs;
   ARCH_ASSIGN_OR_RETURN(a.quota_us, quotaMicros(quota, a.period_us));
-  ARCH_RETURN_IF_ERROR(writeCgroupFile(a.path + "/cpu.cfs_period_us", std::to_string(a.period_us)));
-  ARCH_RETURN_IF_ERROR(writeCgroupFile(a.path + "/cpu.cfs_quota_us", std::to_string(a.quota_us)));
   // Read back: a parent's own limit can make the kernel refuse or clamp it.
-  ARCH_ASSIGN_OR_RETURN(const int64_t got, readCgroupNumber(a.path + "/cpu.cfs_quota_us"));
+  const std::string file = a.path + (version_ == 2 ? "/cpu.max" : "/cpu.cfs_quota_us");
+  if (version_ == 2) {
+    ARCH_RETURN_IF_ERROR(writeCgroupFile(file, std::to_string(a.quota_us) + " " + std::to_string(a.period_us)));
+  } else {
+    ARCH_RETURN_IF_ERROR(writeCgroupFile(a.path + "/cpu.cfs_period_us", std::to_string(a.period_us)));
+    ARCH_RETURN_IF_ERROR(writeCgroupFile(file, std::to_string(a.quota_us)));
+  }
+  ARCH_ASSIGN_OR_RETURN(const int64_t got, readCgroupNumber(file));  // v2: "quota period", quota first
   if (got != a.quota_us) {
-    return core::unavailable(a.path + "/cpu.cfs_quota_us reads " + std::to_string(got) + " after writing " +
-                             std::to_string(a.quota_us));
+    return core::unavailable(file + " reads " + std::to_string(got) + " after writing " + std::to_string(a.quota_us));
   }
   children_[name] = a;
   return a;

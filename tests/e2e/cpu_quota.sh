@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # Real heterogeneity on one machine (docs/devices.md "Real heterogeneity"):
 # a 2-worker job whose island `capped` has cpu_quota 0.5 trains; while it
-# runs, the launcher's cgroup for that worker exists with
-# cpu.cfs_quota_us = 0.5 x cpu.cfs_period_us and holds the worker's pid (and
-# the launcher logged it); starting from an even split, the rebalancer
-# moves shares toward the unrestricted worker; afterwards, and after a job
-# that fails, no cgroup is left. Skipped where cgroups cannot be made.
+# runs, the launcher's cgroup for that worker exists with a quota of 0.5 x
+# its period (cgroup v1: cpu.cfs_quota_us and cpu.cfs_period_us; v2:
+# cpu.max) and holds the worker's pid (and the launcher logged it);
+# starting from an even split, the rebalancer moves shares toward the
+# unrestricted worker; afterwards, and after a job that fails, no cgroup is
+# left. Skipped where cgroups cannot be made.
 # Args: BINARY SOURCE_DIR
 set -euo pipefail
 bin="$1"; src="$2"
 source "$src/tests/e2e/lib/tiny_job.sh"
 [ "$(id -u)" -eq 0 ] || launch_skip "not root: the launcher needs root to create cgroups"
+# Where the launcher makes its parent cgroup (runtime/cpu_quota.h): v1,
+# under its own cpu cgroup; v2, there if that is the root or enables cpu
+# for its children, else beside it, in its parent.
 mnt="$(awk '$3 == "cgroup" && $4 ~ /(^|,)cpu(,|$)/ {print $2; exit}' /proc/mounts)"
-[ -n "$mnt" ] || launch_skip "no cgroup v1 cpu controller is mounted"
-# The launcher's parent cgroup is made under its own cpu cgroup.
-own="$(awk -F: '$2 ~ /(^|,)cpu(,|$)/ {print $3; exit}' /proc/self/cgroup)"
-base="$mnt${own%/}"
+if [ -n "$mnt" ]; then
+  version=1
+  own="$(awk -F: '$2 ~ /(^|,)cpu(,|$)/ {print $3; exit}' /proc/self/cgroup)"
+  base="$mnt${own%/}"
+else
+  version=2
+  mnt="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)"
+  [ -n "$mnt" ] || launch_skip "no cgroup cpu controller is mounted (neither a v1 cpu hierarchy nor cgroup2)"
+  own="$(sed -n 's/^0:://p' /proc/self/cgroup)"
+  base="$mnt${own%/}"
+  grep -qw cpu "$base/cgroup.controllers" ||
+    launch_skip "cgroup v2: the cpu controller is not available to $base (cgroup.controllers: $(cat "$base/cgroup.controllers"))"
+  if [ "${own:-/}" != / ] && ! grep -qw cpu "$base/cgroup.subtree_control"; then base="$(dirname "$base")"; fi
+fi
 mkdir "$base/archipelago-probe-$$" 2>/dev/null || launch_skip "cannot create a cgroup under $base"
 rmdir "$base/archipelago-probe-$$"
 "$bin" worker --help >/dev/null 2>&1 || launch_skip "'$bin' has no worker verb (a build without libtorch)"
@@ -57,7 +71,12 @@ while kill -0 "$launcher" 2>/dev/null; do
   if [ -z "$seen" ]; then
     pid="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pids"].get("1",""))' "$dir/run/workers.json" 2>/dev/null || true)"
     if [ -n "$pid" ] && [ -f "$cg/cgroup.procs" ] && grep -qx "$pid" "$cg/cgroup.procs"; then
-      seen="quota $(cat "$cg/cpu.cfs_quota_us") period $(cat "$cg/cpu.cfs_period_us") pid $pid"
+      if [ "$version" = 2 ]; then
+        read -r q p < "$cg/cpu.max"
+        seen="quota $q period $p pid $pid"
+      else
+        seen="quota $(cat "$cg/cpu.cfs_quota_us") period $(cat "$cg/cpu.cfs_period_us") pid $pid"
+      fi
     fi
   fi
   [ -f "$cg/cpu.stat" ] && stat="$(tr '\n' ' ' < "$cg/cpu.stat" 2>/dev/null || true)"
@@ -67,8 +86,9 @@ wait "$launcher" || launch_fail "the job failed" "$dir/train.log" "$dir/run/logs
 [ -n "$seen" ] || launch_fail "rank 1 was never seen in $cg" "$dir/train.log"
 echo "while running: $cg: $seen"
 read -r _ q _ p _ _ <<<"$seen"
-[ "$((q * 2))" -eq "$p" ] || launch_fail "cpu.cfs_quota_us $q is not half of cpu.cfs_period_us $p"
-grep -q "cpu_quota 0.5 on rank 1 (capped, cluster.islands\[1\].cpu_quota): cgroup $cg: cpu.cfs_quota_us=$q of cpu.cfs_period_us=$p" "$dir/train.log" ||
+[ "$((q * 2))" -eq "$p" ] || launch_fail "cgroup v$version quota $q is not half of its period $p"
+if [ "$version" = 2 ]; then applied="cpu.max=\"$q $p\""; else applied="cpu.cfs_quota_us=$q of cpu.cfs_period_us=$p"; fi
+grep -qF "cpu_quota 0.5 on rank 1 (capped, cluster.islands[1].cpu_quota): cgroup $cg: $applied" "$dir/train.log" ||
   launch_fail "the launcher did not log the quota it applied" "$dir/train.log"
 grep -q "applied by the launcher, cgroup $cg" "$dir/run/logs/rank1.log" ||
   launch_fail "rank 1 did not see the launcher's cgroup" "$dir/run/logs/rank1.log"

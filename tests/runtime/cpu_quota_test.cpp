@@ -1,8 +1,9 @@
 // runtime/cpu_quota.h: parsing /proc/mounts and /proc/self/cgroup against
-// the formats proc(5) and cgroups(7) publish, and, where this machine has
-// a cgroup v1 `cpu` controller and we are root, the kernel's own account
-// of a capped process (cpu.stat's throttling counters, the child's CPU
-// time from wait4) and the cleanup. Skipped with the reason elsewhere.
+// the formats proc(5) and cgroups(7) publish, where a v2 group goes, and,
+// where this machine has a `cpu` controller (cgroup v1 or v2) and we are
+// root, the kernel's own account of a capped process (cpu.stat's
+// throttling counters, the child's CPU time from wait4) and the cleanup.
+// Skipped with the reason elsewhere.
 #include "runtime/cpu_quota.h"
 
 #include <signal.h>
@@ -13,6 +14,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -28,8 +30,6 @@ namespace fs = std::filesystem;
 // Why the real-cgroup tests cannot run here ("" when they can).
 std::string cgroupsUnavailable() {
   if (::geteuid() != 0) return "not root: creating cgroups needs root (or a delegated hierarchy)";
-  auto mounts = core::readFile("/proc/mounts");
-  if (!mounts.isOk() || cpuMountIn(*mounts).empty()) return "no cgroup v1 `cpu` controller is mounted";
   auto probe = CpuQuotaGroup::create();
   if (!probe.isOk()) return probe.status().message();
   return "";
@@ -50,9 +50,12 @@ int64_t statOf(const CpuQuotaGroup& g, const std::string& child, const std::stri
   return -1;
 }
 
+// The cgroup of `pid` in the hierarchy CpuQuotaGroup uses here.
 std::string cpuCgroupOfPid(pid_t pid) {
   auto text = core::readFile("/proc/" + std::to_string(pid) + "/cgroup");
-  return text.isOk() ? cpuCgroupIn(*text) : "?";
+  auto mounts = core::readFile("/proc/mounts");
+  if (!text.isOk() || !mounts.isOk()) return "?";
+  return cpuMountIn(*mounts).empty() ? unifiedCgroupIn(*text) : cpuCgroupIn(*text);
 }
 
 // A child that waits for one byte on `go`, then runs `body` and exits.
@@ -83,10 +86,55 @@ TEST(CpuQuota, FindsTheCpuHierarchyInProcMounts) {
 }
 
 TEST(CpuQuota, FindsItsOwnCgroupInProcSelfCgroup) {
-  // cgroups(7): "hierarchy-ID:controller-list:cgroup-path".
+  // cgroups(7): "hierarchy-ID:controller-list:cgroup-path"; v2's line is
+  // "0::cgroup-path".
   EXPECT_EQ(cpuCgroupIn("3:cpuset:/\n2:cpu,cpuacct:/user.slice/job\n0::/\n"), "/user.slice/job");
   EXPECT_EQ(cpuCgroupIn("2:cpuacct:/a\n1:cpu:/b\n"), "/b");
   EXPECT_EQ(cpuCgroupIn("0::/unified-only\n"), "/");
+  EXPECT_EQ(unifiedCgroupIn("0::/user.slice/user-0.slice/session-3.scope\n"), "/user.slice/user-0.slice/session-3.scope");
+  EXPECT_EQ(unifiedCgroupIn("4:memory:/m\n0::/\n"), "/");
+  EXPECT_EQ(unifiedCgroupIn("1:cpu:/b\n"), "/");
+}
+
+TEST(CpuQuota, FindsTheUnifiedHierarchyInProcMounts) {
+  EXPECT_EQ(cgroup2MountIn("tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"),
+            "/sys/fs/cgroup/unified");
+  EXPECT_EQ(cgroup2MountIn("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nsdelegate 0 0\n"), "/sys/fs/cgroup");
+  EXPECT_EQ(cgroup2MountIn("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"), "");
+  // cgroup.controllers / cgroup.subtree_control: space-separated names.
+  EXPECT_TRUE(listsCpuController("cpuset cpu io memory pids\n"));
+  EXPECT_FALSE(listsCpuController("cpuset io memory hugetlb\n"));
+  EXPECT_FALSE(listsCpuController(""));
+}
+
+// cgroup v2 lets no non-root cgroup that holds processes give controllers
+// to its children (cgroups(7), "no internal processes" rule).
+TEST(CpuQuota, AV2GroupGoesWhereTheCpuControllerReachesItsChildren) {
+  // Already enabled for this cgroup's children (a delegated subtree).
+  auto here = v2BaseFor("/sys/fs/cgroup/job", false, "cpu memory\n", "cpu memory\n");
+  ASSERT_TRUE(here.isOk());
+  EXPECT_EQ(here->base, "/sys/fs/cgroup/job");
+  EXPECT_FALSE(here->enable_on_base);
+  // The usual systemd case: this process's scope has cpu, given by its
+  // parent slice, and enables nothing itself: the group goes in the slice.
+  auto beside = v2BaseFor("/sys/fs/cgroup/user.slice/session-3.scope", false, "\n", "cpuset cpu io memory pids\n");
+  ASSERT_TRUE(beside.isOk());
+  EXPECT_EQ(beside->base, "/sys/fs/cgroup/user.slice");
+  EXPECT_FALSE(beside->enable_on_base);
+  // The root (a container's or the host's): enabled there first.
+  auto root = v2BaseFor("/sys/fs/cgroup", true, "memory\n", "cpu memory hugetlb\n");
+  ASSERT_TRUE(root.isOk());
+  EXPECT_EQ(root->base, "/sys/fs/cgroup");
+  EXPECT_TRUE(root->enable_on_base);
+  // Not available at all (bound to v1, as on this project's VMs).
+  auto none = v2BaseFor("/sys/fs/cgroup/unified", true, "\n", "hugetlb\n");
+  ASSERT_FALSE(none.isOk());
+  EXPECT_NE(none.status().message().find("cpu controller is not available to /sys/fs/cgroup/unified"),
+            std::string::npos) << none.status().message();
+  EXPECT_NE(none.status().message().find("set cpu_quota: 0"), std::string::npos);
+  auto parent_lacks = v2BaseFor("/sys/fs/cgroup/a/b", false, "", "memory\n");
+  ASSERT_FALSE(parent_lacks.isOk());
+  EXPECT_NE(parent_lacks.status().message().find("+cpu"), std::string::npos) << parent_lacks.status().message();
 }
 
 TEST(CpuQuota, QuotaInMicrosecondsOfThePeriod) {
@@ -102,7 +150,7 @@ TEST(CpuQuota, QuotaInMicrosecondsOfThePeriod) {
 TEST(CpuQuota, NoControllerIsAnErrorNamingTheFieldAndTheFix) {
   const fs::path dir = fs::temp_directory_path() / ("cpu_quota_test_" + std::to_string(::getpid()));
   fs::create_directories(dir);
-  std::ofstream(dir / "mounts") << "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+  std::ofstream(dir / "mounts") << "cgroup /sys/fs/cgroup/cpuset cgroup rw,cpuset 0 0\n";
   std::vector<core::WorkerInfo> workers(2);
   workers[1].rank = 1;
   workers[1].island = "slow";
@@ -111,15 +159,28 @@ TEST(CpuQuota, NoControllerIsAnErrorNamingTheFieldAndTheFix) {
   CgroupSources src;
   src.mounts = (dir / "mounts").string();
   const auto r = cpuQuotaForWorkers(workers, src);
-  fs::remove_all(dir);
   ASSERT_FALSE(r.isOk());
   const std::string& msg = r.status().message();
   EXPECT_NE(msg.find("cluster.islands[1].cpu_quota 0.5 cannot be applied"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("no cgroup v1 `cpu` controller"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("no cgroup `cpu` controller is mounted"), std::string::npos) << msg;
   EXPECT_NE(msg.find("set cpu_quota: 0"), std::string::npos) << msg;
+  // A unified hierarchy whose root lacks cpu (here a copy of its files).
+  fs::create_directories(dir / "unified");
+  std::ofstream(dir / "mounts") << "cgroup2 " << (dir / "unified").string() << " cgroup2 rw 0 0\n";
+  std::ofstream(dir / "unified" / "cgroup.controllers") << "hugetlb\n";
+  std::ofstream(dir / "unified" / "cgroup.subtree_control") << "\n";
+  std::ofstream(dir / "self") << "0::/\n";
+  src.self_cgroup = (dir / "self").string();
+  const auto v2 = cpuQuotaForWorkers(workers, src);
+  ASSERT_FALSE(v2.isOk());
+  EXPECT_NE(v2.status().message().find("cluster.islands[1].cpu_quota 0.5 cannot be applied: cgroup v2: the cpu "
+                                       "controller is not available"),
+            std::string::npos) << v2.status().message();
+  EXPECT_FALSE(fs::exists(dir / "unified" / ("archipelago-" + std::to_string(::getpid()))));
   // No quota anywhere: nothing is created and nothing is needed.
   workers[1].cpu_quota = 0;
   const auto none = cpuQuotaForWorkers(workers, src);
+  fs::remove_all(dir);
   ASSERT_TRUE(none.isOk());
   EXPECT_EQ(none->get(), nullptr);
 }
@@ -159,10 +220,11 @@ TEST(CpuQuota, AQuarterCoreQuotaThrottlesABurningProcessToAQuarter) {
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   const int64_t periods = statOf(*group, "burn", "nr_periods");
   const int64_t throttled = statOf(*group, "burn", "nr_throttled");
-  const int64_t throttled_ns = statOf(*group, "burn", "throttled_time");
-  std::printf("quota 0.25: %.3f s CPU in %.3f s wall (%.2f of a core); cpu.stat: nr_periods %lld, nr_throttled %lld, "
-              "throttled_time %.3f s\n",
-              cpu, wall, cpu / wall, static_cast<long long>(periods), static_cast<long long>(throttled),
+  const int64_t throttled_ns = group->version() == 2 ? statOf(*group, "burn", "throttled_usec") * 1000
+                                                     : statOf(*group, "burn", "throttled_time");
+  std::printf("quota 0.25 (cgroup v%d): %.3f s CPU in %.3f s wall (%.2f of a core); cpu.stat: nr_periods %lld, "
+              "nr_throttled %lld, throttled %.3f s\n",
+              group->version(), cpu, wall, cpu / wall, static_cast<long long>(periods), static_cast<long long>(throttled),
               static_cast<double>(throttled_ns) * 1e-9);
   // The kernel's account: 0.4 s of CPU at a quarter of each period needs
   // at least 16 periods (100 ms ones; more of shorter), nearly all throttled.
@@ -214,8 +276,13 @@ TEST(CpuQuota, AStandaloneWorkerCapsItselfUnlessTheLauncherDid) {
     parent = (*own)->path();
     const std::string mine = cpuCgroupOfPid(::getpid());
     EXPECT_EQ(mine.substr(mine.size() - std::string("/rank3").size()), "/rank3") << mine;
-    const std::string quota = core::readFile(parent + "/rank3/cpu.cfs_quota_us").value();
-    const std::string period = core::readFile(parent + "/rank3/cpu.cfs_period_us").value();
+    std::string quota, period;
+    if ((*own)->version() == 2) {  // cpu.max: "quota period"
+      std::stringstream(core::readFile(parent + "/rank3/cpu.max").value()) >> quota >> period;
+    } else {
+      quota = core::readFile(parent + "/rank3/cpu.cfs_quota_us").value();
+      period = core::readFile(parent + "/rank3/cpu.cfs_period_us").value();
+    }
     EXPECT_EQ(2 * std::stoll(quota), std::stoll(period)) << quota << " of " << period;
   }
   EXPECT_FALSE(fs::exists(parent));
@@ -244,12 +311,19 @@ TEST(CpuQuota, AQuotaUnderTheKernelsFloorNamesTheField) {
               std::string::npos) << msg;
     EXPECT_NE(msg.find("1 ms minimum"), std::string::npos) << msg;
   }
-  // The failed attempt left nothing behind.
+  // The failed attempt left nothing behind, wherever the version puts it
+  // (v2: this process's cgroup or its parent).
   auto mounts = core::readFile("/proc/mounts");
   auto self = core::readFile("/proc/self/cgroup");
-  const std::string dir = cpuMountIn(*mounts) + (cpuCgroupIn(*self) == "/" ? "" : cpuCgroupIn(*self)) +
-                          "/archipelago-" + std::to_string(::getpid());
-  EXPECT_FALSE(fs::exists(dir)) << dir;
+  const std::string pid_dir = "/archipelago-" + std::to_string(::getpid());
+  std::vector<fs::path> places;
+  if (const std::string v1 = cpuMountIn(*mounts); !v1.empty()) {
+    places.push_back(fs::path(v1 + cpuCgroupIn(*self)));
+  } else {
+    places.push_back(fs::path(cgroup2MountIn(*mounts) + unifiedCgroupIn(*self)));
+    places.push_back(places.back().parent_path());
+  }
+  for (const auto& p : places) EXPECT_FALSE(fs::exists(p.string() + pid_dir)) << p.string() + pid_dir;
 }
 
 }  // namespace
