@@ -101,10 +101,13 @@ core_after="$(free_core)"
 # seconds per sample. On a loaded host (ctest -j2 beside it) the free
 # worker may get little more than the capped one's 0.5 core, and then an
 # even split is the right answer, so the shares check is skipped, saying
-# why. When it was faster, the rebalancer must have given it more samples
-# than the capped worker at some step and never fewer, ending with at
-# least as many (a later rebalance back to even follows a later change in
-# load; measured: 8/8 -> 9/7 -> 8/8 while ctest loaded the host).
+# why. When it was faster over the run, the rebalancer must have given it
+# more samples than the capped worker at some step, and more over the
+# whole run. Not at every step: a decision follows the last few steps, and
+# a spell of load can make the free worker the slower one for a while
+# (measured while ctest loaded the host: 8/8 -> 9/7 -> 8/8, and 8/8 ->
+# 10/6 -> 8/8 -> 6/10 in a run the free worker computed at 0.83x the
+# capped one's time per sample).
 echo "rank 1's cpu.stat at the end: $stat; a busy thread got $core_before / $core_after of a core before / after"
 rc=0
 python3 - "$dir/run/metrics.jsonl" "$steps" <<'PY' || rc=$?
@@ -136,7 +139,7 @@ if per_sample[0] >= 0.8 * per_sample[1]:
     sys.exit(77)
 assert events, "the rebalancer never moved the shares"
 assert max(diff) > 0, f"the free worker never got more samples than the capped one: {diff}"
-assert min(diff) >= 0, f"the capped worker got more samples than the free one at some step: {diff}"
+assert sum(diff) > 0, f"over the run the capped worker got as many samples as the free one or more: {diff}"
 PY
 [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ] || exit "$rc"
 
