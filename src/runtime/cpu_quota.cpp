@@ -38,15 +38,6 @@ constexpr int64_t kMinQuotaUs = 1000;
 // throttling events for little gain (the tick is 4 ms at HZ=250).
 constexpr int64_t kQuotaPeriodUs = 10000;
 
-bool hasCpuController(std::string_view list) {
-  std::stringstream in{std::string(list)};
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    if (item == "cpu") return true;
-  }
-  return false;
-}
-
 // One value into a cgroup file. Cgroup files take one write(2) each: a
 // buffered stream could split it, and its error would lose errno.
 core::Status writeCgroupFile(const std::string& path, const std::string& value) {
@@ -125,7 +116,7 @@ std::string cpuMountIn(std::string_view mounts_text) {
     std::stringstream f(line);
     std::string dev, dir, type, opts;
     if (!(f >> dev >> dir >> type >> opts) || type != "cgroup") continue;
-    if (hasCpuController(opts)) return dir;
+    if (listsCpuController(opts)) return dir;
   }
   return "";
 }
@@ -142,7 +133,9 @@ std::string cgroup2MountIn(std::string_view mounts_text) {
 }
 
 bool listsCpuController(std::string_view controllers) {
-  std::stringstream in{std::string(controllers)};
+  std::string list(controllers);
+  std::replace(list.begin(), list.end(), ',', ' ');
+  std::stringstream in(list);
   std::string item;
   while (in >> item) {
     if (item == "cpu") return true;
@@ -185,7 +178,7 @@ std::string cpuCgroupIn(std::string_view self_cgroup_text) {
     const auto a = line.find(':');
     const auto b = a == std::string::npos ? a : line.find(':', a + 1);
     if (b == std::string::npos) continue;
-    if (hasCpuController(std::string_view(line).substr(a + 1, b - a - 1))) return line.substr(b + 1);
+    if (listsCpuController(std::string_view(line).substr(a + 1, b - a - 1))) return line.substr(b + 1);
   }
   return "/";
 }
@@ -203,6 +196,14 @@ core::Result<int64_t> quotaMicros(double quota, int64_t period_us) {
   return us;
 }
 
+CpuHierarchy cpuHierarchyIn(std::string_view mounts_text, std::string_view proc_cgroup_text) {
+  if (std::string v1 = cpuMountIn(mounts_text); !v1.empty()) return {1, std::move(v1), cpuCgroupIn(proc_cgroup_text)};
+  if (std::string v2 = cgroup2MountIn(mounts_text); !v2.empty()) {
+    return {2, std::move(v2), unifiedCgroupIn(proc_cgroup_text)};
+  }
+  return {};
+}
+
 std::string quotaField(const core::WorkerInfo& w) {
   return "cluster.islands[" + std::to_string(w.island_index) + "].cpu_quota";
 }
@@ -218,27 +219,24 @@ std::string QuotaApplied::describe() const {
 core::Result<std::unique_ptr<CpuQuotaGroup>> CpuQuotaGroup::create(const CgroupSources& sources) {
   auto mounts = core::readFile(sources.mounts);
   auto self = core::readFile(sources.self_cgroup);
-  const std::string self_text = self.isOk() ? *self : "";
+  const CpuHierarchy h = cpuHierarchyIn(mounts.isOk() ? *mounts : "", self.isOk() ? *self : "");
   const std::string pid_dir = "archipelago-" + std::to_string(::getpid());
-  if (const std::string v1 = mounts.isOk() ? cpuMountIn(*mounts) : ""; !v1.empty()) {
-    const std::string origin = joinCgroup(v1, cpuCgroupIn(self_text));
+  const std::string origin = joinCgroup(h.mount, h.cgroup);
+  if (h.version == 1) {
     const std::string path = origin + "/" + pid_dir;
     ARCH_RETURN_IF_ERROR(makeCgroupDir(path));
     return std::unique_ptr<CpuQuotaGroup>(new CpuQuotaGroup(1, origin, path));
   }
-  const std::string v2 = mounts.isOk() ? cgroup2MountIn(*mounts) : "";
-  if (v2.empty()) {
+  if (h.version == 0) {
     return core::failedPrecondition("no cgroup `cpu` controller is mounted (" + sources.mounts +
                                     " lists no cgroup v1 hierarchy with cpu and no cgroup2): mount one, e.g. `mount -t "
                                     "cgroup2 none /sys/fs/cgroup`, or set cpu_quota: 0");
   }
-  const std::string rel = unifiedCgroupIn(self_text);
-  const std::string origin = joinCgroup(v2, rel);
-  const bool is_root = rel.empty() || rel == "/";
+  const bool is_root = h.cgroup.empty() || h.cgroup == "/";
   auto subtree = core::readFile(origin + "/cgroup.subtree_control");
   auto controllers = core::readFile(origin + "/cgroup.controllers");
   if (!subtree.isOk() || !controllers.isOk()) {
-    return core::failedPrecondition("cgroup v2 at " + v2 + ": cannot read the cgroup.subtree_control and "
+    return core::failedPrecondition("cgroup v2 at " + h.mount + ": cannot read the cgroup.subtree_control and "
                                     "cgroup.controllers of this process's cgroup " + origin +
                                     " (is it a cgroup2 mount?), or set cpu_quota: 0");
   }

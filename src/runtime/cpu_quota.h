@@ -58,9 +58,21 @@ std::string cpuCgroupIn(std::string_view self_cgroup_text);
 // The same in the v2 hierarchy (the "0::path" line); "/" when none.
 std::string unifiedCgroupIn(std::string_view self_cgroup_text);
 
-// Whether a space-separated controller list (v2's cgroup.controllers and
-// cgroup.subtree_control) names `cpu`.
+// Whether a controller list names `cpu`: comma-separated (v1's mount
+// options and /proc/self/cgroup field) or space-separated (v2's
+// cgroup.controllers and cgroup.subtree_control).
 bool listsCpuController(std::string_view controllers);
+
+// The hierarchy cpu_quota uses, from the text of /proc/mounts, and a
+// process's cgroup in it, from the text of its /proc/<pid>/cgroup: v1
+// where a v1 hierarchy carries `cpu` (a controller lives in one hierarchy
+// only), else the unified one. version 0: neither is mounted.
+struct CpuHierarchy {
+  int version = 0;
+  std::string mount;
+  std::string cgroup = "/";
+};
+CpuHierarchy cpuHierarchyIn(std::string_view mounts_text, std::string_view proc_cgroup_text);
 
 // Where a v2 group goes, decided from this process's cgroup `origin` (its
 // directory), whether that is the hierarchy's root, and the text of its

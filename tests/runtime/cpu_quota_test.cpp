@@ -50,13 +50,14 @@ int64_t statOf(const CpuQuotaGroup& g, const std::string& child, const std::stri
   return -1;
 }
 
-// The cgroup of `pid` in the hierarchy CpuQuotaGroup uses here.
-std::string cpuCgroupOfPid(pid_t pid) {
+// The hierarchy CpuQuotaGroup uses here, and `pid`'s cgroup in it.
+CpuHierarchy hierarchyOfPid(pid_t pid) {
   auto text = core::readFile("/proc/" + std::to_string(pid) + "/cgroup");
   auto mounts = core::readFile("/proc/mounts");
-  if (!text.isOk() || !mounts.isOk()) return "?";
-  return cpuMountIn(*mounts).empty() ? unifiedCgroupIn(*text) : cpuCgroupIn(*text);
+  return cpuHierarchyIn(mounts.isOk() ? *mounts : "", text.isOk() ? *text : "");
 }
+
+std::string cpuCgroupOfPid(pid_t pid) { return hierarchyOfPid(pid).cgroup; }
 
 // A child that waits for one byte on `go`, then runs `body` and exits.
 template <class F>
@@ -101,10 +102,28 @@ TEST(CpuQuota, FindsTheUnifiedHierarchyInProcMounts) {
             "/sys/fs/cgroup/unified");
   EXPECT_EQ(cgroup2MountIn("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nsdelegate 0 0\n"), "/sys/fs/cgroup");
   EXPECT_EQ(cgroup2MountIn("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"), "");
-  // cgroup.controllers / cgroup.subtree_control: space-separated names.
+  // cgroup.controllers / cgroup.subtree_control: space-separated names;
+  // v1 mount options and /proc/self/cgroup: comma-separated.
   EXPECT_TRUE(listsCpuController("cpuset cpu io memory pids\n"));
   EXPECT_FALSE(listsCpuController("cpuset io memory hugetlb\n"));
+  EXPECT_TRUE(listsCpuController("rw,relatime,cpu,cpuacct"));
+  EXPECT_FALSE(listsCpuController("rw,cpuacct"));
   EXPECT_FALSE(listsCpuController(""));
+}
+
+TEST(CpuQuota, UsesV1WhereItCarriesCpuElseTheUnifiedHierarchy) {
+  const std::string self = "2:cpu,cpuacct:/job\n0::/user.slice/s.scope\n";
+  const CpuHierarchy both = cpuHierarchyIn(
+      "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\ncgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\n",
+      self);
+  EXPECT_EQ(both.version, 1);
+  EXPECT_EQ(both.mount, "/sys/fs/cgroup/cpu,cpuacct");
+  EXPECT_EQ(both.cgroup, "/job");
+  const CpuHierarchy v2 = cpuHierarchyIn("cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n", self);
+  EXPECT_EQ(v2.version, 2);
+  EXPECT_EQ(v2.mount, "/sys/fs/cgroup");
+  EXPECT_EQ(v2.cgroup, "/user.slice/s.scope");
+  EXPECT_EQ(cpuHierarchyIn("tmpfs /run tmpfs rw 0 0\n", self).version, 0);
 }
 
 // cgroup v2 lets no non-root cgroup that holds processes give controllers
@@ -313,16 +332,10 @@ TEST(CpuQuota, AQuotaUnderTheKernelsFloorNamesTheField) {
   }
   // The failed attempt left nothing behind, wherever the version puts it
   // (v2: this process's cgroup or its parent).
-  auto mounts = core::readFile("/proc/mounts");
-  auto self = core::readFile("/proc/self/cgroup");
+  const CpuHierarchy h = hierarchyOfPid(::getpid());
   const std::string pid_dir = "/archipelago-" + std::to_string(::getpid());
-  std::vector<fs::path> places;
-  if (const std::string v1 = cpuMountIn(*mounts); !v1.empty()) {
-    places.push_back(fs::path(v1 + cpuCgroupIn(*self)));
-  } else {
-    places.push_back(fs::path(cgroup2MountIn(*mounts) + unifiedCgroupIn(*self)));
-    places.push_back(places.back().parent_path());
-  }
+  std::vector<fs::path> places{fs::path(h.mount + h.cgroup)};
+  if (h.version == 2) places.push_back(places.back().parent_path());
   for (const auto& p : places) EXPECT_FALSE(fs::exists(p.string() + pid_dir)) << p.string() + pid_dir;
 }
 
