@@ -217,8 +217,6 @@ TEST_P(Collectives, MatchFp64ReferenceAndAreBitIdentical) { runAll(GetParam(), e
 
 INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4, 5, 6, 7, 8));
 
-// Every byte through TCP frames (no same-host copy), on loopback links
-// without checksums (their default) and with checksums forced on.
 TEST(AllreduceChoice, ByMessageSizeAndGroupSize) {
   const CommOptions o;  // 256 KiB small, 1 MiB halving-doubling
   EXPECT_EQ(algo::autoAllreduceAlgo(4, 64 << 10, 4, o), AllreduceAlgo::kRecursiveDoubling);  // 256 KiB
@@ -230,6 +228,8 @@ TEST(AllreduceChoice, ByMessageSizeAndGroupSize) {
   EXPECT_EQ(algo::autoAllreduceAlgo(12, 1 << 17, 4, o), AllreduceAlgo::kRing);  // not a power of two
 }
 
+// Every byte through TCP frames (no same-host copy), on loopback links
+// without checksums (their default) and with checksums forced on.
 TEST(CollectivesOverTcp, WithoutChecksums) {
   runAll(4, [](const LocalRank& lr) {
     CommConfig cfg = testing::testConfig();
