@@ -203,7 +203,11 @@ void killRankOneAndFinish(Job& job, const fs::path& run) {
 }
 
 TEST(Chaos, KillStallDropAndCorruptDuringSyncTraining) {
-  const int steps = 600;
+  // Enough steps that the run is still training when phase 4 arms its
+  // corrupted frame: at 600 a fast host (45 steps/s) with ctest beside it
+  // once finished first, the frame went out in the run's last exchanges
+  // and no epoch followed.
+  const int steps = 900;
   const fs::path run = scratchRoot() / "chaos_sync";
   const std::string strategy = "{kind: sync, failure_timeout: 2s}";
   const fs::path down = scratchRoot() / "strait_down";
@@ -246,6 +250,7 @@ TEST(Chaos, KillStallDropAndCorruptDuringSyncTraining) {
   ASSERT_TRUE(atStep(during + 5)) << "no progress after the strait came back\n" << job.output();
 
   // 4. One corrupted frame: a transient fault, the step is retried in a new epoch.
+  ASSERT_LT(lastStep(run), steps - 100) << "the run is nearly over before the corruption phase: raise steps";
   const size_t epochs_before = events(run, "epoch").size();
   std::ofstream(corrupt).put('x');
   ASSERT_TRUE(waitFor(job, 30, [&] { return !fs::exists(corrupt); })) << "no frame was sent after the corruption hook was armed";
