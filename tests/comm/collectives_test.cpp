@@ -171,8 +171,8 @@ std::string everythingWith(const LocalRank& lr, const CommConfig& cfg) {
   Group& g = *cr->world;
   const size_t n = static_cast<size_t>(g.size());
   // 1 element, fewer than n, small (recursive doubling), and sizes that
-  // divide neither by n nor by the 64 KiB chunk (halving-doubling at 8
-  // ranks, the ring otherwise: testConfig's thresholds).
+  // divide neither by n nor by the 64 KiB chunk (halving-doubling for
+  // powers of two, the ring otherwise: testConfig's thresholds).
   for (size_t count : {size_t{1}, n - 1, size_t{777}, size_t{50001}}) {
     if (count == 0) continue;
     for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kWeightedAvg}) {
@@ -218,13 +218,7 @@ TEST_P(Collectives, MatchFp64ReferenceAndAreBitIdentical) { runAll(GetParam(), e
 INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4, 5, 6, 7, 8));
 
 TEST(AllreduceChoice, ByMessageSizeAndGroupSize) {
-  const CommOptions defaults;  // 64 KiB small, no halving-doubling unless asked
-  EXPECT_EQ(algo::autoAllreduceAlgo(4, 16 << 10, 4, defaults), AllreduceAlgo::kRecursiveDoubling);
-  EXPECT_EQ(algo::autoAllreduceAlgo(4, (16 << 10) + 1, 4, defaults), AllreduceAlgo::kRing);
-  EXPECT_EQ(algo::autoAllreduceAlgo(8, (16 << 10) + 1, 4, defaults), AllreduceAlgo::kRing);
-  CommOptions o;  // the thresholds measured on loopback (docs/comm.md section 3)
-  o.small_message_bytes = 256 << 10;
-  o.halving_doubling_bytes = 1 << 20;
+  const CommOptions o;  // 256 KiB small, 1 MiB halving-doubling
   EXPECT_EQ(algo::autoAllreduceAlgo(4, 64 << 10, 4, o), AllreduceAlgo::kRecursiveDoubling);  // 256 KiB
   EXPECT_EQ(algo::autoAllreduceAlgo(6, 64 << 10, 4, o), AllreduceAlgo::kRecursiveDoubling);
   EXPECT_EQ(algo::autoAllreduceAlgo(4, (64 << 10) + 1, 4, o), AllreduceAlgo::kRing);

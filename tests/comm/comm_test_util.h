@@ -87,8 +87,7 @@ inline CommConfig testConfig() {
   c.options.streams = 2;
   c.options.chunk_bytes = 64 << 10;         // several pipeline pieces even for small buffers
   c.options.ring_max_pieces = 64;           // up to the tag's limit (the default, 4, in CollectivesOverTcp)
-  c.options.small_message_bytes = 4 << 10;  // exercise every algorithm
-  c.options.halving_doubling_bytes = 1 << 20;
+  c.options.small_message_bytes = 4 << 10;  // exercise both algorithms
   c.options.stripe_min_bytes = 32 << 10;
   return c;
 }

@@ -77,13 +77,11 @@ struct CommOptions {
   int ring_max_pieces = 4;                  // at most this many pieces per ring block (1..64): a 16 MB block
                                             // goes as 4 x 4 MB, not 16 x 1 MB (each piece costs wake-ups
                                             // and hand-offs: 1.2-1.4x Gloo instead of 1.5-1.8x, docs/comm.md)
-  size_t small_message_bytes = 64 << 10;    // at or below: recursive doubling (log2 n steps of the whole
-                                            // buffer) instead of ring or halving-doubling (256 KiB measured
-                                            // faster on loopback; not the default yet, docs/comm.md section 3)
-  size_t halving_doubling_bytes = 0;        // above small_message_bytes and at or below this, in a
+  size_t small_message_bytes = 256 << 10;   // at or below: recursive doubling (log2 n steps of the whole
+                                            // buffer) instead of ring or halving-doubling
+  size_t halving_doubling_bytes = 1 << 20;  // above small_message_bytes and at or below this, in a
                                             // power-of-two group of 8 or more: halving-doubling (2 log2 n
-                                            // steps where the ring takes 2(n-1)); 0 = never chosen
-                                            // automatically (1 MiB measured faster, docs/comm.md section 3)
+                                            // steps where the ring takes 2(n-1), each paying a latency)
   size_t hier_chunk_bytes = 4 << 20;        // hierarchical allreduce pipeline chunk (intra reduce-scatter,
                                             // strait crossing and intra allgather of different chunks overlap)
   int hier_window = 4;                      // hierarchical chunks in flight; their strait bytes must cover the
