@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "archipelago/core/hash.h"
+#include "archipelago/core/log.h"
 #include "comm/mesh.h"
 
 namespace archipelago::comm {
@@ -165,7 +166,11 @@ core::Status Mesh::writeData(Stream* s, const Part& part) {
     } else {
       h.flags |= kFrameFlagNoCrc;
     }
-    if (s->crc && testCorruptNextFrame()) h.crc ^= 1u;  // only where a checksum can catch it
+    if (s->crc && testCorruptNextFrame()) {  // only where a checksum can catch it
+      h.crc ^= 1u;
+      ARCH_LOG_WARN("comm epoch {} rank {}: test hook: the data frame to rank {} (tag {}, bytes {}-{} of {}) carries a "
+                    "wrong checksum", epoch_, rank_, s->peer, h.tag, h.offset, h.offset + len, h.total);
+    }
     if (shaped) {
       s->last_deliver = s->shaper->send(len + kFrameHeaderSize, s->last_deliver, &io_abort_);
       h.deliver_at_lo = static_cast<uint32_t>(s->last_deliver) | 1u;  // never 0 when shaped

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -135,6 +136,41 @@ std::map<int, int> workerPids(const fs::path& run) {
   return out;
 }
 
+// What a failed wait needs to be understood: every event of the run and the
+// warnings and errors of each process's log.
+std::string diagnosis(const fs::path& run) {
+  std::ostringstream o;
+  o << "events:\n";
+  for (const auto& j : metricLines(run, "event")) o << "  " << j.dump() << "\n";
+  if (!fs::exists(run / "logs")) return o.str();
+  for (const auto& f : fs::directory_iterator(run / "logs")) {
+    o << f.path().filename().string() << " (warnings and errors):\n";
+    std::ifstream in(f.path());
+    for (std::string line; std::getline(in, line);) {
+      if (line.find("[warning]") != std::string::npos || line.find("[error]") != std::string::npos) {
+        o << "  " << line << "\n";
+      }
+    }
+  }
+  return o.str();
+}
+
+// Every join is part of a recorded epoch change: an "epoch" record of the
+// epoch the joiner entered, listing it. (When the joiner took rank 0, the
+// lowest rank of the new epoch, nobody wrote one: the writer was the
+// joiner, which does not go through recovery.)
+void expectEveryJoinRecorded(const fs::path& run) {
+  const auto epochs = events(run, "epoch");
+  for (const auto& j : events(run, "join")) {
+    const bool recorded = std::any_of(epochs.begin(), epochs.end(), [&](const nlohmann::json& e) {
+      const auto& w = e.value("workers", nlohmann::json::array());
+      return e.value("epoch", -1) == j.value("epoch", -2) &&
+             std::find(w.begin(), w.end(), j.value("rank", -1)) != w.end();
+    });
+    EXPECT_TRUE(recorded) << "no epoch record for the join " << j.dump() << "\n" << diagnosis(run);
+  }
+}
+
 // Polls `cond` every 20 ms while the job runs; false on timeout or exit.
 template <typename F>
 bool waitFor(Job& job, double seconds, F cond) {
@@ -190,16 +226,18 @@ const char* kTwoIslands =
     "    - {name: east, count: 2}\n    - {name: west, count: 1}\n"
     "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 3ms}]";
 
-// kill -9 of rank 1 once the run is past step 15: the launcher's
-// replacement joins, and the job ends well, having recorded the failure.
-void killRankOneAndFinish(Job& job, const fs::path& run) {
+// kill -9 of `rank` once the run is past step 15: the launcher's
+// replacement joins, and the job ends well, having recorded the failure
+// and the epoch the replacement joined.
+void killAndFinish(Job& job, const fs::path& run, int rank) {
   ASSERT_TRUE(waitFor(job, 60, [&] { return lastStep(run) >= 15; })) << job.output();
   auto pids = workerPids(run);
-  ASSERT_TRUE(pids.count(1));
-  ::kill(pids[1], SIGKILL);
+  ASSERT_TRUE(pids.count(rank));
+  ::kill(pids[rank], SIGKILL);
   ASSERT_TRUE(waitFor(job, 40, [&] { return !events(run, "join").empty(); })) << "no join after the kill\n" << job.output();
   ASSERT_EQ(job.wait(120), 0) << job.output();
   EXPECT_GE(events(run, "failure").size(), 1u);
+  expectEveryJoinRecorded(run);
 }
 
 TEST(Chaos, KillStallDropAndCorruptDuringSyncTraining) {
@@ -253,11 +291,14 @@ TEST(Chaos, KillStallDropAndCorruptDuringSyncTraining) {
   ASSERT_LT(lastStep(run), steps - 100) << "the run is nearly over before the corruption phase: raise steps";
   const size_t epochs_before = events(run, "epoch").size();
   std::ofstream(corrupt).put('x');
-  ASSERT_TRUE(waitFor(job, 30, [&] { return !fs::exists(corrupt); })) << "no frame was sent after the corruption hook was armed";
-  ASSERT_TRUE(waitFor(job, 30, [&] { return events(run, "epoch").size() > epochs_before; })) << job.output();
+  ASSERT_TRUE(waitFor(job, 30, [&] { return !fs::exists(corrupt); }))
+      << "no frame was sent after the corruption hook was armed\n" << diagnosis(run);
+  ASSERT_TRUE(waitFor(job, 30, [&] { return events(run, "epoch").size() > epochs_before; }))
+      << job.output() << diagnosis(run);
 
   ASSERT_EQ(job.wait(90), 0) << job.output();
   EXPECT_GE(events(run, "failure").size(), 3u);
+  expectEveryJoinRecorded(run);
   expectCheckpointsVerify(run);
   expectIdenticalReplicas(run, steps, 3);
   const double ref = referenceLoss(chaosJob(scratchRoot() / "chaos_sync_ref", steps, "    - {name: a, count: 1}",
@@ -311,7 +352,7 @@ TEST(Chaos, KilledWorkerInsideAC10dIslandGoesOnThroughComm) {
   const fs::path run = scratchRoot() / "chaos_c10d";
   const std::string strategy = "{kind: sync, failure_timeout: 2s, island_collectives: c10d}";
   Job job("chaos_c10d", chaosJob(run, steps, "    - {name: a, count: 3, slowdown: 2}", strategy));
-  ASSERT_NO_FATAL_FAILURE(killRankOneAndFinish(job, run));
+  ASSERT_NO_FATAL_FAILURE(killAndFinish(job, run, 1));
   expectIdenticalReplicas(run, steps, 3);
   const std::string log0 = testutil::fileText(run / "logs" / "rank0.log");
   EXPECT_THAT(log0, HasSubstr("gradient buckets: c10d gloo inside islands of 3"));
@@ -332,7 +373,9 @@ TEST(Chaos, AReplacementTakesTheFp8HistoriesOfItsPeers) {
   const fs::path run = scratchRoot() / "chaos_fp8";
   Job job("chaos_fp8", chaosJob(run, steps, "    - {name: a, count: 3, dtype: fp8, slowdown: 2}",
                                 "{kind: sync, failure_timeout: 2s}", ", fp8_amax_history: 4"));
-  ASSERT_NO_FATAL_FAILURE(killRankOneAndFinish(job, run));
+  // Rank 0: its replacement is then the lowest rank of the epoch it joins
+  // (which once left that epoch unrecorded).
+  ASSERT_NO_FATAL_FAILURE(killAndFinish(job, run, 0));
   EXPECT_TRUE(events(run, "resync").empty()) << events(run, "resync")[0].dump();
   expectIdenticalReplicas(run, steps, 3);
 }

@@ -152,16 +152,7 @@ core::Status Trainer::recover(const core::Status& cause) {
   if (failure) rollback();
   const uint32_t from = e.epoch();
   const auto old_alive = alive_;
-  ARCH_RETURN_IF_ERROR(enterNextEpoch(cause, failure ? "failure" : "membership change", [&] {
-    if (failure && amWriter()) {
-      std::vector<int> gone;
-      for (int r : old_alive) {
-        if (!e.membership().isAlive(r)) gone.push_back(r);
-      }
-      event("failure", {.step = failed_step_, .detail = cause.message().substr(0, 300),
-                        .failed_rank = gone.empty() ? suspectOf(cause) : gone.front(), .detected_at = failure_at_});
-    }
-  }));
+  ARCH_RETURN_IF_ERROR(enterNextEpoch(cause, failure ? "failure" : "membership change", old_alive));
   std::vector<int> gone, joined;
   for (int r : old_alive) {
     if (!e.membership().isAlive(r)) gone.push_back(r);
@@ -169,7 +160,8 @@ core::Status Trainer::recover(const core::Status& cause) {
   for (int r : alive_) {
     if (std::find(old_alive.begin(), old_alive.end(), r) == old_alive.end()) joined.push_back(r);
   }
-  if (amWriter()) {
+  records_recovery_ = recordsChange(old_alive);
+  if (records_recovery_) {
     event("epoch", {.detail = fmt::format("epoch {} -> {}: workers [{}]{}{}; shares [{}]", from, e.epoch(),
                                           fmt::join(alive_, ","),
                                           gone.empty() ? "" : fmt::format(", lost [{}]", fmt::join(gone, ",")),
@@ -181,6 +173,13 @@ core::Status Trainer::recover(const core::Status& cause) {
   first_step_after_change_ = true;
   warm_from_ = step_;
   return core::okStatus();
+}
+
+bool Trainer::recordsChange(const std::vector<int>& before) const {
+  for (int r : alive_) {
+    if (std::find(before.begin(), before.end(), r) != before.end()) return r == rank_;
+  }
+  return false;  // a joiner's own view (`before` empty): its peers record the change
 }
 
 core::Status Trainer::rebuildOuterFromCommit() {
@@ -200,12 +199,23 @@ core::Status Trainer::rebuildOuterFromCommit() {
 // failure during that (a member lost while the state is transferred) moves
 // on to the epoch after it. A receiver applies a transferred state only
 // once the whole of it arrived, so its own state stays the committed one.
-core::Status Trainer::enterNextEpoch(core::Status cause, const std::string& why, const std::function<void()>& on_epoch) {
+core::Status Trainer::enterNextEpoch(core::Status cause, const std::string& why, const std::vector<int>& before) {
   for (int attempt = 0;; ++attempt) {
     ARCH_RETURN_IF_ERROR(opt_.elastic->reconfigure(cause));
     bindComm();
     ARCH_ASSIGN_OR_RETURN(shares_, initialShares());
-    if (attempt == 0 && on_epoch) on_epoch();
+    if (!cause.isOk() && recordsChange(before)) {
+      // Every failure gets its record, the ones during a state sync too
+      // (a joiner's included: its peers record them).
+      std::vector<int> gone;
+      for (int r : before) {
+        if (!opt_.elastic->membership().isAlive(r)) gone.push_back(r);
+      }
+      event("failure", {.step = attempt == 0 && failure_at_ > 0 ? failed_step_ : step_,
+                        .detail = cause.message().substr(0, 300),
+                        .failed_rank = gone.empty() ? suspectOf(cause) : gone.front(),
+                        .detected_at = attempt == 0 && failure_at_ > 0 ? failure_at_ : wallSeconds()});
+    }
     core::Status st = syncReplicas(why);
     if (st.isOk()) return st;
     if (!isPeerFailure(st) || attempt >= 20) return st;

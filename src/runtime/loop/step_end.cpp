@@ -49,7 +49,7 @@ core::Status Trainer::afterStep(const parallel::StepStats& stats, const data::Ba
   }
   if (first_step_after_change_) {
     first_step_after_change_ = false;
-    if (failure_at_ > 0 && amWriter()) {
+    if (failure_at_ > 0 && records_recovery_) {
       event("recovered", {.detail = fmt::format("first step completed {:.2f} s after the failure in step {}",
                                                 wallSeconds() - failure_at_, failed_step_ + 1),
                           .recovery_s = wallSeconds() - failure_at_});

@@ -64,7 +64,7 @@ core::Result<TrainSummary> Trainer::run() {
     if (zeroInUse() >= 1) return core::failedPrecondition("a job with sharded state (train.zero) takes no replacement workers");
     core::Status st = syncReplicas("join");
     if (!st.isOk()) {
-      st = enterNextEpoch(st, "join", nullptr);
+      st = enterNextEpoch(st, "join", {});
       if (!st.isOk()) return opt_.elastic->evicted() ? st : saveAndStop(st);
     }
     ARCH_RETURN_IF_ERROR(rebuildOuterFromCommit());

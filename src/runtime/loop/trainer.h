@@ -219,6 +219,12 @@ class Trainer {
   // tensor-parallel group): those this layout has.
   std::vector<const core::Status*> modelCommFailure() const;
   bool amWriter() const { return alive_.empty() || alive_.front() == rank_; }
+  // Whether this rank writes the records of a membership change (failure,
+  // epoch, recovered): the lowest-ranked member of the new epoch that was a
+  // member of the old one (`before`). Not amWriter(): when the lowest rank
+  // is a joiner, it knows neither the old epoch nor the failure, and takes
+  // another path (run()), so the change went unrecorded.
+  bool recordsChange(const std::vector<int>& before) const;
   // Copies the replica state as the new rollback point; refresh_outer also
   // re-reads the outer sync's tensors (otherwise only when they may change).
   void commit(bool refresh_outer = false);
@@ -235,7 +241,8 @@ class Trainer {
   enum class DigestOf { kParams, kReplica, kWhole };
   core::Sha256Digest stateDigest(DigestOf what);
   core::Status saveAndStop(const core::Status& why);
-  core::Status enterNextEpoch(core::Status cause, const std::string& why, const std::function<void()>& on_epoch);
+  // `before`: the members of the epoch this rank leaves (empty for a joiner).
+  core::Status enterNextEpoch(core::Status cause, const std::string& why, const std::vector<int>& before);
 
   TrainerOptions opt_;
   core::JobConfig job_;
@@ -355,6 +362,7 @@ class Trainer {
   // Recovery bookkeeping for events.
   double commit_s_ = 0;         // time the last commit() took (the elastic bookkeeping per step)
   double failure_at_ = 0;       // wall seconds the step failed
+  bool records_recovery_ = false;  // writes the "recovered" record (recordsChange)
   int64_t failed_step_ = -1;
   bool first_step_after_change_ = false;
   int64_t warm_from_ = 0;  // step of the last start or membership change (the rebalancer's warm-up counts from it)
