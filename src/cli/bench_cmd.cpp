@@ -64,8 +64,8 @@ void addBenchCommands(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--rounds", opts->o.rounds, "alternating rounds per row (best reported)")->capture_default_str();
   c->add_option("--impls", opts->impls,
-                "only these rows: archipelago,archipelago_tcp,gloo_ring,gloo_ring_chunked,gloo_halving_doubling,"
-                "gloo_bcube (default: all); archipelago_tcp_ring, archipelago_tcp_halving_doubling, "
+                "only these rows: archipelago,archipelago_tcp,tcp_floor,gloo_ring,gloo_ring_chunked,"
+                "gloo_halving_doubling,gloo_bcube (default: all); archipelago_tcp_ring, archipelago_tcp_halving_doubling, "
                 "archipelago_tcp_recursive_doubling (TCP only, that algorithm forced) run only when named");
   c->add_option("--netns", opts->netns,
                 "run rank i in network namespace i of this list (one per rank; needs root; tests/netns/hosts.sh)");

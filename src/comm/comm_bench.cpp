@@ -20,6 +20,7 @@
 #include "archipelago/core/log.h"
 #include "archipelago/core/units.h"
 #include "comm/bench_gloo.h"
+#include "comm/bench_tcp_floor.h"
 #include "comm/launch_local.h"
 
 
@@ -113,6 +114,37 @@ int itersFor(uint64_t bytes, int fixed, double strait_bw) {
   return static_cast<int>(std::clamp(budget / static_cast<double>(std::max<uint64_t>(bytes, 1)), 2.0, 50.0));
 }
 
+// The TCP floor row against the others: how far each row is from what the
+// kernel alone needs for the ring's bytes, and the most "x Gloo" any TCP
+// allreduce could reach here.
+void printFloorShares(const std::vector<std::pair<std::string, double>>& busbw_of, const std::string& size,
+                      const std::string& best_gloo, double best_gloo_bw) {
+  double floor = 0;
+  for (const auto& [impl, bw] : busbw_of) {
+    if (impl == "tcp_floor") floor = bw;
+  }
+  if (floor <= 0) return;
+  std::string shares;
+  nlohmann::json of_floor = nlohmann::json::object();
+  for (const auto& [impl, bw] : busbw_of) {
+    if (impl == "tcp_floor") continue;
+    char one[96];
+    std::snprintf(one, sizeof(one), "%s%s %.0f%%", shares.empty() ? "" : ", ", impl.c_str(), 100 * bw / floor);
+    shares += one;
+    of_floor[impl] = bw / floor;
+  }
+  std::printf("# allreduce %s: tcp_floor (the ring's bytes through plain sockets, no reduction) busbw %.3f GB/s; "
+              "each row's share of it: %s\n", size.c_str(), floor / 1e9, shares.c_str());
+  nlohmann::json j{{"bench", "comm"}, {"op", "allreduce"}, {"bytes_label", size}, {"tcp_floor_busbw", floor},
+                   {"share_of_tcp_floor", of_floor}};
+  if (best_gloo_bw > 0) {
+    std::printf("# allreduce %s: tcp_floor / best Gloo (%s) = %.2fx: the most any allreduce over TCP can reach "
+                "against Gloo on these hosts\n", size.c_str(), best_gloo.c_str(), floor / best_gloo_bw);
+    j["floor_over_best_gloo"] = floor / best_gloo_bw;
+  }
+  std::printf("JSON %s\n", j.dump().c_str());
+}
+
 // After the allreduce rows of one size: each of our rows against every Gloo
 // algorithm and against the best of them (the honest yardstick).
 void printGlooRatios(const std::vector<std::pair<std::string, double>>& busbw_of, uint64_t bytes,
@@ -125,10 +157,11 @@ void printGlooRatios(const std::vector<std::pair<std::string, double>>& busbw_of
       best_impl = impl;
     }
   }
-  if (best <= 0) return;
   const std::string size = core::formatBytes(static_cast<double>(bytes));
+  printFloorShares(busbw_of, size, best_impl, best);
+  if (best <= 0) return;
   for (const auto& [impl, bw] : busbw_of) {
-    if (isGlooImpl(impl)) continue;
+    if (isGlooImpl(impl) || impl == "tcp_floor") continue;
     std::string vs;
     for (const auto& [g, gbw] : busbw_of) {
       if (!isGlooImpl(g)) continue;
@@ -215,6 +248,18 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
     if (!gloo) return error;
   }
 
+  // The TCP floor (bench_tcp_floor.h): the bound below every TCP row.
+  const bool want_floor = !bc.emulated && bc.islands == 1 && n > 1 &&
+                          std::find(opt.ops.begin(), opt.ops.end(), "allreduce") != opt.ops.end() &&
+                          (opt.impls.empty() ||
+                           std::find(opt.impls.begin(), opt.impls.end(), "tcp_floor") != opt.impls.end());
+  std::unique_ptr<TcpFloor> floor;
+  if (want_floor) {
+    auto fr = TcpFloor::connect(g, lr.listen.empty() ? "127.0.0.1" : lr.listen);
+    if (!fr.isOk()) return fr.status().toString();
+    floor = std::move(*fr);
+  }
+
   std::vector<std::string> ops = opt.ops;
   bool printed_header = false;
   const double strait_bw = bc.islands > 1 ? bc.strait.bandwidth : 0;
@@ -265,6 +310,12 @@ std::string rankMain(const LocalRank& lr, const BenchCtx& bc) {
                                   return g.allreduce(buf.data(), count, dt, ReduceOp::kSum, o);
                                 }});
           }
+        }
+        if (floor) {
+          out.resize(count);
+          variants.push_back({"tcp_floor", CodecKind::kNone, [&] {
+                                return floor->exchange(buf.data(), out.data(), bytes);
+                              }});
         }
         if (gloo) {
           for (auto& algo : gloo->allreduceAlgorithms(buf.data(), count)) {

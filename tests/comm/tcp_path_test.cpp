@@ -1,5 +1,5 @@
-// The TCP path's per-link frame checksums, and reuse of a send's memory as
-// soon as the send completed. The Mesh tests play the peer by hand over a
+// The TCP path's per-link frame checksums, reuse of a send's memory as
+// soon as the send completed, and the bench's TCP floor. The Mesh tests play the peer by hand over a
 // real 127.0.0.1 TCP connection, so every step is ordered by events
 // (frames), not by clocks.
 #include <gmock/gmock.h>
@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/bench_tcp_floor.h"
 #include "comm/link_checksum.h"
 #include "comm/mesh.h"
 #include "comm_test_util.h"
@@ -196,6 +197,32 @@ TEST(TcpPath, SourceReusedRightAfterEachSendNeverReachesThePeer) {
         auto bad = std::find_if(buf.begin(), buf.end(), [k](uint32_t v) { return v != k; });
         RANK_CHECK(bad == buf.end(), "message " << k << " word " << (bad - buf.begin()) << " is " << *bad);
       }
+    }
+    RANK_OK(g.barrier());
+    return "";
+  });
+}
+
+// `bench comm`'s tcp_floor row moves what it claims: 2(n-1) pieces of
+// bytes/n from each rank to the next, over plain sockets. Every rank checks
+// each received piece against the previous rank's source, word by word.
+TEST(TcpPath, FloorRowMovesTheRingsBytesToTheNextRank) {
+  testing::runAll(3, [](const LocalRank& lr) -> std::string {
+    auto cr = connectRank(lr, testing::testConfig(), core::Deadline::afterSeconds(20));
+    if (!cr.isOk()) return cr.status().toString();
+    Group& g = *cr->world;
+    auto floor = TcpFloor::connect(g, "127.0.0.1");
+    if (!floor.isOk()) return floor.status().toString();
+    const int n = g.size();
+    const int prev = (g.rank() + n - 1) % n;
+    const size_t words = 3 * 100003;  // 3 pieces of 100003 words
+    auto word = [](int rank, size_t i) { return static_cast<uint32_t>(rank) << 24 | static_cast<uint32_t>(i); };
+    std::vector<uint32_t> src(words), dst(words, 0xFFFFFFFFu);
+    for (size_t i = 0; i < words; ++i) src[i] = word(g.rank(), i);
+    RANK_OK((*floor)->exchange(src.data(), dst.data(), words * 4));
+    for (size_t i = 0; i < words; ++i) {
+      RANK_CHECK(dst[i] == word(prev, i), "word " << i << " is " << dst[i] << ", rank " << prev << " sent "
+                                                  << word(prev, i));
     }
     RANK_OK(g.barrier());
     return "";
