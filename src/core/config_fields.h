@@ -180,7 +180,7 @@ template <typename V> void visitFields(V& v, StrategyConfig& s) {
   v.field("bucket_bytes", ref(s.bucket_bytes, "gradient bucket size, e.g. 4MiB"));
   v.field("allreduce", choice(s.allreduce, {"auto", "ring", "tree", "hierarchical"}, "allreduce algorithm"));
   v.field("island_collectives", choice(s.island_collectives, {"comm", "c10d"},
-                                       "who sums gradient buckets inside an island (c10d: NCCL / Gloo on the device)"));
+                                       "who sums gradient buckets and carries tensor parallelism inside an island (c10d: NCCL / Gloo on the device)"));
   v.field("pipeline_stages", ref(s.pipeline_stages, "pipeline-parallel stages"));
   v.field("expert_parallel", ref(s.expert_parallel, "expert-parallel group size"));
   v.field("tensor_parallel", ref(s.tensor_parallel, "tensor-parallel group size (consecutive ranks of one island)"));

@@ -159,14 +159,16 @@ int64_t replicasOf(const JobConfig& j, int64_t world) {
 }
 
 // strategy.island_collectives: c10d sums whole-model data parallelism's
-// buckets (runtime/c10d_backend.h); the rest of the loop talks through comm.
+// buckets (runtime/c10d_backend.h) and carries tensor parallelism's
+// collectives (runtime/parallel/c10d_tensor_parallel.h); the rest of the
+// loop talks through comm.
 void validateIslandCollectives(const JobConfig& j, Problems& p) {
   const auto& s = j.strategy;
   if (s.island_collectives != "c10d") return;
-  if (splitsModel(j)) {
+  if (s.pipeline_stages > 1 || s.expert_parallel > 1 || perIslandLayouts(j)) {
     p.add("strategy.island_collectives", s.island_collectives,
-          "comm with strategy.pipeline_stages, expert_parallel, tensor_parallel or per-island layouts (c10d sums only "
-          "the buckets of whole-model data parallelism; not built yet)");
+          "comm with strategy.pipeline_stages, expert_parallel or per-island layouts (c10d carries whole-model data "
+          "parallelism's buckets and tensor parallelism's collectives; not built yet for the others)");
   }
   if (zeroStage(j.train) >= 2) {
     p.add("strategy.island_collectives", s.island_collectives,

@@ -1,13 +1,10 @@
 #include "archipelago/runtime/c10d_backend.h"
 
 #include <algorithm>
-#include <array>
-#include <chrono>
 #include <future>
 
 #include <fmt/format.h>
 
-#include "archipelago/comm/address.h"
 #include "archipelago/core/background_queue.h"
 #include "archipelago/model/torch_compat.h"
 
@@ -20,12 +17,9 @@
 #endif
 
 #if ARCHIPELAGO_WITH_GLOO
-#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#endif
-#if ARCHIPELAGO_WITH_NCCL
-#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+
+#include "runtime/c10d_group.h"
 #endif
 
 namespace archipelago::runtime {
@@ -151,32 +145,6 @@ class C10dBackend final : public IslandBackend {
   core::BackgroundQueue queue_;  // last: joined before the members its tasks use
 };
 
-// The island's store: its position 0 serves it, the others learn the port over comm.
-core::Result<c10::intrusive_ptr<c10d::Store>> islandStore(const C10dBackendOptions& o) {
-  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000));
-  c10d::TCPStoreOptions so;
-  so.isServer = o.position == 0;
-  so.port = 0;
-  so.numWorkers = o.island_size;
-  so.waitWorkers = false;
-  so.timeout = timeout;
-  c10::intrusive_ptr<c10d::TCPStore> server;
-  std::array<char, 512> address{};  // "host:port" of the store, from position 0
-  if (so.isServer) {
-    server = c10::make_intrusive<c10d::TCPStore>(o.host, so);
-    const std::string text = comm::joinHostPort(o.host, server->getPort());
-    std::copy_n(text.begin(), std::min(text.size(), address.size() - 1), address.begin());
-  }
-  ARCH_RETURN_IF_ERROR(o.island_group
-                           ->broadcast(address.data(), address.size(), comm::DType::kU8, 0,
-                                       comm::OpOptions::within(o.timeout_s))
-                           .withContext("c10d backend: the island's store address"));
-  if (server) return c10::intrusive_ptr<c10d::Store>(server);
-  ARCH_ASSIGN_OR_RETURN(auto at, comm::splitHostPort(std::string(address.data())));
-  so.port = static_cast<uint16_t>(at.second);
-  return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(at.first, so));
-}
-
 }  // namespace
 
 core::Result<std::unique_ptr<IslandBackend>> makeC10dBackend(const C10dBackendOptions& o) {
@@ -186,29 +154,14 @@ core::Result<std::unique_ptr<IslandBackend>> makeC10dBackend(const C10dBackendOp
     return core::invalidArgument("train.reduce_dtype: bf16 cannot be summed by c10d's Gloo (libtorch 1.13's has no "
                                  "bf16 sum); use train.reduce_dtype: fp32 or strategy.island_collectives: comm");
   }
-  try {
-    ARCH_ASSIGN_OR_RETURN(auto store, islandStore(o));
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("archipelago/island", store);
-    const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000));
-    c10::intrusive_ptr<Collectives> group;
-#if ARCHIPELAGO_WITH_NCCL
-    if (library == "nccl") {
-      auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = timeout;
-      group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, o.position, o.island_size, opts);
-    }
-#endif
-    if (library == "gloo") {
-      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(o.host));
-      opts->threads = 1;
-      group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.position, o.island_size, opts);
-    }
-    return std::unique_ptr<IslandBackend>(std::make_unique<C10dBackend>(o, std::move(group), library));
-  } catch (const std::exception& e) {
-    return core::unavailable(fmt::format("c10d backend ({}, position {} of {}, address {}): {}", library, o.position,
-                                         o.island_size, o.host, e.what()));
-  }
+  C10dGroupOptions g;
+  g.members = o.island_group;
+  g.host = o.host;
+  g.device = o.device;
+  g.timeout_s = o.timeout_s;
+  g.name = "island";
+  ARCH_ASSIGN_OR_RETURN(auto group, makeC10dGroup(g));
+  return std::unique_ptr<IslandBackend>(std::make_unique<C10dBackend>(o, std::move(group), library));
 }
 
 #else

@@ -142,7 +142,7 @@ TEST_F(ConfigTest, BadChoiceListsChoices) {
   EXPECT_THAT(j.status().message(), HasSubstr("sync|diloco|streaming"));
 }
 
-TEST_F(ConfigTest, C10dIslandCollectivesOnlyWhereTheyCanSumEveryBucket) {
+TEST_F(ConfigTest, C10dIslandCollectivesOnlyWhereTheyCanCarryEveryCollective) {
   // kGood's islands have 2 and 1 workers: the cross-island leg pairs positions.
   auto uneven = load(std::string(kGood) + "strategy: {island_collectives: c10d}\n");
   ASSERT_FALSE(uneven.isOk());
@@ -159,7 +159,10 @@ TEST_F(ConfigTest, C10dIslandCollectivesOnlyWhereTheyCanSumEveryBucket) {
   auto pp = load("cluster:\n  islands: [{name: a, count: 2}]\n"
                  "strategy: {island_collectives: c10d, pipeline_stages: 2}\n");
   ASSERT_FALSE(pp.isOk());
-  EXPECT_THAT(pp.status().message(), HasSubstr("c10d sums only the buckets of whole-model data parallelism"));
+  EXPECT_THAT(pp.status().message(), HasSubstr("not built yet for the others"));
+  // Tensor parallelism's collectives go through c10d too.
+  EXPECT_TRUE(load("cluster:\n  islands: [{name: a, count: 2}]\n"
+                   "strategy: {island_collectives: c10d, tensor_parallel: 2}\n").isOk());
   auto bad = load(std::string(kGood) + "strategy: {island_collectives: nccl}\n");
   ASSERT_FALSE(bad.isOk());
   EXPECT_THAT(bad.status().message(), HasSubstr("comm|c10d"));

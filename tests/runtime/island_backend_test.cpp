@@ -1,7 +1,8 @@
-// strategy.island_collectives: c10d (runtime/c10d_backend.h) through the
-// real binary. Gloo sums the gradient buckets inside each island on the
-// workers' own tensors, the path NCCL takes on a GPU island, and the comm
-// layer carries the cross-island leg. Clipped every step, so a piece summed
+// strategy.island_collectives: c10d (runtime/c10d_backend.h,
+// runtime/parallel/c10d_tensor_parallel.h) through the real binary. Gloo
+// sums the gradient buckets inside each island on the workers' own tensors,
+// the path NCCL takes on a GPU island, and the comm layer carries the
+// cross-island leg; tensor parallelism's collectives go through Gloo too. Clipped every step, so a piece summed
 // twice or missed leaves the single-process curve and global norms.
 #include <filesystem>
 #include <string>
@@ -56,6 +57,22 @@ TEST(IslandCollectives, C10dSumsEachIslandsInnerStepsUnderDiloco) {
   const std::string log = testutil::rank0Log(run);
   EXPECT_THAT(log, HasSubstr("gradient buckets: c10d gloo inside islands of 2"));
   EXPECT_THAT(log, Not(HasSubstr("comm across")));
+}
+
+// Tensor parallelism's collectives through c10d (Gloo here, NCCL on a GPU
+// island): the row-parallel partial sums, and with sequence parallelism the
+// reduce-scatters and allgathers, on the single-process curve.
+TEST(IslandCollectives, C10dCarriesTensorParallelismWithAndWithoutSequenceParallelism) {
+  auto ref = testutil::reference("ictp_ref", testutil::kSteps, "");
+  for (const auto& [name, strategy] : {std::pair{"ictp", "{tensor_parallel: 2, island_collectives: c10d}"},
+                                       std::pair{"ictp_sp", "{tensor_parallel: 2, sequence_parallel: true, "
+                                                            "island_collectives: c10d}"}}) {
+    const fs::path run = scratchRoot() / name;
+    ASSERT_EQ(testutil::runTrain(jobYaml(run, "    - {name: a, count: 2}", testutil::kSteps, "", strategy), name), 0)
+        << testutil::outputOf(name);
+    testutil::expectCurve(run, ref, 1, testutil::kSteps, testutil::kTol, name);
+    EXPECT_THAT(testutil::rank0Log(run), HasSubstr("tensor-parallel collectives: c10d gloo in groups of 2")) << name;
+  }
 }
 
 TEST(IslandCollectives, Bf16BucketsOnGlooAreRefusedNamingTheField) {

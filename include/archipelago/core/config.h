@@ -205,9 +205,10 @@ struct StrategyConfig {
   int64_t streams = 4;          // TCP streams per peer pair
   uint64_t bucket_bytes = 4 << 20;  // gradient bucket size
   std::string allreduce = "auto";   // auto | ring | tree | hierarchical
-  // Who sums gradient buckets inside an island: comm (ours: TCP / same-host
-  // copy from host memory) | c10d (libtorch's collectives on the device's
-  // tensors: NCCL on CUDA, Gloo on the CPU); across straits always comm.
+  // Who sums gradient buckets and carries tensor parallelism's collectives
+  // inside an island: comm (ours: TCP / same-host copy from host memory) |
+  // c10d (libtorch's collectives on the device's tensors: NCCL on CUDA, Gloo
+  // on the CPU); across straits always comm.
   std::string island_collectives = "comm";
   int64_t pipeline_stages = 1;  // PP
   int64_t expert_parallel = 1;  // EP

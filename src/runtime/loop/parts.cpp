@@ -6,6 +6,7 @@
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/c10d_backend.h"
 #include "archipelago/runtime/elastic.h"
+#include "archipelago/runtime/parallel/c10d_tensor_parallel.h"
 #include "archipelago/runtime/parallel/micro_batches.h"
 #include "archipelago/runtime/parallel/pipeline.h"
 #include "runtime/loop/trainer.h"
@@ -39,7 +40,17 @@ core::Status Trainer::setupSplitGroups() {
     std::vector<int> tp_ranks;
     for (int t = 0; t < lay_.tp; ++t) tp_ranks.push_back(rank_ - tp_rank_ + t);
     ARCH_ASSIGN_OR_RETURN(auto tpg, groups_.of(tp_ranks));
-    tp_comm_ = std::make_shared<parallel::CommTensorParallel>(tpg);
+    if (job_.strategy.island_collectives == "c10d") {
+      parallel::C10dTensorParallelOptions o;
+      ARCH_ASSIGN_OR_RETURN(o.group, groups_.of(tp_ranks, "c10d rendezvous"));
+      o.host = opt_.host;
+      o.device = place_.device;
+      o.timeout_s = c10dTimeoutSeconds();
+      ARCH_ASSIGN_OR_RETURN(tp_comm_, parallel::makeC10dTensorParallel(o));
+      if (rank_ == 0) ARCH_LOG_INFO("tensor-parallel collectives: c10d {} in groups of {}", *c10dLibraryFor(o.device), lay_.tp);
+    } else {
+      tp_comm_ = std::make_shared<parallel::CommTensorParallel>(tpg);
+    }
     const bool sequence = job_.strategy.sequence_parallel;
     ARCH_RETURN_IF_ERROR(parallel::guardStep("tensor parallelism", [&] {
       net_->setTensorParallel(tp_comm_, sequence);
@@ -126,6 +137,11 @@ core::Status Trainer::setupBridge() {
   return core::okStatus();
 }
 
+// A c10d collective cannot be interrupted: its own timeout bounds how long
+// a peer that stopped without closing holds the others (a 4 MB bucket takes
+// milliseconds, a slow link's cross-island leg is not in it).
+double Trainer::c10dTimeoutSeconds() const { return std::max(20.0, 10 * job_.strategy.failure_timeout); }
+
 core::Status Trainer::setupIslandBackend() {
   if (job_.strategy.island_collectives != "c10d" || grad_ranks_.size() < 2) return core::okStatus();
   // Built by the whole gradient group at once: a joiner, or a job already
@@ -143,10 +159,7 @@ core::Status Trainer::setupIslandBackend() {
   o.host = opt_.host;
   o.device = place_.device;
   o.dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
-  // A c10d collective cannot be interrupted: its own timeout bounds how long
-  // a peer that stopped without closing holds the others (a 4 MB bucket
-  // takes milliseconds, a slow link's cross-island leg is not in it).
-  o.timeout_s = std::max(20.0, 10 * job_.strategy.failure_timeout);
+  o.timeout_s = c10dTimeoutSeconds();
   ARCH_ASSIGN_OR_RETURN(o.island_group, groups_.of(mine, "c10d rendezvous"));
   if (o.islands > 1) {
     std::vector<int> cross;

@@ -116,6 +116,7 @@ class Trainer {
   core::Status setupBridge();
   // strategy.island_collectives: c10d: the native backend of data_'s buckets.
   core::Status setupIslandBackend();
+  double c10dTimeoutSeconds() const;
   // ---- FP8 delayed scaling by step (fp8_steps.cpp) ----
   void setupFp8Steps();
   void fp8BeginStep();
@@ -276,7 +277,7 @@ class Trainer {
   std::unique_ptr<GroupDp> island_dp_;  // the inner group when the session has none of that rank set
   LocalDp local_island_;
   std::shared_ptr<parallel::CommExpertExchange> exchange_;
-  std::shared_ptr<parallel::CommTensorParallel> tp_comm_;
+  std::shared_ptr<parallel::TensorParallelCollectives> tp_comm_;
   std::shared_ptr<comm::Group> tp_stage_group_;  // ZeRO-3 with SP: the stage's ranks of every TP rank
   comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
   // DiLoCo on a split layout: the ranks holding the same tensors in every

@@ -11,20 +11,20 @@ namespace archipelago::runtime::parallel {
 namespace {
 constexpr double kTensorParallelTimeoutS = 600;
 
-// 16-bit values travel and are reduced in fp32.
-torch::ScalarType wireType(const torch::Tensor& t) {
-  return t.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-}
+torch::ScalarType wireType(const torch::Tensor& t) { return tensorParallelWireType(t); }
 comm::DType commType(torch::ScalarType t) { return t == torch::kDouble ? comm::DType::kF64 : comm::DType::kF32; }
-
-// `t` with `dim` moved first, contiguous on the host in its wire type: the
-// blocks along dim are then contiguous runs.
-torch::Tensor dimFirst(const torch::Tensor& t, int64_t dim) {
-  return t.detach().transpose(0, dim).to(torch::kCPU, wireType(t)).contiguous();
-}
+torch::Tensor dimFirst(const torch::Tensor& t, int64_t dim) { return dimFirstOn(t, dim, torch::kCPU); }
 }  // namespace
 
-void CommTensorParallel::fail(const core::Status& st, const std::string& what) {
+torch::ScalarType tensorParallelWireType(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+torch::Tensor dimFirstOn(const torch::Tensor& t, int64_t dim, const torch::Device& device) {
+  return t.detach().transpose(0, dim).to(device, tensorParallelWireType(t)).contiguous();
+}
+
+void TensorParallelCollectives::fail(const core::Status& st, const std::string& what) {
   failure_ = st.withContext("tensor-parallel " + what);
   throw std::runtime_error(failure_.toString());
 }

@@ -22,10 +22,33 @@
 
 namespace archipelago::runtime::parallel {
 
-// model::TensorParallelComm over a comm group. Failures throw (the model
-// calls it inside autograd); the loop turns them into a Status at the step
-// boundary (guardStep with failure()).
-class CommTensorParallel final : public model::TensorParallelComm {
+// What the TP collectives carry and reduce: fp64 as it is, everything else
+// (fp32, 16-bit) in fp32.
+torch::ScalarType tensorParallelWireType(const torch::Tensor& t);
+// `t` with `dim` moved first, contiguous on `device` in its wire type: the
+// blocks along dim are then contiguous runs.
+torch::Tensor dimFirstOn(const torch::Tensor& t, int64_t dim, const torch::Device& device);
+
+// model::TensorParallelComm as the loop holds it: failures throw (the
+// model calls it inside autograd), and the loop turns them into a Status at
+// the step boundary (guardStep with failure()). Two implementations: over a
+// comm group (below) and over c10d (c10d_tensor_parallel.h,
+// strategy.island_collectives: c10d).
+class TensorParallelCollectives : public model::TensorParallelComm {
+ public:
+  // The failure behind the last exception thrown; ok if none.
+  const core::Status& failure() const { return failure_; }
+
+ protected:
+  [[noreturn]] void fail(const core::Status& st, const std::string& what);
+
+ private:
+  core::Status failure_;
+};
+
+// Over a comm group: 16-bit tensors travel and are reduced in fp32, through
+// host memory.
+class CommTensorParallel final : public TensorParallelCollectives {
  public:
   explicit CommTensorParallel(std::shared_ptr<comm::Group> group) : group_(std::move(group)) {}
   int size() const override { return group_->size(); }
@@ -34,14 +57,10 @@ class CommTensorParallel final : public model::TensorParallelComm {
   void allreduceMax(torch::Tensor& t) override { reduce(t, comm::ReduceOp::kMax, "max"); }
   torch::Tensor reduceScatter(const torch::Tensor& t, int64_t dim) override;
   torch::Tensor allgather(const torch::Tensor& t, int64_t dim) override;
-  // The failure behind the last exception thrown; ok if none.
-  const core::Status& failure() const { return failure_; }
 
  private:
   void reduce(torch::Tensor& t, comm::ReduceOp op, const char* what);
-  [[noreturn]] void fail(const core::Status& st, const std::string& what);
   std::shared_ptr<comm::Group> group_;
-  core::Status failure_;
 };
 
 // Per flat segment: whether it is held whole (replicated over the group)

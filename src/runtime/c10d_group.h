@@ -1,0 +1,39 @@
+// Internal to the runtime: one c10d process group (libtorch's collective
+// libraries: Gloo for the CPU, NCCL for CUDA) over the ranks of a comm
+// group, what the island backend (c10d_backend.h) and the tensor-parallel
+// collectives (parallel/c10d_tensor_parallel.h) run on. Rendezvous: the
+// group's rank 0 serves a c10d TCPStore on an ephemeral port of its
+// advertised address and sends "host:port" to the others over the comm
+// group; the process group binds to the same address. Compiled only where
+// this build has c10d's Gloo (ARCHIPELAGO_WITH_GLOO, set for the runtime).
+#pragma once
+
+#if ARCHIPELAGO_WITH_GLOO
+
+#include <memory>
+#include <string>
+
+#include <c10/util/intrusive_ptr.h>
+
+#include "archipelago/comm/communicator.h"
+#include "archipelago/core/status.h"
+#include "archipelago/model/torch_compat.h"
+
+namespace archipelago::runtime {
+
+struct C10dGroupOptions {
+  // Rank i of this group is c10d rank i; every member calls makeC10dGroup.
+  std::shared_ptr<comm::Group> members;
+  std::string host = "127.0.0.1";  // this worker's advertised address
+  torch::Device device = torch::kCPU;
+  double timeout_s = 60;  // c10d's own: a collective cannot be interrupted before it
+  std::string name;       // the store's key prefix, and what errors call the group
+};
+
+// The c10d group for o.device's library (c10dLibraryFor), or kUnavailable
+// naming the group, the library, this rank and the address.
+core::Result<c10::intrusive_ptr<model::compat::C10dCollectives>> makeC10dGroup(const C10dGroupOptions& o);
+
+}  // namespace archipelago::runtime
+
+#endif  // ARCHIPELAGO_WITH_GLOO
