@@ -154,13 +154,8 @@ core::Result<std::unique_ptr<IslandBackend>> makeC10dBackend(const C10dBackendOp
     return core::invalidArgument("train.reduce_dtype: bf16 cannot be summed by c10d's Gloo (libtorch 1.13's has no "
                                  "bf16 sum); use train.reduce_dtype: fp32 or strategy.island_collectives: comm");
   }
-  C10dGroupOptions g;
-  g.members = o.island_group;
-  g.host = o.host;
-  g.device = o.device;
-  g.timeout_s = o.timeout_s;
-  g.name = "island";
-  ARCH_ASSIGN_OR_RETURN(auto group, makeC10dGroup(g));
+  ARCH_ASSIGN_OR_RETURN(auto group, makeC10dGroup({.members = o.island_group, .host = o.host, .device = o.device,
+                                                     .timeout_s = o.timeout_s, .name = "island"}));
   return std::unique_ptr<IslandBackend>(std::make_unique<C10dBackend>(o, std::move(group), library));
 }
 

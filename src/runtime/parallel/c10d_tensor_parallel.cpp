@@ -93,13 +93,8 @@ class C10dTensorParallel final : public TensorParallelCollectives {
 
 core::Result<std::shared_ptr<TensorParallelCollectives>> makeC10dTensorParallel(const C10dTensorParallelOptions& o) {
   ARCH_ASSIGN_OR_RETURN(const std::string library, c10dLibraryFor(o.device));
-  C10dGroupOptions g;
-  g.members = o.group;
-  g.host = o.host;
-  g.device = o.device;
-  g.timeout_s = o.timeout_s;
-  g.name = "tensor-parallel";
-  ARCH_ASSIGN_OR_RETURN(auto group, makeC10dGroup(g));
+  ARCH_ASSIGN_OR_RETURN(auto group, makeC10dGroup({.members = o.group, .host = o.host, .device = o.device,
+                                                     .timeout_s = o.timeout_s, .name = "tensor-parallel"}));
   return std::shared_ptr<TensorParallelCollectives>(
       std::make_shared<C10dTensorParallel>(std::move(group), o.group->rank(), o.group->size(), o.device, library));
 }
