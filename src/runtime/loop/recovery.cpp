@@ -200,6 +200,7 @@ core::Status Trainer::rebuildOuterFromCommit() {
 // on to the epoch after it. A receiver applies a transferred state only
 // once the whole of it arrived, so its own state stays the committed one.
 core::Status Trainer::enterNextEpoch(core::Status cause, const std::string& why, const std::vector<int>& before) {
+  std::vector<int> left = before;  // the members of the epoch the last attempt left
   for (int attempt = 0;; ++attempt) {
     ARCH_RETURN_IF_ERROR(opt_.elastic->reconfigure(cause));
     bindComm();
@@ -208,7 +209,7 @@ core::Status Trainer::enterNextEpoch(core::Status cause, const std::string& why,
       // Every failure gets its record, the ones during a state sync too
       // (a joiner's included: its peers record them).
       std::vector<int> gone;
-      for (int r : before) {
+      for (int r : left) {
         if (!opt_.elastic->membership().isAlive(r)) gone.push_back(r);
       }
       event("failure", {.step = attempt == 0 && failure_at_ > 0 ? failed_step_ : step_,
@@ -216,6 +217,7 @@ core::Status Trainer::enterNextEpoch(core::Status cause, const std::string& why,
                         .failed_rank = gone.empty() ? suspectOf(cause) : gone.front(),
                         .detected_at = attempt == 0 && failure_at_ > 0 ? failure_at_ : wallSeconds()});
     }
+    left = alive_;
     core::Status st = syncReplicas(why);
     if (st.isOk()) return st;
     if (!isPeerFailure(st) || attempt >= 20) return st;
