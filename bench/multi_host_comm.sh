@@ -5,7 +5,9 @@
 #  1. allreduce, 4 ranks on 4 hosts, 64 MB, every byte through TCP (between
 #     hosts there is no same-host shortcut): our busbw / the best of Gloo's
 #     algorithms run on the same namespaces in the same invocation
-#     (target >= 1.5x);
+#     (target >= 1.5x), and every row's share of the TCP floor (the
+#     `tcp_floor` row: the ring's bytes through plain sockets, the bound
+#     below any TCP allreduce, docs/comm.md section 7);
 #  2. hierarchical allreduce between two islands of two ranks, one host per
 #     island, the hosts' links shaped by the kernel (tc tbf, 1 Gbit/s): the
 #     share of the shaped rate kept busy (target >= 90 %). Nothing is
