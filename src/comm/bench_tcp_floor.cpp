@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "comm/socket.h"
 

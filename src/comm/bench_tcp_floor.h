@@ -12,8 +12,6 @@
 #include <cstddef>
 #include <memory>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include "archipelago/comm/communicator.h"
 #include "archipelago/core/status.h"

@@ -57,7 +57,6 @@ class C10dTensorParallel final : public TensorParallelCollectives {
 
  private:
   void reduce(torch::Tensor& t, c10d::ReduceOp op, const char* what) {
-    torch::NoGradGuard ng;
     // In place when t is already contiguous fp32/fp64 on the device (the
     // usual case); otherwise a wire copy, copied back.
     std::vector<at::Tensor> io{t.detach().to(device_, tensorParallelWireType(t)).contiguous()};

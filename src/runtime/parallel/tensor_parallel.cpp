@@ -11,9 +11,7 @@ namespace archipelago::runtime::parallel {
 namespace {
 constexpr double kTensorParallelTimeoutS = 600;
 
-torch::ScalarType wireType(const torch::Tensor& t) { return tensorParallelWireType(t); }
 comm::DType commType(torch::ScalarType t) { return t == torch::kDouble ? comm::DType::kF64 : comm::DType::kF32; }
-torch::Tensor dimFirst(const torch::Tensor& t, int64_t dim) { return dimFirstOn(t, dim, torch::kCPU); }
 }  // namespace
 
 torch::ScalarType tensorParallelWireType(const torch::Tensor& t) {
@@ -30,15 +28,16 @@ void TensorParallelCollectives::fail(const core::Status& st, const std::string& 
 }
 
 void CommTensorParallel::reduce(torch::Tensor& t, comm::ReduceOp op, const char* what) {
-  HostView v(t, wireType(t));
-  const core::Status st = group_->allreduce(v.host().data_ptr(), static_cast<size_t>(v.host().numel()),
-                                            commType(wireType(t)), op, comm::OpOptions::within(kTensorParallelTimeoutS));
+  const torch::ScalarType wire = tensorParallelWireType(t);
+  HostView v(t, wire);
+  const core::Status st = group_->allreduce(v.host().data_ptr(), static_cast<size_t>(v.host().numel()), commType(wire),
+                                            op, comm::OpOptions::within(kTensorParallelTimeoutS));
   if (!st.isOk()) fail(st, std::string("allreduce (") + what + ")");
   v.land();
 }
 
 torch::Tensor CommTensorParallel::reduceScatter(const torch::Tensor& t, int64_t dim) {
-  torch::Tensor host = dimFirst(t, dim);
+  torch::Tensor host = dimFirstOn(t, dim, torch::kCPU);
   std::vector<int64_t> shape = host.sizes().vec();
   shape[0] /= size();
   torch::Tensor out = torch::empty(shape, host.options());
@@ -50,7 +49,7 @@ torch::Tensor CommTensorParallel::reduceScatter(const torch::Tensor& t, int64_t 
 }
 
 torch::Tensor CommTensorParallel::allgather(const torch::Tensor& t, int64_t dim) {
-  torch::Tensor host = dimFirst(t, dim);
+  torch::Tensor host = dimFirstOn(t, dim, torch::kCPU);
   std::vector<int64_t> shape = host.sizes().vec();
   shape[0] *= size();
   torch::Tensor out = torch::empty(shape, host.options());
