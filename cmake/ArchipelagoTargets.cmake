@@ -30,6 +30,19 @@ function(archipelago_layer name)
   archipelago_fuzz_instrument(archipelago_${name})
 endfunction()
 
+# archipelago_torch_target(TARGET): a target with many files that include
+# libtorch. Compiled in batches (ARCHIPELAGO_UNITY_BUILD, CMakeLists.txt),
+# each batch parses torch.h once (about 5 s) and emits libtorch's inline
+# functions and templates once: four runtime files took 98 s one by one and
+# 37 s as one batch, on 2 cores. A precompiled torch.h costs about 40 s per
+# target, which only files compiled one by one win back, so it is built
+# only then.
+function(archipelago_torch_target target)
+  if(NOT ARCHIPELAGO_UNITY_BUILD)
+    target_precompile_headers(${target} PRIVATE <torch/torch.h>)
+  endif()
+endfunction()
+
 # In a -DARCHIPELAGO_FUZZ=ON build (clang) the layers' own code carries
 # libFuzzer's coverage hooks and the sanitizers, not only the fuzz targets'
 # files: the parsers under test live in the layers. Undefined behaviour

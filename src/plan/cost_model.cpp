@@ -7,11 +7,12 @@
 #include <algorithm>
 #include <cmath>
 
+#include "plan/arith.h"
+
 namespace archipelago::plan {
 namespace {
 constexpr double kAttentionKernelEfficiency = 0.75;  // flash attention vs a plain GEMM of equal FLOPs
 constexpr double kMoeImbalance = 1.08;               // busiest expert rank vs the mean
-double d(int64_t v) { return static_cast<double>(v); }
 }  // namespace
 
 const char* recomputeName(Recompute r) {

@@ -32,6 +32,7 @@
 #include "archipelago/core/shares.h"
 #include "archipelago/core/workers.h"
 #include "archipelago/plan/cost_model.h"
+#include "plan/arith.h"
 
 namespace archipelago::plan {
 namespace {
@@ -39,7 +40,6 @@ namespace {
 constexpr double kLocalLatency = 50e-6;       // one loopback TCP message between local workers
 constexpr double kDefaultLoopback = 1.0e9;    // bytes/s when the profile has no loopback measurement
 
-double d(int64_t v) { return static_cast<double>(v); }
 
 struct LocalWorker {
   int island = 0;

@@ -4,9 +4,10 @@
 #include <algorithm>
 #include <filesystem>
 
+#include "plan/arith.h"
+
 namespace archipelago::plan {
 namespace {
-double d(int64_t v) { return static_cast<double>(v); }
 }  // namespace
 
 bool ModelSpec::isMoeLayer(int64_t layer) const {

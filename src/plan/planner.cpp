@@ -15,13 +15,12 @@
 
 #include <fmt/format.h>
 
+#include "plan/arith.h"
 #include "plan/planner_internal.h"
 #include "plan/schedule.h"
 
 namespace archipelago::plan {
 namespace {
-double d(int64_t v) { return static_cast<double>(v); }
-constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kBatchTolerance = 0.10;  // realised vs requested global batch
 }  // namespace
 

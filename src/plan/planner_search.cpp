@@ -13,12 +13,12 @@
 #include <fmt/format.h>
 
 #include "archipelago/plan/planner.h"
+#include "plan/arith.h"
 #include "plan/planner_internal.h"
 
 namespace archipelago::plan {
 namespace {
 
-double d(int64_t v) { return static_cast<double>(v); }
 
 struct Cand {
   FixedLayout layout;

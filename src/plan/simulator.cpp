@@ -18,13 +18,12 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "plan/arith.h"
 #include "plan/schedule.h"
 
 namespace archipelago::plan {
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
-double d(int64_t v) { return static_cast<double>(v); }
 
 struct Flow {
   int link_dir;        // link * 2 + direction

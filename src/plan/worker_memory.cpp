@@ -4,10 +4,11 @@
 
 #include <fmt/format.h>
 
+#include "plan/arith.h"
+
 namespace archipelago::plan {
 namespace {
 
-double d(int64_t v) { return static_cast<double>(v); }
 
 // Parameters of one decoder layer a rank holds, by the group that shares
 // them: the dense tensors (the stage's replicas) and the routed experts (the

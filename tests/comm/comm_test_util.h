@@ -19,6 +19,9 @@
 
 namespace archipelago::comm::testing {
 
+// One second on the membership table's clock (microseconds).
+inline constexpr int64_t kSec = 1000000;
+
 // Unit tests do not time the product: a wall-clock bound here only tells a
 // working mechanism from a broken one (a wait that never ends, a shaper that
 // does not shape), so upper bounds are several times the expected value and

@@ -19,7 +19,7 @@
 namespace archipelago::comm {
 namespace {
 
-constexpr int64_t kSec = 1000000;
+using testing::kSec;
 
 // A table of three ranks moved to `epoch` by transient faults; its snapshot is every worker's view.
 MembershipTable atEpoch(uint32_t epoch) {

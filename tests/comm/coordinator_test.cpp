@@ -9,11 +9,12 @@
 #include <gtest/gtest.h>
 
 #include "archipelago/comm/coordinator.h"
+#include "comm_test_util.h"
 
 namespace archipelago::comm {
 namespace {
 
-constexpr int64_t kSec = 1000000;
+using testing::kSec;
 
 MembershipTable threeRanks(double timeout_s = 2.0) {
   MembershipTable t(timeout_s);

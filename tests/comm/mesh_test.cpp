@@ -16,13 +16,13 @@
 namespace archipelago::comm {
 namespace {
 
-constexpr uint32_t kEpoch = 7;
+constexpr uint32_t kMeshEpoch = 7;
 constexpr uint64_t kSendTag = 1, kLateTag = 2, kMarkerTag = 3;
 
 FrameHeader dataFrame(uint64_t tag, size_t bytes) {
   FrameHeader h;
   h.type = FrameType::kData;
-  h.epoch = kEpoch;
+  h.epoch = kMeshEpoch;
   h.tag = tag;
   h.offset = 0;
   h.total = bytes;
@@ -35,7 +35,7 @@ TEST(Mesh, ReceiveAfterASendLandsOnlyOnceTheSendIsOut) {
   Socket peer(fds[1]);
   CommOptions o;
   o.heartbeat_timeout_s = 0;  // the hand-played peer sends no heartbeats
-  Mesh mesh(0, kEpoch, {0, 1}, o);
+  Mesh mesh(0, kMeshEpoch, {0, 1}, o);
   std::vector<Mesh::PeerLinks> links(1);
   links[0].peer = 1;
   links[0].streams.push_back(std::make_unique<Socket>(fds[0]));
@@ -89,7 +89,7 @@ TEST(Mesh, ReceiveAfterASendLandsOnlyOnceTheSendIsOut) {
   // Goodbye both ways, so close() ends at once.
   FrameHeader bye;
   bye.type = FrameType::kAbort;
-  bye.epoch = kEpoch;
+  bye.epoch = kMeshEpoch;
   const std::string text = "closing";
   ASSERT_TRUE(peer.writeFrame(bye, std::vector<uint8_t>(text.begin(), text.end()), dl).isOk());
   mesh.close();

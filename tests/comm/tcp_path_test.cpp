@@ -22,13 +22,13 @@ namespace {
 
 using ::testing::HasSubstr;
 
-constexpr uint32_t kEpoch = 3;
+constexpr uint32_t kPathEpoch = 3;
 
 FrameHeader dataFrame(uint64_t tag, size_t offset, size_t total, uint8_t flags = 0, uint32_t length = 0) {
   FrameHeader h;
   h.length = length;
   h.type = FrameType::kData;
-  h.epoch = kEpoch;
+  h.epoch = kPathEpoch;
   h.tag = tag;
   h.offset = offset;
   h.total = total;
@@ -52,7 +52,7 @@ struct HandPlayedPeer {
     ::close(lis->first);
     CommOptions o;
     o.heartbeat_timeout_s = 0;  // the hand-played peer sends no heartbeats
-    mesh = std::make_unique<Mesh>(0, kEpoch, std::vector<int>{0, 1}, o);
+    mesh = std::make_unique<Mesh>(0, kPathEpoch, std::vector<int>{0, 1}, o);
     std::vector<Mesh::PeerLinks> links(1);
     links[0].peer = 1;
     links[0].crc = crc;

@@ -121,7 +121,7 @@ TEST(PlanToJob, TensorAndPipelineParallelismBecomeTheJobsStrategy) {
   EXPECT_TRUE(sp2->notes.empty());
   auto sp3 = jobOverrides(planOf({tpep3}), moe);
   ASSERT_TRUE(sp3.isOk()) << sp3.status().toString();
-  EXPECT_THAT(sp3->sets, testing::Not(Contains(std::string("strategy.sequence_parallel=true"))));
+  EXPECT_THAT(sp3->sets, ::testing::Not(Contains(std::string("strategy.sequence_parallel=true"))));
   EXPECT_THAT(sp3->notes, Contains(HasSubstr("sequence parallelism is off")));
 
   // The job those overrides make passes the job check.
@@ -155,7 +155,7 @@ TEST(PlanToJob, DataParallelPlansKeepTheirZeroStageAndCrossIslandStrategy) {
 }
 
 // Two islands of 2 workers: a and b.
-core::JobConfig twoIslands() {
+core::JobConfig twoIslandJob() {
   core::JobConfig j = job(2);
   j.cluster.islands.push_back(j.cluster.islands[0]);
   j.cluster.islands[1].name = "b";
@@ -166,7 +166,7 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   Plan p = planOf({group({0}, 2, {4}, 1), group({1}, 1, {3, 1}, 1)});
   p.groups[1].micro_batch = 1;
   p.codec = "int8";
-  auto ov = jobOverrides(p, twoIslands());
+  auto ov = jobOverrides(p, twoIslandJob());
   ASSERT_TRUE(ov.isOk()) << ov.status().toString();
   for (const char* want : {"cluster.islands[0].tensor_parallel=2", "cluster.islands[0].pipeline_stages=1",
                            "cluster.islands[1].tensor_parallel=1", "cluster.islands[1].pipeline_stages=2",
@@ -186,39 +186,39 @@ TEST(PlanToJob, GroupsOfDifferentLayoutsBecomeEachIslandsLayout) {
   // Under DiLoCo: its H, and no codec.
   p.strategy = "diloco";
   p.diloco_h = 20;
-  auto dl = jobOverrides(p, twoIslands());
+  auto dl = jobOverrides(p, twoIslandJob());
   ASSERT_TRUE(dl.isOk()) << dl.status().toString();
   EXPECT_THAT(dl->sets, Contains(std::string("strategy.kind=diloco")));
   EXPECT_THAT(dl->sets, Contains(std::string("strategy.inner_steps=20")));
   EXPECT_THAT(dl->notes, Contains(HasSubstr("pseudo-gradient mean")));
   // ZeRO: at most 2 (optimizer state and gradients), and only as far as every group shards, said.
   p.groups[0].zero = 3;
-  auto z = jobOverrides(p, twoIslands());
+  auto z = jobOverrides(p, twoIslandJob());
   ASSERT_TRUE(z.isOk());
   EXPECT_THAT(z->sets, Contains(std::string("train.zero=1")));  // the other group shards only the optimizer state
   EXPECT_THAT(z->notes, Contains(HasSubstr("zero=3 runs as 1")));
   p.groups[1].zero = 2;
-  auto z2 = jobOverrides(p, twoIslands());
+  auto z2 = jobOverrides(p, twoIslandJob());
   ASSERT_TRUE(z2.isOk());
   EXPECT_THAT(z2->sets, Contains(std::string("train.zero=2")));
   EXPECT_THAT(z2->notes, Contains(HasSubstr("zero=3 runs as 2")));
   p.groups[1].zero = 1;
   // DiLoCo's mean crosses in an element-wise codec as planned, a scaled one in fp32 (said).
   p.codec = "bf16";
-  auto bf = jobOverrides(p, twoIslands());
+  auto bf = jobOverrides(p, twoIslandJob());
   ASSERT_TRUE(bf.isOk());
   EXPECT_THAT(bf->sets, Contains(std::string("strategy.codec=bf16")));
   p.codec = "int8";
   // A MoE model: each island's layout replicates the MoE layers, with
   // sequence parallelism, and the job passes the job check.
-  core::JobConfig moe = twoIslands();
+  core::JobConfig moe = twoIslandJob();
   moe.model.moe.num_experts = 4;
   p.strategy = "sync";
   p.groups[0].zero = 1;
   auto m = jobOverrides(p, moe);
   ASSERT_TRUE(m.isOk()) << m.status().toString();
   EXPECT_THAT(m->sets, Contains(std::string("strategy.sequence_parallel=true")));
-  EXPECT_THAT(m->notes, testing::Not(Contains(HasSubstr("sequence parallelism is off"))));
+  EXPECT_THAT(m->notes, ::testing::Not(Contains(HasSubstr("sequence parallelism is off"))));
   // Expert groups inside each island (one degree for the job): ZeRO-1 at most.
   Plan pe = planOf({group({0}, 2, {4}, 1, 2), group({1}, 1, {4}, 2, 2)});  // 2 x TP2 ... and 4 plain, each ep=2
   pe.groups[0].ep = pe.groups[1].ep = 2;
@@ -248,11 +248,11 @@ TEST(PlanToJob, RefusesWhatTheRuntimeCannotRunNamingWhy) {
   };
   // Per-island layouts: an island the job lacks, another device count, EP.
   EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), group({1}, 1, {2, 2}, 1)}), job(4)), HasSubstr("another cluster"));
-  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), group({1}, 1, {2, 2}, 2)}), twoIslands()),
+  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), group({1}, 1, {2, 2}, 2)}), twoIslandJob()),
               HasSubstr("cluster.islands[1].count"));
   GroupPlan ep = group({1}, 1, {2, 2}, 1);
   ep.ep = 2;
-  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), ep}), twoIslands()), HasSubstr("one expert-parallel degree"));
+  EXPECT_THAT(msg(planOf({group({0}, 2, {4}, 1), ep}), twoIslandJob()), HasSubstr("one expert-parallel degree"));
   GroupPlan mixed_tp = group({0, 1}, 2, {2, 2}, 1);
   mixed_tp.tp = {2, 1};
   EXPECT_THAT(msg(planOf({mixed_tp}), job(4)), HasSubstr("per-island layouts"));

@@ -52,7 +52,7 @@ void train(const std::string& yaml, const std::string& name) {
 }
 
 // `archipelago ARGS`, its output in NAME.out; the exit code.
-int cli(const std::string& args, const std::string& name) {
+int cliExit(const std::string& args, const std::string& name) {
   const std::string cmd = std::string(ARCHIPELAGO_BINARY) + " " + args + " > " + (scratchRoot() / (name + ".out")).string() + " 2>&1";
   const int rc = std::system(cmd.c_str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
@@ -103,7 +103,7 @@ void expectHfReads(const fs::path& run, const fs::path& out, const data::Tokeniz
 TEST(HuggingFace, ExportedLlamaIsWhatHfComputesAndImportsBack) {
   const fs::path run = scratchRoot() / "hf_llama", out = scratchRoot() / "hf_llama_export";
   train(hfJob(run, testutil::tinyDataDir(), "n_heads: 4, n_kv_heads: 2, tie_embeddings: false"), "hf_llama");
-  ASSERT_EQ(cli("export hf " + run.string() + " " + out.string(), "hf_export"), 0) << testutil::outputOf("hf_export");
+  ASSERT_EQ(cliExit("export hf " + run.string() + " " + out.string(), "hf_export"), 0) << testutil::outputOf("hf_export");
   for (const char* f : {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                         "tokenizer_config.json", "special_tokens_map.json"}) {
     EXPECT_TRUE(fs::exists(out / f)) << f;
@@ -111,17 +111,17 @@ TEST(HuggingFace, ExportedLlamaIsWhatHfComputesAndImportsBack) {
   expectHfReads(run, out, data::ByteTokenizer(), "hf_llama_check");
 
   // An existing directory is replaced only when asked, and only an export.
-  EXPECT_NE(cli("export hf " + run.string() + " " + out.string(), "hf_export2"), 0);
+  EXPECT_NE(cliExit("export hf " + run.string() + " " + out.string(), "hf_export2"), 0);
   EXPECT_THAT(testutil::outputOf("hf_export2"), HasSubstr("--force"));
-  EXPECT_EQ(cli("export hf " + run.string() + " " + out.string() + " --force", "hf_export3"), 0);
-  EXPECT_NE(cli("export hf " + run.string() + " " + testutil::tinyDataDir().string() + " --force", "hf_export4"), 0);
+  EXPECT_EQ(cliExit("export hf " + run.string() + " " + out.string() + " --force", "hf_export3"), 0);
+  EXPECT_NE(cliExit("export hf " + run.string() + " " + testutil::tinyDataDir().string() + " --force", "hf_export4"), 0);
   EXPECT_TRUE(fs::exists(testutil::tinyDataDir() / "manifest.json"));
 
   // Back in: step 0 of a new run holds the exported weights bit for bit, and trains on.
   const fs::path run2 = scratchRoot() / "hf_imported";
   const std::string job2 = (scratchRoot() / "hf_imported.yaml").string();
   std::ofstream(job2) << hfJob(run2, testutil::tinyDataDir(), "n_heads: 4, n_kv_heads: 2, tie_embeddings: false", 2);
-  ASSERT_EQ(cli("import hf " + out.string() + " " + job2, "hf_import"), 0) << testutil::outputOf("hf_import");
+  ASSERT_EQ(cliExit("import hf " + out.string() + " " + job2, "hf_import"), 0) << testutil::outputOf("hf_import");
   auto exported = model::readSafetensors(out / "model.safetensors");
   auto imported = loadCheckpoint((run2 / "checkpoints" / checkpointDirName(0)).string());
   ASSERT_TRUE(exported.isOk() && imported.isOk());
@@ -130,13 +130,13 @@ TEST(HuggingFace, ExportedLlamaIsWhatHfComputesAndImportsBack) {
     ASSERT_TRUE(got.count(name)) << name;
     EXPECT_TRUE(torch::equal(got[name], t)) << name;
   }
-  ASSERT_EQ(cli("train " + job2 + " --resume", "hf_imported_train"), 0) << testutil::outputOf("hf_imported_train");
+  ASSERT_EQ(cliExit("train " + job2 + " --resume", "hf_imported_train"), 0) << testutil::outputOf("hf_imported_train");
   EXPECT_TRUE(fs::exists(run2 / "checkpoints" / checkpointDirName(2)));
 
   // A job describing another model is refused, naming the field.
   const std::string job3 = (scratchRoot() / "hf_wrong.yaml").string();
   std::ofstream(job3) << hfJob(scratchRoot() / "hf_wrong", testutil::tinyDataDir(), "n_heads: 4, n_kv_heads: 4, tie_embeddings: false");
-  EXPECT_NE(cli("import hf " + out.string() + " " + job3, "hf_import_wrong"), 0);
+  EXPECT_NE(cliExit("import hf " + out.string() + " " + job3, "hf_import_wrong"), 0);
   EXPECT_THAT(testutil::outputOf("hf_import_wrong"),
               HasSubstr("model.n_kv_heads: the job has 4, config.json has 2 (num_key_value_heads)"));
 }
@@ -144,13 +144,13 @@ TEST(HuggingFace, ExportedLlamaIsWhatHfComputesAndImportsBack) {
 TEST(HuggingFace, ExportedMixtralIsWhatHfComputesAndWhatItCannotExpressIsRefused) {
   const fs::path run = scratchRoot() / "hf_mixtral", out = scratchRoot() / "hf_mixtral_export";
   train(hfJob(run, testutil::tinyDataDir(), "n_heads: 2, tie_embeddings: true, moe: {num_experts: 4, top_k: 2}"), "hf_mixtral");
-  ASSERT_EQ(cli("export hf " + run.string() + " " + out.string(), "hf_mx_export"), 0) << testutil::outputOf("hf_mx_export");
+  ASSERT_EQ(cliExit("export hf " + run.string() + " " + out.string(), "hf_mx_export"), 0) << testutil::outputOf("hf_mx_export");
   EXPECT_THAT(testutil::outputOf("hf_mx_export"), HasSubstr("MixtralForCausalLM"));
   expectHfReads(run, out, data::ByteTokenizer(), "hf_mixtral_check");
 
   const fs::path shared = scratchRoot() / "hf_shared";
   train(hfJob(shared, testutil::tinyDataDir(), "n_heads: 2, moe: {num_experts: 4, top_k: 2, shared_expert: true}"), "hf_shared");
-  EXPECT_NE(cli("export hf " + shared.string() + " " + (scratchRoot() / "hf_shared_export").string(), "hf_shared_export"), 0);
+  EXPECT_NE(cliExit("export hf " + shared.string() + " " + (scratchRoot() / "hf_shared_export").string(), "hf_shared_export"), 0);
   EXPECT_THAT(testutil::outputOf("hf_shared_export"), HasSubstr("model.moe.shared_expert"));
   EXPECT_FALSE(fs::exists(scratchRoot() / "hf_shared_export"));
 }
@@ -167,7 +167,7 @@ TEST(HuggingFace, SentencePieceTokenizerTravelsWithTheExport) {
   ASSERT_TRUE(rep.isOk()) << rep.status().toString();
   const fs::path run = scratchRoot() / "hf_spm", out = scratchRoot() / "hf_spm_export";
   train(hfJob(run, data, "n_heads: 2", 1), "hf_spm");
-  ASSERT_EQ(cli("export hf " + run.string() + " " + out.string(), "hf_spm_export"), 0) << testutil::outputOf("hf_spm_export");
+  ASSERT_EQ(cliExit("export hf " + run.string() + " " + out.string(), "hf_spm_export"), 0) << testutil::outputOf("hf_spm_export");
   EXPECT_TRUE(fs::exists(out / "tokenizer.model"));
   auto m = data::loadManifest(data);
   ASSERT_TRUE(m.isOk());

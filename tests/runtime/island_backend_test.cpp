@@ -22,7 +22,7 @@ using ::testing::Not;
 using testutil::jobYaml;
 using testutil::scratchRoot;
 
-const char* kTwoIslands = "    - {name: a, count: 2}\n    - {name: b, count: 2}\n"
+const char* kTwoPairs = "    - {name: a, count: 2}\n    - {name: b, count: 2}\n"
                           "  straits: [{a: a, b: b, bandwidth: 1Gbit/s, latency: 1ms}]";
 
 TEST(IslandCollectives, C10dInsideOneIslandFollowsTheSingleProcessRun) {
@@ -33,7 +33,7 @@ TEST(IslandCollectives, C10dInsideOneIslandFollowsTheSingleProcessRun) {
 }
 
 TEST(IslandCollectives, C10dInsideTwoIslandsWithCommAcrossFollowsTheSingleProcessRun) {
-  const fs::path run = testutil::expectClippedRunMatches("ictwo", kTwoIslands, testutil::kSteps, "",
+  const fs::path run = testutil::expectClippedRunMatches("ictwo", kTwoPairs, testutil::kSteps, "",
                                                          "{kind: sync, island_collectives: c10d}",
                                                          "c10d gloo in islands a and b, comm across");
   EXPECT_THAT(testutil::rank0Log(run), HasSubstr("c10d gloo inside islands of 2, comm across 2 islands"));
@@ -46,7 +46,7 @@ TEST(IslandCollectives, C10dSumsEachIslandsInnerStepsUnderDiloco) {
   const int steps = 10;
   auto ref = testutil::sgdDilocoReference("icdl_ref", steps);
   const fs::path run = scratchRoot() / "icdl";
-  ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run, kTwoIslands, steps, "",
+  ASSERT_EQ(testutil::runTrain(testutil::sgdDiloco(jobYaml(run, kTwoPairs, steps, "",
                                                            "{kind: diloco, inner_steps: 1, outer_lr: 1.0, "
                                                            "outer_momentum: 0.0, nesterov: false, "
                                                            "island_collectives: c10d}")),

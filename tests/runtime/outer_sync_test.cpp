@@ -118,7 +118,7 @@ TEST(ReplicaCheck, MismatchIsDataLossNamingRanks) {
 using testutil::scratchRoot;
 using testutil::tinyDataDir;
 
-std::string jobYaml(const std::string& name, const std::string& islands, int steps, const std::string& train_extra,
+std::string dilocoJob(const std::string& name, const std::string& islands, int steps, const std::string& train_extra,
                     const std::string& strategy) {
   // The defaults, each unless train_extra sets it (a repeated key is refused).
   std::string defaults;
@@ -152,14 +152,14 @@ core::Result<TrainSummary> trainInProcess(const std::string& yaml, const std::st
 
 int runBinary(const std::string& yaml, const std::string& name) { return testutil::runTrain(yaml, name); }
 using testutil::outputOf;
-std::vector<nlohmann::json> metricLines(const std::string& name, const std::string& kind) {
+std::vector<nlohmann::json> runMetrics(const std::string& name, const std::string& kind) {
   return testutil::metricLines(scratchRoot() / name, kind);
 }
 std::map<int64_t, double> stepLosses(const std::string& name) { return testutil::rank0Losses(scratchRoot() / name); }
 
 // Two islands, uneven: east has two workers, west one (so islands carry
 // different token counts and the cross-island shard count K is 1).
-const char* kTwoIslands =
+const char* kEastWest =
     "    - {name: east, count: 2}\n    - {name: west, count: 1}\n"
     "  straits: [{a: east, b: west, bandwidth: 1Gbit/s, latency: 1ms}]";
 
@@ -168,9 +168,9 @@ const char* kIdentityDiloco = "{kind: diloco, inner_steps: 1, outer_lr: 1.0, out
 
 TEST(DiLoCo, IdentityOuterStepEqualsSyncSingleProcess) {
   const int steps = 12;
-  auto ref = trainInProcess(jobYaml("sp_sync", "    - {name: a, count: 1}", steps, kSgd, "{kind: sync}"), "sp_sync");
+  auto ref = trainInProcess(dilocoJob("sp_sync", "    - {name: a, count: 1}", steps, kSgd, "{kind: sync}"), "sp_sync");
   ASSERT_TRUE(ref.isOk()) << ref.status().toString();
-  auto got = trainInProcess(jobYaml("sp_diloco", "    - {name: a, count: 1}", steps, kSgd, kIdentityDiloco), "sp_diloco");
+  auto got = trainInProcess(dilocoJob("sp_diloco", "    - {name: a, count: 1}", steps, kSgd, kIdentityDiloco), "sp_diloco");
   ASSERT_TRUE(got.isOk()) << got.status().toString();
   ASSERT_EQ(got->losses.size(), ref->losses.size());
   for (size_t i = 0; i < ref->losses.size(); ++i) {
@@ -181,21 +181,21 @@ TEST(DiLoCo, IdentityOuterStepEqualsSyncSingleProcess) {
 TEST(DiLoCo, IdentityOuterStepOnTwoIslandsEqualsSync) {
   const int steps = 10;
   // Reference: one process, whole batch, plain SGD.
-  auto ref = trainInProcess(jobYaml("ref_sync", "    - {name: a, count: 1}", steps, kSgd, "{kind: sync}"), "ref_sync");
+  auto ref = trainInProcess(dilocoJob("ref_sync", "    - {name: a, count: 1}", steps, kSgd, "{kind: sync}"), "ref_sync");
   ASSERT_TRUE(ref.isOk()) << ref.status().toString();
-  ASSERT_EQ(runBinary(jobYaml("id2", kTwoIslands, steps, kSgd, kIdentityDiloco), "id2"), 0) << outputOf("id2");
+  ASSERT_EQ(runBinary(dilocoJob("id2", kEastWest, steps, kSgd, kIdentityDiloco), "id2"), 0) << outputOf("id2");
   auto losses = stepLosses("id2");
   ASSERT_EQ(losses.size(), static_cast<size_t>(steps)) << outputOf("id2");
   for (int s = 1; s <= steps; ++s) {
     EXPECT_NEAR(losses[s], ref->losses[static_cast<size_t>(s - 1)], 2e-4 * std::max(1.0, ref->losses[0])) << "step " << s;
   }
-  EXPECT_EQ(metricLines("id2", "outer").size(), static_cast<size_t>(3 * steps));
+  EXPECT_EQ(runMetrics("id2", "outer").size(), static_cast<size_t>(3 * steps));
 }
 
 // Every outer step: the three ranks' digests of (anchor, momentum) agree,
 // every rank took every outer step, and the run ended without a DataLoss.
 void expectIdenticalReplicas(const std::string& name, size_t expected_outer_per_rank) {
-  auto outer = metricLines(name, "outer");
+  auto outer = runMetrics(name, "outer");
   std::map<std::pair<int64_t, int>, std::map<int, std::string>> digests;  // (sent_step, fragment) -> rank -> digest
   for (const auto& j : outer) {
     digests[{j["sent_step"].get<int64_t>(), j["fragment"].get<int>()}][j["rank"].get<int>()] = j["digest"].get<std::string>();
@@ -216,12 +216,12 @@ TEST_P(DiLoCoCodec, ReplicasBitIdenticalAfterEveryOuterStep) {
   const std::string name = "codec_" + codec;
   const std::string strategy = "{kind: diloco, inner_steps: 3, outer_lr: 0.7, outer_momentum: 0.9, codec: " + codec +
                                ", error_feedback: true}";
-  ASSERT_EQ(runBinary(jobYaml(name, kTwoIslands, 9, "", strategy), name), 0) << outputOf(name);
+  ASSERT_EQ(runBinary(dilocoJob(name, kEastWest, 9, "", strategy), name), 0) << outputOf(name);
   expectIdenticalReplicas(name, 3);
   // The compressed payload is what crosses the strait (fp32 is 4 bytes per
   // parameter). Islands list members in descending rank order, so east's
   // shard holder is rank 1 and rank 0 only receives (K = 1).
-  auto outer = metricLines(name, "outer");
+  auto outer = runMetrics(name, "outer");
   ASSERT_FALSE(outer.empty());
   // Bytes per parameter of the codec's payload (fp32 4, 16-bit 2, 8-bit 1, int4 0.5; + block scales).
   const double expected = codec == "none" ? 4 : codec == "bf16" || codec == "fp16" ? 2 : codec == "int4" ? 0.5 : 1;
@@ -241,7 +241,7 @@ INSTANTIATE_TEST_SUITE_P(Codecs, DiLoCoCodec,
 
 TEST(DiLoCo, LossFallsOnTinyCorpus) {
   const std::string strategy = "{kind: diloco, inner_steps: 5, outer_lr: 0.7, outer_momentum: 0.9, codec: int8}";
-  ASSERT_EQ(runBinary(jobYaml("falls", kTwoIslands, 30, ", lr: 0.01", strategy), "falls"), 0) << outputOf("falls");
+  ASSERT_EQ(runBinary(dilocoJob("falls", kEastWest, 30, ", lr: 0.01", strategy), "falls"), 0) << outputOf("falls");
   auto losses = stepLosses("falls");
   ASSERT_EQ(losses.size(), 30u);
   EXPECT_LT(losses[30], 0.75 * losses[1]) << "first " << losses[1] << " last " << losses[30];
@@ -251,10 +251,10 @@ TEST(Streaming, FragmentsSyncOnScheduleReplicasAgreeAndLossFalls) {
   const int steps = 24, H = 6, F = 3;
   const std::string strategy = "{kind: streaming, inner_steps: 6, fragments: 3, overlap_steps: 2, outer_lr: 0.7, "
                                "outer_momentum: 0.9, codec: int8}";
-  ASSERT_EQ(runBinary(jobYaml("stream", kTwoIslands, steps, ", lr: 0.01", strategy), "stream"), 0) << outputOf("stream");
+  ASSERT_EQ(runBinary(dilocoJob("stream", kEastWest, steps, ", lr: 0.01", strategy), "stream"), 0) << outputOf("stream");
   // Offsets 0, 2, 4: fragment 0 syncs after 6, 12, 18, 24; 1 after 2, 8, 14, 20; 2 after 4, 10, 16, 22;
   // then the final sync at step 24 for fragments 1 and 2.
-  auto outer = metricLines("stream", "outer");
+  auto outer = runMetrics("stream", "outer");
   std::map<int, std::set<int64_t>> sent;
   for (const auto& j : outer) {
     if (j["rank"].get<int>() == 0) sent[j["fragment"].get<int>()].insert(j["sent_step"].get<int64_t>());
