@@ -40,7 +40,6 @@ namespace {
 constexpr double kLocalLatency = 50e-6;       // one loopback TCP message between local workers
 constexpr double kDefaultLoopback = 1.0e9;    // bytes/s when the profile has no loopback measurement
 
-
 struct LocalWorker {
   int island = 0;
   double slowdown = 1;

@@ -7,8 +7,6 @@
 #include "plan/arith.h"
 
 namespace archipelago::plan {
-namespace {
-}  // namespace
 
 bool ModelSpec::isMoeLayer(int64_t layer) const {
   if (!isMoe() || layer < first_dense) return false;

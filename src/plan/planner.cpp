@@ -9,7 +9,6 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
-#include <limits>
 #include <numeric>
 #include <set>
 

@@ -19,7 +19,6 @@
 namespace archipelago::plan {
 namespace {
 
-
 struct Cand {
   FixedLayout layout;
   double tokens_per_s = 0;

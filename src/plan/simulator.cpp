@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
-#include <limits>
 #include <map>
 #include <queue>
 #include <tuple>
@@ -23,7 +22,6 @@
 
 namespace archipelago::plan {
 namespace {
-
 
 struct Flow {
   int link_dir;        // link * 2 + direction

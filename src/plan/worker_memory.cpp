@@ -9,7 +9,6 @@
 namespace archipelago::plan {
 namespace {
 
-
 // Parameters of one decoder layer a rank holds, by the group that shares
 // them: the dense tensors (the stage's replicas) and the routed experts (the
 // ranks holding the same experts).
