@@ -146,9 +146,9 @@ build_cuda() {  # log
   # The NCCL half of the c10d island backend has never been compiled before
   # this machine (and needs CUDA's own headers): should it fail, the rest
   # still builds and measures without it.
-  if grep -qE 'c10d_backend\.cpp.*error|FAILED: .*c10d_backend' "$1"; then
+  if grep -qE 'c10d_(backend|group)\.cpp.*error|FAILED: .*c10d_(backend|group)' "$1"; then
     echo "gpu_check: the NCCL island backend did not compile; building without it" | tee -a "$1"
-    record nccl_backend failed "$(grep -m1 -E 'c10d_backend\.cpp.*error' "$1")"
+    record nccl_backend failed "$(grep -m1 -E 'c10d_(backend|group)\.cpp.*error' "$1")"
     configure_cuda "$build_dir" -DARCHIPELAGO_NCCL=off >> "$1" 2>&1 &&
       "$cmake" --build "$build_dir" -j "$jobs" --target "${targets[@]}" "${keep_going[@]}" >> "$1" 2>&1 && return 0
   fi

@@ -159,9 +159,10 @@ int64_t replicasOf(const JobConfig& j, int64_t world) {
 }
 
 // strategy.island_collectives: c10d sums whole-model data parallelism's
-// buckets (runtime/c10d_backend.h) and carries tensor parallelism's
-// collectives (runtime/parallel/c10d_tensor_parallel.h); the rest of the
-// loop talks through comm.
+// buckets and carries its ZeRO collectives (runtime/c10d_backend.h), and
+// tensor parallelism's collectives
+// (runtime/parallel/c10d_tensor_parallel.h); the rest of the loop talks
+// through comm.
 void validateIslandCollectives(const JobConfig& j, Problems& p) {
   const auto& s = j.strategy;
   if (s.island_collectives != "c10d") return;
@@ -170,10 +171,12 @@ void validateIslandCollectives(const JobConfig& j, Problems& p) {
           "comm with strategy.pipeline_stages, expert_parallel or per-island layouts (c10d carries whole-model data "
           "parallelism's buckets and tensor parallelism's collectives; not built yet for the others)");
   }
-  if (zeroStage(j.train) >= 2) {
+  // ZeRO applies under sync only (DiLoCo / streaming keep the state per island).
+  if (zeroStage(j.train) >= 2 && s.kind == "sync" && s.tensor_parallel > 1) {
     p.add("strategy.island_collectives", s.island_collectives,
           "comm with train.zero: " + std::to_string(zeroStage(j.train)) +
-              " (its reduce-scatters go through comm), or train.zero <= 1");
+              " and strategy.tensor_parallel (c10d carries ZeRO's reduce-scatters for whole-model data parallelism), "
+              "or train.zero <= 1");
   }
   if (s.kind != "sync") return;  // DiLoCo / streaming: the inner group is one island
   for (const auto& island : j.cluster.islands) {

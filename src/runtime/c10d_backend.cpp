@@ -1,6 +1,7 @@
 #include "archipelago/runtime/c10d_backend.h"
 
 #include <algorithm>
+#include <functional>
 #include <future>
 
 #include <fmt/format.h>
@@ -67,11 +68,47 @@ class C10dBackend final : public IslandBackend {
   }
 
   std::unique_ptr<PendingReduce> allreduceSum(torch::Tensor wire) override {
+    return enqueue([this, wire] { return legs(wire); });
+  }
+
+  // ZeRO: block r of a reduce-scatter or gather is the gradient group's
+  // rank r, position p of island i (o_.blocks[i][p]). Inside one island,
+  // c10d alone; over several, c10d inside and comm across, as the buckets.
+  std::unique_ptr<PendingReduce> reduceScatterSum(torch::Tensor wire, std::vector<size_t> counts) override {
+    return enqueue([this, wire, counts] {
+      std::vector<int64_t> at{0};
+      for (size_t c : counts) at.push_back(at.back() + static_cast<int64_t>(c));
+      ARCH_RETURN_IF_ERROR(checkBlocks("reduce-scatter", at));
+      if (o_.islands == 1) return guarded([&] { c10dReduceScatterBlocks(*group_, library_, wire, at, o_.position); });
+      // The island's sum, then this position's blocks over every island.
+      ARCH_RETURN_IF_ERROR(guarded([&] { allreduceInside(wire); }));
+      return blocksAcrossIslands(wire, at, false);
+    });
+  }
+
+  core::Status allgatherSlices(torch::Tensor wire, std::vector<int64_t> offsets) override {
+    return enqueue([this, wire, offsets] {
+      ARCH_RETURN_IF_ERROR(checkBlocks("allgather", offsets));
+      if (o_.islands == 1) return guarded([&] { c10dAllgatherBlocks(*group_, wire, offsets, o_.position); });
+      // This position's blocks of every island, then every position's to the island.
+      ARCH_RETURN_IF_ERROR(blocksAcrossIslands(wire, offsets, true));
+      return guarded([&] { packsInsideIsland(wire, offsets); });
+    })->wait();
+  }
+
+ private:
+  // Every collective of the group runs on the backend's one thread, in the
+  // order the ranks ask for them. A failed one closes the group at once,
+  // and with it its connections, so a peer waiting on this rank inside a
+  // collective fails now too rather than at its timeout (the queue skips
+  // the tasks after this one).
+  std::unique_ptr<PendingReduce> enqueue(std::function<core::Status()> task) {
     auto done = std::make_shared<std::promise<core::Status>>();
     auto f = done->get_future();
     queue_.submit(
-        [this, wire, done] {
-          core::Status st = sum(wire);
+        [this, task = std::move(task), done] {
+          core::Status st = task();
+          if (!st.isOk()) group_.reset();
           done->set_value(st);
           return st;
         },
@@ -79,25 +116,19 @@ class C10dBackend final : public IslandBackend {
     return std::make_unique<FutureReduce>(std::move(f));
   }
 
- private:
-  core::Status sum(const torch::Tensor& wire) {
-    core::Status st = legs(wire);
-    // A failed leg closes the group at once, and with it its connections,
-    // so a peer waiting on this rank inside a collective fails now too
-    // rather than at its timeout (the queue skips the buckets after this one).
-    if (!st.isOk()) group_.reset();
-    return st;
+  core::Status checkBlocks(const char* what, const std::vector<int64_t>& offsets) const {
+    const size_t ranks = static_cast<size_t>(o_.islands) * static_cast<size_t>(o_.island_size);
+    if (offsets.size() == ranks + 1 && o_.blocks.size() == static_cast<size_t>(o_.islands)) return core::okStatus();
+    return core::internalError(fmt::format("c10d backend: ZeRO's {} over {} blocks, but the group is {} island(s) of {}",
+                                           what, offsets.size() - 1, o_.islands, o_.island_size));
   }
 
-  core::Status legs(const torch::Tensor& wire) {
+  // c10d's exceptions as kUnavailable, which the elastic loop answers like any peer failure.
+  template <typename F>
+  core::Status guarded(F&& f) {
     try {
       torch::NoGradGuard no_grad;
-      std::vector<at::Tensor> t{wire};
-      group_->allreduce(t)->wait();
-      if (o_.islands > 1) {
-        ARCH_RETURN_IF_ERROR(acrossIslands(wire));
-        gatherPieces(wire);
-      }
+      f();
       return core::okStatus();
     } catch (const std::exception& e) {
       return core::unavailable(fmt::format("c10d {} collective inside the island (position {} of {}): {}", library_,
@@ -105,38 +136,107 @@ class C10dBackend final : public IslandBackend {
     }
   }
 
+  void allreduceInside(const torch::Tensor& wire) {
+    std::vector<at::Tensor> t{wire};
+    group_->allreduce(t)->wait();
+  }
+
+  core::Status legs(const torch::Tensor& wire) {
+    ARCH_RETURN_IF_ERROR(guarded([&] { allreduceInside(wire); }));
+    if (o_.islands == 1) return core::okStatus();
+    ARCH_RETURN_IF_ERROR(acrossIslands(wire));
+    return guarded([&] { gatherPieces(wire); });
+  }
+
   // Leg 2: this position's piece of the island's sum over every island.
   core::Status acrossIslands(const torch::Tensor& wire) {
     const auto [lo, hi] = pieceOf(wire.numel(), o_.island_size, o_.position);
     torch::Tensor piece = wire.narrow(0, lo, hi - lo);
     torch::Tensor host = piece.is_cpu() ? piece : piece.to(model::compat::hostStagingOptions(piece.device(), piece.scalar_type()));
-    const auto n = static_cast<size_t>(host.numel());
-    std::unique_ptr<PendingReduce> op =
-        host.scalar_type() == torch::kBFloat16
-            ? o_.cross->allreduceSumBf16Async(
-                  std::span<uint16_t>(reinterpret_cast<uint16_t*>(host.data_ptr<at::BFloat16>()), n))
-            : o_.cross->allreduceSumAsync(std::span<float>(host.data_ptr<float>(), n));
-    ARCH_RETURN_IF_ERROR(op->wait().withContext("c10d backend: the cross-island leg"));
+    ARCH_RETURN_IF_ERROR(crossSum(host, {}).withContext("c10d backend: the cross-island leg"));
     if (!piece.is_cpu()) piece.copy_(host);
     return core::okStatus();
   }
 
-  // Leg 3: every position's piece to every rank of the island (the pieces
-  // padded to one size, as c10d's allgather wants).
-  void gatherPieces(const torch::Tensor& wire) {
-    const int64_t n = wire.numel();
-    const int k = o_.island_size;
-    const int64_t chunk = (n + k - 1) / k;
-    const auto [lo, hi] = pieceOf(n, k, o_.position);
-    std::vector<at::Tensor> in{torch::zeros({chunk}, wire.options())};
-    in[0].narrow(0, 0, hi - lo).copy_(wire.narrow(0, lo, hi - lo));
-    std::vector<std::vector<at::Tensor>> out(1);
-    for (int i = 0; i < k; ++i) out[0].push_back(torch::empty({chunk}, wire.options()));
-    group_->allgather(out, in)->wait();
-    for (int i = 0; i < k; ++i) {
-      const auto [a, b] = pieceOf(n, k, i);
-      if (i != o_.position) wire.narrow(0, a, b - a).copy_(out[0][static_cast<size_t>(i)].narrow(0, 0, b - a));
+  // `host` (fp32 or bf16 host memory) over the cross-island group: summed
+  // whole, or with counts reduce-scattered (each island keeps its block).
+  core::Status crossSum(const torch::Tensor& host, const std::vector<size_t>& counts) {
+    const auto n = static_cast<size_t>(host.numel());
+    std::unique_ptr<PendingReduce> op;
+    if (host.scalar_type() == torch::kBFloat16) {
+      std::span<uint16_t> bits(reinterpret_cast<uint16_t*>(host.data_ptr<at::BFloat16>()), n);
+      op = counts.empty() ? o_.cross->allreduceSumBf16Async(bits) : o_.cross->reduceScatterSumBf16Async(bits, counts);
+    } else {
+      std::span<float> values(host.data_ptr<float>(), n);
+      op = counts.empty() ? o_.cross->allreduceSumAsync(values) : o_.cross->reduceScatterSumAsync(values, counts);
     }
+    return op->wait();
+  }
+
+  // ZeRO over several islands, across: the blocks of this position in
+  // every island (the cross group's rank order), through host memory over
+  // the comm layer: reduce-scattered, each island keeping its own block, or
+  // allgathered from each island's own block.
+  core::Status blocksAcrossIslands(const torch::Tensor& wire, const std::vector<int64_t>& at, bool gather) {
+    const int me = o_.cross->rank();
+    std::vector<int64_t> block, cross_at{0};
+    std::vector<size_t> counts;
+    for (int i = 0; i < o_.islands; ++i) {
+      block.push_back(o_.blocks[static_cast<size_t>(i)][static_cast<size_t>(o_.position)]);
+      counts.push_back(static_cast<size_t>(at[block.back() + 1] - at[block.back()]));
+      cross_at.push_back(cross_at.back() + static_cast<int64_t>(counts.back()));
+    }
+    auto slot = [&](const torch::Tensor& t, int i) { return t.narrow(0, cross_at[i], cross_at[i + 1] - cross_at[i]); };
+    auto own = [&](int i) { return wire.narrow(0, at[block[i]], at[block[i] + 1] - at[block[i]]); };
+    torch::Tensor host = torch::empty({cross_at.back()}, model::compat::hostStagingOptions(wire.device(), wire.scalar_type()));
+    for (int i = 0; i < o_.islands; ++i) {
+      if (!gather || i == me) slot(host, i).copy_(own(i));
+    }
+    core::Status st =  // gathers are fp32
+        gather ? o_.cross->allgatherSlices(std::span<float>(host.data_ptr<float>(), static_cast<size_t>(host.numel())),
+                                           cross_at)
+               : crossSum(host, counts);
+    ARCH_RETURN_IF_ERROR(st.withContext(std::string("c10d backend: ZeRO's ") + (gather ? "allgather" : "reduce-scatter") +
+                                        " across islands"));
+    for (int i = 0; i < o_.islands; ++i) {
+      if (gather ? i != me : i == me) own(i).copy_(slot(host, i));
+    }
+    return core::okStatus();
+  }
+
+  // ZeRO over several islands, inside: each position holds its blocks of
+  // every island; those packs go to every rank of the island.
+  void packsInsideIsland(const torch::Tensor& wire, const std::vector<int64_t>& at) {
+    std::vector<int64_t> packs{0};  // pack p = the blocks of position p, island by island
+    for (int p = 0; p < o_.island_size; ++p) {
+      int64_t n = 0;
+      for (const auto& island : o_.blocks) n += at[island[static_cast<size_t>(p)] + 1] - at[island[static_cast<size_t>(p)]];
+      packs.push_back(packs.back() + n);
+    }
+    torch::Tensor packed = torch::empty({packs.back()}, wire.options());
+    auto move = [&](int p, bool in) {
+      int64_t o = packs[static_cast<size_t>(p)];
+      for (const auto& island : o_.blocks) {
+        const int b = island[static_cast<size_t>(p)];
+        const int64_t n = at[b + 1] - at[b];
+        if (in) packed.narrow(0, o, n).copy_(wire.narrow(0, at[b], n));
+        else wire.narrow(0, at[b], n).copy_(packed.narrow(0, o, n));
+        o += n;
+      }
+    };
+    move(o_.position, true);
+    c10dAllgatherBlocks(*group_, packed, packs, o_.position);
+    for (int p = 0; p < o_.island_size; ++p) {
+      if (p != o_.position) move(p, false);
+    }
+  }
+
+  // Leg 3: every position's piece to every rank of the island.
+  void gatherPieces(const torch::Tensor& wire) {
+    std::vector<int64_t> offsets;
+    for (int i = 0; i < o_.island_size; ++i) offsets.push_back(pieceOf(wire.numel(), o_.island_size, i).first);
+    offsets.push_back(wire.numel());
+    c10dAllgatherBlocks(*group_, wire, offsets, o_.position);
   }
 
   C10dBackendOptions o_;

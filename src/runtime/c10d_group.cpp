@@ -76,6 +76,52 @@ core::Result<c10::intrusive_ptr<model::compat::C10dCollectives>> makeC10dGroup(c
   }
 }
 
+namespace {
+int64_t largestBlock(std::span<const int64_t> offsets) {
+  int64_t most = 0;
+  for (size_t r = 0; r + 1 < offsets.size(); ++r) most = std::max(most, offsets[r + 1] - offsets[r]);
+  return most;
+}
+}  // namespace
+
+void c10dReduceScatterBlocks(model::compat::C10dCollectives& group, const std::string& library,
+                             const torch::Tensor& wire, std::span<const int64_t> offsets, int rank) {
+  torch::NoGradGuard no_grad;
+  if (library == "gloo") {
+    std::vector<at::Tensor> io{wire};
+    group.allreduce(io)->wait();
+    return;
+  }
+  const int64_t block = largestBlock(offsets);
+  const auto r = static_cast<size_t>(rank);
+  std::vector<at::Tensor> out{torch::empty({block}, wire.options())};
+  std::vector<std::vector<at::Tensor>> in(1);
+  for (size_t i = 0; i + 1 < offsets.size(); ++i) {
+    const int64_t n = offsets[i + 1] - offsets[i];
+    torch::Tensor padded = n == block ? wire.narrow(0, offsets[i], n) : torch::zeros({block}, wire.options());
+    if (n != block) padded.narrow(0, 0, n).copy_(wire.narrow(0, offsets[i], n));
+    in[0].push_back(padded);
+  }
+  group.reduce_scatter(out, in)->wait();
+  wire.narrow(0, offsets[r], offsets[r + 1] - offsets[r]).copy_(out[0].narrow(0, 0, offsets[r + 1] - offsets[r]));
+}
+
+void c10dAllgatherBlocks(model::compat::C10dCollectives& group, const torch::Tensor& wire,
+                         std::span<const int64_t> offsets, int rank) {
+  torch::NoGradGuard no_grad;
+  const int64_t block = largestBlock(offsets);
+  const auto r = static_cast<size_t>(rank);
+  std::vector<at::Tensor> in{torch::zeros({block}, wire.options())};
+  in[0].narrow(0, 0, offsets[r + 1] - offsets[r]).copy_(wire.narrow(0, offsets[r], offsets[r + 1] - offsets[r]));
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (size_t i = 0; i + 1 < offsets.size(); ++i) out[0].push_back(torch::empty({block}, wire.options()));
+  group.allgather(out, in)->wait();
+  for (size_t i = 0; i + 1 < offsets.size(); ++i) {
+    const int64_t n = offsets[i + 1] - offsets[i];
+    if (i != r && n > 0) wire.narrow(0, offsets[i], n).copy_(out[0][i].narrow(0, 0, n));
+  }
+}
+
 }  // namespace archipelago::runtime
 
 #endif  // ARCHIPELAGO_WITH_GLOO

@@ -10,7 +10,9 @@
 
 #if ARCHIPELAGO_WITH_GLOO
 
+#include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
 #include <c10/util/intrusive_ptr.h>
@@ -33,6 +35,21 @@ struct C10dGroupOptions {
 // The c10d group for o.device's library (c10dLibraryFor), or kUnavailable
 // naming the group, the library, this rank and the address.
 core::Result<c10::intrusive_ptr<model::compat::C10dCollectives>> makeC10dGroup(const C10dGroupOptions& o);
+
+// Blocks of uneven sizes over a c10d group, whose collectives want one size
+// per rank: `wire` (1-D, contiguous, on the group's device) is the group's
+// blocks in rank order, block r = [offsets[r], offsets[r+1]) (size+1
+// ascending offsets from 0 to wire.numel()). Both throw what c10d throws.
+//
+// Sums `wire` over the group; block `rank` holds the sum afterwards, the
+// others are clobbered. NCCL: a reduce-scatter of the blocks padded to one
+// size. libtorch 1.13's Gloo has no reduce-scatter: the whole allreduce.
+void c10dReduceScatterBlocks(model::compat::C10dCollectives& group, const std::string& library,
+                             const torch::Tensor& wire, std::span<const int64_t> offsets, int rank);
+// Every rank's block to every rank: block `rank` is this rank's, the
+// others are overwritten (an allgather of the blocks padded to one size).
+void c10dAllgatherBlocks(model::compat::C10dCollectives& group, const torch::Tensor& wire,
+                         std::span<const int64_t> offsets, int rank);
 
 }  // namespace archipelago::runtime
 

@@ -150,12 +150,18 @@ TEST_F(ConfigTest, C10dIslandCollectivesOnlyWhereTheyCanCarryEveryCollective) {
   EXPECT_THAT(uneven.status().message(), HasSubstr("different worker counts"));
   // Under DiLoCo the inner group is one island: any counts will do.
   EXPECT_TRUE(load(std::string(kGood) + "strategy: {kind: diloco, island_collectives: c10d}\n").isOk());
-  const std::string even = "cluster:\n  islands: [{name: a, count: 2}, {name: b, count: 2}]\n"
-                           "train: {global_batch: 8}\n";
+  const std::string two = "cluster:\n  islands: [{name: a, count: 2}, {name: b, count: 2}]\n";
+  const std::string even = two + "train: {global_batch: 8}\n";
   EXPECT_TRUE(load(even + "strategy: {island_collectives: c10d}\n").isOk());
-  auto z = load("cluster:\n  islands: [{name: a, count: 2}]\ntrain: {zero: 2}\nstrategy: {island_collectives: c10d}\n");
-  ASSERT_FALSE(z.isOk());
-  EXPECT_THAT(z.status().message(), HasSubstr("reduce-scatters go through comm"));
+  // ZeRO's collectives through c10d, not next to tensor parallelism (whose
+  // ZeRO groups are per TP rank).
+  EXPECT_TRUE(load("cluster:\n  islands: [{name: a, count: 2}]\ntrain: {zero: 3}\n"
+                   "strategy: {island_collectives: c10d}\n").isOk());
+  EXPECT_TRUE(load(two + "train: {global_batch: 8, zero: 2}\nstrategy: {island_collectives: c10d}\n").isOk());
+  auto ztp = load("cluster:\n  islands: [{name: a, count: 4}]\ntrain: {zero: 3}\n"
+                  "strategy: {island_collectives: c10d, tensor_parallel: 2}\n");
+  ASSERT_FALSE(ztp.isOk());
+  EXPECT_THAT(ztp.status().message(), HasSubstr("train.zero: 3 and strategy.tensor_parallel"));
   auto pp = load("cluster:\n  islands: [{name: a, count: 2}]\n"
                  "strategy: {island_collectives: c10d, pipeline_stages: 2}\n");
   ASSERT_FALSE(pp.isOk());

@@ -2,10 +2,12 @@
 // runtime/parallel/c10d_tensor_parallel.h) through the real binary. Gloo
 // sums the gradient buckets inside each island on the workers' own tensors,
 // the path NCCL takes on a GPU island, and the comm layer carries the
-// cross-island leg; tensor parallelism's collectives go through Gloo too. Clipped every step, so a piece summed
-// twice or missed leaves the single-process curve and global norms.
+// cross-island leg; tensor parallelism's and ZeRO's collectives go through
+// Gloo too. Clipped every step, so a piece summed twice or missed leaves
+// the single-process curve and global norms.
 #include <filesystem>
 #include <string>
+#include <tuple>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -72,6 +74,31 @@ TEST(IslandCollectives, C10dCarriesTensorParallelismWithAndWithoutSequenceParall
         << testutil::outputOf(name);
     testutil::expectCurve(run, ref, 1, testutil::kSteps, testutil::kTol, name);
     EXPECT_THAT(testutil::rank0Log(run), HasSubstr("tensor-parallel collectives: c10d gloo in groups of 2")) << name;
+  }
+}
+
+// ZeRO's collectives through c10d: ZeRO-2's bucket reduce-scatters and
+// parameter allgathers inside one island of three, ZeRO-3's per-unit
+// gathers and reduce-scatters over two islands of two (c10d inside, comm
+// across). Uneven shares: blocks of uneven sizes per bucket and unit (Gloo
+// has no reduce-scatter: the padded blocks are NCCL's path, the whole
+// allreduce Gloo's).
+TEST(IslandCollectives, C10dCarriesZeroInsideOneIslandAndOverTwo) {
+  auto ref = testutil::reference("iczr_ref", testutil::kSteps, "");
+  for (const auto& [name, zero, islands, describe] :
+       {std::tuple{"icz2", 2, "    - {name: a, count: 3}", "c10d gloo inside islands of 3"},
+        std::tuple{"icz3", 3, kTwoPairs, "c10d gloo inside islands of 2, comm across 2 islands"}}) {
+    const fs::path run = scratchRoot() / name;
+    const std::string shares = zero == 2 ? "[5, 2, 1]" : "[3, 3, 1, 1]";
+    ASSERT_EQ(testutil::runTrain(jobYaml(run, islands, testutil::kSteps, "", "{kind: sync, island_collectives: c10d}",
+                                         ", shares: " + shares + ", zero: " + std::to_string(zero)),
+                                 name),
+              0)
+        << testutil::outputOf(name);
+    testutil::expectCurve(run, ref, 1, testutil::kSteps, testutil::kTol, name);
+    const std::string log = testutil::rank0Log(run);
+    EXPECT_THAT(log, HasSubstr("optimizer shard (ZeRO-" + std::to_string(zero) + ")")) << name;
+    EXPECT_THAT(log, HasSubstr("ZeRO-" + std::to_string(zero) + " collectives: " + describe)) << name;
   }
 }
 

@@ -11,8 +11,13 @@
 //      position i of every island, through the comm layer (host memory, the
 //      strait codec) — skipped with one island;
 //   3. allgather of the pieces inside the island (c10d).
-// Every rank then holds the same sum, bit for bit. The legs of one bucket
-// and the buckets run in order on one thread of the backend.
+// Every rank then holds the same sum, bit for bit. ZeRO's reduce-scatters
+// and gathers take the same split: inside one island c10d alone; over
+// several, a reduce-scatter is the island's c10d allreduce and then this
+// position's blocks of every island reduce-scattered across through comm,
+// and an allgather is the reverse (across through comm, then each
+// position's blocks to the island by c10d). Every collective runs in order
+// on one thread of the backend.
 //
 // Rendezvous: the island's first rank serves a c10d TCPStore on its
 // advertised address (an ephemeral port, sent to the others over the comm
@@ -41,8 +46,12 @@ struct C10dBackendOptions {
   int islands = 1;         // islands of the gradient group
   // This rank's island, for the rendezvous (its position 0 serves the store).
   std::shared_ptr<comm::Group> island_group;
-  // Position `position` of every island (islands > 1): the cross-island leg.
+  // Position `position` of every island (islands > 1): the cross-island
+  // leg; its rank i is island i of `blocks`.
   DpComm* cross = nullptr;
+  // ZeRO's blocks: blocks[i][p] is the gradient group's rank of position
+  // p in island i (the block it keeps of a reduce-scatter).
+  std::vector<std::vector<int>> blocks;
   std::string host = "127.0.0.1";  // this worker's advertised address
   torch::Device device = torch::kCPU;
   torch::ScalarType dtype = torch::kFloat32;  // what the buckets are summed in (train.reduce_dtype)

@@ -10,13 +10,18 @@
 // only the cross-island leg to the comm layer, as FlagCX splits
 // homogeneous from heterogeneous links.
 //
-// Rules for every backend: every rank of the gradient group calls
-// allreduceSum with the same buckets in the same order; when wait()
-// returns, every rank holds the same sum, bit for bit.
+// ZeRO's collectives go through the same seam: the gradient buckets'
+// reduce-scatters (ZeRO-2), the parameter allgathers after the optimizer
+// (ZeRO-1/2), and ZeRO-3's per-unit gathers and reduce-scatters.
+//
+// Rules for every backend: every rank of the group calls the same
+// collectives with the same sizes in the same order; when wait() returns,
+// every rank holds the same sum, bit for bit (or its block of it).
 #pragma once
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -35,6 +40,20 @@ class IslandBackend {
   // over the gradient group, in place. The caller keeps it alive and
   // untouched until wait() returns.
   virtual std::unique_ptr<PendingReduce> allreduceSum(torch::Tensor wire) = 0;
+  // Sums `wire` (as allreduceSum) over the group, keeping only this rank's
+  // block: `wire` is the group's blocks in rank order, counts[r] elements
+  // for rank r. When wait() returns, this rank's block holds the sum and
+  // the others are clobbered.
+  virtual std::unique_ptr<PendingReduce> reduceScatterSum(torch::Tensor wire, std::vector<size_t> counts) = 0;
+  // Rank r contributes wire[offsets[r], offsets[r+1]) (fp32, placed as
+  // wireOptions says; size+1 ascending offsets from 0 to wire.numel());
+  // every rank ends with all of it.
+  virtual core::Status allgatherSlices(torch::Tensor wire, std::vector<int64_t> offsets) = 0;
+
+  // What to sum or gather `t` (1-D) in: `t` itself when it already lies
+  // where this backend works in `dtype` (wire.is_same(t)), else a new
+  // tensor placed as wireOptions says, holding t's values when `values`.
+  torch::Tensor wireFor(const torch::Tensor& t, torch::ScalarType dtype, bool values) const;
 };
 
 // Ours: host memory through a DpComm (GroupDp's allreduce or hierarchical
@@ -47,6 +66,8 @@ class CommBackend final : public IslandBackend {
   std::string describe() const override;
   torch::TensorOptions wireOptions(const torch::Device& device, torch::ScalarType dtype) const override;
   std::unique_ptr<PendingReduce> allreduceSum(torch::Tensor wire) override;
+  std::unique_ptr<PendingReduce> reduceScatterSum(torch::Tensor wire, std::vector<size_t> counts) override;
+  core::Status allgatherSlices(torch::Tensor wire, std::vector<int64_t> offsets) override;
 
  private:
   DpComm* dp_;

@@ -13,6 +13,21 @@
 
 namespace archipelago::runtime::loop {
 
+namespace {
+// ZeRO's blocks by island and position: each member's rank in the
+// gradient group (its index in `grad_ranks`).
+std::vector<std::vector<int>> blocksOf(const std::map<int, std::vector<int>>& by_island, const std::vector<int>& grad_ranks) {
+  std::vector<std::vector<int>> out;
+  for (const auto& [island, ranks] : by_island) {
+    out.emplace_back();
+    for (int r : ranks) {
+      out.back().push_back(static_cast<int>(std::find(grad_ranks.begin(), grad_ranks.end(), r) - grad_ranks.begin()));
+    }
+  }
+  return out;
+}
+}  // namespace
+
 // Pipeline / expert / tensor-parallel layouts: the same-stage ranks of the
 // inner group (at the same tensor-parallel rank) share the replicated
 // tensors, those of them in one member slot the experts; stage neighbours
@@ -161,6 +176,7 @@ core::Status Trainer::setupIslandBackend() {
   o.dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   o.timeout_s = c10dTimeoutSeconds();
   ARCH_ASSIGN_OR_RETURN(o.island_group, groups_.of(mine, "c10d rendezvous"));
+  o.blocks = blocksOf(by_island, grad_ranks_);
   if (o.islands > 1) {
     std::vector<int> cross;
     for (const auto& [island, ranks] : by_island) {
@@ -179,8 +195,17 @@ core::Status Trainer::setupIslandBackend() {
     o.cross = island_cross_.get();
   }
   ARCH_ASSIGN_OR_RETURN(island_backend_, makeC10dBackend(o));
-  data_->setBackend(island_backend_.get());
-  if (rank_ == 0) ARCH_LOG_INFO("gradient buckets: {}", island_backend_->describe());
+  if (data_) data_->setBackend(island_backend_.get());
+  if (rank_ == 0 && data_) ARCH_LOG_INFO("gradient buckets: {}", island_backend_->describe());
+  // ZeRO's gathers and reduce-scatters over the gradient group: block r is
+  // its rank r, island i's part of it the cross group's rank i.
+  const auto island_rank = std::distance(by_island.begin(), by_island.find(me_.island_index));
+  const auto my_block = std::find(grad_ranks_.begin(), grad_ranks_.end(), rank_) - grad_ranks_.begin();
+  if (optim_->stage() >= 1 && my_block == grad_dp_->rank() && (!island_cross_ || island_cross_->rank() == island_rank)) {
+    optim_->setBackend(grad_dp_, island_backend_.get());
+    if (params_shard_) params_shard_->setBackend(grad_dp_, island_backend_.get());
+    if (rank_ == 0) ARCH_LOG_INFO("ZeRO-{} collectives: {}", optim_->stage(), island_backend_->describe());
+  }
   return core::okStatus();
 }
 
@@ -218,7 +243,7 @@ core::Status Trainer::makeParts() {
     mb->setPassHooks(params_shard_.get());
     mb->setAgreedCount(agreed);
     schedule_ = std::move(mb);
-    return core::okStatus();
+    return split() ? core::okStatus() : setupIslandBackend();
   }
   if (!split()) {
     // Every rank holds everything: buckets overlap with backward (a group of

@@ -310,7 +310,9 @@ void Trainer::bindComm() {
   if (island_backend_) {
     // A new epoch (the same ranks or not): the c10d group was built over
     // the old members' processes, so comm sums the buckets from now on.
-    data_->setBackend(nullptr);
+    if (data_) data_->setBackend(nullptr);
+    if (optim_) optim_->setBackend(nullptr, nullptr);
+    if (params_shard_) params_shard_->setBackend(nullptr, nullptr);
     island_backend_.reset();
     island_cross_.reset();
     ARCH_LOG_WARN("the gradient group changed: buckets go through comm from now on (strategy.island_collectives: "

@@ -29,21 +29,11 @@ class C10dTensorParallel final : public TensorParallelCollectives {
   torch::Tensor reduceScatter(const torch::Tensor& t, int64_t dim) override {
     torch::Tensor whole = dimFirstOn(t, dim, device_);
     const int64_t block = whole.size(0) / size_;
-    torch::Tensor out;
-    run("reduce-scatter (sequence)", [&] {
-      if (library_ == "gloo") {
-        // libtorch 1.13's Gloo has no reduce-scatter: the whole sum, this rank's block of it.
-        std::vector<at::Tensor> io{whole};
-        group_->allreduce(io)->wait();
-        out = whole.narrow(0, rank_ * block, block);
-      } else {
-        std::vector<at::Tensor> res{torch::empty_like(whole.narrow(0, 0, block))};
-        std::vector<std::vector<at::Tensor>> in(1);
-        for (int i = 0; i < size_; ++i) in[0].push_back(whole.narrow(0, i * block, block));
-        group_->reduce_scatter(res, in)->wait();
-        out = res[0];
-      }
-    });
+    std::vector<int64_t> offsets;  // the blocks as elements of the contiguous whole
+    for (int i = 0; i <= size_; ++i) offsets.push_back(i * (whole.numel() / size_));
+    run("reduce-scatter (sequence)",
+        [&] { c10dReduceScatterBlocks(*group_, library_, whole.view({-1}), offsets, rank_); });
+    torch::Tensor out = whole.narrow(0, rank_ * block, block);
     return out.transpose(0, dim).to(t.device(), t.scalar_type()).contiguous();
   }
 

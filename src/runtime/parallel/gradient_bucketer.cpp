@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "archipelago/model/torch_compat.h"
 #include "archipelago/model/training.h"
 
 namespace archipelago::runtime::parallel {
@@ -120,20 +119,9 @@ void GradientBucketer::launch(size_t b) {
   DpComm* dp = comm_.dp();
   if (!dp) return;  // nobody else holds these tensors
   auto& bk = buckets_[b];
-  if (!sharded()) {
-    IslandBackend& backend = native_ ? *native_ : comm_;
-    bk.op = backend.allreduceSum(wireOf(bk, backend.wireOptions(flat_.device(), reduce_dtype_)));
-    return;
-  }
-  torch::Tensor wire = wireOf(bk, model::compat::hostStagingOptions(flat_.device(), reduce_dtype_));
-  const auto n = static_cast<size_t>(wire.numel());
-  const std::vector<size_t> counts = sliceCounts(bk);
-  if (reduce_dtype_ == torch::kBFloat16) {
-    auto* p = reinterpret_cast<uint16_t*>(wire.data_ptr<at::BFloat16>());
-    bk.op = dp->reduceScatterSumBf16Async(std::span<uint16_t>(p, n), counts);
-  } else {
-    bk.op = dp->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), n), counts);
-  }
+  IslandBackend& backend = native_ ? *native_ : comm_;
+  torch::Tensor wire = wireOf(bk, backend.wireOptions(flat_.device(), reduce_dtype_));
+  bk.op = sharded() ? backend.reduceScatterSum(wire, sliceCounts(bk)) : backend.allreduceSum(wire);
 }
 
 std::pair<int64_t, int64_t> GradientBucketer::ownSlice() const {

@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include "archipelago/core/clock.h"
-#include "archipelago/runtime/host_view.h"
 
 namespace archipelago::runtime::parallel {
 
@@ -63,21 +62,31 @@ void OptimizerShard::step(FlatAdamW& adam, double lr) {
   adam.step(update, lr);
 }
 
+void OptimizerShard::setBackend(const DpComm* group, IslandBackend* native) {
+  for (auto& p : pieces_) {
+    if (p.sharded() && (p.dp == group || !native)) p.native = native;
+  }
+}
+
 core::Status OptimizerShard::gatherParameters(StepStats& stats) {
   if (!sharded() || stage_ == 3) return core::okStatus();
   const auto t0 = core::Clock::now();
-  HostView params(flat_.params(), torch::kFloat32);
+  torch::NoGradGuard ng;
   core::Status st;
   for (const auto& p : pieces_) {
     if (!p.sharded() || !st.isOk()) continue;
-    // The group's slices relative to the range it shares.
+    CommBackend ours(p.dp);
+    IslandBackend& backend = p.native ? *p.native : ours;
+    // The group's slices relative to the range it shares, in place where
+    // the backend gathers (the CPU's fp32 masters), else through a copy.
     const int64_t lo = p.offsets.front();
     std::vector<int64_t> rel;
     for (int64_t o : p.offsets) rel.push_back(o - lo);
-    st = p.dp->allgatherSlices(std::span<float>(params.data<float>() + lo, static_cast<size_t>(p.offsets.back() - lo)),
-                               rel);
+    torch::Tensor range = flat_.params().narrow(0, lo, p.offsets.back() - lo);
+    torch::Tensor wire = backend.wireFor(range, torch::kFloat32, true);
+    st = backend.allgatherSlices(wire, std::move(rel));
+    if (st.isOk() && !wire.is_same(range)) range.copy_(wire);
   }
-  if (st.isOk()) params.land();
   stats.wait_s += core::secondsSince(t0);
   return st.isOk() ? st : st.withContext("ZeRO-" + std::to_string(stage_) + " parameter allgather");
 }

@@ -22,8 +22,6 @@ int64_t layerOf(const std::string& name) {
     return -1;
   }
 }
-
-torch::Tensor hostFp32(int64_t n) { return torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat32)); }
 }  // namespace
 
 UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numels) {
@@ -61,6 +59,7 @@ ShardedParameters::ShardedParameters(FlatParams& flat, std::vector<ShardGroup> g
       norm_segments_(std::move(norm_segments)),
       units_(flat.units()) {
   for (const ShardGroup& g : groups_) {
+    ours_.emplace_back(g.dp);
     const auto r = static_cast<size_t>(g.dp ? g.dp->rank() : 0);
     if (g.offsets.size() != (g.dp ? static_cast<size_t>(g.dp->size()) : 1) + 1) {
       throw std::invalid_argument("sharded parameters: a group's slice boundaries do not match its size");
@@ -98,34 +97,47 @@ FlatSlice ShardedParameters::mineOf(size_t u) const {
   return {std::max(flat_.unitBegin(u), m.begin), std::min(flat_.unitEnd(u), m.end)};
 }
 
+void ShardedParameters::setBackend(const DpComm* group, IslandBackend* native) {
+  for (ShardGroup& g : groups_) {
+    if (g.dp && (g.dp == group || !native)) g.native = native;
+  }
+}
+
+IslandBackend& ShardedParameters::backendOf(size_t u) {
+  const size_t g = unit_group_[u];
+  return groups_[g].native ? *groups_[g].native : ours_[g];
+}
+
+// Unit u's gathered weights and its gradients are fp32; each is collected
+// in place where the backend works (the CPU), else through a copy placed
+// as it says.
 core::Status ShardedParameters::gather(size_t u) {
   torch::NoGradGuard ng;
   const torch::Tensor& full = flat_.unitParams(u);
-  const int64_t ub = flat_.unitBegin(u), n = full.numel();
-  const bool direct = full.is_cpu() && full.scalar_type() == torch::kFloat32;
-  torch::Tensor wire = direct ? full : hostFp32(n);
+  const int64_t ub = flat_.unitBegin(u);
+  IslandBackend& backend = backendOf(u);
+  torch::Tensor wire = backend.wireFor(full, torch::kFloat32, false);
   const FlatSlice m = mineOf(u);
   if (m.numel() > 0) wire.narrow(0, m.begin - ub, m.numel()).copy_(flat_.params().narrow(0, flat_.localOf(m.begin), m.numel()));
-  if (DpComm* dp = groupOf(u).dp) {
-    core::Status st = dp->allgatherSlices(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), countsOf(u));
+  if (groupOf(u).dp) {
+    core::Status st = backend.allgatherSlices(wire, countsOf(u));
     if (!st.isOk()) return st.withContext("ZeRO-3 parameter gather of unit " + std::to_string(u));
   }
-  if (!direct) full.copy_(wire);
+  if (!wire.is_same(full)) full.copy_(wire);
   return core::okStatus();
 }
 
 core::Status ShardedParameters::reduce(size_t u) {
   torch::NoGradGuard ng;
   const torch::Tensor& g = flat_.unitGrads(u);
-  const int64_t ub = flat_.unitBegin(u), n = g.numel();
-  const bool direct = g.is_cpu() && g.scalar_type() == torch::kFloat32;
-  torch::Tensor wire = direct ? g : g.to(torch::kCPU, torch::kFloat32);
-  if (DpComm* dp = groupOf(u).dp) {
+  const int64_t ub = flat_.unitBegin(u);
+  IslandBackend& backend = backendOf(u);
+  torch::Tensor wire = backend.wireFor(g, torch::kFloat32, true);
+  if (groupOf(u).dp) {
     const std::vector<int64_t> at = countsOf(u);
     std::vector<size_t> counts;
     for (size_t r = 0; r + 1 < at.size(); ++r) counts.push_back(static_cast<size_t>(at[r + 1] - at[r]));
-    core::Status st = dp->reduceScatterSumAsync(std::span<float>(wire.data_ptr<float>(), static_cast<size_t>(n)), counts)
-                          ->wait();
+    core::Status st = backend.reduceScatterSum(wire, std::move(counts))->wait();
     if (!st.isOk()) return st.withContext("ZeRO-3 gradient reduce-scatter of unit " + std::to_string(u));
   }
   // This rank's block holds the group's sum: into its slice of the gradients.

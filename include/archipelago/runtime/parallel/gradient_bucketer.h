@@ -20,7 +20,7 @@
 // buffer (host memory, page-locked for CUDA devices, for ours; the device
 // for a native one), and the sum is copied back into the fp32 gradients.
 // Either way every rank ends with the same fp32 gradient, whatever dtype or
-// device it computed in. ZeRO-2's reduce-scatters always go through comm.
+// device it computed in. ZeRO-2's reduce-scatters take the same backend.
 //
 // Threads: arm() and finish() run on the trainer's thread, the ready hooks
 // on the autograd thread; mu_ guards the launch state shared by both.
@@ -68,8 +68,9 @@ class GradientBucketer {
   size_t bucketCount() const { return buckets_.size(); }
   // The gradient group of the next steps (a new epoch's group).
   void setDp(DpComm* dp);
-  // A native island backend for the allreduced buckets (null: ours over
-  // the DpComm). The caller keeps it alive while it is set.
+  // A native island backend for the buckets (null: ours over the DpComm),
+  // over the same ranks in the same order. The caller keeps it alive while
+  // it is set.
   void setBackend(IslandBackend* backend);
 
   // Called before the backward pass whose gradients are final (the last
@@ -99,7 +100,7 @@ class GradientBucketer {
   void land(Bucket& b);
 
   FlatParams& flat_;
-  CommBackend comm_;  // ours, over the DpComm group (comm_.dp(): also ZeRO-2's reduce-scatters)
+  CommBackend comm_;  // ours, over the DpComm group
   IslandBackend* native_ = nullptr;
   std::mutex mu_;
   bool armed_ = false;

@@ -25,6 +25,7 @@
 
 #include "archipelago/runtime/dp_comm.h"
 #include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/island_backend.h"
 #include "archipelago/runtime/parallel/part.h"
 
 namespace archipelago::runtime::parallel {
@@ -42,6 +43,7 @@ struct OptimizerRange {
 // This rank's part of one OptimizerRange.
 struct OptimizerPiece {
   DpComm* dp = nullptr;          // null: the whole range is this rank's
+  IslandBackend* native = nullptr;  // gathers the slices instead of ours over `dp` (setBackend)
   std::vector<int64_t> offsets;  // the group's size+1 slice boundaries (flat offsets); empty unsharded
   int64_t begin = 0, end = 0;    // this rank's slice [begin, end)
   int64_t state_offset = 0;      // where its moments start in the optimizer's state
@@ -74,8 +76,13 @@ class OptimizerShard final : public Part {
   // AdamW over this rank's slices of the reduced gradients.
   void step(FlatAdamW& adam, double lr);
   // After step: every slice to every rank of its group (ZeRO-1/2; ZeRO-3
-  // gathers where the parameters are used).
+  // gathers where the parameters are used), through comm or the native
+  // backend set for the group.
   core::Status gatherParameters(StepStats& stats);
+  // A native island backend (runtime/island_backend.h) for the pieces
+  // shared by `group`, which holds the same ranks in the same order; null:
+  // every piece through comm again. The caller keeps it alive while set.
+  void setBackend(const DpComm* group, IslandBackend* native);
   std::vector<StateRange> stateRanges() const override;
   // "N of M optimizer elements per rank: [lo, hi) over K ranks, ..." for logs.
   std::string describe() const;

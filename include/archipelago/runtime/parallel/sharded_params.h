@@ -29,7 +29,8 @@
 // asks for them, which is the same on every rank; a rank with fewer
 // micro-batches than the others runs idle passes (the collectives of one
 // micro-batch without compute), so every member makes the same calls.
-// Gathers and reduce-scatters are fp32.
+// Gathers and reduce-scatters are fp32, through comm or a group's native
+// island backend (setBackend: c10d inside an island).
 #pragma once
 
 #include <atomic>
@@ -44,6 +45,7 @@
 #include "archipelago/model/transformer.h"
 #include "archipelago/runtime/dp_comm.h"
 #include "archipelago/runtime/flat_params.h"
+#include "archipelago/runtime/island_backend.h"
 #include "archipelago/runtime/parallel/part.h"
 
 namespace archipelago::runtime::parallel {
@@ -67,6 +69,7 @@ UnitCut cutUnits(const std::vector<std::pair<std::string, int64_t>>& named_numel
 struct ShardGroup {
   DpComm* dp = nullptr;
   std::vector<int64_t> offsets;
+  IslandBackend* native = nullptr;  // gathers and reduce-scatters instead of ours over `dp` (setBackend)
 };
 
 class ShardedParameters final : public Part, public model::LayerHooks, public PassHooks {
@@ -79,6 +82,12 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
   ShardedParameters(FlatParams& flat, std::vector<ShardGroup> groups, UnitCut cut, std::vector<bool> norm_segments = {});
   ~ShardedParameters() override;
   std::string name() const override { return "sharded parameters (ZeRO-3)"; }
+
+  // A native island backend (runtime/island_backend.h) for the units
+  // sharded over `group`, which holds the same ranks in the same order;
+  // null: every unit through comm again. Set between steps; the caller
+  // keeps it alive while set.
+  void setBackend(const DpComm* group, IslandBackend* native);
 
   core::Status reduceGradients(StepStats& stats) override;
   NormShare gradNormSquared() const override;
@@ -127,6 +136,8 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
   // Unit u's group, its members' parts of u (offsets relative to u), and
   // this rank's part of u (flat offsets, maybe empty).
   const ShardGroup& groupOf(size_t u) const { return groups_[unit_group_[u]]; }
+  // Who collects unit u: its group's native backend, or ours over its DpComm.
+  IslandBackend& backendOf(size_t u);
   std::vector<int64_t> countsOf(size_t u) const;
   FlatSlice mineOf(size_t u) const;
   // The units of the shard's i-th layer (one, or with experts two).
@@ -134,6 +145,7 @@ class ShardedParameters final : public Part, public model::LayerHooks, public Pa
 
   FlatParams& flat_;
   std::vector<ShardGroup> groups_;
+  std::vector<CommBackend> ours_;   // per group: ours over its DpComm
   std::vector<FlatSlice> mine_;     // per group: this rank's slice
   std::vector<size_t> unit_group_;  // per unit: its group
   UnitCut cut_;
