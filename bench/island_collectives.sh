@@ -8,14 +8,17 @@
 #   comm2x2 / c10d2x2   two islands of 2 (c10d inside each, comm across)
 # back to back and alternating, so drift of the shared machine falls on all
 # alike. Per layout: the median over runs of rank 0's mean step time (first
-# 5 steps excluded). Prints a table and one JSON line.
-#   bash bench/island_collectives.sh [BIN] [STEPS] [RUNS]
+# 5 steps excluded). ZERO (train.zero, default 0) puts ZeRO's
+# reduce-scatters and gathers on the same backend. Prints a table and one
+# JSON line.
+#   bash bench/island_collectives.sh [BIN] [STEPS] [RUNS] [ZERO]
 # Data: $ARCHIPELAGO_BENCH_DATA (a prepared dataset); without it a small
 # corpus is generated and prepared in a temporary directory.
 set -euo pipefail
 bin="$(realpath "${1:-build/src/cli/archipelago}")"
 steps="${2:-20}"
 runs="${3:-3}"
+zero="${4:-0}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 source "$(dirname "$0")/bench_lib.sh"
 data="$(bench_data "$bin" "$tmp")"
@@ -37,7 +40,7 @@ cluster:
 $islands
 model: {dim: 512, n_layers: 4, n_heads: 8, max_seq_len: 128}
 data: {dir: $data, seq_len: 128}
-train: {steps: $steps, global_batch: 8, eval_every: 0, rebalance: false, threads_per_worker: 1}
+train: {steps: $steps, global_batch: 8, eval_every: 0, rebalance: false, threads_per_worker: 1, zero: $zero}
 strategy: {kind: sync, island_collectives: $collectives, failure_timeout: 30s}
 checkpoint: {every: 0, at_exit: false}
 run_dir: $dir
@@ -51,7 +54,8 @@ for i in $(seq 1 "$runs"); do
 done
 echo "2x2 layouts: one host, so the strait between the islands is EMULATED (100 Gbit/s, no latency)"
 printf "%-8s %10s %12s\n" layout "s/step" "vs comm"
-json="{\"bench\":\"island_collectives\",\"steps\":$steps,\"runs\":$runs,\"cores\":$(nproc)"
+echo "train.zero: $zero"
+json="{\"bench\":\"island_collectives\",\"zero\":$zero,\"steps\":$steps,\"runs\":$runs,\"cores\":$(nproc)"
 for l in "${layouts[@]}"; do
   m=$(median < "$tmp/$l")
   base=$(median < "$tmp/comm$(shape_of "$l")")
