@@ -158,25 +158,18 @@ int64_t replicasOf(const JobConfig& j, int64_t world) {
   return n;
 }
 
-// strategy.island_collectives: c10d sums whole-model data parallelism's
-// buckets and carries its ZeRO collectives (runtime/c10d_backend.h), and
-// tensor parallelism's collectives
-// (runtime/parallel/c10d_tensor_parallel.h); the rest of the loop talks
-// through comm.
+// strategy.island_collectives: c10d sums the data-parallel buckets and
+// carries ZeRO's collectives (runtime/c10d_backend.h: of the whole model,
+// or of a pipeline or tensor-parallel layout's stage group), and tensor
+// parallelism's collectives (runtime/parallel/c10d_tensor_parallel.h); the
+// rest of the loop talks through comm.
 void validateIslandCollectives(const JobConfig& j, Problems& p) {
   const auto& s = j.strategy;
   if (s.island_collectives != "c10d") return;
-  if (s.pipeline_stages > 1 || s.expert_parallel > 1 || perIslandLayouts(j)) {
+  if (s.expert_parallel > 1 || perIslandLayouts(j)) {
     p.add("strategy.island_collectives", s.island_collectives,
-          "comm with strategy.pipeline_stages, expert_parallel or per-island layouts (c10d carries whole-model data "
-          "parallelism's buckets and tensor parallelism's collectives; not built yet for the others)");
-  }
-  // ZeRO applies under sync only (DiLoCo / streaming keep the state per island).
-  if (zeroStage(j.train) >= 2 && s.kind == "sync" && s.tensor_parallel > 1) {
-    p.add("strategy.island_collectives", s.island_collectives,
-          "comm with train.zero: " + std::to_string(zeroStage(j.train)) +
-              " and strategy.tensor_parallel (c10d carries ZeRO's reduce-scatters for whole-model data parallelism), "
-              "or train.zero <= 1");
+          "comm with strategy.expert_parallel or per-island layouts (c10d carries data parallelism's buckets and "
+          "ZeRO, pipeline stages' included, and tensor parallelism's collectives; not built yet for the others)");
   }
   if (s.kind != "sync") return;  // DiLoCo / streaming: the inner group is one island
   for (const auto& island : j.cluster.islands) {

@@ -153,22 +153,18 @@ TEST_F(ConfigTest, C10dIslandCollectivesOnlyWhereTheyCanCarryEveryCollective) {
   const std::string two = "cluster:\n  islands: [{name: a, count: 2}, {name: b, count: 2}]\n";
   const std::string even = two + "train: {global_batch: 8}\n";
   EXPECT_TRUE(load(even + "strategy: {island_collectives: c10d}\n").isOk());
-  // ZeRO's collectives through c10d, not next to tensor parallelism (whose
-  // ZeRO groups are per TP rank).
+  // ZeRO's collectives and pipeline and tensor-parallel layouts through c10d too.
   EXPECT_TRUE(load("cluster:\n  islands: [{name: a, count: 2}]\ntrain: {zero: 3}\n"
                    "strategy: {island_collectives: c10d}\n").isOk());
   EXPECT_TRUE(load(two + "train: {global_batch: 8, zero: 2}\nstrategy: {island_collectives: c10d}\n").isOk());
-  auto ztp = load("cluster:\n  islands: [{name: a, count: 4}]\ntrain: {zero: 3}\n"
-                  "strategy: {island_collectives: c10d, tensor_parallel: 2}\n");
-  ASSERT_FALSE(ztp.isOk());
-  EXPECT_THAT(ztp.status().message(), HasSubstr("train.zero: 3 and strategy.tensor_parallel"));
-  auto pp = load("cluster:\n  islands: [{name: a, count: 2}]\n"
-                 "strategy: {island_collectives: c10d, pipeline_stages: 2}\n");
-  ASSERT_FALSE(pp.isOk());
-  EXPECT_THAT(pp.status().message(), HasSubstr("not built yet for the others"));
-  // Tensor parallelism's collectives go through c10d too.
-  EXPECT_TRUE(load("cluster:\n  islands: [{name: a, count: 2}]\n"
+  EXPECT_TRUE(load("cluster:\n  islands: [{name: a, count: 4}]\ntrain: {zero: 3}\n"
                    "strategy: {island_collectives: c10d, tensor_parallel: 2}\n").isOk());
+  EXPECT_TRUE(load("cluster:\n  islands: [{name: a, count: 2}]\n"
+                   "strategy: {island_collectives: c10d, pipeline_stages: 2}\n").isOk());
+  auto ep = load("cluster:\n  islands: [{name: a, count: 2}]\nmodel: {moe: {num_experts: 4, top_k: 2}}\n"
+                 "strategy: {island_collectives: c10d, expert_parallel: 2}\n");
+  ASSERT_FALSE(ep.isOk());
+  EXPECT_THAT(ep.status().message(), HasSubstr("not built yet for the others"));
   auto bad = load(std::string(kGood) + "strategy: {island_collectives: nccl}\n");
   ASSERT_FALSE(bad.isOk());
   EXPECT_THAT(bad.status().message(), HasSubstr("comm|c10d"));

@@ -102,6 +102,34 @@ TEST(IslandCollectives, C10dCarriesZeroInsideOneIslandAndOverTwo) {
   }
 }
 
+// Pipeline and tensor-parallel layouts: the buckets and ZeRO of their
+// stage groups (the replicas holding the same tensors) through c10d, as
+// the tensor-parallel collectives. PP=2 x 2 replicas with ZeRO-1 (buckets
+// allreduced, parameters gathered), TP=2 x 2 replicas with ZeRO-3 and
+// uneven shares, clipped every step.
+TEST(IslandCollectives, C10dCarriesTheReplicasOfPipelineAndTensorParallelLayouts) {
+  const int steps = 10;
+  auto ref = testutil::clippedReference("icsg_ref", steps, "");
+  for (const auto& [name, strategy, train] :
+       {std::tuple{"icpp", "{pipeline_stages: 2, island_collectives: c10d}", ", zero: 1"},
+        std::tuple{"ictpz", "{tensor_parallel: 2, island_collectives: c10d}", ", shares: [3, 3, 1, 1], zero: 3"}}) {
+    const fs::path run = scratchRoot() / name;
+    ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, "", strategy, train)),
+                                 name),
+              0)
+        << testutil::outputOf(name);
+    testutil::expectCurve(run, ref, 1, steps, testutil::kTol, name);
+    testutil::expectGradNorms(run, scratchRoot() / "icsg_ref", 1e-5, name);
+    const std::string log = testutil::rank0Log(run);
+    const char zero = std::string(train).back();
+    EXPECT_THAT(log, HasSubstr(std::string("ZeRO-") + zero + " collectives: c10d gloo inside islands of 2")) << name;
+    // ZeRO-3 has no buckets: its units carry the gradients.
+    if (zero == '1') {
+      EXPECT_THAT(log, HasSubstr("gradient buckets: c10d gloo inside islands of 2")) << name;
+    }
+  }
+}
+
 TEST(IslandCollectives, Bf16BucketsOnGlooAreRefusedNamingTheField) {
   const fs::path run = scratchRoot() / "icbf";
   std::string yaml = jobYaml(run, "    - {name: a, count: 2}", 2, "", "{kind: sync, island_collectives: c10d}",

@@ -157,15 +157,15 @@ core::Status Trainer::setupBridge() {
 // milliseconds, a slow link's cross-island leg is not in it).
 double Trainer::c10dTimeoutSeconds() const { return std::max(20.0, 10 * job_.strategy.failure_timeout); }
 
-core::Status Trainer::setupIslandBackend() {
-  if (job_.strategy.island_collectives != "c10d" || grad_ranks_.size() < 2) return core::okStatus();
+core::Status Trainer::setupIslandBackend(const std::vector<int>& ranks, DpComm* group) {
+  if (job_.strategy.island_collectives != "c10d" || ranks.size() < 2 || !group) return core::okStatus();
   // Built by the whole gradient group at once: a joiner, or a job already
   // short of a member, goes through comm like the others did since.
   if (elastic() && (opt_.elastic->joined() || static_cast<int>(alive_.size()) != world_)) return core::okStatus();
   if (!world_group_) return core::invalidArgument("strategy.island_collectives: c10d needs the world comm group");
   if (!groups_.world) groups_.world = world_group_;
-  std::map<int, std::vector<int>> by_island;  // island index -> its ranks of the gradient group
-  for (int r : grad_ranks_) by_island[workers_[static_cast<size_t>(r)].island_index].push_back(r);
+  std::map<int, std::vector<int>> by_island;  // island index -> its ranks of the group
+  for (int r : ranks) by_island[workers_[static_cast<size_t>(r)].island_index].push_back(r);
   const std::vector<int>& mine = by_island[me_.island_index];
   C10dBackendOptions o;
   o.position = static_cast<int>(std::find(mine.begin(), mine.end(), rank_) - mine.begin());
@@ -176,7 +176,7 @@ core::Status Trainer::setupIslandBackend() {
   o.dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   o.timeout_s = c10dTimeoutSeconds();
   ARCH_ASSIGN_OR_RETURN(o.island_group, groups_.of(mine, "c10d rendezvous"));
-  o.blocks = blocksOf(by_island, grad_ranks_);
+  o.blocks = blocksOf(by_island, ranks);
   if (o.islands > 1) {
     std::vector<int> cross;
     for (const auto& [island, ranks] : by_island) {
@@ -197,13 +197,13 @@ core::Status Trainer::setupIslandBackend() {
   ARCH_ASSIGN_OR_RETURN(island_backend_, makeC10dBackend(o));
   if (data_) data_->setBackend(island_backend_.get());
   if (rank_ == 0 && data_) ARCH_LOG_INFO("gradient buckets: {}", island_backend_->describe());
-  // ZeRO's gathers and reduce-scatters over the gradient group: block r is
-  // its rank r, island i's part of it the cross group's rank i.
+  // ZeRO's gathers and reduce-scatters over the group: block r is its rank
+  // r, island i's part of it the cross group's rank i.
   const auto island_rank = std::distance(by_island.begin(), by_island.find(me_.island_index));
-  const auto my_block = std::find(grad_ranks_.begin(), grad_ranks_.end(), rank_) - grad_ranks_.begin();
-  if (optim_->stage() >= 1 && my_block == grad_dp_->rank() && (!island_cross_ || island_cross_->rank() == island_rank)) {
-    optim_->setBackend(grad_dp_, island_backend_.get());
-    if (params_shard_) params_shard_->setBackend(grad_dp_, island_backend_.get());
+  const auto my_block = std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin();
+  if (optim_->stage() >= 1 && my_block == group->rank() && (!island_cross_ || island_cross_->rank() == island_rank)) {
+    optim_->setBackend(group, island_backend_.get());
+    if (params_shard_) params_shard_->setBackend(group, island_backend_.get());
     if (rank_ == 0) ARCH_LOG_INFO("ZeRO-{} collectives: {}", optim_->stage(), island_backend_->describe());
   }
   return core::okStatus();
@@ -237,13 +237,13 @@ core::Status Trainer::makeParts() {
       pipe->setPassHooks(params_shard_.get());
       pipe->setAgreedCount(agreed);
       schedule_ = std::move(pipe);
-      return core::okStatus();
+      return setupIslandBackend(sameStageRanks(), stage_dp_.get());
     }
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
     mb->setPassHooks(params_shard_.get());
     mb->setAgreedCount(agreed);
     schedule_ = std::move(mb);
-    return split() ? core::okStatus() : setupIslandBackend();
+    return split() ? setupIslandBackend(sameStageRanks(), stage_dp_.get()) : setupIslandBackend(grad_ranks_, grad_dp_);
   }
   if (!split()) {
     // Every rank holds everything: buckets overlap with backward (a group of
@@ -257,7 +257,7 @@ core::Status Trainer::makeParts() {
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
     mb->onFinalBackward([this] { data_->beforeFinalBackward(); });
     schedule_ = std::move(mb);
-    return setupIslandBackend();
+    return setupIslandBackend(grad_ranks_, grad_dp_);
   }
   // Stages and expert groups talk during backward: reductions after it. The
   // replicated tensors count in the global norm from the inner group's first
@@ -305,12 +305,14 @@ core::Status Trainer::makeParts() {
     auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
     mb->setAgreedCount(agreed);
     schedule_ = std::move(mb);
-    return core::okStatus();
+  } else {
+    auto pipe = makePipeline();
+    pipe->setAgreedCount(agreed);
+    schedule_ = std::move(pipe);
   }
-  auto pipe = makePipeline();
-  pipe->setAgreedCount(agreed);
-  schedule_ = std::move(pipe);
-  return core::okStatus();
+  // The stage group's buckets and ZeRO (config_validate.cpp refuses c10d
+  // with expert parallelism and per-island layouts).
+  return setupIslandBackend(sameStageRanks(), stage_dp_.get());
 }
 
 std::unique_ptr<parallel::PipelineParallel> Trainer::makePipeline() {

@@ -114,8 +114,10 @@ class Trainer {
   // inner scope; then the parts of this rank (parts.cpp).
   core::Status setupSplitGroups();
   core::Status setupBridge();
-  // strategy.island_collectives: c10d: the native backend of data_'s buckets.
-  core::Status setupIslandBackend();
+  // strategy.island_collectives: c10d: the native backend of data_'s
+  // buckets and ZeRO's collectives over `group`, the DpComm of `ranks`
+  // (the gradient group, or a split layout's stage group).
+  core::Status setupIslandBackend(const std::vector<int>& ranks, DpComm* group);
   double c10dTimeoutSeconds() const;
   // ---- FP8 delayed scaling by step (fp8_steps.cpp) ----
   void setupFp8Steps();
