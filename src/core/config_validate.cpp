@@ -160,16 +160,23 @@ int64_t replicasOf(const JobConfig& j, int64_t world) {
 
 // strategy.island_collectives: c10d sums the data-parallel buckets and
 // carries ZeRO's collectives (runtime/c10d_backend.h: of the whole model,
-// or of a pipeline or tensor-parallel layout's stage group), and tensor
-// parallelism's collectives (runtime/parallel/c10d_tensor_parallel.h); the
-// rest of the loop talks through comm.
+// a pipeline or tensor-parallel layout's stage group, or an expert group's
+// experts), tensor parallelism's collectives
+// (runtime/parallel/c10d_tensor_parallel.h) and the expert all-to-all
+// (runtime/parallel/c10d_expert_exchange.h); the rest of the loop talks
+// through comm.
 void validateIslandCollectives(const JobConfig& j, Problems& p) {
   const auto& s = j.strategy;
   if (s.island_collectives != "c10d") return;
-  if (s.expert_parallel > 1 || perIslandLayouts(j)) {
+  if (perIslandLayouts(j)) {
     p.add("strategy.island_collectives", s.island_collectives,
-          "comm with strategy.expert_parallel or per-island layouts (c10d carries data parallelism's buckets and "
-          "ZeRO, pipeline stages' included, and tensor parallelism's collectives; not built yet for the others)");
+          "comm with per-island layouts (c10d carries data parallelism's buckets and ZeRO, tensor parallelism's "
+          "collectives and the expert all-to-all; not built yet for the bridge between islands' layouts)");
+  }
+  if (s.expert_parallel > 1 && s.dispatch_codec != "none") {
+    p.add("strategy.dispatch_codec", s.dispatch_codec,
+          "none with strategy.island_collectives: c10d (the expert all-to-all runs on c10d inside the island, "
+          "uncompressed), or strategy.island_collectives: comm");
   }
   if (s.kind != "sync") return;  // DiLoCo / streaming: the inner group is one island
   for (const auto& island : j.cluster.islands) {

@@ -161,10 +161,15 @@ TEST_F(ConfigTest, C10dIslandCollectivesOnlyWhereTheyCanCarryEveryCollective) {
                    "strategy: {island_collectives: c10d, tensor_parallel: 2}\n").isOk());
   EXPECT_TRUE(load("cluster:\n  islands: [{name: a, count: 2}]\n"
                    "strategy: {island_collectives: c10d, pipeline_stages: 2}\n").isOk());
-  auto ep = load("cluster:\n  islands: [{name: a, count: 2}]\nmodel: {moe: {num_experts: 4, top_k: 2}}\n"
-                 "strategy: {island_collectives: c10d, expert_parallel: 2}\n");
+  const std::string moe = "cluster:\n  islands: [{name: a, count: 2}]\nmodel: {moe: {num_experts: 4, top_k: 2}}\n";
+  EXPECT_TRUE(load(moe + "strategy: {island_collectives: c10d, expert_parallel: 2}\n").isOk());
+  auto ep = load(moe + "strategy: {island_collectives: c10d, expert_parallel: 2, dispatch_codec: bf16}\n");
   ASSERT_FALSE(ep.isOk());
-  EXPECT_THAT(ep.status().message(), HasSubstr("not built yet for the others"));
+  EXPECT_THAT(ep.status().message(), HasSubstr("strategy.dispatch_codec: got bf16;"));
+  auto per_island = load("cluster:\n  islands: [{name: a, count: 2, tensor_parallel: 2}, {name: b, count: 2}]\n"
+                         "train: {global_batch: 8}\nstrategy: {island_collectives: c10d}\n");
+  ASSERT_FALSE(per_island.isOk());
+  EXPECT_THAT(per_island.status().message(), HasSubstr("not built yet for the bridge"));
   auto bad = load(std::string(kGood) + "strategy: {island_collectives: nccl}\n");
   ASSERT_FALSE(bad.isOk());
   EXPECT_THAT(bad.status().message(), HasSubstr("comm|c10d"));

@@ -130,6 +130,34 @@ TEST(IslandCollectives, C10dCarriesTheReplicasOfPipelineAndTensorParallelLayouts
   }
 }
 
+// Expert parallelism: the token all-to-all on c10d, the experts' gradients
+// over the ranks holding the same experts and the dense ones over all four
+// on c10d too. EP=2 x 2 groups (experts 3 + 1), ZeRO-2, uneven shares,
+// clipped every step: a slice or a token row lost leaves the curve.
+TEST(IslandCollectives, C10dCarriesExpertParallelism) {
+  const int steps = 10;
+  // Router-bias balancing, as the other expert-parallel tests: with the
+  // default balance this layout leaves the single-process curve through
+  // comm as well (its auxiliary loss is not the whole batch's).
+  const std::string moe = ", moe: {num_experts: 4, top_k: 2, balance: router_bias, router_bias_rate: 0.01}";
+  auto ref = testutil::clippedReference("icep_ref", steps, moe);
+  const fs::path run = scratchRoot() / "icep";
+  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run, "    - {name: a, count: 4}", steps, moe,
+                                                         "{expert_parallel: 2, expert_counts: [3, 1], "
+                                                         "island_collectives: c10d}",
+                                                         ", shares: [3, 3, 1, 1], zero: 2")),
+                               "icep"),
+            0)
+      << testutil::outputOf("icep");
+  testutil::expectCurve(run, ref, 1, steps, testutil::kTol, "EP=2 x 2 groups through c10d");
+  testutil::expectGradNorms(run, scratchRoot() / "icep_ref", 1e-5, "EP=2 x 2 groups through c10d");
+  const std::string log = testutil::rank0Log(run);
+  EXPECT_THAT(log, HasSubstr("expert all-to-all: c10d gloo in groups of 2"));
+  EXPECT_THAT(log, HasSubstr("gradient buckets: c10d gloo inside islands of 4"));
+  EXPECT_THAT(log, HasSubstr("expert gradients: c10d gloo inside islands of 2"));
+  EXPECT_THAT(log, HasSubstr("ZeRO-2 collectives: c10d gloo inside islands of 2"));
+}
+
 TEST(IslandCollectives, Bf16BucketsOnGlooAreRefusedNamingTheField) {
   const fs::path run = scratchRoot() / "icbf";
   std::string yaml = jobYaml(run, "    - {name: a, count: 2}", 2, "", "{kind: sync, island_collectives: c10d}",

@@ -6,6 +6,7 @@
 #include "archipelago/core/log.h"
 #include "archipelago/runtime/c10d_backend.h"
 #include "archipelago/runtime/elastic.h"
+#include "archipelago/runtime/parallel/c10d_expert_exchange.h"
 #include "archipelago/runtime/parallel/c10d_tensor_parallel.h"
 #include "archipelago/runtime/parallel/micro_batches.h"
 #include "archipelago/runtime/parallel/pipeline.h"
@@ -95,8 +96,15 @@ core::Status Trainer::setupSplitGroups() {
     // Its own channel: with one expert group per stage its ranks are the
     // stage's, whose ZeRO-3 gathers run on another thread meanwhile.
     ARCH_ASSIGN_OR_RETURN(auto epg, groups_.of(ep_ranks, "expert exchange"));
-    ARCH_ASSIGN_OR_RETURN(auto dcodec, comm::parseCodec(job_.strategy.dispatch_codec));
-    exchange_ = std::make_shared<parallel::CommExpertExchange>(epg, lay_.expert_begin, dcodec);
+    if (job_.strategy.island_collectives == "c10d") {
+      parallel::C10dExpertExchangeOptions o{.group = epg, .expert_begin = lay_.expert_begin, .host = opt_.host,
+                                            .device = place_.device, .timeout_s = c10dTimeoutSeconds()};
+      ARCH_ASSIGN_OR_RETURN(exchange_, parallel::makeC10dExpertExchange(o));
+      if (rank_ == 0) ARCH_LOG_INFO("expert all-to-all: c10d {} in groups of {}", *c10dLibraryFor(o.device), lay_.ep);
+    } else {
+      ARCH_ASSIGN_OR_RETURN(auto dcodec, comm::parseCodec(job_.strategy.dispatch_codec));
+      exchange_ = std::make_shared<parallel::CommExpertExchange>(epg, lay_.expert_begin, dcodec);
+    }
     net_->setExpertExchange(exchange_);
     if (expert_ranks.size() > 1) {
       ARCH_ASSIGN_OR_RETURN(auto eg, groups_.of(expert_ranks));
@@ -191,20 +199,28 @@ core::Status Trainer::setupIslandBackend(const std::vector<int>& ranks, DpComm* 
     ARCH_ASSIGN_OR_RETURN(auto cg, groups_.of(cross, "c10d cross-island"));
     // The strait codec as on the world group's hierarchical allreduce (several islands here).
     const bool hierarchical = job_.strategy.allreduce == "hierarchical" || job_.strategy.allreduce == "auto";
-    island_cross_ = std::make_unique<GroupDp>(cg, hierarchical, codec, 0);
-    o.cross = island_cross_.get();
+    island_crosses_.push_back(std::make_unique<GroupDp>(cg, hierarchical, codec, 0));
+    o.cross = island_crosses_.back().get();
   }
-  ARCH_ASSIGN_OR_RETURN(island_backend_, makeC10dBackend(o));
-  if (data_) data_->setBackend(island_backend_.get());
-  if (rank_ == 0 && data_) ARCH_LOG_INFO("gradient buckets: {}", island_backend_->describe());
+  ARCH_ASSIGN_OR_RETURN(auto made, makeC10dBackend(o));
+  IslandBackend* backend = island_backends_.emplace_back(std::move(made)).get();
+  // The data part's buckets, or the experts' gradients (their own group).
+  if (data_ && group == (split() ? stage_dp_.get() : grad_dp_)) {
+    data_->setBackend(backend);
+    if (rank_ == 0) ARCH_LOG_INFO("gradient buckets: {}", backend->describe());
+  }
+  if (experts_ && group == experts_->group()) {
+    experts_->setBackend(backend);
+    if (rank_ == 0) ARCH_LOG_INFO("expert gradients: {}", backend->describe());
+  }
   // ZeRO's gathers and reduce-scatters over the group: block r is its rank
   // r, island i's part of it the cross group's rank i.
   const auto island_rank = std::distance(by_island.begin(), by_island.find(me_.island_index));
   const auto my_block = std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin();
-  if (optim_->stage() >= 1 && my_block == group->rank() && (!island_cross_ || island_cross_->rank() == island_rank)) {
-    optim_->setBackend(group, island_backend_.get());
-    if (params_shard_) params_shard_->setBackend(group, island_backend_.get());
-    if (rank_ == 0) ARCH_LOG_INFO("ZeRO-{} collectives: {}", optim_->stage(), island_backend_->describe());
+  if (optim_->stage() >= 1 && my_block == group->rank() && (!o.cross || o.cross->rank() == island_rank)) {
+    optim_->setBackend(group, backend);
+    if (params_shard_) params_shard_->setBackend(group, backend);
+    if (rank_ == 0) ARCH_LOG_INFO("ZeRO-{} collectives: {}", optim_->stage(), backend->describe());
   }
   return core::okStatus();
 }
@@ -237,13 +253,13 @@ core::Status Trainer::makeParts() {
       pipe->setPassHooks(params_shard_.get());
       pipe->setAgreedCount(agreed);
       schedule_ = std::move(pipe);
-      return setupIslandBackend(sameStageRanks(), stage_dp_.get());
+    } else {
+      auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
+      mb->setPassHooks(params_shard_.get());
+      mb->setAgreedCount(agreed);
+      schedule_ = std::move(mb);
     }
-    auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
-    mb->setPassHooks(params_shard_.get());
-    mb->setAgreedCount(agreed);
-    schedule_ = std::move(mb);
-    return split() ? setupIslandBackend(sameStageRanks(), stage_dp_.get()) : setupIslandBackend(grad_ranks_, grad_dp_);
+    return split() ? setupSplitBackends() : setupIslandBackend(grad_ranks_, grad_dp_);
   }
   if (!split()) {
     // Every rank holds everything: buckets overlap with backward (a group of
@@ -310,9 +326,15 @@ core::Status Trainer::makeParts() {
     pipe->setAgreedCount(agreed);
     schedule_ = std::move(pipe);
   }
-  // The stage group's buckets and ZeRO (config_validate.cpp refuses c10d
-  // with expert parallelism and per-island layouts).
-  return setupIslandBackend(sameStageRanks(), stage_dp_.get());
+  return setupSplitBackends();
+}
+
+// A split layout's c10d backends: the stage group's (its buckets and
+// ZeRO), and with expert parallelism the expert group's (the experts'
+// gradients and ZeRO). config_validate.cpp refuses c10d with per-island layouts.
+core::Status Trainer::setupSplitBackends() {
+  ARCH_RETURN_IF_ERROR(setupIslandBackend(sameStageRanks(), stage_dp_.get()));
+  return ep_ ? setupIslandBackend(sameExpertRanks(), expert_dp_.get()) : core::okStatus();
 }
 
 std::unique_ptr<parallel::PipelineParallel> Trainer::makePipeline() {

@@ -307,14 +307,15 @@ void Trainer::bindComm() {
     grad_ranks_ = opt_.inner_ranks.empty() ? alive_ : opt_.inner_ranks;
   }
   if (data_ && !split()) data_->bind(grad_dp_);  // split layouts reduce over their stage group
-  if (island_backend_) {
+  if (!island_backends_.empty()) {
     // A new epoch (the same ranks or not): the c10d group was built over
     // the old members' processes, so comm sums the buckets from now on.
     if (data_) data_->setBackend(nullptr);
+    if (experts_) experts_->setBackend(nullptr);
     if (optim_) optim_->setBackend(nullptr, nullptr);
     if (params_shard_) params_shard_->setBackend(nullptr, nullptr);
-    island_backend_.reset();
-    island_cross_.reset();
+    island_backends_.clear();
+    island_crosses_.clear();
     ARCH_LOG_WARN("the gradient group changed: buckets go through comm from now on (strategy.island_collectives: "
                   "c10d is built once, by the whole group)");
   }

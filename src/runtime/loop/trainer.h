@@ -118,6 +118,7 @@ class Trainer {
   // buckets and ZeRO's collectives over `group`, the DpComm of `ranks`
   // (the gradient group, or a split layout's stage group).
   core::Status setupIslandBackend(const std::vector<int>& ranks, DpComm* group);
+  core::Status setupSplitBackends();
   double c10dTimeoutSeconds() const;
   // ---- FP8 delayed scaling by step (fp8_steps.cpp) ----
   void setupFp8Steps();
@@ -278,7 +279,7 @@ class Trainer {
   std::unique_ptr<GroupDp> expert_dp_;  // same-stage ranks of the inner group holding the same experts
   std::unique_ptr<GroupDp> island_dp_;  // the inner group when the session has none of that rank set
   LocalDp local_island_;
-  std::shared_ptr<parallel::CommExpertExchange> exchange_;
+  std::shared_ptr<parallel::RuntimeExpertExchange> exchange_;
   std::shared_ptr<parallel::TensorParallelCollectives> tp_comm_;
   std::shared_ptr<comm::Group> tp_stage_group_;  // ZeRO-3 with SP: the stage's ranks of every TP rank
   comm::CodecKind prev_codec_ = comm::CodecKind::kNone, next_codec_ = comm::CodecKind::kNone;
@@ -290,10 +291,11 @@ class Trainer {
   // ---- parts ----
   std::unique_ptr<parallel::Part> schedule_;         // micro-batches or 1F1B
   std::unique_ptr<parallel::DataParallel> data_;     // the replicated tensors
-  // strategy.island_collectives: c10d, over the first epoch's gradient
-  // group (dropped at the next epoch; comm carries on).
-  std::unique_ptr<IslandBackend> island_backend_;
-  std::unique_ptr<DpComm> island_cross_;
+  // strategy.island_collectives: c10d, one per group this rank sums over
+  // (the gradient or stage group, the expert group), of the first epoch
+  // (dropped at the next epoch; comm carries on).
+  std::vector<std::unique_ptr<IslandBackend>> island_backends_;
+  std::vector<std::unique_ptr<DpComm>> island_crosses_;
   // FP8 delayed scaling: every history of the whole model by
   // "<linear>.input|weight|grad" (fp8_steps.cpp).
   struct Fp8Slot {

@@ -4,7 +4,6 @@
 #include <stdexcept>
 
 #include "archipelago/core/clock.h"
-#include "archipelago/runtime/host_view.h"
 #include "archipelago/runtime/parallel/pipeline.h"
 
 namespace archipelago::runtime::parallel {
@@ -13,7 +12,7 @@ namespace {
 constexpr double kExchangeTimeoutS = 600;
 }  // namespace
 
-void CommExpertExchange::fail(const core::Status& st) {
+void RuntimeExpertExchange::fail(const core::Status& st) {
   failure_ = st;
   throw std::runtime_error(st.toString());
 }
@@ -101,19 +100,21 @@ torch::Tensor CommExpertExchange::alltoallvRows(const torch::Tensor& rows, const
 core::Status ExpertParallel::reduceGradients(StepStats& stats) {
   if (!dp_ || dp_->size() <= 1 || begin_ >= flat_.numel()) return core::okStatus();
   const auto t0 = core::Clock::now();
-  const int64_t n = flat_.numel() - begin_;
-  HostView g(flat_.grads().narrow(0, begin_, n), torch::kFloat32);
-  const std::span<float> data(g.data<float>(), static_cast<size_t>(n));
+  torch::NoGradGuard ng;
+  torch::Tensor grads = flat_.grads().narrow(0, begin_, flat_.numel() - begin_);
+  CommBackend ours(dp_);
+  IslandBackend& backend = native_ ? *native_ : ours;
+  torch::Tensor wire = backend.wireFor(grads, torch::kFloat32, true);
   std::unique_ptr<PendingReduce> op;
   if (shards_.empty()) {
-    op = dp_->allreduceSumAsync(data);
+    op = backend.allreduceSum(wire);
   } else {
     std::vector<size_t> counts;
     for (size_t r = 0; r + 1 < shards_.size(); ++r) counts.push_back(static_cast<size_t>(shards_[r + 1] - shards_[r]));
-    op = dp_->reduceScatterSumAsync(data, counts);
+    op = backend.reduceScatterSum(wire, std::move(counts));
   }
   core::Status st = op->wait();
-  if (st.isOk()) g.land();
+  if (st.isOk() && !wire.is_same(grads)) grads.copy_(wire);
   stats.wait_s += core::secondsSince(t0);
   return st.isOk() ? st : st.withContext(shards_.empty() ? "expert gradient allreduce" : "expert gradient reduce-scatter (ZeRO-2)");
 }
