@@ -2,10 +2,10 @@
 // disjoint ranges of every MoE layer's experts; token rows travel to the
 // expert owners and back through all-to-all(v) inside the model
 // (model::ExpertExchange, implemented here over a comm group, optionally
-// compressed by strategy.dispatch_codec, or over c10d). This part's tensors, the experts
-// (the tail of the flat buffer from `expert_begin`), are summed over the
-// ranks holding the same experts; the rest of the model is a DataParallel
-// part's.
+// compressed by strategy.dispatch_codec, or over c10d). This part's
+// tensors, the experts (the tail of the flat buffer from `expert_begin`),
+// are summed over the ranks holding the same experts; the rest of the
+// model is a DataParallel part's.
 #pragma once
 
 #include <memory>
