@@ -164,20 +164,17 @@ int64_t replicasOf(const JobConfig& j, int64_t world) {
 // experts), tensor parallelism's collectives
 // (runtime/parallel/c10d_tensor_parallel.h) and the expert all-to-all
 // (runtime/parallel/c10d_expert_exchange.h); the rest of the loop talks
-// through comm.
+// through comm, the bridge of per-island layouts included.
 void validateIslandCollectives(const JobConfig& j, Problems& p) {
   const auto& s = j.strategy;
   if (s.island_collectives != "c10d") return;
-  if (perIslandLayouts(j)) {
-    p.add("strategy.island_collectives", s.island_collectives,
-          "comm with per-island layouts (c10d carries data parallelism's buckets and ZeRO, tensor parallelism's "
-          "collectives and the expert all-to-all; not built yet for the bridge between islands' layouts)");
-  }
   if (s.expert_parallel > 1 && s.dispatch_codec != "none") {
     p.add("strategy.dispatch_codec", s.dispatch_codec,
           "none with strategy.island_collectives: c10d (the expert all-to-all runs on c10d inside the island, "
           "uncompressed), or strategy.island_collectives: comm");
   }
+  // Per-island layouts: every c10d group lies inside its island.
+  if (perIslandLayouts(j)) return;
   if (s.kind != "sync") return;  // DiLoCo / streaming: the inner group is one island
   for (const auto& island : j.cluster.islands) {
     if (island.count != j.cluster.islands.front().count) {

@@ -6,6 +6,8 @@
 // Gloo too. Clipped every step, so a piece summed twice or missed leaves
 // the single-process curve and global norms.
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <tuple>
 
@@ -156,6 +158,29 @@ TEST(IslandCollectives, C10dCarriesExpertParallelism) {
   EXPECT_THAT(log, HasSubstr("gradient buckets: c10d gloo inside islands of 4"));
   EXPECT_THAT(log, HasSubstr("expert gradients: c10d gloo inside islands of 2"));
   EXPECT_THAT(log, HasSubstr("ZeRO-2 collectives: c10d gloo inside islands of 2"));
+}
+
+// Per-island layouts: each island's own groups on c10d (island a: one
+// TP=2 replica, its tensor-parallel collectives; island b: two PP=2
+// pipelines, its stage groups' buckets), the bridge across islands on
+// comm. Clipped every step.
+TEST(IslandCollectives, C10dInsideEachIslandsOwnLayoutWithTheBridgeOnComm) {
+  const int steps = 10;
+  auto ref = testutil::clippedReference("icpi_ref", steps, "");
+  const fs::path run = scratchRoot() / "icpi";
+  ASSERT_EQ(testutil::runTrain(testutil::clipped(jobYaml(run,
+                                                         "    - {name: a, count: 2, tensor_parallel: 2}\n"
+                                                         "    - {name: b, count: 4, pipeline_stages: 2, stage_layers: [3, 1]}",
+                                                         steps, "", "{kind: sync, island_collectives: c10d}")),
+                               "icpi"),
+            0)
+      << testutil::outputOf("icpi");
+  testutil::expectCurve(run, ref, 1, steps, testutil::kTol, "per-island layouts through c10d");
+  testutil::expectGradNorms(run, scratchRoot() / "icpi_ref", 1e-5, "per-island layouts through c10d");
+  EXPECT_THAT(testutil::rank0Log(run), HasSubstr("tensor-parallel collectives: c10d gloo in groups of 2"));
+  std::ostringstream b_log;  // island b's first pipeline, first stage
+  b_log << std::ifstream(run / "logs" / "rank2.log").rdbuf();
+  EXPECT_THAT(b_log.str(), HasSubstr("gradient buckets: c10d gloo inside islands of 2"));
 }
 
 TEST(IslandCollectives, Bf16BucketsOnGlooAreRefusedNamingTheField) {

@@ -207,11 +207,11 @@ core::Status Trainer::setupIslandBackend(const std::vector<int>& ranks, DpComm* 
   // The data part's buckets, or the experts' gradients (their own group).
   if (data_ && group == (split() ? stage_dp_.get() : grad_dp_)) {
     data_->setBackend(backend);
-    if (rank_ == 0) ARCH_LOG_INFO("gradient buckets: {}", backend->describe());
+    if (rank_ == ranks.front()) ARCH_LOG_INFO("gradient buckets: {}", backend->describe());
   }
   if (experts_ && group == experts_->group()) {
     experts_->setBackend(backend);
-    if (rank_ == 0) ARCH_LOG_INFO("expert gradients: {}", backend->describe());
+    if (rank_ == ranks.front()) ARCH_LOG_INFO("expert gradients: {}", backend->describe());
   }
   // ZeRO's gathers and reduce-scatters over the group: block r is its rank
   // r, island i's part of it the cross group's rank i.
@@ -220,7 +220,7 @@ core::Status Trainer::setupIslandBackend(const std::vector<int>& ranks, DpComm* 
   if (optim_->stage() >= 1 && my_block == group->rank() && (!o.cross || o.cross->rank() == island_rank)) {
     optim_->setBackend(group, backend);
     if (params_shard_) params_shard_->setBackend(group, backend);
-    if (rank_ == 0) ARCH_LOG_INFO("ZeRO-{} collectives: {}", optim_->stage(), backend->describe());
+    if (rank_ == ranks.front()) ARCH_LOG_INFO("ZeRO-{} collectives: {}", optim_->stage(), backend->describe());
   }
   return core::okStatus();
 }
@@ -331,7 +331,8 @@ core::Status Trainer::makeParts() {
 
 // A split layout's c10d backends: the stage group's (its buckets and
 // ZeRO), and with expert parallelism the expert group's (the experts'
-// gradients and ZeRO). config_validate.cpp refuses c10d with per-island layouts.
+// gradients and ZeRO). With per-island layouts both lie inside the island;
+// the bridge across islands stays on comm.
 core::Status Trainer::setupSplitBackends() {
   ARCH_RETURN_IF_ERROR(setupIslandBackend(sameStageRanks(), stage_dp_.get()));
   return ep_ ? setupIslandBackend(sameExpertRanks(), expert_dp_.get()) : core::okStatus();
