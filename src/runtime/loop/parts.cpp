@@ -225,42 +225,44 @@ core::Status Trainer::setupIslandBackend(const std::vector<int>& ranks, DpComm* 
   return core::okStatus();
 }
 
+// ZeRO-3: the sharded parameters gather, free and reduce unit by unit
+// around the model's layers, with every member (everybody, or a stage's
+// replicas) running the same passes; with expert parallelism the experts
+// over their own group, and every member of an expert group the agreed
+// micro-batch count (runSchedule).
+core::Status Trainer::makeShardedParts() {
+  std::vector<bool> norm_segments;  // TP: slices on every rank, the replicated tensors on TP rank 0
+  if (tensor_) {
+    for (bool whole : tensor_->replicated()) norm_segments.push_back(tp_rank_ == 0 || !whole);
+  }
+  std::vector<parallel::ShardGroup> groups;
+  for (const auto& p : optim_->pieces()) {
+    groups.push_back({p.dp, p.sharded() ? p.offsets : std::vector<int64_t>{p.begin, p.end}});
+  }
+  params_shard_ =
+      std::make_unique<parallel::ShardedParameters>(*flat_, std::move(groups), unit_cut_, std::move(norm_segments));
+  if (tensor_ && tp_stage_group_) tensor_->setShardGroup(tp_stage_group_);
+  net_->setLayerHooks(params_shard_.get());
+  const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;
+  if (pp_) {
+    auto pipe = makePipeline();
+    pipe->setPassHooks(params_shard_.get());
+    pipe->setAgreedCount(agreed);
+    schedule_ = std::move(pipe);
+  } else {
+    auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
+    mb->setPassHooks(params_shard_.get());
+    mb->setAgreedCount(agreed);
+    schedule_ = std::move(mb);
+  }
+  return split() ? setupSplitBackends() : setupIslandBackend(grad_ranks_, grad_dp_);
+}
+
 core::Status Trainer::makeParts() {
   parallel::DataParallelOptions dopt;
   dopt.bucket_bytes = static_cast<int64_t>(job_.strategy.bucket_bytes);
   dopt.reduce_dtype = tc_.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
-  if (optim_->stage() == 3) {
-    // ZeRO-3: the sharded parameters gather, free and reduce unit by unit
-    // around the model's layers, with every member (everybody, or a stage's
-    // replicas) running the same passes; with expert parallelism the experts
-    // over their own group, and every member of an expert group the agreed
-    // micro-batch count (runSchedule).
-    std::vector<bool> norm_segments;  // TP: slices on every rank, the replicated tensors on TP rank 0
-    if (tensor_) {
-      for (bool whole : tensor_->replicated()) norm_segments.push_back(tp_rank_ == 0 || !whole);
-    }
-    std::vector<parallel::ShardGroup> groups;
-    for (const auto& p : optim_->pieces()) {
-      groups.push_back({p.dp, p.sharded() ? p.offsets : std::vector<int64_t>{p.begin, p.end}});
-    }
-    params_shard_ =
-        std::make_unique<parallel::ShardedParameters>(*flat_, std::move(groups), unit_cut_, std::move(norm_segments));
-    if (tensor_ && tp_stage_group_) tensor_->setShardGroup(tp_stage_group_);
-    net_->setLayerHooks(params_shard_.get());
-    const int64_t agreed = ep_ ? parallel::expertMicroCount(shares_, tc_.micro_batch, lay_.stages) : 0;
-    if (pp_) {
-      auto pipe = makePipeline();
-      pipe->setPassHooks(params_shard_.get());
-      pipe->setAgreedCount(agreed);
-      schedule_ = std::move(pipe);
-    } else {
-      auto mb = std::make_unique<parallel::MicroBatchSchedule>(net_, tc_.micro_batch, me_.slowdown);
-      mb->setPassHooks(params_shard_.get());
-      mb->setAgreedCount(agreed);
-      schedule_ = std::move(mb);
-    }
-    return split() ? setupSplitBackends() : setupIslandBackend(grad_ranks_, grad_dp_);
-  }
+  if (optim_->stage() == 3) return makeShardedParts();
   if (!split()) {
     // Every rank holds everything: buckets overlap with backward (a group of
     // more than one rank now or after a membership change to overlap with).

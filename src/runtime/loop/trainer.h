@@ -133,6 +133,7 @@ class Trainer {
   void loadFp8State(const torch::Tensor& state);
   static void loadFp8Row(model::AmaxHistory& h, const torch::Tensor& row);
   core::Status makeParts();
+  core::Status makeShardedParts();  // train.zero: 3
   std::unique_ptr<parallel::PipelineParallel> makePipeline();
   void bindComm();
   core::Status makeOuter(const NamedTensors* tensors, const nlohmann::json* state);
