@@ -126,14 +126,10 @@ class C10dBackend final : public IslandBackend {
   // c10d's exceptions as kUnavailable, which the elastic loop answers like any peer failure.
   template <typename F>
   core::Status guarded(F&& f) {
-    try {
-      torch::NoGradGuard no_grad;
-      f();
-      return core::okStatus();
-    } catch (const std::exception& e) {
-      return core::unavailable(fmt::format("c10d {} collective inside the island (position {} of {}): {}", library_,
-                                           o_.position, o_.island_size, e.what()));
-    }
+    return c10dCall(group_,
+                    fmt::format("c10d {} collective inside the island (position {} of {})", library_, o_.position,
+                                o_.island_size),
+                    f);
   }
 
   void allreduceInside(const torch::Tensor& wire) {

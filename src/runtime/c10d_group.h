@@ -36,6 +36,24 @@ struct C10dGroupOptions {
 // naming the group, the library, this rank and the address.
 core::Result<c10::intrusive_ptr<model::compat::C10dCollectives>> makeC10dGroup(const C10dGroupOptions& o);
 
+// Runs `f` (collectives on `group`, which may throw what c10d throws)
+// without autograd. An exception closes the group, and with it its
+// connections, so peers waiting on this rank inside a collective fail now
+// rather than at their timeout; it comes back kUnavailable as "<who>:
+// <what c10d said>". A group closed earlier is kUnavailable at once.
+template <typename F>
+core::Status c10dCall(c10::intrusive_ptr<model::compat::C10dCollectives>& group, const std::string& who, F&& f) {
+  if (!group) return core::unavailable("the group was closed after an earlier failure");
+  try {
+    torch::NoGradGuard no_grad;
+    f();
+    return core::okStatus();
+  } catch (const std::exception& e) {
+    group.reset();
+    return core::unavailable(who + ": " + e.what());
+  }
+}
+
 // Blocks of uneven sizes over a c10d group, whose collectives want one size
 // per rank: `wire` (1-D, contiguous, on the group's device) is the group's
 // blocks in rank order, block r = [offsets[r], offsets[r+1]) (size+1

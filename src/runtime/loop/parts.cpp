@@ -205,7 +205,7 @@ core::Status Trainer::setupIslandBackend(const std::vector<int>& ranks, DpComm* 
   ARCH_ASSIGN_OR_RETURN(auto made, makeC10dBackend(o));
   IslandBackend* backend = island_backends_.emplace_back(std::move(made)).get();
   // The data part's buckets, or the experts' gradients (their own group).
-  if (data_ && group == (split() ? stage_dp_.get() : grad_dp_)) {
+  if (data_ && group == data_->group()) {
     data_->setBackend(backend);
     if (rank_ == ranks.front()) ARCH_LOG_INFO("gradient buckets: {}", backend->describe());
   }

@@ -52,16 +52,9 @@ class C10dExpertExchange final : public RuntimeExpertExchange {
     shape[0] = 0;
     for (int64_t r : recv) shape[0] += r;
     torch::Tensor out = torch::empty(shape, src.options());
-    if (!group_) fail(core::unavailable("the group was closed after an earlier failure").withContext(what));
-    try {
-      torch::NoGradGuard ng;
-      group_->alltoall_base(out, src, recv, send)->wait();
-    } catch (const std::exception& e) {
-      // Closing the group fails the members waiting on this one now, not at their timeout.
-      group_.reset();
-      fail(core::unavailable(fmt::format("c10d {} (member {} of {}): {}", library_, rank_, size_, e.what()))
-               .withContext(what));
-    }
+    core::Status st = c10dCall(group_, fmt::format("c10d {} (member {} of {})", library_, rank_, size_),
+                               [&] { group_->alltoall_base(out, src, recv, send)->wait(); });
+    if (!st.isOk()) fail(st.withContext(what));
     return out;
   }
 

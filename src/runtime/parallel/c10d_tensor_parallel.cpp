@@ -58,18 +58,11 @@ class C10dTensorParallel final : public TensorParallelCollectives {
     if (io[0].data_ptr() != t.data_ptr()) t.detach().copy_(io[0]);
   }
 
-  // A failed collective closes the group, so peers waiting on this rank
-  // inside one fail now rather than at their timeout.
+  // A failed collective closes the group (c10dCall) and throws.
   template <typename F>
   void run(const std::string& what, F&& f) {
-    if (!group_) fail(core::unavailable("the group was closed after an earlier failure"), what);
-    try {
-      torch::NoGradGuard ng;
-      f();
-    } catch (const std::exception& e) {
-      group_.reset();
-      fail(core::unavailable(fmt::format("c10d {} (rank {} of {}): {}", library_, rank_, size_, e.what())), what);
-    }
+    core::Status st = c10dCall(group_, fmt::format("c10d {} (rank {} of {})", library_, rank_, size_), f);
+    if (!st.isOk()) fail(st, what);
   }
 
   c10::intrusive_ptr<Collectives> group_;

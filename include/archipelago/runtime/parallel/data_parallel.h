@@ -50,6 +50,7 @@ class DataParallel final : public Part {
 
   // A new epoch's group (same tensors, other members).
   void bind(DpComm* dp) { bucketer_.setDp(dp); }
+  DpComm* group() const { return bucketer_.dp(); }  // what it sums over (null: nobody else)
   // A native island backend for the buckets (null: ours through comm).
   void setBackend(IslandBackend* backend) { bucketer_.setBackend(backend); }
   void beforeFinalBackward() override { bucketer_.arm(); }

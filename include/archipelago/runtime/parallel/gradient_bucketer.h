@@ -68,6 +68,7 @@ class GradientBucketer {
   size_t bucketCount() const { return buckets_.size(); }
   // The gradient group of the next steps (a new epoch's group).
   void setDp(DpComm* dp);
+  DpComm* dp() const { return comm_.dp(); }
   // A native island backend for the buckets (null: ours over the DpComm),
   // over the same ranks in the same order. The caller keeps it alive while
   // it is set.
